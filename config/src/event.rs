@@ -1,0 +1,339 @@
+//! The event wire schema: a versioned [`Envelope`] around a closed [`Event`] enum.
+//!
+//! Every event an agent captures travels in an envelope that names the agent, the
+//! agent's epoch (incremented each time the agent's sequence restarts) and a monotonic
+//! sequence number. `(agent_id, epoch, seq)` is globally unique and totally ordered per
+//! agent; [`EventId`] is its string form and the collector's primary key.
+//!
+//! Payload structs use `deny_unknown_fields`: the schema is ours, so an unknown field is
+//! a bug or an attack, never something to ignore silently. New fields are added with a
+//! schema version bump (see `docs/protocol.md`).
+
+use std::fmt;
+use std::str::FromStr;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// Version of the envelope/event schema this build writes and accepts.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Position of one event in an agent's stream: `(epoch, seq)`, totally ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventKey {
+    /// Incremented whenever the agent's sequence starts again (new journal / state).
+    pub epoch: u64,
+    /// Monotonic within an epoch, starting at 1.
+    pub seq: u64,
+}
+
+impl fmt::Display for EventKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.epoch, self.seq)
+    }
+}
+
+/// Globally unique event identifier: `{agent_id}:{epoch}:{seq}`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EventId {
+    pub agent_id: String,
+    pub key: EventKey,
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.agent_id, self.key)
+    }
+}
+
+impl FromStr for EventId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = s.rsplitn(3, ':');
+        let seq = parts.next().and_then(|p| p.parse().ok());
+        let epoch = parts.next().and_then(|p| p.parse().ok());
+        let agent = parts.next();
+        match (agent, epoch, seq) {
+            (Some(agent), Some(epoch), Some(seq)) if crate::topics::valid_agent_id(agent) => {
+                Ok(EventId {
+                    agent_id: agent.to_string(),
+                    key: EventKey { epoch, seq },
+                })
+            }
+            _ => Err(format!("`{s}` is not of the form agent:epoch:seq")),
+        }
+    }
+}
+
+impl Serialize for EventId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for EventId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// One captured event as it travels from agent to collector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    /// Schema version ([`SCHEMA_VERSION`]).
+    pub schema: u32,
+    /// `{agent_id}:{epoch}:{seq}`; must agree with the fields below.
+    pub event_id: EventId,
+    /// Agent wall-clock time when the fact was observed.
+    pub time: Timestamp,
+    /// Host role of the agent (`workstation`, `server-room`, `door`), travels with every event.
+    pub host_role: String,
+    /// The fact itself.
+    pub event: Event,
+}
+
+impl Envelope {
+    pub fn kind(&self) -> &'static str {
+        self.event.kind()
+    }
+}
+
+/// The closed set of events. Serialized as `{"kind": "...", "data": {...}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "data", deny_unknown_fields)]
+pub enum Event {
+    #[serde(rename = "usb.attached")]
+    UsbAttached(UsbDevice),
+    #[serde(rename = "usb.detached")]
+    UsbDetached(UsbDetached),
+    #[serde(rename = "volume.mounted")]
+    VolumeMounted(Volume),
+    #[serde(rename = "volume.unmounted")]
+    VolumeUnmounted(Volume),
+    #[serde(rename = "agent.started")]
+    AgentStarted(AgentStarted),
+    #[serde(rename = "agent.heartbeat")]
+    AgentHeartbeat(Heartbeat),
+    #[serde(rename = "agent.stopping")]
+    AgentStopping(AgentStopping),
+    #[serde(rename = "agent.events_lost")]
+    AgentEventsLost(EventsLost),
+    #[serde(rename = "agent.source_error")]
+    AgentSourceError(SourceError),
+}
+
+impl Event {
+    /// The wire name of this event's kind, e.g. `usb.attached`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::UsbAttached(_) => "usb.attached",
+            Event::UsbDetached(_) => "usb.detached",
+            Event::VolumeMounted(_) => "volume.mounted",
+            Event::VolumeUnmounted(_) => "volume.unmounted",
+            Event::AgentStarted(_) => "agent.started",
+            Event::AgentHeartbeat(_) => "agent.heartbeat",
+            Event::AgentStopping(_) => "agent.stopping",
+            Event::AgentEventsLost(_) => "agent.events_lost",
+            Event::AgentSourceError(_) => "agent.source_error",
+        }
+    }
+}
+
+/// USB interface descriptor summary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsbInterface {
+    /// Interface number within the active configuration (`bInterfaceNumber`).
+    pub number: u8,
+    pub class: u8,
+    pub subclass: u8,
+    pub protocol: u8,
+}
+
+/// A block device (disk or partition) that belongs to a USB device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockDevice {
+    /// Kernel name, e.g. `sda` or `sda1`.
+    pub name: String,
+    /// `major:minor`.
+    pub dev: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// The kernel's `removable` flag for the disk.
+    pub removable: bool,
+    /// Whether the kernel reports the device read-only (`ro`).
+    pub read_only: bool,
+    /// Partitions of this disk (empty for partitions themselves).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<BlockDevice>,
+}
+
+/// Full identity of one USB device, as read from sysfs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsbDevice {
+    /// Kernel device name = bus/port path, e.g. `1-1.2`.
+    pub port_path: String,
+    pub busnum: u16,
+    pub devnum: u16,
+    /// Vendor id, 4 lowercase hex digits.
+    pub vid: String,
+    /// Product id, 4 lowercase hex digits.
+    pub pid: String,
+    /// `bcdDevice`, 4 hex digits.
+    pub bcd_device: String,
+    pub serial: Option<String>,
+    pub manufacturer: Option<String>,
+    pub product: Option<String>,
+    pub device_class: u8,
+    pub interfaces: Vec<UsbInterface>,
+    /// Negotiated speed in Mbit/s as the kernel reports it (`1.5`, `12`, `480`, `5000`...).
+    pub speed: Option<String>,
+    /// Whether the kernel currently authorizes the device.
+    pub authorized: Option<bool>,
+    /// Stable identity hash (SHA-256, hex) over vid, pid, serial, strings and raw descriptors.
+    pub hash: String,
+    /// Hash of the parent device (hub), if any.
+    pub parent_hash: Option<String>,
+    /// Block devices of a storage device (may be empty at the moment of attach).
+    #[serde(default)]
+    pub block_devices: Vec<BlockDevice>,
+    /// True when the agent found the device at start rather than by a hot-plug uevent.
+    pub present_at_start: bool,
+}
+
+impl UsbDevice {
+    /// True when any interface is USB mass storage (class 0x08).
+    pub fn is_mass_storage(&self) -> bool {
+        self.device_class == 0x08 || self.interfaces.iter().any(|i| i.class == 0x08)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsbDetached {
+    pub port_path: String,
+    /// Identity hash if the agent had seen the device attached.
+    pub hash: Option<String>,
+    pub vid: Option<String>,
+    pub pid: Option<String>,
+    pub serial: Option<String>,
+}
+
+/// A mount of a removable (USB) block device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Volume {
+    /// Block device name, e.g. `sda1`.
+    pub block_device: String,
+    /// `major:minor`.
+    pub dev: String,
+    pub mount_point: String,
+    pub fs_type: String,
+    pub read_only: bool,
+    pub label: Option<String>,
+    pub uuid: Option<String>,
+    /// Port path of the USB device the volume lives on.
+    pub usb_port_path: Option<String>,
+    /// Identity hash of that USB device.
+    pub usb_hash: Option<String>,
+    pub usb_serial: Option<String>,
+}
+
+/// Host inventory, reported once at start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentStarted {
+    pub agent_version: String,
+    pub hostname: Option<String>,
+    pub os: Option<String>,
+    pub os_version: Option<String>,
+    pub kernel: Option<String>,
+    pub boot_time: Option<Timestamp>,
+    /// Version string of the fence policy in force.
+    pub policy_version: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub agent_version: String,
+    pub uptime_secs: u64,
+    pub policy_version: Option<String>,
+    /// Events captured but not yet acknowledged by the collector.
+    pub backlog: u64,
+    /// Events dropped since start (each drop was also reported as `agent.events_lost`).
+    pub dropped_total: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentStopping {
+    /// Why the agent stops (`signal`, `error: ...`).
+    pub reason: String,
+}
+
+/// Events that were captured or observed but could not be kept. Never silent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsLost {
+    /// Number of events lost.
+    pub count: u64,
+    /// Where they were lost (`source:usb`, `queue:pipeline`, `outbox`, `uevent-socket` ...).
+    pub stage: String,
+    pub reason: String,
+    /// First and last lost key, where the lost events had been numbered.
+    pub first: Option<EventKey>,
+    pub last: Option<EventKey>,
+}
+
+/// A source failed and is being restarted; its facts for the gap may be missing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceError {
+    pub source: String,
+    pub error: String,
+    /// Seconds until the next restart attempt.
+    pub restart_in_secs: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_id_round_trips_and_allows_colons_only_as_separators() {
+        let id: EventId = "ws-01:3:42".parse().unwrap();
+        assert_eq!(id.agent_id, "ws-01");
+        assert_eq!(id.key, EventKey { epoch: 3, seq: 42 });
+        assert_eq!(id.to_string(), "ws-01:3:42");
+        assert!("ws 01:3:42".parse::<EventId>().is_err());
+        assert!("ws-01:x:42".parse::<EventId>().is_err());
+        assert!("42".parse::<EventId>().is_err());
+    }
+
+    #[test]
+    fn envelope_json_is_tagged_by_kind_and_rejects_unknown_fields() {
+        let env = Envelope {
+            schema: SCHEMA_VERSION,
+            event_id: "a:1:1".parse().unwrap(),
+            time: Timestamp::UNIX_EPOCH,
+            host_role: "workstation".into(),
+            event: Event::AgentStopping(AgentStopping {
+                reason: "signal".into(),
+            }),
+        };
+        let json = serde_json::to_string(&env).unwrap();
+        assert!(json.contains(r#""kind":"agent.stopping""#), "{json}");
+        let back: Envelope = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, env);
+        let tampered = json.replace(r#""reason":"signal""#, r#""reason":"signal","x":1"#);
+        assert!(serde_json::from_str::<Envelope>(&tampered).is_err());
+        let unknown_kind = json.replace("agent.stopping", "agent.exploded");
+        assert!(serde_json::from_str::<Envelope>(&unknown_kind).is_err());
+    }
+}

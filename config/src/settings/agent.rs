@@ -1,0 +1,341 @@
+//! `agent.toml`: how one agent finds its collector, proves who it is, and what it watches.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::{LogSection, LogSettings};
+use crate::load::{Validate, Validator};
+
+/// The raw `agent.toml`.
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    /// `[agent]`: the host and where the agent keeps its state.
+    pub agent: AgentSection,
+    /// `[collector]`: where to deliver events, and whom to trust.
+    pub collector: CollectorLink,
+    /// `[tls]`: this agent's client certificate; its common name *is* the agent id.
+    pub tls: ClientTls,
+    /// `[usb]`: the USB storage source.
+    #[serde(default)]
+    pub usb: UsbSection,
+    /// `[heartbeat]`.
+    #[serde(default)]
+    pub heartbeat: HeartbeatSection,
+    /// `[queues]`: bounds of the in-memory queues.
+    #[serde(default)]
+    pub queues: QueueSection,
+    /// `[log]`.
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    /// Role of this host: `workstation`, `server-room` or `door`. Travels with every event.
+    #[serde(default = "default_role")]
+    pub host_role: String,
+    /// Directory for the agent's own state (epoch counter, journal). Root-only.
+    pub state_dir: PathBuf,
+    /// The fence policy file enforced on this host.
+    pub policy: PathBuf,
+}
+
+fn default_role() -> String {
+    "workstation".into()
+}
+
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorLink {
+    /// Host name or address of the MQTT broker (embedded in the collector, or external).
+    pub host: String,
+    /// MQTT over TLS port.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Name the broker's certificate must carry (checked regardless of `host`).
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// The pinned Weilan CA (PEM). Only servers with a certificate from it are trusted.
+    pub ca: PathBuf,
+    /// MQTT keep-alive in seconds; the broker publishes the last will after 1.5×.
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_secs: u64,
+    /// Largest number of events in one signed batch.
+    #[serde(default = "default_batch_max")]
+    pub batch_max_events: usize,
+    /// Longest time an event waits for its batch to fill, in milliseconds.
+    #[serde(default = "default_linger")]
+    pub batch_linger_ms: u64,
+    /// Unacknowledged batches in flight before the agent waits for acks.
+    #[serde(default = "default_window")]
+    pub max_batches_in_flight: usize,
+    /// Seconds to wait for the collector's ack before sending a batch again.
+    #[serde(default = "default_ack_timeout")]
+    pub ack_timeout_secs: u64,
+}
+
+fn default_port() -> u16 {
+    8883
+}
+fn default_server_name() -> String {
+    "weilan-collector".into()
+}
+fn default_keep_alive() -> u64 {
+    20
+}
+fn default_batch_max() -> usize {
+    256
+}
+fn default_linger() -> u64 {
+    50
+}
+fn default_window() -> usize {
+    8
+}
+fn default_ack_timeout() -> u64 {
+    30
+}
+
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTls {
+    /// Client certificate (PEM), issued by `weilan-collector pki issue-agent NAME`.
+    pub cert: PathBuf,
+    /// Its private key (PEM, PKCS#8). Keep it 0600, root-owned.
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsbSection {
+    /// Watch USB devices and removable mounts.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Root of sysfs. Tests point this at a fake tree.
+    #[serde(default = "default_sysfs")]
+    pub sysfs_root: PathBuf,
+    /// The mount table to watch.
+    #[serde(default = "default_mountinfo")]
+    pub mountinfo: PathBuf,
+    /// Re-read the mount table at least this often (milliseconds), in addition to
+    /// the kernel's change notification.
+    #[serde(default = "default_mount_poll")]
+    pub mount_poll_ms: u64,
+    /// Where device nodes live (for reading filesystem labels).
+    #[serde(default = "default_dev")]
+    pub dev_root: PathBuf,
+}
+
+impl Default for UsbSection {
+    fn default() -> Self {
+        UsbSection {
+            enabled: true,
+            sysfs_root: default_sysfs(),
+            mountinfo: default_mountinfo(),
+            mount_poll_ms: default_mount_poll(),
+            dev_root: default_dev(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_sysfs() -> PathBuf {
+    "/sys".into()
+}
+fn default_mountinfo() -> PathBuf {
+    "/proc/self/mountinfo".into()
+}
+fn default_mount_poll() -> u64 {
+    2000
+}
+fn default_dev() -> PathBuf {
+    "/dev".into()
+}
+
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatSection {
+    /// Seconds between `agent.heartbeat` events.
+    #[serde(default = "default_heartbeat")]
+    pub interval_secs: u64,
+}
+
+impl Default for HeartbeatSection {
+    fn default() -> Self {
+        HeartbeatSection {
+            interval_secs: default_heartbeat(),
+        }
+    }
+}
+
+fn default_heartbeat() -> u64 {
+    30
+}
+
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSection {
+    /// Capacity of the channel from sources to the recorder (events).
+    #[serde(default = "default_pipeline")]
+    pub pipeline: usize,
+    /// Events kept for delivery while the collector has not acknowledged them.
+    /// Beyond this the oldest are dropped and reported as `agent.events_lost`.
+    #[serde(default = "default_outbox")]
+    pub outbox_max_events: usize,
+}
+
+impl Default for QueueSection {
+    fn default() -> Self {
+        QueueSection {
+            pipeline: default_pipeline(),
+            outbox_max_events: default_outbox(),
+        }
+    }
+}
+
+fn default_pipeline() -> usize {
+    4096
+}
+fn default_outbox() -> usize {
+    200_000
+}
+
+/// Host roles an agent can have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostRole {
+    Workstation,
+    ServerRoom,
+    Door,
+}
+
+impl HostRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostRole::Workstation => "workstation",
+            HostRole::ServerRoom => "server-room",
+            HostRole::Door => "door",
+        }
+    }
+}
+
+/// Validated agent settings.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    pub host_role: HostRole,
+    pub state_dir: PathBuf,
+    pub policy: PathBuf,
+    pub collector_host: String,
+    pub collector_port: u16,
+    pub server_name: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub keep_alive: Duration,
+    pub batch_max_events: usize,
+    pub batch_linger: Duration,
+    pub max_batches_in_flight: usize,
+    pub ack_timeout: Duration,
+    pub usb: Option<UsbSettings>,
+    pub heartbeat: Duration,
+    pub pipeline_capacity: usize,
+    pub outbox_max_events: usize,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct UsbSettings {
+    pub sysfs_root: PathBuf,
+    pub mountinfo: PathBuf,
+    pub mount_poll: Duration,
+    pub dev_root: PathBuf,
+}
+
+impl Validate for AgentFile {
+    type Valid = AgentSettings;
+
+    fn validate(self, v: &mut Validator) -> Option<AgentSettings> {
+        let host_role = match self.agent.host_role.as_str() {
+            "workstation" => HostRole::Workstation,
+            "server-room" => HostRole::ServerRoom,
+            "door" => HostRole::Door,
+            other => {
+                v.error(
+                    "agent.host_role",
+                    format!("`{other}` is not `workstation`, `server-room` or `door`"),
+                );
+                HostRole::Workstation
+            }
+        };
+        let state_dir = v.directory("agent.state_dir", &self.agent.state_dir);
+        let policy = v.existing_file("agent.policy", &self.agent.policy);
+        let c = self.collector;
+        if c.host.trim().is_empty() {
+            v.error("collector.host", "must name the broker's host");
+        }
+        if c.port == 0 {
+            v.error("collector.port", "0 is not a port");
+        }
+        if rustls_pki_types::ServerName::try_from(c.server_name.as_str()).is_err() {
+            v.error(
+                "collector.server_name",
+                format!("`{}` is not a valid TLS server name", c.server_name),
+            );
+        }
+        let ca = v.existing_file("collector.ca", &c.ca);
+        v.range("collector.keep_alive_secs", c.keep_alive_secs, 5, 3600);
+        v.range("collector.batch_max_events", c.batch_max_events, 1, 4096);
+        v.range("collector.batch_linger_ms", c.batch_linger_ms, 0, 60_000);
+        v.range("collector.max_batches_in_flight", c.max_batches_in_flight, 1, 1024);
+        v.range("collector.ack_timeout_secs", c.ack_timeout_secs, 1, 3600);
+        let cert = v.existing_file("tls.cert", &self.tls.cert);
+        let key = v.existing_file("tls.key", &self.tls.key);
+        let usb = if self.usb.enabled {
+            v.range("usb.mount_poll_ms", self.usb.mount_poll_ms, 50, 600_000);
+            Some(UsbSettings {
+                sysfs_root: v.resolve(&self.usb.sysfs_root),
+                mountinfo: v.resolve(&self.usb.mountinfo),
+                mount_poll: Duration::from_millis(self.usb.mount_poll_ms),
+                dev_root: v.resolve(&self.usb.dev_root),
+            })
+        } else {
+            None
+        };
+        v.range("heartbeat.interval_secs", self.heartbeat.interval_secs, 1, 3600);
+        v.range("queues.pipeline", self.queues.pipeline, 16, 1_000_000);
+        v.range(
+            "queues.outbox_max_events",
+            self.queues.outbox_max_events,
+            1,
+            100_000_000,
+        );
+        let log = self.log.validate(v);
+        Some(AgentSettings {
+            host_role,
+            state_dir,
+            policy,
+            collector_host: c.host,
+            collector_port: c.port,
+            server_name: c.server_name,
+            ca,
+            cert,
+            key,
+            keep_alive: Duration::from_secs(c.keep_alive_secs),
+            batch_max_events: c.batch_max_events,
+            batch_linger: Duration::from_millis(c.batch_linger_ms),
+            max_batches_in_flight: c.max_batches_in_flight,
+            ack_timeout: Duration::from_secs(c.ack_timeout_secs),
+            usb,
+            heartbeat: Duration::from_secs(self.heartbeat.interval_secs),
+            pipeline_capacity: self.queues.pipeline,
+            outbox_max_events: self.queues.outbox_max_events,
+            log,
+        })
+    }
+}

@@ -1,0 +1,266 @@
+//! `collector.toml`: the broker, the database, the alert log and the PKI files.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use super::{LogSection, LogSettings};
+use crate::load::{Validate, Validator};
+
+/// The raw `collector.toml`.
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorFile {
+    /// `[broker]`: embedded MQTT broker, or an external one (Mosquitto, EMQX).
+    pub broker: BrokerSection,
+    /// `[tls]`: CA, the broker's server certificate, the collector's client certificate.
+    pub tls: CollectorTls,
+    /// `[store]`: the SQLite database.
+    pub store: StoreSection,
+    /// `[alerts]`: the JSON-lines alert log security staff watch.
+    pub alerts: AlertsSection,
+    /// `[policy]`: the fence policy (known devices, ...).
+    pub policy: PolicySection,
+    /// `[ingest]`.
+    #[serde(default)]
+    pub ingest: IngestSection,
+    /// `[log]`.
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerSection {
+    /// `embedded` (in-process broker, TLS with client certificates) or `external`.
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    /// Embedded mode: address to listen on for MQTT over TLS.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Embedded mode: most concurrent connections.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// External mode: broker host.
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// External mode: broker TLS port.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Name the broker's certificate must carry (the collector connects as a client too).
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// MQTT client id of the collector's own connection.
+    #[serde(default = "default_client_id")]
+    pub client_id: String,
+}
+
+fn default_mode() -> String {
+    "embedded".into()
+}
+fn default_listen() -> String {
+    "0.0.0.0:8883".into()
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_port() -> u16 {
+    8883
+}
+fn default_server_name() -> String {
+    "weilan-collector".into()
+}
+fn default_client_id() -> String {
+    "weilan-collector".into()
+}
+
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorTls {
+    /// The Weilan CA certificate (PEM).
+    pub ca: PathBuf,
+    /// Embedded broker's server certificate and key (PEM).
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    /// The collector's own client certificate and key (signs acks and commands).
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// SQLite database file (WAL mode; created and migrated on start).
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsSection {
+    /// JSON-lines alert log, one alert per line.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    /// The fence policy file (`policy.toml`).
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestSection {
+    /// Largest accepted MQTT payload in bytes; larger ones are refused and quarantined.
+    #[serde(default = "default_max_payload")]
+    pub max_payload_bytes: usize,
+    /// Received messages waiting for the database, beyond which the collector stops
+    /// reading from the broker (back-pressure, not loss: agents re-send unacked batches).
+    #[serde(default = "default_ingest_queue")]
+    pub queue: usize,
+}
+
+impl Default for IngestSection {
+    fn default() -> Self {
+        IngestSection {
+            max_payload_bytes: default_max_payload(),
+            queue: default_ingest_queue(),
+        }
+    }
+}
+
+fn default_max_payload() -> usize {
+    crate::wire::DEFAULT_MAX_PAYLOAD
+}
+fn default_ingest_queue() -> usize {
+    256
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerMode {
+    Embedded {
+        listen: SocketAddr,
+        max_connections: usize,
+    },
+    External,
+}
+
+/// Validated collector settings.
+#[derive(Debug, Clone)]
+pub struct CollectorSettings {
+    pub broker: BrokerMode,
+    /// Where the collector's own MQTT client connects (the embedded listener or the
+    /// external broker).
+    pub broker_host: String,
+    pub broker_port: u16,
+    pub server_name: String,
+    pub client_id: String,
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub store_path: PathBuf,
+    pub alerts_path: PathBuf,
+    pub policy_path: PathBuf,
+    pub max_payload_bytes: usize,
+    pub ingest_queue: usize,
+    pub log: LogSettings,
+}
+
+impl Validate for CollectorFile {
+    type Valid = CollectorSettings;
+
+    fn validate(self, v: &mut Validator) -> Option<CollectorSettings> {
+        let b = self.broker;
+        let (broker, host, port) = match b.mode.as_str() {
+            "embedded" => match b.listen.parse::<SocketAddr>() {
+                Ok(listen) => {
+                    v.range("broker.max_connections", b.max_connections, 1, 1_000_000);
+                    let host = if listen.ip().is_unspecified() {
+                        "127.0.0.1".to_string()
+                    } else {
+                        listen.ip().to_string()
+                    };
+                    (
+                        BrokerMode::Embedded {
+                            listen,
+                            max_connections: b.max_connections,
+                        },
+                        host,
+                        listen.port(),
+                    )
+                }
+                Err(_) => {
+                    v.error(
+                        "broker.listen",
+                        format!("`{}` is not an address:port", b.listen),
+                    );
+                    (BrokerMode::External, b.host.clone(), b.port)
+                }
+            },
+            "external" => (BrokerMode::External, b.host.clone(), b.port),
+            other => {
+                v.error(
+                    "broker.mode",
+                    format!("`{other}` is not `embedded` or `external`"),
+                );
+                (BrokerMode::External, b.host.clone(), b.port)
+            }
+        };
+        if rustls_pki_types::ServerName::try_from(b.server_name.as_str()).is_err() {
+            v.error(
+                "broker.server_name",
+                format!("`{}` is not a valid TLS server name", b.server_name),
+            );
+        }
+        if b.client_id.is_empty() || b.client_id.len() > 128 {
+            v.error("broker.client_id", "must be 1 to 128 characters");
+        }
+        let t = self.tls;
+        let ca = v.existing_file("tls.ca", &t.ca);
+        let (server_cert, server_key) = if matches!(broker, BrokerMode::Embedded { .. }) {
+            (
+                v.existing_file("tls.server_cert", &t.server_cert),
+                v.existing_file("tls.server_key", &t.server_key),
+            )
+        } else {
+            (v.resolve(&t.server_cert), v.resolve(&t.server_key))
+        };
+        let client_cert = v.existing_file("tls.client_cert", &t.client_cert);
+        let client_key = v.existing_file("tls.client_key", &t.client_key);
+        let store_path = v.creatable_file("store.path", &self.store.path);
+        let alerts_path = v.creatable_file("alerts.path", &self.alerts.path);
+        let policy_path = v.existing_file("policy.path", &self.policy.path);
+        v.range(
+            "ingest.max_payload_bytes",
+            self.ingest.max_payload_bytes,
+            1024,
+            64 * 1024 * 1024,
+        );
+        v.range("ingest.queue", self.ingest.queue, 1, 100_000);
+        let log = self.log.validate(v);
+        Some(CollectorSettings {
+            broker,
+            broker_host: host,
+            broker_port: port,
+            server_name: b.server_name,
+            client_id: b.client_id,
+            ca,
+            server_cert,
+            server_key,
+            client_cert,
+            client_key,
+            store_path,
+            alerts_path,
+            policy_path,
+            max_payload_bytes: self.ingest.max_payload_bytes,
+            ingest_queue: self.ingest.queue,
+            log,
+        })
+    }
+}

@@ -1,0 +1,128 @@
+//! rustls configurations for Weilan's MQTT clients (agent and collector).
+//!
+//! Mutual TLS: the client presents its certificate, and trusts exactly one CA: the
+//! pinned Weilan CA from its settings, never the system store. The server's
+//! certificate must name `server_name` from the settings, which may differ from the
+//! address dialled (e.g. `127.0.0.1`), so the check does not depend on DNS.
+//!
+//! The crypto provider is passed explicitly (`builder_with_provider`): the workspace
+//! compiles exactly one rustls provider (ring), see `ARCHITECTURE.md`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use crate::pem;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {detail}")]
+    File { path: String, detail: String },
+    #[error("`{0}` is not a valid TLS server name")]
+    ServerName(String),
+    #[error("TLS configuration: {0}")]
+    Rustls(String),
+}
+
+/// The one crypto provider of the workspace.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Installs [`provider`] as the process default; harmless if already installed.
+/// Binaries call this first thing so that any library reaching for the default
+/// provider finds exactly this one.
+pub fn install_default_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn file_err(path: &Path) -> impl FnOnce(String) -> TlsError + '_ {
+    move |detail| TlsError::File {
+        path: path.display().to_string(),
+        detail,
+    }
+}
+
+/// A client configuration for mutual TLS against a server whose certificate is issued
+/// by the CA in `ca_path` and names `server_name`.
+pub fn client_config(
+    ca_path: &Path,
+    cert_path: &Path,
+    key_path: &Path,
+    server_name: &str,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let ca = pem::load_cert(ca_path).map_err(file_err(ca_path))?;
+    let chain = pem::load_certs(cert_path).map_err(file_err(cert_path))?;
+    if chain.is_empty() {
+        return Err(file_err(cert_path)("no CERTIFICATE block found".into()));
+    }
+    let key = pem::load_key(key_path).map_err(file_err(key_path))?;
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(ca)
+        .map_err(|e| file_err(ca_path)(e.to_string()))?;
+    let provider = provider();
+    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    let expected = ServerName::try_from(server_name.to_string())
+        .map_err(|_| TlsError::ServerName(server_name.to_string()))?;
+    let verifier = Arc::new(PinnedNameVerifier { inner, expected });
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Rustls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    Ok(Arc::new(config))
+}
+
+/// Full WebPKI verification against the pinned CA, but for the configured server name
+/// instead of whatever host string the MQTT client dialled.
+#[derive(Debug)]
+struct PinnedNameVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    expected: ServerName<'static>,
+}
+
+impl ServerCertVerifier for PinnedNameVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _dialled: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &self.expected, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}

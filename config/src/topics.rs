@@ -1,0 +1,97 @@
+//! The MQTT topic scheme, versioned under `weilan/v1/`.
+//!
+//! | topic                                  | direction          | payload                         |
+//! |----------------------------------------|--------------------|---------------------------------|
+//! | `weilan/v1/agents/{id}/events`         | agent → collector  | signed [`crate::wire::Batch`]   |
+//! | `weilan/v1/agents/{id}/status`         | agent → collector  | [`crate::wire::Status`] (retained, also the last will) |
+//! | `weilan/v1/agents/{id}/acks`           | collector → agent  | signed [`crate::wire::Ack`]     |
+//! | `weilan/v1/agents/{id}/commands`       | collector → agent  | signed [`crate::wire::Command`] |
+//!
+//! The agent id is the common name of the agent's client certificate. It is restricted
+//! to `[A-Za-z0-9._-]{1,64}` so it can never contain MQTT wildcards or separators.
+
+/// Prefix of every Weilan topic; the version changes only with an incompatible scheme.
+pub const PREFIX: &str = "weilan/v1";
+
+/// The four per-agent channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    Events,
+    Status,
+    Acks,
+    Commands,
+}
+
+impl Channel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Events => "events",
+            Channel::Status => "status",
+            Channel::Acks => "acks",
+            Channel::Commands => "commands",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "events" => Channel::Events,
+            "status" => Channel::Status,
+            "acks" => Channel::Acks,
+            "commands" => Channel::Commands,
+            _ => return None,
+        })
+    }
+}
+
+/// The topic of `channel` for `agent_id`.
+pub fn agent_topic(agent_id: &str, channel: Channel) -> String {
+    format!("{PREFIX}/agents/{agent_id}/{}", channel.as_str())
+}
+
+/// Subscription filter matching `channel` for every agent.
+pub fn all_agents_filter(channel: Channel) -> String {
+    format!("{PREFIX}/agents/+/{}", channel.as_str())
+}
+
+/// Splits a per-agent topic into agent id and channel; `None` if it is not one of ours.
+pub fn parse_agent_topic(topic: &str) -> Option<(&str, Channel)> {
+    let rest = topic.strip_prefix(PREFIX)?.strip_prefix("/agents/")?;
+    let (agent, channel) = rest.split_once('/')?;
+    if !valid_agent_id(agent) {
+        return None;
+    }
+    Some((agent, Channel::parse(channel)?))
+}
+
+/// Agent ids are certificate common names restricted to a safe alphabet.
+pub fn valid_agent_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && !id.starts_with('.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_round_trip() {
+        let t = agent_topic("ws-01", Channel::Events);
+        assert_eq!(t, "weilan/v1/agents/ws-01/events");
+        assert_eq!(parse_agent_topic(&t), Some(("ws-01", Channel::Events)));
+        assert_eq!(parse_agent_topic("weilan/v1/agents/+/events"), None);
+        assert_eq!(parse_agent_topic("weilan/v1/agents/a/b/events"), None);
+        assert_eq!(parse_agent_topic("weilan/v2/agents/a/events"), None);
+    }
+
+    #[test]
+    fn agent_ids_cannot_carry_wildcards_or_separators() {
+        for bad in ["", "a/b", "+", "#", "a b", ".hidden", &"x".repeat(65)] {
+            assert!(!valid_agent_id(bad), "{bad:?}");
+        }
+        assert!(valid_agent_id("finance-ws-01.example_1"));
+    }
+}

@@ -1,0 +1,259 @@
+//! MQTT payloads: signed batches of events, acknowledgements, commands, status.
+//!
+//! Every payload that carries authority (events, acks, commands) is a
+//! [`SignedMessage`]: the JSON body as a string, the signer's certificate and an
+//! ECDSA P-256 signature over a purpose label plus the body. The receiver checks the
+//! certificate against the Weilan CA and the signature before it parses the body, so a
+//! broker without topic ACLs cannot make one agent speak for another (see
+//! [`crate::signing`]).
+//!
+//! Decoding is strict and bounded: [`decode`] refuses payloads above a size limit and
+//! bodies with unknown fields, and every refusal is a [`DecodeError`] with a reason.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::event::{Envelope, EventKey};
+
+/// Default upper bound for one MQTT payload (1 MiB).
+pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+
+/// What a signature is for; part of the signed bytes so a signature made for one
+/// purpose can never be replayed as another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Purpose {
+    Batch,
+    Ack,
+    Command,
+}
+
+impl Purpose {
+    pub fn label(self) -> &'static str {
+        match self {
+            Purpose::Batch => "weilan/v1/batch",
+            Purpose::Ack => "weilan/v1/ack",
+            Purpose::Command => "weilan/v1/command",
+        }
+    }
+}
+
+/// Signature algorithm identifier written into every signed message.
+pub const SIG_ALG: &str = "ecdsa-p256-sha256";
+
+/// A body signed by an agent or the collector.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedMessage {
+    /// Envelope format version (1).
+    pub v: u32,
+    pub purpose: Purpose,
+    /// Always [`SIG_ALG`].
+    pub alg: String,
+    /// Signer's X.509 certificate, DER, base64.
+    pub cert: String,
+    /// The signed JSON body, verbatim.
+    pub body: String,
+    /// Signature over `purpose.label() || 0x00 || body`, ASN.1 DER, base64.
+    pub sig: String,
+}
+
+/// A batch of events from one agent (purpose `batch`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Batch {
+    pub agent_id: String,
+    /// Agent-chosen id echoed in the [`Ack`]; unique per agent run.
+    pub batch_id: u64,
+    pub events: Vec<Envelope>,
+}
+
+/// Why the collector refused one event of an otherwise valid batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventRejection {
+    pub key: EventKey,
+    pub reason: String,
+}
+
+/// The collector's acknowledgement that a batch is durably committed (purpose `ack`).
+/// Sent only after the database transaction committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ack {
+    pub agent_id: String,
+    pub batch_id: u64,
+    /// Every key of the batch the collector now holds (newly stored or already stored)
+    /// or has quarantined as invalid; the agent may forget all of them.
+    pub keys: Vec<EventKey>,
+    /// Of those, how many were already stored (re-sends).
+    pub duplicates: u32,
+    /// Of those, which were refused (and quarantined on the collector).
+    pub rejected: Vec<EventRejection>,
+}
+
+/// A collector → agent command (purpose `command`). Executed by later capabilities;
+/// the contract is fixed here so both sides agree on replay protection from day one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Command {
+    /// The only agent that may execute it.
+    pub agent_id: String,
+    /// Strictly increasing per agent; the agent refuses any seq it has already seen.
+    pub seq: u64,
+    pub issued_at: jiff::Timestamp,
+    pub expires_at: jiff::Timestamp,
+    /// The rule or operator that caused it.
+    pub reason: String,
+    pub action: CommandAction,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum CommandAction {
+    BlockDevice { device_hash: String },
+    SetDeviceReadOnly { device_hash: String },
+    QuarantineFile { path: String, sha256: String },
+    KillProcess { pid: u32, exe: String },
+    RequestInventory,
+    UpdatePolicy { version: String, policy_toml: String },
+}
+
+/// Agent liveness as published on the status topic (retained). The offline form is the
+/// MQTT last will, published by the broker, so it is unsigned and only a hint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Status {
+    pub agent_id: String,
+    pub state: AgentState,
+    pub agent_version: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentState {
+    Online,
+    Offline,
+}
+
+/// Why a payload was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("payload of {size} bytes exceeds the limit of {max} bytes")]
+    TooLarge { size: usize, max: usize },
+    #[error("payload is not valid JSON for {what}: {detail} (line {line}, column {column})")]
+    Json {
+        what: &'static str,
+        detail: String,
+        line: usize,
+        column: usize,
+    },
+    #[error("unsupported {what} version {found}")]
+    Version { what: &'static str, found: u32 },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Strictly decodes a size-bounded JSON payload into `T`.
+pub fn decode<T: DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+    max: usize,
+) -> Result<T, DecodeError> {
+    if bytes.len() > max {
+        return Err(DecodeError::TooLarge {
+            size: bytes.len(),
+            max,
+        });
+    }
+    serde_json::from_slice(bytes).map_err(|e| DecodeError::Json {
+        what,
+        detail: e.to_string(),
+        line: e.line(),
+        column: e.column(),
+    })
+}
+
+/// Decodes a signed message envelope (the signature itself is checked by
+/// [`crate::signing::Verifier`]).
+pub fn decode_signed(bytes: &[u8], max: usize) -> Result<SignedMessage, DecodeError> {
+    let msg: SignedMessage = decode("a signed message", bytes, max)?;
+    if msg.v != 1 {
+        return Err(DecodeError::Version {
+            what: "signed message",
+            found: msg.v,
+        });
+    }
+    if msg.alg != SIG_ALG {
+        return Err(DecodeError::Invalid(format!(
+            "unsupported signature algorithm `{}`",
+            msg.alg
+        )));
+    }
+    Ok(msg)
+}
+
+/// Checks a decoded batch for internal consistency against the authenticated agent id.
+pub fn check_batch(batch: &Batch, authenticated_agent: &str) -> Result<(), DecodeError> {
+    if batch.agent_id != authenticated_agent {
+        return Err(DecodeError::Invalid(format!(
+            "batch claims agent `{}` but is signed by `{authenticated_agent}`",
+            batch.agent_id
+        )));
+    }
+    Ok(())
+}
+
+/// Checks one envelope of an authenticated batch; the error is the rejection reason.
+pub fn check_envelope(env: &Envelope, authenticated_agent: &str) -> Result<(), String> {
+    if env.schema != crate::event::SCHEMA_VERSION {
+        return Err(format!("unsupported event schema {}", env.schema));
+    }
+    if env.event_id.agent_id != authenticated_agent {
+        return Err(format!(
+            "event id {} names another agent than the signer `{authenticated_agent}`",
+            env.event_id
+        ));
+    }
+    if env.event_id.key.seq == 0 {
+        return Err("sequence numbers start at 1".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversized_and_malformed_payloads_are_refused_with_a_reason() {
+        let err = decode::<Status>("status", &[b' '; 10], 5).unwrap_err();
+        assert_eq!(err, DecodeError::TooLarge { size: 10, max: 5 });
+        let err = decode::<Status>("status", b"{\"agent_id\":1}", 100).unwrap_err();
+        assert!(matches!(err, DecodeError::Json { .. }), "{err}");
+        let err = decode::<Status>(
+            "status",
+            br#"{"agent_id":"a","state":"online","agent_version":"1","extra":true}"#,
+            1000,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field `extra`"), "{err}");
+    }
+
+    #[test]
+    fn commands_are_tagged_by_action() {
+        let c = Command {
+            agent_id: "a".into(),
+            seq: 7,
+            issued_at: jiff::Timestamp::UNIX_EPOCH,
+            expires_at: jiff::Timestamp::UNIX_EPOCH,
+            reason: "rule usb-unknown".into(),
+            action: CommandAction::BlockDevice {
+                device_hash: "ab".into(),
+            },
+        };
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(json.contains(r#""action":"block-device""#), "{json}");
+        assert_eq!(serde_json::from_str::<Command>(&json).unwrap(), c);
+    }
+}
