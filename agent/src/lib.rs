@@ -1,1 +1,193 @@
+//! `weilan-agent`: the endpoint side of the Weilan electronic fence.
+//!
+//! Task graph (see `ARCHITECTURE.md`):
+//!
+//! ```text
+//! sources (usb, host) --EventSink (bounded)--> recorder --> outbox <-- uplink <--> MQTT/mTLS
+//!        ^ supervised, restarted with backoff          (numbering)     (signed batches, acks)
+//! ```
+//!
+//! [`run`] owns every loop; the binary only parses the command line, loads the
+//! settings and calls it. One shutdown path: cancelling the token stops the sources,
+//! the recorder records `agent.stopping` and ends when the pipeline closes, then the
+//! uplink delivers what it can within the drain timeout.
+#![forbid(unsafe_code)]
 
+pub mod outbox;
+pub mod recorder;
+pub mod source;
+pub mod state;
+pub mod stats;
+pub mod uplink;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use weilan_config::event::{AgentStopping, Event, SourceError as SourceErrorEvent};
+use weilan_config::policy::{Policy, PolicyFile};
+use weilan_config::settings::agent::AgentSettings;
+use weilan_config::signing::{Signer, Verifier};
+
+use crate::outbox::Outbox;
+use crate::recorder::Recorder;
+use crate::source::usb::uevent::NetlinkBackend;
+use crate::source::usb::{UsbConfig, UsbSource};
+use crate::source::{EventSink, Source, SourceContext};
+use crate::stats::AgentStats;
+use crate::uplink::{Uplink, UplinkConfig};
+
+/// Version of this agent build.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("policy: {0}")]
+    Policy(#[from] weilan_config::ConfigErrors),
+    #[error("identity: {0}")]
+    Identity(#[from] weilan_config::signing::SigningError),
+    #[error("TLS: {0}")]
+    Tls(#[from] weilan_config::tls::TlsError),
+    #[error("state: {0}")]
+    State(#[from] state::StateError),
+}
+
+/// Loads the policy file named in the settings.
+pub fn load_policy(settings: &AgentSettings) -> Result<Policy, weilan_config::ConfigErrors> {
+    weilan_config::load_file::<PolicyFile>(&settings.policy)
+}
+
+/// Runs the agent until `shutdown` is cancelled.
+pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let signer = Signer::from_pem_files(&settings.cert, &settings.key)?;
+    let agent_id = signer.identity().common_name.clone();
+    let verifier = Verifier::from_ca_file(&settings.ca)?;
+    let tls = weilan_config::tls::client_config(
+        &settings.ca,
+        &settings.cert,
+        &settings.key,
+        &settings.server_name,
+    )?;
+    let policy = load_policy(&settings)?;
+    let epoch = state::next_epoch(&settings.state_dir)?;
+    tracing::info!(agent_id = %agent_id, epoch, policy_version = %policy.version, collector = %settings.collector_host, "agent starting");
+
+    let stats = Arc::new(AgentStats::default());
+    let outbox = Arc::new(Mutex::new(Outbox::new(settings.outbox_max_events)));
+    let notify = Arc::new(Notify::new());
+    let source_drops = Arc::new(AtomicU64::new(0));
+    let (tx, rx) = mpsc::channel(settings.pipeline_capacity);
+    let sink = EventSink::new(tx, source_drops.clone());
+
+    let recorder = Recorder::new(
+        agent_id.clone(),
+        epoch,
+        settings.host_role.as_str(),
+        outbox.clone(),
+        notify.clone(),
+        stats.clone(),
+        source_drops,
+    );
+    let recorder = tokio::spawn(recorder.run(rx));
+
+    let drain = CancellationToken::new();
+    let uplink = Uplink {
+        config: UplinkConfig {
+            agent_id: agent_id.clone(),
+            host: settings.collector_host.clone(),
+            port: settings.collector_port,
+            tls,
+            keep_alive: settings.keep_alive,
+            batch_max_events: settings.batch_max_events,
+            batch_linger: settings.batch_linger,
+            max_batches_in_flight: settings.max_batches_in_flight,
+            ack_timeout: settings.ack_timeout,
+            drain_timeout: Duration::from_secs(5),
+        },
+        signer,
+        verifier,
+        outbox,
+        notify,
+        stats: stats.clone(),
+    };
+    let uplink = tokio::spawn(uplink.run(drain.clone()));
+
+    let mut sources: Vec<Box<dyn Source>> = vec![Box::new(source::host::HostSource::new(
+        settings.heartbeat,
+        Some(policy.version.clone()),
+        stats,
+    ))];
+    if let Some(usb) = &settings.usb {
+        sources.push(Box::new(UsbSource::new(
+            UsbConfig {
+                sysfs_root: usb.sysfs_root.clone(),
+                mountinfo: usb.mountinfo.clone(),
+                mount_poll: usb.mount_poll,
+                dev_root: usb.dev_root.clone(),
+                storage_settle: Duration::from_millis(1500),
+            },
+            Box::new(NetlinkBackend),
+        )));
+    }
+    let ctx = SourceContext {
+        sink: sink.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let mut supervised = JoinSet::new();
+    for source in sources {
+        supervised.spawn(supervise(source, ctx.clone()));
+    }
+    drop(ctx);
+
+    shutdown.cancelled().await;
+    tracing::info!("agent stopping");
+    while supervised.join_next().await.is_some() {}
+    let _ = sink
+        .emit(Event::AgentStopping(AgentStopping {
+            reason: "signal".into(),
+        }))
+        .await;
+    drop(sink);
+    let _ = recorder.await;
+    drain.cancel();
+    let _ = uplink.await;
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+/// Runs a source, restarting it with exponential backoff when it fails; every
+/// failure becomes an `agent.source_error` event.
+async fn supervise(mut source: Box<dyn Source>, ctx: SourceContext) {
+    let name = source.name();
+    let span = tracing::info_span!("source", name);
+    let _enter = span.enter();
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match source.run(&ctx).await {
+            Ok(()) => return,
+            Err(source::SourceError::PipelineClosed) => return,
+            Err(e) => {
+                if ctx.shutdown.is_cancelled() {
+                    return;
+                }
+                tracing::error!(source = name, error = %e, restart_in_secs = backoff.as_secs(), "source failed; restarting");
+                let _ = ctx
+                    .sink
+                    .emit(Event::AgentSourceError(SourceErrorEvent {
+                        source: name.into(),
+                        error: e.to_string(),
+                        restart_in_secs: backoff.as_secs(),
+                    }))
+                    .await;
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+}

@@ -13,6 +13,8 @@
 
 pub mod event;
 pub mod load;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
 pub mod pem;
 pub mod policy;
 pub mod settings;

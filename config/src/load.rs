@@ -451,7 +451,9 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 fn parse_error_position(message: &str) -> Option<(usize, usize)> {
     let rest = message.split("at line ").nth(1)?;
-    let mut it = rest.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty());
+    let mut it = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty());
     let line = it.next()?.parse().ok()?;
     let col = it.next()?.parse().ok()?;
     Some((line, col))
@@ -508,8 +510,8 @@ ca = "ca.pem"
 cert = "agent.pem"
 key = "/nonexistent/dir/agent-key.pem"
 "#;
-        let err = load_str::<AgentFile>(text, Path::new("agent.toml"), dir.path().into())
-            .unwrap_err();
+        let err =
+            load_str::<AgentFile>(text, Path::new("agent.toml"), dir.path().into()).unwrap_err();
         let shown = err.to_string();
         let find = |field: &str| {
             err.issues
@@ -526,14 +528,17 @@ key = "/nonexistent/dir/agent-key.pem"
         assert!(wrong.message.contains("invalid type"), "{shown}");
         let path = find("tls.key");
         assert_eq!(path.line, Some(14), "{shown}");
-        assert!(path.message.contains("/nonexistent/dir/agent-key.pem"), "{shown}");
+        assert!(
+            path.message.contains("/nonexistent/dir/agent-key.pem"),
+            "{shown}"
+        );
         assert!(shown.contains("agent.toml:5:1: agent.colour"), "{shown}");
     }
 
     #[test]
     fn syntax_errors_carry_their_position() {
-        let err = load_str::<AgentFile>("[agent\nx=1", Path::new("a.toml"), ".".into())
-            .unwrap_err();
+        let err =
+            load_str::<AgentFile>("[agent\nx=1", Path::new("a.toml"), ".".into()).unwrap_err();
         assert_eq!(err.issues.len(), 1);
         assert_eq!(err.issues[0].line, Some(1), "{err}");
     }

@@ -142,7 +142,10 @@ impl Validate for PolicyFile {
             }
             if let Some(h) = &d.hash {
                 if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    v.error(at("hash"), "must be the 64-hex-digit hash from usb.attached");
+                    v.error(
+                        at("hash"),
+                        "must be the 64-hex-digit hash from usb.attached",
+                    );
                 }
             }
             known.push(KnownDevice {

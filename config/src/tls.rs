@@ -100,8 +100,13 @@ impl ServerCertVerifier for PinnedNameVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.inner
-            .verify_server_cert(end_entity, intermediates, &self.expected, ocsp_response, now)
+        self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            &self.expected,
+            ocsp_response,
+            now,
+        )
     }
 
     fn verify_tls12_signature(

@@ -111,12 +111,25 @@ pub struct Command {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum CommandAction {
-    BlockDevice { device_hash: String },
-    SetDeviceReadOnly { device_hash: String },
-    QuarantineFile { path: String, sha256: String },
-    KillProcess { pid: u32, exe: String },
+    BlockDevice {
+        device_hash: String,
+    },
+    SetDeviceReadOnly {
+        device_hash: String,
+    },
+    QuarantineFile {
+        path: String,
+        sha256: String,
+    },
+    KillProcess {
+        pid: u32,
+        exe: String,
+    },
     RequestInventory,
-    UpdatePolicy { version: String, policy_toml: String },
+    UpdatePolicy {
+        version: String,
+        policy_toml: String,
+    },
 }
 
 /// Agent liveness as published on the status topic (retained). The offline form is the

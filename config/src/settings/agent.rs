@@ -292,7 +292,12 @@ impl Validate for AgentFile {
         v.range("collector.keep_alive_secs", c.keep_alive_secs, 5, 3600);
         v.range("collector.batch_max_events", c.batch_max_events, 1, 4096);
         v.range("collector.batch_linger_ms", c.batch_linger_ms, 0, 60_000);
-        v.range("collector.max_batches_in_flight", c.max_batches_in_flight, 1, 1024);
+        v.range(
+            "collector.max_batches_in_flight",
+            c.max_batches_in_flight,
+            1,
+            1024,
+        );
         v.range("collector.ack_timeout_secs", c.ack_timeout_secs, 1, 3600);
         let cert = v.existing_file("tls.cert", &self.tls.cert);
         let key = v.existing_file("tls.key", &self.tls.key);
@@ -307,7 +312,12 @@ impl Validate for AgentFile {
         } else {
             None
         };
-        v.range("heartbeat.interval_secs", self.heartbeat.interval_secs, 1, 3600);
+        v.range(
+            "heartbeat.interval_secs",
+            self.heartbeat.interval_secs,
+            1,
+            3600,
+        );
         v.range("queues.pipeline", self.queues.pipeline, 16, 1_000_000);
         v.range(
             "queues.outbox_max_events",

@@ -1,0 +1,105 @@
+//! Event sources: each observes one part of the host and reports facts.
+//!
+//! A source never decides policy and never talks to the network: it turns kernel
+//! interfaces into [`Event`]s and hands them to an [`EventSink`]. Platform access sits
+//! behind a backend trait per source, with a test backend, so the logic is tested
+//! without a kernel and the kernel interface is tested end to end.
+
+pub mod host;
+pub mod usb;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use weilan_config::event::Event;
+
+/// A boxed future, so sources can be stored as trait objects.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A fact and the moment it was observed.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub time: Timestamp,
+    pub event: Event,
+}
+
+/// Errors that end one run of a source; the supervisor restarts it with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+    #[error("the event pipeline is closed")]
+    PipelineClosed,
+}
+
+/// Where sources put what they observe. Bounded: [`EventSink::emit`] waits when the
+/// pipeline is full (back-pressure), [`EventSink::try_emit`] drops and counts instead,
+/// for sources that must never stall the kernel. Every drop is later reported as
+/// `agent.events_lost` by the recorder.
+#[derive(Clone, Debug)]
+pub struct EventSink {
+    tx: mpsc::Sender<Observed>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl EventSink {
+    pub fn new(tx: mpsc::Sender<Observed>, dropped: Arc<AtomicU64>) -> Self {
+        EventSink { tx, dropped }
+    }
+
+    /// Sends an event, waiting for room.
+    pub async fn emit(&self, event: Event) -> Result<(), SourceError> {
+        self.tx
+            .send(Observed {
+                time: Timestamp::now(),
+                event,
+            })
+            .await
+            .map_err(|_| SourceError::PipelineClosed)
+    }
+
+    /// Sends an event if there is room; otherwise counts it as dropped.
+    pub fn try_emit(&self, event: Event) -> bool {
+        match self.tx.try_send(Observed {
+            time: Timestamp::now(),
+            event,
+        }) {
+            Ok(()) => true,
+            Err(_) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Counts events a source itself lost (e.g. a kernel queue overflowed).
+    pub fn count_lost(&self, n: u64) {
+        self.dropped.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// What a source gets to run with.
+#[derive(Clone, Debug)]
+pub struct SourceContext {
+    pub sink: EventSink,
+    pub shutdown: CancellationToken,
+}
+
+/// One event source. `run` observes until shutdown (then returns `Ok`) or until it
+/// fails; it may be called again after a failure and must then resynchronise
+/// (e.g. re-enumerate devices) rather than assume what it saw before.
+pub trait Source: Send {
+    /// Short name used in logs and `agent.source_error` events, e.g. `usb`.
+    fn name(&self) -> &'static str;
+    fn run<'a>(&'a mut self, ctx: &'a SourceContext) -> BoxFuture<'a, Result<(), SourceError>>;
+}

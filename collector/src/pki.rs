@@ -1,0 +1,277 @@
+//! The Weilan PKI: one CA, a server certificate for the broker, a client certificate
+//! for the collector, and one client certificate per agent (CN = agent id).
+//!
+//! Certificates carry their role in the organizational unit (`weilan-agent`,
+//! `weilan-collector`), which [`weilan_config::signing`] checks. Keys are ECDSA P-256,
+//! written 0600. Files (all PEM) in the PKI directory:
+//!
+//! | file                                   | what                                   |
+//! |----------------------------------------|----------------------------------------|
+//! | `ca.pem`, `ca-key.pem`                 | the CA (keep the key offline in production) |
+//! | `server.pem`, `server-key.pem`         | broker TLS server certificate          |
+//! | `collector.pem`, `collector-key.pem`   | the collector's MQTT client identity; signs acks and commands |
+//! | `agents/NAME.pem`, `agents/NAME-key.pem` | one agent's identity                 |
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use weilan_config::signing::Role;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("certificate generation: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("`{0}` is not a valid agent id (use letters, digits, `.`, `_`, `-`; at most 64)")]
+    BadName(String),
+    #[error("`{0}` is reserved for the collector")]
+    Reserved(String),
+    #[error("{0} already exists; refusing to overwrite a key")]
+    Exists(PathBuf),
+}
+
+/// Paths of the files `pki init` writes.
+#[derive(Debug, Clone)]
+pub struct PkiPaths {
+    pub dir: PathBuf,
+}
+
+impl PkiPaths {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        PkiPaths { dir: dir.into() }
+    }
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+    pub fn ca_key(&self) -> PathBuf {
+        self.dir.join("ca-key.pem")
+    }
+    pub fn server(&self) -> PathBuf {
+        self.dir.join("server.pem")
+    }
+    pub fn server_key(&self) -> PathBuf {
+        self.dir.join("server-key.pem")
+    }
+    pub fn collector(&self) -> PathBuf {
+        self.dir.join("collector.pem")
+    }
+    pub fn collector_key(&self) -> PathBuf {
+        self.dir.join("collector-key.pem")
+    }
+    pub fn agent(&self, name: &str) -> PathBuf {
+        self.dir.join("agents").join(format!("{name}.pem"))
+    }
+    pub fn agent_key(&self, name: &str) -> PathBuf {
+        self.dir.join("agents").join(format!("{name}-key.pem"))
+    }
+}
+
+const CA_DAYS: i64 = 3650;
+const LEAF_DAYS: i64 = 825;
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn validity(params: &mut CertificateParams, days: i64) {
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(days);
+}
+
+fn write_public(path: &Path, pem: &str) -> Result<(), PkiError> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(io_err(parent))?;
+    }
+    fs::write(path, pem).map_err(io_err(path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o644)).map_err(io_err(path))
+}
+
+fn write_secret(path: &Path, pem: &str) -> Result<(), PkiError> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(io_err(parent))?;
+    }
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                PkiError::Exists(path.to_path_buf())
+            } else {
+                PkiError::Io {
+                    path: path.to_path_buf(),
+                    source: e,
+                }
+            }
+        })?;
+    f.write_all(pem.as_bytes()).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
+}
+
+fn dn(cn: &str, ou: Option<&str>) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    if let Some(ou) = ou {
+        dn.push(DnType::OrganizationalUnitName, ou);
+    }
+    dn
+}
+
+fn load_issuer(paths: &PkiPaths) -> Result<Issuer<'static, KeyPair>, PkiError> {
+    let ca_pem = fs::read_to_string(paths.ca()).map_err(io_err(&paths.ca()))?;
+    let key_pem = fs::read_to_string(paths.ca_key()).map_err(io_err(&paths.ca_key()))?;
+    let key = KeyPair::from_pem(&key_pem)?;
+    Ok(Issuer::from_ca_cert_pem(&ca_pem, key)?)
+}
+
+/// True when `pki init` has been run in `paths.dir`.
+pub fn is_initialized(paths: &PkiPaths) -> bool {
+    paths.ca().exists() && paths.ca_key().exists()
+}
+
+/// Creates the CA, the broker's server certificate (for `server_names`) and the
+/// collector's client certificate. Refuses to overwrite existing keys.
+pub fn init(paths: &PkiPaths, server_names: &[String]) -> Result<(), PkiError> {
+    fs::create_dir_all(&paths.dir).map_err(io_err(&paths.dir))?;
+    fs::set_permissions(&paths.dir, fs::Permissions::from_mode(0o700))
+        .map_err(io_err(&paths.dir))?;
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::default();
+    ca.distinguished_name = dn("Weilan CA", None);
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    validity(&mut ca, CA_DAYS);
+    let ca_cert = ca.self_signed(&ca_key)?;
+    write_secret(&paths.ca_key(), &ca_key.serialize_pem())?;
+    write_public(&paths.ca(), &ca_cert.pem())?;
+    let issuer = Issuer::new(ca, ca_key);
+
+    // Broker server certificate.
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::new(server_names.to_vec())?;
+    for name in server_names {
+        if let Ok(ip) = name.parse() {
+            p.subject_alt_names
+                .retain(|s| !matches!(s, SanType::DnsName(n) if n.as_str() == name));
+            p.subject_alt_names.push(SanType::IpAddress(ip));
+        }
+    }
+    p.distinguished_name = dn(
+        server_names.first().map_or("weilan-collector", |s| s),
+        Some("weilan-broker"),
+    );
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    validity(&mut p, LEAF_DAYS);
+    let cert = p.signed_by(&key, &issuer)?;
+    write_secret(&paths.server_key(), &key.serialize_pem())?;
+    write_public(&paths.server(), &cert.pem())?;
+
+    issue_client(
+        &issuer,
+        "weilan-collector",
+        Role::Collector,
+        &paths.collector(),
+        &paths.collector_key(),
+    )
+}
+
+fn issue_client(
+    issuer: &Issuer<'_, KeyPair>,
+    name: &str,
+    role: Role,
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(), PkiError> {
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name = dn(name, Some(role.ou()));
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    validity(&mut p, LEAF_DAYS);
+    let cert = p.signed_by(&key, issuer)?;
+    write_secret(key_path, &key.serialize_pem())?;
+    write_public(cert_path, &cert.pem())
+}
+
+/// Issues an agent certificate with CN = `name`; returns (cert, key) paths.
+pub fn issue_agent(paths: &PkiPaths, name: &str) -> Result<(PathBuf, PathBuf), PkiError> {
+    if !weilan_config::topics::valid_agent_id(name) {
+        return Err(PkiError::BadName(name.to_string()));
+    }
+    if name.starts_with("weilan-collector") {
+        return Err(PkiError::Reserved(name.to_string()));
+    }
+    let issuer = load_issuer(paths)?;
+    let (cert, key) = (paths.agent(name), paths.agent_key(name));
+    issue_client(&issuer, name, Role::Agent, &cert, &key)?;
+    Ok((cert, key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weilan_config::signing::{Signer, Verifier};
+    use weilan_config::wire::Purpose;
+
+    #[test]
+    fn issued_certificates_sign_and_verify_with_their_roles() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = PkiPaths::new(dir.path());
+        init(&paths, &["weilan-collector".into(), "127.0.0.1".into()]).unwrap();
+        let (cert, key) = issue_agent(&paths, "ws-01").unwrap();
+        let mode = fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let signer = Signer::from_pem_files(&cert, &key).unwrap();
+        assert_eq!(signer.identity().common_name, "ws-01");
+        let verifier = Verifier::from_ca_file(&paths.ca()).unwrap();
+        let msg = signer.sign(Purpose::Batch, "{}".into());
+        let id = verifier.verify(&msg, Purpose::Batch, Role::Agent).unwrap();
+        assert_eq!(id.common_name, "ws-01");
+        // Wrong purpose, wrong role and a changed body are all refused.
+        assert!(verifier.verify(&msg, Purpose::Ack, Role::Agent).is_err());
+        assert!(verifier
+            .verify(&msg, Purpose::Batch, Role::Collector)
+            .is_err());
+        let mut edited = msg.clone();
+        edited.body = "{ }".into();
+        assert!(verifier
+            .verify(&edited, Purpose::Batch, Role::Agent)
+            .is_err());
+        // A certificate from another CA is refused.
+        let other = tempfile::tempdir().unwrap();
+        let other_paths = PkiPaths::new(other.path());
+        init(&other_paths, &["weilan-collector".into()]).unwrap();
+        let (c2, k2) = issue_agent(&other_paths, "ws-01").unwrap();
+        let foreign = Signer::from_pem_files(&c2, &k2).unwrap();
+        let msg = foreign.sign(Purpose::Batch, "{}".into());
+        assert!(matches!(
+            verifier.verify(&msg, Purpose::Batch, Role::Agent),
+            Err(weilan_config::signing::VerifyError::Untrusted(_))
+        ));
+        // Keys are never overwritten.
+        assert!(matches!(
+            issue_agent(&paths, "ws-01"),
+            Err(PkiError::Exists(_))
+        ));
+        assert!(matches!(
+            issue_agent(&paths, "weilan-collector"),
+            Err(PkiError::Reserved(_))
+        ));
+    }
+}
