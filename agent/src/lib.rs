@@ -13,6 +13,7 @@
 //! uplink delivers what it can within the drain timeout.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod outbox;
 pub mod recorder;
 pub mod source;
@@ -27,6 +28,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use weilan_config::event::{AgentStopping, Event, SourceError as SourceErrorEvent};
 use weilan_config::policy::{Policy, PolicyFile};
 use weilan_config::settings::agent::AgentSettings;
@@ -138,7 +140,8 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
     };
     let mut supervised = JoinSet::new();
     for source in sources {
-        supervised.spawn(supervise(source, ctx.clone()));
+        let span = tracing::info_span!("source", name = source.name());
+        supervised.spawn(supervise(source, ctx.clone()).instrument(span));
     }
     drop(ctx);
 
@@ -162,8 +165,6 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
 /// failure becomes an `agent.source_error` event.
 async fn supervise(mut source: Box<dyn Source>, ctx: SourceContext) {
     let name = source.name();
-    let span = tracing::info_span!("source", name);
-    let _enter = span.enter();
     let mut backoff = Duration::from_secs(1);
     loop {
         match source.run(&ctx).await {

@@ -1,1 +1,169 @@
+//! `weilan-collector`: receives agents' events over MQTT with mutual TLS, stores them
+//! in SQLite, raises alerts and acknowledges what it stored.
+//!
+//! Task graph (see `ARCHITECTURE.md`):
+//!
+//! ```text
+//! agents --mTLS--> broker (embedded rumqttd | external) --mTLS--> MQTT session task
+//!     --bounded channel--> serve loop --spawn_blocking--> ingest (verify, store, rules)
+//!     --> alert log (JSONL) ; signed ack --> broker --> agent
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod alerts;
+pub mod broker;
+pub mod cli;
+pub mod ingest;
 pub mod pki;
+pub mod rules;
+pub mod store;
+pub mod tail;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rumqttc::QoS;
+use tokio_util::sync::CancellationToken;
+use weilan_config::mqtt::{self, SessionConfig, SessionEvent};
+use weilan_config::policy::PolicyFile;
+use weilan_config::settings::collector::{BrokerMode, CollectorSettings};
+use weilan_config::signing::{Signer, Verifier};
+use weilan_config::topics::{self, Channel};
+
+use crate::ingest::Ingest;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, thiserror::Error)]
+pub enum CollectorError {
+    #[error("policy: {0}")]
+    Policy(#[from] weilan_config::ConfigErrors),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("alert log {path}: {source}")]
+    AlertLog {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("identity: {0}")]
+    Identity(#[from] weilan_config::signing::SigningError),
+    #[error("TLS: {0}")]
+    Tls(#[from] weilan_config::tls::TlsError),
+    #[error(transparent)]
+    Broker(#[from] broker::BrokerError),
+}
+
+/// Runs the collector until `shutdown` is cancelled.
+pub async fn run(
+    settings: CollectorSettings,
+    shutdown: CancellationToken,
+) -> Result<(), CollectorError> {
+    let policy = weilan_config::load_file::<PolicyFile>(&settings.policy_path)?;
+    let store = store::Store::open(&settings.store_path)?;
+    let alert_log = alerts::AlertLog::open(&settings.alerts_path).map_err(|source| {
+        CollectorError::AlertLog {
+            path: settings.alerts_path.display().to_string(),
+            source,
+        }
+    })?;
+    let signer = Signer::from_pem_files(&settings.client_cert, &settings.client_key)?;
+    let verifier = Verifier::from_ca_file(&settings.ca)?;
+    if let BrokerMode::Embedded {
+        listen,
+        max_connections,
+    } = settings.broker
+    {
+        broker::start_embedded(
+            listen,
+            max_connections,
+            // Twice the ingest limit: an oversized payload must reach ingest to be
+            // counted and quarantined, not vanish in the broker.
+            settings.max_payload_bytes * 2,
+            &settings.ca,
+            &settings.server_cert,
+            &settings.server_key,
+        )?;
+    }
+    let tls = weilan_config::tls::client_config(
+        &settings.ca,
+        &settings.client_cert,
+        &settings.client_key,
+        &settings.server_name,
+    )?;
+    let ingest = Arc::new(Ingest {
+        store: Arc::new(Mutex::new(store)),
+        alerts: Mutex::new(alert_log),
+        policy,
+        verifier,
+        signer,
+        max_payload: settings.max_payload_bytes,
+        stats: Default::default(),
+    });
+    tracing::info!(
+        database = %settings.store_path.display(),
+        alerts = %settings.alerts_path.display(),
+        broker = %format!("{}:{}", settings.broker_host, settings.broker_port),
+        policy_version = %ingest.policy.version,
+        "collector running"
+    );
+    let session_stop = CancellationToken::new();
+    let (client, mut rx, session) = mqtt::spawn(
+        SessionConfig {
+            client_id: settings.client_id.clone(),
+            host: settings.broker_host.clone(),
+            port: settings.broker_port,
+            tls,
+            keep_alive: Duration::from_secs(20),
+            last_will: None,
+            max_packet: settings.max_payload_bytes * 2 + 64 * 1024,
+            request_capacity: 4096,
+            incoming_capacity: settings.ingest_queue,
+            subscriptions: vec![
+                topics::all_agents_filter(Channel::Events),
+                topics::all_agents_filter(Channel::Status),
+            ],
+        },
+        session_stop.clone(),
+    );
+    let mut report = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            ev = rx.recv() => match ev {
+                Some(SessionEvent::Message { topic, payload }) => {
+                    let work = ingest.clone();
+                    let reply = tokio::task::spawn_blocking(move || work.process(&topic, &payload)).await;
+                    match reply {
+                        Ok(Some(reply)) => {
+                            if let Err(e) = client.try_publish(reply.topic, QoS::AtLeastOnce, false, reply.payload) {
+                                // The agent sends the batch again after its ack timeout.
+                                tracing::warn!(error = %e, "ack not queued");
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::error!(error = %e, "ingest task failed; message skipped"),
+                    }
+                }
+                Some(SessionEvent::Connected) => tracing::info!("collector subscribed to agent topics"),
+                Some(SessionEvent::Disconnected(_)) => {}
+                None => break,
+            },
+            _ = report.tick() => {
+                let s = &ingest.stats;
+                tracing::info!(
+                    messages = s.messages.load(Ordering::Relaxed),
+                    stored = s.events_stored.load(Ordering::Relaxed),
+                    duplicates = s.duplicates.load(Ordering::Relaxed),
+                    rejected = s.rejected.load(Ordering::Relaxed),
+                    alerts = s.alerts.load(Ordering::Relaxed),
+                    "ingest counters"
+                );
+            }
+        }
+    }
+    session_stop.cancel();
+    let _ = session.await;
+    tracing::info!("collector stopped");
+    Ok(())
+}

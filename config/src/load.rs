@@ -183,28 +183,55 @@ where
     let raw: T = match eserde::toml::from_str::<T>(text) {
         Ok(raw) => raw,
         Err(errors) => {
-            let issues = errors
-                .iter()
-                .map(|e| {
-                    let field = e
-                        .path()
-                        .map(|p| p.to_string())
-                        .unwrap_or_else(|| ".".into());
-                    spans.issue(field, e.message().to_string())
-                })
-                .collect::<Vec<_>>();
-            // Keep going: drop the offending keys and validate what remains, so a
-            // wrong type and a bad path in the same file are reported together.
-            let mut issues = issues;
-            if let Some(rest) = without_fields(text, issues.iter().map(|i| i.field.as_str())) {
-                if let Ok(raw) = toml::from_str::<T>(&rest) {
-                    let mut v = Validator::new(base_dir);
-                    let _ = raw.validate(&mut v);
-                    for (field, msg) in v.into_issues() {
-                        if !issues.iter().any(|i| i.field == field) {
-                            issues.push(spans.issue(field, msg));
+            // eserde stops inside a struct at some errors (e.g. an unknown top-level
+            // key); drop the offending keys and parse again until nothing new turns up,
+            // then validate what remains, so every problem is reported in one run.
+            let mut issues: Vec<Issue> = Vec::new();
+            let mut errors = errors;
+            let mut current = text.to_string();
+            for _round in 0..16 {
+                let new: Vec<Issue> = errors
+                    .iter()
+                    .map(|e| {
+                        let field = e
+                            .path()
+                            .map(|p| p.to_string())
+                            .unwrap_or_else(|| ".".into());
+                        spans.issue(field, e.message().to_string())
+                    })
+                    .filter(|i| !issues.iter().any(|old| old.field == i.field))
+                    .collect();
+                if new.is_empty() {
+                    break;
+                }
+                let Some(rest) = without_fields(&current, new.iter().map(|i| i.field.as_str()))
+                else {
+                    issues.extend(new);
+                    break;
+                };
+                issues.extend(new);
+                current = rest;
+                match eserde::toml::from_str::<T>(&current) {
+                    Ok(raw) => {
+                        let mut v = Validator::new(base_dir);
+                        let _ = raw.validate(&mut v);
+                        for (field, msg) in v.into_issues() {
+                            let parent = parent_of(&field);
+                            // A key removed for its wrong value makes its siblings look
+                            // incomplete; the person already has the real error there.
+                            let shadowed = issues.iter().any(|i| {
+                                i.field == field
+                                    || (!parent.is_empty()
+                                        && parent_of(&i.field) == parent
+                                        && !i.message.starts_with("unknown field"))
+                            });
+                            if !shadowed {
+                                issues.push(spans.issue(field, msg));
+                            }
                         }
+                        break;
                     }
+                    Err(e) => errors = e,
                 }
             }
             return Err(fail(issues));
@@ -226,6 +253,11 @@ where
             Err(fail(issues))
         }
     }
+}
+
+/// `a.b[2].c` → `a.b[2]`; top-level keys have the empty parent.
+fn parent_of(field: &str) -> &str {
+    field.rfind('.').map_or("", |i| &field[..i])
 }
 
 /// `text` with the keys at `fields` removed, or `None` if it does not parse.

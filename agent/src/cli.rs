@@ -1,0 +1,151 @@
+//! The `weilan-agent` command line (the binary and the all-in-one `weilan` call this): the endpoint agent.
+//! Parsing, settings, tracing and signals only; the loops live in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use weilan_config::settings::agent::{AgentFile, AgentSettings};
+
+/// Exit status for configuration errors (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "weilan-agent",
+    version,
+    about = "Weilan endpoint agent: the electronic fence on this host"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (as a systemd service).
+    Run {
+        #[arg(long, default_value = "/etc/weilan/agent.toml")]
+        config: PathBuf,
+    },
+    /// Check the settings and the policy they name; print every problem.
+    CheckConfig {
+        #[arg(long, default_value = "/etc/weilan/agent.toml")]
+        config: PathBuf,
+    },
+    /// Print the documented example settings.
+    PrintDefaultConfig,
+}
+
+fn load(config: &std::path::Path) -> Result<AgentSettings, ExitCode> {
+    weilan_config::load_file::<AgentFile>(config).map_err(|e| {
+        eprint!("{e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn init_tracing(log: &weilan_config::settings::LogSettings) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if log.json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Runs the command line given in `args` (including the program name).
+pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
+    weilan_config::tls::install_default_provider();
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match cli.command {
+        Command::PrintDefaultConfig => {
+            print!("{}", weilan_config::examples::AGENT_TOML);
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig { config } => {
+            let settings = match load(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            match crate::load_policy(&settings) {
+                Ok(p) => {
+                    println!(
+                        "{}: ok; policy {} version {}",
+                        config.display(),
+                        settings.policy.display(),
+                        p.version
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprint!("{e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
+        Command::Run { config } => {
+            let settings = match load(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            init_tracing(&settings.log);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(async {
+                let shutdown = CancellationToken::new();
+                tokio::spawn(stop_on_signal(shutdown.clone()));
+                match crate::run(settings, shutdown).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(crate::AgentError::Policy(e)) => {
+                        eprint!("{e}");
+                        ExitCode::from(EXIT_CONFIG)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "agent failed");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+    }
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,265 @@
+//! The `weilan-collector` command line (the binary and the all-in-one `weilan` call this): the collector.
+//! Parsing, settings, tracing and signals only; the loops live in the library.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::pki::{self, PkiPaths};
+use crate::rules::Level;
+use crate::tail::{self, TailOptions};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use weilan_config::settings::collector::{CollectorFile, CollectorSettings};
+
+/// Exit status for configuration errors (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "weilan-collector",
+    version,
+    about = "Weilan collector: events, alerts and the PKI of the fence"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the collector (broker, ingest, alerts).
+    Serve {
+        #[arg(long, default_value = "/etc/weilan/collector.toml")]
+        config: PathBuf,
+    },
+    /// Check the settings and the policy they name; print every problem.
+    CheckConfig {
+        #[arg(long, default_value = "/etc/weilan/collector.toml")]
+        config: PathBuf,
+    },
+    /// Follow the alert log.
+    Tail {
+        /// The alert log (default: the one named in the collector settings).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[arg(long, default_value = "/etc/weilan/collector.toml")]
+        config: PathBuf,
+        /// Minimum level: red, yellow or blue.
+        #[arg(long)]
+        level: Option<String>,
+        #[arg(long)]
+        agent: Option<String>,
+        /// Rule id or prefix.
+        #[arg(long)]
+        rule: Option<String>,
+        /// Print JSON lines for machines.
+        #[arg(long)]
+        json: bool,
+        /// Print what is there and exit instead of following.
+        #[arg(long)]
+        no_follow: bool,
+    },
+    /// Manage the Weilan PKI (CA, broker and agent certificates).
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+    /// Print the documented example settings.
+    PrintDefaultConfig,
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Create the CA, the broker certificate and the collector's client certificate.
+    Init {
+        #[arg(long, default_value = "/etc/weilan/pki")]
+        dir: PathBuf,
+        /// Names the broker certificate carries (DNS names or IP addresses).
+        #[arg(long = "name", default_values = ["weilan-collector", "localhost", "127.0.0.1"])]
+        names: Vec<String>,
+    },
+    /// Issue an agent certificate; its common name is the agent id.
+    IssueAgent {
+        name: String,
+        #[arg(long, default_value = "/etc/weilan/pki")]
+        dir: PathBuf,
+    },
+}
+
+fn load(config: &std::path::Path) -> Result<CollectorSettings, ExitCode> {
+    weilan_config::load_file::<CollectorFile>(config).map_err(|e| {
+        eprint!("{e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn init_tracing(log: &weilan_config::settings::LogSettings) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        // rumqttd logs every connection at info; keep its warnings only.
+        tracing_subscriber::EnvFilter::new(format!("{},rumqttd=warn", log.filter))
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if log.json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Runs the command line given in `args` (including the program name).
+pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
+    weilan_config::tls::install_default_provider();
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match cli.command {
+        Command::PrintDefaultConfig => {
+            print!("{}", weilan_config::examples::COLLECTOR_TOML);
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig { config } => match load(&config) {
+            Ok(s) => {
+                match weilan_config::load_file::<weilan_config::policy::PolicyFile>(&s.policy_path)
+                {
+                    Ok(p) => {
+                        println!("{}: ok; policy version {}", config.display(), p.version);
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprint!("{e}");
+                        ExitCode::from(EXIT_CONFIG)
+                    }
+                }
+            }
+            Err(code) => code,
+        },
+        Command::Tail {
+            file,
+            config,
+            level,
+            agent,
+            rule,
+            json,
+            no_follow,
+        } => {
+            let path = match file {
+                Some(f) => f,
+                None => match load(&config) {
+                    Ok(s) => s.alerts_path,
+                    Err(code) => return code,
+                },
+            };
+            let min_level = match level.as_deref().map(|l| (l, Level::parse(l))) {
+                None => None,
+                Some((_, Some(l))) => Some(l),
+                Some((l, None)) => {
+                    eprintln!("--level: `{l}` is not red, yellow or blue");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let opts = TailOptions {
+                path,
+                follow: !no_follow,
+                json,
+                min_level,
+                agent,
+                rule,
+                color: std::io::stdout().is_terminal(),
+            };
+            match tail::tail(&opts, &mut std::io::stdout().lock(), || false) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("{}: {e}", opts.path.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Pki { command } => {
+            let result = match command {
+                PkiCommand::Init { dir, names } => {
+                    let paths = PkiPaths::new(&dir);
+                    pki::init(&paths, &names).map(|()| {
+                        println!(
+                            "PKI created in {}: ca.pem, server.pem (for {}), collector.pem",
+                            dir.display(),
+                            names.join(", ")
+                        );
+                    })
+                }
+                PkiCommand::IssueAgent { name, dir } => {
+                    pki::issue_agent(&PkiPaths::new(&dir), &name).map(|(c, k)| {
+                        println!(
+                            "agent `{name}`: certificate {}, key {} (0600)",
+                            c.display(),
+                            k.display()
+                        );
+                    })
+                }
+            };
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pki: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Serve { config } => {
+            let settings = match load(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            init_tracing(&settings.log);
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(async {
+                let shutdown = CancellationToken::new();
+                tokio::spawn(stop_on_signal(shutdown.clone()));
+                match crate::run(settings, shutdown).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(crate::CollectorError::Policy(e)) => {
+                        eprint!("{e}");
+                        ExitCode::from(EXIT_CONFIG)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "collector failed");
+                        eprintln!("weilan-collector: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+    }
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    shutdown.cancel();
+}

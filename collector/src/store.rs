@@ -1,0 +1,290 @@
+//! The collector's SQLite database: schema, migrations, and the writes of ingest.
+//!
+//! WAL mode with `synchronous = FULL`: a batch is acknowledged to its agent only after
+//! its transaction is durable. Events are keyed by `event_id`, so a re-sent batch
+//! stores nothing twice (`INSERT OR IGNORE`, counted as duplicates).
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use weilan_config::event::{Envelope, EventKey};
+
+/// Migrations, applied in order; `PRAGMA user_version` is the number applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: events, alerts, quarantine, agents.
+    "CREATE TABLE events (
+        event_id    TEXT PRIMARY KEY,
+        agent_id    TEXT NOT NULL,
+        epoch       INTEGER NOT NULL,
+        seq         INTEGER NOT NULL,
+        kind        TEXT NOT NULL,
+        agent_time  TEXT NOT NULL,
+        received_at TEXT NOT NULL,
+        host_role   TEXT NOT NULL,
+        envelope    TEXT NOT NULL
+     ) WITHOUT ROWID;
+     CREATE INDEX events_by_agent ON events(agent_id, epoch, seq);
+     CREATE INDEX events_by_kind ON events(kind, received_at);
+     CREATE TABLE alerts (
+        alert_id   INTEGER PRIMARY KEY,
+        time       TEXT NOT NULL,
+        level      TEXT NOT NULL,
+        rule_id    TEXT NOT NULL,
+        agent_id   TEXT NOT NULL,
+        summary    TEXT NOT NULL,
+        event_ids  TEXT NOT NULL,
+        details    TEXT NOT NULL
+     );
+     CREATE INDEX alerts_by_time ON alerts(time);
+     CREATE TABLE quarantine (
+        id          INTEGER PRIMARY KEY,
+        received_at TEXT NOT NULL,
+        topic       TEXT NOT NULL,
+        reason      TEXT NOT NULL,
+        size        INTEGER NOT NULL,
+        sha256      TEXT NOT NULL,
+        payload     BLOB NOT NULL
+     );
+     CREATE TABLE agents (
+        agent_id       TEXT PRIMARY KEY,
+        first_seen     TEXT NOT NULL,
+        last_seen      TEXT NOT NULL,
+        state          TEXT NOT NULL,
+        agent_version  TEXT,
+        policy_version TEXT,
+        hostname       TEXT
+     );",
+];
+
+/// Quarantined payloads are kept up to this size (the hash covers the whole payload).
+const QUARANTINE_KEEP_BYTES: usize = 64 * 1024;
+/// Newest quarantine rows kept; a flood of garbage cannot fill the disk.
+const QUARANTINE_MAX_ROWS: i64 = 100_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Open {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("database schema version {found} is newer than this collector ({known})")]
+    TooNew { found: i64, known: i64 },
+}
+
+/// A newly stored event (rules look at these).
+pub struct Stored<'a> {
+    pub envelope: &'a Envelope,
+}
+
+/// Result of storing one batch.
+#[derive(Debug, Default)]
+pub struct BatchOutcome {
+    /// Keys now held (new and duplicates).
+    pub held: Vec<EventKey>,
+    /// Indexes (into the batch) of events stored for the first time.
+    pub new: Vec<usize>,
+    pub duplicates: u32,
+}
+
+/// An alert as stored and as written to the alert log.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Alert {
+    pub alert_id: i64,
+    pub time: jiff::Timestamp,
+    pub level: crate::rules::Level,
+    pub rule_id: String,
+    pub agent_id: String,
+    pub summary: String,
+    pub event_ids: Vec<String>,
+    pub details: serde_json::Value,
+}
+
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path).map_err(|source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let mut store = Store { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let applied: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let known = MIGRATIONS.len() as i64;
+        if applied > known {
+            return Err(StoreError::TooNew {
+                found: applied,
+                known,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+            tracing::info!(version = i + 1, "database migrated");
+        }
+        Ok(())
+    }
+
+    /// Stores a batch and the alerts its new events raise, in one durable transaction.
+    /// `alerts_for` is called with the newly stored events.
+    pub fn store_batch(
+        &mut self,
+        events: &[Envelope],
+        received_at: jiff::Timestamp,
+        alerts_for: impl FnOnce(&[Stored<'_>]) -> Vec<Alert>,
+    ) -> Result<(BatchOutcome, Vec<Alert>), StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut out = BatchOutcome::default();
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO events
+                 (event_id, agent_id, epoch, seq, kind, agent_time, received_at, host_role, envelope)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?;
+            let received = received_at.to_string();
+            for (i, env) in events.iter().enumerate() {
+                let json = serde_json::to_string(env).unwrap_or_default();
+                let n = insert.execute(params![
+                    env.event_id.to_string(),
+                    env.event_id.agent_id,
+                    env.event_id.key.epoch as i64,
+                    env.event_id.key.seq as i64,
+                    env.kind(),
+                    env.time.to_string(),
+                    received,
+                    env.host_role,
+                    json,
+                ])?;
+                out.held.push(env.event_id.key);
+                if n == 1 {
+                    out.new.push(i);
+                } else {
+                    out.duplicates += 1;
+                }
+            }
+        }
+        let stored: Vec<Stored<'_>> = out
+            .new
+            .iter()
+            .map(|&i| Stored {
+                envelope: &events[i],
+            })
+            .collect();
+        let mut alerts = alerts_for(&stored);
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO alerts (time, level, rule_id, agent_id, summary, event_ids, details)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for a in &mut alerts {
+                insert.execute(params![
+                    a.time.to_string(),
+                    a.level.as_str(),
+                    a.rule_id,
+                    a.agent_id,
+                    a.summary,
+                    serde_json::to_string(&a.event_ids).unwrap_or_default(),
+                    a.details.to_string(),
+                ])?;
+                a.alert_id = tx.last_insert_rowid();
+            }
+        }
+        tx.commit()?;
+        Ok((out, alerts))
+    }
+
+    /// Keeps a refused payload with its reason.
+    pub fn quarantine(
+        &mut self,
+        topic: &str,
+        reason: &str,
+        payload: &[u8],
+    ) -> Result<(), StoreError> {
+        let digest = hex::encode(ring::digest::digest(&ring::digest::SHA256, payload));
+        let kept = &payload[..payload.len().min(QUARANTINE_KEEP_BYTES)];
+        self.conn.execute(
+            "INSERT INTO quarantine (received_at, topic, reason, size, sha256, payload)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                jiff::Timestamp::now().to_string(),
+                topic,
+                reason,
+                payload.len() as i64,
+                digest,
+                kept
+            ],
+        )?;
+        let id = self.conn.last_insert_rowid();
+        if id % 1000 == 0 {
+            self.conn.execute(
+                "DELETE FROM quarantine WHERE id <= ?1",
+                params![id - QUARANTINE_MAX_ROWS],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Records what an agent's status message or events say about it.
+    pub fn touch_agent(
+        &mut self,
+        agent_id: &str,
+        state: Option<&str>,
+        agent_version: Option<&str>,
+        policy_version: Option<&str>,
+        hostname: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let now = jiff::Timestamp::now().to_string();
+        self.conn.execute(
+            "INSERT INTO agents (agent_id, first_seen, last_seen, state, agent_version, policy_version, hostname)
+             VALUES (?1, ?2, ?2, COALESCE(?3, 'online'), ?4, ?5, ?6)
+             ON CONFLICT(agent_id) DO UPDATE SET
+               last_seen = excluded.last_seen,
+               state = COALESCE(?3, agents.state),
+               agent_version = COALESCE(?4, agents.agent_version),
+               policy_version = COALESCE(?5, agents.policy_version),
+               hostname = COALESCE(?6, agents.hostname)",
+            params![agent_id, now, state, agent_version, policy_version, hostname],
+        )?;
+        Ok(())
+    }
+
+    pub fn count_events(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))?)
+    }
+
+    pub fn count_quarantine(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT COUNT(*) FROM quarantine", [], |r| r.get(0))?)
+    }
+
+    pub fn agent_state(&self, agent_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT state FROM agents WHERE agent_id = ?1",
+                [agent_id],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+}

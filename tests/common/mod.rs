@@ -1,0 +1,384 @@
+//! End-to-end harness: temp dirs with a real PKI, settings files, a private network
+//! namespace per test (so brokers bind the real 8883 without clashing, and fake
+//! uevents reach only this test's agent), real processes, and polling helpers.
+//!
+//! Every test that needs root, `ip` or a peer program (mosquitto) prints a visible
+//! `SKIPPED:` line and returns when it is missing; CI installs all of them.
+#![allow(dead_code)]
+
+use std::fs;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use weilan_collector::pki::{self, PkiPaths};
+
+pub const BROKER_PORT: u16 = 8883;
+
+/// Prints why a test is skipped, visibly, and returns false.
+pub fn require(what: &str, ok: bool) -> bool {
+    if !ok {
+        eprintln!("SKIPPED: {what}");
+        println!("SKIPPED: {what}");
+    }
+    ok
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+pub fn have(program: &str) -> bool {
+    which(program).is_some()
+}
+
+pub fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// Root and iproute2: what every networked end-to-end test needs.
+pub fn netns_available() -> bool {
+    require("end-to-end test needs root (network namespaces)", is_root())
+        && require("end-to-end test needs `ip` (iproute2)", have("ip"))
+}
+
+/// A network namespace with loopback up; deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn create() -> Netns {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "wl-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
+        run_ok(Command::new("ip").args(["netns", "exec", &name, "ip", "link", "set", "lo", "up"]));
+        Netns { name }
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
+    /// Runs `f` on a thread that has joined the namespace (sockets it opens live there).
+    pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = fs::File::open(&path).expect("open netns");
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    }
+
+    /// Broadcasts a kernel-format uevent on NETLINK_KOBJECT_UEVENT group 1 inside the
+    /// namespace: exactly what the kernel sends when a device appears.
+    pub fn send_uevent(&self, action: &str, devpath: &Path, subsystem: &str, devtype: &str) {
+        static SEQ: AtomicU32 = AtomicU32::new(1000);
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        let devpath = devpath.display().to_string();
+        let msg = format!(
+            "{action}@{devpath}\0ACTION={action}\0DEVPATH={devpath}\0SUBSYSTEM={subsystem}\0DEVTYPE={devtype}\0SEQNUM={seq}\0"
+        );
+        self.run_in(move || {
+            use netlink_sys::{protocols::NETLINK_KOBJECT_UEVENT, Socket, SocketAddr};
+            let mut s = Socket::new(NETLINK_KOBJECT_UEVENT).expect("uevent socket");
+            s.bind_auto().expect("bind");
+            s.send_to(msg.as_bytes(), &SocketAddr::new(0, 1), 0)
+                .expect("send uevent");
+        });
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+pub fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A process killed (SIGKILL) on drop; its stderr goes to a file for diagnosis.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command, log: PathBuf, name: &str) -> Proc {
+        let err = fs::File::create(&log).expect("log file");
+        cmd.stdout(Stdio::null()).stderr(err).stdin(Stdio::null());
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Proc {
+            child,
+            log,
+            name: name.into(),
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGTERM and wait (orderly stop).
+    pub fn stop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if !self.is_running() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `weilan` multi-call binary (`weilan agent ...`, `weilan collector ...`).
+pub fn weilan_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_weilan"))
+}
+
+/// Waits until `f` returns `Some`, or panics with `what` and `diag()`.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+    diag: impl Fn() -> String,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}\n{}", diag());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A test's world: temp dir, PKI, policy, fake sysfs, settings files.
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub pki: PkiPaths,
+}
+
+pub const AGENT: &str = "ws-e2e";
+
+impl World {
+    pub fn new() -> World {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = PkiPaths::new(dir.path().join("pki"));
+        pki::init(&pki, &["weilan-collector".into(), "127.0.0.1".into()]).expect("pki init");
+        pki::issue_agent(&pki, AGENT).expect("issue agent");
+        fs::create_dir_all(dir.path().join("sys")).unwrap();
+        fs::write(dir.path().join("mountinfo"), "").unwrap();
+        let w = World { dir, pki };
+        w.write_policy(&[]);
+        w
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn sysfs(&self) -> PathBuf {
+        self.path("sys")
+    }
+
+    pub fn write_policy(&self, known_serials: &[&str]) {
+        let mut p = String::from("version = \"e2e-1\"\n");
+        for (i, s) in known_serials.iter().enumerate() {
+            p.push_str(&format!(
+                "[[usb.known_devices]]\nlabel = \"known {i}\"\nserial = \"{s}\"\n"
+            ));
+        }
+        fs::write(self.path("policy.toml"), p).unwrap();
+    }
+
+    /// Collector settings; `external` points it at a broker on 127.0.0.1:8883.
+    pub fn collector_toml(&self, external: bool, extra: &str) -> PathBuf {
+        let mode = if external { "external" } else { "embedded" };
+        let text = format!(
+            "[broker]\nmode = \"{mode}\"\nlisten = \"127.0.0.1:{BROKER_PORT}\"\nhost = \"127.0.0.1\"\nport = {BROKER_PORT}\n\n\
+             [tls]\nca = \"pki/ca.pem\"\nserver_cert = \"pki/server.pem\"\nserver_key = \"pki/server-key.pem\"\n\
+             client_cert = \"pki/collector.pem\"\nclient_key = \"pki/collector-key.pem\"\n\n\
+             [store]\npath = \"weilan.db\"\n[alerts]\npath = \"alerts.jsonl\"\n[policy]\npath = \"policy.toml\"\n{extra}\n"
+        );
+        let p = self.path("collector.toml");
+        fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// Agent settings for `name` (its cert must exist), trusting `ca`.
+    pub fn agent_toml(&self, name: &str, ca: &str, extra: &str) -> PathBuf {
+        fs::create_dir_all(self.path(&format!("state-{name}"))).unwrap();
+        let text = format!(
+            "[agent]\nhost_role = \"workstation\"\nstate_dir = \"state-{name}\"\npolicy = \"policy.toml\"\n\n\
+             [collector]\nhost = \"127.0.0.1\"\nport = {BROKER_PORT}\nserver_name = \"weilan-collector\"\nca = \"{ca}\"\nack_timeout_secs = 3\n\n\
+             [tls]\ncert = \"pki/agents/{name}.pem\"\nkey = \"pki/agents/{name}-key.pem\"\n\n\
+             [usb]\nsysfs_root = \"sys\"\nmountinfo = \"mountinfo\"\nmount_poll_ms = 200\ndev_root = \"dev\"\n{extra}\n"
+        );
+        let p = self.path(&format!("agent-{name}.toml"));
+        fs::write(&p, text).unwrap();
+        p
+    }
+
+    pub fn start_collector(&self, ns: &Netns, config: &Path) -> Proc {
+        let mut c = ns.command(weilan_bin());
+        c.args(["collector", "serve", "--config"]).arg(config);
+        c.env("RUST_LOG", "info,rumqttd=warn");
+        Proc::spawn(c, self.path("collector.log"), "collector")
+    }
+
+    pub fn start_agent(&self, ns: &Netns, config: &Path, name: &str) -> Proc {
+        let mut c = ns.command(weilan_bin());
+        c.args(["agent", "run", "--config"]).arg(config);
+        c.env("RUST_LOG", "info");
+        Proc::spawn(c, self.path(&format!("agent-{name}.log")), name)
+    }
+
+    pub fn db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.path("weilan.db")).expect("open db")
+    }
+
+    /// `SELECT COUNT(*) ...` on the collector's database (0 while it does not exist).
+    pub fn count(&self, sql: &str) -> i64 {
+        if !self.path("weilan.db").exists() {
+            return 0;
+        }
+        self.db().query_row(sql, [], |r| r.get(0)).unwrap_or(0)
+    }
+
+    pub fn alert_lines(&self) -> Vec<serde_json::Value> {
+        fs::read_to_string(self.path("alerts.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+/// rustls client config for ad-hoc test clients (no server-name pinning needed:
+/// the broker certificate names 127.0.0.1).
+pub fn test_client_tls(
+    ca: &Path,
+    cert_key: Option<(&Path, &Path)>,
+) -> std::sync::Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(weilan_config::pem::load_cert(ca).unwrap())
+        .unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(weilan_config::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match cert_key {
+        Some((c, k)) => builder
+            .with_client_auth_cert(
+                weilan_config::pem::load_certs(c).unwrap(),
+                weilan_config::pem::load_key(k).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    std::sync::Arc::new(config)
+}
+
+/// Connects an MQTT client inside `ns` and runs `f` with it on a current-thread runtime.
+pub fn with_mqtt_client<T: Send + 'static>(
+    ns: &Netns,
+    client_id: &str,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    f: impl FnOnce(
+            rumqttc::AsyncClient,
+            rumqttc::EventLoop,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>>
+        + Send
+        + 'static,
+) -> T {
+    let client_id = client_id.to_string();
+    ns.run_in(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut opts = rumqttc::MqttOptions::new(client_id, "127.0.0.1", BROKER_PORT);
+            opts.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls),
+            ));
+            opts.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
+            opts.set_keep_alive(Duration::from_secs(5));
+            let (client, eventloop) = rumqttc::AsyncClient::new(opts, 64);
+            f(client, eventloop).await
+        })
+    })
+}
+
+/// Polls the event loop until a ConnAck (Ok) or a connection error (Err).
+pub async fn connect(eventloop: &mut rumqttc::EventLoop) -> Result<(), String> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)))) => return Ok(()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("timeout".into()),
+        }
+    }
+}
+
+/// Polls until the broker acknowledged `n` publishes (or errors).
+pub async fn drive_until_pubacks(
+    eventloop: &mut rumqttc::EventLoop,
+    n: usize,
+) -> Result<(), String> {
+    let mut acks = 0;
+    while acks < n {
+        match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => acks += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err(format!("timeout after {acks} pubacks")),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,122 @@
+//! Bad settings and policy files: every problem is reported at once, with
+//! `file:line:column` and the field path, and the programs exit with status 64.
+
+mod common;
+
+use std::fs;
+use std::process::Command;
+
+use common::weilan_bin;
+
+fn check(args: &[&str], config: &std::path::Path) -> (i32, String) {
+    let out = Command::new(weilan_bin())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn agent_settings_with_unknown_key_wrong_type_and_bad_path_exit_64_listing_all() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["ca.pem", "agent.pem", "agent-key.pem", "policy.toml"] {
+        fs::write(dir.path().join(f), "x").unwrap();
+    }
+    let cfg = dir.path().join("agent.toml");
+    fs::write(
+        &cfg,
+        "[agent]\nstate_dir = \".\"\npolicy = \"policy.toml\"\nfavourite_colour = \"blue\"\n\n\
+         [collector]\nhost = \"127.0.0.1\"\nport = \"eighty\"\nca = \"ca.pem\"\n\n\
+         [tls]\ncert = \"agent.pem\"\nkey = \"/nonexistent/agent-key.pem\"\n",
+    )
+    .unwrap();
+    let (code, err) = check(&["agent", "check-config"], &cfg);
+    assert_eq!(code, 64, "{err}");
+    let file = cfg.display().to_string();
+    assert!(
+        err.contains(&format!(
+            "{file}:4:1: agent.favourite_colour: unknown field"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{file}:8:1: collector.port: invalid type")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "{file}:13:1: tls.key: cannot read `/nonexistent/agent-key.pem`"
+        )),
+        "{err}"
+    );
+    // `run` refuses the same file the same way, before doing anything.
+    let (code, err2) = check(&["agent", "run"], &cfg);
+    assert_eq!((code, err2), (64, err));
+}
+
+#[test]
+fn policy_with_unknown_key_wrong_type_and_bad_path_is_refused_with_all_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["ca.pem", "agent.pem", "agent-key.pem"] {
+        fs::write(dir.path().join(f), "x").unwrap();
+    }
+    fs::write(
+        dir.path().join("policy.toml"),
+        "version = \"p1\"\nshiny = true\n\n[[usb.known_devices]]\nlabel = \"a\"\nserial = 7\n\n\
+         [files]\nevidence_dir = \"relative/evidence\"\n",
+    )
+    .unwrap();
+    let cfg = dir.path().join("agent.toml");
+    fs::write(
+        &cfg,
+        "[agent]\nstate_dir = \".\"\npolicy = \"policy.toml\"\n[collector]\nhost = \"h\"\nca = \"ca.pem\"\n\
+         [tls]\ncert = \"agent.pem\"\nkey = \"agent-key.pem\"\n",
+    )
+    .unwrap();
+    let (code, err) = check(&["agent", "check-config"], &cfg);
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("policy.toml:2:1: shiny: unknown field"),
+        "{err}"
+    );
+    assert!(
+        err.contains("policy.toml:6:1: usb.known_devices[0].serial: invalid type"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "policy.toml:9:1: files.evidence_dir: `relative/evidence` must be an absolute path"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn collector_settings_report_every_problem_and_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("collector.toml");
+    fs::write(
+        &cfg,
+        "[broker]\nmode = \"embedded\"\nlisten = \"not-an-address\"\nturbo = true\n\
+         [tls]\nca = \"ca.pem\"\nserver_cert = \"s.pem\"\nserver_key = \"s-key.pem\"\nclient_cert = \"c.pem\"\nclient_key = \"c-key.pem\"\n\
+         [store]\npath = \"/nonexistent/dir/weilan.db\"\n[alerts]\npath = \"alerts.jsonl\"\n[policy]\npath = \"policy.toml\"\n",
+    )
+    .unwrap();
+    let (code, err) = check(&["collector", "check-config"], &cfg);
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("collector.toml:4:1: broker.turbo: unknown field"),
+        "{err}"
+    );
+    assert!(err.contains("broker.listen"), "{err}");
+    assert!(
+        err.contains("store.path: directory `/nonexistent/dir` does not exist"),
+        "{err}"
+    );
+    assert!(err.contains("tls.ca"), "{err}");
+}
