@@ -1,0 +1,347 @@
+//! Spine benchmark (not a test): collector ingest rate and agent idle footprint.
+//!
+//! `cargo bench --bench spine` (environment: `AGENTS`, `BATCHES`, `EVENTS`, `IDLE_SECS`).
+//!
+//! 1. Ingest: `AGENTS` simulated agents (real certificates, signed batches of `EVENTS`
+//!    `usb.attached` events, up to 8 batches in flight each) publish through the
+//!    embedded broker (TLS, client certificates) into a real `weilan collector serve`
+//!    (SQLite, `synchronous = FULL`). Rate = events acknowledged / seconds from first
+//!    publish to last ack — i.e. durably stored, not merely accepted by a broker.
+//! 2. Peer, side by side in the same run: the same signed batches relayed by Mosquitto
+//!    (TLS, client certificates) to one subscriber, no storage — the broker-only
+//!    ceiling. Reported as a ratio.
+//! 3. Agent idle: a real `weilan agent run` watching this host (real /sys, netlink,
+//!    mountinfo) after 5 s of warm-up: RSS and CPU over `IDLE_SECS` seconds.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use weilan_collector::pki::{self, PkiPaths};
+use weilan_config::event::{Envelope, Event as WEvent, EventId, EventKey, UsbDevice, UsbInterface};
+use weilan_config::signing::Signer;
+use weilan_config::wire::{Batch, Purpose};
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn tls(pki: &PkiPaths, cert: &Path, key: &Path) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(weilan_config::pem::load_cert(&pki.ca()).unwrap()).unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(weilan_config::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                weilan_config::pem::load_certs(cert).unwrap(),
+                weilan_config::pem::load_key(key).unwrap(),
+            )
+            .unwrap(),
+    )
+}
+
+fn options(id: &str, port: u16, tls: Arc<rustls::ClientConfig>) -> MqttOptions {
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    o.set_max_packet_size(2 << 20, 2 << 20);
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_inflight(100);
+    o
+}
+
+fn event(agent: &str, seq: u64) -> Envelope {
+    Envelope {
+        schema: 1,
+        event_id: EventId { agent_id: agent.into(), key: EventKey { epoch: 1, seq } },
+        time: jiff::Timestamp::now(),
+        host_role: "workstation".into(),
+        event: WEvent::UsbAttached(UsbDevice {
+            port_path: "1-2".into(),
+            busnum: 1,
+            devnum: (seq % 120) as u16,
+            vid: "0951".into(),
+            pid: "1666".into(),
+            bcd_device: "0100".into(),
+            serial: Some(format!("BENCH{seq:012}")),
+            manufacturer: Some("Kingston".into()),
+            product: Some("DataTraveler 3.0".into()),
+            device_class: 0,
+            interfaces: vec![UsbInterface { number: 0, class: 8, subclass: 6, protocol: 80 }],
+            speed: Some("480".into()),
+            authorized: Some(true),
+            hash: "a".repeat(64),
+            parent_hash: Some("b".repeat(64)),
+            block_devices: vec![],
+            present_at_start: false,
+        }),
+    }
+}
+
+/// Signed batch payloads for one agent.
+fn payloads(signer: &Signer, agent: &str, batches: usize, per: usize) -> Vec<Vec<u8>> {
+    (0..batches)
+        .map(|b| {
+            let events = (0..per).map(|i| event(agent, (b * per + i + 1) as u64)).collect();
+            let body = serde_json::to_string(&Batch { agent_id: agent.into(), batch_id: b as u64 + 1, events }).unwrap();
+            serde_json::to_vec(&signer.sign(Purpose::Batch, body)).unwrap()
+        })
+        .collect()
+}
+
+/// Publishes all batches of one agent with a window of 8 and waits for `done(n)`.
+async fn publish_all(opts: MqttOptions, topic: String, batches: Vec<Vec<u8>>, ack_topic: Option<String>) -> Duration {
+    let (client, mut el) = AsyncClient::new(opts, 64);
+    loop {
+        if let Ok(Event::Incoming(Packet::ConnAck(_))) = el.poll().await {
+            break;
+        }
+    }
+    if let Some(t) = &ack_topic {
+        client.subscribe(t, QoS::AtLeastOnce).await.unwrap();
+        loop {
+            if let Ok(Event::Incoming(Packet::SubAck(_))) = el.poll().await {
+                break;
+            }
+        }
+    }
+    let total = batches.len();
+    let start = Instant::now();
+    let mut next = 0;
+    let mut done = 0;
+    let mut in_flight = 0;
+    while done < total {
+        while in_flight < 8 && next < total {
+            client.try_publish(topic.clone(), QoS::AtLeastOnce, false, batches[next].clone()).unwrap();
+            next += 1;
+            in_flight += 1;
+        }
+        match el.poll().await {
+            // With an ack topic, completion is the collector's ack; without, the broker's.
+            Ok(Event::Incoming(Packet::Publish(_))) if ack_topic.is_some() => {
+                done += 1;
+                in_flight -= 1;
+            }
+            Ok(Event::Incoming(Packet::PubAck(_))) if ack_topic.is_none() => {
+                done += 1;
+                in_flight -= 1;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("publisher: {e}"),
+        }
+    }
+    start.elapsed()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn main() {
+    weilan_config::tls::install_default_provider();
+    let agents = env_or("AGENTS", 8);
+    let batches = env_or("BATCHES", 50);
+    let per = env_or("EVENTS", 100);
+    let idle_secs = env_or("IDLE_SECS", 30) as u64;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki_paths = PkiPaths::new(root.join("pki"));
+    pki::init(&pki_paths, &["weilan-collector".into(), "127.0.0.1".into()]).unwrap();
+    let names: Vec<String> = (0..agents).map(|i| format!("bench-{i:03}")).collect();
+    for n in &names {
+        pki::issue_agent(&pki_paths, n).unwrap();
+    }
+    std::fs::write(root.join("policy.toml"), "version = \"bench\"\n").unwrap();
+    let port = free_port();
+    std::fs::write(
+        root.join("collector.toml"),
+        format!(
+            "[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\n[tls]\nca = \"pki/ca.pem\"\nserver_cert = \"pki/server.pem\"\n\
+             server_key = \"pki/server-key.pem\"\nclient_cert = \"pki/collector.pem\"\nclient_key = \"pki/collector-key.pem\"\n\
+             [store]\npath = \"weilan.db\"\n[alerts]\npath = \"alerts.jsonl\"\n[policy]\npath = \"policy.toml\"\n[log]\nlevel = \"warn\"\n"
+        ),
+    )
+    .unwrap();
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_weilan"));
+    let collector = Killed(
+        Command::new(&bin)
+            .args(["collector", "serve", "--config"])
+            .arg(root.join("collector.toml"))
+            .env("RUST_LOG", "warn,rumqttd=off")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    let signers: Vec<Signer> = names
+        .iter()
+        .map(|n| Signer::from_pem_files(&pki_paths.agent(n), &pki_paths.agent_key(n)).unwrap())
+        .collect();
+    let work: Vec<Vec<Vec<u8>>> = names.iter().zip(&signers).map(|(n, s)| payloads(s, n, batches, per)).collect();
+    let bytes: usize = work.iter().flatten().map(Vec::len).sum();
+    let total_events = agents * batches * per;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    let run = |port: u16, acks: bool, work: &Vec<Vec<Vec<u8>>>| {
+        rt.block_on(async {
+            let start = Instant::now();
+            let mut tasks = Vec::new();
+            for (n, w) in names.iter().zip(work.clone()) {
+                let t = tls(&pki_paths, &pki_paths.agent(n), &pki_paths.agent_key(n));
+                let ack = acks.then(|| format!("weilan/v1/agents/{n}/acks"));
+                tasks.push(tokio::spawn(publish_all(options(n, port, t), format!("weilan/v1/agents/{n}/events"), w, ack)));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            start.elapsed()
+        })
+    };
+    let collector_cpu0 = cpu_ticks(collector.0.id());
+    let ours = run(port, true, &work);
+    let collector_cpu = cpu_ticks(collector.0.id()) - collector_cpu0;
+    let stored: i64 = rusqlite::Connection::open(root.join("weilan.db"))
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(stored as usize, total_events, "every event stored exactly once");
+    let ours_rate = total_events as f64 / ours.as_secs_f64();
+    println!("ingest: {agents} agents x {batches} batches x {per} events = {total_events} events ({:.1} MiB signed JSON)", bytes as f64 / 1048576.0);
+    println!(
+        "  weilan (embedded broker -> SQLite FULL sync -> signed ack): {:.2} s, {:.0} events/s, collector CPU {:.2} s, collector RSS {} MiB",
+        ours.as_secs_f64(),
+        ours_rate,
+        collector_cpu as f64 / 100.0,
+        rss_kib(collector.0.id()) / 1024
+    );
+
+    // Peer: Mosquitto relaying the same payloads to one subscriber, no storage.
+    if let Some(mosq) = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"].iter().find(|p| Path::new(p).exists()) {
+        let mport = free_port();
+        std::fs::write(
+            root.join("mosquitto.conf"),
+            format!(
+                "user root\npersistence false\nlistener {mport} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n\
+                 use_identity_as_username true\nset_tcp_nodelay true\nmax_queued_messages 0\nmax_inflight_messages 100\n",
+                pki_paths.ca().display(),
+                pki_paths.server().display(),
+                pki_paths.server_key().display()
+            ),
+        )
+        .unwrap();
+        let m = Killed(Command::new(mosq).arg("-c").arg(root.join("mosquitto.conf")).stderr(Stdio::null()).spawn().unwrap());
+        std::thread::sleep(Duration::from_millis(500));
+        let sub_tls = tls(&pki_paths, &pki_paths.collector(), &pki_paths.collector_key());
+        let expected = agents * batches;
+        let sub = rt.spawn(async move {
+            let (c, mut el) = AsyncClient::new(options("bench-sub", mport, sub_tls), 64);
+            c.subscribe("weilan/v1/agents/+/events", QoS::AtLeastOnce).await.unwrap();
+            let mut got = 0;
+            let mut ready = false;
+            while got < expected {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => ready = true,
+                    Ok(Event::Incoming(Packet::Publish(_))) => got += 1,
+                    Ok(_) => {}
+                    Err(e) => panic!("subscriber: {e}"),
+                }
+                let _ = ready;
+            }
+            Instant::now()
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let mcpu0 = cpu_ticks(m.0.id());
+        let start = Instant::now();
+        let _ = run(mport, false, &work);
+        let end = rt.block_on(sub).unwrap();
+        let peer = end - start;
+        let peer_rate = total_events as f64 / peer.as_secs_f64();
+        println!(
+            "  mosquitto relay to 1 subscriber, no storage (peer, same payloads): {:.2} s, {:.0} events/s, broker CPU {:.2} s",
+            peer.as_secs_f64(),
+            peer_rate,
+            (cpu_ticks(m.0.id()) - mcpu0) as f64 / 100.0
+        );
+        println!("  ratio weilan/mosquitto-relay: {:.2}", ours_rate / peer_rate);
+    } else {
+        println!("  peer skipped: mosquitto not installed");
+    }
+    drop(collector);
+
+    // Agent idle footprint on this host.
+    let state = root.join("agent-state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(
+        root.join("agent.toml"),
+        format!(
+            "[agent]\nstate_dir = \"agent-state\"\npolicy = \"policy.toml\"\n[collector]\nhost = \"127.0.0.1\"\nport = {port}\nca = \"pki/ca.pem\"\n\
+             [tls]\ncert = \"pki/agents/{n}.pem\"\nkey = \"pki/agents/{n}-key.pem\"\n[log]\nlevel = \"warn\"\n",
+            n = names[0]
+        ),
+    )
+    .unwrap();
+    let port2 = port;
+    let collector = Killed(
+        Command::new(&bin)
+            .args(["collector", "serve", "--config"])
+            .arg(root.join("collector.toml"))
+            .env("RUST_LOG", "off")
+            .spawn()
+            .unwrap(),
+    );
+    let _ = port2;
+    std::thread::sleep(Duration::from_millis(500));
+    let agent = Killed(
+        Command::new(&bin)
+            .args(["agent", "run", "--config"])
+            .arg(root.join("agent.toml"))
+            .env("RUST_LOG", "off")
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    let pid = agent.0.id();
+    let cpu0 = cpu_ticks(pid);
+    let mut peak = 0;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(idle_secs) {
+        peak = peak.max(rss_kib(pid));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let cpu = cpu_ticks(pid) - cpu0;
+    println!(
+        "agent idle ({idle_secs} s, connected, heartbeats every 30 s): RSS {:.1} MiB (peak), CPU {} ticks = {:.3} % of one core",
+        peak as f64 / 1024.0,
+        cpu,
+        cpu as f64 / (idle_secs as f64 * 100.0) * 100.0
+    );
+    drop(agent);
+    drop(collector);
+}
