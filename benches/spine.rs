@@ -25,11 +25,18 @@ use weilan_config::signing::Signer;
 use weilan_config::wire::{Batch, Purpose};
 
 fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Killed(Child);
@@ -42,7 +49,9 @@ impl Drop for Killed {
 
 fn tls(pki: &PkiPaths, cert: &Path, key: &Path) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(weilan_config::pem::load_cert(&pki.ca()).unwrap()).unwrap();
+    roots
+        .add(weilan_config::pem::load_cert(&pki.ca()).unwrap())
+        .unwrap();
     Arc::new(
         rustls::ClientConfig::builder_with_provider(weilan_config::tls::provider())
             .with_safe_default_protocol_versions()
@@ -68,9 +77,13 @@ fn options(id: &str, port: u16, tls: Arc<rustls::ClientConfig>) -> MqttOptions {
 fn event(agent: &str, seq: u64) -> Envelope {
     Envelope {
         schema: 1,
-        event_id: EventId { agent_id: agent.into(), key: EventKey { epoch: 1, seq } },
+        event_id: EventId {
+            agent_id: agent.into(),
+            key: EventKey { epoch: 1, seq },
+        },
         time: jiff::Timestamp::now(),
         host_role: "workstation".into(),
+        prev_hash: String::new(),
         event: WEvent::UsbAttached(UsbDevice {
             port_path: "1-2".into(),
             busnum: 1,
@@ -82,7 +95,12 @@ fn event(agent: &str, seq: u64) -> Envelope {
             manufacturer: Some("Kingston".into()),
             product: Some("DataTraveler 3.0".into()),
             device_class: 0,
-            interfaces: vec![UsbInterface { number: 0, class: 8, subclass: 6, protocol: 80 }],
+            interfaces: vec![UsbInterface {
+                number: 0,
+                class: 8,
+                subclass: 6,
+                protocol: 80,
+            }],
             speed: Some("480".into()),
             authorized: Some(true),
             hash: "a".repeat(64),
@@ -93,19 +111,48 @@ fn event(agent: &str, seq: u64) -> Envelope {
     }
 }
 
-/// Signed batch payloads for one agent.
+/// Signed batch payloads for one agent: a hash-chained journal's worth of records.
 fn payloads(signer: &Signer, agent: &str, batches: usize, per: usize) -> Vec<Vec<u8>> {
+    let mut prev = weilan_config::event::GENESIS_HASH.to_string();
     (0..batches)
         .map(|b| {
-            let events = (0..per).map(|i| event(agent, (b * per + i + 1) as u64)).collect();
-            let body = serde_json::to_string(&Batch { agent_id: agent.into(), batch_id: b as u64 + 1, events }).unwrap();
+            let records: Vec<String> = (0..per)
+                .map(|i| {
+                    let mut e = event(agent, (b * per + i + 1) as u64);
+                    e.prev_hash = prev.clone();
+                    let json = serde_json::to_string(&e).unwrap();
+                    prev = weilan_config::event::record_hash(json.as_bytes());
+                    json
+                })
+                .collect();
+            let raws: Vec<Box<serde_json::value::RawValue>> = records
+                .into_iter()
+                .map(|r| serde_json::value::RawValue::from_string(r).unwrap())
+                .collect();
+            let key = |s: usize| EventKey {
+                epoch: 1,
+                seq: s as u64,
+            };
+            let batch = Batch {
+                agent_id: agent.into(),
+                batch_id: b as u64 + 1,
+                first: key(b * per + 1),
+                last: key(b * per + per),
+                events: raws.iter().map(|r| r.as_ref()).collect(),
+            };
+            let body = serde_json::to_string(&batch).unwrap();
             serde_json::to_vec(&signer.sign(Purpose::Batch, body)).unwrap()
         })
         .collect()
 }
 
 /// Publishes all batches of one agent with a window of 8 and waits for `done(n)`.
-async fn publish_all(opts: MqttOptions, topic: String, batches: Vec<Vec<u8>>, ack_topic: Option<String>) -> Duration {
+async fn publish_all(
+    opts: MqttOptions,
+    topic: String,
+    batches: Vec<Vec<u8>>,
+    ack_topic: Option<String>,
+) -> Duration {
     let (client, mut el) = AsyncClient::new(opts, 64);
     loop {
         if let Ok(Event::Incoming(Packet::ConnAck(_))) = el.poll().await {
@@ -127,7 +174,14 @@ async fn publish_all(opts: MqttOptions, topic: String, batches: Vec<Vec<u8>>, ac
     let mut in_flight = 0;
     while done < total {
         while in_flight < 8 && next < total {
-            client.try_publish(topic.clone(), QoS::AtLeastOnce, false, batches[next].clone()).unwrap();
+            client
+                .try_publish(
+                    topic.clone(),
+                    QoS::AtLeastOnce,
+                    false,
+                    batches[next].clone(),
+                )
+                .unwrap();
             next += 1;
             in_flight += 1;
         }
@@ -161,7 +215,8 @@ fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
 fn main() {
@@ -204,7 +259,11 @@ fn main() {
         .iter()
         .map(|n| Signer::from_pem_files(&pki_paths.agent(n), &pki_paths.agent_key(n)).unwrap())
         .collect();
-    let work: Vec<Vec<Vec<u8>>> = names.iter().zip(&signers).map(|(n, s)| payloads(s, n, batches, per)).collect();
+    let work: Vec<Vec<Vec<u8>>> = names
+        .iter()
+        .zip(&signers)
+        .map(|(n, s)| payloads(s, n, batches, per))
+        .collect();
     let bytes: usize = work.iter().flatten().map(Vec::len).sum();
     let total_events = agents * batches * per;
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -216,7 +275,12 @@ fn main() {
             for (n, w) in names.iter().zip(work.clone()) {
                 let t = tls(&pki_paths, &pki_paths.agent(n), &pki_paths.agent_key(n));
                 let ack = acks.then(|| format!("weilan/v1/agents/{n}/acks"));
-                tasks.push(tokio::spawn(publish_all(options(n, port, t), format!("weilan/v1/agents/{n}/events"), w, ack)));
+                tasks.push(tokio::spawn(publish_all(
+                    options(n, port, t),
+                    format!("weilan/v1/agents/{n}/events"),
+                    w,
+                    ack,
+                )));
             }
             for t in tasks {
                 t.await.unwrap();
@@ -231,7 +295,10 @@ fn main() {
         .unwrap()
         .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(stored as usize, total_events, "every event stored exactly once");
+    assert_eq!(
+        stored as usize, total_events,
+        "every event stored exactly once"
+    );
     let ours_rate = total_events as f64 / ours.as_secs_f64();
     println!("ingest: {agents} agents x {batches} batches x {per} events = {total_events} events ({:.1} MiB signed JSON)", bytes as f64 / 1048576.0);
     println!(
@@ -243,7 +310,10 @@ fn main() {
     );
 
     // Peer: Mosquitto relaying the same payloads to one subscriber, no storage.
-    if let Some(mosq) = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"].iter().find(|p| Path::new(p).exists()) {
+    if let Some(mosq) = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .iter()
+        .find(|p| Path::new(p).exists())
+    {
         let mport = free_port();
         std::fs::write(
             root.join("mosquitto.conf"),
@@ -256,13 +326,26 @@ fn main() {
             ),
         )
         .unwrap();
-        let m = Killed(Command::new(mosq).arg("-c").arg(root.join("mosquitto.conf")).stderr(Stdio::null()).spawn().unwrap());
+        let m = Killed(
+            Command::new(mosq)
+                .arg("-c")
+                .arg(root.join("mosquitto.conf"))
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
         std::thread::sleep(Duration::from_millis(500));
-        let sub_tls = tls(&pki_paths, &pki_paths.collector(), &pki_paths.collector_key());
+        let sub_tls = tls(
+            &pki_paths,
+            &pki_paths.collector(),
+            &pki_paths.collector_key(),
+        );
         let expected = agents * batches;
         let sub = rt.spawn(async move {
             let (c, mut el) = AsyncClient::new(options("bench-sub", mport, sub_tls), 64);
-            c.subscribe("weilan/v1/agents/+/events", QoS::AtLeastOnce).await.unwrap();
+            c.subscribe("weilan/v1/agents/+/events", QoS::AtLeastOnce)
+                .await
+                .unwrap();
             let mut got = 0;
             let mut ready = false;
             while got < expected {
@@ -289,7 +372,10 @@ fn main() {
             peer_rate,
             (cpu_ticks(m.0.id()) - mcpu0) as f64 / 100.0
         );
-        println!("  ratio weilan/mosquitto-relay: {:.2}", ours_rate / peer_rate);
+        println!(
+            "  ratio weilan/mosquitto-relay: {:.2}",
+            ours_rate / peer_rate
+        );
     } else {
         println!("  peer skipped: mosquitto not installed");
     }

@@ -390,7 +390,9 @@ fn malformed_forged_and_oversized_payloads_are_quarantined_and_ingest_continues(
     )
     .unwrap();
     let batch = |agent: &str| {
-        serde_json::json!({"agent_id": agent, "batch_id": 1, "events": []}).to_string()
+        serde_json::json!({"agent_id": agent, "batch_id": 1, "first": {"epoch": 1, "seq": 1},
+            "last": {"epoch": 1, "seq": 1}, "events": []})
+        .to_string()
     };
     let good = signer.sign(weilan_config::wire::Purpose::Batch, batch(AGENT));
     let mut forged = good.clone();

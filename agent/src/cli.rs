@@ -34,6 +34,15 @@ enum Command {
         #[arg(long, default_value = "/etc/weilan/agent.toml")]
         config: PathBuf,
     },
+    /// Show the journal (segments, records, acknowledged watermark); safe while running.
+    Journal {
+        #[arg(long, default_value = "/etc/weilan/agent.toml")]
+        config: PathBuf,
+        /// Forget the acknowledged watermark so everything still in the journal is sent
+        /// again at the next start (the collector stores nothing twice). Stop the agent first.
+        #[arg(long)]
+        reset_acks: bool,
+    },
     /// Print the documented example settings.
     PrintDefaultConfig,
 }
@@ -76,6 +85,30 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
         Command::PrintDefaultConfig => {
             print!("{}", weilan_config::examples::AGENT_TOML);
             ExitCode::SUCCESS
+        }
+        Command::Journal { config, reset_acks } => {
+            let settings = match load(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            let dir = settings.state_dir.join("journal");
+            if reset_acks {
+                if let Err(e) = crate::journal::reset_acked(&dir) {
+                    eprintln!("{}: {e}", dir.display());
+                    return ExitCode::FAILURE;
+                }
+                println!("acknowledged watermark reset: everything in {} is sent again at the next start", dir.display());
+            }
+            match crate::journal::inspect(&dir) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", dir.display());
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::CheckConfig { config } => {
             let settings = match load(&config) {

@@ -3,8 +3,8 @@
 //! Task graph (see `ARCHITECTURE.md`):
 //!
 //! ```text
-//! sources (usb, host) --EventSink (bounded)--> recorder --> outbox <-- uplink <--> MQTT/mTLS
-//!        ^ supervised, restarted with backoff          (numbering)     (signed batches, acks)
+//! sources (usb, host) --EventSink (bounded)--> recorder --> journal (disk) <-- uplink <--> MQTT/mTLS
+//!        ^ supervised, restarted with backoff    (group commit, fsync)     (signed batches, acks)
 //! ```
 //!
 //! [`run`] owns every loop; the binary only parses the command line, loads the
@@ -14,7 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
-pub mod outbox;
+pub mod journal;
 pub mod recorder;
 pub mod source;
 pub mod state;
@@ -34,7 +34,7 @@ use weilan_config::policy::{Policy, PolicyFile};
 use weilan_config::settings::agent::AgentSettings;
 use weilan_config::signing::{Signer, Verifier};
 
-use crate::outbox::Outbox;
+use crate::journal::{Journal, JournalConfig};
 use crate::recorder::Recorder;
 use crate::source::usb::uevent::NetlinkBackend;
 use crate::source::usb::{UsbConfig, UsbSource};
@@ -55,6 +55,8 @@ pub enum AgentError {
     Tls(#[from] weilan_config::tls::TlsError),
     #[error("state: {0}")]
     State(#[from] state::StateError),
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
 }
 
 /// Loads the policy file named in the settings.
@@ -74,11 +76,30 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
         &settings.server_name,
     )?;
     let policy = load_policy(&settings)?;
-    let epoch = state::next_epoch(&settings.state_dir)?;
-    tracing::info!(agent_id = %agent_id, epoch, policy_version = %policy.version, collector = %settings.collector_host, "agent starting");
+    let (journal, recovery) = Journal::open(JournalConfig {
+        dir: settings.state_dir.join("journal"),
+        state_dir: settings.state_dir.clone(),
+        segment_bytes: settings.journal_segment_bytes,
+        max_bytes: settings.journal_max_bytes,
+    })?;
+    tracing::info!(
+        agent_id = %agent_id,
+        next = %journal.next_key(),
+        journal_records = recovery.records,
+        unacked = journal.unacked(),
+        policy_version = %policy.version,
+        collector = %settings.collector_host,
+        "agent starting"
+    );
+    if recovery.torn_bytes > 0 {
+        tracing::warn!(
+            bytes = recovery.torn_bytes,
+            "a write torn by a crash was cut from the journal (it was never sent)"
+        );
+    }
+    let journal = Arc::new(Mutex::new(journal));
 
     let stats = Arc::new(AgentStats::default());
-    let outbox = Arc::new(Mutex::new(Outbox::new(settings.outbox_max_events)));
     let notify = Arc::new(Notify::new());
     let source_drops = Arc::new(AtomicU64::new(0));
     let (tx, rx) = mpsc::channel(settings.pipeline_capacity);
@@ -86,14 +107,14 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
 
     let recorder = Recorder::new(
         agent_id.clone(),
-        epoch,
         settings.host_role.as_str(),
-        outbox.clone(),
+        journal.clone(),
         notify.clone(),
         stats.clone(),
         source_drops,
     );
-    let recorder = tokio::spawn(recorder.run(rx));
+    let recorder = tokio::task::spawn_blocking(move || recorder.run_blocking(rx, recovery.lost));
+    let watchdog = tokio::spawn(watchdog(stats.clone(), shutdown.clone()));
 
     let drain = CancellationToken::new();
     let uplink = Uplink {
@@ -107,11 +128,12 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
             batch_linger: settings.batch_linger,
             max_batches_in_flight: settings.max_batches_in_flight,
             ack_timeout: settings.ack_timeout,
-            drain_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(3),
+            max_events_per_sec: settings.max_events_per_sec,
         },
         signer,
         verifier,
-        outbox,
+        journal,
         notify,
         stats: stats.clone(),
     };
@@ -157,8 +179,41 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
     let _ = recorder.await;
     drain.cancel();
     let _ = uplink.await;
+    let _ = watchdog.await;
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// systemd integration: `READY=1` once running, then `WATCHDOG=1` keep-alives — but
+/// only while the recorder loop is alive, so a wedged agent is restarted by systemd.
+/// Without `NOTIFY_SOCKET` (not under systemd) this does nothing.
+async fn watchdog(stats: Arc<AgentStats>, shutdown: CancellationToken) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let mut usec = 0u64;
+    let period = if sd_notify::watchdog_enabled(false, &mut usec) {
+        Duration::from_micros(usec / 2)
+    } else {
+        Duration::from_secs(10)
+    };
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+                return;
+            }
+            _ = tick.tick() => {
+                if stats.recorder_idle() < Duration::from_secs(5) {
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                } else {
+                    tracing::error!(idle_secs = stats.recorder_idle().as_secs(), "recorder loop stalled; withholding the watchdog keep-alive");
+                }
+            }
+        }
+    }
 }
 
 /// Runs a source, restarting it with exponential backoff when it fails; every

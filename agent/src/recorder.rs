@@ -1,139 +1,196 @@
-//! The recorder: numbers every observed event and puts it in the outbox.
+//! The recorder: the single writer of the agent's event stream.
 //!
-//! It is the single writer of the agent's event stream, so `(epoch, seq)` is gapless
-//! and ordered. It also turns drop counters into `agent.events_lost` events: losses
-//! upstream (sources that could not queue) and in the outbox (bound reached).
+//! It runs on a blocking thread, takes what the sources queued, appends it to the
+//! journal and makes it durable with one `fdatasync` per group (group commit): an
+//! event counts as captured only once it is on disk. It also turns every loss into an
+//! `agent.events_lost` event with its exact count and range: sources that could not
+//! queue, records the journal cap pushed out, and damage found when the journal opened.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify};
-use weilan_config::event::{Envelope, Event, EventId, EventKey, EventsLost, SCHEMA_VERSION};
+use weilan_config::event::{
+    Envelope, Event, EventId, EventKey, EventsLost, GENESIS_HASH, SCHEMA_VERSION,
+};
 
-use crate::outbox::{Dropped, Outbox};
+use crate::journal::{Journal, Lost};
 use crate::source::Observed;
 use crate::stats::AgentStats;
 
+/// Largest group appended before one sync.
+const GROUP_MAX: usize = 1024;
+
 pub struct Recorder {
     pub agent_id: String,
-    pub epoch: u64,
     pub host_role: &'static str,
-    pub outbox: Arc<Mutex<Outbox>>,
+    pub journal: Arc<Mutex<Journal>>,
     pub notify: Arc<Notify>,
     pub stats: Arc<AgentStats>,
     /// Events sources could not queue (shared with every `EventSink`).
     pub source_drops: Arc<AtomicU64>,
-    next_seq: u64,
     reported_source_drops: u64,
 }
 
 impl Recorder {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         agent_id: String,
-        epoch: u64,
         host_role: &'static str,
-        outbox: Arc<Mutex<Outbox>>,
+        journal: Arc<Mutex<Journal>>,
         notify: Arc<Notify>,
         stats: Arc<AgentStats>,
         source_drops: Arc<AtomicU64>,
     ) -> Self {
         Recorder {
             agent_id,
-            epoch,
             host_role,
-            outbox,
+            journal,
             notify,
             stats,
             source_drops,
-            next_seq: 1,
             reported_source_drops: 0,
         }
     }
 
-    /// Runs until the pipeline closes (all sources stopped), then returns.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Observed>) {
-        let mut check = tokio::time::interval(Duration::from_secs(1));
+    /// Runs until the pipeline closes (all sources stopped). Call from a blocking
+    /// thread (`spawn_blocking`): it waits on the channel and on the disk.
+    pub fn run_blocking(mut self, mut rx: mpsc::Receiver<Observed>, recovered: Vec<Lost>) {
+        let handle = tokio::runtime::Handle::current();
+        let mut group: Vec<Observed> = recovered
+            .into_iter()
+            .map(|l| lost_event("journal", l))
+            .collect();
         loop {
-            tokio::select! {
-                obs = rx.recv() => match obs {
-                    Some(obs) => {
-                        self.record(obs);
-                        self.report_source_drops();
+            if !group.is_empty() {
+                self.commit(std::mem::take(&mut group));
+            }
+            self.stats.touch_loop();
+            let first = handle
+                .block_on(async { tokio::time::timeout(Duration::from_secs(1), rx.recv()).await });
+            match first {
+                Ok(Some(obs)) => {
+                    group.push(obs);
+                    while group.len() < GROUP_MAX {
+                        match rx.try_recv() {
+                            Ok(obs) => group.push(obs),
+                            Err(_) => break,
+                        }
                     }
-                    None => break,
-                },
-                _ = check.tick() => self.report_source_drops(),
+                }
+                Ok(None) => break,
+                Err(_) => {} // idle: just report drops and keep the watchdog fed
+            }
+            if let Some(obs) = self.source_drop_event() {
+                group.push(obs);
             }
         }
-        self.report_source_drops();
-    }
-
-    /// Numbers and stores one event.
-    pub fn record(&mut self, obs: Observed) {
-        let key = EventKey {
-            epoch: self.epoch,
-            seq: self.next_seq,
-        };
-        self.next_seq += 1;
-        let env = Envelope {
-            schema: SCHEMA_VERSION,
-            event_id: EventId {
-                agent_id: self.agent_id.clone(),
-                key,
-            },
-            time: obs.time,
-            host_role: self.host_role.to_string(),
-            event: obs.event,
-        };
-        let dropped = {
-            let mut o = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
-            let d = o.append(env);
-            self.stats.backlog.store(o.len() as u64, Ordering::Relaxed);
-            d
-        };
-        self.notify.notify_one();
-        if let Some(d) = dropped {
-            self.report_outbox_drop(d);
+        if let Some(obs) = self.source_drop_event() {
+            group.push(obs);
+        }
+        if !group.is_empty() {
+            self.commit(group);
         }
     }
 
-    fn report_outbox_drop(&mut self, d: Dropped) {
+    /// Appends a group and syncs it; losses it causes are appended too.
+    fn commit(&mut self, group: Vec<Observed>) {
+        let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        let mut queue: std::collections::VecDeque<Observed> = group.into();
+        let mut failed = 0u64;
+        while let Some(obs) = queue.pop_front() {
+            let env = Envelope {
+                schema: SCHEMA_VERSION,
+                event_id: EventId {
+                    agent_id: self.agent_id.clone(),
+                    key: EventKey { epoch: 0, seq: 0 }, // set by the journal
+                },
+                time: obs.time,
+                host_role: self.host_role.to_string(),
+                prev_hash: GENESIS_HASH.into(), // set by the journal
+                event: obs.event,
+            };
+            match journal.append(env) {
+                Ok(None) => {}
+                Ok(Some(lost)) => {
+                    self.stats
+                        .dropped_total
+                        .fetch_add(lost.count, Ordering::Relaxed);
+                    tracing::error!(count = lost.count, first = ?lost.first, last = ?lost.last, "journal cap reached: oldest unacknowledged events deleted");
+                    queue.push_back(lost_event("journal-cap", lost));
+                }
+                Err(e) => {
+                    failed += 1;
+                    tracing::error!(error = %e, "event could not be journaled");
+                }
+            }
+        }
+        if failed > 0 {
+            self.stats
+                .dropped_total
+                .fetch_add(failed, Ordering::Relaxed);
+            // Try to leave a trace of the failure itself (the disk may have recovered).
+            let _ = journal.append(Envelope {
+                schema: SCHEMA_VERSION,
+                event_id: EventId {
+                    agent_id: self.agent_id.clone(),
+                    key: EventKey { epoch: 0, seq: 0 },
+                },
+                time: jiff::Timestamp::now(),
+                host_role: self.host_role.to_string(),
+                prev_hash: GENESIS_HASH.into(),
+                event: lost_event(
+                    "journal-write",
+                    Lost {
+                        count: failed,
+                        first: None,
+                        last: None,
+                        reason: "journal write failed (disk full or I/O error)".into(),
+                    },
+                )
+                .event,
+            });
+        }
+        if let Err(e) = journal.sync() {
+            tracing::error!(error = %e, "journal sync failed; events stay unsent until a sync succeeds");
+        }
         self.stats
-            .dropped_total
-            .fetch_add(d.count, Ordering::Relaxed);
-        tracing::error!(count = d.count, first = %d.first, last = %d.last, "outbox full: oldest events dropped");
-        self.record(Observed {
-            time: jiff::Timestamp::now(),
-            event: Event::AgentEventsLost(EventsLost {
-                count: d.count,
-                stage: "outbox".into(),
-                reason: "the outbox bound was reached while the collector was unreachable".into(),
-                first: Some(d.first),
-                last: Some(d.last),
-            }),
-        });
+            .backlog
+            .store(journal.unacked(), Ordering::Relaxed);
+        drop(journal);
+        self.notify.notify_one();
     }
 
-    fn report_source_drops(&mut self) {
+    fn source_drop_event(&mut self) -> Option<Observed> {
         let total = self.source_drops.load(Ordering::Relaxed);
         let new = total - self.reported_source_drops;
         if new == 0 {
-            return;
+            return None;
         }
         self.reported_source_drops = total;
         self.stats.dropped_total.fetch_add(new, Ordering::Relaxed);
         tracing::error!(count = new, "sources dropped events: pipeline full");
-        self.record(Observed {
-            time: jiff::Timestamp::now(),
-            event: Event::AgentEventsLost(EventsLost {
+        Some(lost_event(
+            "pipeline",
+            Lost {
                 count: new,
-                stage: "pipeline".into(),
-                reason: "a source could not queue events (pipeline full)".into(),
                 first: None,
                 last: None,
-            }),
-        });
+                reason: "a source could not queue events (pipeline full)".into(),
+            },
+        ))
+    }
+}
+
+fn lost_event(stage: &str, l: Lost) -> Observed {
+    Observed {
+        time: jiff::Timestamp::now(),
+        event: Event::AgentEventsLost(EventsLost {
+            count: l.count,
+            stage: stage.into(),
+            reason: l.reason,
+            first: l.first,
+            last: l.last,
+        }),
     }
 }

@@ -12,6 +12,8 @@ pub struct AgentStats {
     pub dropped_total: AtomicU64,
     /// Batches acknowledged by the collector.
     pub acked_batches: AtomicU64,
+    /// Milliseconds since start when the recorder loop last went round (watchdog).
+    pub recorder_alive_ms: AtomicU64,
 }
 
 impl Default for AgentStats {
@@ -21,6 +23,7 @@ impl Default for AgentStats {
             backlog: AtomicU64::new(0),
             dropped_total: AtomicU64::new(0),
             acked_batches: AtomicU64::new(0),
+            recorder_alive_ms: AtomicU64::new(0),
         }
     }
 }
@@ -34,5 +37,17 @@ impl AgentStats {
     }
     pub fn dropped_total(&self) -> u64 {
         self.dropped_total.load(Ordering::Relaxed)
+    }
+
+    /// The recorder calls this every round (at least once a second).
+    pub fn touch_loop(&self) {
+        self.recorder_alive_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long ago the recorder last went round.
+    pub fn recorder_idle(&self) -> Duration {
+        let now = self.started.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.recorder_alive_ms.load(Ordering::Relaxed)))
     }
 }

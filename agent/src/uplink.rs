@@ -1,14 +1,18 @@
-//! The uplink: delivers the outbox to the collector and applies its acknowledgements.
+//! The uplink: delivers the journal to the collector and applies its acknowledgements.
 //!
-//! Batches are signed with the agent's certificate key and published with QoS 1 on
-//! the agent's `events` topic. An event leaves the outbox only when a *signed ack from
-//! the collector* names it; after every (re)connect and after an ack timeout everything
-//! unacknowledged is sent again. Acks and commands are verified against the pinned CA
-//! and must come from a collector certificate and name this agent.
+//! Batches are contiguous runs of journal records, sent verbatim (the collector hashes
+//! the same bytes to check the chain), signed with the agent's certificate key and
+//! published with QoS 1 on the agent's `events` topic. A record is released only when a
+//! *signed ack from the collector* names its range; after every (re)connect and after an
+//! ack timeout, sending resumes at the oldest unacknowledged record, whatever the broker
+//! says about sessions. Sending is rate-limited so a fleet that reconnects after an
+//! outage cannot flatten the collector. Acks and commands are verified against the
+//! pinned CA and must come from a collector certificate and name this agent.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, LastWill, QoS};
 use tokio::sync::Notify;
@@ -18,8 +22,18 @@ use weilan_config::signing::{Role, Signer, Verifier};
 use weilan_config::topics::{self, Channel};
 use weilan_config::wire::{self, Ack, AgentState, Batch, Command, Purpose, Status};
 
-use crate::outbox::Outbox;
+use serde_json::value::RawValue;
+use weilan_config::event::EventKey;
+
+use crate::journal::{Journal, Position};
 use crate::stats::AgentStats;
+
+async fn sleep_until_opt(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
 
 /// Stay well below the broker's and collector's 1 MiB payload limit.
 const MAX_BATCH_BYTES: usize = 768 * 1024;
@@ -38,13 +52,62 @@ pub struct UplinkConfig {
     pub ack_timeout: Duration,
     /// How long to keep delivering after the agent was told to stop.
     pub drain_timeout: Duration,
+    /// Most events sent per second (replay after an outage included).
+    pub max_events_per_sec: u32,
+}
+
+struct InFlight {
+    batch_id: u64,
+    first: EventKey,
+    last: EventKey,
+    sent: Instant,
+}
+
+/// Token bucket: `rate` events per second, bursts up to one second's worth.
+struct RateLimit {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(rate: u32) -> Self {
+        RateLimit {
+            rate: rate as f64,
+            tokens: rate as f64,
+            last: Instant::now(),
+        }
+    }
+    fn available(&mut self) -> usize {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
+        self.last = now;
+        self.tokens.max(0.0) as usize
+    }
+    fn take(&mut self, n: usize) {
+        self.tokens -= n as f64;
+    }
+    /// Time until `n` tokens are there.
+    fn wait_for(&self, n: usize) -> Duration {
+        let missing = (n as f64 - self.tokens).max(0.0);
+        Duration::from_secs_f64(missing / self.rate)
+    }
+}
+
+/// What the uplink knows about the batches it sent.
+struct Sending {
+    cursor: Position,
+    in_flight: VecDeque<InFlight>,
+    next_batch_id: u64,
+    limit: RateLimit,
 }
 
 pub struct Uplink {
     pub config: UplinkConfig,
     pub signer: Signer,
     pub verifier: Verifier,
-    pub outbox: Arc<Mutex<Outbox>>,
+    pub journal: Arc<Mutex<Journal>>,
     pub notify: Arc<Notify>,
     pub stats: Arc<AgentStats>,
 }
@@ -59,7 +122,7 @@ fn status_payload(agent_id: &str, state: AgentState) -> Vec<u8> {
 }
 
 impl Uplink {
-    /// Runs until `drain` is cancelled and the outbox is empty (or the drain timeout
+    /// Runs until `drain` is cancelled and the journal is fully acknowledged (or the drain timeout
     /// passed). `drain` is cancelled after the recorder has stored the last event.
     pub async fn run(self, drain: CancellationToken) {
         let c = &self.config;
@@ -92,18 +155,26 @@ impl Uplink {
         let mut connected = false;
         let mut draining: Option<tokio::time::Instant> = None;
         let mut ack_check = tokio::time::interval(Duration::from_secs(1));
+        let mut sending = Sending {
+            cursor: self.lock().resume_position(),
+            in_flight: VecDeque::new(),
+            // Random start: an ack that outlived a previous run can never match.
+            next_batch_id: rand::random::<u32>() as u64 * 1_000_000,
+            limit: RateLimit::new(c.max_events_per_sec),
+        };
+        let mut throttled: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 ev = rx.recv() => match ev {
                     Some(SessionEvent::Connected) => {
                         connected = true;
                         // Whatever was in flight may be lost with the old connection.
-                        self.lock().rewind();
+                        self.rewind(&mut sending);
                         let _ = client.try_publish(status_topic.clone(), QoS::AtLeastOnce, true,
                             status_payload(&c.agent_id, AgentState::Online));
                     }
                     Some(SessionEvent::Disconnected(_)) => connected = false,
-                    Some(SessionEvent::Message { topic, payload }) => self.handle_incoming(&topic, &payload),
+                    Some(SessionEvent::Message { topic, payload }) => self.handle_incoming(&topic, &payload, &mut sending),
                     None => break,
                 },
                 _ = self.notify.notified() => {
@@ -111,24 +182,29 @@ impl Uplink {
                         tokio::time::sleep(c.batch_linger).await;
                     }
                 }
+                _ = sleep_until_opt(throttled) => throttled = None,
                 _ = ack_check.tick() => {
-                    let n = self.lock().expire(c.ack_timeout);
-                    if n > 0 {
-                        tracing::warn!(batches = n, "no ack from the collector in time; sending again");
+                    let stale = sending.in_flight.front().is_some_and(|b| b.sent.elapsed() >= c.ack_timeout);
+                    if stale {
+                        tracing::warn!(batches = sending.in_flight.len(), "no ack from the collector in time; sending again");
+                        self.rewind(&mut sending);
                     }
                 }
                 _ = drain.cancelled(), if draining.is_none() => {
                     draining = Some(tokio::time::Instant::now() + c.drain_timeout);
                 }
             }
-            if connected {
-                self.send_batches(&client, &events_topic);
+            if connected && throttled.is_none() {
+                throttled = self.send_batches(&client, &events_topic, &mut sending);
             }
             if let Some(deadline) = draining {
-                let empty = self.lock().is_empty();
-                if empty || tokio::time::Instant::now() >= deadline {
-                    if !empty {
-                        tracing::warn!(backlog = self.lock().len(), "stopping with unacknowledged events (kept only in memory by this version)");
+                let backlog = self.lock().unacked();
+                if backlog == 0 || tokio::time::Instant::now() >= deadline {
+                    if backlog > 0 {
+                        tracing::info!(
+                            backlog,
+                            "stopping with unacknowledged events; they stay in the journal"
+                        );
                     }
                     break;
                 }
@@ -144,63 +220,95 @@ impl Uplink {
         let _ = session.await;
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Outbox> {
-        self.outbox.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn send_batches(&self, client: &AsyncClient, topic: &str) {
+    /// Forget what is in flight and resume at the oldest unacknowledged record.
+    fn rewind(&self, sending: &mut Sending) {
+        sending.in_flight.clear();
+        sending.cursor = self.lock().resume_position();
+    }
+
+    /// Sends batches while the window and the rate allow; returns when to try again
+    /// if the rate limit stopped it.
+    fn send_batches(
+        &self,
+        client: &AsyncClient,
+        topic: &str,
+        sending: &mut Sending,
+    ) -> Option<tokio::time::Instant> {
         let c = &self.config;
-        loop {
-            let mut outbox = self.lock();
-            if outbox.batches_in_flight() >= c.max_batches_in_flight || !outbox.has_unsent() {
-                return;
+        while sending.in_flight.len() < c.max_batches_in_flight {
+            let tokens = sending.limit.available();
+            if tokens == 0 {
+                let wait = sending
+                    .limit
+                    .wait_for(c.batch_max_events.min(c.max_events_per_sec as usize).max(1));
+                return Some(tokio::time::Instant::now() + wait.max(Duration::from_millis(10)));
             }
-            let mut max = c.batch_max_events;
-            let (batch_id, events, body) = loop {
-                let Some((batch_id, events)) = outbox.next_batch(max) else {
-                    return;
-                };
-                let n = events.len();
-                let batch = Batch {
-                    agent_id: c.agent_id.clone(),
-                    batch_id,
-                    events,
-                };
-                let body = match serde_json::to_string(&batch) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        tracing::error!(error = %e, "batch not serializable; events kept");
-                        outbox.ack(batch_id, &[]);
-                        return;
-                    }
-                };
-                if body.len() > MAX_BATCH_BYTES && n > 1 {
-                    outbox.ack(batch_id, &[]); // back to unsent, try a smaller batch
-                    max = n / 2;
+            let records = self.lock().read(
+                sending.cursor,
+                c.batch_max_events.min(tokens),
+                MAX_BATCH_BYTES,
+            );
+            let (Some(first), Some(last)) = (records.first(), records.last()) else {
+                return None;
+            };
+            let raws: Vec<Box<RawValue>> = match records
+                .iter()
+                .map(|r| RawValue::from_string(r.json.clone()))
+                .collect::<Result<_, _>>()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "journal record is not JSON; skipped");
+                    sending.cursor = last.end;
                     continue;
                 }
-                break (batch_id, batch.events, body);
             };
-            drop(outbox);
+            let batch_id = sending.next_batch_id;
+            sending.next_batch_id += 1;
+            let batch = Batch {
+                agent_id: c.agent_id.clone(),
+                batch_id,
+                first: first.key,
+                last: last.key,
+                events: raws.iter().map(|r| r.as_ref()).collect(),
+            };
+            let body = match serde_json::to_string(&batch) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(error = %e, "batch not serializable");
+                    return None;
+                }
+            };
             let signed = self.signer.sign(Purpose::Batch, body);
             let payload = match serde_json::to_vec(&signed) {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::error!(error = %e, "signed batch not serializable");
-                    self.lock().ack(batch_id, &[]);
-                    return;
+                    return None;
                 }
             };
             if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, false, payload) {
                 tracing::debug!(error = %e, "MQTT request queue full; batch will be sent again");
-                self.lock().ack(batch_id, &[]);
-                return;
+                return Some(tokio::time::Instant::now() + Duration::from_millis(50));
             }
-            tracing::debug!(batch_id, events = events.len(), "batch sent");
+            sending.limit.take(records.len());
+            sending.cursor = last.end;
+            sending.in_flight.push_back(InFlight {
+                batch_id,
+                first: first.key,
+                last: last.key,
+                sent: Instant::now(),
+            });
+            tracing::debug!(batch_id, events = records.len(), "batch sent");
         }
+        None
     }
 
-    fn handle_incoming(&self, topic: &str, payload: &[u8]) {
+    fn handle_incoming(&self, topic: &str, payload: &[u8], sending: &mut Sending) {
         let Some((agent, channel)) = topics::parse_agent_topic(topic) else {
             tracing::warn!(%topic, "message on an unexpected topic ignored");
             return;
@@ -233,21 +341,19 @@ impl Uplink {
             Channel::Acks => match wire::decode::<Ack>("an ack", body.as_bytes(), MAX_INCOMING) {
                 Ok(ack) if ack.agent_id == self.config.agent_id => {
                     for r in &ack.rejected {
-                        tracing::error!(key = %r.key, reason = %r.reason, "collector rejected an event (quarantined there)");
+                        tracing::error!(index = r.index, key = ?r.key, reason = %r.reason, "collector rejected an event (quarantined there)");
                     }
-                    let mut outbox = self.lock();
-                    let n = outbox.ack(ack.batch_id, &ack.keys);
+                    let mut journal = self.lock();
+                    journal.ack(ack.first, ack.last);
                     self.stats
                         .backlog
-                        .store(outbox.len() as u64, Ordering::Relaxed);
-                    drop(outbox);
+                        .store(journal.unacked(), Ordering::Relaxed);
+                    drop(journal);
+                    sending.in_flight.retain(|b| {
+                        b.batch_id != ack.batch_id && !(ack.first <= b.first && b.last <= ack.last)
+                    });
                     self.stats.acked_batches.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(
-                        batch_id = ack.batch_id,
-                        events = n,
-                        duplicates = ack.duplicates,
-                        "batch acknowledged"
-                    );
+                    tracing::debug!(batch_id = ack.batch_id, first = %ack.first, last = %ack.last, duplicates = ack.duplicates, "batch acknowledged");
                     self.notify.notify_one();
                 }
                 Ok(ack) => tracing::warn!(claimed = %ack.agent_id, "ack for another agent refused"),

@@ -60,6 +60,14 @@ enum Command {
         #[arg(long)]
         no_follow: bool,
     },
+    /// List the fleet: state, last event, versions, backlog.
+    Agents {
+        #[arg(long, default_value = "/etc/weilan/collector.toml")]
+        config: PathBuf,
+        /// JSON lines for machines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage the Weilan PKI (CA, broker and agent certificates).
     Pki {
         #[command(subcommand)]
@@ -181,6 +189,53 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("{}: {e}", opts.path.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Agents { config, json } => {
+            let settings = match load(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            let rows = crate::store::Store::open(&settings.store_path)
+                .map_err(|e| e.to_string())
+                .and_then(|mut s| crate::fleet::list(&mut s).map_err(|e| e.to_string()));
+            match rows {
+                Ok(rows) => {
+                    if !json {
+                        println!(
+                            "{:<24} {:<8} {:<28} {:<8} {:<16} {:>8} {:>10}  host",
+                            "agent",
+                            "state",
+                            "last event",
+                            "version",
+                            "policy",
+                            "backlog",
+                            "events"
+                        );
+                    }
+                    for r in rows {
+                        if json {
+                            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                        } else {
+                            println!(
+                                "{:<24} {:<8} {:<28} {:<8} {:<16} {:>8} {:>10}  {}",
+                                r.agent_id,
+                                r.state,
+                                r.last_event.as_deref().unwrap_or("-"),
+                                r.agent_version.as_deref().unwrap_or("-"),
+                                r.policy_version.as_deref().unwrap_or("-"),
+                                r.backlog.map_or("-".to_string(), |b| b.to_string()),
+                                r.events,
+                                r.hostname.as_deref().unwrap_or("-")
+                            );
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", settings.store_path.display());
                     ExitCode::FAILURE
                 }
             }

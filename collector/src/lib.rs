@@ -13,7 +13,9 @@
 pub mod alerts;
 pub mod broker;
 pub mod cli;
+pub mod fleet;
 pub mod ingest;
+pub mod integrity;
 pub mod pki;
 pub mod rules;
 pub mod store;
@@ -99,6 +101,7 @@ pub async fn run(
         signer,
         max_payload: settings.max_payload_bytes,
         stats: Default::default(),
+        last_integrity_alert: Default::default(),
     });
     tracing::info!(
         database = %settings.store_path.display(),
@@ -127,6 +130,7 @@ pub async fn run(
         session_stop.clone(),
     );
     let mut report = tokio::time::interval(Duration::from_secs(60));
+    let mut fleet_tick = tokio::time::interval(settings.fleet_check_interval);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -149,6 +153,13 @@ pub async fn run(
                 Some(SessionEvent::Disconnected(_)) => {}
                 None => break,
             },
+            _ = fleet_tick.tick() => {
+                let work = ingest.clone();
+                let (silent, grace) = (settings.silent_after, settings.gap_grace);
+                if let Err(e) = tokio::task::spawn_blocking(move || work.fleet_checks(silent, grace)).await {
+                    tracing::error!(error = %e, "fleet checks failed");
+                }
+            }
             _ = report.tick() => {
                 let s = &ingest.stats;
                 tracing::info!(

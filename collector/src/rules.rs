@@ -45,8 +45,34 @@ pub const UNKNOWN_USB_STORAGE: &str = "builtin.usb.unknown-storage";
 pub fn evaluate(policy: &Policy, stored: &[Stored<'_>]) -> Vec<Alert> {
     stored
         .iter()
-        .filter_map(|s| unknown_usb_storage(policy, s.envelope))
+        .filter_map(|s| unknown_usb_storage(policy, s.envelope).or_else(|| events_lost(s.envelope)))
         .collect()
+}
+
+/// Id of the built-in events-lost rule.
+pub const EVENTS_LOST: &str = "builtin.agent.events-lost";
+
+fn events_lost(env: &Envelope) -> Option<Alert> {
+    let Event::AgentEventsLost(l) = &env.event else {
+        return None;
+    };
+    let range = match (l.first, l.last) {
+        (Some(f), Some(t)) => format!(" ({f} to {t})"),
+        _ => String::new(),
+    };
+    Some(Alert {
+        alert_id: 0,
+        time: jiff::Timestamp::now(),
+        level: Level::Yellow,
+        rule_id: EVENTS_LOST.into(),
+        agent_id: env.event_id.agent_id.clone(),
+        summary: format!(
+            "Agent {} lost {} events{range} at stage {}: {}",
+            env.event_id.agent_id, l.count, l.stage, l.reason
+        ),
+        event_ids: vec![env.event_id.to_string()],
+        details: serde_json::json!({"count": l.count, "stage": l.stage, "first": l.first, "last": l.last}),
+    })
 }
 
 fn unknown_usb_storage(policy: &Policy, env: &Envelope) -> Option<Alert> {

@@ -9,6 +9,8 @@ use std::path::Path;
 use rusqlite::{params, Connection, OptionalExtension};
 use weilan_config::event::{Envelope, EventKey};
 
+use crate::integrity;
+
 /// Migrations, applied in order; `PRAGMA user_version` is the number applied.
 const MIGRATIONS: &[&str] = &[
     // 1: events, alerts, quarantine, agents.
@@ -54,6 +56,22 @@ const MIGRATIONS: &[&str] = &[
         policy_version TEXT,
         hostname       TEXT
      );",
+    // 2: the hash chain and sequence continuity per agent, fleet health.
+    "ALTER TABLE events ADD COLUMN hash TEXT NOT NULL DEFAULT '';
+     ALTER TABLE events ADD COLUMN prev_hash TEXT NOT NULL DEFAULT '';
+     CREATE TABLE streams (
+        agent_id       TEXT NOT NULL,
+        epoch          INTEGER NOT NULL,
+        contiguous_to  INTEGER NOT NULL,
+        max_seq        INTEGER NOT NULL,
+        first_seen     TEXT NOT NULL,
+        gap_since      TEXT,
+        gap_alerted    INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (agent_id, epoch)
+     );
+     ALTER TABLE agents ADD COLUMN backlog INTEGER;
+     ALTER TABLE agents ADD COLUMN last_event TEXT;
+     ALTER TABLE agents ADD COLUMN silent_alerted INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Quarantined payloads are kept up to this size (the hash covers the whole payload).
@@ -77,6 +95,35 @@ pub enum StoreError {
 /// A newly stored event (rules look at these).
 pub struct Stored<'a> {
     pub envelope: &'a Envelope,
+}
+
+/// One decoded event of a batch with the exact bytes it arrived as.
+pub struct Incoming<'a> {
+    pub envelope: Envelope,
+    /// The record's JSON exactly as the agent journaled and sent it.
+    pub raw: &'a str,
+    /// SHA-256 of `raw` (what the next record's `prev_hash` must name).
+    pub hash: String,
+}
+
+fn insert_alerts(tx: &rusqlite::Transaction<'_>, alerts: &mut [Alert]) -> Result<(), StoreError> {
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO alerts (time, level, rule_id, agent_id, summary, event_ids, details)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    for a in alerts.iter_mut() {
+        insert.execute(params![
+            a.time.to_string(),
+            a.level.as_str(),
+            a.rule_id,
+            a.agent_id,
+            a.summary,
+            serde_json::to_string(&a.event_ids).unwrap_or_default(),
+            a.details.to_string(),
+        ])?;
+        a.alert_id = tx.last_insert_rowid();
+    }
+    Ok(())
 }
 
 /// Result of storing one batch.
@@ -142,25 +189,27 @@ impl Store {
         Ok(())
     }
 
-    /// Stores a batch and the alerts its new events raise, in one durable transaction.
-    /// `alerts_for` is called with the newly stored events.
+    /// Stores a batch of one agent and the alerts it raises — rule alerts for new
+    /// events and integrity alerts (hash-chain breaks, a new journal epoch) — in one
+    /// durable transaction.
     pub fn store_batch(
         &mut self,
-        events: &[Envelope],
+        agent: &str,
+        events: &[Incoming<'_>],
         received_at: jiff::Timestamp,
         alerts_for: impl FnOnce(&[Stored<'_>]) -> Vec<Alert>,
     ) -> Result<(BatchOutcome, Vec<Alert>), StoreError> {
         let tx = self.conn.transaction()?;
         let mut out = BatchOutcome::default();
+        let received = received_at.to_string();
         {
             let mut insert = tx.prepare_cached(
                 "INSERT OR IGNORE INTO events
-                 (event_id, agent_id, epoch, seq, kind, agent_time, received_at, host_role, envelope)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                 (event_id, agent_id, epoch, seq, kind, agent_time, received_at, host_role, envelope, hash, prev_hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?;
-            let received = received_at.to_string();
-            for (i, env) in events.iter().enumerate() {
-                let json = serde_json::to_string(env).unwrap_or_default();
+            for (i, ev) in events.iter().enumerate() {
+                let env = &ev.envelope;
                 let n = insert.execute(params![
                     env.event_id.to_string(),
                     env.event_id.agent_id,
@@ -170,7 +219,9 @@ impl Store {
                     env.time.to_string(),
                     received,
                     env.host_role,
-                    json,
+                    ev.raw,
+                    ev.hash,
+                    env.prev_hash,
                 ])?;
                 out.held.push(env.event_id.key);
                 if n == 1 {
@@ -180,34 +231,30 @@ impl Store {
                 }
             }
         }
+        let mut alerts = integrity::check_new(&tx, agent, events, &out.new, &received)?;
         let stored: Vec<Stored<'_>> = out
             .new
             .iter()
             .map(|&i| Stored {
-                envelope: &events[i],
+                envelope: &events[i].envelope,
             })
             .collect();
-        let mut alerts = alerts_for(&stored);
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO alerts (time, level, rule_id, agent_id, summary, event_ids, details)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?;
-            for a in &mut alerts {
-                insert.execute(params![
-                    a.time.to_string(),
-                    a.level.as_str(),
-                    a.rule_id,
-                    a.agent_id,
-                    a.summary,
-                    serde_json::to_string(&a.event_ids).unwrap_or_default(),
-                    a.details.to_string(),
-                ])?;
-                a.alert_id = tx.last_insert_rowid();
-            }
-        }
+        alerts.extend(alerts_for(&stored));
+        insert_alerts(&tx, &mut alerts)?;
         tx.commit()?;
         Ok((out, alerts))
+    }
+
+    /// Stores alerts raised outside a batch (fleet health, refused payloads).
+    pub fn store_alerts(&mut self, alerts: &mut [Alert]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        insert_alerts(&tx, alerts)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn conn(&mut self) -> &mut Connection {
+        &mut self.conn
     }
 
     /// Keeps a refused payload with its reason.

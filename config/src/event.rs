@@ -91,6 +91,10 @@ pub struct Envelope {
     pub time: Timestamp,
     /// Host role of the agent (`workstation`, `server-room`, `door`), travels with every event.
     pub host_role: String,
+    /// SHA-256 (hex) of the previous record of this agent's journal, exactly as its
+    /// JSON bytes were written and sent; 64 zeros for the first record of an epoch.
+    /// Any edit or removal of a buffered record breaks this chain visibly.
+    pub prev_hash: String,
     /// The fact itself.
     pub event: Event,
 }
@@ -99,6 +103,14 @@ impl Envelope {
     pub fn kind(&self) -> &'static str {
         self.event.kind()
     }
+}
+
+/// The `prev_hash` of the first record of an epoch.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// SHA-256 (hex) of a record's JSON bytes: what the next record's `prev_hash` names.
+pub fn record_hash(json: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, json))
 }
 
 /// The closed set of events. Serialized as `{"kind": "...", "data": {...}}`.
@@ -323,6 +335,7 @@ mod tests {
             event_id: "a:1:1".parse().unwrap(),
             time: Timestamp::UNIX_EPOCH,
             host_role: "workstation".into(),
+            prev_hash: GENESIS_HASH.into(),
             event: Event::AgentStopping(AgentStopping {
                 reason: "signal".into(),
             }),

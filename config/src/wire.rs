@@ -12,6 +12,7 @@
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::event::{Envelope, EventKey};
 
@@ -59,36 +60,48 @@ pub struct SignedMessage {
 }
 
 /// A batch of events from one agent (purpose `batch`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// `events` are the agent journal's record bytes, verbatim: the collector hashes
+/// exactly those bytes to verify each record's `prev_hash` chain, so no JSON
+/// canonicalisation is involved. A batch is a contiguous run `first..=last` of one
+/// epoch; the ack names the same range.
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Batch {
+pub struct Batch<'a> {
     pub agent_id: String,
-    /// Agent-chosen id echoed in the [`Ack`]; unique per agent run.
+    /// Agent-chosen id echoed in the [`Ack`].
     pub batch_id: u64,
-    pub events: Vec<Envelope>,
+    pub first: EventKey,
+    pub last: EventKey,
+    #[serde(borrow)]
+    pub events: Vec<&'a RawValue>,
 }
 
 /// Why the collector refused one event of an otherwise valid batch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventRejection {
-    pub key: EventKey,
+    /// Index of the event in the batch.
+    pub index: usize,
+    pub key: Option<EventKey>,
     pub reason: String,
 }
 
 /// The collector's acknowledgement that a batch is durably committed (purpose `ack`).
-/// Sent only after the database transaction committed.
+/// Sent only after the database transaction committed: every event of `first..=last`
+/// is stored (newly or before) or quarantined as invalid, so the agent may forget them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Ack {
     pub agent_id: String,
     pub batch_id: u64,
-    /// Every key of the batch the collector now holds (newly stored or already stored)
-    /// or has quarantined as invalid; the agent may forget all of them.
-    pub keys: Vec<EventKey>,
-    /// Of those, how many were already stored (re-sends).
+    pub first: EventKey,
+    pub last: EventKey,
+    /// Events stored for the first time.
+    pub stored: u32,
+    /// Events already stored (re-sends).
     pub duplicates: u32,
-    /// Of those, which were refused (and quarantined on the collector).
+    /// Events refused (and quarantined on the collector).
     pub rejected: Vec<EventRejection>,
 }
 
@@ -206,12 +219,37 @@ pub fn decode_signed(bytes: &[u8], max: usize) -> Result<SignedMessage, DecodeEr
     Ok(msg)
 }
 
+/// Decodes a batch body (borrowing the raw event bytes from `body`).
+pub fn decode_batch(body: &str, max: usize) -> Result<Batch<'_>, DecodeError> {
+    if body.len() > max {
+        return Err(DecodeError::TooLarge {
+            size: body.len(),
+            max,
+        });
+    }
+    serde_json::from_str(body).map_err(|e| DecodeError::Json {
+        what: "an event batch",
+        detail: e.to_string(),
+        line: e.line(),
+        column: e.column(),
+    })
+}
+
 /// Checks a decoded batch for internal consistency against the authenticated agent id.
-pub fn check_batch(batch: &Batch, authenticated_agent: &str) -> Result<(), DecodeError> {
+pub fn check_batch(batch: &Batch<'_>, authenticated_agent: &str) -> Result<(), DecodeError> {
     if batch.agent_id != authenticated_agent {
         return Err(DecodeError::Invalid(format!(
             "batch claims agent `{}` but is signed by `{authenticated_agent}`",
             batch.agent_id
+        )));
+    }
+    let span = batch.last.seq.checked_sub(batch.first.seq).map(|d| d + 1);
+    if batch.first.epoch != batch.last.epoch || span != Some(batch.events.len() as u64) {
+        return Err(DecodeError::Invalid(format!(
+            "batch range {}..={} does not match its {} events",
+            batch.first,
+            batch.last,
+            batch.events.len()
         )));
     }
     Ok(())

@@ -19,12 +19,23 @@ fn relocate(text: &str, root: &Path) -> String {
 fn tree() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let r = dir.path();
-    for d in ["etc/pki", "var/lib/weilan-agent", "var/lib/weilan-collector", "var/log/weilan"] {
+    for d in [
+        "etc/pki",
+        "var/lib/weilan-agent",
+        "var/lib/weilan-collector",
+        "var/log/weilan",
+    ] {
         fs::create_dir_all(r.join(d)).unwrap();
     }
     for f in [
-        "etc/policy.toml", "etc/pki/ca.pem", "etc/pki/agent.pem", "etc/pki/agent-key.pem",
-        "etc/pki/server.pem", "etc/pki/server-key.pem", "etc/pki/collector.pem", "etc/pki/collector-key.pem",
+        "etc/policy.toml",
+        "etc/pki/ca.pem",
+        "etc/pki/agent.pem",
+        "etc/pki/agent-key.pem",
+        "etc/pki/server.pem",
+        "etc/pki/server-key.pem",
+        "etc/pki/collector.pem",
+        "etc/pki/collector-key.pem",
     ] {
         fs::write(r.join(f), "x").unwrap();
     }
@@ -53,7 +64,11 @@ fn shipped_collector_settings_are_valid() {
 
 #[test]
 fn shipped_policy_is_valid() {
-    let p = load_str::<PolicyFile>(weilan_config::examples::POLICY_TOML, Path::new("policy.toml"), ".".into())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let p = load_str::<PolicyFile>(
+        weilan_config::examples::POLICY_TOML,
+        Path::new("policy.toml"),
+        ".".into(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(p.known_devices.len(), 1);
 }

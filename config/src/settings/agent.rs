@@ -27,6 +27,9 @@ pub struct AgentFile {
     /// `[queues]`: bounds of the in-memory queues.
     #[serde(default)]
     pub queues: QueueSection,
+    /// `[journal]`: the durable on-disk journal of captured events.
+    #[serde(default)]
+    pub journal: JournalSection,
     /// `[log]`.
     #[serde(default)]
     pub log: LogSection,
@@ -76,6 +79,14 @@ pub struct CollectorLink {
     /// Seconds to wait for the collector's ack before sending a batch again.
     #[serde(default = "default_ack_timeout")]
     pub ack_timeout_secs: u64,
+    /// Most events sent per second, replay after an outage included, so a fleet
+    /// reconnecting at once cannot flatten the collector.
+    #[serde(default = "default_rate")]
+    pub max_events_per_sec: u32,
+}
+
+fn default_rate() -> u32 {
+    2000
 }
 
 fn default_port() -> u16 {
@@ -184,17 +195,12 @@ pub struct QueueSection {
     /// Capacity of the channel from sources to the recorder (events).
     #[serde(default = "default_pipeline")]
     pub pipeline: usize,
-    /// Events kept for delivery while the collector has not acknowledged them.
-    /// Beyond this the oldest are dropped and reported as `agent.events_lost`.
-    #[serde(default = "default_outbox")]
-    pub outbox_max_events: usize,
 }
 
 impl Default for QueueSection {
     fn default() -> Self {
         QueueSection {
             pipeline: default_pipeline(),
-            outbox_max_events: default_outbox(),
         }
     }
 }
@@ -202,8 +208,35 @@ impl Default for QueueSection {
 fn default_pipeline() -> usize {
     4096
 }
-fn default_outbox() -> usize {
-    200_000
+
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalSection {
+    /// Upper bound of the journal on disk, in MiB. Past it the oldest unacknowledged
+    /// events are deleted and reported as `agent.events_lost`. The default holds
+    /// 7 days offline at 100 events/s (60.5 M events at ~520 bytes ≈ 30 GiB); disk
+    /// is only used as events wait.
+    #[serde(default = "default_journal_max")]
+    pub max_mib: u64,
+    /// Size of one segment file, in MiB (the unit of deletion).
+    #[serde(default = "default_segment")]
+    pub segment_mib: u64,
+}
+
+impl Default for JournalSection {
+    fn default() -> Self {
+        JournalSection {
+            max_mib: default_journal_max(),
+            segment_mib: default_segment(),
+        }
+    }
+}
+
+fn default_journal_max() -> u64 {
+    32 * 1024
+}
+fn default_segment() -> u64 {
+    16
 }
 
 /// Host roles an agent can have.
@@ -245,7 +278,9 @@ pub struct AgentSettings {
     pub usb: Option<UsbSettings>,
     pub heartbeat: Duration,
     pub pipeline_capacity: usize,
-    pub outbox_max_events: usize,
+    pub journal_max_bytes: u64,
+    pub journal_segment_bytes: u64,
+    pub max_events_per_sec: u32,
     pub log: LogSettings,
 }
 
@@ -319,11 +354,16 @@ impl Validate for AgentFile {
             3600,
         );
         v.range("queues.pipeline", self.queues.pipeline, 16, 1_000_000);
+        v.range("journal.max_mib", self.journal.max_mib, 1, 16 * 1024 * 1024);
+        v.range("journal.segment_mib", self.journal.segment_mib, 1, 1024);
+        if self.journal.segment_mib > self.journal.max_mib {
+            v.error("journal.segment_mib", "must not exceed journal.max_mib");
+        }
         v.range(
-            "queues.outbox_max_events",
-            self.queues.outbox_max_events,
+            "collector.max_events_per_sec",
+            c.max_events_per_sec,
             1,
-            100_000_000,
+            1_000_000,
         );
         let log = self.log.validate(v);
         Some(AgentSettings {
@@ -344,7 +384,9 @@ impl Validate for AgentFile {
             usb,
             heartbeat: Duration::from_secs(self.heartbeat.interval_secs),
             pipeline_capacity: self.queues.pipeline,
-            outbox_max_events: self.queues.outbox_max_events,
+            journal_max_bytes: self.journal.max_mib * 1024 * 1024,
+            journal_segment_bytes: self.journal.segment_mib * 1024 * 1024,
+            max_events_per_sec: c.max_events_per_sec,
             log,
         })
     }

@@ -25,6 +25,9 @@ pub struct CollectorFile {
     /// `[ingest]`.
     #[serde(default)]
     pub ingest: IngestSection,
+    /// `[fleet]`: agent health and stream integrity checks.
+    #[serde(default)]
+    pub fleet: FleetSection,
     /// `[log]`.
     #[serde(default)]
     pub log: LogSection,
@@ -140,6 +143,42 @@ fn default_ingest_queue() -> usize {
     256
 }
 
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSection {
+    /// An agent with no event for this long raises an "agent silent" alert. Agents send
+    /// a heartbeat every 30 s by default, so 90 s means three missed heartbeats.
+    #[serde(default = "default_silent")]
+    pub silent_after_secs: u64,
+    /// A hole in an agent's event sequence is alerted once it stays open this long
+    /// (re-sends after an ack timeout fill transient ones).
+    #[serde(default = "default_gap_grace")]
+    pub gap_grace_secs: u64,
+    /// How often the checks run.
+    #[serde(default = "default_check")]
+    pub check_interval_secs: u64,
+}
+
+impl Default for FleetSection {
+    fn default() -> Self {
+        FleetSection {
+            silent_after_secs: default_silent(),
+            gap_grace_secs: default_gap_grace(),
+            check_interval_secs: default_check(),
+        }
+    }
+}
+
+fn default_silent() -> u64 {
+    90
+}
+fn default_gap_grace() -> u64 {
+    120
+}
+fn default_check() -> u64 {
+    5
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BrokerMode {
     Embedded {
@@ -169,6 +208,9 @@ pub struct CollectorSettings {
     pub policy_path: PathBuf,
     pub max_payload_bytes: usize,
     pub ingest_queue: usize,
+    pub silent_after: std::time::Duration,
+    pub gap_grace: std::time::Duration,
+    pub fleet_check_interval: std::time::Duration,
     pub log: LogSettings,
 }
 
@@ -243,6 +285,19 @@ impl Validate for CollectorFile {
             64 * 1024 * 1024,
         );
         v.range("ingest.queue", self.ingest.queue, 1, 100_000);
+        v.range(
+            "fleet.silent_after_secs",
+            self.fleet.silent_after_secs,
+            1,
+            86_400,
+        );
+        v.range("fleet.gap_grace_secs", self.fleet.gap_grace_secs, 0, 86_400);
+        v.range(
+            "fleet.check_interval_secs",
+            self.fleet.check_interval_secs,
+            1,
+            3600,
+        );
         let log = self.log.validate(v);
         Some(CollectorSettings {
             broker,
@@ -260,6 +315,9 @@ impl Validate for CollectorFile {
             policy_path,
             max_payload_bytes: self.ingest.max_payload_bytes,
             ingest_queue: self.ingest.queue,
+            silent_after: std::time::Duration::from_secs(self.fleet.silent_after_secs),
+            gap_grace: std::time::Duration::from_secs(self.fleet.gap_grace_secs),
+            fleet_check_interval: std::time::Duration::from_secs(self.fleet.check_interval_secs),
             log,
         })
     }
