@@ -70,11 +70,15 @@ pub struct JournalConfig {
     pub segment_bytes: u64,
     /// Upper bound of all segments together.
     pub max_bytes: u64,
+    /// Acknowledged segments kept (oldest deleted first) for local replay.
+    pub retain_acked_bytes: u64,
 }
 
 /// Events that had to be given up, with their exact range where known.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lost {
+    /// Where they were lost (`journal`, `journal-cap`, ...), as in `agent.events_lost`.
+    pub stage: String,
     pub count: u64,
     pub first: Option<EventKey>,
     pub last: Option<EventKey>,
@@ -272,6 +276,7 @@ impl Journal {
                     tracing::error!(path = %path.display(), error = %e, "unreadable journal segment moved aside");
                     let _ = fs::rename(&path, path.with_extension("unreadable"));
                     rec.lost.push(Lost {
+                        stage: "journal".into(),
                         count: 0,
                         first: None,
                         last: None,
@@ -327,6 +332,7 @@ impl Journal {
                     };
                     tracing::error!(path = %path.display(), reason = %why, lost = count, "journal segment damaged; valid prefix kept");
                     rec.lost.push(Lost {
+                        stage: "journal".into(),
                         count,
                         first: from,
                         last,
@@ -460,8 +466,8 @@ impl Journal {
     }
 
     /// Appends `env` (its key and `prev_hash` are set here). Not durable until
-    /// [`Journal::sync`]. Returns events dropped to stay under the cap.
-    pub fn append(&mut self, mut env: Envelope) -> Result<Option<Lost>, JournalError> {
+    /// [`Journal::sync`]. Returns the losses caused by staying under the cap.
+    pub fn append(&mut self, mut env: Envelope) -> Result<Vec<Lost>, JournalError> {
         env.event_id.key = self.next_key;
         env.prev_hash = std::mem::take(&mut self.head_hash);
         let json = serde_json::to_vec(&env).map_err(|e| JournalError::Io {
@@ -554,8 +560,14 @@ impl Journal {
     }
 
     /// Past the cap, deletes the oldest segments; returns the unacked events lost.
-    fn enforce_cap(&mut self) -> Option<Lost> {
-        let mut lost: Option<Lost> = None;
+    ///
+    /// Loss reports are themselves records and may be deleted by a later pass. Their
+    /// information is carried forward, so the reports that survive still add up to
+    /// exactly what is missing: earlier cap reports are folded into the new one (the
+    /// missing range only grows from the oldest end), other reports are re-issued.
+    fn enforce_cap(&mut self) -> Vec<Lost> {
+        let mut cap: Option<Lost> = None;
+        let mut reissued = Vec::new();
         while self.total_bytes > self.cfg.max_bytes && self.segments.len() > 1 {
             let Some((&id, _)) = self.segments.iter().next() else {
                 break;
@@ -566,6 +578,7 @@ impl Journal {
             let Some(seg) = self.segments.remove(&id) else {
                 break;
             };
+            let carried = self.unacked_loss_reports(&seg);
             self.total_bytes -= seg.bytes;
             let _ = fs::remove_file(&seg.path);
             if self.resume.segment == id {
@@ -587,27 +600,71 @@ impl Journal {
                 },
                 _ => first,
             };
-            let count = if unacked_first.epoch == last.epoch {
+            let mut count = if unacked_first.epoch == last.epoch {
                 last.seq - unacked_first.seq + 1
             } else {
                 seg.records
             };
-            lost = Some(match lost {
+            let mut from = unacked_first;
+            for l in carried {
+                if l.stage == "journal-cap" {
+                    count += l.count;
+                    if let Some(f) = l.first {
+                        from = from.min(f);
+                    }
+                } else {
+                    reissued.push(l);
+                }
+            }
+            cap = Some(match cap {
                 None => Lost {
+                    stage: "journal-cap".into(),
                     count,
-                    first: Some(unacked_first),
+                    first: Some(from),
                     last: Some(last),
                     reason: "journal cap reached: oldest unacknowledged events deleted".into(),
                 },
                 Some(l) => Lost {
+                    stage: l.stage,
                     count: l.count + count,
-                    first: l.first,
+                    first: l.first.map(|f| f.min(from)),
                     last: Some(last),
                     reason: l.reason,
                 },
             });
         }
-        lost
+        reissued.extend(cap);
+        reissued
+    }
+
+    /// `agent.events_lost` records in `seg` the collector has not acknowledged.
+    fn unacked_loss_reports(&self, seg: &Segment) -> Vec<Lost> {
+        let Ok(f) = File::open(&seg.path) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut off = 0;
+        while off < seg.bytes {
+            let Some((n, key, json)) = read_at(&f, off) else {
+                break;
+            };
+            off += n;
+            if self.acked.is_some_and(|a| key <= a) || !json.contains("\"agent.events_lost\"") {
+                continue;
+            }
+            if let Ok(env) = serde_json::from_str::<Envelope>(&json) {
+                if let weilan_config::event::Event::AgentEventsLost(l) = env.event {
+                    out.push(Lost {
+                        stage: l.stage,
+                        count: l.count,
+                        first: l.first,
+                        last: l.last,
+                        reason: l.reason,
+                    });
+                }
+            }
+        }
+        out
     }
 
     fn advance_resume_to_existing(&mut self) {
@@ -707,20 +764,26 @@ impl Journal {
         }
     }
 
-    /// Deletes segments whose records are all acknowledged, except the newest.
+    /// Deletes segments whose records are all acknowledged (never the newest), oldest
+    /// first, beyond `retain_acked_bytes`.
     fn delete_acked_segments(&mut self) {
         let Some(acked) = self.acked else { return };
-        let done: Vec<u64> = self
+        let done: Vec<(u64, u64)> = self
             .segments
             .iter()
             .filter(|(id, s)| **id != self.active_id && s.last.is_none_or(|l| l <= acked))
-            .map(|(id, _)| *id)
+            .map(|(id, s)| (*id, s.bytes))
             .collect();
-        for id in done {
+        let mut retained: u64 = done.iter().map(|(_, b)| b).sum();
+        for (id, bytes) in done {
+            if retained <= self.cfg.retain_acked_bytes {
+                break;
+            }
             if let Some(seg) = self.segments.remove(&id) {
                 self.total_bytes -= seg.bytes;
                 let _ = fs::remove_file(&seg.path);
             }
+            retained -= bytes;
         }
     }
 

@@ -81,6 +81,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
         state_dir: settings.state_dir.clone(),
         segment_bytes: settings.journal_segment_bytes,
         max_bytes: settings.journal_max_bytes,
+        retain_acked_bytes: settings.journal_retain_acked_bytes,
     })?;
     tracing::info!(
         agent_id = %agent_id,

@@ -57,10 +57,7 @@ impl Recorder {
     /// thread (`spawn_blocking`): it waits on the channel and on the disk.
     pub fn run_blocking(mut self, mut rx: mpsc::Receiver<Observed>, recovered: Vec<Lost>) {
         let handle = tokio::runtime::Handle::current();
-        let mut group: Vec<Observed> = recovered
-            .into_iter()
-            .map(|l| lost_event("journal", l))
-            .collect();
+        let mut group: Vec<Observed> = recovered.into_iter().map(lost_event).collect();
         loop {
             if !group.is_empty() {
                 self.commit(std::mem::take(&mut group));
@@ -111,13 +108,16 @@ impl Recorder {
                 event: obs.event,
             };
             match journal.append(env) {
-                Ok(None) => {}
-                Ok(Some(lost)) => {
-                    self.stats
-                        .dropped_total
-                        .fetch_add(lost.count, Ordering::Relaxed);
-                    tracing::error!(count = lost.count, first = ?lost.first, last = ?lost.last, "journal cap reached: oldest unacknowledged events deleted");
-                    queue.push_back(lost_event("journal-cap", lost));
+                Ok(losses) => {
+                    for lost in losses {
+                        if lost.stage == "journal-cap" {
+                            self.stats
+                                .dropped_total
+                                .fetch_add(lost.count, Ordering::Relaxed);
+                            tracing::error!(count = lost.count, first = ?lost.first, last = ?lost.last, "journal cap reached: oldest unacknowledged events deleted");
+                        }
+                        queue.push_back(lost_event(lost));
+                    }
                 }
                 Err(e) => {
                     failed += 1;
@@ -139,15 +139,13 @@ impl Recorder {
                 time: jiff::Timestamp::now(),
                 host_role: self.host_role.to_string(),
                 prev_hash: GENESIS_HASH.into(),
-                event: lost_event(
-                    "journal-write",
-                    Lost {
-                        count: failed,
-                        first: None,
-                        last: None,
-                        reason: "journal write failed (disk full or I/O error)".into(),
-                    },
-                )
+                event: lost_event(Lost {
+                    stage: "journal-write".into(),
+                    count: failed,
+                    first: None,
+                    last: None,
+                    reason: "journal write failed (disk full or I/O error)".into(),
+                })
                 .event,
             });
         }
@@ -170,24 +168,22 @@ impl Recorder {
         self.reported_source_drops = total;
         self.stats.dropped_total.fetch_add(new, Ordering::Relaxed);
         tracing::error!(count = new, "sources dropped events: pipeline full");
-        Some(lost_event(
-            "pipeline",
-            Lost {
-                count: new,
-                first: None,
-                last: None,
-                reason: "a source could not queue events (pipeline full)".into(),
-            },
-        ))
+        Some(lost_event(Lost {
+            stage: "pipeline".into(),
+            count: new,
+            first: None,
+            last: None,
+            reason: "a source could not queue events (pipeline full)".into(),
+        }))
     }
 }
 
-fn lost_event(stage: &str, l: Lost) -> Observed {
+fn lost_event(l: Lost) -> Observed {
     Observed {
         time: jiff::Timestamp::now(),
         event: Event::AgentEventsLost(EventsLost {
             count: l.count,
-            stage: stage.into(),
+            stage: l.stage,
             reason: l.reason,
             first: l.first,
             last: l.last,

@@ -145,6 +145,30 @@ impl Proc {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(self.pid(), sig);
+    }
+
+    /// Peak resident set size (VmHWM) in KiB, while running.
+    pub fn peak_rss_kib(&self) -> u64 {
+        fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
@@ -250,10 +274,21 @@ impl World {
 
     /// Agent settings for `name` (its cert must exist), trusting `ca`.
     pub fn agent_toml(&self, name: &str, ca: &str, extra: &str) -> PathBuf {
+        self.agent_toml_with(name, ca, "", extra)
+    }
+
+    /// Like [`World::agent_toml`], with extra `[collector]` keys.
+    pub fn agent_toml_with(
+        &self,
+        name: &str,
+        ca: &str,
+        collector_extra: &str,
+        extra: &str,
+    ) -> PathBuf {
         fs::create_dir_all(self.path(&format!("state-{name}"))).unwrap();
         let text = format!(
             "[agent]\nhost_role = \"workstation\"\nstate_dir = \"state-{name}\"\npolicy = \"policy.toml\"\n\n\
-             [collector]\nhost = \"127.0.0.1\"\nport = {BROKER_PORT}\nserver_name = \"weilan-collector\"\nca = \"{ca}\"\nack_timeout_secs = 3\n\n\
+             [collector]\nhost = \"127.0.0.1\"\nport = {BROKER_PORT}\nserver_name = \"weilan-collector\"\nca = \"{ca}\"\nack_timeout_secs = 3\n{collector_extra}\n\n\
              [tls]\ncert = \"pki/agents/{name}.pem\"\nkey = \"pki/agents/{name}-key.pem\"\n\n\
              [usb]\nsysfs_root = \"sys\"\nmountinfo = \"mountinfo\"\nmount_poll_ms = 200\ndev_root = \"dev\"\n{extra}\n"
         );
@@ -381,4 +416,75 @@ pub async fn drive_until_pubacks(
         }
     }
     Ok(())
+}
+
+/// `last` key and record count of an agent's journal, via `weilan agent journal`.
+pub fn journal_status(config: &Path) -> (u64, u64) {
+    let out = Command::new(weilan_bin())
+        .args(["agent", "journal", "--config"])
+        .arg(config)
+        .output()
+        .expect("weilan agent journal");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| -> Option<String> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_string))
+    };
+    let last_seq = field("last")
+        .and_then(|k| k.rsplit(':').next().and_then(|s| s.parse().ok()))
+        .unwrap_or(0);
+    let records = field("records").and_then(|r| r.parse().ok()).unwrap_or(0);
+    (last_seq, records)
+}
+
+/// A burst of `2 * pairs` USB events: a (non-storage, so reported at once) device
+/// announced and removed `pairs` times, paced so the kernel socket never overflows.
+pub fn usb_burst(ns: &Netns, sysfs: &Path, port: &str, serial: &str, pairs: usize) {
+    use weilan_agent::source::usb::sysfs::fake::{add_stick, FakeStick};
+    let devpath = add_stick(
+        sysfs,
+        &FakeStick {
+            port,
+            vid: "046d",
+            pid: "c077",
+            serial,
+            classes: &[0x03],
+            disk: None,
+        },
+    );
+    let path = format!("/run/netns/{}", ns.name);
+    let devpath = devpath.display().to_string();
+    std::thread::spawn(move || {
+        let f = fs::File::open(&path).expect("netns");
+        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        use netlink_sys::{protocols::NETLINK_KOBJECT_UEVENT, Socket, SocketAddr};
+        let mut s = Socket::new(NETLINK_KOBJECT_UEVENT).expect("socket");
+        s.bind_auto().expect("bind");
+        let dest = SocketAddr::new(0, 1);
+        for i in 0..pairs {
+            for action in ["add", "remove"] {
+                let msg = format!(
+                    "{action}@{devpath}\0ACTION={action}\0DEVPATH={devpath}\0SUBSYSTEM=usb\0DEVTYPE=usb_device\0SEQNUM={}\0",
+                    i * 2
+                );
+                s.send_to(msg.as_bytes(), &dest, 0).expect("send");
+            }
+            if i % 250 == 249 {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    })
+    .join()
+    .expect("burst thread");
+}
+
+impl World {
+    /// Distinct stored USB events of the burst device `serial`.
+    pub fn burst_count(&self, serial: &str) -> i64 {
+        self.count(&format!(
+            "SELECT COUNT(DISTINCT event_id) FROM events WHERE kind IN ('usb.attached', 'usb.detached') \
+             AND json_extract(envelope, '$.event.data.serial') = '{serial}' \
+             AND COALESCE(json_extract(envelope, '$.event.data.present_at_start'), 0) = 0"
+        ))
+    }
 }

@@ -11,6 +11,7 @@ fn cfg(dir: &Path, segment_bytes: u64, max_bytes: u64) -> JournalConfig {
         state_dir: dir.to_path_buf(),
         segment_bytes,
         max_bytes,
+        retain_acked_bytes: 0,
     }
 }
 
@@ -33,9 +34,7 @@ fn env(i: u64) -> Envelope {
 fn fill(j: &mut Journal, n: u64) -> Vec<Lost> {
     let mut lost = Vec::new();
     for i in 0..n {
-        if let Some(l) = j.append(env(i)).unwrap() {
-            lost.push(l);
-        }
+        lost.extend(j.append(env(i)).unwrap());
     }
     j.sync().unwrap();
     lost

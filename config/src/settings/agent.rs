@@ -221,6 +221,14 @@ pub struct JournalSection {
     /// Size of one segment file, in MiB (the unit of deletion).
     #[serde(default = "default_segment")]
     pub segment_mib: u64,
+    /// Acknowledged events kept for local replay (`weilan-agent journal --reset-acks`),
+    /// in MiB; older acknowledged segments are deleted.
+    #[serde(default = "default_retain")]
+    pub retain_acked_mib: u64,
+}
+
+fn default_retain() -> u64 {
+    64
 }
 
 impl Default for JournalSection {
@@ -228,6 +236,7 @@ impl Default for JournalSection {
         JournalSection {
             max_mib: default_journal_max(),
             segment_mib: default_segment(),
+            retain_acked_mib: default_retain(),
         }
     }
 }
@@ -280,6 +289,7 @@ pub struct AgentSettings {
     pub pipeline_capacity: usize,
     pub journal_max_bytes: u64,
     pub journal_segment_bytes: u64,
+    pub journal_retain_acked_bytes: u64,
     pub max_events_per_sec: u32,
     pub log: LogSettings,
 }
@@ -386,6 +396,7 @@ impl Validate for AgentFile {
             pipeline_capacity: self.queues.pipeline,
             journal_max_bytes: self.journal.max_mib * 1024 * 1024,
             journal_segment_bytes: self.journal.segment_mib * 1024 * 1024,
+            journal_retain_acked_bytes: self.journal.retain_acked_mib * 1024 * 1024,
             max_events_per_sec: c.max_events_per_sec,
             log,
         })

@@ -53,8 +53,14 @@ impl UeventBackend for NetlinkBackend {
         let mut socket = TokioSocket::new(NETLINK_KOBJECT_UEVENT)?;
         let s = socket.socket_mut();
         s.bind(&SocketAddr::new(0, 1))?;
-        if let Err(e) = s.set_rx_buf_sz(RCVBUF) {
-            tracing::warn!(error = %e, "could not enlarge the uevent receive buffer");
+        // As root, SO_RCVBUFFORCE passes net.core.rmem_max (212 KiB on stock Debian,
+        // a few hundred uevents); otherwise take what SO_RCVBUF allows.
+        if nix::sys::socket::setsockopt(&*s, nix::sys::socket::sockopt::RcvBufForce, &RCVBUF)
+            .is_err()
+        {
+            if let Err(e) = s.set_rx_buf_sz(RCVBUF) {
+                tracing::warn!(error = %e, "could not enlarge the uevent receive buffer");
+            }
         }
         Ok(Box::new(NetlinkStream {
             socket,
