@@ -251,6 +251,7 @@ fn main() {
             .arg(root.join("collector.toml"))
             .env("RUST_LOG", "warn,rumqttd=off")
             .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );

@@ -79,6 +79,8 @@ pub struct JournalConfig {
 pub struct Lost {
     /// Where they were lost (`journal`, `journal-cap`, ...), as in `agent.events_lost`.
     pub stage: String,
+    /// For a re-issued report: the key of the report it repeats.
+    pub reissue_of: Option<EventKey>,
     pub count: u64,
     pub first: Option<EventKey>,
     pub last: Option<EventKey>,
@@ -141,6 +143,12 @@ pub struct Journal {
     pending_acks: BTreeMap<EventKey, EventKey>,
     /// Position of the first record after the watermark.
     resume: Position,
+    /// Cumulative cap losses of the current epoch.
+    cap_lost: Option<CapLost>,
+    /// End of the furthest batch ever sent and not yet acknowledged: the cap does not
+    /// delete what may already be stored at the collector (it would count it as lost).
+    /// Kept across re-sends: a batch whose ack is late may well be stored.
+    sent_until: Option<Position>,
     total_bytes: u64,
 }
 
@@ -276,6 +284,7 @@ impl Journal {
                     tracing::error!(path = %path.display(), error = %e, "unreadable journal segment moved aside");
                     let _ = fs::rename(&path, path.with_extension("unreadable"));
                     rec.lost.push(Lost {
+                        reissue_of: None,
                         stage: "journal".into(),
                         count: 0,
                         first: None,
@@ -332,6 +341,7 @@ impl Journal {
                     };
                     tracing::error!(path = %path.display(), reason = %why, lost = count, "journal segment damaged; valid prefix kept");
                     rec.lost.push(Lost {
+                        reissue_of: None,
                         stage: "journal".into(),
                         count,
                         first: from,
@@ -403,6 +413,7 @@ impl Journal {
             },
         );
         let total_bytes = segments.values().map(|s| s.bytes).sum();
+        let dir_for_cap = cfg.dir.clone();
         let mut j = Journal {
             cfg,
             segments,
@@ -417,6 +428,8 @@ impl Journal {
                 segment: 0,
                 offset: 0,
             },
+            cap_lost: read_cap_lost(&dir_for_cap),
+            sent_until: None,
             total_bytes,
         };
         j.resume = j.find_resume_position();
@@ -561,13 +574,13 @@ impl Journal {
 
     /// Past the cap, deletes the oldest segments; returns the unacked events lost.
     ///
-    /// Loss reports are themselves records and may be deleted by a later pass. Their
-    /// information is carried forward, so the reports that survive still add up to
-    /// exactly what is missing: earlier cap reports are folded into the new one (the
-    /// missing range only grows from the oldest end), other reports are re-issued.
+    /// Cap reports are cumulative per epoch (total and range so far, persisted in
+    /// `cap-lost`), so a report that is itself deleted by a later pass loses nothing:
+    /// the next one supersedes it. Other loss reports caught in a deleted segment are
+    /// re-issued, marked with the key of the report they repeat.
     fn enforce_cap(&mut self) -> Vec<Lost> {
-        let mut cap: Option<Lost> = None;
         let mut reissued = Vec::new();
+        let mut deleted_last = None;
         while self.total_bytes > self.cfg.max_bytes && self.segments.len() > 1 {
             let Some((&id, _)) = self.segments.iter().next() else {
                 break;
@@ -575,10 +588,19 @@ impl Journal {
             if id == self.active_id {
                 break;
             }
+            if self.sent_until.is_some_and(|s| s.segment >= id) && self.resume.segment <= id {
+                // In flight: wait for the ack (the cap is exceeded by at most the
+                // uplink's window of unacknowledged batches).
+                break;
+            }
             let Some(seg) = self.segments.remove(&id) else {
                 break;
             };
-            let carried = self.unacked_loss_reports(&seg);
+            reissued.extend(
+                self.unacked_loss_reports(&seg)
+                    .into_iter()
+                    .filter(|l| l.stage != "journal-cap"),
+            );
             self.total_bytes -= seg.bytes;
             let _ = fs::remove_file(&seg.path);
             if self.resume.segment == id {
@@ -600,40 +622,37 @@ impl Journal {
                 },
                 _ => first,
             };
-            let mut count = if unacked_first.epoch == last.epoch {
+            let count = if unacked_first.epoch == last.epoch {
                 last.seq - unacked_first.seq + 1
             } else {
                 seg.records
             };
-            let mut from = unacked_first;
-            for l in carried {
-                if l.stage == "journal-cap" {
-                    count += l.count;
-                    if let Some(f) = l.first {
-                        from = from.min(f);
-                    }
-                } else {
-                    reissued.push(l);
-                }
+            let cap = self.cap_lost.get_or_insert(CapLost {
+                epoch: last.epoch,
+                count: 0,
+                first: unacked_first,
+            });
+            if cap.epoch != last.epoch {
+                *cap = CapLost {
+                    epoch: last.epoch,
+                    count: 0,
+                    first: unacked_first,
+                };
             }
-            cap = Some(match cap {
-                None => Lost {
-                    stage: "journal-cap".into(),
-                    count,
-                    first: Some(from),
-                    last: Some(last),
-                    reason: "journal cap reached: oldest unacknowledged events deleted".into(),
-                },
-                Some(l) => Lost {
-                    stage: l.stage,
-                    count: l.count + count,
-                    first: l.first.map(|f| f.min(from)),
-                    last: Some(last),
-                    reason: l.reason,
-                },
+            cap.count += count;
+            deleted_last = Some(last);
+        }
+        if let (Some(last), Some(cap)) = (deleted_last, self.cap_lost) {
+            write_cap_lost(&self.cfg.dir, &cap);
+            reissued.push(Lost {
+                stage: "journal-cap".into(),
+                reissue_of: None,
+                count: cap.count,
+                first: Some(cap.first),
+                last: Some(last),
+                reason: "journal cap reached: oldest unacknowledged events deleted (cumulative for this epoch)".into(),
             });
         }
-        reissued.extend(cap);
         reissued
     }
 
@@ -655,6 +674,7 @@ impl Journal {
             if let Ok(env) = serde_json::from_str::<Envelope>(&json) {
                 if let weilan_config::event::Event::AgentEventsLost(l) = env.event {
                     out.push(Lost {
+                        reissue_of: Some(l.reissue_of.unwrap_or(key)),
                         stage: l.stage,
                         count: l.count,
                         first: l.first,
@@ -675,6 +695,13 @@ impl Journal {
                     offset: 0,
                 };
             }
+        }
+    }
+
+    /// The uplink sent everything before `end`.
+    pub fn mark_sent(&mut self, end: Position) {
+        if self.sent_until.is_none_or(|s| end > s) {
+            self.sent_until = Some(end);
         }
     }
 
@@ -699,6 +726,9 @@ impl Journal {
         }
         if let Some(a) = self.acked {
             self.pending_acks.retain(|_, l| *l > a);
+        }
+        if self.sent_until.is_some_and(|s| self.resume >= s) {
+            self.sent_until = None;
         }
         if self.acked != before {
             if let Some(a) = self.acked {
@@ -890,6 +920,50 @@ fn read_at(f: &File, off: u64) -> Option<(u64, EventKey, String)> {
     let (n, key) = parse_record(&buf)?;
     let json = String::from_utf8(buf[8..].to_vec()).ok()?;
     Some((n, key, json))
+}
+
+/// Cumulative cap losses of one epoch.
+#[derive(Debug, Clone, Copy)]
+struct CapLost {
+    epoch: u64,
+    count: u64,
+    first: EventKey,
+}
+
+fn read_cap_lost(dir: &Path) -> Option<CapLost> {
+    let text = fs::read_to_string(dir.join("cap-lost")).ok()?;
+    let mut it = text.split_whitespace().map(|v| v.parse::<u64>());
+    match (it.next(), it.next(), it.next(), it.next()) {
+        (Some(Ok(epoch)), Some(Ok(count)), Some(Ok(fe)), Some(Ok(fs_))) => Some(CapLost {
+            epoch,
+            count,
+            first: EventKey {
+                epoch: fe,
+                seq: fs_,
+            },
+        }),
+        _ => None,
+    }
+}
+
+/// Synced: a cumulative total that went backwards would under-report.
+fn write_cap_lost(dir: &Path, c: &CapLost) {
+    let tmp = dir.join("cap-lost.tmp");
+    let ok = File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(
+                format!(
+                    "{} {} {} {}\n",
+                    c.epoch, c.count, c.first.epoch, c.first.seq
+                )
+                .as_bytes(),
+            )?;
+            f.sync_all()
+        })
+        .and_then(|()| fs::rename(&tmp, dir.join("cap-lost")));
+    if let Err(e) = ok {
+        tracing::error!(error = %e, "could not persist the cumulative cap-loss count");
+    }
 }
 
 fn sync_dir(dir: &Path) {

@@ -11,9 +11,11 @@
 //! settings and calls it. One shutdown path: cancelling the token stops the sources,
 //! the recorder records `agent.stopping` and ends when the pipeline closes, then the
 //! uplink delivers what it can within the drain timeout.
-#![forbid(unsafe_code)]
+// Unsafe only where FFI lives (one ioctl in `fence::linux`), allowed there by name.
+#![deny(unsafe_code)]
 
 pub mod cli;
+pub mod fence;
 pub mod journal;
 pub mod recorder;
 pub mod source;
@@ -29,11 +31,13 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use weilan_config::event::{AgentStopping, Event, SourceError as SourceErrorEvent};
+use weilan_config::event::{AgentStopping, Event, PolicyApplied, SourceError as SourceErrorEvent};
 use weilan_config::policy::{Policy, PolicyFile};
 use weilan_config::settings::agent::AgentSettings;
 use weilan_config::signing::{Signer, Verifier};
 
+use crate::fence::linux::LinuxEnforcer;
+use crate::fence::Fence;
 use crate::journal::{Journal, JournalConfig};
 use crate::recorder::Recorder;
 use crate::source::usb::uevent::NetlinkBackend;
@@ -140,6 +144,34 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
     };
     let uplink = tokio::spawn(uplink.run(drain.clone()));
 
+    let policy = Arc::new(policy);
+    let _ = sink
+        .emit(Event::PolicyApplied(PolicyApplied {
+            version: policy.version.clone(),
+            previous: None,
+            source: "file".into(),
+        }))
+        .await;
+    let (fence_tx, fence_rx) = mpsc::channel(256);
+    let (_fence_control, fence_control_rx) = mpsc::channel(8);
+    let fence_task = settings.usb.as_ref().map(|usb| {
+        let fence = Fence::new(
+            policy.clone(),
+            settings.host_groups.clone(),
+            &usb.sysfs_root,
+            Box::new(LinuxEnforcer {
+                dev_root: usb.dev_root.clone(),
+                create_missing: usb.sysfs_root != std::path::Path::new("/sys"),
+            }),
+            sink.clone(),
+        );
+        tokio::spawn(
+            fence
+                .run(fence_rx, fence_control_rx, shutdown.clone())
+                .instrument(tracing::info_span!("fence")),
+        )
+    });
+
     let mut sources: Vec<Box<dyn Source>> = vec![Box::new(source::host::HostSource::new(
         settings.heartbeat,
         Some(policy.version.clone()),
@@ -155,6 +187,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
                 storage_settle: Duration::from_millis(1500),
             },
             Box::new(NetlinkBackend),
+            fence_task.as_ref().map(|_| fence_tx.clone()),
         )));
     }
     let ctx = SourceContext {
@@ -171,6 +204,10 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
     shutdown.cancelled().await;
     tracing::info!("agent stopping");
     while supervised.join_next().await.is_some() {}
+    drop(fence_tx);
+    if let Some(t) = fence_task {
+        let _ = t.await;
+    }
     let _ = sink
         .emit(Event::AgentStopping(AgentStopping {
             reason: "signal".into(),

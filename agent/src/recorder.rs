@@ -140,6 +140,7 @@ impl Recorder {
                 host_role: self.host_role.to_string(),
                 prev_hash: GENESIS_HASH.into(),
                 event: lost_event(Lost {
+                    reissue_of: None,
                     stage: "journal-write".into(),
                     count: failed,
                     first: None,
@@ -169,6 +170,7 @@ impl Recorder {
         self.stats.dropped_total.fetch_add(new, Ordering::Relaxed);
         tracing::error!(count = new, "sources dropped events: pipeline full");
         Some(lost_event(Lost {
+            reissue_of: None,
             stage: "pipeline".into(),
             count: new,
             first: None,
@@ -187,6 +189,7 @@ fn lost_event(l: Lost) -> Observed {
             reason: l.reason,
             first: l.first,
             last: l.last,
+            reissue_of: l.reissue_of,
         }),
     }
 }

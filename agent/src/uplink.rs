@@ -247,11 +247,20 @@ impl Uplink {
                     .wait_for(c.batch_max_events.min(c.max_events_per_sec as usize).max(1));
                 return Some(tokio::time::Instant::now() + wait.max(Duration::from_millis(10)));
             }
-            let records = self.lock().read(
-                sending.cursor,
-                c.batch_max_events.min(tokens),
-                MAX_BATCH_BYTES,
-            );
+            let records = {
+                // Read and mark as sent under one lock: from here on the cap must not
+                // delete these records (they may be stored before their ack returns).
+                let mut journal = self.lock();
+                let records = journal.read(
+                    sending.cursor,
+                    c.batch_max_events.min(tokens),
+                    MAX_BATCH_BYTES,
+                );
+                if let Some(last) = records.last() {
+                    journal.mark_sent(last.end);
+                }
+                records
+            };
             let (Some(first), Some(last)) = (records.first(), records.last()) else {
                 return None;
             };

@@ -45,7 +45,13 @@ pub const UNKNOWN_USB_STORAGE: &str = "builtin.usb.unknown-storage";
 pub fn evaluate(policy: &Policy, stored: &[Stored<'_>]) -> Vec<Alert> {
     stored
         .iter()
-        .filter_map(|s| unknown_usb_storage(policy, s.envelope).or_else(|| events_lost(s.envelope)))
+        .filter_map(|s| {
+            let e = s.envelope;
+            unknown_usb_storage(policy, e)
+                .or_else(|| events_lost(e))
+                .or_else(|| enforcement_failed(e))
+                .or_else(|| policy_rejected(e))
+        })
         .collect()
 }
 
@@ -109,5 +115,59 @@ fn unknown_usb_storage(policy: &Policy, env: &Envelope) -> Option<Alert> {
             "port_path": d.port_path, "present_at_start": d.present_at_start,
             "policy_version": policy.version,
         }),
+    })
+}
+
+/// Id of the built-in enforcement-failed rule.
+pub const ENFORCEMENT_FAILED: &str = "builtin.usb.enforcement-failed";
+/// Id of the built-in policy-rejected rule.
+pub const POLICY_REJECTED: &str = "builtin.policy.rejected";
+
+fn enforcement_failed(env: &Envelope) -> Option<Alert> {
+    let Event::UsbDecision(d) = &env.event else {
+        return None;
+    };
+    let error = d.error.as_ref()?;
+    Some(Alert {
+        alert_id: 0,
+        time: jiff::Timestamp::now(),
+        level: Level::Red,
+        rule_id: ENFORCEMENT_FAILED.into(),
+        agent_id: env.event_id.agent_id.clone(),
+        summary: format!(
+            "Could not enforce `{}` (rule {}) on USB {}:{} serial {} at {} on {}: {error}",
+            d.target,
+            d.rule_id,
+            d.vid,
+            d.pid,
+            d.serial.as_deref().unwrap_or("(none)"),
+            d.port_path,
+            env.event_id.agent_id
+        ),
+        event_ids: vec![env.event_id.to_string()],
+        details: serde_json::json!({"target": d.target, "rule_id": d.rule_id, "error": error, "actions": d.actions, "hash": d.hash}),
+    })
+}
+
+fn policy_rejected(env: &Envelope) -> Option<Alert> {
+    let Event::PolicyRejected(p) = &env.event else {
+        return None;
+    };
+    Some(Alert {
+        alert_id: 0,
+        time: jiff::Timestamp::now(),
+        level: Level::Yellow,
+        rule_id: POLICY_REJECTED.into(),
+        agent_id: env.event_id.agent_id.clone(),
+        summary: format!(
+            "Agent {} refused policy {} from {} ({} problems); it keeps enforcing {}",
+            env.event_id.agent_id,
+            p.version.as_deref().unwrap_or("(unnamed)"),
+            p.source,
+            p.errors.len(),
+            p.kept
+        ),
+        event_ids: vec![env.event_id.to_string()],
+        details: serde_json::json!({"errors": p.errors, "kept": p.kept}),
     })
 }

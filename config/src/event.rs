@@ -135,6 +135,12 @@ pub enum Event {
     AgentEventsLost(EventsLost),
     #[serde(rename = "agent.source_error")]
     AgentSourceError(SourceError),
+    #[serde(rename = "usb.decision")]
+    UsbDecision(UsbDecision),
+    #[serde(rename = "policy.applied")]
+    PolicyApplied(PolicyApplied),
+    #[serde(rename = "policy.rejected")]
+    PolicyRejected(PolicyRejected),
 }
 
 impl Event {
@@ -150,6 +156,9 @@ impl Event {
             Event::AgentStopping(_) => "agent.stopping",
             Event::AgentEventsLost(_) => "agent.events_lost",
             Event::AgentSourceError(_) => "agent.source_error",
+            Event::UsbDecision(_) => "usb.decision",
+            Event::PolicyApplied(_) => "policy.applied",
+            Event::PolicyRejected(_) => "policy.rejected",
         }
     }
 }
@@ -293,14 +302,21 @@ pub struct AgentStopping {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventsLost {
-    /// Number of events lost.
+    /// Number of events lost. For stage `journal-cap` the report is cumulative for the
+    /// epoch: it counts every event the cap removed in this epoch so far, and a later
+    /// report supersedes an earlier one (so a report removed by the cap loses nothing).
     pub count: u64,
-    /// Where they were lost (`source:usb`, `queue:pipeline`, `outbox`, `uevent-socket` ...).
+    /// Where they were lost: `pipeline` (sources could not queue), `journal`
+    /// (damage found at start), `journal-cap`, `journal-write`.
     pub stage: String,
     pub reason: String,
     /// First and last lost key, where the lost events had been numbered.
     pub first: Option<EventKey>,
     pub last: Option<EventKey>,
+    /// Set when this repeats a report the cap removed before delivery: the key that
+    /// report had. A collector that holds that key already counts it once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reissue_of: Option<EventKey>,
 }
 
 /// A source failed and is being restarted; its facts for the gap may be missing.
@@ -311,6 +327,59 @@ pub struct SourceError {
     pub error: String,
     /// Seconds until the next restart attempt.
     pub restart_in_secs: u64,
+}
+
+/// What the USB fence decided for a device, why, and whether enforcing it worked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsbDecision {
+    pub port_path: String,
+    pub vid: String,
+    pub pid: String,
+    pub serial: Option<String>,
+    pub manufacturer: Option<String>,
+    pub product: Option<String>,
+    pub hash: String,
+    /// `allow`, `read-only`, `block` or `reject`.
+    pub target: String,
+    /// The rule that decided: a rule id, `implicit default`, `builtin.badusb`,
+    /// `builtin.root-hub` or `unlock:<token id>`.
+    pub rule_id: String,
+    pub reason: String,
+    /// What caused the decision: `attach`, `start`, `policy-change`, `time-window`,
+    /// `block-device`, `mount`, `unlock`, `unlock-expired`.
+    pub trigger: String,
+    /// `enforce` or `audit` (decided and reported only).
+    pub mode: String,
+    /// What was done, in order (`authorized=0`, `remove=1`, `BLKROSET sdb`, ...).
+    pub actions: Vec<String>,
+    /// True when every action succeeded (always false in audit mode).
+    pub enforced: bool,
+    /// Why enforcement failed, if it did.
+    pub error: Option<String>,
+    pub policy_version: String,
+}
+
+/// A new fence policy is in force on this agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyApplied {
+    pub version: String,
+    pub previous: Option<String>,
+    /// `file` (the agent's settings) or `collector` (pushed over MQTT).
+    pub source: String,
+}
+
+/// A policy was refused; the previous one stays in force.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRejected {
+    pub version: Option<String>,
+    pub source: String,
+    /// Every problem, `file:line:column: field: message`.
+    pub errors: Vec<String>,
+    /// The version that stays in force.
+    pub kept: String,
 }
 
 #[cfg(test)]

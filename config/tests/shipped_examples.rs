@@ -70,5 +70,5 @@ fn shipped_policy_is_valid() {
         ".".into(),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(p.known_devices.len(), 1);
+    assert_eq!(p.usb.known_devices.len(), 1);
 }

@@ -286,9 +286,11 @@ impl World {
         extra: &str,
     ) -> PathBuf {
         fs::create_dir_all(self.path(&format!("state-{name}"))).unwrap();
+        // Tests that provoke re-sends shorten it; 3 s keeps the others fast.
+        let ack = std::env::var("WEILAN_TEST_ACK_TIMEOUT").unwrap_or_else(|_| "3".into());
         let text = format!(
             "[agent]\nhost_role = \"workstation\"\nstate_dir = \"state-{name}\"\npolicy = \"policy.toml\"\n\n\
-             [collector]\nhost = \"127.0.0.1\"\nport = {BROKER_PORT}\nserver_name = \"weilan-collector\"\nca = \"{ca}\"\nack_timeout_secs = 3\n{collector_extra}\n\n\
+             [collector]\nhost = \"127.0.0.1\"\nport = {BROKER_PORT}\nserver_name = \"weilan-collector\"\nca = \"{ca}\"\nack_timeout_secs = {ack}\n{collector_extra}\n\n\
              [tls]\ncert = \"pki/agents/{name}.pem\"\nkey = \"pki/agents/{name}-key.pem\"\n\n\
              [usb]\nsysfs_root = \"sys\"\nmountinfo = \"mountinfo\"\nmount_poll_ms = 200\ndev_root = \"dev\"\n{extra}\n"
         );
@@ -440,6 +442,18 @@ pub fn journal_status(config: &Path) -> (u64, u64) {
 /// A burst of `2 * pairs` USB events: a (non-storage, so reported at once) device
 /// announced and removed `pairs` times, paced so the kernel socket never overflows.
 pub fn usb_burst(ns: &Netns, sysfs: &Path, port: &str, serial: &str, pairs: usize) {
+    usb_burst_paced(ns, sysfs, port, serial, pairs, 250);
+}
+
+/// [`usb_burst`] at `pairs_per_50ms` add/remove pairs every 50 ms.
+pub fn usb_burst_paced(
+    ns: &Netns,
+    sysfs: &Path,
+    port: &str,
+    serial: &str,
+    pairs: usize,
+    pairs_per_50ms: usize,
+) {
     use weilan_agent::source::usb::sysfs::fake::{add_stick, FakeStick};
     let devpath = add_stick(
         sysfs,
@@ -469,7 +483,7 @@ pub fn usb_burst(ns: &Netns, sysfs: &Path, port: &str, serial: &str, pairs: usiz
                 );
                 s.send_to(msg.as_bytes(), &dest, 0).expect("send");
             }
-            if i % 250 == 249 {
+            if i % pairs_per_50ms == pairs_per_50ms - 1 {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }

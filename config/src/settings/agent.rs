@@ -45,6 +45,9 @@ pub struct AgentSection {
     pub state_dir: PathBuf,
     /// The fence policy file enforced on this host.
     pub policy: PathBuf,
+    /// Host groups this host belongs to (policy rules can be limited to groups).
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 fn default_role() -> String {
@@ -271,6 +274,7 @@ impl HostRole {
 #[derive(Debug, Clone)]
 pub struct AgentSettings {
     pub host_role: HostRole,
+    pub host_groups: Vec<String>,
     pub state_dir: PathBuf,
     pub policy: PathBuf,
     pub collector_host: String,
@@ -378,6 +382,7 @@ impl Validate for AgentFile {
         let log = self.log.validate(v);
         Some(AgentSettings {
             host_role,
+            host_groups: self.agent.groups,
             state_dir,
             policy,
             collector_host: c.host,

@@ -25,10 +25,13 @@ use weilan_config::event::{
     Event, SourceError as SourceErrorEvent, UsbDetached, UsbDevice, Volume,
 };
 
+use tokio::sync::mpsc;
+
 use self::mounts::Mount;
 use self::sysfs::Sysfs;
 use self::uevent::{UeventBackend, UeventError};
 use super::{BoxFuture, Source, SourceContext, SourceError};
+use crate::fence::FenceFact;
 
 /// Configuration of the USB source.
 #[derive(Debug, Clone)]
@@ -45,16 +48,32 @@ pub struct UsbSource {
     config: UsbConfig,
     sysfs: Sysfs,
     backend: Box<dyn UeventBackend>,
+    /// Where device facts go for a decision (the USB fence), if enforcement runs.
+    fence: Option<mpsc::Sender<FenceFact>>,
 }
 
 impl UsbSource {
-    pub fn new(config: UsbConfig, backend: Box<dyn UeventBackend>) -> Self {
+    pub fn new(
+        config: UsbConfig,
+        backend: Box<dyn UeventBackend>,
+        fence: Option<mpsc::Sender<FenceFact>>,
+    ) -> Self {
         // Canonical root: sysfs links resolve to canonical paths, which must share it.
         let root = std::fs::canonicalize(&config.sysfs_root).unwrap_or(config.sysfs_root.clone());
         UsbSource {
             sysfs: Sysfs::new(root),
             config,
             backend,
+            fence,
+        }
+    }
+
+    /// Hands a fact to the fence (waits for room: decisions must not be skipped).
+    async fn tell_fence(&self, fact: FenceFact) {
+        if let Some(f) = &self.fence {
+            if f.send(fact).await.is_err() {
+                tracing::error!("the USB fence is not running; device left undecided");
+            }
         }
     }
 }
@@ -135,6 +154,12 @@ impl UsbSource {
             }
             match self.sysfs.read_device(&dir, at_start) {
                 Ok(dev) => {
+                    self.tell_fence(FenceFact::Attached {
+                        dir: dir.clone(),
+                        device: dev.clone(),
+                        at_start,
+                    })
+                    .await;
                     state.devices.insert(dir, dev.clone());
                     ctx.sink.emit(Event::UsbAttached(dev)).await?;
                 }
@@ -184,6 +209,13 @@ impl UsbSource {
                         return Ok(());
                     }
                 };
+                // The decision first: it must not wait for block devices.
+                self.tell_fence(FenceFact::Attached {
+                    dir: dir.clone(),
+                    device: dev.clone(),
+                    at_start: false,
+                })
+                .await;
                 let waits_for_block = dev.is_mass_storage()
                     && dev.authorized != Some(false)
                     && dev.block_devices.is_empty()
@@ -197,6 +229,8 @@ impl UsbSource {
                 }
             }
             ("usb", Some("usb_device"), ActionType::Remove) => {
+                self.tell_fence(FenceFact::Detached { dir: dir.clone() })
+                    .await;
                 if let Some((mut dev, _)) = state.pending.remove(&dir) {
                     // Attached and gone within the settle time: still report both.
                     dev.block_devices.clear();
@@ -221,6 +255,13 @@ impl UsbSource {
             }
             ("block", Some("disk" | "partition"), ActionType::Add) => {
                 if let Some(usb_dir) = self.sysfs.usb_ancestor(&dir) {
+                    if let Some(block) = dir.file_name() {
+                        self.tell_fence(FenceFact::BlockAdded {
+                            usb_dir: usb_dir.clone(),
+                            block: block.to_string_lossy().into_owned(),
+                        })
+                        .await;
+                    }
                     if let Some((_, deadline)) = state.pending.get_mut(&usb_dir) {
                         // Partitions follow their disk within milliseconds.
                         let soon = Instant::now() + Duration::from_millis(200);
@@ -281,10 +322,15 @@ impl UsbSource {
             }
         }
         for m in added {
-            if let Some(vol) = self.describe_volume(state, &m) {
+            if let Some((usb_dir, vol)) = self.describe_volume(state, &m) {
                 // A remount (e.g. to read-only) replaces the old description.
                 state.volumes.insert(m.id, vol.clone());
-                ctx.sink.emit(Event::VolumeMounted(vol)).await?;
+                ctx.sink.emit(Event::VolumeMounted(vol.clone())).await?;
+                self.tell_fence(FenceFact::Mounted {
+                    usb_dir,
+                    volume: vol,
+                })
+                .await;
             }
         }
         state.mounts = table;
@@ -292,7 +338,7 @@ impl UsbSource {
     }
 
     /// A mount of a block device that lives on a USB device, described fully.
-    fn describe_volume(&self, state: &State, m: &Mount) -> Option<Volume> {
+    fn describe_volume(&self, state: &State, m: &Mount) -> Option<(PathBuf, Volume)> {
         let block_dir = self.sysfs.block_dir(&m.dev)?;
         let usb_dir = self.sysfs.usb_ancestor(&block_dir)?;
         let usb = state
@@ -303,18 +349,21 @@ impl UsbSource {
             .or_else(|| self.sysfs.read_device(&usb_dir, false).ok());
         let block_name = block_dir.file_name()?.to_string_lossy().into_owned();
         let fs_id = fsprobe::probe_device(&self.config.dev_root.join(&block_name));
-        Some(Volume {
-            block_device: block_name,
-            dev: m.dev.clone(),
-            mount_point: m.mount_point.clone(),
-            fs_type: m.fs_type.clone(),
-            read_only: m.read_only,
-            label: fs_id.label,
-            uuid: fs_id.uuid,
-            usb_port_path: usb.as_ref().map(|u| u.port_path.clone()),
-            usb_hash: usb.as_ref().map(|u| u.hash.clone()),
-            usb_serial: usb.and_then(|u| u.serial),
-        })
+        Some((
+            usb_dir,
+            Volume {
+                block_device: block_name,
+                dev: m.dev.clone(),
+                mount_point: m.mount_point.clone(),
+                fs_type: m.fs_type.clone(),
+                read_only: m.read_only,
+                label: fs_id.label,
+                uuid: fs_id.uuid,
+                usb_port_path: usb.as_ref().map(|u| u.port_path.clone()),
+                usb_hash: usb.as_ref().map(|u| u.hash.clone()),
+                usb_serial: usb.and_then(|u| u.serial),
+            },
+        ))
     }
 }
 
@@ -454,7 +503,7 @@ mod tests {
             dev_root: root.join("dev"),
             storage_settle: Duration::from_millis(100),
         };
-        let mut source = UsbSource::new(config, Box::new(ChannelBackend { rx: Some(urx) }));
+        let mut source = UsbSource::new(config, Box::new(ChannelBackend { rx: Some(urx) }), None);
         let (tx, mut rx) = mpsc::channel(64);
         let ctx = SourceContext {
             sink: EventSink::new(tx, Arc::new(AtomicU64::new(0))),

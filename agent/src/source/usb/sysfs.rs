@@ -105,8 +105,16 @@ impl Sysfs {
         let devnum = read_num(dir, "devnum")?.unwrap_or(0);
         let speed = read_opt(dir, "speed")?;
         let authorized = read_opt(dir, "authorized")?.map(|v| v == "1");
-        let interfaces = read_interfaces(dir, &port_path)?;
         let descriptors = read_bounded_bytes(&dir.join("descriptors"), MAX_DESCRIPTORS)?;
+        // The raw descriptors list every interface even while the device is not
+        // authorized (no interface directories exist then): policy needs them first.
+        let mut interfaces = descriptors
+            .as_deref()
+            .map(interfaces_from_descriptors)
+            .unwrap_or_default();
+        if interfaces.is_empty() {
+            interfaces = read_interfaces(dir, &port_path)?;
+        }
         let hash = device_hash(
             &vid,
             &pid,
@@ -271,6 +279,33 @@ fn read_num<T: std::str::FromStr>(dir: &Path, name: &str) -> Result<Option<T>, S
     }
 }
 
+/// Interface descriptors (type 4) found in raw USB descriptors, alternate setting 0,
+/// deduplicated across configurations. Malformed lengths end the walk (never panic).
+pub fn interfaces_from_descriptors(raw: &[u8]) -> Vec<UsbInterface> {
+    let mut out: Vec<UsbInterface> = Vec::new();
+    let mut off = 0;
+    while off + 2 <= raw.len() {
+        let len = raw[off] as usize;
+        if len < 2 || off + len > raw.len() {
+            break;
+        }
+        if raw[off + 1] == 4 && len >= 9 && raw[off + 3] == 0 {
+            let i = UsbInterface {
+                number: raw[off + 2],
+                class: raw[off + 5],
+                subclass: raw[off + 6],
+                protocol: raw[off + 7],
+            };
+            if !out.contains(&i) {
+                out.push(i);
+            }
+        }
+        off += len;
+    }
+    out.sort_by_key(|i| i.number);
+    out
+}
+
 /// Keeps printable characters only and bounds the length.
 pub fn clean_string(s: &str) -> String {
     s.chars()
@@ -396,6 +431,19 @@ pub mod fake {
         pub disk: Option<(&'a str, &'a str)>,
     }
 
+    /// Device descriptor + one configuration with an interface per class.
+    pub fn descriptors(classes: &[u8]) -> Vec<u8> {
+        let mut d = vec![
+            18u8, 1, 0x00, 0x02, 0, 0, 0, 64, 0, 0, 0, 0, 0, 1, 1, 2, 3, 1,
+        ];
+        let total = 9 + 9 * classes.len();
+        d.extend_from_slice(&[9, 2, total as u8, 0, classes.len() as u8, 1, 0, 0x80, 50]);
+        for (i, c) in classes.iter().enumerate() {
+            d.extend_from_slice(&[9, 4, i as u8, 0, 2, *c, 0x06, 0x50, 0]);
+        }
+        d
+    }
+
     /// Creates a device under `root/devices/pci0000:00/0000:00:14.0/usb1/` and the
     /// `bus/usb/devices` link; returns the device's DEVPATH.
     pub fn add_stick(root: &Path, s: &FakeStick<'_>) -> PathBuf {
@@ -428,7 +476,7 @@ pub mod fake {
         for (k, v) in attrs {
             fs::write(dev.join(k), format!("{v}\n")).unwrap();
         }
-        fs::write(dev.join("descriptors"), [0x12u8, 0x01, 0x00, 0x02]).unwrap();
+        fs::write(dev.join("descriptors"), descriptors(s.classes)).unwrap();
         for (i, class) in s.classes.iter().enumerate() {
             let idir = dev.join(format!("{}:1.{i}", s.port));
             fs::create_dir_all(&idir).unwrap();
@@ -513,6 +561,21 @@ mod tests {
             sysfs.usb_ancestor(&block),
             Some(sysfs.devpath_dir(&devpath))
         );
+    }
+
+    #[test]
+    fn interfaces_come_from_raw_descriptors_and_garbage_is_harmless() {
+        let raw = fake::descriptors(&[0x08, 0x03]);
+        let ifs = interfaces_from_descriptors(&raw);
+        assert_eq!(
+            ifs.iter().map(|i| i.class).collect::<Vec<_>>(),
+            vec![0x08, 0x03]
+        );
+        for cut in 0..raw.len() {
+            let _ = interfaces_from_descriptors(&raw[..cut]);
+        }
+        assert!(interfaces_from_descriptors(&[0, 4, 0, 0]).is_empty());
+        assert!(interfaces_from_descriptors(&[255, 4]).is_empty());
     }
 
     #[test]
