@@ -17,6 +17,7 @@
 pub mod cli;
 pub mod fence;
 pub mod journal;
+pub mod policy_manager;
 pub mod recorder;
 pub mod source;
 pub mod state;
@@ -79,7 +80,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
         &settings.key,
         &settings.server_name,
     )?;
-    let policy = load_policy(&settings)?;
+    let (policy, policy_source) = policy_manager::initial(&settings.state_dir, &settings.policy)?;
     let (journal, recovery) = Journal::open(JournalConfig {
         dir: settings.state_dir.join("journal"),
         state_dir: settings.state_dir.clone(),
@@ -105,6 +106,8 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
     let journal = Arc::new(Mutex::new(journal));
 
     let stats = Arc::new(AgentStats::default());
+    stats.set_policy_version(&policy.version);
+    let (policy_tx, policy_rx) = mpsc::channel(4);
     let notify = Arc::new(Notify::new());
     let source_drops = Arc::new(AtomicU64::new(0));
     let (tx, rx) = mpsc::channel(settings.pipeline_capacity);
@@ -138,6 +141,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
         },
         signer,
         verifier,
+        policy_pushes: policy_tx,
         journal,
         notify,
         stats: stats.clone(),
@@ -149,11 +153,21 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
         .emit(Event::PolicyApplied(PolicyApplied {
             version: policy.version.clone(),
             previous: None,
-            source: "file".into(),
+            source: policy_source.into(),
         }))
         .await;
     let (fence_tx, fence_rx) = mpsc::channel(256);
-    let (_fence_control, fence_control_rx) = mpsc::channel(8);
+    let (fence_control, fence_control_rx) = mpsc::channel(8);
+    let policy_task = tokio::spawn(
+        policy_manager::PolicyManager {
+            state_dir: settings.state_dir.clone(),
+            current: policy.version.clone(),
+            fence: settings.usb.as_ref().map(|_| fence_control),
+            sink: sink.clone(),
+            stats: stats.clone(),
+        }
+        .run(policy_rx, shutdown.clone()),
+    );
     let fence_task = settings.usb.as_ref().map(|usb| {
         let fence = Fence::new(
             policy.clone(),
@@ -208,6 +222,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
     if let Some(t) = fence_task {
         let _ = t.await;
     }
+    let _ = policy_task.await;
     let _ = sink
         .emit(Event::AgentStopping(AgentStopping {
             reason: "signal".into(),

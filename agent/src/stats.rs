@@ -14,6 +14,8 @@ pub struct AgentStats {
     pub acked_batches: AtomicU64,
     /// Milliseconds since start when the recorder loop last went round (watchdog).
     pub recorder_alive_ms: AtomicU64,
+    /// Version of the fence policy in force (heartbeats report it).
+    policy_version: std::sync::Mutex<String>,
 }
 
 impl Default for AgentStats {
@@ -24,6 +26,7 @@ impl Default for AgentStats {
             dropped_total: AtomicU64::new(0),
             acked_batches: AtomicU64::new(0),
             recorder_alive_ms: AtomicU64::new(0),
+            policy_version: std::sync::Mutex::new(String::new()),
         }
     }
 }
@@ -37,6 +40,19 @@ impl AgentStats {
     }
     pub fn dropped_total(&self) -> u64 {
         self.dropped_total.load(Ordering::Relaxed)
+    }
+
+    pub fn policy_version(&self) -> String {
+        self.policy_version
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn set_policy_version(&self, v: &str) {
+        if let Ok(mut p) = self.policy_version.lock() {
+            *p = v.to_string();
+        }
     }
 
     /// The recorder calls this every round (at least once a second).

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, LastWill, QoS};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use weilan_config::mqtt::{self, SessionConfig, SessionEvent};
 use weilan_config::signing::{Role, Signer, Verifier};
@@ -107,6 +107,8 @@ pub struct Uplink {
     pub config: UplinkConfig,
     pub signer: Signer,
     pub verifier: Verifier,
+    /// Verified policy bodies go to the policy manager.
+    pub policy_pushes: mpsc::Sender<String>,
     pub journal: Arc<Mutex<Journal>>,
     pub notify: Arc<Notify>,
     pub stats: Arc<AgentStats>,
@@ -148,6 +150,7 @@ impl Uplink {
                 subscriptions: vec![
                     topics::agent_topic(&c.agent_id, Channel::Acks),
                     topics::agent_topic(&c.agent_id, Channel::Commands),
+                    topics::POLICY.to_string(),
                 ],
             },
             session_stop.clone(),
@@ -318,6 +321,25 @@ impl Uplink {
     }
 
     fn handle_incoming(&self, topic: &str, payload: &[u8], sending: &mut Sending) {
+        if topic == topics::POLICY {
+            let verified = wire::decode_signed(payload, 4 * 1024 * 1024)
+                .map_err(|e| e.to_string())
+                .and_then(|m| {
+                    self.verifier
+                        .verify(&m, Purpose::Policy, Role::Collector)
+                        .map(|_| m.body)
+                        .map_err(|e| e.to_string())
+                });
+            match verified {
+                Ok(body) => {
+                    if self.policy_pushes.try_send(body).is_err() {
+                        tracing::warn!("policy update queue full; the retained policy arrives again on reconnect");
+                    }
+                }
+                Err(reason) => tracing::warn!(%reason, "refused an unauthenticated policy"),
+            }
+            return;
+        }
         let Some((agent, channel)) = topics::parse_agent_topic(topic) else {
             tracing::warn!(%topic, "message on an unexpected topic ignored");
             return;
@@ -361,6 +383,18 @@ impl Uplink {
                     sending.in_flight.retain(|b| {
                         b.batch_id != ack.batch_id && !(ack.first <= b.first && b.last <= ack.last)
                     });
+                    // The collector handles batches in the order the broker delivers
+                    // them, and one connection keeps that order: an ack that overtakes
+                    // an earlier batch means the earlier one was lost on the way (e.g.
+                    // published before the collector had subscribed). Send it again now
+                    // rather than after the ack timeout.
+                    if sending.in_flight.iter().any(|b| b.last < ack.first) {
+                        tracing::info!(
+                            batch_id = ack.batch_id,
+                            "an earlier batch was lost in transit; sending again"
+                        );
+                        self.rewind(sending);
+                    }
                     self.stats.acked_batches.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(batch_id = ack.batch_id, first = %ack.first, last = %ack.last, duplicates = ack.duplicates, "batch acknowledged");
                     self.notify.notify_one();

@@ -40,7 +40,8 @@ pub struct Reply {
 pub struct Ingest {
     pub store: Arc<Mutex<Store>>,
     pub alerts: Mutex<AlertLog>,
-    pub policy: Policy,
+    /// The fence policy in force (replaced when its file changes).
+    pub policy: std::sync::RwLock<Policy>,
     pub verifier: Verifier,
     pub signer: Signer,
     pub max_payload: usize,
@@ -186,7 +187,8 @@ impl Ingest {
         let result = self
             .store()
             .store_batch(agent, &valid, jiff::Timestamp::now(), |stored| {
-                let mut alerts = rules::evaluate(&self.policy, stored);
+                let policy = self.policy.read().unwrap_or_else(|p| p.into_inner());
+                let mut alerts = rules::evaluate(&policy, stored);
                 alerts.extend(
                     stored
                         .iter()

@@ -93,10 +93,19 @@ pub async fn run(
         &settings.client_key,
         &settings.server_name,
     )?;
+    let policy_text = std::fs::read_to_string(&settings.policy_path).unwrap_or_default();
+    let mut policy_push = PolicyPublisher {
+        path: settings.policy_path.clone(),
+        version: policy.version.clone(),
+        text: policy_text,
+        modified: std::fs::metadata(&settings.policy_path)
+            .and_then(|m| m.modified())
+            .ok(),
+    };
     let ingest = Arc::new(Ingest {
         store: Arc::new(Mutex::new(store)),
         alerts: Mutex::new(alert_log),
-        policy,
+        policy: std::sync::RwLock::new(policy),
         verifier,
         signer,
         max_payload: settings.max_payload_bytes,
@@ -107,7 +116,7 @@ pub async fn run(
         database = %settings.store_path.display(),
         alerts = %settings.alerts_path.display(),
         broker = %format!("{}:{}", settings.broker_host, settings.broker_port),
-        policy_version = %ingest.policy.version,
+        policy_version = %policy_push.version,
         "collector running"
     );
     let session_stop = CancellationToken::new();
@@ -149,11 +158,18 @@ pub async fn run(
                         Err(e) => tracing::error!(error = %e, "ingest task failed; message skipped"),
                     }
                 }
-                Some(SessionEvent::Connected) => tracing::info!("collector subscribed to agent topics"),
+                Some(SessionEvent::Connected) => {
+                    tracing::info!("collector subscribed to agent topics");
+                    policy_push.publish(&client, &ingest.signer);
+                }
                 Some(SessionEvent::Disconnected(_)) => {}
                 None => break,
             },
             _ = fleet_tick.tick() => {
+                if let Some(p) = policy_push.reload_if_changed(&ingest) {
+                    *ingest.policy.write().unwrap_or_else(|e| e.into_inner()) = p;
+                    policy_push.publish(&client, &ingest.signer);
+                }
                 let work = ingest.clone();
                 let (silent, grace) = (settings.silent_after, settings.gap_grace);
                 if let Err(e) = tokio::task::spawn_blocking(move || work.fleet_checks(silent, grace)).await {
@@ -177,4 +193,83 @@ pub async fn run(
     let _ = session.await;
     tracing::info!("collector stopped");
     Ok(())
+}
+
+/// Publishes the fence policy to every agent (signed, retained) and follows its file.
+struct PolicyPublisher {
+    path: std::path::PathBuf,
+    version: String,
+    text: String,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl PolicyPublisher {
+    fn publish(&self, client: &rumqttc::AsyncClient, signer: &Signer) {
+        let push = weilan_config::wire::PolicyPush {
+            version: self.version.clone(),
+            policy_toml: self.text.clone(),
+        };
+        let Ok(body) = serde_json::to_string(&push) else {
+            return;
+        };
+        let signed = signer.sign(weilan_config::wire::Purpose::Policy, body);
+        let Ok(payload) = serde_json::to_vec(&signed) else {
+            return;
+        };
+        match client.try_publish(
+            weilan_config::topics::POLICY,
+            QoS::AtLeastOnce,
+            true,
+            payload,
+        ) {
+            Ok(()) => tracing::info!(version = %self.version, "policy published to agents"),
+            Err(e) => {
+                tracing::warn!(error = %e, "policy not published; retried at the next change or reconnect")
+            }
+        }
+    }
+
+    /// A valid new version of the policy file, if it changed. An invalid file is
+    /// reported (log and a yellow alert) and the policy in force stays.
+    fn reload_if_changed(&mut self, ingest: &Ingest) -> Option<weilan_config::policy::Policy> {
+        let modified = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok();
+        if modified == self.modified {
+            return None;
+        }
+        self.modified = modified;
+        let text = std::fs::read_to_string(&self.path).ok()?;
+        match weilan_config::load_file::<PolicyFile>(&self.path) {
+            Ok(p) if p.version == self.version && text == self.text => None,
+            Ok(p) => {
+                tracing::info!(version = %p.version, previous = %self.version, "policy file changed");
+                self.version = p.version.clone();
+                self.text = text;
+                Some(p)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "policy file changed but is invalid; the previous policy stays in force");
+                let mut alerts = vec![store::Alert {
+                    alert_id: 0,
+                    time: jiff::Timestamp::now(),
+                    level: rules::Level::Yellow,
+                    rule_id: rules::POLICY_REJECTED.into(),
+                    agent_id: "(collector)".into(),
+                    summary: format!(
+                        "The policy file {} is invalid; agents keep policy {}",
+                        self.path.display(),
+                        self.version
+                    ),
+                    event_ids: vec![],
+                    details: serde_json::json!({"errors": e.to_string()}),
+                }];
+                if let Ok(mut s) = ingest.store.lock() {
+                    let _ = s.store_alerts(&mut alerts);
+                }
+                ingest.publish_alerts(&alerts);
+                None
+            }
+        }
+    }
 }

@@ -358,6 +358,10 @@ pub struct UsbDecision {
     /// Why enforcement failed, if it did.
     pub error: Option<String>,
     pub policy_version: String,
+    /// Microseconds from the kernel's uevent reaching the agent to the last
+    /// enforcement write returning (hot-plug decisions only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_us: Option<u64>,
 }
 
 /// A new fence policy is in force on this agent.

@@ -6,12 +6,16 @@
 //! | `weilan/v1/agents/{id}/status`         | agent → collector  | [`crate::wire::Status`] (retained, also the last will) |
 //! | `weilan/v1/agents/{id}/acks`           | collector → agent  | signed [`crate::wire::Ack`]     |
 //! | `weilan/v1/agents/{id}/commands`       | collector → agent  | signed [`crate::wire::Command`] |
+//! | `weilan/v1/policy`                     | collector → agents | signed [`crate::wire::PolicyPush`] (retained) |
 //!
 //! The agent id is the common name of the agent's client certificate. It is restricted
 //! to `[A-Za-z0-9._-]{1,64}` so it can never contain MQTT wildcards or separators.
 
 /// Prefix of every Weilan topic; the version changes only with an incompatible scheme.
 pub const PREFIX: &str = "weilan/v1";
+
+/// The fence policy for every agent: signed by the collector, retained.
+pub const POLICY: &str = "weilan/v1/policy";
 
 /// The four per-agent channels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

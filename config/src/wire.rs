@@ -27,6 +27,8 @@ pub enum Purpose {
     Batch,
     Ack,
     Command,
+    Policy,
+    Unlock,
 }
 
 impl Purpose {
@@ -35,6 +37,8 @@ impl Purpose {
             Purpose::Batch => "weilan/v1/batch",
             Purpose::Ack => "weilan/v1/ack",
             Purpose::Command => "weilan/v1/command",
+            Purpose::Policy => "weilan/v1/policy",
+            Purpose::Unlock => "weilan/v1/unlock",
         }
     }
 }
@@ -143,6 +147,16 @@ pub enum CommandAction {
         version: String,
         policy_toml: String,
     },
+}
+
+/// A fence policy pushed by the collector (purpose `policy`), retained on
+/// [`crate::topics::POLICY`]. Agents validate it and keep their last good one if not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyPush {
+    pub version: String,
+    /// The policy file, verbatim.
+    pub policy_toml: String,
 }
 
 /// Agent liveness as published on the status topic (retained). The offline form is the

@@ -35,6 +35,8 @@ pub enum FenceFact {
         dir: PathBuf,
         device: UsbDevice,
         at_start: bool,
+        /// When the uevent reached the agent (hot-plug only), for the decision latency.
+        seen: Option<std::time::Instant>,
     },
     Detached {
         dir: PathBuf,
@@ -180,6 +182,7 @@ impl Fence {
                 dir,
                 device,
                 at_start,
+                seen,
             } => {
                 if is_root_hub(&device) {
                     // Root hubs are never touched; a new one (a host controller
@@ -191,7 +194,8 @@ impl Fence {
                 }
                 let trigger = if at_start { "start" } else { "attach" };
                 let keep = at_start && !self.policy.usb.apply_at_start;
-                let d = self.decide(&dir, device, trigger, !keep);
+                let mut d = self.decide(&dir, device, trigger, !keep);
+                d.latency_us = seen.map(|s| s.elapsed().as_micros() as u64);
                 self.emit(d).await;
             }
             FenceFact::Detached { dir } => {
@@ -379,6 +383,7 @@ impl Fence {
             actions,
             error,
             policy_version: self.policy.version.clone(),
+            latency_us: None,
         }
     }
 }

@@ -69,7 +69,7 @@ impl Source for HostSource {
                         let hb = Heartbeat {
                             agent_version: crate::VERSION.into(),
                             uptime_secs: self.stats.uptime().as_secs(),
-                            policy_version: self.policy_version.clone(),
+                            policy_version: Some(self.stats.policy_version()),
                             backlog: self.stats.backlog(),
                             dropped_total: self.stats.dropped_total(),
                         };

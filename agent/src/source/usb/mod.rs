@@ -158,6 +158,7 @@ impl UsbSource {
                         dir: dir.clone(),
                         device: dev.clone(),
                         at_start,
+                        seen: None,
                     })
                     .await;
                     state.devices.insert(dir, dev.clone());
@@ -198,6 +199,7 @@ impl UsbSource {
         state: &mut State,
         ev: UEvent,
     ) -> Result<(), SourceError> {
+        let seen = std::time::Instant::now();
         let devtype = ev.env.get("DEVTYPE").map(String::as_str);
         let dir = self.sysfs.devpath_dir(&ev.devpath);
         match (ev.subsystem.as_str(), devtype, ev.action) {
@@ -214,6 +216,7 @@ impl UsbSource {
                     dir: dir.clone(),
                     device: dev.clone(),
                     at_start: false,
+                    seen: Some(seen),
                 })
                 .await;
                 let waits_for_block = dev.is_mass_storage()

@@ -1,0 +1,138 @@
+//! Which fence policy is in force, and changing it safely.
+//!
+//! At start the agent enforces the last policy the collector pushed and it accepted
+//! (`state_dir/policy-last-good.toml`), else the policy file named in its settings —
+//! so it keeps enforcing the organisation's latest policy while the collector is
+//! unreachable. A pushed policy (signed by the collector, verified by the uplink) is
+//! validated in full; only a valid one replaces the policy in force, is persisted as
+//! the last good one and reported as `policy.applied`. An invalid one is reported as
+//! `policy.rejected` with every error, and changes nothing.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use weilan_config::event::{Event, PolicyApplied, PolicyRejected};
+use weilan_config::policy::Policy;
+use weilan_config::wire::{self, PolicyPush};
+
+use crate::fence::FenceControl;
+use crate::source::EventSink;
+use crate::stats::AgentStats;
+
+const LAST_GOOD: &str = "policy-last-good.toml";
+
+/// The policy to start with, and where it came from (`collector` or `file`).
+pub fn initial(
+    state_dir: &Path,
+    file: &Path,
+) -> Result<(Policy, &'static str), weilan_config::ConfigErrors> {
+    let last_good = state_dir.join(LAST_GOOD);
+    if last_good.exists() {
+        match weilan_config::load_file::<weilan_config::policy::PolicyFile>(&last_good) {
+            Ok(p) => return Ok((p, "collector")),
+            Err(e) => {
+                tracing::error!(error = %e, "last good policy unreadable; using the settings' policy file")
+            }
+        }
+    }
+    weilan_config::load_file::<weilan_config::policy::PolicyFile>(file).map(|p| (p, "file"))
+}
+
+pub struct PolicyManager {
+    pub state_dir: PathBuf,
+    pub current: String,
+    pub fence: Option<mpsc::Sender<FenceControl>>,
+    pub sink: EventSink,
+    pub stats: Arc<AgentStats>,
+}
+
+impl PolicyManager {
+    /// Handles verified policy bodies from the collector until shutdown.
+    pub async fn run(mut self, mut pushes: mpsc::Receiver<String>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                body = pushes.recv() => match body {
+                    Some(b) => self.handle(&b).await,
+                    None => return,
+                },
+            }
+        }
+    }
+
+    async fn handle(&mut self, body: &str) {
+        let push: PolicyPush = match wire::decode("a policy push", body.as_bytes(), 4 * 1024 * 1024)
+        {
+            Ok(p) => p,
+            Err(e) => {
+                self.reject(None, vec![e.to_string()]).await;
+                return;
+            }
+        };
+        if push.version == self.current {
+            return; // the retained message, seen again after a reconnect
+        }
+        let name = format!("collector policy {}", push.version);
+        match weilan_config::policy::parse(&push.policy_toml, &name) {
+            Ok(p) if p.version != push.version => {
+                self.reject(
+                    Some(push.version.clone()),
+                    vec![format!("the body says version `{}`", p.version)],
+                )
+                .await;
+            }
+            Ok(p) => {
+                if let Err(e) = persist(&self.state_dir.join(LAST_GOOD), &push.policy_toml) {
+                    tracing::error!(error = %e, "could not keep the new policy on disk; enforcing it anyway");
+                }
+                let previous = std::mem::replace(&mut self.current, p.version.clone());
+                self.stats.set_policy_version(&p.version);
+                tracing::info!(version = %p.version, %previous, "policy from the collector applied");
+                if let Some(f) = &self.fence {
+                    let _ = f.send(FenceControl::Policy(Arc::new(p))).await;
+                }
+                let _ = self
+                    .sink
+                    .emit(Event::PolicyApplied(PolicyApplied {
+                        version: self.current.clone(),
+                        previous: Some(previous),
+                        source: "collector".into(),
+                    }))
+                    .await;
+            }
+            Err(errors) => {
+                let list = errors
+                    .to_string()
+                    .lines()
+                    .skip(1)
+                    .map(|l| l.trim().to_string())
+                    .collect();
+                self.reject(Some(push.version), list).await;
+            }
+        }
+    }
+
+    async fn reject(&self, version: Option<String>, errors: Vec<String>) {
+        tracing::error!(?version, errors = errors.len(), kept = %self.current, "policy from the collector refused");
+        let _ = self
+            .sink
+            .emit(Event::PolicyRejected(PolicyRejected {
+                version,
+                source: "collector".into(),
+                errors,
+                kept: self.current.clone(),
+            }))
+            .await;
+    }
+}
+
+fn persist(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

@@ -1,0 +1,279 @@
+//! The USB fence end to end on a fake sysfs tree: a real agent (enforce mode, real
+//! netlink uevents in a private namespace) writes `authorized_default`, `authorized`
+//! and `remove`; the collector pushes policy versions; an invalid push is refused,
+//! reported and never replaces the last good policy, which survives a restart offline.
+
+mod common;
+
+use std::fs;
+use std::time::Duration;
+
+use common::*;
+use weilan_agent::source::usb::sysfs::fake::{add_stick, FakeStick};
+
+const T: Duration = Duration::from_secs(60);
+
+fn policy(version: &str, allowed: &[&str], rejected: &[&str]) -> String {
+    let list = |l: &[&str]| {
+        l.iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut p =
+        format!("version = \"{version}\"\n[usb]\nmode = \"enforce\"\ndefault_target = \"block\"\n");
+    if !allowed.is_empty() {
+        p.push_str(&format!(
+            "[[usb.rules]]\nid = \"allow-list\"\ntarget = \"allow\"\nserial = [{}]\n",
+            list(allowed)
+        ));
+    }
+    if !rejected.is_empty() {
+        p.push_str(&format!(
+            "[[usb.rules]]\nid = \"reject-list\"\ntarget = \"reject\"\nserial = [{}]\n",
+            list(rejected)
+        ));
+    }
+    p
+}
+
+fn decision(w: &World, serial: &str, trigger: &str) -> Option<serde_json::Value> {
+    if !w.path("weilan.db").exists() {
+        return None;
+    }
+    w.db()
+        .query_row(
+            "SELECT envelope FROM events WHERE kind = 'usb.decision' \
+             AND json_extract(envelope, '$.event.data.serial') = ?1 \
+             AND json_extract(envelope, '$.event.data.trigger') = ?2 ORDER BY seq DESC LIMIT 1",
+            [serial, trigger],
+            |r| r.get::<_, String>(0),
+        )
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .map(|v| v["event"]["data"].clone())
+}
+
+fn event_data(w: &World, kind: &str, version: &str) -> Option<serde_json::Value> {
+    if !w.path("weilan.db").exists() {
+        return None;
+    }
+    w.db()
+        .query_row(
+            "SELECT envelope FROM events WHERE kind = ?1 AND json_extract(envelope, '$.event.data.version') = ?2 ORDER BY seq DESC LIMIT 1",
+            [kind, version],
+            |r| r.get::<_, String>(0),
+        )
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .map(|v| v["event"]["data"].clone())
+}
+
+#[test]
+fn fence_enforces_on_a_fake_tree_and_follows_pushed_policy() {
+    if !netns_available() {
+        return;
+    }
+    let w = World::new();
+    fs::write(w.path("policy.toml"), policy("v1", &[], &["EVIL-1"])).unwrap();
+    let sys = w.sysfs();
+    let present = add_stick(
+        &sys,
+        &FakeStick {
+            port: "1-1",
+            vid: "0781",
+            pid: "5581",
+            serial: "FAKE-1",
+            classes: &[8],
+            disk: None,
+        },
+    );
+    let hub = sys.join("devices/pci0000:00/0000:00:14.0/usb1");
+    let attr = |devpath: &std::path::Path, a: &str| {
+        fs::read_to_string(sys.join(devpath.strip_prefix("/").unwrap()).join(a)).unwrap_or_default()
+    };
+    let ns = Netns::create();
+    let collector = w.start_collector(&ns, &w.collector_toml(false, ""));
+    let cfg = w.agent_toml(AGENT, "pki/ca.pem", "");
+    let mut agent = w.start_agent(&ns, &cfg, AGENT);
+    let diag = || {
+        format!(
+            "--- agent\n{}\n--- collector\n{}",
+            agent.log_text(),
+            collector.log_text()
+        )
+    };
+
+    // Start: default-deny on the root hub, the present stick decided by the implicit default.
+    let d = wait_for(
+        "start decision",
+        T,
+        || decision(&w, "FAKE-1", "start"),
+        diag,
+    );
+    assert_eq!(
+        (
+            d["target"].as_str(),
+            d["rule_id"].as_str(),
+            d["enforced"].as_bool()
+        ),
+        (Some("block"), Some("implicit default"), Some(true)),
+        "{d}"
+    );
+    assert_eq!(
+        fs::read_to_string(hub.join("authorized_default")).unwrap(),
+        "0"
+    );
+    assert_eq!(attr(&present, "authorized"), "0");
+
+    // Hot-plug through a real uevent: a rejected serial is deauthorized and removed.
+    let evil = add_stick(
+        &sys,
+        &FakeStick {
+            port: "1-2",
+            vid: "abcd",
+            pid: "0001",
+            serial: "EVIL-1",
+            classes: &[8],
+            disk: None,
+        },
+    );
+    ns.send_uevent("add", &evil, "usb", "usb_device");
+    let d = wait_for(
+        "reject decision",
+        T,
+        || decision(&w, "EVIL-1", "attach"),
+        diag,
+    );
+    assert_eq!(
+        (d["target"].as_str(), d["rule_id"].as_str()),
+        (Some("reject"), Some("reject-list"))
+    );
+    assert_eq!(
+        (
+            attr(&evil, "authorized").as_str(),
+            attr(&evil, "remove").as_str()
+        ),
+        ("0", "1")
+    );
+    assert!(
+        d["latency_us"].as_u64().is_some(),
+        "hot-plug decisions carry their latency: {d}"
+    );
+
+    // The collector's policy file changes: the new version reaches the agent and the
+    // present device is re-decided.
+    fs::write(
+        w.path("policy.toml"),
+        policy("v2", &["FAKE-1"], &["EVIL-1"]),
+    )
+    .unwrap();
+    let applied = wait_for(
+        "policy v2 applied",
+        T,
+        || event_data(&w, "policy.applied", "v2"),
+        diag,
+    );
+    assert_eq!(
+        (applied["source"].as_str(), applied["previous"].as_str()),
+        (Some("collector"), Some("v1"))
+    );
+    let d = wait_for(
+        "re-decision",
+        T,
+        || decision(&w, "FAKE-1", "policy-change"),
+        diag,
+    );
+    assert_eq!(
+        (
+            d["target"].as_str(),
+            d["rule_id"].as_str(),
+            d["policy_version"].as_str()
+        ),
+        (Some("allow"), Some("allow-list"), Some("v2"))
+    );
+    assert_eq!(attr(&present, "authorized"), "1");
+
+    // An invalid policy pushed (validly signed) is refused with every error; v2 stays.
+    let signer =
+        weilan_config::signing::Signer::from_pem_files(&w.pki.collector(), &w.pki.collector_key())
+            .unwrap();
+    let bad = weilan_config::wire::PolicyPush {
+        version: "v3-bad".into(),
+        policy_toml: "version = \"v3-bad\"\n[usb]\nmode = \"loud\"\n[[usb.rules]]\nid = \"x\"\ntarget = \"explode\"\n".into(),
+    };
+    let payload = serde_json::to_vec(&signer.sign(
+        weilan_config::wire::Purpose::Policy,
+        serde_json::to_string(&bad).unwrap(),
+    ))
+    .unwrap();
+    let tls = test_client_tls(
+        &w.pki.ca(),
+        Some((&w.pki.collector(), &w.pki.collector_key())),
+    );
+    with_mqtt_client(&ns, "policy-pusher", tls, move |c, mut el| {
+        Box::pin(async move {
+            connect(&mut el).await.expect("connect");
+            c.publish(
+                weilan_config::topics::POLICY,
+                rumqttc::QoS::AtLeastOnce,
+                true,
+                payload,
+            )
+            .await
+            .unwrap();
+            drive_until_pubacks(&mut el, 1).await.expect("puback");
+        })
+    });
+    let rejected = wait_for(
+        "policy rejected",
+        T,
+        || event_data(&w, "policy.rejected", "v3-bad"),
+        diag,
+    );
+    let errors = rejected["errors"].as_array().unwrap();
+    assert!(errors.len() >= 2, "all errors listed: {rejected}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.as_str().unwrap().contains("usb.mode")),
+        "{rejected}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.as_str().unwrap().contains("usb.rules[0].target")),
+        "{rejected}"
+    );
+    assert_eq!(rejected["kept"], "v2");
+    assert_eq!(attr(&present, "authorized"), "1", "still enforcing v2");
+    wait_for(
+        "policy-rejected alert",
+        T,
+        || {
+            w.alert_lines()
+                .into_iter()
+                .find(|a| a["rule_id"] == "builtin.policy.rejected")
+        },
+        diag,
+    );
+
+    // Offline restart: the agent enforces the last good policy (v2), not its file.
+    drop(collector);
+    agent.stop();
+    fs::write(w.path("policy.toml"), policy("v1", &[], &["EVIL-1"])).unwrap(); // the agent's own file
+    fs::write(present_attr_path(&sys, &present), "0").unwrap(); // as after a reboot with default-deny
+    let agent = w.start_agent(&ns, &cfg, AGENT);
+    wait_for(
+        "re-authorized by the last good policy",
+        T,
+        || (attr(&present, "authorized") == "1").then_some(()),
+        || agent.log_text(),
+    );
+    println!("fence on a fake tree: default-deny, block, reject+remove, policy v2 pushed and applied, v3-bad refused, v2 kept across an offline restart");
+}
+
+fn present_attr_path(sys: &std::path::Path, devpath: &std::path::Path) -> std::path::PathBuf {
+    sys.join(devpath.strip_prefix("/").unwrap())
+        .join("authorized")
+}

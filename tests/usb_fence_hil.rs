@@ -1,0 +1,422 @@
+//! The USB fence on a real kernel: the statically linked agent runs in a QEMU guest
+//! (Debian kernel, real uevents, real usb-storage/sd/vfat, real `authorized`), devices
+//! are hot-plugged through QMP or emulated inside the guest, and decisions travel over
+//! mutual TLS to a collector on the host.
+//!
+//! Prepare once with `tests/hil/prepare.sh` (CI's `.ci/run` does); without the guest or
+//! the static agent the test prints `SKIPPED:` and passes.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const T: Duration = Duration::from_secs(60);
+
+struct Hil {
+    out: PathBuf,
+    run: PathBuf,
+    scripts: PathBuf,
+}
+
+impl Hil {
+    fn script(&self, name: &str) -> Command {
+        let mut c = Command::new("bash");
+        c.arg(self.scripts.join(name));
+        c.env("HIL_OUT", &self.out).env("HIL_RUN", &self.run);
+        c
+    }
+
+    /// Runs a script; returns its exit status and output.
+    fn sh(&self, name: &str, args: &[&str]) -> (i32, String) {
+        let out = self.script(name).args(args).output().expect("script");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    }
+
+    fn gexec(&self, cmd: &str) -> (i32, String) {
+        self.sh("gexec.sh", &["-t", "30", cmd])
+    }
+
+    fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.run.join("share/out/stderr")).unwrap_or_default()
+    }
+}
+
+impl Drop for Hil {
+    fn drop(&mut self) {
+        let _ = self.script("stop.sh").arg("3").output();
+    }
+}
+
+fn static_agent() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/x86_64-unknown-linux-gnu/release/weilan-agent")
+}
+
+fn decisions(w: &World, serial: &str) -> Vec<serde_json::Value> {
+    if !w.path("weilan.db").exists() {
+        return vec![];
+    }
+    let db = w.db();
+    let mut st = db
+        .prepare(
+            "SELECT envelope FROM events WHERE kind = 'usb.decision' \
+             AND json_extract(envelope, '$.event.data.serial') = ?1 ORDER BY seq",
+        )
+        .unwrap();
+    st.query_map([serial], |r| r.get::<_, String>(0))
+        .unwrap()
+        .filter_map(|r| r.ok())
+        .filter_map(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .map(|v| v["event"]["data"].clone())
+        .collect()
+}
+
+fn wait_decision(w: &World, hil: &Hil, serial: &str) -> serde_json::Value {
+    wait_for(
+        &format!("usb.decision for {serial}"),
+        T,
+        || decisions(w, serial).into_iter().next(),
+        || format!("--- agent (guest)\n{}", hil.agent_log()),
+    )
+}
+
+const POLICY: &str = r#"
+version = "hil-1"
+[usb]
+mode = "enforce"
+default_target = "block"
+present_at_start = "apply"
+
+[[usb.rules]]
+id = "hil-allowed"
+target = "allow"
+serial = ["GOOD-1"]
+
+[[usb.rules]]
+id = "hil-read-only"
+target = "read-only"
+serial = ["RO-1"]
+"#;
+
+#[test]
+fn usb_fence_on_a_real_kernel() {
+    let out = PathBuf::from(std::env::var("HIL_OUT").unwrap_or_else(|_| "/tmp/weilan-hil".into()));
+    let ready = have("qemu-system-x86_64")
+        && out.join("initramfs.cpio.gz").exists()
+        && out.join("vmlinuz").exists()
+        && static_agent().exists();
+    if !require(
+        "real-kernel USB fence test needs QEMU, the guest and the static agent: run tests/hil/prepare.sh",
+        ready,
+    ) {
+        return;
+    }
+    let w = World::new();
+    std::fs::write(w.path("policy.toml"), POLICY).unwrap();
+    // The collector listens on the host's loopback; the guest reaches it as 10.0.2.2.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ccfg = w.collector_toml(false, "").to_string_lossy().into_owned();
+    let text = std::fs::read_to_string(&ccfg)
+        .unwrap()
+        .replace(&BROKER_PORT.to_string(), &port.to_string());
+    std::fs::write(&ccfg, text).unwrap();
+    let mut c = Command::new(weilan_bin());
+    c.args(["collector", "serve", "--config", &ccfg]);
+    let collector = Proc::spawn(c, w.path("collector.log"), "collector");
+
+    // Files the guest agent needs, under /hil/files/.
+    let stage = w.path("guest");
+    std::fs::create_dir_all(&stage).unwrap();
+    for (src, dst) in [
+        (w.pki.ca(), "ca.pem"),
+        (w.pki.agent(AGENT), "agent.pem"),
+        (w.pki.agent_key(AGENT), "agent-key.pem"),
+        (w.path("policy.toml"), "policy.toml"),
+    ] {
+        std::fs::copy(src, stage.join(dst)).unwrap();
+    }
+    std::fs::write(
+        stage.join("agent.toml"),
+        format!(
+            "[agent]\nstate_dir = \"/root/state\"\npolicy = \"/hil/files/policy.toml\"\n\
+             [collector]\nhost = \"10.0.2.2\"\nport = {port}\nca = \"/hil/files/ca.pem\"\nack_timeout_secs = 5\n\
+             [tls]\ncert = \"/hil/files/agent.pem\"\nkey = \"/hil/files/agent-key.pem\"\n\
+             [heartbeat]\ninterval_secs = 5\n[log]\nlevel = \"info\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all("/tmp/weilan-hil-runs").unwrap();
+    let hil = Hil {
+        run: tempfile::Builder::new()
+            .prefix("run-")
+            .tempdir_in("/tmp/weilan-hil-runs")
+            .unwrap()
+            .keep(),
+        scripts: Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hil"),
+        out: out.clone(),
+    };
+    let mut args: Vec<String> = vec!["--bg".into(), "--automount".into(), "--gadget".into()];
+    for f in [
+        "agent.toml",
+        "policy.toml",
+        "ca.pem",
+        "agent.pem",
+        "agent-key.pem",
+    ] {
+        args.push("--put".into());
+        args.push(stage.join(f).display().to_string());
+    }
+    args.push(static_agent().display().to_string());
+    args.extend([
+        "run".into(),
+        "--config".into(),
+        "/hil/files/agent.toml".into(),
+    ]);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (rc, text) = hil.sh("run.sh", &argv);
+    assert_eq!(rc, 0, "guest boot: {text}");
+    wait_for(
+        "agent.started from the guest",
+        T,
+        || (w.count("SELECT COUNT(*) FROM events WHERE kind = 'agent.started'") > 0).then_some(()),
+        || {
+            format!(
+                "{}\n--- collector\n{}",
+                hil.agent_log(),
+                collector.log_text()
+            )
+        },
+    );
+    // Default-deny is on for every root hub (QEMU's xHCI/EHCI and the 4 dummy_hcd buses).
+    let (_, defaults) =
+        hil.gexec("cat /sys/bus/usb/devices/usb*/authorized_default | sort | uniq -c");
+    assert!(
+        defaults.trim().ends_with(" 0") && !defaults.contains(" 1\n"),
+        "authorized_default: {defaults}"
+    );
+    println!("default-deny on every root hub: {}", defaults.trim());
+    let stick = out.join("stick1.img").display().to_string();
+
+    // 1. Unknown stick: blocked, no block device ever appears.
+    let (rc, text) = hil.sh(
+        "plug.sh",
+        &[&stick, "UNKNOWN-1", "--copy", "--timeout", "6"],
+    );
+    assert_eq!(
+        rc,
+        3,
+        "an unknown stick must not get a block device: {text}\n{}",
+        hil.agent_log()
+    );
+    let d = wait_decision(&w, &hil, "UNKNOWN-1");
+    assert_eq!(
+        (
+            d["target"].as_str(),
+            d["rule_id"].as_str(),
+            d["enforced"].as_bool()
+        ),
+        (Some("block"), Some("implicit default"), Some(true)),
+        "{d}"
+    );
+    let (_, auth) =
+        hil.gexec("cat $(dirname $(grep -l UNKNOWN-1 /sys/bus/usb/devices/*/serial))/authorized");
+    assert_eq!(auth.trim(), "0");
+    println!(
+        "scenario unknown stick: blocked, no sdX (decision in {} µs)",
+        d["latency_us"]
+    );
+
+    // 2. Allowed serial: mounts and accepts writes.
+    let (rc, text) = hil.sh("plug.sh", &[&stick, "GOOD-1", "--copy", "--timeout", "20"]);
+    assert_eq!(
+        rc,
+        0,
+        "an allowed stick gets its block device: {text}\n{}",
+        hil.agent_log()
+    );
+    let d = wait_decision(&w, &hil, "GOOD-1");
+    assert_eq!(
+        (d["target"].as_str(), d["rule_id"].as_str()),
+        (Some("allow"), Some("hil-allowed")),
+        "{d}"
+    );
+    let mnt = wait_for(
+        "GOOD-1 mounted",
+        T,
+        || {
+            let (_, m) = hil.gexec("for d in /sys/bus/usb/devices/*/serial; do grep -qx GOOD-1 $d && ls -d $(dirname $d)/*/host*/target*/*/block/sd*/sd*1 2>/dev/null; done");
+            let part = m.lines().next()?.rsplit('/').next()?.to_string();
+            let (_, mounts) = hil.gexec("cat /proc/mounts");
+            mounts
+                .contains(&format!("/media/{part} "))
+                .then(|| format!("/media/{part}"))
+        },
+        || hil.agent_log(),
+    );
+    let (rc, text) = hil.gexec(&format!(
+        "echo weilan > {mnt}/allowed.txt && sync && cat {mnt}/allowed.txt"
+    ));
+    assert_eq!(
+        (rc, text.trim()),
+        (0, "weilan"),
+        "writes to an allowed stick work"
+    );
+    println!("scenario allowed serial: mounted at {mnt}, write ok");
+
+    // 3. Read-only rule: mounts, reads work, writes fail.
+    let (rc, text) = hil.sh("plug.sh", &[&stick, "RO-1", "--copy", "--timeout", "20"]);
+    assert_eq!(
+        rc,
+        0,
+        "a read-only stick still gets its block device: {text}\n{}",
+        hil.agent_log()
+    );
+    let ro_mnt = wait_for(
+        "RO-1 mounted",
+        T,
+        || {
+            let (_, m) = hil.gexec("for d in /sys/bus/usb/devices/*/serial; do grep -qx RO-1 $d && ls -d $(dirname $d)/*/host*/target*/*/block/sd*/sd*1 2>/dev/null; done");
+            let part = m.lines().next()?.rsplit('/').next()?.to_string();
+            let (_, mounts) = hil.gexec("cat /proc/mounts");
+            mounts
+                .contains(&format!("/media/{part} "))
+                .then(|| format!("/media/{part}"))
+        },
+        || hil.agent_log(),
+    );
+    // The fence flags the block devices as they appear and remounts a mount that raced it.
+    wait_for(
+        "RO-1 mount read-only",
+        T,
+        || {
+            let (_, mounts) = hil.gexec("cat /proc/mounts");
+            mounts
+                .lines()
+                .any(|l| {
+                    l.contains(&format!(" {ro_mnt} "))
+                        && l.split_whitespace()
+                            .nth(3)
+                            .is_some_and(|o| o.split(',').any(|x| x == "ro"))
+                })
+                .then_some(())
+        },
+        || format!("{}\n{}", hil.agent_log(), hil.gexec("cat /proc/mounts").1),
+    );
+    let (rc, _) = hil.gexec(&format!("ls {ro_mnt} >/dev/null"));
+    assert_eq!(rc, 0, "reads work on a read-only stick");
+    let (rc, text) = hil.gexec(&format!("echo leak > {ro_mnt}/leak.txt"));
+    assert_ne!(rc, 0, "a write to a read-only stick must fail: {text}");
+    assert!(
+        text.to_lowercase().contains("read-only"),
+        "EROFS expected: {text}"
+    );
+    let (_, ro) = hil.gexec("for d in /sys/bus/usb/devices/*/serial; do grep -qx RO-1 $d && cat $(dirname $d)/*/host*/target*/*/block/sd*/ro; done");
+    assert!(ro.trim().starts_with('1'), "BLKROSET on the disk: {ro}");
+    let ro_decisions = decisions(&w, "RO-1");
+    assert!(
+        ro_decisions
+            .iter()
+            .any(|d| d["actions"].as_array().is_some_and(|a| a
+                .iter()
+                .any(|x| x.as_str().is_some_and(|s| s.starts_with("BLKROSET"))))),
+        "{ro_decisions:?}"
+    );
+    println!(
+        "scenario read-only: mounted {ro_mnt} read-only, read ok, write refused ({})",
+        text.trim()
+    );
+
+    // 4. Storage + keyboard composite (BadUSB) emulated in the guest: rejected, even with an allowed serial.
+    let (rc, text) = hil.sh(
+        "gplug.sh",
+        &[
+            &stick,
+            "GOOD-1",
+            "--hid",
+            "--name",
+            "badusb",
+            "--vid",
+            "0x0781",
+            "--pid",
+            "0x5567",
+            "--copy",
+            "--timeout",
+            "8",
+        ],
+    );
+    assert_eq!(
+        rc,
+        3,
+        "a storage+HID composite must not get a block device: {text}\n{}",
+        hil.agent_log()
+    );
+    let bad = wait_for(
+        "BadUSB decision",
+        T,
+        || {
+            decisions(&w, "GOOD-1")
+                .into_iter()
+                .find(|d| d["rule_id"] == "builtin.badusb")
+        },
+        || hil.agent_log(),
+    );
+    assert_eq!(bad["target"], "reject");
+    println!(
+        "scenario BadUSB composite: rejected by builtin.badusb ({})",
+        bad["actions"]
+    );
+
+    // 5. Agent killed (fail closed): an allowed stick plugged afterwards stays unauthorized.
+    let (_, _) = hil.sh("unplug.sh", &["GOOD-1"]);
+    let (rc, text) = hil.gexec("kill -9 $(cat /run/job.pid); sleep 1; kill -0 $(cat /run/job.pid) 2>/dev/null && echo alive || echo dead");
+    assert_eq!((rc, text.trim()), (0, "dead"), "agent killed");
+    let t = Instant::now();
+    let (rc, text) = hil.sh(
+        "plug.sh",
+        &[
+            &stick,
+            "GOOD-1",
+            "--id",
+            "again",
+            "--copy",
+            "--timeout",
+            "6",
+        ],
+    );
+    assert_eq!(
+        rc, 3,
+        "with the agent dead a new stick must stay unauthorized: {text}"
+    );
+    let (_, auth) = hil.gexec("for d in /sys/bus/usb/devices/*/serial; do grep -qx GOOD-1 $d && cat $(dirname $d)/authorized; done");
+    assert_eq!(
+        auth.trim(),
+        "0",
+        "still unauthorized {} s later",
+        t.elapsed().as_secs()
+    );
+    println!("scenario agent killed: a newly plugged allowed stick stays unauthorized");
+
+    // Decision latency (uevent at the agent → last enforcement write returned).
+    let mut lat: Vec<u64> = ["UNKNOWN-1", "GOOD-1", "RO-1"]
+        .iter()
+        .flat_map(|s| decisions(&w, s))
+        .filter(|d| d["trigger"] == "attach")
+        .filter_map(|d| d["latency_us"].as_u64())
+        .collect();
+    lat.sort();
+    println!("guest decision latency (µs, uevent received → authorization written, TCG-emulated CPU): {lat:?}");
+    drop(collector);
+}
