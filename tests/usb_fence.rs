@@ -277,3 +277,219 @@ fn present_attr_path(sys: &std::path::Path, devpath: &std::path::Path) -> std::p
     sys.join(devpath.strip_prefix("/").unwrap())
         .join("authorized")
 }
+
+fn unlock_events(w: &World, status: &str) -> Vec<serde_json::Value> {
+    if !w.path("weilan.db").exists() {
+        return vec![];
+    }
+    let db = w.db();
+    let mut st = db
+        .prepare("SELECT envelope FROM events WHERE kind = 'usb.unlock' AND json_extract(envelope, '$.event.data.status') = ?1 ORDER BY seq")
+        .unwrap();
+    st.query_map([status], |r| r.get::<_, String>(0))
+        .unwrap()
+        .filter_map(|r| r.ok())
+        .filter_map(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .map(|v| v["event"]["data"].clone())
+        .collect()
+}
+
+#[test]
+fn temporary_unlock_tokens_are_bound_single_use_and_expire() {
+    if !netns_available() {
+        return;
+    }
+    let w = World::new();
+    fs::write(w.path("policy.toml"), policy("u1", &[], &[])).unwrap();
+    weilan_collector::pki::issue_agent(&w.pki, "ws-other").unwrap();
+    let sys = w.sysfs();
+    let stick = add_stick(
+        &sys,
+        &FakeStick {
+            port: "1-1",
+            vid: "0781",
+            pid: "5581",
+            serial: "LOCKED-1",
+            classes: &[8],
+            disk: None,
+        },
+    );
+    let authorized = || {
+        fs::read_to_string(
+            sys.join(stick.strip_prefix("/").unwrap())
+                .join("authorized"),
+        )
+        .unwrap_or_default()
+    };
+    let ns = Netns::create();
+    let ccfg = w.collector_toml(false, "");
+    let collector = w.start_collector(&ns, &ccfg);
+    let cfg = w.agent_toml(AGENT, "pki/ca.pem", "");
+    let agent = w.start_agent(&ns, &cfg, AGENT);
+    let diag = || {
+        format!(
+            "--- agent\n{}\n--- collector\n{}",
+            agent.log_text(),
+            collector.log_text()
+        )
+    };
+    wait_for(
+        "blocked at start",
+        T,
+        || decision(&w, "LOCKED-1", "start"),
+        diag,
+    );
+    assert_eq!(authorized(), "0");
+
+    let weilan = |args: &[&str]| {
+        let out = std::process::Command::new(weilan_bin())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let ccfg = ccfg.to_string_lossy().into_owned();
+    let cfg = cfg.to_string_lossy().into_owned();
+    let token = w.path("token.json").to_string_lossy().into_owned();
+
+    // Offline path: issued to a file, handed to the agent with `weilan agent unlock`.
+    let (ok, text) = weilan(&[
+        "collector",
+        "unlock",
+        "--config",
+        &ccfg,
+        "--agent",
+        AGENT,
+        "--serial",
+        "LOCKED-1",
+        "--seconds",
+        "8",
+        "--reason",
+        "ticket 42: auditor copy",
+        "--out",
+        &token,
+    ]);
+    assert!(ok, "{text}");
+    let (ok, text) = weilan(&["agent", "unlock", "--config", &cfg, "--token", &token]);
+    assert!(ok, "{text}");
+    let d = wait_for("unlocked", T, || decision(&w, "LOCKED-1", "unlock"), diag);
+    assert!(d["rule_id"].as_str().unwrap().starts_with("unlock:"), "{d}");
+    assert_eq!(d["target"], "allow");
+    assert_eq!(authorized(), "1");
+    assert!(
+        d["reason"].as_str().unwrap().contains("ticket 42"),
+        "the use is audited with its reason: {d}"
+    );
+
+    // Single use: the same token again is refused (by the CLI, and by the agent).
+    let (ok, text) = weilan(&["agent", "unlock", "--config", &cfg, "--token", &token]);
+    assert!(!ok && text.contains("already used"), "{text}");
+
+    // Bound to one agent: a token for another agent is refused.
+    let other = w.path("other.json").to_string_lossy().into_owned();
+    let (ok, _) = weilan(&[
+        "collector",
+        "unlock",
+        "--config",
+        &ccfg,
+        "--agent",
+        "ws-other",
+        "--serial",
+        "LOCKED-1",
+        "--reason",
+        "x",
+        "--out",
+        &other,
+    ]);
+    assert!(ok);
+    let (ok, text) = weilan(&["agent", "unlock", "--config", &cfg, "--token", &other]);
+    assert!(!ok && text.contains("is for agent `ws-other`"), "{text}");
+
+    // A forged token (body edited after signing) is refused.
+    let mut forged: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&token).unwrap()).unwrap();
+    forged["body"] = serde_json::Value::String(
+        forged["body"]
+            .as_str()
+            .unwrap()
+            .replace("LOCKED-1", "OTHER-9"),
+    );
+    let forged_path = w.path("forged.json");
+    fs::write(&forged_path, forged.to_string()).unwrap();
+    let (ok, text) = weilan(&[
+        "agent",
+        "unlock",
+        "--config",
+        &cfg,
+        "--token",
+        forged_path.to_str().unwrap(),
+    ]);
+    assert!(!ok && text.contains("signature"), "{text}");
+
+    // Expiry: on time, the device falls back to the policy (block).
+    let d = wait_for(
+        "expired",
+        T,
+        || decision(&w, "LOCKED-1", "unlock-expired"),
+        diag,
+    );
+    assert_eq!(
+        (d["target"].as_str(), d["rule_id"].as_str()),
+        (Some("block"), Some("implicit default"))
+    );
+    assert_eq!(authorized(), "0");
+    assert_eq!(unlock_events(&w, "expired").len(), 1);
+
+    // Online path: sent by the collector as a signed command; read-only this time.
+    let out = ns
+        .command(weilan_bin())
+        .args([
+            "collector",
+            "unlock",
+            "--config",
+            &ccfg,
+            "--agent",
+            AGENT,
+            "--serial",
+            "LOCKED-1",
+            "--mode",
+            "read-only",
+            "--seconds",
+            "60",
+            "--reason",
+            "ticket 43",
+            "--send",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(
+        "unlocked by command",
+        T,
+        || {
+            unlock_events(&w, "accepted")
+                .into_iter()
+                .find(|e| e["via"] == "command")
+        },
+        diag,
+    );
+    wait_for(
+        "read-only by unlock",
+        T,
+        || decision(&w, "LOCKED-1", "unlock").filter(|d| d["target"] == "read-only"),
+        diag,
+    );
+    assert_eq!(authorized(), "1");
+    println!("unlock tokens: offline file and online command applied, reuse/other-agent/forged refused, expiry on time");
+}

@@ -43,6 +43,15 @@ enum Command {
         #[arg(long)]
         reset_acks: bool,
     },
+    /// Hand a temporary unlock token (from `weilan-collector unlock --out`) to the
+    /// agent; works offline: the token is verified here with the pinned CA.
+    Unlock {
+        #[arg(long, default_value = "/etc/weilan/agent.toml")]
+        config: PathBuf,
+        /// The token file.
+        #[arg(long)]
+        token: PathBuf,
+    },
     /// Print the documented example settings.
     PrintDefaultConfig,
 }
@@ -85,6 +94,52 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
         Command::PrintDefaultConfig => {
             print!("{}", weilan_config::examples::AGENT_TOML);
             ExitCode::SUCCESS
+        }
+        Command::Unlock { config, token } => {
+            let settings = match load(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            let result = (|| -> Result<String, String> {
+                let me =
+                    weilan_config::signing::Signer::from_pem_files(&settings.cert, &settings.key)
+                        .map_err(|e| e.to_string())?
+                        .identity()
+                        .common_name
+                        .clone();
+                let verifier = weilan_config::signing::Verifier::from_ca_file(&settings.ca)
+                    .map_err(|e| e.to_string())?;
+                let bytes =
+                    std::fs::read(&token).map_err(|e| format!("{}: {e}", token.display()))?;
+                let msg = weilan_config::wire::decode_signed(&bytes, 64 * 1024)
+                    .map_err(|e| e.to_string())?;
+                let t = crate::unlock::verify(&verifier, &msg, &me)?;
+                let store = crate::unlock::UnlockStore::new(&settings.state_dir);
+                if store.used().contains(&t.token_id) {
+                    return Err(format!("token {} was already used", t.token_id));
+                }
+                store
+                    .drop_token(&msg, &t.token_id)
+                    .map_err(|e| e.to_string())?;
+                Ok(format!(
+                    "token {} accepted: {} for device {}{} until {}; the running agent applies it within a second",
+                    t.token_id,
+                    t.mode,
+                    t.serial.as_deref().map(|s| format!("serial {s} ")).unwrap_or_default(),
+                    t.device_hash.as_deref().map(|h| format!("hash {h}")).unwrap_or_default(),
+                    t.not_after
+                ))
+            })();
+            match result {
+                Ok(text) => {
+                    println!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("unlock refused: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Journal { config, reset_acks } => {
             let settings = match load(&config) {

@@ -22,6 +22,7 @@ pub mod recorder;
 pub mod source;
 pub mod state;
 pub mod stats;
+pub mod unlock;
 pub mod uplink;
 
 use std::sync::atomic::AtomicU64;
@@ -74,6 +75,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
     let signer = Signer::from_pem_files(&settings.cert, &settings.key)?;
     let agent_id = signer.identity().common_name.clone();
     let verifier = Verifier::from_ca_file(&settings.ca)?;
+    let unlock_verifier = Arc::new(Verifier::from_ca_file(&settings.ca)?);
     let tls = weilan_config::tls::client_config(
         &settings.ca,
         &settings.cert,
@@ -108,6 +110,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
     let stats = Arc::new(AgentStats::default());
     stats.set_policy_version(&policy.version);
     let (policy_tx, policy_rx) = mpsc::channel(4);
+    let (fence_control, fence_control_rx) = mpsc::channel(8);
     let notify = Arc::new(Notify::new());
     let source_drops = Arc::new(AtomicU64::new(0));
     let (tx, rx) = mpsc::channel(settings.pipeline_capacity);
@@ -142,6 +145,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
         signer,
         verifier,
         policy_pushes: policy_tx,
+        fence_control: settings.usb.as_ref().map(|_| fence_control.clone()),
         journal,
         notify,
         stats: stats.clone(),
@@ -157,12 +161,11 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
         }))
         .await;
     let (fence_tx, fence_rx) = mpsc::channel(256);
-    let (fence_control, fence_control_rx) = mpsc::channel(8);
     let policy_task = tokio::spawn(
         policy_manager::PolicyManager {
             state_dir: settings.state_dir.clone(),
             current: policy.version.clone(),
-            fence: settings.usb.as_ref().map(|_| fence_control),
+            fence: settings.usb.as_ref().map(|_| fence_control.clone()),
             sink: sink.clone(),
             stats: stats.clone(),
         }
@@ -178,7 +181,12 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
                 create_missing: usb.sysfs_root != std::path::Path::new("/sys"),
             }),
             sink.clone(),
-        );
+        )
+        .with_unlocks(fence::UnlockSetup {
+            verifier: unlock_verifier.clone(),
+            agent_id: agent_id.clone(),
+            store: unlock::UnlockStore::new(&settings.state_dir),
+        });
         tokio::spawn(
             fence
                 .run(fence_rx, fence_control_rx, shutdown.clone())

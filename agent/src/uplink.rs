@@ -109,6 +109,8 @@ pub struct Uplink {
     pub verifier: Verifier,
     /// Verified policy bodies go to the policy manager.
     pub policy_pushes: mpsc::Sender<String>,
+    /// Unlock tokens delivered by command go to the USB fence.
+    pub fence_control: Option<mpsc::Sender<crate::fence::FenceControl>>,
     pub journal: Arc<Mutex<Journal>>,
     pub notify: Arc<Notify>,
     pub stats: Arc<AgentStats>,
@@ -404,8 +406,30 @@ impl Uplink {
             },
             Channel::Commands => {
                 match wire::decode::<Command>("a command", body.as_bytes(), MAX_INCOMING) {
+                    Ok(cmd) if cmd.agent_id != self.config.agent_id => {
+                        tracing::warn!(claimed = %cmd.agent_id, "command for another agent refused")
+                    }
+                    Ok(cmd) if cmd.expires_at <= jiff::Timestamp::now() => {
+                        tracing::warn!(seq = cmd.seq, "expired command refused")
+                    }
+                    Ok(Command {
+                        action: wire::CommandAction::Unlock { token },
+                        ..
+                    }) => match &self.fence_control {
+                        // The token carries its own signature, binding and single use.
+                        Some(f) => {
+                            if f.try_send(crate::fence::FenceControl::Unlock(token))
+                                .is_err()
+                            {
+                                tracing::warn!(
+                                    "USB fence busy; unlock token dropped (send it again)"
+                                );
+                            }
+                        }
+                        None => tracing::warn!("unlock token received but the USB fence is off"),
+                    },
                     Ok(cmd) => {
-                        tracing::warn!(seq = cmd.seq, action = ?cmd.action, "command received; this agent version executes no commands yet")
+                        tracing::warn!(seq = cmd.seq, action = ?cmd.action, "command received; this agent version executes only unlock tokens")
                     }
                     Err(e) => tracing::warn!(error = %e, "malformed command refused"),
                 }

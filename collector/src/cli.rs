@@ -68,6 +68,39 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Issue a temporary unlock token for one device on one agent (signed by the
+    /// collector; the agent verifies it offline). Writes it to --out and/or sends it.
+    Unlock {
+        #[arg(long, default_value = "/etc/weilan/collector.toml")]
+        config: PathBuf,
+        /// The agent id (its certificate's common name).
+        #[arg(long)]
+        agent: String,
+        /// Device identity hash (from usb.attached / usb.decision).
+        #[arg(long)]
+        hash: Option<String>,
+        /// Device serial.
+        #[arg(long)]
+        serial: Option<String>,
+        /// allow or read-only.
+        #[arg(long, default_value = "allow")]
+        mode: String,
+        /// How long it is valid, from now.
+        #[arg(long, default_value_t = 60)]
+        minutes: u64,
+        /// Seconds instead of minutes (short tests).
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Who asks and why; audited with every decision the token makes.
+        #[arg(long)]
+        reason: String,
+        /// Write the token here (for `weilan-agent unlock --token FILE`, e.g. offline).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Send it to the agent now, over MQTT (a signed command).
+        #[arg(long)]
+        send: bool,
+    },
     /// Manage the Weilan PKI (CA, broker and agent certificates).
     Pki {
         #[command(subcommand)]
@@ -189,6 +222,43 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("{}: {e}", opts.path.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Unlock {
+            config,
+            agent,
+            hash,
+            serial,
+            mode,
+            minutes,
+            seconds,
+            reason,
+            out,
+            send,
+        } => {
+            let settings = match load(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            match crate::unlock::issue(
+                &settings,
+                &agent,
+                hash,
+                serial,
+                &mode,
+                seconds.unwrap_or(minutes * 60),
+                &reason,
+                out.as_deref(),
+                send,
+            ) {
+                Ok(text) => {
+                    println!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("unlock: {e}");
                     ExitCode::FAILURE
                 }
             }

@@ -20,6 +20,7 @@ pub mod pki;
 pub mod rules;
 pub mod store;
 pub mod tail;
+pub mod unlock;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};

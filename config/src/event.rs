@@ -141,6 +141,8 @@ pub enum Event {
     PolicyApplied(PolicyApplied),
     #[serde(rename = "policy.rejected")]
     PolicyRejected(PolicyRejected),
+    #[serde(rename = "usb.unlock")]
+    UsbUnlock(UsbUnlock),
 }
 
 impl Event {
@@ -159,6 +161,7 @@ impl Event {
             Event::UsbDecision(_) => "usb.decision",
             Event::PolicyApplied(_) => "policy.applied",
             Event::PolicyRejected(_) => "policy.rejected",
+            Event::UsbUnlock(_) => "usb.unlock",
         }
     }
 }
@@ -362,6 +365,26 @@ pub struct UsbDecision {
     /// enforcement write returning (hot-plug decisions only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_us: Option<u64>,
+}
+
+/// A temporary unlock token was received: accepted (and in force until `not_after`),
+/// refused, or expired.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsbUnlock {
+    pub token_id: String,
+    /// `accepted`, `refused` or `expired`.
+    pub status: String,
+    pub device_hash: Option<String>,
+    pub serial: Option<String>,
+    pub mode: String,
+    pub not_before: Timestamp,
+    pub not_after: Timestamp,
+    pub reason: String,
+    /// Why it was refused.
+    pub refusal: Option<String>,
+    /// `command` (from the collector) or `file` (`weilan-agent unlock`).
+    pub via: String,
 }
 
 /// A new fence policy is in force on this agent.

@@ -147,6 +147,32 @@ pub enum CommandAction {
         version: String,
         policy_toml: String,
     },
+    /// Deliver a temporary unlock token (itself signed, see [`UnlockToken`]).
+    Unlock {
+        token: SignedMessage,
+    },
+}
+
+/// A temporary exception to the USB policy for one device on one agent (purpose
+/// `unlock`, signed by the collector). The agent verifies it offline with the CA,
+/// applies it between `not_before` and `not_after`, and never accepts the same
+/// `token_id` twice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnlockToken {
+    /// Random, unique: used tokens are remembered by id.
+    pub token_id: String,
+    /// The only agent that accepts it.
+    pub agent_id: String,
+    /// The device: its identity hash and/or its serial (all given must match).
+    pub device_hash: Option<String>,
+    pub serial: Option<String>,
+    /// `allow` or `read-only`.
+    pub mode: String,
+    pub not_before: jiff::Timestamp,
+    pub not_after: jiff::Timestamp,
+    /// Who asked and why (audited with every decision it makes).
+    pub reason: String,
 }
 
 /// A fence policy pushed by the collector (purpose `policy`), retained on

@@ -20,9 +20,15 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use weilan_config::event::{Event, UsbDecision, UsbDevice, Volume};
-use weilan_config::policy::usb::{is_root_hub, Context, Target, Verdict};
+use weilan_config::event::{Event, UsbDecision, UsbDevice, UsbUnlock, Volume};
+use weilan_config::policy::usb::{
+    is_root_hub, Context, Target, Verdict, BUILTIN_BADUSB, BUILTIN_ROOT_HUB,
+};
 use weilan_config::policy::Policy;
+use weilan_config::signing::Verifier;
+use weilan_config::wire::{SignedMessage, UnlockToken};
+
+use crate::unlock::{self, UnlockStore};
 
 use crate::source::usb::sysfs::Sysfs;
 use crate::source::EventSink;
@@ -58,6 +64,15 @@ pub enum FenceFact {
 pub enum FenceControl {
     /// A new validated policy is in force.
     Policy(Arc<Policy>),
+    /// An unlock token arrived (from a collector command); verified here.
+    Unlock(SignedMessage),
+}
+
+/// What the fence needs to accept unlock tokens.
+pub struct UnlockSetup {
+    pub verifier: Arc<Verifier>,
+    pub agent_id: String,
+    pub store: UnlockStore,
 }
 
 /// The kernel side of enforcement.
@@ -85,6 +100,9 @@ pub struct Fence {
     devices: HashMap<PathBuf, Tracked>,
     /// How often verdicts are re-evaluated (time windows).
     recheck: Duration,
+    unlock: Option<UnlockSetup>,
+    /// Accepted tokens still in force (or not yet).
+    unlocks: Vec<UnlockToken>,
 }
 
 impl Fence {
@@ -104,7 +122,15 @@ impl Fence {
             sink,
             devices: HashMap::new(),
             recheck: Duration::from_secs(30),
+            unlock: None,
+            unlocks: Vec::new(),
         }
+    }
+
+    /// Lets the fence accept temporary unlock tokens.
+    pub fn with_unlocks(mut self, setup: UnlockSetup) -> Self {
+        self.unlock = Some(setup);
+        self
     }
 
     fn mode(&self) -> &'static str {
@@ -148,7 +174,9 @@ impl Fence {
         self.start();
         let mut tick = tokio::time::interval(self.recheck);
         tick.tick().await;
+        let mut incoming = tokio::time::interval(Duration::from_secs(1));
         loop {
+            let boundary = self.next_unlock_boundary();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 f = facts.recv() => match f {
@@ -160,11 +188,130 @@ impl Fence {
                         self.policy = p;
                         self.reevaluate("policy-change").await;
                     }
+                    Some(FenceControl::Unlock(msg)) => self.accept_token(msg, "command").await,
                     None => {}
                 },
                 _ = tick.tick() => self.reevaluate("time-window").await,
+                _ = incoming.tick(), if self.unlock.is_some() => {
+                    let dropped = self.unlock.as_ref().map(|u| u.store.take_incoming()).unwrap_or_default();
+                    for msg in dropped {
+                        self.accept_token(msg, "file").await;
+                    }
+                }
+                _ = sleep_until_opt(boundary) => self.unlock_boundary().await,
             }
         }
+    }
+
+    /// The verdict for `d`: built-in protections, then unlock tokens in force, then
+    /// the policy's rules and default.
+    fn verdict(&self, d: &UsbDevice) -> Verdict {
+        let v = self.policy.usb.evaluate(d, &self.context());
+        if v.rule_id == BUILTIN_BADUSB || v.rule_id == BUILTIN_ROOT_HUB {
+            return v;
+        }
+        let now = jiff::Timestamp::now();
+        let token = self.unlocks.iter().find(|t| {
+            t.not_before <= now
+                && now < t.not_after
+                && t.device_hash.as_ref().is_none_or(|h| *h == d.hash)
+                && t.serial
+                    .as_ref()
+                    .is_none_or(|s| d.serial.as_ref() == Some(s))
+        });
+        match token {
+            Some(t) => Verdict {
+                target: if t.mode == "read-only" {
+                    Target::ReadOnly
+                } else {
+                    Target::Allow
+                },
+                rule_id: format!("unlock:{}", t.token_id),
+                reason: format!("temporary unlock until {} ({})", t.not_after, t.reason),
+            },
+            None => v,
+        }
+    }
+
+    async fn accept_token(&mut self, msg: SignedMessage, via: &str) {
+        let Some(setup) = &self.unlock else { return };
+        let claimed: Option<UnlockToken> = serde_json::from_str(&msg.body).ok();
+        let result = unlock::verify(&setup.verifier, &msg, &setup.agent_id).and_then(|t| {
+            if setup.store.used().contains(&t.token_id) {
+                Err(format!("token {} was already used", t.token_id))
+            } else {
+                setup
+                    .store
+                    .mark_used(&t.token_id)
+                    .map_err(|e| format!("cannot record the token as used: {e}"))
+                    .map(|()| t)
+            }
+        });
+        let (token, status, refusal) = match result {
+            Ok(t) => (Some(t), "accepted", None),
+            Err(why) => (claimed, "refused", Some(why)),
+        };
+        match &refusal {
+            Some(why) => tracing::warn!(%why, via, "unlock token refused"),
+            None => tracing::info!(via, "unlock token accepted"),
+        }
+        self.emit_unlock(token.as_ref(), status, refusal, via).await;
+        if let (Some(t), "accepted") = (token, status) {
+            self.unlocks.push(t);
+            self.reevaluate("unlock").await;
+        }
+    }
+
+    async fn emit_unlock(
+        &self,
+        t: Option<&UnlockToken>,
+        status: &str,
+        refusal: Option<String>,
+        via: &str,
+    ) {
+        let e = UsbUnlock {
+            token_id: t.map_or("(unreadable)".into(), |t| t.token_id.clone()),
+            status: status.into(),
+            device_hash: t.and_then(|t| t.device_hash.clone()),
+            serial: t.and_then(|t| t.serial.clone()),
+            mode: t.map_or(String::new(), |t| t.mode.clone()),
+            not_before: t.map_or(jiff::Timestamp::UNIX_EPOCH, |t| t.not_before),
+            not_after: t.map_or(jiff::Timestamp::UNIX_EPOCH, |t| t.not_after),
+            reason: t.map_or(String::new(), |t| t.reason.clone()),
+            refusal,
+            via: via.into(),
+        };
+        let _ = self.sink.emit(Event::UsbUnlock(e)).await;
+    }
+
+    /// The next moment a token starts or ends.
+    fn next_unlock_boundary(&self) -> Option<tokio::time::Instant> {
+        let now = jiff::Timestamp::now();
+        self.unlocks
+            .iter()
+            .flat_map(|t| [t.not_before, t.not_after])
+            .filter(|b| *b > now)
+            .min()
+            .map(|b| {
+                let wait = b.duration_since(now).unsigned_abs();
+                tokio::time::Instant::now() + wait + Duration::from_millis(5)
+            })
+    }
+
+    async fn unlock_boundary(&mut self) {
+        let now = jiff::Timestamp::now();
+        let (expired, live): (Vec<_>, Vec<_>) =
+            self.unlocks.drain(..).partition(|t| t.not_after <= now);
+        self.unlocks = live;
+        for t in &expired {
+            self.emit_unlock(Some(t), "expired", None, "timer").await;
+        }
+        let trigger = if expired.is_empty() {
+            "unlock"
+        } else {
+            "unlock-expired"
+        };
+        self.reevaluate(trigger).await;
     }
 
     async fn emit(&self, decision: UsbDecision) {
@@ -253,7 +400,7 @@ impl Fence {
             let Some(t) = self.devices.get(&dir) else {
                 continue;
             };
-            let verdict = self.policy.usb.evaluate(&t.device, &self.context());
+            let verdict = self.verdict(&t.device);
             if verdict == t.verdict && t.applied == self.policy.usb.enforce {
                 continue;
             }
@@ -272,7 +419,7 @@ impl Fence {
 
     /// Decides, enforces (when `apply` and in enforce mode) and remembers.
     fn decide(&mut self, dir: &Path, device: UsbDevice, trigger: &str, apply: bool) -> UsbDecision {
-        let verdict = self.policy.usb.evaluate(&device, &self.context());
+        let verdict = self.verdict(&device);
         let enforce = apply && self.policy.usb.enforce;
         let (actions, error) = if enforce {
             self.enforce(dir, &device, verdict.target)
@@ -385,6 +532,13 @@ impl Fence {
             policy_version: self.policy.version.clone(),
             latency_us: None,
         }
+    }
+}
+
+async fn sleep_until_opt(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 

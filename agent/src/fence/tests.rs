@@ -174,6 +174,7 @@ async fn each_target_is_enforced_and_reported_with_its_rule() {
                 dir,
                 device,
                 at_start: false,
+                seen: None,
             })
             .await;
         let d = decision(&mut w);
@@ -225,6 +226,7 @@ async fn badusb_and_root_hubs_and_audit_mode() {
             dir,
             device,
             at_start: false,
+            seen: None,
         })
         .await;
     let d = decision(&mut w);
@@ -242,6 +244,7 @@ async fn badusb_and_root_hubs_and_audit_mode() {
             dir: hub,
             device: hub_dev,
             at_start: false,
+            seen: None,
         })
         .await;
     assert!(w.rx.try_recv().is_err(), "no decision for a root hub");
@@ -259,6 +262,7 @@ async fn badusb_and_root_hubs_and_audit_mode() {
             dir,
             device,
             at_start: false,
+            seen: None,
         })
         .await;
     let d = decision(&mut w);
@@ -285,6 +289,7 @@ async fn present_devices_are_kept_or_decided_and_policy_changes_reapply() {
             dir,
             device,
             at_start: true,
+            seen: None,
         })
         .await;
     let d = decision(&mut w);
@@ -364,6 +369,7 @@ async fn the_linux_enforcer_writes_the_sysfs_attributes_of_a_fake_tree() {
                 dir: d,
                 device,
                 at_start: false,
+                seen: None,
             })
             .await;
         assert!(matches!(rx.try_recv().unwrap().event, Event::UsbDecision(ref x) if x.enforced));
@@ -401,6 +407,7 @@ async fn the_linux_enforcer_writes_the_sysfs_attributes_of_a_fake_tree() {
             dir: dir2.clone(),
             device,
             at_start: false,
+            seen: None,
         })
         .await;
     let _ = rx.try_recv();

@@ -1,0 +1,143 @@
+//! Issuing temporary unlock tokens (and sending them to agents as signed commands).
+
+use std::path::Path;
+use std::time::Duration;
+
+use rumqttc::QoS;
+use tokio_util::sync::CancellationToken;
+use weilan_config::mqtt::{self, SessionConfig, SessionEvent};
+use weilan_config::settings::collector::CollectorSettings;
+use weilan_config::signing::Signer;
+use weilan_config::topics::{self, Channel};
+use weilan_config::wire::{Command, CommandAction, Purpose, UnlockToken};
+
+/// Issues a token; writes it to `out`, sends it when `send`; returns a summary.
+#[allow(clippy::too_many_arguments)]
+pub fn issue(
+    settings: &CollectorSettings,
+    agent: &str,
+    hash: Option<String>,
+    serial: Option<String>,
+    mode: &str,
+    valid_secs: u64,
+    reason: &str,
+    out: Option<&Path>,
+    send: bool,
+) -> Result<String, String> {
+    if !weilan_config::topics::valid_agent_id(agent) {
+        return Err(format!("`{agent}` is not an agent id"));
+    }
+    if hash.is_none() && serial.is_none() {
+        return Err("name the device: --hash and/or --serial".into());
+    }
+    if !matches!(mode, "allow" | "read-only") {
+        return Err(format!("--mode `{mode}` is not allow or read-only"));
+    }
+    if out.is_none() && !send {
+        return Err("give --out FILE and/or --send".into());
+    }
+    let signer = Signer::from_pem_files(&settings.client_cert, &settings.client_key)
+        .map_err(|e| e.to_string())?;
+    let mut id = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+        .map_err(|_| "no randomness")?;
+    let now = jiff::Timestamp::now();
+    let token = UnlockToken {
+        token_id: hex::encode(id),
+        agent_id: agent.to_string(),
+        device_hash: hash.map(|h| h.to_ascii_lowercase()),
+        serial,
+        mode: mode.to_string(),
+        not_before: now,
+        not_after: now + jiff::SignedDuration::from_secs(valid_secs as i64),
+        reason: reason.to_string(),
+    };
+    let body = serde_json::to_string(&token).map_err(|e| e.to_string())?;
+    let signed = signer.sign(Purpose::Unlock, body);
+    let mut summary = format!(
+        "token {} for agent {agent}: {mode} until {}",
+        token.token_id, token.not_after
+    );
+    if let Some(path) = out {
+        let bytes = serde_json::to_vec_pretty(&signed).map_err(|e| e.to_string())?;
+        std::fs::write(path, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        summary.push_str(&format!("; written to {}", path.display()));
+    }
+    if send {
+        let command = Command {
+            agent_id: agent.to_string(),
+            seq: now.as_millisecond() as u64,
+            issued_at: now,
+            expires_at: now + jiff::SignedDuration::from_secs(600),
+            reason: format!("unlock {}: {reason}", token.token_id),
+            action: CommandAction::Unlock { token: signed },
+        };
+        let body = serde_json::to_string(&command).map_err(|e| e.to_string())?;
+        let payload =
+            serde_json::to_vec(&signer.sign(Purpose::Command, body)).map_err(|e| e.to_string())?;
+        send_once(
+            settings,
+            &topics::agent_topic(agent, Channel::Commands),
+            payload,
+        )?;
+        summary.push_str("; sent");
+    }
+    Ok(summary)
+}
+
+fn send_once(settings: &CollectorSettings, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+    let tls = weilan_config::tls::client_config(
+        &settings.ca,
+        &settings.client_cert,
+        &settings.client_key,
+        &settings.server_name,
+    )
+    .map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let stop = CancellationToken::new();
+        let (client, mut rx, task) = mqtt::spawn(
+            SessionConfig {
+                client_id: format!("{}-cli-{}", settings.client_id, std::process::id()),
+                host: settings.broker_host.clone(),
+                port: settings.broker_port,
+                tls,
+                keep_alive: Duration::from_secs(10),
+                last_will: None,
+                max_packet: 1 << 20,
+                request_capacity: 8,
+                incoming_capacity: 8,
+                subscriptions: vec![],
+            },
+            stop.clone(),
+        );
+        let connected = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(ev) = rx.recv().await {
+                if matches!(ev, SessionEvent::Connected) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        if connected != Ok(true) {
+            stop.cancel();
+            let _ = task.await;
+            return Err(format!(
+                "could not reach the broker at {}:{}",
+                settings.broker_host, settings.broker_port
+            ));
+        }
+        client
+            .try_publish(topic, QoS::AtLeastOnce, false, payload)
+            .map_err(|e| e.to_string())?;
+        // Let the publish go out before the orderly disconnect.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.cancel();
+        let _ = task.await;
+        Ok(())
+    })
+}
