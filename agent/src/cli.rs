@@ -63,19 +63,6 @@ fn load(config: &std::path::Path) -> Result<AgentSettings, ExitCode> {
     })
 }
 
-fn init_tracing(log: &weilan_config::settings::LogSettings) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if log.json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 /// Runs the command line given in `args` (including the program name).
 pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     weilan_config::tls::install_default_provider();
@@ -191,7 +178,7 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                 Ok(s) => s,
                 Err(code) => return code,
             };
-            init_tracing(&settings.log);
+            weilan_config::runtime::init_tracing(&settings.log, "");
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -205,7 +192,7 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
             };
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
-                tokio::spawn(stop_on_signal(shutdown.clone()));
+                tokio::spawn(weilan_config::runtime::stop_on_signal(shutdown.clone()));
                 match crate::run(settings, shutdown).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(crate::AgentError::Policy(e)) => {
@@ -220,20 +207,4 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
             })
         }
     }
-}
-
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    shutdown.cancel();
 }

@@ -755,30 +755,24 @@ impl Journal {
     fn advance_resume(&mut self) {
         let Some(a) = self.acked else { return };
         loop {
-            let Some(seg) = self.segments.get(&self.resume.segment) else {
-                match self.segments.range(self.resume.segment..).next() {
-                    Some((id, _)) => {
-                        self.resume = Position {
-                            segment: *id,
-                            offset: 0,
-                        };
-                        continue;
+            let seg = match self.segments.get(&self.resume.segment) {
+                Some(seg) if self.resume.offset < seg.durable => seg,
+                current => {
+                    // Past this segment's durable end, or the segment is gone: go on
+                    // at the next one, if there is one.
+                    let from = self.resume.segment + u64::from(current.is_some());
+                    match self.segments.range(from..).next() {
+                        Some((id, _)) => {
+                            self.resume = Position {
+                                segment: *id,
+                                offset: 0,
+                            };
+                            continue;
+                        }
+                        None => return,
                     }
-                    None => return,
                 }
             };
-            if self.resume.offset >= seg.durable {
-                match self.segments.range(self.resume.segment + 1..).next() {
-                    Some((id, _)) => {
-                        self.resume = Position {
-                            segment: *id,
-                            offset: 0,
-                        };
-                        continue;
-                    }
-                    None => return,
-                }
-            }
             let Ok(f) = File::open(&seg.path) else { return };
             let mut off = self.resume.offset;
             while off < seg.durable {

@@ -135,21 +135,6 @@ fn load(config: &std::path::Path) -> Result<CollectorSettings, ExitCode> {
     })
 }
 
-fn init_tracing(log: &weilan_config::settings::LogSettings) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        // rumqttd logs every connection at info; keep its warnings only.
-        tracing_subscriber::EnvFilter::new(format!("{},rumqttd=warn", log.filter))
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if log.json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 /// Runs the command line given in `args` (including the program name).
 pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     weilan_config::tls::install_default_provider();
@@ -345,7 +330,7 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                 Ok(s) => s,
                 Err(code) => return code,
             };
-            init_tracing(&settings.log);
+            weilan_config::runtime::init_tracing(&settings.log, ",rumqttd=warn");
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
                 Err(e) => {
@@ -355,7 +340,7 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
             };
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
-                tokio::spawn(stop_on_signal(shutdown.clone()));
+                tokio::spawn(weilan_config::runtime::stop_on_signal(shutdown.clone()));
                 match crate::run(settings, shutdown).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(crate::CollectorError::Policy(e)) => {
@@ -371,20 +356,4 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
             })
         }
     }
-}
-
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    shutdown.cancel();
 }

@@ -13,10 +13,12 @@
 
 pub mod event;
 pub mod load;
-#[cfg(feature = "mqtt")]
+#[cfg(feature = "runtime")]
 pub mod mqtt;
 pub mod pem;
 pub mod policy;
+#[cfg(feature = "runtime")]
+pub mod runtime;
 pub mod settings;
 pub mod signing;
 pub mod tls;
