@@ -151,13 +151,13 @@ fn quickstart(data: &Path, port: u16) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let agent =
         weilan_config::load_file::<AgentFile>(&agent_toml).map_err(|e| anyhow::anyhow!("{e}"))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    weilan_config::runtime::init_tracing(
+        &weilan_config::settings::LogSettings {
+            filter: "info".into(),
+            json: false,
+        },
+        ",rumqttd=warn",
+    );
     let alerts = collector.alerts_path.clone();
     println!("Weilan quickstart: collector on 127.0.0.1:{port} (embedded broker, mutual TLS), agent `{name}` watching this machine.");
     println!("  data:     {}", data.display());
