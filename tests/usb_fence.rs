@@ -493,3 +493,205 @@ fn temporary_unlock_tokens_are_bound_single_use_and_expire() {
     assert_eq!(authorized(), "1");
     println!("unlock tokens: offline file and online command applied, reuse/other-agent/forged refused, expiry on time");
 }
+
+fn command_results(w: &World) -> Vec<serde_json::Value> {
+    if !w.path("weilan.db").exists() {
+        return vec![];
+    }
+    let db = w.db();
+    let mut st = db
+        .prepare("SELECT envelope FROM events WHERE kind = 'command.result' ORDER BY seq")
+        .unwrap();
+    st.query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .filter_map(|r| r.ok())
+        .filter_map(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .map(|v| v["event"]["data"].clone())
+        .collect()
+}
+
+#[test]
+fn commands_are_authenticated_fresh_and_never_replayed() {
+    if !netns_available() {
+        return;
+    }
+    let w = World::new();
+    fs::write(w.path("policy.toml"), policy("c1", &["CMD-1"], &[])).unwrap();
+    let sys = w.sysfs();
+    let stick = add_stick(
+        &sys,
+        &FakeStick {
+            port: "1-1",
+            vid: "0781",
+            pid: "5581",
+            serial: "CMD-1",
+            classes: &[8],
+            disk: None,
+        },
+    );
+    let authorized = || {
+        fs::read_to_string(
+            sys.join(stick.strip_prefix("/").unwrap())
+                .join("authorized"),
+        )
+        .unwrap_or_default()
+    };
+    let ns = Netns::create();
+    let ccfg = w.collector_toml(false, "");
+    let collector = w.start_collector(&ns, &ccfg);
+    let agent = w.start_agent(&ns, &w.agent_toml(AGENT, "pki/ca.pem", ""), AGENT);
+    let diag = || {
+        format!(
+            "--- agent\n{}\n--- collector\n{}",
+            agent.log_text(),
+            collector.log_text()
+        )
+    };
+    let d = wait_for(
+        "allowed at start",
+        T,
+        || decision(&w, "CMD-1", "start"),
+        diag,
+    );
+    assert_eq!(authorized(), "1");
+    let hash = d["hash"].as_str().unwrap().to_string();
+
+    // A valid block command from the collector blocks the device.
+    let out = ns
+        .command(weilan_bin())
+        .args([
+            "collector",
+            "command",
+            "--config",
+            ccfg.to_str().unwrap(),
+            "--agent",
+            AGENT,
+            "--reason",
+            "incident 7",
+            "block-device",
+            "--hash",
+            &hash,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = wait_for(
+        "blocked by command",
+        T,
+        || decision(&w, "CMD-1", "command"),
+        diag,
+    );
+    assert_eq!(d["target"], "block");
+    assert!(
+        d["rule_id"].as_str().unwrap().starts_with("command:"),
+        "{d}"
+    );
+    assert_eq!(authorized(), "0");
+    let executed = wait_for(
+        "command.result executed",
+        T,
+        || {
+            command_results(&w)
+                .into_iter()
+                .find(|r| r["status"] == "executed")
+        },
+        diag,
+    );
+    let used_seq = executed["seq"].as_u64().unwrap();
+
+    // Forged, replayed, expired, misaddressed, agent-signed: all refused, each reported.
+    let collector_signer =
+        weilan_config::signing::Signer::from_pem_files(&w.pki.collector(), &w.pki.collector_key())
+            .unwrap();
+    let agent_signer = weilan_config::signing::Signer::from_pem_files(
+        &w.pki.agent(AGENT),
+        &w.pki.agent_key(AGENT),
+    )
+    .unwrap();
+    let now = jiff::Timestamp::now();
+    let cmd = |agent: &str, seq: u64, expires: jiff::Timestamp| {
+        serde_json::to_string(&weilan_config::wire::Command {
+            agent_id: agent.into(),
+            seq,
+            issued_at: now,
+            expires_at: expires,
+            reason: "test".into(),
+            action: weilan_config::wire::CommandAction::SetDeviceReadOnly {
+                device_hash: hash.clone(),
+            },
+        })
+        .unwrap()
+    };
+    let later = now + jiff::SignedDuration::from_secs(600);
+    let earlier = now - jiff::SignedDuration::from_secs(1);
+    let purpose = weilan_config::wire::Purpose::Command;
+    let mut forged = collector_signer.sign(purpose, cmd(AGENT, used_seq + 10, later));
+    forged.body = forged.body.replace("\"test\"", "\"tampered\"");
+    let cases = vec![
+        (
+            "replayed",
+            collector_signer.sign(purpose, cmd(AGENT, used_seq, later)),
+        ),
+        ("signature", forged),
+        (
+            "expired",
+            collector_signer.sign(purpose, cmd(AGENT, used_seq + 20, earlier)),
+        ),
+        (
+            "addressed to agent `ws-other`",
+            collector_signer.sign(purpose, cmd("ws-other", used_seq + 30, later)),
+        ),
+        (
+            "signature",
+            agent_signer.sign(purpose, cmd(AGENT, used_seq + 40, later)),
+        ),
+    ];
+    let expected: Vec<&str> = cases.iter().map(|(why, _)| *why).collect();
+    let payloads: Vec<Vec<u8>> = cases
+        .iter()
+        .map(|(_, m)| serde_json::to_vec(m).unwrap())
+        .collect();
+    let n = payloads.len();
+    let tls = test_client_tls(
+        &w.pki.ca(),
+        Some((&w.pki.collector(), &w.pki.collector_key())),
+    );
+    let topic = format!("weilan/v1/agents/{AGENT}/commands");
+    with_mqtt_client(&ns, "attacker", tls, move |c, mut el| {
+        Box::pin(async move {
+            connect(&mut el).await.expect("connect");
+            for p in payloads {
+                c.publish(topic.clone(), rumqttc::QoS::AtLeastOnce, false, p)
+                    .await
+                    .unwrap();
+            }
+            drive_until_pubacks(&mut el, n).await.expect("pubacks");
+        })
+    });
+    let rejected = wait_for(
+        "five rejections",
+        T,
+        || {
+            let r: Vec<_> = command_results(&w)
+                .into_iter()
+                .filter(|r| r["status"] == "rejected")
+                .collect();
+            (r.len() == 5).then_some(r)
+        },
+        diag,
+    );
+    for (r, why) in rejected.iter().zip(expected) {
+        assert!(
+            r["detail"].as_str().unwrap().contains(why),
+            "expected `{why}`: {r}"
+        );
+    }
+    // None of them changed anything: the device is still blocked by the real command.
+    assert_eq!(authorized(), "0");
+    assert!(decision(&w, "CMD-1", "command").is_some_and(|d| d["target"] == "block"));
+    println!("commands: a valid block command executed; replayed, forged, expired, misaddressed and agent-signed commands refused and reported");
+}

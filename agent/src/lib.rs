@@ -15,6 +15,7 @@
 #![deny(unsafe_code)]
 
 pub mod cli;
+pub mod commands;
 pub mod fence;
 pub mod journal;
 pub mod policy_manager;
@@ -111,6 +112,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
     stats.set_policy_version(&policy.version);
     let (policy_tx, policy_rx) = mpsc::channel(4);
     let (fence_control, fence_control_rx) = mpsc::channel(8);
+    let (commands_tx, commands_rx) = mpsc::channel(64);
     let notify = Arc::new(Notify::new());
     let source_drops = Arc::new(AtomicU64::new(0));
     let (tx, rx) = mpsc::channel(settings.pipeline_capacity);
@@ -145,7 +147,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
         signer,
         verifier,
         policy_pushes: policy_tx,
-        fence_control: settings.usb.as_ref().map(|_| fence_control.clone()),
+        commands: commands_tx,
         journal,
         notify,
         stats: stats.clone(),
@@ -161,6 +163,17 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
         }))
         .await;
     let (fence_tx, fence_rx) = mpsc::channel(256);
+    let command_task = tokio::spawn(
+        commands::CommandGate {
+            agent_id: agent_id.clone(),
+            verifier: unlock_verifier.clone(),
+            seq_file: settings.state_dir.join("command-seq"),
+            sink: sink.clone(),
+            fence: settings.usb.as_ref().map(|_| fence_control.clone()),
+            policy_version: stats.clone(),
+        }
+        .run(commands_rx, shutdown.clone()),
+    );
     let policy_task = tokio::spawn(
         policy_manager::PolicyManager {
             state_dir: settings.state_dir.clone(),
@@ -231,6 +244,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
         let _ = t.await;
     }
     let _ = policy_task.await;
+    let _ = command_task.await;
     let _ = sink
         .emit(Event::AgentStopping(AgentStopping {
             reason: "signal".into(),

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use weilan_config::mqtt::{self, SessionConfig, SessionEvent};
 use weilan_config::signing::{Role, Signer, Verifier};
 use weilan_config::topics::{self, Channel};
-use weilan_config::wire::{self, Ack, AgentState, Batch, Command, Purpose, Status};
+use weilan_config::wire::{self, Ack, AgentState, Batch, Purpose, Status};
 
 use serde_json::value::RawValue;
 use weilan_config::event::EventKey;
@@ -109,8 +109,8 @@ pub struct Uplink {
     pub verifier: Verifier,
     /// Verified policy bodies go to the policy manager.
     pub policy_pushes: mpsc::Sender<String>,
-    /// Unlock tokens delivered by command go to the USB fence.
-    pub fence_control: Option<mpsc::Sender<crate::fence::FenceControl>>,
+    /// Command payloads go to the command gate, which authenticates them.
+    pub commands: mpsc::Sender<Vec<u8>>,
     pub journal: Arc<Mutex<Journal>>,
     pub notify: Arc<Notify>,
     pub stats: Arc<AgentStats>,
@@ -352,7 +352,16 @@ impl Uplink {
         }
         let purpose = match channel {
             Channel::Acks => Purpose::Ack,
-            Channel::Commands => Purpose::Command,
+            Channel::Commands => {
+                // Authentication, freshness and replay checks happen in the gate,
+                // which also reports every refusal.
+                if self.commands.try_send(payload.to_vec()).is_err() {
+                    tracing::warn!(
+                        "command queue full; command dropped (the collector may send it again)"
+                    );
+                }
+                return;
+            }
             _ => return,
         };
         let verified = wire::decode_signed(payload, MAX_INCOMING)
@@ -404,36 +413,6 @@ impl Uplink {
                 Ok(ack) => tracing::warn!(claimed = %ack.agent_id, "ack for another agent refused"),
                 Err(e) => tracing::warn!(error = %e, "malformed ack refused"),
             },
-            Channel::Commands => {
-                match wire::decode::<Command>("a command", body.as_bytes(), MAX_INCOMING) {
-                    Ok(cmd) if cmd.agent_id != self.config.agent_id => {
-                        tracing::warn!(claimed = %cmd.agent_id, "command for another agent refused")
-                    }
-                    Ok(cmd) if cmd.expires_at <= jiff::Timestamp::now() => {
-                        tracing::warn!(seq = cmd.seq, "expired command refused")
-                    }
-                    Ok(Command {
-                        action: wire::CommandAction::Unlock { token },
-                        ..
-                    }) => match &self.fence_control {
-                        // The token carries its own signature, binding and single use.
-                        Some(f) => {
-                            if f.try_send(crate::fence::FenceControl::Unlock(token))
-                                .is_err()
-                            {
-                                tracing::warn!(
-                                    "USB fence busy; unlock token dropped (send it again)"
-                                );
-                            }
-                        }
-                        None => tracing::warn!("unlock token received but the USB fence is off"),
-                    },
-                    Ok(cmd) => {
-                        tracing::warn!(seq = cmd.seq, action = ?cmd.action, "command received; this agent version executes only unlock tokens")
-                    }
-                    Err(e) => tracing::warn!(error = %e, "malformed command refused"),
-                }
-            }
             _ => {}
         }
     }

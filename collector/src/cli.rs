@@ -101,6 +101,22 @@ enum Command {
         #[arg(long)]
         send: bool,
     },
+    /// Send a signed command to an agent (authenticated, bound to the agent, expiring,
+    /// never executed twice); the agent reports a command.result event.
+    Command {
+        #[arg(long, default_value = "/etc/weilan/collector.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        agent: String,
+        /// Who asks and why (travels with the command and its result).
+        #[arg(long)]
+        reason: String,
+        /// Seconds the command stays valid.
+        #[arg(long, default_value_t = 600)]
+        valid_secs: i64,
+        #[command(subcommand)]
+        action: CommandCli,
+    },
     /// Manage the Weilan PKI (CA, broker and agent certificates).
     Pki {
         #[command(subcommand)]
@@ -108,6 +124,22 @@ enum Command {
     },
     /// Print the documented example settings.
     PrintDefaultConfig,
+}
+
+#[derive(Subcommand)]
+enum CommandCli {
+    /// Block a device (by identity hash) regardless of policy, for the agent's run.
+    BlockDevice {
+        #[arg(long)]
+        hash: String,
+    },
+    /// Make a device (by identity hash) read-only.
+    ReadOnly {
+        #[arg(long)]
+        hash: String,
+    },
+    /// Ask the agent to report its host inventory now.
+    Inventory,
 }
 
 #[derive(Subcommand)]
@@ -244,6 +276,37 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("unlock: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Command {
+            config,
+            agent,
+            reason,
+            valid_secs,
+            action,
+        } => {
+            let settings = match load(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            let action = match action {
+                CommandCli::BlockDevice { hash } => {
+                    weilan_config::wire::CommandAction::BlockDevice { device_hash: hash }
+                }
+                CommandCli::ReadOnly { hash } => {
+                    weilan_config::wire::CommandAction::SetDeviceReadOnly { device_hash: hash }
+                }
+                CommandCli::Inventory => weilan_config::wire::CommandAction::RequestInventory,
+            };
+            match crate::unlock::send_command(&settings, &agent, action, &reason, valid_secs) {
+                Ok(seq) => {
+                    println!("command {seq} sent to {agent}; its result arrives as a command.result event");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("command: {e}");
                     ExitCode::FAILURE
                 }
             }

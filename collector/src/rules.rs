@@ -51,6 +51,7 @@ pub fn evaluate(policy: &Policy, stored: &[Stored<'_>]) -> Vec<Alert> {
                 .or_else(|| events_lost(e))
                 .or_else(|| enforcement_failed(e))
                 .or_else(|| policy_rejected(e))
+                .or_else(|| command_rejected(e))
         })
         .collect()
 }
@@ -169,5 +170,33 @@ fn policy_rejected(env: &Envelope) -> Option<Alert> {
         ),
         event_ids: vec![env.event_id.to_string()],
         details: serde_json::json!({"errors": p.errors, "kept": p.kept}),
+    })
+}
+
+/// Id of the built-in command-rejected rule.
+pub const COMMAND_REJECTED: &str = "builtin.command.rejected";
+
+fn command_rejected(env: &Envelope) -> Option<Alert> {
+    let Event::CommandResult(r) = &env.event else {
+        return None;
+    };
+    if r.status != "rejected" {
+        return None;
+    }
+    Some(Alert {
+        alert_id: 0,
+        time: jiff::Timestamp::now(),
+        level: Level::Yellow,
+        rule_id: COMMAND_REJECTED.into(),
+        agent_id: env.event_id.agent_id.clone(),
+        summary: format!(
+            "Agent {} refused a command ({}, seq {}): {} — forged, replayed or stale commands may mean someone is probing",
+            env.event_id.agent_id,
+            r.action.as_deref().unwrap_or("unreadable"),
+            r.seq.map_or("?".to_string(), |s| s.to_string()),
+            r.detail
+        ),
+        event_ids: vec![env.event_id.to_string()],
+        details: serde_json::json!({"seq": r.seq, "action": r.action, "detail": r.detail}),
     })
 }

@@ -72,6 +72,15 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE agents ADD COLUMN backlog INTEGER;
      ALTER TABLE agents ADD COLUMN last_event TEXT;
      ALTER TABLE agents ADD COLUMN silent_alerted INTEGER NOT NULL DEFAULT 0;",
+    // 3: commands sent to agents (sequence numbers only ever increase per agent).
+    "CREATE TABLE commands (
+        agent_id  TEXT NOT NULL,
+        seq       INTEGER NOT NULL,
+        issued_at TEXT NOT NULL,
+        action    TEXT NOT NULL,
+        reason    TEXT NOT NULL,
+        PRIMARY KEY (agent_id, seq)
+     );",
 ];
 
 /// Quarantined payloads are kept up to this size (the hash covers the whole payload).
@@ -310,6 +319,31 @@ impl Store {
             params![agent_id, now, state, agent_version, policy_version, hostname],
         )?;
         Ok(())
+    }
+
+    /// Reserves the next command sequence number for `agent`: above every one used
+    /// before and at least the current time in milliseconds (so it also stays above
+    /// numbers from a database that was lost).
+    pub fn next_command_seq(
+        &mut self,
+        agent: &str,
+        action: &str,
+        reason: &str,
+    ) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction()?;
+        let last: i64 = tx.query_row(
+            "SELECT COALESCE(MAX(seq), 0) FROM commands WHERE agent_id = ?1",
+            [agent],
+            |r| r.get(0),
+        )?;
+        let now = jiff::Timestamp::now();
+        let seq = (last + 1).max(now.as_millisecond());
+        tx.execute(
+            "INSERT INTO commands (agent_id, seq, issued_at, action, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![agent, seq, now.to_string(), action, reason],
+        )?;
+        tx.commit()?;
+        Ok(seq as u64)
     }
 
     pub fn count_events(&self) -> Result<i64, StoreError> {

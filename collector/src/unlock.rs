@@ -1,4 +1,5 @@
-//! Issuing temporary unlock tokens (and sending them to agents as signed commands).
+//! Signed commands to agents (with per-agent increasing sequence numbers), and
+//! temporary unlock tokens.
 
 use std::path::Path;
 use std::time::Duration;
@@ -83,6 +84,47 @@ pub fn issue(
         summary.push_str("; sent");
     }
     Ok(summary)
+}
+
+/// Signs `action` as a command for `agent` with the next sequence number, sends it,
+/// and returns the number.
+pub fn send_command(
+    settings: &CollectorSettings,
+    agent: &str,
+    action: CommandAction,
+    reason: &str,
+    valid_secs: i64,
+) -> Result<u64, String> {
+    if !weilan_config::topics::valid_agent_id(agent) {
+        return Err(format!("`{agent}` is not an agent id"));
+    }
+    let signer = Signer::from_pem_files(&settings.client_cert, &settings.client_key)
+        .map_err(|e| e.to_string())?;
+    let name = serde_json::to_value(&action)
+        .ok()
+        .and_then(|v| v["action"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    let seq = crate::store::Store::open(&settings.store_path)
+        .and_then(|mut s| s.next_command_seq(agent, &name, reason))
+        .map_err(|e| e.to_string())?;
+    let now = jiff::Timestamp::now();
+    let command = Command {
+        agent_id: agent.to_string(),
+        seq,
+        issued_at: now,
+        expires_at: now + jiff::SignedDuration::from_secs(valid_secs),
+        reason: reason.to_string(),
+        action,
+    };
+    let body = serde_json::to_string(&command).map_err(|e| e.to_string())?;
+    let payload =
+        serde_json::to_vec(&signer.sign(Purpose::Command, body)).map_err(|e| e.to_string())?;
+    send_once(
+        settings,
+        &topics::agent_topic(agent, Channel::Commands),
+        payload,
+    )?;
+    Ok(seq)
 }
 
 fn send_once(settings: &CollectorSettings, topic: &str, payload: Vec<u8>) -> Result<(), String> {

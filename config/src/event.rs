@@ -143,6 +143,8 @@ pub enum Event {
     PolicyRejected(PolicyRejected),
     #[serde(rename = "usb.unlock")]
     UsbUnlock(UsbUnlock),
+    #[serde(rename = "command.result")]
+    CommandResult(CommandResult),
 }
 
 impl Event {
@@ -162,6 +164,7 @@ impl Event {
             Event::PolicyApplied(_) => "policy.applied",
             Event::PolicyRejected(_) => "policy.rejected",
             Event::UsbUnlock(_) => "usb.unlock",
+            Event::CommandResult(_) => "command.result",
         }
     }
 }
@@ -385,6 +388,21 @@ pub struct UsbUnlock {
     pub refusal: Option<String>,
     /// `command` (from the collector) or `file` (`weilan-agent unlock`).
     pub via: String,
+}
+
+/// What became of a command from the collector. Every command gets one: executed,
+/// rejected (forged, replayed, expired, for another agent — with the reason) or
+/// unsupported by this agent version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandResult {
+    /// The command's sequence number, when it could be read.
+    pub seq: Option<u64>,
+    /// The action, when it could be read (`block-device`, ...).
+    pub action: Option<String>,
+    /// `executed`, `rejected` or `unsupported`.
+    pub status: String,
+    pub detail: String,
 }
 
 /// A new fence policy is in force on this agent.

@@ -66,6 +66,13 @@ pub enum FenceControl {
     Policy(Arc<Policy>),
     /// An unlock token arrived (from a collector command); verified here.
     Unlock(SignedMessage),
+    /// A verified collector command fixes a device's verdict (e.g. block it).
+    Override {
+        device_hash: String,
+        target: Target,
+        rule_id: String,
+        reason: String,
+    },
 }
 
 /// What the fence needs to accept unlock tokens.
@@ -103,6 +110,8 @@ pub struct Fence {
     unlock: Option<UnlockSetup>,
     /// Accepted tokens still in force (or not yet).
     unlocks: Vec<UnlockToken>,
+    /// Verdicts fixed by collector commands, by device hash (this run).
+    overrides: HashMap<String, Verdict>,
 }
 
 impl Fence {
@@ -124,6 +133,7 @@ impl Fence {
             recheck: Duration::from_secs(30),
             unlock: None,
             unlocks: Vec::new(),
+            overrides: HashMap::new(),
         }
     }
 
@@ -189,6 +199,10 @@ impl Fence {
                         self.reevaluate("policy-change").await;
                     }
                     Some(FenceControl::Unlock(msg)) => self.accept_token(msg, "command").await,
+                    Some(FenceControl::Override { device_hash, target, rule_id, reason }) => {
+                        self.overrides.insert(device_hash, Verdict { target, rule_id, reason });
+                        self.reevaluate("command").await;
+                    }
                     None => {}
                 },
                 _ = tick.tick() => self.reevaluate("time-window").await,
@@ -203,12 +217,15 @@ impl Fence {
         }
     }
 
-    /// The verdict for `d`: built-in protections, then unlock tokens in force, then
-    /// the policy's rules and default.
+    /// The verdict for `d`: built-in protections, then collector commands, then unlock
+    /// tokens in force, then the policy's rules and default.
     fn verdict(&self, d: &UsbDevice) -> Verdict {
         let v = self.policy.usb.evaluate(d, &self.context());
         if v.rule_id == BUILTIN_BADUSB || v.rule_id == BUILTIN_ROOT_HUB {
             return v;
+        }
+        if let Some(o) = self.overrides.get(&d.hash) {
+            return o.clone();
         }
         let now = jiff::Timestamp::now();
         let token = self.unlocks.iter().find(|t| {
