@@ -631,7 +631,7 @@ fn commands_are_authenticated_fresh_and_never_replayed() {
     let purpose = weilan_config::wire::Purpose::Command;
     let mut forged = collector_signer.sign(purpose, cmd(AGENT, used_seq + 10, later));
     forged.body = forged.body.replace("\"test\"", "\"tampered\"");
-    let cases = vec![
+    let cases = [
         (
             "replayed",
             collector_signer.sign(purpose, cmd(AGENT, used_seq, later)),

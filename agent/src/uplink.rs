@@ -379,41 +379,39 @@ impl Uplink {
                 return;
             }
         };
-        match channel {
-            Channel::Acks => match wire::decode::<Ack>("an ack", body.as_bytes(), MAX_INCOMING) {
-                Ok(ack) if ack.agent_id == self.config.agent_id => {
-                    for r in &ack.rejected {
-                        tracing::error!(index = r.index, key = ?r.key, reason = %r.reason, "collector rejected an event (quarantined there)");
-                    }
-                    let mut journal = self.lock();
-                    journal.ack(ack.first, ack.last);
-                    self.stats
-                        .backlog
-                        .store(journal.unacked(), Ordering::Relaxed);
-                    drop(journal);
-                    sending.in_flight.retain(|b| {
-                        b.batch_id != ack.batch_id && !(ack.first <= b.first && b.last <= ack.last)
-                    });
-                    // The collector handles batches in the order the broker delivers
-                    // them, and one connection keeps that order: an ack that overtakes
-                    // an earlier batch means the earlier one was lost on the way (e.g.
-                    // published before the collector had subscribed). Send it again now
-                    // rather than after the ack timeout.
-                    if sending.in_flight.iter().any(|b| b.last < ack.first) {
-                        tracing::info!(
-                            batch_id = ack.batch_id,
-                            "an earlier batch was lost in transit; sending again"
-                        );
-                        self.rewind(sending);
-                    }
-                    self.stats.acked_batches.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(batch_id = ack.batch_id, first = %ack.first, last = %ack.last, duplicates = ack.duplicates, "batch acknowledged");
-                    self.notify.notify_one();
+        // Only acks reach this point (commands went to the gate above).
+        match wire::decode::<Ack>("an ack", body.as_bytes(), MAX_INCOMING) {
+            Ok(ack) if ack.agent_id == self.config.agent_id => {
+                for r in &ack.rejected {
+                    tracing::error!(index = r.index, key = ?r.key, reason = %r.reason, "collector rejected an event (quarantined there)");
                 }
-                Ok(ack) => tracing::warn!(claimed = %ack.agent_id, "ack for another agent refused"),
-                Err(e) => tracing::warn!(error = %e, "malformed ack refused"),
-            },
-            _ => {}
+                let mut journal = self.lock();
+                journal.ack(ack.first, ack.last);
+                self.stats
+                    .backlog
+                    .store(journal.unacked(), Ordering::Relaxed);
+                drop(journal);
+                sending.in_flight.retain(|b| {
+                    b.batch_id != ack.batch_id && !(ack.first <= b.first && b.last <= ack.last)
+                });
+                // The collector handles batches in the order the broker delivers
+                // them, and one connection keeps that order: an ack that overtakes
+                // an earlier batch means the earlier one was lost on the way (e.g.
+                // published before the collector had subscribed). Send it again now
+                // rather than after the ack timeout.
+                if sending.in_flight.iter().any(|b| b.last < ack.first) {
+                    tracing::info!(
+                        batch_id = ack.batch_id,
+                        "an earlier batch was lost in transit; sending again"
+                    );
+                    self.rewind(sending);
+                }
+                self.stats.acked_batches.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(batch_id = ack.batch_id, first = %ack.first, last = %ack.last, duplicates = ack.duplicates, "batch acknowledged");
+                self.notify.notify_one();
+            }
+            Ok(ack) => tracing::warn!(claimed = %ack.agent_id, "ack for another agent refused"),
+            Err(e) => tracing::warn!(error = %e, "malformed ack refused"),
         }
     }
 }

@@ -103,7 +103,8 @@ enum Command {
     },
     /// Send a signed command to an agent (authenticated, bound to the agent, expiring,
     /// never executed twice); the agent reports a command.result event.
-    Command {
+    #[command(name = "command")]
+    Order {
         #[arg(long, default_value = "/etc/weilan/collector.toml")]
         config: PathBuf,
         #[arg(long)]
@@ -280,7 +281,7 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                 }
             }
         }
-        Command::Command {
+        Command::Order {
             config,
             agent,
             reason,
