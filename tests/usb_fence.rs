@@ -38,35 +38,21 @@ fn policy(version: &str, allowed: &[&str], rejected: &[&str]) -> String {
 }
 
 fn decision(w: &World, serial: &str, trigger: &str) -> Option<serde_json::Value> {
-    if !w.path("weilan.db").exists() {
-        return None;
-    }
-    w.db()
-        .query_row(
-            "SELECT envelope FROM events WHERE kind = 'usb.decision' \
-             AND json_extract(envelope, '$.event.data.serial') = ?1 \
-             AND json_extract(envelope, '$.event.data.trigger') = ?2 ORDER BY seq DESC LIMIT 1",
-            [serial, trigger],
-            |r| r.get::<_, String>(0),
-        )
-        .ok()
-        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-        .map(|v| v["event"]["data"].clone())
+    w.events(
+        "usb.decision",
+        "json_extract(envelope, '$.event.data.serial') = ?2 AND json_extract(envelope, '$.event.data.trigger') = ?3",
+        &[serial, trigger],
+    )
+    .pop()
 }
 
 fn event_data(w: &World, kind: &str, version: &str) -> Option<serde_json::Value> {
-    if !w.path("weilan.db").exists() {
-        return None;
-    }
-    w.db()
-        .query_row(
-            "SELECT envelope FROM events WHERE kind = ?1 AND json_extract(envelope, '$.event.data.version') = ?2 ORDER BY seq DESC LIMIT 1",
-            [kind, version],
-            |r| r.get::<_, String>(0),
-        )
-        .ok()
-        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-        .map(|v| v["event"]["data"].clone())
+    w.events(
+        kind,
+        "json_extract(envelope, '$.event.data.version') = ?2",
+        &[version],
+    )
+    .pop()
 }
 
 #[test]
@@ -279,19 +265,11 @@ fn present_attr_path(sys: &std::path::Path, devpath: &std::path::Path) -> std::p
 }
 
 fn unlock_events(w: &World, status: &str) -> Vec<serde_json::Value> {
-    if !w.path("weilan.db").exists() {
-        return vec![];
-    }
-    let db = w.db();
-    let mut st = db
-        .prepare("SELECT envelope FROM events WHERE kind = 'usb.unlock' AND json_extract(envelope, '$.event.data.status') = ?1 ORDER BY seq")
-        .unwrap();
-    st.query_map([status], |r| r.get::<_, String>(0))
-        .unwrap()
-        .filter_map(|r| r.ok())
-        .filter_map(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-        .map(|v| v["event"]["data"].clone())
-        .collect()
+    w.events(
+        "usb.unlock",
+        "json_extract(envelope, '$.event.data.status') = ?2",
+        &[status],
+    )
 }
 
 #[test]
@@ -495,19 +473,7 @@ fn temporary_unlock_tokens_are_bound_single_use_and_expire() {
 }
 
 fn command_results(w: &World) -> Vec<serde_json::Value> {
-    if !w.path("weilan.db").exists() {
-        return vec![];
-    }
-    let db = w.db();
-    let mut st = db
-        .prepare("SELECT envelope FROM events WHERE kind = 'command.result' ORDER BY seq")
-        .unwrap();
-    st.query_map([], |r| r.get::<_, String>(0))
-        .unwrap()
-        .filter_map(|r| r.ok())
-        .filter_map(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-        .map(|v| v["event"]["data"].clone())
-        .collect()
+    w.events("command.result", "1", &[])
 }
 
 #[test]

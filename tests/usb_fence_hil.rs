@@ -62,22 +62,11 @@ fn static_agent() -> PathBuf {
 }
 
 fn decisions(w: &World, serial: &str) -> Vec<serde_json::Value> {
-    if !w.path("weilan.db").exists() {
-        return vec![];
-    }
-    let db = w.db();
-    let mut st = db
-        .prepare(
-            "SELECT envelope FROM events WHERE kind = 'usb.decision' \
-             AND json_extract(envelope, '$.event.data.serial') = ?1 ORDER BY seq",
-        )
-        .unwrap();
-    st.query_map([serial], |r| r.get::<_, String>(0))
-        .unwrap()
-        .filter_map(|r| r.ok())
-        .filter_map(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-        .map(|v| v["event"]["data"].clone())
-        .collect()
+    w.events(
+        "usb.decision",
+        "json_extract(envelope, '$.event.data.serial') = ?2",
+        &[serial],
+    )
 }
 
 fn wait_decision(w: &World, hil: &Hil, serial: &str) -> serde_json::Value {

@@ -325,6 +325,31 @@ impl World {
         self.db().query_row(sql, [], |r| r.get(0)).unwrap_or(0)
     }
 
+    /// The `data` of stored events of `kind` that also satisfy `condition` (SQL over
+    /// `envelope`, with `?2`, `?3`, ... bound to `params`), oldest first.
+    pub fn events(&self, kind: &str, condition: &str, params: &[&str]) -> Vec<serde_json::Value> {
+        if !self.path("weilan.db").exists() {
+            return vec![];
+        }
+        let db = self.db();
+        let sql = format!(
+            "SELECT envelope FROM events WHERE kind = ?1 AND ({condition}) ORDER BY epoch, seq"
+        );
+        let Ok(mut st) = db.prepare(&sql) else {
+            return vec![];
+        };
+        let mut all: Vec<&dyn rusqlite::ToSql> = vec![&kind];
+        all.extend(params.iter().map(|p| p as &dyn rusqlite::ToSql));
+        st.query_map(all.as_slice(), |r| r.get::<_, String>(0))
+            .map(|rows| {
+                rows.filter_map(|r| r.ok())
+                    .filter_map(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+                    .map(|v| v["event"]["data"].clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn alert_lines(&self) -> Vec<serde_json::Value> {
         fs::read_to_string(self.path("alerts.jsonl"))
             .unwrap_or_default()
