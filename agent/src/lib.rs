@@ -14,6 +14,7 @@
 // Unsafe only where FFI lives (one ioctl in `fence::linux`), allowed there by name.
 #![deny(unsafe_code)]
 
+pub mod classify;
 pub mod cli;
 pub mod commands;
 pub mod fence;

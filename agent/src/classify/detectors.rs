@@ -1,0 +1,383 @@
+//! Built-in detectors: PRC resident identity numbers (GB 11643, check digit), unified
+//! social credit codes (GB 32100, check character), bank card numbers (Luhn), mainland
+//! mobile numbers, classification marks, and custom keyword lists (Aho-Corasick).
+//!
+//! Every candidate is validated (check digits, dates, prefixes) so that random digit
+//! runs do not count, and delimited: a match must not continue into more ASCII letters
+//! or digits (Chinese text around it is fine — `\b` would not be, since CJK characters
+//! are word characters).
+
+use std::sync::OnceLock;
+
+use aho_corasick::AhoCorasick;
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+/// What one detector found in a text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Finding {
+    pub detector: String,
+    pub count: usize,
+    /// Up to [`MAX_SAMPLES`] masked samples, e.g. `110***********1234`.
+    pub samples: Vec<String>,
+}
+
+pub const MAX_SAMPLES: usize = 3;
+
+/// Keeps the first `head` and last `tail` characters, masks the rest with `*`.
+pub fn mask(s: &str, head: usize, tail: usize) -> String {
+    let chars: Vec<char> = s.chars().collect();
+    if chars.len() <= head + tail {
+        return "*".repeat(chars.len());
+    }
+    chars
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            if i < head || i >= chars.len() - tail {
+                *c
+            } else {
+                '*'
+            }
+        })
+        .collect()
+}
+
+fn delimited(text: &str, start: usize, end: usize) -> bool {
+    let before = text[..start].chars().next_back();
+    let after = text[end..].chars().next();
+    !before.is_some_and(|c| c.is_ascii_alphanumeric())
+        && !after.is_some_and(|c| c.is_ascii_alphanumeric())
+}
+
+fn collect(detector: &str, found: impl Iterator<Item = String>) -> Option<Finding> {
+    let mut count = 0;
+    let mut samples = Vec::new();
+    for s in found {
+        count += 1;
+        if samples.len() < MAX_SAMPLES {
+            samples.push(s);
+        }
+    }
+    (count > 0).then(|| Finding {
+        detector: detector.into(),
+        count,
+        samples,
+    })
+}
+
+fn re(cell: &'static OnceLock<Regex>, pattern: &str) -> &'static Regex {
+    cell.get_or_init(|| Regex::new(pattern).expect("built-in pattern"))
+}
+
+/// GB 11643-1999 check character of the first 17 digits.
+pub fn id_check_char(first17: &[u8]) -> Option<u8> {
+    const W: [u32; 17] = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2];
+    const C: &[u8; 11] = b"10X98765432";
+    if first17.len() != 17 || !first17.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let sum: u32 = first17
+        .iter()
+        .zip(W)
+        .map(|(d, w)| (d - b'0') as u32 * w)
+        .sum();
+    Some(C[(sum % 11) as usize])
+}
+
+/// A valid 18-character resident identity number: region, real birth date, check char.
+pub fn is_resident_id(s: &str) -> bool {
+    let b = s.as_bytes();
+    if b.len() != 18 || !(b'1'..=b'8').contains(&b[0]) {
+        return false;
+    }
+    let Some(check) = id_check_char(&b[..17]) else {
+        return false;
+    };
+    if b[17].to_ascii_uppercase() != check {
+        return false;
+    }
+    let date = &s[6..14];
+    jiff::civil::Date::strptime("%Y%m%d", date)
+        .is_ok_and(|d| d.year() >= 1900 && d <= jiff::Zoned::now().date())
+}
+
+/// PRC resident identity numbers (GB 11643).
+pub fn resident_ids(text: &str) -> Option<Finding> {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    let re = re(&RE, r"[0-9]{17}[0-9Xx]");
+    collect(
+        "prc-resident-id",
+        re.find_iter(text)
+            .filter(|m| delimited(text, m.start(), m.end()) && is_resident_id(m.as_str()))
+            .map(|m| mask(m.as_str(), 3, 4)),
+    )
+}
+
+const USCC_ALPHABET: &[u8; 31] = b"0123456789ABCDEFGHJKLMNPQRTUWXY";
+
+/// GB 32100-2015: a valid 18-character unified social credit code.
+pub fn is_uscc(s: &str) -> bool {
+    const W: [u32; 17] = [
+        1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28,
+    ];
+    let b = s.as_bytes();
+    if b.len() != 18 {
+        return false;
+    }
+    let value = |c: u8| USCC_ALPHABET.iter().position(|a| *a == c).map(|p| p as u32);
+    let mut sum = 0;
+    for (c, w) in b[..17].iter().zip(W) {
+        match value(*c) {
+            Some(v) => sum += v * w,
+            None => return false,
+        }
+    }
+    let check = (31 - sum % 31) % 31;
+    value(b[17]) == Some(check)
+}
+
+/// Unified social credit codes of organisations (GB 32100).
+pub fn social_credit_codes(text: &str) -> Option<Finding> {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    let re = re(
+        &RE,
+        r"[0-9A-HJ-NPQRTUWXY]{2}[0-9]{6}[0-9A-HJ-NPQRTUWXY]{10}",
+    );
+    collect(
+        "prc-social-credit-code",
+        re.find_iter(text)
+            .filter(|m| delimited(text, m.start(), m.end()) && is_uscc(m.as_str()))
+            .map(|m| mask(m.as_str(), 2, 4)),
+    )
+}
+
+/// The Luhn checksum.
+pub fn luhn(digits: &str) -> bool {
+    let mut sum = 0;
+    for (i, c) in digits.bytes().rev().enumerate() {
+        let mut d = (c - b'0') as u32;
+        if i % 2 == 1 {
+            d *= 2;
+            if d > 9 {
+                d -= 9;
+            }
+        }
+        sum += d;
+    }
+    sum % 10 == 0
+}
+
+/// Bank card numbers: 16–19 digits, Luhn-valid, a card-network prefix
+/// (UnionPay 62, Visa 4, Mastercard 51–55/22–27, Amex 34/37, JCB 35), not one repeated digit.
+pub fn bank_cards(text: &str) -> Option<Finding> {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    let re = re(&RE, r"[0-9]{16,19}");
+    let network = |s: &str| {
+        let two: u32 = s[..2].parse().unwrap_or(0);
+        s.starts_with('4') || matches!(two, 62 | 34 | 35 | 37 | 51..=55 | 22..=27)
+    };
+    collect(
+        "bank-card",
+        re.find_iter(text)
+            .filter(|m| delimited(text, m.start(), m.end()))
+            .map(|m| m.as_str())
+            .filter(|s| {
+                network(s)
+                    && luhn(s)
+                    && !s.bytes().all(|b| b == s.as_bytes()[0])
+                    && !is_resident_id(s)
+            })
+            .map(|s| mask(s, 4, 4)),
+    )
+}
+
+/// Mainland mobile numbers (1[3-9] + 9 digits, optional +86 / 86 prefix).
+pub fn mobile_numbers(text: &str) -> Option<Finding> {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    let re = re(&RE, r"(?:\+?86[- ]?)?1[3-9][0-9]{9}");
+    collect(
+        "prc-mobile",
+        re.find_iter(text)
+            .filter(|m| delimited(text, m.start(), m.end()))
+            .map(|m| {
+                let digits: String = m.as_str().chars().filter(char::is_ascii_digit).collect();
+                mask(&digits[digits.len() - 11..], 3, 4)
+            }),
+    )
+}
+
+/// Classification marks (Chinese and English), counted per mark.
+pub const MARKS: &[(&str, &str)] = &[
+    ("绝密", "top-secret"),
+    ("机密", "secret"),
+    ("秘密", "confidential"),
+    ("内部", "internal"),
+    ("TOP SECRET", "top-secret"),
+    ("CONFIDENTIAL", "confidential"),
+    ("INTERNAL USE ONLY", "internal"),
+];
+
+/// Classification marks found, one finding per level (`mark:top-secret`, ...).
+pub fn classification_marks(text: &str) -> Vec<Finding> {
+    static AC: OnceLock<AhoCorasick> = OnceLock::new();
+    let ac = AC.get_or_init(|| {
+        AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(MARKS.iter().map(|(m, _)| m))
+            .expect("built-in marks")
+    });
+    let mut out: Vec<Finding> = Vec::new();
+    for m in ac.find_iter(text) {
+        let (mark, level) = MARKS[m.pattern().as_usize()];
+        let name = format!("mark:{level}");
+        match out.iter_mut().find(|f| f.detector == name) {
+            Some(f) => {
+                f.count += 1;
+                if f.samples.len() < MAX_SAMPLES && !f.samples.iter().any(|s| s == mark) {
+                    f.samples.push(mark.to_string());
+                }
+            }
+            None => out.push(Finding {
+                detector: name,
+                count: 1,
+                samples: vec![mark.to_string()],
+            }),
+        }
+    }
+    out
+}
+
+/// A custom keyword list from the policy, matched with Aho-Corasick.
+pub struct KeywordList {
+    pub name: String,
+    ac: AhoCorasick,
+}
+
+impl KeywordList {
+    pub fn new(name: &str, words: &[String], case_insensitive: bool) -> Result<Self, String> {
+        let ac = AhoCorasick::builder()
+            .ascii_case_insensitive(case_insensitive)
+            .build(words)
+            .map_err(|e| e.to_string())?;
+        Ok(KeywordList {
+            name: name.into(),
+            ac,
+        })
+    }
+
+    /// Keywords are the organisation's own terms: samples show only their length.
+    pub fn find(&self, text: &str) -> Option<Finding> {
+        collect(
+            &format!("keywords:{}", self.name),
+            self.ac
+                .find_iter(text)
+                .map(|m| mask(&text[m.start()..m.end()], 1, 0)),
+        )
+    }
+}
+
+/// Every built-in detector over `text`.
+pub fn scan(text: &str) -> Vec<Finding> {
+    let mut out: Vec<Finding> = [
+        resident_ids(text),
+        social_credit_codes(text),
+        bank_cards(text),
+        mobile_numbers(text),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    out.extend(classification_marks(text));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a valid resident id from its first 17 digits.
+    fn id(first17: &str) -> String {
+        format!(
+            "{first17}{}",
+            id_check_char(first17.as_bytes()).unwrap() as char
+        )
+    }
+
+    #[test]
+    fn resident_ids_need_a_valid_check_digit_and_date() {
+        let good = id("11010519491231002");
+        assert_eq!(good, "11010519491231002X");
+        assert!(is_resident_id(&good));
+        let wrong_check = format!("{}1", &good[..17]);
+        assert!(!is_resident_id(&wrong_check));
+        assert!(!is_resident_id(&id("11010519491332002")), "month 13");
+        assert!(!is_resident_id(&id("91010519491231002")), "region 9");
+        let text = format!("员工身份证号{good}，备用{wrong_check}，长串{good}9");
+        let f = resident_ids(&text).unwrap();
+        assert_eq!(f.count, 1, "{f:?}");
+        assert_eq!(f.samples, vec!["110***********002X"]);
+    }
+
+    #[test]
+    fn social_credit_codes_need_the_gb32100_check_character() {
+        // A published example code.
+        assert!(is_uscc("91350100M000100Y43"));
+        assert!(!is_uscc("91350100M000100Y44"));
+        assert!(!is_uscc("91350100M000100Y4I"), "I is not in the alphabet");
+        let f = social_credit_codes("统一社会信用代码：91350100M000100Y43。").unwrap();
+        assert_eq!((f.count, f.samples[0].as_str()), (1, "91************0Y43"));
+    }
+
+    #[test]
+    fn bank_cards_need_luhn_and_a_network_prefix() {
+        let visa = "4111111111111111";
+        assert!(luhn(visa));
+        let f = bank_cards(&format!(
+            "卡号 {visa} 和 4111111111111112 以及 1234567812345670"
+        ))
+        .unwrap();
+        assert_eq!(
+            f.count, 1,
+            "Luhn-invalid and prefix-less numbers do not count: {f:?}"
+        );
+        assert_eq!(f.samples, vec!["4111********1111"]);
+        assert!(bank_cards("0000000000000000").is_none());
+    }
+
+    #[test]
+    fn mobile_numbers_and_their_prefixes() {
+        let f =
+            mobile_numbers("电话13812345678，+86 13912345678，座机010-12345678，编号113812345678")
+                .unwrap();
+        assert_eq!(f.count, 2, "{f:?}");
+        assert_eq!(f.samples[0], "138****5678");
+        assert!(
+            mobile_numbers("12812345678").is_none(),
+            "12x is not a mobile prefix"
+        );
+    }
+
+    #[test]
+    fn marks_and_keywords_are_counted_and_masked() {
+        let marks = classification_marks("★绝密★ 第一页 机密 Top Secret report, 机密");
+        let get = |n: &str| marks.iter().find(|f| f.detector == n).map(|f| f.count);
+        assert_eq!(get("mark:top-secret"), Some(2));
+        assert_eq!(get("mark:secret"), Some(2));
+        let kw = KeywordList::new(
+            "finance",
+            &["预算草案".into(), "Project Falcon".into()],
+            true,
+        )
+        .unwrap();
+        let f = kw.find("附件：预算草案 v2，project falcon 进度").unwrap();
+        assert_eq!(f.count, 2);
+        assert!(
+            f.samples
+                .iter()
+                .all(|s| s.chars().skip(1).all(|c| c == '*')),
+            "{f:?}"
+        );
+        assert!(scan("nothing to see here 12345").is_empty());
+    }
+}
