@@ -6,3 +6,4 @@
 //! clear, because findings travel to the collector and into reports.
 
 pub mod detectors;
+pub mod extract;

@@ -1,0 +1,347 @@
+//! Text extraction for classification, bounded in bytes read, bytes inflated and time.
+//!
+//! Plain text and CSV in UTF-8 (with or without BOM) or GB18030; the office formats
+//! that are zip + XML (docx, xlsx, pptx). Anything else is reported as unsupported —
+//! never silently treated as "nothing found". Zip bombs are bounded by the inflated
+//! byte budget, not by trusting the archive's declared sizes.
+
+use std::io::Read;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Bounds for one file.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Bytes read from the file (and, for archives, inflated in total).
+    pub max_bytes: u64,
+    /// Characters of text kept.
+    pub max_chars: usize,
+    pub max_time: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_bytes: 32 * 1024 * 1024,
+            max_chars: 4 * 1024 * 1024,
+            max_time: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Extracted {
+    Text {
+        text: String,
+        /// `utf-8`, `gb18030`, `docx`, `xlsx`, `pptx`.
+        format: &'static str,
+        /// A bound was hit: the text is a prefix.
+        truncated: bool,
+    },
+    /// A format this version does not read (`pdf`, `binary`, `zip`).
+    Unsupported(&'static str),
+    Failed(String),
+}
+
+/// Extracts text from the file at `path`.
+pub fn extract(path: &Path, limits: Limits) -> Extracted {
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) => return Extracted::Failed(format!("{}: {e}", path.display())),
+    };
+    let mut head = [0u8; 8];
+    let n = f.read(&mut head).unwrap_or(0);
+    drop(f);
+    if head[..n].starts_with(b"PK\x03\x04") {
+        return office(path, limits);
+    }
+    if head[..n].starts_with(b"%PDF") {
+        return Extracted::Unsupported("pdf");
+    }
+    let mut bytes = Vec::new();
+    let read =
+        std::fs::File::open(path).and_then(|f| f.take(limits.max_bytes).read_to_end(&mut bytes));
+    if let Err(e) = read {
+        return Extracted::Failed(format!("{}: {e}", path.display()));
+    }
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    plain(&bytes, size > limits.max_bytes, limits)
+}
+
+/// Decodes plain text: UTF-8 first, then GB18030; binary data is refused.
+pub fn plain(bytes: &[u8], truncated: bool, limits: Limits) -> Extracted {
+    let nul = bytes.iter().take(8192).filter(|b| **b == 0).count();
+    if nul > 0 {
+        return Extracted::Unsupported("binary");
+    }
+    let body = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    // A cut may split a multi-byte character: accept an invalid tail of < 4 bytes.
+    let (text, format) = match std::str::from_utf8(body) {
+        Ok(t) => (t.to_string(), "utf-8"),
+        Err(e) if truncated && body.len() - e.valid_up_to() < 4 => (
+            String::from_utf8_lossy(&body[..e.valid_up_to()]).into_owned(),
+            "utf-8",
+        ),
+        Err(_) => {
+            let (t, _, had_errors) = encoding_rs::GB18030.decode(body);
+            if had_errors {
+                return Extracted::Unsupported("binary");
+            }
+            (t.into_owned(), "gb18030")
+        }
+    };
+    bound(text, format, truncated, limits)
+}
+
+fn bound(text: String, format: &'static str, truncated: bool, limits: Limits) -> Extracted {
+    if text.chars().count() > limits.max_chars {
+        return Extracted::Text {
+            text: text.chars().take(limits.max_chars).collect(),
+            format,
+            truncated: true,
+        };
+    }
+    Extracted::Text {
+        text,
+        format,
+        truncated,
+    }
+}
+
+/// docx / xlsx / pptx: the text runs of their XML parts.
+fn office(path: &Path, limits: Limits) -> Extracted {
+    let started = Instant::now();
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) => return Extracted::Failed(format!("{}: {e}", path.display())),
+    };
+    let mut zip = match zip::ZipArchive::new(file) {
+        Ok(z) => z,
+        Err(e) => return Extracted::Failed(format!("not a readable zip: {e}")),
+    };
+    let names: Vec<String> = zip
+        .file_names()
+        .filter_map(Result::ok)
+        .map(|n| n.into_owned())
+        .collect();
+    let (format, parts, tag): (&'static str, Vec<String>, &str) =
+        if names.iter().any(|n| n == "word/document.xml") {
+            let mut p: Vec<String> = names
+                .iter()
+                .filter(|n| {
+                    n.starts_with("word/")
+                        && n.ends_with(".xml")
+                        && (n.contains("document") || n.contains("header") || n.contains("footer"))
+                })
+                .cloned()
+                .collect();
+            p.sort();
+            ("docx", p, "t")
+        } else if names.iter().any(|n| n == "xl/workbook.xml") {
+            let mut p: Vec<String> = names
+                .iter()
+                .filter(|n| {
+                    n == &"xl/sharedStrings.xml"
+                        || (n.starts_with("xl/worksheets/") && n.ends_with(".xml"))
+                })
+                .cloned()
+                .collect();
+            p.sort();
+            ("xlsx", p, "t")
+        } else if names.iter().any(|n| n.starts_with("ppt/slides/")) {
+            let mut p: Vec<String> = names
+                .iter()
+                .filter(|n| n.starts_with("ppt/slides/") && n.ends_with(".xml"))
+                .cloned()
+                .collect();
+            p.sort();
+            ("pptx", p, "t")
+        } else {
+            return Extracted::Unsupported("zip");
+        };
+    let mut text = String::new();
+    let mut budget = limits.max_bytes;
+    let mut truncated = false;
+    for name in parts {
+        if started.elapsed() > limits.max_time || budget == 0 {
+            truncated = true;
+            break;
+        }
+        let mut xml = Vec::new();
+        let entry = match zip.by_name(&name) {
+            Ok(e) => e,
+            Err(e) => return Extracted::Failed(format!("{name}: {e}")),
+        };
+        // Read one byte more than the budget to know whether it was exceeded.
+        if let Err(e) = entry.take(budget + 1).read_to_end(&mut xml) {
+            return Extracted::Failed(format!("{name}: {e}"));
+        }
+        if xml.len() as u64 > budget {
+            xml.truncate(budget as usize);
+            truncated = true;
+        }
+        budget -= xml.len() as u64;
+        xml_text(&xml, tag, &mut text);
+        if text.chars().count() > limits.max_chars {
+            break;
+        }
+    }
+    bound(text, format, truncated, limits)
+}
+
+/// Appends the text inside elements whose local name is `tag` (`w:t`, `a:t`, `t`),
+/// one line per element. Malformed XML ends the part (what was read is kept).
+fn xml_text(xml: &[u8], tag: &str, out: &mut String) {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_reader(xml);
+    let mut inside = false;
+    let mut buf = Vec::new();
+    loop {
+        match reader.read_event_into(&mut buf) {
+            Ok(Event::Start(e)) => inside = e.local_name().as_ref() == tag,
+            Ok(Event::End(_)) => {
+                if inside {
+                    out.push('\n');
+                }
+                inside = false;
+            }
+            Ok(Event::Text(t)) if inside => {
+                out.push_str(&t.xml10_content());
+            }
+            Ok(Event::Eof) | Err(_) => break,
+            _ => {}
+        }
+        buf.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn office_file(dir: &Path, name: &str, parts: &[(&str, &str)]) -> std::path::PathBuf {
+        let path = dir.join(name);
+        let mut z = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        for (n, body) in parts {
+            z.start_file(*n, opts).unwrap();
+            z.write_all(body.as_bytes()).unwrap();
+        }
+        z.finish().unwrap();
+        path
+    }
+
+    fn text_of(e: Extracted) -> (String, &'static str, bool) {
+        match e {
+            Extracted::Text {
+                text,
+                format,
+                truncated,
+            } => (text, format, truncated),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn docx_xlsx_pptx_text_is_extracted() {
+        let dir = tempfile::tempdir().unwrap();
+        let docx = office_file(
+            dir.path(),
+            "a.docx",
+            &[(
+                "word/document.xml",
+                r#"<w:document xmlns:w="x"><w:body><w:p><w:r><w:t>★机密★ 季度预算</w:t></w:r></w:p><w:p><w:r><w:t>身份证 11010519491231002X</w:t></w:r></w:p></w:body></w:document>"#,
+            )],
+        );
+        let (t, f, _) = text_of(extract(&docx, Limits::default()));
+        assert_eq!(f, "docx");
+        assert!(
+            t.contains("★机密★ 季度预算") && t.contains("11010519491231002X"),
+            "{t}"
+        );
+        let xlsx = office_file(
+            dir.path(),
+            "b.xlsx",
+            &[
+                ("xl/workbook.xml", "<workbook/>"),
+                (
+                    "xl/sharedStrings.xml",
+                    r#"<sst><si><t>客户卡号</t></si><si><t>4111111111111111</t></si></sst>"#,
+                ),
+                (
+                    "xl/worksheets/sheet1.xml",
+                    r#"<worksheet><sheetData><row><c t="inlineStr"><is><t>绝密</t></is></c></row></sheetData></worksheet>"#,
+                ),
+            ],
+        );
+        let (t, f, _) = text_of(extract(&xlsx, Limits::default()));
+        assert_eq!(f, "xlsx");
+        assert!(t.contains("4111111111111111") && t.contains("绝密"), "{t}");
+        let pptx = office_file(
+            dir.path(),
+            "c.pptx",
+            &[(
+                "ppt/slides/slide1.xml",
+                r#"<p:sld><a:t>Top Secret plan</a:t></p:sld>"#,
+            )],
+        );
+        assert!(text_of(extract(&pptx, Limits::default()))
+            .0
+            .contains("Top Secret plan"));
+    }
+
+    #[test]
+    fn gb18030_and_utf8_bom_are_decoded_binary_and_pdf_are_declared() {
+        let dir = tempfile::tempdir().unwrap();
+        let (gb, _, _) = encoding_rs::GB18030.encode("机密文件，电话13812345678");
+        std::fs::write(dir.path().join("gb.txt"), &gb).unwrap();
+        let (t, f, _) = text_of(extract(&dir.path().join("gb.txt"), Limits::default()));
+        assert_eq!((t.as_str(), f), ("机密文件，电话13812345678", "gb18030"));
+        std::fs::write(
+            dir.path().join("bom.csv"),
+            "\u{feff}姓名,身份证\n张三,11010519491231002X\n",
+        )
+        .unwrap();
+        assert_eq!(
+            text_of(extract(&dir.path().join("bom.csv"), Limits::default())).1,
+            "utf-8"
+        );
+        std::fs::write(dir.path().join("x.bin"), [0u8, 1, 2, 3, 0, 0]).unwrap();
+        assert_eq!(
+            extract(&dir.path().join("x.bin"), Limits::default()),
+            Extracted::Unsupported("binary")
+        );
+        std::fs::write(dir.path().join("x.pdf"), b"%PDF-1.7\n...").unwrap();
+        assert_eq!(
+            extract(&dir.path().join("x.pdf"), Limits::default()),
+            Extracted::Unsupported("pdf")
+        );
+    }
+
+    #[test]
+    fn bounds_hold_for_big_files_and_zip_bombs() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_bytes: 1000,
+            max_chars: 100_000,
+            max_time: Duration::from_secs(5),
+        };
+        std::fs::write(dir.path().join("big.txt"), "机密".repeat(10_000)).unwrap();
+        let (t, _, truncated) = text_of(extract(&dir.path().join("big.txt"), limits));
+        assert!(truncated && t.len() <= 1000, "{}", t.len());
+        // 50 MB of zeros inflates from a few KB: only the budget is read.
+        let bomb = office_file(
+            dir.path(),
+            "bomb.docx",
+            &[(
+                "word/document.xml",
+                &format!("<w:t>{}</w:t>", "0".repeat(50_000_000)),
+            )],
+        );
+        assert!(std::fs::metadata(&bomb).unwrap().len() < 1_000_000);
+        let (t, _, truncated) = text_of(extract(&bomb, limits));
+        assert!(truncated && t.len() <= 1000);
+    }
+}
