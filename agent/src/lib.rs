@@ -226,6 +226,29 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
             fence_task.as_ref().map(|_| fence_tx.clone()),
         )));
     }
+    if let (Some(files), Some(usb)) = (&settings.files, &settings.usb) {
+        match source::files::linux::FanotifyBackend::new() {
+            Ok(backend) => sources.push(Box::new(source::files::FilesSource::new(
+                source::files::FilesConfig {
+                    sysfs_root: usb.sysfs_root.clone(),
+                    mountinfo: usb.mountinfo.clone(),
+                    mount_poll: usb.mount_poll,
+                    watch_mounts: files.watch_mounts.clone(),
+                    network_fs: files
+                        .network_fs
+                        .clone()
+                        .unwrap_or_else(source::files::default_network_fs),
+                    hash_max_bytes: files.hash_max_bytes,
+                    limits: Default::default(),
+                    workers: files.workers,
+                },
+                Box::new(backend),
+            ))),
+            // Not root, or inside a user namespace: say so; the inotify fallback
+            // (writer unknown) is not in this version.
+            Err(e) => tracing::error!(error = %e, "files source unavailable: cannot use fanotify"),
+        }
+    }
     let ctx = SourceContext {
         sink: sink.clone(),
         shutdown: shutdown.clone(),

@@ -145,6 +145,8 @@ pub enum Event {
     UsbUnlock(UsbUnlock),
     #[serde(rename = "command.result")]
     CommandResult(CommandResult),
+    #[serde(rename = "file.exported")]
+    FileExported(FileExported),
 }
 
 impl Event {
@@ -165,6 +167,7 @@ impl Event {
             Event::PolicyRejected(_) => "policy.rejected",
             Event::UsbUnlock(_) => "usb.unlock",
             Event::CommandResult(_) => "command.result",
+            Event::FileExported(_) => "file.exported",
         }
     }
 }
@@ -403,6 +406,45 @@ pub struct CommandResult {
     /// `executed`, `rejected` or `unsupported`.
     pub status: String,
     pub detail: String,
+}
+
+/// What a content detector found: counts and masked samples, never the content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Classification {
+    pub detector: String,
+    pub count: usize,
+    pub samples: Vec<String>,
+}
+
+/// One file written onto an exit point (removable media, network share): one event
+/// per file, not per write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileExported {
+    pub path: String,
+    pub mount_point: String,
+    pub fs_type: String,
+    /// The mount's source (`/dev/sdb1`, `//server/share`, `host:/export`).
+    pub mount_source: String,
+    pub usb_serial: Option<String>,
+    pub usb_hash: Option<String>,
+    pub size: u64,
+    pub sha256: Option<String>,
+    /// Bytes hashed; less than `size` when the file exceeded the hashing limit.
+    pub hashed_bytes: u64,
+    pub pid: Option<u32>,
+    pub exe: Option<String>,
+    pub cmdline: Option<String>,
+    pub uid: Option<u32>,
+    pub user: Option<String>,
+    pub first_write: Timestamp,
+    pub last_write: Timestamp,
+    /// `fanotify` (writer known), `none` (inotify fallback or rescan: writer unknown).
+    pub attribution: String,
+    pub classification: Vec<Classification>,
+    /// Why classification is partial or absent (`unsupported: pdf`, `truncated`, ...).
+    pub classification_note: Option<String>,
 }
 
 /// A new fence policy is in force on this agent.

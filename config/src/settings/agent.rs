@@ -21,6 +21,9 @@ pub struct AgentFile {
     /// `[usb]`: the USB storage source.
     #[serde(default)]
     pub usb: UsbSection,
+    /// `[files]`: files written onto exit points (removable media, network shares).
+    #[serde(default)]
+    pub files: FilesSection,
     /// `[heartbeat]`.
     #[serde(default)]
     pub heartbeat: HeartbeatSection,
@@ -174,6 +177,56 @@ fn default_dev() -> PathBuf {
 
 #[derive(Debug, Clone, eserde::Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+pub struct FilesSection {
+    /// Report files written onto USB mounts, network shares and `watch_mounts`.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Extra mount points to treat as exit points.
+    #[serde(default)]
+    pub watch_mounts: Vec<PathBuf>,
+    /// File system types that are exit points (default: cifs, smb3, nfs, nfs4,
+    /// fuse.sshfs, fuse.rclone, davfs, fuse.davfs2, fuse.gvfsd-fuse, fuse.jmtpfs,
+    /// fuse.simple-mtpfs).
+    #[serde(default)]
+    pub network_fs: Option<Vec<String>>,
+    /// Files are hashed up to this many MiB (the event says when a file was larger).
+    #[serde(default = "default_hash_max")]
+    pub hash_max_mib: u64,
+    /// Files hashed and classified at once.
+    #[serde(default = "default_file_workers")]
+    pub workers: usize,
+}
+
+impl Default for FilesSection {
+    fn default() -> Self {
+        FilesSection {
+            enabled: true,
+            watch_mounts: Vec::new(),
+            network_fs: None,
+            hash_max_mib: default_hash_max(),
+            workers: default_file_workers(),
+        }
+    }
+}
+
+fn default_hash_max() -> u64 {
+    1024
+}
+fn default_file_workers() -> usize {
+    2
+}
+
+/// Validated `[files]`.
+#[derive(Debug, Clone)]
+pub struct FilesSettings {
+    pub watch_mounts: Vec<PathBuf>,
+    pub network_fs: Option<Vec<String>>,
+    pub hash_max_bytes: u64,
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct HeartbeatSection {
     /// Seconds between `agent.heartbeat` events.
     #[serde(default = "default_heartbeat")]
@@ -289,6 +342,7 @@ pub struct AgentSettings {
     pub max_batches_in_flight: usize,
     pub ack_timeout: Duration,
     pub usb: Option<UsbSettings>,
+    pub files: Option<FilesSettings>,
     pub heartbeat: Duration,
     pub pipeline_capacity: usize,
     pub journal_max_bytes: u64,
@@ -361,6 +415,26 @@ impl Validate for AgentFile {
         } else {
             None
         };
+        let files = if self.files.enabled {
+            v.range("files.hash_max_mib", self.files.hash_max_mib, 1, 1 << 20);
+            v.range("files.workers", self.files.workers, 1, 64);
+            for (i, m) in self.files.watch_mounts.iter().enumerate() {
+                if !m.is_absolute() {
+                    v.error(
+                        format!("files.watch_mounts[{i}]"),
+                        format!("`{}` must be an absolute mount point", m.display()),
+                    );
+                }
+            }
+            Some(FilesSettings {
+                watch_mounts: self.files.watch_mounts.clone(),
+                network_fs: self.files.network_fs.clone(),
+                hash_max_bytes: self.files.hash_max_mib * 1024 * 1024,
+                workers: self.files.workers,
+            })
+        } else {
+            None
+        };
         v.range(
             "heartbeat.interval_secs",
             self.heartbeat.interval_secs,
@@ -397,6 +471,7 @@ impl Validate for AgentFile {
             max_batches_in_flight: c.max_batches_in_flight,
             ack_timeout: Duration::from_secs(c.ack_timeout_secs),
             usb,
+            files,
             heartbeat: Duration::from_secs(self.heartbeat.interval_secs),
             pipeline_capacity: self.queues.pipeline,
             journal_max_bytes: self.journal.max_mib * 1024 * 1024,
