@@ -264,6 +264,68 @@ fn present_attr_path(sys: &std::path::Path, devpath: &std::path::Path) -> std::p
         .join("authorized")
 }
 
+/// A collector and an agent in a private namespace, with one fake stick present.
+struct FenceWorld {
+    w: World,
+    ns: Netns,
+    stick: std::path::PathBuf,
+    collector_cfg: std::path::PathBuf,
+    agent_cfg: std::path::PathBuf,
+    collector: Proc,
+    agent: Proc,
+}
+
+impl FenceWorld {
+    fn start(policy_text: &str, serial: &str) -> FenceWorld {
+        let w = World::new();
+        fs::write(w.path("policy.toml"), policy_text).unwrap();
+        let stick = add_stick(
+            &w.sysfs(),
+            &FakeStick {
+                port: "1-1",
+                vid: "0781",
+                pid: "5581",
+                serial,
+                classes: &[8],
+                disk: None,
+            },
+        );
+        let ns = Netns::create();
+        let collector_cfg = w.collector_toml(false, "");
+        let collector = w.start_collector(&ns, &collector_cfg);
+        let agent_cfg = w.agent_toml(AGENT, "pki/ca.pem", "");
+        let agent = w.start_agent(&ns, &agent_cfg, AGENT);
+        FenceWorld {
+            w,
+            ns,
+            stick,
+            collector_cfg,
+            agent_cfg,
+            collector,
+            agent,
+        }
+    }
+
+    /// A sysfs attribute of the fake stick.
+    fn authorized(&self) -> String {
+        fs::read_to_string(
+            self.w
+                .sysfs()
+                .join(self.stick.strip_prefix("/").unwrap())
+                .join("authorized"),
+        )
+        .unwrap_or_default()
+    }
+
+    fn diag(&self) -> String {
+        format!(
+            "--- agent\n{}\n--- collector\n{}",
+            self.agent.log_text(),
+            self.collector.log_text()
+        )
+    }
+}
+
 fn unlock_events(w: &World, status: &str) -> Vec<serde_json::Value> {
     w.events(
         "usb.unlock",
@@ -277,44 +339,16 @@ fn temporary_unlock_tokens_are_bound_single_use_and_expire() {
     if !netns_available() {
         return;
     }
-    let w = World::new();
-    fs::write(w.path("policy.toml"), policy("u1", &[], &[])).unwrap();
+    let fw = FenceWorld::start(&policy("u1", &[], &[]), "LOCKED-1");
+    let (w, ns) = (&fw.w, &fw.ns);
     weilan_collector::pki::issue_agent(&w.pki, "ws-other").unwrap();
-    let sys = w.sysfs();
-    let stick = add_stick(
-        &sys,
-        &FakeStick {
-            port: "1-1",
-            vid: "0781",
-            pid: "5581",
-            serial: "LOCKED-1",
-            classes: &[8],
-            disk: None,
-        },
-    );
-    let authorized = || {
-        fs::read_to_string(
-            sys.join(stick.strip_prefix("/").unwrap())
-                .join("authorized"),
-        )
-        .unwrap_or_default()
-    };
-    let ns = Netns::create();
-    let ccfg = w.collector_toml(false, "");
-    let collector = w.start_collector(&ns, &ccfg);
-    let cfg = w.agent_toml(AGENT, "pki/ca.pem", "");
-    let agent = w.start_agent(&ns, &cfg, AGENT);
-    let diag = || {
-        format!(
-            "--- agent\n{}\n--- collector\n{}",
-            agent.log_text(),
-            collector.log_text()
-        )
-    };
+    let authorized = || fw.authorized();
+    let (ccfg, cfg) = (fw.collector_cfg.clone(), fw.agent_cfg.clone());
+    let diag = || fw.diag();
     wait_for(
         "blocked at start",
         T,
-        || decision(&w, "LOCKED-1", "start"),
+        || decision(w, "LOCKED-1", "start"),
         diag,
     );
     assert_eq!(authorized(), "0");
@@ -357,7 +391,7 @@ fn temporary_unlock_tokens_are_bound_single_use_and_expire() {
     assert!(ok, "{text}");
     let (ok, text) = weilan(&["agent", "unlock", "--config", &cfg, "--token", &token]);
     assert!(ok, "{text}");
-    let d = wait_for("unlocked", T, || decision(&w, "LOCKED-1", "unlock"), diag);
+    let d = wait_for("unlocked", T, || decision(w, "LOCKED-1", "unlock"), diag);
     assert!(d["rule_id"].as_str().unwrap().starts_with("unlock:"), "{d}");
     assert_eq!(d["target"], "allow");
     assert_eq!(authorized(), "1");
@@ -415,7 +449,7 @@ fn temporary_unlock_tokens_are_bound_single_use_and_expire() {
     let d = wait_for(
         "expired",
         T,
-        || decision(&w, "LOCKED-1", "unlock-expired"),
+        || decision(w, "LOCKED-1", "unlock-expired"),
         diag,
     );
     assert_eq!(
@@ -423,7 +457,7 @@ fn temporary_unlock_tokens_are_bound_single_use_and_expire() {
         (Some("block"), Some("implicit default"))
     );
     assert_eq!(authorized(), "0");
-    assert_eq!(unlock_events(&w, "expired").len(), 1);
+    assert_eq!(unlock_events(w, "expired").len(), 1);
 
     // Online path: sent by the collector as a signed command; read-only this time.
     let out = ns
@@ -456,7 +490,7 @@ fn temporary_unlock_tokens_are_bound_single_use_and_expire() {
         "unlocked by command",
         T,
         || {
-            unlock_events(&w, "accepted")
+            unlock_events(w, "accepted")
                 .into_iter()
                 .find(|e| e["via"] == "command")
         },
@@ -465,7 +499,7 @@ fn temporary_unlock_tokens_are_bound_single_use_and_expire() {
     wait_for(
         "read-only by unlock",
         T,
-        || decision(&w, "LOCKED-1", "unlock").filter(|d| d["target"] == "read-only"),
+        || decision(w, "LOCKED-1", "unlock").filter(|d| d["target"] == "read-only"),
         diag,
     );
     assert_eq!(authorized(), "1");
@@ -481,42 +515,15 @@ fn commands_are_authenticated_fresh_and_never_replayed() {
     if !netns_available() {
         return;
     }
-    let w = World::new();
-    fs::write(w.path("policy.toml"), policy("c1", &["CMD-1"], &[])).unwrap();
-    let sys = w.sysfs();
-    let stick = add_stick(
-        &sys,
-        &FakeStick {
-            port: "1-1",
-            vid: "0781",
-            pid: "5581",
-            serial: "CMD-1",
-            classes: &[8],
-            disk: None,
-        },
-    );
-    let authorized = || {
-        fs::read_to_string(
-            sys.join(stick.strip_prefix("/").unwrap())
-                .join("authorized"),
-        )
-        .unwrap_or_default()
-    };
-    let ns = Netns::create();
-    let ccfg = w.collector_toml(false, "");
-    let collector = w.start_collector(&ns, &ccfg);
-    let agent = w.start_agent(&ns, &w.agent_toml(AGENT, "pki/ca.pem", ""), AGENT);
-    let diag = || {
-        format!(
-            "--- agent\n{}\n--- collector\n{}",
-            agent.log_text(),
-            collector.log_text()
-        )
-    };
+    let fw = FenceWorld::start(&policy("c1", &["CMD-1"], &[]), "CMD-1");
+    let (w, ns) = (&fw.w, &fw.ns);
+    let authorized = || fw.authorized();
+    let ccfg = fw.collector_cfg.clone();
+    let diag = || fw.diag();
     let d = wait_for(
         "allowed at start",
         T,
-        || decision(&w, "CMD-1", "start"),
+        || decision(w, "CMD-1", "start"),
         diag,
     );
     assert_eq!(authorized(), "1");
@@ -548,7 +555,7 @@ fn commands_are_authenticated_fresh_and_never_replayed() {
     let d = wait_for(
         "blocked by command",
         T,
-        || decision(&w, "CMD-1", "command"),
+        || decision(w, "CMD-1", "command"),
         diag,
     );
     assert_eq!(d["target"], "block");
@@ -561,7 +568,7 @@ fn commands_are_authenticated_fresh_and_never_replayed() {
         "command.result executed",
         T,
         || {
-            command_results(&w)
+            command_results(w)
                 .into_iter()
                 .find(|r| r["status"] == "executed")
         },
@@ -627,7 +634,7 @@ fn commands_are_authenticated_fresh_and_never_replayed() {
         Some((&w.pki.collector(), &w.pki.collector_key())),
     );
     let topic = format!("weilan/v1/agents/{AGENT}/commands");
-    with_mqtt_client(&ns, "attacker", tls, move |c, mut el| {
+    with_mqtt_client(ns, "attacker", tls, move |c, mut el| {
         Box::pin(async move {
             connect(&mut el).await.expect("connect");
             for p in payloads {
@@ -642,7 +649,7 @@ fn commands_are_authenticated_fresh_and_never_replayed() {
         "five rejections",
         T,
         || {
-            let r: Vec<_> = command_results(&w)
+            let r: Vec<_> = command_results(w)
                 .into_iter()
                 .filter(|r| r["status"] == "rejected")
                 .collect();
@@ -658,6 +665,6 @@ fn commands_are_authenticated_fresh_and_never_replayed() {
     }
     // None of them changed anything: the device is still blocked by the real command.
     assert_eq!(authorized(), "0");
-    assert!(decision(&w, "CMD-1", "command").is_some_and(|d| d["target"] == "block"));
+    assert!(decision(w, "CMD-1", "command").is_some_and(|d| d["target"] == "block"));
     println!("commands: a valid block command executed; replayed, forged, expired, misaddressed and agent-signed commands refused and reported");
 }
