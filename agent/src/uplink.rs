@@ -190,6 +190,13 @@ impl Uplink {
                 _ = sleep_until_opt(throttled) => throttled = None,
                 _ = ack_check.tick() => {
                     let stale = sending.in_flight.front().is_some_and(|b| b.sent.elapsed() >= c.ack_timeout);
+                    // Safety net: nothing in flight, yet the acknowledged watermark is
+                    // behind the send cursor — records there were sent and never
+                    // acknowledged, and no later ack or timeout will bring them back.
+                    if !stale && connected && sending.in_flight.is_empty() && self.lock().resume_position() < sending.cursor {
+                        tracing::warn!("records behind the send cursor were never acknowledged; sending again");
+                        self.rewind(&mut sending);
+                    }
                     if stale {
                         tracing::warn!(batches = sending.in_flight.len(), "no ack from the collector in time; sending again");
                         self.rewind(&mut sending);

@@ -147,6 +147,8 @@ pub enum Event {
     CommandResult(CommandResult),
     #[serde(rename = "file.exported")]
     FileExported(FileExported),
+    #[serde(rename = "file.overflow")]
+    FileOverflow(FileOverflow),
 }
 
 impl Event {
@@ -168,6 +170,7 @@ impl Event {
             Event::UsbUnlock(_) => "usb.unlock",
             Event::CommandResult(_) => "command.result",
             Event::FileExported(_) => "file.exported",
+            Event::FileOverflow(_) => "file.overflow",
         }
     }
 }
@@ -445,6 +448,21 @@ pub struct FileExported {
     pub classification: Vec<Classification>,
     /// Why classification is partial or absent (`unsupported: pdf`, `truncated`, ...).
     pub classification_note: Option<String>,
+}
+
+/// The kernel's file-event queue overflowed: some writes were not seen as they
+/// happened. The exit points were rescanned for files modified since `since`; each
+/// was reported as `file.exported` with `attribution: none` (writer unknown).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileOverflow {
+    pub mount_points: Vec<String>,
+    pub since: Timestamp,
+    /// Files found by the rescan and reported.
+    pub rescanned: u64,
+    /// Entries walked (the walk stops at a bound and says so in `complete`).
+    pub walked: u64,
+    pub complete: bool,
 }
 
 /// A new fence policy is in force on this agent.

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use tokio::sync::Semaphore;
-use weilan_config::event::{Classification, Event, FileExported};
+use weilan_config::event::{Classification, Event, FileExported, FileOverflow};
 
 use super::usb::mounts::{self, Mount};
 use super::usb::sysfs::Sysfs;
@@ -153,6 +153,11 @@ impl FilesSource {
         let mut pending: HashMap<PathBuf, Pending> = HashMap::new();
         let workers = Arc::new(Semaphore::new(self.config.workers.max(1)));
         let mut poll = tokio::time::interval(self.config.mount_poll);
+        // When the last write was seen: after an overflow, rescan from a bit before it.
+        let mut last_seen = Timestamp::now();
+        // Files reported recently and when they were closed, so a rescan does not
+        // report them again (bounded).
+        let mut reported: HashMap<PathBuf, Timestamp> = HashMap::new();
         loop {
             tokio::select! {
                 _ = ctx.shutdown.cancelled() => return Ok(()),
@@ -180,11 +185,15 @@ impl FilesSource {
                     for ev in batch {
                         match ev {
                             RawEvent::Overflow => {
-                                tracing::error!("fanotify queue overflowed; writes were not all seen");
-                                ctx.sink.count_lost(1);
+                                tracing::error!("fanotify queue overflowed; rescanning the exit points");
+                                let since = last_seen - jiff::SignedDuration::from_secs(2);
+                                let overflow = rescan(
+                                    &self.config, &marked, &pending, &reported, since, ctx, &workers).await?;
+                                ctx.sink.emit(Event::FileOverflow(overflow)).await?;
                             }
                             RawEvent::Write { path, close, writer, file } => {
                                 let now = Timestamp::now();
+                                last_seen = now;
                                 let entry = pending.entry(path.clone()).or_insert(Pending { first: now, last: now, writer: None });
                                 entry.last = now;
                                 // Keep the best-known writer (one whose executable was read).
@@ -192,6 +201,10 @@ impl FilesSource {
                                     entry.writer = writer;
                                 }
                                 if close {
+                                    if reported.len() >= 100_000 {
+                                        reported.clear();
+                                    }
+                                    reported.insert(path.clone(), now);
                                     let p = pending.remove(&path).expect("just inserted");
                                     let Some(ep) = marked.values().filter(|e| path.starts_with(&e.mount.mount_point)).max_by_key(|e| e.mount.mount_point.len()) else {
                                         continue;
@@ -208,19 +221,7 @@ impl FilesSource {
                                         hash_max: self.config.hash_max_bytes,
                                         limits: self.config.limits,
                                     };
-                                    let permit = workers.clone().acquire_owned().await.map_err(|_| SourceError::PipelineClosed)?;
-                                    let sink = ctx.sink.clone();
-                                    tokio::spawn(async move {
-                                        let event = tokio::task::spawn_blocking(move || job.describe()).await;
-                                        drop(permit);
-                                        match event {
-                                            Ok(Some(e)) => {
-                                                let _ = sink.emit(Event::FileExported(e)).await;
-                                            }
-                                            Ok(None) => {}
-                                            Err(e) => tracing::error!(error = %e, "file description failed"),
-                                        }
-                                    });
+                                    spawn_job(job, ctx, &workers).await?;
                                 }
                             }
                         }
@@ -229,6 +230,113 @@ impl FilesSource {
             }
         }
     }
+}
+
+/// Describes a file on a bounded worker and emits its `file.exported`.
+async fn spawn_job(
+    job: Job,
+    ctx: &SourceContext,
+    workers: &Arc<Semaphore>,
+) -> Result<(), SourceError> {
+    let permit = workers
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| SourceError::PipelineClosed)?;
+    let sink = ctx.sink.clone();
+    tokio::spawn(async move {
+        let event = tokio::task::spawn_blocking(move || job.describe()).await;
+        drop(permit);
+        match event {
+            Ok(Some(e)) => {
+                let _ = sink.emit(Event::FileExported(e)).await;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "file description failed"),
+        }
+    });
+    Ok(())
+}
+
+/// Most directory entries one rescan walks.
+const RESCAN_MAX_ENTRIES: u64 = 200_000;
+
+/// After an overflow: report files on the exit points modified since `since` that
+/// are not already pending (writer unknown).
+async fn rescan(
+    config: &FilesConfig,
+    marked: &HashMap<String, ExitPoint>,
+    pending: &HashMap<PathBuf, Pending>,
+    reported: &HashMap<PathBuf, Timestamp>,
+    since: Timestamp,
+    ctx: &SourceContext,
+    workers: &Arc<Semaphore>,
+) -> Result<FileOverflow, SourceError> {
+    let mut walked = 0u64;
+    let mut found = 0u64;
+    let mut complete = true;
+    let since_sys: std::time::SystemTime = since.into();
+    for ep in marked.values() {
+        let mut stack = vec![PathBuf::from(&ep.mount.mount_point)];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                walked += 1;
+                if walked > RESCAN_MAX_ENTRIES {
+                    complete = false;
+                    break;
+                }
+                let Ok(ft) = entry.file_type() else { continue };
+                if ft.is_dir() {
+                    stack.push(entry.path());
+                    continue;
+                }
+                if !ft.is_file() || pending.contains_key(&entry.path()) {
+                    continue;
+                }
+                let Ok(modified) = entry.metadata().and_then(|m| m.modified()) else {
+                    continue;
+                };
+                if modified < since_sys {
+                    continue;
+                }
+                let at = Timestamp::try_from(modified).unwrap_or(since);
+                if reported
+                    .get(&entry.path())
+                    .is_some_and(|closed| *closed >= at)
+                {
+                    continue; // reported when it was closed, unchanged since
+                }
+                found += 1;
+                let job = Job {
+                    path: entry.path(),
+                    file: None,
+                    pending: Pending {
+                        first: at,
+                        last: at,
+                        writer: None,
+                    },
+                    mount_point: ep.mount.mount_point.clone(),
+                    fs_type: ep.mount.fs_type.clone(),
+                    source: ep.mount.source.clone(),
+                    usb_serial: ep.usb_serial.clone(),
+                    usb_hash: ep.usb_hash.clone(),
+                    hash_max: config.hash_max_bytes,
+                    limits: config.limits,
+                };
+                spawn_job(job, ctx, workers).await?;
+            }
+        }
+    }
+    Ok(FileOverflow {
+        mount_points: marked.keys().cloned().collect(),
+        since,
+        rescanned: found,
+        walked,
+        complete,
+    })
 }
 
 struct Job {
@@ -345,3 +453,6 @@ impl Source for FilesSource {
         Box::pin(self.run_inner(ctx))
     }
 }
+
+#[cfg(test)]
+mod tests;
