@@ -1,7 +1,7 @@
 //! Text extraction for classification, bounded in bytes read, bytes inflated and time.
 //!
 //! Plain text and CSV in UTF-8 (with or without BOM) or GB18030; the office formats
-//! that are zip + XML (docx, xlsx, pptx). Anything else is reported as unsupported —
+//! that are zip + XML (docx, xlsx, pptx); PDF text (`pdf-extract`). Anything else is reported as unsupported —
 //! never silently treated as "nothing found". Zip bombs are bounded by the inflated
 //! byte budget, not by trusting the archive's declared sizes.
 
@@ -33,39 +33,80 @@ impl Default for Limits {
 pub enum Extracted {
     Text {
         text: String,
-        /// `utf-8`, `gb18030`, `docx`, `xlsx`, `pptx`.
+        /// `utf-8`, `gb18030`, `docx`, `xlsx`, `pptx`, `pdf`.
         format: &'static str,
         /// A bound was hit: the text is a prefix.
         truncated: bool,
     },
-    /// A format this version does not read (`pdf`, `binary`, `zip`).
+    /// A format this version does not read (`binary`, `zip`).
     Unsupported(&'static str),
     Failed(String),
 }
 
 /// Extracts text from the file at `path`.
 pub fn extract(path: &Path, limits: Limits) -> Extracted {
-    let mut f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) => return Extracted::Failed(format!("{}: {e}", path.display())),
-    };
+    match std::fs::File::open(path) {
+        Ok(f) => extract_file(f, limits),
+        Err(e) => Extracted::Failed(format!("{}: {e}", path.display())),
+    }
+}
+
+/// Extracts text from an open file (read from its start whatever its offset; used
+/// with descriptors handed over by fanotify, which must not be re-opened by path).
+pub fn extract_file(mut f: std::fs::File, limits: Limits) -> Extracted {
+    use std::io::{Seek, SeekFrom};
+    let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if let Err(e) = f.seek(SeekFrom::Start(0)) {
+        return Extracted::Failed(format!("seek: {e}"));
+    }
     let mut head = [0u8; 8];
     let n = f.read(&mut head).unwrap_or(0);
-    drop(f);
-    if head[..n].starts_with(b"PK\x03\x04") {
-        return office(path, limits);
+    if let Err(e) = f.seek(SeekFrom::Start(0)) {
+        return Extracted::Failed(format!("seek: {e}"));
     }
-    if head[..n].starts_with(b"%PDF") {
-        return Extracted::Unsupported("pdf");
+    if head[..n].starts_with(b"PK\x03\x04") {
+        return office(f, limits);
     }
     let mut bytes = Vec::new();
-    let read =
-        std::fs::File::open(path).and_then(|f| f.take(limits.max_bytes).read_to_end(&mut bytes));
-    if let Err(e) = read {
-        return Extracted::Failed(format!("{}: {e}", path.display()));
+    if let Err(e) = (&mut f).take(limits.max_bytes).read_to_end(&mut bytes) {
+        return Extracted::Failed(e.to_string());
     }
-    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    if head[..n].starts_with(b"%PDF") {
+        if size > limits.max_bytes {
+            // A PDF's cross-reference table is at its end: a prefix cannot be parsed.
+            return Extracted::Failed(format!(
+                "pdf of {size} bytes is over the {} byte extraction limit",
+                limits.max_bytes
+            ));
+        }
+        return pdf(bytes, limits);
+    }
     plain(&bytes, size > limits.max_bytes, limits)
+}
+
+/// PDF text through `pdf-extract`, on its own thread: it can panic on malformed
+/// input and cannot be interrupted, so a panic becomes `Failed` and the time limit
+/// is enforced by not waiting longer (the thread finishes on its own).
+fn pdf(bytes: Vec<u8>, limits: Limits) -> Extracted {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let spawned = std::thread::Builder::new()
+        .name("pdf-extract".into())
+        .spawn(move || {
+            let r = std::panic::catch_unwind(|| pdf_extract::extract_text_from_mem(&bytes));
+            let _ = tx.send(r);
+        });
+    if let Err(e) = spawned {
+        return Extracted::Failed(format!("pdf: {e}"));
+    }
+    match rx.recv_timeout(limits.max_time) {
+        Ok(Ok(Ok(text))) => bound(text, "pdf", false, limits),
+        Ok(Ok(Err(e))) => Extracted::Failed(format!("pdf: {e}")),
+        Ok(Err(_)) => Extracted::Failed("pdf: the parser failed on this file".into()),
+        Err(_) => Extracted::Failed(format!(
+            "pdf: text extraction took longer than {:?}",
+            limits.max_time
+        )),
+    }
 }
 
 /// Decodes plain text: UTF-8 first, then GB18030; binary data is refused.
@@ -109,12 +150,8 @@ fn bound(text: String, format: &'static str, truncated: bool, limits: Limits) ->
 }
 
 /// docx / xlsx / pptx: the text runs of their XML parts.
-fn office(path: &Path, limits: Limits) -> Extracted {
+fn office(file: std::fs::File, limits: Limits) -> Extracted {
     let started = Instant::now();
-    let file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) => return Extracted::Failed(format!("{}: {e}", path.display())),
-    };
     let mut zip = match zip::ZipArchive::new(file) {
         Ok(z) => z,
         Err(e) => return Extracted::Failed(format!("not a readable zip: {e}")),
@@ -293,7 +330,7 @@ mod tests {
     }
 
     #[test]
-    fn gb18030_and_utf8_bom_are_decoded_binary_and_pdf_are_declared() {
+    fn gb18030_and_utf8_bom_are_decoded_binary_is_declared_broken_pdf_fails() {
         let dir = tempfile::tempdir().unwrap();
         let (gb, _, _) = encoding_rs::GB18030.encode("机密文件，电话13812345678");
         std::fs::write(dir.path().join("gb.txt"), &gb).unwrap();
@@ -314,10 +351,68 @@ mod tests {
             Extracted::Unsupported("binary")
         );
         std::fs::write(dir.path().join("x.pdf"), b"%PDF-1.7\n...").unwrap();
-        assert_eq!(
-            extract(&dir.path().join("x.pdf"), Limits::default()),
-            Extracted::Unsupported("pdf")
+        assert!(
+            matches!(
+                extract(&dir.path().join("x.pdf"), Limits::default()),
+                Extracted::Failed(ref e) if e.starts_with("pdf")
+            ),
+            "a broken PDF is a failure, never 'nothing found'"
         );
+    }
+
+    /// A one-page PDF showing `line` in Helvetica, with a correct cross-reference table.
+    pub fn pdf_with_text(line: &str) -> Vec<u8> {
+        let content = format!("BT /F1 12 Tf 72 720 Td ({line}) Tj ET");
+        let objects = [
+            "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
+            "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_string(),
+            "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>".to_string(),
+            format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len()),
+            "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>".to_string(),
+        ];
+        let mut out = b"%PDF-1.4\n".to_vec();
+        let mut offsets = Vec::new();
+        for (i, o) in objects.iter().enumerate() {
+            offsets.push(out.len());
+            out.extend_from_slice(format!("{} 0 obj\n{o}\nendobj\n", i + 1).as_bytes());
+        }
+        let xref = out.len();
+        out.extend_from_slice(
+            format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes(),
+        );
+        for o in offsets {
+            out.extend_from_slice(format!("{o:010} 00000 n \n").as_bytes());
+        }
+        out.extend_from_slice(
+            format!(
+                "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
+                objects.len() + 1
+            )
+            .as_bytes(),
+        );
+        out
+    }
+
+    #[test]
+    fn pdf_text_is_extracted_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let pdf = dir.path().join("memo.pdf");
+        std::fs::write(
+            &pdf,
+            pdf_with_text("CONFIDENTIAL staff id 11010519491231002X"),
+        )
+        .unwrap();
+        let (t, f, _) = text_of(extract(&pdf, Limits::default()));
+        assert_eq!(f, "pdf");
+        assert!(
+            t.contains("CONFIDENTIAL") && t.contains("11010519491231002X"),
+            "{t:?}"
+        );
+        let small = Limits {
+            max_bytes: 100,
+            ..Limits::default()
+        };
+        assert!(matches!(extract(&pdf, small), Extracted::Failed(ref e) if e.contains("limit")));
     }
 
     #[test]
