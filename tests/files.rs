@@ -1,7 +1,10 @@
 //! Files that cross the fence, on real file systems: tmpfs and ext4 on a loop device
 //! are mounted by the test and watched as exit points with fanotify; `cp`, `dd` and
 //! `rsync` write onto them; each file must give exactly one `file.exported` with the
-//! right hash, writer and user.
+//! right hash, writer and user. Then the file rules act for real: a classified copy
+//! is refused while it happens (`deny`, permission events), a classified file that
+//! landed is moved into the evidence store (`quarantine`), and the same storm of
+//! writes is followed with the inotify backend (writer unknown).
 
 mod common;
 
@@ -15,10 +18,11 @@ use std::time::Duration;
 use common::*;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use weilan_agent::source::files::inotify::InotifyBackend;
 use weilan_agent::source::files::linux::FanotifyBackend;
-use weilan_agent::source::files::{default_network_fs, FilesConfig, FilesSource};
+use weilan_agent::source::files::{FileBackend, FilesConfig, FilesSource};
 use weilan_agent::source::{EventSink, Observed, Source, SourceContext};
-use weilan_config::event::{Event, FileExported};
+use weilan_config::event::{Event, FileEnforced, FileExported, FileSourceRead};
 
 struct Mounted(PathBuf);
 impl Drop for Mounted {
@@ -43,8 +47,14 @@ fn run(cmd: &mut Command) {
     );
 }
 
-/// Watches `mount` and returns the events seen while `work` runs.
-fn watch(mount: &Path, work: impl FnOnce()) -> Vec<FileExported> {
+/// Watches `mount` under `policy` (the `[files]` part of a policy.toml) with
+/// `backend` and returns every event seen while `work` runs.
+fn watch_with(
+    mount: &Path,
+    policy: &str,
+    backend: Box<dyn FileBackend>,
+    work: impl FnOnce(),
+) -> Vec<Event> {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (tx, mut rx) = mpsc::channel::<Observed>(1024);
     let shutdown = CancellationToken::new();
@@ -57,25 +67,55 @@ fn watch(mount: &Path, work: impl FnOnce()) -> Vec<FileExported> {
         mountinfo: "/proc/self/mountinfo".into(),
         mount_poll: Duration::from_millis(100),
         watch_mounts: vec![mount.to_path_buf()],
-        network_fs: default_network_fs(),
         hash_max_bytes: 64 << 20,
         limits: Default::default(),
         workers: 2,
+        settle: Duration::from_millis(500),
     };
-    let mut source = FilesSource::new(config, Box::new(FanotifyBackend::new().expect("fanotify")));
+    let policy = weilan_config::policy::parse(&format!("version = \"t\"\n{policy}"), "policy.toml")
+        .expect("test policy");
+    let (_policy_tx, policy_rx) = tokio::sync::watch::channel(Arc::new(policy));
+    let mut source = FilesSource::new(config, backend, policy_rx, None);
     let task = rt.spawn(async move { source.run(&ctx).await.map_err(|e| e.to_string()) });
-    std::thread::sleep(Duration::from_millis(500)); // the mark is in place
+    std::thread::sleep(Duration::from_millis(500)); // the marks are in place
     work();
     std::thread::sleep(Duration::from_millis(1500)); // hashing workers finish
     shutdown.cancel();
     let _ = rt.block_on(task);
     let mut out = Vec::new();
     while let Ok(o) = rx.try_recv() {
-        if let Event::FileExported(f) = o.event {
-            out.push(f);
-        }
+        out.push(o.event);
     }
     out
+}
+
+fn fanotify() -> Box<dyn FileBackend> {
+    Box::new(FanotifyBackend::new().expect("fanotify"))
+}
+
+/// Watches `mount` with fanotify and the default policy; the `file.exported` events.
+fn watch(mount: &Path, work: impl FnOnce()) -> Vec<FileExported> {
+    exported(&watch_with(mount, "", fanotify(), work))
+}
+
+fn exported(events: &[Event]) -> Vec<FileExported> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::FileExported(f) => Some(f.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn enforced(events: &[Event]) -> Vec<FileEnforced> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::FileEnforced(f) => Some(f.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 fn check(fs: &str, mount: &Path, src: &Path) {
@@ -209,4 +249,214 @@ fn files_written_onto_tmpfs_and_ext4_are_reported_once_each() {
         .arg(&ext4));
     let _e = Mounted(ext4.clone());
     check("ext4", &ext4, &src);
+}
+
+/// Mounts a fresh tmpfs at `dir/name`.
+fn tmpfs(dir: &Path, name: &str) -> (PathBuf, Mounted) {
+    let m = dir.join(name);
+    std::fs::create_dir_all(&m).unwrap();
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", &format!("weilan-{name}")])
+        .arg(&m));
+    (m.clone(), Mounted(m))
+}
+
+#[test]
+fn classified_copies_from_a_sensitive_folder_are_refused_and_laundered_ones_quarantined() {
+    if !require("files test needs root (mount, fanotify)", is_root()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (src, _s) = tmpfs(dir.path(), "finance");
+    let (exit, _e) = tmpfs(dir.path(), "stick");
+    let evidence = dir.path().join("evidence");
+    let staging = dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::create_dir_all(src.join("2026")).unwrap();
+    let secret = src.join("2026/salaries.txt");
+    std::fs::write(&secret, "机密 工资表 11010519491231002X\n").unwrap();
+    let plain = src.join("menu.txt");
+    std::fs::write(&plain, "lunch: noodles\n").unwrap();
+    let policy = format!(
+        r#"
+[files]
+evidence_dir = "{}"
+sensitive_sources = ["{}"]
+
+[[files.rules]]
+id = "no-secrets-out"
+detectors = ["mark:*", "prc-resident-id"]
+action = "deny"
+"#,
+        evidence.display(),
+        src.display()
+    );
+    let mut outcomes = Vec::new();
+    let events = watch_with(&exit, &policy, fanotify(), || {
+        let cp = Command::new("cp")
+            .arg(&secret)
+            .arg(exit.join("salaries.txt"))
+            .output()
+            .unwrap();
+        outcomes.push(("cp", cp));
+        let cat = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "cat {} > {}",
+                secret.display(),
+                exit.join("cat.txt").display()
+            ))
+            .output()
+            .unwrap();
+        outcomes.push(("cat", cat));
+        run(Command::new("cp").arg(&plain).arg(exit.join("menu.txt")));
+        // Laundered through a folder that is not watched: lands, then quarantined.
+        run(Command::new("cp").arg(&secret).arg(staging.join("x.txt")));
+        run(Command::new("cp")
+            .arg(staging.join("x.txt"))
+            .arg(exit.join("laundered.txt")));
+    });
+    for (what, out) in &outcomes {
+        assert!(
+            !out.status.success()
+                && String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"),
+            "{what} of a classified file must be refused: {out:?}"
+        );
+    }
+    assert!(
+        !exit.join("salaries.txt").exists(),
+        "the empty file left by the refused open is removed"
+    );
+    assert_eq!(
+        std::fs::metadata(exit.join("cat.txt"))
+            .map(|m| m.len())
+            .ok(),
+        Some(0),
+        "cat was refused the source: nothing reached the stick"
+    );
+    let enf = enforced(&events);
+    let refused: Vec<&FileEnforced> = enf
+        .iter()
+        .filter(|e| e.action == "deny" && e.evidence.is_none())
+        .collect();
+    assert_eq!(refused.len(), 2, "{enf:#?}");
+    for r in &refused {
+        assert_eq!(r.rule_id, "no-secrets-out");
+        assert_eq!(r.source_path.as_deref(), Some(secret.to_str().unwrap()));
+        assert!(r.matched.iter().any(|m| m == "prc-resident-id"), "{r:?}");
+    }
+    assert!(
+        refused
+            .iter()
+            .any(|r| r.exe.as_deref().is_some_and(|e| e.ends_with("/cp"))
+                && r.path.as_deref() == Some(exit.join("salaries.txt").to_str().unwrap())),
+        "{refused:#?}"
+    );
+    assert!(
+        refused
+            .iter()
+            .any(|r| r.exe.as_deref().is_some_and(|e| e.ends_with("/cat"))),
+        "{refused:#?}"
+    );
+
+    // The plain file copied, with its origin; its read was recorded.
+    let ex = exported(&events);
+    let menu = ex
+        .iter()
+        .find(|e| e.path.ends_with("/menu.txt"))
+        .expect("menu.txt exported");
+    assert_eq!(menu.origins, vec![plain.display().to_string()]);
+    assert_eq!(
+        (menu.action.as_str(), menu.rule_id.as_str()),
+        ("audit", "files.default")
+    );
+    let reads: Vec<&FileSourceRead> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::FileSourceRead(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        reads.iter().any(|r| r.path == plain.to_str().unwrap()
+            && r.exe.as_deref().is_some_and(|e| e.ends_with("/cp"))
+            && r.source == src.to_str().unwrap()),
+        "{reads:#?}"
+    );
+
+    // The laundered copy: reported, decided by the deny rule, quarantined.
+    let laundered = ex
+        .iter()
+        .find(|e| e.path.ends_with("/laundered.txt"))
+        .expect("laundered.txt exported");
+    assert_eq!(
+        (laundered.action.as_str(), laundered.rule_id.as_str()),
+        ("deny", "no-secrets-out")
+    );
+    assert!(!exit.join("laundered.txt").exists(), "quarantined");
+    let q = enf
+        .iter()
+        .find(|e| e.evidence.is_some())
+        .expect("a quarantine");
+    let kept = PathBuf::from(q.evidence.as_ref().unwrap());
+    assert_eq!(q.outcome, "done");
+    assert_eq!(q.sha256.as_deref(), Some(sha256(&kept).as_str()));
+    assert_eq!(
+        laundered.sha256, q.sha256,
+        "the evidence is the file that landed"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&kept).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(&evidence).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    println!(
+        "deny: cp and cat of a classified source refused (EPERM), 2 file.enforced naming \
+         no-secrets-out; plain copy exported with its origin; laundered copy quarantined \
+         into a 0700 store (0600 file, same SHA-256)"
+    );
+}
+
+#[test]
+fn inotify_fallback_reports_each_file_once_without_a_writer() {
+    if !require("files test needs root (mount)", is_root()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (exit, _e) = tmpfs(dir.path(), "share");
+    let src = dir.path().join("src.bin");
+    std::fs::write(&src, vec![3u8; 200_000]).unwrap();
+    let events = watch_with(&exit, "", Box::new(InotifyBackend::new().unwrap()), || {
+        run(Command::new("cp").arg(&src).arg(exit.join("a.bin")));
+        run(Command::new("dd")
+            .arg(format!("if={}", src.display()))
+            .arg(format!("of={}", exit.join("b.bin").display()))
+            .args(["bs=4k", "status=none"]));
+        // A file written right after its new directory: inotify watches the
+        // directory only once it exists, so the scan of new directories finds it.
+        run(Command::new("sh").arg("-c").arg(format!(
+            "mkdir -p {0}/d/e && echo quick > {0}/d/e/f.txt",
+            exit.display()
+        )));
+    });
+    let ex = exported(&events);
+    for name in ["a.bin", "b.bin", "d/e/f.txt"] {
+        let hits: Vec<&FileExported> = ex
+            .iter()
+            .filter(|e| e.path == exit.join(name).to_str().unwrap())
+            .collect();
+        assert_eq!(hits.len(), 1, "{name}: {ex:#?}");
+        assert_eq!((hits[0].attribution.as_str(), hits[0].pid), ("none", None));
+        assert_eq!(
+            hits[0].sha256.as_deref(),
+            Some(sha256(&exit.join(name)).as_str())
+        );
+    }
+    println!(
+        "inotify: cp, dd and a file in a brand-new directory → one event each, attribution none"
+    );
 }

@@ -164,6 +164,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
         }))
         .await;
     let (fence_tx, fence_rx) = mpsc::channel(256);
+    let policy_watch = tokio::sync::watch::Sender::new(policy.clone());
     let command_task = tokio::spawn(
         commands::CommandGate {
             agent_id: agent_id.clone(),
@@ -180,6 +181,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
             state_dir: settings.state_dir.clone(),
             current: policy.version.clone(),
             fence: settings.usb.as_ref().map(|_| fence_control.clone()),
+            policy_watch: policy_watch.clone(),
             sink: sink.clone(),
             stats: stats.clone(),
         }
@@ -196,6 +198,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
             }),
             sink.clone(),
         )
+        .with_mountinfo(usb.mountinfo.clone())
         .with_unlocks(fence::UnlockSetup {
             verifier: unlock_verifier.clone(),
             agent_id: agent_id.clone(),
@@ -227,26 +230,32 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
         )));
     }
     if let (Some(files), Some(usb)) = (&settings.files, &settings.usb) {
-        match source::files::linux::FanotifyBackend::new() {
+        match files_backend(&files.backend) {
             Ok(backend) => sources.push(Box::new(source::files::FilesSource::new(
                 source::files::FilesConfig {
                     sysfs_root: usb.sysfs_root.clone(),
                     mountinfo: usb.mountinfo.clone(),
                     mount_poll: usb.mount_poll,
                     watch_mounts: files.watch_mounts.clone(),
-                    network_fs: files
-                        .network_fs
-                        .clone()
-                        .unwrap_or_else(source::files::default_network_fs),
                     hash_max_bytes: files.hash_max_bytes,
                     limits: Default::default(),
                     workers: files.workers,
+                    settle: Duration::from_secs(2),
                 },
-                Box::new(backend),
+                backend,
+                policy_watch.subscribe(),
+                fence_task.as_ref().map(|_| fence_control.clone()),
             ))),
-            // Not root, or inside a user namespace: say so; the inotify fallback
-            // (writer unknown) is not in this version.
-            Err(e) => tracing::error!(error = %e, "files source unavailable: cannot use fanotify"),
+            Err(e) => {
+                tracing::error!(error = %e, "files source unavailable");
+                let _ = sink
+                    .emit(Event::AgentSourceError(weilan_config::event::SourceError {
+                        source: "files".into(),
+                        error: e,
+                        restart_in_secs: 0,
+                    }))
+                    .await;
+            }
         }
     }
     let ctx = SourceContext {
@@ -344,5 +353,23 @@ async fn supervise(mut source: Box<dyn Source>, ctx: SourceContext) {
                 backoff = (backoff * 2).min(Duration::from_secs(60));
             }
         }
+    }
+}
+
+/// The files source's kernel interface: fanotify when it can be had (writer known),
+/// else inotify (writer unknown, said in every event as `attribution: none`).
+fn files_backend(wanted: &str) -> Result<Box<dyn source::files::FileBackend>, String> {
+    use source::files::{inotify::InotifyBackend, linux::FanotifyBackend};
+    let fanotify =
+        || FanotifyBackend::new().map(|b| Box::new(b) as Box<dyn source::files::FileBackend>);
+    let inotify =
+        || InotifyBackend::new().map(|b| Box::new(b) as Box<dyn source::files::FileBackend>);
+    match wanted {
+        "fanotify" => fanotify(),
+        "inotify" => inotify(),
+        _ => fanotify().or_else(|e| {
+            tracing::warn!(error = %e, "fanotify unavailable: files are watched with inotify; writers will be unknown (attribution: none)");
+            inotify()
+        }),
     }
 }

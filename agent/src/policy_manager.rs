@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use weilan_config::event::{Event, PolicyApplied, PolicyRejected};
 use weilan_config::policy::Policy;
@@ -44,6 +44,8 @@ pub struct PolicyManager {
     pub state_dir: PathBuf,
     pub current: String,
     pub fence: Option<mpsc::Sender<FenceControl>>,
+    /// Where the sources that follow the policy (files) watch it.
+    pub policy_watch: watch::Sender<Arc<Policy>>,
     pub sink: EventSink,
     pub stats: Arc<AgentStats>,
 }
@@ -90,8 +92,10 @@ impl PolicyManager {
                 let previous = std::mem::replace(&mut self.current, p.version.clone());
                 self.stats.set_policy_version(&p.version);
                 tracing::info!(version = %p.version, %previous, "policy from the collector applied");
+                let p = Arc::new(p);
+                self.policy_watch.send_replace(p.clone());
                 if let Some(f) = &self.fence {
-                    let _ = f.send(FenceControl::Policy(Arc::new(p))).await;
+                    let _ = f.send(FenceControl::Policy(p)).await;
                 }
                 let _ = self
                     .sink

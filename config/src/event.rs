@@ -149,6 +149,10 @@ pub enum Event {
     FileExported(FileExported),
     #[serde(rename = "file.overflow")]
     FileOverflow(FileOverflow),
+    #[serde(rename = "file.enforced")]
+    FileEnforced(FileEnforced),
+    #[serde(rename = "file.source_read")]
+    FileSourceRead(FileSourceRead),
 }
 
 impl Event {
@@ -171,6 +175,8 @@ impl Event {
             Event::CommandResult(_) => "command.result",
             Event::FileExported(_) => "file.exported",
             Event::FileOverflow(_) => "file.overflow",
+            Event::FileEnforced(_) => "file.enforced",
+            Event::FileSourceRead(_) => "file.source_read",
         }
     }
 }
@@ -448,6 +454,62 @@ pub struct FileExported {
     pub classification: Vec<Classification>,
     /// Why classification is partial or absent (`unsupported: pdf`, `truncated`, ...).
     pub classification_note: Option<String>,
+    /// `removable`, `network` or `watched`: which kind of exit point this is.
+    pub exit: String,
+    /// What the policy decided for this file (`audit`, `quarantine`,
+    /// `read-only-device`, `deny`) and the rule that decided it.
+    pub action: String,
+    pub rule_id: String,
+    /// Files in sensitive source folders the writer read shortly before (its origin).
+    #[serde(default)]
+    pub origins: Vec<String>,
+}
+
+/// The agent enforced a file rule: a file quarantined, a device switched read-only,
+/// or a copy refused while it happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEnforced {
+    /// `quarantine`, `read-only-device` or `deny`.
+    pub action: String,
+    pub rule_id: String,
+    /// Detectors that made the rule match.
+    pub matched: Vec<String>,
+    /// The file on the exit point (for `deny`: the destination, when known).
+    pub path: Option<String>,
+    /// The classified source file (for `deny`).
+    pub source_path: Option<String>,
+    pub sha256: Option<String>,
+    pub mount_point: Option<String>,
+    pub usb_hash: Option<String>,
+    pub pid: Option<u32>,
+    pub exe: Option<String>,
+    pub user: Option<String>,
+    /// `done`, `requested` (handed to the USB fence, which reports `usb.decision`)
+    /// or `failed`.
+    pub outcome: String,
+    pub error: Option<String>,
+    /// Where the evidence copy is kept (quarantine), root-only on the agent.
+    pub evidence: Option<String>,
+    /// Human summary.
+    pub detail: String,
+}
+
+/// A process read a file in a sensitive source folder (one event per process and
+/// file within a few minutes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSourceRead {
+    pub path: String,
+    /// The sensitive folder it lies in.
+    pub source: String,
+    pub pid: u32,
+    pub exe: Option<String>,
+    pub cmdline: Option<String>,
+    pub uid: Option<u32>,
+    pub user: Option<String>,
+    /// Detectors that classified it (only computed when a `deny` rule needs it).
+    pub classification: Vec<Classification>,
 }
 
 /// The kernel's file-event queue overflowed: some writes were not seen as they

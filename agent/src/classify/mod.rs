@@ -7,3 +7,101 @@
 
 pub mod detectors;
 pub mod extract;
+
+use regex::Regex;
+use weilan_config::event::Classification;
+use weilan_config::policy::files::FilesPolicy;
+
+use detectors::{Finding, KeywordList};
+
+/// The built-in detectors plus the policy's custom keyword lists and patterns.
+#[derive(Default)]
+pub struct Classifier {
+    keywords: Vec<KeywordList>,
+    patterns: Vec<(String, Regex)>,
+    pub limits: extract::Limits,
+}
+
+impl Classifier {
+    /// Builds the policy's custom detectors (validated with the policy; one that still
+    /// fails to build is logged and left out, never a panic).
+    pub fn from_policy(p: &FilesPolicy, limits: extract::Limits) -> Self {
+        let mut c = Classifier {
+            limits,
+            ..Default::default()
+        };
+        for k in &p.keywords {
+            match KeywordList::new(&k.name, &k.words, k.case_insensitive) {
+                Ok(list) => c.keywords.push(list),
+                Err(e) => tracing::error!(list = %k.name, error = %e, "keyword list left out"),
+            }
+        }
+        for pat in &p.patterns {
+            match regex::RegexBuilder::new(&pat.regex)
+                .size_limit(1 << 20)
+                .build()
+            {
+                Ok(re) => c.patterns.push((pat.name.clone(), re)),
+                Err(e) => tracing::error!(pattern = %pat.name, error = %e, "pattern left out"),
+            }
+        }
+        c
+    }
+
+    /// Every detector over `text`.
+    pub fn scan(&self, text: &str) -> Vec<Finding> {
+        let mut out = detectors::scan(text);
+        out.extend(self.keywords.iter().filter_map(|k| k.find(text)));
+        for (name, re) in &self.patterns {
+            let mut count = 0;
+            let mut samples = Vec::new();
+            for m in re.find_iter(text) {
+                count += 1;
+                if samples.len() < detectors::MAX_SAMPLES {
+                    let s = m.as_str();
+                    let n = s.chars().count();
+                    samples.push(detectors::mask(s, (n / 4).min(3), (n / 4).min(3)));
+                }
+            }
+            if count > 0 {
+                out.push(Finding {
+                    detector: format!("pattern:{name}"),
+                    count,
+                    samples,
+                });
+            }
+        }
+        out
+    }
+
+    /// Extracts and scans an open file: the findings, and a note when the
+    /// classification is partial or absent.
+    pub fn classify_file(&self, f: std::fs::File) -> (Vec<Classification>, Option<String>) {
+        match extract::extract_file(f, self.limits) {
+            extract::Extracted::Text {
+                text, truncated, ..
+            } => (
+                self.scan(&text)
+                    .into_iter()
+                    .map(|f| Classification {
+                        detector: f.detector,
+                        count: f.count,
+                        samples: f.samples,
+                    })
+                    .collect(),
+                truncated.then(|| "truncated: only the first part was classified".to_string()),
+            ),
+            extract::Extracted::Unsupported(kind) => {
+                (Vec::new(), Some(format!("unsupported: {kind}")))
+            }
+            extract::Extracted::Failed(e) => (Vec::new(), Some(format!("failed: {e}"))),
+        }
+    }
+}
+
+/// Detector names and counts, as the policy's deciding functions take them.
+pub fn counts(c: &[Classification]) -> Vec<(&str, u64)> {
+    c.iter()
+        .map(|c| (c.detector.as_str(), c.count as u64))
+        .collect()
+}

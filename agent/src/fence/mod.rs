@@ -112,6 +112,10 @@ pub struct Fence {
     unlocks: Vec<UnlockToken>,
     /// Verdicts fixed by collector commands, by device hash (this run).
     overrides: HashMap<String, Verdict>,
+    /// The mount table, to remount volumes already mounted when a device turns
+    /// read-only (the block layer only warns about writes to a read-only device
+    /// under a mounted file system; the mount itself must become read-only).
+    mountinfo: Option<PathBuf>,
 }
 
 impl Fence {
@@ -134,7 +138,14 @@ impl Fence {
             unlock: None,
             unlocks: Vec::new(),
             overrides: HashMap::new(),
+            mountinfo: None,
         }
+    }
+
+    /// Lets the fence remount volumes already mounted when their device turns read-only.
+    pub fn with_mountinfo(mut self, mountinfo: PathBuf) -> Self {
+        self.mountinfo = Some(mountinfo);
+        self
     }
 
     /// Lets the fence accept temporary unlock tokens.
@@ -403,6 +414,30 @@ impl Fence {
         }
     }
 
+    /// Mount points of `device`'s volumes that are mounted read-write now.
+    fn mounted_rw(&self, device: &UsbDevice) -> Vec<String> {
+        let Some(path) = &self.mountinfo else {
+            return Vec::new();
+        };
+        let names: Vec<&str> = device
+            .block_devices
+            .iter()
+            .flat_map(|d| std::iter::once(&d.name).chain(d.partitions.iter().map(|p| &p.name)))
+            .map(String::as_str)
+            .collect();
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        crate::source::usb::mounts::parse(&text)
+            .into_values()
+            .filter(|m| {
+                !m.read_only
+                    && Path::new(&m.source)
+                        .file_name()
+                        .is_some_and(|n| names.iter().any(|b| n == *b))
+            })
+            .map(|m| m.mount_point)
+            .collect()
+    }
+
     fn read_only_block(&mut self, block: &str) -> (Vec<String>, Option<String>) {
         match self.enforcer.set_read_only(block) {
             Ok(()) => (vec![format!("BLKROSET {block}")], None),
@@ -513,6 +548,15 @@ impl Fence {
                         ) {
                             err = err.or(Some(e));
                         }
+                    }
+                }
+                for mount_point in self.mounted_rw(device) {
+                    if let Some(e) = step(
+                        self.enforcer.remount_read_only(&mount_point),
+                        &format!("remount {mount_point} read-only"),
+                        &mut actions,
+                    ) {
+                        err = err.or(Some(e));
                     }
                 }
                 err

@@ -425,3 +425,66 @@ async fn the_linux_enforcer_writes_the_sysfs_attributes_of_a_fake_tree() {
     assert!(!d.enforced);
     assert!(d.error.unwrap().contains("BLKROSET"));
 }
+
+#[tokio::test]
+async fn a_device_switched_read_only_while_mounted_is_flagged_and_remounted() {
+    let rec = Recorded::default();
+    let mut w = world(POLICY, Box::new(rec.clone()));
+    let devpath = add_stick(
+        &w.root,
+        &FakeStick {
+            port: "1-5",
+            vid: "abcd",
+            pid: "0001",
+            serial: "GOOD-1",
+            classes: &[8],
+            disk: Some(("sdq", "65:0")),
+        },
+    );
+    let mountinfo = w.root.join("mountinfo");
+    std::fs::write(
+        &mountinfo,
+        "40 25 65:0 / /media/stick rw,nosuid - vfat /dev/sdq rw\n\
+         41 25 8:1 / / rw - ext4 /dev/sda1 rw\n",
+    )
+    .unwrap();
+    w.fence.mountinfo = Some(mountinfo);
+    let dir = Sysfs::new(&w.root).devpath_dir(&devpath);
+    let device = Sysfs::new(&w.root).read_device(&dir, false).unwrap();
+    let hash = device.hash.clone();
+    w.fence
+        .on_fact(FenceFact::Attached {
+            dir,
+            device,
+            at_start: false,
+            seen: None,
+        })
+        .await;
+    assert_eq!(decision(&mut w).target.as_str(), "allow");
+    rec.take();
+    // A file rule asks for read-only: the disk is flagged and its mount remounted
+    // (the other mount is left alone).
+    w.fence.overrides.insert(
+        hash,
+        Verdict {
+            target: Target::ReadOnly,
+            rule_id: "files:cards".into(),
+            reason: "cards.csv was written to it".into(),
+        },
+    );
+    w.fence.reevaluate("command").await;
+    let d = decision(&mut w);
+    assert_eq!(
+        (d.target.as_str(), d.rule_id.as_str(), d.error.as_deref()),
+        ("read-only", "files:cards", None)
+    );
+    assert_eq!(
+        rec.take(),
+        vec![
+            "authorized 1-5 1",
+            "ro sdq",
+            "ro sdq1",
+            "remount /media/stick"
+        ]
+    );
+}

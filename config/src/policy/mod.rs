@@ -1,10 +1,11 @@
 //! The fence policy (`policy.toml`): what the organisation knows and allows.
 //!
 //! - [`usb`]: known devices, ordered USB rules, built-in protections.
-//! - `[files]`: where enforcement keeps evidence.
+//! - [`files`]: exit-point file systems, sensitive sources, detectors and file rules.
 //!
 //! `docs/policy.md` is the reference.
 
+pub mod files;
 pub mod usb;
 
 use std::path::PathBuf;
@@ -28,27 +29,7 @@ pub struct PolicyFile {
     pub usb: usb::UsbPolicyRaw,
     /// `[files]`.
     #[serde(default)]
-    pub files: FilesPolicySection,
-}
-
-#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct FilesPolicySection {
-    /// Absolute, root-only directory where quarantined files are kept as evidence.
-    #[serde(default = "default_evidence")]
-    pub evidence_dir: PathBuf,
-}
-
-impl Default for FilesPolicySection {
-    fn default() -> Self {
-        FilesPolicySection {
-            evidence_dir: default_evidence(),
-        }
-    }
-}
-
-fn default_evidence() -> PathBuf {
-    "/var/lib/weilan-agent/evidence".into()
+    pub files: files::FilesPolicyRaw,
 }
 
 /// A validated policy.
@@ -56,7 +37,7 @@ fn default_evidence() -> PathBuf {
 pub struct Policy {
     pub version: String,
     pub usb: usb::UsbPolicy,
-    pub evidence_dir: PathBuf,
+    pub files: files::FilesPolicy,
 }
 
 impl Policy {
@@ -74,19 +55,11 @@ impl Validate for PolicyFile {
             v.error("version", "must not be empty");
         }
         let usb = self.usb.validate(v);
-        if !self.files.evidence_dir.is_absolute() {
-            v.error(
-                "files.evidence_dir",
-                format!(
-                    "`{}` must be an absolute path (evidence must not move with the working directory)",
-                    self.files.evidence_dir.display()
-                ),
-            );
-        }
+        let files = self.files.validate(v);
         Some(Policy {
             version: self.version,
             usb,
-            evidence_dir: self.files.evidence_dir,
+            files,
         })
     }
 }

@@ -184,11 +184,12 @@ pub struct FilesSection {
     /// Extra mount points to treat as exit points.
     #[serde(default)]
     pub watch_mounts: Vec<PathBuf>,
-    /// File system types that are exit points (default: cifs, smb3, nfs, nfs4,
-    /// fuse.sshfs, fuse.rclone, davfs, fuse.davfs2, fuse.gvfsd-fuse, fuse.jmtpfs,
-    /// fuse.simple-mtpfs).
-    #[serde(default)]
-    pub network_fs: Option<Vec<String>>,
+    /// Kernel interface: `fanotify` (writer known; needs root outside a user
+    /// namespace), `inotify` (writer unknown: events say `attribution: none`), or
+    /// `auto` (fanotify, else inotify). Which file-system types are exit points is
+    /// policy (`files.exit_fs_types` in policy.toml).
+    #[serde(default = "default_files_backend")]
+    pub backend: String,
     /// Files are hashed up to this many MiB (the event says when a file was larger).
     #[serde(default = "default_hash_max")]
     pub hash_max_mib: u64,
@@ -202,13 +203,16 @@ impl Default for FilesSection {
         FilesSection {
             enabled: true,
             watch_mounts: Vec::new(),
-            network_fs: None,
+            backend: default_files_backend(),
             hash_max_mib: default_hash_max(),
             workers: default_file_workers(),
         }
     }
 }
 
+fn default_files_backend() -> String {
+    "auto".into()
+}
 fn default_hash_max() -> u64 {
     1024
 }
@@ -220,7 +224,8 @@ fn default_file_workers() -> usize {
 #[derive(Debug, Clone)]
 pub struct FilesSettings {
     pub watch_mounts: Vec<PathBuf>,
-    pub network_fs: Option<Vec<String>>,
+    /// `auto`, `fanotify` or `inotify`.
+    pub backend: String,
     pub hash_max_bytes: u64,
     pub workers: usize,
 }
@@ -418,6 +423,15 @@ impl Validate for AgentFile {
         let files = if self.files.enabled {
             v.range("files.hash_max_mib", self.files.hash_max_mib, 1, 1 << 20);
             v.range("files.workers", self.files.workers, 1, 64);
+            if !["auto", "fanotify", "inotify"].contains(&self.files.backend.as_str()) {
+                v.error(
+                    "files.backend",
+                    format!(
+                        "`{}`: expected `auto`, `fanotify` or `inotify`",
+                        self.files.backend
+                    ),
+                );
+            }
             for (i, m) in self.files.watch_mounts.iter().enumerate() {
                 if !m.is_absolute() {
                     v.error(
@@ -428,7 +442,7 @@ impl Validate for AgentFile {
             }
             Some(FilesSettings {
                 watch_mounts: self.files.watch_mounts.clone(),
-                network_fs: self.files.network_fs.clone(),
+                backend: self.files.backend.clone(),
                 hash_max_bytes: self.files.hash_max_mib * 1024 * 1024,
                 workers: self.files.workers,
             })

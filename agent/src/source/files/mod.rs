@@ -8,21 +8,26 @@
 //! file is reported when it is closed after writing; hashing and classification run on
 //! bounded workers, off the event loop.
 
+pub mod enforce;
+pub mod inotify;
 pub mod linux;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use jiff::Timestamp;
-use tokio::sync::Semaphore;
-use weilan_config::event::{Classification, Event, FileExported, FileOverflow};
+use tokio::sync::{mpsc, watch, Semaphore};
+use weilan_config::event::{Event, FileEnforced, FileExported, FileOverflow, FileSourceRead};
+use weilan_config::policy::files::{ExitKind, FileVerdict, FilesPolicy};
+use weilan_config::policy::Policy;
 
 use super::usb::mounts::{self, Mount};
 use super::usb::sysfs::Sysfs;
 use super::{BoxFuture, Source, SourceContext, SourceError};
-use crate::classify::{detectors, extract};
+use crate::classify::{self, extract, Classifier};
+use crate::fence::FenceControl;
 
 /// Who did a write, read from `/proc` when the event arrived.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -45,14 +50,74 @@ pub enum RawEvent {
         /// The written file itself (close events): hashing it by descriptor survives a
         /// rename right after the write (rsync's temporary-name-then-rename).
         file: Option<std::fs::File>,
+        /// Sensitive source files the writer read shortly before.
+        origins: Vec<String>,
     },
+    /// A file found in a directory that appeared (inotify cannot watch a directory
+    /// before it exists): reported once it has been quiet, unless a close comes first.
+    Found { path: PathBuf },
     /// The kernel queue overflowed: events were lost.
     Overflow,
+    /// A process opened a file in a sensitive source folder.
+    SourceRead(FileSourceRead),
+    /// A copy was refused while it happened (a `deny` rule); `created` is an empty
+    /// file the refused `O_CREAT` left on the exit point, to be removed.
+    Denied {
+        enforced: Box<FileEnforced>,
+        created: Option<PathBuf>,
+    },
 }
+
+/// An exit point as the permission handler needs it.
+#[derive(Debug, Clone)]
+pub struct GuardedExit {
+    pub mount_point: PathBuf,
+    pub kind: ExitKind,
+    pub usb_hash: Option<String>,
+}
+
+/// What a backend that can refuse opens needs to know; the source keeps it current.
+#[derive(Default)]
+pub struct GuardState {
+    pub exits: Vec<GuardedExit>,
+    pub sources: Vec<PathBuf>,
+    pub policy: Arc<FilesPolicy>,
+    pub classifier: Arc<Classifier>,
+}
+
+impl GuardState {
+    /// The exit point holding `path` (the longest mount point that is a prefix).
+    pub fn exit_for(&self, path: &Path) -> Option<&GuardedExit> {
+        self.exits
+            .iter()
+            .filter(|e| path.starts_with(&e.mount_point))
+            .max_by_key(|e| e.mount_point.as_os_str().len())
+    }
+
+    /// The sensitive source folder holding `path`.
+    pub fn source_for(&self, path: &Path) -> Option<&PathBuf> {
+        self.sources.iter().find(|s| path.starts_with(s))
+    }
+}
+
+pub type Guard = Arc<RwLock<GuardState>>;
 
 /// The kernel interface: marks mounts and yields events.
 pub trait FileBackend: Send {
     fn mark_mount(&mut self, mount_point: &Path) -> Result<(), String>;
+    /// Watches opens of the files directly in `dir` (a sensitive source folder or
+    /// one of its subfolders).
+    fn mark_source_dir(&mut self, dir: &Path) -> Result<(), String> {
+        Err(format!(
+            "{}: this backend cannot watch reads (fanotify is needed)",
+            dir.display()
+        ))
+    }
+    /// The state its permission handler decides with, if it has one; the source
+    /// keeps it current.
+    fn guard(&self) -> Option<Guard> {
+        None
+    }
     fn next(&mut self) -> BoxFuture<'_, Result<Vec<RawEvent>, String>>;
 }
 
@@ -63,36 +128,18 @@ pub struct FilesConfig {
     pub mount_poll: Duration,
     /// Mount points always watched (besides USB and network mounts).
     pub watch_mounts: Vec<PathBuf>,
-    /// File system types that are exit points (network shares, FUSE, MTP).
-    pub network_fs: Vec<String>,
     /// Files are hashed up to this many bytes (the event says when a file was larger).
     pub hash_max_bytes: u64,
     pub limits: extract::Limits,
     /// Files hashed and classified at once.
     pub workers: usize,
-}
-
-pub fn default_network_fs() -> Vec<String> {
-    [
-        "cifs",
-        "smb3",
-        "nfs",
-        "nfs4",
-        "fuse.sshfs",
-        "fuse.rclone",
-        "davfs",
-        "fuse.davfs2",
-        "fuse.gvfsd-fuse",
-        "fuse.jmtpfs",
-        "fuse.simple-mtpfs",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    /// How long a file found in a new directory must be quiet before it is reported.
+    pub settle: Duration,
 }
 
 struct ExitPoint {
     mount: Mount,
+    kind: ExitKind,
     usb_serial: Option<String>,
     usb_hash: Option<String>,
 }
@@ -101,26 +148,55 @@ struct Pending {
     first: Timestamp,
     last: Timestamp,
     writer: Option<Writer>,
+    origins: Vec<String>,
+    /// Found by a directory scan (no write event seen): reported once quiet.
+    found: bool,
+    quiet_since: std::time::Instant,
 }
+
+/// Most directories marked under the sensitive source folders.
+const MAX_SOURCE_DIRS: usize = 10_000;
+/// How often the sensitive source folders are walked for new subfolders.
+const SOURCE_REWALK: Duration = Duration::from_secs(10);
 
 pub struct FilesSource {
     config: FilesConfig,
     backend: Box<dyn FileBackend>,
     sysfs: Sysfs,
+    policy: watch::Receiver<Arc<Policy>>,
+    fence: Option<mpsc::Sender<FenceControl>>,
+    guard: Guard,
+}
+
+/// What a worker needs besides the file: the policy in force and where to act.
+#[derive(Clone)]
+struct Enforcement {
+    policy: Arc<FilesPolicy>,
+    classifier: Arc<Classifier>,
+    fence: Option<mpsc::Sender<FenceControl>>,
 }
 
 impl FilesSource {
-    pub fn new(config: FilesConfig, backend: Box<dyn FileBackend>) -> Self {
+    pub fn new(
+        config: FilesConfig,
+        backend: Box<dyn FileBackend>,
+        policy: watch::Receiver<Arc<Policy>>,
+        fence: Option<mpsc::Sender<FenceControl>>,
+    ) -> Self {
         let root = std::fs::canonicalize(&config.sysfs_root).unwrap_or(config.sysfs_root.clone());
+        let guard: Guard = backend.guard().unwrap_or_default();
         FilesSource {
             sysfs: Sysfs::new(root),
             config,
             backend,
+            policy,
+            fence,
+            guard,
         }
     }
 
     /// Exit points in a mount table.
-    fn exit_points(&self, table: &BTreeMap<u64, Mount>) -> Vec<ExitPoint> {
+    fn exit_points(&self, table: &BTreeMap<u64, Mount>, policy: &FilesPolicy) -> Vec<ExitPoint> {
         let explicit: HashSet<&Path> = self
             .config
             .watch_mounts
@@ -134,18 +210,83 @@ impl FilesSource {
                 .block_dir(&m.dev)
                 .and_then(|b| self.sysfs.usb_ancestor(&b))
                 .and_then(|d| self.sysfs.read_device(&d, false).ok());
-            let wanted = explicit.contains(Path::new(&m.mount_point))
-                || self.config.network_fs.contains(&m.fs_type)
-                || usb.is_some();
-            if wanted {
-                out.push(ExitPoint {
-                    mount: m.clone(),
-                    usb_serial: usb.as_ref().and_then(|u| u.serial.clone()),
-                    usb_hash: usb.map(|u| u.hash),
-                });
-            }
+            let kind = if usb.is_some() {
+                ExitKind::Removable
+            } else if policy.exit_fs_types.contains(&m.fs_type) {
+                ExitKind::Network
+            } else if explicit.contains(Path::new(&m.mount_point)) {
+                ExitKind::Watched
+            } else {
+                continue;
+            };
+            out.push(ExitPoint {
+                mount: m.clone(),
+                kind,
+                usb_serial: usb.as_ref().and_then(|u| u.serial.clone()),
+                usb_hash: usb.map(|u| u.hash),
+            });
         }
         out
+    }
+
+    /// Puts a new policy into the guard (classifier, sensitive sources).
+    fn apply_policy(&mut self) -> Enforcement {
+        let policy = self.policy.borrow_and_update().clone();
+        let files = Arc::new(policy.files.clone());
+        let classifier = Arc::new(Classifier::from_policy(&files, self.config.limits));
+        let mut g = self.guard.write().unwrap_or_else(|e| e.into_inner());
+        g.policy = files.clone();
+        g.classifier = classifier.clone();
+        g.sources = files
+            .sensitive_sources
+            .iter()
+            .map(|p| std::fs::canonicalize(p).unwrap_or(p.clone()))
+            .collect();
+        Enforcement {
+            policy: files,
+            classifier,
+            fence: self.fence.clone(),
+        }
+    }
+
+    /// Marks the sensitive source folders and their subfolders not marked yet.
+    fn mark_sources(&mut self, marked: &mut HashSet<PathBuf>) {
+        let roots = self
+            .guard
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .sources
+            .clone();
+        for root in roots {
+            let mut stack = vec![root];
+            while let Some(dir) = stack.pop() {
+                if !marked.contains(&dir) {
+                    if marked.len() >= MAX_SOURCE_DIRS {
+                        tracing::error!(
+                            limit = MAX_SOURCE_DIRS,
+                            "too many sensitive source folders; the rest are not watched"
+                        );
+                        return;
+                    }
+                    match self.backend.mark_source_dir(&dir) {
+                        Ok(()) => {
+                            marked.insert(dir.clone());
+                        }
+                        Err(e) => {
+                            tracing::error!(dir = %dir.display(), error = %e, "cannot watch sensitive source folder");
+                            marked.insert(dir.clone()); // do not retry every walk
+                        }
+                    }
+                }
+                if let Ok(entries) = std::fs::read_dir(&dir) {
+                    for e in entries.flatten() {
+                        if e.file_type().is_ok_and(|t| t.is_dir()) {
+                            stack.push(e.path());
+                        }
+                    }
+                }
+            }
+        }
     }
 
     async fn run_inner(&mut self, ctx: &SourceContext) -> Result<(), SourceError> {
@@ -153,6 +294,9 @@ impl FilesSource {
         let mut pending: HashMap<PathBuf, Pending> = HashMap::new();
         let workers = Arc::new(Semaphore::new(self.config.workers.max(1)));
         let mut poll = tokio::time::interval(self.config.mount_poll);
+        let mut source_walk = tokio::time::interval(SOURCE_REWALK);
+        let mut source_dirs: HashSet<PathBuf> = HashSet::new();
+        let mut enforcement = self.apply_policy();
         // When the last write was seen: after an overflow, rescan from a bit before it.
         let mut last_seen = Timestamp::now();
         // Files reported recently and when they were closed, so a rescan does not
@@ -161,22 +305,58 @@ impl FilesSource {
         loop {
             tokio::select! {
                 _ = ctx.shutdown.cancelled() => return Ok(()),
+                changed = self.policy.changed() => {
+                    if changed.is_err() {
+                        // The policy manager is gone (shutting down): keep the last one.
+                        std::future::pending::<()>().await;
+                    }
+                    enforcement = self.apply_policy();
+                    self.mark_sources(&mut source_dirs);
+                    marked.clear(); // exit_fs_types may have changed: re-derive (marks are idempotent)
+                }
+                _ = source_walk.tick() => self.mark_sources(&mut source_dirs),
                 _ = poll.tick() => {
                     let text = tokio::fs::read_to_string(&self.config.mountinfo).await.unwrap_or_default();
                     let table = mounts::parse(&text);
-                    let now: Vec<ExitPoint> = self.exit_points(&table);
+                    let now: Vec<ExitPoint> = self.exit_points(&table, &enforcement.policy);
                     let current: HashSet<String> = now.iter().map(|e| e.mount.mount_point.clone()).collect();
+                    let before = marked.len();
                     marked.retain(|mp, _| current.contains(mp));
+                    let mut changed = marked.len() != before;
                     for ep in now {
                         if marked.contains_key(&ep.mount.mount_point) {
                             continue;
                         }
                         match self.backend.mark_mount(Path::new(&ep.mount.mount_point)) {
                             Ok(()) => {
-                                tracing::info!(mount = %ep.mount.mount_point, fs = %ep.mount.fs_type, "watching exit point");
+                                tracing::info!(mount = %ep.mount.mount_point, fs = %ep.mount.fs_type, exit = ep.kind.as_str(), "watching exit point");
                                 marked.insert(ep.mount.mount_point.clone(), ep);
+                                changed = true;
                             }
                             Err(e) => tracing::error!(mount = %ep.mount.mount_point, error = %e, "cannot watch exit point"),
+                        }
+                    }
+                    if changed {
+                        self.guard.write().unwrap_or_else(|e| e.into_inner()).exits = marked
+                            .values()
+                            .map(|e| GuardedExit {
+                                mount_point: PathBuf::from(&e.mount.mount_point),
+                                kind: e.kind,
+                                usb_hash: e.usb_hash.clone(),
+                            })
+                            .collect();
+                    }
+                    // Files found in new directories that stayed quiet: report them.
+                    let quiet: Vec<PathBuf> = pending
+                        .iter()
+                        .filter(|(_, p)| p.found && p.quiet_since.elapsed() >= self.config.settle)
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for path in quiet {
+                        let p = pending.remove(&path).expect("listed");
+                        reported.insert(path.clone(), Timestamp::now());
+                        if let Some(job) = job(self.config.hash_max_bytes, &marked, path, None, p, &enforcement) {
+                            spawn_job(job, ctx, &workers).await?;
                         }
                     }
                 }
@@ -185,17 +365,53 @@ impl FilesSource {
                     for ev in batch {
                         match ev {
                             RawEvent::Overflow => {
-                                tracing::error!("fanotify queue overflowed; rescanning the exit points");
+                                tracing::error!("file event queue overflowed; rescanning the exit points");
                                 let since = last_seen - jiff::SignedDuration::from_secs(2);
                                 let overflow = rescan(
-                                    &self.config, &marked, &pending, &reported, since, ctx, &workers).await?;
+                                    self.config.hash_max_bytes, &marked, &pending, &reported, since, ctx, &workers, &enforcement).await?;
                                 ctx.sink.emit(Event::FileOverflow(overflow)).await?;
                             }
-                            RawEvent::Write { path, close, writer, file } => {
+                            RawEvent::SourceRead(r) => ctx.sink.emit(Event::FileSourceRead(r)).await?,
+                            RawEvent::Denied { enforced, created } => {
+                                let mut enforced = enforced;
+                                if let Some(c) = created {
+                                    enforced.detail.push_str(&enforce::remove_refused_leftover(&c));
+                                }
+                                ctx.sink.emit(Event::FileEnforced(*enforced)).await?;
+                            }
+                            RawEvent::Found { path } => {
+                                // Already pending, or closed and reported meanwhile.
+                                if !pending.contains_key(&path) && !reported.contains_key(&path) {
+                                    let now = Timestamp::now();
+                                    pending.insert(path, Pending {
+                                        first: now,
+                                        last: now,
+                                        writer: None,
+                                        origins: Vec::new(),
+                                        found: true,
+                                        quiet_since: std::time::Instant::now(),
+                                    });
+                                }
+                            }
+                            RawEvent::Write { path, close, writer, file, origins } => {
                                 let now = Timestamp::now();
                                 last_seen = now;
-                                let entry = pending.entry(path.clone()).or_insert(Pending { first: now, last: now, writer: None });
+                                let entry = pending.entry(path.clone()).or_insert(Pending {
+                                    first: now,
+                                    last: now,
+                                    writer: None,
+                                    origins: Vec::new(),
+                                    found: false,
+                                    quiet_since: std::time::Instant::now(),
+                                });
                                 entry.last = now;
+                                entry.found = false;
+                                entry.quiet_since = std::time::Instant::now();
+                                for o in origins {
+                                    if !entry.origins.contains(&o) && entry.origins.len() < 16 {
+                                        entry.origins.push(o);
+                                    }
+                                }
                                 // Keep the best-known writer (one whose executable was read).
                                 if entry.writer.as_ref().is_none_or(|w| w.exe.is_none()) && writer.is_some() {
                                     entry.writer = writer;
@@ -206,22 +422,9 @@ impl FilesSource {
                                     }
                                     reported.insert(path.clone(), now);
                                     let p = pending.remove(&path).expect("just inserted");
-                                    let Some(ep) = marked.values().filter(|e| path.starts_with(&e.mount.mount_point)).max_by_key(|e| e.mount.mount_point.len()) else {
-                                        continue;
-                                    };
-                                    let job = Job {
-                                        path,
-                                        file,
-                                        pending: p,
-                                        mount_point: ep.mount.mount_point.clone(),
-                                        fs_type: ep.mount.fs_type.clone(),
-                                        source: ep.mount.source.clone(),
-                                        usb_serial: ep.usb_serial.clone(),
-                                        usb_hash: ep.usb_hash.clone(),
-                                        hash_max: self.config.hash_max_bytes,
-                                        limits: self.config.limits,
-                                    };
-                                    spawn_job(job, ctx, &workers).await?;
+                                    if let Some(job) = job(self.config.hash_max_bytes, &marked, path, file, p, &enforcement) {
+                                        spawn_job(job, ctx, &workers).await?;
+                                    }
                                 }
                             }
                         }
@@ -232,7 +435,36 @@ impl FilesSource {
     }
 }
 
-/// Describes a file on a bounded worker and emits its `file.exported`.
+/// A job for a file on one of the `marked` exit points (`None` if it is on none).
+fn job(
+    hash_max: u64,
+    marked: &HashMap<String, ExitPoint>,
+    path: PathBuf,
+    file: Option<std::fs::File>,
+    pending: Pending,
+    enforcement: &Enforcement,
+) -> Option<Job> {
+    let ep = marked
+        .values()
+        .filter(|e| path.starts_with(&e.mount.mount_point))
+        .max_by_key(|e| e.mount.mount_point.len())?;
+    Some(Job {
+        path,
+        file,
+        pending,
+        mount_point: ep.mount.mount_point.clone(),
+        fs_type: ep.mount.fs_type.clone(),
+        source: ep.mount.source.clone(),
+        kind: ep.kind,
+        usb_serial: ep.usb_serial.clone(),
+        usb_hash: ep.usb_hash.clone(),
+        hash_max,
+        enforcement: enforcement.clone(),
+    })
+}
+
+/// Describes a file on a bounded worker, applies the policy, and emits its
+/// `file.exported` (and `file.enforced` when the policy acted).
 async fn spawn_job(
     job: Job,
     ctx: &SourceContext,
@@ -245,11 +477,21 @@ async fn spawn_job(
         .map_err(|_| SourceError::PipelineClosed)?;
     let sink = ctx.sink.clone();
     tokio::spawn(async move {
-        let event = tokio::task::spawn_blocking(move || job.describe()).await;
+        let result = tokio::task::spawn_blocking(move || {
+            let fence = job.enforcement.fence.clone();
+            let evidence = job.enforcement.policy.evidence_dir.clone();
+            let (exported, verdict) = job.describe()?;
+            let enforced = enforce::act(&exported, &verdict, &evidence, fence.as_ref());
+            Some((exported, enforced))
+        })
+        .await;
         drop(permit);
-        match event {
-            Ok(Some(e)) => {
-                let _ = sink.emit(Event::FileExported(e)).await;
+        match result {
+            Ok(Some((exported, enforced))) => {
+                let _ = sink.emit(Event::FileExported(exported)).await;
+                if let Some(e) = enforced {
+                    let _ = sink.emit(Event::FileEnforced(e)).await;
+                }
             }
             Ok(None) => {}
             Err(e) => tracing::error!(error = %e, "file description failed"),
@@ -263,14 +505,16 @@ const RESCAN_MAX_ENTRIES: u64 = 200_000;
 
 /// After an overflow: report files on the exit points modified since `since` that
 /// are not already pending (writer unknown).
+#[allow(clippy::too_many_arguments)]
 async fn rescan(
-    config: &FilesConfig,
+    hash_max: u64,
     marked: &HashMap<String, ExitPoint>,
     pending: &HashMap<PathBuf, Pending>,
     reported: &HashMap<PathBuf, Timestamp>,
     since: Timestamp,
     ctx: &SourceContext,
     workers: &Arc<Semaphore>,
+    enforcement: &Enforcement,
 ) -> Result<FileOverflow, SourceError> {
     let mut walked = 0u64;
     let mut found = 0u64;
@@ -310,23 +554,17 @@ async fn rescan(
                     continue; // reported when it was closed, unchanged since
                 }
                 found += 1;
-                let job = Job {
-                    path: entry.path(),
-                    file: None,
-                    pending: Pending {
-                        first: at,
-                        last: at,
-                        writer: None,
-                    },
-                    mount_point: ep.mount.mount_point.clone(),
-                    fs_type: ep.mount.fs_type.clone(),
-                    source: ep.mount.source.clone(),
-                    usb_serial: ep.usb_serial.clone(),
-                    usb_hash: ep.usb_hash.clone(),
-                    hash_max: config.hash_max_bytes,
-                    limits: config.limits,
+                let p = Pending {
+                    first: at,
+                    last: at,
+                    writer: None,
+                    origins: Vec::new(),
+                    found: false,
+                    quiet_since: std::time::Instant::now(),
                 };
-                spawn_job(job, ctx, workers).await?;
+                if let Some(job) = job(hash_max, marked, entry.path(), None, p, enforcement) {
+                    spawn_job(job, ctx, workers).await?;
+                }
             }
         }
     }
@@ -346,77 +584,61 @@ struct Job {
     mount_point: String,
     fs_type: String,
     source: String,
+    kind: ExitKind,
     usb_serial: Option<String>,
     usb_hash: Option<String>,
     hash_max: u64,
-    limits: extract::Limits,
+    enforcement: Enforcement,
 }
 
 impl Job {
-    /// Stats, hashes and classifies the file (blocking). `None` if it is gone.
-    fn describe(mut self) -> Option<FileExported> {
-        use std::io::Read;
+    /// Stats, hashes, classifies and decides the file (blocking). `None` if it is gone.
+    fn describe(mut self) -> Option<(FileExported, FileVerdict)> {
+        use std::io::{Read, Seek};
         use std::os::fd::AsRawFd;
         // The file as written, wherever it is now (renamed, or even deleted).
-        let opened = match self.file.take() {
-            Some(f) => Ok(f),
-            None => std::fs::File::open(&self.path),
+        let f = match self.file.take() {
+            Some(f) => f,
+            None => std::fs::File::open(&self.path).ok()?,
         };
-        if let Ok(f) = &opened {
-            if let Ok(now) = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())) {
-                if !now.to_string_lossy().ends_with(" (deleted)") {
-                    self.path = now;
-                }
+        if let Ok(now) = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())) {
+            if !now.to_string_lossy().ends_with(" (deleted)") {
+                self.path = now;
             }
         }
-        let meta = match &opened {
-            Ok(f) => f.metadata().ok()?,
-            Err(_) => return None,
-        };
+        let meta = f.metadata().ok()?;
         if !meta.is_file() {
             return None;
         }
-        let (sha256, hashed) = match opened {
-            Ok(f) => {
-                let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-                let mut reader = f.take(self.hash_max);
-                let mut buf = vec![0u8; 256 * 1024];
-                let mut n_total = 0u64;
-                loop {
-                    match reader.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => {
-                            ctx.update(&buf[..n]);
-                            n_total += n as u64;
-                        }
-                        Err(_) => break,
-                    }
+        let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut hashed = 0u64;
+        let mut reader = (&f).take(self.hash_max);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut hash_ok = true;
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    hasher.update(&buf[..n]);
+                    hashed += n as u64;
                 }
-                (Some(hex::encode(ctx.finish().as_ref())), n_total)
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), error = %e, "hashing stopped");
+                    hash_ok = false;
+                    break;
+                }
             }
-            Err(_) => (None, 0),
-        };
-        let (classification, note) = match extract::extract(&self.path, self.limits) {
-            extract::Extracted::Text {
-                text, truncated, ..
-            } => (
-                detectors::scan(&text)
-                    .into_iter()
-                    .map(|f| Classification {
-                        detector: f.detector,
-                        count: f.count,
-                        samples: f.samples,
-                    })
-                    .collect(),
-                truncated.then(|| "truncated: only the first part was classified".to_string()),
-            ),
-            extract::Extracted::Unsupported(kind) => {
-                (Vec::new(), Some(format!("unsupported: {kind}")))
-            }
-            extract::Extracted::Failed(e) => (Vec::new(), Some(format!("failed: {e}"))),
-        };
+        }
+        let sha256 = hash_ok.then(|| hex::encode(hasher.finish().as_ref()));
+        let mut f = f;
+        let _ = f.rewind();
+        let (classification, note) = self.enforcement.classifier.classify_file(f);
+        let verdict = self
+            .enforcement
+            .policy
+            .decide(&classify::counts(&classification), self.kind);
         let w = self.pending.writer;
-        Some(FileExported {
+        let exported = FileExported {
             path: self.path.display().to_string(),
             mount_point: self.mount_point,
             fs_type: self.fs_type,
@@ -440,7 +662,12 @@ impl Job {
             },
             classification,
             classification_note: note,
-        })
+            exit: self.kind.as_str().into(),
+            action: verdict.action.as_str().into(),
+            rule_id: verdict.rule_id.clone(),
+            origins: self.pending.origins,
+        };
+        Some((exported, verdict))
     }
 }
 

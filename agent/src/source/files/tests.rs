@@ -1,5 +1,6 @@
-//! The files source with a test backend: aggregation into one event per file, and the
-//! overflow path (explicit event + rescan with unknown writer).
+//! The files source with a test backend: aggregation into one event per file, the
+//! overflow path (explicit event + rescan with unknown writer), files found in new
+//! directories, and the policy's actions (quarantine, read-only-device).
 
 use std::sync::atomic::AtomicU64;
 
@@ -34,6 +35,49 @@ fn writer() -> Option<Writer> {
     })
 }
 
+fn test_source(
+    dir: &Path,
+    mountinfo: PathBuf,
+    mount: &Path,
+    brx: mpsc::Receiver<Vec<RawEvent>>,
+    marked: std::sync::Arc<std::sync::Mutex<Vec<PathBuf>>>,
+    policy: &str,
+    fence: Option<mpsc::Sender<FenceControl>>,
+) -> FilesSource {
+    let policy =
+        weilan_config::policy::parse(&format!("version = \"t\"\n{policy}"), "policy.toml").unwrap();
+    let (tx, rx) = watch::channel(Arc::new(policy));
+    std::mem::forget(tx); // the policy stays as it is for the test
+    FilesSource::new(
+        FilesConfig {
+            sysfs_root: dir.join("sys"),
+            mountinfo,
+            mount_poll: Duration::from_millis(50),
+            watch_mounts: vec![mount.to_path_buf()],
+            hash_max_bytes: 1 << 20,
+            limits: Default::default(),
+            workers: 1,
+            settle: Duration::from_millis(200),
+        },
+        Box::new(ChannelBackend { rx: brx, marked }),
+        rx,
+        fence,
+    )
+}
+
+/// A watched tmpfs-like mount in a temporary directory, and its mountinfo.
+fn fake_mount(dir: &Path) -> (PathBuf, PathBuf) {
+    let mount = dir.canonicalize().unwrap().join("share");
+    std::fs::create_dir_all(&mount).unwrap();
+    let mountinfo = dir.join("mountinfo");
+    std::fs::write(
+        &mountinfo,
+        format!("36 25 0:40 / {} rw - tmpfs share rw\n", mount.display()),
+    )
+    .unwrap();
+    (mount, mountinfo)
+}
+
 async fn next_event(rx: &mut mpsc::Receiver<Observed>) -> Event {
     tokio::time::timeout(Duration::from_secs(5), rx.recv())
         .await
@@ -45,32 +89,10 @@ async fn next_event(rx: &mut mpsc::Receiver<Observed>) -> Event {
 #[tokio::test]
 async fn writes_aggregate_to_one_event_and_an_overflow_rescans() {
     let dir = tempfile::tempdir().unwrap();
-    let mount = dir.path().canonicalize().unwrap().join("share");
-    std::fs::create_dir_all(&mount).unwrap();
-    let mountinfo = dir.path().join("mountinfo");
-    std::fs::write(
-        &mountinfo,
-        format!("36 25 0:40 / {} rw - tmpfs share rw\n", mount.display()),
-    )
-    .unwrap();
+    let (mount, mountinfo) = fake_mount(dir.path());
     let (btx, brx) = mpsc::channel(8);
     let marked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut source = FilesSource::new(
-        FilesConfig {
-            sysfs_root: dir.path().join("sys"),
-            mountinfo,
-            mount_poll: Duration::from_millis(50),
-            watch_mounts: vec![mount.clone()],
-            network_fs: default_network_fs(),
-            hash_max_bytes: 1 << 20,
-            limits: Default::default(),
-            workers: 1,
-        },
-        Box::new(ChannelBackend {
-            rx: brx,
-            marked: marked.clone(),
-        }),
-    );
+    let mut source = test_source(dir.path(), mountinfo, &mount, brx, marked.clone(), "", None);
     let (tx, mut rx) = mpsc::channel(64);
     let ctx = SourceContext {
         sink: EventSink::new(tx, Arc::new(AtomicU64::new(0))),
@@ -94,6 +116,7 @@ async fn writes_aggregate_to_one_event_and_an_overflow_rescans() {
             close,
             writer: writer(),
             file: None,
+            origins: Vec::new(),
         }])
         .await
         .unwrap();
@@ -146,4 +169,235 @@ async fn writes_aggregate_to_one_event_and_an_overflow_rescans() {
     );
     stop.cancel();
     assert_eq!(task.await.unwrap(), Ok(()));
+}
+
+/// Starts a source over a fake mount; returns the backend's sender, the event
+/// receiver, the stop token and the mount.
+#[allow(clippy::type_complexity)]
+fn start(
+    dir: &Path,
+    policy: &str,
+    fence: Option<mpsc::Sender<FenceControl>>,
+) -> (
+    mpsc::Sender<Vec<RawEvent>>,
+    mpsc::Receiver<Observed>,
+    CancellationToken,
+    PathBuf,
+) {
+    let (mount, mountinfo) = fake_mount(dir);
+    let (btx, brx) = mpsc::channel(8);
+    let marked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut source = test_source(dir, mountinfo, &mount, brx, marked, policy, fence);
+    let (tx, rx) = mpsc::channel(64);
+    let ctx = SourceContext {
+        sink: EventSink::new(tx, Arc::new(AtomicU64::new(0))),
+        shutdown: CancellationToken::new(),
+    };
+    let stop = ctx.shutdown.clone();
+    tokio::spawn(async move { source.run(&ctx).await });
+    (btx, rx, stop, mount)
+}
+
+fn close(path: &Path) -> RawEvent {
+    RawEvent::Write {
+        path: path.to_path_buf(),
+        close: true,
+        writer: writer(),
+        file: None,
+        origins: vec!["/srv/finance/q3.xlsx".into()],
+    }
+}
+
+#[tokio::test]
+async fn found_files_are_reported_once_when_quiet_unless_a_close_comes_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (btx, mut rx, stop, mount) = start(dir.path(), "", None);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let quiet = mount.join("new/quiet.txt");
+    let closed = mount.join("new/closed.txt");
+    std::fs::create_dir_all(quiet.parent().unwrap()).unwrap();
+    std::fs::write(&quiet, "q").unwrap();
+    std::fs::write(&closed, "c").unwrap();
+    btx.send(vec![
+        RawEvent::Found {
+            path: quiet.clone(),
+        },
+        RawEvent::Found {
+            path: closed.clone(),
+        },
+        close(&closed),
+    ])
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        if let Event::FileExported(e) = next_event(&mut rx).await {
+            got.push(e);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(rx.try_recv().is_err(), "one event per file: {got:#?}");
+    let q = got
+        .iter()
+        .find(|e| e.path == quiet.to_str().unwrap())
+        .unwrap();
+    let c = got
+        .iter()
+        .find(|e| e.path == closed.to_str().unwrap())
+        .unwrap();
+    assert_eq!((q.attribution.as_str(), q.pid), ("none", None));
+    assert_eq!(
+        (c.attribution.as_str(), c.origins.as_slice()),
+        ("fanotify", ["/srv/finance/q3.xlsx".to_string()].as_slice())
+    );
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_quarantine_rule_moves_the_file_into_the_evidence_store_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let evidence = dir.path().join("evidence");
+    let policy = format!(
+        "[files]\nevidence_dir = \"{}\"\n[[files.rules]]\nid = \"marks-out\"\ndetectors = [\"mark:*\"]\naction = \"quarantine\"\n",
+        evidence.display()
+    );
+    let (btx, mut rx, stop, mount) = start(dir.path(), &policy, None);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let secret = mount.join("memo.txt");
+    let harmless = mount.join("menu.txt");
+    std::fs::write(&secret, "TOP SECRET: the plan").unwrap();
+    std::fs::write(&harmless, "noodles").unwrap();
+    btx.send(vec![close(&secret), close(&harmless)])
+        .await
+        .unwrap();
+    let mut events = Vec::new();
+    while events.len() < 3 {
+        events.push(next_event(&mut rx).await);
+    }
+    let exported: Vec<&FileExported> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::FileExported(f) => Some(f),
+            _ => None,
+        })
+        .collect();
+    let memo = exported
+        .iter()
+        .find(|e| e.path.ends_with("memo.txt"))
+        .unwrap();
+    assert_eq!(
+        (memo.action.as_str(), memo.rule_id.as_str()),
+        ("quarantine", "marks-out")
+    );
+    let menu = exported
+        .iter()
+        .find(|e| e.path.ends_with("menu.txt"))
+        .unwrap();
+    assert_eq!(
+        (menu.action.as_str(), menu.rule_id.as_str()),
+        ("audit", "files.default")
+    );
+    let enforced = events
+        .iter()
+        .find_map(|e| match e {
+            Event::FileEnforced(f) => Some(f),
+            _ => None,
+        })
+        .expect("file.enforced");
+    assert_eq!(
+        (
+            enforced.action.as_str(),
+            enforced.rule_id.as_str(),
+            enforced.outcome.as_str()
+        ),
+        ("quarantine", "marks-out", "done")
+    );
+    assert_eq!(enforced.matched, vec!["mark:top-secret".to_string()]);
+    assert!(!secret.exists() && harmless.exists());
+    let kept = PathBuf::from(enforced.evidence.as_ref().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(&kept).unwrap(),
+        "TOP SECRET: the plan"
+    );
+    assert_eq!(enforced.sha256, memo.sha256);
+    let sidecar: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(kept.with_file_name(format!(
+            "{}.json",
+            kept.file_name().unwrap().to_string_lossy()
+        )))
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(sidecar["rule_id"], "marks-out");
+    assert_eq!(sidecar["writer"]["user"], "clerk");
+    stop.cancel();
+}
+
+fn exported_on_usb(hash: Option<&str>) -> FileExported {
+    FileExported {
+        path: "/media/stick/cards.csv".into(),
+        mount_point: "/media/stick".into(),
+        fs_type: "vfat".into(),
+        mount_source: "/dev/sdb1".into(),
+        usb_serial: Some("S1".into()),
+        usb_hash: hash.map(String::from),
+        size: 10,
+        sha256: None,
+        hashed_bytes: 10,
+        pid: Some(42),
+        exe: None,
+        cmdline: None,
+        uid: None,
+        user: None,
+        first_write: Timestamp::now(),
+        last_write: Timestamp::now(),
+        attribution: "fanotify".into(),
+        classification: Vec::new(),
+        classification_note: None,
+        exit: "removable".into(),
+        action: "read-only-device".into(),
+        rule_id: "cards".into(),
+        origins: Vec::new(),
+    }
+}
+
+#[test]
+fn read_only_device_is_handed_to_the_usb_fence_naming_the_rule() {
+    let verdict = FileVerdict {
+        action: weilan_config::policy::files::FileAction::ReadOnlyDevice,
+        rule_id: "cards".into(),
+        matched: vec!["bank-card".into()],
+    };
+    let (tx, mut rx) = mpsc::channel(4);
+    let e = enforce::act(
+        &exported_on_usb(Some("h1")),
+        &verdict,
+        Path::new("/nonexistent"),
+        Some(&tx),
+    )
+    .unwrap();
+    assert_eq!(
+        (e.outcome.as_str(), e.rule_id.as_str()),
+        ("requested", "cards")
+    );
+    match rx.try_recv().unwrap() {
+        FenceControl::Override {
+            device_hash,
+            target,
+            rule_id,
+            ..
+        } => assert_eq!(
+            (device_hash.as_str(), target, rule_id.as_str()),
+            (
+                "h1",
+                weilan_config::policy::usb::Target::ReadOnly,
+                "files:cards"
+            )
+        ),
+        other => panic!("{other:?}"),
+    }
+    // No device to switch: a failure, said so — never a silent no-op.
+    let e = enforce::act(&exported_on_usb(None), &verdict, Path::new("/x"), Some(&tx)).unwrap();
+    assert_eq!(e.outcome, "failed");
+    assert!(e.error.unwrap().contains("not on a USB device"));
 }

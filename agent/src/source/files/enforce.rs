@@ -1,0 +1,197 @@
+//! Carrying out file rules after a file has landed: quarantine (move the file into
+//! the agent's root-only evidence store) and read-only-device (ask the USB fence to
+//! switch the device read-only). A `deny` that did not stop the copy while it
+//! happened (see `linux`) falls back to quarantine: the file must not stay.
+//!
+//! Every action becomes one `file.enforced` naming its rule, `done` or `failed`.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use tokio::sync::mpsc;
+use weilan_config::event::{FileEnforced, FileExported};
+use weilan_config::policy::files::{FileAction, FileVerdict};
+use weilan_config::policy::usb::Target;
+
+use crate::fence::FenceControl;
+
+/// Applies `verdict` to the file described by `exported` (blocking).
+pub fn act(
+    exported: &FileExported,
+    verdict: &FileVerdict,
+    evidence_dir: &Path,
+    fence: Option<&mpsc::Sender<FenceControl>>,
+) -> Option<FileEnforced> {
+    let mut e = FileEnforced {
+        action: verdict.action.as_str().into(),
+        rule_id: verdict.rule_id.clone(),
+        matched: verdict.matched.clone(),
+        path: Some(exported.path.clone()),
+        source_path: exported.origins.first().cloned(),
+        sha256: exported.sha256.clone(),
+        mount_point: Some(exported.mount_point.clone()),
+        usb_hash: exported.usb_hash.clone(),
+        pid: exported.pid,
+        exe: exported.exe.clone(),
+        user: exported.user.clone(),
+        outcome: "done".into(),
+        error: None,
+        evidence: None,
+        detail: String::new(),
+    };
+    match verdict.action {
+        FileAction::Audit => return None,
+        FileAction::Quarantine | FileAction::Deny => {
+            let pre = if verdict.action == FileAction::Deny {
+                "the copy was not refused while it happened (the writer held no classified \
+                 file from a sensitive source open); "
+            } else {
+                ""
+            };
+            match quarantine(Path::new(&exported.path), evidence_dir, exported) {
+                Ok((kept, sha)) => {
+                    e.detail = format!(
+                        "{pre}{} moved off {} into the evidence store",
+                        exported.path, exported.mount_point
+                    );
+                    e.evidence = Some(kept.display().to_string());
+                    e.sha256 = Some(sha);
+                }
+                Err(err) => {
+                    e.outcome = "failed".into();
+                    e.detail = format!("{pre}quarantine of {} failed", exported.path);
+                    e.error = Some(err);
+                }
+            }
+        }
+        FileAction::ReadOnlyDevice => {
+            let sent = match (fence, &exported.usb_hash) {
+                (Some(f), Some(hash)) => f
+                    .blocking_send(FenceControl::Override {
+                        device_hash: hash.clone(),
+                        target: Target::ReadOnly,
+                        rule_id: format!("files:{}", verdict.rule_id),
+                        reason: format!(
+                            "{} was written to it ({})",
+                            exported.path,
+                            verdict.matched.join(", ")
+                        ),
+                    })
+                    .map_err(|_| "the USB fence is not running".to_string()),
+                (None, _) => Err("the USB fence is not running on this agent".into()),
+                (_, None) => Err(format!(
+                    "{} is not on a USB device (no device to switch)",
+                    exported.mount_point
+                )),
+            };
+            match sent {
+                Ok(()) => {
+                    e.outcome = "requested".into();
+                    e.detail = format!(
+                        "device {} switched read-only by the USB fence (see its usb.decision)",
+                        exported.usb_serial.as_deref().unwrap_or("?")
+                    );
+                }
+                Err(err) => {
+                    e.outcome = "failed".into();
+                    e.detail = "the device could not be switched read-only".into();
+                    e.error = Some(err);
+                }
+            }
+        }
+    }
+    Some(e)
+}
+
+/// Moves `path` into `evidence_dir` (0700, files 0600) with a JSON sidecar that
+/// describes it; returns where it is kept and the SHA-256 of what was kept. The
+/// copy is synced before the original is removed, so a crash leaves two copies,
+/// never none.
+pub fn quarantine(
+    path: &Path,
+    evidence_dir: &Path,
+    exported: &FileExported,
+) -> Result<(PathBuf, String), String> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(evidence_dir)
+        .map_err(|e| format!("{}: {e}", evidence_dir.display()))?;
+    // An existing directory may have been created with looser permissions.
+    std::fs::set_permissions(evidence_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("{}: {e}", evidence_dir.display()))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    let stamp = jiff::Timestamp::now().as_millisecond();
+    let kept = evidence_dir.join(format!("{stamp}-{name}"));
+    let mut src = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&kept)
+        .map_err(|e| format!("{}: {e}", kept.display()))?;
+    let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = src
+            .read(&mut buf)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        dst.write_all(&buf[..n])
+            .map_err(|e| format!("{}: {e}", kept.display()))?;
+    }
+    dst.sync_all()
+        .map_err(|e| format!("{}: {e}", kept.display()))?;
+    let sha = hex::encode(hasher.finish().as_ref());
+    let sidecar = serde_json::json!({
+        "original_path": exported.path,
+        "mount_point": exported.mount_point,
+        "usb_serial": exported.usb_serial,
+        "sha256": sha,
+        "writer": { "pid": exported.pid, "exe": exported.exe, "user": exported.user },
+        "classification": exported.classification,
+        "rule_id": exported.rule_id,
+        "quarantined_at": jiff::Timestamp::now().to_string(),
+    });
+    let side = kept.with_file_name(format!("{stamp}-{name}.json"));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&side)
+        .and_then(|mut f| {
+            f.write_all(sidecar.to_string().as_bytes())?;
+            f.sync_all()
+        })
+        .map_err(|e| format!("{}: {e}", side.display()))?;
+    std::fs::remove_file(path).map_err(|e| {
+        format!(
+            "{}: {e} (a copy is kept at {})",
+            path.display(),
+            kept.display()
+        )
+    })?;
+    Ok((kept, sha))
+}
+
+/// Removes the empty file a refused `O_CREAT` leaves behind (fanotify decides after
+/// the file was created); says what happened, for the event's detail.
+pub fn remove_refused_leftover(path: &Path) -> String {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_file() && m.len() == 0 => match std::fs::remove_file(path) {
+            Ok(()) => format!(
+                "; the empty {} left by the refused open was removed",
+                path.display()
+            ),
+            Err(e) => format!("; the empty {} could not be removed: {e}", path.display()),
+        },
+        _ => String::new(),
+    }
+}

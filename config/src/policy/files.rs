@@ -1,0 +1,611 @@
+//! The files part of the fence policy (`[files]`): which file systems are exit points,
+//! which folders are sensitive sources, custom detectors with their thresholds, and an
+//! ordered rule list that decides what happens to a file that crossed the fence.
+//!
+//! Deciding is pure: a file's findings (detector name and count) and the kind of exit
+//! point go in, a [`FileVerdict`] naming its rule comes out. The agent enforces it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::load::Validator;
+
+/// What happens to a file that crossed the fence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FileAction {
+    /// Record only.
+    Audit,
+    /// Move the file off the destination into the agent's root-only evidence store.
+    Quarantine,
+    /// Switch the removable device the file was written to read-only from now on
+    /// (the file itself stays).
+    ReadOnlyDevice,
+    /// Refuse the copy while it happens (fanotify permission events: a process that
+    /// holds a classified file from a sensitive source may not open a file on an exit
+    /// point for writing, and the reverse); a file that still lands is quarantined.
+    Deny,
+}
+
+impl FileAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileAction::Audit => "audit",
+            FileAction::Quarantine => "quarantine",
+            FileAction::ReadOnlyDevice => "read-only-device",
+            FileAction::Deny => "deny",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "audit" => FileAction::Audit,
+            "quarantine" => FileAction::Quarantine,
+            "read-only-device" => FileAction::ReadOnlyDevice,
+            "deny" => FileAction::Deny,
+            _ => return None,
+        })
+    }
+}
+
+/// The kind of exit point a file was written to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExitKind {
+    /// A mount of a USB block device.
+    Removable,
+    /// A file system type listed in `exit_fs_types` (network shares, FUSE, MTP).
+    Network,
+    /// A mount point the agent's settings name explicitly (`files.watch_mounts`).
+    Watched,
+}
+
+impl ExitKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExitKind::Removable => "removable",
+            ExitKind::Network => "network",
+            ExitKind::Watched => "watched",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "removable" => ExitKind::Removable,
+            "network" => ExitKind::Network,
+            "watched" => ExitKind::Watched,
+            _ => return None,
+        })
+    }
+}
+
+/// Rule id used when no rule matched.
+pub const FILES_DEFAULT: &str = "files.default";
+
+// ---------------------------------------------------------------- raw (serde) form
+
+/// `[files]` of `policy.toml`.
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesPolicyRaw {
+    /// Absolute, root-only directory where quarantined files are kept as evidence.
+    #[serde(default = "default_evidence")]
+    pub evidence_dir: PathBuf,
+    /// File-system types that are exit points besides removable media (network shares,
+    /// FUSE, MTP), as `/proc/self/mountinfo` names them (e.g. `cifs`, `fuse.sshfs`).
+    #[serde(default = "default_exit_fs_types")]
+    pub exit_fs_types: Vec<String>,
+    /// Folders whose files' reads are recorded (`file.source_read`), so a copy can be
+    /// traced to its origin; `deny` rules refuse copies of their classified files.
+    #[serde(default)]
+    pub sensitive_sources: Vec<PathBuf>,
+    /// Minimum count for a detector's findings to classify a file (default 1), by
+    /// detector name (`prc-resident-id`, `bank-card`, `mark:secret`, `keywords:NAME` …).
+    #[serde(default)]
+    pub thresholds: BTreeMap<String, u64>,
+    /// Custom keyword lists (`[[files.keywords]]`), reported as `keywords:NAME`.
+    #[serde(default)]
+    pub keywords: Vec<KeywordsRaw>,
+    /// Custom regular expressions (`[[files.patterns]]`), reported as `pattern:NAME`.
+    #[serde(default)]
+    pub patterns: Vec<PatternRaw>,
+    /// Ordered rules (`[[files.rules]]`); the first that matches decides.
+    #[serde(default)]
+    pub rules: Vec<FileRuleRaw>,
+}
+
+impl Default for FilesPolicyRaw {
+    fn default() -> Self {
+        FilesPolicyRaw {
+            evidence_dir: default_evidence(),
+            exit_fs_types: default_exit_fs_types(),
+            sensitive_sources: Vec::new(),
+            thresholds: BTreeMap::new(),
+            keywords: Vec::new(),
+            patterns: Vec::new(),
+            rules: Vec::new(),
+        }
+    }
+}
+
+fn default_evidence() -> PathBuf {
+    "/var/lib/weilan-agent/evidence".into()
+}
+
+/// Network shares, remote and FUSE file systems, and phones (MTP/PTP through gvfs).
+pub fn default_exit_fs_types() -> Vec<String> {
+    [
+        "cifs",
+        "smb3",
+        "nfs",
+        "nfs4",
+        "fuse.sshfs",
+        "fuse.rclone",
+        "davfs",
+        "fuse.davfs2",
+        "fuse.gvfsd-fuse",
+        "fuse.jmtpfs",
+        "fuse.simple-mtpfs",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeywordsRaw {
+    /// Detector name suffix: findings are reported as `keywords:NAME`.
+    pub name: String,
+    /// The organisation's terms (matched with Aho-Corasick).
+    pub words: Vec<String>,
+    /// Match ASCII letters regardless of case.
+    #[serde(default)]
+    pub case_insensitive: bool,
+}
+
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatternRaw {
+    /// Detector name suffix: findings are reported as `pattern:NAME`.
+    pub name: String,
+    /// A regular expression (Rust `regex` syntax; linear time, no back-references).
+    pub regex: String,
+}
+
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRuleRaw {
+    /// Stable id, named by every event this rule causes.
+    pub id: String,
+    /// Free text for people.
+    #[serde(default)]
+    pub description: String,
+    /// Detector names (a trailing `*` matches a prefix, `*` alone any detector); the
+    /// rule matches when any of them reached its threshold. Empty: any file, classified
+    /// or not.
+    #[serde(default)]
+    pub detectors: Vec<String>,
+    /// Exit kinds the rule applies to: `removable`, `network`, `watched` (default all).
+    #[serde(default)]
+    pub exit: Vec<String>,
+    /// `audit`, `quarantine`, `read-only-device` or `deny`.
+    pub action: String,
+}
+
+// ---------------------------------------------------------------- validated form
+
+/// A custom keyword detector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keywords {
+    pub name: String,
+    pub words: Vec<String>,
+    pub case_insensitive: bool,
+}
+
+/// A custom regex detector (the pattern compiled when validated).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern {
+    pub name: String,
+    pub regex: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRule {
+    pub id: String,
+    pub description: String,
+    pub detectors: Vec<String>,
+    pub exit: Vec<ExitKind>,
+    pub action: FileAction,
+}
+
+/// The validated `[files]` policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilesPolicy {
+    pub evidence_dir: PathBuf,
+    pub exit_fs_types: Vec<String>,
+    pub sensitive_sources: Vec<PathBuf>,
+    pub thresholds: BTreeMap<String, u64>,
+    pub keywords: Vec<Keywords>,
+    pub patterns: Vec<Pattern>,
+    pub rules: Vec<FileRule>,
+}
+
+impl Default for FilesPolicy {
+    fn default() -> Self {
+        let mut v = Validator::new(PathBuf::from("/"));
+        FilesPolicyRaw::default().validate(&mut v)
+    }
+}
+
+/// What the policy says about one file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FileVerdict {
+    pub action: FileAction,
+    pub rule_id: String,
+    /// Which detectors made the rule match (empty for a rule without detectors).
+    pub matched: Vec<String>,
+}
+
+fn detector_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => pattern == name,
+    }
+}
+
+impl FilesPolicy {
+    /// The minimum count for `detector`'s findings to classify a file.
+    pub fn threshold(&self, detector: &str) -> u64 {
+        self.thresholds.get(detector).copied().unwrap_or(1).max(1)
+    }
+
+    /// Detectors (of `findings`: name and count) that reached their threshold.
+    pub fn classified<'a>(&self, findings: &[(&'a str, u64)]) -> Vec<&'a str> {
+        findings
+            .iter()
+            .filter(|(d, n)| *n >= self.threshold(d))
+            .map(|(d, _)| *d)
+            .collect()
+    }
+
+    /// Decides a file: the first rule whose exit kinds include `exit` and whose
+    /// detectors include one that reached its threshold.
+    pub fn decide(&self, findings: &[(&str, u64)], exit: ExitKind) -> FileVerdict {
+        let hits = self.classified(findings);
+        for r in &self.rules {
+            if !r.exit.is_empty() && !r.exit.contains(&exit) {
+                continue;
+            }
+            let matched: Vec<String> = if r.detectors.is_empty() {
+                Vec::new()
+            } else {
+                let m: Vec<String> = hits
+                    .iter()
+                    .filter(|h| r.detectors.iter().any(|p| detector_matches(p, h)))
+                    .map(|h| h.to_string())
+                    .collect();
+                if m.is_empty() {
+                    continue;
+                }
+                m
+            };
+            return FileVerdict {
+                action: r.action,
+                rule_id: r.id.clone(),
+                matched,
+            };
+        }
+        FileVerdict {
+            action: FileAction::Audit,
+            rule_id: FILES_DEFAULT.into(),
+            matched: Vec::new(),
+        }
+    }
+
+    /// Whether any rule can deny (the agent then watches sensitive sources with
+    /// permission events).
+    pub fn has_deny(&self) -> bool {
+        self.rules.iter().any(|r| r.action == FileAction::Deny)
+    }
+
+    /// The first `deny` rule matching `findings` on `exit`, if any.
+    pub fn deny_rule(&self, findings: &[(&str, u64)], exit: ExitKind) -> Option<FileVerdict> {
+        let v = self.decide(findings, exit);
+        (v.action == FileAction::Deny).then_some(v)
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+impl FilesPolicyRaw {
+    pub fn validate(self, v: &mut Validator) -> FilesPolicy {
+        if !self.evidence_dir.is_absolute() {
+            v.error(
+                "files.evidence_dir",
+                format!(
+                    "`{}` must be an absolute path (evidence must not move with the working directory)",
+                    self.evidence_dir.display()
+                ),
+            );
+        }
+        for (i, t) in self.exit_fs_types.iter().enumerate() {
+            if t.is_empty() || t.contains(char::is_whitespace) {
+                v.error(
+                    format!("files.exit_fs_types[{i}]"),
+                    format!("`{t}` is not a file-system type name"),
+                );
+            }
+        }
+        for (i, p) in self.sensitive_sources.iter().enumerate() {
+            if !p.is_absolute() {
+                v.error(
+                    format!("files.sensitive_sources[{i}]"),
+                    format!("`{}` must be an absolute path", p.display()),
+                );
+            }
+        }
+        for (d, n) in &self.thresholds {
+            if *n == 0 {
+                v.error(
+                    format!("files.thresholds.{d}"),
+                    "must be at least 1 (a finding must exist to count)",
+                );
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut keywords = Vec::new();
+        for (i, k) in self.keywords.into_iter().enumerate() {
+            let at = format!("files.keywords[{i}]");
+            if !valid_name(&k.name) {
+                v.error(
+                    format!("{at}.name"),
+                    format!("`{}`: use 1-64 letters, digits, `-`, `_`, `.`", k.name),
+                );
+            } else if !names.insert(format!("keywords:{}", k.name)) {
+                v.error(
+                    format!("{at}.name"),
+                    format!("`{}` is defined twice", k.name),
+                );
+            }
+            if k.words.is_empty() || k.words.iter().any(|w| w.trim().is_empty()) {
+                v.error(
+                    format!("{at}.words"),
+                    "needs at least one word, none of them empty",
+                );
+            }
+            keywords.push(Keywords {
+                name: k.name,
+                words: k.words,
+                case_insensitive: k.case_insensitive,
+            });
+        }
+        let mut patterns = Vec::new();
+        for (i, p) in self.patterns.into_iter().enumerate() {
+            let at = format!("files.patterns[{i}]");
+            if !valid_name(&p.name) {
+                v.error(
+                    format!("{at}.name"),
+                    format!("`{}`: use 1-64 letters, digits, `-`, `_`, `.`", p.name),
+                );
+            } else if !names.insert(format!("pattern:{}", p.name)) {
+                v.error(
+                    format!("{at}.name"),
+                    format!("`{}` is defined twice", p.name),
+                );
+            }
+            // Bounded compile: a policy pushed by the collector must not exhaust memory.
+            if let Err(e) = regex::RegexBuilder::new(&p.regex)
+                .size_limit(1 << 20)
+                .build()
+            {
+                v.error(format!("{at}.regex"), e.to_string());
+            }
+            patterns.push(Pattern {
+                name: p.name,
+                regex: p.regex,
+            });
+        }
+        let mut ids = std::collections::HashSet::new();
+        let mut rules = Vec::new();
+        for (i, r) in self.rules.into_iter().enumerate() {
+            let at = format!("files.rules[{i}]");
+            if r.id.trim().is_empty() {
+                v.error(format!("{at}.id"), "must not be empty");
+            } else if !ids.insert(r.id.clone()) {
+                v.error(
+                    format!("{at}.id"),
+                    format!("`{}` is used by an earlier rule", r.id),
+                );
+            }
+            let action = FileAction::parse(&r.action).unwrap_or_else(|| {
+                v.error(
+                    format!("{at}.action"),
+                    format!(
+                        "`{}`: expected `audit`, `quarantine`, `read-only-device` or `deny`",
+                        r.action
+                    ),
+                );
+                FileAction::Audit
+            });
+            let mut exit = Vec::new();
+            for (j, e) in r.exit.iter().enumerate() {
+                match ExitKind::parse(e) {
+                    Some(k) => exit.push(k),
+                    None => v.error(
+                        format!("{at}.exit[{j}]"),
+                        format!("`{e}`: expected `removable`, `network` or `watched`"),
+                    ),
+                }
+            }
+            if action == FileAction::ReadOnlyDevice
+                && exit.iter().any(|k| *k != ExitKind::Removable)
+            {
+                v.error(
+                    format!("{at}.exit"),
+                    "`read-only-device` applies to removable media only: set exit = [\"removable\"]",
+                );
+            }
+            for (j, d) in r.detectors.iter().enumerate() {
+                if d.is_empty() || d[..d.len() - usize::from(d.ends_with('*'))].contains('*') {
+                    v.error(
+                        format!("{at}.detectors[{j}]"),
+                        format!("`{d}`: a name, or a prefix ending in `*`"),
+                    );
+                }
+            }
+            rules.push(FileRule {
+                id: r.id,
+                description: r.description,
+                detectors: r.detectors,
+                exit,
+                action,
+            });
+        }
+        FilesPolicy {
+            evidence_dir: self.evidence_dir,
+            exit_fs_types: self.exit_fs_types,
+            sensitive_sources: self.sensitive_sources,
+            thresholds: self.thresholds,
+            keywords,
+            patterns,
+            rules,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(text: &str) -> Result<crate::policy::Policy, crate::ConfigErrors> {
+        crate::policy::parse(&format!("version = \"t\"\n{text}"), "policy.toml")
+    }
+
+    const RULES: &str = r#"
+[files]
+sensitive_sources = ["/srv/finance"]
+thresholds = { "bank-card" = 3 }
+
+[[files.keywords]]
+name = "projects"
+words = ["天河计划"]
+
+[[files.rules]]
+id = "secret-to-usb"
+detectors = ["mark:*", "keywords:projects"]
+exit = ["removable"]
+action = "quarantine"
+
+[[files.rules]]
+id = "cards-anywhere"
+detectors = ["bank-card"]
+action = "read-only-device"
+exit = ["removable"]
+
+[[files.rules]]
+id = "all-to-shares"
+exit = ["network"]
+action = "audit"
+"#;
+
+    #[test]
+    fn first_matching_rule_decides_and_names_itself() {
+        let p = policy(RULES).unwrap().files;
+        let v = p.decide(&[("mark:secret", 1)], ExitKind::Removable);
+        assert_eq!(
+            (v.action, v.rule_id.as_str(), v.matched),
+            (
+                FileAction::Quarantine,
+                "secret-to-usb",
+                vec!["mark:secret".to_string()]
+            )
+        );
+        // Same file on a share: the first rule is removable-only.
+        let v = p.decide(&[("mark:secret", 1)], ExitKind::Network);
+        assert_eq!(
+            (v.action, v.rule_id.as_str()),
+            (FileAction::Audit, "all-to-shares")
+        );
+        // Below its threshold a detector does not classify.
+        let v = p.decide(&[("bank-card", 2)], ExitKind::Removable);
+        assert_eq!(v.rule_id, FILES_DEFAULT);
+        let v = p.decide(&[("bank-card", 3)], ExitKind::Removable);
+        assert_eq!(
+            (v.action, v.rule_id.as_str()),
+            (FileAction::ReadOnlyDevice, "cards-anywhere")
+        );
+        assert_eq!(
+            p.decide(&[("keywords:projects", 1)], ExitKind::Removable)
+                .rule_id,
+            "secret-to-usb"
+        );
+        assert!(!p.has_deny());
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_path() {
+        let err = policy(
+            r#"
+[files]
+evidence_dir = "relative"
+sensitive_sources = ["also/relative"]
+thresholds = { "bank-card" = 0 }
+
+[[files.keywords]]
+name = "bad name"
+words = []
+
+[[files.patterns]]
+name = "p"
+regex = "(unclosed"
+
+[[files.rules]]
+id = "a"
+action = "shred"
+exit = ["usb"]
+
+[[files.rules]]
+id = "a"
+action = "read-only-device"
+exit = ["network"]
+detectors = ["ma*rk"]
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        for path in [
+            "files.evidence_dir",
+            "files.sensitive_sources[0]",
+            "files.thresholds.bank-card",
+            "files.keywords[0].name",
+            "files.keywords[0].words",
+            "files.patterns[0].regex",
+            "files.rules[0].action",
+            "files.rules[0].exit[0]",
+            "files.rules[1].id",
+            "files.rules[1].exit",
+            "files.rules[1].detectors[0]",
+        ] {
+            assert!(err.contains(path), "missing {path} in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn the_default_audits_everything() {
+        let p = FilesPolicy::default();
+        assert_eq!(p.exit_fs_types, default_exit_fs_types());
+        let v = p.decide(&[("mark:top-secret", 9)], ExitKind::Removable);
+        assert_eq!(
+            (v.action, v.rule_id.as_str()),
+            (FileAction::Audit, FILES_DEFAULT)
+        );
+    }
+}
