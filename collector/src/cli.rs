@@ -12,8 +12,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use weilan_config::settings::collector::{CollectorFile, CollectorSettings};
 
-/// Exit status for configuration errors (EX_USAGE).
-const EXIT_CONFIG: u8 = 64;
+use weilan_config::runtime::EXIT_CONFIG;
 
 #[derive(Parser)]
 #[command(
@@ -162,25 +161,15 @@ enum PkiCommand {
 }
 
 fn load(config: &std::path::Path) -> Result<CollectorSettings, ExitCode> {
-    weilan_config::load_file::<CollectorFile>(config).map_err(|e| {
-        eprint!("{e}");
-        ExitCode::from(EXIT_CONFIG)
-    })
+    weilan_config::runtime::load_or_exit::<CollectorFile>(config)
 }
 
 /// Runs the command line given in `args` (including the program name).
 pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     weilan_config::tls::install_default_provider();
-    let cli = match Cli::try_parse_from(args) {
+    let cli: Cli = match weilan_config::runtime::parse_cli(args) {
         Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(EXIT_CONFIG)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(code) => return code,
     };
     match cli.command {
         Command::PrintDefaultConfig => {

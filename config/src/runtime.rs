@@ -1,4 +1,5 @@
-//! Process set-up both binaries share: logging and the shutdown signal.
+//! Process set-up both binaries share: the command line and settings loading (with
+//! one exit code for bad input), logging and the shutdown signal.
 
 use tokio_util::sync::CancellationToken;
 
@@ -34,4 +35,34 @@ pub async fn stop_on_signal(shutdown: CancellationToken) {
         _ = int.recv() => {}
     }
     shutdown.cancel();
+}
+
+/// Exit code for bad configuration or usage (`EX_USAGE` from sysexits.h, 64).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// Parses a command line (program name first). `--help`/`--version` print and end
+/// with success; a usage error prints and ends with [`EXIT_CONFIG`].
+pub fn parse_cli<C: clap::Parser>(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> Result<C, std::process::ExitCode> {
+    C::try_parse_from(args).map_err(|e| {
+        let _ = e.print();
+        if e.use_stderr() {
+            std::process::ExitCode::from(EXIT_CONFIG)
+        } else {
+            std::process::ExitCode::SUCCESS
+        }
+    })
+}
+
+/// Loads and validates a settings file; on failure prints every error (with file,
+/// line and field) and returns [`EXIT_CONFIG`].
+pub fn load_or_exit<T>(path: &std::path::Path) -> Result<T::Valid, std::process::ExitCode>
+where
+    T: for<'de> eserde::EDeserialize<'de> + crate::load::Validate,
+{
+    crate::load::load_file::<T>(path).map_err(|e| {
+        eprint!("{e}");
+        std::process::ExitCode::from(EXIT_CONFIG)
+    })
 }
