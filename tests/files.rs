@@ -136,6 +136,12 @@ fn check(fs: &str, mount: &Path, src: &Path) {
                 .arg(src.join("report.txt"))
                 .arg(mount.join("rsynced.txt")));
         }
+        // A writer in its own mount namespace (as in a container or a sandboxed
+        // service) writes through its own copy of the mount: still seen.
+        run(Command::new("unshare")
+            .args(["-m", "cp"])
+            .arg(src.join("report.txt"))
+            .arg(mount.join("from-other-ns.txt")));
     });
     let mut by_name: HashMap<String, Vec<&FileExported>> = HashMap::new();
     for e in &events {
@@ -183,6 +189,13 @@ fn check(fs: &str, mount: &Path, src: &Path) {
             .any(|c| c.detector == "mark:secret"),
         "{cp:?}"
     );
+    let ns = one("from-other-ns.txt");
+    assert!(
+        ns.exe.as_deref().is_some_and(|e| e.ends_with("/cp"))
+            && ns.sha256 == cp.sha256
+            && ns.path == mount.join("from-other-ns.txt").to_str().unwrap(),
+        "{ns:?}"
+    );
     let dd = one("dd.bin");
     assert_eq!(
         (dd.size, dd.hashed_bytes),
@@ -212,7 +225,7 @@ fn check(fs: &str, mount: &Path, src: &Path) {
         require("rsync case needs the `rsync` binary", false);
     }
     println!(
-        "{fs}: cp, dd{} → one file.exported each, hashes, writers and user right",
+        "{fs}: cp, dd{}, cp from another mount namespace → one file.exported each, hashes, writers and user right",
         if have_rsync { ", rsync" } else { "" }
     );
 }

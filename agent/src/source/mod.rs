@@ -69,6 +69,16 @@ impl EventSink {
             .map_err(|_| SourceError::PipelineClosed)
     }
 
+    /// Sends an event from a blocking (non-async) thread, waiting for room.
+    pub fn emit_blocking(&self, event: Event) -> Result<(), SourceError> {
+        self.tx
+            .blocking_send(Observed {
+                time: Timestamp::now(),
+                event,
+            })
+            .map_err(|_| SourceError::PipelineClosed)
+    }
+
     /// Sends an event if there is room; otherwise counts it as dropped.
     pub fn try_emit(&self, event: Event) -> bool {
         match self.tx.try_send(Observed {

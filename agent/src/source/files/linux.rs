@@ -1,4 +1,6 @@
-//! fanotify backend: marks whole mounts (`FAN_MARK_MOUNT`) for `FAN_OPEN_PERM`,
+//! fanotify backend: marks exit points — the whole file system (`FAN_MARK_FILESYSTEM`,
+//! so writers in other mount namespaces are seen too) or, for a bind mount of a
+//! subtree, the mount (`FAN_MARK_MOUNT`) — for `FAN_OPEN_PERM`,
 //! `FAN_MODIFY` and `FAN_CLOSE_WRITE`, and sensitive source folders (inode marks on
 //! each folder, `FAN_EVENT_ON_CHILD`) for `FAN_OPEN_PERM`.
 //!
@@ -103,8 +105,9 @@ const MAX_CLASSIFIED: usize = 4096;
 /// The reader thread's memory.
 #[derive(Default)]
 struct Seen {
-    /// Openers seen in permission events on exit points, by pid.
-    openers: HashMap<i32, Writer>,
+    /// Openers seen in permission events on exit points, by pid, with the process's
+    /// start time (a reused pid is a different process).
+    openers: HashMap<i32, (u64, Writer)>,
     /// Sensitive source files each process opened.
     reads: HashMap<i32, Vec<SourceOpen>>,
     /// (pid, path) already reported as `file.source_read`.
@@ -168,14 +171,17 @@ fn read_loop(fan: &Fanotify, tx: &mpsc::Sender<Vec<RawEvent>>, stop: &AtomicBool
             let Ok(path) = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) else {
                 continue;
             };
+            let path = guard
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .place(path, || fstat_dev(fd));
             let close = mask.contains(MaskFlags::FAN_CLOSE_WRITE);
             let who = seen
                 .openers
                 .get(&ev.pid())
-                .cloned()
+                .map(|(_, w)| w.clone())
                 .or_else(|| writer(ev.pid()).filter(|w| w.exe.is_some()));
             let (file, origins) = if close {
-                seen.openers.remove(&ev.pid());
                 let origins = seen
                     .reads
                     .get(&ev.pid())
@@ -218,6 +224,7 @@ fn on_open(
     let Ok(path) = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) else {
         return true;
     };
+    let path = g.place(path, || fstat_dev(fd));
     let deny_rules = g.policy.has_deny();
     if let Some(source) = g.source_for(&path) {
         let classification = if deny_rules {
@@ -275,13 +282,24 @@ fn on_open(
     let Some(exit) = g.exit_for(&path) else {
         return true;
     };
-    // An open on an exit point: remember the opener for attribution.
-    let who = writer(pid);
-    if let Some(w) = &who {
+    // An open on an exit point: remember the opener for attribution. A process
+    // writing many files is read from /proc once, re-checked by its executable (an
+    // exec in the same pid gets read again).
+    let started = start_time(pid);
+    let exe_now = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|p| p.display().to_string());
+    let who = match seen.openers.get(&pid) {
+        Some((t, w)) if started == Some(*t) && exe_now.is_some() && w.exe == exe_now => {
+            Some(w.clone())
+        }
+        _ => writer(pid),
+    };
+    if let (Some(w), Some(t)) = (&who, started) {
         if seen.openers.len() >= MAX_READERS {
             seen.openers.clear();
         }
-        seen.openers.insert(pid, w.clone());
+        seen.openers.insert(pid, (t, w.clone()));
     }
     if !deny_rules {
         return true;
@@ -399,6 +417,24 @@ const fn libc_s_ifreg() -> u32 {
     0o100000
 }
 
+fn fstat_dev(fd: BorrowedFd<'_>) -> Option<u64> {
+    nix::sys::stat::fstat(fd).ok().map(|st| st.st_dev)
+}
+
+/// When `pid` started (clock ticks since boot): tells a reused pid from the process
+/// that had it.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses; the
+    // start time is field 22, i.e. the 20th after the name.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
 /// Files `pid` has open (targets of `/proc/<pid>/fd`; links are read, never opened).
 fn open_files(pid: i32) -> HashSet<PathBuf> {
     let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
@@ -440,6 +476,29 @@ fn writable_files(pid: i32) -> Vec<PathBuf> {
     out
 }
 
+/// The name of `uid`, cached: the lookup parses the user database on every call,
+/// and it runs while an opener waits. Bounded; a renamed account is seen after the
+/// cache is cleared (at 1 024 entries or agent restart).
+fn user_name(uid: u32) -> Option<String> {
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<u32, Option<String>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(hit) = cache.lock().ok().and_then(|c| c.get(&uid).cloned()) {
+        return hit;
+    }
+    let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name);
+    if let Ok(mut c) = cache.lock() {
+        if c.len() >= 1024 {
+            c.clear();
+        }
+        c.insert(uid, name.clone());
+    }
+    name
+}
+
 /// Process details from `/proc`, if the process still exists.
 pub fn writer(pid: i32) -> Option<Writer> {
     if pid <= 0 {
@@ -465,13 +524,7 @@ pub fn writer(pid: i32) -> Option<Writer> {
     if exe.is_none() && cmdline.is_none() && uid.is_none() {
         return None;
     }
-    let user = uid
-        .and_then(|u| {
-            nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(u))
-                .ok()
-                .flatten()
-        })
-        .map(|u| u.name);
+    let user = uid.and_then(user_name);
     Some(Writer {
         pid: pid as u32,
         exe,
@@ -498,12 +551,21 @@ impl FileBackend for FanotifyBackend {
             .map_err(|e| format!("fanotify_mark {}: {e}", dir.display()))
     }
 
-    fn mark_mount(&mut self, mount_point: &Path) -> Result<(), String> {
+    fn mark_mount(&mut self, mount_point: &Path, whole_fs: bool) -> Result<(), String> {
         let dir = std::fs::File::open(mount_point)
             .map_err(|e| format!("{}: {e}", mount_point.display()))?;
+        // A mount mark sees only writes through this very mount: a writer in another
+        // mount namespace (its own copy of the mount) would pass unseen. A file-system
+        // mark sees them all; it is used when the mount shows the whole file system
+        // (the usual case for sticks and shares), so nothing outside it is captured.
+        let scope = if whole_fs {
+            MarkFlags::FAN_MARK_FILESYSTEM
+        } else {
+            MarkFlags::FAN_MARK_MOUNT
+        };
         self.fan
             .mark(
-                MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_MOUNT,
+                MarkFlags::FAN_MARK_ADD | scope,
                 MaskFlags::FAN_OPEN_PERM | MaskFlags::FAN_MODIFY | MaskFlags::FAN_CLOSE_WRITE,
                 &dir,
                 None::<&Path>,

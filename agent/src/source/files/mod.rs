@@ -18,7 +18,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use jiff::Timestamp;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch};
 use weilan_config::event::{Event, FileEnforced, FileExported, FileOverflow, FileSourceRead};
 use weilan_config::policy::files::{ExitKind, FileVerdict, FilesPolicy};
 use weilan_config::policy::Policy;
@@ -72,6 +72,8 @@ pub enum RawEvent {
 #[derive(Debug, Clone)]
 pub struct GuardedExit {
     pub mount_point: PathBuf,
+    /// The mounted device (`st_dev`), to place files written through other mounts.
+    pub dev: Option<u64>,
     pub kind: ExitKind,
     pub usb_hash: Option<String>,
 }
@@ -94,6 +96,21 @@ impl GuardState {
             .max_by_key(|e| e.mount_point.as_os_str().len())
     }
 
+    /// Where a file the kernel named `path` lies, as this agent sees it. A file
+    /// written through a mount in another mount namespace is named relative to its
+    /// file system's root (that mount is not reachable from here): it is placed under
+    /// the exit point showing the same device (`dev` from the file's `st_dev`).
+    pub fn place(&self, path: PathBuf, dev: impl FnOnce() -> Option<u64>) -> PathBuf {
+        if self.exit_for(&path).is_some() || self.source_for(&path).is_some() {
+            return path;
+        }
+        let Some(dev) = dev() else { return path };
+        match self.exits.iter().find(|e| e.dev == Some(dev)) {
+            Some(e) => e.mount_point.join(path.strip_prefix("/").unwrap_or(&path)),
+            None => path,
+        }
+    }
+
     /// The sensitive source folder holding `path`.
     pub fn source_for(&self, path: &Path) -> Option<&PathBuf> {
         self.sources.iter().find(|s| path.starts_with(s))
@@ -104,7 +121,11 @@ pub type Guard = Arc<RwLock<GuardState>>;
 
 /// The kernel interface: marks mounts and yields events.
 pub trait FileBackend: Send {
-    fn mark_mount(&mut self, mount_point: &Path) -> Result<(), String>;
+    /// Watches an exit point. `whole_fs`: the mount shows the whole file system, so
+    /// the backend may watch the file system itself — then writes through any mount
+    /// of it, in any mount namespace (containers, sandboxed services, flatpak), are
+    /// seen, not only those through this mount.
+    fn mark_mount(&mut self, mount_point: &Path, whole_fs: bool) -> Result<(), String>;
     /// Watches opens of the files directly in `dir` (a sensitive source folder or
     /// one of its subfolders).
     fn mark_source_dir(&mut self, dir: &Path) -> Result<(), String> {
@@ -292,7 +313,7 @@ impl FilesSource {
     async fn run_inner(&mut self, ctx: &SourceContext) -> Result<(), SourceError> {
         let mut marked: HashMap<String, ExitPoint> = HashMap::new();
         let mut pending: HashMap<PathBuf, Pending> = HashMap::new();
-        let workers = Arc::new(Semaphore::new(self.config.workers.max(1)));
+        let workers = Workers::start(self.config.workers.max(1), ctx.sink.clone());
         let mut poll = tokio::time::interval(self.config.mount_poll);
         let mut source_walk = tokio::time::interval(SOURCE_REWALK);
         let mut source_dirs: HashSet<PathBuf> = HashSet::new();
@@ -327,7 +348,8 @@ impl FilesSource {
                         if marked.contains_key(&ep.mount.mount_point) {
                             continue;
                         }
-                        match self.backend.mark_mount(Path::new(&ep.mount.mount_point)) {
+                        let whole_fs = ep.mount.root == "/";
+                        match self.backend.mark_mount(Path::new(&ep.mount.mount_point), whole_fs) {
                             Ok(()) => {
                                 tracing::info!(mount = %ep.mount.mount_point, fs = %ep.mount.fs_type, exit = ep.kind.as_str(), "watching exit point");
                                 marked.insert(ep.mount.mount_point.clone(), ep);
@@ -341,6 +363,7 @@ impl FilesSource {
                             .values()
                             .map(|e| GuardedExit {
                                 mount_point: PathBuf::from(&e.mount.mount_point),
+                                dev: parse_dev(&e.mount.dev),
                                 kind: e.kind,
                                 usb_hash: e.usb_hash.clone(),
                             })
@@ -356,7 +379,7 @@ impl FilesSource {
                         let p = pending.remove(&path).expect("listed");
                         reported.insert(path.clone(), Timestamp::now());
                         if let Some(job) = job(self.config.hash_max_bytes, &marked, path, None, p, &enforcement) {
-                            spawn_job(job, ctx, &workers).await?;
+                            workers.submit(job).await?;
                         }
                     }
                 }
@@ -368,7 +391,7 @@ impl FilesSource {
                                 tracing::error!("file event queue overflowed; rescanning the exit points");
                                 let since = last_seen - jiff::SignedDuration::from_secs(2);
                                 let overflow = rescan(
-                                    self.config.hash_max_bytes, &marked, &pending, &reported, since, ctx, &workers, &enforcement).await?;
+                                    self.config.hash_max_bytes, &marked, &pending, &reported, since, &workers, &enforcement).await?;
                                 ctx.sink.emit(Event::FileOverflow(overflow)).await?;
                             }
                             RawEvent::SourceRead(r) => ctx.sink.emit(Event::FileSourceRead(r)).await?,
@@ -423,7 +446,7 @@ impl FilesSource {
                                     reported.insert(path.clone(), now);
                                     let p = pending.remove(&path).expect("just inserted");
                                     if let Some(job) = job(self.config.hash_max_bytes, &marked, path, file, p, &enforcement) {
-                                        spawn_job(job, ctx, &workers).await?;
+                                        workers.submit(job).await?;
                                     }
                                 }
                             }
@@ -435,6 +458,12 @@ impl FilesSource {
     }
 }
 
+/// `major:minor` as `st_dev`.
+fn parse_dev(s: &str) -> Option<u64> {
+    let (ma, mi) = s.split_once(':')?;
+    Some(nix::sys::stat::makedev(ma.parse().ok()?, mi.parse().ok()?))
+}
+
 /// A job for a file on one of the `marked` exit points (`None` if it is on none).
 fn job(
     hash_max: u64,
@@ -444,10 +473,15 @@ fn job(
     pending: Pending,
     enforcement: &Enforcement,
 ) -> Option<Job> {
-    let ep = marked
+    let Some(ep) = marked
         .values()
         .filter(|e| path.starts_with(&e.mount.mount_point))
-        .max_by_key(|e| e.mount.mount_point.len())?;
+        .max_by_key(|e| e.mount.mount_point.len())
+    else {
+        // Another mount of a marked file system, outside every exit point.
+        tracing::debug!(path = %path.display(), "write outside the exit points ignored");
+        return None;
+    };
     Some(Job {
         path,
         file,
@@ -463,41 +497,81 @@ fn job(
     })
 }
 
-/// Describes a file on a bounded worker, applies the policy, and emits its
-/// `file.exported` (and `file.enforced` when the policy acted).
-async fn spawn_job(
-    job: Job,
-    ctx: &SourceContext,
-    workers: &Arc<Semaphore>,
-) -> Result<(), SourceError> {
-    let permit = workers
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| SourceError::PipelineClosed)?;
-    let sink = ctx.sink.clone();
-    tokio::spawn(async move {
-        let result = tokio::task::spawn_blocking(move || {
-            let fence = job.enforcement.fence.clone();
-            let evidence = job.enforcement.policy.evidence_dir.clone();
-            let (exported, verdict) = job.describe()?;
-            let enforced = enforce::act(&exported, &verdict, &evidence, fence.as_ref());
-            Some((exported, enforced))
-        })
-        .await;
-        drop(permit);
-        match result {
-            Ok(Some((exported, enforced))) => {
-                let _ = sink.emit(Event::FileExported(exported)).await;
-                if let Some(e) = enforced {
-                    let _ = sink.emit(Event::FileEnforced(e)).await;
-                }
+/// Bounded hashing/classifying workers: `n` threads that take jobs from one bounded
+/// queue. Each keeps its read buffer, so a storm of small files costs a queue hand-over
+/// per file, not a task, a thread hand-over and a fresh 256 KiB buffer.
+struct Workers {
+    jobs: mpsc::Sender<Job>,
+}
+
+/// Jobs waiting for a worker (back-pressure beyond that: the event loop waits, the
+/// kernel queue fills, and an overflow is reported).
+const JOB_QUEUE: usize = 1024;
+const READ_BUFFER: usize = 256 * 1024;
+
+impl Workers {
+    fn start(n: usize, sink: super::EventSink) -> Workers {
+        let (tx, rx) = mpsc::channel::<Job>(JOB_QUEUE);
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..n {
+            let (rx, sink) = (rx.clone(), sink.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("files-worker-{i}"))
+                .spawn(move || {
+                    let mut buf = vec![0u8; READ_BUFFER];
+                    loop {
+                        // One worker waits on the queue at a time; the others wait
+                        // for the lock. Ends when the source drops the sender.
+                        let job = match rx.lock() {
+                            Ok(mut r) => r.blocking_recv(),
+                            Err(_) => None,
+                        };
+                        let Some(job) = job else { return };
+                        if !run_job(job, &mut buf, &sink) {
+                            return;
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a files worker");
             }
-            Ok(None) => {}
-            Err(e) => tracing::error!(error = %e, "file description failed"),
         }
-    });
-    Ok(())
+        Workers { jobs: tx }
+    }
+
+    async fn submit(&self, job: Job) -> Result<(), SourceError> {
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| SourceError::Other("the files workers stopped".into()))
+    }
+}
+
+/// Describes a file, applies the policy, and emits its `file.exported` (and
+/// `file.enforced` when the policy acted). `false` when the pipeline is closed.
+fn run_job(job: Job, buf: &mut [u8], sink: &super::EventSink) -> bool {
+    let fence = job.enforcement.fence.clone();
+    let evidence = job.enforcement.policy.evidence_dir.clone();
+    let path = job.path.clone();
+    let described = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.describe(buf)));
+    let (exported, verdict) = match described {
+        Ok(Some(d)) => d,
+        Ok(None) => return true, // gone before it could be read
+        Err(_) => {
+            tracing::error!(path = %path.display(), "describing a file failed (panic); skipped");
+            return true;
+        }
+    };
+    let enforced = enforce::act(&exported, &verdict, &evidence, fence.as_ref());
+    if sink.emit_blocking(Event::FileExported(exported)).is_err() {
+        return false;
+    }
+    if let Some(e) = enforced {
+        if sink.emit_blocking(Event::FileEnforced(e)).is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 /// Most directory entries one rescan walks.
@@ -512,8 +586,7 @@ async fn rescan(
     pending: &HashMap<PathBuf, Pending>,
     reported: &HashMap<PathBuf, Timestamp>,
     since: Timestamp,
-    ctx: &SourceContext,
-    workers: &Arc<Semaphore>,
+    workers: &Workers,
     enforcement: &Enforcement,
 ) -> Result<FileOverflow, SourceError> {
     let mut walked = 0u64;
@@ -563,7 +636,7 @@ async fn rescan(
                     quiet_since: std::time::Instant::now(),
                 };
                 if let Some(job) = job(hash_max, marked, entry.path(), None, p, enforcement) {
-                    spawn_job(job, ctx, workers).await?;
+                    workers.submit(job).await?;
                 }
             }
         }
@@ -593,7 +666,7 @@ struct Job {
 
 impl Job {
     /// Stats, hashes, classifies and decides the file (blocking). `None` if it is gone.
-    fn describe(mut self) -> Option<(FileExported, FileVerdict)> {
+    fn describe(mut self, buf: &mut [u8]) -> Option<(FileExported, FileVerdict)> {
         use std::io::{Read, Seek};
         use std::os::fd::AsRawFd;
         // The file as written, wherever it is now (renamed, or even deleted).
@@ -603,7 +676,13 @@ impl Job {
         };
         if let Ok(now) = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())) {
             if !now.to_string_lossy().ends_with(" (deleted)") {
-                self.path = now;
+                // Written through another mount namespace's mount: the kernel names it
+                // from its file system's root (see `GuardState::place`).
+                self.path = if now.starts_with(&self.mount_point) {
+                    now
+                } else {
+                    Path::new(&self.mount_point).join(now.strip_prefix("/").unwrap_or(&now))
+                };
             }
         }
         let meta = f.metadata().ok()?;
@@ -613,10 +692,9 @@ impl Job {
         let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
         let mut hashed = 0u64;
         let mut reader = (&f).take(self.hash_max);
-        let mut buf = vec![0u8; 256 * 1024];
         let mut hash_ok = true;
         loop {
-            match reader.read(&mut buf) {
+            match reader.read(buf) {
                 Ok(0) => break,
                 Ok(n) => {
                     hasher.update(&buf[..n]);

@@ -16,7 +16,7 @@ struct ChannelBackend {
 }
 
 impl FileBackend for ChannelBackend {
-    fn mark_mount(&mut self, mount_point: &Path) -> Result<(), String> {
+    fn mark_mount(&mut self, mount_point: &Path, _whole_fs: bool) -> Result<(), String> {
         self.marked.lock().unwrap().push(mount_point.to_path_buf());
         Ok(())
     }

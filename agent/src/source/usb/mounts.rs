@@ -14,6 +14,9 @@ pub struct Mount {
     /// `major:minor` of the mounted device.
     pub dev: String,
     pub mount_point: String,
+    /// The directory of the file system mounted here (`/` unless a bind mount of a
+    /// subtree).
+    pub root: String,
     pub fs_type: String,
     pub source: String,
     pub read_only: bool,
@@ -46,6 +49,7 @@ fn parse_line(line: &str) -> Option<Mount> {
         id: pre[0].parse().ok()?,
         dev: pre[2].to_string(),
         mount_point: unescape(pre[4]),
+        root: unescape(pre[3]),
         fs_type: post[0].to_string(),
         source: unescape(post[1]),
         read_only: options.split(',').any(|o| o == "ro"),
