@@ -94,6 +94,12 @@ serial = ["GOOD-1"]
 id = "hil-read-only"
 target = "read-only"
 serial = ["RO-1"]
+
+[[files.rules]]
+id = "hil-classified-makes-ro"
+detectors = ["mark:*", "prc-resident-id"]
+exit = ["removable"]
+action = "read-only-device"
 "#;
 
 #[test]
@@ -266,6 +272,118 @@ fn usb_fence_on_a_real_kernel() {
         "writes to an allowed stick work"
     );
     println!("scenario allowed serial: mounted at {mnt}, write ok");
+
+    // 2b. Files crossing onto the real vfat stick: one file.exported per file, with
+    // the guest's hash, the writer and the stick's identity.
+    wait_for(
+        "the stick's mount watched as an exit point",
+        T,
+        || {
+            hil.agent_log()
+                .lines()
+                .any(|l| l.contains("watching exit point") && l.contains(&mnt))
+                .then_some(())
+        },
+        || hil.agent_log(),
+    );
+    let (rc, text) = hil.gexec(&format!(
+        "cp /hil/files/policy.toml {mnt}/cp.txt && dd if=/hil/files/ca.pem of={mnt}/dd.pem bs=64 2>/dev/null && sync && sha256sum {mnt}/cp.txt {mnt}/dd.pem"
+    ));
+    assert_eq!(rc, 0, "cp and dd onto the stick: {text}");
+    for line in text.lines().filter(|l| l.contains(&mnt)) {
+        let (sha, path) = line.split_once(char::is_whitespace).unwrap();
+        let path = path.trim();
+        let found = wait_for(
+            &format!("file.exported for {path}"),
+            T,
+            || {
+                let e = w.events(
+                    "file.exported",
+                    "json_extract(envelope, '$.event.data.path') = ?2",
+                    &[path],
+                );
+                (!e.is_empty()).then_some(e)
+            },
+            || hil.agent_log(),
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        let all = w.events(
+            "file.exported",
+            "json_extract(envelope, '$.event.data.path') = ?2",
+            &[path],
+        );
+        assert_eq!(all.len(), 1, "exactly one event for {path}: {all:?}");
+        let e = &found[0];
+        assert_eq!(
+            (
+                e["sha256"].as_str(),
+                e["fs_type"].as_str(),
+                e["usb_serial"].as_str(),
+                e["exit"].as_str(),
+                e["attribution"].as_str(),
+                e["user"].as_str(),
+            ),
+            (
+                Some(sha),
+                Some("vfat"),
+                Some("GOOD-1"),
+                Some("removable"),
+                Some("fanotify"),
+                Some("root")
+            ),
+            "{e}"
+        );
+        // The guest's cp and dd are busybox applets that its shell forks without an
+        // exec: /proc shows busybox as the executable and the shell's command line.
+        assert!(
+            e["exe"].as_str() == Some("/bin/busybox")
+                && e["pid"].as_u64().is_some_and(|p| p > 1)
+                && e["cmdline"].as_str().is_some_and(|c| !c.is_empty()),
+            "writer of {path}: {e}"
+        );
+    }
+    println!("scenario files on vfat: cp and dd → one file.exported each, guest SHA-256, writer and stick identity right");
+
+    // 2c. A classified file written to it: the file rule switches the stick read-only.
+    let (rc, text) = hil.gexec(&format!(
+        "echo '机密 员工 11010519491231002X' > {mnt}/memo.txt && sync"
+    ));
+    assert_eq!(rc, 0, "{text}");
+    let ro = wait_for(
+        "usb.decision from the file rule",
+        T,
+        || {
+            decisions(&w, "GOOD-1")
+                .into_iter()
+                .find(|d| d["rule_id"] == "files:hil-classified-makes-ro")
+        },
+        || hil.agent_log(),
+    );
+    assert_eq!(
+        (ro["target"].as_str(), ro["error"].as_str()),
+        (Some("read-only"), None),
+        "{ro}"
+    );
+    let enforced = w.events("file.enforced", "1", &[]);
+    assert!(
+        enforced
+            .iter()
+            .any(|e| e["rule_id"] == "hil-classified-makes-ro"
+                && e["outcome"] == "requested"
+                && e["path"].as_str() == Some(&format!("{mnt}/memo.txt"))),
+        "{enforced:?}"
+    );
+    let (rc, text) = hil.gexec(&format!("echo more > {mnt}/after.txt"));
+    assert_ne!(rc, 0, "the stick is read-only now: {text}");
+    assert!(
+        text.to_lowercase().contains("read-only"),
+        "EROFS expected: {text}"
+    );
+    println!(
+        "scenario classified file → read-only-device: {} ; next write refused ({})",
+        ro["actions"],
+        text.trim()
+    );
 
     // 3. Read-only rule: mounts, reads work, writes fail.
     let (rc, text) = hil.sh("plug.sh", &[&stick, "RO-1", "--copy", "--timeout", "20"]);

@@ -536,8 +536,13 @@ impl Fence {
                     &mut actions,
                 );
                 // Block devices already there (an allowed device turned read-only):
-                // flag them now; new ones are flagged as they appear.
-                for disk in &device.block_devices {
+                // flag them now; new ones are flagged as they appear. Read afresh: the
+                // identity kept since attach predates its disks.
+                let now = self
+                    .sysfs
+                    .read_device(dir, false)
+                    .unwrap_or_else(|_| device.clone());
+                for disk in &now.block_devices {
                     for name in
                         std::iter::once(&disk.name).chain(disk.partitions.iter().map(|p| &p.name))
                     {
@@ -550,7 +555,7 @@ impl Fence {
                         }
                     }
                 }
-                for mount_point in self.mounted_rw(device) {
+                for mount_point in self.mounted_rw(&now) {
                     if let Some(e) = step(
                         self.enforcer.remount_read_only(&mount_point),
                         &format!("remount {mount_point} read-only"),
