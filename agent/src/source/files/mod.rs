@@ -318,8 +318,14 @@ impl FilesSource {
         let mut source_walk = tokio::time::interval(SOURCE_REWALK);
         let mut source_dirs: HashSet<PathBuf> = HashSet::new();
         let mut enforcement = self.apply_policy();
-        // When the last write was seen: after an overflow, rescan from a bit before it.
-        let mut last_seen = Timestamp::now();
+        // Everything modified before this is known to be reported (or pending): the
+        // source's start, then the start of the last rescan. After an overflow the
+        // rescan starts here — not at the last event processed, which may lag far
+        // behind the writes that were lost.
+        let mut complete_until = Timestamp::now();
+        // Files the last rescans reported, so that their close events still queued
+        // behind the overflow do not report them twice (bounded).
+        let mut rescanned: HashMap<PathBuf, Timestamp> = HashMap::new();
         // Files reported recently and when they were closed, so a rescan does not
         // report them again (bounded).
         let mut reported: HashMap<PathBuf, Timestamp> = HashMap::new();
@@ -378,6 +384,9 @@ impl FilesSource {
                     for path in quiet {
                         let p = pending.remove(&path).expect("listed");
                         reported.insert(path.clone(), Timestamp::now());
+                        // Its close event may still be queued (a backlog longer than
+                        // the settle time): that one must not report it again.
+                        rescanned.insert(path.clone(), Timestamp::now());
                         if let Some(job) = job(self.config.hash_max_bytes, &marked, path, None, p, &enforcement) {
                             workers.submit(job).await?;
                         }
@@ -389,9 +398,19 @@ impl FilesSource {
                         match ev {
                             RawEvent::Overflow => {
                                 tracing::error!("file event queue overflowed; rescanning the exit points");
-                                let since = last_seen - jiff::SignedDuration::from_secs(2);
+                                let since = complete_until - jiff::SignedDuration::from_secs(2);
+                                let walk_started = Timestamp::now();
+                                if rescanned.len() >= 200_000 {
+                                    rescanned.clear();
+                                }
                                 let overflow = rescan(
-                                    self.config.hash_max_bytes, &marked, &pending, &reported, since, &workers, &enforcement).await?;
+                                    self.config.hash_max_bytes, &marked, &pending, &mut reported, &mut rescanned, since, &workers, &enforcement).await?;
+                                complete_until = walk_started;
+                                // Files being written when events were lost may never
+                                // see their close: report them once they are quiet.
+                                for p in pending.values_mut() {
+                                    p.found = true;
+                                }
                                 ctx.sink.emit(Event::FileOverflow(overflow)).await?;
                             }
                             RawEvent::SourceRead(r) => ctx.sink.emit(Event::FileSourceRead(r)).await?,
@@ -418,7 +437,10 @@ impl FilesSource {
                             }
                             RawEvent::Write { path, close, writer, file, origins } => {
                                 let now = Timestamp::now();
-                                last_seen = now;
+                                if close && rescanned_before(&mut rescanned, &path, file.as_ref()) {
+                                    pending.remove(&path);
+                                    continue; // reported by the rescan, unchanged since
+                                }
                                 let entry = pending.entry(path.clone()).or_insert(Pending {
                                     first: now,
                                     last: now,
@@ -440,8 +462,14 @@ impl FilesSource {
                                     entry.writer = writer;
                                 }
                                 if close {
-                                    if reported.len() >= 100_000 {
-                                        reported.clear();
+                                    if reported.len() >= REPORTED_MAX {
+                                        // Only files reported since the last complete
+                                        // point matter to a future rescan.
+                                        let keep = complete_until - jiff::SignedDuration::from_secs(2);
+                                        reported.retain(|_, t| *t >= keep);
+                                        if reported.len() >= REPORTED_MAX {
+                                            reported.clear();
+                                        }
                                     }
                                     reported.insert(path.clone(), now);
                                     let p = pending.remove(&path).expect("just inserted");
@@ -574,8 +602,31 @@ fn run_job(job: Job, buf: &mut [u8], sink: &super::EventSink) -> bool {
     true
 }
 
+/// Whether `path` was reported by a rescan after it was last modified (then its
+/// queued close event must not report it again); forgets it either way.
+fn rescanned_before(
+    rescanned: &mut HashMap<PathBuf, Timestamp>,
+    path: &Path,
+    file: Option<&std::fs::File>,
+) -> bool {
+    let Some(at) = rescanned.remove(path) else {
+        return false;
+    };
+    let modified = match file {
+        Some(f) => f.metadata(),
+        None => std::fs::metadata(path),
+    }
+    .and_then(|m| m.modified())
+    .ok()
+    .and_then(|m| Timestamp::try_from(m).ok());
+    modified.is_some_and(|m| m <= at)
+}
+
+/// Files remembered as reported (for rescans); about 150 bytes each.
+const REPORTED_MAX: usize = 250_000;
+
 /// Most directory entries one rescan walks.
-const RESCAN_MAX_ENTRIES: u64 = 200_000;
+const RESCAN_MAX_ENTRIES: u64 = 1_000_000;
 
 /// After an overflow: report files on the exit points modified since `since` that
 /// are not already pending (writer unknown).
@@ -584,7 +635,8 @@ async fn rescan(
     hash_max: u64,
     marked: &HashMap<String, ExitPoint>,
     pending: &HashMap<PathBuf, Pending>,
-    reported: &HashMap<PathBuf, Timestamp>,
+    reported: &mut HashMap<PathBuf, Timestamp>,
+    rescanned: &mut HashMap<PathBuf, Timestamp>,
     since: Timestamp,
     workers: &Workers,
     enforcement: &Enforcement,
@@ -627,6 +679,10 @@ async fn rescan(
                     continue; // reported when it was closed, unchanged since
                 }
                 found += 1;
+                // Remembered both ways: a later rescan skips it, and its close event
+                // still queued behind the overflow does not report it again.
+                reported.insert(entry.path(), Timestamp::now());
+                rescanned.insert(entry.path(), Timestamp::now());
                 let p = Pending {
                     first: at,
                     last: at,

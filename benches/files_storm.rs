@@ -1,0 +1,388 @@
+//! File storm: 100 000 small files written onto a watched mount (not a test).
+//!
+//! `cargo bench --bench files_storm` (as root: tmpfs mount, fanotify, network
+//! namespace). Side by side in one run, on the same fresh 2 GiB tmpfs and the same
+//! writer (this process: open O_CREAT, write 256 B, close, spread over 10 subfolders,
+//! as `../shared/tools/peers/storm.py` does), paced at 20 000 files/s and flat out:
+//!
+//! - no watcher (the writer's own rate);
+//! - `inotifywait -m -r -e close_write --format %w%f` (inotify-tools), output to a file;
+//! - a real `weilan agent` (fanotify, exit point = the tmpfs) delivering to a real
+//!   collector over mutual TLS; files are counted in the collector's database;
+//! - the same agent with its inotify fallback (flat out: the writer is not held up
+//!   by permission events, so the queue can overflow and the rescan must cover it).
+//!
+//! For each: files seen, the watcher's CPU seconds (utime + stime from
+//! `/proc/PID/stat`, all threads, dead ones included) and peak RSS (VmHWM). For the
+//! agent "seen" is distinct paths in stored `file.exported` events, and the
+//! `file.overflow` events' exact counts are printed: nothing may be missing.
+//! `FILES` overrides 100 000.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const SUBDIRS: usize = 10;
+const PACED_RATE: f64 = 20_000.0;
+
+struct TmpfsMount(PathBuf);
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Writes `n` files under `dir` (subfolders s0..s9 made first); `rate` 0 = flat out.
+/// Returns files per second reached.
+fn storm(dir: &Path, n: usize, rate: f64) -> f64 {
+    for s in 0..SUBDIRS {
+        std::fs::create_dir_all(dir.join(format!("s{s}"))).unwrap();
+    }
+    let data = [b'x'; 256];
+    let t0 = Instant::now();
+    for i in 0..n {
+        if rate > 0.0 {
+            let target = t0 + Duration::from_secs_f64(i as f64 / rate);
+            let now = Instant::now();
+            if target > now + Duration::from_micros(500) {
+                std::thread::sleep(target - now);
+            }
+        }
+        let mut f = std::fs::File::create(dir.join(format!("s{}/f{i}.txt", i % SUBDIRS))).unwrap();
+        f.write_all(&data).unwrap();
+    }
+    n as f64 / t0.elapsed().as_secs_f64()
+}
+
+/// CPU seconds (all threads) of a live process.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) in parentheses.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // rest starts at field 3 (state, not numeric, filtered): utime = field 14, stime = 15.
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let (utime, stime) = (
+        f.get(10).copied().unwrap_or(0),
+        f.get(11).copied().unwrap_or(0),
+    );
+    (utime + stime) as f64 / ticks
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// Waits until `f` stops changing for `quiet` (at most `max`); its last value.
+fn settle(mut f: impl FnMut() -> u64, quiet: Duration, max: Duration) -> u64 {
+    let start = Instant::now();
+    let mut last = f();
+    let mut since = Instant::now();
+    while start.elapsed() < max {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = f();
+        if now != last {
+            last = now;
+            since = Instant::now();
+        } else if since.elapsed() >= quiet {
+            break;
+        }
+    }
+    last
+}
+
+struct Row {
+    watcher: &'static str,
+    mode: &'static str,
+    seen: u64,
+    cpu: f64,
+    rss: f64,
+    rate: f64,
+    note: String,
+}
+
+fn inotifywait_run(mount: &Path, dir: &Path, n: usize, rate: f64, mode: &'static str) -> Row {
+    std::fs::create_dir_all(dir).unwrap();
+    let tag: String = mode.chars().filter(char::is_ascii_alphanumeric).collect();
+    let out = mount.join(format!("../inotifywait-{tag}.txt"));
+    let errf = mount.join(format!("../inotifywait-{tag}.err"));
+    let mut child = Command::new("inotifywait")
+        .args(["-m", "-r", "-e", "close_write", "--format", "%w%f"])
+        .arg(dir)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&errf).unwrap())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("inotifywait");
+    wait_for(
+        "inotifywait ready",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&errf)
+                .unwrap_or_default()
+                .contains("Watches established")
+                .then_some(())
+        },
+        String::new,
+    );
+    let reached = storm(dir, n, rate);
+    settle(
+        || std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0),
+        Duration::from_secs(2),
+        Duration::from_secs(30),
+    );
+    let (cpu, rss) = (cpu_secs(child.id()), peak_rss_mib(child.id()));
+    let _ = child.kill();
+    let _ = child.wait();
+    let seen: HashSet<String> = std::fs::read_to_string(&out)
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect();
+    let overflow = std::fs::read_to_string(&errf)
+        .unwrap_or_default()
+        .to_lowercase()
+        .contains("overflow");
+    Row {
+        watcher: "inotifywait -m -r -e close_write",
+        mode,
+        seen: seen.len() as u64,
+        cpu,
+        rss,
+        rate: reached,
+        note: if overflow {
+            "said: queue overflow".into()
+        } else {
+            "no overflow reported".into()
+        },
+    }
+}
+
+fn main() {
+    weilan_config::tls::install_default_provider();
+    if !require("files_storm needs root (tmpfs, fanotify, netns)", is_root()) || !netns_available()
+    {
+        return;
+    }
+    let n: usize = std::env::var("FILES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let w = World::new();
+    let mount = w.path("storm");
+    std::fs::create_dir_all(&mount).unwrap();
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=2g", "weilan-storm"])
+            .arg(&mount),
+    );
+    let _m = TmpfsMount(mount.clone());
+    let mut rows = Vec::new();
+
+    for (mode, rate) in [("paced 20k/s", PACED_RATE), ("flat out", 0.0)] {
+        if std::env::var("ONLY_AGENT").is_ok() {
+            break;
+        }
+        let none = storm(&mount.join(format!("none-{}", rate as u64)), n, rate);
+        rows.push(Row {
+            watcher: "(none)",
+            mode,
+            seen: 0,
+            cpu: 0.0,
+            rss: 0.0,
+            rate: none,
+            note: String::new(),
+        });
+    }
+    // Fresh file system for the watchers: no earlier files in the way.
+    run_ok(Command::new("umount").arg(&mount));
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=2g", "weilan-storm"])
+            .arg(&mount),
+    );
+
+    let only_agent = std::env::var("ONLY_AGENT").is_ok(); // for profiling the agent
+    if only_agent {
+    } else if which("inotifywait").is_some() {
+        rows.push(inotifywait_run(
+            &mount,
+            &mount.join("inw-paced"),
+            n,
+            PACED_RATE,
+            "paced 20k/s",
+        ));
+        rows.push(inotifywait_run(
+            &mount,
+            &mount.join("inw-flat"),
+            n,
+            0.0,
+            "flat out",
+        ));
+    } else {
+        require(
+            "inotifywait (inotify-tools) for the side-by-side peer",
+            false,
+        );
+    }
+
+    // The agent: exit point = the tmpfs, named in its (fake) mount table.
+    std::fs::write(
+        w.path("mountinfo"),
+        format!(
+            "36 25 0:99 / {} rw - tmpfs weilan-storm rw\n",
+            mount.display()
+        ),
+    )
+    .unwrap();
+    let ns = Netns::create();
+    let collector = w.start_collector(&ns, &w.collector_toml(false, "[log]\nlevel = \"warn\"\n"));
+    let runs: [(&str, &str, f64, &str); 3] = [
+        ("fanotify", "paced 20k/s", PACED_RATE, "agent-paced"),
+        ("fanotify", "flat out", 0.0, "agent-flat"),
+        ("inotify", "flat out", 0.0, "agent-inotify-flat"),
+    ];
+    let mut agent: Option<Proc> = None;
+    let mut backend_now = "";
+    for (backend, mode, rate, sub) in runs {
+        if backend != backend_now {
+            if let Some(mut a) = agent.take() {
+                a.stop();
+            }
+            let cfg = w.agent_toml_with(
+                AGENT,
+                "pki/ca.pem",
+                "",
+                &format!(
+                    "[files]\nwatch_mounts = [\"{}\"]\nbackend = \"{backend}\"\n[log]\nlevel = \"warn\"\n",
+                    mount.display()
+                ),
+            );
+            let started = w.count("SELECT COUNT(*) FROM events WHERE kind = 'agent.started'");
+            let a = w.start_agent(&ns, &cfg, AGENT);
+            wait_for(
+                "agent up",
+                Duration::from_secs(60),
+                || {
+                    (w.count("SELECT COUNT(*) FROM events WHERE kind = 'agent.started'") > started)
+                        .then_some(())
+                },
+                || a.log_text(),
+            );
+            std::thread::sleep(Duration::from_secs(1)); // the mount is marked (poll 200 ms)
+            agent = Some(a);
+            backend_now = backend;
+        }
+        let pid = agent.as_ref().unwrap().child.id();
+        let dir = mount.join(sub);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cpu0 = cpu_secs(pid);
+        let since = jiff::Timestamp::now()
+            .checked_sub(jiff::SignedDuration::from_secs(5))
+            .unwrap()
+            .to_string();
+        let reached = storm(&dir, n, rate);
+        let like = format!("{}/%", dir.display());
+        let count = || {
+            w.count(&format!(
+                "SELECT COUNT(DISTINCT json_extract(envelope, '$.event.data.path')) FROM events \
+                 WHERE kind = 'file.exported' AND json_extract(envelope, '$.event.data.path') LIKE '{like}'"
+            )) as u64
+        };
+        let seen = settle(count, Duration::from_secs(5), Duration::from_secs(300));
+        let cpu = cpu_secs(pid) - cpu0;
+        let overflows = w.events(
+            "file.overflow",
+            "json_extract(envelope, '$.event.data.since') >= ?2",
+            &[&since],
+        );
+        let rescanned: u64 = overflows
+            .iter()
+            .filter_map(|o| o["rescanned"].as_u64())
+            .sum();
+        let total = w.count(&format!(
+            "SELECT COUNT(*) FROM events WHERE kind = 'file.exported' \
+             AND json_extract(envelope, '$.event.data.path') LIKE '{like}'"
+        ));
+        let none = w.count(&format!(
+            "SELECT COUNT(*) FROM events WHERE kind = 'file.exported' \
+             AND json_extract(envelope, '$.event.data.attribution') = 'none' \
+             AND json_extract(envelope, '$.event.data.path') LIKE '{like}'"
+        ));
+        if std::env::var("DEBUG_DUPS").is_ok() {
+            let db = w.db();
+            let mut st = db
+                .prepare(&format!(
+                    "SELECT json_extract(envelope, '$.event.data.path'), json_extract(envelope, '$.event.data.first_write'), json_extract(envelope, '$.event.data.last_write'), seq FROM events \
+                     WHERE kind = 'file.exported' AND json_extract(envelope, '$.event.data.path') IN \
+                     (SELECT json_extract(envelope, '$.event.data.path') p FROM events WHERE kind = 'file.exported' AND p LIKE '{like}' GROUP BY p HAVING COUNT(*) > 1 LIMIT 3) ORDER BY 1, 4"
+                ))
+                .unwrap();
+            let rows: Vec<(String, String, String, i64)> = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .unwrap()
+                .filter_map(|r| r.ok())
+                .collect();
+            eprintln!("duplicates sample: {rows:#?}\noverflows: {overflows:#?}");
+        }
+        rows.push(Row {
+            watcher: if backend == "fanotify" {
+                "weilan agent, fanotify (→ journal → mTLS → collector DB)"
+            } else {
+                "weilan agent, inotify fallback (→ journal → mTLS → collector DB)"
+            },
+            mode,
+            seen,
+            cpu,
+            rss: peak_rss_mib(pid),
+            rate: reached,
+            note: format!(
+                "file.overflow events: {} (rescanned {rescanned}); file.exported events {total}, writer unknown {none}; missing: {}",
+                overflows.len(),
+                n as u64 - seen.min(n as u64)
+            ),
+        });
+    }
+    drop(agent);
+    drop(collector);
+
+    println!("\nfile storm: {n} files × 256 B on tmpfs, 10 subfolders, writer = this process\n");
+    println!("| watcher | mode | seen / {n} | watcher CPU s (µs/file) | peak RSS MiB | writer files/s | note |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in &rows {
+        if r.watcher == "(none)" {
+            println!("| (none) | {} | – | – | – | {:.0} | |", r.mode, r.rate);
+        } else {
+            println!(
+                "| {} | {} | {} | {:.2} ({:.1}) | {:.1} | {:.0} | {} |",
+                r.watcher,
+                r.mode,
+                r.seen,
+                r.cpu,
+                r.cpu * 1e6 / n as f64,
+                r.rss,
+                r.rate,
+                r.note
+            );
+        }
+    }
+}
