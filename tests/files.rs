@@ -220,7 +220,17 @@ fn check(fs: &str, mount: &Path, src: &Path) {
             1,
             "{fs}: one event for the rsync copy: {events:#?}"
         );
-        assert!(r[0].sha256.is_some());
+        // Hashed through the written descriptor, reported under the final name.
+        assert_eq!(
+            (r[0].path.as_str(), r[0].sha256.as_deref()),
+            (
+                mount.join("rsynced.txt").to_str().unwrap(),
+                Some(sha256(&mount.join("rsynced.txt")).as_str())
+            ),
+            "{:?}",
+            r[0]
+        );
+        assert_eq!((r[0].uid, r[0].user.as_deref()), (Some(0), Some("root")));
     } else {
         require("rsync case needs the `rsync` binary", false);
     }

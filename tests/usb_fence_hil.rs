@@ -61,6 +61,34 @@ fn static_agent() -> PathBuf {
         .join("target/x86_64-unknown-linux-gnu/release/weilan-agent")
 }
 
+/// Copies the host's rsync with its shared libraries and loader into `dir` (the
+/// guest runs it as `dir/ld-linux-x86-64.so.2 --library-path dir dir/rsync`).
+fn stage_rsync(dir: &Path) -> bool {
+    let Some(rsync) = which("rsync") else {
+        return false;
+    };
+    let Ok(out) = Command::new("ldd").arg(&rsync).output() else {
+        return false;
+    };
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(&rsync, dir.join("rsync")).unwrap();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let lib = line
+            .split("=>")
+            .last()
+            .and_then(|r| r.split_whitespace().next())
+            .filter(|p| p.starts_with('/'));
+        if let Some(lib) = lib {
+            let name = Path::new(lib).file_name().unwrap();
+            if std::fs::copy(lib, dir.join(name)).is_err() {
+                return false;
+            }
+        }
+    }
+    dir.join("ld-linux-x86-64.so.2").exists()
+}
+
 fn decisions(w: &World, serial: &str) -> Vec<serde_json::Value> {
     w.events(
         "usb.decision",
@@ -176,6 +204,12 @@ fn usb_fence_on_a_real_kernel() {
     }
     args.push("--put".into());
     args.push(static_agent().display().to_string());
+    // The guest has busybox only: rsync goes in with its libraries and loader.
+    let rsync = stage_rsync(&stage.join("rsync"));
+    if rsync {
+        args.push("--put".into());
+        args.push(stage.join("rsync").display().to_string());
+    }
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let (rc, text) = hil.sh("run.sh", &argv);
     assert_eq!(rc, 0, "guest boot: {text}");
@@ -286,8 +320,21 @@ fn usb_fence_on_a_real_kernel() {
         },
         || hil.agent_log(),
     );
+    let rsync_cmd = if rsync {
+        format!(
+            " && /hil/files/rsync/ld-linux-x86-64.so.2 --library-path /hil/files/rsync /hil/files/rsync/rsync /hil/files/agent.pem {mnt}/rsynced.pem"
+        )
+    } else {
+        require("rsync onto vfat in the guest needs the host's rsync", false);
+        String::new()
+    };
+    let listed = if rsync {
+        format!(" {mnt}/rsynced.pem")
+    } else {
+        String::new()
+    };
     let (rc, text) = hil.gexec(&format!(
-        "cp /hil/files/policy.toml {mnt}/cp.txt && dd if=/hil/files/ca.pem of={mnt}/dd.pem bs=64 2>/dev/null && sync && sha256sum {mnt}/cp.txt {mnt}/dd.pem"
+        "cp /hil/files/policy.toml {mnt}/cp.txt && dd if=/hil/files/ca.pem of={mnt}/dd.pem bs=64 2>/dev/null{rsync_cmd} && sync && sha256sum {mnt}/cp.txt {mnt}/dd.pem{listed}"
     ));
     assert_eq!(rc, 0, "cp and dd onto the stick: {text}");
     for line in text.lines().filter(|l| l.contains(&mnt)) {
@@ -333,6 +380,16 @@ fn usb_fence_on_a_real_kernel() {
             ),
             "{e}"
         );
+        if path.ends_with("rsynced.pem") {
+            // rsync ran through its loader: that is the executable /proc shows.
+            assert!(
+                e["cmdline"]
+                    .as_str()
+                    .is_some_and(|c| c.contains("/hil/files/rsync/rsync")),
+                "writer of {path}: {e}"
+            );
+            continue;
+        }
         // The guest's cp and dd are busybox applets that its shell forks without an
         // exec: /proc shows busybox as the executable and the shell's command line.
         assert!(
@@ -342,7 +399,10 @@ fn usb_fence_on_a_real_kernel() {
             "writer of {path}: {e}"
         );
     }
-    println!("scenario files on vfat: cp and dd → one file.exported each, guest SHA-256, writer and stick identity right");
+    println!(
+        "scenario files on vfat: cp, dd{} → one file.exported each, guest SHA-256, writer and stick identity right",
+        if rsync { ", rsync" } else { "" }
+    );
 
     // 2c. A classified file written to it: the file rule switches the stick read-only.
     let (rc, text) = hil.gexec(&format!(

@@ -326,12 +326,22 @@ impl FilesSource {
         // Files the last rescans reported, so that their close events still queued
         // behind the overflow do not report them twice (bounded).
         let mut rescanned: HashMap<PathBuf, Timestamp> = HashMap::new();
+        // Files with temporary-looking names, described a little later (see
+        // `looks_temporary`), in order of their deadline.
+        let mut delayed: std::collections::VecDeque<(tokio::time::Instant, Job)> =
+            std::collections::VecDeque::new();
         // Files reported recently and when they were closed, so a rescan does not
         // report them again (bounded).
         let mut reported: HashMap<PathBuf, Timestamp> = HashMap::new();
         loop {
             tokio::select! {
-                _ = ctx.shutdown.cancelled() => return Ok(()),
+                _ = ctx.shutdown.cancelled() => {
+                    // Files waiting out the rename grace are described now.
+                    for (_, job) in delayed.drain(..) {
+                        workers.submit(job).await?;
+                    }
+                    return Ok(());
+                }
                 changed = self.policy.changed() => {
                     if changed.is_err() {
                         // The policy manager is gone (shutting down): keep the last one.
@@ -342,6 +352,13 @@ impl FilesSource {
                     marked.clear(); // exit_fs_types may have changed: re-derive (marks are idempotent)
                 }
                 _ = source_walk.tick() => self.mark_sources(&mut source_dirs),
+                _ = sleep_until_front(&delayed) => {
+                    let now = tokio::time::Instant::now();
+                    while delayed.front().is_some_and(|(at, _)| *at <= now) {
+                        let (_, job) = delayed.pop_front().expect("checked");
+                        workers.submit(job).await?;
+                    }
+                }
                 _ = poll.tick() => {
                     let text = tokio::fs::read_to_string(&self.config.mountinfo).await.unwrap_or_default();
                     let table = mounts::parse(&text);
@@ -474,7 +491,11 @@ impl FilesSource {
                                     reported.insert(path.clone(), now);
                                     let p = pending.remove(&path).expect("just inserted");
                                     if let Some(job) = job(self.config.hash_max_bytes, &marked, path, file, p, &enforcement) {
-                                        workers.submit(job).await?;
+                                        if looks_temporary(&job.path) && delayed.len() < MAX_DELAYED {
+                                            delayed.push_back((tokio::time::Instant::now() + RENAME_GRACE, job));
+                                        } else {
+                                            workers.submit(job).await?;
+                                        }
                                     }
                                 }
                             }
@@ -600,6 +621,34 @@ fn run_job(job: Job, buf: &mut [u8], sink: &super::EventSink) -> bool {
         }
     }
     true
+}
+
+/// How long a file with a temporary-looking name waits before it is described.
+const RENAME_GRACE: Duration = Duration::from_millis(500);
+/// Most files waiting out the grace at once (each holds a descriptor); beyond that
+/// they are described at once.
+const MAX_DELAYED: usize = 256;
+
+/// Copy tools write a temporary name and rename it when done (rsync's
+/// `.name.XXXXXX`, browsers' `.part`/`.crdownload`, `.tmp`). The close event comes
+/// before the rename, and a file is named by its descriptor's current path when it is
+/// described: waiting a moment lets the event carry the final name.
+fn looks_temporary(path: &Path) -> bool {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    name.starts_with('.')
+        || [".tmp", ".part", ".crdownload", ".partial", "~"]
+            .iter()
+            .any(|s| name.ends_with(s))
+}
+
+async fn sleep_until_front(delayed: &std::collections::VecDeque<(tokio::time::Instant, Job)>) {
+    match delayed.front() {
+        Some((at, _)) => tokio::time::sleep_until(*at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Whether `path` was reported by a rescan after it was last modified (then its

@@ -401,3 +401,30 @@ fn read_only_device_is_handed_to_the_usb_fence_naming_the_rule() {
     assert_eq!(e.outcome, "failed");
     assert!(e.error.unwrap().contains("not on a USB device"));
 }
+
+#[tokio::test]
+async fn a_temporary_name_renamed_right_after_the_close_is_reported_under_its_final_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (btx, mut rx, stop, mount) = start(dir.path(), "", None);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let temp = mount.join(".report.csv.Xy12Zq");
+    let done = mount.join("report.csv");
+    std::fs::write(&temp, "a,b\n").unwrap();
+    btx.send(vec![RawEvent::Write {
+        path: temp.clone(),
+        close: true,
+        writer: writer(),
+        file: Some(std::fs::File::open(&temp).unwrap()),
+        origins: Vec::new(),
+    }])
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    std::fs::rename(&temp, &done).unwrap(); // as rsync does once the copy is complete
+    let Event::FileExported(e) = next_event(&mut rx).await else {
+        panic!()
+    };
+    assert_eq!(e.path, done.to_str().unwrap());
+    assert!(looks_temporary(&temp) && !looks_temporary(&done));
+    stop.cancel();
+}
