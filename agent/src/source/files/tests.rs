@@ -428,3 +428,48 @@ async fn a_temporary_name_renamed_right_after_the_close_is_reported_under_its_fi
     assert!(looks_temporary(&temp) && !looks_temporary(&done));
     stop.cancel();
 }
+
+#[tokio::test]
+async fn which_file_systems_are_exit_points_is_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mount, mountinfo) = fake_mount(dir.path());
+    let mut table = std::fs::read_to_string(&mountinfo).unwrap();
+    table.push_str(
+        "37 25 0:41 / /mnt/finance rw - cifs //fs01/finance rw\n\
+         38 25 0:42 / /mnt/phone rw - fuse.gvfsd-fuse gvfsd-fuse rw\n\
+         39 25 8:2 / /srv/data rw - ext4 /dev/sda2 rw\n",
+    );
+    std::fs::write(&mountinfo, &table).unwrap();
+    for (policy, expected) in [
+        ("", vec!["/mnt/finance", "/mnt/phone"]),
+        ("[files]\nexit_fs_types = [\"ext4\"]\n", vec!["/srv/data"]),
+    ] {
+        let (_btx, brx) = mpsc::channel(8);
+        let marked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut source = test_source(
+            dir.path(),
+            mountinfo.clone(),
+            &mount,
+            brx,
+            marked.clone(),
+            policy,
+            None,
+        );
+        let (tx, _rx) = mpsc::channel(64);
+        let ctx = SourceContext {
+            sink: EventSink::new(tx, Arc::new(AtomicU64::new(0))),
+            shutdown: CancellationToken::new(),
+        };
+        let stop = ctx.shutdown.clone();
+        let task = tokio::spawn(async move { source.run(&ctx).await.map_err(|e| e.to_string()) });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut got: Vec<PathBuf> = marked.lock().unwrap().clone();
+        got.sort();
+        let mut want: Vec<PathBuf> = expected.iter().map(PathBuf::from).collect();
+        want.push(mount.clone()); // watch_mounts of the settings
+        want.sort();
+        assert_eq!(got, want, "policy {policy:?}");
+        stop.cancel();
+        let _ = task.await;
+    }
+}
