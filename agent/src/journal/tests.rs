@@ -238,7 +238,10 @@ fn a_thousand_random_truncations_and_bit_flips_never_stop_the_agent() {
                 continue;
             };
             let recs = records_of(data);
-            assert_eq!(recs.len() * 1, recs.len());
+            assert!(
+                recs.len() <= original_records[idx].len(),
+                "round {round}: segment {path:?} has more records than were written"
+            );
             assert!(
                 recs.iter().zip(&original_records[idx]).all(|(a, b)| a == b),
                 "round {round}: segment {path:?} is not a prefix of the original"

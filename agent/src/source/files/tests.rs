@@ -103,7 +103,7 @@ async fn writes_aggregate_to_one_event_and_an_overflow_rescans() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         marked.lock().unwrap().as_slice(),
-        [mount.clone()],
+        std::slice::from_ref(&mount),
         "the configured mount is watched"
     );
 
