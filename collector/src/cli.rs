@@ -58,6 +58,13 @@ enum Command {
         /// Print what is there and exit instead of following.
         #[arg(long)]
         no_follow: bool,
+        /// Only alerts from then on, reading rotated files too: a time
+        /// (`2026-11-21T08:00:00Z`, `2026-11-21 08:00` local) or a span back (`2h`, `7d`).
+        #[arg(long)]
+        since: Option<String>,
+        /// Print counts by level, rule and agent for the selection, then exit.
+        #[arg(long)]
+        summary: bool,
     },
     /// List the fleet: state, last event, versions, backlog.
     Agents {
@@ -200,6 +207,8 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
             rule,
             json,
             no_follow,
+            since,
+            summary,
         } => {
             let path = match file {
                 Some(f) => f,
@@ -216,9 +225,18 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            let since = match since.as_deref().map(tail::parse_since).transpose() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("--since: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
             let opts = TailOptions {
                 path,
                 follow: !no_follow,
+                since,
+                summary,
                 json,
                 min_level,
                 agent,

@@ -64,12 +64,11 @@ pub async fn run(
 ) -> Result<(), CollectorError> {
     let policy = weilan_config::load_file::<PolicyFile>(&settings.policy_path)?;
     let store = store::Store::open(&settings.store_path)?;
-    let alert_log = alerts::AlertLog::open(&settings.alerts_path).map_err(|source| {
-        CollectorError::AlertLog {
+    let alert_log = alerts::AlertLog::open(&settings.alerts_path, settings.alerts_rotation)
+        .map_err(|source| CollectorError::AlertLog {
             path: settings.alerts_path.display().to_string(),
             source,
-        }
-    })?;
+        })?;
     let signer = Signer::from_pem_files(&settings.client_cert, &settings.client_key)?;
     let verifier = Verifier::from_ca_file(&settings.ca)?;
     if let BrokerMode::Embedded {

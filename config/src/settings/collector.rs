@@ -106,6 +106,35 @@ pub struct StoreSection {
 pub struct AlertsSection {
     /// JSON-lines alert log, one alert per line.
     pub path: PathBuf,
+    /// Start a new file when the log would grow past this many MiB (0: never).
+    #[serde(default = "default_rotate_mib")]
+    pub rotate_mib: u64,
+    /// Start a new file when the current one is this many hours old (0: never).
+    #[serde(default = "default_rotate_hours")]
+    pub rotate_hours: u64,
+    /// Rotated files kept (`alerts.jsonl.1` is the newest); older ones are deleted.
+    #[serde(default = "default_rotate_keep")]
+    pub keep: u32,
+}
+
+fn default_rotate_mib() -> u64 {
+    64
+}
+fn default_rotate_hours() -> u64 {
+    24
+}
+fn default_rotate_keep() -> u32 {
+    30
+}
+
+/// When the alert log starts a new file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlertRotation {
+    /// 0: never by size.
+    pub max_bytes: u64,
+    /// 0: never by age.
+    pub max_age_secs: u64,
+    pub keep: u32,
 }
 
 #[derive(Debug, Clone, eserde::Deserialize, Serialize)]
@@ -205,6 +234,7 @@ pub struct CollectorSettings {
     pub client_key: PathBuf,
     pub store_path: PathBuf,
     pub alerts_path: PathBuf,
+    pub alerts_rotation: AlertRotation,
     pub policy_path: PathBuf,
     pub max_payload_bytes: usize,
     pub ingest_queue: usize,
@@ -277,6 +307,9 @@ impl Validate for CollectorFile {
         let client_key = v.existing_file("tls.client_key", &t.client_key);
         let store_path = v.creatable_file("store.path", &self.store.path);
         let alerts_path = v.creatable_file("alerts.path", &self.alerts.path);
+        v.range("alerts.rotate_mib", self.alerts.rotate_mib, 0, 1 << 20);
+        v.range("alerts.rotate_hours", self.alerts.rotate_hours, 0, 24 * 366);
+        v.range("alerts.keep", self.alerts.keep, 1, 10_000);
         let policy_path = v.existing_file("policy.path", &self.policy.path);
         v.range(
             "ingest.max_payload_bytes",
@@ -312,6 +345,11 @@ impl Validate for CollectorFile {
             client_key,
             store_path,
             alerts_path,
+            alerts_rotation: AlertRotation {
+                max_bytes: self.alerts.rotate_mib * 1024 * 1024,
+                max_age_secs: self.alerts.rotate_hours * 3600,
+                keep: self.alerts.keep,
+            },
             policy_path,
             max_payload_bytes: self.ingest.max_payload_bytes,
             ingest_queue: self.ingest.queue,
