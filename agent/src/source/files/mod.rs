@@ -690,60 +690,40 @@ async fn rescan(
     workers: &Workers,
     enforcement: &Enforcement,
 ) -> Result<FileOverflow, SourceError> {
-    let mut walked = 0u64;
+    // The walk runs on a blocking thread: a large exit point must not hold up the
+    // event loop.
+    let roots: Vec<PathBuf> = marked
+        .values()
+        .map(|e| PathBuf::from(&e.mount.mount_point))
+        .collect();
+    let (candidates, walked, complete) =
+        tokio::task::spawn_blocking(move || walk_modified(roots, since.into()))
+            .await
+            .map_err(|e| SourceError::Other(format!("rescan walk failed: {e}")))?;
     let mut found = 0u64;
-    let mut complete = true;
-    let since_sys: std::time::SystemTime = since.into();
-    for ep in marked.values() {
-        let mut stack = vec![PathBuf::from(&ep.mount.mount_point)];
-        while let Some(dir) = stack.pop() {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                walked += 1;
-                if walked > RESCAN_MAX_ENTRIES {
-                    complete = false;
-                    break;
-                }
-                let Ok(ft) = entry.file_type() else { continue };
-                if ft.is_dir() {
-                    stack.push(entry.path());
-                    continue;
-                }
-                if !ft.is_file() || pending.contains_key(&entry.path()) {
-                    continue;
-                }
-                let Ok(modified) = entry.metadata().and_then(|m| m.modified()) else {
-                    continue;
-                };
-                if modified < since_sys {
-                    continue;
-                }
-                let at = Timestamp::try_from(modified).unwrap_or(since);
-                if reported
-                    .get(&entry.path())
-                    .is_some_and(|closed| *closed >= at)
-                {
-                    continue; // reported when it was closed, unchanged since
-                }
-                found += 1;
-                // Remembered both ways: a later rescan skips it, and its close event
-                // still queued behind the overflow does not report it again.
-                reported.insert(entry.path(), Timestamp::now());
-                rescanned.insert(entry.path(), Timestamp::now());
-                let p = Pending {
-                    first: at,
-                    last: at,
-                    writer: None,
-                    origins: Vec::new(),
-                    found: false,
-                    quiet_since: std::time::Instant::now(),
-                };
-                if let Some(job) = job(hash_max, marked, entry.path(), None, p, enforcement) {
-                    workers.submit(job).await?;
-                }
-            }
+    for (path, modified) in candidates {
+        if pending.contains_key(&path) {
+            continue;
+        }
+        let at = Timestamp::try_from(modified).unwrap_or(since);
+        if reported.get(&path).is_some_and(|closed| *closed >= at) {
+            continue; // reported when it was closed, unchanged since
+        }
+        found += 1;
+        // Remembered both ways: a later rescan skips it, and its close event still
+        // queued behind the overflow does not report it again.
+        reported.insert(path.clone(), Timestamp::now());
+        rescanned.insert(path.clone(), Timestamp::now());
+        let p = Pending {
+            first: at,
+            last: at,
+            writer: None,
+            origins: Vec::new(),
+            found: false,
+            quiet_since: std::time::Instant::now(),
+        };
+        if let Some(job) = job(hash_max, marked, path, None, p, enforcement) {
+            workers.submit(job).await?;
         }
     }
     Ok(FileOverflow {
@@ -753,6 +733,39 @@ async fn rescan(
         walked,
         complete,
     })
+}
+
+/// Regular files under `roots` modified at or after `since` (blocking); how many
+/// entries were walked, and whether the walk finished within its bound.
+fn walk_modified(
+    roots: Vec<PathBuf>,
+    since: std::time::SystemTime,
+) -> (Vec<(PathBuf, std::time::SystemTime)>, u64, bool) {
+    let mut out = Vec::new();
+    let mut walked = 0u64;
+    let mut stack = roots;
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            walked += 1;
+            if walked > RESCAN_MAX_ENTRIES {
+                return (out, walked, false);
+            }
+            let Ok(ft) = entry.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(entry.path());
+            } else if ft.is_file() {
+                if let Ok(m) = entry.metadata().and_then(|m| m.modified()) {
+                    if m >= since {
+                        out.push((entry.path(), m));
+                    }
+                }
+            }
+        }
+    }
+    (out, walked, true)
 }
 
 struct Job {
