@@ -89,6 +89,24 @@ fn stage_rsync(dir: &Path) -> bool {
     dir.join("ld-linux-x86-64.so.2").exists()
 }
 
+/// Waits until the first partition of the stick with `serial` is mounted by the
+/// guest's automounter; its mount point.
+fn wait_mounted(hil: &Hil, serial: &str) -> String {
+    wait_for(
+        &format!("{serial} mounted"),
+        T,
+        || {
+            let (_, m) = hil.gexec(&format!("for d in /sys/bus/usb/devices/*/serial; do grep -qx {serial} $d && ls -d $(dirname $d)/*/host*/target*/*/block/sd*/sd*1 2>/dev/null; done"));
+            let part = m.lines().next()?.rsplit('/').next()?.to_string();
+            let (_, mounts) = hil.gexec("cat /proc/mounts");
+            mounts
+                .contains(&format!("/media/{part} "))
+                .then(|| format!("/media/{part}"))
+        },
+        || hil.agent_log(),
+    )
+}
+
 fn decisions(w: &World, serial: &str) -> Vec<serde_json::Value> {
     w.events(
         "usb.decision",
@@ -284,19 +302,7 @@ fn usb_fence_on_a_real_kernel() {
         (Some("allow"), Some("hil-allowed")),
         "{d}"
     );
-    let mnt = wait_for(
-        "GOOD-1 mounted",
-        T,
-        || {
-            let (_, m) = hil.gexec("for d in /sys/bus/usb/devices/*/serial; do grep -qx GOOD-1 $d && ls -d $(dirname $d)/*/host*/target*/*/block/sd*/sd*1 2>/dev/null; done");
-            let part = m.lines().next()?.rsplit('/').next()?.to_string();
-            let (_, mounts) = hil.gexec("cat /proc/mounts");
-            mounts
-                .contains(&format!("/media/{part} "))
-                .then(|| format!("/media/{part}"))
-        },
-        || hil.agent_log(),
-    );
+    let mnt = wait_mounted(&hil, "GOOD-1");
     let (rc, text) = hil.gexec(&format!(
         "echo weilan > {mnt}/allowed.txt && sync && cat {mnt}/allowed.txt"
     ));
@@ -453,19 +459,7 @@ fn usb_fence_on_a_real_kernel() {
         "a read-only stick still gets its block device: {text}\n{}",
         hil.agent_log()
     );
-    let ro_mnt = wait_for(
-        "RO-1 mounted",
-        T,
-        || {
-            let (_, m) = hil.gexec("for d in /sys/bus/usb/devices/*/serial; do grep -qx RO-1 $d && ls -d $(dirname $d)/*/host*/target*/*/block/sd*/sd*1 2>/dev/null; done");
-            let part = m.lines().next()?.rsplit('/').next()?.to_string();
-            let (_, mounts) = hil.gexec("cat /proc/mounts");
-            mounts
-                .contains(&format!("/media/{part} "))
-                .then(|| format!("/media/{part}"))
-        },
-        || hil.agent_log(),
-    );
+    let ro_mnt = wait_mounted(&hil, "RO-1");
     // The fence flags the block devices as they appear and remounts a mount that raced it.
     wait_for(
         "RO-1 mount read-only",

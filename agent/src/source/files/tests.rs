@@ -281,18 +281,13 @@ async fn a_quarantine_rule_moves_the_file_into_the_evidence_store_and_says_so() 
             _ => None,
         })
         .collect();
-    let memo = exported
-        .iter()
-        .find(|e| e.path.ends_with("memo.txt"))
-        .unwrap();
+    let named = |name: &str| *exported.iter().find(|e| e.path.ends_with(name)).unwrap();
+    let memo = named("memo.txt");
     assert_eq!(
         (memo.action.as_str(), memo.rule_id.as_str()),
         ("quarantine", "marks-out")
     );
-    let menu = exported
-        .iter()
-        .find(|e| e.path.ends_with("menu.txt"))
-        .unwrap();
+    let menu = named("menu.txt");
     assert_eq!(
         (menu.action.as_str(), menu.rule_id.as_str()),
         ("audit", "files.default")
