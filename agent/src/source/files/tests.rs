@@ -90,16 +90,13 @@ async fn next_event(rx: &mut mpsc::Receiver<Observed>) -> Event {
 async fn writes_aggregate_to_one_event_and_an_overflow_rescans() {
     let dir = tempfile::tempdir().unwrap();
     let (mount, mountinfo) = fake_mount(dir.path());
-    let (btx, brx) = mpsc::channel(8);
-    let marked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut source = test_source(dir.path(), mountinfo, &mount, brx, marked.clone(), "", None);
-    let (tx, mut rx) = mpsc::channel(64);
-    let ctx = SourceContext {
-        sink: EventSink::new(tx, Arc::new(AtomicU64::new(0))),
-        shutdown: CancellationToken::new(),
-    };
-    let stop = ctx.shutdown.clone();
-    let task = tokio::spawn(async move { source.run(&ctx).await.map_err(|e| e.to_string()) });
+    let Running {
+        backend: btx,
+        events: mut rx,
+        stop,
+        marked,
+        task,
+    } = spawn_source(dir.path(), mountinfo, &mount, "", None);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         marked.lock().unwrap().as_slice(),
@@ -171,6 +168,42 @@ async fn writes_aggregate_to_one_event_and_an_overflow_rescans() {
     assert_eq!(task.await.unwrap(), Ok(()));
 }
 
+/// A files source running over a test backend.
+struct Running {
+    backend: mpsc::Sender<Vec<RawEvent>>,
+    events: mpsc::Receiver<Observed>,
+    stop: CancellationToken,
+    marked: std::sync::Arc<std::sync::Mutex<Vec<PathBuf>>>,
+    task: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+/// Runs a source that watches `mount` (listed in `mountinfo`) under `policy`.
+fn spawn_source(
+    dir: &Path,
+    mountinfo: PathBuf,
+    mount: &Path,
+    policy: &str,
+    fence: Option<mpsc::Sender<FenceControl>>,
+) -> Running {
+    let (btx, brx) = mpsc::channel(8);
+    let marked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut source = test_source(dir, mountinfo, mount, brx, marked.clone(), policy, fence);
+    let (tx, rx) = mpsc::channel(64);
+    let ctx = SourceContext {
+        sink: EventSink::new(tx, Arc::new(AtomicU64::new(0))),
+        shutdown: CancellationToken::new(),
+    };
+    let stop = ctx.shutdown.clone();
+    let task = tokio::spawn(async move { source.run(&ctx).await.map_err(|e| e.to_string()) });
+    Running {
+        backend: btx,
+        events: rx,
+        stop,
+        marked,
+        task,
+    }
+}
+
 /// Starts a source over a fake mount; returns the backend's sender, the event
 /// receiver, the stop token and the mount.
 #[allow(clippy::type_complexity)]
@@ -185,17 +218,8 @@ fn start(
     PathBuf,
 ) {
     let (mount, mountinfo) = fake_mount(dir);
-    let (btx, brx) = mpsc::channel(8);
-    let marked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut source = test_source(dir, mountinfo, &mount, brx, marked, policy, fence);
-    let (tx, rx) = mpsc::channel(64);
-    let ctx = SourceContext {
-        sink: EventSink::new(tx, Arc::new(AtomicU64::new(0))),
-        shutdown: CancellationToken::new(),
-    };
-    let stop = ctx.shutdown.clone();
-    tokio::spawn(async move { source.run(&ctx).await });
-    (btx, rx, stop, mount)
+    let r = spawn_source(dir, mountinfo, &mount, policy, fence);
+    (r.backend, r.events, r.stop, mount)
 }
 
 fn close(path: &Path) -> RawEvent {
@@ -439,32 +463,15 @@ async fn which_file_systems_are_exit_points_is_policy() {
         ("", vec!["/mnt/finance", "/mnt/phone"]),
         ("[files]\nexit_fs_types = [\"ext4\"]\n", vec!["/srv/data"]),
     ] {
-        let (_btx, brx) = mpsc::channel(8);
-        let marked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let mut source = test_source(
-            dir.path(),
-            mountinfo.clone(),
-            &mount,
-            brx,
-            marked.clone(),
-            policy,
-            None,
-        );
-        let (tx, _rx) = mpsc::channel(64);
-        let ctx = SourceContext {
-            sink: EventSink::new(tx, Arc::new(AtomicU64::new(0))),
-            shutdown: CancellationToken::new(),
-        };
-        let stop = ctx.shutdown.clone();
-        let task = tokio::spawn(async move { source.run(&ctx).await.map_err(|e| e.to_string()) });
+        let r = spawn_source(dir.path(), mountinfo.clone(), &mount, policy, None);
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let mut got: Vec<PathBuf> = marked.lock().unwrap().clone();
+        let mut got: Vec<PathBuf> = r.marked.lock().unwrap().clone();
         got.sort();
         let mut want: Vec<PathBuf> = expected.iter().map(PathBuf::from).collect();
         want.push(mount.clone()); // watch_mounts of the settings
         want.sort();
         assert_eq!(got, want, "policy {policy:?}");
-        stop.cancel();
-        let _ = task.await;
+        r.stop.cancel();
+        let _ = r.task.await;
     }
 }
