@@ -375,7 +375,8 @@ fn classify_source(g: &GuardState, seen: &mut Seen, fd: BorrowedFd<'_>) -> Vec<C
     let Ok(st) = nix::sys::stat::fstat(fd) else {
         return Vec::new();
     };
-    if st.st_mode & libc_s_ifmt() != libc_s_ifreg() {
+    use nix::sys::stat::SFlag;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
         return Vec::new();
     }
     let key = (
@@ -408,13 +409,6 @@ fn classify_source(g: &GuardState, seen: &mut Seen, fd: BorrowedFd<'_>) -> Vec<C
     }
     seen.classified.insert(key, keep.clone());
     keep
-}
-
-const fn libc_s_ifmt() -> u32 {
-    0o170000
-}
-const fn libc_s_ifreg() -> u32 {
-    0o100000
 }
 
 fn fstat_dev(fd: BorrowedFd<'_>) -> Option<u64> {
