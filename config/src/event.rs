@@ -153,6 +153,18 @@ pub enum Event {
     FileEnforced(FileEnforced),
     #[serde(rename = "file.source_read")]
     FileSourceRead(FileSourceRead),
+    #[serde(rename = "net.transfer")]
+    NetTransfer(NetTransfer),
+    #[serde(rename = "net.transfer_tool")]
+    NetTransferTool(NetTransferTool),
+    #[serde(rename = "access.login")]
+    AccessLogin(AccessLogin),
+    #[serde(rename = "access.logout")]
+    AccessLogout(AccessLogout),
+    #[serde(rename = "access.login_failed")]
+    AccessLoginFailed(AccessLoginFailed),
+    #[serde(rename = "access.privilege")]
+    AccessPrivilege(AccessPrivilege),
 }
 
 impl Event {
@@ -177,6 +189,12 @@ impl Event {
             Event::FileOverflow(_) => "file.overflow",
             Event::FileEnforced(_) => "file.enforced",
             Event::FileSourceRead(_) => "file.source_read",
+            Event::NetTransfer(_) => "net.transfer",
+            Event::NetTransferTool(_) => "net.transfer_tool",
+            Event::AccessLogin(_) => "access.login",
+            Event::AccessLogout(_) => "access.logout",
+            Event::AccessLoginFailed(_) => "access.login_failed",
+            Event::AccessPrivilege(_) => "access.privilege",
         }
     }
 }
@@ -510,6 +528,105 @@ pub struct FileSourceRead {
     pub user: Option<String>,
     /// Detectors that classified it (only computed when a `deny` rule needs it).
     pub classification: Vec<Classification>,
+}
+
+/// Bytes a process sent to one remote endpoint (emitted when a connection to a
+/// destination that is not allowlisted crosses the byte threshold, and at its end).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetTransfer {
+    pub pid: u32,
+    pub exe: Option<String>,
+    pub cmdline: Option<String>,
+    pub uid: Option<u32>,
+    pub user: Option<String>,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    pub local_addr: String,
+    pub local_port: u16,
+    pub remote_addr: String,
+    pub remote_port: u16,
+    /// An allowlist name that resolved to `remote_addr`, when one did.
+    pub remote_host: Option<String>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub duration_ms: u64,
+    /// `threshold` (crossed the byte threshold, still open) or `closed`.
+    pub phase: String,
+    /// The destination matched the policy's allowlist.
+    pub allowlisted: bool,
+    /// Files the process had open that lie in a sensitive source or were classified.
+    pub sensitive_files: Vec<String>,
+    /// `audit`, `kill` or `block-destination`, and the policy rule that chose it.
+    pub action: String,
+    pub rule_id: String,
+}
+
+/// A known transfer tool (scp, rsync, curl -T, nc, rclone, ...) started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetTransferTool {
+    pub pid: u32,
+    /// The tool's name as recognised (`scp`, `curl`, ...).
+    pub tool: String,
+    pub exe: Option<String>,
+    pub args: Vec<String>,
+    pub uid: Option<u32>,
+    pub user: Option<String>,
+}
+
+/// A login session started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogin {
+    pub user: String,
+    pub uid: Option<u32>,
+    /// `console`, `ssh`, `tty` or `other`.
+    pub method: String,
+    pub tty: Option<String>,
+    pub remote_addr: Option<String>,
+    pub session_id: Option<String>,
+    /// Where it was read: `journal`, `auth-log` or `utmp`.
+    pub source: String,
+}
+
+/// A login session ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogout {
+    pub user: String,
+    pub method: String,
+    pub tty: Option<String>,
+    pub session_id: Option<String>,
+    pub source: String,
+}
+
+/// An authentication failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLoginFailed {
+    /// The user name tried (may not exist).
+    pub user: String,
+    pub method: String,
+    pub remote_addr: Option<String>,
+    pub reason: Option<String>,
+    pub source: String,
+}
+
+/// Privileges raised with sudo or su.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessPrivilege {
+    /// Who asked.
+    pub user: String,
+    /// Whom they became (`root` mostly).
+    pub target_user: String,
+    /// `sudo` or `su`.
+    pub tool: String,
+    pub command: Option<String>,
+    pub success: bool,
+    pub tty: Option<String>,
+    pub source: String,
 }
 
 /// The kernel's file-event queue overflowed: some writes were not seen as they
