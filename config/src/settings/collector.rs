@@ -28,9 +28,114 @@ pub struct CollectorFile {
     /// `[fleet]`: agent health and stream integrity checks.
     #[serde(default)]
     pub fleet: FleetSection,
+    /// `[rules]`: the rule directory (CEL rules, hot-reloaded) and the built-in pack.
+    #[serde(default)]
+    pub rules: RulesSection,
+    /// `[[sinks]]`: where alerts go besides the alert log (syslog, CEF, webhook).
+    #[serde(default)]
+    pub sinks: Vec<SinkSection>,
     /// `[log]`.
     #[serde(default)]
     pub log: LogSection,
+}
+
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesSection {
+    /// Directory of `*.toml` rule files, re-read when a file changes (optional).
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Load the built-in indicator pack first (its rules can be replaced or switched
+    /// off by id from the directory).
+    #[serde(default = "yes")]
+    pub builtin: bool,
+    /// How often the directory is checked for changes.
+    #[serde(default = "default_reload_check")]
+    pub reload_check_secs: u64,
+}
+
+impl Default for RulesSection {
+    fn default() -> Self {
+        RulesSection {
+            dir: None,
+            builtin: true,
+            reload_check_secs: default_reload_check(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_reload_check() -> u64 {
+    2
+}
+
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkSection {
+    /// Name used by rules' `notify` actions and in counters.
+    pub name: String,
+    /// `syslog` (RFC 5424, the alert as JSON), `cef` (ArcSight CEF in an RFC 5424
+    /// message) or `webhook` (HTTP POST of the alert as JSON).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// syslog/cef: `host:port`.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// syslog/cef: `udp`, `tcp` (octet-counted frames, RFC 6587) or `tls` (RFC 5425).
+    #[serde(default)]
+    pub transport: Option<String>,
+    /// webhook: `http://` or `https://` URL.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// tls and https: CA certificate (PEM) the server must chain to; default the Weilan CA.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// tls: the name the server's certificate must carry; default the address's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Every alert at or above this level goes here; without it only alerts of rules
+    /// with a `notify` action do.
+    #[serde(default)]
+    pub min_level: Option<String>,
+    /// Alerts waiting for this sink; beyond it they are dropped and counted.
+    #[serde(default = "default_sink_queue")]
+    pub queue: usize,
+}
+
+fn default_sink_queue() -> usize {
+    1024
+}
+
+/// A validated sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkSettings {
+    pub name: String,
+    pub kind: SinkKind,
+    /// Minimum level for every alert (`red`, `yellow`, `blue`).
+    pub min_level: Option<String>,
+    pub queue: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkKind {
+    Syslog {
+        cef: bool,
+        address: String,
+        transport: Transport,
+    },
+    Webhook {
+        url: String,
+        ca: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+    Tls { ca: PathBuf, server_name: String },
 }
 
 #[derive(Debug, Clone, eserde::Deserialize, Serialize)]
@@ -241,6 +346,11 @@ pub struct CollectorSettings {
     pub silent_after: std::time::Duration,
     pub gap_grace: std::time::Duration,
     pub fleet_check_interval: std::time::Duration,
+    /// Rule directory, if any.
+    pub rules_dir: Option<PathBuf>,
+    pub rules_builtin: bool,
+    pub rules_reload_check: std::time::Duration,
+    pub sinks: Vec<SinkSettings>,
     pub log: LogSettings,
 }
 
@@ -331,6 +441,98 @@ impl Validate for CollectorFile {
             1,
             3600,
         );
+        let rules_dir = self.rules.dir.as_ref().map(|d| v.directory("rules.dir", d));
+        v.range(
+            "rules.reload_check_secs",
+            self.rules.reload_check_secs,
+            1,
+            3600,
+        );
+        let mut sinks = Vec::new();
+        for (i, s) in self.sinks.into_iter().enumerate() {
+            let at = |f: &str| format!("sinks[{i}].{f}");
+            if s.name.is_empty() || sinks.iter().any(|o: &SinkSettings| o.name == s.name) {
+                v.error(
+                    at("name"),
+                    format!("`{}` must be a unique, non-empty name", s.name),
+                );
+            }
+            if let Some(l) = &s.min_level {
+                if !matches!(l.as_str(), "red" | "yellow" | "blue") {
+                    v.error(at("min_level"), format!("`{l}` is not red, yellow or blue"));
+                }
+            }
+            v.range(&at("queue"), s.queue, 1, 1_000_000);
+            let sink_ca = match &s.ca {
+                Some(p) => v.existing_file(&at("ca"), p),
+                None => ca.clone(),
+            };
+            let kind = match s.kind.as_str() {
+                "syslog" | "cef" => {
+                    let address = s.address.clone().unwrap_or_default();
+                    let host = address
+                        .rsplit_once(':')
+                        .map(|(h, _)| h.trim_matches(['[', ']']).to_string());
+                    if host.is_none()
+                        || address
+                            .rsplit_once(':')
+                            .is_some_and(|(_, p)| p.parse::<u16>().is_err())
+                    {
+                        v.error(at("address"), format!("`{address}` is not host:port"));
+                    }
+                    let transport = match s.transport.as_deref().unwrap_or("udp") {
+                        "udp" => Transport::Udp,
+                        "tcp" => Transport::Tcp,
+                        "tls" => {
+                            let server_name = s.server_name.clone().or(host).unwrap_or_default();
+                            if rustls_pki_types::ServerName::try_from(server_name.as_str()).is_err()
+                            {
+                                v.error(
+                                    at("server_name"),
+                                    format!("`{server_name}` is not a TLS server name"),
+                                );
+                            }
+                            Transport::Tls {
+                                ca: sink_ca.clone(),
+                                server_name,
+                            }
+                        }
+                        other => {
+                            v.error(at("transport"), format!("`{other}` is not udp, tcp or tls"));
+                            Transport::Udp
+                        }
+                    };
+                    SinkKind::Syslog {
+                        cef: s.kind == "cef",
+                        address,
+                        transport,
+                    }
+                }
+                "webhook" => {
+                    let url = s.url.clone().unwrap_or_default();
+                    if !(url.starts_with("http://") || url.starts_with("https://")) {
+                        v.error(
+                            at("url"),
+                            format!("`{url}` is not an http:// or https:// URL"),
+                        );
+                    }
+                    SinkKind::Webhook { url, ca: sink_ca }
+                }
+                other => {
+                    v.error(
+                        at("type"),
+                        format!("`{other}` is not syslog, cef or webhook"),
+                    );
+                    continue;
+                }
+            };
+            sinks.push(SinkSettings {
+                name: s.name,
+                kind,
+                min_level: s.min_level,
+                queue: s.queue,
+            });
+        }
         let log = self.log.validate(v);
         Some(CollectorSettings {
             broker,
@@ -356,6 +558,10 @@ impl Validate for CollectorFile {
             silent_after: std::time::Duration::from_secs(self.fleet.silent_after_secs),
             gap_grace: std::time::Duration::from_secs(self.fleet.gap_grace_secs),
             fleet_check_interval: std::time::Duration::from_secs(self.fleet.check_interval_secs),
+            rules_dir,
+            rules_builtin: self.rules.builtin,
+            rules_reload_check: std::time::Duration::from_secs(self.rules.reload_check_secs),
+            sinks,
             log,
         })
     }
