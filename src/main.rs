@@ -129,10 +129,11 @@ fn prepare(data: &Path, port: u16) -> Result<(PathBuf, PathBuf, String)> {
              [broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\n\n\
              [tls]\nca = \"pki/ca.pem\"\nserver_cert = \"pki/server.pem\"\nserver_key = \"pki/server-key.pem\"\n\
              client_cert = \"pki/collector.pem\"\nclient_key = \"pki/collector-key.pem\"\n\n\
-             [store]\npath = \"weilan.db\"\n\n[alerts]\npath = \"alerts.jsonl\"\n\n[policy]\npath = \"policy.toml\"\n"
+             [store]\npath = \"weilan.db\"\n\n[alerts]\npath = \"alerts.jsonl\"\n\n[policy]\npath = \"policy.toml\"\n\n[rules]\ndir = \"rules\"\n"
         ),
     )?;
     std::fs::create_dir_all(data.join("agent-state"))?;
+    std::fs::create_dir_all(data.join("rules"))?;
     write_once(
         &data.join("agent.toml"),
         &format!(

@@ -349,11 +349,11 @@ fn a_small_cap_reports_exactly_the_events_it_had_to_drop() {
         || {
             s.w.alert_lines()
                 .into_iter()
-                .find(|a| a["rule_id"] == "builtin.integrity.journal-gap")
+                .find(|a| a["rule_id"] == "builtin.integrity.journal-gap-reported")
         },
         &diagf,
     );
-    assert_eq!(gap["details"]["explained"], true, "{gap}");
+    assert_eq!(gap["details"]["event"]["explained"], true, "{gap}");
     println!("cap dropped {missing} events; agent.events_lost reported {reported}");
 }
 

@@ -277,6 +277,11 @@ struct FenceWorld {
 
 impl FenceWorld {
     fn start(policy_text: &str, serial: &str) -> FenceWorld {
+        Self::start_with(policy_text, serial, "")
+    }
+
+    /// Like [`FenceWorld::start`], with extra collector settings.
+    fn start_with(policy_text: &str, serial: &str, collector_extra: &str) -> FenceWorld {
         let w = World::new();
         fs::write(w.path("policy.toml"), policy_text).unwrap();
         let stick = add_stick(
@@ -291,7 +296,7 @@ impl FenceWorld {
             },
         );
         let ns = Netns::create();
-        let collector_cfg = w.collector_toml(false, "");
+        let collector_cfg = w.collector_toml(false, collector_extra);
         let collector = w.start_collector(&ns, &collector_cfg);
         let agent_cfg = w.agent_toml(AGENT, "pki/ca.pem", "");
         let agent = w.start_agent(&ns, &agent_cfg, AGENT);
@@ -667,4 +672,146 @@ fn commands_are_authenticated_fresh_and_never_replayed() {
     assert_eq!(authorized(), "0");
     assert!(decision(w, "CMD-1", "command").is_some_and(|d| d["target"] == "block"));
     println!("commands: a valid block command executed; replayed, forged, expired, misaddressed and agent-signed commands refused and reported");
+}
+
+const BLOCKING_RULE: &str = r#"
+[[rule]]
+id = "site.block-rule-sticks"
+title = "Sticks named RULE-* are blocked by the collector"
+level = "red"
+tags = ["test"]
+on = ["usb.attached"]
+condition = "event.data.serial != null && event.data.serial.startsWith('RULE-')"
+key = "agent.id + '/' + event.data.hash"
+summary = "blocking {event.data.serial} on {agent.id}"
+[[rule.actions]]
+type = "block-device"
+target = "event.data.hash"
+valid = "2m"
+"#;
+
+#[test]
+fn rules_hot_reload_refuses_a_broken_file_and_a_rule_blocks_a_device() {
+    if !netns_available() {
+        return;
+    }
+    let fw = FenceWorld::start_with(
+        &policy("r1", &["CMD-1", "RULE-2"], &[]),
+        "CMD-1",
+        "[rules]\ndir = \"rules\"\nreload_check_secs = 1\n",
+    );
+    let (w, ns) = (&fw.w, &fw.ns);
+    let diag = || fw.diag();
+    wait_for(
+        "allowed at start",
+        T,
+        || decision(w, "CMD-1", "start"),
+        diag,
+    );
+    let rules = w.path("rules");
+    fs::create_dir_all(&rules).unwrap();
+
+    // 1. A good rule file is picked up while the collector runs.
+    fs::write(rules.join("site.toml"), BLOCKING_RULE).unwrap();
+    wait_for(
+        "rule set reloaded",
+        T,
+        || {
+            fw.collector
+                .log_text()
+                .contains("rule set reloaded")
+                .then_some(())
+        },
+        diag,
+    );
+
+    // 2. A broken edit is refused with file:line, and the rules in force stay.
+    std::thread::sleep(Duration::from_millis(1100));
+    fs::write(
+        rules.join("site.toml"),
+        BLOCKING_RULE.replace("startsWith('RULE-')", "startsWith('RULE-') &&"),
+    )
+    .unwrap();
+    let refused = wait_for(
+        "rules-invalid alert",
+        T,
+        || {
+            w.alert_lines()
+                .into_iter()
+                .find(|a| a["rule_id"] == "builtin.collector.rules-invalid")
+        },
+        diag,
+    );
+    let summary = refused["summary"].as_str().unwrap();
+    let line = BLOCKING_RULE
+        .lines()
+        .position(|l| l.starts_with("condition"))
+        .unwrap()
+        + 1;
+    assert!(
+        summary.contains(&format!("site.toml:{line}:")) && summary.contains("CEL"),
+        "{summary}"
+    );
+
+    // 3. The old rule still acts: a RULE-* stick (allowed by the policy) is blocked by
+    //    a signed command the rule sent, executed by the real agent on the fake tree.
+    let stick = add_stick(
+        &w.sysfs(),
+        &FakeStick {
+            port: "1-3",
+            vid: "0781",
+            pid: "5581",
+            serial: "RULE-2",
+            classes: &[8],
+            disk: None,
+        },
+    );
+    ns.send_uevent("add", &stick, "usb", "usb_device");
+    let allowed = wait_for(
+        "allowed by policy",
+        T,
+        || decision(w, "RULE-2", "attach"),
+        diag,
+    );
+    assert_eq!(allowed["target"], "allow", "{allowed}");
+    let blocked = wait_for(
+        "blocked by the rule's command",
+        T,
+        || decision(w, "RULE-2", "command"),
+        diag,
+    );
+    assert_eq!(blocked["target"], "block");
+    assert!(
+        blocked["rule_id"].as_str().unwrap().starts_with("command:"),
+        "{blocked}"
+    );
+    assert!(
+        blocked["reason"]
+            .as_str()
+            .unwrap()
+            .contains("rule site.block-rule-sticks"),
+        "{blocked}"
+    );
+    assert_eq!(
+        fs::read_to_string(present_attr_path(&w.sysfs(), &stick)).unwrap_or_default(),
+        "0"
+    );
+    let alert = w
+        .alert_lines()
+        .into_iter()
+        .find(|a| a["rule_id"] == "site.block-rule-sticks")
+        .expect("the rule's alert");
+    assert_eq!(alert["summary"], "blocking RULE-2 on ws-e2e");
+    let executed = wait_for(
+        "command.result executed",
+        T,
+        || {
+            command_results(w)
+                .into_iter()
+                .find(|r| r["status"] == "executed")
+        },
+        diag,
+    );
+    assert_eq!(executed["action"], "block-device");
+    println!("rules: a broken edit refused at {summary:.80}...; the previous rule blocked RULE-2 by a signed command");
 }

@@ -122,6 +122,12 @@ mod tests {
             summary: "x".repeat(100),
             event_ids: vec![],
             details: serde_json::Value::Null,
+            title: String::new(),
+            tags: vec![],
+            key: "ws".into(),
+            count: 1,
+            last_seen: jiff::Timestamp::now(),
+            update: false,
         }
     }
 

@@ -37,6 +37,23 @@ enum Command {
         #[arg(long, default_value = "/etc/weilan/collector.toml")]
         config: PathBuf,
     },
+    /// List the rules in force (built-in pack and the rule directory of the settings).
+    Rules {
+        #[arg(long, default_value = "/etc/weilan/collector.toml")]
+        config: PathBuf,
+        /// JSON lines for machines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a rule directory (every file, every CEL expression) without a collector.
+    CheckRules {
+        /// The directory of `*.toml` rule files.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Check without the built-in pack (ids are then not checked against it).
+        #[arg(long)]
+        no_builtin: bool,
+    },
     /// Follow the alert log.
     Tail {
         /// The alert log (default: the one named in the collector settings).
@@ -199,6 +216,44 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Rules { config, json } => {
+            let settings = match load(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            match crate::rules::RuleSet::load(settings.rules_builtin, settings.rules_dir.as_deref())
+            {
+                Ok(set) => {
+                    print_rules(&set, json);
+                    ExitCode::SUCCESS
+                }
+                Err(errors) => {
+                    for e in errors {
+                        eprint!("{e}");
+                    }
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
+        Command::CheckRules { dir, no_builtin } => {
+            match crate::rules::RuleSet::load(!no_builtin, Some(&dir)) {
+                Ok(set) => {
+                    println!(
+                        "{}: ok; {} rules in force from {} files",
+                        dir.display(),
+                        set.rules().count(),
+                        set.files.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(errors) => {
+                    for e in errors {
+                        eprint!("{e}");
+                    }
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
         Command::Tail {
             file,
             config,
@@ -425,6 +480,31 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                     }
                 }
             })
+        }
+    }
+}
+
+fn print_rules(set: &crate::rules::RuleSet, json: bool) {
+    for r in set.rules() {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "id": r.id, "title": r.title, "level": r.level.as_str(), "tags": r.tags,
+                    "on": r.on, "condition": r.condition.as_ref().map(|c| &c.text),
+                    "correlated": r.correlation.is_some(), "suppress_secs": r.suppress_secs,
+                    "actions": r.actions.len(), "origin": r.origin, "description": r.description,
+                })
+            );
+        } else {
+            println!(
+                "{:<6} {:<48} {}  [{}] ({})",
+                r.level.as_str().to_uppercase(),
+                r.id,
+                r.title,
+                r.on.join(", "),
+                r.origin
+            );
         }
     }
 }

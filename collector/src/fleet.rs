@@ -11,11 +11,8 @@ use std::time::Duration;
 use rusqlite::params;
 use weilan_config::event::{Envelope, Event};
 
-use crate::rules::Level;
-use crate::store::{Alert, Store, StoreError};
-
-pub const AGENT_SILENT: &str = "builtin.fleet.agent-silent";
-pub const AGENT_STOPPED: &str = "builtin.fleet.agent-stopped";
+use crate::rules::{findings, Finding};
+use crate::store::{Store, StoreError};
 
 /// Updates the agents table from newly stored events of one agent.
 pub fn note_events(store: &mut Store, agent: &str, events: &[&Envelope]) -> Result<(), StoreError> {
@@ -58,7 +55,10 @@ pub fn note_events(store: &mut Store, agent: &str, events: &[&Envelope]) -> Resu
 }
 
 /// Agents not heard from for `silent_after`: one alert each.
-pub fn silent_agents(store: &mut Store, silent_after: Duration) -> Result<Vec<Alert>, StoreError> {
+pub fn silent_agents(
+    store: &mut Store,
+    silent_after: Duration,
+) -> Result<Vec<Finding>, StoreError> {
     let cutoff = (jiff::Timestamp::now()
         - jiff::SignedDuration::try_from(silent_after).unwrap_or_default())
     .to_string();
@@ -74,11 +74,8 @@ pub fn silent_agents(store: &mut Store, silent_after: Duration) -> Result<Vec<Al
     };
     let mut alerts = Vec::new();
     for (agent, last, state) in silent {
-        alerts.push(Alert {
-            alert_id: 0,
-            time: jiff::Timestamp::now(),
-            level: Level::Yellow,
-            rule_id: AGENT_SILENT.into(),
+        alerts.push(Finding {
+            kind: findings::AGENT_SILENT,
             agent_id: agent.clone(),
             summary: format!(
                 "Agent {agent} has been silent since {last} (more than {} s; broker state: {state}); it may be stopped, frozen or cut off",
@@ -94,24 +91,6 @@ pub fn silent_agents(store: &mut Store, silent_after: Duration) -> Result<Vec<Al
     }
     tx.commit()?;
     Ok(alerts)
-}
-
-/// An orderly stop is still worth a note for security staff.
-pub fn stopped_alert(env: &Envelope) -> Option<Alert> {
-    let Event::AgentStopping(s) = &env.event else {
-        return None;
-    };
-    let agent = &env.event_id.agent_id;
-    Some(Alert {
-        alert_id: 0,
-        time: jiff::Timestamp::now(),
-        level: Level::Blue,
-        rule_id: AGENT_STOPPED.into(),
-        agent_id: agent.clone(),
-        summary: format!("Agent {agent} stopped ({})", s.reason),
-        event_ids: vec![env.event_id.to_string()],
-        details: serde_json::json!({"reason": s.reason}),
-    })
 }
 
 /// One row of `weilan-collector agents`.

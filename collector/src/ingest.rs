@@ -17,8 +17,10 @@ use weilan_config::topics::{self, Channel};
 use weilan_config::wire::{self, Ack, EventRejection, Purpose, SignedMessage, Status};
 
 use crate::alerts::AlertLog;
+use crate::rules::{Engine, Fact, Finding, Outcome};
+use crate::sinks::Sinks;
 use crate::store::{Alert, Incoming, Store};
-use crate::{fleet, integrity, rules};
+use crate::{fleet, integrity};
 
 /// Counters, logged periodically and used by tests and benchmarks.
 #[derive(Debug, Default)]
@@ -40,6 +42,10 @@ pub struct Reply {
 pub struct Ingest {
     pub store: Arc<Mutex<Store>>,
     pub alerts: Mutex<AlertLog>,
+    /// The rules in force and their correlation and suppression state.
+    pub engine: Mutex<Engine>,
+    /// Syslog, CEF and webhook sinks.
+    pub sinks: Sinks,
     /// The fence policy in force (replaced when its file changes).
     pub policy: std::sync::RwLock<Policy>,
     pub verifier: Verifier,
@@ -55,6 +61,10 @@ impl Ingest {
         self.store.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    pub fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
+        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Refuses a payload: counted, logged, quarantined.
     fn refuse(&self, topic: &str, reason: &str, payload: &[u8]) {
         self.stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -64,19 +74,20 @@ impl Ingest {
         }
     }
 
-    /// Handles one MQTT message; returns the ack to publish, if any.
-    pub fn process(&self, topic: &str, payload: &[u8]) -> Option<Reply> {
+    /// Handles one MQTT message; returns what to publish: the ack, and any
+    /// commands the rules asked for.
+    pub fn process(&self, topic: &str, payload: &[u8]) -> Vec<Reply> {
         self.stats.messages.fetch_add(1, Ordering::Relaxed);
         match topics::parse_agent_topic(topic) {
             Some((agent, Channel::Events)) => self.process_batch(agent, topic, payload),
             Some((agent, Channel::Status)) => {
                 self.process_status(agent, topic, payload);
-                None
+                vec![]
             }
-            Some(_) => None,
+            Some(_) => vec![],
             None => {
                 self.refuse(topic, "not a Weilan agent topic", payload);
-                None
+                vec![]
             }
         }
     }
@@ -105,12 +116,12 @@ impl Ingest {
         }
     }
 
-    fn process_batch(&self, agent: &str, topic: &str, payload: &[u8]) -> Option<Reply> {
+    fn process_batch(&self, agent: &str, topic: &str, payload: &[u8]) -> Vec<Reply> {
         let signed: SignedMessage = match wire::decode_signed(payload, self.max_payload) {
             Ok(m) => m,
             Err(e) => {
                 self.refuse(topic, &e.to_string(), payload);
-                return None;
+                return vec![];
             }
         };
         let identity = match self.verifier.verify(&signed, Purpose::Batch, Role::Agent) {
@@ -118,8 +129,7 @@ impl Ingest {
             Err(e) => {
                 let reason = format!("signature: {e}");
                 self.refuse(topic, &reason, payload);
-                self.integrity_alert(agent, &reason, payload);
-                return None;
+                return self.integrity_alert(agent, &reason, payload);
             }
         };
         if identity.common_name != agent {
@@ -128,19 +138,18 @@ impl Ingest {
                 identity.common_name
             );
             self.refuse(topic, &reason, payload);
-            self.integrity_alert(agent, &reason, payload);
-            return None;
+            return self.integrity_alert(agent, &reason, payload);
         }
         let batch = match wire::decode_batch(&signed.body, self.max_payload) {
             Ok(b) => b,
             Err(e) => {
                 self.refuse(topic, &e.to_string(), payload);
-                return None;
+                return vec![];
             }
         };
         if let Err(e) = wire::check_batch(&batch, agent) {
             self.refuse(topic, &e.to_string(), payload);
-            return None;
+            return vec![];
         }
         let mut valid = Vec::with_capacity(batch.events.len());
         let mut rejected = Vec::new();
@@ -184,24 +193,24 @@ impl Ingest {
                 }
             }
         }
+        let now = jiff::Timestamp::now();
         let result = self
             .store()
-            .store_batch(agent, &valid, jiff::Timestamp::now(), |stored| {
+            .store_batch(agent, &valid, now, |tx, stored, found| {
                 let policy = self.policy.read().unwrap_or_else(|p| p.into_inner());
-                let mut alerts = rules::evaluate(&policy, stored);
-                alerts.extend(
-                    stored
-                        .iter()
-                        .filter_map(|s| fleet::stopped_alert(s.envelope)),
-                );
-                alerts
+                let mut facts: Vec<Fact> = stored
+                    .iter()
+                    .map(|s| Fact::from_envelope(s.envelope))
+                    .collect();
+                facts.extend(found.iter().map(|f| Fact::from_finding(f, now)));
+                self.engine().evaluate(tx, &policy, &facts, now)
             });
-        let (outcome, alerts) = match result {
+        let (outcome, ruled) = match result {
             Ok(r) => r,
             Err(e) => {
                 // Not acknowledged: the agent keeps the events and sends them again.
                 tracing::error!(agent_id = agent, error = %e, "batch not stored; no ack");
-                return None;
+                return vec![];
             }
         };
         if let Some(n) = crash_after_commit() {
@@ -222,7 +231,7 @@ impl Ingest {
                 tracing::error!(error = %e, "could not record agent state");
             }
         }
-        self.publish_alerts(&alerts);
+        let mut replies = self.after_commit(ruled);
         let ack = Ack {
             agent_id: agent.to_string(),
             batch_id: batch.batch_id,
@@ -232,12 +241,69 @@ impl Ingest {
             duplicates: outcome.duplicates,
             rejected,
         };
-        let body = serde_json::to_string(&ack).ok()?;
-        let payload = serde_json::to_vec(&self.signer.sign(Purpose::Ack, body)).ok()?;
-        Some(Reply {
-            topic: topics::agent_topic(agent, Channel::Acks),
-            payload,
-        })
+        if let Ok(payload) = serde_json::to_string(&ack)
+            .and_then(|body| serde_json::to_vec(&self.signer.sign(Purpose::Ack, body)))
+        {
+            replies.insert(
+                0,
+                Reply {
+                    topic: topics::agent_topic(agent, Channel::Acks),
+                    payload,
+                },
+            );
+        }
+        replies
+    }
+
+    /// After the alerts are durable: the alert log, the sinks, and the commands
+    /// (signed, each with the agent's next sequence number) to publish.
+    fn after_commit(&self, outcome: Outcome) -> Vec<Reply> {
+        self.publish_alerts(&outcome.alerts);
+        self.sinks.dispatch(&outcome.alerts, &outcome.notify);
+        let mut replies = Vec::new();
+        for c in outcome.commands {
+            let signed = crate::unlock::sign_command(
+                &mut self.store(),
+                &self.signer,
+                &c.agent_id,
+                c.action,
+                &c.reason,
+                c.valid_secs,
+            );
+            match signed {
+                Ok((seq, payload)) => {
+                    tracing::info!(agent_id = %c.agent_id, seq, reason = %c.reason, "command from a rule");
+                    replies.push(Reply {
+                        topic: topics::agent_topic(&c.agent_id, Channel::Commands),
+                        payload,
+                    });
+                }
+                Err(e) => {
+                    tracing::error!(agent_id = %c.agent_id, error = %e, "command not signed; not sent")
+                }
+            }
+        }
+        replies
+    }
+
+    /// Runs the rules on the collector's own findings, in one transaction.
+    pub fn raise(&self, found: Vec<Finding>) -> Vec<Reply> {
+        if found.is_empty() {
+            return vec![];
+        }
+        let now = jiff::Timestamp::now();
+        let facts: Vec<Fact> = found.iter().map(|f| Fact::from_finding(f, now)).collect();
+        let result = self.store().in_transaction(|tx| {
+            let policy = self.policy.read().unwrap_or_else(|p| p.into_inner());
+            self.engine().evaluate(tx, &policy, &facts, now)
+        });
+        match result {
+            Ok(outcome) => self.after_commit(outcome),
+            Err(e) => {
+                tracing::error!(error = %e, findings = found.len(), "findings not stored");
+                vec![]
+            }
+        }
     }
 
     /// Writes alerts (already in the database) to the alert log.
@@ -251,15 +317,12 @@ impl Ingest {
         for a in alerts {
             tracing::warn!(level = a.level.as_str(), rule = %a.rule_id, agent_id = %a.agent_id, summary = %a.summary, "alert");
         }
-        let mut log = self.alerts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = log.write(alerts) {
-            tracing::error!(path = %log.path().display(), error = %e, "alert log write failed (alerts are in the database)");
-        }
+        self.write_log(alerts);
     }
 
     /// A payload on an agent's topic that fails verification may be tampering: alert,
     /// at most once a minute per agent (the quarantine keeps every payload).
-    fn integrity_alert(&self, agent: &str, reason: &str, payload: &[u8]) {
+    fn integrity_alert(&self, agent: &str, reason: &str, payload: &[u8]) -> Vec<Reply> {
         let now = std::time::Instant::now();
         {
             let mut last = self
@@ -270,7 +333,7 @@ impl Ingest {
                 .get(agent)
                 .is_some_and(|t| now.duration_since(*t) < std::time::Duration::from_secs(60))
             {
-                return;
+                return vec![];
             }
             if last.len() > 10_000 {
                 last.clear();
@@ -278,31 +341,56 @@ impl Ingest {
             last.insert(agent.to_string(), now);
         }
         let digest = hex::encode(ring::digest::digest(&ring::digest::SHA256, payload));
-        let mut alerts = vec![integrity::bad_signature(agent, reason, &digest)];
-        if let Err(e) = self.store().store_alerts(&mut alerts) {
-            tracing::error!(error = %e, "could not store an integrity alert");
-        }
-        self.publish_alerts(&alerts);
+        self.raise(vec![integrity::bad_signature(agent, reason, &digest)])
     }
 
-    /// Periodic checks: open journal gaps and silent agents.
-    pub fn fleet_checks(&self, silent_after: std::time::Duration, gap_grace: std::time::Duration) {
-        let mut alerts = Vec::new();
+    /// Periodic work: open journal gaps, silent agents, rule-state evictions, the
+    /// alert log lines of suppressed repeats, expired first-seen values.
+    pub fn fleet_checks(
+        &self,
+        silent_after: std::time::Duration,
+        gap_grace: std::time::Duration,
+    ) -> Vec<Reply> {
+        let mut found = Vec::new();
         {
             let mut store = self.store();
             match integrity::open_gaps(store.conn(), gap_grace) {
-                Ok(a) => alerts.extend(a),
+                Ok(f) => found.extend(f),
                 Err(e) => tracing::error!(error = %e, "gap check failed"),
             }
             match fleet::silent_agents(&mut store, silent_after) {
-                Ok(a) => alerts.extend(a),
+                Ok(f) => found.extend(f),
                 Err(e) => tracing::error!(error = %e, "silent-agent check failed"),
             }
-            if let Err(e) = store.store_alerts(&mut alerts) {
-                tracing::error!(error = %e, "could not store fleet alerts");
+            let engine = self.engine();
+            if let Err(e) = store.in_transaction(|tx| engine.prune_seen(tx, jiff::Timestamp::now()))
+            {
+                tracing::error!(error = %e, "first-seen pruning failed");
             }
         }
-        self.publish_alerts(&alerts);
+        let (updates, overflow) = {
+            let mut engine = self.engine();
+            (engine.take_updates(), engine.take_overflow())
+        };
+        found.extend(overflow);
+        found.extend(self.sinks.take_failures());
+        if !updates.is_empty() {
+            self.write_log(&updates);
+        }
+        self.raise(found)
+    }
+
+    /// Re-reads the rule directory if it changed; a refused set is alerted.
+    pub fn reload_rules(&self) -> Vec<Reply> {
+        let refused = self.engine().reload_if_changed();
+        self.raise(refused.into_iter().collect())
+    }
+
+    fn write_log(&self, alerts: &[Alert]) {
+        let mut log = self.alerts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = log.write(alerts) {
+            tracing::error!(path = %log.path().display(), error = %e, "alert log write failed (alerts are in the database)");
+        }
     }
 }
 

@@ -14,27 +14,19 @@ use std::collections::{BTreeSet, HashSet};
 use rusqlite::{params, OptionalExtension, Transaction};
 use weilan_config::event::GENESIS_HASH;
 
-use crate::rules::Level;
-use crate::store::{Alert, Incoming, StoreError};
+use crate::rules::findings::{BAD_SIGNATURE, CHAIN_BREAK, JOURNAL_GAP, JOURNAL_RESET};
+use crate::rules::Finding;
+use crate::store::{Incoming, StoreError};
 
-pub const CHAIN_BREAK: &str = "builtin.integrity.chain-break";
-pub const JOURNAL_GAP: &str = "builtin.integrity.journal-gap";
-pub const NEW_EPOCH: &str = "builtin.integrity.journal-reset";
-pub const BAD_SIGNATURE: &str = "builtin.integrity.bad-signature";
-
-fn alert(
-    level: Level,
-    rule: &str,
+fn finding(
+    kind: &'static str,
     agent: &str,
     summary: String,
     ids: Vec<String>,
     details: serde_json::Value,
-) -> Alert {
-    Alert {
-        alert_id: 0,
-        time: jiff::Timestamp::now(),
-        level,
-        rule_id: rule.into(),
+) -> Finding {
+    Finding {
+        kind,
         agent_id: agent.into(),
         summary,
         event_ids: ids,
@@ -49,7 +41,7 @@ pub fn check_new(
     events: &[Incoming<'_>],
     new: &[usize],
     now: &str,
-) -> Result<Vec<Alert>, StoreError> {
+) -> Result<Vec<Finding>, StoreError> {
     let mut alerts = Vec::new();
     // Each link (epoch, seq of the later record) is judged once.
     let mut judged: HashSet<(u64, u64)> = HashSet::new();
@@ -72,8 +64,7 @@ pub fn check_new(
             };
             if let Some((hash, prev_id)) = expected {
                 if hash != ev.envelope.prev_hash {
-                    alerts.push(alert(
-                        Level::Red,
+                    alerts.push(finding(
                         CHAIN_BREAK,
                         agent,
                         format!(
@@ -97,8 +88,7 @@ pub fn check_new(
                 .optional()?;
             if let Some((prev_hash, next_id)) = next {
                 if prev_hash != ev.hash {
-                    alerts.push(alert(
-                        Level::Red,
+                    alerts.push(finding(
                         CHAIN_BREAK,
                         agent,
                         format!(
@@ -123,7 +113,7 @@ fn update_stream(
     agent: &str,
     epoch: u64,
     now: &str,
-    alerts: &mut Vec<Alert>,
+    alerts: &mut Vec<Finding>,
 ) -> Result<(), StoreError> {
     let existing: Option<(i64, i64)> = tx
         .query_row(
@@ -144,9 +134,8 @@ fn update_stream(
                 .optional()?
                 .flatten();
             if let Some(prev) = previous {
-                alerts.push(alert(
-                    Level::Yellow,
-                    NEW_EPOCH,
+                alerts.push(finding(
+                    JOURNAL_RESET,
                     agent,
                     format!("Agent {agent} started a new journal (epoch {prev} → {epoch}): its buffered state was lost or reset"),
                     vec![],
@@ -194,7 +183,7 @@ fn update_stream(
 pub fn open_gaps(
     conn: &mut rusqlite::Connection,
     grace: std::time::Duration,
-) -> Result<Vec<Alert>, StoreError> {
+) -> Result<Vec<Finding>, StoreError> {
     let cutoff = (jiff::Timestamp::now()
         - jiff::SignedDuration::try_from(grace).unwrap_or_default())
     .to_string();
@@ -223,19 +212,12 @@ pub fn open_gaps(
             params![agent, epoch, from, to],
             |r| r.get(0),
         )?;
-        let (level, why) = if explained {
-            (
-                Level::Yellow,
-                "the agent reported losing them (agent.events_lost)",
-            )
+        let why = if explained {
+            "the agent reported losing them (agent.events_lost)"
         } else {
-            (
-                Level::Red,
-                "unexplained: records may have been deleted from the agent's journal",
-            )
+            "unexplained: records may have been deleted from the agent's journal"
         };
-        alerts.push(alert(
-            level,
+        alerts.push(finding(
             JOURNAL_GAP,
             &agent,
             format!("Events {agent}:{epoch}:{from} to {agent}:{epoch}:{to} ({} events) are missing; {why}", to - from + 1),
@@ -252,9 +234,8 @@ pub fn open_gaps(
 }
 
 /// An alert for a payload on `agent`'s topic that failed verification.
-pub fn bad_signature(agent: &str, reason: &str, sha256: &str) -> Alert {
-    alert(
-        Level::Red,
+pub fn bad_signature(agent: &str, reason: &str, sha256: &str) -> Finding {
+    finding(
         BAD_SIGNATURE,
         agent,
         format!("A payload on agent {agent}'s events topic failed verification ({reason}); it was quarantined"),

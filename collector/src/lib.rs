@@ -18,6 +18,7 @@ pub mod ingest;
 pub mod integrity;
 pub mod pki;
 pub mod rules;
+pub mod sinks;
 pub mod store;
 pub mod tail;
 pub mod unlock;
@@ -55,6 +56,10 @@ pub enum CollectorError {
     Tls(#[from] weilan_config::tls::TlsError),
     #[error(transparent)]
     Broker(#[from] broker::BrokerError),
+    #[error("rules: {}", .0.iter().map(|e| e.to_string()).collect::<String>())]
+    Rules(Vec<weilan_config::ConfigErrors>),
+    #[error(transparent)]
+    Sink(#[from] sinks::SinkError),
 }
 
 /// Runs the collector until `shutdown` is cancelled.
@@ -69,6 +74,10 @@ pub async fn run(
             path: settings.alerts_path.display().to_string(),
             source,
         })?;
+    let engine = rules::Engine::new(settings.rules_builtin, settings.rules_dir.clone())
+        .map_err(CollectorError::Rules)?;
+    tracing::info!(rules = engine.rule_set().rules().count(), files = ?engine.rule_set().files, "rules loaded");
+    let sinks = sinks::Sinks::start(&settings.sinks)?;
     let signer = Signer::from_pem_files(&settings.client_cert, &settings.client_key)?;
     let verifier = Verifier::from_ca_file(&settings.ca)?;
     if let BrokerMode::Embedded {
@@ -105,6 +114,8 @@ pub async fn run(
     let ingest = Arc::new(Ingest {
         store: Arc::new(Mutex::new(store)),
         alerts: Mutex::new(alert_log),
+        engine: Mutex::new(engine),
+        sinks,
         policy: std::sync::RwLock::new(policy),
         verifier,
         signer,
@@ -140,21 +151,15 @@ pub async fn run(
     );
     let mut report = tokio::time::interval(Duration::from_secs(60));
     let mut fleet_tick = tokio::time::interval(settings.fleet_check_interval);
+    let mut rules_tick = tokio::time::interval(settings.rules_reload_check);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             ev = rx.recv() => match ev {
                 Some(SessionEvent::Message { topic, payload }) => {
                     let work = ingest.clone();
-                    let reply = tokio::task::spawn_blocking(move || work.process(&topic, &payload)).await;
-                    match reply {
-                        Ok(Some(reply)) => {
-                            if let Err(e) = client.try_publish(reply.topic, QoS::AtLeastOnce, false, reply.payload) {
-                                // The agent sends the batch again after its ack timeout.
-                                tracing::warn!(error = %e, "ack not queued");
-                            }
-                        }
-                        Ok(None) => {}
+                    match tokio::task::spawn_blocking(move || work.process(&topic, &payload)).await {
+                        Ok(replies) => publish(&client, replies),
                         Err(e) => tracing::error!(error = %e, "ingest task failed; message skipped"),
                     }
                 }
@@ -172,8 +177,16 @@ pub async fn run(
                 }
                 let work = ingest.clone();
                 let (silent, grace) = (settings.silent_after, settings.gap_grace);
-                if let Err(e) = tokio::task::spawn_blocking(move || work.fleet_checks(silent, grace)).await {
-                    tracing::error!(error = %e, "fleet checks failed");
+                match tokio::task::spawn_blocking(move || work.fleet_checks(silent, grace)).await {
+                    Ok(replies) => publish(&client, replies),
+                    Err(e) => tracing::error!(error = %e, "fleet checks failed"),
+                }
+            }
+            _ = rules_tick.tick() => {
+                let work = ingest.clone();
+                match tokio::task::spawn_blocking(move || work.reload_rules()).await {
+                    Ok(replies) => publish(&client, replies),
+                    Err(e) => tracing::error!(error = %e, "rule reload failed"),
                 }
             }
             _ = report.tick() => {
@@ -186,6 +199,11 @@ pub async fn run(
                     alerts = s.alerts.load(Ordering::Relaxed),
                     "ingest counters"
                 );
+                let r = ingest.engine().stats.clone();
+                tracing::info!(facts = r.facts, evaluations = r.evaluations, matches = r.matches, alerts = r.alerts, suppressed = r.suppressed, errors = r.errors, state_dropped = r.state_dropped, reloads = r.reloads, reload_failures = r.reload_failures, "rule counters");
+                for (name, st) in ingest.sinks.stats() {
+                    tracing::info!(sink = name, sent = st.sent.load(Ordering::Relaxed), failed = st.failed.load(Ordering::Relaxed), dropped = st.dropped.load(Ordering::Relaxed), "sink counters");
+                }
             }
         }
     }
@@ -193,6 +211,16 @@ pub async fn run(
     let _ = session.await;
     tracing::info!("collector stopped");
     Ok(())
+}
+
+/// Publishes acks and commands; one that cannot be queued is logged (an agent
+/// re-sends an unacked batch; a command is counted as not sent).
+fn publish(client: &rumqttc::AsyncClient, replies: Vec<ingest::Reply>) {
+    for reply in replies {
+        if let Err(e) = client.try_publish(&reply.topic, QoS::AtLeastOnce, false, reply.payload) {
+            tracing::warn!(topic = %reply.topic, error = %e, "reply not queued");
+        }
+    }
 }
 
 /// Publishes the fence policy to every agent (signed, retained) and follows its file.
@@ -250,11 +278,8 @@ impl PolicyPublisher {
             }
             Err(e) => {
                 tracing::error!(error = %e, "policy file changed but is invalid; the previous policy stays in force");
-                let mut alerts = vec![store::Alert {
-                    alert_id: 0,
-                    time: jiff::Timestamp::now(),
-                    level: rules::Level::Yellow,
-                    rule_id: rules::POLICY_REJECTED.into(),
+                let _ = ingest.raise(vec![rules::Finding {
+                    kind: rules::findings::POLICY_INVALID,
                     agent_id: "(collector)".into(),
                     summary: format!(
                         "The policy file {} is invalid; agents keep policy {}",
@@ -263,11 +288,7 @@ impl PolicyPublisher {
                     ),
                     event_ids: vec![],
                     details: serde_json::json!({"errors": e.to_string()}),
-                }];
-                if let Ok(mut s) = ingest.store.lock() {
-                    let _ = s.store_alerts(&mut alerts);
-                }
-                ingest.publish_alerts(&alerts);
+                }]);
                 None
             }
         }

@@ -81,6 +81,20 @@ const MIGRATIONS: &[&str] = &[
         reason    TEXT NOT NULL,
         PRIMARY KEY (agent_id, seq)
      );",
+    // 4: the rules engine: alert titles, tags, keys and repeat counts; first-seen values.
+    "ALTER TABLE alerts ADD COLUMN title TEXT NOT NULL DEFAULT '';
+     ALTER TABLE alerts ADD COLUMN tags TEXT NOT NULL DEFAULT '[]';
+     ALTER TABLE alerts ADD COLUMN key TEXT NOT NULL DEFAULT '';
+     ALTER TABLE alerts ADD COLUMN count INTEGER NOT NULL DEFAULT 1;
+     ALTER TABLE alerts ADD COLUMN last_seen TEXT;
+     CREATE INDEX alerts_by_rule ON alerts(rule_id, key);
+     CREATE TABLE rule_seen (
+        rule_id   TEXT NOT NULL,
+        key       TEXT NOT NULL,
+        value     TEXT NOT NULL,
+        last_seen INTEGER NOT NULL,
+        PRIMARY KEY (rule_id, key, value)
+     ) WITHOUT ROWID;",
 ];
 
 /// Quarantined payloads are kept up to this size (the hash covers the whole payload).
@@ -115,10 +129,14 @@ pub struct Incoming<'a> {
     pub hash: String,
 }
 
-fn insert_alerts(tx: &rusqlite::Transaction<'_>, alerts: &mut [Alert]) -> Result<(), StoreError> {
+/// Inserts alerts and gives each its id.
+pub(crate) fn insert_alerts(
+    tx: &rusqlite::Transaction<'_>,
+    alerts: &mut [Alert],
+) -> Result<(), StoreError> {
     let mut insert = tx.prepare_cached(
-        "INSERT INTO alerts (time, level, rule_id, agent_id, summary, event_ids, details)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO alerts (time, level, rule_id, agent_id, summary, event_ids, details, title, tags, key, count, last_seen)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
     )?;
     for a in alerts.iter_mut() {
         insert.execute(params![
@@ -129,6 +147,11 @@ fn insert_alerts(tx: &rusqlite::Transaction<'_>, alerts: &mut [Alert]) -> Result
             a.summary,
             serde_json::to_string(&a.event_ids).unwrap_or_default(),
             a.details.to_string(),
+            a.title,
+            serde_json::to_string(&a.tags).unwrap_or_default(),
+            a.key,
+            a.count as i64,
+            a.last_seen.to_string(),
         ])?;
         a.alert_id = tx.last_insert_rowid();
     }
@@ -149,13 +172,36 @@ pub struct BatchOutcome {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct Alert {
     pub alert_id: i64,
+    /// When it was raised.
     pub time: jiff::Timestamp,
     pub level: crate::rules::Level,
+    /// The rule that raised it (see `weilan-collector rules`).
     pub rule_id: String,
+    #[serde(default)]
+    pub title: String,
+    /// Compliance references and labels of the rule.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
     pub agent_id: String,
+    /// The rule's correlation/suppression key (by default the agent id).
+    #[serde(default)]
+    pub key: String,
     pub summary: String,
+    /// The events that triggered it (the first 100).
     pub event_ids: Vec<String>,
+    /// Times the rule fired for this key while the alert was suppressing repeats.
+    #[serde(default = "one")]
+    pub count: u64,
+    #[serde(default = "jiff::Timestamp::now")]
+    pub last_seen: jiff::Timestamp,
+    /// This line updates an earlier one with the same `alert_id` (count, last seen).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub update: bool,
     pub details: serde_json::Value,
+}
+
+fn one() -> u64 {
+    1
 }
 
 pub struct Store {
@@ -201,13 +247,17 @@ impl Store {
     /// Stores a batch of one agent and the alerts it raises — rule alerts for new
     /// events and integrity alerts (hash-chain breaks, a new journal epoch) — in one
     /// durable transaction.
-    pub fn store_batch(
+    pub fn store_batch<T>(
         &mut self,
         agent: &str,
         events: &[Incoming<'_>],
         received_at: jiff::Timestamp,
-        alerts_for: impl FnOnce(&[Stored<'_>]) -> Vec<Alert>,
-    ) -> Result<(BatchOutcome, Vec<Alert>), StoreError> {
+        rules: impl FnOnce(
+            &rusqlite::Transaction<'_>,
+            &[Stored<'_>],
+            Vec<crate::rules::Finding>,
+        ) -> Result<T, StoreError>,
+    ) -> Result<(BatchOutcome, T), StoreError> {
         let tx = self.conn.transaction()?;
         let mut out = BatchOutcome::default();
         let received = received_at.to_string();
@@ -240,7 +290,7 @@ impl Store {
                 }
             }
         }
-        let mut alerts = integrity::check_new(&tx, agent, events, &out.new, &received)?;
+        let found = integrity::check_new(&tx, agent, events, &out.new, &received)?;
         let stored: Vec<Stored<'_>> = out
             .new
             .iter()
@@ -248,18 +298,20 @@ impl Store {
                 envelope: &events[i].envelope,
             })
             .collect();
-        alerts.extend(alerts_for(&stored));
-        insert_alerts(&tx, &mut alerts)?;
+        let result = rules(&tx, &stored, found)?;
         tx.commit()?;
-        Ok((out, alerts))
+        Ok((out, result))
     }
 
-    /// Stores alerts raised outside a batch (fleet health, refused payloads).
-    pub fn store_alerts(&mut self, alerts: &mut [Alert]) -> Result<(), StoreError> {
+    /// Runs `f` in one durable transaction (rules on findings outside a batch).
+    pub fn in_transaction<T>(
+        &mut self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let tx = self.conn.transaction()?;
-        insert_alerts(&tx, alerts)?;
+        let out = f(&tx)?;
         tx.commit()?;
-        Ok(())
+        Ok(out)
     }
 
     pub fn conn(&mut self) -> &mut Connection {

@@ -73,12 +73,22 @@ pub fn human(a: &Alert, color: bool) -> String {
         (true, Level::Yellow) => ("\x1b[33m", "\x1b[0m"),
         (true, Level::Blue) => ("\x1b[34m", "\x1b[0m"),
     };
+    let repeats = if a.count > 1 {
+        format!(
+            "  ×{} until {}",
+            a.count,
+            a.last_seen.strftime("%Y-%m-%d %H:%M:%S")
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "{} {on}{:<6}{off} {} [{}] {}  (events: {})",
+        "{} {on}{:<6}{off} {} [{}] {}{}{repeats}  (events: {})",
         a.time.strftime("%Y-%m-%d %H:%M:%S"),
         a.level.as_str().to_uppercase(),
         a.agent_id,
         a.rule_id,
+        if a.update { "(update) " } else { "" },
         a.summary,
         a.event_ids.join(", ")
     )
@@ -262,6 +272,12 @@ mod tests {
             summary: "Unknown USB storage".into(),
             event_ids: vec![format!("{agent}:1:1")],
             details: serde_json::json!({}),
+            title: String::new(),
+            tags: vec![],
+            key: agent.into(),
+            count: 1,
+            last_seen: jiff::Timestamp::UNIX_EPOCH,
+            update: false,
         }
     }
 

@@ -100,13 +100,32 @@ pub fn send_command(
     }
     let signer = Signer::from_pem_files(&settings.client_cert, &settings.client_key)
         .map_err(|e| e.to_string())?;
+    let mut store = crate::store::Store::open(&settings.store_path).map_err(|e| e.to_string())?;
+    let (seq, payload) = sign_command(&mut store, &signer, agent, action, reason, valid_secs)
+        .map_err(|e| e.to_string())?;
+    send_once(
+        settings,
+        &topics::agent_topic(agent, Channel::Commands),
+        payload,
+    )?;
+    Ok(seq)
+}
+
+/// Gives `action` for `agent` the next sequence number (recorded in the database)
+/// and signs it; returns the number and the MQTT payload.
+pub fn sign_command(
+    store: &mut crate::store::Store,
+    signer: &Signer,
+    agent: &str,
+    action: CommandAction,
+    reason: &str,
+    valid_secs: i64,
+) -> Result<(u64, Vec<u8>), crate::store::StoreError> {
     let name = serde_json::to_value(&action)
         .ok()
         .and_then(|v| v["action"].as_str().map(str::to_string))
         .unwrap_or_default();
-    let seq = crate::store::Store::open(&settings.store_path)
-        .and_then(|mut s| s.next_command_seq(agent, &name, reason))
-        .map_err(|e| e.to_string())?;
+    let seq = store.next_command_seq(agent, &name, reason)?;
     let now = jiff::Timestamp::now();
     let command = Command {
         agent_id: agent.to_string(),
@@ -116,15 +135,9 @@ pub fn send_command(
         reason: reason.to_string(),
         action,
     };
-    let body = serde_json::to_string(&command).map_err(|e| e.to_string())?;
-    let payload =
-        serde_json::to_vec(&signer.sign(Purpose::Command, body)).map_err(|e| e.to_string())?;
-    send_once(
-        settings,
-        &topics::agent_topic(agent, Channel::Commands),
-        payload,
-    )?;
-    Ok(seq)
+    let body = serde_json::to_string(&command).unwrap_or_default();
+    let payload = serde_json::to_vec(&signer.sign(Purpose::Command, body)).unwrap_or_default();
+    Ok((seq, payload))
 }
 
 fn send_once(settings: &CollectorSettings, topic: &str, payload: Vec<u8>) -> Result<(), String> {

