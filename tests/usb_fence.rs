@@ -815,3 +815,131 @@ fn rules_hot_reload_refuses_a_broken_file_and_a_rule_blocks_a_device() {
     assert_eq!(executed["action"], "block-device");
     println!("rules: a broken edit refused at {summary:.80}...; the previous rule blocked RULE-2 by a signed command");
 }
+
+fn send_command(fw: &FenceWorld, args: &[&str]) {
+    let mut all = vec![
+        "collector",
+        "command",
+        "--config",
+        fw.collector_cfg.to_str().unwrap(),
+        "--agent",
+        AGENT,
+        "--reason",
+        "incident 9",
+    ];
+    all.extend_from_slice(args);
+    let out = fw.ns.command(weilan_bin()).args(&all).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The `n`-th command.result (in arrival order) once it is there.
+fn nth_result(fw: &FenceWorld, n: usize) -> serde_json::Value {
+    wait_for(
+        "command.result",
+        T,
+        || command_results(&fw.w).into_iter().nth(n),
+        || fw.diag(),
+    )
+}
+
+#[test]
+fn quarantine_and_kill_commands_check_what_they_act_on() {
+    if !netns_available() {
+        return;
+    }
+    let evidence = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{}[files]\nevidence_dir = \"{}\"\n",
+        policy("q1", &["CMD-1"], &[]),
+        evidence.path().join("store").display()
+    );
+    let fw = FenceWorld::start(&text, "CMD-1");
+    let diag = || fw.diag();
+    wait_for("agent up", T, || decision(&fw.w, "CMD-1", "start"), diag);
+    let victim = fw.w.path("secret.txt");
+    fs::write(&victim, "机密 report\n").unwrap();
+    let sha = hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        "机密 report\n".as_bytes(),
+    ));
+    let path = victim.to_str().unwrap();
+
+    // A stale hash (the file changed since the alert): refused, the file stays.
+    send_command(
+        &fw,
+        &[
+            "quarantine-file",
+            "--path",
+            path,
+            "--sha256",
+            &"0".repeat(64),
+        ],
+    );
+    let r = nth_result(&fw, 0);
+    assert_eq!(
+        (r["status"].as_str(), r["action"].as_str()),
+        (Some("rejected"), Some("quarantine-file")),
+        "{r}"
+    );
+    assert!(
+        r["detail"]
+            .as_str()
+            .unwrap()
+            .contains("changed since it was judged"),
+        "{r}"
+    );
+    assert!(victim.exists());
+
+    // The right hash: moved into the evidence store (0600 copy, same content).
+    send_command(&fw, &["quarantine-file", "--path", path, "--sha256", &sha]);
+    let r = nth_result(&fw, 1);
+    assert_eq!(r["status"], "executed", "{r}");
+    assert!(!victim.exists(), "the file left its place");
+    let kept: Vec<_> = fs::read_dir(evidence.path().join("store"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_none_or(|e| e != "json"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(fs::read_to_string(&kept[0]).unwrap(), "机密 report\n");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(&kept[0]).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // kill-process: a pid that runs something else is left alone; the named one ends.
+    let mut child = std::process::Command::new("sleep")
+        .arg("300")
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let exe = fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    send_command(
+        &fw,
+        &["kill-process", "--pid", &pid, "--exe", "/usr/bin/not-sleep"],
+    );
+    let r = nth_result(&fw, 2);
+    assert_eq!(r["status"], "rejected", "{r}");
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    send_command(
+        &fw,
+        &[
+            "kill-process",
+            "--pid",
+            &pid,
+            "--exe",
+            exe.to_str().unwrap(),
+        ],
+    );
+    let r = nth_result(&fw, 3);
+    assert_eq!(r["status"], "executed", "{r}");
+    let status = child.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGTERM));
+    println!("commands: quarantine-file refused a stale hash and kept the right file as evidence; kill-process refused a wrong executable and ended the right one");
+}

@@ -27,6 +27,8 @@ pub struct CommandGate {
     pub sink: EventSink,
     pub fence: Option<mpsc::Sender<FenceControl>>,
     pub policy_version: Arc<crate::stats::AgentStats>,
+    /// The policy in force (the evidence store for `quarantine-file`).
+    pub policy: tokio::sync::watch::Receiver<Arc<weilan_config::policy::Policy>>,
 }
 
 fn action_name(a: &CommandAction) -> &'static str {
@@ -173,13 +175,46 @@ impl CommandGate {
             CommandAction::Unlock { token } => to_fence(FenceControl::Unlock(token))
                 .await
                 .map(|()| done("token handed to the USB fence (see usb.unlock)".into())),
+            CommandAction::QuarantineFile { path, sha256 } => {
+                let evidence = self.policy.borrow().files.evidence_dir.clone();
+                let about = serde_json::json!({
+                    "original_path": path,
+                    "command_seq": cmd.seq,
+                    "reason": cmd.reason,
+                });
+                let target = path.clone();
+                tokio::task::spawn_blocking(move || {
+                    crate::source::files::enforce::quarantine(
+                        std::path::Path::new(&target),
+                        &evidence,
+                        about,
+                        Some(&sha256),
+                    )
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r)
+                .map(|(kept, _)| {
+                    done(format!(
+                        "{path} moved into the evidence store as {}",
+                        kept.display()
+                    ))
+                })
+            }
+            CommandAction::KillProcess { pid, exe } => {
+                tokio::task::spawn_blocking(move || kill(pid, &exe))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r)
+                    .map(done)
+            }
             CommandAction::RequestInventory => {
                 let inv =
                     crate::source::host::inventory(Some(self.policy_version.policy_version()));
                 let _ = self.sink.emit(Event::AgentStarted(inv)).await;
                 Ok(done("inventory reported as agent.started".into()))
             }
-            other => {
+            other @ CommandAction::UpdatePolicy { .. } => {
                 return CommandResult {
                     seq: Some(cmd.seq),
                     action: Some(action_name(&other).to_string()),
@@ -195,4 +230,35 @@ impl CommandGate {
             detail: e,
         })
     }
+}
+
+/// Ends process `pid` if it still runs `exe` (a recycled pid is not touched): SIGTERM,
+/// then SIGKILL after 2 s.
+fn kill(pid: u32, exe: &str) -> Result<String, String> {
+    use nix::sys::signal::{kill as send, Signal};
+    use nix::unistd::Pid;
+    if pid <= 1 || pid == std::process::id() {
+        return Err(format!("refusing to kill pid {pid}"));
+    }
+    let running = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map_err(|e| format!("process {pid}: {e}"))?;
+    if running != std::path::Path::new(exe) {
+        return Err(format!(
+            "process {pid} runs {}, not {exe}: not killed",
+            running.display()
+        ));
+    }
+    let target = Pid::from_raw(pid as i32);
+    send(target, Signal::SIGTERM).map_err(|e| format!("SIGTERM {pid}: {e}"))?;
+    let gone = || !std::path::Path::new(&format!("/proc/{pid}/exe")).exists();
+    for _ in 0..20 {
+        if gone() {
+            return Ok(format!("process {pid} ({exe}) ended by SIGTERM"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    send(target, Signal::SIGKILL).map_err(|e| format!("SIGKILL {pid}: {e}"))?;
+    Ok(format!(
+        "process {pid} ({exe}) killed (SIGKILL after SIGTERM)"
+    ))
 }

@@ -173,6 +173,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
             sink: sink.clone(),
             fence: settings.usb.as_ref().map(|_| fence_control.clone()),
             policy_version: stats.clone(),
+            policy: policy_watch.subscribe(),
         }
         .run(commands_rx, shutdown.clone()),
     );

@@ -162,6 +162,20 @@ enum CommandCli {
         #[arg(long)]
         hash: String,
     },
+    /// Move a file into the agent's evidence store, if it still has this SHA-256.
+    QuarantineFile {
+        #[arg(long)]
+        path: String,
+        #[arg(long)]
+        sha256: String,
+    },
+    /// End a process (SIGTERM, then SIGKILL), if it still runs this executable.
+    KillProcess {
+        #[arg(long)]
+        pid: u32,
+        #[arg(long)]
+        exe: String,
+    },
     /// Ask the agent to report its host inventory now.
     Inventory,
 }
@@ -360,6 +374,12 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                 }
                 CommandCli::ReadOnly { hash } => {
                     weilan_config::wire::CommandAction::SetDeviceReadOnly { device_hash: hash }
+                }
+                CommandCli::QuarantineFile { path, sha256 } => {
+                    weilan_config::wire::CommandAction::QuarantineFile { path, sha256 }
+                }
+                CommandCli::KillProcess { pid, exe } => {
+                    weilan_config::wire::CommandAction::KillProcess { pid, exe }
                 }
                 CommandCli::Inventory => weilan_config::wire::CommandAction::RequestInventory,
             };

@@ -49,7 +49,15 @@ pub fn act(
             } else {
                 ""
             };
-            match quarantine(Path::new(&exported.path), evidence_dir, exported) {
+            let about = serde_json::json!({
+                "original_path": exported.path,
+                "mount_point": exported.mount_point,
+                "usb_serial": exported.usb_serial,
+                "writer": { "pid": exported.pid, "exe": exported.exe, "user": exported.user },
+                "classification": exported.classification,
+                "rule_id": exported.rule_id,
+            });
+            match quarantine(Path::new(&exported.path), evidence_dir, about, None) {
                 Ok((kept, sha)) => {
                     e.detail = format!(
                         "{pre}{} moved off {} into the evidence store",
@@ -104,15 +112,22 @@ pub fn act(
     Some(e)
 }
 
-/// Moves `path` into `evidence_dir` (0700, files 0600) with a JSON sidecar that
-/// describes it; returns where it is kept and the SHA-256 of what was kept. The
-/// copy is synced before the original is removed, so a crash leaves two copies,
-/// never none.
+/// Moves the regular file `path` into `evidence_dir` (0700, files 0600) with a JSON
+/// sidecar (`about`, plus the SHA-256 and the time); returns where it is kept and
+/// the SHA-256 of what was kept. With `expect_sha256`, a file whose content differs
+/// is left where it is (it changed since it was judged). The copy is synced before
+/// the original is removed, so a crash leaves two copies, never none.
 pub fn quarantine(
     path: &Path,
     evidence_dir: &Path,
-    exported: &FileExported,
+    about: serde_json::Value,
+    expect_sha256: Option<&str>,
 ) -> Result<(PathBuf, String), String> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => return Err(format!("{} is not a regular file", path.display())),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -150,16 +165,21 @@ pub fn quarantine(
     dst.sync_all()
         .map_err(|e| format!("{}: {e}", kept.display()))?;
     let sha = hex::encode(hasher.finish().as_ref());
-    let sidecar = serde_json::json!({
-        "original_path": exported.path,
-        "mount_point": exported.mount_point,
-        "usb_serial": exported.usb_serial,
-        "sha256": sha,
-        "writer": { "pid": exported.pid, "exe": exported.exe, "user": exported.user },
-        "classification": exported.classification,
-        "rule_id": exported.rule_id,
-        "quarantined_at": jiff::Timestamp::now().to_string(),
-    });
+    if let Some(want) = expect_sha256.filter(|w| !w.eq_ignore_ascii_case(&sha)) {
+        let _ = std::fs::remove_file(&kept);
+        return Err(format!(
+            "{} has SHA-256 {sha}, not {want}: it changed since it was judged; left in place",
+            path.display()
+        ));
+    }
+    let mut sidecar = about;
+    if let Some(m) = sidecar.as_object_mut() {
+        m.insert("sha256".into(), sha.clone().into());
+        m.insert(
+            "quarantined_at".into(),
+            jiff::Timestamp::now().to_string().into(),
+        );
+    }
     let side = kept.with_file_name(format!("{stamp}-{name}.json"));
     std::fs::OpenOptions::new()
         .write(true)
