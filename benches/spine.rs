@@ -13,66 +13,17 @@
 //! 3. Agent idle: a real `weilan agent run` watching this host (real /sys, netlink,
 //!    mountinfo) after 5 s of warm-up: RSS and CPU over `IDLE_SECS` seconds.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use common::{cpu_ticks, env_or, free_port, options, rss_kib, signed_batch, tls, Killed};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use weilan_collector::pki::{self, PkiPaths};
 use weilan_config::event::{Envelope, Event as WEvent, EventId, EventKey, UsbDevice, UsbInterface};
 use weilan_config::signing::Signer;
-use weilan_config::wire::{Batch, Purpose};
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn tls(pki: &PkiPaths, cert: &Path, key: &Path) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(weilan_config::pem::load_cert(&pki.ca()).unwrap())
-        .unwrap();
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(weilan_config::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(
-                weilan_config::pem::load_certs(cert).unwrap(),
-                weilan_config::pem::load_key(key).unwrap(),
-            )
-            .unwrap(),
-    )
-}
-
-fn options(id: &str, port: u16, tls: Arc<rustls::ClientConfig>) -> MqttOptions {
-    let mut o = MqttOptions::new(id, "127.0.0.1", port);
-    o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
-    o.set_max_packet_size(2 << 20, 2 << 20);
-    o.set_keep_alive(Duration::from_secs(30));
-    o.set_inflight(100);
-    o
-}
 
 fn event(agent: &str, seq: u64) -> Envelope {
     Envelope {
@@ -116,32 +67,10 @@ fn payloads(signer: &Signer, agent: &str, batches: usize, per: usize) -> Vec<Vec
     let mut prev = weilan_config::event::GENESIS_HASH.to_string();
     (0..batches)
         .map(|b| {
-            let records: Vec<String> = (0..per)
-                .map(|i| {
-                    let mut e = event(agent, (b * per + i + 1) as u64);
-                    e.prev_hash = prev.clone();
-                    let json = serde_json::to_string(&e).unwrap();
-                    prev = weilan_config::event::record_hash(json.as_bytes());
-                    json
-                })
+            let events = (0..per)
+                .map(|i| event(agent, (b * per + i + 1) as u64))
                 .collect();
-            let raws: Vec<Box<serde_json::value::RawValue>> = records
-                .into_iter()
-                .map(|r| serde_json::value::RawValue::from_string(r).unwrap())
-                .collect();
-            let key = |s: usize| EventKey {
-                epoch: 1,
-                seq: s as u64,
-            };
-            let batch = Batch {
-                agent_id: agent.into(),
-                batch_id: b as u64 + 1,
-                first: key(b * per + 1),
-                last: key(b * per + per),
-                events: raws.iter().map(|r| r.as_ref()).collect(),
-            };
-            let body = serde_json::to_string(&batch).unwrap();
-            serde_json::to_vec(&signer.sign(Purpose::Batch, body)).unwrap()
+            signed_batch(signer, agent, b as u64 + 1, events, &mut prev)
         })
         .collect()
 }
@@ -200,23 +129,6 @@ async fn publish_all(
         }
     }
     start.elapsed()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
 fn main() {

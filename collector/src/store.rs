@@ -95,6 +95,14 @@ const MIGRATIONS: &[&str] = &[
         last_seen INTEGER NOT NULL,
         PRIMARY KEY (rule_id, key, value)
      ) WITHOUT ROWID;",
+    // 5: the last fence decision per agent and device (rules enrich file events with it).
+    "CREATE TABLE device_decisions (
+        agent_id   TEXT NOT NULL,
+        hash       TEXT NOT NULL,
+        target     TEXT NOT NULL,
+        agent_time TEXT NOT NULL,
+        PRIMARY KEY (agent_id, hash)
+     ) WITHOUT ROWID;",
 ];
 
 /// Quarantined payloads are kept up to this size (the hash covers the whole payload).

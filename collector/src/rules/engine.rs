@@ -488,6 +488,7 @@ impl Engine {
                 .chain(set.any_kind.iter())
                 .copied()
                 .collect();
+            note_decision(tx, fact)?;
             if candidates.is_empty() {
                 continue;
             }
@@ -566,10 +567,10 @@ impl Engine {
                         "key": key,
                     });
                 }
-                let summary = render_template(&rule.summary, &ctx);
                 if self.suppress_repeat(tx, rule, &key, now, &event_ids)? {
                     continue;
                 }
+                let summary = render_template(&rule.summary, &ctx);
                 let mut alert = Alert {
                     alert_id: 0,
                     time: now,
@@ -661,6 +662,7 @@ impl Engine {
         }
         s.alert.count += 1;
         s.alert.last_seen = now;
+        let before = s.alert.event_ids.len();
         for id in event_ids {
             if s.alert.event_ids.len() >= MAX_EVENT_IDS {
                 break;
@@ -669,15 +671,24 @@ impl Engine {
                 s.alert.event_ids.push(id.clone());
             }
         }
-        tx.execute(
-            "UPDATE alerts SET count = ?1, last_seen = ?2, event_ids = ?3 WHERE alert_id = ?4",
-            params![
+        if s.alert.event_ids.len() > before {
+            tx.prepare_cached(
+                "UPDATE alerts SET count = ?1, last_seen = ?2, event_ids = ?3 WHERE alert_id = ?4",
+            )?
+            .execute(params![
                 s.alert.count as i64,
                 now.to_string(),
                 serde_json::to_string(&s.alert.event_ids).unwrap_or_default(),
                 s.alert.alert_id
-            ],
-        )?;
+            ])?;
+        } else {
+            tx.prepare_cached("UPDATE alerts SET count = ?1, last_seen = ?2 WHERE alert_id = ?3")?
+                .execute(params![
+                    s.alert.count as i64,
+                    now.to_string(),
+                    s.alert.alert_id
+                ])?;
+        }
         self.stats.suppressed += 1;
         self.dirty.insert(k);
         Ok(true)
@@ -811,17 +822,16 @@ fn first_seen(
     window: i64,
 ) -> Result<Option<(f64, Vec<String>)>, StoreError> {
     let last: Option<i64> = tx
-        .query_row(
+        .prepare_cached(
             "SELECT last_seen FROM rule_seen WHERE rule_id = ?1 AND key = ?2 AND value = ?3",
-            params![rule, key, value],
-            |r| r.get(0),
-        )
+        )?
+        .query_row(params![rule, key, value], |r| r.get(0))
         .optional()?;
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO rule_seen (rule_id, key, value, last_seen) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT(rule_id, key, value) DO UPDATE SET last_seen = MAX(last_seen, excluded.last_seen)",
-        params![rule, key, value, t],
-    )?;
+    )?
+    .execute(params![rule, key, value, t])?;
     Ok(match last {
         Some(l) if l > t - window => None,
         _ => Some((1.0, vec![])),
@@ -902,6 +912,24 @@ fn enrich(
     ])
 }
 
+/// Remembers the agent's latest fence decision for a device (`device.decision`).
+fn note_decision(tx: &Transaction<'_>, fact: &Fact) -> Result<(), StoreError> {
+    if fact.kind != "usb.decision" {
+        return Ok(());
+    }
+    let field = |k: &str| fact.data.get(k).and_then(|v| v.as_str());
+    if let (Some(hash), Some(target)) = (field("hash"), field("target")) {
+        // RFC 3339 UTC strings order like the times they name.
+        tx.prepare_cached(
+            "INSERT INTO device_decisions (agent_id, hash, target, agent_time) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(agent_id, hash) DO UPDATE SET target = excluded.target, agent_time = excluded.agent_time
+             WHERE excluded.agent_time >= device_decisions.agent_time",
+        )?
+        .execute(params![fact.agent_id, hash, target, fact.time.to_string()])?;
+    }
+    Ok(())
+}
+
 /// `device`: identity hash, whether the policy knows it (USB attach), and the last
 /// fence decision the agent reported for it (for events on a device's files).
 fn device(tx: &Transaction<'_>, policy: &Policy, fact: &Fact) -> Result<Value, StoreError> {
@@ -912,15 +940,9 @@ fn device(tx: &Transaction<'_>, policy: &Policy, fact: &Fact) -> Result<Value, S
         .to_string();
     let known = fact.usb.as_ref().map(|d| policy.known_device(d).is_some());
     let decision: Option<String> = if !hash.is_empty() && fact.kind.starts_with("file.") {
-        tx.query_row(
-            "SELECT json_extract(envelope, '$.event.data.target') FROM events
-             WHERE agent_id = ?1 AND kind = 'usb.decision'
-               AND json_extract(envelope, '$.event.data.hash') = ?2
-             ORDER BY agent_time DESC, epoch DESC, seq DESC LIMIT 1",
-            params![fact.agent_id, hash],
-            |r| r.get(0),
-        )
-        .optional()?
+        tx.prepare_cached("SELECT target FROM device_decisions WHERE agent_id = ?1 AND hash = ?2")?
+            .query_row(params![fact.agent_id, hash], |r| r.get(0))
+            .optional()?
     } else {
         None
     };

@@ -1,0 +1,116 @@
+//! Helpers the benchmarks share: a simulated agent's MQTT connection (real TLS client
+//! certificate) and its signed, hash-chained batches; process bookkeeping.
+#![allow(dead_code)] // each bench uses its own subset
+
+use std::path::Path;
+use std::process::Child;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{MqttOptions, TlsConfiguration, Transport};
+use weilan_collector::pki::PkiPaths;
+use weilan_config::event::{Envelope, EventKey};
+use weilan_config::signing::Signer;
+use weilan_config::wire::{Batch, Purpose};
+
+pub fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed when dropped.
+pub struct Killed(pub Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn tls(pki: &PkiPaths, cert: &Path, key: &Path) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(weilan_config::pem::load_cert(&pki.ca()).unwrap())
+        .unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(weilan_config::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                weilan_config::pem::load_certs(cert).unwrap(),
+                weilan_config::pem::load_key(key).unwrap(),
+            )
+            .unwrap(),
+    )
+}
+
+pub fn options(id: &str, port: u16, tls: Arc<rustls::ClientConfig>) -> MqttOptions {
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    o.set_max_packet_size(2 << 20, 2 << 20);
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_inflight(100);
+    o
+}
+
+/// Signs a batch of hash-chained records; `prev` carries the chain across batches.
+pub fn signed_batch(
+    signer: &Signer,
+    agent: &str,
+    batch_id: u64,
+    events: Vec<Envelope>,
+    prev: &mut String,
+) -> Vec<u8> {
+    let first = events[0].event_id.key;
+    let last = events[events.len() - 1].event_id.key;
+    let raws: Vec<Box<serde_json::value::RawValue>> = events
+        .into_iter()
+        .map(|mut e| {
+            e.prev_hash = prev.clone();
+            let json = serde_json::to_string(&e).unwrap();
+            *prev = weilan_config::event::record_hash(json.as_bytes());
+            serde_json::value::RawValue::from_string(json).unwrap()
+        })
+        .collect();
+    let batch = Batch {
+        agent_id: agent.into(),
+        batch_id,
+        first,
+        last,
+        events: raws.iter().map(|r| r.as_ref()).collect(),
+    };
+    let body = serde_json::to_string(&batch).unwrap();
+    serde_json::to_vec(&signer.sign(Purpose::Batch, body)).unwrap()
+}
+
+pub fn key(seq: u64) -> EventKey {
+    EventKey { epoch: 1, seq }
+}
+
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
