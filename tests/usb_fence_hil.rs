@@ -502,6 +502,39 @@ fn usb_fence_on_a_real_kernel() {
         text.trim()
     );
 
+    // 3b. A signed block command from the collector (host) blocks the read-only stick
+    //     in the guest: deauthorized, its block device gone.
+    let ro_hash = ro_decisions[0]["hash"].as_str().unwrap().to_string();
+    collector_command(
+        Command::new(weilan_bin()),
+        &ccfg,
+        AGENT,
+        &["block-device", "--hash", &ro_hash],
+    );
+    let blocked = wait_for(
+        "RO-1 blocked by command",
+        T,
+        || {
+            decisions(&w, "RO-1")
+                .into_iter()
+                .find(|d| d["trigger"] == "command")
+        },
+        || hil.agent_log(),
+    );
+    assert_eq!(
+        (blocked["target"].as_str(), blocked["error"].as_str()),
+        (Some("block"), None),
+        "{blocked}"
+    );
+    let (_, auth) = hil.gexec("for d in /sys/bus/usb/devices/*/serial; do grep -qx RO-1 $d && cat $(dirname $d)/authorized; done");
+    assert_eq!(auth.trim(), "0", "RO-1 deauthorized in the guest");
+    let (_, disks) = hil.gexec("for d in /sys/bus/usb/devices/*/serial; do grep -qx RO-1 $d && ls -d $(dirname $d)/*/host*/target*/*/block/* 2>/dev/null; done; true");
+    assert!(disks.trim().is_empty(), "RO-1's disk is gone: {disks}");
+    println!(
+        "scenario block command: {} from the host collector, RO-1 deauthorized in the guest ({})",
+        blocked["rule_id"], blocked["actions"]
+    );
+
     // 4. Storage + keyboard composite (BadUSB) emulated in the guest: rejected, even with an allowed serial.
     let (rc, text) = hil.sh(
         "gplug.sh",

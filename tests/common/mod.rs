@@ -527,3 +527,20 @@ impl World {
         ))
     }
 }
+
+/// Runs `weilan collector command --config CONFIG --agent AGENT --reason R ARGS…`
+/// through `c` (a command for [`weilan_bin`], in a namespace or not); panics with
+/// its stderr when it fails.
+pub fn collector_command(mut c: Command, config: &str, agent: &str, args: &[&str]) {
+    let out = c
+        .args(["collector", "command", "--config", config, "--agent", agent])
+        .args(["--reason", "test incident"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "collector command {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
