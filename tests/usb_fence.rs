@@ -511,6 +511,22 @@ fn temporary_unlock_tokens_are_bound_single_use_and_expire() {
     println!("unlock tokens: offline file and online command applied, reuse/other-agent/forged refused, expiry on time");
 }
 
+/// Waits for the fence's decision to block `serial` on a command, and checks it.
+fn blocked_by_command(w: &World, serial: &str, diag: impl Fn() -> String) -> serde_json::Value {
+    let d = wait_for(
+        "blocked by command",
+        T,
+        || decision(w, serial, "command"),
+        diag,
+    );
+    assert_eq!(d["target"], "block", "{d}");
+    assert!(
+        d["rule_id"].as_str().unwrap().starts_with("command:"),
+        "{d}"
+    );
+    d
+}
+
 fn command_results(w: &World) -> Vec<serde_json::Value> {
     w.events("command.result", "1", &[])
 }
@@ -523,7 +539,6 @@ fn commands_are_authenticated_fresh_and_never_replayed() {
     let fw = FenceWorld::start(&policy("c1", &["CMD-1"], &[]), "CMD-1");
     let (w, ns) = (&fw.w, &fw.ns);
     let authorized = || fw.authorized();
-    let ccfg = fw.collector_cfg.clone();
     let diag = || fw.diag();
     let d = wait_for(
         "allowed at start",
@@ -535,39 +550,8 @@ fn commands_are_authenticated_fresh_and_never_replayed() {
     let hash = d["hash"].as_str().unwrap().to_string();
 
     // A valid block command from the collector blocks the device.
-    let out = ns
-        .command(weilan_bin())
-        .args([
-            "collector",
-            "command",
-            "--config",
-            ccfg.to_str().unwrap(),
-            "--agent",
-            AGENT,
-            "--reason",
-            "incident 7",
-            "block-device",
-            "--hash",
-            &hash,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let d = wait_for(
-        "blocked by command",
-        T,
-        || decision(w, "CMD-1", "command"),
-        diag,
-    );
-    assert_eq!(d["target"], "block");
-    assert!(
-        d["rule_id"].as_str().unwrap().starts_with("command:"),
-        "{d}"
-    );
+    send_command(&fw, &["block-device", "--hash", &hash]);
+    blocked_by_command(w, "CMD-1", diag);
     assert_eq!(authorized(), "0");
     let executed = wait_for(
         "command.result executed",
@@ -774,17 +758,7 @@ fn rules_hot_reload_refuses_a_broken_file_and_a_rule_blocks_a_device() {
         diag,
     );
     assert_eq!(allowed["target"], "allow", "{allowed}");
-    let blocked = wait_for(
-        "blocked by the rule's command",
-        T,
-        || decision(w, "RULE-2", "command"),
-        diag,
-    );
-    assert_eq!(blocked["target"], "block");
-    assert!(
-        blocked["rule_id"].as_str().unwrap().starts_with("command:"),
-        "{blocked}"
-    );
+    let blocked = blocked_by_command(w, "RULE-2", diag);
     assert!(
         blocked["reason"]
             .as_str()
@@ -817,22 +791,11 @@ fn rules_hot_reload_refuses_a_broken_file_and_a_rule_blocks_a_device() {
 }
 
 fn send_command(fw: &FenceWorld, args: &[&str]) {
-    let mut all = vec![
-        "collector",
-        "command",
-        "--config",
+    collector_command(
+        fw.ns.command(weilan_bin()),
         fw.collector_cfg.to_str().unwrap(),
-        "--agent",
         AGENT,
-        "--reason",
-        "incident 9",
-    ];
-    all.extend_from_slice(args);
-    let out = fw.ns.command(weilan_bin()).args(&all).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        args,
     );
 }
 
