@@ -19,13 +19,11 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{env_or, free_port, key, options, signed_batch, tls, Killed};
+use common::{env_or, free_port, key, options, signed_batch, start_collector, tls};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use serde_json::json;
-use weilan_collector::pki::{self, PkiPaths};
 use weilan_collector::rules::{Engine, Fact};
 use weilan_collector::store::Store;
 use weilan_config::event::Envelope;
@@ -200,33 +198,9 @@ fn main() {
         return;
     }
     // 2. Latency through a real collector.
-    let pki_paths = PkiPaths::new(root.join("pki"));
-    pki::init(&pki_paths, &["weilan-collector".into(), "127.0.0.1".into()]).unwrap();
     let agent = "bench-latency";
-    pki::issue_agent(&pki_paths, agent).unwrap();
-    std::fs::write(root.join("policy.toml"), "version = \"bench\"\n").unwrap();
     let port = free_port();
-    std::fs::write(
-        root.join("collector.toml"),
-        format!(
-            "[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\n[tls]\nca = \"pki/ca.pem\"\nserver_cert = \"pki/server.pem\"\n\
-             server_key = \"pki/server-key.pem\"\nclient_cert = \"pki/collector.pem\"\nclient_key = \"pki/collector-key.pem\"\n\
-             [store]\npath = \"weilan.db\"\n[alerts]\npath = \"alerts.jsonl\"\n[policy]\npath = \"policy.toml\"\n[log]\nlevel = \"warn\"\n"
-        ),
-    )
-    .unwrap();
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_weilan"));
-    let _collector = Killed(
-        Command::new(&bin)
-            .args(["collector", "serve", "--config"])
-            .arg(root.join("collector.toml"))
-            .env("RUST_LOG", "warn,rumqttd=off")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    std::thread::sleep(Duration::from_millis(800));
+    let (pki_paths, _collector) = start_collector(root, port, &[agent.to_string()]);
     let signer =
         Signer::from_pem_files(&pki_paths.agent(agent), &pki_paths.agent_key(agent)).unwrap();
     let alerts_path = root.join("alerts.jsonl");

@@ -19,9 +19,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{cpu_ticks, env_or, free_port, options, rss_kib, signed_batch, tls, Killed};
+use common::{
+    cpu_ticks, env_or, free_port, options, rss_kib, signed_batch, start_collector, tls, Killed,
+};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use weilan_collector::pki::{self, PkiPaths};
 use weilan_config::event::{Envelope, Event as WEvent, EventId, EventKey, UsbDevice, UsbInterface};
 use weilan_config::signing::Signer;
 
@@ -139,35 +140,10 @@ fn main() {
     let idle_secs = env_or("IDLE_SECS", 30) as u64;
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let pki_paths = PkiPaths::new(root.join("pki"));
-    pki::init(&pki_paths, &["weilan-collector".into(), "127.0.0.1".into()]).unwrap();
     let names: Vec<String> = (0..agents).map(|i| format!("bench-{i:03}")).collect();
-    for n in &names {
-        pki::issue_agent(&pki_paths, n).unwrap();
-    }
-    std::fs::write(root.join("policy.toml"), "version = \"bench\"\n").unwrap();
     let port = free_port();
-    std::fs::write(
-        root.join("collector.toml"),
-        format!(
-            "[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\n[tls]\nca = \"pki/ca.pem\"\nserver_cert = \"pki/server.pem\"\n\
-             server_key = \"pki/server-key.pem\"\nclient_cert = \"pki/collector.pem\"\nclient_key = \"pki/collector-key.pem\"\n\
-             [store]\npath = \"weilan.db\"\n[alerts]\npath = \"alerts.jsonl\"\n[policy]\npath = \"policy.toml\"\n[log]\nlevel = \"warn\"\n"
-        ),
-    )
-    .unwrap();
+    let (pki_paths, collector) = start_collector(root, port, &names);
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_weilan"));
-    let collector = Killed(
-        Command::new(&bin)
-            .args(["collector", "serve", "--config"])
-            .arg(root.join("collector.toml"))
-            .env("RUST_LOG", "warn,rumqttd=off")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    std::thread::sleep(Duration::from_millis(800));
     let signers: Vec<Signer> = names
         .iter()
         .map(|n| Signer::from_pem_files(&pki_paths.agent(n), &pki_paths.agent_key(n)).unwrap())

@@ -98,6 +98,39 @@ pub fn key(seq: u64) -> EventKey {
     EventKey { epoch: 1, seq }
 }
 
+/// A PKI with the given agents and a real `weilan collector serve` on `port` under
+/// `root` (embedded broker, SQLite, alert log); returns the PKI and the process.
+pub fn start_collector(root: &Path, port: u16, agents: &[String]) -> (PkiPaths, Killed) {
+    let pki_paths = PkiPaths::new(root.join("pki"));
+    weilan_collector::pki::init(&pki_paths, &["weilan-collector".into(), "127.0.0.1".into()])
+        .unwrap();
+    for n in agents {
+        weilan_collector::pki::issue_agent(&pki_paths, n).unwrap();
+    }
+    std::fs::write(root.join("policy.toml"), "version = \"bench\"\n").unwrap();
+    std::fs::write(
+        root.join("collector.toml"),
+        format!(
+            "[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\n[tls]\nca = \"pki/ca.pem\"\nserver_cert = \"pki/server.pem\"\n\
+             server_key = \"pki/server-key.pem\"\nclient_cert = \"pki/collector.pem\"\nclient_key = \"pki/collector-key.pem\"\n\
+             [store]\npath = \"weilan.db\"\n[alerts]\npath = \"alerts.jsonl\"\n[policy]\npath = \"policy.toml\"\n[log]\nlevel = \"warn\"\n"
+        ),
+    )
+    .unwrap();
+    let collector = Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_weilan"))
+            .args(["collector", "serve", "--config"])
+            .arg(root.join("collector.toml"))
+            .env("RUST_LOG", "warn,rumqttd=off")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    (pki_paths, collector)
+}
+
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
