@@ -102,10 +102,17 @@ struct Summary {
     by_agent: BTreeMap<String, u64>,
     first: Option<jiff::Timestamp>,
     last: Option<jiff::Timestamp>,
+    /// Alert id → repeats folded into it (from its latest update line).
+    repeats: BTreeMap<i64, u64>,
 }
 
 impl Summary {
     fn add(&mut self, a: &Alert) {
+        if a.update {
+            // Not another alert: a later count for one already counted.
+            self.repeats.insert(a.alert_id, a.count.saturating_sub(1));
+            return;
+        }
         *self
             .by_level
             .entry(a.level.as_str().to_string())
@@ -119,7 +126,16 @@ impl Summary {
     fn print(&self, out: &mut impl Write) -> io::Result<()> {
         let total: u64 = self.by_level.values().sum();
         match (self.first, self.last) {
-            (Some(f), Some(l)) => writeln!(out, "{total} alerts from {f} to {l}")?,
+            (Some(f), Some(l)) => {
+                let folded: u64 = self.repeats.values().sum();
+                writeln!(out, "{total} alerts from {f} to {l}")?;
+                if folded > 0 {
+                    writeln!(
+                        out,
+                        "{folded} further matches folded into them by suppression"
+                    )?;
+                }
+            }
             _ => writeln!(out, "no alerts")?,
         }
         for (title, map) in [
@@ -357,9 +373,17 @@ mod tests {
         let mid = dir.path().join("alerts.jsonl.1");
         std::fs::write(&old, line(&at(100, Level::Red, "a", "r1"))).unwrap();
         std::fs::write(&mid, line(&at(200, Level::Yellow, "b", "r2"))).unwrap();
+        // An update line (alert 1 repeated 5 times) is not a fifth alert.
+        let update = Alert {
+            count: 5,
+            update: true,
+            ..at(300, Level::Red, "a", "r1")
+        };
         std::fs::write(
             &path,
-            line(&at(300, Level::Red, "a", "r1")) + &line(&at(400, Level::Blue, "c", "r3")),
+            line(&at(300, Level::Red, "a", "r1"))
+                + &line(&at(400, Level::Blue, "c", "r3"))
+                + &line(&update),
         )
         .unwrap();
         let mut o = opts(path.clone());
@@ -373,7 +397,7 @@ mod tests {
             .collect();
         assert_eq!(
             times,
-            vec![200, 300, 400],
+            vec![200, 300, 400, 300],
             "rotated first, then current; before --since left out"
         );
 
@@ -388,6 +412,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("       2  red\n"), "{text}");
+        assert!(
+            text.contains("4 further matches folded into them by suppression"),
+            "{text}"
+        );
         assert!(
             text.contains("       2  r1\n") && text.contains("       2  a\n"),
             "{text}"

@@ -642,6 +642,13 @@ fn rule_files_report_file_line_and_the_cel_error() {
     }
 }
 
+/// The condition of the test rule `site.vid` in force.
+fn condition(engine: &Engine) -> String {
+    let set = engine.rule_set();
+    let rule = set.get("site.vid").expect("site.vid in force");
+    rule.condition.as_ref().expect("a condition").text.clone()
+}
+
 #[test]
 fn a_broken_rule_file_leaves_the_previous_rules_active() {
     let dir = tempfile::tempdir().unwrap();
@@ -667,17 +674,7 @@ fn a_broken_rule_file_leaves_the_previous_rules_active() {
         "{}",
         refused.summary
     );
-    assert_eq!(
-        engine
-            .rule_set()
-            .get("site.vid")
-            .unwrap()
-            .condition
-            .as_ref()
-            .unwrap()
-            .text,
-        "event.data.vid == 'abcd'"
-    );
+    assert_eq!(condition(&engine), "event.data.vid == 'abcd'");
     assert_eq!(
         engine.reload_if_changed().map(|f| f.summary),
         None,
@@ -686,17 +683,7 @@ fn a_broken_rule_file_leaves_the_previous_rules_active() {
     // Fixed: the new rule replaces it.
     std::fs::write(rules.join("site.toml"), good.replace("'abcd'", "'ef01'")).unwrap();
     assert!(engine.reload_if_changed().is_none());
-    assert_eq!(
-        engine
-            .rule_set()
-            .get("site.vid")
-            .unwrap()
-            .condition
-            .as_ref()
-            .unwrap()
-            .text,
-        "event.data.vid == 'ef01'"
-    );
+    assert_eq!(condition(&engine), "event.data.vid == 'ef01'");
     assert_eq!(engine.stats.reloads, 1);
     assert_eq!(engine.stats.reload_failures, 1);
 }
@@ -799,4 +786,38 @@ fn correlation_windows_are_bounded_per_group() {
         "dropping beyond a count's threshold changes nothing"
     );
     assert!(h.engine.take_overflow().is_none());
+}
+
+#[test]
+fn distinct_counts_values_per_key_and_groups_come_from_the_context() {
+    let mut h = Harness::with_rules(
+        "[agent_groups]\nfinance = [\"fin-*\"]\n\
+         [[rule]]\nid = \"site.many-destinations\"\ntitle = \"Many destinations\"\nlevel = \"yellow\"\non = [\"net.transfer\"]\n\
+         condition = \"'finance' in agent.groups\"\nsummary = \"{agent.id} reached {event.data.remote_addr}\"\n\
+         [rule.correlation]\naggregate = \"distinct\"\nfield = \"event.data.remote_addr\"\nwindow = \"1h\"\nthreshold = 3\n",
+    );
+    let to = |h: &mut Harness, agent: &str, addr: &str| {
+        h.event(
+            agent,
+            "workstation",
+            DAY,
+            "net.transfer",
+            transfer(json!({"remote_addr": addr})),
+        )
+    };
+    // Three transfers but two destinations: no alert; a third destination fires.
+    let facts = vec![
+        to(&mut h, "fin-1", "203.0.113.1"),
+        to(&mut h, "fin-1", "203.0.113.2"),
+        to(&mut h, "fin-1", "203.0.113.1"),
+    ];
+    assert!(h.fired(DAY, facts, "site.many-destinations").is_none());
+    let third = to(&mut h, "fin-1", "203.0.113.3");
+    let a = h.fired(DAY, vec![third], "site.many-destinations").unwrap();
+    assert_eq!(a.details["aggregate"]["value"], 3.0);
+    // The same from an agent outside the group never counts.
+    let facts = (1..=4)
+        .map(|i| to(&mut h, "ws-1", &format!("203.0.113.{i}")))
+        .collect();
+    assert!(h.fired(DAY, facts, "site.many-destinations").is_none());
 }
