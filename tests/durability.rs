@@ -47,12 +47,9 @@ fn wait_count(w: &World, expected: i64, procs: &[&Proc]) {
     );
     // Give re-sends a moment to (wrongly) add anything, then count again.
     std::thread::sleep(Duration::from_secs(2));
+    // event_id is the table's primary key, so "stored twice" can only mean one fact
+    // journaled again under a new id; that would push the count above `expected`.
     assert_eq!(w.burst_count(BURST), expected, "{}", diag(procs)());
-    assert_eq!(
-        w.count("SELECT COUNT(*) FROM events"),
-        w.count("SELECT COUNT(DISTINCT event_id) FROM events"),
-        "no event stored twice"
-    );
 }
 
 /// Journal records a burst of `pairs` add/remove uevents produces: `usb.attached`, the
