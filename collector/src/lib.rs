@@ -13,6 +13,7 @@
 pub mod alerts;
 pub mod broker;
 pub mod cli;
+pub mod export;
 pub mod fleet;
 pub mod ingest;
 pub mod integrity;
@@ -152,6 +153,9 @@ pub async fn run(
     let mut report = tokio::time::interval(Duration::from_secs(60));
     let mut fleet_tick = tokio::time::interval(settings.fleet_check_interval);
     let mut rules_tick = tokio::time::interval(settings.rules_reload_check);
+    // Scheduled exports and retention; the first tick at start catches up missed periods.
+    let mut exports_tick = tokio::time::interval(Duration::from_secs(60));
+    let exports_busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -180,6 +184,22 @@ pub async fn run(
                 match tokio::task::spawn_blocking(move || work.fleet_checks(silent, grace)).await {
                     Ok(replies) => publish(&client, replies),
                     Err(e) => tracing::error!(error = %e, "fleet checks failed"),
+                }
+            }
+            _ = exports_tick.tick() => {
+                // A long export must not hold up ingest, nor start twice.
+                if !exports_busy.swap(true, Ordering::SeqCst) {
+                    let (work, busy, settings) = (ingest.clone(), exports_busy.clone(), settings.clone());
+                    let client = client.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let rules = work.engine().rule_set();
+                        let found = export::schedule::run(&settings, &work.signer, &rules, jiff::Timestamp::now());
+                        let replies = work.raise(found);
+                        for r in replies {
+                            let _ = client.try_publish(&r.topic, QoS::AtLeastOnce, false, r.payload);
+                        }
+                        busy.store(false, Ordering::SeqCst);
+                    });
                 }
             }
             _ = rules_tick.tick() => {

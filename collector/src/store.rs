@@ -103,6 +103,21 @@ const MIGRATIONS: &[&str] = &[
         agent_time TEXT NOT NULL,
         PRIMARY KEY (agent_id, hash)
      ) WITHOUT ROWID;",
+    // 6: compliance exports (the chain of manifest hashes) and streaming by receive time.
+    "CREATE TABLE exports (
+        id              INTEGER PRIMARY KEY,
+        name            TEXT NOT NULL,
+        dir             TEXT NOT NULL,
+        schedule        TEXT,
+        period_from     TEXT NOT NULL,
+        period_to       TEXT NOT NULL,
+        created_at      TEXT NOT NULL,
+        manifest_sha256 TEXT NOT NULL,
+        caught_up       INTEGER NOT NULL DEFAULT 0
+     );
+     CREATE INDEX exports_by_schedule ON exports(schedule, period_to);
+     CREATE INDEX events_by_received ON events(received_at);
+     CREATE INDEX alerts_by_agent_time ON alerts(agent_id, time);",
 ];
 
 /// Quarantined payloads are kept up to this size (the hash covers the whole payload).
@@ -164,6 +179,33 @@ pub(crate) fn insert_alerts(
         a.alert_id = tx.last_insert_rowid();
     }
     Ok(())
+}
+
+/// Reads an alert row selected as `alert_id, time, level, rule_id, agent_id, summary,
+/// event_ids, details, title, tags, key, count, last_seen`.
+pub fn alert_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Alert> {
+    let text = |i: usize| -> rusqlite::Result<String> { r.get(i) };
+    let time = |s: String| {
+        s.parse::<jiff::Timestamp>()
+            .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+    };
+    let time_of = time(text(1)?);
+    Ok(Alert {
+        alert_id: r.get(0)?,
+        time: time_of,
+        level: crate::rules::Level::parse(&text(2)?).unwrap_or(crate::rules::Level::Blue),
+        rule_id: text(3)?,
+        agent_id: text(4)?,
+        summary: text(5)?,
+        event_ids: serde_json::from_str(&text(6)?).unwrap_or_default(),
+        details: serde_json::from_str(&text(7)?).unwrap_or(serde_json::Value::Null),
+        title: text(8)?,
+        tags: serde_json::from_str(&text(9)?).unwrap_or_default(),
+        key: text(10)?,
+        count: r.get::<_, i64>(11)?.max(1) as u64,
+        last_seen: r.get::<_, Option<String>>(12)?.map(time).unwrap_or(time_of),
+        update: false,
+    })
 }
 
 /// Result of storing one batch.

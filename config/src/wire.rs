@@ -29,6 +29,8 @@ pub enum Purpose {
     Command,
     Policy,
     Unlock,
+    /// A compliance export's manifest (detached signature).
+    Export,
 }
 
 impl Purpose {
@@ -39,6 +41,7 @@ impl Purpose {
             Purpose::Command => "weilan/v1/command",
             Purpose::Policy => "weilan/v1/policy",
             Purpose::Unlock => "weilan/v1/unlock",
+            Purpose::Export => "weilan/v1/export",
         }
     }
 }

@@ -167,6 +167,19 @@ impl RuleSet {
         self.rules.iter().find(|r| r.id == id)
     }
 
+    /// The `[agent_groups]` an agent id belongs to.
+    pub fn agent_groups(&self, agent: &str) -> Vec<&str> {
+        self.agent_groups
+            .iter()
+            .filter(|(_, re)| re.is_match(agent))
+            .map(|(g, _)| g.as_str())
+            .collect()
+    }
+
+    pub fn has_group(&self, group: &str) -> bool {
+        self.agent_groups.iter().any(|(g, _)| g == group)
+    }
+
     /// Loads the built-in pack (when `builtin`) and every `*.toml` in `dir`, in name
     /// order. A rule in the directory with a built-in id replaces it (`enabled =
     /// false` switches it off); two directory files defining one id is an error.

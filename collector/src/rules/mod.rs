@@ -66,4 +66,6 @@ pub mod findings {
     pub const RULES_INVALID: &str = "collector.rules_invalid";
     pub const RULES_OVERFLOW: &str = "collector.rules_overflow";
     pub const SINK_FAILURES: &str = "collector.sink_failures";
+    pub const EXPORT_CAUGHT_UP: &str = "collector.export_caught_up";
+    pub const EXPORT_FAILED: &str = "collector.export_failed";
 }

@@ -477,6 +477,16 @@ indicator!(rules_overflow, "builtin.collector.rules-overflow", |_h|
     near: (DAY, vec![finding(findings::SINK_FAILURES, json!({}))]),
 );
 
+indicator!(export_caught_up, "builtin.collector.export-caught-up", |_h|
+    fire: (DAY, vec![finding(findings::EXPORT_CAUGHT_UP, json!({"schedule": "daily"}))]),
+    near: (DAY, vec![finding(findings::EXPORT_FAILED, json!({}))]),
+);
+
+indicator!(export_failed, "builtin.collector.export-failed", |_h|
+    fire: (DAY, vec![finding(findings::EXPORT_FAILED, json!({"error": "disk full"}))]),
+    near: (DAY, vec![finding(findings::EXPORT_CAUGHT_UP, json!({}))]),
+);
+
 /// Every rule of the pack has its pair of tests above (kept in step by this list).
 #[test]
 fn every_builtin_rule_is_tested() {
@@ -517,6 +527,8 @@ fn every_builtin_rule_is_tested() {
         "builtin.collector.rules-invalid",
         "builtin.collector.sink-failures",
         "builtin.collector.rules-overflow",
+        "builtin.collector.export-caught-up",
+        "builtin.collector.export-failed",
     ];
     let h = Harness::new();
     let set = h.engine.rule_set();

@@ -34,6 +34,9 @@ pub struct CollectorFile {
     /// `[[sinks]]`: where alerts go besides the alert log (syslog, CEF, webhook).
     #[serde(default)]
     pub sinks: Vec<SinkSection>,
+    /// `[exports]`: scheduled, signed compliance exports and retention.
+    #[serde(default)]
+    pub exports: ExportsSection,
     /// `[log]`.
     #[serde(default)]
     pub log: LogSection,
@@ -69,6 +72,108 @@ fn yes() -> bool {
 }
 fn default_reload_check() -> u64 {
     2
+}
+
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportsSection {
+    /// Where scheduled exports go, one directory each (`daily-2026-11-21`, ...).
+    #[serde(default = "default_exports_dir")]
+    pub dir: PathBuf,
+    /// Report language: `zh-CN` or `en`.
+    #[serde(default = "default_language")]
+    pub language: String,
+    /// IANA time zone of schedules and of days in reports.
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+    /// Exports kept per schedule, newest first (0: all). Their manifest hashes stay
+    /// in the database either way.
+    #[serde(default)]
+    pub keep: u32,
+    /// Raw events older than this many days are deleted (0: never). PCI DSS 10.5.1
+    /// asks for 12 months; China's Cybersecurity Law for at least 6.
+    #[serde(default = "default_events_keep_days")]
+    pub events_keep_days: u32,
+    /// `[[exports.schedules]]`.
+    #[serde(default)]
+    pub schedules: Vec<ScheduleSection>,
+}
+
+impl Default for ExportsSection {
+    fn default() -> Self {
+        ExportsSection {
+            dir: default_exports_dir(),
+            language: default_language(),
+            timezone: default_timezone(),
+            keep: 0,
+            events_keep_days: default_events_keep_days(),
+            schedules: Vec::new(),
+        }
+    }
+}
+
+fn default_exports_dir() -> PathBuf {
+    PathBuf::from("/var/lib/weilan-collector/exports")
+}
+fn default_language() -> String {
+    "zh-CN".into()
+}
+fn default_timezone() -> String {
+    "Asia/Shanghai".into()
+}
+fn default_events_keep_days() -> u32 {
+    365
+}
+
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSection {
+    /// Name, also the prefix of its export directories.
+    pub name: String,
+    /// `day`, `week` (Monday to Monday) or `month`: the period exported.
+    pub every: String,
+    /// Local time (`HH:MM`) after which the previous period is exported.
+    #[serde(default = "default_at")]
+    pub at: String,
+    /// Only these agents (default: all).
+    #[serde(default)]
+    pub agents: Vec<String>,
+    /// Only agents of this group (`[agent_groups]` in the rule files).
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+fn default_at() -> String {
+    "01:00".into()
+}
+
+/// How often a schedule exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Every {
+    Day,
+    Week,
+    Month,
+}
+
+/// A validated schedule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduleSettings {
+    pub name: String,
+    pub every: Every,
+    pub at: jiff::civil::Time,
+    pub agents: Option<Vec<String>>,
+    pub group: Option<String>,
+}
+
+/// Validated `[exports]`.
+#[derive(Debug, Clone)]
+pub struct ExportSettings {
+    pub dir: PathBuf,
+    pub language: String,
+    pub timezone: jiff::tz::TimeZone,
+    pub keep: u32,
+    pub events_keep_days: u32,
+    pub schedules: Vec<ScheduleSettings>,
 }
 
 #[derive(Debug, Clone, eserde::Deserialize, Serialize)]
@@ -351,6 +456,7 @@ pub struct CollectorSettings {
     pub rules_builtin: bool,
     pub rules_reload_check: std::time::Duration,
     pub sinks: Vec<SinkSettings>,
+    pub exports: ExportSettings,
     pub log: LogSettings,
 }
 
@@ -533,6 +639,71 @@ impl Validate for CollectorFile {
                 queue: s.queue,
             });
         }
+        let e = self.exports;
+        let exports_dir = v.directory("exports.dir", &e.dir);
+        if !matches!(e.language.as_str(), "zh-CN" | "en") {
+            v.error(
+                "exports.language",
+                format!("`{}` is not zh-CN or en", e.language),
+            );
+        }
+        let timezone = jiff::tz::TimeZone::get(&e.timezone).unwrap_or_else(|_| {
+            v.error(
+                "exports.timezone",
+                format!("`{}` is not an IANA time zone", e.timezone),
+            );
+            jiff::tz::TimeZone::UTC
+        });
+        let mut schedules: Vec<ScheduleSettings> = Vec::new();
+        for (i, s) in e.schedules.into_iter().enumerate() {
+            let at = |f: &str| format!("exports.schedules[{i}].{f}");
+            if s.name.is_empty()
+                || !s
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                || schedules.iter().any(|o| o.name == s.name)
+            {
+                v.error(
+                    at("name"),
+                    format!(
+                        "`{}` must be a unique name of letters, digits, - and _",
+                        s.name
+                    ),
+                );
+            }
+            let every = match s.every.as_str() {
+                "day" => Every::Day,
+                "week" => Every::Week,
+                "month" => Every::Month,
+                other => {
+                    v.error(at("every"), format!("`{other}` is not day, week or month"));
+                    Every::Day
+                }
+            };
+            let time = s.at.parse::<jiff::civil::Time>().unwrap_or_else(|_| {
+                v.error(at("at"), format!("`{}` is not a time of day (HH:MM)", s.at));
+                jiff::civil::Time::midnight()
+            });
+            if !s.agents.is_empty() && s.group.is_some() {
+                v.error(at("group"), "give agents or a group, not both");
+            }
+            schedules.push(ScheduleSettings {
+                name: s.name,
+                every,
+                at: time,
+                agents: (!s.agents.is_empty()).then_some(s.agents),
+                group: s.group,
+            });
+        }
+        let exports = ExportSettings {
+            dir: exports_dir,
+            language: e.language,
+            timezone,
+            keep: e.keep,
+            events_keep_days: e.events_keep_days,
+            schedules,
+        };
         let log = self.log.validate(v);
         Some(CollectorSettings {
             broker,
@@ -562,6 +733,7 @@ impl Validate for CollectorFile {
             rules_builtin: self.rules.builtin,
             rules_reload_check: std::time::Duration::from_secs(self.rules.reload_check_secs),
             sinks,
+            exports,
             log,
         })
     }

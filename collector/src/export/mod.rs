@@ -1,0 +1,810 @@
+//! Compliance exports: for a period and a scope of agents, `events.csv`/`.jsonl`,
+//! `alerts.csv`/`.jsonl`, `report.html`, and `manifest.json` listing every file with
+//! its SHA-256, signed by the collector's certificate (`manifest.sig`, detached) and
+//! chained to the previous export by that export's manifest hash.
+//!
+//! An export streams from one read transaction (a consistent snapshot; the collector
+//! keeps writing), so memory stays bounded whatever the period: rows go straight to
+//! the files through a hashing writer, and the report keeps only counters keyed by
+//! agent, user, device and day, and at most 500 rows per table. It is written into
+//! `NAME.partial` and renamed when complete, then recorded in the `exports` table
+//! (the chain's next link). Events belong to the export of the period in which the
+//! collector *received* them, so a backlog delivered late is in the next export
+//! instead of being missed by one already signed.
+
+pub mod report;
+pub mod schedule;
+pub mod verify;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use askama::Template;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde_json::Value as Json;
+use weilan_config::signing::Signer;
+use weilan_config::wire::Purpose;
+
+use crate::rules::{Level, RuleSet};
+pub use report::Lang;
+use report::{AlertRow, DeviceRow, FileRow, MappingRow, TransferRow, UnlockRow};
+
+/// Rows listed per report table (the CSV files have all of them).
+const MAX_ROWS: usize = 500;
+/// Distinct keys counted per top-N chart or USB table before further ones are lumped.
+const MAX_KEYS: usize = 100_000;
+/// Files of an export, in manifest order.
+pub const FILES: &[&str] = &[
+    "events.csv",
+    "events.jsonl",
+    "alerts.csv",
+    "alerts.jsonl",
+    "report.html",
+];
+/// The manifest format.
+pub const FORMAT: &str = "weilan-export/1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("CSV: {0}")]
+    Csv(#[from] csv::Error),
+    #[error("report: {0}")]
+    Render(#[from] askama::Error),
+    #[error("{0} already exists")]
+    Exists(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
+    move |source| ExportError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// What to export.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub from: jiff::Timestamp,
+    pub to: jiff::Timestamp,
+    /// Zone for days in the report and the period as printed.
+    pub tz: jiff::tz::TimeZone,
+    /// `None`: every agent.
+    pub agents: Option<Vec<String>>,
+    /// How the scope was asked for (`group finance`, `agents a, b`), for the report.
+    pub scope_label: Option<String>,
+    pub lang: Lang,
+    /// The export's own directory (must not exist yet).
+    pub dir: PathBuf,
+    /// The schedule that made it, if any.
+    pub schedule: Option<String>,
+    /// Made late, at start, for a time the collector was down.
+    pub caught_up: bool,
+}
+
+/// What an export produced.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub dir: PathBuf,
+    pub events: u64,
+    pub alerts: u64,
+    pub manifest_sha256: String,
+    pub previous: Option<String>,
+}
+
+/// A writer that hashes what passes through it.
+struct Hashing<W: Write> {
+    inner: W,
+    digest: ring::digest::Context,
+    bytes: u64,
+}
+
+impl<W: Write> Hashing<W> {
+    fn new(inner: W) -> Self {
+        Hashing {
+            inner,
+            digest: ring::digest::Context::new(&ring::digest::SHA256),
+            bytes: 0,
+        }
+    }
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.digest.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+type Out = Hashing<BufWriter<File>>;
+
+fn create(dir: &Path, name: &str) -> Result<Out, ExportError> {
+    let p = dir.join(name);
+    Ok(Hashing::new(BufWriter::new(
+        File::create(&p).map_err(io(&p))?,
+    )))
+}
+
+/// Flushes, syncs and returns the manifest entry of one file.
+fn finish(dir: &Path, name: &str, out: Out) -> Result<Json, ExportError> {
+    let p = dir.join(name);
+    let Hashing {
+        inner,
+        digest,
+        bytes,
+    } = out;
+    let file = inner.into_inner().map_err(|e| ExportError::Io {
+        path: p.display().to_string(),
+        source: e.into_error(),
+    })?;
+    file.sync_all().map_err(io(&p))?;
+    Ok(serde_json::json!({
+        "name": name,
+        "sha256": hex::encode(digest.finish().as_ref()),
+        "bytes": bytes,
+    }))
+}
+
+/// UTF-8 byte-order mark: Excel opens Chinese text in a CSV correctly only with it.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+fn str_of<'a>(data: &'a Json, key: &str) -> &'a str {
+    data.get(key).and_then(|v| v.as_str()).unwrap_or("")
+}
+
+/// Report counters and rows, filled while the rows stream past.
+#[derive(Default)]
+struct Agg {
+    events: u64,
+    alerts: u64,
+    levels: [u64; 3],
+    days: BTreeMap<String, [u64; 3]>,
+    alerts_by_agent: HashMap<String, u64>,
+    users: HashMap<String, u64>,
+    devices: HashMap<String, u64>,
+    usb: HashMap<(String, String, String, String), (String, u64)>,
+    files: Vec<FileRow>,
+    files_total: u64,
+    transfers: Vec<TransferRow>,
+    transfers_total: u64,
+    unlocks: Vec<UnlockRow>,
+    policies: BTreeMap<String, BTreeSet<String>>,
+    reporting: HashSet<String>,
+    failures: Vec<AlertRow>,
+    integrity: Vec<AlertRow>,
+    silent: Vec<AlertRow>,
+}
+
+fn bump(map: &mut HashMap<String, u64>, key: &str) {
+    if key.is_empty() {
+        return;
+    }
+    if let Some(n) = map.get_mut(key) {
+        *n += 1;
+    } else if map.len() < MAX_KEYS {
+        map.insert(key.to_string(), 1);
+    }
+}
+
+fn push<T>(rows: &mut Vec<T>, row: impl FnOnce() -> T) {
+    if rows.len() < MAX_ROWS {
+        rows.push(row());
+    }
+}
+
+impl Agg {
+    fn event(&mut self, tz: &jiff::tz::TimeZone, agent: &str, kind: &str, time: &str, data: &Json) {
+        self.events += 1;
+        if !self.reporting.contains(agent) {
+            self.reporting.insert(agent.to_string());
+        }
+        let local = local_time(tz, time);
+        match kind {
+            "usb.attached" => {
+                let label = format!(
+                    "{}:{} {}",
+                    str_of(data, "vid"),
+                    str_of(data, "pid"),
+                    str_of(data, "serial")
+                );
+                bump(&mut self.devices, &label);
+            }
+            "usb.decision" => {
+                let key = (
+                    str_of(data, "target").to_string(),
+                    str_of(data, "hash").to_string(),
+                    agent.to_string(),
+                    str_of(data, "rule_id").to_string(),
+                );
+                let label = format!(
+                    "{}:{} {} ({})",
+                    str_of(data, "vid"),
+                    str_of(data, "pid"),
+                    str_of(data, "serial"),
+                    key.1.get(..12).unwrap_or(&key.1)
+                );
+                if let Some(e) = self.usb.get_mut(&key) {
+                    e.1 += 1;
+                } else if self.usb.len() < MAX_KEYS {
+                    self.usb.insert(key.clone(), (label, 1));
+                }
+                if key.3.starts_with("unlock:") && key.0 != "block" {
+                    push(&mut self.unlocks, || UnlockRow {
+                        time: local.clone(),
+                        agent: agent.into(),
+                        status: format!("used ({})", key.0),
+                        device: str_of(data, "serial").into(),
+                        reason: str_of(data, "reason").into(),
+                    });
+                }
+            }
+            "usb.unlock" => push(&mut self.unlocks, || UnlockRow {
+                time: local.clone(),
+                agent: agent.into(),
+                status: format!("{} ({})", str_of(data, "status"), str_of(data, "via")),
+                device: format!("{} {}", str_of(data, "serial"), str_of(data, "device_hash"))
+                    .trim()
+                    .to_string(),
+                reason: str_of(data, "reason").into(),
+            }),
+            "file.exported" => {
+                bump(&mut self.users, str_of(data, "user"));
+                let classes = data
+                    .get("classification")
+                    .and_then(|c| c.as_array())
+                    .map(|a| {
+                        a.iter()
+                            .map(|c| format!("{} ×{}", str_of(c, "detector"), c["count"]))
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default();
+                if !classes.is_empty() {
+                    self.files_total += 1;
+                    push(&mut self.files, || FileRow {
+                        time: local.clone(),
+                        agent: agent.into(),
+                        user: str_of(data, "user").into(),
+                        path: str_of(data, "path").into(),
+                        classification: classes.join(", "),
+                        action: format!("{} ({})", str_of(data, "action"), str_of(data, "rule_id")),
+                    });
+                }
+            }
+            "net.transfer" => {
+                bump(&mut self.users, str_of(data, "user"));
+                self.transfers_total += 1;
+                push(&mut self.transfers, || TransferRow {
+                    time: local.clone(),
+                    agent: agent.into(),
+                    user: str_of(data, "user").into(),
+                    process: format!("{} ({})", str_of(data, "exe"), data["pid"]),
+                    destination: format!("{}:{}", str_of(data, "remote_addr"), data["remote_port"]),
+                    bytes: data["bytes_sent"].as_u64().unwrap_or(0),
+                });
+            }
+            "access.login" | "access.privilege" | "net.transfer_tool" => {
+                bump(&mut self.users, str_of(data, "user"));
+            }
+            "policy.applied" | "agent.heartbeat" | "agent.started" => {
+                let v = if kind == "policy.applied" {
+                    str_of(data, "version")
+                } else {
+                    str_of(data, "policy_version")
+                };
+                if !v.is_empty() {
+                    let agents = self.policies.entry(v.to_string()).or_default();
+                    if agents.len() < MAX_KEYS && !agents.contains(agent) {
+                        agents.insert(agent.to_string());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn alert(&mut self, tz: &jiff::tz::TimeZone, a: &crate::store::Alert) {
+        self.alerts += 1;
+        let i = match a.level {
+            Level::Red => 0,
+            Level::Yellow => 1,
+            Level::Blue => 2,
+        };
+        self.levels[i] += 1;
+        let day = a.time.to_zoned(tz.clone()).strftime("%Y-%m-%d").to_string();
+        if self.days.len() < MAX_KEYS || self.days.contains_key(&day) {
+            self.days.entry(day).or_default()[i] += 1;
+        }
+        bump(&mut self.alerts_by_agent, &a.agent_id);
+        let row = || AlertRow {
+            time: a
+                .time
+                .to_zoned(tz.clone())
+                .strftime("%Y-%m-%d %H:%M:%S")
+                .to_string(),
+            agent: a.agent_id.clone(),
+            rule: a.rule_id.clone(),
+            summary: if a.count > 1 {
+                format!("{} (×{})", a.summary, a.count)
+            } else {
+                a.summary.clone()
+            },
+        };
+        if a.rule_id.contains("enforcement-failed") {
+            push(&mut self.failures, row);
+        } else if a.rule_id.starts_with("builtin.integrity.") {
+            push(&mut self.integrity, row);
+        } else if a.rule_id == "builtin.fleet.agent-silent" {
+            push(&mut self.silent, row);
+        }
+    }
+}
+
+fn local_time(tz: &jiff::tz::TimeZone, t: &str) -> String {
+    t.parse::<jiff::Timestamp>()
+        .map(|t| {
+            t.to_zoned(tz.clone())
+                .strftime("%Y-%m-%d %H:%M:%S")
+                .to_string()
+        })
+        .unwrap_or_else(|_| t.to_string())
+}
+
+fn sorted_top(map: HashMap<String, u64>) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = map.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    v.truncate(10);
+    v
+}
+
+/// `agent_id IN (…)` for the scope, or always true.
+fn scope_sql(agents: &Option<Vec<String>>) -> (&'static str, String) {
+    match agents {
+        None => ("1 = 1 OR ?3 IS NULL", String::new()),
+        Some(a) => (
+            "agent_id IN (SELECT value FROM json_each(?3))",
+            serde_json::to_string(a).unwrap_or_default(),
+        ),
+    }
+}
+
+/// Resolves a scope: explicit agents, or the agents of a group (patterns from the rule
+/// files matched against the agents the collector knows); with its label for the report.
+pub fn scope(
+    db_path: &Path,
+    rules: &RuleSet,
+    agents: Option<Vec<String>>,
+    group: Option<String>,
+) -> Result<(Option<Vec<String>>, Option<String>), ExportError> {
+    if let Some(a) = agents {
+        let label = format!("agents: {}", a.join(", "));
+        return Ok((Some(a), Some(label)));
+    }
+    let Some(g) = group else {
+        return Ok((None, None));
+    };
+    if !rules.has_group(&g) {
+        return Err(ExportError::Invalid(format!(
+            "group `{g}` is not defined in [agent_groups] of the rule files"
+        )));
+    }
+    let conn = Connection::open_with_flags(db_path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let mut st = conn.prepare("SELECT agent_id FROM agents ORDER BY agent_id")?;
+    let known: Vec<String> = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    let members = known
+        .into_iter()
+        .filter(|a| rules.agent_groups(a).iter().any(|x| *x == g))
+        .collect();
+    Ok((Some(members), Some(format!("group: {g}"))))
+}
+
+/// The chain's last link: the newest recorded export.
+pub fn last_export(conn: &Connection) -> Result<Option<(String, String)>, rusqlite::Error> {
+    conn.query_row(
+        "SELECT name, manifest_sha256 FROM exports ORDER BY id DESC LIMIT 1",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .optional()
+}
+
+/// Produces one export. `progress(done, total)` is called as event rows stream.
+pub fn export(
+    db_path: &Path,
+    signer: &Signer,
+    rules: &RuleSet,
+    req: &Request,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Summary, ExportError> {
+    if req.from >= req.to {
+        return Err(ExportError::Invalid(format!(
+            "the period is empty: {} is not before {}",
+            req.from, req.to
+        )));
+    }
+    let name = req
+        .dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| ExportError::Invalid(format!("{} has no name", req.dir.display())))?;
+    if req.dir.exists() {
+        return Err(ExportError::Exists(req.dir.display().to_string()));
+    }
+    let partial = req.dir.with_file_name(format!("{name}.partial"));
+    if partial.exists() {
+        // Left by an export that did not finish (a crash): start it again.
+        std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
+    }
+    std::fs::create_dir_all(&partial).map_err(io(&partial))?;
+    let conn = Connection::open_with_flags(db_path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    // One read transaction: every count and row comes from the same snapshot.
+    conn.execute_batch("BEGIN")?;
+    let (from, to) = (req.from.to_string(), req.to.to_string());
+    let (scope, scope_arg) = scope_sql(&req.agents);
+    let scope_param: Option<&str> = req.agents.as_ref().map(|_| scope_arg.as_str());
+    let total: u64 = conn.query_row(
+        &format!("SELECT COUNT(*) FROM events WHERE received_at >= ?1 AND received_at < ?2 AND ({scope})"),
+        params![from, to, scope_param],
+        |r| r.get::<_, i64>(0),
+    )? as u64;
+    let mut agg = Agg::default();
+    let mut entries = Vec::new();
+
+    // Events.
+    let mut csv_out = create(&partial, "events.csv")?;
+    csv_out.write_all(BOM).map_err(io(&partial))?;
+    let mut csv = csv::Writer::from_writer(csv_out);
+    csv.write_record([
+        "event_id",
+        "received_at",
+        "agent_time",
+        "agent_id",
+        "host_role",
+        "kind",
+        "user",
+        "device",
+        "path",
+        "destination",
+        "data",
+    ])?;
+    let mut jsonl = create(&partial, "events.jsonl")?;
+    {
+        let mut st = conn.prepare(&format!(
+            "SELECT event_id, received_at, agent_time, agent_id, host_role, kind, envelope FROM events
+             WHERE received_at >= ?1 AND received_at < ?2 AND ({scope})
+             ORDER BY received_at, agent_id, epoch, seq"
+        ))?;
+        let mut rows = st.query(params![from, to, scope_param])?;
+        while let Some(r) = rows.next()? {
+            let (id, received, agent_time, agent, role, kind, envelope): (
+                String,
+                String,
+                String,
+                String,
+                String,
+                String,
+                String,
+            ) = (
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            );
+            let env: Json = serde_json::from_str(&envelope).unwrap_or(Json::Null);
+            let data = &env["event"]["data"];
+            let device = [
+                str_of(data, "usb_serial"),
+                str_of(data, "serial"),
+                str_of(data, "hash"),
+            ]
+            .into_iter()
+            .find(|s| !s.is_empty())
+            .unwrap_or("");
+            let destination = if kind == "net.transfer" {
+                format!("{}:{}", str_of(data, "remote_addr"), data["remote_port"])
+            } else {
+                String::new()
+            };
+            csv.write_record([
+                id.as_str(),
+                &received,
+                &agent_time,
+                &agent,
+                &role,
+                &kind,
+                str_of(data, "user"),
+                device,
+                str_of(data, "path"),
+                &destination,
+                &data.to_string(),
+            ])?;
+            // The stored record verbatim: the agent's hash chain can be re-checked from it.
+            jsonl.write_all(envelope.as_bytes()).map_err(io(&partial))?;
+            jsonl.write_all(b"\n").map_err(io(&partial))?;
+            agg.event(&req.tz, &agent, &kind, &agent_time, data);
+            if agg.events % 10_000 == 0 {
+                progress(agg.events, total);
+            }
+        }
+    }
+    progress(agg.events, total);
+    let csv_out = csv.into_inner().map_err(|e| ExportError::Io {
+        path: partial.join("events.csv").display().to_string(),
+        source: e.into_error(),
+    })?;
+    entries.push(finish(&partial, "events.csv", csv_out)?);
+    entries.push(finish(&partial, "events.jsonl", jsonl)?);
+
+    // Alerts.
+    let mut csv_out = create(&partial, "alerts.csv")?;
+    csv_out.write_all(BOM).map_err(io(&partial))?;
+    let mut csv = csv::Writer::from_writer(csv_out);
+    csv.write_record([
+        "alert_id",
+        "time",
+        "level",
+        "rule_id",
+        "title",
+        "agent_id",
+        "key",
+        "count",
+        "last_seen",
+        "summary",
+        "event_ids",
+        "tags",
+    ])?;
+    let mut jsonl = create(&partial, "alerts.jsonl")?;
+    {
+        let mut st = conn.prepare(&format!(
+            "SELECT alert_id, time, level, rule_id, agent_id, summary, event_ids, details, title, tags, key, count, last_seen
+             FROM alerts WHERE time >= ?1 AND time < ?2 AND ({scope}) ORDER BY alert_id"
+        ))?;
+        let mut rows = st.query(params![from, to, scope_param])?;
+        while let Some(r) = rows.next()? {
+            let alert = crate::store::alert_from_row(r)?;
+            csv.write_record([
+                alert.alert_id.to_string().as_str(),
+                &alert.time.to_string(),
+                alert.level.as_str(),
+                &alert.rule_id,
+                &alert.title,
+                &alert.agent_id,
+                &alert.key,
+                &alert.count.to_string(),
+                &alert.last_seen.to_string(),
+                &alert.summary,
+                &alert.event_ids.join(" "),
+                &alert.tags.join("; "),
+            ])?;
+            serde_json::to_writer(&mut jsonl, &alert).map_err(|e| ExportError::Io {
+                path: partial.join("alerts.jsonl").display().to_string(),
+                source: e.into(),
+            })?;
+            jsonl.write_all(b"\n").map_err(io(&partial))?;
+            agg.alert(&req.tz, &alert);
+        }
+    }
+    let csv_out = csv.into_inner().map_err(|e| ExportError::Io {
+        path: partial.join("alerts.csv").display().to_string(),
+        source: e.into_error(),
+    })?;
+    entries.push(finish(&partial, "alerts.csv", csv_out)?);
+    entries.push(finish(&partial, "alerts.jsonl", jsonl)?);
+
+    // Fleet coverage: agents known by the end of the period, in scope.
+    let expected: Vec<String> = {
+        let mut st = conn.prepare(&format!(
+            "SELECT agent_id FROM agents WHERE first_seen < ?2 AND ?1 IS NOT NULL AND ({scope}) ORDER BY agent_id"
+        ))?;
+        let rows = st.query_map(params![from, to, scope_param], |r| r.get(0))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let previous = last_export(&conn).ok().flatten();
+    conn.execute_batch("COMMIT")?;
+
+    // The report.
+    let t = req.lang.texts();
+    let tz_name = req.tz.iana_name().unwrap_or("UTC").to_string();
+    let fmt = |ts: jiff::Timestamp| {
+        ts.to_zoned(req.tz.clone())
+            .strftime("%Y-%m-%d %H:%M")
+            .to_string()
+    };
+    let not_reporting: Vec<String> = expected
+        .iter()
+        .filter(|a| !agg.reporting.contains(*a))
+        .cloned()
+        .collect();
+    let mut usb: Vec<DeviceRow> = std::mem::take(&mut agg.usb)
+        .into_iter()
+        .map(|((target, _, agent, rule), (device, count))| DeviceRow {
+            target,
+            device,
+            agent,
+            rule,
+            count,
+        })
+        .collect();
+    usb.sort_by(|a, b| {
+        (
+            a.target != "block",
+            a.target.clone(),
+            std::cmp::Reverse(a.count),
+            a.device.clone(),
+        )
+            .cmp(&(
+                b.target != "block",
+                b.target.clone(),
+                std::cmp::Reverse(b.count),
+                b.device.clone(),
+            ))
+    });
+    usb.truncate(MAX_ROWS);
+    let days: Vec<(String, [u64; 3])> = std::mem::take(&mut agg.days).into_iter().collect();
+    let mapping = mapping(rules, req.lang);
+    let html = report::Report {
+        t,
+        lang: req.lang.code(),
+        period_from: fmt(req.from),
+        period_to: fmt(req.to),
+        timezone: tz_name.clone(),
+        scope: req
+            .scope_label
+            .clone()
+            .unwrap_or_else(|| t.all_agents.to_string()),
+        generated: fmt(jiff::Timestamp::now()),
+        generator: format!("weilan-collector {}", crate::VERSION),
+        events_total: agg.events,
+        alerts_total: agg.alerts,
+        red: agg.levels[0],
+        yellow: agg.levels[1],
+        blue: agg.levels[2],
+        days: report::day_chart(t.chart_days, &days),
+        tops: vec![
+            report::top_chart(
+                t.top_agents,
+                &sorted_top(std::mem::take(&mut agg.alerts_by_agent)),
+            ),
+            report::top_chart(t.top_users, &sorted_top(std::mem::take(&mut agg.users))),
+            report::top_chart(t.top_devices, &sorted_top(std::mem::take(&mut agg.devices))),
+        ],
+        expected: expected.len(),
+        reporting: expected
+            .iter()
+            .filter(|a| agg.reporting.contains(*a))
+            .count(),
+        not_reporting,
+        silent: std::mem::take(&mut agg.silent),
+        policies: std::mem::take(&mut agg.policies)
+            .into_iter()
+            .map(|(v, a)| (v, a.into_iter().collect::<Vec<_>>().join(", ")))
+            .collect(),
+        usb,
+        files: std::mem::take(&mut agg.files),
+        files_total: agg.files_total,
+        transfers: std::mem::take(&mut agg.transfers),
+        transfers_total: agg.transfers_total,
+        unlocks: std::mem::take(&mut agg.unlocks),
+        failures: std::mem::take(&mut agg.failures),
+        integrity: std::mem::take(&mut agg.integrity),
+        mapping,
+    }
+    .render()?;
+    let mut out = create(&partial, "report.html")?;
+    out.write_all(html.as_bytes()).map_err(io(&partial))?;
+    entries.push(finish(&partial, "report.html", out)?);
+
+    // The manifest, signed, chained.
+    let manifest = serde_json::json!({
+        "format": FORMAT,
+        "generator": format!("weilan-collector {}", crate::VERSION),
+        "created_at": jiff::Timestamp::now(),
+        "period": {"from": req.from, "to": req.to, "timezone": tz_name, "by": "received_at"},
+        "scope": {"agents": req.agents, "label": req.scope_label},
+        "schedule": req.schedule,
+        "caught_up": req.caught_up,
+        "language": req.lang.code(),
+        "counts": {"events": agg.events, "alerts": agg.alerts},
+        "files": entries,
+        "previous": previous.as_ref().map(|(n, h)| serde_json::json!({"name": n, "manifest_sha256": h})),
+    });
+    let text = serde_json::to_string_pretty(&manifest).unwrap_or_default();
+    let manifest_sha256 = hex::encode(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()));
+    let mut signed = signer.sign(Purpose::Export, text.clone());
+    signed.body = String::new(); // detached: the body is manifest.json itself
+    for (file, bytes) in [
+        ("manifest.json", text.into_bytes()),
+        (
+            "manifest.sig",
+            serde_json::to_vec_pretty(&signed).unwrap_or_default(),
+        ),
+    ] {
+        let p = partial.join(file);
+        let mut f = File::create(&p).map_err(io(&p))?;
+        f.write_all(&bytes).map_err(io(&p))?;
+        f.sync_all().map_err(io(&p))?;
+    }
+    std::fs::rename(&partial, &req.dir).map_err(io(&req.dir))?;
+    if let Some(parent) = req.dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(io(parent))?;
+    }
+    let rw = Connection::open(db_path)?;
+    rw.busy_timeout(std::time::Duration::from_secs(10))?;
+    rw.execute(
+        "INSERT INTO exports (name, dir, schedule, period_from, period_to, created_at, manifest_sha256, caught_up)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            name,
+            req.dir.display().to_string(),
+            req.schedule,
+            from,
+            to,
+            jiff::Timestamp::now().to_string(),
+            manifest_sha256,
+            req.caught_up
+        ],
+    )?;
+    Ok(Summary {
+        dir: req.dir.clone(),
+        events: agg.events,
+        alerts: agg.alerts,
+        manifest_sha256,
+        previous: previous.map(|p| p.0),
+    })
+}
+
+/// The mapping table: report sections and indicators for each control.
+fn mapping(rules: &RuleSet, lang: Lang) -> Vec<MappingRow> {
+    let mut by_control: BTreeMap<String, (Vec<&str>, Vec<String>)> = BTreeMap::new();
+    for (control, section) in report::section_controls(lang) {
+        by_control
+            .entry(control.to_string())
+            .or_default()
+            .0
+            .push(section);
+    }
+    for r in rules.rules() {
+        for tag in r
+            .tags
+            .iter()
+            .filter(|t| t.starts_with("等保") || t.starts_with("NIST"))
+        {
+            by_control
+                .entry(tag.clone())
+                .or_default()
+                .1
+                .push(format!("{} ({})", r.title, r.id));
+        }
+    }
+    by_control
+        .into_iter()
+        .map(|(control, (sections, rules))| MappingRow {
+            control,
+            sections: sections.join("; "),
+            rules: rules.join("; "),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

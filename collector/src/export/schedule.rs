@@ -1,0 +1,360 @@
+//! Scheduled exports: each schedule exports the previous day, week (Monday to Monday)
+//! or calendar month once its time of day has passed in its time zone. Periods the
+//! collector missed while it was down are produced at the next start — oldest first,
+//! at most 31 — and marked `caught_up` in their manifest and in an alert.
+//! Retention: exports beyond `keep` per schedule are deleted (their manifest hashes
+//! stay in the database, so the chain's record is not lost), and events older than
+//! `events_keep_days` are pruned.
+
+use std::path::PathBuf;
+
+use jiff::civil::{Date, Time};
+use jiff::tz::TimeZone;
+use rusqlite::{params, Connection, OptionalExtension};
+use weilan_config::settings::collector::{Every, ExportSettings, ScheduleSettings};
+
+/// One export a schedule owes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub schedule: String,
+    pub from: jiff::Timestamp,
+    pub to: jiff::Timestamp,
+    /// When it was due.
+    pub due: jiff::Timestamp,
+    pub dir: PathBuf,
+    /// Due more than two minutes ago: the collector was not running at the time.
+    pub caught_up: bool,
+}
+
+/// The boundary (start of a period) on or before `d`.
+fn boundary_on_or_before(every: Every, d: Date) -> Date {
+    match every {
+        Every::Day => d,
+        Every::Week => d
+            .checked_sub(jiff::Span::new().days(d.weekday().to_monday_zero_offset() as i64))
+            .unwrap_or(d),
+        Every::Month => d.first_of_month(),
+    }
+}
+
+/// The boundary before boundary `b`.
+fn previous(every: Every, b: Date) -> Date {
+    let back = match every {
+        Every::Day => jiff::Span::new().days(1),
+        Every::Week => jiff::Span::new().weeks(1),
+        Every::Month => jiff::Span::new().months(1),
+    };
+    b.checked_sub(back).unwrap_or(b)
+}
+
+fn instant(d: Date, t: Time, tz: &TimeZone) -> jiff::Timestamp {
+    d.to_datetime(t)
+        .to_zoned(tz.clone())
+        .map(|z| z.timestamp())
+        .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+}
+
+fn dir_name(s: &ScheduleSettings, from: Date) -> String {
+    match s.every {
+        Every::Month => format!("{}-{}", s.name, from.strftime("%Y-%m")),
+        _ => format!("{}-{}", s.name, from.strftime("%Y-%m-%d")),
+    }
+}
+
+/// The exports `s` owes at `now`, oldest first; `last_to` is the end of its newest
+/// recorded export.
+pub fn due(
+    s: &ScheduleSettings,
+    tz: &TimeZone,
+    out: &std::path::Path,
+    last_to: Option<jiff::Timestamp>,
+    now: jiff::Timestamp,
+) -> Vec<Job> {
+    let today = now.to_zoned(tz.clone()).date();
+    // The newest period whose due time has passed: [previous(b), b), due at b + at.
+    let mut b = boundary_on_or_before(s.every, today);
+    if now < instant(b, s.at, tz) {
+        b = previous(s.every, b);
+    }
+    let mut jobs = Vec::new();
+    let mut end = b;
+    for _ in 0..31 {
+        let start = previous(s.every, end);
+        let to = instant(end, Time::midnight(), tz);
+        if last_to.is_some_and(|l| to <= l) {
+            break;
+        }
+        let due = instant(end, s.at, tz);
+        jobs.push(Job {
+            schedule: s.name.clone(),
+            from: instant(start, Time::midnight(), tz),
+            to,
+            due,
+            dir: out.join(dir_name(s, start)),
+            caught_up: now.duration_since(due) > jiff::SignedDuration::from_secs(120),
+        });
+        if last_to.is_none() {
+            break; // a new schedule starts with the newest period only
+        }
+        end = start;
+    }
+    jobs.reverse();
+    jobs
+}
+
+/// The end of the newest export recorded for `schedule`.
+pub fn last_to(conn: &Connection, schedule: &str) -> rusqlite::Result<Option<jiff::Timestamp>> {
+    let t: Option<String> = conn
+        .query_row(
+            "SELECT MAX(period_to) FROM exports WHERE schedule = ?1",
+            [schedule],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten();
+    Ok(t.and_then(|t| t.parse().ok()))
+}
+
+/// Deletes exports beyond `keep` per schedule (newest kept) and events older than
+/// `events_keep_days`; returns (exports removed, events removed).
+pub fn retention(
+    conn: &Connection,
+    settings: &ExportSettings,
+    now: jiff::Timestamp,
+) -> rusqlite::Result<(usize, u64)> {
+    let mut removed = 0;
+    if settings.keep > 0 {
+        for s in &settings.schedules {
+            let mut st = conn.prepare(
+                "SELECT dir FROM exports WHERE schedule = ?1 ORDER BY period_to DESC LIMIT -1 OFFSET ?2",
+            )?;
+            let old: Vec<String> = st
+                .query_map(params![s.name, settings.keep], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for dir in old {
+                if std::path::Path::new(&dir).exists() {
+                    match std::fs::remove_dir_all(&dir) {
+                        Ok(()) => removed += 1,
+                        Err(e) => tracing::warn!(dir, error = %e, "old export not removed"),
+                    }
+                }
+            }
+        }
+    }
+    let mut events = 0;
+    if settings.events_keep_days > 0 {
+        let cutoff = (now
+            - jiff::SignedDuration::from_hours(24 * settings.events_keep_days as i64))
+        .to_string();
+        loop {
+            // In slices, so ingest is never locked out for long.
+            let n = conn.execute(
+                "DELETE FROM events WHERE event_id IN
+                   (SELECT event_id FROM events WHERE received_at < ?1 LIMIT 10000)",
+                [&cutoff],
+            )?;
+            events += n as u64;
+            if n == 0 {
+                break;
+            }
+        }
+    }
+    Ok((removed, events))
+}
+
+/// Produces every export the schedules owe now and applies retention; returns the
+/// findings to alert on (exports caught up late, exports that failed).
+pub fn run(
+    settings: &weilan_config::settings::collector::CollectorSettings,
+    signer: &weilan_config::signing::Signer,
+    rules: &crate::rules::RuleSet,
+    now: jiff::Timestamp,
+) -> Vec<crate::rules::Finding> {
+    use crate::rules::{findings, Finding};
+    let ex = &settings.exports;
+    let mut found = Vec::new();
+    let failed = |what: String, error: String| Finding {
+        kind: findings::EXPORT_FAILED,
+        agent_id: "(collector)".into(),
+        summary: format!("{what} failed: {error}"),
+        event_ids: vec![],
+        details: serde_json::json!({"error": error}),
+    };
+    if ex.schedules.is_empty() && ex.events_keep_days == 0 {
+        return found;
+    }
+    let conn = match Connection::open(&settings.store_path) {
+        Ok(c) => c,
+        Err(e) => {
+            return vec![failed(
+                "opening the database for exports".into(),
+                e.to_string(),
+            )]
+        }
+    };
+    let _ = conn.busy_timeout(std::time::Duration::from_secs(10));
+    if let Err(e) = std::fs::create_dir_all(&ex.dir) {
+        return vec![failed(
+            format!("creating {}", ex.dir.display()),
+            e.to_string(),
+        )];
+    }
+    let lang = super::Lang::parse(&ex.language).unwrap_or(super::Lang::Zh);
+    for s in &ex.schedules {
+        let last = match last_to(&conn, &s.name) {
+            Ok(l) => l,
+            Err(e) => {
+                found.push(failed(format!("schedule {}", s.name), e.to_string()));
+                continue;
+            }
+        };
+        for job in due(s, &ex.timezone, &ex.dir, last, now) {
+            let what = format!("export {} ({} to {})", job.dir.display(), job.from, job.to);
+            let scope = super::scope(
+                &settings.store_path,
+                rules,
+                s.agents.clone(),
+                s.group.clone(),
+            );
+            let result = scope.and_then(|(agents, label)| {
+                super::export(
+                    &settings.store_path,
+                    signer,
+                    rules,
+                    &super::Request {
+                        from: job.from,
+                        to: job.to,
+                        tz: ex.timezone.clone(),
+                        agents,
+                        scope_label: label,
+                        lang,
+                        dir: job.dir.clone(),
+                        schedule: Some(s.name.clone()),
+                        caught_up: job.caught_up,
+                    },
+                    &mut |_, _| {},
+                )
+            });
+            match result {
+                Ok(sum) => {
+                    tracing::info!(schedule = %s.name, dir = %sum.dir.display(), events = sum.events, alerts = sum.alerts, caught_up = job.caught_up, "export written");
+                    if job.caught_up {
+                        found.push(Finding {
+                            kind: findings::EXPORT_CAUGHT_UP,
+                            agent_id: "(collector)".into(),
+                            summary: format!(
+                                "Export {} of schedule {} was due at {} and made late, at {} (the collector was not running); {} events, {} alerts",
+                                sum.dir.display(), s.name, job.due, now, sum.events, sum.alerts
+                            ),
+                            event_ids: vec![],
+                            details: serde_json::json!({"schedule": s.name, "due": job.due, "from": job.from, "to": job.to}),
+                        });
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(schedule = %s.name, error = %e, "export failed; retried at the next check");
+                    found.push(failed(what, e.to_string()));
+                    break; // keep the chain in period order
+                }
+            }
+        }
+    }
+    match retention(&conn, ex, now) {
+        Ok((0, 0)) => {}
+        Ok((exports, events)) => tracing::info!(exports, events, "retention applied"),
+        Err(e) => found.push(failed("retention".into(), e.to_string())),
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schedule(every: Every) -> ScheduleSettings {
+        ScheduleSettings {
+            name: "s".into(),
+            every,
+            at: jiff::civil::time(1, 0, 0, 0),
+            agents: None,
+            group: None,
+        }
+    }
+
+    fn ts(s: &str) -> jiff::Timestamp {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn daily_weekly_monthly_periods_in_the_schedules_zone() {
+        let tz = TimeZone::get("Asia/Shanghai").unwrap();
+        let out = std::path::Path::new("/x");
+        // Sunday 2026-11-22 03:00 Shanghai (19:00 UTC the day before).
+        let now = ts("2026-11-21T19:00:00Z");
+        let d = due(&schedule(Every::Day), &tz, out, None, now);
+        assert_eq!(d.len(), 1);
+        assert_eq!(
+            (d[0].from, d[0].to),
+            (ts("2026-11-20T16:00:00Z"), ts("2026-11-21T16:00:00Z"))
+        );
+        assert_eq!(d[0].dir, out.join("s-2026-11-21"));
+        assert!(d[0].caught_up, "due at 01:00, now 03:00");
+        // Before 01:00 yesterday is not due yet: the day before is the newest.
+        let early = due(
+            &schedule(Every::Day),
+            &tz,
+            out,
+            None,
+            ts("2026-11-21T16:30:00Z"),
+        );
+        assert_eq!(early[0].to, ts("2026-11-20T16:00:00Z"));
+        // Weeks run Monday to Monday: on Sunday the week before last is the newest due.
+        let w = due(&schedule(Every::Week), &tz, out, None, now);
+        assert_eq!(
+            (w[0].from, w[0].to),
+            (ts("2026-11-08T16:00:00Z"), ts("2026-11-15T16:00:00Z"))
+        );
+        let m = due(&schedule(Every::Month), &tz, out, None, now);
+        assert_eq!(
+            (m[0].from, m[0].to),
+            (ts("2026-09-30T16:00:00Z"), ts("2026-10-31T16:00:00Z"))
+        );
+        assert_eq!(m[0].dir, out.join("s-2026-10"));
+    }
+
+    #[test]
+    fn missed_periods_are_caught_up_oldest_first_and_done_ones_are_not_repeated() {
+        let tz = TimeZone::UTC;
+        let out = std::path::Path::new("/x");
+        let now = ts("2026-11-22T01:00:30Z");
+        // The last export covered up to the 19th: the 19th, 20th and 21st are owed.
+        let d = due(
+            &schedule(Every::Day),
+            &tz,
+            out,
+            Some(ts("2026-11-19T00:00:00Z")),
+            now,
+        );
+        let froms: Vec<_> = d.iter().map(|j| j.from.to_string()).collect();
+        assert_eq!(
+            froms,
+            [
+                "2026-11-19T00:00:00Z",
+                "2026-11-20T00:00:00Z",
+                "2026-11-21T00:00:00Z"
+            ]
+        );
+        assert_eq!(
+            d.iter().map(|j| j.caught_up).collect::<Vec<_>>(),
+            [true, true, false]
+        );
+        assert!(due(
+            &schedule(Every::Day),
+            &tz,
+            out,
+            Some(ts("2026-11-22T00:00:00Z")),
+            now
+        )
+        .is_empty());
+    }
+}

@@ -1,0 +1,432 @@
+//! Exports from a known event set: every count against the database, the files'
+//! encodings, scope, and verification failing on any change, removal, addition or
+//! replaced link of the chain.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+use weilan_config::event::{record_hash, Envelope, GENESIS_HASH, SCHEMA_VERSION};
+
+use super::{export, verify, Lang, Request};
+use crate::pki::{self, PkiPaths};
+use crate::rules::{Engine, Fact};
+use crate::store::{Incoming, Store};
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    db: PathBuf,
+    pki: PkiPaths,
+}
+
+const FROM: &str = "2026-11-20T16:00:00Z"; // 2026-11-21 00:00 Shanghai
+const TO: &str = "2026-11-21T16:00:00Z";
+
+fn usb(serial: &str, hash: &str) -> serde_json::Value {
+    json!({"port_path": "1-1", "busnum": 1, "devnum": 5, "vid": "abcd", "pid": "1234",
+        "bcd_device": "0100", "serial": serial, "manufacturer": "Acme", "product": "Stick",
+        "device_class": 0, "interfaces": [{"number": 0, "class": 8, "subclass": 6, "protocol": 80}],
+        "speed": "480", "authorized": false, "hash": hash, "parent_hash": null,
+        "block_devices": [], "present_at_start": false})
+}
+
+fn exported(path: &str, classified: bool) -> serde_json::Value {
+    json!({"path": path, "mount_point": "/media/u", "fs_type": "vfat",
+        "mount_source": "/dev/sdb1", "usb_serial": "S-1", "usb_hash": "h1", "size": 1000,
+        "sha256": "00", "hashed_bytes": 1000, "pid": 42, "exe": "/usr/bin/cp",
+        "cmdline": "cp", "uid": 1000, "user": "张三", "first_write": FROM, "last_write": FROM,
+        "attribution": "fanotify",
+        "classification": if classified { json!([{"detector": "cn_id", "count": 2, "samples": ["1101**"]}]) } else { json!([]) },
+        "classification_note": null, "exit": "removable", "action": "audit",
+        "rule_id": "files.default", "origins": []})
+}
+
+/// One agent's journal: its next sequence number and the hash the next record names.
+struct Stream<'a> {
+    agent: &'a str,
+    role: &'a str,
+    seq: u64,
+    prev: String,
+}
+
+/// Stores `events` of the stream's agent as ingest does (chained records, rules in
+/// the same transaction), received at `at`.
+fn ingest(
+    store: &mut Store,
+    engine: &mut Engine,
+    s: &mut Stream<'_>,
+    at: &str,
+    events: Vec<(&str, serde_json::Value)>,
+) {
+    let policy = weilan_config::load::load_str::<weilan_config::policy::PolicyFile>(
+        weilan_config::examples::POLICY_TOML,
+        Path::new("policy.toml"),
+        PathBuf::from("."),
+    )
+    .unwrap();
+    let raws: Vec<String> = events
+        .into_iter()
+        .map(|(kind, data)| {
+            s.seq += 1;
+            let env = json!({
+                "schema": SCHEMA_VERSION, "event_id": format!("{}:1:{}", s.agent, s.seq), "time": at,
+                "host_role": s.role, "prev_hash": s.prev.clone(),
+                "event": {"kind": kind, "data": data},
+            });
+            let raw = env.to_string();
+            s.prev = record_hash(raw.as_bytes());
+            raw
+        })
+        .collect();
+    let incoming: Vec<Incoming<'_>> = raws
+        .iter()
+        .map(|r| Incoming {
+            envelope: serde_json::from_str::<Envelope>(r).unwrap(),
+            raw: r,
+            hash: record_hash(r.as_bytes()),
+        })
+        .collect();
+    let now: jiff::Timestamp = at.parse().unwrap();
+    store
+        .store_batch(s.agent, &incoming, now, |tx, stored, found| {
+            let mut facts: Vec<Fact> = stored
+                .iter()
+                .map(|s| Fact::from_envelope(s.envelope))
+                .collect();
+            facts.extend(found.iter().map(|f| Fact::from_finding(f, now)));
+            engine.evaluate(tx, &policy, &facts, now)
+        })
+        .unwrap();
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = PkiPaths::new(dir.path().join("pki"));
+    pki::init(&pki, &["localhost".into()]).unwrap();
+    let db = dir.path().join("weilan.db");
+    let mut store = Store::open(&db).unwrap();
+    let mut engine = Engine::new(true, None).unwrap();
+    for (agent, role) in [
+        ("ws-1", "workstation"),
+        ("ws-2", "workstation"),
+        ("srv-1", "server-room"),
+    ] {
+        let mut st = Stream {
+            agent,
+            role,
+            seq: 0,
+            prev: GENESIS_HASH.to_string(),
+        };
+        // Before the period: not exported.
+        ingest(
+            &mut store,
+            &mut engine,
+            &mut st,
+            "2026-11-20T10:00:00Z",
+            vec![(
+                "usb.attached",
+                usb(&format!("{agent}-OLD"), &format!("{agent}-old")),
+            )],
+        );
+        // In the period.
+        ingest(
+            &mut store,
+            &mut engine,
+            &mut st,
+            "2026-11-21T02:00:00Z",
+            vec![
+                (
+                    "agent.heartbeat",
+                    json!({"agent_version": "0.1.0", "uptime_secs": 5, "policy_version": "v7", "backlog": 0, "dropped_total": 0}),
+                ),
+                (
+                    "usb.attached",
+                    usb(&format!("{agent}-U1"), &format!("{agent}-h1")),
+                ),
+                (
+                    "usb.decision",
+                    json!({"port_path": "1-1", "vid": "abcd", "pid": "1234", "serial": format!("{agent}-U1"),
+                "manufacturer": "Acme", "product": "Stick", "hash": format!("{agent}-h1"), "target": "block",
+                "rule_id": "implicit default", "reason": "r", "trigger": "attach", "mode": "enforce",
+                "actions": [], "enforced": true, "error": null, "policy_version": "v7"}),
+                ),
+                ("file.exported", exported("/media/u/机密报告.docx", true)),
+                (
+                    "file.exported",
+                    exported("/media/u/notes, \"draft\".txt", false),
+                ),
+            ],
+        );
+        ingest(
+            &mut store,
+            &mut engine,
+            &mut st,
+            "2026-11-21T15:59:59Z",
+            vec![(
+                "net.transfer",
+                json!({"pid": 77, "exe": "/usr/bin/curl", "cmdline": "curl -T x", "uid": 1000,
+                "user": "bob", "protocol": "tcp", "local_addr": "192.0.2.10", "local_port": 40000,
+                "remote_addr": "203.0.113.9", "remote_port": 443, "remote_host": null, "bytes_sent": 5000000,
+                "bytes_received": 300, "duration_ms": 900, "phase": "closed", "allowlisted": false,
+                "sensitive_files": [], "action": "audit", "rule_id": "net.default"}),
+            )],
+        );
+        // At the period's end (exclusive): the next export's.
+        ingest(
+            &mut store,
+            &mut engine,
+            &mut st,
+            TO,
+            vec![(
+                "usb.attached",
+                usb(&format!("{agent}-NEXT"), &format!("{agent}-next")),
+            )],
+        );
+        store
+            .touch_agent(agent, Some("online"), Some("0.1.0"), None, None)
+            .unwrap();
+    }
+    // Known to the collector since before the period (the fixture is written today).
+    store
+        .conn()
+        .execute("UPDATE agents SET first_seen = '2026-11-20T00:00:00Z'", [])
+        .unwrap();
+    Fixture { dir, db, pki }
+}
+
+fn request(f: &Fixture, name: &str, lang: Lang, agents: Option<Vec<String>>) -> Request {
+    Request {
+        from: FROM.parse().unwrap(),
+        to: TO.parse().unwrap(),
+        tz: jiff::tz::TimeZone::get("Asia/Shanghai").unwrap(),
+        agents,
+        scope_label: None,
+        lang,
+        dir: f.dir.path().join("exports").join(name),
+        schedule: None,
+        caught_up: false,
+    }
+}
+
+fn run(f: &Fixture, req: &Request) -> super::Summary {
+    std::fs::create_dir_all(req.dir.parent().unwrap()).unwrap();
+    let signer =
+        weilan_config::signing::Signer::from_pem_files(&f.pki.collector(), &f.pki.collector_key())
+            .unwrap();
+    let rules = crate::rules::RuleSet::load(true, None).unwrap();
+    export(&f.db, &signer, &rules, req, &mut |_, _| {}).unwrap()
+}
+
+fn db_count(f: &Fixture, sql: &str) -> u64 {
+    let conn = rusqlite::Connection::open(&f.db).unwrap();
+    conn.query_row(sql, rusqlite::params![FROM, TO], |r| r.get::<_, i64>(0))
+        .unwrap() as u64
+}
+
+fn csv_rows(path: &Path) -> Vec<csv::StringRecord> {
+    let bytes = std::fs::read(path).unwrap();
+    assert!(
+        bytes.starts_with(b"\xEF\xBB\xBF"),
+        "{} starts with a UTF-8 BOM",
+        path.display()
+    );
+    csv::Reader::from_reader(&bytes[3..])
+        .records()
+        .map(|r| r.unwrap())
+        .collect()
+}
+
+fn verifier(f: &Fixture) -> weilan_config::signing::Verifier {
+    weilan_config::signing::Verifier::from_ca_file(&f.pki.ca()).unwrap()
+}
+
+#[test]
+fn every_count_in_csv_json_and_html_matches_the_database() {
+    let f = fixture();
+    let s = run(&f, &request(&f, "zh", Lang::Zh, None));
+    let events = db_count(
+        &f,
+        "SELECT COUNT(*) FROM events WHERE received_at >= ?1 AND received_at < ?2",
+    );
+    let alerts = db_count(
+        &f,
+        "SELECT COUNT(*) FROM alerts WHERE time >= ?1 AND time < ?2",
+    );
+    assert_eq!(events, 18, "3 agents × 6 events in the period");
+    assert!(alerts > 0);
+    assert_eq!((s.events, s.alerts), (events, alerts));
+    let rows = csv_rows(&s.dir.join("events.csv"));
+    assert_eq!(rows.len() as u64, events);
+    // Chinese text, commas and quotes survive the CSV round trip.
+    assert!(rows
+        .iter()
+        .any(|r| &r[8] == "/media/u/机密报告.docx" && &r[6] == "张三"));
+    assert!(rows
+        .iter()
+        .any(|r| &r[8] == "/media/u/notes, \"draft\".txt"));
+    let conn = rusqlite::Connection::open(&f.db).unwrap();
+    let jsonl = std::fs::read_to_string(s.dir.join("events.jsonl")).unwrap();
+    assert_eq!(jsonl.lines().count() as u64, events);
+    for line in jsonl.lines() {
+        let id = serde_json::from_str::<Envelope>(line)
+            .unwrap()
+            .event_id
+            .to_string();
+        let stored: String = conn
+            .query_row(
+                "SELECT envelope FROM events WHERE event_id = ?1",
+                [&id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(line, stored, "the stored record, byte for byte");
+    }
+    assert_eq!(csv_rows(&s.dir.join("alerts.csv")).len() as u64, alerts);
+    assert_eq!(
+        std::fs::read_to_string(s.dir.join("alerts.jsonl"))
+            .unwrap()
+            .lines()
+            .count() as u64,
+        alerts
+    );
+    let html = std::fs::read_to_string(s.dir.join("report.html")).unwrap();
+    let level = |l: &str| {
+        db_count(
+            &f,
+            &format!(
+                "SELECT COUNT(*) FROM alerts WHERE time >= ?1 AND time < ?2 AND level = '{l}'"
+            ),
+        )
+    };
+    for (label, l) in [("红", "red"), ("黄", "yellow"), ("蓝", "blue")] {
+        assert!(
+            html.contains(&format!("{label} {}</span>", level(l))),
+            "{label}: {}",
+            level(l)
+        );
+    }
+    assert!(html.contains(&format!("{events} 条事件 · {alerts} 条告警")));
+    let classified = db_count(&f, "SELECT COUNT(*) FROM events WHERE received_at >= ?1 AND received_at < ?2 AND kind = 'file.exported' AND json_array_length(json_extract(envelope, '$.event.data.classification')) > 0");
+    assert!(
+        html.contains(&format!("<p class=\"note\">{classified} 个含分类结果")),
+        "{classified}"
+    );
+    assert_eq!(
+        html.matches("/media/u/机密报告.docx").count() as u64,
+        classified
+    );
+    let transfers = db_count(&f, "SELECT COUNT(*) FROM events WHERE received_at >= ?1 AND received_at < ?2 AND kind = 'net.transfer'");
+    assert!(html.contains(&format!("{transfers} 次传输")));
+    assert!(
+        html.contains("<td>v7</td><td>srv-1, ws-1, ws-2</td>"),
+        "policy versions in force"
+    );
+    assert!(
+        html.contains("<td class=\"n\">3</td><td class=\"n\">3</td>"),
+        "fleet: 3 expected, 3 reporting"
+    );
+    assert!(
+        html.contains("NIST AU-9") && html.contains("等保2.0 8.1.4.3 安全审计"),
+        "mapping section"
+    );
+    assert!(
+        !html.contains("http://") && !html.contains("https://") && !html.contains("<script"),
+        "self-contained"
+    );
+    assert!(html.contains("<svg id=\"chart-days\"") && html.matches("<rect").count() > 3);
+    let v = verify::verify(&s.dir, &verifier(&f)).unwrap();
+    assert_eq!((v.exports.len(), v.files), (1, 5));
+}
+
+#[test]
+fn the_english_report_and_a_scoped_export_count_only_their_agents() {
+    let f = fixture();
+    let s = run(&f, &request(&f, "en", Lang::En, Some(vec!["ws-1".into()])));
+    assert_eq!(s.events, 6);
+    let html = std::fs::read_to_string(s.dir.join("report.html")).unwrap();
+    assert!(html.contains("<html lang=\"en\">") && html.contains("Alerts by level"));
+    assert!(html.contains("6 events ·"), "{}", &html[..400]);
+    assert!(!html.contains("ws-2"), "out of scope");
+    assert!(csv_rows(&s.dir.join("events.csv"))
+        .iter()
+        .all(|r| &r[3] == "ws-1"));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn verification_names_any_changed_removed_or_added_file_and_a_replaced_link() {
+    let f = fixture();
+    let first = run(&f, &request(&f, "first", Lang::En, None));
+    let mut req = request(&f, "second", Lang::En, None);
+    req.from = TO.parse().unwrap();
+    req.to = "2026-11-22T16:00:00Z".parse().unwrap();
+    let second = run(&f, &req);
+    assert_eq!(second.previous.as_deref(), Some("first"));
+    let v = verify::verify(&second.dir, &verifier(&f)).unwrap();
+    assert_eq!(v.exports.len(), 2, "the chain back to the first export");
+
+    // Any byte of any file.
+    for name in [
+        "events.csv",
+        "events.jsonl",
+        "alerts.csv",
+        "alerts.jsonl",
+        "report.html",
+        "manifest.json",
+        "manifest.sig",
+    ] {
+        let work = f.dir.path().join(format!("tamper-{name}"));
+        copy_dir(&first.dir, &work);
+        let p = work.join(name);
+        let mut bytes = std::fs::read(&p).unwrap();
+        let i = bytes.len() / 2;
+        bytes[i] ^= 0x01;
+        std::fs::write(&p, bytes).unwrap();
+        let err = verify::verify(&work, &verifier(&f)).unwrap_err();
+        let named = if name == "manifest.json" {
+            "manifest.sig"
+        } else {
+            name
+        };
+        assert!(err.contains(named), "{name}: {err}");
+    }
+    // A file removed, a file added.
+    let work = f.dir.path().join("removed");
+    copy_dir(&first.dir, &work);
+    std::fs::remove_file(work.join("alerts.csv")).unwrap();
+    let err = verify::verify(&work, &verifier(&f)).unwrap_err();
+    assert!(
+        err.contains("alerts.csv") && err.contains("missing"),
+        "{err}"
+    );
+    let work = f.dir.path().join("added");
+    copy_dir(&first.dir, &work);
+    std::fs::write(work.join("extra.csv"), "x").unwrap();
+    let err = verify::verify(&work, &verifier(&f)).unwrap_err();
+    assert!(
+        err.contains("extra.csv") && err.contains("not listed"),
+        "{err}"
+    );
+
+    // The first export replaced by another (validly signed) export of the same period.
+    let original = f.dir.path().join("exports").join("first-original");
+    std::fs::rename(&first.dir, &original).unwrap();
+    run(&f, &request(&f, "first", Lang::En, None));
+    let err = verify::verify(&second.dir, &verifier(&f)).unwrap_err();
+    assert!(
+        err.contains("first/manifest.json") && err.contains("replaced"),
+        "{err}"
+    );
+    // A foreign CA's signature does not verify.
+    let other = PkiPaths::new(f.dir.path().join("other-pki"));
+    pki::init(&other, &["localhost".into()]).unwrap();
+    let foreign = weilan_config::signing::Verifier::from_ca_file(&other.ca()).unwrap();
+    let err = verify::verify(&original, &foreign).unwrap_err();
+    assert!(err.contains("manifest.sig"), "{err}");
+}
