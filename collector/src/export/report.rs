@@ -244,7 +244,8 @@ pub fn day_chart(title: &str, days: &[(String, [u64; 3])]) -> Chart {
     } else {
         (720.0 / days.len() as f64).clamp(6.0, 40.0)
     };
-    let width = left + step * days.len().max(1) as f64 + 20.0;
+    // Wide enough for the title even with one day.
+    let width = (left + step * days.len().max(1) as f64 + 20.0).max(420.0);
     let max = days
         .iter()
         .map(|(_, c)| c.iter().sum::<u64>())
