@@ -430,3 +430,68 @@ fn verification_names_any_changed_removed_or_added_file_and_a_replaced_link() {
     let err = verify::verify(&original, &foreign).unwrap_err();
     assert!(err.contains("manifest.sig"), "{err}");
 }
+
+#[test]
+fn a_missed_schedule_is_caught_up_and_says_so_and_retention_prunes() {
+    let f = fixture();
+    let root = f.dir.path();
+    std::fs::write(root.join("policy.toml"), "version = \"t\"\n").unwrap();
+    let toml = format!(
+        "[broker]\nmode = \"external\"\n[tls]\nca = \"{pki}/ca.pem\"\nserver_cert = \"{pki}/server.pem\"\nserver_key = \"{pki}/server-key.pem\"\n\
+         client_cert = \"{pki}/collector.pem\"\nclient_key = \"{pki}/collector-key.pem\"\n[store]\npath = \"weilan.db\"\n\
+         [alerts]\npath = \"alerts.jsonl\"\n[policy]\npath = \"policy.toml\"\n\
+         [exports]\ndir = \"scheduled\"\nlanguage = \"en\"\ntimezone = \"Asia/Shanghai\"\nkeep = 1\nevents_keep_days = 1\n\
+         [[exports.schedules]]\nname = \"daily\"\nevery = \"day\"\nat = \"01:00\"\n",
+        pki = f.pki.ca().parent().unwrap().display()
+    );
+    let settings =
+        weilan_config::load::load_str::<weilan_config::settings::collector::CollectorFile>(
+            &toml,
+            &root.join("collector.toml"),
+            root.to_path_buf(),
+        )
+        .unwrap();
+    let signer =
+        weilan_config::signing::Signer::from_pem_files(&f.pki.collector(), &f.pki.collector_key())
+            .unwrap();
+    let rules = crate::rules::RuleSet::load(true, None).unwrap();
+    // The collector comes up at 09:00 on the 22nd (Shanghai): the 21st was due at 01:00.
+    let now: jiff::Timestamp = "2026-11-22T01:00:00Z".parse().unwrap();
+    let found = super::schedule::run(&settings, &signer, &rules, now);
+    let dir = root.join("scheduled/daily-2026-11-21");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["caught_up"], true);
+    assert_eq!(manifest["schedule"], "daily");
+    assert_eq!(manifest["counts"]["events"], 18, "the fixture's period");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].kind, crate::rules::findings::EXPORT_CAUGHT_UP);
+    assert!(
+        found[0].summary.contains("daily-2026-11-21") && found[0].summary.contains("made late")
+    );
+    // Nothing owed the same day; the next day's export replaces it under keep = 1,
+    // and events older than a day are pruned.
+    assert!(super::schedule::run(&settings, &signer, &rules, now).is_empty());
+    assert!(!root.join("scheduled/daily-2026-11-22").exists());
+    let next_day: jiff::Timestamp = "2026-11-22T17:00:30Z".parse().unwrap();
+    let found = super::schedule::run(&settings, &signer, &rules, next_day);
+    assert!(found.is_empty(), "on time: nothing to say ({found:?})");
+    assert!(root.join("scheduled/daily-2026-11-22").exists());
+    assert!(!dir.exists(), "keep = 1: the older export was removed");
+    let left: i64 = rusqlite::Connection::open(&f.db)
+        .unwrap()
+        .query_row(
+            "SELECT COUNT(*) FROM events WHERE received_at < '2026-11-21T17:00:30Z'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(left, 0, "events older than a day pruned");
+    let chained = verify::verify(&root.join("scheduled/daily-2026-11-22"), &verifier(&f)).unwrap();
+    assert_eq!(chained.exports.len(), 1);
+    assert!(
+        chained.notes[0].contains("daily-2026-11-21 is not in"),
+        "{:?}",
+        chained.notes
+    );
+}
