@@ -216,13 +216,17 @@ fn exports_count_render_in_chromium_and_verify() {
         }
     }
     // The two exports form a chain; verification passes, then fails on one changed byte.
-    let o = weilan(&[
-        "collector",
-        "verify-export",
-        w.path("exports/en").to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+    let newest = w.path("exports/en");
+    let verify_export = || {
+        weilan(&[
+            "collector",
+            "verify-export",
+            newest.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+    };
+    let o = verify_export();
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(
         o.status.success() && text.contains("ok: 2 export(s), 10 files"),
@@ -234,13 +238,7 @@ fn exports_count_render_in_chromium_and_verify() {
     let i = bytes.len() / 3;
     bytes[i] ^= 0x20;
     fs::write(&report, bytes).unwrap();
-    let o = weilan(&[
-        "collector",
-        "verify-export",
-        w.path("exports/en").to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+    let o = verify_export();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(

@@ -867,10 +867,9 @@ fn enrich(
         ("data", json_to_cel(&fact.data)),
     ]);
     let groups: Vec<Value> = set
-        .agent_groups
-        .iter()
-        .filter(|(_, re)| re.is_match(&fact.agent_id))
-        .map(|(g, _)| Value::from(g.as_str()))
+        .agent_groups(&fact.agent_id)
+        .into_iter()
+        .map(Value::from)
         .collect();
     let agent = map([
         ("id", Value::from(fact.agent_id.as_str())),
