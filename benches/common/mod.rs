@@ -131,13 +131,18 @@ pub fn start_collector(root: &Path, port: u16, agents: &[String]) -> (PkiPaths, 
     (pki_paths, collector)
 }
 
-pub fn rss_kib(pid: u32) -> u64 {
+/// A `/proc/PID/status` field in KiB (`VmRSS:`, `VmHWM:`); 0 once the process is gone.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0)
+}
+
+pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
 }
 
 pub fn cpu_ticks(pid: u32) -> u64 {
