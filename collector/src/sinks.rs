@@ -226,6 +226,7 @@ impl Delivery {
                 let agent: ureq::Agent = ureq::Agent::config_builder()
                     .tls_config(tls)
                     .timeout_global(Some(Duration::from_secs(5)))
+                    .max_redirects(0)
                     .build()
                     .into();
                 (None, Some(agent))
@@ -254,12 +255,18 @@ impl Delivery {
         match self.kind.clone() {
             SinkKind::Webhook { url, .. } => {
                 let agent = self.http.as_ref().ok_or("no HTTP client")?;
-                agent
+                let response = agent
                     .post(&url)
                     .header("Content-Type", "application/json")
                     .send(serde_json::to_vec(alert).unwrap_or_default())
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string())?;
+                // A redirect is not a delivery (and is not followed: alerts must not
+                // be sent on to wherever a receiver points).
+                if response.status().is_success() {
+                    Ok(())
+                } else {
+                    Err(format!("HTTP {}", response.status()))
+                }
             }
             SinkKind::Syslog {
                 cef,
@@ -679,6 +686,45 @@ mod tests {
         );
         wait_sent(&sinks, "hook", 1);
         assert_eq!(sinks.stats()[0].1.sent.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_webhook_redirect_is_not_followed_and_counts_as_a_failure() {
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!(
+            "http://127.0.0.1:{}/hook",
+            server.local_addr().unwrap().port()
+        );
+        std::thread::spawn(move || {
+            for _ in 0..3 {
+                let (mut conn, _) = server.accept().unwrap();
+                conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf);
+                let _ = conn.write_all(
+                    b"HTTP/1.1 302 Found\r\nlocation: http://192.0.2.1/steal\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let pki = crate::pki::PkiPaths::new(dir.path());
+        crate::pki::init(&pki, &["localhost".into()]).unwrap();
+        let sinks = Sinks::start(&[sink(
+            "hook",
+            SinkKind::Webhook { url, ca: pki.ca() },
+            Some("red"),
+        )])
+        .unwrap();
+        sinks.dispatch(&[alert(Level::Red)], &[]);
+        wait_sent(&sinks, "hook", 1);
+        let st = &sinks.stats()[0].1;
+        assert_eq!(
+            (
+                st.sent.load(Ordering::Relaxed),
+                st.failed.load(Ordering::Relaxed)
+            ),
+            (0, 1)
+        );
     }
 
     #[test]
