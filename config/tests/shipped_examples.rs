@@ -72,3 +72,24 @@ fn shipped_policy_is_valid() {
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(p.usb.known_devices.len(), 1);
 }
+
+/// Settings that never mention `[exports]` stay valid on a machine where no export
+/// directory exists yet (a fixed default under /var/lib once broke every collector
+/// started with minimal settings): exports default to `exports/` beside the database.
+#[test]
+fn exports_default_beside_the_database_without_any_directory_existing() {
+    let dir = tree();
+    let r = dir.path().display();
+    let text = format!(
+        "[broker]\nmode = \"external\"\n[tls]\nca = \"{r}/etc/pki/ca.pem\"\nserver_cert = \"{r}/etc/pki/server.pem\"\n\
+         server_key = \"{r}/etc/pki/server-key.pem\"\nclient_cert = \"{r}/etc/pki/collector.pem\"\n\
+         client_key = \"{r}/etc/pki/collector-key.pem\"\n[store]\npath = \"{r}/db/weilan.db\"\n\
+         [alerts]\npath = \"{r}/db/alerts.jsonl\"\n[policy]\npath = \"{r}/etc/policy.toml\"\n"
+    );
+    fs::create_dir_all(dir.path().join("db")).unwrap();
+    let s = load_str::<CollectorFile>(&text, Path::new("collector.toml"), dir.path().into())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s.exports.dir, dir.path().join("db/exports"));
+    assert!(!s.exports.dir.exists());
+    assert!(s.exports.schedules.is_empty());
+}

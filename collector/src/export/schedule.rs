@@ -193,12 +193,6 @@ pub fn run(
         }
     };
     let _ = conn.busy_timeout(std::time::Duration::from_secs(10));
-    if let Err(e) = std::fs::create_dir_all(&ex.dir) {
-        return vec![failed(
-            format!("creating {}", ex.dir.display()),
-            e.to_string(),
-        )];
-    }
     let lang = super::Lang::parse(&ex.language).unwrap_or(super::Lang::Zh);
     for s in &ex.schedules {
         let last = match last_to(&conn, &s.name) {
@@ -210,6 +204,10 @@ pub fn run(
         };
         for job in due(s, &ex.timezone, &ex.dir, last, now) {
             let what = format!("export {} ({} to {})", job.dir.display(), job.from, job.to);
+            if let Err(e) = std::fs::create_dir_all(&ex.dir) {
+                found.push(failed(what, format!("{}: {e}", ex.dir.display())));
+                break;
+            }
             let scope = super::scope(
                 &settings.store_path,
                 rules,

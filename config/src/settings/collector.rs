@@ -77,9 +77,10 @@ fn default_reload_check() -> u64 {
 #[derive(Debug, Clone, eserde::Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportsSection {
-    /// Where scheduled exports go, one directory each (`daily-2026-11-21`, ...).
-    #[serde(default = "default_exports_dir")]
-    pub dir: PathBuf,
+    /// Where scheduled exports go, one directory each (`daily-2026-11-21`, ...);
+    /// default `exports` beside the database. Created when the first export is made.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
     /// Report language: `zh-CN` or `en`.
     #[serde(default = "default_language")]
     pub language: String,
@@ -102,7 +103,7 @@ pub struct ExportsSection {
 impl Default for ExportsSection {
     fn default() -> Self {
         ExportsSection {
-            dir: default_exports_dir(),
+            dir: None,
             language: default_language(),
             timezone: default_timezone(),
             keep: 0,
@@ -112,9 +113,6 @@ impl Default for ExportsSection {
     }
 }
 
-fn default_exports_dir() -> PathBuf {
-    PathBuf::from("/var/lib/weilan-collector/exports")
-}
 fn default_language() -> String {
     "zh-CN".into()
 }
@@ -640,7 +638,13 @@ impl Validate for CollectorFile {
             });
         }
         let e = self.exports;
-        let exports_dir = v.directory("exports.dir", &e.dir);
+        let exports_dir = match &e.dir {
+            Some(d) => v.directory("exports.dir", d),
+            None => store_path
+                .parent()
+                .map(|p| p.join("exports"))
+                .unwrap_or_else(|| PathBuf::from("exports")),
+        };
         if !matches!(e.language.as_str(), "zh-CN" | "en") {
             v.error(
                 "exports.language",
