@@ -37,6 +37,29 @@ fn policy(version: &str, allowed: &[&str], rejected: &[&str]) -> String {
     p
 }
 
+/// Adds a storage stick to the fake tree and announces it with a real uevent.
+fn hot_plug(
+    ns: &Netns,
+    sys: &std::path::Path,
+    port: &str,
+    (vid, pid): (&str, &str),
+    serial: &str,
+) -> std::path::PathBuf {
+    let stick = add_stick(
+        sys,
+        &FakeStick {
+            port,
+            vid,
+            pid,
+            serial,
+            classes: &[8],
+            disk: None,
+        },
+    );
+    ns.send_uevent("add", &stick, "usb", "usb_device");
+    stick
+}
+
 fn decision(w: &World, serial: &str, trigger: &str) -> Option<serde_json::Value> {
     w.events(
         "usb.decision",
@@ -113,18 +136,7 @@ fn fence_enforces_on_a_fake_tree_and_follows_pushed_policy() {
     assert_eq!(attr(&present, "authorized"), "0");
 
     // Hot-plug through a real uevent: a rejected serial is deauthorized and removed.
-    let evil = add_stick(
-        &sys,
-        &FakeStick {
-            port: "1-2",
-            vid: "abcd",
-            pid: "0001",
-            serial: "EVIL-1",
-            classes: &[8],
-            disk: None,
-        },
-    );
-    ns.send_uevent("add", &evil, "usb", "usb_device");
+    let evil = hot_plug(&ns, &sys, "1-2", ("abcd", "0001"), "EVIL-1");
     let d = wait_for(
         "reject decision",
         T,
@@ -739,18 +751,7 @@ fn rules_hot_reload_refuses_a_broken_file_and_a_rule_blocks_a_device() {
 
     // 3. The old rule still acts: a RULE-* stick (allowed by the policy) is blocked by
     //    a signed command the rule sent, executed by the real agent on the fake tree.
-    let stick = add_stick(
-        &w.sysfs(),
-        &FakeStick {
-            port: "1-3",
-            vid: "0781",
-            pid: "5581",
-            serial: "RULE-2",
-            classes: &[8],
-            disk: None,
-        },
-    );
-    ns.send_uevent("add", &stick, "usb", "usb_device");
+    let stick = hot_plug(ns, &w.sysfs(), "1-3", ("0781", "5581"), "RULE-2");
     let allowed = wait_for(
         "allowed by policy",
         T,

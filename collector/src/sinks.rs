@@ -637,13 +637,29 @@ mod tests {
         assert_eq!(strict.stats()[0].1.failed.load(Ordering::Relaxed), 1);
     }
 
-    #[test]
-    fn webhook_posts_the_alert_json() {
+    /// A webhook sink (minimum level red) posting to a local listener; the PKI
+    /// directory must outlive the sinks.
+    fn webhook() -> (TcpListener, tempfile::TempDir, Sinks) {
         let server = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!(
             "http://127.0.0.1:{}/hook",
             server.local_addr().unwrap().port()
         );
+        let dir = tempfile::tempdir().unwrap();
+        let pki = crate::pki::PkiPaths::new(dir.path());
+        crate::pki::init(&pki, &["localhost".into()]).unwrap();
+        let sinks = Sinks::start(&[sink(
+            "hook",
+            SinkKind::Webhook { url, ca: pki.ca() },
+            Some("red"),
+        )])
+        .unwrap();
+        (server, dir, sinks)
+    }
+
+    #[test]
+    fn webhook_posts_the_alert_json() {
+        let (server, _pki, sinks) = webhook();
         let got = std::thread::spawn(move || {
             let (mut conn, _) = server.accept().unwrap();
             conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -667,15 +683,6 @@ mod tests {
                 .unwrap();
             (head, String::from_utf8(body).unwrap())
         });
-        let dir = tempfile::tempdir().unwrap();
-        let pki = crate::pki::PkiPaths::new(dir.path());
-        crate::pki::init(&pki, &["localhost".into()]).unwrap();
-        let sinks = Sinks::start(&[sink(
-            "hook",
-            SinkKind::Webhook { url, ca: pki.ca() },
-            Some("red"),
-        )])
-        .unwrap();
         sinks.dispatch(&[alert(Level::Red)], &[]);
         let (head, body) = got.join().unwrap();
         assert!(head.starts_with("POST /hook HTTP/1.1"), "{head}");
@@ -690,11 +697,7 @@ mod tests {
 
     #[test]
     fn a_webhook_redirect_is_not_followed_and_counts_as_a_failure() {
-        let server = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!(
-            "http://127.0.0.1:{}/hook",
-            server.local_addr().unwrap().port()
-        );
+        let (server, _pki, sinks) = webhook();
         std::thread::spawn(move || {
             for _ in 0..3 {
                 let (mut conn, _) = server.accept().unwrap();
@@ -706,15 +709,6 @@ mod tests {
                 );
             }
         });
-        let dir = tempfile::tempdir().unwrap();
-        let pki = crate::pki::PkiPaths::new(dir.path());
-        crate::pki::init(&pki, &["localhost".into()]).unwrap();
-        let sinks = Sinks::start(&[sink(
-            "hook",
-            SinkKind::Webhook { url, ca: pki.ca() },
-            Some("red"),
-        )])
-        .unwrap();
         sinks.dispatch(&[alert(Level::Red)], &[]);
         wait_sent(&sinks, "hook", 1);
         let st = &sinks.stats()[0].1;
