@@ -37,22 +37,9 @@ impl Drop for Killed {
     }
 }
 
+/// The mutual-TLS client configuration agents use, for a simulated agent.
 pub fn tls(pki: &PkiPaths, cert: &Path, key: &Path) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(weilan_config::pem::load_cert(&pki.ca()).unwrap())
-        .unwrap();
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(weilan_config::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(
-                weilan_config::pem::load_certs(cert).unwrap(),
-                weilan_config::pem::load_key(key).unwrap(),
-            )
-            .unwrap(),
-    )
+    weilan_config::tls::client_config(&pki.ca(), cert, key, "weilan-collector").unwrap()
 }
 
 pub fn options(id: &str, port: u16, tls: Arc<rustls::ClientConfig>) -> MqttOptions {

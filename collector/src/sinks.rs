@@ -193,26 +193,14 @@ struct Delivery {
 
 impl Delivery {
     fn new(s: &SinkSettings) -> Result<Delivery, String> {
-        let roots = |ca: &std::path::Path| -> Result<rustls::RootCertStore, String> {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in weilan_config::pem::load_certs(ca)? {
-                roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
-            }
-            Ok(roots)
-        };
         let (tls, http) = match &s.kind {
             SinkKind::Syslog {
                 transport: Transport::Tls { ca, .. },
                 ..
-            } => {
-                let config =
-                    rustls::ClientConfig::builder_with_provider(weilan_config::tls::provider())
-                        .with_safe_default_protocol_versions()
-                        .map_err(|e| e.to_string())?
-                        .with_root_certificates(roots(ca)?)
-                        .with_no_client_auth();
-                (Some(Arc::new(config)), None)
-            }
+            } => (
+                Some(weilan_config::tls::server_auth_config(ca).map_err(|e| e.to_string())?),
+                None,
+            ),
             SinkKind::Webhook { ca, .. } => {
                 let certs: Vec<ureq::tls::Certificate<'static>> =
                     weilan_config::pem::load_certs(ca)?

@@ -48,6 +48,31 @@ fn file_err(path: &Path) -> impl FnOnce(String) -> TlsError + '_ {
     }
 }
 
+/// The certificates of a PEM file as trust anchors.
+pub fn roots(ca_path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for ca in pem::load_certs(ca_path).map_err(file_err(ca_path))? {
+        roots
+            .add(ca)
+            .map_err(|e| file_err(ca_path)(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(file_err(ca_path)("no CERTIFICATE block found".into()));
+    }
+    Ok(roots)
+}
+
+/// A client configuration that checks the server against the CA(s) in `ca_path` and
+/// the name dialled, without a client certificate (e.g. a SIEM's syslog over TLS).
+pub fn server_auth_config(ca_path: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Rustls(e.to_string()))?
+        .with_root_certificates(roots(ca_path)?)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// A client configuration for mutual TLS against a server whose certificate is issued
 /// by the CA in `ca_path` and names `server_name`.
 pub fn client_config(
@@ -56,16 +81,12 @@ pub fn client_config(
     key_path: &Path,
     server_name: &str,
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    let ca = pem::load_cert(ca_path).map_err(file_err(ca_path))?;
     let chain = pem::load_certs(cert_path).map_err(file_err(cert_path))?;
     if chain.is_empty() {
         return Err(file_err(cert_path)("no CERTIFICATE block found".into()));
     }
     let key = pem::load_key(key_path).map_err(file_err(key_path))?;
-    let mut roots = RootCertStore::empty();
-    roots
-        .add(ca)
-        .map_err(|e| file_err(ca_path)(e.to_string()))?;
+    let roots = roots(ca_path)?;
     let provider = provider();
     let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
