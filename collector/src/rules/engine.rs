@@ -792,6 +792,15 @@ impl Engine {
         (reached >= c.threshold).then_some((reached, ids))
     }
 
+    /// Entries a rule's window holds for `key` (tests check the bounds).
+    #[cfg(test)]
+    pub(crate) fn window_len(&self, rule: &str, key: &str) -> usize {
+        self.windows
+            .get(rule)
+            .and_then(|st| st.groups.get(key))
+            .map_or(0, |w| w.entries.len())
+    }
+
     fn drop_state(&mut self, n: u64) {
         self.stats.state_dropped += n;
         self.unreported_drops += n;

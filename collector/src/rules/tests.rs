@@ -794,6 +794,12 @@ fn correlation_windows_are_bounded_per_group() {
         .collect();
     h.feed(DAY, facts);
     assert_eq!(
+        h.engine
+            .window_len("builtin.files.mass-export-count", "ws-1"),
+        51,
+        "a count keeps only the entries its threshold needs"
+    );
+    assert_eq!(
         h.engine.stats.state_dropped, 0,
         "dropping beyond a count's threshold changes nothing"
     );
