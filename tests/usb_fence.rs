@@ -539,6 +539,20 @@ fn blocked_by_command(w: &World, serial: &str, diag: impl Fn() -> String) -> ser
     d
 }
 
+/// The first executed command's result, once it is there.
+fn executed_result(w: &World, diag: impl Fn() -> String) -> serde_json::Value {
+    wait_for(
+        "command.result executed",
+        T,
+        || {
+            command_results(w)
+                .into_iter()
+                .find(|r| r["status"] == "executed")
+        },
+        diag,
+    )
+}
+
 fn command_results(w: &World) -> Vec<serde_json::Value> {
     w.events("command.result", "1", &[])
 }
@@ -565,16 +579,7 @@ fn commands_are_authenticated_fresh_and_never_replayed() {
     send_command(&fw, &["block-device", "--hash", &hash]);
     blocked_by_command(w, "CMD-1", diag);
     assert_eq!(authorized(), "0");
-    let executed = wait_for(
-        "command.result executed",
-        T,
-        || {
-            command_results(w)
-                .into_iter()
-                .find(|r| r["status"] == "executed")
-        },
-        diag,
-    );
+    let executed = executed_result(w, diag);
     let used_seq = executed["seq"].as_u64().unwrap();
 
     // Forged, replayed, expired, misaddressed, agent-signed: all refused, each reported.
@@ -777,16 +782,7 @@ fn rules_hot_reload_refuses_a_broken_file_and_a_rule_blocks_a_device() {
         .find(|a| a["rule_id"] == "site.block-rule-sticks")
         .expect("the rule's alert");
     assert_eq!(alert["summary"], "blocking RULE-2 on ws-e2e");
-    let executed = wait_for(
-        "command.result executed",
-        T,
-        || {
-            command_results(w)
-                .into_iter()
-                .find(|r| r["status"] == "executed")
-        },
-        diag,
-    );
+    let executed = executed_result(w, diag);
     assert_eq!(executed["action"], "block-device");
     println!("rules: a broken edit refused at {summary:.80}...; the previous rule blocked RULE-2 by a signed command");
 }
