@@ -784,6 +784,30 @@ fn rules_hot_reload_refuses_a_broken_file_and_a_rule_blocks_a_device() {
     assert_eq!(alert["summary"], "blocking RULE-2 on ws-e2e");
     let executed = executed_result(w, diag);
     assert_eq!(executed["action"], "block-device");
+
+    // 4. An invalid policy file on the collector is a finding the rules alert on.
+    fs::write(
+        w.path("policy.toml"),
+        "version = \"r2\"\n[usb]\nmode = \"sometimes\"\n",
+    )
+    .unwrap();
+    let invalid = wait_for(
+        "policy-invalid alert",
+        T,
+        || {
+            w.alert_lines()
+                .into_iter()
+                .find(|a| a["rule_id"] == "builtin.collector.policy-invalid")
+        },
+        diag,
+    );
+    assert!(
+        invalid["summary"]
+            .as_str()
+            .unwrap()
+            .contains("agents keep policy r1"),
+        "{invalid}"
+    );
     println!("rules: a broken edit refused at {summary:.80}...; the previous rule blocked RULE-2 by a signed command");
 }
 

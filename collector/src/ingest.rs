@@ -345,13 +345,14 @@ impl Ingest {
     }
 
     /// Periodic work: open journal gaps, silent agents, rule-state evictions, the
-    /// alert log lines of suppressed repeats, expired first-seen values.
+    /// alert log lines of suppressed repeats, expired first-seen values; `found`
+    /// carries findings made elsewhere on the tick (an invalid policy file).
     pub fn fleet_checks(
         &self,
         silent_after: std::time::Duration,
         gap_grace: std::time::Duration,
+        mut found: Vec<Finding>,
     ) -> Vec<Reply> {
-        let mut found = Vec::new();
         {
             let mut store = self.store();
             match integrity::open_gaps(store.conn(), gap_grace) {

@@ -175,13 +175,19 @@ pub async fn run(
                 None => break,
             },
             _ = fleet_tick.tick() => {
-                if let Some(p) = policy_push.reload_if_changed(&ingest) {
-                    *ingest.policy.write().unwrap_or_else(|e| e.into_inner()) = p;
-                    policy_push.publish(&client, &ingest.signer);
+                let mut found = Vec::new();
+                match policy_push.reload_if_changed() {
+                    Ok(Some(p)) => {
+                        *ingest.policy.write().unwrap_or_else(|e| e.into_inner()) = p;
+                        policy_push.publish(&client, &ingest.signer);
+                    }
+                    Ok(None) => {}
+                    // Raised with the fleet findings, off the runtime thread.
+                    Err(invalid) => found.push(invalid),
                 }
                 let work = ingest.clone();
                 let (silent, grace) = (settings.silent_after, settings.gap_grace);
-                match tokio::task::spawn_blocking(move || work.fleet_checks(silent, grace)).await {
+                match tokio::task::spawn_blocking(move || work.fleet_checks(silent, grace, found)).await {
                     Ok(replies) => publish(&client, replies),
                     Err(e) => tracing::error!(error = %e, "fleet checks failed"),
                 }
@@ -278,27 +284,31 @@ impl PolicyPublisher {
     }
 
     /// A valid new version of the policy file, if it changed. An invalid file is
-    /// reported (log and a yellow alert) and the policy in force stays.
-    fn reload_if_changed(&mut self, ingest: &Ingest) -> Option<weilan_config::policy::Policy> {
+    /// logged and returned as a finding for the rules; the policy in force stays.
+    fn reload_if_changed(
+        &mut self,
+    ) -> Result<Option<weilan_config::policy::Policy>, rules::Finding> {
         let modified = std::fs::metadata(&self.path)
             .and_then(|m| m.modified())
             .ok();
         if modified == self.modified {
-            return None;
+            return Ok(None);
         }
         self.modified = modified;
-        let text = std::fs::read_to_string(&self.path).ok()?;
+        let Ok(text) = std::fs::read_to_string(&self.path) else {
+            return Ok(None);
+        };
         match weilan_config::load_file::<PolicyFile>(&self.path) {
-            Ok(p) if p.version == self.version && text == self.text => None,
+            Ok(p) if p.version == self.version && text == self.text => Ok(None),
             Ok(p) => {
                 tracing::info!(version = %p.version, previous = %self.version, "policy file changed");
                 self.version = p.version.clone();
                 self.text = text;
-                Some(p)
+                Ok(Some(p))
             }
             Err(e) => {
                 tracing::error!(error = %e, "policy file changed but is invalid; the previous policy stays in force");
-                let _ = ingest.raise(vec![rules::Finding {
+                Err(rules::Finding {
                     kind: rules::findings::POLICY_INVALID,
                     agent_id: "(collector)".into(),
                     summary: format!(
@@ -308,8 +318,7 @@ impl PolicyPublisher {
                     ),
                     event_ids: vec![],
                     details: serde_json::json!({"errors": e.to_string()}),
-                }]);
-                None
+                })
             }
         }
     }
