@@ -35,14 +35,6 @@ use report::{AlertRow, DeviceRow, FileRow, MappingRow, TransferRow, UnlockRow};
 const MAX_ROWS: usize = 500;
 /// Distinct keys counted per top-N chart or USB table before further ones are lumped.
 const MAX_KEYS: usize = 100_000;
-/// Files of an export, in manifest order.
-pub const FILES: &[&str] = &[
-    "events.csv",
-    "events.jsonl",
-    "alerts.csv",
-    "alerts.jsonl",
-    "report.html",
-];
 /// The manifest format.
 pub const FORMAT: &str = "weilan-export/1";
 
