@@ -345,7 +345,7 @@ impl Ingest {
     }
 
     /// Periodic work: open journal gaps, silent agents, rule-state evictions, the
-    /// alert log lines of suppressed repeats, expired first-seen values; `found`
+    /// alert log lines of suppressed repeats; `found`
     /// carries findings made elsewhere on the tick (an invalid policy file).
     pub fn fleet_checks(
         &self,
@@ -363,11 +363,6 @@ impl Ingest {
                 Ok(f) => found.extend(f),
                 Err(e) => tracing::error!(error = %e, "silent-agent check failed"),
             }
-            let engine = self.engine();
-            if let Err(e) = store.in_transaction(|tx| engine.prune_seen(tx, jiff::Timestamp::now()))
-            {
-                tracing::error!(error = %e, "first-seen pruning failed");
-            }
         }
         let (updates, overflow) = {
             let mut engine = self.engine();
@@ -379,6 +374,16 @@ impl Ingest {
             self.write_log(&updates);
         }
         self.raise(found)
+    }
+
+    /// Drops first-seen values older than their rule's window (a scan per rule: run
+    /// with the minute's housekeeping, not every fleet tick).
+    pub fn prune_first_seen(&self) {
+        let mut store = self.store();
+        let engine = self.engine();
+        if let Err(e) = store.in_transaction(|tx| engine.prune_seen(tx, jiff::Timestamp::now())) {
+            tracing::error!(error = %e, "first-seen pruning failed");
+        }
     }
 
     /// Re-reads the rule directory if it changed; a refused set is alerted.

@@ -153,7 +153,8 @@ pub async fn run(
     let mut report = tokio::time::interval(Duration::from_secs(60));
     let mut fleet_tick = tokio::time::interval(settings.fleet_check_interval);
     let mut rules_tick = tokio::time::interval(settings.rules_reload_check);
-    // Scheduled exports and retention; the first tick at start catches up missed periods.
+    // Scheduled exports, retention and first-seen pruning; the first tick at start
+    // catches up missed periods.
     let mut exports_tick = tokio::time::interval(Duration::from_secs(60));
     let exports_busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
@@ -198,6 +199,7 @@ pub async fn run(
                     let (work, busy, settings) = (ingest.clone(), exports_busy.clone(), settings.clone());
                     let client = client.clone();
                     tokio::task::spawn_blocking(move || {
+                        work.prune_first_seen();
                         let rules = work.engine().rule_set();
                         let found = export::schedule::run(&settings, &work.signer, &rules, jiff::Timestamp::now());
                         let replies = work.raise(found);
