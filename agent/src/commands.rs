@@ -202,7 +202,7 @@ impl CommandGate {
                 })
             }
             CommandAction::KillProcess { pid, exe } => {
-                tokio::task::spawn_blocking(move || kill(pid, &exe))
+                tokio::task::spawn_blocking(move || crate::procinfo::terminate(pid, &exe))
                     .await
                     .map_err(|e| e.to_string())
                     .and_then(|r| r)
@@ -230,35 +230,4 @@ impl CommandGate {
             detail: e,
         })
     }
-}
-
-/// Ends process `pid` if it still runs `exe` (a recycled pid is not touched): SIGTERM,
-/// then SIGKILL after 2 s.
-fn kill(pid: u32, exe: &str) -> Result<String, String> {
-    use nix::sys::signal::{kill as send, Signal};
-    use nix::unistd::Pid;
-    if pid <= 1 || pid == std::process::id() {
-        return Err(format!("refusing to kill pid {pid}"));
-    }
-    let running = std::fs::read_link(format!("/proc/{pid}/exe"))
-        .map_err(|e| format!("process {pid}: {e}"))?;
-    if running != std::path::Path::new(exe) {
-        return Err(format!(
-            "process {pid} runs {}, not {exe}: not killed",
-            running.display()
-        ));
-    }
-    let target = Pid::from_raw(pid as i32);
-    send(target, Signal::SIGTERM).map_err(|e| format!("SIGTERM {pid}: {e}"))?;
-    let gone = || !std::path::Path::new(&format!("/proc/{pid}/exe")).exists();
-    for _ in 0..20 {
-        if gone() {
-            return Ok(format!("process {pid} ({exe}) ended by SIGTERM"));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    send(target, Signal::SIGKILL).map_err(|e| format!("SIGKILL {pid}: {e}"))?;
-    Ok(format!(
-        "process {pid} ({exe}) killed (SIGKILL after SIGTERM)"
-    ))
 }

@@ -20,6 +20,7 @@ pub mod commands;
 pub mod fence;
 pub mod journal;
 pub mod policy_manager;
+pub mod procinfo;
 pub mod recorder;
 pub mod source;
 pub mod state;
@@ -257,6 +258,30 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
                     }))
                     .await;
             }
+        }
+    }
+    if let Some(net) = &settings.network {
+        let all = net.all_namespaces;
+        sources.push(Box::new(source::net::NetSource::new(
+            source::net::NetConfig {
+                poll: net.poll,
+                max_open_files: net.max_open_files,
+                collector: (settings.collector_host.clone(), settings.collector_port),
+            },
+            Box::new(move || {
+                source::net::linux::LinuxNet::new(all)
+                    .map(|b| Box::new(b) as Box<dyn source::net::NetBackend>)
+            }),
+            Arc::new(source::net::LinuxNetEnforcer),
+            policy_watch.subscribe(),
+        )));
+        if net.transfer_tools {
+            sources.push(Box::new(source::net::tools::ToolsSource::new(Box::new(
+                || {
+                    source::net::tools::ProcConnector::open()
+                        .map(|w| Box::new(w) as Box<dyn source::net::tools::ExecWatch>)
+                },
+            ))));
         }
     }
     let ctx = SourceContext {

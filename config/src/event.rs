@@ -157,6 +157,8 @@ pub enum Event {
     NetTransfer(NetTransfer),
     #[serde(rename = "net.transfer_tool")]
     NetTransferTool(NetTransferTool),
+    #[serde(rename = "net.enforced")]
+    NetEnforced(NetEnforced),
     #[serde(rename = "access.login")]
     AccessLogin(AccessLogin),
     #[serde(rename = "access.logout")]
@@ -191,6 +193,7 @@ impl Event {
             Event::FileSourceRead(_) => "file.source_read",
             Event::NetTransfer(_) => "net.transfer",
             Event::NetTransferTool(_) => "net.transfer_tool",
+            Event::NetEnforced(_) => "net.enforced",
             Event::AccessLogin(_) => "access.login",
             Event::AccessLogout(_) => "access.logout",
             Event::AccessLoginFailed(_) => "access.login_failed",
@@ -530,16 +533,23 @@ pub struct FileSourceRead {
     pub classification: Vec<Classification>,
 }
 
-/// Bytes a process sent to one remote endpoint (emitted when a connection to a
-/// destination that is not allowlisted crosses the byte threshold, and at its end).
+/// Bytes a process sent to one remote endpoint over a connection this host opened
+/// (emitted when a connection to a destination that is not allowlisted crosses the
+/// report threshold or a policy rule's threshold, and at its end).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetTransfer {
-    pub pid: u32,
+    /// The process holding the socket; absent when the connection opened and closed
+    /// between two polls and its process was never seen (see docs/protocol.md).
+    pub pid: Option<u32>,
     pub exe: Option<String>,
     pub cmdline: Option<String>,
+    /// The socket owner's uid (from the kernel, also known for unattributed sockets).
     pub uid: Option<u32>,
     pub user: Option<String>,
+    /// The process's ancestors, parent first (e.g. `ssh` ← `scp` ← `bash`).
+    #[serde(default)]
+    pub parents: Vec<ProcessRef>,
     /// `tcp` or `udp`.
     pub protocol: String,
     pub local_addr: String,
@@ -548,18 +558,61 @@ pub struct NetTransfer {
     pub remote_port: u16,
     /// An allowlist name that resolved to `remote_addr`, when one did.
     pub remote_host: Option<String>,
+    /// Payload bytes the remote end acknowledged (TCP `bytes_acked`; retransmissions
+    /// are not counted twice). 0 for UDP, whose sockets carry no byte counters.
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub duration_ms: u64,
-    /// `threshold` (crossed the byte threshold, still open) or `closed`.
+    /// `threshold` (crossed the report threshold or a rule's, still open) or `closed`.
     pub phase: String,
     /// The destination matched the policy's allowlist.
     pub allowlisted: bool,
+    /// Network namespace inode of the socket (containers and sandboxes have their own).
+    #[serde(default)]
+    pub netns: Option<u64>,
     /// Files the process had open that lie in a sensitive source or were classified.
-    pub sensitive_files: Vec<String>,
+    pub sensitive_files: Vec<NetOpenFile>,
     /// `audit`, `kill` or `block-destination`, and the policy rule that chose it.
     pub action: String,
     pub rule_id: String,
+}
+
+/// An ancestor of a process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessRef {
+    pub pid: u32,
+    pub exe: Option<String>,
+    pub cmdline: Option<String>,
+}
+
+/// A file a sending process had open, flagged because of where it lies or what it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetOpenFile {
+    pub path: String,
+    /// The sensitive folder it lies in, if any.
+    pub source: Option<String>,
+    /// Detectors that classified it (files up to the classification limits).
+    pub classification: Vec<Classification>,
+}
+
+/// The agent acted on a transfer (`kill`, `block-destination`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetEnforced {
+    pub action: String,
+    pub rule_id: String,
+    pub pid: Option<u32>,
+    pub exe: Option<String>,
+    pub remote_addr: String,
+    pub remote_port: u16,
+    /// The action took effect (process gone; nftables element added).
+    pub ok: bool,
+    /// How it went: `SIGTERM`, `SIGKILL`, `already exited`, or the error.
+    pub detail: String,
+    /// For `block-destination`: when the kernel drops the block again.
+    pub expires: Option<Timestamp>,
 }
 
 /// A known transfer tool (scp, rsync, curl -T, nc, rclone, ...) started.

@@ -7,6 +7,7 @@
 
 pub mod files;
 pub mod host;
+pub mod net;
 pub mod usb;
 
 use std::future::Future;

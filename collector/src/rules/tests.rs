@@ -194,7 +194,8 @@ fn transfer(over: Json) -> Json {
             "local_port": 40000, "remote_addr": "203.0.113.9", "remote_port": 80,
             "remote_host": null, "bytes_sent": 5_000_000, "bytes_received": 300,
             "duration_ms": 900, "phase": "closed", "allowlisted": false,
-            "sensitive_files": [], "action": "audit", "rule_id": "net.default",
+            "sensitive_files": [], "action": "audit", "rule_id": "network.default",
+            "parents": [{"pid": 70, "exe": "/usr/bin/bash", "cmdline": "bash"}], "netns": 4026531840u64,
         }),
         over,
     )
@@ -838,4 +839,21 @@ fn distinct_counts_values_per_key_and_groups_come_from_the_context() {
         .map(|i| to(&mut h, "ws-1", &format!("203.0.113.{i}")))
         .collect();
     assert!(h.fired(DAY, facts, "site.many-destinations").is_none());
+}
+
+#[test]
+fn an_unattributed_transfer_still_fires_with_its_key() {
+    // A connection seen only when the kernel destroyed it has no pid.
+    let mut h = Harness::new();
+    let fact = h.event(
+        "ws-1",
+        "workstation",
+        DAY,
+        "net.transfer",
+        transfer(json!({"pid": null, "exe": null, "cmdline": null})),
+    );
+    let a = h
+        .fired(DAY, vec![fact], "builtin.net.upload-not-allowlisted")
+        .expect("fires without a pid");
+    assert!(!a.summary.contains("(?)"), "{}", a.summary);
 }

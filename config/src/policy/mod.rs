@@ -2,10 +2,12 @@
 //!
 //! - [`usb`]: known devices, ordered USB rules, built-in protections.
 //! - [`files`]: exit-point file systems, sensitive sources, detectors and file rules.
+//! - [`network`]: allowlisted destinations and rules on outgoing transfers.
 //!
 //! `docs/policy.md` is the reference.
 
 pub mod files;
+pub mod network;
 pub mod usb;
 
 use std::path::PathBuf;
@@ -30,6 +32,9 @@ pub struct PolicyFile {
     /// `[files]`.
     #[serde(default)]
     pub files: files::FilesPolicyRaw,
+    /// `[network]`.
+    #[serde(default)]
+    pub network: network::NetworkPolicyRaw,
 }
 
 /// A validated policy.
@@ -38,6 +43,7 @@ pub struct Policy {
     pub version: String,
     pub usb: usb::UsbPolicy,
     pub files: files::FilesPolicy,
+    pub network: network::NetworkPolicy,
 }
 
 impl Policy {
@@ -56,10 +62,12 @@ impl Validate for PolicyFile {
         }
         let usb = self.usb.validate(v);
         let files = self.files.validate(v);
+        let network = self.network.validate(v);
         Some(Policy {
             version: self.version,
             usb,
             files,
+            network,
         })
     }
 }

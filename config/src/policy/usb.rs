@@ -211,6 +211,47 @@ pub struct TimeWindowRaw {
     pub tz: Option<String>,
 }
 
+impl TimeWindowRaw {
+    /// Validates the window; errors are reported under `at` (e.g. `usb.rules[2].time`).
+    pub fn validate(self, v: &mut Validator, at: &str) -> TimeWindow {
+        let mut days = 0u8;
+        if self.days.is_empty() {
+            days = 0x7f;
+        }
+        for (j, d) in self.days.iter().enumerate() {
+            match ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+                .iter()
+                .position(|x| x.eq_ignore_ascii_case(d))
+            {
+                Some(p) => days |= 1 << p,
+                None => v.error(format!("{at}.days[{j}]"), format!("`{d}` is not mon..sun")),
+            }
+        }
+        let from = parse_time(v, format!("{at}.from"), &self.from);
+        let to = parse_time(v, format!("{at}.to"), &self.to);
+        if from == to {
+            v.error(
+                format!("{at}.to"),
+                "the window is empty: `from` equals `to`",
+            );
+        }
+        let tz = self
+            .tz
+            .as_ref()
+            .and_then(|name| match jiff::tz::TimeZone::get(name) {
+                Ok(tz) => Some(tz),
+                Err(_) => {
+                    v.error(
+                        format!("{at}.tz"),
+                        format!("`{name}` is not a known IANA time zone"),
+                    );
+                    None
+                }
+            });
+        TimeWindow { days, from, to, tz }
+    }
+}
+
 // ---------------------------------------------------------------- validated form
 
 /// A validated USB policy.
@@ -673,42 +714,9 @@ impl UsbPolicyRaw {
                     }
                 }
             }
-            let time = r.time.map(|t| {
-                let mut days = 0u8;
-                if t.days.is_empty() {
-                    days = 0x7f;
-                }
-                for (j, d) in t.days.iter().enumerate() {
-                    match ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-                        .iter()
-                        .position(|x| x.eq_ignore_ascii_case(d))
-                    {
-                        Some(p) => days |= 1 << p,
-                        None => v.error(
-                            format!("usb.rules[{i}].time.days[{j}]"),
-                            format!("`{d}` is not mon..sun"),
-                        ),
-                    }
-                }
-                let from = parse_time(v, at("time.from"), &t.from);
-                let to = parse_time(v, at("time.to"), &t.to);
-                if from == to {
-                    v.error(at("time.to"), "the window is empty: `from` equals `to`");
-                }
-                let tz =
-                    t.tz.as_ref()
-                        .and_then(|name| match jiff::tz::TimeZone::get(name) {
-                            Ok(tz) => Some(tz),
-                            Err(_) => {
-                                v.error(
-                                    at("time.tz"),
-                                    format!("`{name}` is not a known IANA time zone"),
-                                );
-                                None
-                            }
-                        });
-                TimeWindow { days, from, to, tz }
-            });
+            let time = r
+                .time
+                .map(|t| t.validate(v, &format!("usb.rules[{i}].time")));
             if let Some(l) = &r.label {
                 if !known.iter().any(|k| k.label == *l) {
                     v.error(at("label"), format!("no known device has the label `{l}`"));

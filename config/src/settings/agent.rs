@@ -24,6 +24,9 @@ pub struct AgentFile {
     /// `[files]`: files written onto exit points (removable media, network shares).
     #[serde(default)]
     pub files: FilesSection,
+    /// `[network]`: outgoing transfers (sock_diag) and transfer tools (process events).
+    #[serde(default)]
+    pub network: NetworkSection,
     /// `[heartbeat]`.
     #[serde(default)]
     pub heartbeat: HeartbeatSection,
@@ -232,6 +235,63 @@ pub struct FilesSettings {
 
 #[derive(Debug, Clone, eserde::Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+pub struct NetworkSection {
+    /// Report outgoing transfers and transfer tools. What is allowed is policy
+    /// (`[network]` in policy.toml).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// How often every socket's counters are read, in milliseconds. Connections that
+    /// close between two polls are still reported from the kernel's socket-destroy
+    /// notification (see docs/protocol.md for what a very short one can escape).
+    #[serde(default = "default_net_poll_ms")]
+    pub poll_ms: u64,
+    /// `all` (every network namespace a process on this host uses: containers,
+    /// sandboxes) or `own` (only the agent's).
+    #[serde(default = "default_net_namespaces")]
+    pub namespaces: String,
+    /// Watch process starts (the kernel's process connector) for transfer tools
+    /// (`net.transfer_tool`).
+    #[serde(default = "yes")]
+    pub transfer_tools: bool,
+    /// At most this many open files of a sending process are examined per event.
+    #[serde(default = "default_net_max_open_files")]
+    pub max_open_files: usize,
+}
+
+impl Default for NetworkSection {
+    fn default() -> Self {
+        NetworkSection {
+            enabled: true,
+            poll_ms: default_net_poll_ms(),
+            namespaces: default_net_namespaces(),
+            transfer_tools: true,
+            max_open_files: default_net_max_open_files(),
+        }
+    }
+}
+
+fn default_net_poll_ms() -> u64 {
+    500
+}
+fn default_net_namespaces() -> String {
+    "all".into()
+}
+fn default_net_max_open_files() -> usize {
+    256
+}
+
+/// Validated `[network]`.
+#[derive(Debug, Clone)]
+pub struct NetworkSettings {
+    pub poll: Duration,
+    /// Every namespace (`true`) or only the agent's own.
+    pub all_namespaces: bool,
+    pub transfer_tools: bool,
+    pub max_open_files: usize,
+}
+
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct HeartbeatSection {
     /// Seconds between `agent.heartbeat` events.
     #[serde(default = "default_heartbeat")]
@@ -348,6 +408,7 @@ pub struct AgentSettings {
     pub ack_timeout: Duration,
     pub usb: Option<UsbSettings>,
     pub files: Option<FilesSettings>,
+    pub network: Option<NetworkSettings>,
     pub heartbeat: Duration,
     pub pipeline_capacity: usize,
     pub journal_max_bytes: u64,
@@ -449,6 +510,29 @@ impl Validate for AgentFile {
         } else {
             None
         };
+        let network = if self.network.enabled {
+            v.range("network.poll_ms", self.network.poll_ms, 50, 60_000);
+            v.range(
+                "network.max_open_files",
+                self.network.max_open_files,
+                1,
+                65_536,
+            );
+            if !["all", "own"].contains(&self.network.namespaces.as_str()) {
+                v.error(
+                    "network.namespaces",
+                    format!("`{}`: expected `all` or `own`", self.network.namespaces),
+                );
+            }
+            Some(NetworkSettings {
+                poll: Duration::from_millis(self.network.poll_ms),
+                all_namespaces: self.network.namespaces != "own",
+                transfer_tools: self.network.transfer_tools,
+                max_open_files: self.network.max_open_files,
+            })
+        } else {
+            None
+        };
         v.range(
             "heartbeat.interval_secs",
             self.heartbeat.interval_secs,
@@ -486,6 +570,7 @@ impl Validate for AgentFile {
             ack_timeout: Duration::from_secs(c.ack_timeout_secs),
             usb,
             files,
+            network,
             heartbeat: Duration::from_secs(self.heartbeat.interval_secs),
             pipeline_capacity: self.queues.pipeline,
             journal_max_bytes: self.journal.max_mib * 1024 * 1024,

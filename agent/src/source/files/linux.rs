@@ -470,29 +470,6 @@ fn writable_files(pid: i32) -> Vec<PathBuf> {
     out
 }
 
-/// The name of `uid`, cached: the lookup parses the user database on every call,
-/// and it runs while an opener waits. Bounded; a renamed account is seen after the
-/// cache is cleared (at 1 024 entries or agent restart).
-fn user_name(uid: u32) -> Option<String> {
-    use std::sync::{Mutex, OnceLock};
-    static CACHE: OnceLock<Mutex<HashMap<u32, Option<String>>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
-    if let Some(hit) = cache.lock().ok().and_then(|c| c.get(&uid).cloned()) {
-        return hit;
-    }
-    let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-        .ok()
-        .flatten()
-        .map(|u| u.name);
-    if let Ok(mut c) = cache.lock() {
-        if c.len() >= 1024 {
-            c.clear();
-        }
-        c.insert(uid, name.clone());
-    }
-    name
-}
-
 /// Process details from `/proc`, if the process still exists.
 pub fn writer(pid: i32) -> Option<Writer> {
     if pid <= 0 {
@@ -518,7 +495,7 @@ pub fn writer(pid: i32) -> Option<Writer> {
     if exe.is_none() && cmdline.is_none() && uid.is_none() {
         return None;
     }
-    let user = uid.and_then(user_name);
+    let user = uid.and_then(crate::procinfo::user_name);
     Some(Writer {
         pid: pid as u32,
         exe,
