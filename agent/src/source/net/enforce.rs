@@ -33,8 +33,14 @@ pub const NFT_TABLE: &str = "weilan";
 pub trait Enforcer: Send + Sync {
     /// Ends `pid` if it still runs `exe`.
     fn kill(&self, pid: u32, exe: &str) -> Result<String, String>;
-    /// Rejects traffic to `addr` for `duration`.
-    fn block(&self, addr: IpAddr, duration: Duration, rule_id: &str) -> Result<String, String>;
+    /// Rejects traffic from network namespace `netns` to `addr` for `duration`.
+    fn block(
+        &self,
+        netns: u64,
+        addr: IpAddr,
+        duration: Duration,
+        rule_id: &str,
+    ) -> Result<String, String>;
 }
 
 /// Carries out one request and says how it went.
@@ -53,7 +59,7 @@ pub fn carry_out(a: &NetActionRequest, enforcer: &dyn Enforcer) -> NetEnforced {
         }
         NetAction::BlockDestination => {
             let expires = Timestamp::now().checked_add(a.verdict.block).ok();
-            match enforcer.block(a.remote.ip(), a.verdict.block, &a.verdict.rule_id) {
+            match enforcer.block(a.netns, a.remote.ip(), a.verdict.block, &a.verdict.rule_id) {
                 Ok(d) => enforced_event(a, true, d, expires),
                 Err(e) => enforced_event(a, false, e, None),
             }
@@ -69,12 +75,36 @@ impl Enforcer for LinuxNetEnforcer {
         crate::procinfo::terminate(pid, exe)
     }
 
-    fn block(&self, addr: IpAddr, duration: Duration, rule_id: &str) -> Result<String, String> {
+    fn block(
+        &self,
+        netns: u64,
+        addr: IpAddr,
+        duration: Duration,
+        rule_id: &str,
+    ) -> Result<String, String> {
         let secs = duration.as_secs().clamp(1, u32::MAX as u64) as u32;
-        nftables::helper::apply_ruleset(&block_batch(addr, secs, rule_id).to_nftables())
-            .map_err(|e| format!("nft: {e}"))?;
+        let batch = block_batch(addr, secs, rule_id).to_nftables();
+        let apply =
+            move || nftables::helper::apply_ruleset(&batch).map_err(|e| format!("nft: {e}"));
+        if Some(netns) == crate::procinfo::own_net_namespace() {
+            apply()?;
+        } else {
+            // `nft` inherits the namespace of the thread that starts it.
+            let pid = *crate::procinfo::net_namespaces()
+                .get(&netns)
+                .ok_or_else(|| format!("network namespace {netns} has no process any more"))?;
+            let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+                .map_err(|e| format!("/proc/{pid}/ns/net: {e}"))?;
+            std::thread::spawn(move || {
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| format!("setns: {e}"))?;
+                apply()
+            })
+            .join()
+            .map_err(|_| "the nft thread panicked".to_string())??;
+        }
         Ok(format!(
-            "{addr} rejected for {secs} s (nft table inet {NFT_TABLE})"
+            "{addr} rejected for {secs} s (nft table inet {NFT_TABLE}, netns {netns})"
         ))
     }
 }

@@ -190,6 +190,9 @@ pub struct NetActionRequest {
     pub pid: Option<u32>,
     pub exe: Option<String>,
     pub remote: SocketAddr,
+    /// The connection's network namespace: a block must be installed there (a
+    /// container's traffic never passes the host namespace's output hook).
+    pub netns: u64,
 }
 
 /// What one poll produced.
@@ -500,6 +503,7 @@ impl Tracker {
                 pid: c.pid,
                 exe: c.proc.as_ref().and_then(|p| p.info.exe.clone()),
                 remote,
+                netns: c.fact.netns,
             });
         }
     }

@@ -364,7 +364,13 @@ impl Enforcer for RecordingEnforcer {
         self.0.lock().unwrap().push(format!("kill {pid} {exe}"));
         Ok("ended by SIGTERM".into())
     }
-    fn block(&self, addr: std::net::IpAddr, d: Duration, rule: &str) -> Result<String, String> {
+    fn block(
+        &self,
+        _netns: u64,
+        addr: std::net::IpAddr,
+        d: Duration,
+        rule: &str,
+    ) -> Result<String, String> {
         self.0
             .lock()
             .unwrap()
@@ -385,6 +391,7 @@ fn actions_report_how_they_went() {
         pid,
         exe: pid.map(|_| "/usr/bin/nc".to_string()),
         remote: "192.0.2.9:9000".parse::<SocketAddr>().unwrap(),
+        netns: NS,
     };
     let ok = enforce::carry_out(&req(NetAction::Kill, Some(70)), &e);
     assert!(ok.ok && ok.rule_id == "r" && ok.pid == Some(70));

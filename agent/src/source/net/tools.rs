@@ -116,11 +116,22 @@ pub struct ProcConnector {
 }
 
 impl ProcConnector {
-    pub fn open() -> Result<Self, String> {
-        let mut sock =
-            Socket::new(NETLINK_CONNECTOR).map_err(|e| format!("process connector: {e}"))?;
+    pub fn open() -> Result<Self, ExecOpenError> {
+        let fail = |what: &str, e: std::io::Error| {
+            let msg = format!("process connector {what}: {e}");
+            if e.raw_os_error() == Some(libc::ECONNREFUSED)
+                || e.raw_os_error() == Some(libc::EPROTONOSUPPORT)
+            {
+                ExecOpenError::Unavailable(format!(
+                    "{msg} (the kernel offers it in the initial network namespace only)"
+                ))
+            } else {
+                ExecOpenError::Failed(msg)
+            }
+        };
+        let mut sock = Socket::new(NETLINK_CONNECTOR).map_err(|e| fail("socket", e))?;
         sock.bind(&NlAddr::new(0, CN_IDX_PROC))
-            .map_err(|e| format!("process connector bind: {e}"))?;
+            .map_err(|e| fail("bind", e))?;
         let fd = &sock;
         let _ = nix::sys::socket::setsockopt(
             fd,
@@ -132,7 +143,7 @@ impl ProcConnector {
             nix::sys::socket::sockopt::ReceiveTimeout,
             &nix::sys::time::TimeVal::new(0, 200_000),
         )
-        .map_err(|e| format!("process connector timeout: {e}"))?;
+        .map_err(|e| fail("timeout", std::io::Error::from(e)))?;
         let mut msg = Vec::with_capacity(NLMSG_HDRLEN + CN_MSG_LEN + 4);
         let total = (NLMSG_HDRLEN + CN_MSG_LEN + 4) as u32;
         msg.extend_from_slice(&total.to_ne_bytes());
@@ -148,7 +159,7 @@ impl ProcConnector {
         msg.extend_from_slice(&0u16.to_ne_bytes()); // flags
         msg.extend_from_slice(&PROC_CN_MCAST_LISTEN.to_ne_bytes());
         sock.send_to(&msg, &NlAddr::new(0, 0), 0)
-            .map_err(|e| format!("process connector listen: {e}"))?;
+            .map_err(|e| fail("listen", e))?;
         Ok(ProcConnector {
             sock,
             buf: vec![0u8; 64 << 10],
@@ -205,8 +216,17 @@ impl ExecWatch for ProcConnector {
     }
 }
 
+/// Why the process-start watch could not be opened.
+#[derive(Debug)]
+pub enum ExecOpenError {
+    /// Not available where the agent runs (outside the initial network namespace the
+    /// kernel refuses the connector): said once, not retried.
+    Unavailable(String),
+    Failed(String),
+}
+
 /// Makes the process-start watch for one run.
-pub type ExecFactory = Box<dyn Fn() -> Result<Box<dyn ExecWatch>, String> + Send + Sync>;
+pub type ExecFactory = Box<dyn Fn() -> Result<Box<dyn ExecWatch>, ExecOpenError> + Send + Sync>;
 
 /// Reports transfer tools as they start.
 pub struct ToolsSource {
@@ -231,7 +251,19 @@ impl Source for ToolsSource {
             let factory = self.watch.clone();
             let ctx = ctx.clone();
             tokio::task::spawn_blocking(move || {
-                let mut watch = factory().map_err(SourceError::Other)?;
+                let mut watch = match factory() {
+                    Ok(w) => w,
+                    Err(ExecOpenError::Failed(e)) => return Err(SourceError::Other(e)),
+                    Err(ExecOpenError::Unavailable(e)) => {
+                        tracing::warn!(error = %e, "transfer tools are not reported");
+                        ctx.sink.emit_blocking(Event::AgentSourceError(SourceErrorEvent {
+                            source: "transfer-tools".into(),
+                            error: format!("{e}: transfer tools are not reported"),
+                            restart_in_secs: 0,
+                        }))?;
+                        return Ok(());
+                    }
+                };
                 let mut last_overflow_report: Option<std::time::Instant> = None;
                 let mut overflows = 0u64;
                 while !ctx.shutdown.is_cancelled() {
