@@ -3,7 +3,7 @@
 //! Task graph (see `ARCHITECTURE.md`):
 //!
 //! ```text
-//! sources (usb, host) --EventSink (bounded)--> recorder --> journal (disk) <-- uplink <--> MQTT/mTLS
+//! sources (usb, files, network, tools, host) --EventSink (bounded)--> recorder --> journal (disk) <-- uplink <--> MQTT/mTLS
 //!        ^ supervised, restarted with backoff    (group commit, fsync)     (signed batches, acks)
 //! ```
 //!

@@ -97,10 +97,11 @@ pub fn ancestors(mut ppid: u32, max: usize) -> Vec<ProcessRef> {
     out
 }
 
-/// Which process holds each socket inode in `wanted`. Only processes owned by one of
-/// `uids` are searched (a socket's owner uid is its creator's), which keeps the scan to
-/// a handful of processes on a busy host.
-pub fn socket_owners(wanted: &HashSet<u64>, uids: &HashSet<u32>) -> HashMap<u64, u32> {
+/// Which process holds each socket inode in `wanted`. With `uids`, only processes
+/// owned by one of them are searched (a socket's owner uid is its creator's), which
+/// keeps the scan to a handful of processes on a busy host; `None` searches all (a
+/// socket handed to a process of another user).
+pub fn socket_owners(wanted: &HashSet<u64>, uids: Option<&HashSet<u32>>) -> HashMap<u64, u32> {
     let mut found = HashMap::new();
     let Ok(all) = procfs::process::all_processes() else {
         return found;
@@ -109,7 +110,7 @@ pub fn socket_owners(wanted: &HashSet<u64>, uids: &HashSet<u32>) -> HashMap<u64,
         if found.len() == wanted.len() {
             break;
         }
-        if p.uid().is_ok_and(|u| !uids.contains(&u)) {
+        if uids.is_some_and(|uids| p.uid().is_ok_and(|u| !uids.contains(&u))) {
             continue;
         }
         let Ok(fds) = p.fd() else { continue };
@@ -237,10 +238,13 @@ mod tests {
             .parse()
             .unwrap();
         let uid = nix::unistd::getuid().as_raw();
-        let owners = socket_owners(&HashSet::from([inode]), &HashSet::from([uid]));
+        let owners = socket_owners(&HashSet::from([inode]), Some(&HashSet::from([uid])));
         assert_eq!(owners.get(&inode), Some(&std::process::id()));
         // A uid filter that excludes the holder finds nothing.
-        let none = socket_owners(&HashSet::from([inode]), &HashSet::from([uid + 4242]));
+        let none = socket_owners(&HashSet::from([inode]), Some(&HashSet::from([uid + 4242])));
+        assert!(none.is_empty());
+        let any = socket_owners(&HashSet::from([inode]), None);
+        assert_eq!(any.get(&inode), Some(&std::process::id()));
         assert!(none.is_empty());
     }
 

@@ -337,6 +337,23 @@ indicator!(upload_not_allowlisted, "builtin.net.upload-not-allowlisted", |h|
     near: (DAY, vec![h.event("ws-1", "workstation", DAY, "net.transfer", transfer(json!({"remote_addr": "10.20.0.5"})))]),
 );
 
+fn net_enforced(over: Json) -> Json {
+    merge(
+        json!({
+            "action": "kill", "rule_id": "no-raw-uploads", "pid": 77, "exe": "/usr/bin/nc.openbsd",
+            "remote_addr": "203.0.113.9", "remote_port": 9000, "ok": true,
+            "detail": "process 77 (/usr/bin/nc.openbsd) ended by SIGTERM", "expires": null,
+        }),
+        over,
+    )
+}
+
+indicator!(net_enforcement_failed, "builtin.net.enforcement-failed", |h|
+    fire: (DAY, vec![h.event("ws-1", "workstation", DAY, "net.enforced", net_enforced(json!({"ok": false, "detail": "nft: No such file or directory"})))]),
+    // The same action, carried out.
+    near: (DAY, vec![h.event("ws-1", "workstation", DAY, "net.enforced", net_enforced(json!({})))]),
+);
+
 indicator!(large_outbound_volume, "builtin.net.large-outbound", |h|
     fire: (DAY, (0..2).map(|_| h.event("ws-1", "workstation", DAY, "net.transfer", transfer(json!({"bytes_sent": 600_000_000})))).collect()),
     // Same volume, but one report is the threshold crossing of a transfer still open.
@@ -510,6 +527,7 @@ fn every_builtin_rule_is_tested() {
         "builtin.net.large-outbound",
         "builtin.net.first-seen-destination",
         "builtin.net.transfer-tool-non-it",
+        "builtin.net.enforcement-failed",
         "builtin.access.login-outside-hours-server-room",
         "builtin.access.privilege-non-admin",
         "builtin.access.failed-login-burst",

@@ -327,7 +327,7 @@ impl NetBackend for LinuxNet {
         snap
     }
 
-    fn owners(&mut self, inodes: &HashSet<u64>, uids: &HashSet<u32>) -> HashMap<u64, u32> {
+    fn owners(&mut self, inodes: &HashSet<u64>, uids: Option<&HashSet<u32>>) -> HashMap<u64, u32> {
         procinfo::socket_owners(inodes, uids)
     }
 

@@ -117,12 +117,17 @@ pub struct Snapshot {
 /// Platform access for [`NetSource`]. Blocking; called from the source's own thread.
 pub trait NetBackend: Send {
     fn snapshot(&mut self) -> Snapshot;
-    /// Which pid holds each socket inode (searching processes of `uids` only).
-    fn owners(&mut self, inodes: &HashSet<u64>, uids: &HashSet<u32>) -> HashMap<u64, u32>;
+    /// Which pid holds each socket inode (searching processes of `uids` only, or all).
+    fn owners(&mut self, inodes: &HashSet<u64>, uids: Option<&HashSet<u32>>) -> HashMap<u64, u32>;
     fn process(&mut self, pid: u32) -> Option<ProcessInfo>;
     fn ancestors(&mut self, ppid: u32) -> Vec<ProcessRef>;
     fn open_files(&mut self, pid: u32, max: usize) -> Vec<PathBuf>;
 }
+
+/// Owner lookups per connection: the first searches processes of the socket's uid,
+/// the second all processes (a socket handed to another user's process), then the
+/// connection stays unattributed rather than cost a full `/proc` scan every poll.
+const OWNER_ATTEMPTS: u8 = 2;
 
 /// Tracked connections beyond this are not followed (counted and reported).
 const MAX_TRACKED: usize = 262_144;
@@ -149,6 +154,8 @@ struct Conn {
     /// The verdict the last event carried.
     last: Option<NetVerdict>,
     files: Option<Vec<NetOpenFile>>,
+    /// Owner lookups that found nothing (at most `OWNER_ATTEMPTS`).
+    owner_attempts: u8,
     closed: bool,
     /// Seen only in a destroy notification.
     transient: bool,
@@ -358,6 +365,7 @@ impl Tracker {
                 fired: HashSet::new(),
                 last: None,
                 files: None,
+                owner_attempts: 0,
                 closed: transient,
                 transient,
             },
@@ -366,23 +374,25 @@ impl Tracker {
 
     /// Finds the process of every connection that has none yet (one `/proc` scan).
     fn attribute(&mut self, backend: &mut dyn NetBackend) {
-        let pending: Vec<(u64, u32)> = self
+        let pending: Vec<(u64, u32, u8)> = self
             .conns
             .values()
-            .filter(|c| c.pid.is_none() && c.fact.inode != 0)
-            .map(|c| (c.fact.inode, c.fact.uid))
+            .filter(|c| c.pid.is_none() && c.fact.inode != 0 && c.owner_attempts < OWNER_ATTEMPTS)
+            .map(|c| (c.fact.inode, c.fact.uid, c.owner_attempts))
             .collect();
         if pending.is_empty() {
             return;
         }
-        let inodes: HashSet<u64> = pending.iter().map(|(i, _)| *i).collect();
-        let uids: HashSet<u32> = pending.iter().map(|(_, u)| *u).collect();
-        let owners = backend.owners(&inodes, &uids);
+        let inodes: HashSet<u64> = pending.iter().map(|(i, _, _)| *i).collect();
+        let uids: HashSet<u32> = pending.iter().map(|(_, u, _)| *u).collect();
+        let widen = pending.iter().any(|(_, _, attempts)| *attempts > 0);
+        let owners = backend.owners(&inodes, (!widen).then_some(&uids));
         for c in self.conns.values_mut() {
-            if c.pid.is_some() {
+            if c.pid.is_some() || c.fact.inode == 0 || c.owner_attempts >= OWNER_ATTEMPTS {
                 continue;
             }
             let Some(&pid) = owners.get(&c.fact.inode) else {
+                c.owner_attempts += 1;
                 continue;
             };
             c.pid = Some(pid);

@@ -28,7 +28,7 @@ impl NetBackend for FakeNet {
     fn snapshot(&mut self) -> Snapshot {
         std::mem::take(&mut self.next)
     }
-    fn owners(&mut self, inodes: &HashSet<u64>, _uids: &HashSet<u32>) -> HashMap<u64, u32> {
+    fn owners(&mut self, inodes: &HashSet<u64>, _uids: Option<&HashSet<u32>>) -> HashMap<u64, u32> {
         self.owner_calls += 1;
         self.owners
             .iter()
@@ -472,7 +472,7 @@ fn linux_backend_counts_a_loopback_transfer() {
     let seen = seen.expect("the client socket is in the dump");
     assert_eq!(seen.bytes_sent, 1_234_567);
     assert_ne!(seen.inode, 0);
-    let me = crate::procinfo::socket_owners(&HashSet::from([seen.inode]), &HashSet::from([0]));
+    let me = crate::procinfo::socket_owners(&HashSet::from([seen.inode]), None);
     assert_eq!(me.get(&seen.inode), Some(&std::process::id()));
     drop(client);
     assert_eq!(reader.join().unwrap(), 1_234_567);
@@ -492,5 +492,22 @@ fn linux_backend_counts_a_loopback_transfer() {
         d.bytes_sent >= 1_234_567 && d.bytes_sent <= 1_234_568,
         "{}",
         d.bytes_sent
+    );
+}
+
+#[test]
+fn an_unfindable_owner_is_looked_for_twice_then_left_alone() {
+    let mut h = Harness::new(policy(""));
+    // No process holds inode 9008 (say, a socket of a kernel service).
+    for t in 0..10 {
+        h.poll(
+            t,
+            vec![sock(8, "10.0.0.1:40008", "192.0.2.9:443", 1, 10)],
+            vec![],
+        );
+    }
+    assert_eq!(
+        h.net.owner_calls, 2,
+        "first by uid, then among all processes"
     );
 }
