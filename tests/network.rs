@@ -228,10 +228,15 @@ fn transfers_are_measured_per_process_and_destination_and_policy_stops_them() {
     let server = Netns::create();
     link_namespaces(&client, &server);
 
+    let secret = w.path("finance");
+    std::fs::create_dir_all(&secret).unwrap();
     std::fs::write(
         w.path("policy.toml"),
         format!(
             r#"version = "net-1"
+[files]
+sensitive_sources = ["{secret}"]
+
 [network]
 report_bytes = 65536
 
@@ -239,6 +244,11 @@ report_bytes = 65536
 name = "backup-server"
 cidrs = ["{SERVER_ADDR}/32"]
 ports = [9300]
+
+[[network.allow]]
+name = "local-proxy"
+hosts = ["localhost"]
+ports = [9002]
 
 [[network.rules]]
 id = "no-bulk-nc"
@@ -254,7 +264,8 @@ action = "block-destination"
 ports = [9200]
 min_bytes = 1048576
 block_secs = 120
-"#
+"#,
+            secret = secret.display()
         ),
     )
     .unwrap();
@@ -270,7 +281,7 @@ block_secs = 120
     ]);
     let servers = Proc::spawn(servers, w.path("servers.log"), "servers");
     let mut loopback = client.command("python3");
-    loopback.args(["-c", SERVERS_PY, "127.0.0.1", "9001"]);
+    loopback.args(["-c", SERVERS_PY, "127.0.0.1", "9001", "9002"]);
     let _loopback = Proc::spawn(loopback, w.path("loopback.log"), "loopback");
     let (_sshd, key) = start_sshd(&w, &server);
 
@@ -338,8 +349,9 @@ block_secs = 120
     assert_eq!(t["allowlisted"], false);
     measured.push(("curl -T", t));
 
-    // scp: the socket belongs to ssh, whose parent is scp.
-    let up = payload(&w, "scp.bin", 4 << 20);
+    // scp: the socket belongs to ssh, whose parent is scp. The file comes from the
+    // sensitive folder: the event names it (scp holds it open while ssh sends).
+    let up = payload(&w, "finance/budget.bin", 4 << 20);
     let mut scp = client.command("scp");
     scp.args(ssh_opts(&key)).arg(&up).arg(format!(
         "root@{SERVER_ADDR}:{}",
@@ -352,6 +364,12 @@ block_secs = 120
         "{t:#}"
     );
     within_5_percent(&t, 4 << 20);
+    let files = t["sensitive_files"].as_array().unwrap();
+    assert!(
+        files.iter().any(|f| f["path"] == up.display().to_string()
+            && f["source"] == secret.display().to_string()),
+        "{t:#}"
+    );
     measured.push(("scp", t));
 
     // sftp, batch mode.
@@ -427,6 +445,19 @@ block_secs = 120
     within_5_percent(&t, 2 << 20);
     measured.push(("nc loopback", t));
 
+    // Allowlisted by a host name the agent resolved (localhost): not reported.
+    run_client(
+        client
+            .command("sh")
+            .arg("-c")
+            .arg(format!("nc -N 127.0.0.1 9002 < {}", up.display())),
+    );
+    assert!(within(Duration::from_secs(10), || _loopback
+        .log_text()
+        .contains(&format!("sink 9002 {}", 2 << 20))
+        .then_some(()))
+    .is_some());
+
     // The allowlisted destination is not reported (but the sink got the bytes).
     run_client(
         client
@@ -443,7 +474,7 @@ block_secs = 120
     assert!(w
         .events(
             "net.transfer",
-            "json_extract(envelope, '$.event.data.remote_port') = 9300",
+            "json_extract(envelope, '$.event.data.remote_port') IN (9300, 9002)",
             &[]
         )
         .is_empty());
