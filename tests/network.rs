@@ -359,10 +359,6 @@ block_secs = 120
     ));
     run_client(&mut scp);
     let t = closed_transfer(&w, 22, "/ssh", Some("/scp"));
-    assert!(
-        t["parents"][0]["exe"].as_str().unwrap().ends_with("/scp"),
-        "{t:#}"
-    );
     within_5_percent(&t, 4 << 20);
     let files = t["sensitive_files"].as_array().unwrap();
     assert!(
@@ -387,10 +383,6 @@ block_secs = 120
         .arg(format!("root@{SERVER_ADDR}"));
     run_client(&mut sftp);
     let t = closed_transfer(&w, 22, "/ssh", Some("/sftp"));
-    assert!(
-        t["parents"][0]["exe"].as_str().unwrap().ends_with("/sftp"),
-        "{t:#}"
-    );
     within_5_percent(&t, 4 << 20);
     measured.push(("sftp", t));
 
@@ -407,10 +399,6 @@ block_secs = 120
         ));
     run_client(&mut rsync);
     let t = closed_transfer(&w, 22, "/ssh", Some("/rsync"));
-    assert!(
-        t["parents"][0]["exe"].as_str().unwrap().ends_with("/rsync"),
-        "{t:#}"
-    );
     within_5_percent(&t, 4 << 20);
     measured.push(("rsync", t));
 
