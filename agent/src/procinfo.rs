@@ -150,16 +150,24 @@ pub fn open_files(pid: u32, max: usize) -> Vec<PathBuf> {
     out
 }
 
-/// Network namespaces in use: namespace inode → one pid living in it.
+/// Network namespaces in use: namespace inode → one pid living in it. One `readlink`
+/// per process (it runs every poll).
 pub fn net_namespaces() -> HashMap<u64, u32> {
     let mut out = HashMap::new();
-    let Ok(all) = procfs::process::all_processes() else {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
         return out;
     };
-    for p in all.flatten() {
-        let link = std::fs::read_link(format!("/proc/{}/ns/net", p.pid));
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let link = std::fs::read_link(format!("/proc/{pid}/ns/net"));
         if let Some(ino) = link.ok().and_then(|l| ns_inode(&l.to_string_lossy())) {
-            out.entry(ino).or_insert(p.pid as u32);
+            out.entry(ino).or_insert(pid);
         }
     }
     out

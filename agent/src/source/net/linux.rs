@@ -39,6 +39,8 @@ struct NsHandle {
     dump: Socket,
     destroy: Socket,
     seq: u32,
+    /// Receive buffer, kept: a dump answers in datagrams of up to ~32 KiB.
+    rx: Vec<u8>,
 }
 
 impl NsHandle {
@@ -68,6 +70,7 @@ impl NsHandle {
             dump,
             destroy,
             seq: 0,
+            rx: vec![0u8; 256 << 10],
         })
     }
 
@@ -114,7 +117,7 @@ impl NsHandle {
         self.dump
             .send(&buf, 0)
             .map_err(|e| format!("sock_diag request: {e}"))?;
-        let mut rx = vec![0u8; 1 << 20];
+        let rx = &mut self.rx;
         loop {
             let n = self
                 .dump
@@ -146,7 +149,7 @@ impl NsHandle {
     /// Destroy notifications queued since the last call; `Err` when the kernel had to
     /// drop some (the receive buffer overflowed).
     fn drain(&mut self, netns: u64, out: &mut Vec<SockFact>) -> Result<(), String> {
-        let mut rx = vec![0u8; 64 << 10];
+        let rx = &mut self.rx;
         let mut overflowed = false;
         loop {
             match self.destroy.recv(&mut &mut rx[..], 0) {
