@@ -5,6 +5,7 @@
 //! behind a backend trait per source, with a test backend, so the logic is tested
 //! without a kernel and the kernel interface is tested end to end.
 
+pub mod access;
 pub mod files;
 pub mod host;
 pub mod net;
