@@ -1,7 +1,9 @@
 //! Host access: who logged in, how, and who raised privileges (`access.*` events).
 //!
 //! [`parse`] reads the messages sshd, sudo, su and login write (from the journal or
-//! the auth log). The source that follows those streams and utmp is the rest of the
-//! server-room access capability.
+//! the auth log); [`badge`] turns a keyboard-style badge reader's key presses into a
+//! keyed card hash. The sources that follow those streams, utmp, the reader device and
+//! the door contact are the rest of the server-room access capability.
 
+pub mod badge;
 pub mod parse;
