@@ -167,6 +167,10 @@ pub enum Event {
     AccessLoginFailed(AccessLoginFailed),
     #[serde(rename = "access.privilege")]
     AccessPrivilege(AccessPrivilege),
+    #[serde(rename = "access.badge")]
+    AccessBadge(AccessBadge),
+    #[serde(rename = "access.door")]
+    AccessDoor(AccessDoor),
 }
 
 impl Event {
@@ -198,6 +202,8 @@ impl Event {
             Event::AccessLogout(_) => "access.logout",
             Event::AccessLoginFailed(_) => "access.login_failed",
             Event::AccessPrivilege(_) => "access.privilege",
+            Event::AccessBadge(_) => "access.badge",
+            Event::AccessDoor(_) => "access.door",
         }
     }
 }
@@ -679,6 +685,37 @@ pub struct AccessPrivilege {
     pub command: Option<String>,
     pub success: bool,
     pub tty: Option<String>,
+    pub source: String,
+}
+
+/// A badge was presented at a reader (agent in `door` role, or a door controller).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessBadge {
+    /// The reader's configured name (e.g. `server-room-east`).
+    pub reader: String,
+    /// The site the reader guards (`[access] site`), used to correlate with hosts.
+    pub site: String,
+    /// HMAC-SHA256 of the card number under the site's badge key, hex. The raw number
+    /// is never sent.
+    pub id_hash: String,
+    /// The card number's last four digits.
+    pub last4: String,
+    /// `hid-reader` (a USB keyboard-style reader on the agent) or `controller`.
+    pub source: String,
+}
+
+/// A door's contact changed, or it has been open too long.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessDoor {
+    pub door: String,
+    pub site: String,
+    /// `opened`, `closed` or `held-open` (still open after the configured time).
+    pub state: String,
+    /// For `closed` and `held-open`: how long it has been open, in seconds.
+    pub held_open_secs: Option<u64>,
+    /// `gpio` or `controller`.
     pub source: String,
 }
 

@@ -6,4 +6,5 @@
 //! the door contact are the rest of the server-room access capability.
 
 pub mod badge;
+pub mod door;
 pub mod parse;
