@@ -744,11 +744,10 @@ fn poll_loop(
     ctx: SourceContext,
 ) -> Result<(), SourceError> {
     let mut backend = factory().map_err(SourceError::Other)?;
-    let (resolved, collector_addrs) = spawn_resolver(
-        policy.clone(),
-        config.collector.clone(),
-        ctx.shutdown.clone(),
-    );
+    // The resolver ends with this run (a restarted source starts its own).
+    let run = ctx.shutdown.child_token();
+    let _end_resolver = run.clone().drop_guard();
+    let (resolved, collector_addrs) = spawn_resolver(policy.clone(), config.collector.clone(), run);
     let mut tracker = Tracker::new(std::process::id(), Vec::new(), config.max_open_files);
     let mut classifier_for: Option<Arc<Policy>> = None;
     let mut classifier = Classifier::default();
