@@ -556,16 +556,17 @@ pub struct NetTransfer {
     /// The process's ancestors, parent first (e.g. `ssh` ← `scp` ← `bash`).
     #[serde(default)]
     pub parents: Vec<ProcessRef>,
-    /// `tcp` or `udp`.
+    /// `tcp` (UDP sockets carry no byte counters sock_diag can read: not measured,
+    /// see docs/protocol.md).
     pub protocol: String,
     pub local_addr: String,
     pub local_port: u16,
     pub remote_addr: String,
     pub remote_port: u16,
-    /// An allowlist name that resolved to `remote_addr`, when one did.
+    /// The allowlist entry (or the allowlisted host name) `remote_addr` matched.
     pub remote_host: Option<String>,
-    /// Payload bytes the remote end acknowledged (TCP `bytes_acked`; retransmissions
-    /// are not counted twice). 0 for UDP, whose sockets carry no byte counters.
+    /// Payload bytes the remote end acknowledged (TCP `bytes_acked` less the SYN;
+    /// retransmissions are not counted twice).
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub duration_ms: u64,
