@@ -321,6 +321,16 @@ mod tests {
             panic!()
         };
         assert!(!p.success && p.tty.as_deref() == Some("pts/0"));
+        // As rsyslog on Debian 12 wrote it for `sudo -u nobody true` without a terminal.
+        let Some(Event::AccessPrivilege(p)) = parse(
+            "2026-11-22T06:20:09.851116+00:00 vm sudo:     root : PWD=/work/main ; USER=nobody ; COMMAND=/usr/bin/true",
+        ) else {
+            panic!()
+        };
+        assert_eq!(
+            (p.user.as_str(), p.target_user.as_str(), p.success, p.tty),
+            ("root", "nobody", true, None)
+        );
         // A sudo line without a command (e.g. a PAM notice) is not a privilege use.
         assert_eq!(parse("Nov 22 05:55:00 srv sudo: pam_unix(sudo:session): session opened for user root(uid=0) by alice(uid=1000)"), None);
     }
