@@ -13,7 +13,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -77,85 +76,6 @@ fn within<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn link_namespaces(client: &Netns, server: &Netns) {
-    let peer = format!("wls{}", std::process::id() % 100_000);
-    run_ok(client.command("ip").args([
-        "link",
-        "add",
-        "wlc",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &peer,
-        "netns",
-        &server.name,
-    ]));
-    run_ok(
-        server
-            .command("ip")
-            .args(["link", "set", &peer, "name", "wlb"]),
-    );
-    run_ok(
-        client
-            .command("ip")
-            .args(["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "wlc"]),
-    );
-    run_ok(
-        server
-            .command("ip")
-            .args(["addr", "add", &format!("{SERVER_ADDR}/24"), "dev", "wlb"]),
-    );
-    run_ok(client.command("ip").args(["link", "set", "wlc", "up"]));
-    run_ok(server.command("ip").args(["link", "set", "wlb", "up"]));
-}
-
-/// sshd on SERVER_ADDR:22 with a throw-away host key, accepting `key` for root.
-fn start_sshd(w: &World, server: &Netns) -> (Proc, std::path::PathBuf) {
-    let dir = w.path("ssh");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::create_dir_all("/run/sshd").unwrap();
-    let key = dir.join("id_ed25519");
-    for (k, t) in [(&key, "ed25519"), (&dir.join("host_key"), "ed25519")] {
-        run_ok(
-            Command::new("ssh-keygen")
-                .args(["-q", "-t", t, "-N", "", "-f"])
-                .arg(k),
-        );
-    }
-    std::fs::copy(dir.join("id_ed25519.pub"), dir.join("authorized_keys")).unwrap();
-    let config = dir.join("sshd_config");
-    std::fs::write(
-        &config,
-        format!(
-            "ListenAddress {SERVER_ADDR}\nPort 22\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n\
-             AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n\
-             StrictModes no\nUsePAM no\nSubsystem sftp internal-sftp\n",
-            d = dir.display()
-        ),
-    )
-    .unwrap();
-    let mut c = server.command(which("sshd").expect("sshd"));
-    c.args(["-D", "-e", "-f"]).arg(&config);
-    let p = Proc::spawn(c, w.path("sshd.log"), "sshd");
-    (p, key)
-}
-
-fn ssh_opts(key: &Path) -> Vec<String> {
-    vec![
-        "-i".into(),
-        key.display().to_string(),
-        "-o".into(),
-        "StrictHostKeyChecking=no".into(),
-        "-o".into(),
-        "UserKnownHostsFile=/dev/null".into(),
-        "-o".into(),
-        "BatchMode=yes".into(),
-        "-o".into(),
-        "LogLevel=ERROR".into(),
-    ]
 }
 
 fn payload(w: &World, name: &str, bytes: usize) -> std::path::PathBuf {
@@ -226,7 +146,7 @@ fn transfers_are_measured_per_process_and_destination_and_policy_stops_them() {
     let home = Netns::create(); // collector + agent
     let client = Netns::create(); // the workstation's programs
     let server = Netns::create();
-    link_namespaces(&client, &server);
+    link_namespaces(&client, CLIENT_ADDR, &server, SERVER_ADDR);
 
     let secret = w.path("finance");
     std::fs::create_dir_all(&secret).unwrap();
@@ -283,7 +203,7 @@ block_secs = 120
     let mut loopback = client.command("python3");
     loopback.args(["-c", SERVERS_PY, "127.0.0.1", "9001", "9002"]);
     let _loopback = Proc::spawn(loopback, w.path("loopback.log"), "loopback");
-    let (_sshd, key) = start_sshd(&w, &server);
+    let (_sshd, key) = start_sshd(&w, &server, SERVER_ADDR, "", false);
 
     let collector = w.collector_toml(false, "");
     let _c = w.start_collector(&home, &collector);

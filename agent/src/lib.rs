@@ -284,6 +284,16 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
             ))));
         }
     }
+    if let Some(access) = &settings.access {
+        sources.push(Box::new(source::access::source::AccessSource::new(
+            source::access::source::AccessConfig {
+                from: access.from.clone(),
+                auth_logs: access.auth_logs.clone(),
+                poll: access.poll,
+                state_dir: settings.state_dir.clone(),
+            },
+        )));
+    }
     let ctx = SourceContext {
         sink: sink.clone(),
         shutdown: shutdown.clone(),

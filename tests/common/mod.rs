@@ -544,3 +544,97 @@ pub fn collector_command(mut c: Command, config: &str, agent: &str, args: &[&str
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A veth pair between two namespaces: `wlc` with `client_addr`/24 in `client`, `wlb`
+/// with `server_addr`/24 in `server` — addresses that exist only there.
+pub fn link_namespaces(client: &Netns, client_addr: &str, server: &Netns, server_addr: &str) {
+    let peer = format!("wls{}", std::process::id() % 100_000);
+    run_ok(client.command("ip").args([
+        "link",
+        "add",
+        "wlc",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &peer,
+        "netns",
+        &server.name,
+    ]));
+    run_ok(
+        server
+            .command("ip")
+            .args(["link", "set", &peer, "name", "wlb"]),
+    );
+    run_ok(
+        client
+            .command("ip")
+            .args(["addr", "add", &format!("{client_addr}/24"), "dev", "wlc"]),
+    );
+    run_ok(
+        server
+            .command("ip")
+            .args(["addr", "add", &format!("{server_addr}/24"), "dev", "wlb"]),
+    );
+    run_ok(client.command("ip").args(["link", "set", "wlc", "up"]));
+    run_ok(server.command("ip").args(["link", "set", "wlb", "up"]));
+}
+
+/// sshd on `addr`:22 in `server` with a throw-away host key, accepting the returned
+/// key for root; `extra` is appended to its configuration. Its log goes to syslog
+/// when `syslog` (the access test reads it there), else to `sshd.log`.
+pub fn start_sshd(
+    w: &World,
+    server: &Netns,
+    addr: &str,
+    extra: &str,
+    syslog: bool,
+) -> (Proc, PathBuf) {
+    let dir = w.path("ssh");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    let key = dir.join("id_ed25519");
+    for (k, t) in [(&key, "ed25519"), (&dir.join("host_key"), "ed25519")] {
+        run_ok(
+            Command::new("ssh-keygen")
+                .args(["-q", "-t", t, "-N", "", "-f"])
+                .arg(k),
+        );
+    }
+    std::fs::copy(dir.join("id_ed25519.pub"), dir.join("authorized_keys")).unwrap();
+    let config = dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "ListenAddress {addr}\nPort 22\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n\
+             AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n\
+             StrictModes no\nUsePAM no\nSubsystem sftp internal-sftp\n{extra}\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let mut c = server.command(which("sshd").expect("sshd"));
+    c.arg("-D");
+    if !syslog {
+        c.arg("-e");
+    }
+    c.arg("-f").arg(&config);
+    let p = Proc::spawn(c, w.path("sshd.log"), "sshd");
+    (p, key)
+}
+
+/// ssh options for the test's sshd: the key, no host-key prompts, no passwords.
+pub fn ssh_opts(key: &Path) -> Vec<String> {
+    vec![
+        "-i".into(),
+        key.display().to_string(),
+        "-o".into(),
+        "StrictHostKeyChecking=no".into(),
+        "-o".into(),
+        "UserKnownHostsFile=/dev/null".into(),
+        "-o".into(),
+        "BatchMode=yes".into(),
+        "-o".into(),
+        "LogLevel=ERROR".into(),
+    ]
+}

@@ -27,6 +27,9 @@ pub struct AgentFile {
     /// `[network]`: outgoing transfers (sock_diag) and transfer tools (process events).
     #[serde(default)]
     pub network: NetworkSection,
+    /// `[access]`: logins and privilege use on this host.
+    #[serde(default)]
+    pub access: AccessSection,
     /// `[heartbeat]`.
     #[serde(default)]
     pub heartbeat: HeartbeatSection,
@@ -280,6 +283,54 @@ fn default_net_max_open_files() -> usize {
     256
 }
 
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessSection {
+    /// Report logins, failed logins and sudo/su use (`access.*`).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// `auto` (the journal where systemd runs, else the first auth log that exists),
+    /// `journal` or `auth-log`.
+    #[serde(default = "default_access_from")]
+    pub from: String,
+    /// Auth log files, in order of preference.
+    #[serde(default = "default_auth_logs")]
+    pub auth_logs: Vec<PathBuf>,
+    /// How often the auth log is read, in milliseconds.
+    #[serde(default = "default_access_poll_ms")]
+    pub poll_ms: u64,
+}
+
+impl Default for AccessSection {
+    fn default() -> Self {
+        AccessSection {
+            enabled: true,
+            from: default_access_from(),
+            auth_logs: default_auth_logs(),
+            poll_ms: default_access_poll_ms(),
+        }
+    }
+}
+
+fn default_access_from() -> String {
+    "auto".into()
+}
+fn default_auth_logs() -> Vec<PathBuf> {
+    vec!["/var/log/auth.log".into(), "/var/log/secure".into()]
+}
+fn default_access_poll_ms() -> u64 {
+    500
+}
+
+/// Validated `[access]`.
+#[derive(Debug, Clone)]
+pub struct AccessSettings {
+    /// `auto`, `journal` or `auth-log`.
+    pub from: String,
+    pub auth_logs: Vec<PathBuf>,
+    pub poll: Duration,
+}
+
 /// Validated `[network]`.
 #[derive(Debug, Clone)]
 pub struct NetworkSettings {
@@ -409,6 +460,7 @@ pub struct AgentSettings {
     pub usb: Option<UsbSettings>,
     pub files: Option<FilesSettings>,
     pub network: Option<NetworkSettings>,
+    pub access: Option<AccessSettings>,
     pub heartbeat: Duration,
     pub pipeline_capacity: usize,
     pub journal_max_bytes: u64,
@@ -533,6 +585,33 @@ impl Validate for AgentFile {
         } else {
             None
         };
+        let access = if self.access.enabled {
+            v.range("access.poll_ms", self.access.poll_ms, 50, 60_000);
+            if !["auto", "journal", "auth-log"].contains(&self.access.from.as_str()) {
+                v.error(
+                    "access.from",
+                    format!(
+                        "`{}`: expected `auto`, `journal` or `auth-log`",
+                        self.access.from
+                    ),
+                );
+            }
+            for (i, p) in self.access.auth_logs.iter().enumerate() {
+                if !p.is_absolute() {
+                    v.error(
+                        format!("access.auth_logs[{i}]"),
+                        format!("`{}` must be an absolute path", p.display()),
+                    );
+                }
+            }
+            Some(AccessSettings {
+                from: self.access.from.clone(),
+                auth_logs: self.access.auth_logs.clone(),
+                poll: Duration::from_millis(self.access.poll_ms),
+            })
+        } else {
+            None
+        };
         v.range(
             "heartbeat.interval_secs",
             self.heartbeat.interval_secs,
@@ -571,6 +650,7 @@ impl Validate for AgentFile {
             usb,
             files,
             network,
+            access,
             heartbeat: Duration::from_secs(self.heartbeat.interval_secs),
             pipeline_capacity: self.queues.pipeline,
             journal_max_bytes: self.journal.max_mib * 1024 * 1024,

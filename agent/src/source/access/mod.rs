@@ -12,3 +12,4 @@ pub mod badge;
 pub mod door;
 pub mod journal;
 pub mod parse;
+pub mod source;

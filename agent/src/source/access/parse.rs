@@ -108,6 +108,19 @@ fn sshd(m: &str, source: &str) -> Option<Event> {
             source: source.into(),
         }));
     }
+    // "Disconnected from user root 10.77.0.1 port 40000" (the session's end, also
+    // without PAM).
+    if let Some(rest) = m.strip_prefix("Disconnected from user ") {
+        let mut w = rest.split_whitespace();
+        let (user, addr, port) = (w.next()?, w.next()?, w.nth(1)?);
+        return Some(Event::AccessLogout(AccessLogout {
+            user: user.into(),
+            method: "ssh".into(),
+            tty: None,
+            session_id: Some(format!("ssh:{addr}:{port}")),
+            source: source.into(),
+        }));
+    }
     // "Invalid user bob from 10.0.0.5 port 2222" comes before the "Failed" line for
     // the same attempt: not counted twice.
     // "pam_unix(sshd:session): session closed for user root"
@@ -272,6 +285,16 @@ mod tests {
             parse("Nov 22 05:54:00 srv sshd[901]: pam_unix(sshd:session): session closed for user root"),
             Some(Event::AccessLogout(o)) if o.user == "root"
         ));
+        let Some(Event::AccessLogout(o)) = parse(
+            "Nov 22 05:54:00 srv sshd[901]: Disconnected from user root 10.77.0.1 port 40000",
+        ) else {
+            panic!()
+        };
+        assert_eq!(
+            o.session_id.as_deref(),
+            Some("ssh:10.77.0.1:40000"),
+            "pairs with the login"
+        );
         // The "Invalid user" line precedes the "Failed" one for the same attempt.
         assert_eq!(
             parse("Nov 22 05:53:01 srv sshd[902]: Invalid user bob from 10.0.0.5 port 2222"),

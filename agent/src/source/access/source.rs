@@ -1,0 +1,300 @@
+//! The host-access source: follows the journal (where systemd runs) or the auth log,
+//! and reports `access.login`, `access.logout`, `access.login_failed` and
+//! `access.privilege`, each saying which it read.
+//!
+//! Its place in each stream is kept in the state directory (`access-position`: the
+//! journal cursor, or the auth log's inode and offset), so lines written while the
+//! agent was stopped are read when it starts again.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use weilan_config::event::{Event, SourceError as SourceErrorEvent};
+
+use super::authlog::{Follower, Start};
+use super::{journal, parse};
+use crate::source::{BoxFuture, EventSink, Source, SourceContext, SourceError};
+
+/// Settings of [`AccessSource`].
+#[derive(Debug, Clone)]
+pub struct AccessConfig {
+    /// `auto`, `journal` or `auth-log`.
+    pub from: String,
+    pub auth_logs: Vec<PathBuf>,
+    pub poll: Duration,
+    pub state_dir: PathBuf,
+}
+
+pub struct AccessSource {
+    config: AccessConfig,
+}
+
+impl AccessSource {
+    pub fn new(config: AccessConfig) -> Self {
+        AccessSource { config }
+    }
+}
+
+/// Where the events come from, as chosen at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stream {
+    Journal,
+    AuthLog(PathBuf),
+}
+
+/// `auto`: the journal when systemd's journal socket exists and `journalctl` can be
+/// run, else the first auth log that exists.
+pub fn choose(config: &AccessConfig) -> Option<Stream> {
+    let journal_ok = || {
+        Path::new("/run/systemd/journal/socket").exists()
+            && Command::new("journalctl")
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+    };
+    let auth_log = || config.auth_logs.iter().find(|p| p.exists()).cloned();
+    match config.from.as_str() {
+        "journal" => Some(Stream::Journal),
+        "auth-log" => auth_log().map(Stream::AuthLog),
+        _ if journal_ok() => Some(Stream::Journal),
+        _ => auth_log().map(Stream::AuthLog),
+    }
+}
+
+fn position_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("access-position")
+}
+
+/// Writes the position atomically (a torn file would restart from the end).
+fn save_position(state_dir: &Path, text: &str) {
+    let path = position_file(state_dir);
+    let tmp = path.with_extension("tmp");
+    if std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .is_err()
+    {
+        tracing::warn!(path = %path.display(), "access position not saved");
+    }
+}
+
+fn emit_parsed(
+    sink: &EventSink,
+    program: &str,
+    message: &str,
+    source: &str,
+) -> Result<(), SourceError> {
+    if let Some(e) = parse::parse_message(program, message, source) {
+        sink.emit_blocking(e)?;
+    }
+    Ok(())
+}
+
+fn report(sink: &EventSink, error: String) -> Result<(), SourceError> {
+    tracing::warn!(error = %error, "access source");
+    sink.emit_blocking(Event::AgentSourceError(SourceErrorEvent {
+        source: "access".into(),
+        error,
+        restart_in_secs: 0,
+    }))
+}
+
+fn follow_auth_log(
+    config: &AccessConfig,
+    path: &Path,
+    ctx: &SourceContext,
+) -> Result<(), SourceError> {
+    let saved = std::fs::read_to_string(position_file(&config.state_dir)).ok();
+    let start = saved
+        .as_deref()
+        .and_then(|t| t.strip_prefix("auth-log "))
+        .and_then(|t| {
+            let mut w = t.split_whitespace();
+            Some(Start::At {
+                ino: w.next()?.parse().ok()?,
+                offset: w.next()?.parse().ok()?,
+            })
+        })
+        .unwrap_or(Start::End);
+    let mut f = Follower::new(path, start);
+    let (mut truncations, mut cut) = (0, 0);
+    tracing::info!(path = %path.display(), "following the auth log");
+    while !ctx.shutdown.is_cancelled() {
+        let lines = f.read_new().map_err(|e| SourceError::Io {
+            what: path.display().to_string(),
+            source: e,
+        })?;
+        for line in &lines {
+            if let Some((program, _, message)) = parse::split_syslog_line(line) {
+                emit_parsed(&ctx.sink, program, message.trim_start(), "auth-log")?;
+            }
+        }
+        if !lines.is_empty() {
+            let (ino, offset) = f.position();
+            save_position(&config.state_dir, &format!("auth-log {ino} {offset}"));
+        }
+        if f.truncations > truncations || f.cut_lines > cut {
+            truncations = f.truncations;
+            cut = f.cut_lines;
+            report(
+                &ctx.sink,
+                format!(
+                    "{}: truncated in place {truncations} times (lines written between a copy and its truncation are lost to every reader), {cut} over-long lines cut",
+                    path.display()
+                ),
+            )?;
+        }
+        std::thread::sleep(config.poll);
+    }
+    Ok(())
+}
+
+fn follow_journal(config: &AccessConfig, ctx: &SourceContext) -> Result<(), SourceError> {
+    let saved = std::fs::read_to_string(position_file(&config.state_dir)).ok();
+    let cursor = saved
+        .as_deref()
+        .and_then(|t| t.strip_prefix("journal "))
+        .map(str::trim);
+    let mut child = Command::new("journalctl")
+        .args(journal::journalctl_args(cursor))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| SourceError::Io {
+            what: "journalctl".into(),
+            source: e,
+        })?;
+    let stdout = child.stdout.take().expect("piped");
+    // journalctl blocks on its pipe; shutdown kills it, which ends the read loop.
+    let shutdown = ctx.shutdown.clone();
+    let pid = child.id();
+    std::thread::spawn(move || {
+        while !shutdown.is_cancelled() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    });
+    tracing::info!("following the journal");
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.map_err(|e| SourceError::Io {
+            what: "journalctl output".into(),
+            source: e,
+        })?;
+        match journal::parse_entry(&line) {
+            Some(entry) => {
+                emit_parsed(&ctx.sink, &entry.program, &entry.message, "journal")?;
+                save_position(&config.state_dir, &format!("journal {}", entry.cursor));
+            }
+            None => tracing::debug!(line = %line, "journal line without an entry"),
+        }
+    }
+    let _ = child.wait();
+    if ctx.shutdown.is_cancelled() {
+        Ok(())
+    } else {
+        Err(SourceError::Other("journalctl ended".into()))
+    }
+}
+
+impl Source for AccessSource {
+    fn name(&self) -> &'static str {
+        "access"
+    }
+
+    fn run<'a>(&'a mut self, ctx: &'a SourceContext) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(async move {
+            let config = self.config.clone();
+            let ctx = ctx.clone();
+            tokio::task::spawn_blocking(move || match choose(&config) {
+                Some(Stream::Journal) => follow_journal(&config, &ctx),
+                Some(Stream::AuthLog(path)) => follow_auth_log(&config, &path, &ctx),
+                None => {
+                    // Said once; the source then ends (nothing to restart into).
+                    report(
+                        &ctx.sink,
+                        format!(
+                            "no journal and none of {:?} exists: logins are not reported (utmp is not read yet)",
+                            config.auth_logs
+                        ),
+                    )?;
+                    Ok(())
+                }
+            })
+            .await
+            .map_err(|e| SourceError::Other(format!("access source: {e}")))?
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+
+    #[test]
+    fn auth_log_lines_become_events_and_the_position_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("auth.log");
+        std::fs::write(
+            &log,
+            "Nov 22 05:00:00 srv sshd[1]: Accepted publickey for old from 10.0.0.1 port 1 ssh2\n",
+        )
+        .unwrap();
+        let config = AccessConfig {
+            from: "auth-log".into(),
+            auth_logs: vec![dir.path().join("missing"), log.clone()],
+            poll: Duration::from_millis(20),
+            state_dir: dir.path().to_path_buf(),
+        };
+        assert_eq!(choose(&config), Some(Stream::AuthLog(log.clone())));
+        let run = |lines: &str| {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let ctx = SourceContext {
+                sink: EventSink::new(tx, Arc::new(AtomicU64::new(0))),
+                shutdown: shutdown.clone(),
+            };
+            let mut source = AccessSource::new(config.clone());
+            let task = rt.spawn(async move { source.run(&ctx).await.map_err(|e| e.to_string()) });
+            std::thread::sleep(Duration::from_millis(100));
+            let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+            std::io::Write::write_all(&mut f, lines.as_bytes()).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            shutdown.cancel();
+            rt.block_on(task).unwrap().unwrap();
+            let mut out = Vec::new();
+            while let Ok(o) = rx.try_recv() {
+                out.push(o.event);
+            }
+            out
+        };
+        let first = run("Nov 22 05:01:00 srv sudo:    alice : TTY=pts/0 ; PWD=/ ; USER=root ; COMMAND=/usr/bin/id\nNov 22 05:01:01 srv cron[2]: unrelated\n");
+        assert_eq!(
+            first.len(),
+            1,
+            "history before the first start is not replayed: {first:?}"
+        );
+        assert!(
+            matches!(&first[0], Event::AccessPrivilege(p) if p.user == "alice" && p.source == "auth-log")
+        );
+        // Written while the agent was stopped: read at the next start.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"Nov 22 05:02:00 srv sshd[3]: Failed publickey for root from 10.0.0.9 port 7 ssh2: ED25519 x\n"))
+            .unwrap();
+        let second = run("");
+        assert_eq!(second.len(), 1, "{second:?}");
+        assert!(
+            matches!(&second[0], Event::AccessLoginFailed(f) if f.remote_addr.as_deref() == Some("10.0.0.9"))
+        );
+    }
+}
