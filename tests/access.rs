@@ -8,7 +8,7 @@
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
@@ -23,19 +23,6 @@ impl Drop for Syslog {
     fn drop(&mut self) {
         self.0.stop();
         let _ = std::fs::remove_file("/dev/log");
-    }
-}
-
-fn within<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -64,20 +64,6 @@ http_srv = Threaded((host, 8080), Put)
 http_srv.serve_forever()
 "#;
 
-/// Polls `f` every 100 ms until it returns `Some`, for at most `timeout`.
-fn within<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn payload(w: &World, name: &str, bytes: usize) -> std::path::PathBuf {
     let p = w.path(name);
     let mut data = vec![0u8; bytes];

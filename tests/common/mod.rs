@@ -638,3 +638,18 @@ pub fn ssh_opts(key: &Path) -> Vec<String> {
         "LogLevel=ERROR".into(),
     ]
 }
+
+/// Polls `f` every 100 ms until it returns `Some`, for at most `timeout` (`None`
+/// then; the caller says what was missing).
+pub fn within<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
