@@ -123,25 +123,25 @@ impl NsHandle {
                 .dump
                 .recv(&mut &mut rx[..], 0)
                 .map_err(|e| format!("sock_diag dump: {e}"))?;
-            let mut off = 0;
-            while off < n {
-                let msg = <NetlinkMessage<SockDiagMessage>>::deserialize(&rx[off..n])
-                    .map_err(|e| format!("sock_diag message: {e}"))?;
-                let len = msg.header.length as usize;
-                match msg.payload {
-                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                        if let Some(f) = fact(&r, netns) {
-                            out.push(f);
-                        }
-                    }
-                    NetlinkPayload::Done(_) => return Ok(()),
-                    NetlinkPayload::Error(e) => return Err(format!("sock_diag: {e}")),
-                    _ => {}
+            let mut end = None;
+            for_each_payload(&rx[..n], |payload| match payload {
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                    out.push(fact(&r, netns));
+                    true
                 }
-                if len == 0 {
-                    break;
+                NetlinkPayload::Done(_) => {
+                    end = Some(Ok(()));
+                    false
                 }
-                off += (len + 3) & !3;
+                NetlinkPayload::Error(e) => {
+                    end = Some(Err(format!("sock_diag: {e}")));
+                    false
+                }
+                _ => true,
+            })
+            .map_err(|e| format!("sock_diag message: {e}"))?;
+            if let Some(end) = end {
+                return end;
             }
         }
     }
@@ -154,25 +154,15 @@ impl NsHandle {
         loop {
             match self.destroy.recv(&mut &mut rx[..], 0) {
                 Ok(n) => {
-                    let mut off = 0;
-                    while off < n {
-                        let Ok(msg) = <NetlinkMessage<SockDiagMessage>>::deserialize(&rx[off..n])
-                        else {
-                            break;
-                        };
-                        let len = msg.header.length as usize;
+                    // A message that does not parse ends this datagram, not the drain.
+                    let _ = for_each_payload(&rx[..n], |payload| {
                         if let NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) =
-                            msg.payload
+                            payload
                         {
-                            if let Some(f) = fact(&r, netns) {
-                                out.push(f);
-                            }
+                            out.push(fact(&r, netns));
                         }
-                        if len == 0 {
-                            break;
-                        }
-                        off += (len + 3) & !3;
-                    }
+                        true
+                    });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => overflowed = true,
@@ -187,6 +177,25 @@ impl NsHandle {
     }
 }
 
+/// Hands each netlink message of one datagram to `f` until `f` returns false; a
+/// message that does not parse ends the walk with its error.
+fn for_each_payload(
+    datagram: &[u8],
+    mut f: impl FnMut(NetlinkPayload<SockDiagMessage>) -> bool,
+) -> Result<(), String> {
+    let mut off = 0;
+    while off < datagram.len() {
+        let msg = <NetlinkMessage<SockDiagMessage>>::deserialize(&datagram[off..])
+            .map_err(|e| e.to_string())?;
+        let len = msg.header.length as usize;
+        if !f(msg.payload) || len == 0 {
+            break;
+        }
+        off += (len + 3) & !3;
+    }
+    Ok(())
+}
+
 /// Reads a `u64` of `struct tcp_info` at the field's offset, if the kernel's struct
 /// is long enough to have it (older kernels send a shorter one).
 fn tcp_info_u64(info: &[u8], offset: usize) -> Option<u64> {
@@ -194,7 +203,7 @@ fn tcp_info_u64(info: &[u8], offset: usize) -> Option<u64> {
     Some(u64::from_ne_bytes(b.try_into().ok()?))
 }
 
-fn fact(r: &InetResponse, netns: u64) -> Option<SockFact> {
+fn fact(r: &InetResponse, netns: u64) -> SockFact {
     let h = &r.header;
     let id = &h.socket_id;
     let mut bytes_acked = 0;
@@ -216,7 +225,7 @@ fn fact(r: &InetResponse, netns: u64) -> Option<SockFact> {
     // `tcpi_bytes_acked` counts the SYN's sequence number too; the payload is one
     // less (a FIN, once acknowledged, adds one again: within one byte).
     let bytes_acked = bytes_acked.saturating_sub(1);
-    Some(SockFact {
+    SockFact {
         netns,
         cookie: u64::from_ne_bytes(id.cookie),
         state: TcpState::from_kernel(h.state),
@@ -227,7 +236,7 @@ fn fact(r: &InetResponse, netns: u64) -> Option<SockFact> {
         bytes_sent: bytes_acked,
         bytes_received,
         has_counters: has_info,
-    })
+    }
 }
 
 /// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) as the IPv4 address they are.
