@@ -271,6 +271,8 @@ pub struct NetVerdict {
     /// For `block-destination`: how long.
     #[serde(skip)]
     pub block: Duration,
+    /// What the rule's threshold counted (where its firing is remembered).
+    pub per: Scope,
 }
 
 impl NetRule {
@@ -354,6 +356,7 @@ impl NetworkPolicy {
                 action: r.action,
                 rule_id: r.id.clone(),
                 block: r.block,
+                per: r.per,
             })
     }
 

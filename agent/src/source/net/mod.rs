@@ -449,40 +449,28 @@ impl Tracker {
             now: cx.time,
         };
         let verdict = if implicit { None } else { net.decide(&facts) };
-        // A rule fires once per connection, process or destination (within its window).
-        let fresh = verdict.filter(|v| {
-            let rule = net.rules.iter().find(|r| r.id == v.rule_id);
-            match rule.map(|r| r.per) {
-                Some(Scope::Process) => proc_key
-                    .map(|(p, s)| (v.rule_id.clone(), format!("p{p}:{s}")))
-                    .is_some_and(|k| !self.fired.contains_key(&k)),
-                Some(Scope::Destination) => !self
-                    .fired
-                    .contains_key(&(v.rule_id.clone(), format!("d{}", remote.ip()))),
-                _ => !c.fired.contains(&v.rule_id),
-            }
+        // A rule fires once per connection, or once per process / destination within
+        // its window: remembered on the connection, or under a shared key.
+        let shared_key = |v: &NetVerdict| match v.per {
+            Scope::Connection => Some(None),
+            Scope::Process => proc_key.map(|(p, s)| Some((v.rule_id.clone(), format!("p{p}:{s}")))),
+            Scope::Destination => Some(Some((v.rule_id.clone(), format!("d{}", remote.ip())))),
+        };
+        let fresh = verdict.and_then(|v| match shared_key(&v)? {
+            None => (!c.fired.contains(&v.rule_id)).then_some((v, None)),
+            Some(k) => (!self.fired.contains_key(&k)).then_some((v, Some(k))),
         });
         let crossed = !allowlisted && !c.reported && c.fact.bytes_sent >= net.report_bytes;
         let closing_report = c.closed && (c.reported || crossed || fresh.is_some());
         if fresh.is_none() && !crossed && !closing_report {
             return;
         }
-        if let Some(v) = &fresh {
-            let scope = net.rules.iter().find(|r| r.id == v.rule_id).map(|r| r.per);
-            match scope {
-                Some(Scope::Process) => {
-                    if let Some((p, s)) = proc_key {
-                        self.fired
-                            .insert((v.rule_id.clone(), format!("p{p}:{s}")), cx.now);
-                    }
-                }
-                Some(Scope::Destination) => {
-                    self.fired
-                        .insert((v.rule_id.clone(), format!("d{}", remote.ip())), cx.now);
-                }
-                _ => {}
+        let fresh = fresh.map(|(v, shared)| {
+            if let Some(k) = shared {
+                self.fired.insert(k, cx.now);
             }
-        }
+            v
+        });
         let max_files = self.max_open_files;
         let c = self.conns.get_mut(&key).expect("looked up above");
         if let Some(v) = &fresh {
@@ -493,6 +481,7 @@ impl Tracker {
             action: NetAction::Audit,
             rule_id: NETWORK_DEFAULT.into(),
             block: Duration::ZERO,
+            per: Scope::Connection,
         });
         if c.files.is_none() {
             c.files = Some(sensitive_files(backend, c, cx, max_files));

@@ -387,6 +387,7 @@ fn actions_report_how_they_went() {
             action,
             rule_id: "r".into(),
             block: Duration::from_secs(60),
+            per: weilan_config::policy::network::Scope::Connection,
         },
         pid,
         exe: pid.map(|_| "/usr/bin/nc".to_string()),
