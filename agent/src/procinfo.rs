@@ -39,6 +39,7 @@ pub struct ProcessInfo {
     pub pid: u32,
     pub exe: Option<String>,
     pub cmdline: Option<String>,
+    /// Real uid.
     pub uid: Option<u32>,
     pub user: Option<String>,
     pub ppid: u32,
@@ -65,7 +66,9 @@ fn cmdline_of(p: &Process) -> Option<String> {
 pub fn process(pid: u32) -> Option<ProcessInfo> {
     let p = Process::new(pid as i32).ok()?;
     let stat = p.stat().ok()?;
-    let uid = p.uid().ok();
+    // The real uid: who ran it, also behind a setuid program (the owner of
+    // /proc/PID is the effective uid, root for non-dumpable processes).
+    let uid = p.status().ok().map(|s| s.ruid);
     Some(ProcessInfo {
         pid,
         exe: p.exe().ok().map(|e| e.display().to_string()),

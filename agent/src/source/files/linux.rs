@@ -472,36 +472,13 @@ fn writable_files(pid: i32) -> Vec<PathBuf> {
 
 /// Process details from `/proc`, if the process still exists.
 pub fn writer(pid: i32) -> Option<Writer> {
-    if pid <= 0 {
-        return None;
-    }
-    let proc = PathBuf::from(format!("/proc/{pid}"));
-    let exe = std::fs::read_link(proc.join("exe"))
-        .ok()
-        .map(|p| p.display().to_string());
-    let cmdline = std::fs::read(proc.join("cmdline")).ok().map(|b| {
-        let b = &b[..b.len().min(4096)];
-        String::from_utf8_lossy(b)
-            .trim_end_matches('\0')
-            .replace('\0', " ")
-    });
-    let uid = std::fs::read_to_string(proc.join("status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u32>().ok())
-        });
-    if exe.is_none() && cmdline.is_none() && uid.is_none() {
-        return None;
-    }
-    let user = uid.and_then(crate::procinfo::user_name);
+    let p = crate::procinfo::process(u32::try_from(pid).ok().filter(|p| *p > 0)?)?;
     Some(Writer {
-        pid: pid as u32,
-        exe,
-        cmdline,
-        uid,
-        user,
+        pid: p.pid,
+        exe: p.exe,
+        cmdline: p.cmdline,
+        uid: p.uid,
+        user: p.user,
     })
 }
 
