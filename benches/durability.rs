@@ -37,6 +37,7 @@ fn sample_env() -> Envelope {
         },
         time: jiff::Timestamp::now(),
         host_role: "workstation".into(),
+        site: None,
         prev_hash: String::new(),
         event: Event::AgentStopping(AgentStopping {
             reason: "x".repeat(400),

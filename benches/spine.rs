@@ -35,6 +35,7 @@ fn event(agent: &str, seq: u64) -> Envelope {
         },
         time: jiff::Timestamp::now(),
         host_role: "workstation".into(),
+        site: None,
         prev_hash: String::new(),
         event: WEvent::UsbAttached(UsbDevice {
             port_path: "1-2".into(),

@@ -16,51 +16,6 @@ use common::*;
 
 const T: Duration = Duration::from_secs(60);
 
-struct Hil {
-    out: PathBuf,
-    run: PathBuf,
-    scripts: PathBuf,
-}
-
-impl Hil {
-    fn script(&self, name: &str) -> Command {
-        let mut c = Command::new("bash");
-        c.arg(self.scripts.join(name));
-        c.env("HIL_OUT", &self.out).env("HIL_RUN", &self.run);
-        c
-    }
-
-    /// Runs a script; returns its exit status and output.
-    fn sh(&self, name: &str, args: &[&str]) -> (i32, String) {
-        let out = self.script(name).args(args).output().expect("script");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.code().unwrap_or(-1), text)
-    }
-
-    fn gexec(&self, cmd: &str) -> (i32, String) {
-        self.sh("gexec.sh", &["-t", "30", cmd])
-    }
-
-    fn agent_log(&self) -> String {
-        std::fs::read_to_string(self.run.join("share/out/agent.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Hil {
-    fn drop(&mut self) {
-        let _ = self.script("stop.sh").arg("3").output();
-    }
-}
-
-fn static_agent() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target/x86_64-unknown-linux-gnu/release/weilan-agent")
-}
-
 /// Copies the host's rsync with its shared libraries and loader into `dir` (the
 /// guest runs it as `dir/ld-linux-x86-64.so.2 --library-path dir dir/rsync`).
 fn stage_rsync(dir: &Path) -> bool {

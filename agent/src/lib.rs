@@ -66,6 +66,34 @@ pub enum AgentError {
     State(#[from] state::StateError),
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
+    #[error("door.badge_key {path}: {reason}")]
+    BadgeKey { path: String, reason: String },
+}
+
+/// Reads the site's badge key: the file's bytes less trailing whitespace, at least 16,
+/// in a file nobody but its owner can read (a user who can read the key can compute
+/// every card's hash and link events to cards).
+pub fn read_badge_key(path: &std::path::Path) -> Result<Vec<u8>, AgentError> {
+    use std::os::unix::fs::MetadataExt;
+    let fail = |reason: String| AgentError::BadgeKey {
+        path: path.display().to_string(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
+    if meta.mode() & 0o077 != 0 {
+        return Err(fail(format!(
+            "readable by group or others (mode {:o}); chmod 600 it",
+            meta.mode() & 0o777
+        )));
+    }
+    let mut key = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+    while key.last().is_some_and(|b| b.is_ascii_whitespace()) {
+        key.pop();
+    }
+    if key.len() < 16 {
+        return Err(fail(format!("{} bytes; at least 16 are needed", key.len())));
+    }
+    Ok(key)
 }
 
 /// Loads the policy file named in the settings.
@@ -123,6 +151,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
     let recorder = Recorder::new(
         agent_id.clone(),
         settings.host_role.as_str(),
+        settings.site.clone(),
         journal.clone(),
         notify.clone(),
         stats.clone(),
@@ -291,6 +320,22 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
                 auth_logs: access.auth_logs.clone(),
                 poll: access.poll,
                 state_dir: settings.state_dir.clone(),
+            },
+        )));
+    }
+    if let Some(door) = &settings.door {
+        let badge_key = match &door.badge_key {
+            Some(p) if !door.readers.is_empty() => read_badge_key(p)?,
+            _ => Vec::new(),
+        };
+        sources.push(Box::new(source::access::physical::PhysicalSource::new(
+            source::access::physical::PhysicalConfig {
+                site: settings.site.clone().unwrap_or_default(),
+                badge_key,
+                readers: door.readers.clone(),
+                contacts: door.contacts.clone(),
+                reader_opener: Arc::new(source::access::physical::EvdevOpener),
+                line_opener: Arc::new(source::access::physical::CdevOpener),
             },
         )));
     }

@@ -25,6 +25,8 @@ const GROUP_MAX: usize = 1024;
 pub struct Recorder {
     pub agent_id: String,
     pub host_role: &'static str,
+    /// `[agent] site`, stamped on every event.
+    pub site: Option<String>,
     pub journal: Arc<Mutex<Journal>>,
     pub notify: Arc<Notify>,
     pub stats: Arc<AgentStats>,
@@ -37,6 +39,7 @@ impl Recorder {
     pub fn new(
         agent_id: String,
         host_role: &'static str,
+        site: Option<String>,
         journal: Arc<Mutex<Journal>>,
         notify: Arc<Notify>,
         stats: Arc<AgentStats>,
@@ -45,6 +48,7 @@ impl Recorder {
         Recorder {
             agent_id,
             host_role,
+            site,
             journal,
             notify,
             stats,
@@ -104,6 +108,7 @@ impl Recorder {
                 },
                 time: obs.time,
                 host_role: self.host_role.to_string(),
+                site: self.site.clone(),
                 prev_hash: GENESIS_HASH.into(), // set by the journal
                 event: obs.event,
             };
@@ -138,6 +143,7 @@ impl Recorder {
                 },
                 time: jiff::Timestamp::now(),
                 host_role: self.host_role.to_string(),
+                site: self.site.clone(),
                 prev_hash: GENESIS_HASH.into(),
                 event: lost_event(Lost {
                     reissue_of: None,

@@ -91,6 +91,10 @@ pub struct Envelope {
     pub time: Timestamp,
     /// Host role of the agent (`workstation`, `server-room`, `door`), travels with every event.
     pub host_role: String,
+    /// The site (building, floor, server room) the agent is at (`[agent] site`); the
+    /// collector correlates a server-room host with the badge readers of its site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
     /// SHA-256 (hex) of the previous record of this agent's journal, exactly as its
     /// JSON bytes were written and sent; 64 zeros for the first record of an epoch.
     /// Any edit or removal of a buffered record breaks this chain visibly.
@@ -779,6 +783,7 @@ mod tests {
             event_id: "a:1:1".parse().unwrap(),
             time: Timestamp::UNIX_EPOCH,
             host_role: "workstation".into(),
+            site: None,
             prev_hash: GENESIS_HASH.into(),
             event: Event::AgentStopping(AgentStopping {
                 reason: "signal".into(),

@@ -653,3 +653,79 @@ pub fn within<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A QEMU guest run by the scripts in tests/hil (boot with `run.sh`, commands with
+/// `gexec.sh`); stopped when dropped.
+pub struct Hil {
+    pub out: PathBuf,
+    pub run: PathBuf,
+    pub scripts: PathBuf,
+}
+
+impl Hil {
+    /// The guest build (`HIL_OUT`, default /tmp/weilan-hil) and a fresh run directory;
+    /// `None` (with a visible SKIPPED line) when QEMU, the guest or the static agent
+    /// is missing.
+    pub fn prepared(what: &str) -> Option<Hil> {
+        let out =
+            PathBuf::from(std::env::var("HIL_OUT").unwrap_or_else(|_| "/tmp/weilan-hil".into()));
+        let ready = have("qemu-system-x86_64")
+            && out.join("initramfs.cpio.gz").exists()
+            && out.join("vmlinuz").exists()
+            && static_agent().exists();
+        if !require(
+            &format!("{what} needs QEMU, the guest and the static agent: run tests/hil/prepare.sh"),
+            ready,
+        ) {
+            return None;
+        }
+        fs::create_dir_all("/tmp/weilan-hil-runs").unwrap();
+        Some(Hil {
+            run: tempfile::Builder::new()
+                .prefix("run-")
+                .tempdir_in("/tmp/weilan-hil-runs")
+                .unwrap()
+                .keep(),
+            scripts: Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hil"),
+            out,
+        })
+    }
+
+    pub fn script(&self, name: &str) -> Command {
+        let mut c = Command::new("bash");
+        c.arg(self.scripts.join(name));
+        c.env("HIL_OUT", &self.out).env("HIL_RUN", &self.run);
+        c
+    }
+
+    /// Runs a script; returns its exit status and output.
+    pub fn sh(&self, name: &str, args: &[&str]) -> (i32, String) {
+        let out = self.script(name).args(args).output().expect("script");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    }
+
+    pub fn gexec(&self, cmd: &str) -> (i32, String) {
+        self.sh("gexec.sh", &["-t", "30", cmd])
+    }
+
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.run.join("share/out/agent.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Hil {
+    fn drop(&mut self) {
+        let _ = self.script("stop.sh").arg("3").output();
+    }
+}
+
+/// The statically linked agent `tests/hil/prepare.sh` builds for the guest.
+pub fn static_agent() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/x86_64-unknown-linux-gnu/release/weilan-agent")
+}

@@ -47,7 +47,8 @@ cp /bin/busybox "$R/bin/busybox"
 for a in $(/bin/busybox --list); do [ -e "$R/bin/$a" ] || ln -s busybox "$R/bin/$a"; done
 MODS="usb-storage uas sd_mod xhci-pci ehci-pci uhci-hcd ohci-pci vfat msdos exfat
       nls_cp437 nls_iso8859-1 nls_utf8 nls_ascii virtio_pci virtio_net 9pnet_virtio 9p
-      virtio_blk virtio_console virtio-rng loop ext4"
+      virtio_blk virtio_console virtio-rng loop ext4
+      usbhid hid-generic evdev"   # the last three: badge readers (USB keyboards) as input devices
 GADGET_MODS="dummy_hcd libcomposite usb_f_mass_storage usb_f_hid"   # copied, loaded on demand by hil-gadget
 MD="$KX/lib/modules/$KVER"
 mkdir -p "$R/lib/modules/$KVER"

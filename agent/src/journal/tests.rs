@@ -24,6 +24,7 @@ fn env(i: u64) -> Envelope {
         },
         time: jiff::Timestamp::UNIX_EPOCH,
         host_role: "workstation".into(),
+        site: None,
         prev_hash: String::new(),
         event: Event::AgentStopping(AgentStopping {
             reason: format!("event number {i} with some padding to make records realistic"),

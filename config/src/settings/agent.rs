@@ -30,6 +30,9 @@ pub struct AgentFile {
     /// `[access]`: logins and privilege use on this host.
     #[serde(default)]
     pub access: AccessSection,
+    /// `[door]`: badge readers and door contacts wired to this host (`door` role).
+    #[serde(default)]
+    pub door: DoorSection,
     /// `[heartbeat]`.
     #[serde(default)]
     pub heartbeat: HeartbeatSection,
@@ -50,6 +53,11 @@ pub struct AgentSection {
     /// Role of this host: `workstation`, `server-room` or `door`. Travels with every event.
     #[serde(default = "default_role")]
     pub host_role: String,
+    /// The site this host is at (a building, floor or server room, e.g. `hq-3f-dc`).
+    /// Travels with every event; the collector matches it with the badge readers and
+    /// doors of the same site. Required for the `server-room` and `door` roles.
+    #[serde(default)]
+    pub site: Option<String>,
     /// Directory for the agent's own state (epoch counter, journal). Root-only.
     pub state_dir: PathBuf,
     /// The fence policy file enforced on this host.
@@ -322,6 +330,219 @@ fn default_access_poll_ms() -> u64 {
     500
 }
 
+#[derive(Debug, Clone, Default, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DoorSection {
+    /// File holding the site's badge key: at least 16 bytes, the same file on every
+    /// door agent of the site (one card, one hash), readable by root only. Card numbers
+    /// are reported as HMAC-SHA256 under this key, never in clear.
+    #[serde(default)]
+    pub badge_key: Option<PathBuf>,
+    /// Badge readers that present themselves as USB keyboards.
+    #[serde(default)]
+    pub readers: Vec<BadgeReaderSection>,
+    /// Door contacts (reed switches) on GPIO lines.
+    #[serde(default)]
+    pub contacts: Vec<DoorContactSection>,
+}
+
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BadgeReaderSection {
+    /// Name in events (`access.badge.reader`), e.g. the door it guards.
+    pub name: String,
+    /// `usb:VID:PID` in hex (the first keyboard-capable input device with that
+    /// identity), or an input device path such as
+    /// `/dev/input/by-path/platform-xhci-hcd.0-usb-0:1:1.0-event-kbd`.
+    pub device: String,
+}
+
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DoorContactSection {
+    /// Name in events (`access.door.door`).
+    pub door: String,
+    /// GPIO character device, e.g. `/dev/gpiochip0`.
+    pub chip: PathBuf,
+    /// Line offset on that chip (the BCM number on a Raspberry Pi's gpiochip0).
+    pub line: u32,
+    /// Line level that means the door is open: `high` (a normally-closed reed switch
+    /// to ground with a pull-up, the usual wiring) or `low`.
+    #[serde(default = "default_open_level")]
+    pub open_level: String,
+    /// `pull-up`, `pull-down`, `disabled` (external resistor) or `as-is`.
+    #[serde(default = "default_bias")]
+    pub bias: String,
+    /// A level must last this long to count (contact bounce), in milliseconds.
+    #[serde(default = "default_debounce_ms")]
+    pub debounce_ms: u64,
+    /// `access.door` `held-open` once the door stands open this long, in seconds.
+    #[serde(default = "default_held_open_secs")]
+    pub held_open_secs: u64,
+}
+
+fn default_open_level() -> String {
+    "high".into()
+}
+fn default_bias() -> String {
+    "pull-up".into()
+}
+fn default_debounce_ms() -> u64 {
+    50
+}
+fn default_held_open_secs() -> u64 {
+    120
+}
+
+/// Validated `[door]`.
+#[derive(Debug, Clone)]
+pub struct DoorSettings {
+    pub badge_key: Option<PathBuf>,
+    pub readers: Vec<BadgeReader>,
+    pub contacts: Vec<DoorContact>,
+}
+
+/// How a badge reader is found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReaderDevice {
+    Usb { vendor: u16, product: u16 },
+    Path(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct BadgeReader {
+    pub name: String,
+    pub device: ReaderDevice,
+}
+
+#[derive(Debug, Clone)]
+pub struct DoorContact {
+    pub door: String,
+    pub chip: PathBuf,
+    pub line: u32,
+    pub open_high: bool,
+    /// `pull-up`, `pull-down`, `disabled` or `as-is`.
+    pub bias: String,
+    pub debounce: Duration,
+    pub held_open: Duration,
+}
+
+impl DoorSection {
+    fn validate(&self, v: &mut Validator, site: Option<&str>) -> Option<DoorSettings> {
+        if self.readers.is_empty() && self.contacts.is_empty() {
+            return None;
+        }
+        if site.is_none() {
+            v.error(
+                "agent.site",
+                "badge readers and door contacts need the site they guard",
+            );
+        }
+        let mut readers = Vec::new();
+        for (i, r) in self.readers.iter().enumerate() {
+            if !crate::topics::valid_agent_id(&r.name) {
+                v.error(
+                    format!("door.readers[{i}].name"),
+                    "1-64 characters of letters, digits, `.`, `_` and `-`",
+                );
+            }
+            let device = if let Some(id) = r.device.strip_prefix("usb:") {
+                let parsed = id.split_once(':').and_then(|(a, b)| {
+                    Some((
+                        u16::from_str_radix(a, 16).ok()?,
+                        u16::from_str_radix(b, 16).ok()?,
+                    ))
+                });
+                match parsed {
+                    Some((vendor, product)) => ReaderDevice::Usb { vendor, product },
+                    None => {
+                        v.error(
+                            format!("door.readers[{i}].device"),
+                            format!(
+                                "`{}`: expected usb:VID:PID in hex, e.g. usb:0c27:3bfa",
+                                r.device
+                            ),
+                        );
+                        continue;
+                    }
+                }
+            } else if r.device.starts_with('/') {
+                ReaderDevice::Path(PathBuf::from(&r.device))
+            } else {
+                v.error(
+                    format!("door.readers[{i}].device"),
+                    format!(
+                        "`{}`: expected usb:VID:PID or an absolute /dev/input path",
+                        r.device
+                    ),
+                );
+                continue;
+            };
+            readers.push(BadgeReader {
+                name: r.name.clone(),
+                device,
+            });
+        }
+        if !readers.is_empty() {
+            match &self.badge_key {
+                None => v.error(
+                    "door.badge_key",
+                    "badge readers need the site's badge key file",
+                ),
+                Some(p) => {
+                    v.existing_file("door.badge_key", p);
+                }
+            }
+        }
+        let mut contacts = Vec::new();
+        for (i, c) in self.contacts.iter().enumerate() {
+            let at = |f: &str| format!("door.contacts[{i}].{f}");
+            if !crate::topics::valid_agent_id(&c.door) {
+                v.error(
+                    at("door"),
+                    "1-64 characters of letters, digits, `.`, `_` and `-`",
+                );
+            }
+            let open_high = match c.open_level.as_str() {
+                "high" => true,
+                "low" => false,
+                other => {
+                    v.error(
+                        at("open_level"),
+                        format!("`{other}`: expected `high` or `low`"),
+                    );
+                    true
+                }
+            };
+            if !["pull-up", "pull-down", "disabled", "as-is"].contains(&c.bias.as_str()) {
+                v.error(
+                    at("bias"),
+                    format!(
+                        "`{}`: expected pull-up, pull-down, disabled or as-is",
+                        c.bias
+                    ),
+                );
+            }
+            v.range(&at("debounce_ms"), c.debounce_ms, 1, 5_000);
+            v.range(&at("held_open_secs"), c.held_open_secs, 1, 86_400);
+            contacts.push(DoorContact {
+                door: c.door.clone(),
+                chip: c.chip.clone(),
+                line: c.line,
+                open_high,
+                bias: c.bias.clone(),
+                debounce: Duration::from_millis(c.debounce_ms),
+                held_open: Duration::from_secs(c.held_open_secs),
+            });
+        }
+        Some(DoorSettings {
+            badge_key: self.badge_key.clone(),
+            readers,
+            contacts,
+        })
+    }
+}
+
 /// Validated `[access]`.
 #[derive(Debug, Clone)]
 pub struct AccessSettings {
@@ -443,6 +664,7 @@ impl HostRole {
 #[derive(Debug, Clone)]
 pub struct AgentSettings {
     pub host_role: HostRole,
+    pub site: Option<String>,
     pub host_groups: Vec<String>,
     pub state_dir: PathBuf,
     pub policy: PathBuf,
@@ -461,6 +683,8 @@ pub struct AgentSettings {
     pub files: Option<FilesSettings>,
     pub network: Option<NetworkSettings>,
     pub access: Option<AccessSettings>,
+    /// Badge readers and door contacts; `None` when none is configured.
+    pub door: Option<DoorSettings>,
     pub heartbeat: Duration,
     pub pipeline_capacity: usize,
     pub journal_max_bytes: u64,
@@ -494,6 +718,21 @@ impl Validate for AgentFile {
                 HostRole::Workstation
             }
         };
+        let site = self.agent.site.clone();
+        match &site {
+            Some(s) if !crate::topics::valid_agent_id(s) => v.error(
+                "agent.site",
+                format!("`{s}` must be 1-64 characters of letters, digits, `.`, `_` and `-`"),
+            ),
+            None if host_role != HostRole::Workstation => v.error(
+                "agent.site",
+                format!(
+                    "a `{}` host needs its site (the badge readers and doors are matched by it)",
+                    host_role.as_str()
+                ),
+            ),
+            _ => {}
+        }
         let state_dir = v.directory("agent.state_dir", &self.agent.state_dir);
         let policy = v.existing_file("agent.policy", &self.agent.policy);
         let c = self.collector;
@@ -612,6 +851,7 @@ impl Validate for AgentFile {
         } else {
             None
         };
+        let door = self.door.validate(v, site.as_deref());
         v.range(
             "heartbeat.interval_secs",
             self.heartbeat.interval_secs,
@@ -633,6 +873,7 @@ impl Validate for AgentFile {
         let log = self.log.validate(v);
         Some(AgentSettings {
             host_role,
+            site,
             host_groups: self.agent.groups,
             state_dir,
             policy,
@@ -651,6 +892,7 @@ impl Validate for AgentFile {
             files,
             network,
             access,
+            door,
             heartbeat: Duration::from_secs(self.heartbeat.interval_secs),
             pipeline_capacity: self.queues.pipeline,
             journal_max_bytes: self.journal.max_mib * 1024 * 1024,

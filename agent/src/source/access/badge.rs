@@ -67,6 +67,14 @@ impl CardAssembler {
         }
     }
 
+    /// Drops a partial number (the reader stopped mid-card); true if there was one.
+    pub fn abandon(&mut self) -> bool {
+        let had = !self.digits.is_empty() || self.overflowed;
+        self.digits.clear();
+        self.overflowed = false;
+        had
+    }
+
     /// One key press (value 1 events only; releases and repeats are not passed in).
     pub fn press(&mut self, code: u16) -> Read {
         if code == KEY_ENTER || code == KEY_KPENTER {

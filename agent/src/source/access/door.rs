@@ -26,6 +26,8 @@ pub trait GpioLine: Send {
     fn level(&mut self) -> Result<bool, String>;
     /// The next edge, waiting at most `timeout`; `None` on timeout.
     fn next_edge(&mut self, timeout: Duration) -> Result<Option<Edge>, String>;
+    /// The clock edges are stamped with (monotonic).
+    fn now(&self) -> Duration;
 }
 
 /// What the door did.
@@ -122,19 +124,39 @@ impl DoorTracker {
     }
 }
 
-/// A scripted line for tests: a list of edges, then silence.
+/// A scripted line for tests: edges at set times, then silence. Its clock is
+/// simulated: waiting with no edge due moves it on by the timeout, an edge moves it
+/// to the edge's time; after the script (and `end`) it fails, like an unplugged chip.
 #[derive(Debug, Default)]
 pub struct ScriptedLine {
     pub initial: bool,
     pub edges: std::collections::VecDeque<Edge>,
+    /// Simulated time at which the line fails ("gone"), ending the watch.
+    pub end: Duration,
+    pub clock: Duration,
 }
 
 impl GpioLine for ScriptedLine {
     fn level(&mut self) -> Result<bool, String> {
         Ok(self.initial)
     }
-    fn next_edge(&mut self, _timeout: Duration) -> Result<Option<Edge>, String> {
-        Ok(self.edges.pop_front())
+    fn next_edge(&mut self, timeout: Duration) -> Result<Option<Edge>, String> {
+        if self.clock >= self.end {
+            return Err("line gone".into());
+        }
+        match self.edges.front() {
+            Some(e) if e.at <= self.clock + timeout => {
+                self.clock = self.clock.max(e.at);
+                Ok(self.edges.pop_front())
+            }
+            _ => {
+                self.clock += timeout;
+                Ok(None)
+            }
+        }
+    }
+    fn now(&self) -> Duration {
+        self.clock
     }
 }
 
@@ -162,13 +184,13 @@ mod tests {
             50 * MS,
             Duration::from_secs(60),
         );
-        let mut next = line.next_edge(Duration::ZERO).unwrap();
+        let mut next = line.edges.pop_front();
         let mut out = Vec::new();
         let mut now = 0;
         while now <= until_ms {
             while let Some(e) = next.filter(|e| e.at <= MS * now as u32) {
                 out.extend(t.edge(e).into_iter().map(|c| (now, c)));
-                next = line.next_edge(Duration::ZERO).unwrap();
+                next = line.edges.pop_front();
             }
             out.extend(t.tick(MS * now as u32).into_iter().map(|c| (now, c)));
             now += 10;
@@ -192,6 +214,7 @@ mod tests {
                 edge(false, 9006),
             ]
             .into(),
+            ..Default::default()
         };
         let changes = run(&mut line, 10_000);
         assert_eq!(changes.len(), 2, "{changes:?}");
@@ -214,6 +237,7 @@ mod tests {
         let mut line = ScriptedLine {
             initial: false,
             edges: [edge(true, 500), edge(false, 530)].into(),
+            ..Default::default()
         };
         assert!(run(&mut line, 2000).is_empty());
     }
@@ -223,6 +247,7 @@ mod tests {
         let mut line = ScriptedLine {
             initial: false,
             edges: [edge(true, 100)].into(),
+            ..Default::default()
         };
         let changes = run(&mut line, 125_000);
         let held: Vec<_> = changes
