@@ -50,6 +50,8 @@ pub struct Fact {
     pub kind: String,
     pub agent_id: String,
     pub host_role: String,
+    /// The agent's site (`[agent] site`; a door controller's from its message).
+    pub site: Option<String>,
     pub time: jiff::Timestamp,
     pub event_id: Option<String>,
     /// The event's `data` (for findings: their details plus `summary`).
@@ -71,6 +73,7 @@ impl Fact {
             kind: env.kind().to_string(),
             agent_id: env.event_id.agent_id.clone(),
             host_role: env.host_role.clone(),
+            site: env.site.clone(),
             time: env.time,
             event_id: Some(env.event_id.to_string()),
             data,
@@ -92,6 +95,7 @@ impl Fact {
             kind: f.kind.to_string(),
             agent_id: f.agent_id.clone(),
             host_role: String::new(),
+            site: None,
             time: now,
             event_id: None,
             data: serde_json::Value::Object(data),
@@ -138,6 +142,8 @@ pub struct RuleSet {
     rules: Vec<Rule>,
     by_kind: HashMap<String, Vec<usize>>,
     any_kind: Vec<usize>,
+    /// `absent` rules by the kinds of their presence facts.
+    presence_by_kind: HashMap<String, Vec<usize>>,
     user_groups: BTreeMap<String, Vec<String>>,
     agent_groups: Vec<(String, regex::Regex)>,
     working_hours: WorkingHours,
@@ -255,7 +261,13 @@ impl RuleSet {
         rules.retain(|r| r.enabled);
         let mut by_kind: HashMap<String, Vec<usize>> = HashMap::new();
         let mut any_kind = Vec::new();
+        let mut presence_by_kind: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, r) in rules.iter().enumerate() {
+            if let Some(p) = r.correlation.as_ref().and_then(|c| c.presence.as_ref()) {
+                for k in &p.on {
+                    presence_by_kind.entry(k.clone()).or_default().push(i);
+                }
+            }
             for k in &r.on {
                 if k == "*" {
                     any_kind.push(i);
@@ -288,6 +300,7 @@ impl RuleSet {
             rules,
             by_kind,
             any_kind,
+            presence_by_kind,
             user_groups,
             agent_groups,
             working_hours,
@@ -502,7 +515,11 @@ impl Engine {
                 .copied()
                 .collect();
             note_decision(tx, fact)?;
-            if candidates.is_empty() {
+            let presence_rules = set
+                .presence_by_kind
+                .get(fact.kind.as_str())
+                .map_or(&[][..], Vec::as_slice);
+            if candidates.is_empty() && presence_rules.is_empty() {
                 continue;
             }
             let vars = enrich(&set, tx, policy, fact, now)?;
@@ -514,6 +531,32 @@ impl Engine {
             }
             // An agent clock ahead of ours must not stretch windows into the future.
             let t = fact.time.as_second().min(now_s + 300);
+            for &i in presence_rules {
+                let rule = &set.rules[i];
+                let Some(p) = rule.correlation.as_ref().and_then(|c| c.presence.as_ref()) else {
+                    continue;
+                };
+                match p.condition.as_ref().map(|c| c.program.execute(&ctx)) {
+                    None | Some(Ok(Value::Bool(true))) => {}
+                    Some(Ok(Value::Bool(false))) => continue,
+                    Some(Ok(other)) => {
+                        self.eval_error(
+                            rule,
+                            "correlation.presence.condition",
+                            &format!("yields {other:?}, not a bool"),
+                        );
+                        continue;
+                    }
+                    Some(Err(e)) => {
+                        self.eval_error(rule, "correlation.presence.condition", &e.to_string());
+                        continue;
+                    }
+                }
+                match p.key.program.execute(&ctx) {
+                    Ok(k) => note_presence(tx, &rule.id, &render(&k), t)?,
+                    Err(e) => self.eval_error(rule, "correlation.presence.key", &e.to_string()),
+                }
+            }
             for i in candidates {
                 let rule = &set.rules[i];
                 self.stats.evaluations += 1;
@@ -563,6 +606,13 @@ impl Engine {
                     let fired = match c.aggregate {
                         Aggregate::FirstSeen => {
                             first_seen(tx, &rule.id, &key, &render(&value), t, c.window_secs)?
+                        }
+                        Aggregate::Absent => {
+                            let looked_up = match c.field {
+                                Some(_) => render(&value),
+                                None => key.clone(),
+                            };
+                            absent(tx, &rule.id, &looked_up, t, c.window_secs)?
                         }
                         _ => self.slide(rule, c, &key, t, &value, fact.event_id.clone()),
                     };
@@ -780,7 +830,7 @@ impl Engine {
             Aggregate::Count => w.entries.len() as f64,
             Aggregate::Sum => w.sum,
             Aggregate::Distinct => w.distinct.len() as f64,
-            Aggregate::FirstSeen => 0.0,
+            Aggregate::FirstSeen | Aggregate::Absent => 0.0,
         };
         let ids: Vec<String> = w
             .entries
@@ -816,13 +866,13 @@ impl Engine {
         }
     }
 
-    /// Drops first-seen rows older than their rule's window.
+    /// Drops first-seen and presence rows older than their rule's window.
     pub fn prune_seen(&self, tx: &Transaction<'_>, now: jiff::Timestamp) -> Result<(), StoreError> {
         for r in self.set.rules() {
             if let Some(c) = r
                 .correlation
                 .as_ref()
-                .filter(|c| c.aggregate == Aggregate::FirstSeen)
+                .filter(|c| matches!(c.aggregate, Aggregate::FirstSeen | Aggregate::Absent))
             {
                 tx.execute(
                     "DELETE FROM rule_seen WHERE rule_id = ?1 AND last_seen < ?2",
@@ -860,6 +910,43 @@ fn first_seen(
     })
 }
 
+/// The `rule_seen` value under which an `absent` rule keeps its last presence.
+const PRESENCE: &str = "(presence)";
+
+/// Records a presence fact of an `absent` rule at `t` (kept in the database, so a
+/// collector restart does not forget who badged in).
+fn note_presence(tx: &Transaction<'_>, rule: &str, key: &str, t: i64) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO rule_seen (rule_id, key, value, last_seen) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(rule_id, key, value) DO UPDATE SET last_seen = MAX(last_seen, excluded.last_seen)",
+    )?
+    .execute(params![rule, key, PRESENCE, t])?;
+    Ok(())
+}
+
+/// Whether no presence under `key` came within `window` around `t`. Only the latest
+/// presence per key is kept: one within `window` after `t` counts too (a door agent's
+/// clock ahead, a backlog sent late), one further after hides any earlier one, so a
+/// fact from long ago fires — a false red, never a missed one.
+fn absent(
+    tx: &Transaction<'_>,
+    rule: &str,
+    key: &str,
+    t: i64,
+    window: i64,
+) -> Result<Option<(f64, Vec<String>)>, StoreError> {
+    let last: Option<i64> = tx
+        .prepare_cached(
+            "SELECT last_seen FROM rule_seen WHERE rule_id = ?1 AND key = ?2 AND value = ?3",
+        )?
+        .query_row(params![rule, key, PRESENCE], |r| r.get(0))
+        .optional()?;
+    Ok(match last {
+        Some(l) if (t - window..=t + window).contains(&l) => None,
+        _ => Some((0.0, vec![])),
+    })
+}
+
 /// The CEL variables for one fact.
 fn enrich(
     set: &RuleSet,
@@ -883,6 +970,10 @@ fn enrich(
     let agent = map([
         ("id", Value::from(fact.agent_id.as_str())),
         ("role", Value::from(fact.host_role.as_str())),
+        (
+            "site",
+            fact.site.as_deref().map_or(Value::Null, Value::from),
+        ),
         ("groups", Value::List(Arc::new(groups))),
     ]);
     let user_name = fact

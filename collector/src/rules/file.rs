@@ -119,16 +119,33 @@ fn yes() -> bool {
 #[derive(Debug, eserde::Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CorrelationRaw {
-    /// `count`, `sum`, `distinct` or `first-seen`.
+    /// `count`, `sum`, `distinct`, `first-seen` or `absent`.
     pub aggregate: String,
-    /// CEL: the value summed, counted distinct, or checked for first sight.
+    /// CEL: the value summed, counted distinct, or checked for first sight; for
+    /// `absent` the presence key looked up (default: the rule's `key`).
     #[serde(default)]
     pub field: Option<String>,
     /// Sliding window (`10m`, `1h`, `30d`).
     pub window: String,
-    /// The aggregate that fires the rule (not used by `first-seen`).
+    /// The aggregate that fires the rule (not used by `first-seen` and `absent`).
     #[serde(default)]
     pub threshold: Option<f64>,
+    /// `absent`: the facts whose presence under the rule's key within `window` before
+    /// a match keeps the rule quiet (a badge-in at the site before a USB plug).
+    #[serde(default)]
+    pub presence: Option<PresenceRaw>,
+}
+
+#[derive(Debug, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceRaw {
+    /// Fact kinds that count as presence.
+    pub on: Vec<String>,
+    /// CEL over the presence fact, must yield a bool; default `true`.
+    #[serde(default)]
+    pub condition: Option<String>,
+    /// CEL: the presence fact's key, compared with the rule's `key` of a match.
+    pub key: String,
 }
 
 #[derive(Debug, eserde::Deserialize, Serialize)]
@@ -171,6 +188,16 @@ pub enum Aggregate {
     Sum,
     Distinct,
     FirstSeen,
+    /// Fires when no presence fact under the same key came within the window before.
+    Absent,
+}
+
+/// What keeps an `absent` rule quiet.
+#[derive(Debug)]
+pub struct Presence {
+    pub on: Vec<String>,
+    pub condition: Option<Expr>,
+    pub key: Expr,
 }
 
 #[derive(Debug)]
@@ -179,6 +206,8 @@ pub struct Correlation {
     pub field: Option<Expr>,
     pub window_secs: i64,
     pub threshold: f64,
+    /// `absent` only.
+    pub presence: Option<Presence>,
     /// Changes when the definition changes (state is kept across reloads otherwise).
     pub fingerprint: String,
 }
@@ -497,16 +526,65 @@ impl Validate for RulesFileRaw {
                         "sum" => Some(Aggregate::Sum),
                         "distinct" => Some(Aggregate::Distinct),
                         "first-seen" => Some(Aggregate::FirstSeen),
+                        "absent" => Some(Aggregate::Absent),
                         other => {
                             v.error(
                                 at("correlation.aggregate"),
-                                format!("`{other}` is not count, sum, distinct or first-seen"),
+                                format!(
+                                    "`{other}` is not count, sum, distinct, first-seen or absent"
+                                ),
                             );
                             None
                         }
                     };
+                    let presence = match (&aggregate, &c.presence) {
+                        (Some(Aggregate::Absent), None) => {
+                            v.error(
+                                at("correlation.presence"),
+                                "absent needs the presence facts (on, key, optional condition)",
+                            );
+                            None
+                        }
+                        (Some(Aggregate::Absent), Some(p)) => {
+                            if p.on.is_empty() {
+                                v.error(
+                                    at("correlation.presence.on"),
+                                    "name at least one event kind",
+                                );
+                            }
+                            let condition = match p.condition.as_deref().map(compile) {
+                                None => Some(None),
+                                Some(Ok(e)) => Some(Some(e)),
+                                Some(Err(e)) => {
+                                    v.error(at("correlation.presence.condition"), e);
+                                    None
+                                }
+                            };
+                            let key = compile(&p.key)
+                                .map_err(|e| v.error(at("correlation.presence.key"), e))
+                                .ok();
+                            match (condition, key) {
+                                (Some(condition), Some(key)) => Some(Presence {
+                                    on: p.on.clone(),
+                                    condition,
+                                    key,
+                                }),
+                                _ => None,
+                            }
+                        }
+                        (_, Some(_)) => {
+                            v.error(
+                                at("correlation.presence"),
+                                "only for aggregate = \"absent\"",
+                            );
+                            None
+                        }
+                        (_, None) => None,
+                    };
                     let field = match (&aggregate, c.field.as_deref()) {
                         (Some(Aggregate::Count), _) | (None, _) => None,
+                        // absent: the presence key looked up; default the rule's key.
+                        (Some(Aggregate::Absent), None) => None,
                         (Some(_), None) => {
                             v.error(
                                 at("correlation.field"),
@@ -525,7 +603,7 @@ impl Validate for RulesFileRaw {
                         v.error(at("correlation.window"), "must be longer than 0 s");
                     }
                     let threshold = match (aggregate, c.threshold) {
-                        (Some(Aggregate::FirstSeen), _) => Some(1.0),
+                        (Some(Aggregate::FirstSeen), _) | (Some(Aggregate::Absent), _) => Some(1.0),
                         (_, Some(t)) if t > 0.0 => Some(t),
                         (_, Some(_)) => {
                             v.error(at("correlation.threshold"), "must be above 0");
@@ -541,17 +619,23 @@ impl Validate for RulesFileRaw {
                     };
                     match (aggregate, window, threshold) {
                         (Some(aggregate), Some(window_secs), Some(threshold))
-                            if aggregate == Aggregate::Count || field.is_some() =>
+                            if aggregate == Aggregate::Count
+                                || field.is_some()
+                                || (aggregate == Aggregate::Absent && presence.is_some()) =>
                         {
                             Some(Some(Correlation {
                                 fingerprint: format!(
-                                    "{}|{:?}|{}|{threshold}",
-                                    c.aggregate, c.field, c.window
+                                    "{}|{:?}|{}|{threshold}|{:?}",
+                                    c.aggregate,
+                                    c.field,
+                                    c.window,
+                                    c.presence.as_ref().map(|p| (&p.on, &p.condition, &p.key))
                                 ),
                                 aggregate,
                                 field,
                                 window_secs,
                                 threshold,
+                                presence,
                             }))
                         }
                         _ => None,

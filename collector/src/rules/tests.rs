@@ -67,6 +67,8 @@ impl Harness {
             "event_id": format!("{agent}:1:{}", self.seq),
             "time": at,
             "host_role": role,
+            // Server-room hosts and door boards of the tests are at one site.
+            "site": (role != "workstation").then_some("hq-dc"),
             "prev_hash": weilan_config::event::GENESIS_HASH,
             "event": {"kind": kind, "data": data},
         }))
@@ -274,9 +276,62 @@ indicator!(temporary_unlock_used, "builtin.usb.unlock-used", |h|
 );
 
 indicator!(usb_on_server_room_host, "builtin.usb.server-room", |h|
-    fire: (DAY, vec![h.event("srv-1", "server-room", DAY, "usb.attached", usb(json!({})))]),
-    near: (DAY, vec![h.event("ws-1", "workstation", DAY, "usb.attached", usb(json!({})))]),
+    fire: (DAY, vec![
+        // A badge at another site, and one at this site 20 minutes before: neither counts.
+        h.event("door-2", "door", "2026-11-23T01:55:00Z", "access.badge", badge_at("branch-2")),
+        h.event("door-1", "door", "2026-11-23T01:40:00Z", "access.badge", badge()),
+        h.event("srv-1", "server-room", DAY, "usb.attached", usb(json!({}))),
+    ]),
+    // Badged in at the site five minutes before the plug.
+    near: (DAY, vec![
+        h.event("door-1", "door", "2026-11-23T01:55:00Z", "access.badge", badge()),
+        h.event("srv-1", "server-room", DAY, "usb.attached", usb(json!({}))),
+    ]),
 );
+
+fn badge_at(site: &str) -> Json {
+    json!({"reader": "dc-east", "site": site, "id_hash": "ab".repeat(32), "last4": "5678", "source": "hid-reader"})
+}
+
+fn badge() -> Json {
+    badge_at("hq-dc")
+}
+
+fn door(state: &str, held: Option<u64>) -> Json {
+    json!({"door": "dc-east", "site": "hq-dc", "state": state, "held_open_secs": held, "source": "gpio"})
+}
+
+#[test]
+fn a_badge_in_is_remembered_across_a_collector_restart() {
+    let mut h = Harness::new();
+    let b = h.event(
+        "door-1",
+        "door",
+        "2026-11-23T01:55:00Z",
+        "access.badge",
+        badge(),
+    );
+    h.feed("2026-11-23T01:55:00Z", vec![b]);
+    // A new engine on the same database (the collector restarted).
+    h.engine = Engine::new(true, None).unwrap();
+    let plug = h.event("srv-1", "server-room", DAY, "usb.attached", usb(json!({})));
+    assert_eq!(h.fired(DAY, vec![plug], "builtin.usb.server-room"), None);
+}
+
+#[test]
+fn the_red_alert_names_the_host_and_the_site() {
+    let mut h = Harness::new();
+    let plug = h.event("srv-1", "server-room", DAY, "usb.attached", usb(json!({})));
+    let a = h
+        .fired(DAY, vec![plug], "builtin.usb.server-room")
+        .expect("fires");
+    assert_eq!(a.level, crate::rules::Level::Red);
+    assert!(
+        a.summary.contains("server-room host srv-1 at site hq-dc"),
+        "{}",
+        a.summary
+    );
+}
 
 indicator!(classified_file_exported, "builtin.files.classified-export", |h|
     fire: (DAY, vec![h.event("ws-1", "workstation", DAY, "file.exported", exported(json!({
@@ -383,10 +438,67 @@ fn login(user: &str) -> Json {
         "remote_addr": "192.0.2.7", "session_id": "12", "source": "journal"})
 }
 
-indicator!(server_room_login_outside_hours, "builtin.access.login-outside-hours-server-room", |h|
+indicator!(access_outside_hours, "builtin.access.outside-hours", |h|
     fire: (NIGHT, vec![h.event("srv-1", "server-room", NIGHT, "access.login", login("bob"))]),
-    // A workstation login at night is not this indicator.
-    near: (NIGHT, vec![h.event("ws-1", "workstation", NIGHT, "access.login", login("bob"))]),
+    // A workstation login at night is not this indicator, nor a door closing.
+    near: (NIGHT, vec![
+        h.event("ws-1", "workstation", NIGHT, "access.login", login("bob")),
+        h.event("door-1", "door", NIGHT, "access.door", door("closed", Some(5))),
+    ]),
+);
+
+#[test]
+fn badges_and_doors_at_night_are_outside_hours_too() {
+    let mut h = Harness::new();
+    let b = h.event("door-1", "door", NIGHT, "access.badge", badge());
+    let a = h
+        .fired(NIGHT, vec![b], "builtin.access.outside-hours")
+        .expect("badge");
+    assert!(
+        a.summary
+            .contains("badge …5678 presented at reader dc-east at site hq-dc"),
+        "{}",
+        a.summary
+    );
+    let d = h.event("door-1", "door", NIGHT, "access.door", door("opened", None));
+    assert!(h
+        .fired(NIGHT, vec![d], "builtin.access.outside-hours")
+        .is_some());
+    let d = h.event("door-1", "door", DAY, "access.door", door("opened", None));
+    assert!(h
+        .fired(DAY, vec![d], "builtin.access.outside-hours")
+        .is_none());
+}
+
+fn console_login() -> Json {
+    json!({"user": "root", "uid": 0, "method": "console", "tty": "tty1",
+        "remote_addr": null, "session_id": "tty1", "source": "utmp"})
+}
+
+indicator!(console_login_without_badge, "builtin.access.console-login-without-badge", |h|
+    fire: (DAY, vec![h.event("srv-1", "server-room", DAY, "access.login", console_login())]),
+    near: (DAY, vec![
+        h.event("door-1", "door", "2026-11-23T01:50:00Z", "access.badge", badge()),
+        h.event("srv-1", "server-room", DAY, "access.login", console_login()),
+        // A remote login needs nobody in the room.
+        h.event("srv-1", "server-room", "2026-11-23T03:00:00Z", "access.login", login("bob")),
+    ]),
+);
+
+indicator!(door_without_badge, "builtin.access.door-without-badge", |h|
+    fire: (DAY, vec![
+        h.event("door-1", "door", "2026-11-23T01:59:00Z", "access.badge", badge()),
+        h.event("door-1", "door", DAY, "access.door", door("opened", None)),
+    ]),
+    near: (DAY, vec![
+        h.event("door-1", "door", "2026-11-23T01:59:45Z", "access.badge", badge()),
+        h.event("door-1", "door", DAY, "access.door", door("opened", None)),
+    ]),
+);
+
+indicator!(door_held_open, "builtin.access.door-held-open", |h|
+    fire: (DAY, vec![h.event("door-1", "door", DAY, "access.door", door("held-open", Some(120)))]),
+    near: (DAY, vec![h.event("door-1", "door", DAY, "access.door", door("closed", Some(30)))]),
 );
 
 indicator!(root_by_non_admin, "builtin.access.privilege-non-admin", |h|
@@ -528,7 +640,10 @@ fn every_builtin_rule_is_tested() {
         "builtin.net.first-seen-destination",
         "builtin.net.transfer-tool-non-it",
         "builtin.net.enforcement-failed",
-        "builtin.access.login-outside-hours-server-room",
+        "builtin.access.outside-hours",
+        "builtin.access.console-login-without-badge",
+        "builtin.access.door-without-badge",
+        "builtin.access.door-held-open",
         "builtin.access.privilege-non-admin",
         "builtin.access.failed-login-burst",
         "builtin.fleet.agent-silent",
