@@ -172,3 +172,205 @@ fn ssh_logins_failures_and_sudo_are_reported_with_user_address_and_outcome() {
     assert_eq!(o["user"], "root");
     eprintln!("MEASURED access: failed {f}\nlogin {l}\nprivilege {p}\nlogout {o}");
 }
+
+/// A door controller's signed message, as a third-party controller would build it
+/// (docs/protocol.md, "Door controllers").
+fn door_message(
+    signer: &weilan_config::signing::Signer,
+    controller: &str,
+    seq: u64,
+    event: Value,
+) -> Vec<u8> {
+    let body = serde_json::json!({
+        "controller": controller, "seq": seq, "time": jiff::Timestamp::now().to_string(), "event": event,
+    })
+    .to_string();
+    serde_json::to_vec(&signer.sign(weilan_config::wire::Purpose::DoorEvent, body)).unwrap()
+}
+
+#[test]
+fn door_controllers_publish_signed_events_replays_and_impostors_are_refused() {
+    if !netns_available() {
+        return;
+    }
+    let w = World::new();
+    let (cert, key) = weilan_collector::pki::issue_door_controller(&w.pki, "ctl-east").unwrap();
+    let hash =
+        |card: &str| weilan_collector::roster::card_hash(b"hq-dc badge key, 32 bytes long..", card);
+    let roster = w.path("roster.csv");
+    std::fs::write(&roster, "id_hash,name,department\n").unwrap();
+    let ns = Netns::create();
+    let collector = w.start_collector(
+        &ns,
+        &w.collector_toml(
+            false,
+            &format!(
+                "[rules]\nroster = \"{}\"\nreload_check_secs = 1\n",
+                roster.display()
+            ),
+        ),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let controller = weilan_config::signing::Signer::from_pem_files(&cert, &key).unwrap();
+    let agent = weilan_config::signing::Signer::from_pem_files(
+        &w.pki.agent(AGENT),
+        &w.pki.agent_key(AGENT),
+    )
+    .unwrap();
+    let badge = |card: &str, site: &str| {
+        serde_json::json!({"kind": "access.badge", "data": {"reader": "east", "site": site,
+            "id_hash": hash(card), "last4": &card[card.len() - 4..], "source": "controller"}})
+    };
+    let door = |site: &str| {
+        serde_json::json!({"kind": "access.door", "data": {"door": "east", "site": site,
+            "state": "opened", "held_open_secs": null, "source": "controller"}})
+    };
+    // Wang Fang joins the roster while the collector runs.
+    std::fs::write(
+        &roster,
+        format!(
+            "id_hash,name,department\n{},Wang Fang,IT\n",
+            hash("0012345678")
+        ),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let topic = "weilan/v1/doors/ctl-east/events";
+    let replayed = door_message(&controller, "ctl-east", 2, door("hq-dc"));
+    let messages: Vec<(String, Vec<u8>)> = vec![
+        (
+            topic.into(),
+            door_message(&controller, "ctl-east", 1, badge("0012345678", "hq-dc")),
+        ),
+        (topic.into(), replayed.clone()),
+        // No badge at the annex: red.
+        (
+            topic.into(),
+            door_message(&controller, "ctl-east", 3, door("hq-annex")),
+        ),
+        // A card nobody issued: yellow.
+        (
+            topic.into(),
+            door_message(&controller, "ctl-east", 4, badge("99990000", "hq-dc")),
+        ),
+        // Refused: the same message again (replay), on another controller's topic,
+        // signed by an agent, and a kind a controller does not send.
+        (topic.into(), replayed),
+        (
+            "weilan/v1/doors/ctl-west/events".into(),
+            door_message(&controller, "ctl-east", 5, door("hq-dc")),
+        ),
+        (
+            topic.into(),
+            door_message(&agent, "ctl-east", 6, door("hq-dc")),
+        ),
+        (
+            topic.into(),
+            door_message(
+                &controller,
+                "ctl-east",
+                7,
+                serde_json::json!({"kind": "agent.stopping", "data": {"reason": "signal"}}),
+            ),
+        ),
+    ];
+    let n = messages.len();
+    let tls = test_client_tls(&w.pki.ca(), Some((&cert, &key)));
+    with_mqtt_client(&ns, "ctl-east", tls, move |client, mut el| {
+        Box::pin(async move {
+            connect(&mut el)
+                .await
+                .expect("controller connects with its certificate");
+            for (topic, p) in messages {
+                client
+                    .publish(topic, rumqttc::QoS::AtLeastOnce, false, p)
+                    .await
+                    .unwrap();
+            }
+            drive_until_pubacks(&mut el, n).await.expect("pubacks");
+        })
+    });
+    let diag = || collector.log_text();
+    wait_for(
+        "4 refused messages",
+        Duration::from_secs(30),
+        || (w.count("SELECT COUNT(*) FROM quarantine") == 4).then_some(()),
+        diag,
+    );
+    let reasons: Vec<String> = {
+        let db = w.db();
+        let mut st = db
+            .prepare("SELECT reason FROM quarantine ORDER BY id")
+            .unwrap();
+        st.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    };
+    assert!(
+        reasons[0].contains("replayed or out of order: seq 2"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].contains("published on the topic of `ctl-west`"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[2].contains("signature") && reasons[2].contains("role"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[3].contains("a door controller sends access.badge or access.door"),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        w.count("SELECT COUNT(*) FROM events WHERE agent_id = 'ctl-east' AND host_role = 'door-controller'"),
+        4
+    );
+    let alerts = wait_for(
+        "door and roster alerts",
+        Duration::from_secs(30),
+        || {
+            let a = w.alert_lines();
+            (a.iter()
+                .any(|a| a["rule_id"] == "builtin.access.unknown-badge"))
+            .then_some(a)
+        },
+        diag,
+    );
+    let doors: Vec<&Value> = alerts
+        .iter()
+        .filter(|a| a["rule_id"] == "builtin.access.door-without-badge")
+        .collect();
+    assert_eq!(
+        doors.len(),
+        1,
+        "only the annex door opened without a badge: {alerts:#?}"
+    );
+    assert_eq!(doors[0]["level"], "red");
+    assert!(
+        doors[0]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("site hq-annex"),
+        "{}",
+        doors[0]
+    );
+    let unknown: Vec<&Value> = alerts
+        .iter()
+        .filter(|a| a["rule_id"] == "builtin.access.unknown-badge")
+        .collect();
+    assert_eq!(
+        unknown.len(),
+        1,
+        "Wang Fang's card is on the reloaded roster: {alerts:#?}"
+    );
+    assert!(
+        unknown[0]["summary"].as_str().unwrap().contains("…0000"),
+        "{}",
+        unknown[0]
+    );
+    println!(
+        "MEASURED door controller: 4 events stored, 4 refused ({reasons:?}), door-without-badge red for hq-annex only, unknown badge yellow for …0000 only"
+    );
+}

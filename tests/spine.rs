@@ -171,7 +171,9 @@ fn mosquitto_conf(w: &World) -> std::path::PathBuf {
          pattern write weilan/v1/agents/%u/status\n\
          pattern read weilan/v1/agents/%u/acks\n\
          pattern read weilan/v1/agents/%u/commands\n\
+         pattern write weilan/v1/doors/%u/events\n\
          user weilan-collector\n\
+         topic read weilan/v1/doors/+/events\n\
          topic read weilan/v1/agents/+/events\n\
          topic read weilan/v1/agents/+/status\n\
          topic write weilan/v1/agents/+/acks\n\

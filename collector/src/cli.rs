@@ -181,8 +181,24 @@ enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
+    /// Badge roster helpers.
+    Roster {
+        #[command(subcommand)]
+        command: RosterCommand,
+    },
     /// Print the documented example settings.
     PrintDefaultConfig,
+}
+
+#[derive(Subcommand)]
+enum RosterCommand {
+    /// Read card numbers from standard input, one per line, and print the roster's
+    /// `id_hash` for each (with the last four digits); numbers stay out of argv.
+    Hash {
+        /// The site's badge key file (the door agents' `[door] badge_key`).
+        #[arg(long)]
+        key: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -227,6 +243,12 @@ enum PkiCommand {
     },
     /// Issue an agent certificate; its common name is the agent id.
     IssueAgent {
+        name: String,
+        #[arg(long, default_value = "/etc/weilan/pki")]
+        dir: PathBuf,
+    },
+    /// Issue a door controller certificate (docs/protocol.md, "Door controllers").
+    IssueDoorController {
         name: String,
         #[arg(long, default_value = "/etc/weilan/pki")]
         dir: PathBuf,
@@ -544,6 +566,39 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                 }
             }
         }
+        Command::Roster {
+            command: RosterCommand::Hash { key },
+        } => {
+            let key = match std::fs::read(&key) {
+                Ok(mut k) => {
+                    while k.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                        k.pop();
+                    }
+                    k
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", key.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            println!("id_hash,last4");
+            for line in std::io::stdin().lines().map_while(Result::ok) {
+                let card = line.trim();
+                if card.is_empty() {
+                    continue;
+                }
+                if !card.bytes().all(|b| b.is_ascii_digit()) {
+                    eprintln!("skipped a line that is not a card number (digits only)");
+                    continue;
+                }
+                println!(
+                    "{},{}",
+                    crate::roster::card_hash(&key, card),
+                    &card[card.len().saturating_sub(4)..]
+                );
+            }
+            ExitCode::SUCCESS
+        }
         Command::Pki { command } => {
             let result = match command {
                 PkiCommand::Init { dir, names } => {
@@ -553,6 +608,15 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                             "PKI created in {}: ca.pem, server.pem (for {}), collector.pem",
                             dir.display(),
                             names.join(", ")
+                        );
+                    })
+                }
+                PkiCommand::IssueDoorController { name, dir } => {
+                    pki::issue_door_controller(&PkiPaths::new(&dir), &name).map(|(c, k)| {
+                        println!(
+                            "door controller `{name}`: certificate {}, key {} (0600)",
+                            c.display(),
+                            k.display()
                         );
                     })
                 }

@@ -78,6 +78,9 @@ impl Ingest {
     /// commands the rules asked for.
     pub fn process(&self, topic: &str, payload: &[u8]) -> Vec<Reply> {
         self.stats.messages.fetch_add(1, Ordering::Relaxed);
+        if let Some(controller) = topics::parse_door_topic(topic) {
+            return self.process_door(controller, topic, payload);
+        }
         match topics::parse_agent_topic(topic) {
             Some((agent, Channel::Events)) => self.process_batch(agent, topic, payload),
             Some((agent, Channel::Status)) => {
@@ -255,6 +258,122 @@ impl Ingest {
         replies
     }
 
+    /// One signed message from a door controller: verified, checked against replay
+    /// (its `seq` must exceed the last stored), stored as an event of the controller
+    /// (epoch 0, the seq as sequence number, host role `door-controller`) and ruled.
+    fn process_door(&self, controller: &str, topic: &str, payload: &[u8]) -> Vec<Reply> {
+        const MAX_DOOR_PAYLOAD: usize = 16 * 1024;
+        let signed = match wire::decode_signed(payload, MAX_DOOR_PAYLOAD) {
+            Ok(m) => m,
+            Err(e) => {
+                self.refuse(topic, &e.to_string(), payload);
+                return vec![];
+            }
+        };
+        let identity = match self
+            .verifier
+            .verify(&signed, Purpose::DoorEvent, Role::DoorController)
+        {
+            Ok(id) => id,
+            Err(e) => {
+                let reason = format!("signature: {e}");
+                self.refuse(topic, &reason, payload);
+                return self.integrity_alert(controller, &reason, payload);
+            }
+        };
+        if identity.common_name != controller {
+            let reason = format!(
+                "signed by door controller `{}` but published on the topic of `{controller}`",
+                identity.common_name
+            );
+            self.refuse(topic, &reason, payload);
+            return self.integrity_alert(controller, &reason, payload);
+        }
+        let message: wire::DoorMessage = match serde_json::from_str(&signed.body)
+            .map_err(|e| format!("not a door message: {e}"))
+            .and_then(|m| wire::check_door_message(&m, controller).map(|()| m))
+        {
+            Ok(m) => m,
+            Err(reason) => {
+                self.refuse(topic, &reason, payload);
+                return vec![];
+            }
+        };
+        let site = match &message.event {
+            weilan_config::event::Event::AccessBadge(b) => b.site.clone(),
+            weilan_config::event::Event::AccessDoor(d) => d.site.clone(),
+            _ => String::new(),
+        };
+        let envelope = Envelope {
+            schema: weilan_config::event::SCHEMA_VERSION,
+            event_id: weilan_config::event::EventId {
+                agent_id: controller.to_string(),
+                key: EventKey {
+                    epoch: 0,
+                    seq: message.seq,
+                },
+            },
+            time: message.time,
+            host_role: "door-controller".into(),
+            site: Some(site),
+            prev_hash: weilan_config::event::GENESIS_HASH.into(),
+            event: message.event,
+        };
+        let now = jiff::Timestamp::now();
+        let result = self.store().in_transaction(|tx| {
+            let last: Option<i64> = tx.query_row(
+                "SELECT MAX(seq) FROM events WHERE agent_id = ?1 AND epoch = 0",
+                [controller],
+                |r| r.get(0),
+            )?;
+            if last.is_some_and(|l| l >= message.seq as i64) {
+                return Ok(Err(last.unwrap_or_default()));
+            }
+            let raw = serde_json::to_string(&envelope).unwrap_or_default();
+            tx.execute(
+                "INSERT INTO events
+                 (event_id, agent_id, epoch, seq, kind, agent_time, received_at, host_role, envelope, hash, prev_hash)
+                 VALUES (?1, ?2, 0, ?3, ?4, ?5, ?6, 'door-controller', ?7, ?8, ?9)",
+                rusqlite::params![
+                    envelope.event_id.to_string(),
+                    controller,
+                    message.seq as i64,
+                    envelope.kind(),
+                    envelope.time.to_string(),
+                    now.to_string(),
+                    raw,
+                    record_hash(signed.body.as_bytes()),
+                    envelope.prev_hash,
+                ],
+            )?;
+            let policy = self.policy.read().unwrap_or_else(|p| p.into_inner());
+            self.engine()
+                .evaluate(tx, &policy, &[Fact::from_envelope(&envelope)], now)
+                .map(Ok)
+        });
+        match result {
+            Ok(Ok(outcome)) => {
+                self.stats.events_stored.fetch_add(1, Ordering::Relaxed);
+                self.after_commit(outcome)
+            }
+            Ok(Err(last)) => {
+                self.refuse(
+                    topic,
+                    &format!(
+                        "replayed or out of order: seq {} is not above the last stored, {last}",
+                        envelope.event_id.key.seq
+                    ),
+                    payload,
+                );
+                vec![]
+            }
+            Err(e) => {
+                tracing::error!(controller, error = %e, "door controller event not stored");
+                vec![]
+            }
+        }
+    }
+
     /// After the alerts are durable: the alert log, the sinks, and the commands
     /// (signed, each with the agent's next sequence number) to publish.
     fn after_commit(&self, outcome: Outcome) -> Vec<Reply> {
@@ -387,9 +506,34 @@ impl Ingest {
     }
 
     /// Re-reads the rule directory if it changed; a refused set is alerted.
+    /// Re-reads changed rule files and the roster; a refused one becomes a finding.
     pub fn reload_rules(&self) -> Vec<Reply> {
-        let refused = self.engine().reload_if_changed();
-        self.raise(refused.into_iter().collect())
+        let (refused, roster) = {
+            let mut engine = self.engine();
+            (
+                engine.reload_if_changed(),
+                engine.roster.reload_if_changed(),
+            )
+        };
+        let mut found: Vec<Finding> = refused.into_iter().collect();
+        match roster {
+            Some(Ok(people)) => tracing::info!(people, "badge roster reloaded"),
+            Some(Err(errors)) => {
+                tracing::error!(errors = ?errors, "badge roster refused; the previous one stays");
+                found.push(Finding {
+                    kind: crate::rules::findings::ROSTER_INVALID,
+                    agent_id: String::new(),
+                    summary: format!(
+                        "badge roster refused, the previous one stays: {}",
+                        errors.join("; ")
+                    ),
+                    event_ids: vec![],
+                    details: serde_json::json!({ "errors": errors }),
+                });
+            }
+            None => {}
+        }
+        self.raise(found)
     }
 
     fn write_log(&self, alerts: &[Alert]) {

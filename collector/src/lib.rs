@@ -18,6 +18,7 @@ pub mod fleet;
 pub mod ingest;
 pub mod integrity;
 pub mod pki;
+pub mod roster;
 pub mod rules;
 pub mod sinks;
 pub mod store;
@@ -61,6 +62,8 @@ pub enum CollectorError {
     Rules(Vec<weilan_config::ConfigErrors>),
     #[error(transparent)]
     Sink(#[from] sinks::SinkError),
+    #[error("roster: {}", .0.join("; "))]
+    Roster(Vec<String>),
 }
 
 /// Runs the collector until `shutdown` is cancelled.
@@ -75,8 +78,13 @@ pub async fn run(
             path: settings.alerts_path.display().to_string(),
             source,
         })?;
-    let engine = rules::Engine::new(settings.rules_builtin, settings.rules_dir.clone())
+    let mut engine = rules::Engine::new(settings.rules_builtin, settings.rules_dir.clone())
         .map_err(CollectorError::Rules)?;
+    engine.roster =
+        roster::Roster::load(settings.roster.as_deref()).map_err(CollectorError::Roster)?;
+    if engine.roster.configured() {
+        tracing::info!(people = engine.roster.len(), "badge roster loaded");
+    }
     tracing::info!(rules = engine.rule_set().rules().count(), files = ?engine.rule_set().files, "rules loaded");
     let sinks = sinks::Sinks::start(&settings.sinks)?;
     let signer = Signer::from_pem_files(&settings.client_cert, &settings.client_key)?;
@@ -146,6 +154,7 @@ pub async fn run(
             subscriptions: vec![
                 topics::all_agents_filter(Channel::Events),
                 topics::all_agents_filter(Channel::Status),
+                topics::DOORS_FILTER.to_string(),
             ],
         },
         session_stop.clone(),

@@ -74,6 +74,16 @@ impl PkiPaths {
     pub fn agent_key(&self, name: &str) -> PathBuf {
         self.dir.join("agents").join(format!("{name}-key.pem"))
     }
+    pub fn door_controller(&self, name: &str) -> PathBuf {
+        self.dir
+            .join("door-controllers")
+            .join(format!("{name}.pem"))
+    }
+    pub fn door_controller_key(&self, name: &str) -> PathBuf {
+        self.dir
+            .join("door-controllers")
+            .join(format!("{name}-key.pem"))
+    }
 }
 
 const CA_DAYS: i64 = 3650;
@@ -217,9 +227,30 @@ pub fn issue_agent(paths: &PkiPaths, name: &str) -> Result<(PathBuf, PathBuf), P
     if name.starts_with("weilan-collector") {
         return Err(PkiError::Reserved(name.to_string()));
     }
+    if paths.door_controller(name).exists() {
+        return Err(PkiError::Reserved(format!("{name} (a door controller)")));
+    }
     let issuer = load_issuer(paths)?;
     let (cert, key) = (paths.agent(name), paths.agent_key(name));
     issue_client(&issuer, name, Role::Agent, &cert, &key)?;
+    Ok((cert, key))
+}
+
+/// Issues a door controller certificate with CN = `name` (its controller id; agents
+/// and controllers share one name space, as their events share one store).
+pub fn issue_door_controller(paths: &PkiPaths, name: &str) -> Result<(PathBuf, PathBuf), PkiError> {
+    if !weilan_config::topics::valid_agent_id(name) {
+        return Err(PkiError::BadName(name.to_string()));
+    }
+    if name.starts_with("weilan-collector") {
+        return Err(PkiError::Reserved(name.to_string()));
+    }
+    if paths.agent(name).exists() {
+        return Err(PkiError::Reserved(format!("{name} (an agent)")));
+    }
+    let issuer = load_issuer(paths)?;
+    let (cert, key) = (paths.door_controller(name), paths.door_controller_key(name));
+    issue_client(&issuer, name, Role::DoorController, &cert, &key)?;
     Ok((cert, key))
 }
 

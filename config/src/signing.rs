@@ -27,6 +27,8 @@ use crate::wire::{Purpose, SignedMessage, SIG_ALG};
 pub enum Role {
     Agent,
     Collector,
+    /// A third-party door controller publishing badge and door events.
+    DoorController,
 }
 
 impl Role {
@@ -35,6 +37,7 @@ impl Role {
         match self {
             Role::Agent => "weilan-agent",
             Role::Collector => "weilan-collector",
+            Role::DoorController => "weilan-door-controller",
         }
     }
 }
@@ -314,9 +317,10 @@ pub fn subject_identity(cert: &CertificateDer<'_>) -> Result<Identity, String> {
     let role = match ou {
         "weilan-agent" => Role::Agent,
         "weilan-collector" => Role::Collector,
+        "weilan-door-controller" => Role::DoorController,
         other => return Err(format!("unknown role `{other}`")),
     };
-    if role == Role::Agent && !crate::topics::valid_agent_id(&cn) {
+    if role != Role::Collector && !crate::topics::valid_agent_id(&cn) {
         return Err(format!("`{cn}` is not a valid agent id"));
     }
     Ok(Identity {

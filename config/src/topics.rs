@@ -7,6 +7,7 @@
 //! | `weilan/v1/agents/{id}/acks`           | collector → agent  | signed [`crate::wire::Ack`]     |
 //! | `weilan/v1/agents/{id}/commands`       | collector → agent  | signed [`crate::wire::Command`] |
 //! | `weilan/v1/policy`                     | collector → agents | signed [`crate::wire::PolicyPush`] (retained) |
+//! | `weilan/v1/doors/{id}/events`          | door controller → collector | signed [`crate::wire::DoorMessage`] |
 //!
 //! The agent id is the common name of the agent's client certificate. It is restricted
 //! to `[A-Za-z0-9._-]{1,64}` so it can never contain MQTT wildcards or separators.
@@ -65,6 +66,23 @@ pub fn parse_agent_topic(topic: &str) -> Option<(&str, Channel)> {
         return None;
     }
     Some((agent, Channel::parse(channel)?))
+}
+
+/// Subscription filter for every door controller's events.
+pub const DOORS_FILTER: &str = "weilan/v1/doors/+/events";
+
+/// The events topic of door controller `id`.
+pub fn door_topic(id: &str) -> String {
+    format!("{PREFIX}/doors/{id}/events")
+}
+
+/// The controller id of a door controller's events topic.
+pub fn parse_door_topic(topic: &str) -> Option<&str> {
+    let id = topic
+        .strip_prefix(PREFIX)?
+        .strip_prefix("/doors/")?
+        .strip_suffix("/events")?;
+    valid_agent_id(id).then_some(id)
 }
 
 /// Agent ids are certificate common names restricted to a safe alphabet.

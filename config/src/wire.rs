@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::event::{Envelope, EventKey};
+use crate::event::{Envelope, Event, EventKey};
 
 /// Default upper bound for one MQTT payload (1 MiB).
 pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
@@ -31,6 +31,9 @@ pub enum Purpose {
     Unlock,
     /// A compliance export's manifest (detached signature).
     Export,
+    /// A door controller's [`DoorMessage`].
+    #[serde(rename = "door-event")]
+    DoorEvent,
 }
 
 impl Purpose {
@@ -42,6 +45,7 @@ impl Purpose {
             Purpose::Policy => "weilan/v1/policy",
             Purpose::Unlock => "weilan/v1/unlock",
             Purpose::Export => "weilan/v1/export",
+            Purpose::DoorEvent => "weilan/v1/door-event",
         }
     }
 }
@@ -350,4 +354,85 @@ mod tests {
         assert!(json.contains(r#""action":"block-device""#), "{json}");
         assert_eq!(serde_json::from_str::<Command>(&json).unwrap(), c);
     }
+}
+
+/// One event from a door controller (purpose `door-event`), published on
+/// `weilan/v1/doors/{controller}/events`. Schema and signing recipe for third-party
+/// controllers: `docs/protocol.md`, "Door controllers".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DoorMessage {
+    /// The controller's id: its certificate's common name.
+    pub controller: String,
+    /// Increases with every message the controller sends (never reused, also across
+    /// restarts: a Unix-time-in-milliseconds counter will do). The collector refuses
+    /// a sequence number not above the last one it stored: a replay.
+    pub seq: u64,
+    /// When the controller saw it.
+    pub time: jiff::Timestamp,
+    /// `access.badge` or `access.door`, with `source: "controller"`.
+    pub event: Event,
+}
+
+/// Checks a door message against the controller that signed it.
+pub fn check_door_message(m: &DoorMessage, authenticated: &str) -> Result<(), String> {
+    if m.controller != authenticated {
+        return Err(format!(
+            "message names controller `{}` but was signed by `{authenticated}`",
+            m.controller
+        ));
+    }
+    if m.seq == 0 {
+        return Err("seq starts at 1".into());
+    }
+    let ok_name = |what: &str, v: &str| {
+        if crate::topics::valid_agent_id(v) {
+            Ok(())
+        } else {
+            Err(format!("{what} `{v}`: 1-64 letters, digits, `.`, `_`, `-`"))
+        }
+    };
+    match &m.event {
+        Event::AccessBadge(b) => {
+            ok_name("event.data.site", &b.site)?;
+            ok_name("event.data.reader", &b.reader)?;
+            if b.id_hash.len() != 64
+                || !b
+                    .id_hash
+                    .bytes()
+                    .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+            {
+                return Err("event.data.id_hash: 64 lower-case hex digits (HMAC-SHA256)".into());
+            }
+            if b.last4.is_empty()
+                || b.last4.len() > 4
+                || !b.last4.bytes().all(|c| c.is_ascii_digit())
+            {
+                return Err("event.data.last4: one to four digits".into());
+            }
+            if b.source != "controller" {
+                return Err("event.data.source: must be `controller`".into());
+            }
+        }
+        Event::AccessDoor(d) => {
+            ok_name("event.data.site", &d.site)?;
+            ok_name("event.data.door", &d.door)?;
+            if !["opened", "closed", "held-open"].contains(&d.state.as_str()) {
+                return Err(format!(
+                    "event.data.state `{}`: opened, closed or held-open",
+                    d.state
+                ));
+            }
+            if d.source != "controller" {
+                return Err("event.data.source: must be `controller`".into());
+            }
+        }
+        other => {
+            return Err(format!(
+                "event.kind `{}`: a door controller sends access.badge or access.door",
+                other.kind()
+            ))
+        }
+    }
+    Ok(())
 }

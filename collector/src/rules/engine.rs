@@ -382,6 +382,8 @@ pub struct Engine {
     unreported_drops: u64,
     pub stats: EngineStats,
     last_error_log: HashMap<String, std::time::Instant>,
+    /// Badge id hashes → people (`person` in rules).
+    pub roster: crate::roster::Roster,
 }
 
 impl Engine {
@@ -399,6 +401,7 @@ impl Engine {
             dirty: BTreeSet::new(),
             unreported_drops: 0,
             stats: EngineStats::default(),
+            roster: crate::roster::Roster::default(),
             last_error_log: HashMap::new(),
         })
     }
@@ -522,7 +525,7 @@ impl Engine {
             if candidates.is_empty() && presence_rules.is_empty() {
                 continue;
             }
-            let vars = enrich(&set, tx, policy, fact, now)?;
+            let vars = enrich(&set, &self.roster, tx, policy, fact, now)?;
             let mut ctx = cel::Context::with_env(set.env.clone());
             let _ = ctx.add_function("in_cidr", in_cidr);
             ctx.add_variable_from_value("lists", set.lists.clone());
@@ -950,6 +953,7 @@ fn absent(
 /// The CEL variables for one fact.
 fn enrich(
     set: &RuleSet,
+    roster: &crate::roster::Roster,
     tx: &Transaction<'_>,
     policy: &Policy,
     fact: &Fact,
@@ -1014,6 +1018,26 @@ fn enrich(
         ),
         ("received", Value::from(now.to_string())),
     ]);
+    // `person.known`: null without a roster or without a card in the event.
+    let person = match fact.data.get("id_hash").and_then(|h| h.as_str()) {
+        Some(h) if roster.configured() => match roster.person(h) {
+            Some(p) => map([
+                ("known", Value::Bool(true)),
+                ("name", Value::from(p.name.as_str())),
+                ("department", Value::from(p.department.as_str())),
+            ]),
+            None => map([
+                ("known", Value::Bool(false)),
+                ("name", Value::Null),
+                ("department", Value::Null),
+            ]),
+        },
+        _ => map([
+            ("known", Value::Null),
+            ("name", Value::Null),
+            ("department", Value::Null),
+        ]),
+    };
     Ok(vec![
         ("event", event),
         ("agent", agent),
@@ -1021,6 +1045,7 @@ fn enrich(
         ("device", device),
         ("time", time),
         ("clock", clock),
+        ("person", person),
     ])
 }
 

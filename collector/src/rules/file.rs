@@ -44,7 +44,9 @@ use weilan_config::load::{Validate, Validator};
 use super::Level;
 
 /// Variables a condition, key, field or template may use.
-pub const VARIABLES: &[&str] = &["event", "agent", "user", "device", "time", "clock", "lists"];
+pub const VARIABLES: &[&str] = &[
+    "event", "agent", "user", "device", "time", "clock", "lists", "person",
+];
 
 #[derive(Debug, eserde::Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

@@ -64,6 +64,7 @@ pub mod findings {
     pub const AGENT_SILENT: &str = "collector.agent_silent";
     pub const POLICY_INVALID: &str = "collector.policy_invalid";
     pub const RULES_INVALID: &str = "collector.rules_invalid";
+    pub const ROSTER_INVALID: &str = "collector.roster_invalid";
     pub const RULES_OVERFLOW: &str = "collector.rules_overflow";
     pub const SINK_FAILURES: &str = "collector.sink_failures";
     pub const EXPORT_CAUGHT_UP: &str = "collector.export_caught_up";

@@ -496,6 +496,57 @@ indicator!(door_without_badge, "builtin.access.door-without-badge", |h|
     ]),
 );
 
+#[test]
+fn a_badge_off_the_roster_is_yellow_and_a_listed_one_names_its_person() {
+    let mut h = Harness::new();
+    // Without a roster nothing is "unknown".
+    let b = h.event("door-1", "door", DAY, "access.badge", badge());
+    assert!(h
+        .fired(DAY, vec![b], "builtin.access.unknown-badge")
+        .is_none());
+    let path = h._dir.path().join("roster.csv");
+    std::fs::write(
+        &path,
+        format!(
+            "id_hash,name,department\n{},Wang Fang,IT\n",
+            "cd".repeat(32)
+        ),
+    )
+    .unwrap();
+    h.engine.roster = crate::roster::Roster::load(Some(&path)).unwrap();
+    let b = h.event("door-1", "door", DAY, "access.badge", badge());
+    let a = h
+        .fired(DAY, vec![b], "builtin.access.unknown-badge")
+        .expect("unknown card");
+    assert_eq!(a.level, crate::rules::Level::Yellow);
+    let listed = merge(badge(), json!({"id_hash": "cd".repeat(32)}));
+    let b = h.event("door-1", "door", DAY, "access.badge", listed);
+    assert!(h
+        .fired(DAY, vec![b], "builtin.access.unknown-badge")
+        .is_none());
+    // A site rule can name the person.
+    let mut h = Harness::with_rules(&format!(
+        "{GROUPS}[[rule]]\nid = \"site.badge\"\ntitle = \"t\"\nlevel = \"blue\"\ntags = [\"x\"]\non = [\"access.badge\"]\ncondition = \"person.known == true\"\nsummary = \"{{person.name}} ({{person.department}})\"\n"
+    ));
+    h.engine.roster = crate::roster::Roster::load(Some(&path)).unwrap();
+    let b = h.event(
+        "door-1",
+        "door",
+        DAY,
+        "access.badge",
+        merge(badge(), json!({"id_hash": "cd".repeat(32)})),
+    );
+    assert_eq!(
+        h.fired(DAY, vec![b], "site.badge").unwrap().summary,
+        "Wang Fang (IT)"
+    );
+}
+
+indicator!(roster_invalid, "builtin.collector.roster-invalid", |_h|
+    fire: (DAY, vec![finding(findings::ROSTER_INVALID, json!({"errors": ["roster.csv:3: id_hash"]}))]),
+    near: (DAY, vec![finding(findings::RULES_INVALID, json!({}))]),
+);
+
 indicator!(door_held_open, "builtin.access.door-held-open", |h|
     fire: (DAY, vec![h.event("door-1", "door", DAY, "access.door", door("held-open", Some(120)))]),
     near: (DAY, vec![h.event("door-1", "door", DAY, "access.door", door("closed", Some(30)))]),
@@ -644,6 +695,8 @@ fn every_builtin_rule_is_tested() {
         "builtin.access.console-login-without-badge",
         "builtin.access.door-without-badge",
         "builtin.access.door-held-open",
+        "builtin.access.unknown-badge",
+        "builtin.collector.roster-invalid",
         "builtin.access.privilege-non-admin",
         "builtin.access.failed-login-burst",
         "builtin.fleet.agent-silent",

@@ -52,9 +52,13 @@ pub struct RulesSection {
     /// off by id from the directory).
     #[serde(default = "yes")]
     pub builtin: bool,
-    /// How often the directory is checked for changes.
+    /// How often the directory (and the roster) is checked for changes.
     #[serde(default = "default_reload_check")]
     pub reload_check_secs: u64,
+    /// Badge roster, CSV `id_hash,name,department` (`person` in rules; reloaded
+    /// when it changes). `weilan-collector roster hash --key FILE` makes the hashes.
+    #[serde(default)]
+    pub roster: Option<PathBuf>,
 }
 
 impl Default for RulesSection {
@@ -63,6 +67,7 @@ impl Default for RulesSection {
             dir: None,
             builtin: true,
             reload_check_secs: default_reload_check(),
+            roster: None,
         }
     }
 }
@@ -453,6 +458,8 @@ pub struct CollectorSettings {
     pub rules_dir: Option<PathBuf>,
     pub rules_builtin: bool,
     pub rules_reload_check: std::time::Duration,
+    /// Badge roster file, if any.
+    pub roster: Option<PathBuf>,
     pub sinks: Vec<SinkSettings>,
     pub exports: ExportSettings,
     pub log: LogSettings,
@@ -546,6 +553,11 @@ impl Validate for CollectorFile {
             3600,
         );
         let rules_dir = self.rules.dir.as_ref().map(|d| v.directory("rules.dir", d));
+        let roster = self
+            .rules
+            .roster
+            .as_ref()
+            .map(|p| v.existing_file("rules.roster", p));
         v.range(
             "rules.reload_check_secs",
             self.rules.reload_check_secs,
@@ -736,6 +748,7 @@ impl Validate for CollectorFile {
             rules_dir,
             rules_builtin: self.rules.builtin,
             rules_reload_check: std::time::Duration::from_secs(self.rules.reload_check_secs),
+            roster,
             sinks,
             exports,
             log,
