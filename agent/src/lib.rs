@@ -318,6 +318,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
             source::access::source::AccessConfig {
                 from: access.from.clone(),
                 auth_logs: access.auth_logs.clone(),
+                wtmp: access.wtmp.clone(),
                 poll: access.poll,
                 state_dir: settings.state_dir.clone(),
             },

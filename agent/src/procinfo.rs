@@ -10,6 +10,14 @@ use std::path::PathBuf;
 use procfs::process::{FDTarget, Process};
 use weilan_config::event::ProcessRef;
 
+/// The uid of a user name (not cached: logins are rare).
+pub fn user_id(name: &str) -> Option<u32> {
+    nix::unistd::User::from_name(name)
+        .ok()
+        .flatten()
+        .map(|u| u.uid.as_raw())
+}
+
 /// The name of `uid`, cached: the lookup parses the user database on every call,
 /// and it runs while an opener waits. Bounded; a renamed account is seen after the
 /// cache is cleared (at 1 024 entries or agent restart).

@@ -297,13 +297,16 @@ pub struct AccessSection {
     /// Report logins, failed logins and sudo/su use (`access.*`).
     #[serde(default = "yes")]
     pub enabled: bool,
-    /// `auto` (the journal where systemd runs, else the first auth log that exists),
-    /// `journal` or `auth-log`.
+    /// `auto` (the journal where systemd runs, else the first auth log that exists,
+    /// else `wtmp`: sessions only), `journal`, `auth-log` or `utmp`.
     #[serde(default = "default_access_from")]
     pub from: String,
     /// Auth log files, in order of preference.
     #[serde(default = "default_auth_logs")]
     pub auth_logs: Vec<PathBuf>,
+    /// The login record (`utmp` source): sessions' start and end, terminal, remote host.
+    #[serde(default = "default_wtmp")]
+    pub wtmp: PathBuf,
     /// How often the auth log is read, in milliseconds.
     #[serde(default = "default_access_poll_ms")]
     pub poll_ms: u64,
@@ -315,6 +318,7 @@ impl Default for AccessSection {
             enabled: true,
             from: default_access_from(),
             auth_logs: default_auth_logs(),
+            wtmp: default_wtmp(),
             poll_ms: default_access_poll_ms(),
         }
     }
@@ -325,6 +329,9 @@ fn default_access_from() -> String {
 }
 fn default_auth_logs() -> Vec<PathBuf> {
     vec!["/var/log/auth.log".into(), "/var/log/secure".into()]
+}
+fn default_wtmp() -> PathBuf {
+    "/var/log/wtmp".into()
 }
 fn default_access_poll_ms() -> u64 {
     500
@@ -549,6 +556,7 @@ pub struct AccessSettings {
     /// `auto`, `journal` or `auth-log`.
     pub from: String,
     pub auth_logs: Vec<PathBuf>,
+    pub wtmp: PathBuf,
     pub poll: Duration,
 }
 
@@ -826,11 +834,11 @@ impl Validate for AgentFile {
         };
         let access = if self.access.enabled {
             v.range("access.poll_ms", self.access.poll_ms, 50, 60_000);
-            if !["auto", "journal", "auth-log"].contains(&self.access.from.as_str()) {
+            if !["auto", "journal", "auth-log", "utmp"].contains(&self.access.from.as_str()) {
                 v.error(
                     "access.from",
                     format!(
-                        "`{}`: expected `auto`, `journal` or `auth-log`",
+                        "`{}`: expected `auto`, `journal`, `auth-log` or `utmp`",
                         self.access.from
                     ),
                 );
@@ -846,6 +854,7 @@ impl Validate for AgentFile {
             Some(AccessSettings {
                 from: self.access.from.clone(),
                 auth_logs: self.access.auth_logs.clone(),
+                wtmp: self.access.wtmp.clone(),
                 poll: Duration::from_millis(self.access.poll_ms),
             })
         } else {

@@ -14,3 +14,4 @@ pub mod journal;
 pub mod parse;
 pub mod physical;
 pub mod source;
+pub mod utmp;

@@ -1,5 +1,5 @@
-//! The host-access source: follows the journal (where systemd runs) or the auth log,
-//! and reports `access.login`, `access.logout`, `access.login_failed` and
+//! The host-access source: follows the journal (where systemd runs), the auth log, or
+//! as the last fallback the wtmp login record (sessions only), and reports `access.login`, `access.logout`, `access.login_failed` and
 //! `access.privilege`, each saying which it read.
 //!
 //! Its place in each stream is kept in the state directory (`access-position`: the
@@ -23,6 +23,7 @@ pub struct AccessConfig {
     /// `auto`, `journal` or `auth-log`.
     pub from: String,
     pub auth_logs: Vec<PathBuf>,
+    pub wtmp: PathBuf,
     pub poll: Duration,
     pub state_dir: PathBuf,
 }
@@ -42,10 +43,11 @@ impl AccessSource {
 pub enum Stream {
     Journal,
     AuthLog(PathBuf),
+    Utmp(PathBuf),
 }
 
 /// `auto`: the journal when systemd's journal socket exists and `journalctl` can be
-/// run, else the first auth log that exists.
+/// run, else the first auth log that exists, else wtmp if it exists.
 pub fn choose(config: &AccessConfig) -> Option<Stream> {
     let journal_ok = || {
         Path::new("/run/systemd/journal/socket").exists()
@@ -57,11 +59,18 @@ pub fn choose(config: &AccessConfig) -> Option<Stream> {
                 .is_ok_and(|s| s.success())
     };
     let auth_log = || config.auth_logs.iter().find(|p| p.exists()).cloned();
+    let wtmp = || {
+        config
+            .wtmp
+            .exists()
+            .then(|| Stream::Utmp(config.wtmp.clone()))
+    };
     match config.from.as_str() {
         "journal" => Some(Stream::Journal),
         "auth-log" => auth_log().map(Stream::AuthLog),
+        "utmp" => wtmp(),
         _ if journal_ok() => Some(Stream::Journal),
-        _ => auth_log().map(Stream::AuthLog),
+        _ => auth_log().map(Stream::AuthLog).or_else(wtmp),
     }
 }
 
@@ -152,6 +161,35 @@ fn follow_auth_log(
     Ok(())
 }
 
+fn follow_wtmp(config: &AccessConfig, path: &Path, ctx: &SourceContext) -> Result<(), SourceError> {
+    let saved = std::fs::read_to_string(position_file(&config.state_dir)).ok();
+    let start = saved
+        .as_deref()
+        .and_then(|t| t.strip_prefix("utmp "))
+        .and_then(|t| {
+            let mut w = t.split_whitespace();
+            Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
+        });
+    let mut f = super::utmp::WtmpFollower::new(path, start);
+    tracing::info!(path = %path.display(), "following wtmp (sessions only: no failures, no sudo)");
+    while !ctx.shutdown.is_cancelled() {
+        let events = f.read_new().map_err(|e| SourceError::Io {
+            what: path.display().to_string(),
+            source: e,
+        })?;
+        let any = !events.is_empty();
+        for e in events {
+            ctx.sink.emit_blocking(e)?;
+        }
+        if any {
+            let (ino, offset) = f.position();
+            save_position(&config.state_dir, &format!("utmp {ino} {offset}"));
+        }
+        std::thread::sleep(config.poll);
+    }
+    Ok(())
+}
+
 fn follow_journal(config: &AccessConfig, ctx: &SourceContext) -> Result<(), SourceError> {
     let saved = std::fs::read_to_string(position_file(&config.state_dir)).ok();
     let cursor = saved
@@ -214,13 +252,15 @@ impl Source for AccessSource {
             tokio::task::spawn_blocking(move || match choose(&config) {
                 Some(Stream::Journal) => follow_journal(&config, &ctx),
                 Some(Stream::AuthLog(path)) => follow_auth_log(&config, &path, &ctx),
+                Some(Stream::Utmp(path)) => follow_wtmp(&config, &path, &ctx),
                 None => {
                     // Said once; the source then ends (nothing to restart into).
                     report(
                         &ctx.sink,
                         format!(
-                            "no journal and none of {:?} exists: logins are not reported (utmp is not read yet)",
-                            config.auth_logs
+                            "no journal, none of {:?} and no {}: logins are not reported",
+                            config.auth_logs,
+                            config.wtmp.display()
                         ),
                     )?;
                     Ok(())
@@ -250,6 +290,7 @@ mod tests {
         let config = AccessConfig {
             from: "auth-log".into(),
             auth_logs: vec![dir.path().join("missing"), log.clone()],
+            wtmp: dir.path().join("no-wtmp"),
             poll: Duration::from_millis(20),
             state_dir: dir.path().to_path_buf(),
         };
