@@ -89,8 +89,26 @@ fn ssh_logins_failures_and_sudo_are_reported_with_user_address_and_outcome() {
         ),
     );
     let _a = w.start_agent(&home, &agent, AGENT);
+    // A second agent reads the same logins from wtmp (the fallback without journal or
+    // auth log): sshd appends a record for every session with a terminal.
+    // sshd writes the logout record only where utmp exists, as it does on every booted
+    // Debian (systemd-tmpfiles creates it); a bare container has neither file.
+    for file in ["/var/log/wtmp", "/run/utmp"] {
+        if !std::path::Path::new(file).exists() {
+            run_ok(Command::new("install").args(["-m", "664", "-g", "utmp", "/dev/null", file]));
+        }
+    }
+    const WTMP_AGENT: &str = "srv-wtmp";
+    weilan_collector::pki::issue_agent(&w.pki, WTMP_AGENT).unwrap();
+    let wtmp_agent = w.agent_toml(
+        WTMP_AGENT,
+        "pki/ca.pem",
+        "[access]\nfrom = \"utmp\"\nwtmp = \"/var/log/wtmp\"\npoll_ms = 200\n[network]\nenabled = false\n",
+    );
+    let _b = w.start_agent(&home, &wtmp_agent, WTMP_AGENT);
     assert!(within(Duration::from_secs(20), || {
-        (w.count("SELECT COUNT(*) FROM events WHERE kind = 'agent.started'") > 0).then_some(())
+        (w.count("SELECT COUNT(DISTINCT agent_id) FROM events WHERE kind = 'agent.started'") == 2)
+            .then_some(())
     })
     .is_some());
     assert!(within(Duration::from_secs(10), || client
@@ -171,6 +189,60 @@ fn ssh_logins_failures_and_sudo_are_reported_with_user_address_and_outcome() {
     let o = event("access.logout", &|e| e["session_id"] == l["session_id"]);
     assert_eq!(o["user"], "root");
     eprintln!("MEASURED access: failed {f}\nlogin {l}\nprivilege {p}\nlogout {o}");
+
+    // A session with a terminal (ssh -tt): recorded in wtmp, read by the second agent.
+    let tty = client
+        .command("ssh")
+        .args(ssh_opts(&key))
+        .arg("-tt")
+        .arg(format!("root@{SERVER_ADDR}"))
+        .arg("sleep 1")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        tty.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tty.stderr)
+    );
+    let from_wtmp = |kind: &str| {
+        within(Duration::from_secs(20), || {
+            w.events(
+                kind,
+                "json_extract(envelope, '$.event.data.source') = 'utmp'",
+                &[],
+            )
+            .into_iter()
+            .next()
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no {kind} from wtmp; events: {:#?}",
+                w.events("access.login", "1", &[])
+            )
+        })
+    };
+    let wl = from_wtmp("access.login");
+    assert_eq!(
+        (
+            wl["user"].as_str(),
+            wl["method"].as_str(),
+            wl["remote_addr"].as_str()
+        ),
+        (Some("root"), Some("remote"), Some(CLIENT_ADDR)),
+        "{wl}"
+    );
+    assert!(
+        wl["tty"].as_str().is_some_and(|t| t.starts_with("pts/")),
+        "{wl}"
+    );
+    let wo = from_wtmp("access.logout");
+    assert_eq!(
+        (wo["user"].as_str(), wo["session_id"].as_str()),
+        (Some("root"), wl["session_id"].as_str()),
+        "{wo}"
+    );
+    eprintln!("MEASURED wtmp: login {wl}\nlogout {wo}");
 }
 
 /// A door controller's signed message, as a third-party controller would build it
@@ -297,16 +369,7 @@ fn door_controllers_publish_signed_events_replays_and_impostors_are_refused() {
         || (w.count("SELECT COUNT(*) FROM quarantine") == 4).then_some(()),
         diag,
     );
-    let reasons: Vec<String> = {
-        let db = w.db();
-        let mut st = db
-            .prepare("SELECT reason FROM quarantine ORDER BY id")
-            .unwrap();
-        st.query_map([], |r| r.get(0))
-            .unwrap()
-            .map(|r| r.unwrap())
-            .collect()
-    };
+    let reasons = quarantine_reasons(&w);
     assert!(
         reasons[0].contains("replayed or out of order: seq 2"),
         "{reasons:?}"

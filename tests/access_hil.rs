@@ -19,7 +19,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -80,19 +79,7 @@ fn badge_reader_and_server_room_correlation_on_a_real_kernel() {
         weilan_collector::pki::issue_agent(&w.pki, name).expect("issue agent");
     }
     std::fs::write(w.path("policy.toml"), POLICY).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let ccfg = w.collector_toml(false, "").to_string_lossy().into_owned();
-    let text = std::fs::read_to_string(&ccfg)
-        .unwrap()
-        .replace(&BROKER_PORT.to_string(), &port.to_string());
-    std::fs::write(&ccfg, text).unwrap();
-    let mut c = Command::new(weilan_bin());
-    c.args(["collector", "serve", "--config", &ccfg]);
-    let collector = Proc::spawn(c, w.path("collector.log"), "collector");
+    let (collector, port, _) = start_collector_for_guest(&w);
 
     let stage = w.path("guest");
     std::fs::create_dir_all(&stage).unwrap();

@@ -450,16 +450,7 @@ fn malformed_forged_and_oversized_payloads_are_quarantined_and_ingest_continues(
         || (w.count("SELECT COUNT(*) FROM quarantine") == 5).then_some(()),
         diag,
     );
-    let reasons: Vec<String> = {
-        let db = w.db();
-        let mut st = db
-            .prepare("SELECT reason FROM quarantine ORDER BY id")
-            .unwrap();
-        st.query_map([], |r| r.get(0))
-            .unwrap()
-            .map(|r| r.unwrap())
-            .collect()
-    };
+    let reasons = quarantine_reasons(&w);
     assert!(reasons[0].contains("not valid JSON"), "{reasons:?}");
     assert!(reasons[1].contains("exceeds the limit"), "{reasons:?}");
     assert!(reasons[2].contains("signature"), "{reasons:?}");

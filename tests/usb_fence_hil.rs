@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -105,33 +105,13 @@ action = "read-only-device"
 
 #[test]
 fn usb_fence_on_a_real_kernel() {
-    let out = PathBuf::from(std::env::var("HIL_OUT").unwrap_or_else(|_| "/tmp/weilan-hil".into()));
-    let ready = have("qemu-system-x86_64")
-        && out.join("initramfs.cpio.gz").exists()
-        && out.join("vmlinuz").exists()
-        && static_agent().exists();
-    if !require(
-        "real-kernel USB fence test needs QEMU, the guest and the static agent: run tests/hil/prepare.sh",
-        ready,
-    ) {
+    let Some(hil) = Hil::prepared("real-kernel USB fence test") else {
         return;
-    }
+    };
+    let out = hil.out.clone();
     let w = World::new();
     std::fs::write(w.path("policy.toml"), POLICY).unwrap();
-    // The collector listens on the host's loopback; the guest reaches it as 10.0.2.2.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let ccfg = w.collector_toml(false, "").to_string_lossy().into_owned();
-    let text = std::fs::read_to_string(&ccfg)
-        .unwrap()
-        .replace(&BROKER_PORT.to_string(), &port.to_string());
-    std::fs::write(&ccfg, text).unwrap();
-    let mut c = Command::new(weilan_bin());
-    c.args(["collector", "serve", "--config", &ccfg]);
-    let collector = Proc::spawn(c, w.path("collector.log"), "collector");
+    let (collector, port, ccfg) = start_collector_for_guest(&w);
 
     // Files the guest agent needs, under /hil/files/.
     let stage = w.path("guest");
@@ -154,16 +134,6 @@ fn usb_fence_on_a_real_kernel() {
         ),
     )
     .unwrap();
-    std::fs::create_dir_all("/tmp/weilan-hil-runs").unwrap();
-    let hil = Hil {
-        run: tempfile::Builder::new()
-            .prefix("run-")
-            .tempdir_in("/tmp/weilan-hil-runs")
-            .unwrap()
-            .keep(),
-        scripts: Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hil"),
-        out: out.clone(),
-    };
     let mut args: Vec<String> = vec!["--bg".into(), "--automount".into(), "--gadget".into()];
     for f in [
         "agent.toml",

@@ -724,6 +724,40 @@ impl Drop for Hil {
     }
 }
 
+/// Starts a collector (embedded broker) on a free port of the host's loopback, which
+/// the QEMU guest reaches as 10.0.2.2; returns it, the port and its settings file.
+pub fn start_collector_for_guest(w: &World) -> (Proc, u16, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ccfg = w.collector_toml(false, "").to_string_lossy().into_owned();
+    let text = fs::read_to_string(&ccfg)
+        .unwrap()
+        .replace(&BROKER_PORT.to_string(), &port.to_string());
+    fs::write(&ccfg, text).unwrap();
+    let mut c = Command::new(weilan_bin());
+    c.args(["collector", "serve", "--config", &ccfg]);
+    (
+        Proc::spawn(c, w.path("collector.log"), "collector"),
+        port,
+        ccfg,
+    )
+}
+
+/// The reasons of the quarantined payloads, oldest first.
+pub fn quarantine_reasons(w: &World) -> Vec<String> {
+    let db = w.db();
+    let mut st = db
+        .prepare("SELECT reason FROM quarantine ORDER BY id")
+        .unwrap();
+    st.query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect()
+}
+
 /// The statically linked agent `tests/hil/prepare.sh` builds for the guest.
 pub fn static_agent() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

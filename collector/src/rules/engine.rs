@@ -539,21 +539,13 @@ impl Engine {
                 let Some(p) = rule.correlation.as_ref().and_then(|c| c.presence.as_ref()) else {
                     continue;
                 };
-                match p.condition.as_ref().map(|c| c.program.execute(&ctx)) {
-                    None | Some(Ok(Value::Bool(true))) => {}
-                    Some(Ok(Value::Bool(false))) => continue,
-                    Some(Ok(other)) => {
-                        self.eval_error(
-                            rule,
-                            "correlation.presence.condition",
-                            &format!("yields {other:?}, not a bool"),
-                        );
-                        continue;
-                    }
-                    Some(Err(e)) => {
-                        self.eval_error(rule, "correlation.presence.condition", &e.to_string());
-                        continue;
-                    }
+                if !self.holds(
+                    rule,
+                    "correlation.presence.condition",
+                    p.condition.as_ref(),
+                    &ctx,
+                ) {
+                    continue;
                 }
                 match p.key.program.execute(&ctx) {
                     Ok(k) => note_presence(tx, &rule.id, &render(&k), t)?,
@@ -563,21 +555,8 @@ impl Engine {
             for i in candidates {
                 let rule = &set.rules[i];
                 self.stats.evaluations += 1;
-                match rule.condition.as_ref().map(|c| c.program.execute(&ctx)) {
-                    None | Some(Ok(Value::Bool(true))) => {}
-                    Some(Ok(Value::Bool(false))) => continue,
-                    Some(Ok(other)) => {
-                        self.eval_error(
-                            rule,
-                            "condition",
-                            &format!("yields {other:?}, not a bool"),
-                        );
-                        continue;
-                    }
-                    Some(Err(e)) => {
-                        self.eval_error(rule, "condition", &e.to_string());
-                        continue;
-                    }
+                if !self.holds(rule, "condition", rule.condition.as_ref(), &ctx) {
+                    continue;
                 }
                 self.stats.matches += 1;
                 let key = match &rule.key {
@@ -857,6 +836,29 @@ impl Engine {
     fn drop_state(&mut self, n: u64) {
         self.stats.state_dropped += n;
         self.unreported_drops += n;
+    }
+
+    /// Whether a rule's CEL condition (absent: true) holds; a failure or a non-bool
+    /// result is counted and logged as an evaluation error, and does not hold.
+    fn holds(
+        &mut self,
+        rule: &Rule,
+        part: &str,
+        condition: Option<&Expr>,
+        ctx: &cel::Context<'_, '_>,
+    ) -> bool {
+        match condition.map(|c| c.program.execute(ctx)) {
+            None | Some(Ok(Value::Bool(true))) => true,
+            Some(Ok(Value::Bool(false))) => false,
+            Some(Ok(other)) => {
+                self.eval_error(rule, part, &format!("yields {other:?}, not a bool"));
+                false
+            }
+            Some(Err(e)) => {
+                self.eval_error(rule, part, &e.to_string());
+                false
+            }
+        }
     }
 
     fn eval_error(&mut self, rule: &Rule, part: &str, error: &str) {

@@ -39,8 +39,8 @@ pub struct WtmpFollower {
     path: PathBuf,
     ino: u64,
     offset: u64,
-    /// Terminal → (user, method) of the session open on it.
-    open: HashMap<String, (String, &'static str)>,
+    /// Terminal → (user, method, session id) of the session open on it.
+    open: HashMap<String, (String, &'static str, String)>,
 }
 
 impl WtmpFollower {
@@ -104,23 +104,27 @@ impl WtmpFollower {
                 ..
             } => {
                 let method = method(&line, &host);
-                self.open.insert(line.clone(), (user.clone(), method));
+                let session = format!("{line}:{pid}");
+                self.open
+                    .insert(line.clone(), (user.clone(), method, session.clone()));
                 Some(Event::AccessLogin(AccessLogin {
                     uid: crate::procinfo::user_id(&user),
                     user,
                     method: method.into(),
-                    session_id: Some(format!("{line}:{pid}")),
+                    session_id: Some(session),
                     tty: Some(line),
                     remote_addr: (!host.is_empty()).then_some(host),
                     source: "utmp".into(),
                 }))
             }
-            UtmpEntry::DeadProcess { pid, line, .. } => {
-                let (user, method) = self.open.remove(&line)?;
+            // The logout record is written by another process (sshd's monitor, init)
+            // than the login's, so the session is the one open on that terminal.
+            UtmpEntry::DeadProcess { line, .. } => {
+                let (user, method, session) = self.open.remove(&line)?;
                 Some(Event::AccessLogout(AccessLogout {
                     user,
                     method: method.into(),
-                    session_id: Some(format!("{line}:{pid}")),
+                    session_id: Some(session),
                     tty: Some(line),
                     source: "utmp".into(),
                 }))
