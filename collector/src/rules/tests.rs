@@ -277,8 +277,10 @@ indicator!(temporary_unlock_used, "builtin.usb.unlock-used", |h|
 
 indicator!(usb_on_server_room_host, "builtin.usb.server-room", |h|
     fire: (DAY, vec![
-        // A badge at another site, and one at this site 20 minutes before: neither counts.
+        // A badge at another site, one at this site 20 minutes before, and one claimed
+        // by a workstation's agent: none counts.
         h.event("door-2", "door", "2026-11-23T01:55:00Z", "access.badge", badge_at("branch-2")),
+        h.event("ws-1", "workstation", "2026-11-23T01:56:00Z", "access.badge", badge()),
         h.event("door-1", "door", "2026-11-23T01:40:00Z", "access.badge", badge()),
         h.event("srv-1", "server-room", DAY, "usb.attached", usb(json!({}))),
     ]),
