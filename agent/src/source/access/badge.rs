@@ -54,6 +54,8 @@ pub struct CardAssembler {
     key: hmac::Key,
     digits: String,
     overflowed: bool,
+    /// Presses were lost mid-card: everything up to the next Enter is not a card.
+    skipping: bool,
 }
 
 impl CardAssembler {
@@ -64,19 +66,36 @@ impl CardAssembler {
             key: hmac::Key::new(hmac::HMAC_SHA256, badge_key),
             digits: String::new(),
             overflowed: false,
+            skipping: false,
         }
     }
 
     /// Drops a partial number (the reader stopped mid-card); true if there was one.
     pub fn abandon(&mut self) -> bool {
-        let had = !self.digits.is_empty() || self.overflowed;
+        let had = !self.digits.is_empty() || self.overflowed || self.skipping;
         self.digits.clear();
         self.overflowed = false;
+        self.skipping = false;
         had
+    }
+
+    /// Presses were lost: the digits up to the next Enter belong to a card read only
+    /// in part and would hash as a different, valid-looking card, so they are dropped.
+    pub fn lost_input(&mut self) {
+        self.digits.clear();
+        self.overflowed = false;
+        self.skipping = true;
     }
 
     /// One key press (value 1 events only; releases and repeats are not passed in).
     pub fn press(&mut self, code: u16) -> Read {
+        if self.skipping {
+            if code == KEY_ENTER || code == KEY_KPENTER {
+                self.skipping = false;
+                return Read::Rejected("keys were lost during this card");
+            }
+            return Read::Pending;
+        }
         if code == KEY_ENTER || code == KEY_KPENTER {
             let number = std::mem::take(&mut self.digits);
             if std::mem::take(&mut self.overflowed) {

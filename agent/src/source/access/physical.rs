@@ -32,11 +32,20 @@ const INTER_KEY_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a missing reader or door line is looked for again.
 const RETRY: Duration = Duration::from_secs(1);
 
+/// What a reader delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyInput {
+    /// A key went down (Linux key code).
+    Press(u16),
+    /// The kernel's buffer for the device overflowed (`SYN_DROPPED`): presses were lost.
+    Overflow,
+}
+
 /// An opened badge reader: key presses in order.
 pub trait KeyReader: Send {
-    /// The next key press (Linux key code), waiting at most `timeout`; `None` on
-    /// timeout. An error means the device is gone.
-    fn next_press(&mut self, timeout: Duration) -> Result<Option<u16>, String>;
+    /// The next input, waiting at most `timeout`; `None` on timeout. An error means
+    /// the device is gone.
+    fn next_press(&mut self, timeout: Duration) -> Result<Option<KeyInput>, String>;
 }
 
 /// Opens badge readers.
@@ -154,14 +163,30 @@ fn read_cards(
             Ok(p) => p,
             Err(e) => return Ok(Some(e)),
         };
-        let Some(code) = press else {
-            if last_key.is_some_and(|t| t.elapsed() >= INTER_KEY_TIMEOUT) {
+        let code = match press {
+            Some(KeyInput::Press(code)) => code,
+            Some(KeyInput::Overflow) => {
+                // A lost digit would give a valid-looking hash of the wrong card.
                 last_key = None;
-                if cards.abandon() {
-                    tracing::info!(reader = %reader.name, "partial card read discarded (no Enter within 2 s)");
-                }
+                cards.lost_input();
+                report(
+                    sink,
+                    format!(
+                        "badge reader {}: the kernel's input buffer overflowed; the card being read was discarded",
+                        reader.name
+                    ),
+                )?;
+                continue;
             }
-            continue;
+            None => {
+                if last_key.is_some_and(|t| t.elapsed() >= INTER_KEY_TIMEOUT) {
+                    last_key = None;
+                    if cards.abandon() {
+                        tracing::info!(reader = %reader.name, "partial card read discarded (no Enter within 2 s)");
+                    }
+                }
+                continue;
+            }
         };
         last_key = Some(Instant::now());
         match cards.press(code) {
@@ -318,26 +343,30 @@ impl Source for PhysicalSource {
 /// Badge readers through evdev.
 pub struct EvdevOpener;
 
+/// The raw stream: it passes `SYN_DROPPED` through (the synchronising one would
+/// paper over lost presses with a state resync).
 struct EvdevReader {
-    device: evdev::Device,
-    pending: VecDeque<u16>,
+    device: evdev::raw_stream::RawDevice,
+    pending: VecDeque<KeyInput>,
 }
 
 impl ReaderOpener for EvdevOpener {
     fn open(&self, wanted: &ReaderDevice) -> Result<Option<Box<dyn KeyReader>>, String> {
-        let found: Option<(PathBuf, evdev::Device)> = match wanted {
-            ReaderDevice::Path(p) => match evdev::Device::open(p) {
+        let found: Option<(PathBuf, evdev::raw_stream::RawDevice)> = match wanted {
+            ReaderDevice::Path(p) => match evdev::raw_stream::RawDevice::open(p) {
                 Ok(d) => Some((p.clone(), d)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                 Err(e) => return Err(format!("{}: {e}", p.display())),
             },
-            ReaderDevice::Usb { vendor, product } => evdev::enumerate().find(|(_, d)| {
-                let id = d.input_id();
-                id.vendor() == *vendor
-                    && id.product() == *product
-                    && d.supported_keys()
-                        .is_some_and(|k| k.contains(evdev::KeyCode::KEY_ENTER))
-            }),
+            ReaderDevice::Usb { vendor, product } => {
+                evdev::raw_stream::enumerate().find(|(_, d)| {
+                    let id = d.input_id();
+                    id.vendor() == *vendor
+                        && id.product() == *product
+                        && d.supported_keys()
+                            .is_some_and(|k| k.contains(evdev::KeyCode::KEY_ENTER))
+                })
+            }
         };
         let Some((path, mut device)) = found else {
             return Ok(None);
@@ -357,7 +386,7 @@ impl ReaderOpener for EvdevOpener {
 }
 
 impl KeyReader for EvdevReader {
-    fn next_press(&mut self, timeout: Duration) -> Result<Option<u16>, String> {
+    fn next_press(&mut self, timeout: Duration) -> Result<Option<KeyInput>, String> {
         if let Some(k) = self.pending.pop_front() {
             return Ok(Some(k));
         }
@@ -383,7 +412,11 @@ impl KeyReader for EvdevReader {
         for ev in events {
             // Presses only (1); releases (0) and auto-repeat (2) are not digits.
             if ev.event_type() == evdev::EventType::KEY && ev.value() == 1 {
-                self.pending.push_back(ev.code());
+                self.pending.push_back(KeyInput::Press(ev.code()));
+            } else if ev.event_type() == evdev::EventType::SYNCHRONIZATION
+                && ev.code() == evdev::SynchronizationCode::SYN_DROPPED.0
+            {
+                self.pending.push_back(KeyInput::Overflow);
             }
         }
         Ok(self.pending.pop_front())

@@ -21,11 +21,11 @@ fn drain(rx: &mut tokio::sync::mpsc::Receiver<Observed>) -> Vec<Event> {
     out
 }
 
-/// Key presses, then the device fails.
-struct ScriptedKeys(VecDeque<u16>);
+/// Inputs, then the device fails.
+struct ScriptedKeys(VecDeque<KeyInput>);
 
 impl KeyReader for ScriptedKeys {
-    fn next_press(&mut self, _timeout: Duration) -> Result<Option<u16>, String> {
+    fn next_press(&mut self, _timeout: Duration) -> Result<Option<KeyInput>, String> {
         self.0
             .pop_front()
             .map(Some)
@@ -36,7 +36,7 @@ impl KeyReader for ScriptedKeys {
 /// Hands out scripted readers in turn; none once they are used up (cancelling the
 /// run then, so the test ends).
 struct ScriptedOpener {
-    readers: Mutex<VecDeque<Result<Option<Vec<u16>>, String>>>,
+    readers: Mutex<VecDeque<Result<Option<Vec<KeyInput>>, String>>>,
     shutdown: CancellationToken,
 }
 
@@ -52,7 +52,7 @@ impl ReaderOpener for ScriptedOpener {
     }
 }
 
-fn keys(digits: &str) -> Vec<u16> {
+fn keys(digits: &str) -> Vec<KeyInput> {
     digits
         .chars()
         .map(|c| match c {
@@ -60,6 +60,7 @@ fn keys(digits: &str) -> Vec<u16> {
             d => 2 + (d as u16 - '1' as u16),
         })
         .chain([28]) // Enter
+        .map(KeyInput::Press)
         .collect()
 }
 
@@ -77,13 +78,18 @@ fn reader() -> BadgeReader {
 fn cards_become_keyed_hashes_and_a_lost_reader_is_reported_once_per_absence() {
     let shutdown = CancellationToken::new();
     let mut second = keys("4242");
-    second.splice(0..0, [30, 2]); // KEY_A then a stray 1: junk, dropped with the card so far
+    // KEY_A then a stray 1: junk, dropped with the card so far.
+    second.splice(0..0, [KeyInput::Press(30), KeyInput::Press(2)]);
+    // An overflow in the middle of a card: that card is dropped, the next one counts.
+    let mut first = keys("0012345678");
+    first.splice(3..3, [KeyInput::Overflow]);
+    first.extend(keys("0012345678"));
     let opener = ScriptedOpener {
         readers: Mutex::new(
             [
                 Ok(None),
                 Err("permission denied".into()),
-                Ok(Some(keys("0012345678"))),
+                Ok(Some(first)),
                 Ok(Some(second)),
             ]
             .into(),
@@ -127,10 +133,12 @@ fn cards_become_keyed_hashes_and_a_lost_reader_is_reported_once_per_absence() {
             _ => None,
         })
         .collect();
-    // Absent then refused: one report; gone after the first card: one; gone again: one.
-    assert_eq!(errors.len(), 3, "{errors:?}");
+    // Absent then refused: one report; the overflow: one; gone after the first card:
+    // one; gone again: one.
+    assert_eq!(errors.len(), 4, "{errors:?}");
     assert!(errors[0].contains("not present"), "{errors:?}");
-    assert!(errors[1].contains("gone: No such device"), "{errors:?}");
+    assert!(errors[1].contains("input buffer overflowed"), "{errors:?}");
+    assert!(errors[2].contains("gone: No such device"), "{errors:?}");
 }
 
 fn contact() -> DoorContact {
