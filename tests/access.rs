@@ -346,22 +346,8 @@ fn door_controllers_publish_signed_events_replays_and_impostors_are_refused() {
             ),
         ),
     ];
-    let n = messages.len();
     let tls = test_client_tls(&w.pki.ca(), Some((&cert, &key)));
-    with_mqtt_client(&ns, "ctl-east", tls, move |client, mut el| {
-        Box::pin(async move {
-            connect(&mut el)
-                .await
-                .expect("controller connects with its certificate");
-            for (topic, p) in messages {
-                client
-                    .publish(topic, rumqttc::QoS::AtLeastOnce, false, p)
-                    .await
-                    .unwrap();
-            }
-            drive_until_pubacks(&mut el, n).await.expect("pubacks");
-        })
-    });
+    publish_all(&ns, "ctl-east", tls, messages);
     let diag = || collector.log_text();
     wait_for(
         "4 refused messages",

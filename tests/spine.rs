@@ -426,23 +426,11 @@ fn malformed_forged_and_oversized_payloads_are_quarantined_and_ingest_continues(
             serde_json::to_vec(&impersonating).unwrap(),
         ),
     ];
-    let n = payloads.len();
     let tls = test_client_tls(
         &w.pki.ca(),
         Some((&w.pki.agent(AGENT), &w.pki.agent_key(AGENT))),
     );
-    with_mqtt_client(&ns, "garbage", tls, move |client, mut el| {
-        Box::pin(async move {
-            connect(&mut el).await.expect("connect");
-            for (topic, p) in payloads {
-                client
-                    .publish(topic, rumqttc::QoS::AtLeastOnce, false, p)
-                    .await
-                    .unwrap();
-            }
-            drive_until_pubacks(&mut el, n).await.expect("pubacks");
-        })
-    });
+    publish_all(&ns, "garbage", tls, payloads);
     let diag = || collector.log_text();
     wait_for(
         "5 quarantined payloads",

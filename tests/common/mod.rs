@@ -428,6 +428,29 @@ pub async fn connect(eventloop: &mut rumqttc::EventLoop) -> Result<(), String> {
     }
 }
 
+/// Connects with `tls` as `client_id` and publishes each (topic, payload) at QoS 1,
+/// returning once the broker acknowledged them all.
+pub fn publish_all(
+    ns: &Netns,
+    client_id: &str,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    messages: Vec<(String, Vec<u8>)>,
+) {
+    let n = messages.len();
+    with_mqtt_client(ns, client_id, tls, move |client, mut el| {
+        Box::pin(async move {
+            connect(&mut el).await.expect("connect");
+            for (topic, p) in messages {
+                client
+                    .publish(topic, rumqttc::QoS::AtLeastOnce, false, p)
+                    .await
+                    .unwrap();
+            }
+            drive_until_pubacks(&mut el, n).await.expect("pubacks");
+        })
+    });
+}
+
 /// Polls until the broker acknowledged `n` publishes (or errors).
 pub async fn drive_until_pubacks(
     eventloop: &mut rumqttc::EventLoop,

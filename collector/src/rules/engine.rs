@@ -548,7 +548,7 @@ impl Engine {
                     continue;
                 }
                 match p.key.program.execute(&ctx) {
-                    Ok(k) => note_presence(tx, &rule.id, &render(&k), t)?,
+                    Ok(k) => note_seen(tx, &rule.id, &render(&k), PRESENCE, t)?,
                     Err(e) => self.eval_error(rule, "correlation.presence.key", &e.to_string()),
                 }
             }
@@ -889,6 +889,37 @@ impl Engine {
     }
 }
 
+/// The time `value` was last seen under (`rule`, `key`).
+fn seen_at(
+    tx: &Transaction<'_>,
+    rule: &str,
+    key: &str,
+    value: &str,
+) -> Result<Option<i64>, StoreError> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT last_seen FROM rule_seen WHERE rule_id = ?1 AND key = ?2 AND value = ?3",
+        )?
+        .query_row(params![rule, key, value], |r| r.get(0))
+        .optional()?)
+}
+
+/// Records `value` as seen at `t` under (`rule`, `key`) (the latest time wins).
+fn note_seen(
+    tx: &Transaction<'_>,
+    rule: &str,
+    key: &str,
+    value: &str,
+    t: i64,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO rule_seen (rule_id, key, value, last_seen) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(rule_id, key, value) DO UPDATE SET last_seen = MAX(last_seen, excluded.last_seen)",
+    )?
+    .execute(params![rule, key, value, t])?;
+    Ok(())
+}
+
 /// Whether `value` under `key` was not seen within `window` before `t`; records `t`.
 fn first_seen(
     tx: &Transaction<'_>,
@@ -898,36 +929,17 @@ fn first_seen(
     t: i64,
     window: i64,
 ) -> Result<Option<(f64, Vec<String>)>, StoreError> {
-    let last: Option<i64> = tx
-        .prepare_cached(
-            "SELECT last_seen FROM rule_seen WHERE rule_id = ?1 AND key = ?2 AND value = ?3",
-        )?
-        .query_row(params![rule, key, value], |r| r.get(0))
-        .optional()?;
-    tx.prepare_cached(
-        "INSERT INTO rule_seen (rule_id, key, value, last_seen) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT(rule_id, key, value) DO UPDATE SET last_seen = MAX(last_seen, excluded.last_seen)",
-    )?
-    .execute(params![rule, key, value, t])?;
+    let last = seen_at(tx, rule, key, value)?;
+    note_seen(tx, rule, key, value, t)?;
     Ok(match last {
         Some(l) if l > t - window => None,
         _ => Some((1.0, vec![])),
     })
 }
 
-/// The `rule_seen` value under which an `absent` rule keeps its last presence.
+/// The `rule_seen` value under which an `absent` rule keeps its last presence (kept
+/// in the database, so a collector restart does not forget who badged in).
 const PRESENCE: &str = "(presence)";
-
-/// Records a presence fact of an `absent` rule at `t` (kept in the database, so a
-/// collector restart does not forget who badged in).
-fn note_presence(tx: &Transaction<'_>, rule: &str, key: &str, t: i64) -> Result<(), StoreError> {
-    tx.prepare_cached(
-        "INSERT INTO rule_seen (rule_id, key, value, last_seen) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT(rule_id, key, value) DO UPDATE SET last_seen = MAX(last_seen, excluded.last_seen)",
-    )?
-    .execute(params![rule, key, PRESENCE, t])?;
-    Ok(())
-}
 
 /// Whether no presence under `key` came within `window` around `t`. Only the latest
 /// presence per key is kept: one within `window` after `t` counts too (a door agent's
@@ -940,13 +952,7 @@ fn absent(
     t: i64,
     window: i64,
 ) -> Result<Option<(f64, Vec<String>)>, StoreError> {
-    let last: Option<i64> = tx
-        .prepare_cached(
-            "SELECT last_seen FROM rule_seen WHERE rule_id = ?1 AND key = ?2 AND value = ?3",
-        )?
-        .query_row(params![rule, key, PRESENCE], |r| r.get(0))
-        .optional()?;
-    Ok(match last {
+    Ok(match seen_at(tx, rule, key, PRESENCE)? {
         Some(l) if (t - window..=t + window).contains(&l) => None,
         _ => Some((0.0, vec![])),
     })
