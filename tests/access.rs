@@ -268,7 +268,7 @@ fn door_controllers_publish_signed_events_replays_and_impostors_are_refused() {
     let w = World::new();
     let (cert, key) = weilan_collector::pki::issue_door_controller(&w.pki, "ctl-east").unwrap();
     let hash =
-        |card: &str| weilan_collector::roster::card_hash(b"hq-dc badge key, 32 bytes long..", card);
+        |card: &str| weilan_config::badge::card_hash(b"hq-dc badge key, 32 bytes long..", card);
     let roster = w.path("roster.csv");
     std::fs::write(&roster, "id_hash,name,department\n").unwrap();
     let ns = Netns::create();

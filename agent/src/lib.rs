@@ -70,32 +70,6 @@ pub enum AgentError {
     BadgeKey { path: String, reason: String },
 }
 
-/// Reads the site's badge key: the file's bytes less trailing whitespace, at least 16,
-/// in a file nobody but its owner can read (a user who can read the key can compute
-/// every card's hash and link events to cards).
-pub fn read_badge_key(path: &std::path::Path) -> Result<Vec<u8>, AgentError> {
-    use std::os::unix::fs::MetadataExt;
-    let fail = |reason: String| AgentError::BadgeKey {
-        path: path.display().to_string(),
-        reason,
-    };
-    let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
-    if meta.mode() & 0o077 != 0 {
-        return Err(fail(format!(
-            "readable by group or others (mode {:o}); chmod 600 it",
-            meta.mode() & 0o777
-        )));
-    }
-    let mut key = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
-    while key.last().is_some_and(|b| b.is_ascii_whitespace()) {
-        key.pop();
-    }
-    if key.len() < 16 {
-        return Err(fail(format!("{} bytes; at least 16 are needed", key.len())));
-    }
-    Ok(key)
-}
-
 /// Loads the policy file named in the settings.
 pub fn load_policy(settings: &AgentSettings) -> Result<Policy, weilan_config::ConfigErrors> {
     weilan_config::load_file::<PolicyFile>(&settings.policy)
@@ -326,7 +300,11 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
     }
     if let Some(door) = &settings.door {
         let badge_key = match &door.badge_key {
-            Some(p) if !door.readers.is_empty() => read_badge_key(p)?,
+            Some(p) if !door.readers.is_empty() => weilan_config::badge::read_key(p, true)
+                .map_err(|reason| AgentError::BadgeKey {
+                    path: p.display().to_string(),
+                    reason,
+                })?,
             _ => Vec::new(),
         };
         sources.push(Box::new(source::access::physical::PhysicalSource::new(

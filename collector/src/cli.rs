@@ -569,13 +569,8 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
         Command::Roster {
             command: RosterCommand::Hash { key },
         } => {
-            let key = match std::fs::read(&key) {
-                Ok(mut k) => {
-                    while k.last().is_some_and(|b| b.is_ascii_whitespace()) {
-                        k.pop();
-                    }
-                    k
-                }
+            let key = match weilan_config::badge::read_key(&key, false) {
+                Ok(k) => k,
                 Err(e) => {
                     eprintln!("{}: {e}", key.display());
                     return ExitCode::FAILURE;
@@ -593,8 +588,8 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                 }
                 println!(
                     "{},{}",
-                    crate::roster::card_hash(&key, card),
-                    &card[card.len().saturating_sub(4)..]
+                    weilan_config::badge::card_hash(&key, card),
+                    weilan_config::badge::last4(card)
                 );
             }
             ExitCode::SUCCESS

@@ -4,7 +4,7 @@
 //! keyed hash as the door agents and controllers report it (`weilan-collector roster
 //! hash --key FILE` computes it from card numbers read on standard input, so numbers
 //! never appear in a process list or a shell history), the person, and their
-//! department. The file is checked for changes with the rules; a file with any error
+//! department (`weilan_config::badge` is the one hash scheme). The file is checked for changes with the rules; a file with any error
 //! is refused whole (every error named with its line) and the previous roster stays.
 
 use std::collections::HashMap;
@@ -139,13 +139,6 @@ impl Roster {
     }
 }
 
-/// HMAC-SHA256 of a card number under the site's badge key, hex: the `id_hash` the
-/// door agents report (the key file's bytes less trailing whitespace).
-pub fn card_hash(key: &[u8], card: &str) -> String {
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
-    hex::encode(ring::hmac::sign(&key, card.as_bytes()).as_ref())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,13 +195,5 @@ mod tests {
         .unwrap();
         assert_eq!(r.reload_if_changed(), Some(Ok(2)));
         assert_eq!(r.person(&b).map(|p| p.department.as_str()), Some("Finance"));
-    }
-
-    #[test]
-    fn the_card_hash_is_the_agents_hmac() {
-        // Same construction as the agent's CardAssembler (HMAC-SHA256, hex).
-        assert_eq!(card_hash(b"k", "1").len(), 64);
-        assert_ne!(card_hash(b"k", "1"), card_hash(b"k", "2"));
-        assert_ne!(card_hash(b"k", "1"), card_hash(b"j", "1"));
     }
 }

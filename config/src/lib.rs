@@ -11,6 +11,7 @@
 //! Neither side depends on the other; both depend on this crate.
 #![forbid(unsafe_code)]
 
+pub mod badge;
 pub mod event;
 pub mod load;
 #[cfg(feature = "runtime")]

@@ -7,8 +7,6 @@
 //! side (opening the reader exclusively so nothing types into a console) is the rest
 //! of the door capability.
 
-use ring::hmac;
-
 /// Longest card number accepted; a reader stuck sending keys is cut off here.
 pub const MAX_DIGITS: usize = 32;
 
@@ -51,7 +49,7 @@ pub enum Read {
 
 /// Collects key presses into card numbers.
 pub struct CardAssembler {
-    key: hmac::Key,
+    key: Vec<u8>,
     digits: String,
     overflowed: bool,
     /// Presses were lost mid-card: everything up to the next Enter is not a card.
@@ -63,7 +61,7 @@ impl CardAssembler {
     /// one hash across doors).
     pub fn new(badge_key: &[u8]) -> Self {
         CardAssembler {
-            key: hmac::Key::new(hmac::HMAC_SHA256, badge_key),
+            key: badge_key.to_vec(),
             digits: String::new(),
             overflowed: false,
             skipping: false,
@@ -104,11 +102,9 @@ impl CardAssembler {
             if number.is_empty() {
                 return Read::Rejected("Enter without a number");
             }
-            let tag = hmac::sign(&self.key, number.as_bytes());
-            let last4 = number[number.len().saturating_sub(4)..].to_string();
             return Read::Card(Card {
-                id_hash: hex::encode(tag.as_ref()),
-                last4,
+                id_hash: weilan_config::badge::card_hash(&self.key, &number),
+                last4: weilan_config::badge::last4(&number).to_string(),
                 digits: number.len(),
             });
         }
