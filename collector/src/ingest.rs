@@ -19,7 +19,7 @@ use weilan_config::wire::{self, Ack, EventRejection, Purpose, SignedMessage, Sta
 use crate::alerts::AlertLog;
 use crate::rules::{Engine, Fact, Finding, Outcome};
 use crate::sinks::Sinks;
-use crate::store::{Alert, Incoming, Store};
+use crate::store::{self, Alert, Incoming, Store};
 use crate::{fleet, integrity};
 
 /// Counters, logged periodically and used by tests and benchmarks.
@@ -299,53 +299,14 @@ impl Ingest {
                 return vec![];
             }
         };
-        let site = match &message.event {
-            weilan_config::event::Event::AccessBadge(b) => b.site.clone(),
-            weilan_config::event::Event::AccessDoor(d) => d.site.clone(),
-            _ => String::new(),
-        };
-        let envelope = Envelope {
-            schema: weilan_config::event::SCHEMA_VERSION,
-            event_id: weilan_config::event::EventId {
-                agent_id: controller.to_string(),
-                key: EventKey {
-                    epoch: 0,
-                    seq: message.seq,
-                },
-            },
-            time: message.time,
-            host_role: "door-controller".into(),
-            site: Some(site),
-            prev_hash: weilan_config::event::GENESIS_HASH.into(),
-            event: message.event,
-        };
+        let envelope = message.into_envelope();
         let now = jiff::Timestamp::now();
         let result = self.store().in_transaction(|tx| {
-            let last: Option<i64> = tx.query_row(
-                "SELECT MAX(seq) FROM events WHERE agent_id = ?1 AND epoch = 0",
-                [controller],
-                |r| r.get(0),
-            )?;
-            if last.is_some_and(|l| l >= message.seq as i64) {
-                return Ok(Err(last.unwrap_or_default()));
-            }
             let raw = serde_json::to_string(&envelope).unwrap_or_default();
-            tx.execute(
-                "INSERT INTO events
-                 (event_id, agent_id, epoch, seq, kind, agent_time, received_at, host_role, envelope, hash, prev_hash)
-                 VALUES (?1, ?2, 0, ?3, ?4, ?5, ?6, 'door-controller', ?7, ?8, ?9)",
-                rusqlite::params![
-                    envelope.event_id.to_string(),
-                    controller,
-                    message.seq as i64,
-                    envelope.kind(),
-                    envelope.time.to_string(),
-                    now.to_string(),
-                    raw,
-                    record_hash(signed.body.as_bytes()),
-                    envelope.prev_hash,
-                ],
-            )?;
+            let hash = record_hash(signed.body.as_bytes());
+            if let Some(last) = store::insert_controller_event(tx, &envelope, &raw, &hash, now)? {
+                return Ok(Err(last));
+            }
             let policy = self.policy.read().unwrap_or_else(|p| p.into_inner());
             self.engine()
                 .evaluate(tx, &policy, &[Fact::from_envelope(&envelope)], now)

@@ -471,3 +471,43 @@ impl Store {
             .optional()?)
     }
 }
+
+/// Stores a door controller's event (epoch 0, its `seq` as the sequence number) unless
+/// its seq is not above the last one stored for the controller — a replay or a
+/// reordering; then returns that last seq and stores nothing.
+pub fn insert_controller_event(
+    tx: &rusqlite::Transaction<'_>,
+    env: &weilan_config::event::Envelope,
+    raw: &str,
+    hash: &str,
+    received_at: jiff::Timestamp,
+) -> Result<Option<i64>, StoreError> {
+    let controller = &env.event_id.agent_id;
+    let seq = env.event_id.key.seq as i64;
+    let last: Option<i64> = tx.query_row(
+        "SELECT MAX(seq) FROM events WHERE agent_id = ?1 AND epoch = 0",
+        [controller],
+        |r| r.get(0),
+    )?;
+    if let Some(last) = last.filter(|l| *l >= seq) {
+        return Ok(Some(last));
+    }
+    tx.execute(
+        "INSERT INTO events
+         (event_id, agent_id, epoch, seq, kind, agent_time, received_at, host_role, envelope, hash, prev_hash)
+         VALUES (?1, ?2, 0, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        params![
+            env.event_id.to_string(),
+            controller,
+            seq,
+            env.kind(),
+            env.time.to_string(),
+            received_at.to_string(),
+            env.host_role,
+            raw,
+            hash,
+            env.prev_hash,
+        ],
+    )?;
+    Ok(None)
+}

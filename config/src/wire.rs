@@ -374,6 +374,34 @@ pub struct DoorMessage {
     pub event: Event,
 }
 
+impl DoorMessage {
+    /// The event as the collector stores it: an event of the controller (epoch 0,
+    /// `seq` as the sequence number, host role `door-controller`, the site of its
+    /// badge or door). Call after [`check_door_message`].
+    pub fn into_envelope(self) -> Envelope {
+        let site = match &self.event {
+            Event::AccessBadge(b) => Some(b.site.clone()),
+            Event::AccessDoor(d) => Some(d.site.clone()),
+            _ => None,
+        };
+        Envelope {
+            schema: crate::event::SCHEMA_VERSION,
+            event_id: crate::event::EventId {
+                agent_id: self.controller,
+                key: EventKey {
+                    epoch: 0,
+                    seq: self.seq,
+                },
+            },
+            time: self.time,
+            host_role: "door-controller".into(),
+            site,
+            prev_hash: crate::event::GENESIS_HASH.into(),
+            event: self.event,
+        }
+    }
+}
+
 /// Checks a door message against the controller that signed it.
 pub fn check_door_message(m: &DoorMessage, authenticated: &str) -> Result<(), String> {
     if m.controller != authenticated {
