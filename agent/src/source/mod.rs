@@ -99,6 +99,38 @@ impl EventSink {
     pub fn count_lost(&self, n: u64) {
         self.dropped.fetch_add(n, Ordering::Relaxed);
     }
+
+    /// Reports a problem of `source` as `agent.source_error` (and in the log), from a
+    /// blocking thread; `restart_in_secs` says when the source tries again (0: it
+    /// carries on, or will not retry).
+    pub fn report_blocking(
+        &self,
+        source: &str,
+        error: String,
+        restart_in_secs: u64,
+    ) -> Result<(), SourceError> {
+        tracing::warn!(source, error = %error, "source problem reported");
+        self.emit_blocking(Event::AgentSourceError(weilan_config::event::SourceError {
+            source: source.into(),
+            error,
+            restart_in_secs,
+        }))
+    }
+}
+
+/// Sleeps `d` in short steps on a blocking thread; false if shutdown came first.
+pub fn sleep_unless_cancelled(shutdown: &CancellationToken, d: std::time::Duration) -> bool {
+    let end = std::time::Instant::now() + d;
+    loop {
+        if shutdown.is_cancelled() {
+            return false;
+        }
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        std::thread::sleep(left.min(std::time::Duration::from_millis(50)));
+    }
 }
 
 /// What a source gets to run with.

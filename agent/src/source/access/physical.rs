@@ -19,12 +19,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
-use weilan_config::event::{AccessBadge, AccessDoor, Event, SourceError as SourceErrorEvent};
+use weilan_config::event::{AccessBadge, AccessDoor, Event};
 use weilan_config::settings::agent::{BadgeReader, DoorContact, ReaderDevice};
 
 use super::badge::{CardAssembler, Read};
 use super::door::{DoorChange, DoorTracker, Edge, GpioLine};
-use crate::source::{BoxFuture, EventSink, Source, SourceContext, SourceError};
+use crate::source::{
+    sleep_unless_cancelled, BoxFuture, EventSink, Source, SourceContext, SourceError,
+};
 
 /// Digits that stop coming for this long are a partial read (the reader sends a whole
 /// card within milliseconds); they are discarded.
@@ -82,24 +84,7 @@ impl PhysicalSource {
 }
 
 fn report(sink: &EventSink, error: String) -> Result<(), SourceError> {
-    tracing::warn!(error = %error, "door source");
-    sink.emit_blocking(Event::AgentSourceError(SourceErrorEvent {
-        source: "door".into(),
-        error,
-        restart_in_secs: RETRY.as_secs(),
-    }))
-}
-
-/// Waits `d` unless shut down first; false when shut down.
-fn pause(shutdown: &CancellationToken, d: Duration) -> bool {
-    let end = Instant::now() + d;
-    while Instant::now() < end {
-        if shutdown.is_cancelled() {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50).min(end - Instant::now()));
-    }
-    !shutdown.is_cancelled()
+    sink.report_blocking("door", error, RETRY.as_secs())
 }
 
 /// One reader, for the agent's life: open, read cards, reopen when it comes back.
@@ -130,7 +115,7 @@ pub fn run_reader(
                         ),
                     )?;
                 }
-                if !pause(shutdown, RETRY) {
+                if !sleep_unless_cancelled(shutdown, RETRY) {
                     break;
                 }
                 continue;
@@ -239,7 +224,7 @@ pub fn run_contact(
                 ),
             )?;
         }
-        if !pause(shutdown, RETRY) {
+        if !sleep_unless_cancelled(shutdown, RETRY) {
             break;
         }
     }

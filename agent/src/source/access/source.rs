@@ -11,8 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use weilan_config::event::{Event, SourceError as SourceErrorEvent};
-
 use super::authlog::{Follower, Start};
 use super::{journal, parse};
 use crate::source::{BoxFuture, EventSink, Source, SourceContext, SourceError};
@@ -78,6 +76,18 @@ fn position_file(state_dir: &Path) -> PathBuf {
     state_dir.join("access-position")
 }
 
+/// The saved `(inode, offset)` of a file stream (`auth-log` or `utmp`), if the saved
+/// position is of that stream.
+fn saved_file_position(state_dir: &Path, stream: &str) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(position_file(state_dir)).ok()?;
+    let mut w = text.strip_prefix(stream)?.split_whitespace();
+    Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
+}
+
+fn save_file_position(state_dir: &Path, stream: &str, (ino, offset): (u64, u64)) {
+    save_position(state_dir, &format!("{stream} {ino} {offset}"));
+}
+
 /// Writes the position atomically (a torn file would restart from the end).
 fn save_position(state_dir: &Path, text: &str) {
     let path = position_file(state_dir);
@@ -103,12 +113,7 @@ fn emit_parsed(
 }
 
 fn report(sink: &EventSink, error: String) -> Result<(), SourceError> {
-    tracing::warn!(error = %error, "access source");
-    sink.emit_blocking(Event::AgentSourceError(SourceErrorEvent {
-        source: "access".into(),
-        error,
-        restart_in_secs: 0,
-    }))
+    sink.report_blocking("access", error, 0)
 }
 
 fn follow_auth_log(
@@ -116,18 +121,8 @@ fn follow_auth_log(
     path: &Path,
     ctx: &SourceContext,
 ) -> Result<(), SourceError> {
-    let saved = std::fs::read_to_string(position_file(&config.state_dir)).ok();
-    let start = saved
-        .as_deref()
-        .and_then(|t| t.strip_prefix("auth-log "))
-        .and_then(|t| {
-            let mut w = t.split_whitespace();
-            Some(Start::At {
-                ino: w.next()?.parse().ok()?,
-                offset: w.next()?.parse().ok()?,
-            })
-        })
-        .unwrap_or(Start::End);
+    let start = saved_file_position(&config.state_dir, "auth-log")
+        .map_or(Start::End, |(ino, offset)| Start::At { ino, offset });
     let mut f = Follower::new(path, start);
     let (mut truncations, mut cut) = (0, 0);
     tracing::info!(path = %path.display(), "following the auth log");
@@ -142,8 +137,7 @@ fn follow_auth_log(
             }
         }
         if !lines.is_empty() {
-            let (ino, offset) = f.position();
-            save_position(&config.state_dir, &format!("auth-log {ino} {offset}"));
+            save_file_position(&config.state_dir, "auth-log", f.position());
         }
         if f.truncations > truncations || f.cut_lines > cut {
             truncations = f.truncations;
@@ -162,14 +156,7 @@ fn follow_auth_log(
 }
 
 fn follow_wtmp(config: &AccessConfig, path: &Path, ctx: &SourceContext) -> Result<(), SourceError> {
-    let saved = std::fs::read_to_string(position_file(&config.state_dir)).ok();
-    let start = saved
-        .as_deref()
-        .and_then(|t| t.strip_prefix("utmp "))
-        .and_then(|t| {
-            let mut w = t.split_whitespace();
-            Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
-        });
+    let start = saved_file_position(&config.state_dir, "utmp");
     let mut f = super::utmp::WtmpFollower::new(path, start);
     tracing::info!(path = %path.display(), "following wtmp (sessions only: no failures, no sudo)");
     while !ctx.shutdown.is_cancelled() {
@@ -182,8 +169,7 @@ fn follow_wtmp(config: &AccessConfig, path: &Path, ctx: &SourceContext) -> Resul
             ctx.sink.emit_blocking(e)?;
         }
         if any {
-            let (ino, offset) = f.position();
-            save_position(&config.state_dir, &format!("utmp {ino} {offset}"));
+            save_file_position(&config.state_dir, "utmp", f.position());
         }
         std::thread::sleep(config.poll);
     }
@@ -277,6 +263,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
+    use weilan_config::event::Event;
 
     #[test]
     fn auth_log_lines_become_events_and_the_position_survives_a_restart() {

@@ -31,9 +31,7 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use tokio::sync::watch;
-use weilan_config::event::{
-    Event, NetEnforced, NetOpenFile, NetTransfer, ProcessRef, SourceError as SourceErrorEvent,
-};
+use weilan_config::event::{Event, NetEnforced, NetOpenFile, NetTransfer, ProcessRef};
 use weilan_config::policy::network::{FlowFacts, NetAction, NetVerdict, Scope, NETWORK_DEFAULT};
 use weilan_config::policy::Policy;
 
@@ -716,10 +714,7 @@ fn spawn_resolver(
                 if let Ok(addrs) = (collector.0.as_str(), collector.1).to_socket_addrs() {
                     *ca.lock().unwrap_or_else(|e| e.into_inner()) = addrs.collect();
                 }
-                let until = Instant::now() + p.network.resolve_every;
-                while Instant::now() < until && !shutdown.is_cancelled() {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
+                crate::source::sleep_unless_cancelled(&shutdown, p.network.resolve_every);
             }
         });
     (names, collector_addrs)
@@ -787,13 +782,7 @@ fn poll_loop(
                 continue;
             }
             reported_errors.insert(key, Instant::now());
-            tracing::warn!(error = %e, "network source");
-            ctx.sink
-                .emit_blocking(Event::AgentSourceError(SourceErrorEvent {
-                    source: "network".into(),
-                    error: e,
-                    restart_in_secs: 0,
-                }))?;
+            ctx.sink.report_blocking("network", e, 0)?;
         }
         let names = resolved.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let out = tracker.tick(

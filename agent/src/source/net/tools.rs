@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use netlink_sys::protocols::NETLINK_CONNECTOR;
 use netlink_sys::{Socket, SocketAddr as NlAddr};
-use weilan_config::event::{Event, NetTransferTool, SourceError as SourceErrorEvent};
+use weilan_config::event::{Event, NetTransferTool};
 
 use crate::source::{BoxFuture, Source, SourceContext, SourceError};
 
@@ -255,12 +255,11 @@ impl Source for ToolsSource {
                     Ok(w) => w,
                     Err(ExecOpenError::Failed(e)) => return Err(SourceError::Other(e)),
                     Err(ExecOpenError::Unavailable(e)) => {
-                        tracing::warn!(error = %e, "transfer tools are not reported");
-                        ctx.sink.emit_blocking(Event::AgentSourceError(SourceErrorEvent {
-                            source: "transfer-tools".into(),
-                            error: format!("{e}: transfer tools are not reported"),
-                            restart_in_secs: 0,
-                        }))?;
+                        ctx.sink.report_blocking(
+                            "transfer-tools",
+                            format!("{e}: transfer tools are not reported"),
+                            0,
+                        )?;
                         return Ok(());
                     }
                 };
@@ -272,11 +271,11 @@ impl Source for ToolsSource {
                         overflows += 1;
                         if last_overflow_report.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
                             last_overflow_report = Some(std::time::Instant::now());
-                            ctx.sink.emit_blocking(Event::AgentSourceError(SourceErrorEvent {
-                                source: "transfer-tools".into(),
-                                error: format!("process-start notifications overflowed ({overflows} times so far): tool starts in those bursts were not seen"),
-                                restart_in_secs: 0,
-                            }))?;
+                            ctx.sink.report_blocking(
+                                "transfer-tools",
+                                format!("process-start notifications overflowed ({overflows} times so far): tool starts in those bursts were not seen"),
+                                0,
+                            )?;
                         }
                     }
                     for pid in pids {
