@@ -119,30 +119,55 @@ impl Ingest {
         }
     }
 
-    fn process_batch(&self, agent: &str, topic: &str, payload: &[u8]) -> Vec<Reply> {
-        let signed: SignedMessage = match wire::decode_signed(payload, self.max_payload) {
-            Ok(m) => m,
-            Err(e) => {
-                self.refuse(topic, &e.to_string(), payload);
-                return vec![];
-            }
-        };
-        let identity = match self.verifier.verify(&signed, Purpose::Batch, Role::Agent) {
-            Ok(id) => id,
-            Err(e) => {
-                let reason = format!("signature: {e}");
-                self.refuse(topic, &reason, payload);
-                return self.integrity_alert(agent, &reason, payload);
-            }
-        };
-        if identity.common_name != agent {
+    /// Decodes a signed message and proves who sent it: a certificate of `role` from
+    /// the CA whose common name is the topic's `id`. A refusal is quarantined; a bad
+    /// signature or a foreign signer on someone's topic is also an integrity alert
+    /// (the replies to publish are the `Err`).
+    fn verified(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        max: usize,
+        purpose: Purpose,
+        role: Role,
+        id: &str,
+    ) -> Result<SignedMessage, Vec<Reply>> {
+        let signed = wire::decode_signed(payload, max).map_err(|e| {
+            self.refuse(topic, &e.to_string(), payload);
+            vec![]
+        })?;
+        let identity = self.verifier.verify(&signed, purpose, role).map_err(|e| {
+            let reason = format!("signature: {e}");
+            self.refuse(topic, &reason, payload);
+            self.integrity_alert(id, &reason, payload)
+        })?;
+        if identity.common_name != id {
+            let who = match role {
+                Role::DoorController => "door controller",
+                _ => "agent",
+            };
             let reason = format!(
-                "signed by agent `{}` but published on the topic of `{agent}`",
+                "signed by {who} `{}` but published on the topic of `{id}`",
                 identity.common_name
             );
             self.refuse(topic, &reason, payload);
-            return self.integrity_alert(agent, &reason, payload);
+            return Err(self.integrity_alert(id, &reason, payload));
         }
+        Ok(signed)
+    }
+
+    fn process_batch(&self, agent: &str, topic: &str, payload: &[u8]) -> Vec<Reply> {
+        let signed = match self.verified(
+            topic,
+            payload,
+            self.max_payload,
+            Purpose::Batch,
+            Role::Agent,
+            agent,
+        ) {
+            Ok(m) => m,
+            Err(replies) => return replies,
+        };
         let batch = match wire::decode_batch(&signed.body, self.max_payload) {
             Ok(b) => b,
             Err(e) => {
@@ -263,32 +288,17 @@ impl Ingest {
     /// (epoch 0, the seq as sequence number, host role `door-controller`) and ruled.
     fn process_door(&self, controller: &str, topic: &str, payload: &[u8]) -> Vec<Reply> {
         const MAX_DOOR_PAYLOAD: usize = 16 * 1024;
-        let signed = match wire::decode_signed(payload, MAX_DOOR_PAYLOAD) {
+        let signed = match self.verified(
+            topic,
+            payload,
+            MAX_DOOR_PAYLOAD,
+            Purpose::DoorEvent,
+            Role::DoorController,
+            controller,
+        ) {
             Ok(m) => m,
-            Err(e) => {
-                self.refuse(topic, &e.to_string(), payload);
-                return vec![];
-            }
+            Err(replies) => return replies,
         };
-        let identity = match self
-            .verifier
-            .verify(&signed, Purpose::DoorEvent, Role::DoorController)
-        {
-            Ok(id) => id,
-            Err(e) => {
-                let reason = format!("signature: {e}");
-                self.refuse(topic, &reason, payload);
-                return self.integrity_alert(controller, &reason, payload);
-            }
-        };
-        if identity.common_name != controller {
-            let reason = format!(
-                "signed by door controller `{}` but published on the topic of `{controller}`",
-                identity.common_name
-            );
-            self.refuse(topic, &reason, payload);
-            return self.integrity_alert(controller, &reason, payload);
-        }
         let message: wire::DoorMessage = match serde_json::from_str(&signed.body)
             .map_err(|e| format!("not a door message: {e}"))
             .and_then(|m| wire::check_door_message(&m, controller).map(|()| m))
