@@ -335,6 +335,12 @@ impl NetBackend for LinuxNet {
                 }
                 Err(e) => snap.errors.push(format!("netns {ns}: {e}")),
             }
+            // And after: a socket destroyed during the dump is missing from it, and its
+            // notification is its final count (the tracker waits a poll for any later).
+            if let Err(e) = h.drain(ns, &mut snap.destroyed) {
+                snap.destroy_overflows += 1;
+                snap.errors.push(format!("netns {ns}: {e}"));
+            }
         }
         snap
     }

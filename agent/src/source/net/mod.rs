@@ -157,7 +157,21 @@ struct Conn {
     closed: bool,
     /// Seen only in a destroy notification.
     transient: bool,
+    /// Polls in a row that neither dumped nor destroyed it (see `VANISHED_POLLS`).
+    unseen: u8,
 }
+
+/// Polls a connection may be missing from the dumps with no destroy notification
+/// before it is closed with its last counters. The kernel sends the notification from
+/// a work queue after the socket has left the hash tables, so a dump can miss a socket
+/// whose notification only arrives at the next poll; closing it at once reported the
+/// bytes of the poll before (a 3 MiB upload as 2.76 MB) and the late notification
+/// then looked like a second, unattributed connection.
+const VANISHED_POLLS: u8 = 2;
+
+/// How long a connection closed without its destroy notification is remembered, so a
+/// notification arriving later still is not taken for a new connection.
+const VANISHED_MEMORY: Duration = Duration::from_secs(30);
 
 /// Bytes sent over time, one entry per poll that added some.
 #[derive(Debug, Default)]
@@ -229,6 +243,8 @@ pub struct Tracker {
     implicit_allow: Vec<SocketAddr>,
     own_pid: u32,
     max_open_files: usize,
+    /// Connections closed without a destroy notification, by when (`VANISHED_MEMORY`).
+    vanished: HashMap<(u64, u64), Instant>,
     /// Connections not followed because `MAX_TRACKED` was reached.
     pub untracked: u64,
 }
@@ -244,6 +260,7 @@ impl Tracker {
             implicit_allow,
             own_pid,
             max_open_files,
+            vanished: HashMap::new(),
             untracked: 0,
         }
     }
@@ -294,6 +311,11 @@ impl Tracker {
                     c.fact.bytes_received = c.fact.bytes_received.max(s.bytes_received);
                 }
                 c.closed = true;
+            } else if self.vanished.contains_key(&key) {
+                tracing::debug!(
+                    cookie = s.cookie,
+                    "late destroy notification of a closed connection"
+                );
             } else if s.has_counters
                 && s.remote.port() != 0
                 && !listening.contains(&(s.netns, s.local.port()))
@@ -303,8 +325,17 @@ impl Tracker {
             }
         }
         for (key, c) in self.conns.iter_mut() {
-            if !c.closed && snap.dumped.contains(&key.0) && !present.contains(key) {
+            if c.closed || !snap.dumped.contains(&key.0) {
+                continue;
+            }
+            if present.contains(key) {
+                c.unseen = 0;
+                continue;
+            }
+            c.unseen += 1;
+            if c.unseen >= VANISHED_POLLS {
                 c.closed = true;
+                self.vanished.insert(*key, now);
             }
         }
         self.attribute(backend);
@@ -345,6 +376,7 @@ impl Tracker {
             if s.inode != 0 {
                 c.fact.inode = s.inode;
             }
+            c.unseen = 0;
             return;
         }
         if self.conns.len() >= MAX_TRACKED {
@@ -366,6 +398,7 @@ impl Tracker {
                 owner_attempts: 0,
                 closed: transient,
                 transient,
+                unseen: 0,
             },
         );
     }
@@ -522,6 +555,8 @@ impl Tracker {
                 .find(|r| r.id == *rule)
                 .is_some_and(|r| cx.now.duration_since(*at) <= r.window)
         });
+        self.vanished
+            .retain(|_, at| cx.now.duration_since(*at) <= VANISHED_MEMORY);
         let live: HashSet<u32> = self.conns.values().filter_map(|c| c.pid).collect();
         self.procs.retain(|pid, _| live.contains(pid));
     }
