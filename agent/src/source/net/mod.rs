@@ -157,17 +157,19 @@ struct Conn {
     closed: bool,
     /// Seen only in a destroy notification.
     transient: bool,
-    /// Polls in a row that neither dumped nor destroyed it (see `VANISHED_POLLS`).
-    unseen: u8,
+    /// Since when no dump has shown it and no destroy notification came (see
+    /// `VANISHED_GRACE`).
+    unseen_since: Option<Instant>,
 }
 
-/// Polls a connection may be missing from the dumps with no destroy notification
-/// before it is closed with its last counters. The kernel sends the notification from
-/// a work queue after the socket has left the hash tables, so a dump can miss a socket
-/// whose notification only arrives at the next poll; closing it at once reported the
-/// bytes of the poll before (a 3 MiB upload as 2.76 MB) and the late notification
-/// then looked like a second, unattributed connection.
-const VANISHED_POLLS: u8 = 2;
+/// How long a connection may be missing from the dumps with no destroy notification
+/// before it is closed with its last counters. The kernel sends the notification when
+/// the socket is freed (from a work queue, after its last queued packet is gone), which
+/// can be after it left the hash tables, so a dump can miss a socket whose notification
+/// only comes at a later poll; closing it at once reported the bytes of the poll before
+/// (a 3 MiB upload as 2.76 MB) and the late notification then looked like a second,
+/// unattributed connection.
+const VANISHED_GRACE: Duration = Duration::from_secs(1);
 
 /// How long a connection closed without its destroy notification is remembered, so a
 /// notification arriving later still is not taken for a new connection.
@@ -329,11 +331,11 @@ impl Tracker {
                 continue;
             }
             if present.contains(key) {
-                c.unseen = 0;
+                c.unseen_since = None;
                 continue;
             }
-            c.unseen += 1;
-            if c.unseen >= VANISHED_POLLS {
+            let since = *c.unseen_since.get_or_insert(now);
+            if now.duration_since(since) >= VANISHED_GRACE {
                 c.closed = true;
                 self.vanished.insert(*key, now);
             }
@@ -376,7 +378,7 @@ impl Tracker {
             if s.inode != 0 {
                 c.fact.inode = s.inode;
             }
-            c.unseen = 0;
+            c.unseen_since = None;
             return;
         }
         if self.conns.len() >= MAX_TRACKED {
@@ -398,7 +400,7 @@ impl Tracker {
                 owner_attempts: 0,
                 closed: transient,
                 transient,
-                unseen: 0,
+                unseen_since: None,
             },
         );
     }

@@ -330,7 +330,8 @@ fn a_kill_rule_fires_once_and_names_itself() {
     // Still running: the rule does not fire again.
     let out = h.poll(2, vec![c(9000)], vec![]);
     assert!(out.actions.is_empty() && out.events.is_empty());
-    // Its end (missing from two dumps, no destroy notification) carries the rule.
+    // Its end (missing from the dumps for a second, no destroy notification) carries
+    // the rule.
     assert!(h.poll(3, vec![], vec![]).events.is_empty());
     let out = h.poll(4, vec![], vec![]);
     assert_eq!(transfers(&out)[0].rule_id, "no-nc");
