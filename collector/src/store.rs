@@ -118,6 +118,18 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX exports_by_schedule ON exports(schedule, period_to);
      CREATE INDEX events_by_received ON events(received_at);
      CREATE INDEX alerts_by_agent_time ON alerts(agent_id, time);",
+    // 7: every presence an `absent` rule has seen (a badge-in), not only the latest, so
+    // a fact sent late by an agent that was offline is judged against the presences of
+    // its own time.
+    "CREATE TABLE presence (
+        rule_id TEXT NOT NULL,
+        key     TEXT NOT NULL,
+        at      INTEGER NOT NULL,
+        PRIMARY KEY (rule_id, key, at)
+     ) WITHOUT ROWID;
+     INSERT OR IGNORE INTO presence (rule_id, key, at)
+        SELECT rule_id, key, last_seen FROM rule_seen WHERE value = '(presence)';
+     DELETE FROM rule_seen WHERE value = '(presence)';",
 ];
 
 /// Quarantined payloads are kept up to this size (the hash covers the whole payload).
@@ -510,4 +522,45 @@ pub fn insert_controller_event(
         ],
     )?;
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_of_the_previous_schema_keeps_its_badge_in_when_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..6] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 6).unwrap();
+            conn.execute_batch(
+                "INSERT INTO rule_seen VALUES ('builtin.usb.server-room', 'hq-dc', '(presence)', 1000);
+                 INSERT INTO rule_seen VALUES ('builtin.usb.new-device', 'ws-1', 'abc', 2000);",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let presence: Vec<(String, String, i64)> = store
+            .conn
+            .prepare("SELECT rule_id, key, at FROM presence")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            presence,
+            vec![("builtin.usb.server-room".into(), "hq-dc".into(), 1000)]
+        );
+        let seen: i64 = store
+            .conn
+            .query_row("SELECT COUNT(*) FROM rule_seen", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(seen, 1, "first-seen rows stay, the presence row moved");
+    }
 }

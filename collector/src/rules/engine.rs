@@ -548,7 +548,7 @@ impl Engine {
                     continue;
                 }
                 match p.key.program.execute(&ctx) {
-                    Ok(k) => note_seen(tx, &rule.id, &render(&k), PRESENCE, t)?,
+                    Ok(k) => note_presence(tx, &rule.id, &render(&k), t)?,
                     Err(e) => self.eval_error(rule, "correlation.presence.key", &e.to_string()),
                 }
             }
@@ -871,20 +871,29 @@ impl Engine {
         }
     }
 
-    /// Drops first-seen and presence rows older than their rule's window.
+    /// Drops first-seen rows older than their rule's window, and presences older than
+    /// `PRESENCE_RETENTION_SECS` (or the longest `absent` window, if longer).
     pub fn prune_seen(&self, tx: &Transaction<'_>, now: jiff::Timestamp) -> Result<(), StoreError> {
+        let mut keep_presence = PRESENCE_RETENTION_SECS;
         for r in self.set.rules() {
-            if let Some(c) = r
-                .correlation
-                .as_ref()
-                .filter(|c| matches!(c.aggregate, Aggregate::FirstSeen | Aggregate::Absent))
-            {
-                tx.execute(
-                    "DELETE FROM rule_seen WHERE rule_id = ?1 AND last_seen < ?2",
-                    params![r.id, now.as_second() - c.window_secs],
-                )?;
+            let Some(c) = r.correlation.as_ref() else {
+                continue;
+            };
+            match c.aggregate {
+                Aggregate::FirstSeen => {
+                    tx.execute(
+                        "DELETE FROM rule_seen WHERE rule_id = ?1 AND last_seen < ?2",
+                        params![r.id, now.as_second() - c.window_secs],
+                    )?;
+                }
+                Aggregate::Absent => keep_presence = keep_presence.max(c.window_secs),
+                _ => {}
             }
         }
+        tx.execute(
+            "DELETE FROM presence WHERE at < ?1",
+            params![now.as_second() - keep_presence],
+        )?;
         Ok(())
     }
 }
@@ -937,14 +946,22 @@ fn first_seen(
     })
 }
 
-/// The `rule_seen` value under which an `absent` rule keeps its last presence (kept
-/// in the database, so a collector restart does not forget who badged in).
-const PRESENCE: &str = "(presence)";
+/// How long presences are kept for `absent` rules (at least their window): a fact an
+/// agent sends this much later is still judged against the presences of its own time.
+/// Older facts find none and fire (a false alarm, never a missed one).
+pub const PRESENCE_RETENTION_SECS: i64 = 30 * 24 * 3600;
 
-/// Whether no presence under `key` came within `window` around `t`. Only the latest
-/// presence per key is kept: one within `window` after `t` counts too (a door agent's
-/// clock ahead, a backlog sent late), one further after hides any earlier one, so a
-/// fact from long ago fires — a false red, never a missed one.
+/// Records a presence at `t` under (`rule`, `key`), kept in the database so a
+/// collector restart does not forget who badged in.
+fn note_presence(tx: &Transaction<'_>, rule: &str, key: &str, t: i64) -> Result<(), StoreError> {
+    tx.prepare_cached("INSERT OR IGNORE INTO presence (rule_id, key, at) VALUES (?1, ?2, ?3)")?
+        .execute(params![rule, key, t])?;
+    Ok(())
+}
+
+/// Whether no presence under `key` came within `window` around `t`: before it (the
+/// badge-in that lets someone in), or after it by as much (a door agent's clock
+/// ahead, or its backlog sent after the fact it explains).
 fn absent(
     tx: &Transaction<'_>,
     rule: &str,
@@ -952,9 +969,15 @@ fn absent(
     t: i64,
     window: i64,
 ) -> Result<Option<(f64, Vec<String>)>, StoreError> {
-    Ok(match seen_at(tx, rule, key, PRESENCE)? {
-        Some(l) if (t - window..=t + window).contains(&l) => None,
-        _ => Some((0.0, vec![])),
+    let found: Option<i64> = tx
+        .prepare_cached(
+            "SELECT at FROM presence WHERE rule_id = ?1 AND key = ?2 AND at BETWEEN ?3 AND ?4 LIMIT 1",
+        )?
+        .query_row(params![rule, key, t - window, t + window], |r| r.get(0))
+        .optional()?;
+    Ok(match found {
+        Some(_) => None,
+        None => Some((0.0, vec![])),
     })
 }
 

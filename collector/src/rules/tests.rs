@@ -321,6 +321,76 @@ fn a_badge_in_is_remembered_across_a_collector_restart() {
 }
 
 #[test]
+fn a_plug_sent_late_is_judged_by_the_badges_of_its_own_time() {
+    let mut h = Harness::new();
+    for at in ["2026-11-23T01:55:00Z", "2026-11-23T06:00:00Z"] {
+        let b = h.event("door-1", "door", at, "access.badge", badge());
+        h.feed(at, vec![b]);
+    }
+    // The server-room host was offline; at 07:00 it sends a plug of 02:00 (five minutes
+    // after the first badge-in, four hours before the latest) and one of 04:00.
+    let late = h.event("srv-1", "server-room", DAY, "usb.attached", usb(json!({})));
+    assert_eq!(
+        h.fired(
+            "2026-11-23T07:00:00Z",
+            vec![late],
+            "builtin.usb.server-room"
+        ),
+        None
+    );
+    let unbadged = h.event(
+        "srv-1",
+        "server-room",
+        "2026-11-23T04:00:00Z",
+        "usb.attached",
+        usb(json!({"serial": "OTHER"})),
+    );
+    assert!(h
+        .fired(
+            "2026-11-23T07:00:00Z",
+            vec![unbadged],
+            "builtin.usb.server-room"
+        )
+        .is_some());
+}
+
+#[test]
+fn presences_are_kept_for_their_retention_then_pruned() {
+    let mut h = Harness::new();
+    let b = h.event(
+        "door-1",
+        "door",
+        "2026-11-23T01:55:00Z",
+        "access.badge",
+        badge(),
+    );
+    h.feed("2026-11-23T01:55:00Z", vec![b]);
+    let count = |h: &mut Harness, now: jiff::Timestamp| {
+        let engine = &h.engine;
+        h.store
+            .in_transaction(|tx| {
+                engine.prune_seen(tx, now)?;
+                Ok(tx.query_row(
+                    "SELECT COUNT(*) FROM presence WHERE rule_id = 'builtin.usb.server-room'",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )?)
+            })
+            .unwrap()
+    };
+    let badged: jiff::Timestamp = "2026-11-23T01:55:00Z".parse().unwrap();
+    let retention = jiff::SignedDuration::from_secs(super::engine::PRESENCE_RETENTION_SECS);
+    assert_eq!(count(&mut h, badged + retention), 1);
+    assert_eq!(
+        count(
+            &mut h,
+            badged + retention + jiff::SignedDuration::from_secs(1)
+        ),
+        0
+    );
+}
+
+#[test]
 fn the_red_alert_names_the_host_and_the_site() {
     let mut h = Harness::new();
     let plug = h.event("srv-1", "server-room", DAY, "usb.attached", usb(json!({})));
