@@ -106,6 +106,12 @@ impl Harness {
             .alerts
     }
 
+    /// A badge at the door of hq-dc at `at`, evaluated then.
+    fn badge_in(&mut self, at: &str) {
+        let b = self.event("door-1", "door", at, "access.badge", badge());
+        self.feed(at, vec![b]);
+    }
+
     fn fired(&mut self, now: &str, facts: Vec<Fact>, rule: &str) -> Option<Alert> {
         let errors = self.engine.stats.errors;
         let alerts = self.feed(now, facts);
@@ -306,14 +312,7 @@ fn door(state: &str, held: Option<u64>) -> Json {
 #[test]
 fn a_badge_in_is_remembered_across_a_collector_restart() {
     let mut h = Harness::new();
-    let b = h.event(
-        "door-1",
-        "door",
-        "2026-11-23T01:55:00Z",
-        "access.badge",
-        badge(),
-    );
-    h.feed("2026-11-23T01:55:00Z", vec![b]);
+    h.badge_in("2026-11-23T01:55:00Z");
     // A new engine on the same database (the collector restarted).
     h.engine = Engine::new(true, None).unwrap();
     let plug = h.event("srv-1", "server-room", DAY, "usb.attached", usb(json!({})));
@@ -323,10 +322,8 @@ fn a_badge_in_is_remembered_across_a_collector_restart() {
 #[test]
 fn a_plug_sent_late_is_judged_by_the_badges_of_its_own_time() {
     let mut h = Harness::new();
-    for at in ["2026-11-23T01:55:00Z", "2026-11-23T06:00:00Z"] {
-        let b = h.event("door-1", "door", at, "access.badge", badge());
-        h.feed(at, vec![b]);
-    }
+    h.badge_in("2026-11-23T01:55:00Z");
+    h.badge_in("2026-11-23T06:00:00Z");
     // The server-room host was offline; at 07:00 it sends a plug of 02:00 (five minutes
     // after the first badge-in, four hours before the latest) and one of 04:00.
     let late = h.event("srv-1", "server-room", DAY, "usb.attached", usb(json!({})));
@@ -357,14 +354,7 @@ fn a_plug_sent_late_is_judged_by_the_badges_of_its_own_time() {
 #[test]
 fn presences_are_kept_for_their_retention_then_pruned() {
     let mut h = Harness::new();
-    let b = h.event(
-        "door-1",
-        "door",
-        "2026-11-23T01:55:00Z",
-        "access.badge",
-        badge(),
-    );
-    h.feed("2026-11-23T01:55:00Z", vec![b]);
+    h.badge_in("2026-11-23T01:55:00Z");
     let count = |h: &mut Harness, now: jiff::Timestamp| {
         let engine = &h.engine;
         h.store
