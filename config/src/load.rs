@@ -136,6 +136,21 @@ impl Validator {
         }
     }
 
+    /// Checks `value` is one of `choices`; returns whether it is.
+    pub fn one_of(&mut self, field: &str, value: &str, choices: &[&str]) -> bool {
+        if choices.contains(&value) {
+            return true;
+        }
+        let quoted: Vec<String> = choices.iter().map(|c| format!("`{c}`")).collect();
+        let expected = match quoted.split_last() {
+            Some((last, [])) => last.clone(),
+            Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+            None => String::new(),
+        };
+        self.error(field, format!("`{value}`: expected {expected}"));
+        false
+    }
+
     fn into_issues(self) -> Vec<(String, String)> {
         self.issues
     }
@@ -507,6 +522,24 @@ mod tests {
             ]
         );
         assert!(split_path(".").is_empty());
+    }
+
+    #[test]
+    fn a_choice_outside_its_set_names_every_allowed_value() {
+        let mut v = Validator::new(".".into());
+        assert!(v.one_of("a.b", "own", &["all", "own"]));
+        assert!(!v.one_of("a.c", "some", &["all", "own"]));
+        assert!(!v.one_of("a.d", "x", &["auto", "journal", "utmp"]));
+        assert_eq!(
+            v.into_issues(),
+            vec![
+                ("a.c".into(), "`some`: expected `all` or `own`".into()),
+                (
+                    "a.d".into(),
+                    "`x`: expected `auto`, `journal` or `utmp`".into()
+                )
+            ]
+        );
     }
 
     #[test]

@@ -510,26 +510,13 @@ impl DoorSection {
                     "1-64 characters of letters, digits, `.`, `_` and `-`",
                 );
             }
-            let open_high = match c.open_level.as_str() {
-                "high" => true,
-                "low" => false,
-                other => {
-                    v.error(
-                        at("open_level"),
-                        format!("`{other}`: expected `high` or `low`"),
-                    );
-                    true
-                }
-            };
-            if !["pull-up", "pull-down", "disabled", "as-is"].contains(&c.bias.as_str()) {
-                v.error(
-                    at("bias"),
-                    format!(
-                        "`{}`: expected pull-up, pull-down, disabled or as-is",
-                        c.bias
-                    ),
-                );
-            }
+            v.one_of(&at("open_level"), &c.open_level, &["high", "low"]);
+            let open_high = c.open_level != "low";
+            v.one_of(
+                &at("bias"),
+                &c.bias,
+                &["pull-up", "pull-down", "disabled", "as-is"],
+            );
             v.range(&at("debounce_ms"), c.debounce_ms, 1, 5_000);
             v.range(&at("held_open_secs"), c.held_open_secs, 1, 86_400);
             contacts.push(DoorContact {
@@ -783,15 +770,11 @@ impl Validate for AgentFile {
         let files = if self.files.enabled {
             v.range("files.hash_max_mib", self.files.hash_max_mib, 1, 1 << 20);
             v.range("files.workers", self.files.workers, 1, 64);
-            if !["auto", "fanotify", "inotify"].contains(&self.files.backend.as_str()) {
-                v.error(
-                    "files.backend",
-                    format!(
-                        "`{}`: expected `auto`, `fanotify` or `inotify`",
-                        self.files.backend
-                    ),
-                );
-            }
+            v.one_of(
+                "files.backend",
+                &self.files.backend,
+                &["auto", "fanotify", "inotify"],
+            );
             for (i, m) in self.files.watch_mounts.iter().enumerate() {
                 if !m.is_absolute() {
                     v.error(
@@ -817,12 +800,11 @@ impl Validate for AgentFile {
                 1,
                 65_536,
             );
-            if !["all", "own"].contains(&self.network.namespaces.as_str()) {
-                v.error(
-                    "network.namespaces",
-                    format!("`{}`: expected `all` or `own`", self.network.namespaces),
-                );
-            }
+            v.one_of(
+                "network.namespaces",
+                &self.network.namespaces,
+                &["all", "own"],
+            );
             Some(NetworkSettings {
                 poll: Duration::from_millis(self.network.poll_ms),
                 all_namespaces: self.network.namespaces != "own",
@@ -834,15 +816,11 @@ impl Validate for AgentFile {
         };
         let access = if self.access.enabled {
             v.range("access.poll_ms", self.access.poll_ms, 50, 60_000);
-            if !["auto", "journal", "auth-log", "utmp"].contains(&self.access.from.as_str()) {
-                v.error(
-                    "access.from",
-                    format!(
-                        "`{}`: expected `auto`, `journal`, `auth-log` or `utmp`",
-                        self.access.from
-                    ),
-                );
-            }
+            v.one_of(
+                "access.from",
+                &self.access.from,
+                &["auto", "journal", "auth-log", "utmp"],
+            );
             for (i, p) in self.access.auth_logs.iter().enumerate() {
                 if !p.is_absolute() {
                     v.error(
