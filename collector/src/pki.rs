@@ -221,36 +221,47 @@ fn issue_client(
 
 /// Issues an agent certificate with CN = `name`; returns (cert, key) paths.
 pub fn issue_agent(paths: &PkiPaths, name: &str) -> Result<(PathBuf, PathBuf), PkiError> {
-    if !weilan_config::topics::valid_agent_id(name) {
-        return Err(PkiError::BadName(name.to_string()));
-    }
-    if name.starts_with("weilan-collector") {
-        return Err(PkiError::Reserved(name.to_string()));
-    }
-    if paths.door_controller(name).exists() {
-        return Err(PkiError::Reserved(format!("{name} (a door controller)")));
-    }
-    let issuer = load_issuer(paths)?;
-    let (cert, key) = (paths.agent(name), paths.agent_key(name));
-    issue_client(&issuer, name, Role::Agent, &cert, &key)?;
-    Ok((cert, key))
+    issue_named(
+        paths,
+        name,
+        Role::Agent,
+        (paths.agent(name), paths.agent_key(name)),
+        (paths.door_controller(name), "a door controller"),
+    )
 }
 
-/// Issues a door controller certificate with CN = `name` (its controller id; agents
-/// and controllers share one name space, as their events share one store).
+/// Issues a door controller certificate with CN = `name` (its controller id).
 pub fn issue_door_controller(paths: &PkiPaths, name: &str) -> Result<(PathBuf, PathBuf), PkiError> {
+    issue_named(
+        paths,
+        name,
+        Role::DoorController,
+        (paths.door_controller(name), paths.door_controller_key(name)),
+        (paths.agent(name), "an agent"),
+    )
+}
+
+/// Issues a client certificate of `role` with CN = `name` into (cert, key). Agents and
+/// door controllers share one name space, as their events share one store: a name the
+/// other kind holds (`taken`) is refused, as are invalid and collector names.
+fn issue_named(
+    paths: &PkiPaths,
+    name: &str,
+    role: Role,
+    (cert, key): (PathBuf, PathBuf),
+    (taken, by): (PathBuf, &str),
+) -> Result<(PathBuf, PathBuf), PkiError> {
     if !weilan_config::topics::valid_agent_id(name) {
         return Err(PkiError::BadName(name.to_string()));
     }
     if name.starts_with("weilan-collector") {
         return Err(PkiError::Reserved(name.to_string()));
     }
-    if paths.agent(name).exists() {
-        return Err(PkiError::Reserved(format!("{name} (an agent)")));
+    if taken.exists() {
+        return Err(PkiError::Reserved(format!("{name} ({by})")));
     }
     let issuer = load_issuer(paths)?;
-    let (cert, key) = (paths.door_controller(name), paths.door_controller_key(name));
-    issue_client(&issuer, name, Role::DoorController, &cert, &key)?;
+    issue_client(&issuer, name, role, &cert, &key)?;
     Ok((cert, key))
 }
 
@@ -302,6 +313,23 @@ mod tests {
         ));
         assert!(matches!(
             issue_agent(&paths, "weilan-collector"),
+            Err(PkiError::Reserved(_))
+        ));
+        // Agents and door controllers share one name space; each has its own role.
+        assert!(matches!(
+            issue_door_controller(&paths, "ws-01"),
+            Err(PkiError::Reserved(_))
+        ));
+        let (cert, key) = issue_door_controller(&paths, "ctl-1").unwrap();
+        let msg = Signer::from_pem_files(&cert, &key)
+            .unwrap()
+            .sign(Purpose::DoorEvent, "{}".into());
+        let id = verifier
+            .verify(&msg, Purpose::DoorEvent, Role::DoorController)
+            .unwrap();
+        assert_eq!(id.common_name, "ctl-1");
+        assert!(matches!(
+            issue_agent(&paths, "ctl-1"),
             Err(PkiError::Reserved(_))
         ));
     }
