@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use super::authlog::{Follower, Start};
 use super::{journal, parse};
-use crate::source::{BoxFuture, EventSink, Source, SourceContext, SourceError};
+use crate::source::{
+    sleep_unless_cancelled, BoxFuture, EventSink, Source, SourceContext, SourceError,
+};
 
 /// Settings of [`AccessSource`].
 #[derive(Debug, Clone)]
@@ -150,7 +152,9 @@ fn follow_auth_log(
                 ),
             )?;
         }
-        std::thread::sleep(config.poll);
+        if !sleep_unless_cancelled(&ctx.shutdown, config.poll) {
+            break;
+        }
     }
     Ok(())
 }
@@ -171,7 +175,9 @@ fn follow_wtmp(config: &AccessConfig, path: &Path, ctx: &SourceContext) -> Resul
         if any {
             save_file_position(&config.state_dir, "utmp", f.position());
         }
-        std::thread::sleep(config.poll);
+        if !sleep_unless_cancelled(&ctx.shutdown, config.poll) {
+            break;
+        }
     }
     Ok(())
 }

@@ -776,13 +776,10 @@ fn poll_loop(
     let mut reported_untracked = 0;
     let mut next = Instant::now();
     loop {
-        while Instant::now() < next {
-            if ctx.shutdown.is_cancelled() {
-                return Ok(());
-            }
-            std::thread::sleep((next - Instant::now()).min(Duration::from_millis(50)));
-        }
-        if ctx.shutdown.is_cancelled() {
+        if !crate::source::sleep_unless_cancelled(
+            &ctx.shutdown,
+            next.saturating_duration_since(Instant::now()),
+        ) {
             return Ok(());
         }
         next += config.poll;
