@@ -5,7 +5,9 @@
 //!   agent watching this machine in one process. Ctrl-C stops both cleanly; a second
 //!   run reuses the data.
 //! - `weilan agent ARGS` / `weilan collector ARGS`: exactly the `weilan-agent` and
-//!   `weilan-collector` command lines (the end-to-end tests use these).
+//!   `weilan-collector` command lines (the end-to-end tests use these). Called through
+//!   a link named `weilan-agent` or `weilan-collector`, it is that program: the
+//!   deployment test puts such links on `PATH` and types the documented commands.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -21,6 +23,18 @@ const USAGE: &str = "usage: weilan [--data DIR] [--port PORT]\n       weilan age
 
 fn main() -> ExitCode {
     let mut args: Vec<OsString> = std::env::args_os().collect();
+    let called_as = args
+        .first()
+        .map(Path::new)
+        .and_then(|p| p.file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("weilan")
+        .to_string();
+    match called_as.as_str() {
+        "weilan-agent" => return weilan_agent::cli::main(args),
+        "weilan-collector" => return weilan_collector::cli::main(args),
+        _ => {}
+    }
     match args.get(1).and_then(|a| a.to_str()) {
         Some("agent") => {
             args.remove(0);

@@ -120,3 +120,71 @@ fn collector_settings_report_every_problem_and_exit_64() {
     );
     assert!(err.contains("tls.ca"), "{err}");
 }
+
+/// `check-config` loads what `serve` loads: a broker certificate that does not name
+/// `broker.server_name` (the collector would not reach its own broker), keys the
+/// service user cannot read, a broken rule file — all listed, exit 64.
+#[test]
+fn collector_check_config_checks_the_pki_as_the_service_will_use_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki_dir = dir.path().join("pki");
+    weilan_collector::pki::init(
+        &weilan_collector::pki::PkiPaths::new(&pki_dir),
+        &["collector.example.internal".into()],
+    )
+    .unwrap();
+    fs::write(dir.path().join("policy.toml"), "version = \"p1\"\n").unwrap();
+    fs::create_dir(dir.path().join("rules")).unwrap();
+    let cfg = dir.path().join("collector.toml");
+    let write = |server_name: &str| {
+        fs::write(
+            &cfg,
+            format!(
+                "[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:8883\"\nserver_name = \"{server_name}\"\n\n\
+                 [tls]\nca = \"pki/ca.pem\"\nserver_cert = \"pki/server.pem\"\nserver_key = \"pki/server-key.pem\"\n\
+                 client_cert = \"pki/collector.pem\"\nclient_key = \"pki/collector-key.pem\"\n\n\
+                 [store]\npath = \"weilan.db\"\n[alerts]\npath = \"alerts.jsonl\"\n[policy]\npath = \"policy.toml\"\n\
+                 [rules]\ndir = \"rules\"\n"
+            ),
+        )
+        .unwrap()
+    };
+    // `pki init --name collector.example.internal` keeps the protocol name: ok.
+    write("weilan-collector");
+    let (code, err) = check(
+        &["collector", "check-config", "--service-user", "root"],
+        &cfg,
+    );
+    assert_eq!(code, 0, "{err}");
+    write("collector.example.internal");
+    let (code, err) = check(
+        &["collector", "check-config", "--service-user", "root"],
+        &cfg,
+    );
+    assert_eq!(code, 0, "{err}");
+
+    // A name the certificate does not carry, a broken rule file and (as root, for
+    // the unprivileged `nobody`) unreadable keys: every one reported.
+    write("broker.example.internal");
+    fs::write(dir.path().join("rules/site.toml"), "[[rule]]\nid = 3\n").unwrap();
+    let (code, err) = check(
+        &["collector", "check-config", "--service-user", "nobody"],
+        &cfg,
+    );
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("server.pem: not a valid server certificate for `broker.example.internal`"),
+        "{err}"
+    );
+    assert!(err.contains("site.toml"), "{err}");
+    if nix::unistd::geteuid().is_root() {
+        assert!(
+            err.contains("collector-key.pem: the service user `nobody` cannot read it"),
+            "{err}"
+        );
+        assert!(
+            err.contains("server-key.pem: the service user `nobody` cannot read it"),
+            "{err}"
+        );
+    }
+}

@@ -32,10 +32,15 @@ enum Command {
         #[arg(long, default_value = "/etc/weilan/collector.toml")]
         config: PathBuf,
     },
-    /// Check the settings and the policy they name; print every problem.
+    /// Check everything `serve` loads — settings, policy, rules, roster, PKI files and
+    /// their permissions — and print every problem (exit status 64).
     CheckConfig {
         #[arg(long, default_value = "/etc/weilan/collector.toml")]
         config: PathBuf,
+        /// When run as root: also check that this account (the service's `User=`) can
+        /// read every file the collector opens. Ignored if it does not exist.
+        #[arg(long, default_value = crate::preflight::SERVICE_USER)]
+        service_user: String,
     },
     /// List the rules in force (built-in pack and the rule directory of the settings).
     Rules {
@@ -271,19 +276,34 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
             print!("{}", weilan_config::examples::COLLECTOR_TOML);
             ExitCode::SUCCESS
         }
-        Command::CheckConfig { config } => match load(&config) {
+        Command::CheckConfig {
+            config,
+            service_user,
+        } => match load(&config) {
             Ok(s) => {
-                match weilan_config::load_file::<weilan_config::policy::PolicyFile>(&s.policy_path)
-                {
-                    Ok(p) => {
-                        println!("{}: ok; policy version {}", config.display(), p.version);
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprint!("{e}");
-                        ExitCode::from(EXIT_CONFIG)
-                    }
+                let report = crate::preflight::check(&s, Some(service_user.as_str()));
+                for p in &report.problems {
+                    eprintln!("{p}");
                 }
+                if !report.problems.is_empty() {
+                    eprintln!(
+                        "{}: {} problem(s); `serve` would not start as configured",
+                        config.display(),
+                        report.problems.len()
+                    );
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+                println!(
+                    "{}: ok; policy version {}, {} rules, PKI checked{}",
+                    config.display(),
+                    report.policy_version.as_deref().unwrap_or("?"),
+                    report.rules,
+                    report
+                        .checked_as
+                        .map(|u| format!(" (readable by the service user `{u}`)"))
+                        .unwrap_or_default()
+                );
+                ExitCode::SUCCESS
             }
             Err(code) => code,
         },
@@ -602,7 +622,7 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                         println!(
                             "PKI created in {}: ca.pem, server.pem (for {}), collector.pem",
                             dir.display(),
-                            names.join(", ")
+                            pki::server_names(&names).join(", ")
                         );
                     })
                 }

@@ -18,6 +18,7 @@ pub mod fleet;
 pub mod ingest;
 pub mod integrity;
 pub mod pki;
+pub mod preflight;
 pub mod roster;
 pub mod rules;
 pub mod sinks;
@@ -159,6 +160,9 @@ pub async fn run(
         },
         session_stop.clone(),
     );
+    let mut broker_health =
+        BrokerHealth::new(format!("{}:{}", settings.broker_host, settings.broker_port));
+    let mut watchdog = SystemdWatchdog::start();
     let mut report = tokio::time::interval(Duration::from_secs(60));
     let mut fleet_tick = tokio::time::interval(settings.fleet_check_interval);
     let mut rules_tick = tokio::time::interval(settings.rules_reload_check);
@@ -179,13 +183,15 @@ pub async fn run(
                 }
                 Some(SessionEvent::Connected) => {
                     tracing::info!("collector subscribed to agent topics");
+                    broker_health.connected();
                     policy_push.publish(&client, &ingest.signer);
                 }
-                Some(SessionEvent::Disconnected(_)) => {}
+                Some(SessionEvent::Disconnected(reason)) => broker_health.disconnected(reason),
                 None => break,
             },
+            _ = watchdog.tick() => watchdog.keep_alive(),
             _ = fleet_tick.tick() => {
-                let mut found = Vec::new();
+                let mut found: Vec<rules::Finding> = broker_health.finding().into_iter().collect();
                 match policy_push.reload_if_changed() {
                     Ok(Some(p)) => {
                         *ingest.policy.write().unwrap_or_else(|e| e.into_inner()) = p;
@@ -244,10 +250,125 @@ pub async fn run(
             }
         }
     }
+    watchdog.stopping();
     session_stop.cancel();
     let _ = session.await;
     tracing::info!("collector stopped");
     Ok(())
+}
+
+/// How long the collector's own broker connection may fail before it is an alert:
+/// a broker restart or a reconnect takes seconds, a wrong certificate name or an ACL
+/// that refuses the collector never heals.
+pub const BROKER_UNREACHABLE_AFTER: Duration = Duration::from_secs(30);
+
+/// Follows the collector's own MQTT connection. Failing to reach its broker means no
+/// agent event, policy or command moves: that is a red alert (through the rules, into
+/// the alert log and sinks, which do not need the broker), once per outage.
+struct BrokerHealth {
+    broker: String,
+    down_since: Option<std::time::Instant>,
+    last_reason: String,
+    failures: u64,
+    alerted: bool,
+}
+
+impl BrokerHealth {
+    fn new(broker: String) -> Self {
+        BrokerHealth {
+            broker,
+            // Not connected yet: a broker never reached at start counts from here.
+            down_since: Some(std::time::Instant::now()),
+            last_reason: "not connected yet".into(),
+            failures: 0,
+            alerted: false,
+        }
+    }
+
+    fn connected(&mut self) {
+        if self.alerted {
+            tracing::info!(broker = %self.broker, failures = self.failures, "collector reached its broker again");
+        }
+        *self = BrokerHealth {
+            down_since: None,
+            ..BrokerHealth::new(std::mem::take(&mut self.broker))
+        };
+    }
+
+    fn disconnected(&mut self, reason: String) {
+        self.failures += 1;
+        self.down_since.get_or_insert_with(std::time::Instant::now);
+        tracing::warn!(broker = %self.broker, %reason, failures = self.failures, "collector's broker connection failed");
+        self.last_reason = reason;
+    }
+
+    /// The finding to raise now, if the outage has lasted long enough and was not
+    /// raised yet.
+    fn finding(&mut self) -> Option<rules::Finding> {
+        let down = self.down_since?.elapsed();
+        if self.alerted || down < BROKER_UNREACHABLE_AFTER {
+            return None;
+        }
+        self.alerted = true;
+        tracing::error!(broker = %self.broker, reason = %self.last_reason, down_secs = down.as_secs(), "collector cannot reach its broker");
+        Some(rules::Finding {
+            kind: rules::findings::BROKER_UNREACHABLE,
+            agent_id: "(collector)".into(),
+            summary: format!(
+                "The collector has not reached its broker {} for {} s ({} failed attempts; last: {}): no agent event is being stored and no policy or command is delivered",
+                self.broker,
+                down.as_secs(),
+                self.failures,
+                self.last_reason
+            ),
+            event_ids: vec![],
+            details: serde_json::json!({
+                "broker": self.broker,
+                "down_secs": down.as_secs(),
+                "failures": self.failures,
+                "reason": self.last_reason,
+            }),
+        })
+    }
+}
+
+/// systemd's `Type=notify` and `WatchdogSec=`: `READY=1` once the serve loop runs, then
+/// `WATCHDOG=1` from that loop at half the watchdog period, so a loop stuck (in a
+/// store call, a lock) is killed and restarted. Without `NOTIFY_SOCKET` it is inert.
+struct SystemdWatchdog {
+    tick: Option<tokio::time::Interval>,
+}
+
+impl SystemdWatchdog {
+    fn start() -> Self {
+        if std::env::var_os("NOTIFY_SOCKET").is_none() {
+            return SystemdWatchdog { tick: None };
+        }
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        let mut usec = 0u64;
+        let tick = sd_notify::watchdog_enabled(false, &mut usec)
+            .then(|| tokio::time::interval(Duration::from_micros(usec / 2)));
+        SystemdWatchdog { tick }
+    }
+
+    async fn tick(&mut self) {
+        match &mut self.tick {
+            Some(t) => {
+                t.tick().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    fn keep_alive(&self) {
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+    }
+
+    fn stopping(&self) {
+        if std::env::var_os("NOTIFY_SOCKET").is_some() {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        }
+    }
 }
 
 /// Publishes acks and commands; one that cannot be queued is logged (an agent

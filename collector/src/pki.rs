@@ -103,17 +103,43 @@ fn validity(params: &mut CertificateParams, days: i64) {
 }
 
 fn write_public(path: &Path, pem: &str) -> Result<(), PkiError> {
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(io_err(parent))?;
-    }
+    create_parent(path)?;
     fs::write(path, pem).map_err(io_err(path))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o644)).map_err(io_err(path))
+    fs::set_permissions(path, fs::Permissions::from_mode(0o644)).map_err(io_err(path))?;
+    take_parent_owner(path)
+}
+
+/// Creates `path`'s parent (and gives a new one the owner of its own parent).
+fn create_parent(path: &Path) -> Result<(), PkiError> {
+    let Some(parent) = path.parent() else {
+        return Ok(());
+    };
+    if !parent.exists() {
+        fs::create_dir_all(parent).map_err(io_err(parent))?;
+        take_parent_owner(parent)?;
+    }
+    Ok(())
+}
+
+/// Gives `path` the owner and group of its directory. Root runs `pki` commands, but
+/// the collector service reads these files as its own user (`weilan`, whose
+/// `/etc/weilan/pki` tmpfiles.d creates): the files follow the directory rather than
+/// whoever typed the command. Nothing changes when they already match.
+fn take_parent_owner(path: &Path) -> Result<(), PkiError> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(parent) = path.parent() else {
+        return Ok(());
+    };
+    let dir = fs::metadata(parent).map_err(io_err(parent))?;
+    let file = fs::symlink_metadata(path).map_err(io_err(path))?;
+    if (file.uid(), file.gid()) != (dir.uid(), dir.gid()) {
+        std::os::unix::fs::lchown(path, Some(dir.uid()), Some(dir.gid())).map_err(io_err(path))?;
+    }
+    Ok(())
 }
 
 fn write_secret(path: &Path, pem: &str) -> Result<(), PkiError> {
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(io_err(parent))?;
-    }
+    create_parent(path)?;
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -130,7 +156,8 @@ fn write_secret(path: &Path, pem: &str) -> Result<(), PkiError> {
             }
         })?;
     f.write_all(pem.as_bytes()).map_err(io_err(path))?;
-    f.sync_all().map_err(io_err(path))
+    f.sync_all().map_err(io_err(path))?;
+    take_parent_owner(path)
 }
 
 fn dn(cn: &str, ou: Option<&str>) -> DistinguishedName {
@@ -154,9 +181,31 @@ pub fn is_initialized(paths: &PkiPaths) -> bool {
     paths.ca().exists() && paths.ca_key().exists()
 }
 
-/// Creates the CA, the broker's server certificate (for `server_names`) and the
-/// collector's client certificate. Refuses to overwrite existing keys.
-pub fn init(paths: &PkiPaths, server_names: &[String]) -> Result<(), PkiError> {
+/// The name every broker certificate carries: agents (`collector.server_name`) and the
+/// collector's own connection (`broker.server_name`) check it by default, whatever
+/// address they dial, so a site's host names (`--name`) are added to it, never
+/// instead of it.
+pub const PROTOCOL_SERVER_NAME: &str = "weilan-collector";
+
+/// The names the broker certificate carries: [`PROTOCOL_SERVER_NAME`] first, then
+/// `site_names` in order, without repeats.
+pub fn server_names(site_names: &[String]) -> Vec<String> {
+    let mut names = vec![PROTOCOL_SERVER_NAME.to_string()];
+    for n in site_names {
+        if !names.contains(n) {
+            names.push(n.clone());
+        }
+    }
+    names
+}
+
+/// Creates the CA, the broker's server certificate (for [`server_names`] of
+/// `site_names`) and the collector's client certificate. Refuses to overwrite existing
+/// keys. The directory is created 0700; every file takes the owner and group of the
+/// directory (see [`write_secret`]), so a directory made for the service user by
+/// tmpfiles.d gives that user its keys even when root runs this.
+pub fn init(paths: &PkiPaths, site_names: &[String]) -> Result<(), PkiError> {
+    let server_names = server_names(site_names);
     fs::create_dir_all(&paths.dir).map_err(io_err(&paths.dir))?;
     fs::set_permissions(&paths.dir, fs::Permissions::from_mode(0o700))
         .map_err(io_err(&paths.dir))?;
@@ -173,8 +222,8 @@ pub fn init(paths: &PkiPaths, server_names: &[String]) -> Result<(), PkiError> {
 
     // Broker server certificate.
     let key = KeyPair::generate()?;
-    let mut p = CertificateParams::new(server_names.to_vec())?;
-    for name in server_names {
+    let mut p = CertificateParams::new(server_names.clone())?;
+    for name in &server_names {
         if let Ok(ip) = name.parse() {
             p.subject_alt_names
                 .retain(|s| !matches!(s, SanType::DnsName(n) if n.as_str() == name));
@@ -182,7 +231,7 @@ pub fn init(paths: &PkiPaths, server_names: &[String]) -> Result<(), PkiError> {
         }
     }
     p.distinguished_name = dn(
-        server_names.first().map_or("weilan-collector", |s| s),
+        site_names.first().map_or(PROTOCOL_SERVER_NAME, |s| s),
         Some("weilan-broker"),
     );
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -332,5 +381,72 @@ mod tests {
             issue_agent(&paths, "ctl-1"),
             Err(PkiError::Reserved(_))
         ));
+    }
+}
+
+#[cfg(test)]
+mod server_name_tests {
+    use super::*;
+
+    fn dns_names(pem_path: &Path) -> Vec<String> {
+        let der = weilan_config::pem::load_cert(pem_path).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        san.value
+            .general_names
+            .iter()
+            .map(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => d.to_string(),
+                x509_parser::extensions::GeneralName::IPAddress(ip) => format!("ip:{ip:?}"),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    /// Regression: `pki init --name collector.example.internal` (the README's step 1)
+    /// issued a broker certificate without the name the collector and every agent
+    /// check by default, so the collector could not reach its own broker.
+    #[test]
+    fn a_site_host_name_is_added_to_the_protocol_name_not_put_in_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = PkiPaths::new(dir.path().join("pki"));
+        init(&paths, &["collector.example.internal".into()]).unwrap();
+        let names = dns_names(&paths.server());
+        assert_eq!(names, ["weilan-collector", "collector.example.internal"]);
+        assert_eq!(
+            server_names(&["weilan-collector".into(), "a".into(), "a".into()]),
+            ["weilan-collector", "a"]
+        );
+    }
+
+    /// Files take the owner of the PKI directory (the service user's, made by
+    /// tmpfiles.d), whoever runs the command.
+    #[test]
+    fn issued_files_take_the_owner_of_the_pki_directory() {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: changing owners needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let pki_dir = dir.path().join("pki");
+        fs::create_dir(&pki_dir).unwrap();
+        std::os::unix::fs::chown(&pki_dir, Some(65534), Some(65534)).unwrap();
+        let paths = PkiPaths::new(&pki_dir);
+        init(&paths, &[]).unwrap();
+        issue_agent(&paths, "ws-01").unwrap();
+        for f in [
+            paths.ca(),
+            paths.ca_key(),
+            paths.server_key(),
+            paths.collector_key(),
+            paths.agent_key("ws-01"),
+            pki_dir.join("agents"),
+        ] {
+            let m = fs::metadata(&f).unwrap();
+            assert_eq!((m.uid(), m.gid()), (65534, 65534), "{}", f.display());
+        }
+        let key_mode = fs::metadata(paths.server_key()).unwrap().mode() & 0o777;
+        assert_eq!(key_mode, 0o600);
     }
 }

@@ -152,3 +152,33 @@ impl ServerCertVerifier for PinnedNameVerifier {
         self.inner.supported_verify_schemes()
     }
 }
+
+/// Checks, before any client dials, that the server certificate in `cert_path` chains
+/// to the CA in `ca_path`, is valid now, and names `server_name` — exactly what every
+/// agent and the collector's own connection will check. A certificate made for other
+/// names is the classic "everything refused, only WARN lines" deployment failure.
+pub fn check_server_certificate(
+    ca_path: &Path,
+    cert_path: &Path,
+    server_name: &str,
+) -> Result<(), TlsError> {
+    let chain = pem::load_certs(cert_path).map_err(file_err(cert_path))?;
+    let Some((end_entity, intermediates)) = chain.split_first() else {
+        return Err(file_err(cert_path)("no CERTIFICATE block found".into()));
+    };
+    let verifier =
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots(ca_path)?), provider())
+            .build()
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    let name = ServerName::try_from(server_name.to_string())
+        .map_err(|_| TlsError::ServerName(server_name.to_string()))?;
+    verifier
+        .verify_server_cert(end_entity, intermediates, &name, &[], UnixTime::now())
+        .map(|_| ())
+        .map_err(|e| {
+            file_err(cert_path)(format!(
+                "not a valid server certificate for `{server_name}` under {}: {e}",
+                ca_path.display()
+            ))
+        })
+}

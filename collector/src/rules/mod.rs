@@ -69,4 +69,7 @@ pub mod findings {
     pub const SINK_FAILURES: &str = "collector.sink_failures";
     pub const EXPORT_CAUGHT_UP: &str = "collector.export_caught_up";
     pub const EXPORT_FAILED: &str = "collector.export_failed";
+    /// The collector's own MQTT connection has failed for longer than
+    /// `BROKER_UNREACHABLE_AFTER`: no agent event is being received.
+    pub const BROKER_UNREACHABLE: &str = "collector.broker_unreachable";
 }

@@ -730,6 +730,11 @@ indicator!(export_failed, "builtin.collector.export-failed", |_h|
     near: (DAY, vec![finding(findings::EXPORT_CAUGHT_UP, json!({}))]),
 );
 
+indicator!(broker_unreachable, "builtin.collector.broker-unreachable", |_h|
+    fire: (DAY, vec![finding(findings::BROKER_UNREACHABLE, json!({"broker": "127.0.0.1:8883", "down_secs": 31, "reason": "invalid peer certificate: NotValidForName"}))]),
+    near: (DAY, vec![finding(findings::EXPORT_FAILED, json!({}))]),
+);
+
 /// Every rule of the pack has its pair of tests above (kept in step by this list).
 #[test]
 fn every_builtin_rule_is_tested() {
@@ -778,6 +783,7 @@ fn every_builtin_rule_is_tested() {
         "builtin.collector.rules-overflow",
         "builtin.collector.export-caught-up",
         "builtin.collector.export-failed",
+        "builtin.collector.broker-unreachable",
     ];
     let h = Harness::new();
     let set = h.engine.rule_set();
