@@ -163,23 +163,9 @@ fn usb_event_reaches_sqlite_and_red_alert_through_embedded_broker() {
 }
 
 fn mosquitto_conf(w: &World) -> std::path::PathBuf {
+    // The shipped ACL, never a retyped copy (a retyped one once lacked the policy lines).
     let acl = w.path("mosquitto.acl");
-    fs::write(
-        &acl,
-        "# Each agent may only write its own events/status and read its own acks/commands.\n\
-         pattern write weilan/v1/agents/%u/events\n\
-         pattern write weilan/v1/agents/%u/status\n\
-         pattern read weilan/v1/agents/%u/acks\n\
-         pattern read weilan/v1/agents/%u/commands\n\
-         pattern write weilan/v1/doors/%u/events\n\
-         user weilan-collector\n\
-         topic read weilan/v1/doors/+/events\n\
-         topic read weilan/v1/agents/+/events\n\
-         topic read weilan/v1/agents/+/status\n\
-         topic write weilan/v1/agents/+/acks\n\
-         topic write weilan/v1/agents/+/commands\n",
-    )
-    .unwrap();
+    fs::write(&acl, include_str!("../config/mosquitto/weilan.acl")).unwrap();
     let conf = w.path("mosquitto.conf");
     fs::write(
         &conf,

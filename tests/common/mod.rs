@@ -6,6 +6,8 @@
 //! `SKIPPED:` line and returns when it is missing; CI installs all of them.
 #![allow(dead_code)]
 
+pub mod hosts;
+
 use std::fs;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,431 @@
+//! The documented deployment, as a new IT department would follow it: every
+//! `deployment-test` command block of docs/deployment.md runs verbatim, in order, on
+//! fresh hosts (`common::hosts`: a collector host and a workstation), with the shipped
+//! units, settings, policy and Mosquitto files. Then the fleet must work: the agent's
+//! events stored, a policy change applied by the agent, no "broker unreachable"
+//! alert; through Mosquitto also one steady collector connection for 60 s and an ACL
+//! that keeps one workstation out of another's topics and session.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::hosts::Host;
+use common::*;
+
+const AGENT_ID: &str = "ws-finance-01";
+const OTHER_ID: &str = "ws-finance-02";
+const DOC: &str = include_str!("../docs/deployment.md");
+
+/// The command block under `<!-- deployment-test: NAME -->` in docs/deployment.md.
+fn doc_step(name: &str) -> String {
+    let marker = format!("<!-- deployment-test: {name} -->");
+    let at = DOC
+        .find(&marker)
+        .unwrap_or_else(|| panic!("docs/deployment.md has no step `{name}`"));
+    let mut lines = DOC[at + marker.len()..]
+        .lines()
+        .skip_while(|l| l.trim().is_empty());
+    assert_eq!(
+        lines.next(),
+        Some("```sh"),
+        "step `{name}` is not a sh block"
+    );
+    lines
+        .take_while(|l| *l != "```")
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// Every step the documentation marks, in the order it gives them.
+fn doc_steps() -> Vec<String> {
+    DOC.lines()
+        .filter_map(|l| l.strip_prefix("<!-- deployment-test: "))
+        .filter_map(|l| l.strip_suffix(" -->"))
+        .map(str::to_string)
+        .collect()
+}
+
+struct Fleet {
+    _dir: tempfile::TempDir,
+    ns: Netns,
+    release: PathBuf,
+    collector: Host,
+    workstation: Host,
+}
+
+impl Fleet {
+    fn diag(&self) -> String {
+        format!(
+            "=== collector host\n{}\n=== workstation\n{}\n=== mosquitto\n{}",
+            self.collector.service_logs(),
+            self.workstation.service_logs(),
+            std::fs::read_to_string(self.mosquitto_log()).unwrap_or_default()
+        )
+    }
+
+    fn step(&self, host: &Host, name: &str, cwd: &Path) {
+        host.run(cwd, name, &doc_step(name));
+    }
+
+    fn mosquitto_log(&self) -> PathBuf {
+        self.collector.path("/var/log/mosquitto/mosquitto.log")
+    }
+
+    fn count(&self, sql: &str) -> i64 {
+        self.collector
+            .sql("/var/lib/weilan-collector/weilan.db", sql)
+            .unwrap_or(0)
+    }
+
+    fn alerts(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.collector.path("/var/log/weilan/alerts.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Polls `f` until it holds or `timeout` passes.
+    fn within(&self, timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        f()
+    }
+
+    /// Collector connections Mosquitto logged (its log names the user of each).
+    fn mosquitto_connections(&self, user: &str) -> usize {
+        std::fs::read_to_string(self.mosquitto_log())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("New client connected") && l.contains(&format!("u'{user}'")))
+            .count()
+    }
+}
+
+/// The documented steps up to a running agent. `mosquitto`: the external-broker
+/// section too. `acl_edit`: a change made to the installed ACL before Mosquitto
+/// starts (to show the checks can fail).
+fn deploy(mosquitto: bool, acl_edit: Option<&str>) -> Option<Fleet> {
+    if !netns_available()
+        || !require("deployment test needs nsenter and unshare (util-linux)", have("nsenter"))
+        || !require(
+            "deployment test needs systemd-sysusers and systemd-tmpfiles (the systemd package)",
+            have("systemd-sysusers") && have("systemd-tmpfiles"),
+        )
+        || (mosquitto
+            && !require(
+                "Mosquitto walk-through needs Debian's mosquitto package (apt-get install mosquitto)",
+                Path::new("/etc/mosquitto/mosquitto.conf").exists() && have("mosquitto"),
+            ))
+    {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A release directory: the two programs (the multi-call binary under their names)
+    // and the repository's config/.
+    let release = dir.path().join("release");
+    std::fs::create_dir_all(&release).unwrap();
+    for name in ["weilan-collector", "weilan-agent"] {
+        std::os::unix::fs::symlink(weilan_bin(), release.join(name)).unwrap();
+    }
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    std::os::unix::fs::symlink(&config, release.join("config")).unwrap();
+    let ns = Netns::create();
+    let collector = Host::new(&ns, dir.path(), "collector");
+    let workstation = Host::new(&ns, dir.path(), "workstation");
+    // Name resolution, as the site's DNS would give it.
+    workstation.run(
+        Path::new("/"),
+        "hosts",
+        "echo '127.0.0.1 collector.example.internal' >> /etc/hosts",
+    );
+    let fleet = Fleet {
+        _dir: dir,
+        ns,
+        release,
+        collector,
+        workstation,
+    };
+    let c = &fleet.collector;
+    fleet.step(c, "collector-install", &fleet.release);
+    fleet.step(c, "collector-pki", &fleet.release);
+    fleet.step(c, "collector-start", &fleet.release);
+    if mosquitto {
+        let mut script = doc_step("mosquitto");
+        if let Some(edit) = acl_edit {
+            // Before Mosquitto (re)starts, as an operator's edit would be.
+            script = script.replace(
+                "systemctl restart mosquitto\n",
+                &format!("{edit}\nsystemctl restart mosquitto\n"),
+            );
+        }
+        c.run(&fleet.release, "mosquitto", &script);
+    }
+    fleet.step(c, "collector-issue-agent", &fleet.release);
+    c.run(
+        &fleet.release,
+        "second agent",
+        &format!("weilan-collector pki issue-agent {OTHER_ID} --dir /etc/weilan/pki"),
+    );
+
+    // The operator's copy to the workstation.
+    let carried = fleet._dir.path().join("carried");
+    std::fs::create_dir_all(&carried).unwrap();
+    for entry in std::fs::read_dir(&fleet.release).unwrap() {
+        let entry = entry.unwrap();
+        std::os::unix::fs::symlink(entry.path(), carried.join(entry.file_name())).unwrap();
+    }
+    for (from, to) in [
+        ("/etc/weilan/pki/ca.pem", "ca.pem".to_string()),
+        (
+            &format!("/etc/weilan/pki/agents/{AGENT_ID}.pem"),
+            format!("{AGENT_ID}.pem"),
+        ),
+        (
+            &format!("/etc/weilan/pki/agents/{AGENT_ID}-key.pem"),
+            format!("{AGENT_ID}-key.pem"),
+        ),
+    ] {
+        std::fs::copy(c.path(from), carried.join(to)).unwrap();
+    }
+    fleet.step(&fleet.workstation, "workstation-install", &carried);
+    Some(fleet)
+}
+
+/// The agent's events reach the database.
+fn events_arrive(f: &Fleet) -> Result<(), String> {
+    let sql = format!(
+        "SELECT COUNT(*) FROM events WHERE agent_id = '{AGENT_ID}' AND kind = 'agent.started'"
+    );
+    if f.within(Duration::from_secs(30), || f.count(&sql) >= 1) {
+        Ok(())
+    } else {
+        Err("no agent.started of the workstation was stored".into())
+    }
+}
+
+/// The documented policy change reaches the agent, which applies it.
+fn policy_reaches_agent(f: &Fleet, timeout: Duration) -> Result<(), String> {
+    f.step(&f.collector, "collector-policy-change", &f.release);
+    let sql = format!(
+        "SELECT COUNT(*) FROM events WHERE agent_id = '{AGENT_ID}' AND kind = 'policy.applied' \
+         AND json_extract(envelope, '$.event.data.version') = 'example-2' \
+         AND json_extract(envelope, '$.event.data.source') = 'collector'"
+    );
+    if f.within(timeout, || f.count(&sql) == 1) {
+        Ok(())
+    } else {
+        Err("the agent never applied policy example-2 from the collector".into())
+    }
+}
+
+fn no_broker_alert(f: &Fleet) {
+    let bad: Vec<_> = f
+        .alerts()
+        .into_iter()
+        .filter(|a| a["rule_id"] == "builtin.collector.broker-unreachable")
+        .collect();
+    assert!(bad.is_empty(), "{bad:?}\n{}", f.diag());
+}
+
+#[test]
+fn documented_deployment_with_the_embedded_broker_works() {
+    let Some(f) = deploy(false, None) else {
+        return;
+    };
+    events_arrive(&f).unwrap_or_else(|e| panic!("{e}\n{}", f.diag()));
+    policy_reaches_agent(&f, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", f.diag()));
+    // The collector runs as `weilan` and reads the keys `pki init` made as root.
+    let user = f.collector.run(
+        Path::new("/"),
+        "service user",
+        "ps -o user= -p $(cat /run/weilan-test-units/weilan-collector.pid)",
+    );
+    assert_eq!(user.trim(), "weilan", "{}", f.diag());
+    no_broker_alert(&f);
+}
+
+#[test]
+fn documented_deployment_through_the_shipped_mosquitto_config_works() {
+    let Some(f) = deploy(true, None) else {
+        return;
+    };
+    let started = Instant::now();
+    events_arrive(&f).unwrap_or_else(|e| panic!("{e}\n{}", f.diag()));
+    policy_reaches_agent(&f, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", f.diag()));
+
+    // The ACL and the identity-bound client id, probed by a second workstation's
+    // certificate: it subscribes to everything, publishes on the first agent's
+    // topic, and connects with the first agent's and the collector's client ids.
+    let ca = f.collector.path("/etc/weilan/pki/ca.pem");
+    let cert = f
+        .collector
+        .path(&format!("/etc/weilan/pki/agents/{OTHER_ID}.pem"));
+    let key = f
+        .collector
+        .path(&format!("/etc/weilan/pki/agents/{OTHER_ID}-key.pem"));
+    let listen = Duration::from_secs(58).saturating_sub(started.elapsed());
+    let received = probe_as_other_agent(&f.ns, &ca, &cert, &key, listen);
+    // What the first agent sent meanwhile (its heartbeats), which the probe must not
+    // have seen.
+    let heartbeats = f.count(&format!(
+        "SELECT COUNT(*) FROM events WHERE agent_id = '{AGENT_ID}' AND kind = 'agent.heartbeat'"
+    ));
+    println!("MEASURED the probe received {} messages; {AGENT_ID} stored {heartbeats} heartbeats meanwhile", received.len());
+    assert!(heartbeats >= 1, "{}", f.diag());
+    let foreign: Vec<_> = received
+        .iter()
+        .filter(|(t, _)| t.starts_with("weilan/v1/agents/"))
+        .collect();
+    assert!(
+        foreign.is_empty(),
+        "{OTHER_ID} received other agents' messages: {foreign:?}\n{}",
+        f.diag()
+    );
+    assert!(
+        received.iter().any(|(t, _)| t == "weilan/v1/policy"),
+        "an agent must read the policy: {received:?}\n{}",
+        f.diag()
+    );
+    let forged = f.count("SELECT COUNT(*) FROM quarantine")
+        + f.count(&format!(
+            "SELECT COUNT(*) FROM events WHERE agent_id = '{AGENT_ID}' AND envelope LIKE '%FORGED%'"
+        ));
+    assert_eq!(
+        forged,
+        0,
+        "a publish on another agent's topic got through\n{}",
+        f.diag()
+    );
+
+    // One steady collector connection for 60 s (no reconnect loop), and neither the
+    // first agent nor the collector was taken over by the probe's client ids.
+    let wait = Duration::from_secs(60).saturating_sub(started.elapsed());
+    std::thread::sleep(wait);
+    let collector_connections = f.mosquitto_connections("weilan-collector");
+    let agent_connections = f.mosquitto_connections(AGENT_ID);
+    println!(
+        "MEASURED mosquitto over {} s: collector connections {collector_connections}, {AGENT_ID} connections {agent_connections}",
+        started.elapsed().as_secs()
+    );
+    assert_eq!(collector_connections, 1, "{}", f.diag());
+    assert_eq!(agent_connections, 1, "{}", f.diag());
+    no_broker_alert(&f);
+}
+
+/// The same walk-through with the ACL's policy lines removed (the documented ACL of
+/// the previous release): the checks above must catch it.
+#[test]
+fn mosquitto_acl_without_its_policy_lines_is_caught() {
+    let Some(f) = deploy(
+        true,
+        Some("sed -i '/weilan\\/v1\\/policy/d' /etc/mosquitto/weilan.acl"),
+    ) else {
+        return;
+    };
+    let outcome =
+        events_arrive(&f).and_then(|()| policy_reaches_agent(&f, Duration::from_secs(20)));
+    println!("MEASURED without the policy ACL lines: {outcome:?}");
+    assert!(
+        outcome.is_err(),
+        "the walk-through passed without the policy ACL lines\n{}",
+        f.diag()
+    );
+}
+
+/// As `OTHER_ID`: connects with the first agent's and with the collector's client id
+/// and publishes on the first agent's events topic each time; then, under its own id,
+/// subscribes to every filter that could reach another agent's messages and listens
+/// for `listen` (long enough for the first agent's 30 s heartbeat and its ack).
+/// Returns what arrived.
+fn probe_as_other_agent(
+    ns: &Netns,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    listen: Duration,
+) -> Vec<(String, Vec<u8>)> {
+    // As an agent connects: the broker certificate must name `weilan-collector`.
+    let tls = weilan_config::tls::client_config(ca, cert, key, "weilan-collector").unwrap();
+    for client_id in [AGENT_ID, "weilan-collector"] {
+        with_mqtt_client(ns, client_id, tls.clone(), move |client, mut eventloop| {
+            Box::pin(async move {
+                if let Err(e) = connect(&mut eventloop).await {
+                    panic!("the probe could not connect as {client_id}: {e}");
+                }
+                let _ = client
+                    .publish(
+                        format!("weilan/v1/agents/{AGENT_ID}/events"),
+                        rumqttc::QoS::AtLeastOnce,
+                        false,
+                        b"FORGED".to_vec(),
+                    )
+                    .await;
+                let end = tokio::time::Instant::now() + Duration::from_secs(1);
+                while let Ok(Ok(_)) = tokio::time::timeout_at(end, eventloop.poll()).await {}
+            })
+        });
+    }
+    with_mqtt_client(ns, OTHER_ID, tls, move |client, mut eventloop| {
+        Box::pin(async move {
+            let mut got = Vec::new();
+            if let Err(e) = connect(&mut eventloop).await {
+                panic!("the probe could not connect: {e}");
+            }
+            for filter in [
+                "#".to_string(),
+                "weilan/v1/#".into(),
+                "weilan/v1/agents/+/events".into(),
+                "weilan/v1/agents/+/status".into(),
+                format!("weilan/v1/agents/{AGENT_ID}/acks"),
+                format!("weilan/v1/agents/{AGENT_ID}/commands"),
+                "weilan/v1/policy".into(),
+            ] {
+                let _ = client.subscribe(filter, rumqttc::QoS::AtLeastOnce).await;
+            }
+            let end = tokio::time::Instant::now() + listen;
+            while let Ok(ev) = tokio::time::timeout_at(end, eventloop.poll()).await {
+                match ev {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        got.push((p.topic.clone(), p.payload.to_vec()))
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("the probe lost its connection: {e}"),
+                }
+            }
+            got
+        })
+    })
+}
+
+/// Every block the documentation marks for this test is one the walk-throughs run:
+/// a new documented step cannot be left untested.
+#[test]
+fn every_marked_documentation_step_is_run() {
+    let run = [
+        "collector-install",
+        "collector-pki",
+        "collector-start",
+        "collector-issue-agent",
+        "workstation-install",
+        "collector-policy-change",
+        "mosquitto",
+    ];
+    let mut documented = doc_steps();
+    documented.sort();
+    let mut ran = run.map(str::to_string).to_vec();
+    ran.sort();
+    assert_eq!(documented, ran);
+    for step in run {
+        assert!(!doc_step(step).trim().is_empty(), "{step}");
+    }
+}
