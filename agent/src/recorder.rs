@@ -62,9 +62,13 @@ impl Recorder {
     pub fn run_blocking(mut self, mut rx: mpsc::Receiver<Observed>, recovered: Vec<Lost>) {
         let handle = tokio::runtime::Handle::current();
         let mut group: Vec<Observed> = recovered.into_iter().map(lost_event).collect();
+        let stall_file = std::env::var_os(STALL_FAULT).map(std::path::PathBuf::from);
         loop {
             if !group.is_empty() {
                 self.commit(std::mem::take(&mut group));
+            }
+            if let Some(f) = stall_file.as_deref() {
+                stall_while_exists(f);
             }
             self.stats.touch_loop();
             let first = handle
@@ -197,5 +201,20 @@ fn lost_event(l: Lost) -> Observed {
             last: l.last,
             reissue_of: l.reissue_of,
         }),
+    }
+}
+
+/// Fault injection for the systemd watchdog test (`tests/systemd_guest.rs`): with
+/// `WEILAN_FAULT_STALL_RECORDER=PATH` set, the recording loop hangs while `PATH`
+/// exists — as it would on a hung disk — so the watchdog keep-alives stop and systemd
+/// must kill and restart the agent. Unset (always, outside that test) it costs nothing.
+pub const STALL_FAULT: &str = "WEILAN_FAULT_STALL_RECORDER";
+
+fn stall_while_exists(path: &std::path::Path) {
+    if path.exists() {
+        tracing::warn!(path = %path.display(), "fault injection: recorder loop stalled");
+        while path.exists() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }

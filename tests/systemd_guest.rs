@@ -1,0 +1,157 @@
+//! The shipped units under a real systemd (PID 1, systemd 252 in a Debian 12 QEMU guest:
+//! `tests/systemd-guest/`). The guest follows docs/deployment.md's command blocks
+//! verbatim with the real `systemctl`, then `tests/systemd-guest/job.sh` shows what the
+//! units promise; this test checks its figures.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+const DOC: &str = include_str!("../docs/deployment.md");
+const GUEST_STEPS: &[&str] = &[
+    "collector-install",
+    "collector-pki",
+    "collector-start",
+    "collector-issue-agent",
+    "workstation-install",
+];
+
+fn doc_step(name: &str) -> String {
+    let marker = format!("<!-- deployment-test: {name} -->");
+    let at = DOC.find(&marker).expect("documented step");
+    let mut lines = DOC[at + marker.len()..]
+        .lines()
+        .skip_while(|l| l.trim().is_empty());
+    assert_eq!(lines.next(), Some("```sh"));
+    lines
+        .take_while(|l| *l != "```")
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// The figure after `prefix` on the MEASURED line that contains it.
+fn figure(out: &str, prefix: &str) -> f64 {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("MEASURED") && l.contains(prefix))
+        .unwrap_or_else(|| panic!("no MEASURED line with `{prefix}`:\n{out}"));
+    let rest = &line[line.find(prefix).unwrap() + prefix.len()..];
+    rest.trim()
+        .split(|c: char| c.is_whitespace())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number after `{prefix}` in {line}"))
+}
+
+fn measured<'a>(text: &'a str, prefix: &str) -> &'a str {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no `{prefix}` line:\n{text}"))
+}
+
+/// (before, after) of "NRestarts A -> B" in a MEASURED line.
+fn restarts(line: &str) -> (u64, u64) {
+    let rest = &line[line.find("NRestarts ").expect("NRestarts") + "NRestarts ".len()..];
+    let mut it = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|n| n.parse::<u64>().unwrap());
+    (it.next().unwrap(), it.next().unwrap())
+}
+
+#[test]
+fn units_run_hardened_under_real_systemd() {
+    let guest = std::env::var("SDG_OUT").unwrap_or_else(|_| "/tmp/weilan-systemd-guest".into());
+    if !require("systemd guest test needs root", is_root())
+        || !require(
+            "systemd guest test needs qemu-system-x86_64 (tests/systemd-guest/build.sh installs it)",
+            have("qemu-system-x86_64"),
+        )
+        || !require(
+            &format!("systemd guest not built in {guest} (run tests/systemd-guest/build.sh)"),
+            Path::new(&guest).join("root.cpio.gz").exists(),
+        )
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The release directory, with real files (the guest sees the share, not this host).
+    let release = dir.path().join("release");
+    std::fs::create_dir_all(release.join("config/mosquitto")).unwrap();
+    std::fs::copy(weilan_bin(), release.join("weilan-collector")).unwrap();
+    std::fs::hard_link(
+        release.join("weilan-collector"),
+        release.join("weilan-agent"),
+    )
+    .unwrap();
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    for f in [
+        "agent.toml",
+        "collector.toml",
+        "policy.toml",
+        "weilan-agent.service",
+        "weilan-collector.service",
+        "weilan-collector.sysusers",
+        "weilan-collector.tmpfiles",
+        "mosquitto/weilan.conf",
+        "mosquitto/weilan.acl",
+    ] {
+        std::fs::copy(config.join(f), release.join("config").join(f)).unwrap();
+    }
+    let steps = dir.path().join("steps");
+    std::fs::create_dir_all(&steps).unwrap();
+    for s in GUEST_STEPS {
+        std::fs::write(steps.join(format!("{s}.sh")), doc_step(s)).unwrap();
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/systemd-guest");
+    let out = Command::new("bash")
+        .arg(root.join("run.sh"))
+        .arg(root.join("job.sh"))
+        .args(["--put"])
+        .arg(&release)
+        .args(["--put"])
+        .arg(&steps)
+        .args(["--timeout", "900", "--mem", "3072"])
+        .env("SDG_OUT", &guest)
+        .output()
+        .expect("run.sh");
+    let text = format!(
+        "{}\n--- stderr\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for l in text.lines().filter(|l| l.starts_with("MEASURED")) {
+        println!("{l}");
+    }
+    assert!(out.status.success() && text.contains("JOB DONE"), "{text}");
+
+    // systemd-analyze security, from the running units.
+    let agent = figure(&text, "weilan-agent.service:");
+    let collector = figure(&text, "weilan-collector.service:");
+    assert!(agent <= 5.0, "agent exposure {agent}\n{text}");
+    assert!(collector <= 3.0, "collector exposure {collector}\n{text}");
+    assert!(
+        text.contains("MEASURED collector runs as: weilan"),
+        "{text}"
+    );
+    // The watchdog killed the hung agent (systemd logged a watchdog timeout) and
+    // systemd restarted it.
+    let watchdog = measured(&text, "MEASURED watchdog");
+    let (before, after) = restarts(watchdog);
+    assert!(after > before, "{watchdog}");
+    assert!(!watchdog.contains(" 0 watchdog timeout"), "{watchdog}");
+    // 20 crash-restarts within the default start limit's window, still active.
+    let crash = measured(&text, "MEASURED crash-restarts");
+    let (before, after) = restarts(crash);
+    assert!(after - before >= 20, "{crash}");
+    assert!(crash.ends_with("now active"), "{crash}");
+    assert!(
+        text.contains("MEASURED clean stop: agent.stopping stored"),
+        "{text}"
+    );
+    // The upload from another namespace was measured in full.
+    assert!(figure(&text, "upload:") >= 3_145_728.0, "{text}");
+}
