@@ -69,6 +69,49 @@ fn decision(w: &World, serial: &str, trigger: &str) -> Option<serde_json::Value>
     .pop()
 }
 
+/// The retained message on the policy topic, as any subscriber (a recorder) gets it.
+fn retained_policy(w: &World, ns: &Netns) -> Vec<u8> {
+    let tls = test_client_tls(
+        &w.pki.ca(),
+        Some((&w.pki.collector(), &w.pki.collector_key())),
+    );
+    with_mqtt_client(ns, "policy-recorder", tls, |c, mut el| {
+        Box::pin(async move {
+            connect(&mut el).await.expect("connect");
+            c.subscribe(weilan_config::topics::POLICY, rumqttc::QoS::AtLeastOnce)
+                .await
+                .unwrap();
+            loop {
+                if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = el.poll().await {
+                    return p.payload.to_vec();
+                }
+            }
+        })
+    })
+}
+
+/// Publishes `payload` on the policy topic, retained, as the collector would.
+fn publish_policy(w: &World, ns: &Netns, payload: Vec<u8>) {
+    let tls = test_client_tls(
+        &w.pki.ca(),
+        Some((&w.pki.collector(), &w.pki.collector_key())),
+    );
+    with_mqtt_client(ns, "policy-pusher", tls, move |c, mut el| {
+        Box::pin(async move {
+            connect(&mut el).await.expect("connect");
+            c.publish(
+                weilan_config::topics::POLICY,
+                rumqttc::QoS::AtLeastOnce,
+                true,
+                payload,
+            )
+            .await
+            .unwrap();
+            drive_until_pubacks(&mut el, 1).await.expect("puback");
+        })
+    });
+}
+
 fn event_data(w: &World, kind: &str, version: &str) -> Option<serde_json::Value> {
     w.events(
         kind,
@@ -159,6 +202,22 @@ fn fence_enforces_on_a_fake_tree_and_follows_pushed_policy() {
         "hot-plug decisions carry their latency: {d}"
     );
 
+    // Record the collector's signed v1 push, as anyone on the network could.
+    wait_for(
+        "v1 from the collector",
+        T,
+        || {
+            w.events(
+                "policy.applied",
+                "json_extract(envelope, '$.event.data.source') = 'collector'",
+                &[],
+            )
+            .pop()
+        },
+        diag,
+    );
+    let recorded_v1 = retained_policy(&w, &ns);
+
     // The collector's policy file changes: the new version reaches the agent and the
     // present device is re-decided.
     fs::write(
@@ -192,37 +251,85 @@ fn fence_enforces_on_a_fake_tree_and_follows_pushed_policy() {
     );
     assert_eq!(attr(&present, "authorized"), "1");
 
-    // An invalid policy pushed (validly signed) is refused with every error; v2 stays.
+    // Replaying the recorded v1 push (validly signed, older release) rolls nothing back:
+    // refused, reported, alerted; v2 stays.
+    publish_policy(&w, &ns, recorded_v1);
+    let replay = wait_for(
+        "replayed v1 refused",
+        T,
+        || event_data(&w, "policy.rejected", "v1"),
+        diag,
+    );
+    assert!(
+        replay["errors"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("replayed or rolled-back policy: release"),
+        "{replay}"
+    );
+    assert_eq!(replay["kept"], "v2");
+    assert_eq!(attr(&present, "authorized"), "1", "still enforcing v2");
+
+    // The file edited without touching its `version` label: still a new release that
+    // the agent applies (it used to be published and ignored).
+    let v2_serial = applied["serial"]
+        .as_u64()
+        .expect("a collector release has a serial");
+    let edited_at = std::time::Instant::now();
+    fs::write(
+        w.path("policy.toml"),
+        policy("v2", &["FAKE-1", "FAKE-2"], &["EVIL-1"]),
+    )
+    .unwrap();
+    let edited = wait_for(
+        "edited v2 applied within 10 s",
+        Duration::from_secs(10),
+        || {
+            w.events(
+                "policy.applied",
+                "json_extract(envelope, '$.event.data.version') = 'v2' AND json_extract(envelope, '$.event.data.serial') > CAST(?2 AS INTEGER)",
+                &[&v2_serial.to_string()],
+            )
+            .pop()
+        },
+        diag,
+    );
+    println!(
+        "MEASURED policy edited without a version change: applied by the agent after {} ms (release {} -> {})",
+        edited_at.elapsed().as_millis(),
+        v2_serial,
+        edited["serial"]
+    );
+    wait_for(
+        "policy-rejected alert",
+        T,
+        || {
+            w.alert_lines()
+                .into_iter()
+                .find(|a| a["rule_id"] == "builtin.policy.rejected")
+        },
+        diag,
+    );
+
+    // An invalid policy pushed (validly signed, newer release) is refused with every
+    // error; v2 stays.
     let signer =
         weilan_config::signing::Signer::from_pem_files(&w.pki.collector(), &w.pki.collector_key())
             .unwrap();
+    let bad_text = "version = \"v3-bad\"\n[usb]\nmode = \"loud\"\n[[usb.rules]]\nid = \"x\"\ntarget = \"explode\"\n";
     let bad = weilan_config::wire::PolicyPush {
         version: "v3-bad".into(),
-        policy_toml: "version = \"v3-bad\"\n[usb]\nmode = \"loud\"\n[[usb.rules]]\nid = \"x\"\ntarget = \"explode\"\n".into(),
+        policy_toml: bad_text.into(),
+        serial: edited["serial"].as_u64().unwrap() + 1,
+        issued_at: jiff::Timestamp::now().to_string(),
+        sha256: weilan_config::wire::PolicyPush::digest(bad_text),
     };
     let payload = serde_json::to_vec(&signer.sign(
         weilan_config::wire::Purpose::Policy,
         serde_json::to_string(&bad).unwrap(),
     ))
     .unwrap();
-    let tls = test_client_tls(
-        &w.pki.ca(),
-        Some((&w.pki.collector(), &w.pki.collector_key())),
-    );
-    with_mqtt_client(&ns, "policy-pusher", tls, move |c, mut el| {
-        Box::pin(async move {
-            connect(&mut el).await.expect("connect");
-            c.publish(
-                weilan_config::topics::POLICY,
-                rumqttc::QoS::AtLeastOnce,
-                true,
-                payload,
-            )
-            .await
-            .unwrap();
-            drive_until_pubacks(&mut el, 1).await.expect("puback");
-        })
-    });
+    publish_policy(&w, &ns, payload);
     let rejected = wait_for(
         "policy rejected",
         T,

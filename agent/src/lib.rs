@@ -87,7 +87,8 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
         &settings.key,
         &settings.server_name,
     )?;
-    let (policy, policy_source) = policy_manager::initial(&settings.state_dir, &settings.policy)?;
+    let (policy, policy_source, policy_release) =
+        policy_manager::initial(&settings.state_dir, &settings.policy)?;
     let (journal, recovery) = Journal::open(JournalConfig {
         dir: settings.state_dir.join("journal"),
         state_dir: settings.state_dir.clone(),
@@ -165,6 +166,8 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
             version: policy.version.clone(),
             previous: None,
             source: policy_source.into(),
+            serial: (policy_release.serial > 0).then_some(policy_release.serial),
+            sha256: (!policy_release.sha256.is_empty()).then(|| policy_release.sha256.clone()),
         }))
         .await;
     let (fence_tx, fence_rx) = mpsc::channel(256);
@@ -185,6 +188,8 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
         policy_manager::PolicyManager {
             state_dir: settings.state_dir.clone(),
             current: policy.version.clone(),
+            release: policy_release.clone(),
+            last_refused: None,
             fence: settings.usb.as_ref().map(|_| fence_control.clone()),
             policy_watch: policy_watch.clone(),
             sink: sink.clone(),

@@ -7,6 +7,13 @@
 //! validated in full; only a valid one replaces the policy in force, is persisted as
 //! the last good one and reported as `policy.applied`. An invalid one is reported as
 //! `policy.rejected` with every error, and changes nothing.
+//!
+//! Pushes are ordered: each carries the collector's release serial and the SHA-256
+//! of its text. A push whose serial is not above the one in force is refused and
+//! reported — a replayed old policy (anyone who recorded a signed push could otherwise
+//! roll every agent back) — unless it is the release in force itself (the retained
+//! message seen again after a reconnect). The serial in force survives restarts in
+//! `state_dir/policy-last-good.json`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,27 +29,49 @@ use crate::source::EventSink;
 use crate::stats::AgentStats;
 
 const LAST_GOOD: &str = "policy-last-good.toml";
+const LAST_GOOD_RELEASE: &str = "policy-last-good.json";
 
-/// The policy to start with, and where it came from (`collector` or `file`).
+/// Which collector release is in force: serial and text digest (serial 0: the
+/// settings' own file, before any push).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Release {
+    pub serial: u64,
+    pub sha256: String,
+}
+
+/// The policy to start with, where it came from (`collector` or `file`), and its
+/// release.
 pub fn initial(
     state_dir: &Path,
     file: &Path,
-) -> Result<(Policy, &'static str), weilan_config::ConfigErrors> {
+) -> Result<(Policy, &'static str, Release), weilan_config::ConfigErrors> {
     let last_good = state_dir.join(LAST_GOOD);
     if last_good.exists() {
         match weilan_config::load_file::<weilan_config::policy::PolicyFile>(&last_good) {
-            Ok(p) => return Ok((p, "collector")),
+            Ok(p) => {
+                let release = std::fs::read(state_dir.join(LAST_GOOD_RELEASE))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or_default();
+                return Ok((p, "collector", release));
+            }
             Err(e) => {
                 tracing::error!(error = %e, "last good policy unreadable; using the settings' policy file")
             }
         }
     }
-    weilan_config::load_file::<weilan_config::policy::PolicyFile>(file).map(|p| (p, "file"))
+    weilan_config::load_file::<weilan_config::policy::PolicyFile>(file)
+        .map(|p| (p, "file", Release::default()))
 }
 
 pub struct PolicyManager {
     pub state_dir: PathBuf,
     pub current: String,
+    /// The release in force; pushes at or below it are refused.
+    pub release: Release,
+    /// The last push refused, so that a retained replay seen again at every reconnect
+    /// is reported once per run, not once per reconnect.
+    pub last_refused: Option<Release>,
     pub fence: Option<mpsc::Sender<FenceControl>>,
     /// Where the sources that follow the policy (files) watch it.
     pub policy_watch: watch::Sender<Arc<Policy>>,
@@ -73,8 +102,31 @@ impl PolicyManager {
                 return;
             }
         };
-        if push.version == self.current {
+        let pushed = Release {
+            serial: push.serial,
+            sha256: PolicyPush::digest(&push.policy_toml),
+        };
+        if pushed == self.release {
             return; // the retained message, seen again after a reconnect
+        }
+        if self.last_refused.as_ref() == Some(&pushed) {
+            return; // refused and reported already
+        }
+        if !push.sha256.is_empty() && push.sha256 != pushed.sha256 {
+            let detail = format!(
+                "the policy text does not match its digest {} (it is {})",
+                push.sha256, pushed.sha256
+            );
+            self.refuse(&push, pushed, detail).await;
+            return;
+        }
+        if push.serial <= self.release.serial {
+            let detail = format!(
+                "replayed or rolled-back policy: release {} ({}) is not above release {} in force ({})",
+                push.serial, push.version, self.release.serial, self.current
+            );
+            self.refuse(&push, pushed, detail).await;
+            return;
         }
         let name = format!("collector policy {}", push.version);
         match weilan_config::policy::parse(&push.policy_toml, &name) {
@@ -86,9 +138,13 @@ impl PolicyManager {
                 .await;
             }
             Ok(p) => {
-                if let Err(e) = persist(&self.state_dir.join(LAST_GOOD), &push.policy_toml) {
+                let release_json = serde_json::to_string(&pushed).unwrap_or_default();
+                if let Err(e) = persist(&self.state_dir.join(LAST_GOOD), &push.policy_toml)
+                    .and_then(|()| persist(&self.state_dir.join(LAST_GOOD_RELEASE), &release_json))
+                {
                     tracing::error!(error = %e, "could not keep the new policy on disk; enforcing it anyway");
                 }
+                self.release = pushed.clone();
                 let previous = std::mem::replace(&mut self.current, p.version.clone());
                 self.stats.set_policy_version(&p.version);
                 tracing::info!(version = %p.version, %previous, "policy from the collector applied");
@@ -103,6 +159,8 @@ impl PolicyManager {
                         version: self.current.clone(),
                         previous: Some(previous),
                         source: "collector".into(),
+                        serial: Some(pushed.serial),
+                        sha256: Some(pushed.sha256),
                     }))
                     .await;
             }
@@ -116,6 +174,12 @@ impl PolicyManager {
                 self.reject(Some(push.version), list).await;
             }
         }
+    }
+
+    /// Refuses an out-of-order push (reported once per distinct push).
+    async fn refuse(&mut self, push: &PolicyPush, pushed: Release, detail: String) {
+        self.last_refused = Some(pushed);
+        self.reject(Some(push.version.clone()), vec![detail]).await;
     }
 
     async fn reject(&self, version: Option<String>, errors: Vec<String>) {

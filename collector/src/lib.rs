@@ -120,7 +120,10 @@ pub async fn run(
         modified: std::fs::metadata(&settings.policy_path)
             .and_then(|m| m.modified())
             .ok(),
+        release: None,
     };
+    let mut store = store;
+    policy_push.new_release(&mut store)?;
     let ingest = Arc::new(Ingest {
         store: Arc::new(Mutex::new(store)),
         alerts: Mutex::new(alert_log),
@@ -195,7 +198,12 @@ pub async fn run(
                 match policy_push.reload_if_changed() {
                     Ok(Some(p)) => {
                         *ingest.policy.write().unwrap_or_else(|e| e.into_inner()) = p;
-                        policy_push.publish(&client, &ingest.signer);
+                        // A rare, one-row transaction; off the async workers' feet.
+                        let recorded = tokio::task::block_in_place(|| policy_push.new_release(&mut ingest.store()));
+                        match recorded {
+                            Ok(()) => policy_push.publish(&client, &ingest.signer),
+                            Err(e) => tracing::error!(error = %e, "policy release not recorded; not published"),
+                        }
                     }
                     Ok(None) => {}
                     // Raised with the fleet findings, off the runtime thread.
@@ -382,18 +390,36 @@ fn publish(client: &rumqttc::AsyncClient, replies: Vec<ingest::Reply>) {
 }
 
 /// Publishes the fence policy to every agent (signed, retained) and follows its file.
+/// Every distinct text is a release with a rising serial (`Store::policy_release`):
+/// an edit that keeps the file's `version` label is still a new release agents apply,
+/// and a replayed older push is refused by them.
 struct PolicyPublisher {
     path: std::path::PathBuf,
     version: String,
     text: String,
     modified: Option<std::time::SystemTime>,
+    release: Option<store::PolicyRelease>,
 }
 
 impl PolicyPublisher {
+    /// Records (or finds) the release of the current text.
+    fn new_release(&mut self, store: &mut store::Store) -> Result<(), store::StoreError> {
+        let release = store.policy_release(&self.text, &self.version, jiff::Timestamp::now())?;
+        tracing::info!(version = %self.version, serial = release.serial, sha256 = %release.sha256, "policy release");
+        self.release = Some(release);
+        Ok(())
+    }
+
     fn publish(&self, client: &rumqttc::AsyncClient, signer: &Signer) {
+        let Some(release) = &self.release else {
+            return;
+        };
         let push = weilan_config::wire::PolicyPush {
             version: self.version.clone(),
             policy_toml: self.text.clone(),
+            serial: release.serial,
+            issued_at: release.issued_at.clone(),
+            sha256: release.sha256.clone(),
         };
         let Ok(body) = serde_json::to_string(&push) else {
             return;
@@ -408,7 +434,9 @@ impl PolicyPublisher {
             true,
             payload,
         ) {
-            Ok(()) => tracing::info!(version = %self.version, "policy published to agents"),
+            Ok(()) => {
+                tracing::info!(version = %self.version, serial = release.serial, "policy published to agents")
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "policy not published; retried at the next change or reconnect")
             }
@@ -431,7 +459,9 @@ impl PolicyPublisher {
             return Ok(None);
         };
         match weilan_config::load_file::<PolicyFile>(&self.path) {
-            Ok(p) if p.version == self.version && text == self.text => Ok(None),
+            // Only the text matters: an edit that keeps the `version` label is a new
+            // release all the same (it used to be published and ignored by every agent).
+            Ok(_) if text == self.text => Ok(None),
             Ok(p) => {
                 tracing::info!(version = %p.version, previous = %self.version, "policy file changed");
                 self.version = p.version.clone();

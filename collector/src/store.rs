@@ -130,7 +130,24 @@ const MIGRATIONS: &[&str] = &[
      INSERT OR IGNORE INTO presence (rule_id, key, at)
         SELECT rule_id, key, last_seen FROM rule_seen WHERE value = '(presence)';
      DELETE FROM rule_seen WHERE value = '(presence)';",
+    // 8: policy releases: every distinct policy text the collector published, with the
+    // serial agents order them by (a replayed older one is refused).
+    "CREATE TABLE policy_releases (
+        serial    INTEGER PRIMARY KEY,
+        sha256    TEXT NOT NULL,
+        label     TEXT NOT NULL,
+        issued_at TEXT NOT NULL
+     );",
 ];
+
+/// One published policy release (see `policy_releases`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRelease {
+    pub serial: u64,
+    pub sha256: String,
+    pub label: String,
+    pub issued_at: String,
+}
 
 /// Quarantined payloads are kept up to this size (the hash covers the whole payload).
 const QUARANTINE_KEEP_BYTES: usize = 64 * 1024;
@@ -304,6 +321,57 @@ impl Store {
             tracing::info!(version = i + 1, "database migrated");
         }
         Ok(())
+    }
+
+    /// The policy release for `text` (labelled `label`): the newest release if it has
+    /// the same text, else a new one whose serial is above every earlier one and at
+    /// least `now` in Unix seconds (so serials keep rising even if this database is
+    /// replaced: agents refuse a serial that is not above the one they hold).
+    pub fn policy_release(
+        &mut self,
+        text: &str,
+        label: &str,
+        now: jiff::Timestamp,
+    ) -> Result<PolicyRelease, StoreError> {
+        let sha256 = weilan_config::wire::PolicyPush::digest(text);
+        let tx = self.conn.transaction()?;
+        let newest: Option<PolicyRelease> = tx
+            .query_row(
+                "SELECT serial, sha256, label, issued_at FROM policy_releases ORDER BY serial DESC LIMIT 1",
+                [],
+                |r| {
+                    Ok(PolicyRelease {
+                        serial: r.get::<_, i64>(0)? as u64,
+                        sha256: r.get(1)?,
+                        label: r.get(2)?,
+                        issued_at: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?;
+        if let Some(r) = newest.as_ref().filter(|r| r.sha256 == sha256) {
+            return Ok(r.clone());
+        }
+        let serial = newest
+            .map_or(0, |r| r.serial + 1)
+            .max(now.as_second().max(1) as u64);
+        let release = PolicyRelease {
+            serial,
+            sha256,
+            label: label.to_string(),
+            issued_at: now.to_string(),
+        };
+        tx.execute(
+            "INSERT INTO policy_releases (serial, sha256, label, issued_at) VALUES (?1, ?2, ?3, ?4)",
+            rusqlite::params![
+                release.serial as i64,
+                release.sha256,
+                release.label,
+                release.issued_at
+            ],
+        )?;
+        tx.commit()?;
+        Ok(release)
     }
 
     /// Stores a batch of one agent and the alerts it raises — rule alerts for new
@@ -562,5 +630,38 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM rule_seen", [], |r| r.get(0))
             .unwrap();
         assert_eq!(seen, 1, "first-seen rows stay, the presence row moved");
+    }
+}
+
+#[cfg(test)]
+mod policy_release_tests {
+    use super::*;
+
+    #[test]
+    fn a_release_per_distinct_text_with_rising_serials() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("w.db")).unwrap();
+        let t0: jiff::Timestamp = "2026-12-04T10:00:00Z".parse().unwrap();
+        let a = store.policy_release("version = \"a\"\n", "a", t0).unwrap();
+        assert_eq!(a.serial, t0.as_second() as u64);
+        // The same text again (a restart, a touch): the same release.
+        let again = store
+            .policy_release(
+                "version = \"a\"\n",
+                "a",
+                t0 + jiff::SignedDuration::from_secs(60),
+            )
+            .unwrap();
+        assert_eq!(again, a);
+        // New text with the same label, even with the clock set back: a higher serial.
+        let earlier = t0 - jiff::SignedDuration::from_secs(3600);
+        let b = store
+            .policy_release("version = \"a\"\n# edited\n", "a", earlier)
+            .unwrap();
+        assert_eq!(b.serial, a.serial + 1);
+        assert_ne!(b.sha256, a.sha256);
+        // Back to the first text: still a new, higher release (agents move forward only).
+        let c = store.policy_release("version = \"a\"\n", "a", t0).unwrap();
+        assert_eq!(c.serial, b.serial + 1);
     }
 }

@@ -747,6 +747,12 @@ pub struct PolicyApplied {
     pub previous: Option<String>,
     /// `file` (the agent's settings) or `collector` (pushed over MQTT).
     pub source: String,
+    /// The collector's release number of this policy (absent for a settings file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<u64>,
+    /// SHA-256 (hex) of the policy text in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 /// A policy was refused; the previous one stays in force.

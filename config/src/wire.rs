@@ -187,9 +187,32 @@ pub struct UnlockToken {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyPush {
+    /// The label the policy file gives itself (`version = ...`), for people.
     pub version: String,
     /// The policy file, verbatim.
     pub policy_toml: String,
+    /// The release number the collector gave this content: above every earlier one
+    /// (at least the issue time in Unix seconds, so it keeps rising across a collector
+    /// reinstall). An agent refuses a push whose serial is not above the one in force
+    /// — a replayed or rolled-back policy — unless it is that very release again.
+    #[serde(default)]
+    pub serial: u64,
+    /// When the collector released it (RFC 3339).
+    #[serde(default)]
+    pub issued_at: String,
+    /// SHA-256 (hex) of `policy_toml`.
+    #[serde(default)]
+    pub sha256: String,
+}
+
+impl PolicyPush {
+    /// SHA-256 (hex) of a policy text, as `sha256` carries it.
+    pub fn digest(policy_toml: &str) -> String {
+        hex::encode(ring::digest::digest(
+            &ring::digest::SHA256,
+            policy_toml.as_bytes(),
+        ))
+    }
 }
 
 /// Agent liveness as published on the status topic (retained). The offline form is the
