@@ -51,6 +51,22 @@ enum Command {
         #[arg(long)]
         token: PathBuf,
     },
+    /// Get this host's identity from the collector with a one-time token (from
+    /// `weilan-collector enroll create`): the key is made here and never leaves it.
+    Enroll {
+        /// The collector: `host` (port 8884) or `host:port`.
+        #[arg(long)]
+        collector: String,
+        /// The token.
+        #[arg(long)]
+        token: String,
+        /// The agent id to enroll as (default: this host's name).
+        #[arg(long)]
+        id: Option<String>,
+        /// Where agent.pem, agent-key.pem and ca.pem go (agent.toml's defaults).
+        #[arg(long, default_value = "/etc/weilan/pki")]
+        dir: PathBuf,
+    },
     /// Print the documented example settings.
     PrintDefaultConfig,
 }
@@ -67,6 +83,35 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
         Err(code) => return code,
     };
     match cli.command {
+        Command::Enroll {
+            collector,
+            token,
+            id,
+            dir,
+        } => {
+            let id = id.unwrap_or_else(|| sysinfo::System::host_name().unwrap_or_default());
+            match crate::enroll::enroll(&collector, &token, &id, &dir) {
+                Ok(e) => {
+                    println!(
+                        "enrolled as `{}`{}: certificate {}, key {} (0600, made here), CA {}",
+                        e.agent_id,
+                        if e.groups.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (groups {})", e.groups.join(", "))
+                        },
+                        e.cert.display(),
+                        e.key.display(),
+                        e.ca.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("enroll: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::PrintDefaultConfig => {
             print!("{}", weilan_config::examples::AGENT_TOML);
             ExitCode::SUCCESS

@@ -17,6 +17,7 @@
 pub mod classify;
 pub mod cli;
 pub mod commands;
+pub mod enroll;
 pub mod fence;
 pub mod journal;
 pub mod policy_manager;

@@ -186,6 +186,11 @@ enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
+    /// Enrollment tokens: agents trade one (with a key they made) for their certificate.
+    Enroll {
+        #[command(subcommand)]
+        command: EnrollCommand,
+    },
     /// Badge roster helpers.
     Roster {
         #[command(subcommand)]
@@ -193,6 +198,29 @@ enum Command {
     },
     /// Print the documented example settings.
     PrintDefaultConfig,
+}
+
+#[derive(Subcommand)]
+enum EnrollCommand {
+    /// Make single-use tokens, printed one a line (kept only as digests): give each to
+    /// one workstation for `weilan-agent enroll --collector HOST --token TOKEN`.
+    Create {
+        /// How many tokens.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// How long they stay valid (30m, 24h, 7d).
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        /// Host groups the enrolled agents get (repeatable).
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// Allow these tokens to re-enroll this already enrolled id (its old
+        /// certificates are revoked); without it an enrolled id is refused.
+        #[arg(long)]
+        replace: Option<String>,
+        #[arg(long, default_value = "/etc/weilan/pki")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -613,6 +641,43 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                 );
             }
             ExitCode::SUCCESS
+        }
+        Command::Enroll {
+            command:
+                EnrollCommand::Create {
+                    count,
+                    ttl,
+                    groups,
+                    replace,
+                    dir,
+                },
+        } => {
+            let ttl = match ttl
+                .parse::<jiff::Span>()
+                .and_then(|s| s.to_duration(jiff::SpanRelativeTo::days_are_24_hours()))
+            {
+                Ok(d) if d.is_positive() => d,
+                _ => {
+                    eprintln!("--ttl: `{ttl}` is not a duration (30m, 24h, 7d)");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            if !(1..=10_000).contains(&count) {
+                eprintln!("--count: 1 to 10000");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            match crate::enroll::create_tokens(&PkiPaths::new(&dir), count, ttl, groups, replace) {
+                Ok(tokens) => {
+                    for t in tokens {
+                        println!("{t}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("enroll: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Pki { command } => {
             let result = match command {

@@ -54,6 +54,44 @@ pub struct Ingest {
     pub stats: IngestStats,
     /// When each agent last got a bad-signature alert (flood control).
     pub last_integrity_alert: Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// The enrolled identities: a certificate must be in it, not only under the CA.
+    pub registry: Enrolled,
+}
+
+/// The registry of enrolled certificates as ingest consults it: reloaded when its file
+/// changes (an enrollment or `pki issue-agent` since the last look).
+pub struct Enrolled {
+    pub path: std::path::PathBuf,
+    pub state: std::sync::RwLock<crate::registry::Registry>,
+}
+
+impl Enrolled {
+    pub fn open(path: std::path::PathBuf) -> Result<Enrolled, crate::registry::RegistryError> {
+        let state = std::sync::RwLock::new(crate::registry::Registry::load(&path)?);
+        Ok(Enrolled { path, state })
+    }
+
+    /// Whether the certificate (base64 DER, as a signed message carries it) is
+    /// enrolled and not revoked; looks at the file again before saying no.
+    pub fn admits(&self, cert_b64: &str) -> bool {
+        use base64::Engine as _;
+        let Ok(der) = base64::engine::general_purpose::STANDARD.decode(cert_b64) else {
+            return false;
+        };
+        let fp = crate::registry::fingerprint(&der);
+        if self
+            .state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .valid(&fp)
+            .is_some()
+        {
+            return true;
+        }
+        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        state.refresh(&self.path);
+        state.valid(&fp).is_some()
+    }
 }
 
 impl Ingest {
@@ -152,6 +190,14 @@ impl Ingest {
             );
             self.refuse(topic, &reason, payload);
             return Err(self.integrity_alert(id, &reason, payload));
+        }
+        if !self.registry.admits(&signed.cert) {
+            let reason = format!(
+                "certificate of `{id}` is valid under the CA but not enrolled (not in {}, or revoked)",
+                self.registry.path.display()
+            );
+            self.refuse(topic, &reason, payload);
+            return Err(self.unenrolled_alert(id, &reason, payload));
         }
         Ok(signed)
     }
@@ -413,6 +459,25 @@ impl Ingest {
     /// A payload on an agent's topic that fails verification may be tampering: alert,
     /// at most once a minute per agent (the quarantine keeps every payload).
     fn integrity_alert(&self, agent: &str, reason: &str, payload: &[u8]) -> Vec<Reply> {
+        self.flood_controlled_alert(agent, payload, |digest| {
+            integrity::bad_signature(agent, reason, digest)
+        })
+    }
+
+    /// A certificate the CA signed that is not in the registry: red, at most once a
+    /// minute per identity.
+    fn unenrolled_alert(&self, agent: &str, reason: &str, payload: &[u8]) -> Vec<Reply> {
+        self.flood_controlled_alert(agent, payload, |digest| {
+            integrity::unenrolled_certificate(agent, reason, digest)
+        })
+    }
+
+    fn flood_controlled_alert(
+        &self,
+        agent: &str,
+        payload: &[u8],
+        finding: impl FnOnce(&str) -> Finding,
+    ) -> Vec<Reply> {
         let now = std::time::Instant::now();
         {
             let mut last = self
@@ -431,7 +496,7 @@ impl Ingest {
             last.insert(agent.to_string(), now);
         }
         let digest = hex::encode(ring::digest::digest(&ring::digest::SHA256, payload));
-        self.raise(vec![integrity::bad_signature(agent, reason, &digest)])
+        self.raise(vec![finding(&digest)])
     }
 
     /// Periodic work: open journal gaps, silent agents, rule-state evictions, the

@@ -234,6 +234,17 @@ pub fn open_gaps(
 }
 
 /// An alert for a payload on `agent`'s topic that failed verification.
+/// A validly signed payload whose certificate was never enrolled (or was revoked).
+pub fn unenrolled_certificate(agent: &str, reason: &str, sha256: &str) -> Finding {
+    finding(
+        crate::rules::findings::UNENROLLED_CERTIFICATE,
+        agent,
+        format!("A payload signed as {agent} was refused: {reason}; it was quarantined"),
+        vec![],
+        serde_json::json!({"reason": reason, "payload_sha256": sha256}),
+    )
+}
+
 pub fn bad_signature(agent: &str, reason: &str, sha256: &str) -> Finding {
     finding(
         BAD_SIGNATURE,

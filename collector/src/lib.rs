@@ -13,12 +13,14 @@
 pub mod alerts;
 pub mod broker;
 pub mod cli;
+pub mod enroll;
 pub mod export;
 pub mod fleet;
 pub mod ingest;
 pub mod integrity;
 pub mod pki;
 pub mod preflight;
+pub mod registry;
 pub mod roster;
 pub mod rules;
 pub mod sinks;
@@ -65,6 +67,15 @@ pub enum CollectorError {
     Sink(#[from] sinks::SinkError),
     #[error("roster: {}", .0.join("; "))]
     Roster(Vec<String>),
+    #[error(transparent)]
+    Registry(#[from] registry::RegistryError),
+    #[error("enrollment: {0}")]
+    Enroll(#[from] enroll::EnrollError),
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Runs the collector until `shutdown` is cancelled.
@@ -124,6 +135,39 @@ pub async fn run(
     };
     let mut store = store;
     policy_push.new_release(&mut store)?;
+    // The registry beside the CA; a PKI from before it existed is imported once.
+    let pki_dir = pki::PkiPaths::new(settings.ca.parent().unwrap_or(std::path::Path::new(".")));
+    match registry::import_if_missing(&pki_dir) {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            certificates = n,
+            "registry created from the certificates already issued"
+        ),
+        Err(e) => tracing::error!(error = %e, "registry not imported"),
+    }
+    let registry = ingest::Enrolled::open(registry::path(&pki_dir))?;
+    let (refused_tx, mut refused_rx) = tokio::sync::mpsc::channel(256);
+    if let Some(listen) = settings.enroll_listen {
+        let tls = enroll::server_config(&settings.ca, &settings.server_cert, &settings.server_key)?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|source| CollectorError::Listen {
+                addr: listen,
+                source,
+            })?;
+        let enroller = Arc::new(enroll::Enroller::new(
+            pki_dir.clone(),
+            settings.enroll_cert_days,
+        ));
+        tracing::info!(%listen, "enrollment listening");
+        tokio::spawn(enroll::serve(
+            listener,
+            tls,
+            enroller,
+            refused_tx,
+            shutdown.clone(),
+        ));
+    }
     let ingest = Arc::new(Ingest {
         store: Arc::new(Mutex::new(store)),
         alerts: Mutex::new(alert_log),
@@ -135,6 +179,7 @@ pub async fn run(
         max_payload: settings.max_payload_bytes,
         stats: Default::default(),
         last_integrity_alert: Default::default(),
+        registry,
     });
     tracing::info!(
         database = %settings.store_path.display(),
@@ -193,6 +238,14 @@ pub async fn run(
                 None => break,
             },
             _ = watchdog.tick() => watchdog.keep_alive(),
+            Some(refusal) = refused_rx.recv() => {
+                let work = ingest.clone();
+                let found = vec![enroll::refusal_finding(&refusal)];
+                match tokio::task::spawn_blocking(move || work.raise(found)).await {
+                    Ok(replies) => publish(&client, replies),
+                    Err(e) => tracing::error!(error = %e, "enrollment finding not raised"),
+                }
+            }
             _ = fleet_tick.tick() => {
                 let mut found: Vec<rules::Finding> = broker_health.finding().into_iter().collect();
                 match policy_push.reload_if_changed() {

@@ -38,6 +38,8 @@ pub enum PkiError {
     Reserved(String),
     #[error("{0} already exists; refusing to overwrite a key")]
     Exists(PathBuf),
+    #[error("registry: {0}")]
+    Registry(#[from] crate::registry::RegistryError),
 }
 
 /// Paths of the files `pki init` writes.
@@ -125,7 +127,7 @@ fn create_parent(path: &Path) -> Result<(), PkiError> {
 /// the collector service reads these files as its own user (`weilan`, whose
 /// `/etc/weilan/pki` tmpfiles.d creates): the files follow the directory rather than
 /// whoever typed the command. Nothing changes when they already match.
-fn take_parent_owner(path: &Path) -> Result<(), PkiError> {
+pub(crate) fn take_parent_owner(path: &Path) -> Result<(), PkiError> {
     use std::os::unix::fs::MetadataExt;
     let Some(parent) = path.parent() else {
         return Ok(());
@@ -169,7 +171,7 @@ fn dn(cn: &str, ou: Option<&str>) -> DistinguishedName {
     dn
 }
 
-fn load_issuer(paths: &PkiPaths) -> Result<Issuer<'static, KeyPair>, PkiError> {
+pub(crate) fn load_issuer(paths: &PkiPaths) -> Result<Issuer<'static, KeyPair>, PkiError> {
     let ca_pem = fs::read_to_string(paths.ca()).map_err(io_err(&paths.ca()))?;
     let key_pem = fs::read_to_string(paths.ca_key()).map_err(io_err(&paths.ca_key()))?;
     let key = KeyPair::from_pem(&key_pem)?;
@@ -247,7 +249,10 @@ pub fn init(paths: &PkiPaths, site_names: &[String]) -> Result<(), PkiError> {
         Role::Collector,
         &paths.collector(),
         &paths.collector_key(),
-    )
+    )?;
+    // An empty registry: only what is issued from now on is enrolled.
+    crate::registry::import_if_missing(paths)?;
+    Ok(())
 }
 
 fn issue_client(
@@ -311,6 +316,18 @@ fn issue_named(
     }
     let issuer = load_issuer(paths)?;
     issue_client(&issuer, name, role, &cert, &key)?;
+    let role_name = match role {
+        Role::DoorController => "door-controller",
+        _ => "agent",
+    };
+    let by = match role {
+        Role::DoorController => "pki issue-door-controller",
+        _ => "pki issue-agent",
+    };
+    crate::registry::append(
+        &crate::registry::path(paths),
+        &crate::registry::issued_entry(&cert, name, role_name, vec![], by)?,
+    )?;
     Ok((cert, key))
 }
 

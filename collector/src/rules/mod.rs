@@ -72,4 +72,9 @@ pub mod findings {
     /// The collector's own MQTT connection has failed for longer than
     /// `BROKER_UNREACHABLE_AFTER`: no agent event is being received.
     pub const BROKER_UNREACHABLE: &str = "collector.broker_unreachable";
+    /// A payload signed with a certificate the CA issued but the registry does not
+    /// hold (never enrolled, or revoked).
+    pub const UNENROLLED_CERTIFICATE: &str = "collector.unenrolled_certificate";
+    /// An enrollment was refused (token reused, expired or forged; id taken...).
+    pub const ENROLLMENT_REFUSED: &str = "collector.enrollment_refused";
 }

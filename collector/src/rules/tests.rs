@@ -735,6 +735,16 @@ indicator!(broker_unreachable, "builtin.collector.broker-unreachable", |_h|
     near: (DAY, vec![finding(findings::EXPORT_FAILED, json!({}))]),
 );
 
+indicator!(unenrolled_certificate, "builtin.integrity.unenrolled-certificate", |_h|
+    fire: (DAY, vec![finding(findings::UNENROLLED_CERTIFICATE, json!({"reason": "not enrolled", "payload_sha256": "ab"}))]),
+    near: (DAY, vec![finding(findings::BAD_SIGNATURE, json!({"reason": "x", "payload_sha256": "ab"}))]),
+);
+
+indicator!(enrollment_refused, "builtin.collector.enrollment-refused", |_h|
+    fire: (DAY, vec![finding(findings::ENROLLMENT_REFUSED, json!({"token": "0123456789abcdef", "reason": "token already used (single use)"}))]),
+    near: (DAY, vec![finding(findings::UNENROLLED_CERTIFICATE, json!({"reason": "x", "payload_sha256": "ab"}))]),
+);
+
 /// Every rule of the pack has its pair of tests above (kept in step by this list).
 #[test]
 fn every_builtin_rule_is_tested() {
@@ -784,6 +794,8 @@ fn every_builtin_rule_is_tested() {
         "builtin.collector.export-caught-up",
         "builtin.collector.export-failed",
         "builtin.collector.broker-unreachable",
+        "builtin.integrity.unenrolled-certificate",
+        "builtin.collector.enrollment-refused",
     ];
     let h = Harness::new();
     let set = h.engine.rule_set();

@@ -37,6 +37,9 @@ pub struct CollectorFile {
     /// `[exports]`: scheduled, signed compliance exports and retention.
     #[serde(default)]
     pub exports: ExportsSection,
+    /// `[enroll]`: where agents enroll with a one-time token.
+    #[serde(default)]
+    pub enroll: EnrollSection,
     /// `[log]`.
     #[serde(default)]
     pub log: LogSection,
@@ -401,6 +404,37 @@ pub struct FleetSection {
     pub check_interval_secs: u64,
 }
 
+#[derive(Debug, Clone, eserde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollSection {
+    /// Accept enrollments (`weilan-agent enroll --collector HOST --token T`).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Address for enrollment over TLS (the broker's server certificate).
+    #[serde(default = "default_enroll_listen")]
+    pub listen: String,
+    /// Lifetime of the certificates enrollment issues.
+    #[serde(default = "default_cert_days")]
+    pub cert_days: u32,
+}
+
+impl Default for EnrollSection {
+    fn default() -> Self {
+        EnrollSection {
+            enabled: true,
+            listen: default_enroll_listen(),
+            cert_days: default_cert_days(),
+        }
+    }
+}
+
+fn default_enroll_listen() -> String {
+    "0.0.0.0:8884".into()
+}
+fn default_cert_days() -> u32 {
+    825
+}
+
 impl Default for FleetSection {
     fn default() -> Self {
         FleetSection {
@@ -462,6 +496,10 @@ pub struct CollectorSettings {
     pub roster: Option<PathBuf>,
     pub sinks: Vec<SinkSettings>,
     pub exports: ExportSettings,
+    /// Where enrollment listens, if enabled.
+    pub enroll_listen: Option<SocketAddr>,
+    /// Days the certificates enrollment issues are valid.
+    pub enroll_cert_days: u32,
     pub log: LogSettings,
 }
 
@@ -516,14 +554,31 @@ impl Validate for CollectorFile {
         }
         let t = self.tls;
         let ca = v.existing_file("tls.ca", &t.ca);
-        let (server_cert, server_key) = if matches!(broker, BrokerMode::Embedded { .. }) {
-            (
-                v.existing_file("tls.server_cert", &t.server_cert),
-                v.existing_file("tls.server_key", &t.server_key),
-            )
+        let enroll_listen = if self.enroll.enabled {
+            match self.enroll.listen.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    v.error(
+                        "enroll.listen",
+                        format!("`{}` is not an address:port", self.enroll.listen),
+                    );
+                    None
+                }
+            }
         } else {
-            (v.resolve(&t.server_cert), v.resolve(&t.server_key))
+            None
         };
+        v.range("enroll.cert_days", self.enroll.cert_days as usize, 1, 3650);
+        // Enrollment serves TLS with the broker's server certificate too.
+        let (server_cert, server_key) =
+            if matches!(broker, BrokerMode::Embedded { .. }) || enroll_listen.is_some() {
+                (
+                    v.existing_file("tls.server_cert", &t.server_cert),
+                    v.existing_file("tls.server_key", &t.server_key),
+                )
+            } else {
+                (v.resolve(&t.server_cert), v.resolve(&t.server_key))
+            };
         let client_cert = v.existing_file("tls.client_cert", &t.client_cert);
         let client_key = v.existing_file("tls.client_key", &t.client_key);
         let store_path = v.creatable_file("store.path", &self.store.path);
@@ -751,6 +806,8 @@ impl Validate for CollectorFile {
             roster,
             sinks,
             exports,
+            enroll_listen,
+            enroll_cert_days: self.enroll.cert_days,
             log,
         })
     }

@@ -1,0 +1,287 @@
+//! `weilan-agent enroll`: the agent gets its identity from the collector with a
+//! one-time token. The key is generated here and never leaves this host; the collector
+//! sees a certificate signing request. The token's CA digest is the only trust the
+//! agent starts with: the collector must present a certificate chain whose CA has
+//! exactly that digest and that names `weilan-collector`, and the CA it returns must
+//! be that one. Files written: the key (0600, written first), the certificate and the
+//! CA, each replaced atomically.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use weilan_config::enroll::{Request, Response, Token, MAX_LINE};
+use weilan_config::signing::{Role, Signer, Verifier};
+use weilan_config::wire::Purpose;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("token: {0}")]
+    Token(String),
+    #[error("`{0}` is not a valid agent id (letters, digits, `.`, `_`, `-`; at most 64)")]
+    BadId(String),
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("TLS with {addr}: {detail}")]
+    Tls { addr: String, detail: String },
+    #[error("the collector refused: {0}")]
+    Refused(String),
+    #[error("the collector's answer is not acceptable: {0}")]
+    BadAnswer(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("key generation: {0}")]
+    Key(String),
+}
+
+/// What was enrolled.
+#[derive(Debug)]
+pub struct Enrolled {
+    pub agent_id: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    pub groups: Vec<String>,
+}
+
+/// Enrolls as `agent_id` with the collector at `collector` (`host` or `host:port`)
+/// and writes `agent.pem`, `agent-key.pem` and `ca.pem` into `dir`.
+pub fn enroll(
+    collector: &str,
+    token: &str,
+    agent_id: &str,
+    dir: &Path,
+) -> Result<Enrolled, EnrollError> {
+    let token = Token::parse(token).map_err(EnrollError::Token)?;
+    if !weilan_config::topics::valid_agent_id(agent_id) {
+        return Err(EnrollError::BadId(agent_id.to_string()));
+    }
+    let key = rcgen::KeyPair::generate().map_err(|e| EnrollError::Key(e.to_string()))?;
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, agent_id);
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| EnrollError::Key(e.to_string()))?;
+    let request = Request {
+        v: 1,
+        token: token.encode(),
+        agent_id: agent_id.to_string(),
+        csr,
+    };
+    let response = exchange(collector, &token, &request)?;
+    if let Some(e) = response.error {
+        return Err(EnrollError::Refused(e));
+    }
+    let (Some(cert_pem), Some(ca_pem)) = (response.cert, response.ca) else {
+        return Err(EnrollError::BadAnswer("no certificate".into()));
+    };
+    // The CA must be the one the token names, the certificate ours and an agent's
+    // under it, for the name asked.
+    let ca = first_cert(&ca_pem)?;
+    if ring::digest::digest(&ring::digest::SHA256, ca.as_ref()).as_ref() != token.ca_sha256 {
+        return Err(EnrollError::BadAnswer(
+            "the CA returned is not the one the token names".into(),
+        ));
+    }
+    let cert = first_cert(&cert_pem)?;
+    let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let signer = Signer::new(cert, key_der, "generated key")
+        .map_err(|e| EnrollError::BadAnswer(format!("certificate: {e}")))?;
+    let probe = signer.sign(Purpose::Batch, "{}".into());
+    let identity = Verifier::new(ca)
+        .verify(&probe, Purpose::Batch, Role::Agent)
+        .map_err(|e| EnrollError::BadAnswer(format!("certificate: {e}")))?;
+    if identity.common_name != agent_id {
+        return Err(EnrollError::BadAnswer(format!(
+            "certificate for `{}`, not `{agent_id}`",
+            identity.common_name
+        )));
+    }
+    let out = Enrolled {
+        agent_id: agent_id.to_string(),
+        cert: dir.join("agent.pem"),
+        key: dir.join("agent-key.pem"),
+        ca: dir.join("ca.pem"),
+        groups: response.groups,
+    };
+    std::fs::create_dir_all(dir).map_err(|source| EnrollError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    write_atomically(&out.key, key.serialize_pem().as_bytes(), 0o600)?;
+    write_atomically(&out.cert, cert_pem.as_bytes(), 0o644)?;
+    write_atomically(&out.ca, ca_pem.as_bytes(), 0o644)?;
+    Ok(out)
+}
+
+fn first_cert(pem: &str) -> Result<CertificateDer<'static>, EnrollError> {
+    use rustls_pki_types::pem::PemObject;
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| EnrollError::BadAnswer(format!("not a PEM certificate: {e}")))
+}
+
+fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), EnrollError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| EnrollError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("enroll-tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// One request, one response, over TLS pinned to the token's CA.
+fn exchange(collector: &str, token: &Token, request: &Request) -> Result<Response, EnrollError> {
+    let addr = if collector.contains(':') {
+        collector.to_string()
+    } else {
+        format!("{collector}:{}", weilan_config::enroll::DEFAULT_PORT)
+    };
+    let tls_err = |detail: String| EnrollError::Tls {
+        addr: addr.clone(),
+        detail,
+    };
+    let verifier = Arc::new(PinnedCa {
+        ca_sha256: token.ca_sha256,
+    });
+    let config = rustls::ClientConfig::builder_with_provider(weilan_config::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_err(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    let name = ServerName::try_from("weilan-collector").map_err(|e| tls_err(e.to_string()))?;
+    let conn = rustls::ClientConnection::new(Arc::new(config), name)
+        .map_err(|e| tls_err(e.to_string()))?;
+    let tcp = std::net::ToSocketAddrs::to_socket_addrs(&addr)
+        .map_err(|source| EnrollError::Connect {
+            addr: addr.clone(),
+            source,
+        })?
+        .find_map(|a| TcpStream::connect_timeout(&a, Duration::from_secs(10)).ok())
+        .ok_or_else(|| EnrollError::Connect {
+            addr: addr.clone(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "no address answered",
+            ),
+        })?;
+    let _ = tcp.set_read_timeout(Some(Duration::from_secs(30)));
+    let _ = tcp.set_write_timeout(Some(Duration::from_secs(30)));
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    let mut line = serde_json::to_vec(request).unwrap_or_default();
+    line.push(b'\n');
+    stream
+        .write_all(&line)
+        .and_then(|()| stream.flush())
+        .map_err(|e| tls_err(e.to_string()))?;
+    let mut answer = String::new();
+    BufReader::new(std::io::Read::take(&mut stream, MAX_LINE as u64))
+        .read_line(&mut answer)
+        .map_err(|e| tls_err(e.to_string()))?;
+    serde_json::from_str(&answer).map_err(|e| EnrollError::BadAnswer(e.to_string()))
+}
+
+/// Accepts the collector's chain only if it carries the CA the token names and the
+/// server certificate is valid under that CA for `weilan-collector`.
+#[derive(Debug)]
+struct PinnedCa {
+    ca_sha256: [u8; 32],
+}
+
+impl PinnedCa {
+    fn inner(
+        &self,
+        chain: &[CertificateDer<'_>],
+    ) -> Result<Arc<WebPkiServerVerifier>, rustls::Error> {
+        let ca = chain
+            .iter()
+            .find(|c| {
+                ring::digest::digest(&ring::digest::SHA256, c.as_ref()).as_ref() == self.ca_sha256
+            })
+            .ok_or_else(|| {
+                rustls::Error::General(
+                    "the collector did not present the CA the token names".into(),
+                )
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(ca.clone().into_owned())
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), weilan_config::tls::provider())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))
+    }
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner(intermediates)?
+            .verify_server_cert(end_entity, &[], server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &weilan_config::tls::provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &weilan_config::tls::provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        weilan_config::tls::provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

@@ -1,0 +1,317 @@
+//! The registry of enrolled identities: every agent and door-controller certificate
+//! this collector's CA issued on purpose, with its groups and how it was issued.
+//!
+//! A certificate that chains to the CA is not enough: one signed for a name that was
+//! never enrolled (a leaked CA key, a test certificate, a forgotten issuance) is
+//! refused and alerted, because only certificates in this registry count. The
+//! registry is an append-only JSON-lines file beside the CA (`registry.jsonl` in the
+//! PKI directory), written by `pki issue-agent` / `issue-door-controller` (offline,
+//! without the collector running) and by enrollment in the running collector; appends
+//! take an exclusive lock, readers reload when the file changes. A PKI made before
+//! the registry existed is imported once from the certificates in `agents/` and
+//! `door-controllers/`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::pki::PkiPaths;
+
+/// What a registry line records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    Issued,
+    Revoked,
+}
+
+/// One line of `registry.jsonl`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    /// When (RFC 3339).
+    pub at: String,
+    pub action: Action,
+    pub id: String,
+    /// `agent` or `door-controller`.
+    pub role: String,
+    /// SHA-256 (hex) of the certificate's DER: what a signed message is matched by.
+    pub fingerprint: String,
+    /// The certificate's expiry (RFC 3339).
+    #[serde(default)]
+    pub not_after: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// `pki issue-agent`, `enrollment token <id>`, `imported`, an admin's reason...
+    pub by: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {detail}")]
+    Line {
+        path: PathBuf,
+        line: usize,
+        detail: String,
+    },
+    #[error("{0}: not a PEM certificate")]
+    Certificate(PathBuf),
+}
+
+/// The registry's state: the entries in force by fingerprint and by id.
+#[derive(Debug, Default, Clone)]
+pub struct Registry {
+    /// Certificates issued and not revoked.
+    valid: HashMap<String, Entry>,
+    /// Every entry, oldest first (for listings).
+    entries: Vec<Entry>,
+    modified: Option<std::time::SystemTime>,
+}
+
+/// SHA-256 (hex) of a certificate's DER.
+pub fn fingerprint(der: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, der))
+}
+
+/// The registry file of a PKI directory.
+pub fn path(paths: &PkiPaths) -> PathBuf {
+    paths.dir.join("registry.jsonl")
+}
+
+impl Registry {
+    /// Reads the registry file (an absent file is an empty registry).
+    pub fn load(path: &Path) -> Result<Registry, RegistryError> {
+        let io = |source| RegistryError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut reg = Registry::default();
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(reg),
+            Err(e) => return Err(io(e)),
+        };
+        reg.modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let entry: Entry = serde_json::from_str(line).map_err(|e| RegistryError::Line {
+                path: path.to_path_buf(),
+                line: i + 1,
+                detail: e.to_string(),
+            })?;
+            match entry.action {
+                Action::Issued => {
+                    reg.valid.insert(entry.fingerprint.clone(), entry.clone());
+                }
+                Action::Revoked => {
+                    reg.valid.remove(&entry.fingerprint);
+                }
+            }
+            reg.entries.push(entry);
+        }
+        Ok(reg)
+    }
+
+    /// Reloads when the file changed since it was read; keeps the old state (and says
+    /// so) if the new one cannot be read.
+    pub fn refresh(&mut self, path: &Path) {
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        if modified.is_some() && modified == self.modified {
+            return;
+        }
+        match Registry::load(path) {
+            Ok(r) => *self = r,
+            Err(e) => {
+                tracing::error!(error = %e, "registry unreadable; the previous one stays in use")
+            }
+        }
+    }
+
+    /// The entry in force for a certificate, if it was issued and not revoked.
+    pub fn valid(&self, fingerprint: &str) -> Option<&Entry> {
+        self.valid.get(fingerprint)
+    }
+
+    /// Valid certificates of `id`.
+    pub fn valid_for<'a>(&'a self, id: &'a str) -> impl Iterator<Item = &'a Entry> + 'a {
+        self.valid.values().filter(move |e| e.id == id)
+    }
+
+    /// Every entry, oldest first.
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// Whether an enrollment token (by id) was used already.
+    pub fn token_used(&self, token_id: &str) -> bool {
+        let by = format!("enrollment token {token_id}");
+        self.entries.iter().any(|e| e.by == by)
+    }
+}
+
+/// Appends `entry` under an exclusive lock (the CLI and the collector may both write).
+pub fn append(path: &Path, entry: &Entry) -> Result<(), RegistryError> {
+    let io = |source| RegistryError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let existed = path.exists();
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io)?;
+    let mut locked = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| io(std::io::Error::from(e)))?;
+    let mut line = serde_json::to_string(entry).unwrap_or_default();
+    line.push('\n');
+    locked.write_all(line.as_bytes()).map_err(io)?;
+    locked.sync_all().map_err(io)?;
+    if !existed {
+        crate::pki::take_parent_owner(path)
+            .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+    }
+    Ok(())
+}
+
+/// The registry entry for a certificate file just issued.
+pub fn issued_entry(
+    cert_pem_path: &Path,
+    id: &str,
+    role: &str,
+    groups: Vec<String>,
+    by: &str,
+) -> Result<Entry, RegistryError> {
+    let der = weilan_config::pem::load_cert(cert_pem_path)
+        .map_err(|_| RegistryError::Certificate(cert_pem_path.to_path_buf()))?;
+    Ok(entry_for_der(der.as_ref(), id, role, groups, by))
+}
+
+pub fn entry_for_der(der: &[u8], id: &str, role: &str, groups: Vec<String>, by: &str) -> Entry {
+    let not_after = x509_parser::parse_x509_certificate(der)
+        .ok()
+        .and_then(|(_, c)| {
+            jiff::Timestamp::from_second(c.validity().not_after.timestamp())
+                .ok()
+                .map(|t| t.to_string())
+        })
+        .unwrap_or_default();
+    Entry {
+        at: jiff::Timestamp::now().to_string(),
+        action: Action::Issued,
+        id: id.to_string(),
+        role: role.to_string(),
+        fingerprint: fingerprint(der),
+        not_after,
+        groups,
+        by: by.to_string(),
+    }
+}
+
+/// A PKI made before the registry existed: register the certificates it issued
+/// (`agents/*.pem`, `door-controllers/*.pem`) once, so an upgrade refuses nobody.
+pub fn import_if_missing(paths: &PkiPaths) -> Result<usize, RegistryError> {
+    let reg = path(paths);
+    if reg.exists() {
+        return Ok(0);
+    }
+    let mut n = 0;
+    for (sub, role) in [("agents", "agent"), ("door-controllers", "door-controller")] {
+        let dir = paths.dir.join(sub);
+        let Ok(list) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut files: Vec<PathBuf> = list
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension().is_some_and(|x| x == "pem")
+                    && !p.to_string_lossy().ends_with("-key.pem")
+            })
+            .collect();
+        files.sort();
+        for f in files {
+            let id = f
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_string();
+            append(&reg, &issued_entry(&f, &id, role, vec![], "imported")?)?;
+            n += 1;
+        }
+    }
+    if n == 0 {
+        // An empty registry all the same: the import happens once.
+        append_nothing(&reg)?;
+    }
+    Ok(n)
+}
+
+fn append_nothing(path: &Path) -> Result<(), RegistryError> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| RegistryError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    crate::pki::take_parent_owner(path).map_err(|e| RegistryError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_then_revoked_and_imported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = PkiPaths::new(dir.path().join("pki"));
+        crate::pki::init(&paths, &[]).unwrap();
+        // issue-agent registers what it issues.
+        let (cert, _) = crate::pki::issue_agent(&paths, "ws-01").unwrap();
+        let reg = Registry::load(&path(&paths)).unwrap();
+        let der = weilan_config::pem::load_cert(&cert).unwrap();
+        let e = reg.valid(&fingerprint(der.as_ref())).expect("registered");
+        assert_eq!((e.id.as_str(), e.role.as_str()), ("ws-01", "agent"));
+        assert!(e.not_after.starts_with('2'), "{e:?}");
+        // A revocation line takes it out.
+        let mut revoked = e.clone();
+        revoked.action = Action::Revoked;
+        append(&path(&paths), &revoked).unwrap();
+        let reg = Registry::load(&path(&paths)).unwrap();
+        assert!(reg.valid(&fingerprint(der.as_ref())).is_none());
+        assert_eq!(reg.entries().len(), 2);
+        // A registry present is never imported again.
+        assert_eq!(import_if_missing(&paths).unwrap(), 0);
+        // A broken line names the file and line.
+        std::fs::write(path(&paths), "{}\n").unwrap();
+        let err = Registry::load(&path(&paths)).unwrap_err().to_string();
+        assert!(err.contains("registry.jsonl:1:"), "{err}");
+    }
+
+    #[test]
+    fn an_old_pki_is_imported() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = PkiPaths::new(dir.path().join("pki"));
+        crate::pki::init(&paths, &[]).unwrap();
+        crate::pki::issue_agent(&paths, "ws-01").unwrap();
+        crate::pki::issue_door_controller(&paths, "ctl-1").unwrap();
+        std::fs::remove_file(path(&paths)).unwrap(); // as a PKI of the previous release
+        assert_eq!(import_if_missing(&paths).unwrap(), 2);
+        let reg = Registry::load(&path(&paths)).unwrap();
+        assert_eq!(reg.entries().len(), 2);
+        assert!(reg.entries().iter().all(|e| e.by == "imported"));
+    }
+}
