@@ -392,7 +392,9 @@ fn default_ingest_queue() -> usize {
 #[serde(deny_unknown_fields)]
 pub struct FleetSection {
     /// An agent with no event for this long raises an "agent silent" alert. Agents send
-    /// a heartbeat every 30 s by default, so 90 s means three missed heartbeats.
+    /// a heartbeat every 30 s by default; 80 s plus the 5 s check keeps the worst case
+    /// (an agent frozen right after a heartbeat) under 90 s while a single late
+    /// heartbeat does not alert.
     #[serde(default = "default_silent")]
     pub silent_after_secs: u64,
     /// A hole in an agent's event sequence is alerted once it stays open this long
@@ -446,7 +448,7 @@ impl Default for FleetSection {
 }
 
 fn default_silent() -> u64 {
-    90
+    80
 }
 fn default_gap_grace() -> u64 {
     120
