@@ -240,13 +240,15 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
             fence_task.as_ref().map(|_| fence_tx.clone()),
         )));
     }
-    if let (Some(files), Some(usb)) = (&settings.files, &settings.usb) {
+    // Independent of the USB fence: `[usb] enabled = false` once switched the files
+    // source off too, silently.
+    if let Some(files) = &settings.files {
         match files_backend(&files.backend) {
             Ok(backend) => sources.push(Box::new(source::files::FilesSource::new(
                 source::files::FilesConfig {
-                    sysfs_root: usb.sysfs_root.clone(),
-                    mountinfo: usb.mountinfo.clone(),
-                    mount_poll: usb.mount_poll,
+                    sysfs_root: files.sysfs_root.clone(),
+                    mountinfo: files.mountinfo.clone(),
+                    mount_poll: files.mount_poll,
                     watch_mounts: files.watch_mounts.clone(),
                     hash_max_bytes: files.hash_max_bytes,
                     limits: Default::default(),

@@ -93,3 +93,24 @@ fn exports_default_beside_the_database_without_any_directory_existing() {
     assert!(!s.exports.dir.exists());
     assert!(s.exports.schedules.is_empty());
 }
+
+/// Regression: `[usb] enabled = false` used to switch the files source off as well,
+/// with no word from `check-config`. The fence and the files source are separate.
+#[test]
+fn the_files_source_does_not_depend_on_the_usb_fence() {
+    let dir = tree();
+    let text = relocate(weilan_config::examples::AGENT_TOML, dir.path()).replace(
+            "# source which mounts are USB storage; it runs whether or not the fence does.\nenabled = true",
+            "# source which mounts are USB storage; it runs whether or not the fence does.\nenabled = false",
+        );
+    assert!(
+        text.contains("enabled = false"),
+        "the example changed shape"
+    );
+    let s = load_str::<AgentFile>(&text, Path::new("agent.toml"), dir.path().into())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.usb.is_none());
+    let files = s.files.expect("files source still configured");
+    assert_eq!(files.mountinfo.file_name().unwrap(), "mountinfo");
+    assert_eq!(files.mount_poll.as_millis(), 2000);
+}

@@ -237,6 +237,12 @@ fn default_file_workers() -> usize {
 /// Validated `[files]`.
 #[derive(Debug, Clone)]
 pub struct FilesSettings {
+    /// Where mounts and the USB devices behind them are read (the `[usb]` section's
+    /// locations, whether or not the USB fence is enabled: exit points are found the
+    /// same way).
+    pub sysfs_root: PathBuf,
+    pub mountinfo: PathBuf,
+    pub mount_poll: Duration,
     pub watch_mounts: Vec<PathBuf>,
     /// `auto`, `fanotify` or `inotify`.
     pub backend: String,
@@ -745,7 +751,12 @@ impl Validate for AgentFile {
         }
         let ca = v.existing_file("collector.ca", &c.ca);
         v.range("collector.keep_alive_secs", c.keep_alive_secs, 5, 3600);
-        v.range("collector.batch_max_events", c.batch_max_events, 1, 4096);
+        v.range(
+            "collector.batch_max_events",
+            c.batch_max_events,
+            1,
+            crate::wire::MAX_BATCH_EVENTS,
+        );
         v.range("collector.batch_linger_ms", c.batch_linger_ms, 0, 60_000);
         v.range(
             "collector.max_batches_in_flight",
@@ -756,8 +767,10 @@ impl Validate for AgentFile {
         v.range("collector.ack_timeout_secs", c.ack_timeout_secs, 1, 3600);
         let cert = v.existing_file("tls.cert", &self.tls.cert);
         let key = v.existing_file("tls.key", &self.tls.key);
-        let usb = if self.usb.enabled {
+        if self.usb.enabled || self.files.enabled {
             v.range("usb.mount_poll_ms", self.usb.mount_poll_ms, 50, 600_000);
+        }
+        let usb = if self.usb.enabled {
             Some(UsbSettings {
                 sysfs_root: v.resolve(&self.usb.sysfs_root),
                 mountinfo: v.resolve(&self.usb.mountinfo),
@@ -784,6 +797,9 @@ impl Validate for AgentFile {
                 }
             }
             Some(FilesSettings {
+                sysfs_root: v.resolve(&self.usb.sysfs_root),
+                mountinfo: v.resolve(&self.usb.mountinfo),
+                mount_poll: Duration::from_millis(self.usb.mount_poll_ms),
                 watch_mounts: self.files.watch_mounts.clone(),
                 backend: self.files.backend.clone(),
                 hash_max_bytes: self.files.hash_max_mib * 1024 * 1024,
