@@ -168,34 +168,30 @@ fn deploy(mosquitto: bool, acl_edit: Option<&str>) -> Option<Fleet> {
         }
         c.run(&fleet.release, "mosquitto", &script);
     }
-    fleet.step(c, "collector-issue-agent", &fleet.release);
+    let token_output = c.run(
+        &fleet.release,
+        "collector-enroll-token",
+        &doc_step("collector-enroll-token"),
+    );
+    let token = token_output
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    // A second workstation's certificate, issued by hand, for the ACL probes.
     c.run(
         &fleet.release,
         "second agent",
         &format!("weilan-collector pki issue-agent {OTHER_ID} --dir /etc/weilan/pki"),
     );
-
-    // The operator's copy to the workstation.
-    let carried = fleet._dir.path().join("carried");
-    std::fs::create_dir_all(&carried).unwrap();
-    for entry in std::fs::read_dir(&fleet.release).unwrap() {
-        let entry = entry.unwrap();
-        std::os::unix::fs::symlink(entry.path(), carried.join(entry.file_name())).unwrap();
-    }
-    for (from, to) in [
-        ("/etc/weilan/pki/ca.pem", "ca.pem".to_string()),
-        (
-            &format!("/etc/weilan/pki/agents/{AGENT_ID}.pem"),
-            format!("{AGENT_ID}.pem"),
-        ),
-        (
-            &format!("/etc/weilan/pki/agents/{AGENT_ID}-key.pem"),
-            format!("{AGENT_ID}-key.pem"),
-        ),
-    ] {
-        std::fs::copy(c.path(from), carried.join(to)).unwrap();
-    }
-    fleet.step(&fleet.workstation, "workstation-install", &carried);
+    // The operator hands the token to the workstation.
+    fleet.workstation.run_with(
+        &fleet.release,
+        "workstation-install",
+        &doc_step("workstation-install"),
+        &[("TOKEN", &token)],
+    );
     Some(fleet)
 }
 
@@ -415,7 +411,7 @@ fn every_marked_documentation_step_is_run() {
         "collector-install",
         "collector-pki",
         "collector-start",
-        "collector-issue-agent",
+        "collector-enroll-token",
         "workstation-install",
         "collector-policy-change",
         "mosquitto",

@@ -228,6 +228,28 @@ fn one_token_enrolls_one_agent_and_everything_else_is_refused() {
         "nothing of the rogue agent is stored"
     );
     assert!(w.count("SELECT COUNT(*) FROM quarantine") >= 1);
+    // Every refusal is counted and shown by source.
+    let out = Command::new(weilan_bin())
+        .args(["collector", "quarantine", "--json", "--config"])
+        .arg(w.path("collector.toml"))
+        .output()
+        .unwrap();
+    let listed: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let rogue_row = listed
+        .iter()
+        .find(|r| r["source"] == "ws-rogue")
+        .unwrap_or_else(|| panic!("ws-rogue not listed: {listed:?}"));
+    assert!(rogue_row["refused"].as_i64().unwrap() >= 1, "{rogue_row}");
+    assert!(
+        rogue_row["last_reason"]
+            .as_str()
+            .unwrap()
+            .contains("not enrolled"),
+        "{rogue_row}"
+    );
 
     // The replaced certificate of ws-new is revoked in the registry: the old agent's
     // batches are refused too.

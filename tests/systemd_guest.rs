@@ -15,7 +15,7 @@ const GUEST_STEPS: &[&str] = &[
     "collector-install",
     "collector-pki",
     "collector-start",
-    "collector-issue-agent",
+    "collector-enroll-token",
     "workstation-install",
 ];
 

@@ -131,6 +131,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Refused payloads per source (agent or door controller named by the topic):
+    /// how many, how many bytes, when, the last reason, and how many are still kept
+    /// as evidence (the newest 1 000 per source).
+    Quarantine {
+        #[arg(long, default_value = "/etc/weilan/collector.toml")]
+        config: PathBuf,
+        /// JSON lines for machines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Issue a temporary unlock token for one device on one agent (signed by the
     /// collector; the agent verifies it offline). Writes it to --out and/or sends it.
     Unlock {
@@ -563,6 +573,39 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("command: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Quarantine { config, json } => {
+            let settings = match load(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            let rows = crate::store::Store::open(&settings.store_path)
+                .and_then(|mut s| s.quarantine_summary());
+            match rows {
+                Ok(rows) => {
+                    if !json {
+                        println!(
+                            "{:<24} {:>9} {:>12} {:>6}  {:<28} last reason",
+                            "source", "refused", "bytes", "kept", "last"
+                        );
+                    }
+                    for r in rows {
+                        if json {
+                            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                        } else {
+                            println!(
+                                "{:<24} {:>9} {:>12} {:>6}  {:<28} {}",
+                                r.source, r.refused, r.bytes, r.kept, r.last_at, r.last_reason
+                            );
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("quarantine: {e}");
                     ExitCode::FAILURE
                 }
             }

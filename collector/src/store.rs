@@ -138,7 +138,46 @@ const MIGRATIONS: &[&str] = &[
         label     TEXT NOT NULL,
         issued_at TEXT NOT NULL
      );",
+    // 9: quarantine evidence kept per source (the agent or door controller the topic
+    // names), so one source's flood cannot push out another's; and a count of every
+    // refused payload per source, also of those whose evidence was pruned.
+    "ALTER TABLE quarantine ADD COLUMN source TEXT NOT NULL DEFAULT '';
+     CREATE INDEX quarantine_by_source ON quarantine(source, id);
+     CREATE TABLE quarantine_counts (
+        source     TEXT PRIMARY KEY,
+        refused    INTEGER NOT NULL,
+        bytes      INTEGER NOT NULL,
+        first_at   TEXT NOT NULL,
+        last_at    TEXT NOT NULL,
+        last_reason TEXT NOT NULL,
+        kept       INTEGER NOT NULL
+     ) WITHOUT ROWID;
+     INSERT INTO quarantine_counts (source, refused, bytes, first_at, last_at, last_reason, kept)
+        SELECT '', COUNT(*), COALESCE(SUM(size), 0), MIN(received_at), MAX(received_at), 'before schema 9', COUNT(*)
+        FROM quarantine HAVING COUNT(*) > 0;",
 ];
+
+/// Who a quarantined payload's topic names (the agent or door controller), or the
+/// topic itself when it names nobody.
+pub fn quarantine_source(topic: &str) -> String {
+    weilan_config::topics::parse_agent_topic(topic)
+        .map(|(id, _)| id.to_string())
+        .or_else(|| weilan_config::topics::parse_door_topic(topic).map(str::to_string))
+        .unwrap_or_else(|| topic.chars().take(200).collect())
+}
+
+/// One source's line in `weilan-collector quarantine`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct QuarantineSummary {
+    pub source: String,
+    pub refused: i64,
+    pub bytes: i64,
+    pub first_at: String,
+    pub last_at: String,
+    pub last_reason: String,
+    /// Payloads still kept as evidence (the newest).
+    pub kept: i64,
+}
 
 /// One published policy release (see `policy_releases`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,8 +190,12 @@ pub struct PolicyRelease {
 
 /// Quarantined payloads are kept up to this size (the hash covers the whole payload).
 const QUARANTINE_KEEP_BYTES: usize = 64 * 1024;
-/// Newest quarantine rows kept; a flood of garbage cannot fill the disk.
-const QUARANTINE_MAX_ROWS: i64 = 100_000;
+/// Newest quarantined payloads kept per source (the id its topic names).
+pub const QUARANTINE_KEEP_PER_SOURCE: i64 = 1_000;
+/// Newest quarantined payloads kept in all (a flood spread over many topic names
+/// cannot fill the disk); past it the largest source loses its oldest first, so the
+/// flooder's evidence goes before anyone else's.
+pub const QUARANTINE_MAX_ROWS: i64 = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -457,26 +500,82 @@ impl Store {
     ) -> Result<(), StoreError> {
         let digest = hex::encode(ring::digest::digest(&ring::digest::SHA256, payload));
         let kept = &payload[..payload.len().min(QUARANTINE_KEEP_BYTES)];
-        self.conn.execute(
-            "INSERT INTO quarantine (received_at, topic, reason, size, sha256, payload)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        let source = quarantine_source(topic);
+        let now = jiff::Timestamp::now().to_string();
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO quarantine (received_at, topic, reason, size, sha256, payload, source)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
-                jiff::Timestamp::now().to_string(),
+                now,
                 topic,
                 reason,
                 payload.len() as i64,
                 digest,
-                kept
+                kept,
+                source
             ],
         )?;
-        let id = self.conn.last_insert_rowid();
-        if id % 1000 == 0 {
-            self.conn.execute(
-                "DELETE FROM quarantine WHERE id <= ?1",
-                params![id - QUARANTINE_MAX_ROWS],
+        tx.execute(
+            "INSERT INTO quarantine_counts (source, refused, bytes, first_at, last_at, last_reason, kept)
+             VALUES (?1, 1, ?2, ?3, ?3, ?4, 1)
+             ON CONFLICT(source) DO UPDATE SET refused = refused + 1, bytes = bytes + ?2,
+                last_at = ?3, last_reason = ?4, kept = kept + 1",
+            params![source, payload.len() as i64, now, reason],
+        )?;
+        let pruned = tx.execute(
+            "DELETE FROM quarantine WHERE source = ?1 AND id <= (
+                SELECT id FROM quarantine WHERE source = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+            params![source, QUARANTINE_KEEP_PER_SOURCE],
+        )?;
+        tx.execute(
+            "UPDATE quarantine_counts SET kept = kept - ?2 WHERE source = ?1",
+            params![source, pruned as i64],
+        )?;
+        let total: i64 = tx.query_row(
+            "SELECT COALESCE(SUM(kept), 0) FROM quarantine_counts",
+            [],
+            |r| r.get(0),
+        )?;
+        if total > QUARANTINE_MAX_ROWS {
+            let largest: String = tx.query_row(
+                "SELECT source FROM quarantine_counts ORDER BY kept DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )?;
+            let pruned = tx.execute(
+                "DELETE FROM quarantine WHERE id IN (
+                    SELECT id FROM quarantine WHERE source = ?1 ORDER BY id LIMIT ?2)",
+                params![largest, total - QUARANTINE_MAX_ROWS],
+            )?;
+            tx.execute(
+                "UPDATE quarantine_counts SET kept = kept - ?2 WHERE source = ?1",
+                params![largest, pruned as i64],
             )?;
         }
+        tx.commit()?;
         Ok(())
+    }
+
+    /// Refused payloads per source: (source, refused, bytes, kept rows, last time,
+    /// last reason), most refused first.
+    pub fn quarantine_summary(&mut self) -> Result<Vec<QuarantineSummary>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT source, refused, bytes, first_at, last_at, last_reason, kept
+             FROM quarantine_counts ORDER BY refused DESC, source",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(QuarantineSummary {
+                source: r.get(0)?,
+                refused: r.get(1)?,
+                bytes: r.get(2)?,
+                first_at: r.get(3)?,
+                last_at: r.get(4)?,
+                last_reason: r.get(5)?,
+                kept: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Records what an agent's status message or events say about it.
@@ -663,5 +762,65 @@ mod policy_release_tests {
         // Back to the first text: still a new, higher release (agents move forward only).
         let c = store.policy_release("version = \"a\"\n", "a", t0).unwrap();
         assert_eq!(c.serial, b.serial + 1);
+    }
+}
+
+#[cfg(test)]
+mod quarantine_tests {
+    use super::*;
+
+    /// One source's flood prunes its own oldest evidence, never another's; every
+    /// refusal is counted, pruned or not.
+    #[test]
+    fn a_flood_prunes_only_the_flooders_evidence() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("q.db")).unwrap();
+        store
+            .quarantine(
+                "weilan/v1/agents/ws-a/events",
+                "bad signature",
+                b"evidence-a",
+            )
+            .unwrap();
+        let flood = QUARANTINE_KEEP_PER_SOURCE + 250;
+        for i in 0..flood {
+            store
+                .quarantine(
+                    "weilan/v1/agents/ws-b/events",
+                    "garbage",
+                    format!("{i}").as_bytes(),
+                )
+                .unwrap();
+        }
+        let summary = store.quarantine_summary().unwrap();
+        let of = |s: &str| summary.iter().find(|q| q.source == s).unwrap().clone();
+        assert_eq!(
+            (of("ws-b").refused, of("ws-b").kept),
+            (flood, QUARANTINE_KEEP_PER_SOURCE)
+        );
+        assert_eq!((of("ws-a").refused, of("ws-a").kept), (1, 1));
+        let kept_a: i64 = store
+            .conn()
+            .query_row(
+                "SELECT COUNT(*) FROM quarantine WHERE source = 'ws-a' AND payload = X'65766964656e63652d61'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(kept_a, 1, "ws-a's evidence survived ws-b's flood");
+        let newest_b: Vec<u8> = store
+            .conn()
+            .query_row(
+                "SELECT payload FROM quarantine WHERE source = 'ws-b' ORDER BY id DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(
+            newest_b,
+            format!("{}", flood - 1).as_bytes(),
+            "the newest is kept"
+        );
+        assert_eq!(quarantine_source("weilan/v1/doors/ctl-1/events"), "ctl-1");
     }
 }

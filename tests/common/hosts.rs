@@ -117,6 +117,11 @@ impl Host {
 
     /// Runs `script` with `sh -e` on this host in `cwd`; returns (success, output).
     pub fn sh(&self, cwd: &Path, script: &str) -> (bool, String) {
+        self.sh_with(cwd, script, &[])
+    }
+
+    /// Like [`Host::sh`], with extra environment variables.
+    pub fn sh_with(&self, cwd: &Path, script: &str, env: &[(&str, &str)]) -> (bool, String) {
         let out = Command::new("nsenter")
             .arg("-t")
             .arg(self.holder.id().to_string())
@@ -131,6 +136,7 @@ impl Host {
                 ),
             )
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .output()
             .expect("nsenter");
@@ -144,7 +150,12 @@ impl Host {
 
     /// Runs `script`, panicking with its output and the host's service logs on failure.
     pub fn run(&self, cwd: &Path, what: &str, script: &str) -> String {
-        let (ok, out) = self.sh(cwd, script);
+        self.run_with(cwd, what, script, &[])
+    }
+
+    /// Like [`Host::run`], with extra environment variables.
+    pub fn run_with(&self, cwd: &Path, what: &str, script: &str, env: &[(&str, &str)]) -> String {
+        let (ok, out) = self.sh_with(cwd, script, env);
         assert!(
             ok,
             "{}: `{what}` failed:\n{script}\n--- output\n{out}\n{}",

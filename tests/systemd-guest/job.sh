@@ -42,9 +42,10 @@ echo '127.0.0.1 collector.example.internal' >> /etc/hosts
 step collector-install
 step collector-pki
 step collector-start
-step collector-issue-agent
-# The operator's copy to the workstation (here the same host).
-cp /etc/weilan/pki/ca.pem /etc/weilan/pki/agents/$AGENT.pem /etc/weilan/pki/agents/$AGENT-key.pem "$F/release/"
+# The token the documented step prints (its last line), handed to the workstation
+# (here the same host).
+TOKEN=$(cd "$F/release" && sh -e "$F/steps/collector-enroll-token.sh" | tail -n 1)
+export TOKEN
 step workstation-install
 
 systemctl is-active weilan-collector weilan-agent
