@@ -463,7 +463,7 @@ fn temporary_unlock_tokens_are_bound_single_use_and_expire() {
     if !netns_available() {
         return;
     }
-    let fw = FenceWorld::start(&policy("u1", &[], &[]), "LOCKED-1");
+    let mut fw = FenceWorld::start(&policy("u1", &[], &[]), "LOCKED-1");
     let (w, ns) = (&fw.w, &fw.ns);
     weilan_collector::pki::issue_agent(&w.pki, "ws-other").unwrap();
     let authorized = || fw.authorized();
@@ -495,6 +495,53 @@ fn temporary_unlock_tokens_are_bound_single_use_and_expire() {
     let cfg = cfg.to_string_lossy().into_owned();
     let token = w.path("token.json").to_string_lossy().into_owned();
 
+    // A serial alone is no identity: the collector will not issue such a token, and
+    // the agent refuses one (signed all the same).
+    let serial_only = w.path("serial-only.json").to_string_lossy().into_owned();
+    let (ok, text) = weilan(&[
+        "collector",
+        "unlock",
+        "--config",
+        &ccfg,
+        "--agent",
+        AGENT,
+        "--serial",
+        "LOCKED-1",
+        "--reason",
+        "x",
+        "--out",
+        &serial_only,
+    ]);
+    assert!(
+        !ok && text.contains("a serial alone is not a device's identity"),
+        "{text}"
+    );
+    let signer =
+        weilan_config::signing::Signer::from_pem_files(&w.pki.collector(), &w.pki.collector_key())
+            .unwrap();
+    let now = jiff::Timestamp::now();
+    let bare = weilan_config::wire::UnlockToken {
+        token_id: "5e1a10ee".into(),
+        agent_id: AGENT.into(),
+        device_hash: None,
+        serial: Some("LOCKED-1".into()),
+        vid_pid: None,
+        mode: "allow".into(),
+        not_before: now,
+        not_after: now + jiff::SignedDuration::from_secs(60),
+        reason: "serial only".into(),
+    };
+    let signed = signer.sign(
+        weilan_config::wire::Purpose::Unlock,
+        serde_json::to_string(&bare).unwrap(),
+    );
+    fs::write(&serial_only, serde_json::to_vec(&signed).unwrap()).unwrap();
+    let (ok, text) = weilan(&["agent", "unlock", "--config", &cfg, "--token", &serial_only]);
+    assert!(
+        !ok && text.contains("a serial alone is not a device's identity"),
+        "{text}"
+    );
+
     // Offline path: issued to a file, handed to the agent with `weilan agent unlock`.
     let (ok, text) = weilan(&[
         "collector",
@@ -505,6 +552,8 @@ fn temporary_unlock_tokens_are_bound_single_use_and_expire() {
         AGENT,
         "--serial",
         "LOCKED-1",
+        "--vid-pid",
+        "0781:5581",
         "--seconds",
         "8",
         "--reason",
@@ -524,6 +573,24 @@ fn temporary_unlock_tokens_are_bound_single_use_and_expire() {
         "the use is audited with its reason: {d}"
     );
 
+    // A clone with the same serial and another vid:pid is not unlocked.
+    hot_plug(ns, &w.sysfs(), "1-3", ("abcd", "0001"), "LOCKED-1");
+    let clone = wait_for(
+        "the clone decided",
+        T,
+        || decision(w, "LOCKED-1", "attach"),
+        diag,
+    );
+    assert_eq!(
+        (
+            clone["target"].as_str(),
+            clone["rule_id"].as_str(),
+            clone["vid"].as_str()
+        ),
+        (Some("block"), Some("implicit default"), Some("abcd")),
+        "{clone}"
+    );
+
     // Single use: the same token again is refused (by the CLI, and by the agent).
     let (ok, text) = weilan(&["agent", "unlock", "--config", &cfg, "--token", &token]);
     assert!(!ok && text.contains("already used"), "{text}");
@@ -539,6 +606,8 @@ fn temporary_unlock_tokens_are_bound_single_use_and_expire() {
         "ws-other",
         "--serial",
         "LOCKED-1",
+        "--vid-pid",
+        "0781:5581",
         "--reason",
         "x",
         "--out",
@@ -595,6 +664,8 @@ fn temporary_unlock_tokens_are_bound_single_use_and_expire() {
             AGENT,
             "--serial",
             "LOCKED-1",
+            "--vid-pid",
+            "0781:5581",
             "--mode",
             "read-only",
             "--seconds",
@@ -627,7 +698,35 @@ fn temporary_unlock_tokens_are_bound_single_use_and_expire() {
         diag,
     );
     assert_eq!(authorized(), "1");
-    println!("unlock tokens: offline file and online command applied, reuse/other-agent/forged refused, expiry on time");
+
+    // An agent restarted inside the window keeps the unlock (it used to be lost).
+    fw.agent.stop();
+    fw.agent = fw.w.start_agent(&fw.ns, &fw.agent_cfg, AGENT);
+    let w = &fw.w;
+    let diag = || fw.diag();
+    wait_for(
+        "unlock restored after the restart",
+        T,
+        || unlock_events(w, "restored").pop(),
+        diag,
+    );
+    let d = wait_for(
+        "decided by the restored unlock at start",
+        T,
+        || {
+            w.events(
+                "usb.decision",
+                "json_extract(envelope, '$.event.data.serial') = ?2 \
+                 AND json_extract(envelope, '$.event.data.trigger') = 'start' \
+                 AND json_extract(envelope, '$.event.data.rule_id') LIKE 'unlock:%'",
+                &["LOCKED-1"],
+            )
+            .pop()
+        },
+        diag,
+    );
+    assert_eq!(d["target"], "read-only", "{d}");
+    println!("unlock tokens: offline file and online command applied, reuse/other-agent/forged/serial-only refused, a clone not unlocked, kept across a restart, expiry on time");
 }
 
 /// Waits for the fence's decision to block `serial` on a command, and checks it.

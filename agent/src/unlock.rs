@@ -1,5 +1,8 @@
 //! Temporary unlock tokens: verified offline with the CA, bound to one agent and one
-//! device, single use, and only valid in their time window.
+//! device (its hash, or its serial with its vid:pid — never a serial alone), single
+//! use, and only valid in their time window. An accepted token is kept in
+//! `unlocks/active/` until it expires, so an agent restarted inside the window keeps
+//! the unlock (it used to be lost).
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -27,6 +30,11 @@ pub fn verify(
     }
     if token.device_hash.is_none() && token.serial.is_none() {
         return Err("token names no device".into());
+    }
+    if token.device_hash.is_none() && token.vid_pid.is_none() {
+        return Err(
+            "a serial alone is not a device's identity (a clone with another vid:pid would be unlocked): the token must name its vid:pid or its hash".into(),
+        );
     }
     if !matches!(token.mode.as_str(), "allow" | "read-only") {
         return Err(format!("mode `{}` is not allow or read-only", token.mode));
@@ -93,6 +101,46 @@ impl UnlockStore {
             let _ = std::fs::remove_file(&path);
         }
         out
+    }
+
+    fn active_dir(&self) -> PathBuf {
+        self.dir.join("active")
+    }
+
+    fn active_path(&self, token_id: &str) -> PathBuf {
+        let safe: String = token_id
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .collect();
+        self.active_dir().join(format!("{safe}.json"))
+    }
+
+    /// Keeps an accepted token (synced) until it expires.
+    pub fn save_active(&self, msg: &SignedMessage, token_id: &str) -> std::io::Result<()> {
+        std::fs::create_dir_all(self.active_dir())?;
+        let path = self.active_path(token_id);
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec(msg).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    }
+
+    pub fn remove_active(&self, token_id: &str) {
+        let _ = std::fs::remove_file(self.active_path(token_id));
+    }
+
+    /// The tokens accepted before and not yet expired (or removed).
+    pub fn active(&self) -> Vec<SignedMessage> {
+        let Ok(entries) = std::fs::read_dir(self.active_dir()) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .filter_map(|b| wire::decode_signed(&b, 64 * 1024).ok())
+            .collect()
     }
 
     pub fn used(&self) -> HashSet<String> {

@@ -152,9 +152,12 @@ enum Command {
         /// Device identity hash (from usb.attached / usb.decision).
         #[arg(long)]
         hash: Option<String>,
-        /// Device serial.
+        /// Device serial (with --vid-pid: a serial alone is no identity).
         #[arg(long)]
         serial: Option<String>,
+        /// The device's vid:pid (VVVV:PPPP), required with --serial.
+        #[arg(long)]
+        vid_pid: Option<String>,
         /// allow or read-only.
         #[arg(long, default_value = "allow")]
         mode: String,
@@ -508,6 +511,7 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
             agent,
             hash,
             serial,
+            vid_pid,
             mode,
             minutes,
             seconds,
@@ -524,6 +528,7 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                 &agent,
                 hash,
                 serial,
+                vid_pid,
                 &mode,
                 seconds.unwrap_or(minutes * 60),
                 &reason,

@@ -19,6 +19,7 @@ pub fn issue(
     agent: &str,
     hash: Option<String>,
     serial: Option<String>,
+    vid_pid: Option<String>,
     mode: &str,
     valid_secs: u64,
     reason: &str,
@@ -29,7 +30,21 @@ pub fn issue(
         return Err(format!("`{agent}` is not an agent id"));
     }
     if hash.is_none() && serial.is_none() {
-        return Err("name the device: --hash and/or --serial".into());
+        return Err("name the device: --hash, or --serial with --vid-pid".into());
+    }
+    if hash.is_none() && vid_pid.is_none() {
+        return Err("a serial alone is not a device's identity (a clone with another vid:pid would be unlocked): give --vid-pid with --serial, or --hash".into());
+    }
+    let vid_pid = vid_pid.map(|v| v.to_ascii_lowercase());
+    if let Some(vp) = &vid_pid {
+        let ok = vp.split_once(':').is_some_and(|(v, p)| {
+            [v, p]
+                .iter()
+                .all(|x| x.len() == 4 && x.chars().all(|c| c.is_ascii_hexdigit()))
+        });
+        if !ok {
+            return Err(format!("--vid-pid `{vp}` is not VVVV:PPPP (hex)"));
+        }
     }
     if !matches!(mode, "allow" | "read-only") {
         return Err(format!("--mode `{mode}` is not allow or read-only"));
@@ -48,6 +63,7 @@ pub fn issue(
         agent_id: agent.to_string(),
         device_hash: hash.map(|h| h.to_ascii_lowercase()),
         serial,
+        vid_pid,
         mode: mode.to_string(),
         not_before: now,
         not_after: now + jiff::SignedDuration::from_secs(valid_secs as i64),

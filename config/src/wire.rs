@@ -171,9 +171,13 @@ pub struct UnlockToken {
     pub token_id: String,
     /// The only agent that accepts it.
     pub agent_id: String,
-    /// The device: its identity hash and/or its serial (all given must match).
+    /// The device: its identity hash, or its serial with its `vid:pid` (all given must
+    /// match). A serial alone is no identity — any stick can be programmed with it —
+    /// so agents refuse a token that names nothing else.
     pub device_hash: Option<String>,
     pub serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vid_pid: Option<String>,
     /// `allow` or `read-only`.
     pub mode: String,
     pub not_before: jiff::Timestamp,

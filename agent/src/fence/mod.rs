@@ -193,6 +193,8 @@ impl Fence {
         shutdown: CancellationToken,
     ) {
         self.start();
+        // Before any device is decided: unlocks accepted before a restart still hold.
+        self.restore_unlocks().await;
         let mut tick = tokio::time::interval(self.recheck);
         tick.tick().await;
         let mut incoming = tokio::time::interval(Duration::from_secs(1));
@@ -246,6 +248,9 @@ impl Fence {
                 && t.serial
                     .as_ref()
                     .is_none_or(|s| d.serial.as_ref() == Some(s))
+                && t.vid_pid
+                    .as_ref()
+                    .is_none_or(|vp| vp.eq_ignore_ascii_case(&format!("{}:{}", d.vid, d.pid)))
         });
         match token {
             Some(t) => Verdict {
@@ -285,8 +290,42 @@ impl Fence {
         }
         self.emit_unlock(token.as_ref(), status, refusal, via).await;
         if let (Some(t), "accepted") = (token, status) {
+            if let Some(setup) = &self.unlock {
+                if let Err(e) = setup.store.save_active(&msg, &t.token_id) {
+                    tracing::error!(error = %e, token = %t.token_id, "unlock not kept on disk: a restart would end it early");
+                }
+            }
             self.unlocks.push(t);
             self.reevaluate("unlock").await;
+        }
+    }
+
+    /// Takes back the unlocks accepted before a restart: verified again (signature,
+    /// agent, window); one that expired meanwhile is reported as expired.
+    async fn restore_unlocks(&mut self) {
+        let Some(setup) = &self.unlock else { return };
+        let (store, verifier, agent_id) = (
+            setup.store.clone(),
+            setup.verifier.clone(),
+            setup.agent_id.clone(),
+        );
+        for msg in store.active() {
+            let claimed: Option<UnlockToken> = serde_json::from_str(&msg.body).ok();
+            match unlock::verify(&verifier, &msg, &agent_id) {
+                Ok(t) => {
+                    tracing::info!(token = %t.token_id, until = %t.not_after, "unlock restored after a restart");
+                    self.emit_unlock(Some(&t), "restored", None, "restart")
+                        .await;
+                    self.unlocks.push(t);
+                }
+                Err(why) => {
+                    if let Some(t) = &claimed {
+                        store.remove_active(&t.token_id);
+                    }
+                    self.emit_unlock(claimed.as_ref(), "expired", Some(why), "restart")
+                        .await;
+                }
+            }
         }
     }
 
@@ -332,6 +371,9 @@ impl Fence {
             self.unlocks.drain(..).partition(|t| t.not_after <= now);
         self.unlocks = live;
         for t in &expired {
+            if let Some(setup) = &self.unlock {
+                setup.store.remove_active(&t.token_id);
+            }
             self.emit_unlock(Some(t), "expired", None, "timer").await;
         }
         let trigger = if expired.is_empty() {
