@@ -188,3 +188,32 @@ fn collector_check_config_checks_the_pki_as_the_service_will_use_it() {
         );
     }
 }
+
+/// A USB identity that trusts a serial alone is valid but weak: `check-config` says
+/// so (and still passes).
+#[test]
+fn check_config_warns_on_a_serial_only_usb_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["ca.pem", "agent.pem", "agent-key.pem"] {
+        fs::write(dir.path().join(f), "x").unwrap();
+    }
+    fs::write(
+        dir.path().join("policy.toml"),
+        "version = \"p1\"\n[[usb.rules]]\nid = \"by-serial\"\ntarget = \"allow\"\nserial = [\"4C53\"]\n",
+    )
+    .unwrap();
+    let cfg = dir.path().join("agent.toml");
+    fs::write(
+        &cfg,
+        "[agent]\nstate_dir = \".\"\npolicy = \"policy.toml\"\n[collector]\nhost = \"h\"\nca = \"ca.pem\"\n\
+         [tls]\ncert = \"agent.pem\"\nkey = \"agent-key.pem\"\n",
+    )
+    .unwrap();
+    let (code, err) = check(&["agent", "check-config"], &cfg);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("warning: ")
+            && err.contains("policy.toml: usb.rules[0] (`by-serial`): serial without vid_pid"),
+        "{err}"
+    );
+}

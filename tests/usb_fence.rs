@@ -24,7 +24,7 @@ fn policy(version: &str, allowed: &[&str], rejected: &[&str]) -> String {
         format!("version = \"{version}\"\n[usb]\nmode = \"enforce\"\ndefault_target = \"block\"\n");
     if !allowed.is_empty() {
         p.push_str(&format!(
-            "[[usb.rules]]\nid = \"allow-list\"\ntarget = \"allow\"\nserial = [{}]\n",
+            "[[usb.rules]]\nid = \"allow-list\"\ntarget = \"allow\"\nserial = [{}]\nvid_pid = [\"0781:5581\"]\n",
             list(allowed)
         ));
     }

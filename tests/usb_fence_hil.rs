@@ -86,15 +86,18 @@ mode = "enforce"
 default_target = "block"
 present_at_start = "apply"
 
+# QEMU's usb-storage is 46f4:0001; a serial alone would be no identity.
 [[usb.rules]]
 id = "hil-allowed"
 target = "allow"
 serial = ["GOOD-1"]
+vid_pid = ["46f4:0001"]
 
 [[usb.rules]]
 id = "hil-read-only"
 target = "read-only"
 serial = ["RO-1"]
+vid_pid = ["46f4:0001"]
 
 [[files.rules]]
 id = "hil-classified-makes-ro"

@@ -193,6 +193,9 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
             };
             match crate::load_policy(&settings) {
                 Ok(p) => {
+                    for w in p.usb.lint() {
+                        eprintln!("warning: {}: {w}", settings.policy.display());
+                    }
                     println!(
                         "{}: ok; policy {} version {}",
                         config.display(),

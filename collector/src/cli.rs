@@ -323,6 +323,9 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
         } => match load(&config) {
             Ok(s) => {
                 let report = crate::preflight::check(&s, Some(service_user.as_str()));
+                for w in &report.warnings {
+                    eprintln!("warning: {w}");
+                }
                 for p in &report.problems {
                     eprintln!("{p}");
                 }

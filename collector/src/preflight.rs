@@ -32,6 +32,8 @@ impl std::fmt::Display for Problem {
 #[derive(Debug, Default)]
 pub struct Report {
     pub problems: Vec<Problem>,
+    /// Valid but weak (e.g. a USB identity that trusts a serial alone).
+    pub warnings: Vec<Problem>,
     pub policy_version: Option<String>,
     pub rules: usize,
     pub checked_as: Option<String>,
@@ -48,7 +50,15 @@ pub fn check(settings: &CollectorSettings, service_user: Option<&str>) -> Report
         })
     };
     match weilan_config::load_file::<weilan_config::policy::PolicyFile>(&settings.policy_path) {
-        Ok(p) => report.policy_version = Some(p.version),
+        Ok(p) => {
+            for w in p.usb.lint() {
+                report.warnings.push(Problem {
+                    file: settings.policy_path.clone(),
+                    message: w,
+                });
+            }
+            report.policy_version = Some(p.version)
+        }
         Err(e) => problem(&settings.policy_path, e.to_string().trim_end().to_string()),
     }
     match crate::rules::RuleSet::load(settings.rules_builtin, settings.rules_dir.as_deref()) {

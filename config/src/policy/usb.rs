@@ -288,6 +288,11 @@ pub struct KnownDevice {
 }
 
 impl KnownDevice {
+    /// Named by its serial only: any stick programmed with that serial matches.
+    pub fn serial_only(&self) -> bool {
+        self.serial.is_some() && self.hash.is_none() && (self.vid.is_none() || self.pid.is_none())
+    }
+
     pub fn matches(&self, d: &UsbDevice) -> bool {
         self.vid.as_ref().is_none_or(|v| *v == d.vid)
             && self.pid.as_ref().is_none_or(|p| *p == d.pid)
@@ -417,8 +422,35 @@ pub fn is_badusb(d: &UsbDevice) -> bool {
 }
 
 impl Rule {
-    /// True when every matcher of the rule accepts the device.
+    /// The rule grants access (allow, read-only) to devices named by serial and
+    /// nothing else that identifies them (`vid_pid`, `hash`, `label`): any stick can
+    /// be programmed with a serial. (A block or reject by serial may match clones
+    /// too: that only narrows what gets in.)
+    pub fn serial_only(&self) -> bool {
+        matches!(self.target, Target::Allow | Target::ReadOnly)
+            && self.serial.is_some()
+            && self.vid_pid.is_none()
+            && self.hash.is_none()
+            && self.label.is_none()
+    }
+
+    /// True when every matcher of the rule accepts the device. A serial-only rule
+    /// that grants access accepts a device only with the vid:pid the inventory
+    /// (`known_devices`) gives for that serial: a clone with another vid:pid is not the
+    /// device the rule meant, and without an inventory entry the rule matches nothing
+    /// (`lint` says so).
     pub fn matches(&self, d: &UsbDevice, known: &[KnownDevice], ctx: &Context<'_>) -> bool {
+        if self.serial_only()
+            && !known.iter().any(|k| {
+                !k.serial_only() && k.serial.is_some() && k.serial == d.serial && k.matches(d)
+            })
+        {
+            return false;
+        }
+        self.matches_fields(d, known, ctx)
+    }
+
+    fn matches_fields(&self, d: &UsbDevice, known: &[KnownDevice], ctx: &Context<'_>) -> bool {
         let any = |list: &Option<Vec<String>>, f: &dyn Fn(&String) -> bool| {
             list.as_ref().is_none_or(|l| l.iter().any(f))
         };
@@ -492,6 +524,29 @@ impl UsbPolicy {
     /// The known-device entry matching `d`, if any.
     pub fn known_device(&self, d: &UsbDevice) -> Option<&KnownDevice> {
         self.known_devices.iter().find(|k| k.matches(d))
+    }
+
+    /// What is valid but weak: device identities that trust a serial alone. Printed by
+    /// `check-config` (both programs) as warnings; the policy still loads.
+    pub fn lint(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, k) in self.known_devices.iter().enumerate() {
+            if k.serial_only() {
+                out.push(format!(
+                    "usb.known_devices[{i}] (`{}`): named by serial only; any stick programmed with that serial counts as it (and as known): add vid and pid, or hash",
+                    k.label
+                ));
+            }
+        }
+        for (i, r) in self.rules.iter().enumerate() {
+            if r.serial_only() {
+                out.push(format!(
+                    "usb.rules[{i}] (`{}`): serial without vid_pid, hash or label; it matches only devices with the vid:pid usb.known_devices gives for that serial (none without such an entry): add vid_pid",
+                    r.id
+                ));
+            }
+        }
+        out
     }
 }
 

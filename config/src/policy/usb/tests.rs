@@ -318,3 +318,85 @@ fn regex_lite_match(re: &str, t: &str) -> bool {
     }
     true
 }
+
+/// A serial is no identity (any stick can be programmed with one): a serial-only rule
+/// accepts only the vid:pid the inventory gives for that serial, never a clone, and
+/// `lint` names every identity that trusts a serial alone.
+#[test]
+fn serial_only_rules_refuse_a_clone_with_another_vid_pid() {
+    let p = policy(
+        r#"
+version = "s1"
+[usb]
+default_target = "block"
+
+[[usb.known_devices]]
+label = "finance stick"
+vid = "0781"
+pid = "5581"
+serial = "FIN-7"
+
+[[usb.known_devices]]
+label = "old entry"
+serial = "OLD-1"
+
+[[usb.rules]]
+id = "allow-by-serial"
+target = "allow"
+serial = ["FIN-7", "NOT-INVENTORIED"]
+
+[[usb.rules]]
+id = "allow-pinned"
+target = "allow"
+serial = ["PIN-1"]
+vid_pid = ["0951:1666"]
+"#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let ctx = ctx_at(&[], "2026-11-18T02:00:00Z");
+    let decide = |d: UsbDevice| p.usb.evaluate(&d, &ctx).rule_id;
+    assert_eq!(
+        decide(dev("0781", "5581", "FIN-7", &[8])),
+        "allow-by-serial"
+    );
+    assert_eq!(
+        decide(dev("abcd", "0001", "FIN-7", &[8])),
+        IMPLICIT_DEFAULT,
+        "clone"
+    );
+    assert_eq!(
+        decide(dev("0781", "5581", "NOT-INVENTORIED", &[8])),
+        IMPLICIT_DEFAULT,
+        "no inventory entry: no identity"
+    );
+    assert_eq!(decide(dev("0951", "1666", "PIN-1", &[8])), "allow-pinned");
+    assert_eq!(decide(dev("abcd", "0001", "PIN-1", &[8])), IMPLICIT_DEFAULT);
+    let lint = p.usb.lint();
+    assert_eq!(lint.len(), 2, "{lint:?}");
+    assert!(
+        lint[0].starts_with("usb.known_devices[1] (`old entry`): named by serial only"),
+        "{lint:?}"
+    );
+    assert!(
+        lint[1].starts_with("usb.rules[0] (`allow-by-serial`): serial without vid_pid"),
+        "{lint:?}"
+    );
+}
+
+/// Denying by serial keeps matching any device with it: a clone of a rejected stick is
+/// rejected too.
+#[test]
+fn a_reject_by_serial_also_rejects_clones() {
+    let p = policy(
+        "version = \"s2\"\n[[usb.rules]]\nid = \"deny\"\ntarget = \"reject\"\nserial = [\"BAD-1\"]\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let ctx = ctx_at(&[], "2026-11-18T02:00:00Z");
+    for (vid, pid) in [("0781", "5581"), ("abcd", "0001")] {
+        assert_eq!(
+            p.usb.evaluate(&dev(vid, pid, "BAD-1", &[8]), &ctx).rule_id,
+            "deny"
+        );
+    }
+    assert!(p.usb.lint().is_empty());
+}
