@@ -16,6 +16,8 @@ use common::*;
 
 const AGENT_ID: &str = "ws-finance-01";
 const OTHER_ID: &str = "ws-finance-02";
+/// A third certificate, never revoked: the control for the revocation check.
+const THIRD_ID: &str = "ws-finance-03";
 const DOC: &str = include_str!("../docs/deployment.md");
 
 /// The command block under `<!-- deployment-test: NAME -->` in docs/deployment.md.
@@ -183,7 +185,10 @@ fn deploy(mosquitto: bool, acl_edit: Option<&str>) -> Option<Fleet> {
     c.run(
         &fleet.release,
         "second agent",
-        &format!("weilan-collector pki issue-agent {OTHER_ID} --dir /etc/weilan/pki"),
+        &format!(
+            "weilan-collector pki issue-agent {OTHER_ID} --dir /etc/weilan/pki && \
+             weilan-collector pki issue-agent {THIRD_ID} --dir /etc/weilan/pki"
+        ),
     );
     // The operator hands the token to the workstation.
     fleet.workstation.run_with(
@@ -316,6 +321,51 @@ fn documented_deployment_through_the_shipped_mosquitto_config_works() {
     assert_eq!(collector_connections, 1, "{}", f.diag());
     assert_eq!(agent_connections, 1, "{}", f.diag());
     no_broker_alert(&f);
+
+    // Revocation through the CRL: the documented step, then the revoked certificate
+    // is refused at the TLS handshake (the same certificate connected for the probes
+    // above), while another one still connects.
+    f.step(&f.collector, "revoke", &f.release);
+    // `reload` is a SIGHUP that Mosquitto handles in its own time: the CRL takes hold
+    // within moments, measured here.
+    let revoked_at = Instant::now();
+    let mut refused = try_connect(&f.ns, &ca, &cert, &key);
+    while refused.is_ok() && revoked_at.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+        refused = try_connect(&f.ns, &ca, &cert, &key);
+    }
+    println!(
+        "MEASURED after `agents revoke` + reload: {OTHER_ID} refused after {} ms -> {refused:?}",
+        revoked_at.elapsed().as_millis()
+    );
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("CertificateRevoked")),
+        "a revoked certificate still connects 5 s after the reload: {refused:?}\n{}",
+        f.diag()
+    );
+    assert!(
+        try_connect(
+            &f.ns,
+            &ca,
+            &f.collector
+                .path(&format!("/etc/weilan/pki/agents/{THIRD_ID}.pem")),
+            &f.collector
+                .path(&format!("/etc/weilan/pki/agents/{THIRD_ID}-key.pem")),
+        )
+        .is_ok(),
+        "an unrevoked certificate must still connect\n{}",
+        f.diag()
+    );
+}
+
+/// Connects with a certificate (as an agent connects) and disconnects.
+fn try_connect(ns: &Netns, ca: &Path, cert: &Path, key: &Path) -> Result<(), String> {
+    let tls = weilan_config::tls::client_config(ca, cert, key, "weilan-collector").unwrap();
+    with_mqtt_client(ns, "probe", tls, |_client, mut eventloop| {
+        Box::pin(async move { connect(&mut eventloop).await })
+    })
 }
 
 /// The same walk-through with the ACL's policy lines removed (the documented ACL of
@@ -415,6 +465,7 @@ fn every_marked_documentation_step_is_run() {
         "workstation-install",
         "collector-policy-change",
         "mosquitto",
+        "revoke",
     ];
     let mut documented = doc_steps();
     documented.sort();

@@ -119,10 +119,18 @@ pub fn enroll(
         ca: dir.join("ca.pem"),
         groups: response.groups,
     };
-    std::fs::create_dir_all(dir).map_err(|source| EnrollError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
+    // The identity's directory: root's only (as tmpfiles would make it).
+    if !dir.exists() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| EnrollError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+    }
     write_atomically(&out.key, key.serialize_pem().as_bytes(), 0o600)?;
     write_atomically(&out.cert, cert_pem.as_bytes(), 0o644)?;
     write_atomically(&out.ca, ca_pem.as_bytes(), 0o644)?;

@@ -125,6 +125,8 @@ enum Command {
     },
     /// List the fleet: state, last event, versions, backlog.
     Agents {
+        #[command(subcommand)]
+        action: Option<AgentsAction>,
         #[arg(long, default_value = "/etc/weilan/collector.toml")]
         config: PathBuf,
         /// JSON lines for machines.
@@ -214,6 +216,21 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum AgentsAction {
+    /// Revoke every certificate of an agent: its payloads are refused (red alert) from
+    /// now on, and the CRL for external brokers (`crl.pem` beside the CA) is rewritten —
+    /// install it where the broker's `crlfile` points and reload the broker.
+    Revoke {
+        id: String,
+        /// Why (kept in the registry).
+        #[arg(long)]
+        reason: String,
+        #[arg(long, default_value = "/etc/weilan/pki")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum EnrollCommand {
     /// Make single-use tokens, printed one a line (kept only as digests): give each to
     /// one workstation for `weilan-agent enroll --collector HOST --token TOKEN`.
@@ -290,6 +307,11 @@ enum PkiCommand {
     /// Issue an agent certificate; its common name is the agent id.
     IssueAgent {
         name: String,
+        #[arg(long, default_value = "/etc/weilan/pki")]
+        dir: PathBuf,
+    },
+    /// Rewrite the CRL (`crl.pem`) from the registry's revocations.
+    Crl {
         #[arg(long, default_value = "/etc/weilan/pki")]
         dir: PathBuf,
     },
@@ -618,7 +640,36 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                 }
             }
         }
-        Command::Agents { config, json } => {
+        Command::Agents {
+            action: Some(AgentsAction::Revoke { id, reason, dir }),
+            ..
+        } => match crate::registry::revoke(&PkiPaths::new(&dir), &id, &reason) {
+            Ok(revoked) if revoked.is_empty() => {
+                eprintln!("revoke: `{id}` has no valid certificate in the registry");
+                ExitCode::FAILURE
+            }
+            Ok(revoked) => {
+                for e in &revoked {
+                    println!(
+                        "revoked `{id}` certificate {} (serial {}, {}); CRL {}",
+                        &e.fingerprint[..16],
+                        e.serial,
+                        e.role,
+                        crate::registry::crl_path(&PkiPaths::new(&dir)).display()
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("revoke: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Agents {
+            action: None,
+            config,
+            json,
+        } => {
             let settings = match load(&config) {
                 Ok(s) => s,
                 Err(code) => return code,
@@ -742,6 +793,9 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                         );
                     })
                 }
+                PkiCommand::Crl { dir } => crate::registry::write_crl(&PkiPaths::new(&dir))
+                    .map(|p| println!("CRL written: {}", p.display()))
+                    .map_err(pki::PkiError::from),
                 PkiCommand::IssueDoorController { name, dir } => {
                     pki::issue_door_controller(&PkiPaths::new(&dir), &name).map(|(c, k)| {
                         println!(

@@ -250,8 +250,10 @@ pub fn init(paths: &PkiPaths, site_names: &[String]) -> Result<(), PkiError> {
         &paths.collector(),
         &paths.collector_key(),
     )?;
-    // An empty registry: only what is issued from now on is enrolled.
+    // An empty registry: only what is issued from now on is enrolled. And an empty
+    // CRL, so that a broker configured with `crlfile` starts.
     crate::registry::import_if_missing(paths)?;
+    crate::registry::write_crl(paths)?;
     Ok(())
 }
 

@@ -42,6 +42,9 @@ pub struct Entry {
     /// The certificate's expiry (RFC 3339).
     #[serde(default)]
     pub not_after: String,
+    /// The certificate's serial number (hex), for the CRL.
+    #[serde(default)]
+    pub serial: String,
     #[serde(default)]
     pub groups: Vec<String>,
     /// `pki issue-agent`, `enrollment token <id>`, `imported`, an admin's reason...
@@ -63,6 +66,8 @@ pub enum RegistryError {
     },
     #[error("{0}: not a PEM certificate")]
     Certificate(PathBuf),
+    #[error("CRL: {0}")]
+    Crl(String),
 }
 
 /// The registry's state: the entries in force by fingerprint and by id.
@@ -197,13 +202,20 @@ pub fn issued_entry(
 }
 
 pub fn entry_for_der(der: &[u8], id: &str, role: &str, groups: Vec<String>, by: &str) -> Entry {
-    let not_after = x509_parser::parse_x509_certificate(der)
+    let parsed = x509_parser::parse_x509_certificate(der)
         .ok()
-        .and_then(|(_, c)| {
+        .map(|(_, c)| c);
+    let not_after = parsed
+        .as_ref()
+        .and_then(|c| {
             jiff::Timestamp::from_second(c.validity().not_after.timestamp())
                 .ok()
                 .map(|t| t.to_string())
         })
+        .unwrap_or_default();
+    let serial = parsed
+        .as_ref()
+        .map(|c| hex::encode(c.raw_serial()))
         .unwrap_or_default();
     Entry {
         at: jiff::Timestamp::now().to_string(),
@@ -212,9 +224,99 @@ pub fn entry_for_der(der: &[u8], id: &str, role: &str, groups: Vec<String>, by: 
         role: role.to_string(),
         fingerprint: fingerprint(der),
         not_after,
+        serial,
         groups,
         by: by.to_string(),
     }
+}
+
+/// Revokes every valid certificate of `id` (the registry says so at once; ingest
+/// refuses their payloads from the next one) and rewrites the CRL for external
+/// brokers. Returns the entries revoked.
+pub fn revoke(paths: &PkiPaths, id: &str, reason: &str) -> Result<Vec<Entry>, RegistryError> {
+    let reg_path = path(paths);
+    let reg = Registry::load(&reg_path)?;
+    let now = jiff::Timestamp::now().to_string();
+    let mut revoked: Vec<Entry> = reg.valid_for(id).cloned().collect();
+    revoked.sort_by(|a, b| a.at.cmp(&b.at));
+    for e in &mut revoked {
+        e.action = Action::Revoked;
+        e.at = now.clone();
+        e.by = format!("revoked: {reason}");
+        append(&reg_path, e)?;
+    }
+    write_crl(paths)?;
+    Ok(revoked)
+}
+
+/// The CRL of every revoked certificate (`crl.pem` beside the CA), for Mosquitto's
+/// `crlfile`. Valid until the CA expires, so a broker never starts refusing everyone
+/// because an unchanged list went stale; rewritten at every revocation.
+pub fn crl_path(paths: &PkiPaths) -> PathBuf {
+    paths.dir.join("crl.pem")
+}
+
+pub fn write_crl(paths: &PkiPaths) -> Result<PathBuf, RegistryError> {
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| RegistryError::Io { path: p, source }
+    };
+    let reg = Registry::load(&path(paths))?;
+    let mut serials: Vec<(&str, &str)> = reg
+        .entries()
+        .iter()
+        .filter(|e| e.action == Action::Revoked && !e.serial.is_empty())
+        .map(|e| (e.serial.as_str(), e.at.as_str()))
+        .collect();
+    serials.sort();
+    serials.dedup_by(|a, b| a.0 == b.0);
+    let now = time::OffsetDateTime::now_utc();
+    let revoked_certs = serials
+        .iter()
+        .filter_map(|(serial, at)| {
+            let bytes = hex::decode(serial).ok()?;
+            let when = at
+                .parse::<jiff::Timestamp>()
+                .ok()
+                .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.as_second()).ok())
+                .unwrap_or(now);
+            Some(rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(&bytes),
+                revocation_time: when,
+                reason_code: None,
+                invalidity_date: None,
+            })
+        })
+        .collect();
+    let ca_der = weilan_config::pem::load_cert(&paths.ca())
+        .map_err(|e| RegistryError::Crl(e.to_string()))?;
+    let ca_until = x509_parser::parse_x509_certificate(ca_der.as_ref())
+        .ok()
+        .and_then(|(_, c)| {
+            time::OffsetDateTime::from_unix_timestamp(c.validity().not_after.timestamp()).ok()
+        })
+        .unwrap_or(now + time::Duration::days(3650));
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: now,
+        next_update: ca_until.max(now + time::Duration::days(1)),
+        crl_number: rcgen::SerialNumber::from((now.unix_timestamp() as u64).max(1)),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    let issuer = crate::pki::load_issuer(paths).map_err(|e| RegistryError::Crl(e.to_string()))?;
+    let crl = params
+        .signed_by(&issuer)
+        .and_then(|c| c.pem())
+        .map_err(|e| RegistryError::Crl(e.to_string()))?;
+    let out = crl_path(paths);
+    let tmp = out.with_extension("tmp");
+    std::fs::write(&tmp, crl).map_err(io(&tmp))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).map_err(io(&tmp))?;
+    crate::pki::take_parent_owner(&tmp).map_err(|e| RegistryError::Crl(e.to_string()))?;
+    std::fs::rename(&tmp, &out).map_err(io(&out))?;
+    Ok(out)
 }
 
 /// A PKI made before the registry existed: register the certificates it issued
@@ -299,6 +401,37 @@ mod tests {
         std::fs::write(path(&paths), "{}\n").unwrap();
         let err = Registry::load(&path(&paths)).unwrap_err().to_string();
         assert!(err.contains("registry.jsonl:1:"), "{err}");
+    }
+
+    #[test]
+    fn revoking_takes_an_agent_out_and_lists_it_in_the_crl() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = PkiPaths::new(dir.path().join("pki"));
+        crate::pki::init(&paths, &[]).unwrap();
+        // pki init writes an empty CRL (a broker with crlfile must start).
+        let empty = std::fs::read(crl_path(&paths)).unwrap();
+        let (_, der) = x509_parser::pem::parse_x509_pem(&empty).unwrap();
+        let (_, crl) = x509_parser::parse_x509_crl(&der.contents).unwrap();
+        assert_eq!(crl.iter_revoked_certificates().count(), 0);
+        let (a, _) = crate::pki::issue_agent(&paths, "ws-a").unwrap();
+        let (b, _) = crate::pki::issue_agent(&paths, "ws-b").unwrap();
+        let revoked = revoke(&paths, "ws-a", "stolen").unwrap();
+        assert_eq!(revoked.len(), 1);
+        assert_eq!(revoked[0].by, "revoked: stolen");
+        assert!(revoke(&paths, "ws-a", "again").unwrap().is_empty());
+        let reg = Registry::load(&path(&paths)).unwrap();
+        let fp = |p: &Path| fingerprint(weilan_config::pem::load_cert(p).unwrap().as_ref());
+        assert!(reg.valid(&fp(&a)).is_none());
+        assert!(reg.valid(&fp(&b)).is_some());
+        let pem = std::fs::read(crl_path(&paths)).unwrap();
+        let (_, der) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        let (_, crl) = x509_parser::parse_x509_crl(&der.contents).unwrap();
+        let serials: Vec<String> = crl
+            .iter_revoked_certificates()
+            .map(|r| hex::encode(r.raw_serial()))
+            .collect();
+        assert_eq!(serials, [revoked[0].serial.clone()]);
+        assert!(crl.next_update().is_some());
     }
 
     #[test]
