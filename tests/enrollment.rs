@@ -98,7 +98,11 @@ fn one_token_enrolls_one_agent_and_everything_else_is_refused() {
     let ns = Netns::create();
     let collector = w.start_collector(
         &ns,
-        &w.collector_toml(false, "[enroll]\nlisten = \"127.0.0.1:8884\"\n"),
+        // One-day certificates: inside the 14-day warning from the start.
+        &w.collector_toml(
+            false,
+            "[enroll]\nlisten = \"127.0.0.1:8884\"\ncert_days = 1\n",
+        ),
     );
     let diag = || collector.log_text();
     let tokens = enroll_create(&w, &["--count", "2", "--ttl", "1h", "--group", "finance"]);
@@ -144,6 +148,34 @@ fn one_token_enrolls_one_agent_and_everything_else_is_refused() {
         T,
         || (started(&w, "ws-new") == 1).then_some(()),
         || format!("{}\n--- agent\n{}", diag(), agent.log_text()),
+    );
+
+    // A certificate within 14 days of its end: a yellow alert, and `agents` shows when.
+    let expiring = wait_for(
+        "certificate-expiring alert",
+        T,
+        || alerts_of(&w, "builtin.fleet.certificate-expiring").pop(),
+        diag,
+    );
+    assert_eq!(
+        (expiring["level"].as_str(), expiring["agent_id"].as_str()),
+        (Some("yellow"), Some("ws-new"))
+    );
+    let out = Command::new(weilan_bin())
+        .args(["collector", "agents", "--json", "--config"])
+        .arg(w.path("collector.toml"))
+        .output()
+        .unwrap();
+    let row: serde_json::Value = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|r| r["agent_id"] == "ws-new")
+        .expect("ws-new listed");
+    let ends: jiff::Timestamp = row["cert_expires"].as_str().unwrap().parse().unwrap();
+    let left = ends.duration_since(jiff::Timestamp::now());
+    assert!(
+        left > jiff::SignedDuration::from_hours(23) && left < jiff::SignedDuration::from_hours(25),
+        "{row}"
     );
 
     // The same token again, an expired one, forged ones: refused, each said why.

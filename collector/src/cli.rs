@@ -677,18 +677,30 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
             let rows = crate::store::Store::open(&settings.store_path)
                 .map_err(|e| e.to_string())
                 .and_then(|mut s| crate::fleet::list(&mut s).map_err(|e| e.to_string()));
+            // Certificate expiry from the registry beside the CA.
+            let pki_dir = settings
+                .ca
+                .parent()
+                .map(PkiPaths::new)
+                .unwrap_or_else(|| PkiPaths::new("."));
+            let registry = crate::registry::Registry::load(&crate::registry::path(&pki_dir))
+                .unwrap_or_default();
             match rows {
-                Ok(rows) => {
+                Ok(mut rows) => {
+                    for r in &mut rows {
+                        r.cert_expires = registry.expiry_of(&r.agent_id).map(str::to_string);
+                    }
                     if !json {
                         println!(
-                            "{:<24} {:<8} {:<28} {:<8} {:<16} {:>8} {:>10}  host",
+                            "{:<24} {:<8} {:<28} {:<8} {:<16} {:>8} {:>10}  {:<22} host",
                             "agent",
                             "state",
                             "last event",
                             "version",
                             "policy",
                             "backlog",
-                            "events"
+                            "events",
+                            "certificate ends"
                         );
                     }
                     for r in rows {
@@ -696,7 +708,7 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                             println!("{}", serde_json::to_string(&r).unwrap_or_default());
                         } else {
                             println!(
-                                "{:<24} {:<8} {:<28} {:<8} {:<16} {:>8} {:>10}  {}",
+                                "{:<24} {:<8} {:<28} {:<8} {:<16} {:>8} {:>10}  {:<22} {}",
                                 r.agent_id,
                                 r.state,
                                 r.last_event.as_deref().unwrap_or("-"),
@@ -704,6 +716,10 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                                 r.policy_version.as_deref().unwrap_or("-"),
                                 r.backlog.map_or("-".to_string(), |b| b.to_string()),
                                 r.events,
+                                r.cert_expires
+                                    .as_deref()
+                                    .map(|t| t.get(..19).unwrap_or(t))
+                                    .unwrap_or("not enrolled"),
                                 r.hostname.as_deref().unwrap_or("-")
                             );
                         }

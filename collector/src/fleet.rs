@@ -104,6 +104,8 @@ pub struct AgentRow {
     pub hostname: Option<String>,
     pub backlog: Option<i64>,
     pub events: i64,
+    /// When the agent's certificate (the latest valid one in the registry) ends.
+    pub cert_expires: Option<String>,
 }
 
 pub fn list(store: &mut Store) -> Result<Vec<AgentRow>, StoreError> {
@@ -123,6 +125,7 @@ pub fn list(store: &mut Store) -> Result<Vec<AgentRow>, StoreError> {
             hostname: r.get(5)?,
             backlog: r.get(6)?,
             events: r.get(7)?,
+            cert_expires: None,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)

@@ -58,17 +58,52 @@ pub struct Ingest {
     pub registry: Enrolled,
 }
 
+/// How long before a certificate's end the yellow "expiring" alert comes.
+pub const EXPIRY_WARNING: jiff::SignedDuration = jiff::SignedDuration::from_hours(14 * 24);
+
 /// The registry of enrolled certificates as ingest consults it: reloaded when its file
 /// changes (an enrollment or `pki issue-agent` since the last look).
 pub struct Enrolled {
     pub path: std::path::PathBuf,
     pub state: std::sync::RwLock<crate::registry::Registry>,
+    /// Certificates (by fingerprint) already alerted as expiring.
+    pub expiry_alerted: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Enrolled {
     pub fn open(path: std::path::PathBuf) -> Result<Enrolled, crate::registry::RegistryError> {
         let state = std::sync::RwLock::new(crate::registry::Registry::load(&path)?);
-        Ok(Enrolled { path, state })
+        Ok(Enrolled {
+            path,
+            state,
+            expiry_alerted: Mutex::new(Default::default()),
+        })
+    }
+
+    /// Valid certificates within `EXPIRY_WARNING` of their end, each found once per
+    /// run (a yellow alert: renew or re-enroll before the agent is cut off).
+    pub fn expiring(&self, now: jiff::Timestamp) -> Vec<Finding> {
+        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        state.refresh(&self.path);
+        let mut alerted = self
+            .expiry_alerted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        state
+            .expiring_before(now + EXPIRY_WARNING)
+            .into_iter()
+            .filter(|e| alerted.insert(e.fingerprint.clone()))
+            .map(|e| Finding {
+                kind: crate::rules::findings::CERTIFICATE_EXPIRING,
+                agent_id: e.id.clone(),
+                summary: format!(
+                    "The certificate of {} `{}` expires at {} (less than 14 days): renew it or re-enroll the host (`weilan-collector enroll create --replace {}`), or it can no longer connect",
+                    e.role, e.id, e.not_after, e.id
+                ),
+                event_ids: vec![],
+                details: serde_json::json!({"not_after": e.not_after, "fingerprint": e.fingerprint, "role": e.role}),
+            })
+            .collect()
     }
 
     /// Whether the certificate (base64 DER, as a signed message carries it) is
@@ -525,6 +560,7 @@ impl Ingest {
         };
         found.extend(overflow);
         found.extend(self.sinks.take_failures());
+        found.extend(self.registry.expiring(jiff::Timestamp::now()));
         if !updates.is_empty() {
             self.write_log(&updates);
         }

@@ -151,6 +151,26 @@ impl Registry {
         self.valid.values().filter(move |e| e.id == id)
     }
 
+    /// Valid certificates that expire before `horizon`, soonest first.
+    pub fn expiring_before(&self, horizon: jiff::Timestamp) -> Vec<&Entry> {
+        let mut v: Vec<&Entry> = self
+            .valid
+            .values()
+            .filter(|e| {
+                e.not_after
+                    .parse::<jiff::Timestamp>()
+                    .is_ok_and(|t| t < horizon)
+            })
+            .collect();
+        v.sort_by(|a, b| a.not_after.cmp(&b.not_after));
+        v
+    }
+
+    /// The latest expiry among `id`'s valid certificates.
+    pub fn expiry_of<'a>(&'a self, id: &'a str) -> Option<&'a str> {
+        self.valid_for(id).map(|e| e.not_after.as_str()).max()
+    }
+
     /// Every entry, oldest first.
     pub fn entries(&self) -> &[Entry] {
         &self.entries

@@ -77,4 +77,6 @@ pub mod findings {
     pub const UNENROLLED_CERTIFICATE: &str = "collector.unenrolled_certificate";
     /// An enrollment was refused (token reused, expired or forged; id taken...).
     pub const ENROLLMENT_REFUSED: &str = "collector.enrollment_refused";
+    /// An enrolled certificate ends within 14 days.
+    pub const CERTIFICATE_EXPIRING: &str = "collector.certificate_expiring";
 }

@@ -745,6 +745,11 @@ indicator!(enrollment_refused, "builtin.collector.enrollment-refused", |_h|
     near: (DAY, vec![finding(findings::UNENROLLED_CERTIFICATE, json!({"reason": "x", "payload_sha256": "ab"}))]),
 );
 
+indicator!(certificate_expiring, "builtin.fleet.certificate-expiring", |_h|
+    fire: (DAY, vec![finding(findings::CERTIFICATE_EXPIRING, json!({"not_after": "2026-12-10T00:00:00Z", "fingerprint": "ab", "role": "agent"}))]),
+    near: (DAY, vec![finding(findings::ENROLLMENT_REFUSED, json!({"token": "x", "reason": "y"}))]),
+);
+
 /// Every rule of the pack has its pair of tests above (kept in step by this list).
 #[test]
 fn every_builtin_rule_is_tested() {
@@ -796,6 +801,7 @@ fn every_builtin_rule_is_tested() {
         "builtin.collector.broker-unreachable",
         "builtin.integrity.unenrolled-certificate",
         "builtin.collector.enrollment-refused",
+        "builtin.fleet.certificate-expiring",
     ];
     let h = Harness::new();
     let set = h.engine.rule_set();
