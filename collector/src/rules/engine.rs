@@ -1027,7 +1027,12 @@ fn enrich(
         ("name", Value::from(user_name)),
         ("groups", Value::List(Arc::new(user_groups))),
     ]);
-    let device = device(tx, policy, fact)?;
+    let host_groups: Vec<String> = set
+        .agent_groups(&fact.agent_id)
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    let device = device(tx, policy, fact, &host_groups)?;
     let wh = &set.working_hours;
     let local = fact.time.to_zoned(wh.tz.clone());
     let clock_time = local.time();
@@ -1098,15 +1103,38 @@ fn note_decision(tx: &Transaction<'_>, fact: &Fact) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// `device`: identity hash, whether the policy knows it (USB attach), and the last
-/// fence decision the agent reported for it (for events on a device's files).
-fn device(tx: &Transaction<'_>, policy: &Policy, fact: &Fact) -> Result<Value, StoreError> {
+/// `device`: identity hash, whether the policy knows it (USB attach), which of the
+/// policy's rules lets it in (`allowed_by`: a rule that allows it or makes it
+/// read-only, by the same pure decision the agent makes; null for the default or
+/// a block), and the last fence decision the agent reported for it (for events on a
+/// device's files).
+fn device(
+    tx: &Transaction<'_>,
+    policy: &Policy,
+    fact: &Fact,
+    host_groups: &[String],
+) -> Result<Value, StoreError> {
     let hash = ["hash", "usb_hash", "device_hash"]
         .iter()
         .find_map(|k| fact.data.get(*k).and_then(|v| v.as_str()))
         .unwrap_or_default()
         .to_string();
     let known = fact.usb.as_ref().map(|d| policy.known_device(d).is_some());
+    let allowed_by = fact.usb.as_ref().and_then(|d| {
+        let ctx = weilan_config::policy::usb::Context {
+            host_groups,
+            now: fact.time,
+        };
+        let v = policy.usb.evaluate(d, &ctx);
+        let lets_in = matches!(
+            v.target,
+            weilan_config::policy::usb::Target::Allow
+                | weilan_config::policy::usb::Target::ReadOnly
+        );
+        let by_a_rule = v.rule_id != weilan_config::policy::usb::IMPLICIT_DEFAULT
+            && !v.rule_id.starts_with("builtin.");
+        (lets_in && by_a_rule).then_some(v.rule_id)
+    });
     let decision: Option<String> = if !hash.is_empty() && fact.kind.starts_with("file.") {
         tx.prepare_cached("SELECT target FROM device_decisions WHERE agent_id = ?1 AND hash = ?2")?
             .query_row(params![fact.agent_id, hash], |r| r.get(0))
@@ -1117,6 +1145,7 @@ fn device(tx: &Transaction<'_>, policy: &Policy, fact: &Fact) -> Result<Value, S
     Ok(map([
         ("hash", Value::from(hash)),
         ("known", known.map_or(Value::Null, Value::Bool)),
+        ("allowed_by", allowed_by.map_or(Value::Null, Value::from)),
         ("decision", Value::from(decision.unwrap_or_default())),
     ]))
 }

@@ -1129,3 +1129,37 @@ fn an_unattributed_transfer_still_fires_with_its_key() {
         .expect("fires without a pid");
     assert!(!a.summary.contains("(?)"), "{}", a.summary);
 }
+
+/// A stick the policy lets in by a rule (here: every 1234:5678) is not "unknown
+/// storage" though no inventory entry names it: it raised a red alert on every plug.
+#[test]
+fn a_stick_allowed_by_a_rule_is_not_unknown_storage() {
+    let mut h = Harness::new();
+    h.policy = weilan_config::load::load_str::<weilan_config::policy::PolicyFile>(
+        "version = \"a1\"\n[[usb.rules]]\nid = \"team-sticks\"\ntarget = \"read-only\"\nvid_pid = [\"1234:5678\"]\n",
+        std::path::Path::new("policy.toml"),
+        std::path::PathBuf::from("/"),
+    )
+    .unwrap();
+    let allowed = h.event(
+        "ws-1",
+        "workstation",
+        DAY,
+        "usb.attached",
+        usb(json!({"vid": "1234", "pid": "5678"})),
+    );
+    assert_eq!(
+        h.fired(DAY, vec![allowed], "builtin.usb.unknown-storage"),
+        None
+    );
+    let other = h.event(
+        "ws-1",
+        "workstation",
+        DAY,
+        "usb.attached",
+        usb(json!({"vid": "1234", "pid": "9999"})),
+    );
+    assert!(h
+        .fired(DAY, vec![other], "builtin.usb.unknown-storage")
+        .is_some());
+}
