@@ -217,3 +217,46 @@ fn check_config_warns_on_a_serial_only_usb_rule() {
         "{err}"
     );
 }
+
+/// `check-rules` on a directory that does not exist used to say ok.
+#[test]
+fn check_rules_refuses_a_missing_directory() {
+    let out = Command::new(weilan_bin())
+        .args(["collector", "check-rules", "--dir", "/nonexistent/rules.d"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("/nonexistent/rules.d: not a directory"),
+        "{err}"
+    );
+}
+
+/// A broken rule file stops `serve` with status 64 (a configuration error), as
+/// settings and policy errors do, not 1.
+#[test]
+fn serve_exits_64_on_a_broken_rule_file() {
+    let dir = tempfile::tempdir().unwrap();
+    weilan_collector::pki::init(
+        &weilan_collector::pki::PkiPaths::new(dir.path().join("pki")),
+        &[],
+    )
+    .unwrap();
+    fs::write(dir.path().join("policy.toml"), "version = \"p1\"\n").unwrap();
+    fs::create_dir(dir.path().join("rules")).unwrap();
+    fs::write(dir.path().join("rules/site.toml"), "[[rule]]\nid = 3\n").unwrap();
+    let cfg = dir.path().join("collector.toml");
+    fs::write(
+        &cfg,
+        "[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:0\"\n[enroll]\nenabled = false\n\n\
+         [tls]\nca = \"pki/ca.pem\"\nserver_cert = \"pki/server.pem\"\nserver_key = \"pki/server-key.pem\"\n\
+         client_cert = \"pki/collector.pem\"\nclient_key = \"pki/collector-key.pem\"\n\n\
+         [store]\npath = \"weilan.db\"\n[alerts]\npath = \"alerts.jsonl\"\n[policy]\npath = \"policy.toml\"\n\
+         [rules]\ndir = \"rules\"\n",
+    )
+    .unwrap();
+    let (code, err) = check(&["collector", "serve"], &cfg);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("site.toml"), "{err}");
+}

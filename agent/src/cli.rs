@@ -236,6 +236,11 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                         eprint!("{e}");
                         ExitCode::from(EXIT_CONFIG)
                     }
+                    // A badge key file the operator made wrong: a configuration error.
+                    Err(e @ crate::AgentError::BadgeKey { .. }) => {
+                        eprintln!("weilan-agent: {e}");
+                        ExitCode::from(EXIT_CONFIG)
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "agent failed");
                         ExitCode::FAILURE

@@ -393,6 +393,11 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
             }
         }
         Command::CheckRules { dir, no_builtin } => {
+            // A typo in the path must not pass as "no site rules".
+            if !dir.is_dir() {
+                eprintln!("{}: not a directory (no rule was checked)", dir.display());
+                return ExitCode::from(EXIT_CONFIG);
+            }
             match crate::rules::RuleSet::load(!no_builtin, Some(&dir)) {
                 Ok(set) => {
                     println!(
@@ -859,6 +864,16 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(crate::CollectorError::Policy(e)) => {
                         eprint!("{e}");
+                        ExitCode::from(EXIT_CONFIG)
+                    }
+                    // What an operator wrote: exit 64 like every configuration error.
+                    Err(
+                        e @ (crate::CollectorError::Rules(_)
+                        | crate::CollectorError::Roster(_)
+                        | crate::CollectorError::Sink(_)
+                        | crate::CollectorError::Registry(_)),
+                    ) => {
+                        eprintln!("weilan-collector: {e}");
                         ExitCode::from(EXIT_CONFIG)
                     }
                     Err(e) => {
