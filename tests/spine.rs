@@ -451,3 +451,32 @@ fn malformed_forged_and_oversized_payloads_are_quarantined_and_ingest_continues(
         || format!("{}\n{}", collector.log_text(), agent.log_text()),
     );
 }
+
+/// A collector that cannot reach its broker says so as a red alert (it used to log
+/// WARN lines only, while storing nothing): here an external broker that is not there.
+#[test]
+fn a_collector_that_cannot_reach_its_broker_raises_a_red_alert() {
+    if !netns_available() {
+        return;
+    }
+    let w = World::new();
+    let ns = Netns::create();
+    let collector = w.start_collector(&ns, &w.collector_toml(true, "[enroll]\nenabled = false\n"));
+    let alert = wait_for(
+        "broker-unreachable alert",
+        Duration::from_secs(60),
+        || {
+            w.alert_lines()
+                .into_iter()
+                .find(|a| a["rule_id"] == "builtin.collector.broker-unreachable")
+        },
+        || collector.log_text(),
+    );
+    assert_eq!(alert["level"], "red");
+    let summary = alert["summary"].as_str().unwrap();
+    assert!(
+        summary.contains("127.0.0.1:8883") && summary.contains("Connection refused"),
+        "{summary}"
+    );
+    println!("MEASURED broker unreachable: {summary}");
+}
