@@ -49,15 +49,18 @@ version = "fence-1"
 mode = "enforce"
 default_target = "block"
 
+# The test sticks are abcd:0001 (a serial alone grants nothing).
 [[usb.rules]]
 id = "allowed-serial"
 target = "allow"
 serial = ["GOOD-1"]
+vid_pid = ["abcd:0001"]
 
 [[usb.rules]]
 id = "ro-serial"
 target = "read-only"
 serial = ["RO-1"]
+vid_pid = ["abcd:0001"]
 
 [[usb.rules]]
 id = "reject-serial"
