@@ -112,6 +112,25 @@ fn publish_policy(w: &World, ns: &Netns, payload: Vec<u8>) {
     });
 }
 
+/// Waits for the policy-rejected alert about `version`: its own line, or — when an
+/// earlier refusal's alert is still in its suppression window — that alert's update
+/// counting `nth` refusals.
+fn policy_rejected_alert(w: &World, version: &str, nth: u64, diag: impl Fn() -> String) {
+    let refused = format!("refused policy {version} ");
+    wait_for(
+        "policy-rejected alert",
+        T,
+        || {
+            w.alert_lines().into_iter().find(|a| {
+                a["rule_id"] == "builtin.policy.rejected"
+                    && (a["summary"].as_str().is_some_and(|s| s.contains(&refused)) && nth == 1
+                        || a["count"].as_u64().is_some_and(|c| c >= nth))
+            })
+        },
+        diag,
+    );
+}
+
 fn event_data(w: &World, kind: &str, version: &str) -> Option<serde_json::Value> {
     w.events(
         kind,
@@ -300,16 +319,7 @@ fn fence_enforces_on_a_fake_tree_and_follows_pushed_policy() {
         v2_serial,
         edited["serial"]
     );
-    wait_for(
-        "policy-rejected alert",
-        T,
-        || {
-            w.alert_lines()
-                .into_iter()
-                .find(|a| a["rule_id"] == "builtin.policy.rejected")
-        },
-        diag,
-    );
+    policy_rejected_alert(&w, "v1", 1, diag);
 
     // An invalid policy pushed (validly signed, newer release) is refused with every
     // error; v2 stays.
@@ -352,16 +362,7 @@ fn fence_enforces_on_a_fake_tree_and_follows_pushed_policy() {
     );
     assert_eq!(rejected["kept"], "v2");
     assert_eq!(attr(&present, "authorized"), "1", "still enforcing v2");
-    wait_for(
-        "policy-rejected alert",
-        T,
-        || {
-            w.alert_lines()
-                .into_iter()
-                .find(|a| a["rule_id"] == "builtin.policy.rejected")
-        },
-        diag,
-    );
+    policy_rejected_alert(&w, "v3-bad", 2, diag);
 
     // Offline restart: the agent enforces the last good policy (v2), not its file.
     drop(collector);

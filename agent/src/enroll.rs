@@ -9,13 +9,9 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, ServerName};
 use weilan_config::enroll::{Request, Response, Token, MAX_LINE};
 use weilan_config::signing::{Role, Signer, Verifier};
 use weilan_config::wire::Purpose;
@@ -173,18 +169,10 @@ fn exchange(collector: &str, token: &Token, request: &Request) -> Result<Respons
         addr: addr.clone(),
         detail,
     };
-    let verifier = Arc::new(PinnedCa {
-        ca_sha256: token.ca_sha256,
-    });
-    let config = rustls::ClientConfig::builder_with_provider(weilan_config::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| tls_err(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    let name = ServerName::try_from("weilan-collector").map_err(|e| tls_err(e.to_string()))?;
-    let conn = rustls::ClientConnection::new(Arc::new(config), name)
+    let config = weilan_config::tls::pinned_ca_client_config(token.ca_sha256, "weilan-collector")
         .map_err(|e| tls_err(e.to_string()))?;
+    let name = ServerName::try_from("weilan-collector").map_err(|e| tls_err(e.to_string()))?;
+    let conn = rustls::ClientConnection::new(config, name).map_err(|e| tls_err(e.to_string()))?;
     let tcp = std::net::ToSocketAddrs::to_socket_addrs(&addr)
         .map_err(|source| EnrollError::Connect {
             addr: addr.clone(),
@@ -212,84 +200,4 @@ fn exchange(collector: &str, token: &Token, request: &Request) -> Result<Respons
         .read_line(&mut answer)
         .map_err(|e| tls_err(e.to_string()))?;
     serde_json::from_str(&answer).map_err(|e| EnrollError::BadAnswer(e.to_string()))
-}
-
-/// Accepts the collector's chain only if it carries the CA the token names and the
-/// server certificate is valid under that CA for `weilan-collector`.
-#[derive(Debug)]
-struct PinnedCa {
-    ca_sha256: [u8; 32],
-}
-
-impl PinnedCa {
-    fn inner(
-        &self,
-        chain: &[CertificateDer<'_>],
-    ) -> Result<Arc<WebPkiServerVerifier>, rustls::Error> {
-        let ca = chain
-            .iter()
-            .find(|c| {
-                ring::digest::digest(&ring::digest::SHA256, c.as_ref()).as_ref() == self.ca_sha256
-            })
-            .ok_or_else(|| {
-                rustls::Error::General(
-                    "the collector did not present the CA the token names".into(),
-                )
-            })?;
-        let mut roots = RootCertStore::empty();
-        roots
-            .add(ca.clone().into_owned())
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
-        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), weilan_config::tls::provider())
-            .build()
-            .map_err(|e| rustls::Error::General(e.to_string()))
-    }
-}
-
-impl ServerCertVerifier for PinnedCa {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        self.inner(intermediates)?
-            .verify_server_cert(end_entity, &[], server_name, ocsp, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &weilan_config::tls::provider().signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &weilan_config::tls::provider().signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        weilan_config::tls::provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }

@@ -528,10 +528,13 @@ impl Store {
                 SELECT id FROM quarantine WHERE source = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
             params![source, QUARANTINE_KEEP_PER_SOURCE],
         )?;
-        tx.execute(
-            "UPDATE quarantine_counts SET kept = kept - ?2 WHERE source = ?1",
-            params![source, pruned as i64],
-        )?;
+        let forget = |source: &str, pruned: usize| {
+            tx.execute(
+                "UPDATE quarantine_counts SET kept = kept - ?2 WHERE source = ?1",
+                params![source, pruned as i64],
+            )
+        };
+        forget(&source, pruned)?;
         let total: i64 = tx.query_row(
             "SELECT COALESCE(SUM(kept), 0) FROM quarantine_counts",
             [],
@@ -548,10 +551,7 @@ impl Store {
                     SELECT id FROM quarantine WHERE source = ?1 ORDER BY id LIMIT ?2)",
                 params![largest, total - QUARANTINE_MAX_ROWS],
             )?;
-            tx.execute(
-                "UPDATE quarantine_counts SET kept = kept - ?2 WHERE source = ?1",
-                params![largest, pruned as i64],
-            )?;
+            forget(&largest, pruned)?;
         }
         tx.commit()?;
         Ok(())

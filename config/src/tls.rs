@@ -104,6 +104,46 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
+/// The handshake signature checks of Weilan's server verifiers: the one provider's
+/// algorithms, whatever the certificate was checked against.
+macro_rules! provider_signature_checks {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &provider().signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &provider().signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    };
+}
+
 /// Full WebPKI verification against the pinned CA, but for the configured server name
 /// instead of whatever host string the MQTT client dialled.
 #[derive(Debug)]
@@ -130,27 +170,70 @@ impl ServerCertVerifier for PinnedNameVerifier {
         )
     }
 
-    fn verify_tls12_signature(
+    provider_signature_checks!();
+}
+
+/// A client configuration for enrollment, before the agent has any certificate or CA:
+/// no client certificate; the server must present, in its chain, the CA whose SHA-256
+/// is `ca_sha256` (from the enrollment token), and a server certificate valid under
+/// that CA for `server_name`.
+pub fn pinned_ca_client_config(
+    ca_sha256: [u8; 32],
+    server_name: &str,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let expected = ServerName::try_from(server_name.to_string())
+        .map_err(|_| TlsError::ServerName(server_name.to_string()))?;
+    let verifier = Arc::new(PinnedCaVerifier {
+        ca_sha256,
+        expected,
+    });
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Rustls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Finds the pinned CA among the certificates the server sent, then does full WebPKI
+/// verification under it, for the configured name.
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    ca_sha256: [u8; 32],
+    expected: ServerName<'static>,
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
         &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _dialled: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| {
+                ring::digest::digest(&ring::digest::SHA256, c.as_ref()).as_ref() == self.ca_sha256
+            })
+            .ok_or_else(|| {
+                rustls::Error::General(
+                    "the collector did not present the CA the token names".into(),
+                )
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(ca.clone().into_owned())
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?
+            .verify_server_cert(end_entity, &[], &self.expected, ocsp_response, now)
     }
 
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
+    provider_signature_checks!();
 }
 
 /// Checks, before any client dials, that the server certificate in `cert_path` chains
