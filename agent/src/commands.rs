@@ -52,12 +52,7 @@ impl CommandGate {
     }
 
     fn store_seq(&self, seq: u64) -> std::io::Result<()> {
-        use std::io::Write;
-        let tmp = self.seq_file.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        writeln!(f, "{seq}")?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &self.seq_file)
+        crate::state::replace_file(&self.seq_file, format!("{seq}\n").as_bytes(), 0o600)
     }
 
     pub async fn run(self, mut rx: mpsc::Receiver<Vec<u8>>, shutdown: CancellationToken) {

@@ -140,22 +140,10 @@ fn first_cert(pem: &str) -> Result<CertificateDer<'static>, EnrollError> {
 }
 
 fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), EnrollError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let io = |source| EnrollError::Io {
+    crate::state::replace_file(path, bytes, mode).map_err(|source| EnrollError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let tmp = path.with_extension("enroll-tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    })
 }
 
 /// One request, one response, over TLS pinned to the token's CA.

@@ -197,10 +197,5 @@ impl PolicyManager {
 }
 
 fn persist(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    crate::state::replace_file(path, text.as_bytes(), 0o600)
 }

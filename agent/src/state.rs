@@ -1,4 +1,5 @@
-//! The agent's small persistent state: the epoch counter.
+//! The agent's small persistent state: the epoch counter, and the one way every
+//! small state file is replaced ([`replace_file`]).
 //!
 //! Every start takes a new epoch, so `(epoch, seq)` never repeats even though the
 //! sequence restarts at 1. The file is replaced atomically (write, fsync, rename).
@@ -12,6 +13,23 @@ use std::path::Path;
 pub struct StateError {
     pub path: String,
     pub source: std::io::Error,
+}
+
+/// Replaces `path` with `bytes` atomically and durably: written to a temporary file
+/// of mode `mode` beside it, synced, renamed over it. A crash leaves the old content
+/// or the new, never a torn file.
+pub fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
 }
 
 /// Reads, increments and durably stores the epoch; returns the new one.

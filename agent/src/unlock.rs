@@ -118,12 +118,8 @@ impl UnlockStore {
     /// Keeps an accepted token (synced) until it expires.
     pub fn save_active(&self, msg: &SignedMessage, token_id: &str) -> std::io::Result<()> {
         std::fs::create_dir_all(self.active_dir())?;
-        let path = self.active_path(token_id);
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec(msg).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
+        let bytes = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
+        crate::state::replace_file(&self.active_path(token_id), &bytes, 0o600)
     }
 
     pub fn remove_active(&self, token_id: &str) {
