@@ -11,43 +11,13 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::hosts::Host;
+use common::hosts::{doc_step, doc_steps, Host};
 use common::*;
 
 const AGENT_ID: &str = "ws-finance-01";
 const OTHER_ID: &str = "ws-finance-02";
 /// A third certificate, never revoked: the control for the revocation check.
 const THIRD_ID: &str = "ws-finance-03";
-const DOC: &str = include_str!("../docs/deployment.md");
-
-/// The command block under `<!-- deployment-test: NAME -->` in docs/deployment.md.
-fn doc_step(name: &str) -> String {
-    let marker = format!("<!-- deployment-test: {name} -->");
-    let at = DOC
-        .find(&marker)
-        .unwrap_or_else(|| panic!("docs/deployment.md has no step `{name}`"));
-    let mut lines = DOC[at + marker.len()..]
-        .lines()
-        .skip_while(|l| l.trim().is_empty());
-    assert_eq!(
-        lines.next(),
-        Some("```sh"),
-        "step `{name}` is not a sh block"
-    );
-    lines
-        .take_while(|l| *l != "```")
-        .map(|l| format!("{l}\n"))
-        .collect()
-}
-
-/// Every step the documentation marks, in the order it gives them.
-fn doc_steps() -> Vec<String> {
-    DOC.lines()
-        .filter_map(|l| l.strip_prefix("<!-- deployment-test: "))
-        .filter_map(|l| l.strip_suffix(" -->"))
-        .map(str::to_string)
-        .collect()
-}
 
 struct Fleet {
     _dir: tempfile::TempDir,

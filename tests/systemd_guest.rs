@@ -8,9 +8,9 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
+use common::hosts::doc_step;
 use common::*;
 
-const DOC: &str = include_str!("../docs/deployment.md");
 const GUEST_STEPS: &[&str] = &[
     "collector-install",
     "collector-pki",
@@ -18,19 +18,6 @@ const GUEST_STEPS: &[&str] = &[
     "collector-enroll-token",
     "workstation-install",
 ];
-
-fn doc_step(name: &str) -> String {
-    let marker = format!("<!-- deployment-test: {name} -->");
-    let at = DOC.find(&marker).expect("documented step");
-    let mut lines = DOC[at + marker.len()..]
-        .lines()
-        .skip_while(|l| l.trim().is_empty());
-    assert_eq!(lines.next(), Some("```sh"));
-    lines
-        .take_while(|l| *l != "```")
-        .map(|l| format!("{l}\n"))
-        .collect()
-}
 
 /// The figure after `prefix` on the MEASURED line that contains it.
 fn figure(out: &str, prefix: &str) -> f64 {

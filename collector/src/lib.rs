@@ -350,10 +350,9 @@ impl BrokerHealth {
         if self.alerted {
             tracing::info!(broker = %self.broker, failures = self.failures, "collector reached its broker again");
         }
-        *self = BrokerHealth {
-            down_since: None,
-            ..BrokerHealth::new(std::mem::take(&mut self.broker))
-        };
+        self.down_since = None;
+        self.failures = 0;
+        self.alerted = false;
     }
 
     fn disconnected(&mut self, reason: String) {

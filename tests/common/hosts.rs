@@ -67,11 +67,43 @@ if ! kill -0 "$(cat "$pid")" 2>/dev/null; then
 fi
 "#;
 
+/// docs/deployment.md, whose marked command blocks the deployment tests run.
+pub const DEPLOYMENT_DOC: &str = include_str!("../../docs/deployment.md");
+
+/// The command block under `<!-- deployment-test: NAME -->` in docs/deployment.md,
+/// verbatim.
+pub fn doc_step(name: &str) -> String {
+    let marker = format!("<!-- deployment-test: {name} -->");
+    let at = DEPLOYMENT_DOC
+        .find(&marker)
+        .unwrap_or_else(|| panic!("docs/deployment.md has no step `{name}`"));
+    let mut lines = DEPLOYMENT_DOC[at + marker.len()..]
+        .lines()
+        .skip_while(|l| l.trim().is_empty());
+    assert_eq!(
+        lines.next(),
+        Some("```sh"),
+        "step `{name}` is not a sh block"
+    );
+    lines
+        .take_while(|l| *l != "```")
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// Every step the documentation marks, in the order it gives them.
+pub fn doc_steps() -> Vec<String> {
+    DEPLOYMENT_DOC
+        .lines()
+        .filter_map(|l| l.strip_prefix("<!-- deployment-test: "))
+        .filter_map(|l| l.strip_suffix(" -->"))
+        .map(str::to_string)
+        .collect()
+}
+
 /// One fresh host. Dropping it kills what was started in it.
 pub struct Host {
     pub name: String,
-    /// Holds the overlays' upper and work directories.
-    pub root: PathBuf,
     harness_bin: PathBuf,
     holder: Child,
 }
@@ -109,7 +141,6 @@ impl Host {
         assert_eq!(line.trim(), "ready", "host {name} did not come up");
         Host {
             name: name.into(),
-            root,
             harness_bin,
             holder,
         }
