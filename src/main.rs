@@ -171,7 +171,7 @@ fn quickstart(data: &Path, port: u16) -> Result<()> {
             filter: "info".into(),
             json: false,
         },
-        ",rumqttd=warn",
+        ",mosquitto=warn",
     );
     let alerts = collector.alerts_path.clone();
     println!("Weilan quickstart: collector on 127.0.0.1:{port} (embedded broker, mutual TLS), agent `{name}` watching this machine.");

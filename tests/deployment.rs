@@ -245,7 +245,8 @@ fn documented_deployment_through_the_shipped_mosquitto_config_works() {
         .collector
         .path(&format!("/etc/weilan/pki/agents/{OTHER_ID}-key.pem"));
     let listen = Duration::from_secs(58).saturating_sub(started.elapsed());
-    let received = probe_as_other_agent(&f.ns, &ca, &cert, &key, listen);
+    let tls = weilan_config::tls::client_config(&ca, &cert, &key, "weilan-collector").unwrap();
+    let received = probe_as_other_agent(&f.ns, tls, AGENT_ID, OTHER_ID, listen);
     // What the first agent sent meanwhile (its heartbeats), which the probe must not
     // have seen.
     let heartbeats = f.count(&format!(
@@ -356,71 +357,6 @@ fn mosquitto_acl_without_its_policy_lines_is_caught() {
         "the walk-through passed without the policy ACL lines\n{}",
         f.diag()
     );
-}
-
-/// As `OTHER_ID`: connects with the first agent's and with the collector's client id
-/// and publishes on the first agent's events topic each time; then, under its own id,
-/// subscribes to every filter that could reach another agent's messages and listens
-/// for `listen` (long enough for the first agent's 30 s heartbeat and its ack).
-/// Returns what arrived.
-fn probe_as_other_agent(
-    ns: &Netns,
-    ca: &Path,
-    cert: &Path,
-    key: &Path,
-    listen: Duration,
-) -> Vec<(String, Vec<u8>)> {
-    // As an agent connects: the broker certificate must name `weilan-collector`.
-    let tls = weilan_config::tls::client_config(ca, cert, key, "weilan-collector").unwrap();
-    for client_id in [AGENT_ID, "weilan-collector"] {
-        with_mqtt_client(ns, client_id, tls.clone(), move |client, mut eventloop| {
-            Box::pin(async move {
-                if let Err(e) = connect(&mut eventloop).await {
-                    panic!("the probe could not connect as {client_id}: {e}");
-                }
-                let _ = client
-                    .publish(
-                        format!("weilan/v1/agents/{AGENT_ID}/events"),
-                        rumqttc::QoS::AtLeastOnce,
-                        false,
-                        b"FORGED".to_vec(),
-                    )
-                    .await;
-                let end = tokio::time::Instant::now() + Duration::from_secs(1);
-                while let Ok(Ok(_)) = tokio::time::timeout_at(end, eventloop.poll()).await {}
-            })
-        });
-    }
-    with_mqtt_client(ns, OTHER_ID, tls, move |client, mut eventloop| {
-        Box::pin(async move {
-            let mut got = Vec::new();
-            if let Err(e) = connect(&mut eventloop).await {
-                panic!("the probe could not connect: {e}");
-            }
-            for filter in [
-                "#".to_string(),
-                "weilan/v1/#".into(),
-                "weilan/v1/agents/+/events".into(),
-                "weilan/v1/agents/+/status".into(),
-                format!("weilan/v1/agents/{AGENT_ID}/acks"),
-                format!("weilan/v1/agents/{AGENT_ID}/commands"),
-                "weilan/v1/policy".into(),
-            ] {
-                let _ = client.subscribe(filter, rumqttc::QoS::AtLeastOnce).await;
-            }
-            let end = tokio::time::Instant::now() + listen;
-            while let Ok(ev) = tokio::time::timeout_at(end, eventloop.poll()).await {
-                match ev {
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
-                        got.push((p.topic.clone(), p.payload.to_vec()))
-                    }
-                    Ok(_) => {}
-                    Err(e) => panic!("the probe lost its connection: {e}"),
-                }
-            }
-            got
-        })
-    })
 }
 
 /// Every block the documentation marks for this test is one the walk-throughs run:

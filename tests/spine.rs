@@ -404,10 +404,6 @@ fn malformed_forged_and_oversized_payloads_are_quarantined_and_ingest_continues(
             serde_json::to_vec(&forged).unwrap(),
         ),
         (
-            "weilan/v1/agents/ws-other/events".into(),
-            serde_json::to_vec(&good).unwrap(),
-        ),
-        (
             format!("weilan/v1/agents/{AGENT}/events"),
             serde_json::to_vec(&impersonating).unwrap(),
         ),
@@ -416,12 +412,26 @@ fn malformed_forged_and_oversized_payloads_are_quarantined_and_ingest_continues(
         &w.pki.ca(),
         Some((&w.pki.agent(AGENT), &w.pki.agent_key(AGENT))),
     );
-    publish_all(&ns, "garbage", tls, payloads);
+    publish_all(&ns, "garbage", tls.clone(), payloads);
+    // Another agent's topic is closed to this certificate by the broker's ACL: the
+    // publish never reaches the collector (Mosquitto drops the connection).
+    let refused = publish_denied(
+        &ns,
+        AGENT,
+        tls,
+        "weilan/v1/agents/ws-other/events",
+        serde_json::to_vec(&good).unwrap(),
+    );
+    assert!(
+        refused.is_err(),
+        "the broker kept the connection: {refused:?}"
+    );
+    println!("MEASURED a publish on another agent's topic: {refused:?}");
     let diag = || collector.log_text();
     wait_for(
-        "5 quarantined payloads",
+        "4 quarantined payloads",
         T,
-        || (w.count("SELECT COUNT(*) FROM quarantine") == 5).then_some(()),
+        || (w.count("SELECT COUNT(*) FROM quarantine") == 4).then_some(()),
         diag,
     );
     let reasons = quarantine_reasons(&w);
@@ -429,12 +439,12 @@ fn malformed_forged_and_oversized_payloads_are_quarantined_and_ingest_continues(
     assert!(reasons[1].contains("exceeds the limit"), "{reasons:?}");
     assert!(reasons[2].contains("signature"), "{reasons:?}");
     assert!(
-        reasons[3].contains("published on the topic of `ws-other`"),
+        reasons[3].contains("claims agent `ws-other`"),
         "{reasons:?}"
     );
-    assert!(
-        reasons[4].contains("claims agent `ws-other`"),
-        "{reasons:?}"
+    assert_eq!(
+        w.count("SELECT COUNT(*) FROM events WHERE agent_id = 'ws-other'"),
+        0
     );
     assert!(
         collector.is_running(),
@@ -479,4 +489,156 @@ fn a_collector_that_cannot_reach_its_broker_raises_a_red_alert() {
         "{summary}"
     );
     println!("MEASURED broker unreachable: {summary}");
+}
+
+/// Revokes `id` with the CLI an admin uses; returns when it exited.
+fn revoke(w: &World, id: &str) {
+    let out = std::process::Command::new(weilan_bin())
+        .args([
+            "collector",
+            "agents",
+            "revoke",
+            id,
+            "--reason",
+            "laptop stolen",
+            "--dir",
+        ])
+        .arg(&w.pki.dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Plugs a fake stick without waiting for it to be stored.
+fn plug(w: &World, ns: &Netns, port: &str, serial: &str) {
+    let devpath = add_stick(
+        &w.sysfs(),
+        &FakeStick {
+            port,
+            vid: "0951",
+            pid: "1666",
+            serial,
+            classes: &[0x08],
+            disk: None,
+        },
+    );
+    ns.send_uevent("add", &devpath, "usb", "usb_device");
+}
+
+/// `agents revoke` on a connected agent, embedded broker: the collector has the
+/// broker read the new CRL and ends the agent's session; the agent's reconnects are
+/// refused at the TLS handshake; nothing it records afterwards is stored.
+#[test]
+fn a_revoked_agent_is_disconnected_and_refused_by_the_embedded_broker() {
+    if !netns_available() {
+        return;
+    }
+    let w = World::new();
+    w.write_policy(&[]);
+    let ns = Netns::create();
+    let collector = w.start_collector(&ns, &w.collector_toml(false, ""));
+    let agent = w.start_agent(&ns, &w.agent_toml(AGENT, "pki/ca.pem", ""), AGENT);
+    let diag = || {
+        format!(
+            "--- collector\n{}\n--- agent\n{}",
+            collector.log_text(),
+            agent.log_text()
+        )
+    };
+    plug_and_expect_stored(&w, &ns, "1-4", "BEFORE-REVOKE", &diag);
+    let failures = |text: &str| text.matches("MQTT connection failed").count();
+    let before = failures(&agent.log_text());
+    let revoked_at = std::time::Instant::now();
+    revoke(&w, AGENT);
+    wait_for(
+        "the revoked agent's session ended",
+        Duration::from_secs(5),
+        || (failures(&agent.log_text()) > before).then_some(()),
+        diag,
+    );
+    let disconnected = revoked_at.elapsed();
+    // Its next attempts are refused at the handshake, for the revoked certificate.
+    wait_for(
+        "a reconnect refused as revoked",
+        Duration::from_secs(15),
+        || {
+            agent
+                .log_text()
+                .contains("CertificateRevoked")
+                .then_some(())
+        },
+        diag,
+    );
+    println!(
+        "MEASURED revoked agent disconnected {} ms after `agents revoke`; reconnect refused: CertificateRevoked",
+        disconnected.as_millis()
+    );
+    // What it records from now on never reaches the store.
+    plug(&w, &ns, "1-5", "AFTER-REVOKE");
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(serial_count(&w, "AFTER-REVOKE"), 0, "{}", diag());
+    assert_eq!(serial_count(&w, "BEFORE-REVOKE"), 1, "{}", diag());
+    assert!(
+        collector
+            .log_text()
+            .contains("revoked: its broker session was ended"),
+        "{}",
+        diag()
+    );
+}
+
+/// An external broker that has not been given the new CRL yet still lets the revoked
+/// certificate connect: the collector refuses what it signed and raises a red alert.
+#[test]
+fn a_revoked_certificate_is_refused_at_ingest_when_the_broker_lacks_the_crl() {
+    if !netns_available() {
+        return;
+    }
+    let Some(mosquitto) = which("mosquitto") else {
+        require(
+            "Mosquitto test needs the `mosquitto` binary (apt-get install mosquitto)",
+            false,
+        );
+        return;
+    };
+    let w = World::new();
+    w.write_policy(&[]);
+    let ns = Netns::create();
+    let mut m = ns.command(mosquitto);
+    m.arg("-c").arg(mosquitto_conf(&w));
+    let _broker = Proc::spawn(m, w.path("mosquitto.log"), "mosquitto");
+    std::thread::sleep(Duration::from_millis(300));
+    let collector = w.start_collector(&ns, &w.collector_toml(true, ""));
+    let agent = w.start_agent(&ns, &w.agent_toml(AGENT, "pki/ca.pem", ""), AGENT);
+    let diag = || {
+        format!(
+            "--- collector\n{}\n--- agent\n{}",
+            collector.log_text(),
+            agent.log_text()
+        )
+    };
+    plug_and_expect_stored(&w, &ns, "1-4", "BEFORE-REVOKE", &diag);
+    revoke(&w, AGENT);
+    plug(&w, &ns, "1-5", "AFTER-REVOKE");
+    let alert = wait_for(
+        "unenrolled-certificate alert for the revoked agent",
+        T,
+        || {
+            w.alert_lines()
+                .into_iter()
+                .find(|a| a["rule_id"] == "builtin.integrity.unenrolled-certificate")
+        },
+        diag,
+    );
+    assert_eq!(alert["level"], "red");
+    assert_eq!(alert["agent_id"], AGENT);
+    assert_eq!(serial_count(&w, "AFTER-REVOKE"), 0, "{}", diag());
+    println!(
+        "MEASURED revoked certificate through a broker without the CRL: {}",
+        alert["summary"]
+    );
 }

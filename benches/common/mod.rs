@@ -108,7 +108,7 @@ pub fn start_collector(root: &Path, port: u16, agents: &[String]) -> (PkiPaths, 
         std::process::Command::new(env!("CARGO_BIN_EXE_weilan"))
             .args(["collector", "serve", "--config"])
             .arg(root.join("collector.toml"))
-            .env("RUST_LOG", "warn,rumqttd=off")
+            .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

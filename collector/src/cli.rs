@@ -849,7 +849,7 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                 Ok(s) => s,
                 Err(code) => return code,
             };
-            weilan_config::runtime::init_tracing(&settings.log, ",rumqttd=warn");
+            weilan_config::runtime::init_tracing(&settings.log, "");
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
                 Err(e) => {

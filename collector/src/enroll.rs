@@ -235,6 +235,10 @@ impl Enroller {
         }
         let entry = registry::entry_for_der(&der, id, "agent", record.groups.clone(), &by);
         registry::append(&reg_path, &entry).map_err(|e| internal(&e))?;
+        if !enrolled.is_empty() {
+            // The replaced certificates go into the CRL the brokers read.
+            registry::write_crl(&self.paths).map_err(|e| internal(&e))?;
+        }
         let ca = std::fs::read_to_string(self.paths.ca()).map_err(|e| internal(&e))?;
         tracing::info!(agent_id = id, token = %token.id, fingerprint = %entry.fingerprint, replaced = enrolled.len(), "agent enrolled");
         Ok(Response {

@@ -106,6 +106,36 @@ impl Enrolled {
             .collect()
     }
 
+    /// Ids with a certificate revoked since the registry had `seen` entries (advances
+    /// `seen`), each with whether it holds no valid certificate any more: the broker
+    /// then reads the new CRL, and the sessions of those without one are ended. (A
+    /// replaced certificate needs no more: the new one's connection, under the same
+    /// client id, takes the session over.)
+    pub fn revoked_since(&self, seen: &mut usize) -> Vec<(String, bool)> {
+        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        state.refresh(&self.path);
+        let entries = state.entries();
+        let from = (*seen).min(entries.len());
+        *seen = entries.len();
+        let mut ids: Vec<(String, bool)> = entries[from..]
+            .iter()
+            .filter(|e| e.action == crate::registry::Action::Revoked)
+            .map(|e| (e.id.clone(), state.valid_for(&e.id).next().is_none()))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// How many entries the registry has now.
+    pub fn entry_count(&self) -> usize {
+        self.state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .entries()
+            .len()
+    }
+
     /// Whether the certificate (base64 DER, as a signed message carries it) is
     /// enrolled and not revoked; looks at the file again before saying no.
     pub fn admits(&self, cert_b64: &str) -> bool {
@@ -475,6 +505,37 @@ impl Ingest {
                 vec![]
             }
         }
+    }
+
+    /// Counts what flooding sources sent beyond their share and raises it, one
+    /// finding per source.
+    pub fn flooding(&self, refused: std::collections::HashMap<String, (u64, u64)>) -> Vec<Reply> {
+        let reason = format!(
+            "flooding: more than {} messages waiting from this source",
+            crate::fair::PER_SOURCE_MESSAGES
+        );
+        let mut found = Vec::new();
+        for (source, (messages, bytes)) in refused {
+            tracing::warn!(%source, messages, bytes, "flooding source: messages beyond its share refused");
+            if let Err(e) = self
+                .store()
+                .count_refused(&source, messages, bytes, &reason)
+            {
+                tracing::error!(%source, error = %e, "flooding refusals not counted");
+            }
+            self.stats.rejected.fetch_add(messages, Ordering::Relaxed);
+            found.push(Finding {
+                kind: crate::rules::findings::SOURCE_FLOODING,
+                agent_id: source.clone(),
+                summary: format!(
+                    "`{source}` sent faster than the collector takes its share: {messages} messages ({bytes} bytes) refused unread (more than {} waiting). A Weilan agent never does this; other agents were served first",
+                    crate::fair::PER_SOURCE_MESSAGES
+                ),
+                event_ids: vec![],
+                details: serde_json::json!({"messages": messages, "bytes": bytes}),
+            });
+        }
+        self.raise(found)
     }
 
     /// Writes alerts (already in the database) to the alert log.

@@ -4,7 +4,7 @@
 //! Task graph (see `ARCHITECTURE.md`):
 //!
 //! ```text
-//! agents --mTLS--> broker (embedded rumqttd | external) --mTLS--> MQTT session task
+//! agents --mTLS--> broker (embedded mosquitto | external) --mTLS--> MQTT session task
 //!     --bounded channel--> serve loop --spawn_blocking--> ingest (verify, store, rules)
 //!     --> alert log (JSONL) ; signed ack --> broker --> agent
 //! ```
@@ -15,6 +15,7 @@ pub mod broker;
 pub mod cli;
 pub mod enroll;
 pub mod export;
+pub mod fair;
 pub mod fleet;
 pub mod ingest;
 pub mod integrity;
@@ -101,22 +102,48 @@ pub async fn run(
     let sinks = sinks::Sinks::start(&settings.sinks)?;
     let signer = Signer::from_pem_files(&settings.client_cert, &settings.client_key)?;
     let verifier = Verifier::from_ca_file(&settings.ca)?;
-    if let BrokerMode::Embedded {
-        listen,
-        max_connections,
-    } = settings.broker
-    {
-        broker::start_embedded(
+    let (notice_tx, mut notice_rx) = tokio::sync::mpsc::channel(256);
+    let broker_stop = CancellationToken::new();
+    let embedded = match &settings.broker {
+        BrokerMode::Embedded {
             listen,
             max_connections,
-            // Twice the ingest limit: an oversized payload must reach ingest to be
-            // counted and quarantined, not vanish in the broker.
-            settings.max_payload_bytes * 2,
-            &settings.ca,
-            &settings.server_cert,
-            &settings.server_key,
-        )?;
-    }
+            mosquitto,
+        } => {
+            let spec = broker::BrokerSpec {
+                mosquitto: mosquitto.clone(),
+                dir: settings
+                    .store_path
+                    .parent()
+                    .unwrap_or(std::path::Path::new("."))
+                    .join("broker"),
+                listen: *listen,
+                max_connections: *max_connections,
+                // A signed batch within the ingest limit plus MQTT framing; anything
+                // bigger is refused at the broker, which disconnects the sender and
+                // says so (raised below as `collector.broker_refused`).
+                max_packet: settings.max_payload_bytes + 64 * 1024,
+                ca: settings.ca.clone(),
+                cert: settings.server_cert.clone(),
+                key: settings.server_key.clone(),
+                crl: pki::PkiPaths::new(settings.ca.parent().unwrap_or(std::path::Path::new(".")))
+                    .dir
+                    .join("crl.pem"),
+            };
+            descriptor_check(*max_connections);
+            // A PKI from before revocation existed has no CRL; Mosquitto needs one.
+            if !spec.crl.exists() {
+                registry::write_crl(&pki::PkiPaths::new(
+                    settings.ca.parent().unwrap_or(std::path::Path::new(".")),
+                ))?;
+            }
+            Some(broker::SupervisedBroker::start(spec, broker_stop.clone(), notice_tx).await?)
+        }
+        BrokerMode::External => {
+            drop(notice_tx);
+            None
+        }
+    };
     let tls = weilan_config::tls::client_config(
         &settings.ca,
         &settings.client_cert,
@@ -146,6 +173,8 @@ pub async fn run(
         Err(e) => tracing::error!(error = %e, "registry not imported"),
     }
     let registry = ingest::Enrolled::open(registry::path(&pki_dir))?;
+    let mut registry_seen = registry.entry_count();
+    let mut revocation_tick = tokio::time::interval(Duration::from_secs(1));
     let (refused_tx, mut refused_rx) = tokio::sync::mpsc::channel(256);
     if let Some(listen) = settings.enroll_listen {
         let tls = enroll::server_config(&settings.ca, &settings.server_cert, &settings.server_key)?;
@@ -218,15 +247,42 @@ pub async fn run(
     // catches up missed periods.
     let mut exports_tick = tokio::time::interval(Duration::from_secs(60));
     let exports_busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Read from the broker into per-source queues while one message is processed;
+    // sources take turns (fair.rs).
+    let mut fair = fair::FairQueue::default();
+    let mut refusals = fair::Refusals::default();
+    let mut processing: Option<tokio::task::JoinHandle<Vec<ingest::Reply>>> = None;
+    let mut flood_tick = tokio::time::interval(Duration::from_secs(1));
     loop {
+        if processing.is_none() {
+            if let Some(next) = fair.pop() {
+                let work = ingest.clone();
+                processing = Some(tokio::task::spawn_blocking(move || {
+                    work.process(&next.topic, &next.payload)
+                }));
+            }
+        }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            ev = rx.recv() => match ev {
+            done = async { processing.as_mut().expect("guarded").await }, if processing.is_some() => {
+                processing = None;
+                match done {
+                    Ok(replies) => publish(&client, replies),
+                    Err(e) => tracing::error!(error = %e, "ingest task failed; message skipped"),
+                }
+            }
+            _ = flood_tick.tick(), if !refusals.by_source.is_empty() => {
+                let (work, refused) = (ingest.clone(), refusals.take());
+                match tokio::task::spawn_blocking(move || work.flooding(refused)).await {
+                    Ok(replies) => publish(&client, replies),
+                    Err(e) => tracing::error!(error = %e, "flooding not counted"),
+                }
+            }
+            ev = rx.recv(), if fair.len() < settings.ingest_queue => match ev {
                 Some(SessionEvent::Message { topic, payload }) => {
-                    let work = ingest.clone();
-                    match tokio::task::spawn_blocking(move || work.process(&topic, &payload)).await {
-                        Ok(replies) => publish(&client, replies),
-                        Err(e) => tracing::error!(error = %e, "ingest task failed; message skipped"),
+                    let source = store::quarantine_source(&topic);
+                    if let Err(flooding) = fair.push(source, fair::Waiting { topic, payload }) {
+                        refusals.note(flooding);
                     }
                 }
                 Some(SessionEvent::Connected) => {
@@ -238,6 +294,41 @@ pub async fn run(
                 None => break,
             },
             _ = watchdog.tick() => watchdog.keep_alive(),
+            Some(notice) = notice_rx.recv() => {
+                let work = ingest.clone();
+                let found = vec![broker_finding(&notice)];
+                match tokio::task::spawn_blocking(move || work.raise(found)).await {
+                    Ok(replies) => publish(&client, replies),
+                    Err(e) => tracing::error!(error = %e, "broker notice not raised"),
+                }
+            }
+            _ = revocation_tick.tick() => {
+                let revoked = ingest.registry.revoked_since(&mut registry_seen);
+                if !revoked.is_empty() {
+                    if let Some(b) = &embedded {
+                        b.reload();
+                    }
+                    let revoked: Vec<String> = revoked.into_iter().filter(|(_, gone)| *gone).map(|(id, _)| id).collect();
+                    let (pki, host, port, name) = (pki_dir.clone(), settings.broker_host.clone(), settings.broker_port, settings.server_name.clone());
+                    // The broker reads the new CRL in its own time: end the sessions a
+                    // moment later, so that the revoked certificate cannot come back.
+                    // An external broker gets its CRL from the operator (deployment.md),
+                    // perhaps a little later: the sessions are ended again then.
+                    tokio::spawn(async move {
+                        let mut waited = Duration::ZERO;
+                        for at in [Duration::from_millis(500), Duration::from_secs(10), Duration::from_secs(60)] {
+                            tokio::time::sleep(at - waited).await;
+                            waited = at;
+                            for id in &revoked {
+                                match broker::end_session(&pki, &host, port, &name, id).await {
+                                    Ok(()) => tracing::warn!(agent = %id, after_ms = at.as_millis() as u64, "revoked: its broker session was ended"),
+                                    Err(e) => tracing::error!(agent = %id, error = %e, "revoked, but its broker session could not be ended"),
+                                }
+                            }
+                        }
+                    });
+                }
+            }
             Some(refusal) = refused_rx.recv() => {
                 let work = ingest.clone();
                 let found = vec![enroll::refusal_finding(&refusal)];
@@ -312,10 +403,72 @@ pub async fn run(
         }
     }
     watchdog.stopping();
+    // The message being processed is finished (its ack sent); what still waits is
+    // not acknowledged and agents send it again.
+    if let Some(p) = processing.take() {
+        if let Ok(replies) = p.await {
+            publish(&client, replies);
+        }
+    }
+    if !fair.is_empty() {
+        tracing::info!(
+            waiting = fair.len(),
+            "stopping: unprocessed messages left to their agents' re-send"
+        );
+    }
     session_stop.cancel();
     let _ = session.await;
+    broker_stop.cancel();
+    if let Some(b) = embedded {
+        b.stopped().await;
+    }
     tracing::info!("collector stopped");
     Ok(())
+}
+
+/// The alert finding for what the broker's log said.
+fn broker_finding(notice: &broker::BrokerNotice) -> rules::Finding {
+    use broker::BrokerNotice;
+    let (kind, agent_id, summary, details) = match notice {
+        BrokerNotice::Refused { client, reason } => (
+            rules::findings::BROKER_REFUSED,
+            client.clone(),
+            format!("The broker refused `{client}` and disconnected it: {reason}. Weilan agents never send this; someone is using that certificate by hand"),
+            serde_json::json!({"client": client, "reason": reason}),
+        ),
+        BrokerNotice::OutOfDescriptors => (
+            rules::findings::BROKER_REFUSED,
+            String::new(),
+            "The broker cannot accept more connections: its file descriptor limit is reached (LimitNOFILE; broker.max_connections). Agents beyond it cannot deliver".to_string(),
+            serde_json::json!({"reason": "file descriptors exhausted (EMFILE)"}),
+        ),
+        BrokerNotice::Exited { status, restarts } => (
+            rules::findings::BROKER_RESTARTED,
+            String::new(),
+            format!("The embedded broker (mosquitto) exited ({status}) and was restarted ({restarts} times since the collector started); agents reconnect and re-send what was not acknowledged"),
+            serde_json::json!({"status": status, "restarts": restarts}),
+        ),
+    };
+    rules::Finding {
+        kind,
+        agent_id,
+        summary,
+        event_ids: vec![],
+        details,
+    }
+}
+
+/// Says at start when the descriptor limit cannot hold `max_connections` agents
+/// (the unit's LimitNOFILE is sized for the default); the broker inherits it.
+fn descriptor_check(max_connections: usize) {
+    if let Ok((soft, _hard)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
+        let needed = max_connections as u64 + 256;
+        if soft < needed {
+            tracing::error!(limit = soft, max_connections, "the file descriptor limit is below broker.max_connections + 256: at most {} agents can connect (raise LimitNOFILE=)", soft.saturating_sub(256));
+        }
+    }
 }
 
 /// How long the collector's own broker connection may fail before it is an alert:

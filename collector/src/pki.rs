@@ -275,6 +275,35 @@ fn issue_client(
     write_public(cert_path, &cert.pem())
 }
 
+/// A certificate for `id` that lives ten minutes and exists only in memory: the
+/// collector connects with it once to end the session a revoked certificate still
+/// holds (the broker binds the client id to the certificate's name, so the newer
+/// connection replaces the older one). Its OU says what it is for; it is not in the
+/// registry, so nothing it could sign would be accepted.
+pub fn session_breaker(
+    paths: &PkiPaths,
+    id: &str,
+) -> Result<
+    (
+        rustls_pki_types::CertificateDer<'static>,
+        rustls_pki_types::PrivateKeyDer<'static>,
+    ),
+    PkiError,
+> {
+    let issuer = load_issuer(paths)?;
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name = dn(id, Some("weilan-session-breaker"));
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::minutes(5);
+    p.not_after = now + time::Duration::minutes(10);
+    let cert = p.signed_by(&key, &issuer)?;
+    let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    Ok((cert.der().clone(), key_der))
+}
+
 /// Issues an agent certificate with CN = `name`; returns (cert, key) paths.
 pub fn issue_agent(paths: &PkiPaths, name: &str) -> Result<(PathBuf, PathBuf), PkiError> {
     issue_named(

@@ -557,6 +557,26 @@ impl Store {
         Ok(())
     }
 
+    /// Counts payloads refused without being kept (a flooding source's excess): the
+    /// per-source totals `weilan-collector quarantine` shows, no payload rows.
+    pub fn count_refused(
+        &mut self,
+        source: &str,
+        messages: u64,
+        bytes: u64,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let now = jiff::Timestamp::now().to_string();
+        self.conn.execute(
+            "INSERT INTO quarantine_counts (source, refused, bytes, first_at, last_at, last_reason, kept)
+             VALUES (?1, ?2, ?3, ?4, ?4, ?5, 0)
+             ON CONFLICT(source) DO UPDATE SET refused = refused + ?2, bytes = bytes + ?3,
+                last_at = ?4, last_reason = ?5",
+            params![source, messages as i64, bytes as i64, now, reason],
+        )?;
+        Ok(())
+    }
+
     /// Refused payloads per source: (source, refused, bytes, kept rows, last time,
     /// last reason), most refused first.
     pub fn quarantine_summary(&mut self) -> Result<Vec<QuarantineSummary>, StoreError> {

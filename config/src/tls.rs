@@ -86,6 +86,17 @@ pub fn client_config(
         return Err(file_err(cert_path)("no CERTIFICATE block found".into()));
     }
     let key = pem::load_key(key_path).map_err(file_err(key_path))?;
+    client_config_with(ca_path, chain, key, server_name)
+}
+
+/// [`client_config`] for a certificate chain and key already in memory (a
+/// short-lived credential that is never written to disk).
+pub fn client_config_with(
+    ca_path: &Path,
+    chain: Vec<CertificateDer<'static>>,
+    key: rustls_pki_types::PrivateKeyDer<'static>,
+    server_name: &str,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let roots = roots(ca_path)?;
     let provider = provider();
     let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())

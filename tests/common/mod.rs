@@ -304,7 +304,7 @@ impl World {
     pub fn start_collector(&self, ns: &Netns, config: &Path) -> Proc {
         let mut c = ns.command(weilan_bin());
         c.args(["collector", "serve", "--config"]).arg(config);
-        c.env("RUST_LOG", "info,rumqttd=warn");
+        c.env("RUST_LOG", "info");
         Proc::spawn(c, self.path("collector.log"), "collector")
     }
 
@@ -410,7 +410,7 @@ pub fn with_mqtt_client<T: Send + 'static>(
             opts.set_transport(rumqttc::Transport::tls_with_config(
                 rumqttc::TlsConfiguration::Rustls(tls),
             ));
-            opts.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
+            opts.set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024);
             opts.set_keep_alive(Duration::from_secs(5));
             let (client, eventloop) = rumqttc::AsyncClient::new(opts, 64);
             f(client, eventloop).await
@@ -442,15 +442,45 @@ pub fn publish_all(
     with_mqtt_client(ns, client_id, tls, move |client, mut el| {
         Box::pin(async move {
             connect(&mut el).await.expect("connect");
-            for (topic, p) in messages {
-                client
-                    .publish(topic, rumqttc::QoS::AtLeastOnce, false, p)
-                    .await
-                    .unwrap();
-            }
+            // Queued from another task: more messages than the request channel holds
+            // must not wait for an event loop nobody polls yet.
+            let publisher = tokio::spawn(async move {
+                for (topic, p) in messages {
+                    client
+                        .publish(topic, rumqttc::QoS::AtLeastOnce, false, p)
+                        .await
+                        .unwrap();
+                }
+            });
             drive_until_pubacks(&mut el, n).await.expect("pubacks");
+            publisher.await.unwrap();
         })
     });
+}
+
+/// Publishes one message on a topic the broker's ACL closes to this certificate and
+/// returns how the broker answered: Mosquitto acknowledges and then drops the
+/// connection (MQTT 3.1.1 has no "denied" code), so the message never reaches the
+/// collector.
+pub fn publish_denied(
+    ns: &Netns,
+    client_id: &str,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    topic: &str,
+    payload: Vec<u8>,
+) -> Result<(), String> {
+    let topic = topic.to_string();
+    with_mqtt_client(ns, client_id, tls, move |client, mut el| {
+        Box::pin(async move {
+            connect(&mut el).await?;
+            client
+                .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                .await
+                .map_err(|e| e.to_string())?;
+            // The PUBACK, then the connection's end (or a timeout if it stays up).
+            drive_until_pubacks(&mut el, 2).await
+        })
+    })
 }
 
 /// Polls until the broker acknowledged `n` publishes (or errors).
@@ -787,4 +817,68 @@ pub fn quarantine_reasons(w: &World) -> Vec<String> {
 pub fn static_agent() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("target/x86_64-unknown-linux-gnu/release/weilan-agent")
+}
+
+/// As `own_id` (whose certificate `tls` carries): connects with `victim`'s and with the
+/// collector's client id and publishes on `victim`'s events topic each time (a
+/// publish the ACL denies ends that connection); then, under its own id,
+/// subscribes to every filter that could reach another agent's messages and listens
+/// for `listen` (long enough for the first agent's 30 s heartbeat and its ack).
+/// Returns what arrived.
+pub fn probe_as_other_agent(
+    ns: &Netns,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    victim: &'static str,
+    own_id: &'static str,
+    listen: Duration,
+) -> Vec<(String, Vec<u8>)> {
+    for client_id in [victim, "weilan-collector"] {
+        with_mqtt_client(ns, client_id, tls.clone(), move |client, mut eventloop| {
+            Box::pin(async move {
+                if let Err(e) = connect(&mut eventloop).await {
+                    panic!("the probe could not connect as {client_id}: {e}");
+                }
+                let _ = client
+                    .publish(
+                        format!("weilan/v1/agents/{victim}/events"),
+                        rumqttc::QoS::AtLeastOnce,
+                        false,
+                        b"FORGED".to_vec(),
+                    )
+                    .await;
+                let end = tokio::time::Instant::now() + Duration::from_secs(1);
+                while let Ok(Ok(_)) = tokio::time::timeout_at(end, eventloop.poll()).await {}
+            })
+        });
+    }
+    with_mqtt_client(ns, own_id, tls, move |client, mut eventloop| {
+        Box::pin(async move {
+            let mut got = Vec::new();
+            if let Err(e) = connect(&mut eventloop).await {
+                panic!("the probe could not connect: {e}");
+            }
+            for filter in [
+                "#".to_string(),
+                "weilan/v1/#".into(),
+                "weilan/v1/agents/+/events".into(),
+                "weilan/v1/agents/+/status".into(),
+                format!("weilan/v1/agents/{victim}/acks"),
+                format!("weilan/v1/agents/{victim}/commands"),
+                "weilan/v1/policy".into(),
+            ] {
+                let _ = client.subscribe(filter, rumqttc::QoS::AtLeastOnce).await;
+            }
+            let end = tokio::time::Instant::now() + listen;
+            while let Ok(ev) = tokio::time::timeout_at(end, eventloop.poll()).await {
+                match ev {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        got.push((p.topic.clone(), p.payload.to_vec()))
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("the probe lost its connection: {e}"),
+                }
+            }
+            got
+        })
+    })
 }

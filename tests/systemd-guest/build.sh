@@ -2,14 +2,18 @@
 # build.sh [OUTDIR]  -- a Debian 12 guest whose PID 1 is systemd, for testing Weilan's units
 # and packages (tests/systemd_guest.rs). The project's copy of shared/tools/systemd-guest,
 # with the guest packages the test needs (python3 reads the collector's database,
-# netcat-openbsd makes an upload between network namespaces).
+# netcat-openbsd makes an upload between network namespaces, mosquitto is the collector's
+# embedded broker).
 # Default OUTDIR: $SDG_OUT or /tmp/weilan-systemd-guest. Needs root (apt-get, mmdebstrap).
 # ~1-2 min; a second call with the guest already built returns at once.
 # EXTRA="pkg1 pkg2" adds Debian packages to the guest root.
 set -euo pipefail
 OUT=$(realpath -m "${1:-${SDG_OUT:-/tmp/weilan-systemd-guest}}")
 mkdir -p "$OUT"
-[ -f "$OUT/root.cpio.gz" ] && [ -f "$OUT/vmlinuz" ] && { echo "guest already built: $OUT"; exit 0; }
+pkgs="systemd,systemd-sysv,udev,kmod,iproute2,dbus,procps,ca-certificates,python3,netcat-openbsd,mosquitto"
+for p in ${EXTRA:-}; do pkgs="$pkgs,$p"; done
+# Rebuilt when the package list changed since the last build.
+[ -f "$OUT/root.cpio.gz" ] && [ -f "$OUT/vmlinuz" ] && [ "$(cat "$OUT/packages" 2>/dev/null)" = "$pkgs" ] && { echo "guest already built: $OUT"; exit 0; }
 need=(qemu-system-x86_64:qemu-system-x86 mmdebstrap:mmdebstrap cpio:cpio depmod:kmod)
 miss=(); for p in "${need[@]}"; do command -v "${p%%:*}" >/dev/null || miss+=("${p#*:}"); done
 if [ ${#miss[@]} -gt 0 ]; then
@@ -27,8 +31,6 @@ fi
 cp "$KX/boot/vmlinuz-$KVER" "$OUT/vmlinuz"
 # root file system: minbase + systemd, unpacked into an initramfs (no disk image, no partitioning)
 R="$OUT/root"; rm -rf "$R" "$OUT/root.tar"
-pkgs="systemd,systemd-sysv,udev,kmod,iproute2,dbus,procps,ca-certificates,python3,netcat-openbsd"
-for p in ${EXTRA:-}; do pkgs="$pkgs,$p"; done
 mmdebstrap --quiet --variant=minbase --include="$pkgs" bookworm "$OUT/root.tar"   # mirror: the host's apt sources
 mkdir -p "$R" && tar -xf "$OUT/root.tar" -C "$R" && rm -f "$OUT/root.tar"
 mkdir -p "$R/lib/modules" && cp -a "$KX/lib/modules/$KVER" "$R/lib/modules/"
@@ -53,4 +55,5 @@ ln -sf /etc/systemd/system/guest-job.service "$R/etc/systemd/system/multi-user.t
 ln -sf /lib/systemd/systemd "$R/init"
 ( cd "$R" && find . | cpio -o -H newc --quiet ) | gzip -1 > "$OUT/root.cpio.gz"
 rm -rf "$R"
+echo "$pkgs" > "$OUT/packages"
 echo "built: $OUT/vmlinuz, $OUT/root.cpio.gz (kernel $KVER)"

@@ -77,6 +77,13 @@ pub mod findings {
     pub const UNENROLLED_CERTIFICATE: &str = "collector.unenrolled_certificate";
     /// An enrollment was refused (token reused, expired or forged; id taken...).
     pub const ENROLLMENT_REFUSED: &str = "collector.enrollment_refused";
+    /// The broker refused or disconnected a client for what it sent (an oversized
+    /// packet), or ran out of descriptors.
+    pub const BROKER_REFUSED: &str = "collector.broker_refused";
+    /// The embedded broker process ended unexpectedly (and was restarted).
+    pub const BROKER_RESTARTED: &str = "collector.broker_restarted";
+    /// A source had more messages waiting than its share; the excess was refused.
+    pub const SOURCE_FLOODING: &str = "collector.source_flooding";
     /// An enrolled certificate ends within 14 days.
     pub const CERTIFICATE_EXPIRING: &str = "collector.certificate_expiring";
 }

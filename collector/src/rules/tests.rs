@@ -750,6 +750,21 @@ indicator!(certificate_expiring, "builtin.fleet.certificate-expiring", |_h|
     near: (DAY, vec![finding(findings::ENROLLMENT_REFUSED, json!({"token": "x", "reason": "y"}))]),
 );
 
+indicator!(broker_refused, "builtin.collector.broker-refused", |_h|
+    fire: (DAY, vec![finding(findings::BROKER_REFUSED, json!({"client": "ws-9", "reason": "oversize packet (larger than max_packet_size)"}))]),
+    near: (DAY, vec![finding(findings::BROKER_UNREACHABLE, json!({"broker": "x", "down_secs": 1, "reason": "y"}))]),
+);
+
+indicator!(broker_restarted, "builtin.collector.broker-restarted", |_h|
+    fire: (DAY, vec![finding(findings::BROKER_RESTARTED, json!({"status": "signal: 9 (SIGKILL)", "restarts": 1}))]),
+    near: (DAY, vec![finding(findings::BROKER_REFUSED, json!({"client": "ws-9", "reason": "x"}))]),
+);
+
+indicator!(source_flooding, "builtin.collector.source-flooding", |_h|
+    fire: (DAY, vec![finding(findings::SOURCE_FLOODING, json!({"messages": 900, "bytes": 9000}))]),
+    near: (DAY, vec![finding(findings::BROKER_REFUSED, json!({"client": "ws-9", "reason": "x"}))]),
+);
+
 /// Every rule of the pack has its pair of tests above (kept in step by this list).
 #[test]
 fn every_builtin_rule_is_tested() {
@@ -802,6 +817,9 @@ fn every_builtin_rule_is_tested() {
         "builtin.integrity.unenrolled-certificate",
         "builtin.collector.enrollment-refused",
         "builtin.fleet.certificate-expiring",
+        "builtin.collector.broker-refused",
+        "builtin.collector.broker-restarted",
+        "builtin.collector.source-flooding",
     ];
     let h = Harness::new();
     let set = h.engine.rule_set();

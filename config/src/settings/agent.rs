@@ -93,7 +93,7 @@ pub struct CollectorLink {
     /// Longest time an event waits for its batch to fill, in milliseconds.
     #[serde(default = "default_linger")]
     pub batch_linger_ms: u64,
-    /// Unacknowledged batches in flight before the agent waits for acks.
+    /// Unacknowledged batches in flight before the agent waits for acks (1 to 32).
     #[serde(default = "default_window")]
     pub max_batches_in_flight: usize,
     /// Seconds to wait for the collector's ack before sending a batch again.
@@ -758,11 +758,13 @@ impl Validate for AgentFile {
             crate::wire::MAX_BATCH_EVENTS,
         );
         v.range("collector.batch_linger_ms", c.batch_linger_ms, 0, 60_000);
+        // The collector serves each source's share of 64 waiting messages
+        // (collector/src/fair.rs): 32 in flight plus their re-sends stay within it.
         v.range(
             "collector.max_batches_in_flight",
             c.max_batches_in_flight,
             1,
-            1024,
+            32,
         );
         v.range("collector.ack_timeout_secs", c.ack_timeout_secs, 1, 3600);
         let cert = v.existing_file("tls.cert", &self.tls.cert);

@@ -261,6 +261,9 @@ pub struct BrokerSection {
     /// Embedded mode: most concurrent connections.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Embedded mode: the Mosquitto executable the collector runs as its broker.
+    #[serde(default = "default_mosquitto")]
+    pub mosquitto: PathBuf,
     /// External mode: broker host.
     #[serde(default = "default_host")]
     pub host: String,
@@ -283,6 +286,9 @@ fn default_listen() -> String {
 }
 fn default_max_connections() -> usize {
     10_000
+}
+fn default_mosquitto() -> PathBuf {
+    "/usr/sbin/mosquitto".into()
 }
 fn default_host() -> String {
     "127.0.0.1".into()
@@ -462,6 +468,7 @@ pub enum BrokerMode {
     Embedded {
         listen: SocketAddr,
         max_connections: usize,
+        mosquitto: PathBuf,
     },
     External,
 }
@@ -514,6 +521,16 @@ impl Validate for CollectorFile {
             "embedded" => match b.listen.parse::<SocketAddr>() {
                 Ok(listen) => {
                     v.range("broker.max_connections", b.max_connections, 1, 1_000_000);
+                    let mosquitto = b.mosquitto.clone();
+                    if !mosquitto.is_file() {
+                        v.error(
+                            "broker.mosquitto",
+                            format!(
+                                "`{}` not found: the embedded broker is Mosquitto (`apt-get install mosquitto`)",
+                                mosquitto.display()
+                            ),
+                        );
+                    }
                     let host = if listen.ip().is_unspecified() {
                         "127.0.0.1".to_string()
                     } else {
@@ -523,6 +540,7 @@ impl Validate for CollectorFile {
                         BrokerMode::Embedded {
                             listen,
                             max_connections: b.max_connections,
+                            mosquitto,
                         },
                         host,
                         listen.port(),
