@@ -429,3 +429,62 @@ fn silent_connections_do_not_delay_an_agent() {
     assert!(took <= Duration::from_secs(1), "{took:?}");
     drop(silent);
 }
+
+/// A retained message on an agent's status topic that is not a valid status (here
+/// 100 kB, under the packet limit) is refused and deleted from the broker: a collector
+/// that restarts (and with it the embedded broker, which keeps retained messages on
+/// disk) does not receive it again.
+#[test]
+fn an_invalid_retained_status_is_deleted_from_the_broker() {
+    if !netns_available() {
+        return;
+    }
+    let mut s = Setup::new();
+    let status_topic = format!("weilan/v1/agents/{HOSTILE}/status");
+    let parked = with_mqtt_client(&s.ns, HOSTILE, hostile_tls(&s.w), {
+        let topic = status_topic.clone();
+        move |client, mut el| {
+            Box::pin(async move {
+                connect(&mut el).await?;
+                client
+                    .publish(topic, rumqttc::QoS::AtLeastOnce, true, vec![b'r'; 100_000])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                drive_until_pubacks(&mut el, 1).await
+            })
+        }
+    });
+    assert!(parked.is_ok(), "{parked:?}");
+    let refused = |w: &World| {
+        w.count(&format!(
+            "SELECT COUNT(*) FROM quarantine WHERE topic = '{status_topic}'"
+        ))
+    };
+    wait_for(
+        "the status refused",
+        T,
+        || (refused(&s.w) == 1).then_some(()),
+        || s.diag(),
+    );
+    // Deleted: after a restart of collector and broker, it is not delivered again.
+    std::thread::sleep(Duration::from_secs(1));
+    s.collector.stop();
+    s.collector = s.w.start_collector(&s.ns, &s.w.path("collector.toml"));
+    wait_for(
+        "the agent back after the restart",
+        T,
+        || (s.agent.log_text().matches("MQTT connected").count() >= 2).then_some(()),
+        || s.diag(),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    println!(
+        "MEASURED invalid retained status: refused {} time(s) across a collector and broker restart",
+        refused(&s.w)
+    );
+    assert_eq!(
+        refused(&s.w),
+        1,
+        "the retained status came back\n{}",
+        s.diag()
+    );
+}

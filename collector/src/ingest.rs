@@ -37,6 +37,8 @@ pub struct IngestStats {
 pub struct Reply {
     pub topic: String,
     pub payload: Vec<u8>,
+    /// Published retained (an empty retained payload deletes the retained message).
+    pub retain: bool,
 }
 
 pub struct Ingest {
@@ -57,6 +59,9 @@ pub struct Ingest {
     /// The enrolled identities: a certificate must be in it, not only under the CA.
     pub registry: Enrolled,
 }
+
+/// The largest status message (a few hundred bytes in practice).
+const STATUS_MAX_BYTES: usize = 4096;
 
 /// How long before a certificate's end the yellow "expiring" alert comes.
 pub const EXPIRY_WARNING: jiff::SignedDuration = jiff::SignedDuration::from_hours(14 * 24);
@@ -186,10 +191,7 @@ impl Ingest {
         }
         match topics::parse_agent_topic(topic) {
             Some((agent, Channel::Events)) => self.process_batch(agent, topic, payload),
-            Some((agent, Channel::Status)) => {
-                self.process_status(agent, topic, payload);
-                vec![]
-            }
+            Some((agent, Channel::Status)) => self.process_status(agent, topic, payload),
             Some(_) => vec![],
             None => {
                 self.refuse(topic, "not a Weilan agent topic", payload);
@@ -198,8 +200,22 @@ impl Ingest {
         }
     }
 
-    fn process_status(&self, agent: &str, topic: &str, payload: &[u8]) {
-        match wire::decode::<Status>("a status", payload, 4096) {
+    /// Records an agent's (retained) status. One that is not a valid status of that
+    /// agent is refused and deleted from the broker (an empty retained publish), so a
+    /// certificate holder cannot park large retained messages there; the deletion
+    /// itself arrives here empty and is ignored.
+    fn process_status(&self, agent: &str, topic: &str, payload: &[u8]) -> Vec<Reply> {
+        if payload.is_empty() {
+            return vec![];
+        }
+        let clear = || {
+            vec![Reply {
+                topic: topic.to_string(),
+                payload: vec![],
+                retain: true,
+            }]
+        };
+        match wire::decode::<Status>("a status", payload, STATUS_MAX_BYTES) {
             Ok(s) if s.agent_id == agent => {
                 let state = match s.state {
                     wire::AgentState::Online => "online",
@@ -212,13 +228,20 @@ impl Ingest {
                 {
                     tracing::error!(error = %e, "could not record agent status");
                 }
+                vec![]
             }
-            Ok(s) => self.refuse(
-                topic,
-                &format!("status names agent `{}`", s.agent_id),
-                payload,
-            ),
-            Err(e) => self.refuse(topic, &e.to_string(), payload),
+            Ok(s) => {
+                self.refuse(
+                    topic,
+                    &format!("status names agent `{}`", s.agent_id),
+                    payload,
+                );
+                clear()
+            }
+            Err(e) => {
+                self.refuse(topic, &e.to_string(), payload);
+                clear()
+            }
         }
     }
 
@@ -388,6 +411,7 @@ impl Ingest {
                 Reply {
                     topic: topics::agent_topic(agent, Channel::Acks),
                     payload,
+                    retain: false,
                 },
             );
         }
@@ -477,6 +501,7 @@ impl Ingest {
                     replies.push(Reply {
                         topic: topics::agent_topic(&c.agent_id, Channel::Commands),
                         payload,
+                        retain: false,
                     });
                 }
                 Err(e) => {

@@ -588,7 +588,9 @@ impl SystemdWatchdog {
 /// re-sends an unacked batch; a command is counted as not sent).
 fn publish(client: &rumqttc::AsyncClient, replies: Vec<ingest::Reply>) {
     for reply in replies {
-        if let Err(e) = client.try_publish(&reply.topic, QoS::AtLeastOnce, false, reply.payload) {
+        if let Err(e) =
+            client.try_publish(&reply.topic, QoS::AtLeastOnce, reply.retain, reply.payload)
+        {
             tracing::warn!(topic = %reply.topic, error = %e, "reply not queued");
         }
     }
