@@ -245,36 +245,32 @@ impl SupervisedBroker {
     }
 }
 
-const SETPRIV: [&str; 2] = ["/usr/bin/setpriv", "/bin/setpriv"];
-
 /// Starts one Mosquitto process and waits for its "running" line. On failure
 /// returns the lines it logged.
+#[allow(unsafe_code)] // one prctl between fork and exec; see SAFETY below.
 async fn launch(
     spec: &BrokerSpec,
     notices: mpsc::Sender<BrokerNotice>,
 ) -> Result<tokio::process::Child, String> {
-    // util-linux's setpriv (Essential in Debian) sets the parent-death signal and
-    // execs Mosquitto in the same process: the collector forbids `unsafe`, so it does
-    // not call prctl between fork and exec itself.
-    let mut cmd = match SETPRIV.iter().find(|p| Path::new(p).is_file()) {
-        Some(setpriv) => {
-            let mut c = tokio::process::Command::new(setpriv);
-            c.args(["--pdeathsig", "TERM", "--"]).arg(&spec.mosquitto);
-            c
-        }
-        None => {
-            tracing::warn!(
-                "setpriv not found: a collector killed with -9 leaves its broker running"
-            );
-            tokio::process::Command::new(&spec.mosquitto)
-        }
-    };
+    let mut cmd = tokio::process::Command::new(&spec.mosquitto);
     cmd.arg("-c")
         .arg(spec.config_path())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    // A collector killed with -9 must not leave its broker holding the port: the
+    // kernel sends Mosquitto SIGTERM when the spawning thread (a runtime worker, which
+    // lives as long as the collector) ends. (util-linux `setpriv --pdeathsig` fails
+    // under the unit's empty capability bounding set.)
+    // SAFETY: the closure runs in the child between fork and exec and only calls
+    // prctl(2), which is async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Some(nix::sys::signal::Signal::SIGTERM))
+                .map_err(std::io::Error::from)
+        });
+    }
     let mut child = cmd.spawn().map_err(|e| e.to_string())?;
     let stderr = child.stderr.take().ok_or("no stderr")?;
     let mut lines = tokio::io::BufReader::new(stderr).lines();

@@ -32,7 +32,13 @@ until_true() {
   done
 }
 at_least() { n=$(sql "$2" 2>/dev/null || echo 0); [ "${n:-0}" -ge "$1" ]; }
-step() { echo "== docs/deployment.md: $1"; ( cd "$F/release" && sh -e "$F/steps/$1.sh" ); }
+step() {
+  echo "== docs/deployment.md: $1"
+  ( cd "$F/release" && sh -e "$F/steps/$1.sh" ) || {
+    journalctl -u weilan-agent -u weilan-collector --no-pager | tail -n 60 >&2
+    exit 1
+  }
+}
 prop() { systemctl show -P "$2" "$1"; }
 new_main_pid() { p=$(prop "$1" MainPID); [ "$p" != 0 ] && [ "$p" != "$2" ] && [ "$(systemctl is-active "$1")" = active ]; }
 restarts_above() { [ "$(prop "$1" NRestarts)" -gt "$2" ]; }
