@@ -298,3 +298,126 @@ fn one_token_enrolls_one_agent_and_everything_else_is_refused() {
         "only the first run of ws-new was stored"
     );
 }
+
+/// A certificate with a one-hour lifetime, 6 s before its two-thirds point: the agent
+/// renews it then over the enrollment port, authenticated by it, and switches its
+/// session and signatures to the new one in the middle of a 10 s burst of events;
+/// nothing is lost. The collector records the renewal.
+#[test]
+fn a_one_hour_certificate_is_renewed_without_losing_an_event() {
+    if !netns_available() {
+        return;
+    }
+    const BURST: &str = "RENEW-BURST";
+    let w = World::new();
+    w.write_policy(&[]);
+    let now = time::OffsetDateTime::now_utc();
+    weilan_collector::pki::issue_agent_valid(
+        &w.pki,
+        "ws-renew",
+        // Two thirds of the hour are over 6 s from now.
+        now - time::Duration::minutes(40) + time::Duration::seconds(6),
+        now + time::Duration::minutes(20) + time::Duration::seconds(6),
+    )
+    .unwrap();
+    let ns = Netns::create();
+    let collector = w.start_collector(
+        &ns,
+        &w.collector_toml(false, "[enroll]\nlisten = \"127.0.0.1:8884\"\n"),
+    );
+    wait_for(
+        "enrollment listening",
+        T,
+        || {
+            collector
+                .log_text()
+                .contains("enrollment listening")
+                .then_some(())
+        },
+        || collector.log_text(),
+    );
+    let agent = w.start_agent(
+        &ns,
+        &w.agent_toml_with("ws-renew", "pki/ca.pem", "renew_port = 8884", ""),
+        "ws-renew",
+    );
+    let diag = || {
+        format!(
+            "--- collector\n{}\n--- agent\n{}",
+            collector.log_text(),
+            agent.log_text()
+        )
+    };
+    wait_for(
+        "agent.started stored",
+        T,
+        || (started(&w, "ws-renew") == 1).then_some(()),
+        diag,
+    );
+    // Events recorded before, during and after the switch (10 s of them).
+    {
+        let sysfs = w.sysfs();
+        let ns = &ns;
+        std::thread::scope(|scope| {
+            let h = scope.spawn(move || usb_burst_paced(ns, &sysfs, "1-9", BURST, 5000, 25));
+            wait_for(
+                "certificate renewed",
+                T,
+                || {
+                    agent
+                        .log_text()
+                        .contains("certificate renewed")
+                        .then_some(())
+                },
+                diag,
+            );
+            h.join().unwrap();
+        });
+    }
+    let expected = 10_000;
+    wait_for(
+        "every burst event stored",
+        Duration::from_secs(60),
+        || (w.burst_count(BURST) == expected).then_some(()),
+        || format!("stored {}\n{}", w.burst_count(BURST), diag()),
+    );
+    let renewed = w.path("state-ws-renew/identity/agent.pem");
+    let der = weilan_config::pem::load_cert(&renewed).unwrap();
+    let (_, not_after) = weilan_config::signing::validity(&der).unwrap();
+    let days = (not_after - jiff::Timestamp::now().as_second()) / 86_400;
+    let registry = std::fs::read_to_string(w.pki.dir.join("registry.jsonl")).unwrap();
+    println!(
+        "MEASURED renewal: 1-hour certificate renewed at its two-thirds point (during a 10 s burst) for {days} days; {} of {expected} burst events stored; reconnects {}",
+        w.burst_count(BURST),
+        agent.log_text().matches("MQTT connected").count()
+    );
+    assert!(days >= 800, "{days}");
+    assert!(registry.contains("renewal of "), "{registry}");
+    assert!(
+        agent
+            .log_text()
+            .contains("reconnecting with the renewed certificate"),
+        "{}",
+        diag()
+    );
+    // Nothing signed by either certificate was refused.
+    assert_eq!(w.count("SELECT COUNT(*) FROM quarantine"), 0, "{}", diag());
+    // The next start uses the renewed certificate.
+    drop(agent);
+    let again = w.start_agent(
+        &ns,
+        &w.agent_toml_with("ws-renew", "pki/ca.pem", "renew_port = 8884", ""),
+        "ws-renew",
+    );
+    wait_for(
+        "the renewed certificate used at start",
+        T,
+        || {
+            again
+                .log_text()
+                .contains("using the renewed certificate")
+                .then_some(())
+        },
+        || again.log_text(),
+    );
+}

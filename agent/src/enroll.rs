@@ -64,22 +64,20 @@ pub fn enroll(
     if !weilan_config::topics::valid_agent_id(agent_id) {
         return Err(EnrollError::BadId(agent_id.to_string()));
     }
-    let key = rcgen::KeyPair::generate().map_err(|e| EnrollError::Key(e.to_string()))?;
-    let mut params = rcgen::CertificateParams::default();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, agent_id);
-    let csr = params
-        .serialize_request(&key)
-        .and_then(|c| c.pem())
-        .map_err(|e| EnrollError::Key(e.to_string()))?;
+    let (key, csr) = key_and_request(agent_id)?;
     let request = Request {
         v: 1,
         token: token.encode(),
+        renew: false,
         agent_id: agent_id.to_string(),
         csr,
     };
-    let response = exchange(collector, &token, &request)?;
+    let config = weilan_config::tls::pinned_ca_client_config(token.ca_sha256, "weilan-collector")
+        .map_err(|e| EnrollError::Tls {
+        addr: collector.to_string(),
+        detail: e.to_string(),
+    })?;
+    let response = exchange(collector, config, &request)?;
     if let Some(e) = response.error {
         return Err(EnrollError::Refused(e));
     }
@@ -133,6 +131,84 @@ pub fn enroll(
     Ok(out)
 }
 
+/// A new key (generated here; it never leaves this host) and a certificate request
+/// for `agent_id` with it.
+fn key_and_request(agent_id: &str) -> Result<(rcgen::KeyPair, String), EnrollError> {
+    let key = rcgen::KeyPair::generate().map_err(|e| EnrollError::Key(e.to_string()))?;
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, agent_id);
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| EnrollError::Key(e.to_string()))?;
+    Ok((key, csr))
+}
+
+/// A renewed identity: the new certificate and key (PEM), checked.
+pub struct Renewed {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub not_after: i64,
+}
+
+/// Renews `agent_id`'s certificate at the collector's enrollment port, authenticated
+/// by the current one (`cert`, `key`) over TLS pinned to `ca`. The new key is made
+/// here; the answer must be a certificate for `agent_id` under `ca`, for that key.
+pub fn renew(
+    collector: &str,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    agent_id: &str,
+) -> Result<Renewed, EnrollError> {
+    let (new_key, csr) = key_and_request(agent_id)?;
+    let config =
+        weilan_config::tls::client_config(ca, cert, key, "weilan-collector").map_err(|e| {
+            EnrollError::Tls {
+                addr: collector.to_string(),
+                detail: e.to_string(),
+            }
+        })?;
+    let request = Request {
+        v: 1,
+        token: String::new(),
+        renew: true,
+        agent_id: agent_id.to_string(),
+        csr,
+    };
+    let response = exchange(collector, config, &request)?;
+    if let Some(e) = response.error {
+        return Err(EnrollError::Refused(e));
+    }
+    let Some(cert_pem) = response.cert else {
+        return Err(EnrollError::BadAnswer("no certificate".into()));
+    };
+    let new_cert = first_cert(&cert_pem)?;
+    let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(new_key.serialize_der().into());
+    let signer = Signer::new(new_cert.clone(), key_der, "renewed key")
+        .map_err(|e| EnrollError::BadAnswer(format!("certificate: {e}")))?;
+    let probe = signer.sign(Purpose::Batch, "{}".into());
+    let identity = Verifier::from_ca_file(ca)
+        .map_err(|e| EnrollError::BadAnswer(e.to_string()))?
+        .verify(&probe, Purpose::Batch, Role::Agent)
+        .map_err(|e| EnrollError::BadAnswer(format!("certificate: {e}")))?;
+    if identity.common_name != agent_id {
+        return Err(EnrollError::BadAnswer(format!(
+            "certificate for `{}`, not `{agent_id}`",
+            identity.common_name
+        )));
+    }
+    let (_, not_after) = weilan_config::signing::validity(&new_cert)
+        .map_err(|e| EnrollError::BadAnswer(format!("certificate: {e}")))?;
+    Ok(Renewed {
+        cert_pem,
+        key_pem: new_key.serialize_pem(),
+        not_after,
+    })
+}
+
 fn first_cert(pem: &str) -> Result<CertificateDer<'static>, EnrollError> {
     use rustls_pki_types::pem::PemObject;
     CertificateDer::from_pem_slice(pem.as_bytes())
@@ -146,8 +222,13 @@ fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), EnrollEr
     })
 }
 
-/// One request, one response, over TLS pinned to the token's CA.
-fn exchange(collector: &str, token: &Token, request: &Request) -> Result<Response, EnrollError> {
+/// One request, one response, over `config`'s TLS (pinned to the token's CA for an
+/// enrollment, to the configured CA with a client certificate for a renewal).
+fn exchange(
+    collector: &str,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    request: &Request,
+) -> Result<Response, EnrollError> {
     let addr = if collector.contains(':') {
         collector.to_string()
     } else {
@@ -157,8 +238,6 @@ fn exchange(collector: &str, token: &Token, request: &Request) -> Result<Respons
         addr: addr.clone(),
         detail,
     };
-    let config = weilan_config::tls::pinned_ca_client_config(token.ca_sha256, "weilan-collector")
-        .map_err(|e| tls_err(e.to_string()))?;
     let name = ServerName::try_from("weilan-collector").map_err(|e| tls_err(e.to_string()))?;
     let conn = rustls::ClientConnection::new(config, name).map_err(|e| tls_err(e.to_string()))?;
     let tcp = std::net::ToSocketAddrs::to_socket_addrs(&addr)

@@ -23,6 +23,7 @@ pub mod journal;
 pub mod policy_manager;
 pub mod procinfo;
 pub mod recorder;
+pub mod renewal;
 pub mod source;
 pub mod state;
 pub mod stats;
@@ -78,16 +79,43 @@ pub fn load_policy(settings: &AgentSettings) -> Result<Policy, weilan_config::Co
 
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result<(), AgentError> {
-    let signer = Signer::from_pem_files(&settings.cert, &settings.key)?;
-    let agent_id = signer.identity().common_name.clone();
+    let configured = renewal::Identity {
+        cert: settings.cert.clone(),
+        key: settings.key.clone(),
+    };
+    let agent_id = Signer::from_pem_files(&configured.cert, &configured.key)?
+        .identity()
+        .common_name
+        .clone();
+    // A certificate renewed since the configured one was installed takes its place.
+    let identity = renewal::in_force(configured.clone(), &settings.state_dir, &agent_id);
+    if identity != configured {
+        tracing::info!(cert = %identity.cert.display(), "using the renewed certificate");
+    }
+    let signer = Signer::from_pem_files(&identity.cert, &identity.key)?;
     let verifier = Verifier::from_ca_file(&settings.ca)?;
     let unlock_verifier = Arc::new(Verifier::from_ca_file(&settings.ca)?);
     let tls = weilan_config::tls::client_config(
         &settings.ca,
-        &settings.cert,
-        &settings.key,
+        &identity.cert,
+        &identity.key,
         &settings.server_name,
     )?;
+    let (switch_tx, switch_rx) = mpsc::channel(1);
+    let renewal = settings.renew_port.map(|port| {
+        tokio::spawn(renewal::run(
+            renewal::RenewalConfig {
+                agent_id: agent_id.clone(),
+                collector: format!("{}:{port}", settings.collector_host),
+                server_name: settings.server_name.clone(),
+                ca: settings.ca.clone(),
+                state_dir: settings.state_dir.clone(),
+            },
+            identity.clone(),
+            switch_tx,
+            shutdown.clone(),
+        ))
+    });
     let (policy, policy_source, policy_release) =
         policy_manager::initial(&settings.state_dir, &settings.policy)?;
     let (journal, recovery) = Journal::open(JournalConfig {
@@ -152,6 +180,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
             max_events_per_sec: settings.max_events_per_sec,
         },
         signer,
+        identity_switches: switch_rx,
         verifier,
         policy_pushes: policy_tx,
         commands: commands_tx,
@@ -346,6 +375,11 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
     }
     let _ = policy_task.await;
     let _ = command_task.await;
+    // A renewal in progress is abandoned: its files are replaced atomically, and the
+    // next start renews again if it has to.
+    if let Some(r) = renewal {
+        r.abort();
+    }
     let _ = sink
         .emit(Event::AgentStopping(AgentStopping {
             reason: "signal".into(),

@@ -106,6 +106,9 @@ struct Sending {
 pub struct Uplink {
     pub config: UplinkConfig,
     pub signer: Signer,
+    /// Renewed identities (`renewal.rs`): the session restarts with each, and batches
+    /// are signed with it from then on.
+    pub identity_switches: mpsc::Receiver<crate::renewal::Switch>,
     pub verifier: Verifier,
     /// Verified policy bodies go to the policy manager.
     pub policy_pushes: mpsc::Sender<String>,
@@ -128,12 +131,17 @@ fn status_payload(agent_id: &str, state: AgentState) -> Vec<u8> {
 impl Uplink {
     /// Runs until `drain` is cancelled and the journal is fully acknowledged (or the drain timeout
     /// passed). `drain` is cancelled after the recorder has stored the last event.
-    pub async fn run(self, drain: CancellationToken) {
+    /// The MQTT session with the current TLS identity.
+    fn session(
+        &self,
+        stop: &CancellationToken,
+    ) -> (
+        rumqttc::AsyncClient,
+        mpsc::Receiver<SessionEvent>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let c = &self.config;
-        let status_topic = topics::agent_topic(&c.agent_id, Channel::Status);
-        let events_topic = topics::agent_topic(&c.agent_id, Channel::Events);
-        let session_stop = CancellationToken::new();
-        let (client, mut rx, session) = mqtt::spawn(
+        mqtt::spawn(
             SessionConfig {
                 client_id: c.agent_id.clone(),
                 host: c.host.clone(),
@@ -141,7 +149,7 @@ impl Uplink {
                 tls: c.tls.clone(),
                 keep_alive: c.keep_alive,
                 last_will: Some(LastWill::new(
-                    status_topic.clone(),
+                    topics::agent_topic(&c.agent_id, Channel::Status),
                     status_payload(&c.agent_id, AgentState::Offline),
                     QoS::AtLeastOnce,
                     true,
@@ -155,8 +163,15 @@ impl Uplink {
                     topics::POLICY.to_string(),
                 ],
             },
-            session_stop.clone(),
-        );
+            stop.clone(),
+        )
+    }
+
+    pub async fn run(mut self, drain: CancellationToken) {
+        let status_topic = topics::agent_topic(&self.config.agent_id, Channel::Status);
+        let events_topic = topics::agent_topic(&self.config.agent_id, Channel::Events);
+        let mut session_stop = CancellationToken::new();
+        let (mut client, mut rx, mut session) = self.session(&session_stop);
         let mut connected = false;
         let mut draining: Option<tokio::time::Instant> = None;
         let mut ack_check = tokio::time::interval(Duration::from_secs(1));
@@ -165,11 +180,25 @@ impl Uplink {
             in_flight: VecDeque::new(),
             // Random start: an ack that outlived a previous run can never match.
             next_batch_id: rand::random::<u32>() as u64 * 1_000_000,
-            limit: RateLimit::new(c.max_events_per_sec),
+            limit: RateLimit::new(self.config.max_events_per_sec),
         };
         let mut throttled: Option<tokio::time::Instant> = None;
         loop {
+            let c = &self.config;
             tokio::select! {
+                Some(switch) = self.identity_switches.recv() => {
+                    // A renewed certificate: a new session with it; what was in flight
+                    // is sent again (signed with the new key) once it is up.
+                    tracing::info!("reconnecting with the renewed certificate");
+                    session_stop.cancel();
+                    let _ = session.await;
+                    self.config.tls = switch.tls;
+                    self.signer = switch.signer;
+                    session_stop = CancellationToken::new();
+                    (client, rx, session) = self.session(&session_stop);
+                    connected = false;
+                    continue;
+                }
                 ev = rx.recv() => match ev {
                     Some(SessionEvent::Connected) => {
                         connected = true;
@@ -226,7 +255,7 @@ impl Uplink {
             status_topic,
             QoS::AtLeastOnce,
             true,
-            status_payload(&c.agent_id, AgentState::Offline),
+            status_payload(&self.config.agent_id, AgentState::Offline),
         );
         session_stop.cancel();
         let _ = session.await;

@@ -258,6 +258,11 @@ async fn launch(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
+        // systemd's notification socket is the collector's: Mosquitto would announce
+        // itself there too (refused by NotifyAccess=main, and logged).
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
         .kill_on_drop(true);
     // A collector killed with -9 must not leave its broker holding the port: the
     // kernel sends Mosquitto SIGTERM when the spawning thread (a runtime worker, which

@@ -249,6 +249,63 @@ impl Enroller {
         })
     }
 
+    /// Renews the certificate the client authenticated with (`peer`, DER): it must be
+    /// enrolled, not revoked, an agent's, and for `req.agent_id`. The new one keeps the
+    /// groups; the old one stays valid until its end (batches signed with it may still
+    /// be on their way).
+    pub fn renew(
+        &self,
+        req: &Request,
+        peer: Option<&[u8]>,
+        now: jiff::Timestamp,
+    ) -> Result<Response, Refusal> {
+        let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let refuse = |reason: String| Refusal {
+            token_id: None,
+            agent_id: req.agent_id.clone(),
+            reason: format!("renewal: {reason}"),
+        };
+        let Some(der) = peer else {
+            return Err(refuse("no client certificate".into()));
+        };
+        let reg_path = registry::path(&self.paths);
+        let reg = registry::Registry::load(&reg_path).map_err(|e| refuse(e.to_string()))?;
+        let fingerprint = registry::fingerprint(der);
+        let Some(current) = reg.valid(&fingerprint) else {
+            return Err(refuse(
+                "the client certificate is not enrolled or was revoked".into(),
+            ));
+        };
+        if current.id != req.agent_id || current.role != "agent" {
+            return Err(refuse(format!(
+                "the client certificate is {} `{}`'s",
+                current.role, current.id
+            )));
+        }
+        let csr = CertificateSigningRequestParams::from_pem(&req.csr)
+            .map_err(|e| refuse(format!("certificate request: {e}")))?;
+        let (cert_pem, new_der) = self
+            .sign(csr, &req.agent_id, now)
+            .map_err(|e| refuse(format!("signing: {e}")))?;
+        let by = format!("renewal of {}", &fingerprint[..16]);
+        let entry = registry::entry_for_der(
+            &new_der,
+            &req.agent_id,
+            "agent",
+            current.groups.clone(),
+            &by,
+        );
+        registry::append(&reg_path, &entry).map_err(|e| refuse(e.to_string()))?;
+        let ca = std::fs::read_to_string(self.paths.ca()).map_err(|e| refuse(e.to_string()))?;
+        tracing::info!(agent_id = %req.agent_id, old = %&fingerprint[..16], new = %&entry.fingerprint[..16], not_after = %entry.not_after, "agent certificate renewed");
+        Ok(Response {
+            cert: Some(cert_pem),
+            ca: Some(ca),
+            groups: current.groups.clone(),
+            error: None,
+        })
+    }
+
     fn sign(
         &self,
         mut csr: CertificateSigningRequestParams,
@@ -293,10 +350,25 @@ pub fn server_config(
     let config = rustls::ServerConfig::builder_with_provider(weilan_config::tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| EnrollError::Invalid(e.to_string()))?
-        .with_no_client_auth()
+        .with_client_cert_verifier(client_verifier(ca)?)
         .with_single_cert(chain, key)
         .map_err(|e| EnrollError::Invalid(e.to_string()))?;
     Ok(Arc::new(config))
+}
+
+/// Client certificates are optional here: an enrollment has none (the token is its
+/// authority), a renewal presents the agent's current one, checked against the CA.
+fn client_verifier(
+    ca: &std::path::Path,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, EnrollError> {
+    let roots = weilan_config::tls::roots(ca).map_err(|e| EnrollError::Invalid(e.to_string()))?;
+    rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        weilan_config::tls::provider(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| EnrollError::Invalid(e.to_string()))
 }
 
 /// Serves enrollments until `shutdown`. Each connection: one request line, one
@@ -345,6 +417,12 @@ async fn handle(
     let Ok(tls) = acceptor.accept(tcp).await else {
         return;
     };
+    let peer_cert: Option<Vec<u8>> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.as_ref().to_vec());
     let (read, mut write) = tokio::io::split(tls);
     let mut reader = tokio::io::BufReader::new(read).take(MAX_LINE as u64);
     let mut line = String::new();
@@ -359,15 +437,21 @@ async fn handle(
         }),
         Ok(req) => {
             let e = enroller.clone();
-            tokio::task::spawn_blocking(move || e.enroll(&req, jiff::Timestamp::now()))
-                .await
-                .unwrap_or_else(|e| {
-                    Err(Refusal {
-                        token_id: None,
-                        agent_id: String::new(),
-                        reason: format!("collector error: {e}"),
-                    })
+            tokio::task::spawn_blocking(move || {
+                if req.renew {
+                    e.renew(&req, peer_cert.as_deref(), jiff::Timestamp::now())
+                } else {
+                    e.enroll(&req, jiff::Timestamp::now())
+                }
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(Refusal {
+                    token_id: None,
+                    agent_id: String::new(),
+                    reason: format!("collector error: {e}"),
                 })
+            })
         }
     };
     let response = match response {

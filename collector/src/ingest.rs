@@ -94,9 +94,17 @@ impl Enrolled {
             .expiry_alerted
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        let horizon = now + EXPIRY_WARNING;
         state
-            .expiring_before(now + EXPIRY_WARNING)
+            .expiring_before(horizon)
             .into_iter()
+            // A renewed agent holds a later certificate: its old one ends unmourned.
+            .filter(|e| {
+                state
+                    .expiry_of(&e.id)
+                    .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                    .is_none_or(|latest| latest < horizon)
+            })
             .filter(|e| alerted.insert(e.fingerprint.clone()))
             .map(|e| Finding {
                 kind: crate::rules::findings::CERTIFICATE_EXPIRING,

@@ -304,6 +304,34 @@ pub fn session_breaker(
     Ok((cert.der().clone(), key_der))
 }
 
+/// Issues an agent certificate with CN = `name` valid from `not_before` to
+/// `not_after` (a short-lived identity, or one part way through its life), recorded
+/// in the registry like any other; returns (cert, key) paths.
+pub fn issue_agent_valid(
+    paths: &PkiPaths,
+    name: &str,
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> Result<(PathBuf, PathBuf), PkiError> {
+    let (cert, key) = (paths.agent(name), paths.agent_key(name));
+    let issuer = load_issuer(paths)?;
+    let pair = KeyPair::generate()?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name = dn(name, Some(Role::Agent.ou()));
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.not_before = not_before;
+    p.not_after = not_after;
+    let issued = p.signed_by(&pair, &issuer)?;
+    write_secret(&key, &pair.serialize_pem())?;
+    write_public(&cert, &issued.pem())?;
+    crate::registry::append(
+        &crate::registry::path(paths),
+        &crate::registry::entry_for_der(issued.der(), name, "agent", vec![], "pki issue-agent"),
+    )?;
+    Ok((cert, key))
+}
+
 /// Issues an agent certificate with CN = `name`; returns (cert, key) paths.
 pub fn issue_agent(paths: &PkiPaths, name: &str) -> Result<(PathBuf, PathBuf), PkiError> {
     issue_named(

@@ -90,8 +90,13 @@ impl Token {
 #[serde(deny_unknown_fields)]
 pub struct Request {
     pub v: u32,
-    /// The whole token.
+    /// The whole token; empty for a renewal.
+    #[serde(default)]
     pub token: String,
+    /// A renewal: no token, the connection's client certificate (enrolled, not
+    /// revoked, for `agent_id`) is the authority; the new certificate keeps its groups.
+    #[serde(default)]
+    pub renew: bool,
     /// The agent id asked for (becomes the certificate's common name).
     pub agent_id: String,
     /// PKCS#10 certificate signing request (PEM) for the agent's own key.

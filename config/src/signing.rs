@@ -298,6 +298,14 @@ impl Verifier {
     }
 }
 
+/// A certificate's validity: (not before, not after), in seconds since the epoch.
+pub fn validity(cert: &CertificateDer<'_>) -> Result<(i64, i64), String> {
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| e.to_string())?;
+    let v = parsed.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
 /// Reads common name and role (OU) from a certificate.
 pub fn subject_identity(cert: &CertificateDer<'_>) -> Result<Identity, String> {
     let (_, parsed) =

@@ -84,6 +84,10 @@ pub struct CollectorLink {
     pub server_name: String,
     /// The pinned Weilan CA (PEM). Only servers with a certificate from it are trusted.
     pub ca: PathBuf,
+    /// The collector's enrollment port, where the agent renews its certificate at two
+    /// thirds of its lifetime (on `host`); 0 turns renewal off.
+    #[serde(default = "default_renew_port")]
+    pub renew_port: u16,
     /// MQTT keep-alive in seconds; the broker publishes the last will after 1.5×.
     #[serde(default = "default_keep_alive")]
     pub keep_alive_secs: u64,
@@ -111,6 +115,9 @@ fn default_rate() -> u32 {
 
 fn default_port() -> u16 {
     8883
+}
+fn default_renew_port() -> u16 {
+    crate::enroll::DEFAULT_PORT
 }
 fn default_server_name() -> String {
     "weilan-collector".into()
@@ -671,6 +678,8 @@ pub struct AgentSettings {
     pub policy: PathBuf,
     pub collector_host: String,
     pub collector_port: u16,
+    /// Where certificate renewal goes (`None`: off).
+    pub renew_port: Option<u16>,
     pub server_name: String,
     pub ca: PathBuf,
     pub cert: PathBuf,
@@ -884,6 +893,7 @@ impl Validate for AgentFile {
             policy,
             collector_host: c.host,
             collector_port: c.port,
+            renew_port: (c.renew_port != 0).then_some(c.renew_port),
             server_name: c.server_name,
             ca,
             cert,
