@@ -1,5 +1,5 @@
-//! The shipped units under a real systemd (PID 1, systemd 252 in a Debian 12 QEMU guest:
-//! `tests/systemd-guest/`). The guest follows docs/deployment.md's command blocks
+//! The shipped units and packages under a real systemd (PID 1, systemd 252 in a Debian
+//! 12 QEMU guest: `tests/systemd-guest/`). The guest follows docs/deployment.md's command blocks
 //! verbatim with the real `systemctl`, then `tests/systemd-guest/job.sh` shows what the
 //! units promise; this test checks its figures.
 
@@ -141,4 +141,98 @@ fn units_run_hardened_under_real_systemd() {
     );
     // The upload from another namespace was measured in full.
     assert!(figure(&text, "upload:") >= 3_145_728.0, "{text}");
+}
+
+/// The Debian packages (`packaging/deb/build.sh`) on a clean Debian 12 root under a
+/// real systemd: install, both services active; an upgrade to a newer build while the
+/// agent holds over 1 000 undelivered events delivers every one once; purge leaves
+/// neither units nor journal nor database. (In this binary so that it boots its guest
+/// while the other test's guest runs.)
+#[test]
+fn packages_install_upgrade_and_purge_under_real_systemd() {
+    let guest = std::env::var("SDG_OUT").unwrap_or_else(|_| "/tmp/weilan-systemd-guest".into());
+    if !require("package test needs root", is_root())
+        || !require(
+            "package test needs qemu-system-x86_64 (tests/systemd-guest/build.sh installs it)",
+            have("qemu-system-x86_64"),
+        )
+        || !require("package test needs dpkg-deb", have("dpkg-deb"))
+        || !require(
+            &format!("systemd guest not built in {guest} (run tests/systemd-guest/build.sh)"),
+            Path::new(&guest).join("root.cpio.gz").exists(),
+        )
+    {
+        return;
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    // The program as packages carry it: this build, without its debug sections.
+    let program = dir.path().join("weilan");
+    let strip = Command::new("strip")
+        .arg("-o")
+        .arg(&program)
+        .arg(weilan_bin())
+        .status();
+    if !strip.is_ok_and(|s| s.success()) {
+        std::fs::copy(weilan_bin(), &program).unwrap();
+    }
+    let debs = dir.path().join("debs");
+    for (version, sub) in [("0.1.0-1", "v1"), ("0.1.0-2", "v2")] {
+        let out = Command::new("bash")
+            .arg(repo.join("packaging/deb/build.sh"))
+            .arg(&program)
+            .arg(version)
+            .arg(debs.join(sub))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "build.sh {version}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = Command::new("bash")
+        .arg(repo.join("tests/systemd-guest/run.sh"))
+        .arg(repo.join("tests/systemd-guest/packages.sh"))
+        .args(["--put"])
+        .arg(&debs)
+        .args(["--timeout", "600", "--mem", "3072"])
+        .env("SDG_OUT", &guest)
+        .output()
+        .expect("run.sh");
+    let text = format!(
+        "{}\n--- stderr\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for l in text.lines().filter(|l| l.starts_with("MEASURED")) {
+        println!("{l}");
+    }
+    assert!(out.status.success() && text.contains("JOB DONE"), "{text}");
+    assert!(
+        text.contains("weilan-agent 0.1.0-1 installed; weilan-collector 0.1.0-1 installed"),
+        "{text}"
+    );
+    // At least 1 000 events waited in the agent's journal; every one was stored once.
+    let before = text
+        .lines()
+        .find(|l| l.starts_with("MEASURED before the upgrade: "))
+        .unwrap_or_else(|| panic!("{text}"));
+    let waiting: u64 = before["MEASURED before the upgrade: ".len()..]
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{before}"));
+    assert!(waiting >= 1000, "{before}");
+    assert!(
+        text.contains(&format!(
+            "{waiting} stored, {waiting} distinct of {waiting} waiting"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("weilan-agent 0.1.0-2; weilan-collector 0.1.0-2; edited agent.toml kept: 1"),
+        "{text}"
+    );
+    assert!(text.contains("MEASURED after purge: left []"), "{text}");
 }

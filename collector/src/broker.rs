@@ -187,9 +187,12 @@ impl SupervisedBroker {
     /// Writes the configuration, starts Mosquitto and returns once it listens (or the
     /// reason it cannot). From then on a broker that exits is restarted (1 s, then up
     /// to 10 s apart) until `shutdown`, each exit reported as a notice.
+    /// `stopping` is the collector's own shutdown: a broker that exits once it is
+    /// cancelled (systemd signals the whole unit at once) is not restarted or reported.
     pub async fn start(
         spec: BrokerSpec,
         shutdown: CancellationToken,
+        stopping: CancellationToken,
         notices: mpsc::Sender<BrokerNotice>,
     ) -> Result<SupervisedBroker, BrokerError> {
         if !spec.mosquitto.is_file() {
@@ -222,7 +225,14 @@ impl SupervisedBroker {
         tracing::info!(listen = %spec.listen, pid = child.id().unwrap_or(0), config = %spec.config_path().display(), "embedded broker (mosquitto) listening: TLS with client certificates, identity = certificate name, topic ACLs");
         pid.store(child.id().unwrap_or(0) as i32, Ordering::SeqCst);
         let listen = spec.listen;
-        let task = tokio::spawn(supervise(spec, child, pid.clone(), shutdown, notices));
+        let task = tokio::spawn(supervise(
+            spec,
+            child,
+            pid.clone(),
+            shutdown,
+            stopping,
+            notices,
+        ));
         Ok(SupervisedBroker { listen, pid, task })
     }
 
@@ -327,6 +337,7 @@ async fn supervise(
     mut child: tokio::process::Child,
     pid: Arc<AtomicI32>,
     shutdown: CancellationToken,
+    stopping: CancellationToken,
     notices: mpsc::Sender<BrokerNotice>,
 ) {
     let mut restarts = 0u64;
@@ -334,7 +345,10 @@ async fn supervise(
         tokio::select! {
             status = child.wait() => {
                 let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-                if shutdown.is_cancelled() {
+                // Signalled together with the collector (systemctl stop): not a crash.
+                let grace = tokio::time::timeout(Duration::from_secs(1), stopping.cancelled()).await;
+                if shutdown.is_cancelled() || grace.is_ok() {
+                    tracing::info!(%status, "embedded broker stopped with the collector");
                     break;
                 }
                 restarts += 1;

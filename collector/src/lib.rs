@@ -138,7 +138,15 @@ pub async fn run(
                     settings.ca.parent().unwrap_or(std::path::Path::new(".")),
                 ))?;
             }
-            Some(broker::SupervisedBroker::start(spec, broker_stop.clone(), notice_tx).await?)
+            Some(
+                broker::SupervisedBroker::start(
+                    spec,
+                    broker_stop.clone(),
+                    shutdown.clone(),
+                    notice_tx,
+                )
+                .await?,
+            )
         }
         BrokerMode::External => {
             drop(notice_tx);
