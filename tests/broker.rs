@@ -13,13 +13,6 @@ use weilan_agent::source::usb::sysfs::fake::{add_stick, FakeStick};
 const T: Duration = Duration::from_secs(30);
 const HOSTILE: &str = "ws-hostile";
 
-fn serial_count(w: &World, serial: &str) -> i64 {
-    w.count(&format!(
-        "SELECT COUNT(*) FROM events WHERE kind = 'usb.attached' \
-         AND json_extract(envelope, '$.event.data.serial') = '{serial}'"
-    ))
-}
-
 /// Plugs a fake stick on the agent's machine, announces it as the kernel does, and
 /// returns how long its event took from capture to stored.
 fn plug_and_time(
@@ -44,7 +37,7 @@ fn plug_and_time(
     wait_for(
         &format!("{serial} stored"),
         T,
-        || (serial_count(w, serial) > 0).then_some(()),
+        || (w.attached_count(serial) > 0).then_some(()),
         diag,
     );
     // From the agent's capture (after the storage settle time) to the collector's

@@ -296,7 +296,44 @@ fn documented_deployment_through_the_shipped_mosquitto_config_works() {
     // Revocation through the CRL: the documented step, then the revoked certificate
     // is refused at the TLS handshake (the same certificate connected for the probes
     // above), while another one still connects.
-    f.step(&f.collector, "revoke", &f.release);
+    // A session the revoked certificate holds while it is revoked: the collector ends
+    // it (a connection under the same name replaces it), and the CRL keeps it out.
+    let held = {
+        let tls = weilan_config::tls::client_config(&ca, &cert, &key, "weilan-collector").unwrap();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let netns = &f.ns;
+        std::thread::scope(|scope| {
+            let h = scope.spawn(move || {
+                with_mqtt_client(netns, OTHER_ID, tls, move |_client, mut el| {
+                    Box::pin(async move {
+                        connect(&mut el)
+                            .await
+                            .expect("the soon revoked agent connects");
+                        let _ = ready_tx.send(());
+                        let end = tokio::time::Instant::now() + Duration::from_secs(15);
+                        while let Ok(Ok(_)) = tokio::time::timeout_at(end, el.poll()).await {}
+                        Instant::now()
+                    })
+                })
+            });
+            ready_rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("held session up");
+            let revoked_at = Instant::now();
+            f.step(&f.collector, "revoke", &f.release);
+            let dropped = h.join().unwrap();
+            dropped.saturating_duration_since(revoked_at)
+        })
+    };
+    println!(
+        "MEASURED Mosquitto: a session held by the revoked certificate ended {} ms after `agents revoke`",
+        held.as_millis()
+    );
+    assert!(
+        held <= Duration::from_secs(5),
+        "the revoked certificate's session lasted {held:?}\n{}",
+        f.diag()
+    );
     // `reload` is a SIGHUP that Mosquitto handles in its own time: the CRL takes hold
     // within moments, measured here.
     let revoked_at = Instant::now();

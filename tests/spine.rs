@@ -12,13 +12,6 @@ use weilan_agent::source::usb::sysfs::fake::{add_stick, FakeStick};
 
 const T: Duration = Duration::from_secs(30);
 
-fn serial_count(w: &World, serial: &str) -> i64 {
-    w.count(&format!(
-        "SELECT COUNT(*) FROM events WHERE kind = 'usb.attached' \
-         AND json_extract(envelope, '$.event.data.serial') = '{serial}'"
-    ))
-}
-
 /// Plugs a fake stick and announces it the way the kernel does; waits for it in SQLite.
 fn plug_and_expect_stored(
     w: &World,
@@ -42,7 +35,7 @@ fn plug_and_expect_stored(
     wait_for(
         "usb.attached in SQLite",
         T,
-        || (serial_count(w, serial) > 0).then_some(()),
+        || (w.attached_count(serial) > 0).then_some(()),
         diag,
     );
 }
@@ -82,8 +75,8 @@ fn check_flow(w: &World, ns: &Netns, collector: &Proc, agent: &Proc) {
     assert!(event_id.starts_with(&format!("{AGENT}:")), "{event_id}");
     // Stored once; the known stick present at start raised no alert.
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(serial_count(w, "E2E-UNKNOWN-1"), 1, "{}", diag());
-    assert_eq!(serial_count(w, "E2E-KNOWN-1"), 1, "{}", diag());
+    assert_eq!(w.attached_count("E2E-UNKNOWN-1"), 1, "{}", diag());
+    assert_eq!(w.attached_count("E2E-KNOWN-1"), 1, "{}", diag());
     // (Red only: a yellow "outside working hours" joins it when the test runs at night.)
     assert_eq!(
         w.alert_lines()
@@ -580,8 +573,8 @@ fn a_revoked_agent_is_disconnected_and_refused_by_the_embedded_broker() {
     // What it records from now on never reaches the store.
     plug(&w, &ns, "1-5", "AFTER-REVOKE");
     std::thread::sleep(Duration::from_secs(5));
-    assert_eq!(serial_count(&w, "AFTER-REVOKE"), 0, "{}", diag());
-    assert_eq!(serial_count(&w, "BEFORE-REVOKE"), 1, "{}", diag());
+    assert_eq!(w.attached_count("AFTER-REVOKE"), 0, "{}", diag());
+    assert_eq!(w.attached_count("BEFORE-REVOKE"), 1, "{}", diag());
     assert!(
         collector
             .log_text()
@@ -636,7 +629,7 @@ fn a_revoked_certificate_is_refused_at_ingest_when_the_broker_lacks_the_crl() {
     );
     assert_eq!(alert["level"], "red");
     assert_eq!(alert["agent_id"], AGENT);
-    assert_eq!(serial_count(&w, "AFTER-REVOKE"), 0, "{}", diag());
+    assert_eq!(w.attached_count("AFTER-REVOKE"), 0, "{}", diag());
     println!(
         "MEASURED revoked certificate through a broker without the CRL: {}",
         alert["summary"]

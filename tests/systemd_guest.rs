@@ -49,6 +49,32 @@ fn restarts(line: &str) -> (u64, u64) {
     (it.next().unwrap(), it.next().unwrap())
 }
 
+/// Boots the guest in `guest` with `tests/systemd-guest/JOB` and the `puts` in
+/// /share/files; prints its MEASURED lines, asserts it finished, returns its output.
+fn run_guest(guest: &str, job: &str, puts: &[&Path], timeout_secs: u32) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/systemd-guest");
+    let mut cmd = Command::new("bash");
+    cmd.arg(root.join("run.sh")).arg(root.join(job));
+    for p in puts {
+        cmd.arg("--put").arg(p);
+    }
+    let out = cmd
+        .args(["--timeout", &timeout_secs.to_string(), "--mem", "3072"])
+        .env("SDG_OUT", guest)
+        .output()
+        .expect("run.sh");
+    let text = format!(
+        "{}\n--- stderr\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for l in text.lines().filter(|l| l.starts_with("MEASURED")) {
+        println!("{l}");
+    }
+    assert!(out.status.success() && text.contains("JOB DONE"), "{text}");
+    text
+}
+
 #[test]
 fn units_run_hardened_under_real_systemd() {
     let guest = std::env::var("SDG_OUT").unwrap_or_else(|_| "/tmp/weilan-systemd-guest".into());
@@ -93,27 +119,7 @@ fn units_run_hardened_under_real_systemd() {
     for s in GUEST_STEPS {
         std::fs::write(steps.join(format!("{s}.sh")), doc_step(s)).unwrap();
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/systemd-guest");
-    let out = Command::new("bash")
-        .arg(root.join("run.sh"))
-        .arg(root.join("job.sh"))
-        .args(["--put"])
-        .arg(&release)
-        .args(["--put"])
-        .arg(&steps)
-        .args(["--timeout", "900", "--mem", "3072"])
-        .env("SDG_OUT", &guest)
-        .output()
-        .expect("run.sh");
-    let text = format!(
-        "{}\n--- stderr\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for l in text.lines().filter(|l| l.starts_with("MEASURED")) {
-        println!("{l}");
-    }
-    assert!(out.status.success() && text.contains("JOB DONE"), "{text}");
+    let text = run_guest(&guest, "job.sh", &[&release, &steps], 900);
 
     // systemd-analyze security, from the running units.
     let agent = figure(&text, "weilan-agent.service:");
@@ -191,24 +197,7 @@ fn packages_install_upgrade_and_purge_under_real_systemd() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let out = Command::new("bash")
-        .arg(repo.join("tests/systemd-guest/run.sh"))
-        .arg(repo.join("tests/systemd-guest/packages.sh"))
-        .args(["--put"])
-        .arg(&debs)
-        .args(["--timeout", "600", "--mem", "3072"])
-        .env("SDG_OUT", &guest)
-        .output()
-        .expect("run.sh");
-    let text = format!(
-        "{}\n--- stderr\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for l in text.lines().filter(|l| l.starts_with("MEASURED")) {
-        println!("{l}");
-    }
-    assert!(out.status.success() && text.contains("JOB DONE"), "{text}");
+    let text = run_guest(&guest, "packages.sh", &[&debs], 600);
     assert!(
         text.contains("weilan-agent 0.1.0-1 installed; weilan-collector 0.1.0-1 installed"),
         "{text}"

@@ -92,20 +92,7 @@ pub fn enroll(
             "the CA returned is not the one the token names".into(),
         ));
     }
-    let cert = first_cert(&cert_pem)?;
-    let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    let signer = Signer::new(cert, key_der, "generated key")
-        .map_err(|e| EnrollError::BadAnswer(format!("certificate: {e}")))?;
-    let probe = signer.sign(Purpose::Batch, "{}".into());
-    let identity = Verifier::new(ca)
-        .verify(&probe, Purpose::Batch, Role::Agent)
-        .map_err(|e| EnrollError::BadAnswer(format!("certificate: {e}")))?;
-    if identity.common_name != agent_id {
-        return Err(EnrollError::BadAnswer(format!(
-            "certificate for `{}`, not `{agent_id}`",
-            identity.common_name
-        )));
-    }
+    check_issued(&Verifier::new(ca), first_cert(&cert_pem)?, &key, agent_id)?;
     let out = Enrolled {
         agent_id: agent_id.to_string(),
         cert: dir.join("agent.pem"),
@@ -186,12 +173,30 @@ pub fn renew(
         return Err(EnrollError::BadAnswer("no certificate".into()));
     };
     let new_cert = first_cert(&cert_pem)?;
-    let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(new_key.serialize_der().into());
-    let signer = Signer::new(new_cert.clone(), key_der, "renewed key")
+    let verifier = Verifier::from_ca_file(ca).map_err(|e| EnrollError::BadAnswer(e.to_string()))?;
+    check_issued(&verifier, new_cert.clone(), &new_key, agent_id)?;
+    let (_, not_after) = weilan_config::signing::validity(&new_cert)
+        .map_err(|e| EnrollError::BadAnswer(format!("certificate: {e}")))?;
+    Ok(Renewed {
+        cert_pem,
+        key_pem: new_key.serialize_pem(),
+        not_after,
+    })
+}
+
+/// The certificate the collector answered with is an agent's under the CA, for
+/// `agent_id`, and for `key`: a probe signed with the key verifies against it.
+fn check_issued(
+    verifier: &Verifier,
+    cert: CertificateDer<'static>,
+    key: &rcgen::KeyPair,
+    agent_id: &str,
+) -> Result<(), EnrollError> {
+    let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let signer = Signer::new(cert, key_der, "generated key")
         .map_err(|e| EnrollError::BadAnswer(format!("certificate: {e}")))?;
     let probe = signer.sign(Purpose::Batch, "{}".into());
-    let identity = Verifier::from_ca_file(ca)
-        .map_err(|e| EnrollError::BadAnswer(e.to_string()))?
+    let identity = verifier
         .verify(&probe, Purpose::Batch, Role::Agent)
         .map_err(|e| EnrollError::BadAnswer(format!("certificate: {e}")))?;
     if identity.common_name != agent_id {
@@ -200,13 +205,7 @@ pub fn renew(
             identity.common_name
         )));
     }
-    let (_, not_after) = weilan_config::signing::validity(&new_cert)
-        .map_err(|e| EnrollError::BadAnswer(format!("certificate: {e}")))?;
-    Ok(Renewed {
-        cert_pem,
-        key_pem: new_key.serialize_pem(),
-        not_after,
-    })
+    Ok(())
 }
 
 fn first_cert(pem: &str) -> Result<CertificateDer<'static>, EnrollError> {

@@ -573,6 +573,14 @@ pub fn usb_burst_paced(
 }
 
 impl World {
+    /// Stored `usb.attached` events of the device with `serial`.
+    pub fn attached_count(&self, serial: &str) -> i64 {
+        self.count(&format!(
+            "SELECT COUNT(*) FROM events WHERE kind = 'usb.attached' \
+             AND json_extract(envelope, '$.event.data.serial') = '{serial}'"
+        ))
+    }
+
     /// Distinct stored USB events of the burst device `serial`.
     pub fn burst_count(&self, serial: &str) -> i64 {
         self.count(&format!(

@@ -119,10 +119,14 @@ echo "MEASURED crash-restarts: 20 kill -9 in $(( $(date +%s) - start )) s, NRest
 rm -rf /etc/systemd/system/weilan-agent.service.d
 systemctl daemon-reload
 
-# The collector restarts too.
+# The collector restarts too (and its broker with it); the agent reconnects.
+connects() { journalctl -u weilan-agent --no-pager | grep -c "MQTT connected" || true; }
+agent_reconnected() { [ "$(connects)" -gt "$1" ]; }
+before=$(connects)
 pid=$(prop weilan-collector MainPID)
 kill -9 "$pid"
 until_true "the collector back" 30 new_main_pid weilan-collector "$pid"
+until_true "the agent reconnected" 60 agent_reconnected "$before"
 echo "MEASURED collector crash-restart: NRestarts $(prop weilan-collector NRestarts)"
 
 # A clean stop drains: agent.stopping reaches the collector.
