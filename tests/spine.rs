@@ -155,6 +155,16 @@ fn usb_event_reaches_sqlite_and_red_alert_through_embedded_broker() {
     );
 }
 
+/// The `mosquitto` binary, or a visible SKIPPED line.
+fn mosquitto_or_skip() -> Option<std::path::PathBuf> {
+    let found = which("mosquitto");
+    require(
+        "Mosquitto test needs the `mosquitto` binary (apt-get install mosquitto)",
+        found.is_some(),
+    );
+    found
+}
+
 fn mosquitto_conf(w: &World) -> std::path::PathBuf {
     // The shipped ACL, never a retyped copy (a retyped one once lacked the policy lines).
     let acl = w.path("mosquitto.acl");
@@ -181,11 +191,7 @@ fn usb_event_flows_through_mosquitto_with_acl_and_agents_cannot_impersonate() {
     if !netns_available() {
         return;
     }
-    let Some(mosquitto) = which("mosquitto") else {
-        require(
-            "Mosquitto test needs the `mosquitto` binary (apt-get install mosquitto)",
-            false,
-        );
+    let Some(mosquitto) = mosquitto_or_skip() else {
         return;
     };
     let w = World::new();
@@ -591,11 +597,7 @@ fn a_revoked_certificate_is_refused_at_ingest_when_the_broker_lacks_the_crl() {
     if !netns_available() {
         return;
     }
-    let Some(mosquitto) = which("mosquitto") else {
-        require(
-            "Mosquitto test needs the `mosquitto` binary (apt-get install mosquitto)",
-            false,
-        );
+    let Some(mosquitto) = mosquitto_or_skip() else {
         return;
     };
     let w = World::new();
