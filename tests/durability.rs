@@ -312,7 +312,7 @@ fn a_small_cap_reports_exactly_the_events_it_had_to_drop() {
             let lost_reported =
                 s.w.count("SELECT COUNT(*) FROM events WHERE kind = 'agent.events_lost'");
             let (last, acked) = journal_last_and_acked(&s.agent_cfg);
-            (lost_reported > 0 && last > 0 && acked == last).then_some(())
+            (lost_reported > 0 && last.1 > 0 && acked == last).then_some(())
         },
         &diagf,
     );
@@ -376,7 +376,8 @@ fn replaying_the_whole_journal_twice_changes_nothing() {
             .output()
             .unwrap();
         assert!(out.status.success());
-        let (last, records) = journal_status(&s.agent_cfg);
+        let (_, records) = journal_status(&s.agent_cfg);
+        let (last, _) = journal_last_and_acked(&s.agent_cfg);
         assert!(
             records >= 5000,
             "the whole burst is still in the journal: {records}"
@@ -387,20 +388,8 @@ fn replaying_the_whole_journal_twice_changes_nothing() {
             "replay acknowledged",
             T,
             || {
-                let text = String::from_utf8_lossy(
-                    &std::process::Command::new(weilan_bin())
-                        .args(["agent", "journal", "--config"])
-                        .arg(&s.agent_cfg)
-                        .output()
-                        .unwrap()
-                        .stdout,
-                )
-                .into_owned();
-                text.lines()
-                    .find_map(|l| l.strip_prefix("acked "))
-                    .and_then(|k| k.rsplit(':').next()?.parse::<u64>().ok())
-                    .filter(|a| *a > last)
-                    .map(|_| ())
+                let (_, acked) = journal_last_and_acked(&s.agent_cfg);
+                (acked > last).then_some(())
             },
             diag(&[&collector, &agent]),
         );
@@ -409,7 +398,8 @@ fn replaying_the_whole_journal_twice_changes_nothing() {
         let burst = s.w.burst_count(BURST);
         assert_eq!(burst, 5000, "round {round}");
         let new_lifecycle = s.w.count(&format!(
-            "SELECT COUNT(*) FROM events WHERE kind NOT IN ('usb.attached', 'usb.detached', 'agent.heartbeat') AND seq > {last}"
+            "SELECT COUNT(*) FROM events WHERE kind NOT IN ('usb.attached', 'usb.detached', 'agent.heartbeat') AND epoch > {}",
+            last.0
         ));
         assert!(
             now - rows < 200,
@@ -420,21 +410,24 @@ fn replaying_the_whole_journal_twice_changes_nothing() {
     println!("journal replayed twice; burst rows stayed at 5000");
 }
 
-/// `last` and `acked` sequence numbers from `weilan agent journal`.
-fn journal_last_and_acked(config: &Path) -> (u64, u64) {
+/// `last` and `acked` keys (epoch, seq) from `weilan agent journal`.
+fn journal_last_and_acked(config: &Path) -> ((u64, u64), (u64, u64)) {
     let out = std::process::Command::new(weilan_bin())
         .args(["agent", "journal", "--config"])
         .arg(config)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let seq = |name: &str| {
+    let key = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name))
-            .and_then(|k| k.trim().rsplit(':').next()?.parse().ok())
-            .unwrap_or(0)
+            .and_then(|k| {
+                let (e, s) = k.trim().split_once(':')?;
+                Some((e.parse().ok()?, s.parse().ok()?))
+            })
+            .unwrap_or((0, 0))
     };
-    (seq("last "), seq("acked "))
+    (key("last "), key("acked "))
 }
 
 /// Rewrites one record of a segment in place (recomputing its CRC, as a careful

@@ -55,6 +55,20 @@ fn watch_with(
     backend: Box<dyn FileBackend>,
     work: impl FnOnce(),
 ) -> Vec<Event> {
+    watch_pushing(mount, policy, backend, Duration::from_millis(100), |_| {
+        work()
+    })
+}
+
+/// Like [`watch_with`], polling the mount table every `mount_poll`; `work` may push
+/// new policies through the sender it gets.
+fn watch_pushing(
+    mount: &Path,
+    policy: &str,
+    backend: Box<dyn FileBackend>,
+    mount_poll: Duration,
+    work: impl FnOnce(&tokio::sync::watch::Sender<Arc<weilan_config::policy::Policy>>),
+) -> Vec<Event> {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (tx, mut rx) = mpsc::channel::<Observed>(1024);
     let shutdown = CancellationToken::new();
@@ -65,7 +79,7 @@ fn watch_with(
     let config = FilesConfig {
         sysfs_root: "/sys".into(),
         mountinfo: "/proc/self/mountinfo".into(),
-        mount_poll: Duration::from_millis(100),
+        mount_poll,
         watch_mounts: vec![mount.to_path_buf()],
         hash_max_bytes: 64 << 20,
         limits: Default::default(),
@@ -74,11 +88,11 @@ fn watch_with(
     };
     let policy = weilan_config::policy::parse(&format!("version = \"t\"\n{policy}"), "policy.toml")
         .expect("test policy");
-    let (_policy_tx, policy_rx) = tokio::sync::watch::channel(Arc::new(policy));
+    let (policy_tx, policy_rx) = tokio::sync::watch::channel(Arc::new(policy));
     let mut source = FilesSource::new(config, backend, policy_rx, None);
     let task = rt.spawn(async move { source.run(&ctx).await.map_err(|e| e.to_string()) });
-    std::thread::sleep(Duration::from_millis(500)); // the marks are in place
-    work();
+    std::thread::sleep(Duration::from_millis(500).max(mount_poll * 2)); // the marks are in place
+    work(&policy_tx);
     std::thread::sleep(Duration::from_millis(1500)); // hashing workers finish
     shutdown.cancel();
     let _ = rt.block_on(task);
@@ -272,6 +286,107 @@ fn files_written_onto_tmpfs_and_ext4_are_reported_once_each() {
         .arg(&ext4));
     let _e = Mounted(ext4.clone());
     check("ext4", &ext4, &src);
+}
+
+#[test]
+fn files_written_during_policy_pushes_are_all_reported() {
+    if !require("files test needs root (mount, fanotify)", is_root()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mount, _m) = tmpfs(dir.path(), "pushes");
+    // A slow mount poll: a push that dropped the exit points until the next poll
+    // would miss a whole second of writes each time.
+    let events = watch_pushing(&mount, "", fanotify(), Duration::from_secs(1), |policy| {
+        // Another process writes (the source ignores its own process's writes).
+        let mut writer = Command::new("sh")
+            .arg("-c")
+            .arg("for i in $(seq 1000 1999); do echo \"file $i\" > f$i.txt; sleep 0.005; done")
+            .current_dir(&mount)
+            .spawn()
+            .unwrap();
+        for push in 0..20 {
+            std::thread::sleep(Duration::from_millis(250));
+            // Each push changes the exit types, so the exit points are re-derived.
+            let fs_types = if push % 2 == 0 {
+                "\"cifs\""
+            } else {
+                "\"nfs\", \"cifs\""
+            };
+            let next = weilan_config::policy::parse(
+                &format!("version = \"push-{push}\"\n[files]\nexit_fs_types = [{fs_types}]\n"),
+                "policy.toml",
+            )
+            .expect("pushed policy");
+            policy.send_replace(Arc::new(next));
+        }
+        let pushes_done = std::time::Instant::now();
+        assert!(writer.wait().unwrap().success());
+        println!(
+            "MEASURED the writer ran {:?} past the 20th push",
+            pushes_done.elapsed()
+        );
+    });
+    let mut names: Vec<String> = exported(&events)
+        .into_iter()
+        .map(|f| f.path.rsplit('/').next().unwrap().to_string())
+        .collect();
+    names.sort();
+    let reported = names.len();
+    names.dedup();
+    println!("MEASURED 1000 files written during 20 policy pushes: {reported} file.exported, {} distinct", names.len());
+    assert_eq!(names.len(), 1000, "every file reported");
+    assert_eq!(reported, 1000, "each once");
+}
+
+#[test]
+fn a_rewrite_loop_is_one_event_with_a_count() {
+    if !require("files test needs root (mount, fanotify)", is_root()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mount, _m) = tmpfs(dir.path(), "loop");
+    let events = watch_pushing(&mount, "", fanotify(), Duration::from_millis(100), |_| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg("for i in $(seq 1 600); do echo \"round $i\" > loop.txt; done; echo once > other.txt")
+            .current_dir(&mount)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        // The loop's event comes when it has been quiet for 2 s.
+        std::thread::sleep(Duration::from_millis(2500));
+    });
+    let all = exported(&events);
+    let looped: Vec<&FileExported> = all
+        .iter()
+        .filter(|f| f.path.ends_with("/loop.txt"))
+        .collect();
+    let rounds: u64 = looped.iter().map(|f| f.rewrites.max(1)).sum();
+    println!(
+        "MEASURED 600 rewrites of one file: {} file.exported (rewrites {:?})",
+        looped.len(),
+        looped.iter().map(|f| f.rewrites).collect::<Vec<_>>()
+    );
+    assert!(
+        looped.len() <= 3,
+        "folded, not one event per round: {}",
+        looped.len()
+    );
+    assert_eq!(rounds, 600, "every round is counted");
+    let last = looped.last().unwrap();
+    assert_eq!(
+        last.sha256.as_deref(),
+        Some(sha256(&mount.join("loop.txt")).as_str()),
+        "the final content"
+    );
+    assert_eq!(
+        all.iter()
+            .filter(|f| f.path.ends_with("/other.txt"))
+            .count(),
+        1,
+        "a file written once is reported as before"
+    );
 }
 
 /// Mounts a fresh tmpfs at `dir/name`.

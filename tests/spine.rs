@@ -90,7 +90,7 @@ fn check_flow(w: &World, ns: &Netns, collector: &Proc, agent: &Proc) {
     let stored_id: String = w
         .db()
         .query_row(
-            "SELECT event_id FROM events WHERE json_extract(envelope, '$.event.data.serial') = 'E2E-UNKNOWN-1'",
+            "SELECT event_id FROM events WHERE kind = 'usb.attached' AND json_extract(envelope, '$.event.data.serial') = 'E2E-UNKNOWN-1'",
             [],
             |r| r.get(0),
         )

@@ -62,6 +62,18 @@ fn wait_mounted(hil: &Hil, serial: &str) -> String {
     )
 }
 
+/// `t1 - t0` from the last line of guest output "t0 t1" (seconds of /proc/uptime).
+fn uptime_delta(text: &str) -> f64 {
+    let last = text.trim().lines().last().unwrap_or_default();
+    let mut it = last
+        .split_whitespace()
+        .map(|v| v.parse::<f64>().unwrap_or(f64::NAN));
+    match (it.next(), it.next()) {
+        (Some(t0), Some(t1)) => t1 - t0,
+        _ => f64::NAN,
+    }
+}
+
 fn decisions(w: &World, serial: &str) -> Vec<serde_json::Value> {
     w.events(
         "usb.decision",
@@ -338,7 +350,13 @@ fn usb_fence_on_a_real_kernel() {
         if rsync { ", rsync" } else { "" }
     );
 
-    // 2c. A classified file written to it: the file rule switches the stick read-only.
+    // 2c. A classified file written to it: the file rule switches the stick read-only —
+    //     while another process holds a file on it open for writing, so the remount
+    //     is refused (EBUSY) until that file is closed.
+    let (rc, text) = hil.gexec(&format!(
+        "touch /tmp/hold; (exec 3>>{mnt}/hold.log; while [ -e /tmp/hold ]; do echo tick >&3; usleep 200000; done) </dev/null >/dev/null 2>&1 &"
+    ));
+    assert_eq!(rc, 0, "background writer: {text}");
     let (rc, text) = hil.gexec(&format!(
         "echo '机密 员工 11010519491231002X' > {mnt}/memo.txt && sync"
     ));
@@ -353,10 +371,45 @@ fn usb_fence_on_a_real_kernel() {
         },
         || hil.agent_log(),
     );
-    assert_eq!(
-        (ro["target"].as_str(), ro["error"].as_str()),
-        (Some("read-only"), None),
-        "{ro}"
+    assert_eq!(ro["target"].as_str(), Some("read-only"), "{ro}");
+    let busy = ro["error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        busy.contains(&format!("{mnt} is still writable")),
+        "the decision says plainly that the busy stick is still writable: {ro}"
+    );
+    let (_, mounts) = hil.gexec("cat /proc/mounts");
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.contains(&format!(" {mnt} ")) && l.contains(" rw,")),
+        "still mounted read-write while the file is open: {mounts}"
+    );
+    // The writer closes its file: the agent's retry (every 250 ms) remounts read-only.
+    let (rc, text) = hil.gexec(&format!(
+        "t0=$(cut -d' ' -f1 /proc/uptime); rm /tmp/hold; i=0; \
+         while [ $i -lt 200 ]; do grep -q ' {mnt} vfat ro,' /proc/mounts && break; usleep 20000; i=$((i+1)); done; \
+         t1=$(cut -d' ' -f1 /proc/uptime); grep ' {mnt} ' /proc/mounts; echo \"$t0 $t1\""
+    ));
+    assert_eq!(rc, 0, "{text}");
+    let waited = uptime_delta(&text);
+    assert!(
+        text.contains(" ro,"),
+        "read-only once the file was closed: {text}\n{}",
+        hil.agent_log()
+    );
+    let retried = wait_for(
+        "the retry's decision",
+        T,
+        || {
+            decisions(&w, "GOOD-1")
+                .into_iter()
+                .find(|d| d["trigger"] == "verify" && d["error"].is_null())
+        },
+        || hil.agent_log(),
+    );
+    println!(
+        "MEASURED busy stick: {busy}; read-only {waited:.2} s after the writer closed its file ({})",
+        retried["actions"]
     );
     let enforced = w.events("file.enforced", "1", &[]);
     assert!(
@@ -408,6 +461,47 @@ fn usb_fence_on_a_real_kernel() {
     );
     let (rc, _) = hil.gexec(&format!("ls {ro_mnt} >/dev/null"));
     assert_eq!(rc, 0, "reads work on a read-only stick");
+    // 3a. Root undoes the lock — disk, partition and mount — and the agent locks it
+    //     again at its next check; a raw write to the whole disk is refused afterwards.
+    let part = ro_mnt.rsplit('/').next().unwrap().to_string();
+    let disk = part
+        .trim_end_matches(|c: char| c.is_ascii_digit())
+        .to_string();
+    let (rc, text) = hil.gexec(&format!(
+        "blockdev --setrw /dev/{disk} && blockdev --setrw /dev/{part} && mount -o remount,rw {ro_mnt} && \
+         t0=$(cut -d' ' -f1 /proc/uptime); echo undone $(cat /sys/block/{disk}/ro /sys/block/{disk}/{part}/ro); i=0; \
+         while [ $i -lt 200 ]; do \
+           [ \"$(cat /sys/block/{disk}/ro)$(cat /sys/block/{disk}/{part}/ro)\" = 11 ] && grep -q ' {ro_mnt} vfat ro,' /proc/mounts && break; \
+           usleep 20000; i=$((i+1)); done; \
+         t1=$(cut -d' ' -f1 /proc/uptime); echo locked $(cat /sys/block/{disk}/ro /sys/block/{disk}/{part}/ro); echo \"$t0 $t1\""
+    ));
+    assert_eq!(rc, 0, "root re-enabled writes: {text}");
+    // (The agent may already have re-locked some of it by the time this is read.)
+    assert!(
+        text.contains("locked 1 1"),
+        "disk and partition locked again: {text}\n{}",
+        hil.agent_log()
+    );
+    let relocked = uptime_delta(&text);
+    let (rc, dd) = hil.gexec(&format!(
+        "dd if=/dev/zero of=/dev/{disk} bs=512 count=1 seek=64 conv=fsync 2>&1"
+    ));
+    assert_ne!(rc, 0, "a raw write to the whole disk must fail: {dd}");
+    let undone = wait_for(
+        "read-only-undone alert",
+        T,
+        || {
+            w.alert_lines()
+                .into_iter()
+                .find(|a| a["rule_id"] == "builtin.usb.read-only-undone")
+        },
+        || hil.agent_log(),
+    );
+    println!(
+        "MEASURED root undid read-only on {disk}, {part} and {ro_mnt}: locked again {relocked:.2} s later; raw dd refused ({}); alert: {}",
+        dd.trim().lines().last().unwrap_or(""),
+        undone["summary"]
+    );
     let (rc, text) = hil.gexec(&format!("echo leak > {ro_mnt}/leak.txt"));
     assert_ne!(rc, 0, "a write to a read-only stick must fail: {text}");
     assert!(

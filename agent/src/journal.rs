@@ -18,12 +18,33 @@
 //! ## Durability and recovery
 //! Appends are group-committed: the recorder appends what is queued and calls
 //! [`Journal::sync`] once (`fdatasync`). Only synced records are ever read for sending,
-//! so a sequence number the collector has seen is never reused. On open every segment
-//! is scanned: a torn or corrupt tail is cut off and counted; records after a corrupt
-//! one in the same segment are lost and counted; other segments are kept. Whenever any
-//! complete record was lost the journal starts a new epoch, so ids never collide with
-//! ones the collector may already hold. Nothing in a damaged journal makes `open` fail:
-//! unreadable files are moved aside and reported.
+//! so a sequence number the collector has seen is never reused. After each sync the
+//! newest synced key and hash go to the `head` file (replaced, not synced: after a
+//! crash it may lag the journal, never lead it).
+//!
+//! Every open starts a new epoch (see `state::next_epoch`), whose first record
+//! (`agent.epoch_started`, written by the recorder) names the head it continues from.
+//! On open every segment is scanned record by record, resynchronising past damage, so
+//! every intact record is kept — also those after a bad one — and a damaged segment is
+//! rewritten with only its intact records. The losses are then found from the keys
+//! alone: a jump between two kept records, an epoch that does not start at 1, an epoch
+//! whose tail ends before the next epoch's `previous`, and a journal that ends before
+//! the recorded head (records cut off its end while the agent was stopped). Each hole
+//! above the acknowledged watermark (and not already reported by the cap) is one
+//! [`Lost`] with its exact range: stage `journal` when damaged bytes were found there,
+//! `journal-removed` when whole records are simply gone. An incomplete record at the
+//! end of the newest segment is a write torn by a crash and costs nothing unless the
+//! recorded head says it had been synced. Nothing in a damaged journal makes `open`
+//! fail: unreadable files are moved aside and reported.
+//!
+//! ## A full disk
+//! The journal keeps a reserve file (`reserve`, 1 MiB, allocated at open) and a small
+//! preallocated counter (`unjournaled`). When the disk is full the recorder stops
+//! writing events and counts them with [`Journal::count_unjournaled`]; the count is
+//! rewritten in place (no new blocks needed) and synced, so it survives a crash. When
+//! space returns — or at stop, after giving up the reserve — one `agent.events_lost`
+//! (stage `journal-full`) reports the exact count; a count found at open (the agent died
+//! while the disk was full) is reported then.
 //!
 //! ## Bounds
 //! The journal is capped at `max_bytes`: past it the oldest segment is deleted and the
@@ -37,7 +58,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use weilan_config::event::{record_hash, Envelope, EventKey, GENESIS_HASH};
+use weilan_config::event::{record_hash, ChainHead, Envelope, Event, EventKey, GENESIS_HASH};
 
 /// Largest record accepted (an envelope is a few KiB at most).
 pub const MAX_RECORD: u32 = 1024 * 1024;
@@ -52,6 +73,19 @@ pub enum JournalError {
     #[error("state: {0}")]
     State(#[from] crate::state::StateError),
 }
+
+impl JournalError {
+    /// The file system under the journal has no space left (or the quota is used up).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, JournalError::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
+    }
+}
+
+/// Space kept in reserve for the report of a full disk.
+pub const RESERVE_BYTES: u64 = 1 << 20;
+/// Size of the in-place counter of events a full disk kept out.
+const UNJOURNALED_BYTES: usize = 4096;
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
     move |source| JournalError::Io {
@@ -122,11 +156,11 @@ pub struct Recovery {
     pub segments: usize,
     /// Complete records lost to corruption (reported as `agent.events_lost`).
     pub lost: Vec<Lost>,
-    /// Bytes of an incomplete final record cut off (a write torn by a crash; such a
-    /// record was never synced, so never sent).
+    /// Bytes of incomplete final records cut off (a write torn by a crash; unless the
+    /// recorded head says otherwise, such a record was never synced, so never sent).
     pub torn_bytes: u64,
-    /// A new epoch was started.
-    pub new_epoch: bool,
+    /// The last record journaled before this start (the new epoch's `previous`).
+    pub previous: Option<ChainHead>,
 }
 
 pub struct Journal {
@@ -150,26 +184,64 @@ pub struct Journal {
     /// Kept across re-sends: a batch whose ack is late may well be stored.
     sent_until: Option<Position>,
     total_bytes: u64,
+    /// The head last written to the `head` file.
+    recorded_head: Option<ChainHead>,
+    /// The newest synced record (the last epoch's at open).
+    durable_head: Option<EventKey>,
+    /// Events kept out by a full disk since it filled, and since when.
+    unjournaled: (u64, Option<jiff::Timestamp>),
+    /// The preallocated counter file (absent if it could not be made).
+    unjournaled_file: Option<File>,
 }
 
 fn segment_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:016x}.seg"))
 }
 
-/// Result of scanning one segment file.
+/// One intact record found by a scan.
+#[derive(Debug, Clone)]
+struct Found {
+    offset: u64,
+    /// Frame length (header + payload).
+    len: u64,
+    key: EventKey,
+    hash: String,
+    /// For the first record of an epoch (`agent.epoch_started`): the head the agent
+    /// had journaled before it.
+    previous: Option<ChainHead>,
+    /// Damage found between the previous intact record of the segment and this one.
+    damage_before: Vec<String>,
+}
+
+/// Result of scanning one segment file: every intact record, resynchronising past
+/// damage, so one bad record never costs the good ones behind it.
 struct Scan {
-    valid_bytes: u64,
-    first: Option<EventKey>,
-    last: Option<EventKey>,
-    last_hash: Option<String>,
-    records: u64,
-    /// Reason the scan stopped early, if it did; `true` when a complete record was bad.
-    damage: Option<(String, bool)>,
-    /// Complete records found after the damage (counted by resynchronising).
-    lost_after: u64,
+    found: Vec<Found>,
+    /// What was wrong where (damaged byte ranges between or after intact records).
+    damage: Vec<String>,
+    /// Damage after the last intact record (an incomplete record included).
+    damage_after: Vec<String>,
+    /// Bytes after the last intact record that look like a write cut short.
+    torn_bytes: u64,
+}
+
+impl Scan {
+    fn first(&self) -> Option<EventKey> {
+        self.found.first().map(|f| f.key)
+    }
+    fn last(&self) -> Option<EventKey> {
+        self.found.last().map(|f| f.key)
+    }
+    fn intact_bytes(&self) -> u64 {
+        self.found.iter().map(|f| f.len).sum()
+    }
 }
 
 fn parse_record(buf: &[u8]) -> Option<(u64, EventKey)> {
+    parse_envelope(buf).map(|(n, env)| (n, env.event_id.key))
+}
+
+fn parse_envelope(buf: &[u8]) -> Option<(u64, Envelope)> {
     if buf.len() < HEADER as usize {
         return None;
     }
@@ -183,79 +255,244 @@ fn parse_record(buf: &[u8]) -> Option<(u64, EventKey)> {
         return None;
     }
     let env: Envelope = serde_json::from_slice(payload).ok()?;
-    Some((HEADER + len as u64, env.event_id.key))
+    Some((HEADER + len as u64, env))
 }
 
 fn scan_segment(data: &[u8]) -> Scan {
     let mut s = Scan {
-        valid_bytes: 0,
-        first: None,
-        last: None,
-        last_hash: None,
-        records: 0,
-        damage: None,
-        lost_after: 0,
+        found: Vec::new(),
+        damage: Vec::new(),
+        damage_after: Vec::new(),
+        torn_bytes: 0,
     };
+    let mut pending: Vec<String> = Vec::new();
     let mut off = 0usize;
     while off < data.len() {
-        let rest = &data[off..];
-        if rest.len() < HEADER as usize {
-            s.damage = Some((format!("{} stray bytes at the end", rest.len()), false));
-            break;
+        if let Some((n, env)) = parse_envelope(&data[off..]) {
+            let previous = match &env.event {
+                Event::AgentEpochStarted(e) if env.event_id.key.seq == 1 => e.previous.clone(),
+                _ => None,
+            };
+            s.found.push(Found {
+                offset: off as u64,
+                len: n,
+                key: env.event_id.key,
+                hash: record_hash(&data[off + 8..off + n as usize]),
+                previous,
+                damage_before: std::mem::take(&mut pending),
+            });
+            off += n as usize;
+            continue;
         }
-        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        if len == 0 || len > MAX_RECORD as usize {
-            s.damage = Some((
-                format!("impossible record length {len} at byte {off}"),
-                true,
-            ));
-            break;
-        }
-        if rest.len() < HEADER as usize + len {
-            s.damage = Some((format!("incomplete record at byte {off}"), false));
-            break;
-        }
-        match parse_record(rest) {
-            Some((n, key)) => {
-                s.first.get_or_insert(key);
-                s.last = Some(key);
-                s.last_hash = Some(record_hash(&rest[8..8 + len]));
-                s.records += 1;
-                off += n as usize;
-                s.valid_bytes = off as u64;
+        // Resynchronise: the next offset where an intact record starts.
+        let next = (off + 1..data.len()).find(|&p| parse_record(&data[p..]).is_some());
+        match next {
+            Some(p) => {
+                pending.push(format!("{} damaged bytes at {off}", p - off));
+                off = p;
             }
             None => {
-                s.damage = Some((format!("corrupt record at byte {off}"), true));
+                let rest = &data[off..];
+                let len = rest
+                    .get(0..4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+                let cut_short = match len {
+                    None => true,
+                    Some(len) => len > 0 && len <= MAX_RECORD as usize && rest.len() < 8 + len,
+                };
+                if cut_short {
+                    s.torn_bytes = rest.len() as u64;
+                    pending.push(format!(
+                        "{} bytes of an incomplete record at {off}",
+                        rest.len()
+                    ));
+                } else {
+                    pending.push(format!(
+                        "{} damaged bytes at {off} (to the end)",
+                        rest.len()
+                    ));
+                }
                 break;
             }
         }
     }
-    if let Some((_, true)) = s.damage {
-        // The damaged record itself was complete: it is lost too, with those behind it.
-        s.lost_after = 1 + count_records_after(data, s.valid_bytes + 1);
-    }
+    s.damage_after = pending;
+    s.damage = s
+        .found
+        .iter()
+        .flat_map(|f| f.damage_before.iter().cloned())
+        .chain(s.damage_after.iter().cloned())
+        .collect();
     s
 }
 
-/// Counts intact records from `from` on by resynchronising byte by byte.
-fn count_records_after(data: &[u8], from: u64) -> u64 {
-    let mut n_found = 0;
-    let mut pos = from as usize;
-    while pos + HEADER as usize <= data.len() {
-        match parse_record(&data[pos..]) {
-            Some((n, _)) => {
-                n_found += 1;
-                pos += n as usize;
+/// A run of missing keys found when the journal was opened.
+struct Hole {
+    epoch: u64,
+    first: u64,
+    last: u64,
+    reason: String,
+    /// Damaged bytes were found where the records were: corruption. Without any, the
+    /// records were removed whole (deliberately, or by a file system losing them).
+    damaged: bool,
+}
+
+/// An intact record in journal order, as `find_holes` needs it.
+struct Seen {
+    key: EventKey,
+    /// Its epoch's `previous` (first record of an epoch only).
+    previous: Option<ChainHead>,
+    segment: PathBuf,
+    /// Damage found between the previous intact record and this one.
+    damage_before: Vec<String>,
+}
+
+/// Finds every run of records the journal should hold and does not: between intact
+/// records, at an epoch's start, before an epoch began (its `previous`), and after the
+/// last record up to the recorded head. Only keys above the acknowledged watermark
+/// count (the collector holds the rest), and not what the cap already reported.
+fn find_holes(
+    records: &[Seen],
+    damage_at_end: &[String],
+    acked: Option<EventKey>,
+    cap: Option<CapLost>,
+    head: Option<&ChainHead>,
+) -> Vec<Hole> {
+    let mut holes = Vec::new();
+    let mut push = |epoch: u64, first: u64, last: u64, (reason, damaged): (String, bool)| {
+        let mut first = first;
+        if let Some(a) = acked {
+            if a.epoch > epoch {
+                return;
             }
-            None => pos += 1,
+            if a.epoch == epoch {
+                first = first.max(a.seq + 1);
+            }
+        }
+        // Already reported by the cap (it deletes from the oldest unacknowledged).
+        let mut last = last;
+        if let Some(c) = cap.filter(|c| c.first.epoch == epoch && c.count > 0) {
+            let (cf, cl) = (c.first.seq, c.first.seq + c.count - 1);
+            if first >= cf && first <= cl {
+                first = cl + 1;
+            } else if last >= cf && last <= cl {
+                last = cf - 1;
+            }
+        }
+        if first <= last {
+            holes.push(Hole {
+                epoch,
+                first,
+                last,
+                reason,
+                damaged,
+            });
+        }
+    };
+    // Why records are missing before `r`: the damage found there, or none.
+    let why = |r: &Seen| -> (String, bool) {
+        if r.damage_before.is_empty() {
+            (
+                format!(
+                    "records removed whole from the journal before {} (segment {}), with no damaged bytes left",
+                    r.key,
+                    r.segment.display()
+                ),
+                false,
+            )
+        } else {
+            (
+                format!(
+                    "journal segment {} damaged before {}: {}",
+                    r.segment.display(),
+                    r.key,
+                    r.damage_before.join("; ")
+                ),
+                true,
+            )
+        }
+    };
+    let mut prev: Option<EventKey> = acked;
+    for r in records {
+        let key = r.key;
+        match prev {
+            Some(p) if key <= p => continue, // a repeated or out-of-order record
+            Some(p) if p.epoch == key.epoch => {
+                if key.seq > p.seq + 1 {
+                    push(key.epoch, p.seq + 1, key.seq - 1, why(r));
+                }
+            }
+            _ => {
+                if key.seq > 1 {
+                    push(key.epoch, 1, key.seq - 1, why(r));
+                }
+                if let (Some(p), Some(pv)) = (prev, &r.previous) {
+                    if pv.key.epoch == p.epoch && pv.key.seq > p.seq {
+                        let (reason, damaged) = why(r);
+                        push(
+                            p.epoch,
+                            p.seq + 1,
+                            pv.key.seq,
+                            (
+                                format!(
+                                    "epoch {} ends at {p} in the journal, but the next epoch began after {}; {reason}",
+                                    p.epoch, pv.key
+                                ),
+                                damaged,
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        prev = Some(key);
+    }
+    if let Some(h) = head {
+        let end = prev;
+        if end.is_none_or(|e| h.key > e) {
+            let from = match end {
+                Some(e) if e.epoch == h.key.epoch => e.seq + 1,
+                _ => 1,
+            };
+            let end_text = end.map_or("(nothing)".to_string(), |e| e.to_string());
+            let reason = if damage_at_end.is_empty() {
+                format!("the journal ends at {end_text} but had recorded up to {}: its newest records were removed whole", h.key)
+            } else {
+                format!(
+                    "the journal ends at {end_text} but had recorded up to {}: {}",
+                    h.key,
+                    damage_at_end.join("; ")
+                )
+            };
+            push(
+                h.key.epoch,
+                from,
+                h.key.seq,
+                (reason, !damage_at_end.is_empty()),
+            );
         }
     }
-    n_found
+    holes
+}
+
+/// Rewrites `path` with only the intact records (durably, via a temporary file).
+fn rewrite_intact(path: &Path, data: &[u8], found: &[Found]) -> Result<(), JournalError> {
+    let mut out = Vec::with_capacity(data.len());
+    for f in found {
+        out.extend_from_slice(&data[f.offset as usize..(f.offset + f.len) as usize]);
+    }
+    let tmp = path.with_extension("rewrite");
+    let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
+    file.write_all(&out).map_err(io_err(&tmp))?;
+    file.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    Ok(())
 }
 
 impl Journal {
-    /// Opens (or creates) the journal, recovering from any damage. Never fails because
-    /// of the journal's *content*; only for I/O on the directory itself.
+    /// Opens (or creates) the journal, recovering from any damage, and starts a new
+    /// epoch. Never fails because of the journal's *content*; only for I/O on the
+    /// directory itself.
     pub fn open(cfg: JournalConfig) -> Result<(Journal, Recovery), JournalError> {
         fs::create_dir_all(&cfg.dir).map_err(io_err(&cfg.dir))?;
         let mut rec = Recovery::default();
@@ -269,130 +506,117 @@ impl Journal {
             })
             .collect();
         ids.sort_unstable();
-        // First scan everything, then judge: a damaged segment's loss is measured
-        // against the first key of the segment after it.
-        let mut scans: Vec<(u64, PathBuf, Vec<u8>, Scan)> = Vec::new();
-        let mut damaged = false;
+        let acked = read_acked(&cfg.dir);
+        let cap_lost = read_cap_lost(&cfg.dir);
+        let recorded_head = read_head(&cfg.dir);
+        let mut segments = BTreeMap::new();
+        // Every intact record in journal order, and damage not yet placed before one.
+        let mut seen: Vec<Seen> = Vec::new();
+        let mut carry: Vec<String> = Vec::new();
+        let mut head: Option<ChainHead> = None;
         for id in &ids {
             let path = segment_path(&cfg.dir, *id);
-            match fs::read(&path) {
-                Ok(data) => {
-                    let scan = scan_segment(&data);
-                    scans.push((*id, path, data, scan));
-                }
+            let data = match fs::read(&path) {
+                Ok(data) => data,
                 Err(e) => {
                     tracing::error!(path = %path.display(), error = %e, "unreadable journal segment moved aside");
                     let _ = fs::rename(&path, path.with_extension("unreadable"));
-                    rec.lost.push(Lost {
-                        reissue_of: None,
-                        stage: "journal".into(),
-                        count: 0,
-                        first: None,
-                        last: None,
-                        reason: format!("segment {} unreadable: {e}", path.display()),
-                    });
-                    damaged = true;
+                    carry.push(format!("segment {} unreadable: {e}", path.display()));
+                    continue;
                 }
+            };
+            let scan = scan_segment(&data);
+            if !scan.damage.is_empty() {
+                tracing::warn!(path = %path.display(), damage = ?scan.damage, kept = scan.found.len(), "journal segment damaged or cut short; every intact record kept");
             }
-        }
-        let acked = read_acked(&cfg.dir);
-        let mut segments = BTreeMap::new();
-        let mut head: Option<(EventKey, String)> = None;
-        let n = scans.len();
-        for i in 0..n {
-            let next_first = scans.get(i + 1).and_then(|(_, _, _, s)| s.first);
-            let (id, path, data, scan) = &scans[i];
-            if let Some((why, complete)) = &scan.damage {
-                let behind = count_records_after(data, scan.valid_bytes + 1);
-                // A torn write can only be the very last record of the newest segment.
-                let torn = !complete && i + 1 == n && behind == 0;
-                if torn {
-                    rec.torn_bytes += data.len() as u64 - scan.valid_bytes;
-                    tracing::warn!(path = %path.display(), reason = %why, "torn journal tail truncated");
-                } else {
-                    damaged = true;
-                    let from = scan
-                        .last
-                        .or(head.as_ref().map(|(k, _)| *k))
-                        .map(|k| EventKey {
-                            epoch: k.epoch,
-                            seq: k.seq + 1,
-                        })
-                        .or_else(|| {
-                            // The very first segment lost everything: it began right
-                            // after what was acknowledged (or at the epoch's start).
-                            next_first.map(|nf| EventKey {
-                                epoch: nf.epoch,
-                                seq: acked
-                                    .filter(|a| a.epoch == nf.epoch)
-                                    .map_or(1, |a| a.seq + 1),
-                            })
-                        });
-                    // Exact when the next segment continues the same epoch.
-                    let (count, last) = match (from, next_first) {
-                        (Some(f), Some(nf)) if nf.epoch == f.epoch && nf.seq > f.seq => (
-                            nf.seq - f.seq,
-                            Some(EventKey {
-                                epoch: nf.epoch,
-                                seq: nf.seq - 1,
-                            }),
-                        ),
-                        _ => (1 + behind, None),
-                    };
-                    tracing::error!(path = %path.display(), reason = %why, lost = count, "journal segment damaged; valid prefix kept");
-                    rec.lost.push(Lost {
-                        reissue_of: None,
-                        stage: "journal".into(),
-                        count,
-                        first: from,
-                        last,
-                        reason: format!("journal segment {}: {why}", path.display()),
-                    });
-                }
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(path)
-                    .map_err(io_err(path))?;
-                f.set_len(scan.valid_bytes).map_err(io_err(path))?;
-                f.sync_all().map_err(io_err(path))?;
+            rec.torn_bytes += scan.torn_bytes;
+            if scan.intact_bytes() != data.len() as u64 {
+                rewrite_intact(&path, &data, &scan.found)?;
             }
-            if let (Some(k), Some(h)) = (scan.last, scan.last_hash.clone()) {
-                head = Some((k, h));
+            for f in &scan.found {
+                let mut damage_before = std::mem::take(&mut carry);
+                damage_before.extend(f.damage_before.iter().cloned());
+                seen.push(Seen {
+                    key: f.key,
+                    previous: f.previous.clone(),
+                    segment: path.clone(),
+                    damage_before,
+                });
             }
-            rec.records += scan.records;
+            carry.extend(scan.damage_after.iter().cloned());
+            if let Some(f) = scan.found.last() {
+                head = Some(ChainHead {
+                    key: f.key,
+                    hash: f.hash.clone(),
+                });
+            }
+            rec.records += scan.found.len() as u64;
+            let bytes = scan.intact_bytes();
             segments.insert(
                 *id,
                 Segment {
-                    path: path.clone(),
-                    bytes: scan.valid_bytes,
-                    durable: scan.valid_bytes,
-                    first: scan.first,
-                    last: scan.last,
-                    records: scan.records,
+                    path,
+                    bytes,
+                    durable: bytes,
+                    first: scan.first(),
+                    last: scan.last(),
+                    records: scan.found.len() as u64,
                 },
             );
         }
-        rec.segments = segments.len();
-        let (next_key, head_hash) = match head {
-            Some((k, h)) if !damaged => (
-                EventKey {
-                    epoch: k.epoch,
-                    seq: k.seq + 1,
-                },
-                h,
-            ),
-            _ => {
-                // A fresh journal, or one that lost complete records: new key space.
-                let epoch = crate::state::next_epoch(&cfg.state_dir)?;
-                let epoch = match head {
-                    // Never go back below an epoch still present in the journal.
-                    Some((k, _)) if k.epoch >= epoch => k.epoch + 1,
-                    _ => epoch,
-                };
-                rec.new_epoch = true;
-                (EventKey { epoch, seq: 1 }, GENESIS_HASH.to_string())
+        sync_dir(&cfg.dir);
+        for hole in find_holes(&seen, &carry, acked, cap_lost, recorded_head.as_ref()) {
+            let count = hole.last - hole.first + 1;
+            tracing::error!(epoch = hole.epoch, first = hole.first, last = hole.last, count, reason = %hole.reason, "journal records lost");
+            rec.lost.push(Lost {
+                reissue_of: None,
+                stage: if hole.damaged {
+                    "journal"
+                } else {
+                    "journal-removed"
+                }
+                .into(),
+                count,
+                first: Some(EventKey {
+                    epoch: hole.epoch,
+                    seq: hole.first,
+                }),
+                last: Some(EventKey {
+                    epoch: hole.epoch,
+                    seq: hole.last,
+                }),
+                reason: hole.reason,
+            });
+        }
+        // A count left by a run that ended while the disk was full stays pending until
+        // its report is in the journal.
+        let (unjournaled_file, unjournaled) = match prepare_unjournaled(&cfg.dir) {
+            Ok((file, pending)) => (Some(file), pending),
+            Err(e) => {
+                tracing::error!(error = %e, "no counter for events a full disk keeps out: such a count would not survive a crash");
+                (None, (0, None))
             }
         };
+        if let Err(e) = ensure_reserve(&cfg.dir) {
+            tracing::error!(error = %e, "no space reserved for the report of a full disk");
+        }
+        rec.segments = segments.len();
+        // The head this epoch continues from: the journal's, or the recorded one
+        // when records after it were lost.
+        let previous = match (head, recorded_head) {
+            (Some(j), Some(h)) if h.key > j.key => Some(h),
+            (None, h) => h,
+            (j, _) => j,
+        };
+        let epoch = crate::state::next_epoch(&cfg.state_dir)?;
+        // Never go back below an epoch still present in the journal.
+        let epoch = match &previous {
+            Some(p) if p.key.epoch >= epoch => p.key.epoch + 1,
+            _ => epoch,
+        };
+        rec.previous = previous;
+        let next_key = EventKey { epoch, seq: 1 };
+        let head_hash = GENESIS_HASH.to_string();
         let active_id = ids.last().map_or(1, |l| l + 1);
         let path = segment_path(&cfg.dir, active_id);
         let active = OpenOptions::new()
@@ -413,7 +637,6 @@ impl Journal {
             },
         );
         let total_bytes = segments.values().map(|s| s.bytes).sum();
-        let dir_for_cap = cfg.dir.clone();
         let mut j = Journal {
             cfg,
             segments,
@@ -428,13 +651,84 @@ impl Journal {
                 segment: 0,
                 offset: 0,
             },
-            cap_lost: read_cap_lost(&dir_for_cap),
+            cap_lost,
             sent_until: None,
             total_bytes,
+            recorded_head: rec.previous.clone(),
+            durable_head: rec.previous.as_ref().map(|p| p.key),
+            unjournaled,
+            unjournaled_file,
         };
         j.resume = j.find_resume_position();
         j.delete_acked_segments();
         Ok((j, rec))
+    }
+
+    /// Counts `n` events a full disk kept out of the journal (rewritten in place and
+    /// synced, so the count survives a crash).
+    pub fn count_unjournaled(&mut self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let now = jiff::Timestamp::now();
+        self.unjournaled.0 += n;
+        let since = *self.unjournaled.1.get_or_insert(now);
+        if let Some(f) = &self.unjournaled_file {
+            if let Err(e) = write_unjournaled(f, self.unjournaled.0, Some(since)) {
+                tracing::error!(error = %e, "could not record the count of events a full disk kept out");
+            }
+        }
+    }
+
+    /// Events a full disk has kept out and not yet reported.
+    pub fn unjournaled(&self) -> u64 {
+        self.unjournaled.0
+    }
+
+    /// Whether the file system has room again for records (beyond the reserve).
+    pub fn has_room(&self) -> bool {
+        nix::sys::statvfs::statvfs(&self.cfg.dir).is_ok_and(|s| {
+            s.blocks_available().saturating_mul(s.fragment_size()) >= 2 * RESERVE_BYTES
+        })
+    }
+
+    /// The report of what a full disk kept out (stage `journal-full`), to append.
+    /// The count is forgotten only by [`Journal::unjournaled_reported`].
+    pub fn unjournaled_report(&self) -> Option<Lost> {
+        let (count, since) = self.unjournaled;
+        (count > 0).then(|| Lost {
+            stage: "journal-full".into(),
+            reissue_of: None,
+            count,
+            first: None,
+            last: None,
+            reason: format!(
+                "the disk under the journal was full from {} to {}: {count} events could not be journaled",
+                since.map_or("?".to_string(), |t| t.to_string()),
+                jiff::Timestamp::now()
+            ),
+        })
+    }
+
+    /// The report is durable in the journal: forget the count, restore the reserve.
+    pub fn unjournaled_reported(&mut self) {
+        self.unjournaled = (0, None);
+        if let Some(f) = &self.unjournaled_file {
+            let _ = write_unjournaled(f, 0, None);
+        }
+        if let Err(e) = ensure_reserve(&self.cfg.dir) {
+            tracing::warn!(error = %e, "space reserve not restored yet");
+        }
+    }
+
+    /// Gives up the reserve so the report of a full disk fits (at stop).
+    pub fn release_reserve(&mut self) {
+        let _ = fs::remove_file(self.cfg.dir.join("reserve"));
+    }
+
+    /// The newest record made durable (what a batch reports as the journal's head).
+    pub fn durable_head(&self) -> Option<EventKey> {
+        self.durable_head
     }
 
     /// The key the next appended event gets.
@@ -525,7 +819,11 @@ impl Journal {
             self.dirty.push(self.active_id);
         }
         if seg.bytes >= self.cfg.segment_bytes {
-            self.rotate()?;
+            // The record is written: a failed rotation (a full disk) only means the
+            // segment grows until the next append tries again.
+            if let Err(e) = self.rotate() {
+                tracing::warn!(error = %e, "journal segment not rotated; retried at the next append");
+            }
         }
         Ok(self.enforce_cap())
     }
@@ -569,7 +867,41 @@ impl Journal {
             }
             seg.durable = seg.bytes;
         }
+        if self.next_key.seq > 1 {
+            self.durable_head = Some(EventKey {
+                epoch: self.next_key.epoch,
+                seq: self.next_key.seq - 1,
+            });
+        }
+        self.record_head();
         Ok(())
+    }
+
+    /// Writes the synced head to the `head` file (atomically, not synced: after a
+    /// crash it may lag the journal, never lead it), so records removed from the end
+    /// of the journal while the agent is stopped are found and counted at the next start.
+    fn record_head(&mut self) {
+        if self.next_key.seq <= 1 {
+            return;
+        }
+        let key = EventKey {
+            epoch: self.next_key.epoch,
+            seq: self.next_key.seq - 1,
+        };
+        if self.recorded_head.as_ref().is_some_and(|h| h.key == key) {
+            return;
+        }
+        let head = ChainHead {
+            key,
+            hash: self.head_hash.clone(),
+        };
+        let tmp = self.cfg.dir.join("head.tmp");
+        let written = fs::write(&tmp, format!("{} {}\n", head.key, head.hash))
+            .and_then(|()| fs::rename(&tmp, self.cfg.dir.join("head")));
+        match written {
+            Ok(()) => self.recorded_head = Some(head),
+            Err(e) => tracing::warn!(error = %e, "could not record the journal head"),
+        }
     }
 
     /// Past the cap, deletes the oldest segments; returns the unacked events lost.
@@ -966,6 +1298,71 @@ fn sync_dir(dir: &Path) {
     }
 }
 
+/// Makes sure `reserve` holds `RESERVE_BYTES` of allocated space.
+fn ensure_reserve(dir: &Path) -> io::Result<()> {
+    let path = dir.join("reserve");
+    let f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&path)?;
+    nix::fcntl::posix_fallocate(&f, 0, RESERVE_BYTES as i64).map_err(io::Error::from)?;
+    f.sync_all()
+}
+
+/// Opens (making and preallocating it if needed) the counter of events a full disk
+/// kept out, with the count a previous run left unreported and since when.
+#[allow(clippy::type_complexity)]
+fn prepare_unjournaled(dir: &Path) -> io::Result<(File, (u64, Option<jiff::Timestamp>))> {
+    let path = dir.join("unjournaled");
+    let text = fs::read_to_string(&path).unwrap_or_default();
+    let f = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(false)
+        .open(&path)?;
+    nix::fcntl::posix_fallocate(&f, 0, UNJOURNALED_BYTES as i64).map_err(io::Error::from)?;
+    let mut it = text.split_whitespace();
+    let count: u64 = it.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+    let since = it.next().and_then(|s| s.parse().ok());
+    if count > 0 {
+        tracing::error!(count, "the last run ended while the disk was full: its count of events kept out is reported now");
+    }
+    Ok((
+        f,
+        (
+            count,
+            since.or_else(|| (count > 0).then(jiff::Timestamp::now)),
+        ),
+    ))
+}
+
+/// Rewrites the counter in place (same length, so no new blocks) and syncs it.
+fn write_unjournaled(f: &File, count: u64, since: Option<jiff::Timestamp>) -> io::Result<()> {
+    let line = format!(
+        "{count} {}\n",
+        since.map_or("-".to_string(), |t| t.to_string())
+    );
+    let mut buf = vec![b' '; UNJOURNALED_BYTES];
+    buf[..line.len()].copy_from_slice(line.as_bytes());
+    f.write_all_at(&buf, 0)?;
+    f.sync_data()
+}
+
+fn read_head(dir: &Path) -> Option<ChainHead> {
+    let text = fs::read_to_string(dir.join("head")).ok()?;
+    let (key, hash) = text.trim().split_once(' ')?;
+    let (e, s) = key.split_once(':')?;
+    Some(ChainHead {
+        key: EventKey {
+            epoch: e.parse().ok()?,
+            seq: s.parse().ok()?,
+        },
+        hash: hash.to_string(),
+    })
+}
+
 fn read_acked(dir: &Path) -> Option<EventKey> {
     let text = fs::read_to_string(dir.join("acked")).ok()?;
     let (e, s) = text.trim().split_once(':')?;
@@ -1012,21 +1409,23 @@ pub fn inspect(dir: &Path) -> io::Result<String> {
     for (id, path) in &ids {
         let data = fs::read(path)?;
         let scan = scan_segment(&data);
-        records += scan.records;
+        records += scan.found.len() as u64;
         bytes += data.len() as u64;
         if first.is_none() {
-            first = scan.first;
+            first = scan.first();
         }
-        if scan.last.is_some() {
-            last = scan.last;
+        if scan.last().is_some() {
+            last = scan.last();
         }
         out.push_str(&format!(
             "segment {id:016x}: {} records, {} bytes{}\n",
-            scan.records,
+            scan.found.len(),
             data.len(),
-            scan.damage
-                .map(|(w, _)| format!(", damaged: {w}"))
-                .unwrap_or_default()
+            if scan.damage.is_empty() {
+                String::new()
+            } else {
+                format!(", damaged: {}", scan.damage.join("; "))
+            }
         ));
     }
     let show = |k: Option<EventKey>| k.map_or("-".to_string(), |k| k.to_string());

@@ -38,7 +38,9 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use weilan_config::event::{AgentStopping, Event, PolicyApplied, SourceError as SourceErrorEvent};
+use weilan_config::event::{
+    AgentStopping, EpochStarted, Event, PolicyApplied, SourceError as SourceErrorEvent,
+};
 use weilan_config::policy::{Policy, PolicyFile};
 use weilan_config::settings::agent::AgentSettings;
 use weilan_config::signing::{Signer, Verifier};
@@ -118,6 +120,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
     });
     let (policy, policy_source, policy_release) =
         policy_manager::initial(&settings.state_dir, &settings.policy)?;
+    let (installation, installation_new) = state::installation(&settings.state_dir)?;
     let (journal, recovery) = Journal::open(JournalConfig {
         dir: settings.state_dir.join("journal"),
         state_dir: settings.state_dir.clone(),
@@ -161,7 +164,13 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
         stats.clone(),
         source_drops,
     );
-    let recorder = tokio::task::spawn_blocking(move || recorder.run_blocking(rx, recovery.lost));
+    let started = EpochStarted {
+        installation,
+        installation_new,
+        previous: recovery.previous,
+    };
+    let recorder =
+        tokio::task::spawn_blocking(move || recorder.run_blocking(rx, started, recovery.lost));
     let watchdog = tokio::spawn(watchdog(stats.clone(), shutdown.clone()));
 
     let drain = CancellationToken::new();

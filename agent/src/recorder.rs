@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify};
 use weilan_config::event::{
-    Envelope, Event, EventId, EventKey, EventsLost, GENESIS_HASH, SCHEMA_VERSION,
+    Envelope, EpochStarted, Event, EventId, EventKey, EventsLost, GENESIS_HASH, SCHEMA_VERSION,
 };
 
 use crate::journal::{Journal, Lost};
@@ -59,13 +59,26 @@ impl Recorder {
 
     /// Runs until the pipeline closes (all sources stopped). Call from a blocking
     /// thread (`spawn_blocking`): it waits on the channel and on the disk.
-    pub fn run_blocking(mut self, mut rx: mpsc::Receiver<Observed>, recovered: Vec<Lost>) {
+    ///
+    /// The epoch's first record is `started` (seq 1), then what the journal found lost
+    /// when it opened, then whatever the sources queued.
+    pub fn run_blocking(
+        mut self,
+        mut rx: mpsc::Receiver<Observed>,
+        started: EpochStarted,
+        recovered: Vec<Lost>,
+    ) {
         let handle = tokio::runtime::Handle::current();
-        let mut group: Vec<Observed> = recovered.into_iter().map(lost_event).collect();
+        let mut group: Vec<Observed> = std::iter::once(Observed {
+            time: jiff::Timestamp::now(),
+            event: Event::AgentEpochStarted(started),
+        })
+        .chain(recovered.into_iter().map(lost_event))
+        .collect();
         let stall_file = std::env::var_os(STALL_FAULT).map(std::path::PathBuf::from);
         loop {
-            if !group.is_empty() {
-                self.commit(std::mem::take(&mut group));
+            if !group.is_empty() || self.unjournaled() {
+                self.commit(std::mem::take(&mut group), false);
             }
             if let Some(f) = stall_file.as_deref() {
                 stall_while_exists(f);
@@ -93,15 +106,50 @@ impl Recorder {
         if let Some(obs) = self.source_drop_event() {
             group.push(obs);
         }
-        if !group.is_empty() {
-            self.commit(group);
+        if !group.is_empty() || self.unjournaled() {
+            self.commit(group, true);
         }
     }
 
+    /// Events a full disk kept out are waiting to be reported.
+    fn unjournaled(&self) -> bool {
+        self.journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unjournaled()
+            > 0
+    }
+
     /// Appends a group and syncs it; losses it causes are appended too.
-    fn commit(&mut self, group: Vec<Observed>) {
+    ///
+    /// While the disk is full nothing is written: the group is counted in the journal's
+    /// in-place counter. Once there is room again (or at the last commit, after giving
+    /// up the reserve) the first record written is the one report of that count.
+    fn commit(&mut self, group: Vec<Observed>, last: bool) {
         let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
         let mut queue: std::collections::VecDeque<Observed> = group.into();
+        let mut report_pending = false;
+        if journal.unjournaled() > 0 {
+            if last {
+                journal.release_reserve();
+            }
+            if last || journal.has_room() {
+                if let Some(lost) = journal.unjournaled_report() {
+                    tracing::warn!(
+                        count = lost.count,
+                        "disk has room again: reporting the events it kept out"
+                    );
+                    queue.push_front(lost_event(lost));
+                    report_pending = true;
+                }
+            } else {
+                let n = queue.len() as u64;
+                journal.count_unjournaled(n);
+                self.stats.dropped_total.fetch_add(n, Ordering::Relaxed);
+                drop(journal);
+                return;
+            }
+        }
         let mut failed = 0u64;
         while let Some(obs) = queue.pop_front() {
             let env = Envelope {
@@ -117,7 +165,27 @@ impl Recorder {
                 event: obs.event,
             };
             match journal.append(env) {
+                Err(e) if e.is_disk_full() => {
+                    // This and everything after it in the group are kept out. A report
+                    // of the earlier count that did not fit is not a new loss: that
+                    // count stays as it is.
+                    let was_report = std::mem::take(&mut report_pending);
+                    let n = queue.len() as u64 + u64::from(!was_report);
+                    tracing::error!(error = %e, count = n, "disk full under the journal: counting events until there is room");
+                    journal.count_unjournaled(n);
+                    self.stats.dropped_total.fetch_add(n, Ordering::Relaxed);
+                    queue.clear();
+                }
                 Ok(losses) => {
+                    if std::mem::take(&mut report_pending) {
+                        // The report is durable before its count is forgotten.
+                        match journal.sync() {
+                            Ok(()) => journal.unjournaled_reported(),
+                            Err(e) => {
+                                tracing::error!(error = %e, "report of a full disk not synced; its count is kept")
+                            }
+                        }
+                    }
                     for lost in losses {
                         if lost.stage == "journal-cap" {
                             self.stats

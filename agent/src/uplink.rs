@@ -300,8 +300,9 @@ impl Uplink {
                 if let Some(last) = records.last() {
                     journal.mark_sent(last.end);
                 }
-                records
+                (records, journal.durable_head())
             };
+            let (records, head) = records;
             let (Some(first), Some(last)) = (records.first(), records.last()) else {
                 return None;
             };
@@ -325,6 +326,7 @@ impl Uplink {
                 first: first.key,
                 last: last.key,
                 events: raws.iter().map(|r| r.as_ref()).collect(),
+                head,
             };
             let body = match serde_json::to_string(&batch) {
                 Ok(b) => b,

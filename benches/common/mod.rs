@@ -76,6 +76,7 @@ pub fn signed_batch(
         first,
         last,
         events: raws.iter().map(|r| r.as_ref()).collect(),
+        head: Some(last),
     };
     let body = serde_json::to_string(&batch).unwrap();
     serde_json::to_vec(&signer.sign(Purpose::Batch, body)).unwrap()

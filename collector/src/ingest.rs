@@ -367,6 +367,7 @@ impl Ingest {
         let result = self
             .store()
             .store_batch(agent, &valid, now, |tx, stored, found| {
+                crate::integrity::note_uplink_head(tx, agent, batch.last, batch.head, now)?;
                 let policy = self.policy.read().unwrap_or_else(|p| p.into_inner());
                 let mut facts: Vec<Fact> = stored
                     .iter()

@@ -155,6 +155,22 @@ const MIGRATIONS: &[&str] = &[
      INSERT INTO quarantine_counts (source, refused, bytes, first_at, last_at, last_reason, kept)
         SELECT '', COUNT(*), COALESCE(SUM(size), 0), MIN(received_at), MAX(received_at), 'before schema 9', COUNT(*)
         FROM quarantine HAVING COUNT(*) > 0;",
+    // 10: per epoch, the installation that wrote it and the last sequence the agent
+    // said it had journaled (the next epoch's `previous`): records up to it are
+    // expected, and a missing tail is a gap like any other.
+    // Holes are alerted one by one: `gap_alerted_to` is the last sequence alerted.
+    "ALTER TABLE streams ADD COLUMN installation TEXT;
+     ALTER TABLE streams ADD COLUMN expected_to INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE streams ADD COLUMN gap_alerted_to INTEGER NOT NULL DEFAULT 0;
+     UPDATE streams SET gap_alerted_to = max_seq WHERE gap_alerted = 1;
+     CREATE TABLE uplink_heads (
+        agent_id    TEXT PRIMARY KEY,
+        last_epoch  INTEGER NOT NULL,
+        last_seq    INTEGER NOT NULL,
+        head_epoch  INTEGER NOT NULL,
+        head_seq    INTEGER NOT NULL,
+        at          TEXT NOT NULL
+     ) WITHOUT ROWID;",
 ];
 
 /// Who a quarantined payload's topic names (the agent or door controller), or the
@@ -222,6 +238,71 @@ pub struct Incoming<'a> {
     pub raw: &'a str,
     /// SHA-256 of `raw` (what the next record's `prev_hash` must name).
     pub hash: String,
+}
+
+/// Keeps a refused payload with its reason inside `tx`: per-source evidence (newest
+/// kept, a global cap pruning the largest source first) and the per-source count.
+pub(crate) fn quarantine_in(
+    tx: &rusqlite::Transaction<'_>,
+    topic: &str,
+    reason: &str,
+    payload: &[u8],
+) -> Result<(), StoreError> {
+    let digest = hex::encode(ring::digest::digest(&ring::digest::SHA256, payload));
+    let kept = &payload[..payload.len().min(QUARANTINE_KEEP_BYTES)];
+    let source = quarantine_source(topic);
+    let now = jiff::Timestamp::now().to_string();
+    tx.execute(
+        "INSERT INTO quarantine (received_at, topic, reason, size, sha256, payload, source)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            now,
+            topic,
+            reason,
+            payload.len() as i64,
+            digest,
+            kept,
+            source
+        ],
+    )?;
+    tx.execute(
+        "INSERT INTO quarantine_counts (source, refused, bytes, first_at, last_at, last_reason, kept)
+         VALUES (?1, 1, ?2, ?3, ?3, ?4, 1)
+         ON CONFLICT(source) DO UPDATE SET refused = refused + 1, bytes = bytes + ?2,
+            last_at = ?3, last_reason = ?4, kept = kept + 1",
+        params![source, payload.len() as i64, now, reason],
+    )?;
+    let pruned = tx.execute(
+        "DELETE FROM quarantine WHERE source = ?1 AND id <= (
+            SELECT id FROM quarantine WHERE source = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+        params![source, QUARANTINE_KEEP_PER_SOURCE],
+    )?;
+    let forget = |source: &str, pruned: usize| {
+        tx.execute(
+            "UPDATE quarantine_counts SET kept = kept - ?2 WHERE source = ?1",
+            params![source, pruned as i64],
+        )
+    };
+    forget(&source, pruned)?;
+    let total: i64 = tx.query_row(
+        "SELECT COALESCE(SUM(kept), 0) FROM quarantine_counts",
+        [],
+        |r| r.get(0),
+    )?;
+    if total > QUARANTINE_MAX_ROWS {
+        let largest: String = tx.query_row(
+            "SELECT source FROM quarantine_counts ORDER BY kept DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )?;
+        let pruned = tx.execute(
+            "DELETE FROM quarantine WHERE id IN (
+                SELECT id FROM quarantine WHERE source = ?1 ORDER BY id LIMIT ?2)",
+            params![largest, total - QUARANTINE_MAX_ROWS],
+        )?;
+        forget(&largest, pruned)?;
+    }
+    Ok(())
 }
 
 /// Inserts alerts and gives each its id.
@@ -434,6 +515,8 @@ impl Store {
         let tx = self.conn.transaction()?;
         let mut out = BatchOutcome::default();
         let received = received_at.to_string();
+        // Keys already held: a re-send, or (when the bytes differ) a key used twice.
+        let mut reused = Vec::new();
         {
             let mut insert = tx.prepare_cached(
                 "INSERT OR IGNORE INTO events
@@ -460,10 +543,14 @@ impl Store {
                     out.new.push(i);
                 } else {
                     out.duplicates += 1;
+                    reused.push(i);
                 }
             }
         }
-        let found = integrity::check_new(&tx, agent, events, &out.new, &received)?;
+        let mut found = integrity::check_new(&tx, agent, events, &out.new, &received)?;
+        found.extend(integrity::check_reused(
+            &tx, agent, events, &reused, &received,
+        )?);
         let stored: Vec<Stored<'_>> = out
             .new
             .iter()
@@ -498,61 +585,8 @@ impl Store {
         reason: &str,
         payload: &[u8],
     ) -> Result<(), StoreError> {
-        let digest = hex::encode(ring::digest::digest(&ring::digest::SHA256, payload));
-        let kept = &payload[..payload.len().min(QUARANTINE_KEEP_BYTES)];
-        let source = quarantine_source(topic);
-        let now = jiff::Timestamp::now().to_string();
         let tx = self.conn.transaction()?;
-        tx.execute(
-            "INSERT INTO quarantine (received_at, topic, reason, size, sha256, payload, source)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                now,
-                topic,
-                reason,
-                payload.len() as i64,
-                digest,
-                kept,
-                source
-            ],
-        )?;
-        tx.execute(
-            "INSERT INTO quarantine_counts (source, refused, bytes, first_at, last_at, last_reason, kept)
-             VALUES (?1, 1, ?2, ?3, ?3, ?4, 1)
-             ON CONFLICT(source) DO UPDATE SET refused = refused + 1, bytes = bytes + ?2,
-                last_at = ?3, last_reason = ?4, kept = kept + 1",
-            params![source, payload.len() as i64, now, reason],
-        )?;
-        let pruned = tx.execute(
-            "DELETE FROM quarantine WHERE source = ?1 AND id <= (
-                SELECT id FROM quarantine WHERE source = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
-            params![source, QUARANTINE_KEEP_PER_SOURCE],
-        )?;
-        let forget = |source: &str, pruned: usize| {
-            tx.execute(
-                "UPDATE quarantine_counts SET kept = kept - ?2 WHERE source = ?1",
-                params![source, pruned as i64],
-            )
-        };
-        forget(&source, pruned)?;
-        let total: i64 = tx.query_row(
-            "SELECT COALESCE(SUM(kept), 0) FROM quarantine_counts",
-            [],
-            |r| r.get(0),
-        )?;
-        if total > QUARANTINE_MAX_ROWS {
-            let largest: String = tx.query_row(
-                "SELECT source FROM quarantine_counts ORDER BY kept DESC LIMIT 1",
-                [],
-                |r| r.get(0),
-            )?;
-            let pruned = tx.execute(
-                "DELETE FROM quarantine WHERE id IN (
-                    SELECT id FROM quarantine WHERE source = ?1 ORDER BY id LIMIT ?2)",
-                params![largest, total - QUARANTINE_MAX_ROWS],
-            )?;
-            forget(&largest, pruned)?;
-        }
+        quarantine_in(&tx, topic, reason, payload)?;
         tx.commit()?;
         Ok(())
     }

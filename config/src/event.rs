@@ -22,7 +22,9 @@ pub const SCHEMA_VERSION: u32 = 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventKey {
-    /// Incremented whenever the agent's sequence starts again (new journal / state).
+    /// A new one at every start of the agent: above the previous epoch and at least
+    /// the start time in Unix milliseconds, so a re-installed agent or a restored state
+    /// directory never reuses one.
     pub epoch: u64,
     /// Monotonic within an epoch, starting at 1.
     pub seq: u64,
@@ -131,6 +133,8 @@ pub enum Event {
     VolumeUnmounted(Volume),
     #[serde(rename = "agent.started")]
     AgentStarted(AgentStarted),
+    #[serde(rename = "agent.epoch_started")]
+    AgentEpochStarted(EpochStarted),
     #[serde(rename = "agent.heartbeat")]
     AgentHeartbeat(Heartbeat),
     #[serde(rename = "agent.stopping")]
@@ -186,6 +190,7 @@ impl Event {
             Event::VolumeMounted(_) => "volume.mounted",
             Event::VolumeUnmounted(_) => "volume.unmounted",
             Event::AgentStarted(_) => "agent.started",
+            Event::AgentEpochStarted(_) => "agent.epoch_started",
             Event::AgentHeartbeat(_) => "agent.heartbeat",
             Event::AgentStopping(_) => "agent.stopping",
             Event::AgentEventsLost(_) => "agent.events_lost",
@@ -328,6 +333,30 @@ pub struct AgentStarted {
     pub policy_version: Option<String>,
 }
 
+/// The first record of every epoch (seq 1): which installation wrote it and where the
+/// journal stood when it began, so the collector can tell a restart from a re-install
+/// or a state restored from an older copy, and expect every record up to `previous`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EpochStarted {
+    /// Random id made when the agent's state directory was first used; a new one means
+    /// the agent was re-installed (or its state directory wiped).
+    pub installation: String,
+    /// The installation id was made at this start.
+    pub installation_new: bool,
+    /// The last record the agent had journaled before this epoch (from the journal or
+    /// from its recorded head, whichever is further), if it had any.
+    pub previous: Option<ChainHead>,
+}
+
+/// One record of an agent's chain: its key and the SHA-256 of its bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainHead {
+    pub key: EventKey,
+    pub hash: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Heartbeat {
@@ -356,7 +385,9 @@ pub struct EventsLost {
     /// report supersedes an earlier one (so a report removed by the cap loses nothing).
     pub count: u64,
     /// Where they were lost: `pipeline` (sources could not queue), `journal`
-    /// (damage found at start), `journal-cap`, `journal-write`.
+    /// (damaged records found at start), `journal-removed` (whole records found missing
+    /// at start with no damaged bytes: deleted), `journal-cap`, `journal-full` (a full
+    /// disk kept them out; one report per episode), `journal-write` (other write errors).
     pub stage: String,
     pub reason: String,
     /// First and last lost key, where the lost events had been numbered.
@@ -494,6 +525,15 @@ pub struct FileExported {
     /// Files in sensitive source folders the writer read shortly before (its origin).
     #[serde(default)]
     pub origins: Vec<String>,
+    /// Write-and-close rounds folded into this one event: a file rewritten again and
+    /// again (each within 2 s of the previous) is reported once when the loop stops,
+    /// with its final content and this count. Absent (0) for a file written once.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rewrites: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The agent enforced a file rule: a file quarantined, a device switched read-only,

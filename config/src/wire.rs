@@ -86,6 +86,11 @@ pub struct Batch<'a> {
     pub last: EventKey,
     #[serde(borrow)]
     pub events: Vec<&'a RawValue>,
+    /// The newest record the agent's journal held when it sent this batch: the
+    /// collector judges a hole only once the agent has caught up (its report of the
+    /// loss may come after a long backlog). Absent from agents before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<EventKey>,
 }
 
 /// Why the collector refused one event of an otherwise valid batch.

@@ -67,19 +67,23 @@ done
 until_true "1000 unacknowledged events in the agent's journal" 120 unacked_at_least 1000
 sleep 2
 status=$(weilan-agent journal)
+# Keys are epoch:seq; this run's epoch holds both (every start takes a new epoch).
+epoch=$(echo "$status" | awk '$1 == "last" {split($2, k, ":"); print k[1]}')
 last=$(echo "$status" | awk '$1 == "last" {split($2, k, ":"); print k[2]}')
 acked=$(echo "$status" | awk '$1 == "acked" {split($2, k, ":"); print k[2]}')
-echo "MEASURED before the upgrade: $((last - acked)) undelivered events in the agent's journal (acked 1:$acked, last 1:$last)"
+[ "$(echo "$status" | awk '$1 == "acked" {split($2, k, ":"); print k[1]}')" = "$epoch" ] \
+  || fail "the acknowledged watermark is in another epoch than the last record: $status"
+echo "MEASURED before the upgrade: $((last - acked)) undelivered events in the agent's journal (acked $epoch:$acked, last $epoch:$last)"
 
 echo "== upgrade to v2"
 dpkg -i "$D"/v2/weilan-collector_*.deb "$D"/v2/weilan-agent_*.deb
 systemctl is-active weilan-collector weilan-agent || fail "not active after the upgrade"
 # Exactly the records that waited: each stored once.
-Q="SELECT COUNT(*) FROM events WHERE agent_id = '$AGENT' AND epoch = 1 AND seq > $acked AND seq <= $last"
+Q="SELECT COUNT(*) FROM events WHERE agent_id = '$AGENT' AND epoch = $epoch AND seq > $acked AND seq <= $last"
 until_true "the waiting events stored" 120 at_least $((last - acked)) "$Q"
 sleep 3
 stored=$(sql "$Q")
-distinct=$(sql "SELECT COUNT(DISTINCT event_id) FROM events WHERE agent_id = '$AGENT' AND epoch = 1 AND seq > $acked AND seq <= $last")
+distinct=$(sql "SELECT COUNT(DISTINCT event_id) FROM events WHERE agent_id = '$AGENT' AND epoch = $epoch AND seq > $acked AND seq <= $last")
 logins=$(sql "SELECT COUNT(*) FROM events WHERE agent_id = '$AGENT' AND kind = 'access.login_failed' AND json_extract(envelope, '\$.event.data.user') LIKE 'pkgtest%'")
 echo "MEASURED after the upgrade: $stored stored, $distinct distinct of $((last - acked)) waiting ($logins failed logins); $(dpkg-query -W -f='${Package} ${Version}; ' weilan-agent weilan-collector)edited agent.toml kept: $(grep -c '^host = "collector.example.internal"' /etc/weilan/agent.toml)"
 [ "$stored" = $((last - acked)) ] && [ "$distinct" = "$stored" ] || fail "stored $stored, distinct $distinct of $((last - acked))"

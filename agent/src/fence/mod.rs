@@ -96,6 +96,20 @@ struct Tracked {
     verdict: Verdict,
     /// Whether the verdict was applied (false for `keep` at start and in audit mode).
     applied: bool,
+    /// For a read-only verdict: what does not hold yet (reported; retried).
+    failing: Option<String>,
+}
+
+/// How often read-only devices are checked (drift undone, busy remounts retried).
+const VERIFY_EVERY: Duration = Duration::from_millis(250);
+
+/// A read-only step that failed, said plainly: what is still writable, and that it
+/// is retried.
+fn still_writable(error: &str, what: &str) -> String {
+    format!(
+        "{error} — {what} is still writable; retried every {} ms",
+        VERIFY_EVERY.as_millis()
+    )
 }
 
 pub struct Fence {
@@ -198,6 +212,8 @@ impl Fence {
         let mut tick = tokio::time::interval(self.recheck);
         tick.tick().await;
         let mut incoming = tokio::time::interval(Duration::from_secs(1));
+        let mut verify = tokio::time::interval(VERIFY_EVERY);
+        verify.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let boundary = self.next_unlock_boundary();
             tokio::select! {
@@ -219,6 +235,7 @@ impl Fence {
                     None => {}
                 },
                 _ = tick.tick() => self.reevaluate("time-window").await,
+                _ = verify.tick(), if self.holds_read_only() => self.verify_read_only().await,
                 _ = incoming.tick(), if self.unlock.is_some() => {
                     let dropped = self.unlock.as_ref().map(|u| u.store.take_incoming()).unwrap_or_default();
                     for msg in dropped {
@@ -447,12 +464,93 @@ impl Fence {
                     error = error.or(e);
                     match self.enforcer.remount_read_only(&volume.mount_point) {
                         Ok(()) => actions.push(format!("remount {} read-only", volume.mount_point)),
-                        Err(e) => error = Some(e),
+                        Err(e) => error = Some(still_writable(&e, &volume.mount_point)),
+                    }
+                    if let Some(t) = self.devices.get_mut(&usb_dir) {
+                        t.failing = error.clone();
                     }
                     let d = self.decision(&device, &verdict, "mount", actions, error, true);
                     self.emit(d).await;
                 }
             }
+        }
+    }
+
+    fn holds_read_only(&self) -> bool {
+        self.policy.usb.enforce
+            && self
+                .devices
+                .values()
+                .any(|t| t.applied && t.verdict.target == Target::ReadOnly)
+    }
+
+    /// Checks that every read-only device still is: its disk and partitions flagged,
+    /// its volumes mounted read-only. What drifted (root re-enabling writes) is
+    /// re-applied; what failed (a remount refused while a file is open for writing) is
+    /// retried. Each change — re-applied, still failing, holding again — is one
+    /// `usb.decision` (trigger `verify`) saying plainly what holds.
+    async fn verify_read_only(&mut self) {
+        let dirs: Vec<PathBuf> = self
+            .devices
+            .iter()
+            .filter(|(_, t)| t.applied && t.verdict.target == Target::ReadOnly)
+            .map(|(d, _)| d.clone())
+            .collect();
+        for dir in dirs {
+            let Ok(now) = self.sysfs.read_device(&dir, false) else {
+                continue; // unplugged: the source reports it
+            };
+            let mut actions = Vec::new();
+            let mut failures = Vec::new();
+            for b in now
+                .block_devices
+                .iter()
+                .flat_map(|d| std::iter::once(d).chain(d.partitions.iter()))
+                .filter(|b| !b.read_only)
+            {
+                match self.enforcer.set_read_only(&b.name) {
+                    Ok(()) => actions.push(format!(
+                        "BLKROSET {} again (writes had been re-enabled)",
+                        b.name
+                    )),
+                    Err(e) => failures.push(still_writable(&e, &b.name)),
+                }
+            }
+            let was_failing = self.devices.get(&dir).and_then(|t| t.failing.clone());
+            for mount_point in self.mounted_rw(&now) {
+                match self.enforcer.remount_read_only(&mount_point) {
+                    // A retry that now succeeds, or a mount made writable again.
+                    Ok(())
+                        if was_failing
+                            .as_deref()
+                            .is_some_and(|f| f.contains(&mount_point)) =>
+                    {
+                        actions.push(format!("remount {mount_point} read-only"))
+                    }
+                    Ok(()) => actions.push(format!(
+                        "remount {mount_point} read-only again (it had been made writable)"
+                    )),
+                    Err(e) => failures.push(still_writable(&e, &mount_point)),
+                }
+            }
+            let Some(t) = self.devices.get_mut(&dir) else {
+                continue;
+            };
+            let failing = (!failures.is_empty()).then(|| failures.join("; "));
+            let report = !actions.is_empty() || failing != t.failing;
+            let recovered = failing.is_none() && t.failing.is_some();
+            t.failing = failing.clone();
+            if !report {
+                continue;
+            }
+            if recovered && actions.is_empty() {
+                actions.push("read-only holds again".into());
+            }
+            let error = failing.clone();
+            tracing::warn!(dir = %dir.display(), ?actions, ?error, "read-only enforcement checked");
+            let (device, verdict) = (t.device.clone(), t.verdict.clone());
+            let d = self.decision(&device, &verdict, "verify", actions, error, true);
+            self.emit(d).await;
         }
     }
 
@@ -529,6 +627,10 @@ impl Fence {
         self.devices.insert(
             dir.to_path_buf(),
             Tracked {
+                failing: d
+                    .error
+                    .clone()
+                    .filter(|_| verdict.target == Target::ReadOnly),
                 device,
                 verdict,
                 applied: enforce,
@@ -603,7 +705,7 @@ impl Fence {
                         &format!("remount {mount_point} read-only"),
                         &mut actions,
                     ) {
-                        err = err.or(Some(e));
+                        err = err.or(Some(still_writable(&e, &mount_point)));
                     }
                 }
                 err

@@ -491,3 +491,153 @@ async fn a_device_switched_read_only_while_mounted_is_flagged_and_remounted() {
         ]
     );
 }
+
+/// A kernel stand-in over the fake tree: BLKROSET sets the `ro` attribute, a remount
+/// rewrites the mount table — unless a file is "open for writing" (`busy`): EBUSY.
+struct Kernelish {
+    block: PathBuf,
+    mountinfo: PathBuf,
+    busy: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl UsbEnforcer for Kernelish {
+    fn set_authorized_default(&mut self, _: &Path, _: bool) -> Result<(), String> {
+        Ok(())
+    }
+    fn authorize(&mut self, _: &Path, _: bool) -> Result<(), String> {
+        Ok(())
+    }
+    fn remove(&mut self, _: &Path) -> Result<(), String> {
+        Ok(())
+    }
+    fn set_read_only(&mut self, block: &str) -> Result<(), String> {
+        let dir = if self.block.ends_with(block) {
+            self.block.clone()
+        } else {
+            self.block.join(block)
+        };
+        std::fs::write(dir.join("ro"), "1\n").map_err(|e| e.to_string())
+    }
+    fn remount_read_only(&mut self, mp: &str) -> Result<(), String> {
+        if self.busy.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(format!(
+                "remount {mp} read-only: EBUSY: Device or resource busy"
+            ));
+        }
+        let text = std::fs::read_to_string(&self.mountinfo).unwrap();
+        std::fs::write(
+            &self.mountinfo,
+            text.replace(&format!("{mp} rw,"), &format!("{mp} ro,")),
+        )
+        .map_err(|e| e.to_string())
+    }
+}
+
+#[tokio::test]
+async fn read_only_is_verified_retried_while_busy_and_restored_after_root_undoes_it() {
+    let busy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let devpath = add_stick(
+        &root,
+        &FakeStick {
+            port: "1-6",
+            vid: "abcd",
+            pid: "0001",
+            serial: "RO-1",
+            classes: &[8],
+            disk: Some(("sdr", "65:16")),
+        },
+    );
+    let usb_dir = Sysfs::new(&root).devpath_dir(&devpath);
+    let block = usb_dir.join("1-6:1.0/host0/target0:0:0/0:0:0:0/block/sdr");
+    std::fs::write(block.join("sdr1/ro"), "0\n").unwrap();
+    let mountinfo = root.join("mountinfo");
+    std::fs::write(
+        &mountinfo,
+        "40 25 65:17 / /media/stick rw,nosuid - vfat /dev/sdr1 rw\n",
+    )
+    .unwrap();
+    let (tx, mut rx) = mpsc::channel(64);
+    let mut fence = Fence::new(
+        Arc::new(weilan_config::policy::parse(POLICY, "policy.toml").unwrap()),
+        vec![],
+        &root,
+        Box::new(Kernelish {
+            block: block.clone(),
+            mountinfo: mountinfo.clone(),
+            busy: busy.clone(),
+        }),
+        EventSink::new(tx, Arc::new(AtomicU64::new(0))),
+    );
+    fence.mountinfo = Some(mountinfo.clone());
+    let device = Sysfs::new(&root).read_device(&usb_dir, false).unwrap();
+    let mut next = || match rx.try_recv() {
+        Ok(o) => match o.event {
+            Event::UsbDecision(d) => Some(d),
+            other => panic!("{other:?}"),
+        },
+        Err(_) => None,
+    };
+    fence
+        .on_fact(FenceFact::Attached {
+            dir: usb_dir.clone(),
+            device,
+            at_start: false,
+            seen: None,
+        })
+        .await;
+    // A writer holds a file open: the disk and partition are flagged, the remount is
+    // refused, and the decision says the stick is still writable.
+    let d = next().unwrap();
+    assert_eq!(d.target, "read-only");
+    assert!(!d.enforced);
+    let error = d.error.unwrap();
+    assert!(
+        error.contains("EBUSY") && error.contains("/media/stick is still writable"),
+        "{error}"
+    );
+    fence.verify_read_only().await;
+    assert!(next().is_none(), "the same failure is not reported again");
+    // The writer closes its file: the retry succeeds and says so.
+    busy.store(false, std::sync::atomic::Ordering::SeqCst);
+    fence.verify_read_only().await;
+    let d = next().unwrap();
+    assert_eq!(
+        (d.trigger.as_str(), d.actions.clone(), d.error, d.enforced),
+        (
+            "verify",
+            vec!["remount /media/stick read-only".to_string()],
+            None,
+            true
+        )
+    );
+    // Root re-enables writes on the whole disk: flagged again at the next check.
+    std::fs::write(block.join("ro"), "0\n").unwrap();
+    fence.verify_read_only().await;
+    let d = next().unwrap();
+    assert_eq!(
+        d.actions,
+        vec!["BLKROSET sdr again (writes had been re-enabled)".to_string()]
+    );
+    assert_eq!(std::fs::read_to_string(block.join("ro")).unwrap(), "1\n");
+    // And the partition and mount.
+    std::fs::write(block.join("sdr1/ro"), "0\n").unwrap();
+    let text = std::fs::read_to_string(&mountinfo).unwrap();
+    std::fs::write(
+        &mountinfo,
+        text.replace("/media/stick ro,", "/media/stick rw,"),
+    )
+    .unwrap();
+    fence.verify_read_only().await;
+    let d = next().unwrap();
+    assert_eq!(
+        d.actions,
+        vec![
+            "BLKROSET sdr1 again (writes had been re-enabled)".to_string(),
+            "remount /media/stick read-only again (it had been made writable)".to_string()
+        ]
+    );
+    fence.verify_read_only().await;
+    assert!(next().is_none(), "nothing to do while it holds");
+}

@@ -57,7 +57,8 @@ fn read_all(j: &Journal) -> Vec<Record> {
 fn records_round_trip_with_a_hash_chain_and_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let (mut j, rec) = Journal::open(cfg(dir.path(), 4096, 1 << 30)).unwrap();
-    assert!(rec.new_epoch);
+    assert_eq!(rec.previous, None, "a fresh journal continues from nothing");
+    let epoch = j.next_key().epoch;
     fill(&mut j, 50);
     let records = read_all(&j);
     assert_eq!(records.len(), 50);
@@ -67,7 +68,7 @@ fn records_round_trip_with_a_hash_chain_and_survive_reopen() {
         assert_eq!(
             e.event_id.key,
             EventKey {
-                epoch: 1,
+                epoch,
                 seq: i as u64 + 1
             }
         );
@@ -76,13 +77,113 @@ fn records_round_trip_with_a_hash_chain_and_survive_reopen() {
     }
     drop(j);
     let (mut j, rec) = Journal::open(cfg(dir.path(), 4096, 1 << 30)).unwrap();
-    assert!(!rec.new_epoch);
     assert_eq!(rec.records, 50);
-    assert_eq!(j.next_key(), EventKey { epoch: 1, seq: 51 });
+    assert!(rec.lost.is_empty(), "{:?}", rec.lost);
+    assert_eq!(
+        rec.previous,
+        Some(ChainHead {
+            key: EventKey { epoch, seq: 50 },
+            hash: prev.clone()
+        }),
+        "the new epoch names the last record of the one before"
+    );
+    assert!(j.next_key().epoch > epoch, "every start takes a new epoch");
+    assert_eq!(j.next_key().seq, 1);
     fill(&mut j, 1);
     let last = read_all(&j).pop().unwrap();
     let e: Envelope = serde_json::from_str(&last.json).unwrap();
-    assert_eq!(e.prev_hash, prev, "the chain continues across restarts");
+    assert_eq!(
+        e.prev_hash, GENESIS_HASH,
+        "each epoch's chain starts afresh"
+    );
+}
+
+#[test]
+fn records_cut_off_the_end_while_stopped_are_counted_from_the_recorded_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut j, _) = Journal::open(cfg(dir.path(), 1 << 20, 1 << 30)).unwrap();
+    let epoch = j.next_key().epoch;
+    fill(&mut j, 40);
+    drop(j);
+    // Cut the newest 7 records exactly at a record boundary: no torn bytes, no damage.
+    let (path, data) = snapshot(dir.path())
+        .into_iter()
+        .find(|(_, d)| !d.is_empty())
+        .unwrap();
+    let recs = records_of(&data);
+    let keep: usize = recs[..33].iter().map(Vec::len).sum();
+    fs::write(&path, &data[..keep]).unwrap();
+    let (j, rec) = Journal::open(cfg(dir.path(), 1 << 20, 1 << 30)).unwrap();
+    assert_eq!(rec.torn_bytes, 0);
+    assert_eq!(rec.lost.len(), 1, "{:?}", rec.lost);
+    let lost = &rec.lost[0];
+    assert_eq!(
+        (lost.count, lost.first, lost.last),
+        (
+            7,
+            Some(EventKey { epoch, seq: 34 }),
+            Some(EventKey { epoch, seq: 40 })
+        )
+    );
+    assert!(
+        lost.reason.contains("newest records were removed"),
+        "{}",
+        lost.reason
+    );
+    assert_eq!(
+        lost.stage, "journal-removed",
+        "no damaged bytes: removed whole"
+    );
+    assert_eq!(
+        rec.previous.map(|p| p.key),
+        Some(EventKey { epoch, seq: 40 }),
+        "the next epoch says where the journal really ended"
+    );
+    assert_eq!(read_all(&j).len(), 33);
+}
+
+#[test]
+fn records_removed_at_the_end_of_an_older_epoch_are_counted_from_the_next_epochs_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut j, _) = Journal::open(cfg(dir.path(), 1 << 20, 1 << 30)).unwrap();
+    let first_epoch = j.next_key().epoch;
+    fill(&mut j, 20);
+    drop(j);
+    let (mut j, rec) = Journal::open(cfg(dir.path(), 1 << 20, 1 << 30)).unwrap();
+    // What the recorder writes first in every epoch.
+    j.append(Envelope {
+        event: Event::AgentEpochStarted(weilan_config::event::EpochStarted {
+            installation: "0".repeat(32),
+            installation_new: false,
+            previous: rec.previous.clone(),
+        }),
+        ..env(0)
+    })
+    .unwrap();
+    fill(&mut j, 5);
+    drop(j);
+    // Remove the last 4 records of the first epoch (an older segment now).
+    let (path, data) = snapshot(dir.path())
+        .into_iter()
+        .find(|(_, d)| !d.is_empty())
+        .unwrap();
+    let recs = records_of(&data);
+    assert_eq!(recs.len(), 20);
+    let keep: usize = recs[..16].iter().map(Vec::len).sum();
+    fs::write(&path, &data[..keep]).unwrap();
+    let (j, rec) = Journal::open(cfg(dir.path(), 1 << 20, 1 << 30)).unwrap();
+    assert_eq!(rec.lost.len(), 1, "{:?}", rec.lost);
+    assert_eq!(
+        (rec.lost[0].count, rec.lost[0].first),
+        (
+            4,
+            Some(EventKey {
+                epoch: first_epoch,
+                seq: 17
+            })
+        )
+    );
+    assert_eq!(read_all(&j).len(), 16 + 6);
 }
 
 #[test]
@@ -99,9 +200,10 @@ fn unsynced_records_are_never_read_for_sending() {
 fn acks_move_the_watermark_in_order_and_delete_acked_segments() {
     let dir = tempfile::tempdir().unwrap();
     let (mut j, _) = Journal::open(cfg(dir.path(), 2048, 1 << 30)).unwrap();
+    let epoch = j.next_key().epoch;
     fill(&mut j, 100);
     let segs_before = j.segments.len();
-    let k = |s| EventKey { epoch: 1, seq: s };
+    let k = |s| EventKey { epoch, seq: s };
     // Out of order: 51..=100 first; nothing moves until 1..=50 arrives.
     j.ack(k(51), k(100));
     assert_eq!(j.acked(), None);
@@ -128,6 +230,7 @@ fn acks_move_the_watermark_in_order_and_delete_acked_segments() {
 fn the_cap_reports_exactly_the_unacked_events_it_deletes() {
     let dir = tempfile::tempdir().unwrap();
     let (mut j, _) = Journal::open(cfg(dir.path(), 2048, 8192)).unwrap();
+    let epoch = j.next_key().epoch;
     let lost = fill(&mut j, 400);
     // Cap reports are cumulative: the last one counts everything.
     let lost_total: u64 = lost.last().unwrap().count;
@@ -140,8 +243,12 @@ fn the_cap_reports_exactly_the_unacked_events_it_deletes() {
     // The lost ranges are exactly the keys missing before the first kept one.
     let first_kept = kept[0].key.seq;
     assert_eq!(lost_total, first_kept - 1);
-    assert_eq!(lost[0].first, Some(EventKey { epoch: 1, seq: 1 }));
+    assert_eq!(lost[0].first, Some(EventKey { epoch, seq: 1 }));
     assert!(j.total_bytes() <= 8192 + 2048);
+    drop(j);
+    // What the cap reported is not reported again as a hole at the next start.
+    let (_, rec) = Journal::open(cfg(dir.path(), 2048, 8192)).unwrap();
+    assert!(rec.lost.is_empty(), "{:?}", rec.lost);
 }
 
 #[test]
@@ -187,6 +294,7 @@ fn a_thousand_random_truncations_and_bit_flips_never_stop_the_agent() {
         fill(&mut j, 120);
     }
     let original = snapshot(master.path());
+    let head = fs::read(master.path().join("journal/head")).unwrap();
     let original_records: Vec<Vec<Vec<u8>>> = original.iter().map(|(_, d)| records_of(d)).collect();
     let total: usize = original_records.iter().map(Vec::len).sum();
     assert_eq!(total, 120);
@@ -194,26 +302,41 @@ fn a_thousand_random_truncations_and_bit_flips_never_stop_the_agent() {
         .filter(|i| !original[*i].1.is_empty())
         .collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
-    let (mut flips, mut truncations, mut exact_reports) = (0, 0, 0);
+    let (mut flips, mut truncations, mut newest_cut) = (0, 0, 0);
     for round in 0..1000 {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir_all(dir.path().join("journal")).unwrap();
-        fs::write(dir.path().join("epoch"), "1\n").unwrap();
+        fs::write(dir.path().join("journal/head"), &head).unwrap();
         let victim = nonempty[rng.random_range(0..nonempty.len())];
-        let mut truncated_last = false;
+        // The original records a damaged segment still holds intact.
+        let mut expected_kept = total;
+        let mut flipped = false;
         for (i, (path, data)) in original.iter().enumerate() {
             let mut data = data.clone();
             if i == victim {
+                let recs = &original_records[i];
                 if rng.random_bool(0.5) {
                     let at = rng.random_range(0..data.len());
                     data.truncate(at);
                     truncations += 1;
-                    truncated_last = i == original.len() - 1
-                        || original[i + 1..].iter().all(|(_, d)| d.is_empty());
+                    if *nonempty.last().unwrap() == i {
+                        newest_cut += 1;
+                    }
+                    let mut end = 0;
+                    let whole = recs
+                        .iter()
+                        .take_while(|r| {
+                            end += r.len();
+                            end <= at
+                        })
+                        .count();
+                    expected_kept -= recs.len() - whole;
                 } else {
                     let at = rng.random_range(0..data.len());
                     data[at] ^= 1 << rng.random_range(0..8);
                     flips += 1;
+                    flipped = true;
+                    expected_kept -= 1; // exactly the record holding the flipped bit
                 }
             }
             fs::write(
@@ -224,7 +347,7 @@ fn a_thousand_random_truncations_and_bit_flips_never_stop_the_agent() {
         }
         let (j, rec) = Journal::open(cfg(dir.path(), 3000, 1 << 30))
             .unwrap_or_else(|e| panic!("round {round}: open failed: {e}"));
-        // Every kept record is an original one, and each segment keeps a prefix.
+        // Every intact record is kept, as written, and nothing else.
         let kept_now = snapshot(dir.path());
         let mut kept = 0;
         for (path, data) in &kept_now {
@@ -240,49 +363,80 @@ fn a_thousand_random_truncations_and_bit_flips_never_stop_the_agent() {
             };
             let recs = records_of(data);
             assert!(
-                recs.len() <= original_records[idx].len(),
-                "round {round}: segment {path:?} has more records than were written"
-            );
-            assert!(
-                recs.iter().zip(&original_records[idx]).all(|(a, b)| a == b),
-                "round {round}: segment {path:?} is not a prefix of the original"
+                recs.iter().all(|r| original_records[idx].contains(r)),
+                "round {round}: segment {path:?} holds a record that was never written"
             );
             assert_eq!(
-                records_of(data).iter().map(Vec::len).sum::<usize>(),
+                recs.iter().map(Vec::len).sum::<usize>(),
                 data.len(),
-                "round {round}: the damaged tail was cut off"
+                "round {round}: the damaged bytes were removed"
             );
             kept += recs.len();
         }
+        assert_eq!(
+            kept, expected_kept,
+            "round {round}: every intact record after the damage is kept"
+        );
+        assert_eq!(
+            read_all(&j).len(),
+            kept,
+            "round {round}: every kept record is read for sending"
+        );
         let reported: u64 = rec.lost.iter().map(|l| l.count).sum();
-        if kept + reported as usize == total {
-            exact_reports += 1;
-        } else {
-            // Only a cut in the newest segment can hide records: it looks like a torn
-            // write (never synced, never sent) and is reported as torn bytes.
+        assert_eq!(
+            kept as u64 + reported,
+            total as u64,
+            "round {round}: kept {kept} + reported {reported} != {total}: {:?}",
+            rec.lost
+        );
+        assert!(
+            rec.lost
+                .iter()
+                .all(|l| l.first.is_some() && l.last.is_some()),
+            "round {round}: every loss has its exact range"
+        );
+        if flipped {
             assert!(
-                truncated_last,
-                "round {round}: kept {kept} + reported {reported} != {total}: {rec:?}"
+                rec.lost.iter().all(|l| l.stage == "journal"),
+                "round {round}: a flipped bit is damage, not a removal: {:?}",
+                rec.lost
             );
         }
-        assert_eq!(
-            rec.new_epoch,
-            !rec.lost.is_empty(),
-            "round {round}: new epoch iff records were lost"
-        );
         // It keeps working: a new record can be appended and read back.
         drop(j);
         let (mut j, _) = Journal::open(cfg(dir.path(), 3000, 1 << 30)).unwrap();
         j.append(env(999)).unwrap();
         j.sync().unwrap();
     }
-    println!("{flips} bit flips, {truncations} truncations: {exact_reports} reported exactly; the rest cut the newest segment (torn writes)");
+    println!("{flips} bit flips, {truncations} truncations ({newest_cut} of the newest segment): every loss reported exactly");
     assert!(
-        flips > 400 && truncations > 400,
-        "{flips} flips, {truncations} truncations"
+        flips > 400 && truncations > 400 && newest_cut > 50,
+        "{flips} flips, {truncations} truncations, {newest_cut} of the newest segment"
     );
+}
+
+#[test]
+fn a_count_of_events_a_full_disk_kept_out_survives_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut j, _) = Journal::open(cfg(dir.path(), 1 << 20, 1 << 30)).unwrap();
     assert!(
-        exact_reports > 500,
-        "most damage is reported exactly ({exact_reports}/1000)"
+        dir.path().join("journal/reserve").exists(),
+        "space is reserved"
     );
+    j.count_unjournaled(5);
+    j.count_unjournaled(2);
+    assert_eq!(j.unjournaled(), 7);
+    drop(j); // killed while the disk was full: no report was written
+    let (j, _) = Journal::open(cfg(dir.path(), 1 << 20, 1 << 30)).unwrap();
+    assert_eq!(j.unjournaled(), 7, "still to be reported");
+    drop(j); // and killed again before reporting it
+    let (mut j, _) = Journal::open(cfg(dir.path(), 1 << 20, 1 << 30)).unwrap();
+    let report = j.unjournaled_report().unwrap();
+    assert_eq!((report.stage.as_str(), report.count), ("journal-full", 7));
+    j.append(env(0)).unwrap();
+    j.sync().unwrap();
+    j.unjournaled_reported();
+    drop(j);
+    let (j, _) = Journal::open(cfg(dir.path(), 1 << 20, 1 << 30)).unwrap();
+    assert_eq!(j.unjournaled(), 0, "reported once");
 }

@@ -60,6 +60,12 @@ pub mod findings {
     pub const CHAIN_BREAK: &str = "collector.chain_break";
     pub const JOURNAL_GAP: &str = "collector.journal_gap";
     pub const JOURNAL_RESET: &str = "collector.journal_reset";
+    /// A new epoch names another installation id than the agent's earlier ones.
+    pub const AGENT_REINSTALLED: &str = "collector.agent_reinstalled";
+    /// A new epoch continues from a record older than ones already stored.
+    pub const AGENT_RESTORED: &str = "collector.agent_restored";
+    /// One event id arrived twice with different contents.
+    pub const KEY_REUSED: &str = "collector.key_reused";
     pub const BAD_SIGNATURE: &str = "collector.bad_signature";
     pub const AGENT_SILENT: &str = "collector.agent_silent";
     pub const POLICY_INVALID: &str = "collector.policy_invalid";

@@ -276,6 +276,14 @@ indicator!(usb_enforcement_failed, "builtin.usb.enforcement-failed", |h|
     near: (DAY, vec![h.event("ws-1", "workstation", DAY, "usb.decision", decision(json!({})))]),
 );
 
+indicator!(usb_read_only_undone, "builtin.usb.read-only-undone", |h|
+    fire: (DAY, vec![h.event("ws-1", "workstation", DAY, "usb.decision", decision(json!({
+        "target": "read-only", "trigger": "verify", "actions": ["BLKROSET sdb again (writes had been re-enabled)"]})))]),
+    // A busy remount that finally succeeded is not someone undoing the lock.
+    near: (DAY, vec![h.event("ws-1", "workstation", DAY, "usb.decision", decision(json!({
+        "target": "read-only", "trigger": "verify", "actions": ["remount /media/sdb1 read-only"]})))]),
+);
+
 indicator!(temporary_unlock_used, "builtin.usb.unlock-used", |h|
     fire: (DAY, vec![h.event("ws-1", "workstation", DAY, "usb.decision", decision(json!({"target": "allow", "rule_id": "unlock:ab12"})))]),
     near: (DAY, vec![h.event("ws-1", "workstation", DAY, "usb.decision", decision(json!({"target": "allow", "rule_id": "finance-sticks"})))]),
@@ -669,6 +677,21 @@ indicator!(journal_reset, "builtin.integrity.journal-reset", |_h|
     near: (DAY, vec![finding(findings::AGENT_SILENT, json!({}))]),
 );
 
+indicator!(agent_reinstalled, "builtin.integrity.agent-reinstalled", |_h|
+    fire: (DAY, vec![finding(findings::AGENT_REINSTALLED, json!({"previous_installation": "aa", "installation": "bb", "epoch": 2}))]),
+    near: (DAY, vec![finding(findings::AGENT_RESTORED, json!({"epoch": 2}))]),
+);
+
+indicator!(agent_restored, "builtin.integrity.agent-restored", |_h|
+    fire: (DAY, vec![finding(findings::AGENT_RESTORED, json!({"resumed_from": {"epoch": 1, "seq": 5}, "stored_until": {"epoch": 1, "seq": 9}, "epoch": 2}))]),
+    near: (DAY, vec![finding(findings::AGENT_REINSTALLED, json!({"installation": "bb", "epoch": 2}))]),
+);
+
+indicator!(key_reused, "builtin.integrity.key-reused", |_h|
+    fire: (DAY, vec![finding(findings::KEY_REUSED, json!({"stored_hash": "aa", "hash": "bb"}))]),
+    near: (DAY, vec![finding(findings::CHAIN_BREAK, json!({}))]),
+);
+
 indicator!(events_lost, "builtin.agent.events-lost", |h|
     fire: (DAY, vec![h.event("ws-1", "workstation", DAY, "agent.events_lost", json!({
         "count": 12, "stage": "queue", "reason": "source queue full", "first": null, "last": null}))]),
@@ -774,6 +797,7 @@ fn every_builtin_rule_is_tested() {
         "builtin.usb.outside-hours",
         "builtin.usb.blocked-retried",
         "builtin.usb.enforcement-failed",
+        "builtin.usb.read-only-undone",
         "builtin.usb.unlock-used",
         "builtin.usb.server-room",
         "builtin.files.classified-export",
@@ -803,6 +827,9 @@ fn every_builtin_rule_is_tested() {
         "builtin.integrity.chain-break",
         "builtin.integrity.bad-signature",
         "builtin.integrity.journal-reset",
+        "builtin.integrity.agent-reinstalled",
+        "builtin.integrity.agent-restored",
+        "builtin.integrity.key-reused",
         "builtin.agent.events-lost",
         "builtin.agent.clock-skew",
         "builtin.policy.rejected",

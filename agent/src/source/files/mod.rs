@@ -250,6 +250,56 @@ impl FilesSource {
         out
     }
 
+    /// Brings the marked exit points up to date with a mount table and policy: marks
+    /// new ones, forgets those gone, updates those whose kind changed — in place, so
+    /// an exit point that stays one is watched without a break.
+    fn refresh_exits(
+        &mut self,
+        marked: &mut HashMap<String, ExitPoint>,
+        table: &BTreeMap<u64, Mount>,
+        policy: &FilesPolicy,
+    ) {
+        let now: Vec<ExitPoint> = self.exit_points(table, policy);
+        let current: HashSet<String> = now.iter().map(|e| e.mount.mount_point.clone()).collect();
+        let before = marked.len();
+        marked.retain(|mp, _| current.contains(mp));
+        let mut changed = marked.len() != before;
+        for ep in now {
+            if let Some(held) = marked.get_mut(&ep.mount.mount_point) {
+                if held.kind != ep.kind || held.mount.dev != ep.mount.dev {
+                    *held = ep;
+                    changed = true;
+                }
+                continue;
+            }
+            let whole_fs = ep.mount.root == "/";
+            match self
+                .backend
+                .mark_mount(Path::new(&ep.mount.mount_point), whole_fs)
+            {
+                Ok(()) => {
+                    tracing::info!(mount = %ep.mount.mount_point, fs = %ep.mount.fs_type, exit = ep.kind.as_str(), "watching exit point");
+                    marked.insert(ep.mount.mount_point.clone(), ep);
+                    changed = true;
+                }
+                Err(e) => {
+                    tracing::error!(mount = %ep.mount.mount_point, error = %e, "cannot watch exit point")
+                }
+            }
+        }
+        if changed {
+            self.guard.write().unwrap_or_else(|e| e.into_inner()).exits = marked
+                .values()
+                .map(|e| GuardedExit {
+                    mount_point: PathBuf::from(&e.mount.mount_point),
+                    dev: parse_dev(&e.mount.dev),
+                    kind: e.kind,
+                    usb_hash: e.usb_hash.clone(),
+                })
+                .collect();
+        }
+    }
+
     /// Puts a new policy into the guard (classifier, sensitive sources).
     fn apply_policy(&mut self) -> Enforcement {
         let policy = self.policy.borrow_and_update().clone();
@@ -333,14 +383,31 @@ impl FilesSource {
         // Files reported recently and when they were closed, so a rescan does not
         // report them again (bounded).
         let mut reported: HashMap<PathBuf, Timestamp> = HashMap::new();
+        // Rewrite loops being folded into one event each.
+        let mut folding: HashMap<PathBuf, Folding> = HashMap::new();
         loop {
             tokio::select! {
                 _ = ctx.shutdown.cancelled() => {
-                    // Files waiting out the rename grace are described now.
+                    // Files waiting out the rename grace or a rewrite loop are described now.
                     for (_, job) in delayed.drain(..) {
                         workers.submit(job).await?;
                     }
+                    for (_, f) in folding.drain() {
+                        workers.submit(f.job).await?;
+                    }
                     return Ok(());
+                }
+                _ = sleep_until_earliest(&folding) => {
+                    let now = tokio::time::Instant::now();
+                    let done: Vec<PathBuf> = folding
+                        .iter()
+                        .filter(|(_, f)| f.deadline.min(f.report_by) <= now)
+                        .map(|(p, _)| p.clone())
+                        .collect();
+                    for path in done {
+                        let f = folding.remove(&path).expect("listed");
+                        workers.submit(f.job).await?;
+                    }
                 }
                 changed = self.policy.changed() => {
                     if changed.is_err() {
@@ -349,7 +416,10 @@ impl FilesSource {
                     }
                     enforcement = self.apply_policy();
                     self.mark_sources(&mut source_dirs);
-                    marked.clear(); // exit_fs_types may have changed: re-derive (marks are idempotent)
+                    // `exit_fs_types` may have changed: re-derive the exit points now,
+                    // in place, so writes to those that stay exits are never missed.
+                    let text = tokio::fs::read_to_string(&self.config.mountinfo).await.unwrap_or_default();
+                    self.refresh_exits(&mut marked, &mounts::parse(&text), &enforcement.policy);
                 }
                 _ = source_walk.tick() => self.mark_sources(&mut source_dirs),
                 _ = sleep_until_front(&delayed) => {
@@ -361,37 +431,7 @@ impl FilesSource {
                 }
                 _ = poll.tick() => {
                     let text = tokio::fs::read_to_string(&self.config.mountinfo).await.unwrap_or_default();
-                    let table = mounts::parse(&text);
-                    let now: Vec<ExitPoint> = self.exit_points(&table, &enforcement.policy);
-                    let current: HashSet<String> = now.iter().map(|e| e.mount.mount_point.clone()).collect();
-                    let before = marked.len();
-                    marked.retain(|mp, _| current.contains(mp));
-                    let mut changed = marked.len() != before;
-                    for ep in now {
-                        if marked.contains_key(&ep.mount.mount_point) {
-                            continue;
-                        }
-                        let whole_fs = ep.mount.root == "/";
-                        match self.backend.mark_mount(Path::new(&ep.mount.mount_point), whole_fs) {
-                            Ok(()) => {
-                                tracing::info!(mount = %ep.mount.mount_point, fs = %ep.mount.fs_type, exit = ep.kind.as_str(), "watching exit point");
-                                marked.insert(ep.mount.mount_point.clone(), ep);
-                                changed = true;
-                            }
-                            Err(e) => tracing::error!(mount = %ep.mount.mount_point, error = %e, "cannot watch exit point"),
-                        }
-                    }
-                    if changed {
-                        self.guard.write().unwrap_or_else(|e| e.into_inner()).exits = marked
-                            .values()
-                            .map(|e| GuardedExit {
-                                mount_point: PathBuf::from(&e.mount.mount_point),
-                                dev: parse_dev(&e.mount.dev),
-                                kind: e.kind,
-                                usb_hash: e.usb_hash.clone(),
-                            })
-                            .collect();
-                    }
+                    self.refresh_exits(&mut marked, &mounts::parse(&text), &enforcement.policy);
                     // Files found in new directories that stayed quiet: report them.
                     let quiet: Vec<PathBuf> = pending
                         .iter()
@@ -488,9 +528,29 @@ impl FilesSource {
                                             reported.clear();
                                         }
                                     }
+                                    let again = reported.get(&path).is_some_and(|t| {
+                                        now.duration_since(*t).unsigned_abs() < COALESCE_WINDOW
+                                    });
                                     reported.insert(path.clone(), now);
                                     let p = pending.remove(&path).expect("just inserted");
-                                    if let Some(job) = job(self.config.hash_max_bytes, &marked, path, file, p, &enforcement) {
+                                    if let Some(mut job) = job(self.config.hash_max_bytes, &marked, path, file, p, &enforcement) {
+                                        // Closed again soon after its last report: a
+                                        // rewrite loop, folded into one event that is
+                                        // described when the loop stops.
+                                        let deadline = tokio::time::Instant::now() + COALESCE_WINDOW;
+                                        if let Some(f) = folding.get_mut(&job.path) {
+                                            job.rewrites = f.job.rewrites + 1;
+                                            job.pending.first = f.job.pending.first;
+                                            let report_by = f.report_by;
+                                            *f = Folding { job, deadline, report_by };
+                                            continue;
+                                        }
+                                        if again && folding.len() < MAX_COALESCING {
+                                            job.rewrites = 1;
+                                            let report_by = tokio::time::Instant::now() + MAX_FOLD;
+                                            folding.insert(job.path.clone(), Folding { job, deadline, report_by });
+                                            continue;
+                                        }
                                         if looks_temporary(&job.path) && delayed.len() < MAX_DELAYED {
                                             delayed.push_back((tokio::time::Instant::now() + RENAME_GRACE, job));
                                         } else {
@@ -543,7 +603,31 @@ fn job(
         usb_hash: ep.usb_hash.clone(),
         hash_max,
         enforcement: enforcement.clone(),
+        rewrites: 0,
     })
+}
+
+/// A file closed again within this long of its last report is folded into one event.
+const COALESCE_WINDOW: Duration = Duration::from_secs(2);
+/// Most files being folded at once (each holds a descriptor); beyond, reported as is.
+const MAX_COALESCING: usize = 1024;
+
+/// A rewrite loop being folded: the latest write's job and how many rounds so far.
+struct Folding {
+    job: Job,
+    deadline: tokio::time::Instant,
+    /// A loop that never pauses is still reported at least this often.
+    report_by: tokio::time::Instant,
+}
+
+/// Longest a rewrite loop is folded before its event is sent anyway.
+const MAX_FOLD: Duration = Duration::from_secs(60);
+
+async fn sleep_until_earliest(folding: &HashMap<PathBuf, Folding>) {
+    match folding.values().map(|f| f.deadline.min(f.report_by)).min() {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Bounded hashing/classifying workers: `n` threads that take jobs from one bounded
@@ -780,6 +864,8 @@ struct Job {
     usb_hash: Option<String>,
     hash_max: u64,
     enforcement: Enforcement,
+    /// Write-and-close rounds this job stands for when a rewrite loop was folded.
+    rewrites: u64,
 }
 
 impl Job {
@@ -862,6 +948,7 @@ impl Job {
             action: verdict.action.as_str().into(),
             rule_id: verdict.rule_id.clone(),
             origins: self.pending.origins,
+            rewrites: self.rewrites,
         };
         Some((exported, verdict))
     }

@@ -377,6 +377,7 @@ fn exported_on_usb(hash: Option<&str>) -> FileExported {
         action: "read-only-device".into(),
         rule_id: "cards".into(),
         origins: Vec::new(),
+        rewrites: 0,
     }
 }
 
