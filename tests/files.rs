@@ -69,6 +69,10 @@ fn watch_pushing(
     mount_poll: Duration,
     work: impl FnOnce(&tokio::sync::watch::Sender<Arc<weilan_config::policy::Policy>>),
 ) -> Vec<Event> {
+    // One watch at a time: the tests wait fixed times for the workers, and one test's
+    // 2 GiB hash must not starve another's.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (tx, mut rx) = mpsc::channel::<Observed>(1024);
     let shutdown = CancellationToken::new();
@@ -81,7 +85,7 @@ fn watch_pushing(
         mountinfo: "/proc/self/mountinfo".into(),
         mount_poll,
         watch_mounts: vec![mount.to_path_buf()],
-        hash_max_bytes: 64 << 20,
+        hash_max_bytes: 4 << 30,
         limits: Default::default(),
         workers: 2,
         settle: Duration::from_millis(500),
@@ -386,6 +390,145 @@ fn a_rewrite_loop_is_one_event_with_a_count() {
             .count(),
         1,
         "a file written once is reported as before"
+    );
+}
+
+/// Enforced files of `events`.
+fn quarantined(events: &[Event]) -> Vec<FileEnforced> {
+    enforced(events)
+        .into_iter()
+        .filter(|e| e.action == "quarantine")
+        .collect()
+}
+
+#[test]
+fn renamed_linked_and_sparse_files_are_reported_by_their_final_name_and_whole_content() {
+    if !require("files test needs root (mount, fanotify)", is_root())
+        || !require("the O_TMPFILE case runs python3", have("python3"))
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (exit, _e) = tmpfs(dir.path(), "identity");
+    // The sparse file needs room for its data only; tmpfs keeps holes as holes.
+    let evidence = dir.path().join("evidence");
+    let secret = dir.path().join("memo.txt");
+    std::fs::write(&secret, "机密 员工 11010519491231002X\n").unwrap();
+    let policy = format!(
+        "[files]\nevidence_dir = \"{}\"\n\n[[files.rules]]\nid = \"quarantine-ids\"\ndetectors = [\"prc-resident-id\"]\naction = \"quarantine\"\n",
+        evidence.display()
+    );
+    let two_gib: u64 = 2 << 30;
+    let events = watch_with(&exit, &policy, fanotify(), || {
+        // 1. Copied, then renamed at once.
+        run(Command::new("sh").arg("-c").arg(format!(
+            "cp {} {e}/f.txt && mv {e}/f.txt {e}/g.txt",
+            secret.display(),
+            e = exit.display()
+        )));
+        // 2. Made unnamed (O_TMPFILE), written, then linked in under a name.
+        run(Command::new("python3").arg("-c").arg(format!(
+            "import os\nd = {e:?}\nfd = os.open(d, os.O_TMPFILE | os.O_WRONLY, 0o644)\n\
+             os.write(fd, open({s:?}, 'rb').read())\n\
+             dd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)\n\
+             os.link('/proc/self/fd/%d' % fd, 'linked.txt', dst_dir_fd=dd, follow_symlinks=True)\nos.close(fd)\n",
+            e = exit.display().to_string(),
+            s = secret.display().to_string()
+        )));
+        // 3. A 2 GiB sparse file whose only data, at its very end, is the secret.
+        run(Command::new("sh").arg("-c").arg(format!(
+            "truncate -s {two_gib} {e}/big.bin && dd if={s} of={e}/big.bin bs=1 seek={at} conv=notrunc 2>/dev/null",
+            e = exit.display(),
+            s = secret.display(),
+            at = two_gib - 64
+        )));
+        // Hashing 2 GiB of holes takes the workers a few seconds.
+        std::thread::sleep(Duration::from_secs(8));
+    });
+    let all = exported(&events);
+    let names: Vec<&str> = all.iter().map(|f| f.path.as_str()).collect();
+    println!("MEASURED reported: {names:?}");
+    let q = quarantined(&events);
+    for (name, size) in [
+        ("g.txt", None),
+        ("linked.txt", None),
+        ("big.bin", Some(two_gib)),
+    ] {
+        let hits: Vec<&FileExported> = all
+            .iter()
+            .filter(|f| f.path == exit.join(name).display().to_string())
+            .collect();
+        assert_eq!(
+            hits.len(),
+            1,
+            "{name} reported once under its final name: {names:?}"
+        );
+        let f = hits[0];
+        if let Some(size) = size {
+            assert_eq!(
+                (f.size, f.hashed_bytes),
+                (size, size),
+                "{name}: the whole file hashed"
+            );
+        }
+        assert!(
+            f.classification
+                .iter()
+                .any(|c| c.detector == "prc-resident-id"),
+            "{name} classified: {:?} {:?}",
+            f.classification,
+            f.classification_note
+        );
+        let e = q
+            .iter()
+            .find(|e| e.path.as_deref() == Some(&f.path))
+            .unwrap_or_else(|| panic!("{name} quarantined: {q:?}"));
+        assert_eq!(e.outcome, "done", "{e:?}");
+        assert!(!exit.join(name).exists(), "{name} is off the exit point");
+        println!(
+            "MEASURED {name}: sha256 {} of {} bytes, quarantined to {:?}",
+            f.sha256.as_deref().unwrap_or("-"),
+            f.hashed_bytes,
+            e.evidence
+        );
+        if size.is_some() {
+            // The evidence copy keeps the holes (it is not 2 GiB on disk) and is the file.
+            let kept = PathBuf::from(e.evidence.as_deref().unwrap());
+            let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&kept).unwrap());
+            assert!(
+                blocks * 512 < 1 << 20,
+                "sparse evidence copy: {} bytes on disk",
+                blocks * 512
+            );
+            let out = Command::new("sha256sum").arg(&kept).output().unwrap();
+            assert!(
+                String::from_utf8_lossy(&out.stdout).starts_with(f.sha256.as_deref().unwrap()),
+                "the evidence is the file: {out:?}"
+            );
+        }
+    }
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.ends_with("/f.txt") || n.contains("#")),
+        "no event under a name the file no longer has: {names:?}"
+    );
+    // The sparse file's hash is the hash of its whole content (computed here).
+    let big = all.iter().find(|f| f.path.ends_with("/big.bin")).unwrap();
+    let mut expected = ring::digest::Context::new(&ring::digest::SHA256);
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = two_gib - 64;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        expected.update(&zeros[..n]);
+        left -= n as u64;
+    }
+    let mut tail = std::fs::read(&secret).unwrap();
+    tail.resize(64, 0);
+    expected.update(&tail);
+    assert_eq!(
+        big.sha256.as_deref(),
+        Some(hex::encode(expected.finish().as_ref()).as_str())
     );
 }
 

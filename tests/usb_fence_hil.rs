@@ -102,7 +102,7 @@ present_at_start = "apply"
 [[usb.rules]]
 id = "hil-allowed"
 target = "allow"
-serial = ["GOOD-1"]
+serial = ["GOOD-1", "GOOD-2"]
 vid_pid = ["46f4:0001"]
 
 [[usb.rules]]
@@ -556,6 +556,53 @@ fn usb_fence_on_a_real_kernel() {
         "scenario block command: {} from the host collector, RO-1 deauthorized in the guest ({})",
         blocked["rule_id"], blocked["actions"]
     );
+
+    // 3c. A file still open for writing when its stick is pulled: reported anyway,
+    //     through the descriptor the agent kept from its first write. (RO-1 is
+    //     unplugged first: the emulated root hub's ports are all taken, and QEMU
+    //     would put the stick behind a hub the fence blocks.)
+    let (rc, text) = hil.sh("unplug.sh", &["RO-1"]);
+    assert_eq!(rc, 0, "RO-1 unplugged: {text}");
+    let (rc, text) = hil.sh("plug.sh", &[&stick, "GOOD-2", "--copy", "--timeout", "20"]);
+    assert_eq!(rc, 0, "allowed stick plugged again: {text}");
+    let held_mnt = wait_mounted(&hil, "GOOD-2");
+    wait_for(
+        "the files source watching the new stick",
+        T,
+        || {
+            hil.agent_log()
+                .lines()
+                .any(|l| l.contains("watching exit point") && l.contains(&format!("{held_mnt} ")))
+                .then_some(())
+        },
+        || hil.agent_log(),
+    );
+    let (rc, text) = hil.gexec(&format!(
+        "(exec 3>{held_mnt}/held.txt; echo '机密 员工 11010519491231002X' >&3; sleep 600) </dev/null >/dev/null 2>&1 & sleep 1; echo started"
+    ));
+    assert_eq!(rc, 0, "writer holding held.txt open: {text}");
+    let (rc, text) = hil.sh("unplug.sh", &["GOOD-2"]);
+    assert_eq!(rc, 0, "pulled with the file open: {text}");
+    let held = wait_for(
+        "file.exported for the file open at unplug",
+        T,
+        || {
+            w.events(
+                "file.exported",
+                "json_extract(envelope, '$.event.data.path') = ?2",
+                &[&format!("{held_mnt}/held.txt")],
+            )
+            .into_iter()
+            .next()
+        },
+        || hil.agent_log(),
+    );
+    assert_eq!(held["unclosed"], true, "{held}");
+    println!(
+        "MEASURED stick pulled with {held_mnt}/held.txt open: reported unclosed, {} bytes, sha256 {}, classification {}, note {}",
+        held["size"], held["sha256"], held["classification"], held["classification_note"]
+    );
+    let _ = hil.gexec("pkill -f 'sleep 600'; true");
 
     // 4. Storage + keyboard composite (BadUSB) emulated in the guest: rejected, even with an allowed serial.
     let (rc, text) = hil.sh(

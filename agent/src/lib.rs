@@ -25,6 +25,7 @@ pub mod procinfo;
 pub mod recorder;
 pub mod renewal;
 pub mod source;
+pub mod sparse;
 pub mod state;
 pub mod stats;
 pub mod unlock;

@@ -530,6 +530,11 @@ pub struct FileExported {
     /// with its final content and this count. Absent (0) for a file written once.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub rewrites: u64,
+    /// The exit point went away (a stick pulled, a share unmounted) while the file was
+    /// still open for writing: described as it was then, through the descriptor kept
+    /// from its first write (or, if none, with what is known).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unclosed: bool,
 }
 
 fn is_zero(n: &u64) -> bool {

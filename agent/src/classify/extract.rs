@@ -67,9 +67,25 @@ pub fn extract_file(mut f: std::fs::File, limits: Limits) -> Extracted {
     if head[..n].starts_with(b"PK\x03\x04") {
         return office(f, limits);
     }
+    // The data extents, up to the limit: a secret at the end of a sparse file (whose
+    // first gigabytes are a hole) is read, the hole is not.
     let mut bytes = Vec::new();
-    if let Err(e) = (&mut f).take(limits.max_bytes).read_to_end(&mut bytes) {
-        return Extracted::Failed(e.to_string());
+    let mut data_bytes = 0u64;
+    for (start, end) in crate::sparse::data_extents(&f, size) {
+        data_bytes += end - start;
+        let room = limits.max_bytes.saturating_sub(bytes.len() as u64);
+        if room == 0 {
+            continue;
+        }
+        if start > 0 && !bytes.is_empty() {
+            bytes.push(b'\n');
+        }
+        let want = (end - start).min(room);
+        let mut chunk = vec![0u8; want as usize];
+        match std::os::unix::fs::FileExt::read_exact_at(&f, &mut chunk, start) {
+            Ok(()) => bytes.extend_from_slice(&chunk),
+            Err(e) => return Extracted::Failed(e.to_string()),
+        }
     }
     if head[..n].starts_with(b"%PDF") {
         if size > limits.max_bytes {
@@ -81,7 +97,25 @@ pub fn extract_file(mut f: std::fs::File, limits: Limits) -> Extracted {
         }
         return pdf(bytes, limits);
     }
-    plain(&bytes, size > limits.max_bytes, limits)
+    if data_bytes < size {
+        // A sparse file: its data pages are padded with zeros like its holes are;
+        // those zeros are unwritten space, not content.
+        bytes = squeeze_zeros(&bytes);
+    }
+    plain(&bytes, data_bytes > limits.max_bytes, limits)
+}
+
+/// Every run of NUL bytes as one line break.
+fn squeeze_zeros(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    for &b in bytes {
+        if b != 0 {
+            out.push(b);
+        } else if out.last().is_some_and(|l| *l != b'\n') {
+            out.push(b'\n');
+        }
+    }
+    out
 }
 
 /// PDF text through `pdf-extract`, on its own thread: it can panic on malformed

@@ -211,7 +211,8 @@ pub struct FilesSection {
     /// policy (`files.exit_fs_types` in policy.toml).
     #[serde(default = "default_files_backend")]
     pub backend: String,
-    /// Files are hashed up to this many MiB (the event says when a file was larger).
+    /// Files are hashed whole up to this many MiB (`hashed_bytes` below `size` in the
+    /// event says a file was larger and its `sha256` covers only that prefix).
     #[serde(default = "default_hash_max")]
     pub hash_max_mib: u64,
     /// Files hashed and classified at once.
@@ -235,7 +236,8 @@ fn default_files_backend() -> String {
     "auto".into()
 }
 fn default_hash_max() -> u64 {
-    1024
+    // 64 GiB: every file a stick can take is hashed whole (holes cost no I/O).
+    65536
 }
 fn default_file_workers() -> usize {
     2

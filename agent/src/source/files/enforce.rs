@@ -5,8 +5,8 @@
 //!
 //! Every action becomes one `file.enforced` naming its rule, `done` or `failed`.
 
-use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tokio::sync::mpsc;
@@ -142,26 +142,52 @@ pub fn quarantine(
         .unwrap_or_else(|| "file".into());
     let stamp = jiff::Timestamp::now().as_millisecond();
     let kept = evidence_dir.join(format!("{stamp}-{name}"));
-    let mut src = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut dst = std::fs::OpenOptions::new()
+    let src = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let dst = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(&kept)
         .map_err(|e| format!("{}: {e}", kept.display()))?;
+    // Copied by data extents, so a sparse file stays sparse in the store; the hash
+    // covers the whole content (holes as zeros).
+    let size = src
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len();
     let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = src
-            .read(&mut buf)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        if n == 0 {
-            break;
+    let mut at = 0u64;
+    let zeros = vec![0u8; 64 * 1024];
+    let hash_zeros = |from: u64, to: u64, h: &mut ring::digest::Context| {
+        let mut n = to - from;
+        while n > 0 {
+            let k = n.min(zeros.len() as u64) as usize;
+            h.update(&zeros[..k]);
+            n -= k as u64;
         }
-        hasher.update(&buf[..n]);
-        dst.write_all(&buf[..n])
-            .map_err(|e| format!("{}: {e}", kept.display()))?;
+    };
+    for (start, end) in crate::sparse::data_extents(&src, size) {
+        hash_zeros(at, start, &mut hasher);
+        let mut pos = start;
+        while pos < end {
+            let want = ((end - pos) as usize).min(buf.len());
+            let n = src
+                .read_at(&mut buf[..want], pos)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            dst.write_all_at(&buf[..n], pos)
+                .map_err(|e| format!("{}: {e}", kept.display()))?;
+            pos += n as u64;
+        }
+        at = pos;
     }
+    hash_zeros(at, size, &mut hasher);
+    dst.set_len(size)
+        .map_err(|e| format!("{}: {e}", kept.display()))?;
     dst.sync_all()
         .map_err(|e| format!("{}: {e}", kept.display()))?;
     let sha = hex::encode(hasher.finish().as_ref());

@@ -181,6 +181,9 @@ fn read_loop(fan: &Fanotify, tx: &mpsc::Sender<Vec<RawEvent>>, stop: &AtomicBool
                 .get(&ev.pid())
                 .map(|(_, w)| w.clone())
                 .or_else(|| writer(ev.pid()).filter(|w| w.exe.is_some()));
+            // The written file's descriptor travels with every write event: a close
+            // is described through it; the first write's is kept in case the file is
+            // never closed (its stick pulled while it is open).
             let (file, origins) = if close {
                 let origins = seen
                     .reads
@@ -197,7 +200,10 @@ fn read_loop(fan: &Fanotify, tx: &mpsc::Sender<Vec<RawEvent>>, stop: &AtomicBool
                     origins,
                 )
             } else {
-                (None, Vec::new())
+                (
+                    fd.try_clone_to_owned().ok().map(std::fs::File::from),
+                    Vec::new(),
+                )
             };
             batch.push(RawEvent::Write {
                 path,

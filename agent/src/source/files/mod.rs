@@ -170,6 +170,9 @@ struct Pending {
     last: Timestamp,
     writer: Option<Writer>,
     origins: Vec<String>,
+    /// The file itself, from its first write event: if its exit point goes away
+    /// before it is closed (a stick pulled), it is still described through this.
+    held: Option<std::fs::File>,
     /// Found by a directory scan (no write event seen): reported once quiet.
     found: bool,
     quiet_since: std::time::Instant,
@@ -253,17 +256,25 @@ impl FilesSource {
     /// Brings the marked exit points up to date with a mount table and policy: marks
     /// new ones, forgets those gone, updates those whose kind changed — in place, so
     /// an exit point that stays one is watched without a break.
+    /// Returns the exit points that went away (unmounted, or their stick pulled).
     fn refresh_exits(
         &mut self,
         marked: &mut HashMap<String, ExitPoint>,
         table: &BTreeMap<u64, Mount>,
         policy: &FilesPolicy,
-    ) {
+    ) -> Vec<ExitPoint> {
         let now: Vec<ExitPoint> = self.exit_points(table, policy);
         let current: HashSet<String> = now.iter().map(|e| e.mount.mount_point.clone()).collect();
-        let before = marked.len();
-        marked.retain(|mp, _| current.contains(mp));
-        let mut changed = marked.len() != before;
+        let gone_points: Vec<String> = marked
+            .keys()
+            .filter(|mp| !current.contains(*mp))
+            .cloned()
+            .collect();
+        let gone: Vec<ExitPoint> = gone_points
+            .iter()
+            .filter_map(|mp| marked.remove(mp))
+            .collect();
+        let mut changed = !gone.is_empty();
         for ep in now {
             if let Some(held) = marked.get_mut(&ep.mount.mount_point) {
                 if held.kind != ep.kind || held.mount.dev != ep.mount.dev {
@@ -298,6 +309,7 @@ impl FilesSource {
                 })
                 .collect();
         }
+        gone
     }
 
     /// Puts a new policy into the guard (classifier, sensitive sources).
@@ -376,8 +388,8 @@ impl FilesSource {
         // Files the last rescans reported, so that their close events still queued
         // behind the overflow do not report them twice (bounded).
         let mut rescanned: HashMap<PathBuf, Timestamp> = HashMap::new();
-        // Files with temporary-looking names, described a little later (see
-        // `looks_temporary`), in order of their deadline.
+        // Closed files waiting out the rename grace (see `RENAME_GRACE`), in order of
+        // their deadline.
         let mut delayed: std::collections::VecDeque<(tokio::time::Instant, Job)> =
             std::collections::VecDeque::new();
         // Files reported recently and when they were closed, so a rescan does not
@@ -385,6 +397,8 @@ impl FilesSource {
         let mut reported: HashMap<PathBuf, Timestamp> = HashMap::new();
         // Rewrite loops being folded into one event each.
         let mut folding: HashMap<PathBuf, Folding> = HashMap::new();
+        // Descriptors kept by files still being written (see `Pending::held`).
+        let mut held_open: usize = 0;
         loop {
             tokio::select! {
                 _ = ctx.shutdown.cancelled() => {
@@ -419,7 +433,8 @@ impl FilesSource {
                     // `exit_fs_types` may have changed: re-derive the exit points now,
                     // in place, so writes to those that stay exits are never missed.
                     let text = tokio::fs::read_to_string(&self.config.mountinfo).await.unwrap_or_default();
-                    self.refresh_exits(&mut marked, &mounts::parse(&text), &enforcement.policy);
+                    let gone = self.refresh_exits(&mut marked, &mounts::parse(&text), &enforcement.policy);
+                    held_open -= report_unclosed(self.config.hash_max_bytes, gone, &mut pending, &workers, &enforcement).await?;
                 }
                 _ = source_walk.tick() => self.mark_sources(&mut source_dirs),
                 _ = sleep_until_front(&delayed) => {
@@ -431,7 +446,8 @@ impl FilesSource {
                 }
                 _ = poll.tick() => {
                     let text = tokio::fs::read_to_string(&self.config.mountinfo).await.unwrap_or_default();
-                    self.refresh_exits(&mut marked, &mounts::parse(&text), &enforcement.policy);
+                    let gone = self.refresh_exits(&mut marked, &mounts::parse(&text), &enforcement.policy);
+                    held_open -= report_unclosed(self.config.hash_max_bytes, gone, &mut pending, &workers, &enforcement).await?;
                     // Files found in new directories that stayed quiet: report them.
                     let quiet: Vec<PathBuf> = pending
                         .iter()
@@ -440,6 +456,7 @@ impl FilesSource {
                         .collect();
                     for path in quiet {
                         let p = pending.remove(&path).expect("listed");
+                        held_open -= usize::from(p.held.is_some());
                         reported.insert(path.clone(), Timestamp::now());
                         // Its close event may still be queued (a backlog longer than
                         // the settle time): that one must not report it again.
@@ -488,6 +505,7 @@ impl FilesSource {
                                         writer: None,
                                         origins: Vec::new(),
                                         found: true,
+                                        held: None,
                                         quiet_since: std::time::Instant::now(),
                                     });
                                 }
@@ -495,7 +513,9 @@ impl FilesSource {
                             RawEvent::Write { path, close, writer, file, origins } => {
                                 let now = Timestamp::now();
                                 if close && rescanned_before(&mut rescanned, &path, file.as_ref()) {
-                                    pending.remove(&path);
+                                    if pending.remove(&path).is_some_and(|p| p.held.is_some()) {
+                                        held_open -= 1;
+                                    }
                                     continue; // reported by the rescan, unchanged since
                                 }
                                 let entry = pending.entry(path.clone()).or_insert(Pending {
@@ -504,10 +524,22 @@ impl FilesSource {
                                     writer: None,
                                     origins: Vec::new(),
                                     found: false,
+                                    held: None,
                                     quiet_since: std::time::Instant::now(),
                                 });
                                 entry.last = now;
                                 entry.found = false;
+                                // A write's descriptor is kept (the first) in case
+                                // the file is never closed; a close's is described.
+                                let file = if close {
+                                    file
+                                } else {
+                                    if entry.held.is_none() && held_open < MAX_HELD_OPEN {
+                                        held_open += usize::from(file.is_some());
+                                        entry.held = file;
+                                    }
+                                    None
+                                };
                                 entry.quiet_since = std::time::Instant::now();
                                 for o in origins {
                                     if !entry.origins.contains(&o) && entry.origins.len() < 16 {
@@ -533,10 +565,20 @@ impl FilesSource {
                                     });
                                     reported.insert(path.clone(), now);
                                     let p = pending.remove(&path).expect("just inserted");
+                                    held_open -= usize::from(p.held.is_some());
                                     if let Some(mut job) = job(self.config.hash_max_bytes, &marked, path, file, p, &enforcement) {
                                         // Closed again soon after its last report: a
                                         // rewrite loop, folded into one event that is
                                         // described when the loop stops.
+                                        // Closed again before its report went out (still
+                                        // waiting out the rename grace): that one report
+                                        // carries the newest content and both rounds.
+                                        if let Some((_, waiting)) = delayed.iter_mut().find(|(_, j)| j.path == job.path) {
+                                            job.rewrites = waiting.rewrites.max(1) + 1;
+                                            job.pending.first = waiting.pending.first;
+                                            *waiting = job;
+                                            continue;
+                                        }
                                         let deadline = tokio::time::Instant::now() + COALESCE_WINDOW;
                                         if let Some(f) = folding.get_mut(&job.path) {
                                             job.rewrites = f.job.rewrites + 1;
@@ -551,7 +593,9 @@ impl FilesSource {
                                             folding.insert(job.path.clone(), Folding { job, deadline, report_by });
                                             continue;
                                         }
-                                        if looks_temporary(&job.path) && delayed.len() < MAX_DELAYED {
+                                        // Every file waits out the rename grace (`cp f
+                                        // stick/ && mv stick/f stick/g` is reported as g).
+                                        if delayed.len() < MAX_DELAYED {
                                             delayed.push_back((tokio::time::Instant::now() + RENAME_GRACE, job));
                                         } else {
                                             workers.submit(job).await?;
@@ -565,6 +609,37 @@ impl FilesSource {
             }
         }
     }
+}
+
+/// Files still open for writing on exit points that went away (a stick pulled
+/// with a file open): described now through the descriptor kept from their
+/// first write, and reported as `unclosed`.
+async fn report_unclosed(
+    hash_max: u64,
+    gone: Vec<ExitPoint>,
+    pending: &mut HashMap<PathBuf, Pending>,
+    workers: &Workers,
+    enforcement: &Enforcement,
+) -> Result<usize, SourceError> {
+    // Descriptors handed over (the caller's count of held ones drops by that).
+    let mut released = 0;
+    for ep in gone {
+        let open: Vec<PathBuf> = pending
+            .iter()
+            .filter(|(p, e)| !e.found && p.starts_with(&ep.mount.mount_point))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for path in open {
+            let mut p = pending.remove(&path).expect("listed");
+            let file = p.held.take();
+            released += usize::from(file.is_some());
+            tracing::warn!(path = %path.display(), mount = %ep.mount.mount_point, "exit point gone while a file on it was open for writing");
+            let mut job = job_on(&ep, hash_max, path, file, p, enforcement);
+            job.unclosed = true;
+            workers.submit(job).await?;
+        }
+    }
+    Ok(released)
 }
 
 /// `major:minor` as `st_dev`.
@@ -591,7 +666,19 @@ fn job(
         tracing::debug!(path = %path.display(), "write outside the exit points ignored");
         return None;
     };
-    Some(Job {
+    Some(job_on(ep, hash_max, path, file, pending, enforcement))
+}
+
+/// A job for a file on the exit point `ep`.
+fn job_on(
+    ep: &ExitPoint,
+    hash_max: u64,
+    path: PathBuf,
+    file: Option<std::fs::File>,
+    pending: Pending,
+    enforcement: &Enforcement,
+) -> Job {
+    Job {
         path,
         file,
         pending,
@@ -604,8 +691,13 @@ fn job(
         hash_max,
         enforcement: enforcement.clone(),
         rewrites: 0,
-    })
+        unclosed: false,
+    }
 }
+
+/// Most descriptors kept for files still being written (beyond, a file whose stick
+/// is pulled while open is reported with what is known, unread).
+const MAX_HELD_OPEN: usize = 512;
 
 /// A file closed again within this long of its last report is folded into one event.
 const COALESCE_WINDOW: Duration = Duration::from_secs(2);
@@ -687,7 +779,7 @@ fn run_job(job: Job, buf: &mut [u8], sink: &super::EventSink) -> bool {
     let evidence = job.enforcement.policy.evidence_dir.clone();
     let path = job.path.clone();
     let described = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.describe(buf)));
-    let (exported, verdict) = match described {
+    let (mut exported, verdict, held) = match described {
         Ok(Some(d)) => d,
         Ok(None) => return true, // gone before it could be read
         Err(_) => {
@@ -695,6 +787,13 @@ fn run_job(job: Job, buf: &mut [u8], sink: &super::EventSink) -> bool {
             return true;
         }
     };
+    // Renamed while it was being described: act on (and report) its name now.
+    if let Some(now) = held
+        .as_ref()
+        .and_then(|f| current_path(f, &exported.mount_point))
+    {
+        exported.path = now.display().to_string();
+    }
     let enforced = enforce::act(&exported, &verdict, &evidence, fence.as_ref());
     if sink.emit_blocking(Event::FileExported(exported)).is_err() {
         return false;
@@ -707,26 +806,16 @@ fn run_job(job: Job, buf: &mut [u8], sink: &super::EventSink) -> bool {
     true
 }
 
-/// How long a file with a temporary-looking name waits before it is described.
+/// How long a closed file waits before it is described. Copy tools write a temporary
+/// name and rename it when done (rsync's `.name.XXXXXX`, browsers' `.part`), and a
+/// user may `cp f stick/ && mv stick/f stick/g`: the close event comes before the
+/// rename, and a file is named by its descriptor's current path when it is described,
+/// so waiting a moment lets the event carry the final name.
 const RENAME_GRACE: Duration = Duration::from_millis(500);
 /// Most files waiting out the grace at once (each holds a descriptor); beyond that
-/// they are described at once.
+/// they are described at once (then a quarantine still finds a renamed file by its
+/// descriptor).
 const MAX_DELAYED: usize = 256;
-
-/// Copy tools write a temporary name and rename it when done (rsync's
-/// `.name.XXXXXX`, browsers' `.part`/`.crdownload`, `.tmp`). The close event comes
-/// before the rename, and a file is named by its descriptor's current path when it is
-/// described: waiting a moment lets the event carry the final name.
-fn looks_temporary(path: &Path) -> bool {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    name.starts_with('.')
-        || [".tmp", ".part", ".crdownload", ".partial", "~"]
-            .iter()
-            .any(|s| name.ends_with(s))
-}
 
 async fn sleep_until_front(delayed: &std::collections::VecDeque<(tokio::time::Instant, Job)>) {
     match delayed.front() {
@@ -804,6 +893,7 @@ async fn rescan(
             writer: None,
             origins: Vec::new(),
             found: false,
+            held: None,
             quiet_since: std::time::Instant::now(),
         };
         if let Some(job) = job(hash_max, marked, path, None, p, enforcement) {
@@ -866,51 +956,51 @@ struct Job {
     enforcement: Enforcement,
     /// Write-and-close rounds this job stands for when a rewrite loop was folded.
     rewrites: u64,
+    /// The exit point went away while the file was open for writing.
+    unclosed: bool,
 }
 
 impl Job {
     /// Stats, hashes, classifies and decides the file (blocking). `None` if it is gone.
-    fn describe(mut self, buf: &mut [u8]) -> Option<(FileExported, FileVerdict)> {
-        use std::io::{Read, Seek};
-        use std::os::fd::AsRawFd;
+    ///
+    /// Also returns the open file: the enforcer acts on the file it describes, found
+    /// again by its descriptor, wherever it has been renamed to since.
+    fn describe(
+        mut self,
+        buf: &mut [u8],
+    ) -> Option<(FileExported, FileVerdict, Option<std::fs::File>)> {
+        use std::io::Seek;
         // The file as written, wherever it is now (renamed, or even deleted).
         let f = match self.file.take() {
             Some(f) => f,
-            None => std::fs::File::open(&self.path).ok()?,
+            None => match std::fs::File::open(&self.path) {
+                Ok(f) => f,
+                // Unreachable with its stick gone: still reported, as far as known.
+                Err(e) if self.unclosed => return Some(self.unread(e)),
+                Err(_) => return None,
+            },
         };
-        if let Ok(now) = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())) {
-            if !now.to_string_lossy().ends_with(" (deleted)") {
-                // Written through another mount namespace's mount: the kernel names it
-                // from its file system's root (see `GuardState::place`).
-                self.path = if now.starts_with(&self.mount_point) {
-                    now
-                } else {
-                    Path::new(&self.mount_point).join(now.strip_prefix("/").unwrap_or(&now))
-                };
-            }
-        }
         let meta = f.metadata().ok()?;
         if !meta.is_file() {
             return None;
         }
+        if let Some(now) = current_path(&f, &self.mount_point) {
+            self.path = now;
+        }
+        let held = f.try_clone().ok();
+        // The whole file (up to `hash_max`), read by its data extents: a sparse
+        // file's holes cost no I/O.
         let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
-        let mut hashed = 0u64;
-        let mut reader = (&f).take(self.hash_max);
-        let mut hash_ok = true;
-        loop {
-            match reader.read(buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    hasher.update(&buf[..n]);
-                    hashed += n as u64;
-                }
+        let (hashed, hash_ok) =
+            match crate::sparse::for_each_chunk(&f, meta.len(), self.hash_max, buf, |c| {
+                hasher.update(c)
+            }) {
+                Ok(n) => (n, true),
                 Err(e) => {
                     tracing::warn!(path = %self.path.display(), error = %e, "hashing stopped");
-                    hash_ok = false;
-                    break;
+                    (0, false)
                 }
-            }
-        }
+            };
         let sha256 = hash_ok.then(|| hex::encode(hasher.finish().as_ref()));
         let mut f = f;
         let _ = f.rewind();
@@ -949,9 +1039,99 @@ impl Job {
             rule_id: verdict.rule_id.clone(),
             origins: self.pending.origins,
             rewrites: self.rewrites,
+            unclosed: self.unclosed,
         };
-        Some((exported, verdict))
+        Some((exported, verdict, held))
     }
+
+    /// The event for a file that could not be read at all (its device is gone).
+    fn unread(self, error: std::io::Error) -> (FileExported, FileVerdict, Option<std::fs::File>) {
+        let verdict = self.enforcement.policy.decide(&[], self.kind);
+        let w = self.pending.writer;
+        let exported = FileExported {
+            path: self.path.display().to_string(),
+            mount_point: self.mount_point,
+            fs_type: self.fs_type,
+            mount_source: self.source,
+            usb_serial: self.usb_serial,
+            usb_hash: self.usb_hash,
+            size: 0,
+            sha256: None,
+            hashed_bytes: 0,
+            pid: w.as_ref().map(|w| w.pid),
+            exe: w.as_ref().and_then(|w| w.exe.clone()),
+            cmdline: w.as_ref().and_then(|w| w.cmdline.clone()),
+            uid: w.as_ref().and_then(|w| w.uid),
+            user: w.as_ref().and_then(|w| w.user.clone()),
+            first_write: self.pending.first,
+            last_write: self.pending.last,
+            attribution: if w.is_some() {
+                "fanotify".into()
+            } else {
+                "none".into()
+            },
+            classification: Vec::new(),
+            classification_note: Some(format!(
+                "failed: unreadable once its exit point was gone: {error}"
+            )),
+            exit: self.kind.as_str().into(),
+            action: verdict.action.as_str().into(),
+            rule_id: verdict.rule_id.clone(),
+            origins: self.pending.origins,
+            rewrites: self.rewrites,
+            unclosed: true,
+        };
+        (exported, verdict, None)
+    }
+}
+
+/// Where the open file `f` is now, in the agent's view of `mount_point`: renamed
+/// files by their new name; a file made with `O_TMPFILE` and linked in later (its
+/// descriptor still names the unnamed `#inode`) by the name it was linked under,
+/// found by its inode. `None` for a file with no name left (deleted).
+fn current_path(f: &std::fs::File, mount_point: &str) -> Option<PathBuf> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let now = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())).ok()?;
+    // Written through another mount namespace's mount: the kernel names it from its
+    // file system's root (see `GuardState::place`).
+    let place = |p: &Path| -> PathBuf {
+        if p.starts_with(mount_point) {
+            p.to_path_buf()
+        } else {
+            Path::new(mount_point).join(p.strip_prefix("/").unwrap_or(p))
+        }
+    };
+    let text = now.to_string_lossy();
+    let Some(gone) = text.strip_suffix(" (deleted)") else {
+        return Some(place(&now));
+    };
+    let meta = f.metadata().ok()?;
+    if meta.nlink() == 0 {
+        return None;
+    }
+    // Linked again (O_TMPFILE + linkat): look in the directory it was made in, then
+    // (bounded) in the whole exit point.
+    let (dev, ino) = (meta.dev(), meta.ino());
+    let same =
+        |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.dev() == dev && m.ino() == ino);
+    let made_in = place(Path::new(gone)).parent().map(Path::to_path_buf);
+    let mut dirs: Vec<PathBuf> = made_in.into_iter().collect();
+    dirs.push(PathBuf::from(mount_point));
+    let mut budget = 100_000u32;
+    let mut stack = dirs;
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).ok()?.flatten() {
+            budget = budget.checked_sub(1)?;
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.insert(0, p);
+            } else if same(&p) {
+                return Some(p);
+            }
+        }
+    }
+    None
 }
 
 impl Source for FilesSource {

@@ -378,6 +378,7 @@ fn exported_on_usb(hash: Option<&str>) -> FileExported {
         rule_id: "cards".into(),
         origins: Vec::new(),
         rewrites: 0,
+        unclosed: false,
     }
 }
 
@@ -423,10 +424,11 @@ fn read_only_device_is_handed_to_the_usb_fence_naming_the_rule() {
 }
 
 #[tokio::test]
-async fn a_temporary_name_renamed_right_after_the_close_is_reported_under_its_final_name() {
+async fn a_file_renamed_right_after_the_close_is_reported_under_its_final_name() {
     let dir = tempfile::tempdir().unwrap();
     let (btx, mut rx, stop, mount) = start(dir.path(), "", None);
     tokio::time::sleep(Duration::from_millis(150)).await;
+    // rsync's temporary name, and a plain name moved away (`cp f stick/ && mv ...`).
     let temp = mount.join(".report.csv.Xy12Zq");
     let done = mount.join("report.csv");
     std::fs::write(&temp, "a,b\n").unwrap();
@@ -445,7 +447,24 @@ async fn a_temporary_name_renamed_right_after_the_close_is_reported_under_its_fi
         panic!()
     };
     assert_eq!(e.path, done.to_str().unwrap());
-    assert!(looks_temporary(&temp) && !looks_temporary(&done));
+    let plain = mount.join("f.txt");
+    let moved = mount.join("g.txt");
+    std::fs::write(&plain, "secret\n").unwrap();
+    btx.send(vec![RawEvent::Write {
+        path: plain.clone(),
+        close: true,
+        writer: writer(),
+        file: Some(std::fs::File::open(&plain).unwrap()),
+        origins: Vec::new(),
+    }])
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    std::fs::rename(&plain, &moved).unwrap();
+    let Event::FileExported(e) = next_event(&mut rx).await else {
+        panic!()
+    };
+    assert_eq!(e.path, moved.to_str().unwrap());
     stop.cancel();
 }
 
@@ -475,4 +494,76 @@ async fn which_file_systems_are_exit_points_is_policy() {
         r.stop.cancel();
         let _ = r.task.await;
     }
+}
+
+#[tokio::test]
+async fn a_file_open_when_its_exit_point_goes_away_is_reported_unclosed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mount, mountinfo) = fake_mount(dir.path());
+    let Running {
+        backend: btx,
+        events: mut rx,
+        stop,
+        ..
+    } = spawn_source(dir.path(), mountinfo.clone(), &mount, "", None);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Written, never closed: one kept its descriptor, one did not (and is gone).
+    let open = mount.join("open.txt");
+    std::fs::write(&open, "still being written").unwrap();
+    let lost = mount.join("lost.txt");
+    std::fs::write(&lost, "x").unwrap();
+    btx.send(vec![
+        RawEvent::Write {
+            path: open.clone(),
+            close: false,
+            writer: writer(),
+            file: Some(std::fs::File::open(&open).unwrap()),
+            origins: Vec::new(),
+        },
+        RawEvent::Write {
+            path: lost.clone(),
+            close: false,
+            writer: writer(),
+            file: None,
+            origins: Vec::new(),
+        },
+    ])
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    std::fs::remove_file(&lost).unwrap();
+    // The stick is pulled: its mount leaves the table.
+    std::fs::write(&mountinfo, "").unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let Event::FileExported(e) = next_event(&mut rx).await else {
+            panic!()
+        };
+        got.push(e);
+    }
+    got.sort_by(|a, b| a.path.cmp(&b.path));
+    let (l, o) = (&got[0], &got[1]);
+    assert_eq!(o.path, open.to_str().unwrap());
+    assert!(o.unclosed);
+    assert_eq!(o.size, 19);
+    assert_eq!(
+        o.sha256.as_deref(),
+        Some(
+            hex::encode(ring::digest::digest(
+                &ring::digest::SHA256,
+                b"still being written"
+            ))
+            .as_str()
+        ),
+        "read through the kept descriptor"
+    );
+    assert_eq!(l.path, lost.to_str().unwrap());
+    assert!(l.unclosed && l.sha256.is_none());
+    assert!(
+        l.classification_note
+            .as_deref()
+            .is_some_and(|n| n.contains("unreadable")),
+        "{l:?}"
+    );
+    stop.cancel();
 }
