@@ -532,6 +532,58 @@ fn renamed_linked_and_sparse_files_are_reported_by_their_final_name_and_whole_co
     );
 }
 
+#[test]
+fn a_stick_mounted_only_in_another_mount_namespace_is_watched() {
+    if !require("files test needs root (mount, fanotify)", is_root())
+        || !require("the namespace case runs unshare", have("unshare"))
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let hidden = dir.path().join("ns-stick");
+    std::fs::create_dir_all(&hidden).unwrap();
+    let secret = dir.path().join("memo.txt");
+    std::fs::write(&secret, "机密 员工 11010519491231002X\n").unwrap();
+    // The exit is a file-system type only that namespace mounts (ramfs).
+    let events = watch_pushing(
+        &dir.path().join("unused"),
+        "[files]\nexit_fs_types = [\"ramfs\"]\n",
+        fanotify(),
+        Duration::from_millis(100),
+        |_| {
+            run(Command::new("unshare")
+                .args(["-m", "--propagation", "private", "sh", "-c"])
+                .arg(format!(
+                    "mount -t ramfs weilan-ns {h} && sleep 4 && cp {s} {h}/f.txt && sleep 3",
+                    h = hidden.display(),
+                    s = secret.display()
+                )));
+        },
+    );
+    let all = exported(&events);
+    println!(
+        "MEASURED reported from the other namespace: {:?}",
+        all.iter()
+            .map(|f| (&f.path, &f.mount_point))
+            .collect::<Vec<_>>()
+    );
+    let f = all
+        .iter()
+        .find(|f| f.path.ends_with(&format!("{}/f.txt", hidden.display())))
+        .expect("the copy onto the stick mounted in another namespace is reported");
+    assert!(f.mount_point.starts_with("/proc/"), "{f:?}");
+    assert_eq!(
+        f.path,
+        format!("{}/f.txt", f.mount_point),
+        "named as that namespace sees it, reached through /proc/PID/root"
+    );
+    assert_eq!(f.sha256.as_deref(), Some(sha256(&secret).as_str()));
+    assert!(f
+        .classification
+        .iter()
+        .any(|c| c.detector == "prc-resident-id"));
+}
+
 /// Mounts a fresh tmpfs at `dir/name`.
 fn tmpfs(dir: &Path, name: &str) -> (PathBuf, Mounted) {
     let m = dir.join(name);

@@ -106,7 +106,7 @@ impl GuardState {
         }
         let Some(dev) = dev() else { return path };
         match self.exits.iter().find(|e| e.dev == Some(dev)) {
-            Some(e) => e.mount_point.join(path.strip_prefix("/").unwrap_or(&path)),
+            Some(e) => in_view(&e.mount_point, &path),
             None => path,
         }
     }
@@ -158,6 +158,7 @@ pub struct FilesConfig {
     pub settle: Duration,
 }
 
+#[derive(Clone)]
 struct ExitPoint {
     mount: Mount,
     kind: ExitKind,
@@ -190,7 +191,12 @@ pub struct FilesSource {
     policy: watch::Receiver<Arc<Policy>>,
     fence: Option<mpsc::Sender<FenceControl>>,
     guard: Guard,
+    /// Exit points mounted only in other mount namespaces, and when they were found.
+    foreign: (Option<std::time::Instant>, Vec<ExitPoint>),
 }
+
+/// How often other mount namespaces are searched for exit points.
+const FOREIGN_RESCAN: Duration = Duration::from_secs(2);
 
 /// What a worker needs besides the file: the policy in force and where to act.
 #[derive(Clone)]
@@ -216,7 +222,53 @@ impl FilesSource {
             policy,
             fence,
             guard,
+            foreign: (None, Vec::new()),
         }
+    }
+
+    /// Exit points mounted only in other mount namespaces — a stick mounted inside a
+    /// container or an `unshare -m` shell, invisible in the agent's own mount table —
+    /// reached through `/proc/PID/root` of a process in that namespace. A device the
+    /// agent's namespace also mounts is already watched whole (file-system mark).
+    fn foreign_exits(&mut self, own: &[ExitPoint], policy: &FilesPolicy) -> Vec<ExitPoint> {
+        use std::os::unix::fs::MetadataExt;
+        if self.foreign.0.is_some_and(|t| t.elapsed() < FOREIGN_RESCAN) {
+            return self.foreign.1.clone();
+        }
+        let mut out = Vec::new();
+        let mut devs: HashSet<String> = own.iter().map(|e| e.mount.dev.clone()).collect();
+        let mut namespaces: HashSet<u64> = std::fs::metadata("/proc/self/ns/mnt")
+            .map(|m| m.ino())
+            .into_iter()
+            .collect();
+        let pids = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok());
+        for pid in pids {
+            let Ok(ns) = std::fs::metadata(format!("/proc/{pid}/ns/mnt")) else {
+                continue;
+            };
+            if !namespaces.insert(ns.ino()) {
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")) else {
+                continue;
+            };
+            for mut ep in self.exit_points(&mounts::parse(&text), policy) {
+                if ep.kind == ExitKind::Watched
+                    || ep.mount.root != "/"
+                    || !devs.insert(ep.mount.dev.clone())
+                {
+                    continue;
+                }
+                ep.mount.mount_point = format!("/proc/{pid}/root{}", ep.mount.mount_point);
+                out.push(ep);
+            }
+        }
+        self.foreign = (Some(std::time::Instant::now()), out.clone());
+        out
     }
 
     /// Exit points in a mount table.
@@ -263,7 +315,9 @@ impl FilesSource {
         table: &BTreeMap<u64, Mount>,
         policy: &FilesPolicy,
     ) -> Vec<ExitPoint> {
-        let now: Vec<ExitPoint> = self.exit_points(table, policy);
+        let mut now: Vec<ExitPoint> = self.exit_points(table, policy);
+        let foreign = self.foreign_exits(&now, policy);
+        now.extend(foreign);
         let current: HashSet<String> = now.iter().map(|e| e.mount.mount_point.clone()).collect();
         let gone_points: Vec<String> = marked
             .keys()
@@ -640,6 +694,31 @@ async fn report_unclosed(
         }
     }
     Ok(released)
+}
+
+/// `path`, as the kernel names an open file, in the agent's view of the exit point
+/// `mount_point`. A file written through another mount namespace's mount of the
+/// same file system is named from the file system's root; one on an exit point of
+/// another namespace (`/proc/PID/root/...`) as that namespace sees it.
+fn in_view(mount_point: &Path, path: &Path) -> PathBuf {
+    if path.starts_with(mount_point) {
+        return path.to_path_buf();
+    }
+    let relative = path.strip_prefix("/").unwrap_or(path);
+    let mut parts = mount_point.components();
+    if let (
+        Some(std::path::Component::RootDir),
+        Some(std::path::Component::Normal(proc_)),
+        Some(std::path::Component::Normal(pid)),
+        Some(std::path::Component::Normal(root)),
+    ) = (parts.next(), parts.next(), parts.next(), parts.next())
+    {
+        let inner = Path::new("/").join(parts.as_path());
+        if proc_ == "proc" && root == "root" && path.starts_with(&inner) {
+            return Path::new("/proc").join(pid).join("root").join(relative);
+        }
+    }
+    mount_point.join(relative)
 }
 
 /// `major:minor` as `st_dev`.
@@ -1093,15 +1172,7 @@ fn current_path(f: &std::fs::File, mount_point: &str) -> Option<PathBuf> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::MetadataExt;
     let now = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())).ok()?;
-    // Written through another mount namespace's mount: the kernel names it from its
-    // file system's root (see `GuardState::place`).
-    let place = |p: &Path| -> PathBuf {
-        if p.starts_with(mount_point) {
-            p.to_path_buf()
-        } else {
-            Path::new(mount_point).join(p.strip_prefix("/").unwrap_or(p))
-        }
-    };
+    let place = |p: &Path| in_view(Path::new(mount_point), p);
     let text = now.to_string_lossy();
     let Some(gone) = text.strip_suffix(" (deleted)") else {
         return Some(place(&now));
