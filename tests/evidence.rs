@@ -549,3 +549,96 @@ fn a_full_disk_loses_events_with_one_exact_report_and_delivery_resumes() {
     );
     agent.stop();
 }
+
+#[test]
+fn events_queued_but_not_journaled_at_a_kill_are_counted_at_the_next_start() {
+    if !netns_available() {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let s = setup("");
+    // Nothing but the burst while the recorder is held.
+    fs::write(
+        &s.agent_cfg,
+        fs::read_to_string(&s.agent_cfg)
+            .unwrap()
+            .replace("interval_secs = 1", "interval_secs = 3600"),
+    )
+    .unwrap();
+    let collector = s.w.start_collector(&s.ns, &s.collector_cfg);
+    // The recorder is held (as on a hung disk) while this file exists.
+    let stall = s.w.path("stall-recorder");
+    let mut c = s.ns.command(weilan_bin());
+    c.args(["agent", "run", "--config"])
+        .arg(&s.agent_cfg)
+        .env("RUST_LOG", "info")
+        .env("WEILAN_FAULT_STALL_RECORDER", &stall);
+    let mut agent = Proc::spawn(c, s.w.path("agent-stalled.log"), AGENT);
+    wait_epoch(&s.w, 1, 3, &[&collector, &agent]);
+    fs::write(&stall, "").unwrap();
+    wait_for(
+        "recorder held",
+        T,
+        || {
+            agent
+                .log_text()
+                .contains("recorder loop stalled")
+                .then_some(())
+        },
+        diag(&[&agent]),
+    );
+    const PAIRS: usize = 300;
+    usb_burst(&s.ns, &s.w.sysfs(), "1-9", BURST, PAIRS);
+    std::thread::sleep(Duration::from_secs(3)); // the fence decides them all
+    agent.kill9();
+    fs::remove_file(&stall).unwrap();
+    let journaled = journal_keys(&s.agent_cfg).0;
+    let agent = s.w.start_agent(&s.ns, &s.agent_cfg, AGENT);
+    let procs = [&collector, &agent];
+    let report = wait_for(
+        "the crash report stored",
+        T,
+        || {
+            s.w.events(
+                "agent.events_lost",
+                "json_extract(envelope, '$.event.data.stage') = 'crash'",
+                &[],
+            )
+            .pop()
+        },
+        diag(&procs),
+    );
+    let lost = report["count"].as_u64().unwrap();
+    // Of the burst, what reached the journal before the kill (the new run's look at
+    // devices present at its start is not part of it).
+    let stored = s.w.count(&format!(
+        "SELECT COUNT(*) FROM events WHERE epoch = {} AND COALESCE(json_extract(envelope, '$.event.data.serial'), \
+         json_extract(envelope, '$.event.data.device.serial')) = '{BURST}'",
+        journaled.0
+    )) as u64;
+    println!(
+        "MEASURED kill -9 with the recorder held: {} burst events (attached, decision, detached), {stored} journaled before the kill (journal at {journaled:?}), crash report counts {lost}: {}",
+        3 * PAIRS,
+        report["reason"]
+    );
+    assert_eq!(
+        stored + lost,
+        3 * PAIRS as u64,
+        "the crash report counts exactly what was queued and never journaled"
+    );
+    assert!(lost > 0, "the kill must land while events wait");
+    wait_for(
+        "events-lost alert for the crash",
+        T,
+        || {
+            alerts_of(&s.w, "builtin.agent.events-lost")
+                .into_iter()
+                .find(|a| {
+                    a["summary"]
+                        .as_str()
+                        .is_some_and(|t| t.contains("stage crash"))
+                })
+        },
+        diag(&procs),
+    );
+}

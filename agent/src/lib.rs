@@ -20,6 +20,7 @@ pub mod commands;
 pub mod enroll;
 pub mod fence;
 pub mod journal;
+pub mod ledger;
 pub mod policy_manager;
 pub mod procinfo;
 pub mod recorder;
@@ -71,6 +72,8 @@ pub enum AgentError {
     State(#[from] state::StateError),
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
+    #[error(transparent)]
+    Ledger(#[from] ledger::LedgerError),
     #[error("door.badge_key {path}: {reason}")]
     BadgeKey { path: String, reason: String },
 }
@@ -154,7 +157,27 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
     let notify = Arc::new(Notify::new());
     let source_drops = Arc::new(AtomicU64::new(0));
     let (tx, rx) = mpsc::channel(settings.pipeline_capacity);
-    let sink = EventSink::new(tx, source_drops.clone());
+    // What the last run queued and never journaled (it was killed): counted exactly.
+    let (ledger, crash_lost) = ledger::CaptureLedger::open(&settings.state_dir)?;
+    let ledger = Arc::new(ledger);
+    let mut recovered = recovery.lost;
+    if crash_lost > 0 {
+        tracing::error!(
+            count = crash_lost,
+            "the last run ended abruptly with events queued but not journaled"
+        );
+        recovered.push(journal::Lost {
+            stage: "crash".into(),
+            reissue_of: None,
+            count: crash_lost,
+            first: None,
+            last: None,
+            reason: format!(
+                "the agent stopped abruptly (killed or crashed) with {crash_lost} captured events not yet journaled"
+            ),
+        });
+    }
+    let sink = EventSink::new(tx, source_drops.clone()).with_ledger(ledger.clone());
 
     let recorder = Recorder::new(
         agent_id.clone(),
@@ -165,13 +188,15 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
         stats.clone(),
         source_drops,
     );
+    let mut recorder = recorder;
+    recorder.ledger = Some(ledger);
     let started = EpochStarted {
         installation,
         installation_new,
         previous: recovery.previous,
     };
     let recorder =
-        tokio::task::spawn_blocking(move || recorder.run_blocking(rx, started, recovery.lost));
+        tokio::task::spawn_blocking(move || recorder.run_blocking(rx, started, recovered));
     let watchdog = tokio::spawn(watchdog(stats.clone(), shutdown.clone()));
 
     let drain = CancellationToken::new();

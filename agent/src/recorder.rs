@@ -33,6 +33,8 @@ pub struct Recorder {
     /// Events sources could not queue (shared with every `EventSink`).
     pub source_drops: Arc<AtomicU64>,
     reported_source_drops: u64,
+    /// Where the recorder counts what it accounted for (see `ledger`).
+    pub ledger: Option<Arc<crate::ledger::CaptureLedger>>,
 }
 
 impl Recorder {
@@ -54,6 +56,7 @@ impl Recorder {
             stats,
             source_drops,
             reported_source_drops: 0,
+            ledger: None,
         }
     }
 
@@ -76,9 +79,12 @@ impl Recorder {
         .chain(recovered.into_iter().map(lost_event))
         .collect();
         let stall_file = std::env::var_os(STALL_FAULT).map(std::path::PathBuf::from);
+        // Of the group: events taken from the pipeline, and pipeline drops reported.
+        let (mut taken, mut drops) = (0u64, 0u64);
         loop {
             if !group.is_empty() || self.unjournaled() {
                 self.commit(std::mem::take(&mut group), false);
+                self.accounted(std::mem::take(&mut taken), std::mem::take(&mut drops));
             }
             if let Some(f) = stall_file.as_deref() {
                 stall_while_exists(f);
@@ -89,9 +95,13 @@ impl Recorder {
             match first {
                 Ok(Some(obs)) => {
                     group.push(obs);
+                    taken += 1;
                     while group.len() < GROUP_MAX {
                         match rx.try_recv() {
-                            Ok(obs) => group.push(obs),
+                            Ok(obs) => {
+                                group.push(obs);
+                                taken += 1;
+                            }
                             Err(_) => break,
                         }
                     }
@@ -99,15 +109,27 @@ impl Recorder {
                 Ok(None) => break,
                 Err(_) => {} // idle: just report drops and keep the watchdog fed
             }
-            if let Some(obs) = self.source_drop_event() {
+            if let Some((obs, n)) = self.source_drop_event() {
                 group.push(obs);
+                drops += n;
             }
         }
-        if let Some(obs) = self.source_drop_event() {
+        if let Some((obs, n)) = self.source_drop_event() {
             group.push(obs);
+            drops += n;
         }
         if !group.is_empty() || self.unjournaled() {
             self.commit(group, true);
+            self.accounted(taken, drops);
+        }
+    }
+
+    /// The pipeline events and drop counts of a committed group are now in the
+    /// journal (or counted by it as kept out): the capture ledger forgets them.
+    fn accounted(&self, taken: u64, drops: u64) {
+        if let Some(l) = &self.ledger {
+            l.accounted(taken);
+            l.drops_reported(drops);
         }
     }
 
@@ -238,7 +260,7 @@ impl Recorder {
         self.notify.notify_one();
     }
 
-    fn source_drop_event(&mut self) -> Option<Observed> {
+    fn source_drop_event(&mut self) -> Option<(Observed, u64)> {
         let total = self.source_drops.load(Ordering::Relaxed);
         let new = total - self.reported_source_drops;
         if new == 0 {
@@ -247,14 +269,17 @@ impl Recorder {
         self.reported_source_drops = total;
         self.stats.dropped_total.fetch_add(new, Ordering::Relaxed);
         tracing::error!(count = new, "sources dropped events: pipeline full");
-        Some(lost_event(Lost {
-            reissue_of: None,
-            stage: "pipeline".into(),
-            count: new,
-            first: None,
-            last: None,
-            reason: "a source could not queue events (pipeline full)".into(),
-        }))
+        Some((
+            lost_event(Lost {
+                reissue_of: None,
+                stage: "pipeline".into(),
+                count: new,
+                first: None,
+                last: None,
+                reason: "a source could not queue events (pipeline full)".into(),
+            }),
+            new,
+        ))
     }
 }
 

@@ -387,7 +387,9 @@ pub struct EventsLost {
     /// Where they were lost: `pipeline` (sources could not queue), `journal`
     /// (damaged records found at start), `journal-removed` (whole records found missing
     /// at start with no damaged bytes: deleted), `journal-cap`, `journal-full` (a full
-    /// disk kept them out; one report per episode), `journal-write` (other write errors).
+    /// disk kept them out; one report per episode), `journal-write` (other write errors),
+    /// `crash` (queued by sources but not journaled when the agent was killed; counted
+    /// at the next start from the capture ledger).
     pub stage: String,
     pub reason: String,
     /// First and last lost key, where the lost events had been numbered.

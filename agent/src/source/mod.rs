@@ -53,11 +53,29 @@ pub enum SourceError {
 pub struct EventSink {
     tx: mpsc::Sender<Observed>,
     dropped: Arc<AtomicU64>,
+    /// Where queued and dropped events are also counted so a crash's loss is exact.
+    ledger: Option<Arc<crate::ledger::CaptureLedger>>,
 }
 
 impl EventSink {
     pub fn new(tx: mpsc::Sender<Observed>, dropped: Arc<AtomicU64>) -> Self {
-        EventSink { tx, dropped }
+        EventSink {
+            tx,
+            dropped,
+            ledger: None,
+        }
+    }
+
+    /// Also counts every queued and dropped event in `ledger`.
+    pub fn with_ledger(mut self, ledger: Arc<crate::ledger::CaptureLedger>) -> Self {
+        self.ledger = Some(ledger);
+        self
+    }
+
+    fn queued(&self) {
+        if let Some(l) = &self.ledger {
+            l.queued();
+        }
     }
 
     /// Sends an event, waiting for room.
@@ -68,7 +86,9 @@ impl EventSink {
                 event,
             })
             .await
-            .map_err(|_| SourceError::PipelineClosed)
+            .map_err(|_| SourceError::PipelineClosed)?;
+        self.queued();
+        Ok(())
     }
 
     /// Sends an event from a blocking (non-async) thread, waiting for room.
@@ -78,7 +98,9 @@ impl EventSink {
                 time: Timestamp::now(),
                 event,
             })
-            .map_err(|_| SourceError::PipelineClosed)
+            .map_err(|_| SourceError::PipelineClosed)?;
+        self.queued();
+        Ok(())
     }
 
     /// Sends an event if there is room; otherwise counts it as dropped.
@@ -87,9 +109,12 @@ impl EventSink {
             time: Timestamp::now(),
             event,
         }) {
-            Ok(()) => true,
+            Ok(()) => {
+                self.queued();
+                true
+            }
             Err(_) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+                self.count_lost(1);
                 false
             }
         }
@@ -98,6 +123,9 @@ impl EventSink {
     /// Counts events a source itself lost (e.g. a kernel queue overflowed).
     pub fn count_lost(&self, n: u64) {
         self.dropped.fetch_add(n, Ordering::Relaxed);
+        if let Some(l) = &self.ledger {
+            l.dropped(n);
+        }
     }
 
     /// Reports a problem of `source` as `agent.source_error` (and in the log), from a
