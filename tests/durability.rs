@@ -311,7 +311,7 @@ fn a_small_cap_reports_exactly_the_events_it_had_to_drop() {
         || {
             let lost_reported =
                 s.w.count("SELECT COUNT(*) FROM events WHERE kind = 'agent.events_lost'");
-            let (last, acked) = journal_last_and_acked(&s.agent_cfg);
+            let (last, acked) = journal_keys(&s.agent_cfg);
             (lost_reported > 0 && last.1 > 0 && acked == last).then_some(())
         },
         &diagf,
@@ -377,7 +377,7 @@ fn replaying_the_whole_journal_twice_changes_nothing() {
             .unwrap();
         assert!(out.status.success());
         let (_, records) = journal_status(&s.agent_cfg);
-        let (last, _) = journal_last_and_acked(&s.agent_cfg);
+        let (last, _) = journal_keys(&s.agent_cfg);
         assert!(
             records >= 5000,
             "the whole burst is still in the journal: {records}"
@@ -388,7 +388,7 @@ fn replaying_the_whole_journal_twice_changes_nothing() {
             "replay acknowledged",
             T,
             || {
-                let (_, acked) = journal_last_and_acked(&s.agent_cfg);
+                let (_, acked) = journal_keys(&s.agent_cfg);
                 (acked > last).then_some(())
             },
             diag(&[&collector, &agent]),
@@ -408,26 +408,6 @@ fn replaying_the_whole_journal_twice_changes_nothing() {
         );
     }
     println!("journal replayed twice; burst rows stayed at 5000");
-}
-
-/// `last` and `acked` keys (epoch, seq) from `weilan agent journal`.
-fn journal_last_and_acked(config: &Path) -> ((u64, u64), (u64, u64)) {
-    let out = std::process::Command::new(weilan_bin())
-        .args(["agent", "journal", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let key = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|k| {
-                let (e, s) = k.trim().split_once(':')?;
-                Some((e.parse().ok()?, s.parse().ok()?))
-            })
-            .unwrap_or((0, 0))
-    };
-    (key("last "), key("acked "))
 }
 
 /// Rewrites one record of a segment in place (recomputing its CRC, as a careful

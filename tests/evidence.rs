@@ -48,6 +48,27 @@ fn setup(journal: &str) -> Setup {
     }
 }
 
+/// [`setup`] with heartbeats an hour apart: a burst is all that happens.
+fn setup_quiet() -> Setup {
+    let s = setup("");
+    let text = fs::read_to_string(&s.agent_cfg).unwrap();
+    fs::write(
+        &s.agent_cfg,
+        text.replace("interval_secs = 1", "interval_secs = 3600"),
+    )
+    .unwrap();
+    s
+}
+
+/// The burst's stored records (attached, the fence's decision, detached) matching
+/// the SQL `condition`.
+fn burst_records(w: &World, condition: &str) -> u64 {
+    w.count(&format!(
+        "SELECT COUNT(*) FROM events WHERE ({condition}) AND COALESCE(json_extract(envelope, '$.event.data.serial'), \
+         json_extract(envelope, '$.event.data.device.serial')) = '{BURST}'"
+    )) as u64
+}
+
 fn diag<'a>(procs: &'a [&'a Proc]) -> impl Fn() -> String + 'a {
     move || {
         procs
@@ -92,26 +113,6 @@ fn wait_epoch(w: &World, n: usize, min: i64, procs: &[&Proc]) {
         },
         || format!("epochs {:?}\n{}", epochs(w), diag(procs)()),
     );
-}
-
-/// The agent's journal: last and acknowledged keys (epoch, seq).
-fn journal_keys(config: &Path) -> ((u64, u64), (u64, u64)) {
-    let out = Command::new(weilan_bin())
-        .args(["agent", "journal", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let key = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|k| {
-                let (e, s) = k.trim().split_once(':')?;
-                Some((e.parse().ok()?, s.parse().ok()?))
-            })
-            .unwrap_or((0, 0))
-    };
-    (key("last "), key("acked "))
 }
 
 fn alerts_of(w: &World, rule: &str) -> Vec<serde_json::Value> {
@@ -447,14 +448,7 @@ fn a_full_disk_loses_events_with_one_exact_report_and_delivery_resumes() {
     }
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     // Heartbeats far apart, so the burst is all that happens while the disk is full.
-    let s = setup("");
-    fs::write(
-        &s.agent_cfg,
-        fs::read_to_string(&s.agent_cfg)
-            .unwrap()
-            .replace("interval_secs = 1", "interval_secs = 3600"),
-    )
-    .unwrap();
+    let s = setup_quiet();
     let state = s.w.path(&format!("state-{AGENT}"));
     // 8 MiB, of which a 3 MiB filler leaves the journal about 5 MiB.
     let _disk = Tmpfs::mount(&state, 8);
@@ -515,11 +509,7 @@ fn a_full_disk_loses_events_with_one_exact_report_and_delivery_resumes() {
         },
         diag(&procs),
     );
-    // The burst's records: attached, the fence's decision, detached.
-    let stored = s.w.count(&format!(
-        "SELECT COUNT(*) FROM events WHERE COALESCE(json_extract(envelope, '$.event.data.serial'), \
-         json_extract(envelope, '$.event.data.device.serial')) = '{BURST}'"
-    )) as u64;
+    let stored = burst_records(&s.w, "1");
     println!("MEASURED full disk: generated {generated} burst events, stored {stored}, reported lost {lost}: {}", report["reason"]);
     assert!(lost > 0 && stored > 0, "the burst must overflow the disk");
     assert_eq!(
@@ -556,15 +546,8 @@ fn events_queued_but_not_journaled_at_a_kill_are_counted_at_the_next_start() {
         return;
     }
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let s = setup("");
     // Nothing but the burst while the recorder is held.
-    fs::write(
-        &s.agent_cfg,
-        fs::read_to_string(&s.agent_cfg)
-            .unwrap()
-            .replace("interval_secs = 1", "interval_secs = 3600"),
-    )
-    .unwrap();
+    let s = setup_quiet();
     let collector = s.w.start_collector(&s.ns, &s.collector_cfg);
     // The recorder is held (as on a hung disk) while this file exists.
     let stall = s.w.path("stall-recorder");
@@ -611,11 +594,7 @@ fn events_queued_but_not_journaled_at_a_kill_are_counted_at_the_next_start() {
     let lost = report["count"].as_u64().unwrap();
     // Of the burst, what reached the journal before the kill (the new run's look at
     // devices present at its start is not part of it).
-    let stored = s.w.count(&format!(
-        "SELECT COUNT(*) FROM events WHERE epoch = {} AND COALESCE(json_extract(envelope, '$.event.data.serial'), \
-         json_extract(envelope, '$.event.data.device.serial')) = '{BURST}'",
-        journaled.0
-    )) as u64;
+    let stored = burst_records(&s.w, &format!("epoch = {}", journaled.0));
     println!(
         "MEASURED kill -9 with the recorder held: {} burst events (attached, decision, detached), {stored} journaled before the kill (journal at {journaled:?}), crash report counts {lost}: {}",
         3 * PAIRS,

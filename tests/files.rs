@@ -544,21 +544,35 @@ fn a_stick_mounted_only_in_another_mount_namespace_is_watched() {
     std::fs::create_dir_all(&hidden).unwrap();
     let secret = dir.path().join("memo.txt");
     std::fs::write(&secret, "机密 员工 11010519491231002X\n").unwrap();
+    let evidence = dir.path().join("evidence");
+    let mut seen_inside = String::new();
     // The exit is a file-system type only that namespace mounts (ramfs).
+    let policy = format!(
+        "[files]\nexit_fs_types = [\"ramfs\"]\nevidence_dir = \"{}\"\n\n[[files.rules]]\nid = \"quarantine-ids\"\ndetectors = [\"prc-resident-id\"]\naction = \"quarantine\"\n",
+        evidence.display()
+    );
     let events = watch_pushing(
         &dir.path().join("unused"),
-        "[files]\nexit_fs_types = [\"ramfs\"]\n",
+        &policy,
         fanotify(),
         Duration::from_millis(100),
         |_| {
-            run(Command::new("unshare")
+            let out = Command::new("unshare")
                 .args(["-m", "--propagation", "private", "sh", "-c"])
                 .arg(format!(
-                    "mount -t ramfs weilan-ns {h} && sleep 4 && cp {s} {h}/f.txt && sleep 3",
+                    "mount -t ramfs weilan-ns {h} && sleep 4 && cp {s} {h}/f.txt && sleep 3 \
+                     && if [ -e {h}/f.txt ]; then echo STILL-THERE; else echo OFF-THE-STICK; fi",
                     h = hidden.display(),
                     s = secret.display()
-                )));
+                ))
+                .output()
+                .unwrap();
+            seen_inside = String::from_utf8_lossy(&out.stdout).trim().to_string();
         },
+    );
+    assert_eq!(
+        seen_inside, "OFF-THE-STICK",
+        "quarantined off the hidden stick"
     );
     let all = exported(&events);
     println!(
@@ -582,6 +596,14 @@ fn a_stick_mounted_only_in_another_mount_namespace_is_watched() {
         .classification
         .iter()
         .any(|c| c.detector == "prc-resident-id"));
+    let q = quarantined(&events);
+    let e = q
+        .iter()
+        .find(|e| e.path.as_deref() == Some(f.path.as_str()))
+        .unwrap_or_else(|| panic!("quarantined: {q:?}"));
+    assert_eq!(e.outcome, "done", "{e:?}");
+    let kept = PathBuf::from(e.evidence.as_deref().unwrap());
+    assert_eq!(sha256(&kept), sha256(&secret), "the evidence is the copy");
 }
 
 /// Mounts a fresh tmpfs at `dir/name`.

@@ -519,6 +519,27 @@ pub fn journal_status(config: &Path) -> (u64, u64) {
     (last_seq, records)
 }
 
+/// The agent's journal: last and acknowledged keys (epoch, seq), from
+/// `weilan agent journal` ((0, 0) for none).
+pub fn journal_keys(config: &Path) -> ((u64, u64), (u64, u64)) {
+    let out = Command::new(weilan_bin())
+        .args(["agent", "journal", "--config"])
+        .arg(config)
+        .output()
+        .expect("weilan agent journal");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let key = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|k| {
+                let (e, s) = k.trim().split_once(':')?;
+                Some((e.parse().ok()?, s.parse().ok()?))
+            })
+            .unwrap_or((0, 0))
+    };
+    (key("last "), key("acked "))
+}
+
 /// A burst of `2 * pairs` USB events: a (non-storage, so reported at once) device
 /// announced and removed `pairs` times, paced so the kernel socket never overflows.
 pub fn usb_burst(ns: &Netns, sysfs: &Path, port: &str, serial: &str, pairs: usize) {

@@ -1088,55 +1088,57 @@ impl Job {
             .enforcement
             .policy
             .decide(&classify::counts(&classification), self.kind);
-        let w = self.pending.writer;
-        let exported = FileExported {
-            path: self.path.display().to_string(),
-            mount_point: self.mount_point,
-            fs_type: self.fs_type,
-            mount_source: self.source,
-            usb_serial: self.usb_serial,
-            usb_hash: self.usb_hash,
+        let content = Content {
             size: meta.len(),
             sha256,
-            hashed_bytes: hashed,
-            pid: w.as_ref().map(|w| w.pid),
-            exe: w.as_ref().and_then(|w| w.exe.clone()),
-            cmdline: w.as_ref().and_then(|w| w.cmdline.clone()),
-            uid: w.as_ref().and_then(|w| w.uid),
-            user: w.as_ref().and_then(|w| w.user.clone()),
-            first_write: self.pending.first,
-            last_write: self.pending.last,
-            attribution: if w.is_some() {
-                "fanotify".into()
-            } else {
-                "none".into()
-            },
+            hashed,
             classification,
-            classification_note: note,
-            exit: self.kind.as_str().into(),
-            action: verdict.action.as_str().into(),
-            rule_id: verdict.rule_id.clone(),
-            origins: self.pending.origins,
-            rewrites: self.rewrites,
-            unclosed: self.unclosed,
+            note,
         };
+        let exported = self.exported(content, &verdict);
         Some((exported, verdict, held))
     }
 
     /// The event for a file that could not be read at all (its device is gone).
     fn unread(self, error: std::io::Error) -> (FileExported, FileVerdict, Option<std::fs::File>) {
         let verdict = self.enforcement.policy.decide(&[], self.kind);
+        let content = Content {
+            size: 0,
+            sha256: None,
+            hashed: 0,
+            classification: Vec::new(),
+            note: Some(format!(
+                "failed: unreadable once its exit point was gone: {error}"
+            )),
+        };
+        let exported = self.exported(content, &verdict);
+        (exported, verdict, None)
+    }
+}
+
+/// What reading a file found.
+struct Content {
+    size: u64,
+    sha256: Option<String>,
+    hashed: u64,
+    classification: Vec<weilan_config::event::Classification>,
+    note: Option<String>,
+}
+
+impl Job {
+    /// The `file.exported` for this job's file with what reading it found.
+    fn exported(self, c: Content, verdict: &FileVerdict) -> FileExported {
         let w = self.pending.writer;
-        let exported = FileExported {
+        FileExported {
             path: self.path.display().to_string(),
             mount_point: self.mount_point,
             fs_type: self.fs_type,
             mount_source: self.source,
             usb_serial: self.usb_serial,
             usb_hash: self.usb_hash,
-            size: 0,
-            sha256: None,
-            hashed_bytes: 0,
+            size: c.size,
+            sha256: c.sha256,
+            hashed_bytes: c.hashed,
             pid: w.as_ref().map(|w| w.pid),
             exe: w.as_ref().and_then(|w| w.exe.clone()),
             cmdline: w.as_ref().and_then(|w| w.cmdline.clone()),
@@ -1149,18 +1151,15 @@ impl Job {
             } else {
                 "none".into()
             },
-            classification: Vec::new(),
-            classification_note: Some(format!(
-                "failed: unreadable once its exit point was gone: {error}"
-            )),
+            classification: c.classification,
+            classification_note: c.note,
             exit: self.kind.as_str().into(),
             action: verdict.action.as_str().into(),
             rule_id: verdict.rule_id.clone(),
             origins: self.pending.origins,
             rewrites: self.rewrites,
-            unclosed: true,
-        };
-        (exported, verdict, None)
+            unclosed: self.unclosed,
+        }
     }
 }
 
