@@ -572,7 +572,23 @@ fn events_queued_but_not_journaled_at_a_kill_are_counted_at_the_next_start() {
     );
     const PAIRS: usize = 300;
     usb_burst(&s.ns, &s.w.sysfs(), "1-9", BURST, PAIRS);
-    std::thread::sleep(Duration::from_secs(3)); // the fence decides them all
+    // Every record of the burst queued (the agent's capture ledger says so: queued
+    // minus accounted for), the fence's decisions included.
+    let ledger = s.w.path(&format!("state-{AGENT}/capture-ledger"));
+    let waiting = || {
+        let b = fs::read(&ledger).unwrap_or_default();
+        let word = |i: usize| {
+            b.get(i * 8..i * 8 + 8)
+                .map_or(0, |w| u64::from_le_bytes(w.try_into().unwrap()))
+        };
+        word(1).saturating_sub(word(2))
+    };
+    wait_for(
+        "the whole burst queued behind the held recorder",
+        T,
+        || (waiting() >= 3 * PAIRS as u64).then_some(()),
+        || format!("waiting {}\n{}", waiting(), diag(&[&agent])()),
+    );
     agent.kill9();
     fs::remove_file(&stall).unwrap();
     let journaled = journal_keys(&s.agent_cfg).0;
