@@ -248,7 +248,6 @@ pub fn check_reused(
     agent: &str,
     events: &[Incoming<'_>],
     reused: &[usize],
-    _now: &str,
 ) -> Result<Vec<Finding>, StoreError> {
     let mut alerts = Vec::new();
     let mut held = tx.prepare_cached("SELECT hash FROM events WHERE event_id = ?1")?;

@@ -548,9 +548,7 @@ impl Store {
             }
         }
         let mut found = integrity::check_new(&tx, agent, events, &out.new, &received)?;
-        found.extend(integrity::check_reused(
-            &tx, agent, events, &reused, &received,
-        )?);
+        found.extend(integrity::check_reused(&tx, agent, events, &reused)?);
         let stored: Vec<Stored<'_>> = out
             .new
             .iter()

@@ -106,13 +106,7 @@ fn records_cut_off_the_end_while_stopped_are_counted_from_the_recorded_head() {
     fill(&mut j, 40);
     drop(j);
     // Cut the newest 7 records exactly at a record boundary: no torn bytes, no damage.
-    let (path, data) = snapshot(dir.path())
-        .into_iter()
-        .find(|(_, d)| !d.is_empty())
-        .unwrap();
-    let recs = records_of(&data);
-    let keep: usize = recs[..33].iter().map(Vec::len).sum();
-    fs::write(&path, &data[..keep]).unwrap();
+    assert_eq!(keep_first_records(dir.path(), 33), 40);
     let (j, rec) = Journal::open(cfg(dir.path(), 1 << 20, 1 << 30)).unwrap();
     assert_eq!(rec.torn_bytes, 0);
     assert_eq!(rec.lost.len(), 1, "{:?}", rec.lost);
@@ -163,14 +157,7 @@ fn records_removed_at_the_end_of_an_older_epoch_are_counted_from_the_next_epochs
     fill(&mut j, 5);
     drop(j);
     // Remove the last 4 records of the first epoch (an older segment now).
-    let (path, data) = snapshot(dir.path())
-        .into_iter()
-        .find(|(_, d)| !d.is_empty())
-        .unwrap();
-    let recs = records_of(&data);
-    assert_eq!(recs.len(), 20);
-    let keep: usize = recs[..16].iter().map(Vec::len).sum();
-    fs::write(&path, &data[..keep]).unwrap();
+    assert_eq!(keep_first_records(dir.path(), 16), 20);
     let (j, rec) = Journal::open(cfg(dir.path(), 1 << 20, 1 << 30)).unwrap();
     assert_eq!(rec.lost.len(), 1, "{:?}", rec.lost);
     assert_eq!(
@@ -274,6 +261,19 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
         .collect();
     v.sort();
     v
+}
+
+/// Cuts the oldest non-empty segment after its first `n` records, exactly at a
+/// record boundary (as an insider would); returns how many it had.
+fn keep_first_records(dir: &Path, n: usize) -> usize {
+    let (path, data) = snapshot(dir)
+        .into_iter()
+        .find(|(_, d)| !d.is_empty())
+        .unwrap();
+    let recs = records_of(&data);
+    let keep: usize = recs[..n].iter().map(Vec::len).sum();
+    fs::write(&path, &data[..keep]).unwrap();
+    recs.len()
 }
 
 fn records_of(data: &[u8]) -> Vec<Vec<u8>> {

@@ -429,42 +429,25 @@ async fn a_file_renamed_right_after_the_close_is_reported_under_its_final_name()
     let (btx, mut rx, stop, mount) = start(dir.path(), "", None);
     tokio::time::sleep(Duration::from_millis(150)).await;
     // rsync's temporary name, and a plain name moved away (`cp f stick/ && mv ...`).
-    let temp = mount.join(".report.csv.Xy12Zq");
-    let done = mount.join("report.csv");
-    std::fs::write(&temp, "a,b\n").unwrap();
-    btx.send(vec![RawEvent::Write {
-        path: temp.clone(),
-        close: true,
-        writer: writer(),
-        file: Some(std::fs::File::open(&temp).unwrap()),
-        origins: Vec::new(),
-    }])
-    .await
-    .unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    std::fs::rename(&temp, &done).unwrap(); // as rsync does once the copy is complete
-    let Event::FileExported(e) = next_event(&mut rx).await else {
-        panic!()
-    };
-    assert_eq!(e.path, done.to_str().unwrap());
-    let plain = mount.join("f.txt");
-    let moved = mount.join("g.txt");
-    std::fs::write(&plain, "secret\n").unwrap();
-    btx.send(vec![RawEvent::Write {
-        path: plain.clone(),
-        close: true,
-        writer: writer(),
-        file: Some(std::fs::File::open(&plain).unwrap()),
-        origins: Vec::new(),
-    }])
-    .await
-    .unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    std::fs::rename(&plain, &moved).unwrap();
-    let Event::FileExported(e) = next_event(&mut rx).await else {
-        panic!()
-    };
-    assert_eq!(e.path, moved.to_str().unwrap());
+    for (written, renamed) in [(".report.csv.Xy12Zq", "report.csv"), ("f.txt", "g.txt")] {
+        let (written, renamed) = (mount.join(written), mount.join(renamed));
+        std::fs::write(&written, "a,b\n").unwrap();
+        btx.send(vec![RawEvent::Write {
+            path: written.clone(),
+            close: true,
+            writer: writer(),
+            file: Some(std::fs::File::open(&written).unwrap()),
+            origins: Vec::new(),
+        }])
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        std::fs::rename(&written, &renamed).unwrap();
+        let Event::FileExported(e) = next_event(&mut rx).await else {
+            panic!()
+        };
+        assert_eq!(e.path, renamed.to_str().unwrap());
+    }
     stop.cancel();
 }
 
