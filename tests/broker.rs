@@ -145,6 +145,15 @@ fn agents_cannot_read_write_or_take_over_each_others_topics() {
         probe.iter().any(|(t, _)| t == "weilan/v1/policy"),
         "an agent must read the policy: {probe:?}"
     );
+    // It reads the collector's presence, and its forged one was refused.
+    let presence: Vec<_> = probe
+        .iter()
+        .filter(|(t, _)| t.starts_with("weilan/v1/collectors/"))
+        .collect();
+    assert!(
+        !presence.is_empty() && presence.iter().all(|(_, p)| p.as_slice() != b"FORGED"),
+        "presence seen by an agent: {presence:?}"
+    );
     // Its publishes on the agent's topic never reached the collector.
     assert_eq!(
         s.w.count("SELECT COUNT(*) FROM quarantine"),

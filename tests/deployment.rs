@@ -268,6 +268,17 @@ fn documented_deployment_through_the_shipped_mosquitto_config_works() {
         "an agent must read the policy: {received:?}\n{}",
         f.diag()
     );
+    // The collector's presence is readable; the probe's forged retained "offline"
+    // never replaced it.
+    let presence: Vec<_> = received
+        .iter()
+        .filter(|(t, _)| t.starts_with("weilan/v1/collectors/"))
+        .collect();
+    assert!(
+        !presence.is_empty() && presence.iter().all(|(_, p)| p.as_slice() != b"FORGED"),
+        "presence seen by an agent: {presence:?}\n{}",
+        f.diag()
+    );
     let forged = f.count("SELECT COUNT(*) FROM quarantine")
         + f.count(&format!(
             "SELECT COUNT(*) FROM events WHERE agent_id = '{AGENT_ID}' AND envelope LIKE '%FORGED%'"

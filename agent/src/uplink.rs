@@ -8,6 +8,14 @@
 //! says about sessions. Sending is rate-limited so a fleet that reconnects after an
 //! outage cannot flatten the collector. Acks and commands are verified against the
 //! pinned CA and must come from a collector certificate and name this agent.
+//!
+//! A broker drops what is published while no collector is subscribed, without telling
+//! the publisher. So the uplink follows the collectors' signed presence
+//! ([`wire::Presence`], retained): it holds batches while every collector it knows of
+//! is offline, and sends everything unacknowledged again the moment a collector
+//! connection it has not seen before announces itself — after a broker restart that
+//! is seconds, not `ack_timeout`. With no presence at all (a broker that lost its
+//! retained messages) it sends after [`PRESENCE_PATIENCE`] and relies on the timeout.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -39,6 +47,49 @@ async fn sleep_until_opt(t: Option<tokio::time::Instant>) {
 const MAX_BATCH_BYTES: usize = 768 * 1024;
 /// Largest payload the agent accepts from the broker (acks and commands are small).
 const MAX_INCOMING: usize = 256 * 1024;
+/// How long after connecting the uplink waits for a collector's retained presence
+/// before it sends anyway.
+pub const PRESENCE_PATIENCE: Duration = Duration::from_secs(3);
+/// Collectors whose presence is remembered (a fleet runs a handful).
+const MAX_COLLECTORS: usize = 64;
+
+/// What the uplink knows of the collectors' presence on the current connection.
+#[derive(Default)]
+struct Presences {
+    /// Connection id of every collector last announced online (0: offline).
+    collectors: std::collections::HashMap<String, u64>,
+    /// Since when this connection is up.
+    connected_at: Option<Instant>,
+}
+
+impl Presences {
+    /// May batches be published now?
+    fn may_send(&self) -> bool {
+        let Some(at) = self.connected_at else {
+            return false;
+        };
+        if self.collectors.values().any(|&c| c != 0) {
+            return true;
+        }
+        // Nobody announced: after the patience, fall back to sending (the ack timeout
+        // covers a broker that kept no presence); someone announced offline: hold.
+        self.collectors.is_empty() && at.elapsed() >= PRESENCE_PATIENCE
+    }
+
+    /// Notes a presence; true when it is a collector connection not seen before
+    /// (what was sent earlier may have reached no subscriber).
+    fn note(&mut self, collector: &str, presence: &wire::Presence) -> bool {
+        let connection = match presence.state {
+            AgentState::Online => presence.connection.max(1),
+            AgentState::Offline => 0,
+        };
+        if self.collectors.len() >= MAX_COLLECTORS && !self.collectors.contains_key(collector) {
+            return false;
+        }
+        let before = self.collectors.insert(collector.to_string(), connection);
+        connection != 0 && before != Some(connection)
+    }
+}
 
 pub struct UplinkConfig {
     pub agent_id: String,
@@ -161,6 +212,7 @@ impl Uplink {
                     topics::agent_topic(&c.agent_id, Channel::Acks),
                     topics::agent_topic(&c.agent_id, Channel::Commands),
                     topics::POLICY.to_string(),
+                    topics::PRESENCE_FILTER.to_string(),
                 ],
             },
             stop.clone(),
@@ -173,6 +225,7 @@ impl Uplink {
         let mut session_stop = CancellationToken::new();
         let (mut client, mut rx, mut session) = self.session(&session_stop);
         let mut connected = false;
+        let mut presences = Presences::default();
         let mut draining: Option<tokio::time::Instant> = None;
         let mut ack_check = tokio::time::interval(Duration::from_secs(1));
         let mut sending = Sending {
@@ -197,18 +250,32 @@ impl Uplink {
                     session_stop = CancellationToken::new();
                     (client, rx, session) = self.session(&session_stop);
                     connected = false;
+                    presences.connected_at = None;
                     continue;
                 }
                 ev = rx.recv() => match ev {
                     Some(SessionEvent::Connected) => {
                         connected = true;
+                        // The retained presences arrive again right after subscribing;
+                        // connection ids already known do not cause another re-send.
+                        presences.connected_at = Some(Instant::now());
+                        presences.collectors.retain(|_, c| *c != 0);
                         // Whatever was in flight may be lost with the old connection.
                         self.rewind(&mut sending);
                         let _ = client.try_publish(status_topic.clone(), QoS::AtLeastOnce, true,
                             status_payload(&c.agent_id, AgentState::Online));
                     }
-                    Some(SessionEvent::Disconnected(_)) => connected = false,
-                    Some(SessionEvent::Message { topic, payload }) => self.handle_incoming(&topic, &payload, &mut sending),
+                    Some(SessionEvent::Disconnected(_)) => {
+                        connected = false;
+                        presences.connected_at = None;
+                    }
+                    Some(SessionEvent::Message { topic, payload }) => {
+                        if let Some(collector) = topics::parse_presence_topic(&topic) {
+                            self.handle_presence(collector, &payload, &mut presences, &mut sending);
+                        } else {
+                            self.handle_incoming(&topic, &payload, &mut sending);
+                        }
+                    }
                     None => break,
                 },
                 _ = self.notify.notified() => {
@@ -235,7 +302,7 @@ impl Uplink {
                     draining = Some(tokio::time::Instant::now() + c.drain_timeout);
                 }
             }
-            if connected && throttled.is_none() {
+            if connected && throttled.is_none() && presences.may_send() {
                 throttled = self.send_batches(&client, &events_topic, &mut sending);
             }
             if let Some(deadline) = draining {
@@ -360,6 +427,48 @@ impl Uplink {
         None
     }
 
+    /// A collector's presence: held batches go out when one is online, and everything
+    /// unacknowledged is sent again when a collector connection is new.
+    fn handle_presence(
+        &self,
+        collector: &str,
+        payload: &[u8],
+        presences: &mut Presences,
+        sending: &mut Sending,
+    ) {
+        if payload.is_empty() {
+            presences.collectors.remove(collector);
+            return;
+        }
+        let presence = wire::decode_signed(payload, MAX_INCOMING)
+            .map_err(|e| e.to_string())
+            .and_then(|m| {
+                self.verifier
+                    .verify(&m, Purpose::Presence, Role::Collector)
+                    .map_err(|e| e.to_string())?;
+                wire::decode::<wire::Presence>("a presence", m.body.as_bytes(), MAX_INCOMING)
+                    .map_err(|e| e.to_string())
+            });
+        match presence {
+            Ok(p) => {
+                if presences.note(collector, &p) && !sending.in_flight.is_empty() {
+                    tracing::info!(
+                        collector,
+                        batches = sending.in_flight.len(),
+                        "a collector connected anew; sending everything unacknowledged again"
+                    );
+                    self.rewind(sending);
+                } else if p.state == AgentState::Offline {
+                    tracing::info!(collector, "collector offline; holding batches");
+                }
+                self.notify.notify_one();
+            }
+            Err(reason) => {
+                tracing::warn!(collector, %reason, "refused an unauthenticated presence")
+            }
+        }
+    }
+
     fn handle_incoming(&self, topic: &str, payload: &[u8], sending: &mut Sending) {
         if topic == topics::POLICY {
             let verified = wire::decode_signed(payload, 4 * 1024 * 1024)
@@ -451,5 +560,49 @@ impl Uplink {
             Ok(ack) => tracing::warn!(claimed = %ack.agent_id, "ack for another agent refused"),
             Err(e) => tracing::warn!(error = %e, "malformed ack refused"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn presence(state: AgentState, connection: u64) -> wire::Presence {
+        wire::Presence {
+            state,
+            connection,
+            time: jiff::Timestamp::now(),
+        }
+    }
+
+    #[test]
+    fn batches_wait_for_a_collector_and_go_again_for_a_new_connection() {
+        let mut p = Presences::default();
+        assert!(!p.may_send(), "not connected");
+        p.connected_at = Some(Instant::now());
+        assert!(!p.may_send(), "no presence yet, patience not over");
+        assert!(p.note("c", &presence(AgentState::Online, 7)), "first sight");
+        assert!(p.may_send());
+        assert!(
+            !p.note("c", &presence(AgentState::Online, 7)),
+            "known connection"
+        );
+        assert!(!p.note("c", &presence(AgentState::Offline, 0)));
+        assert!(!p.may_send(), "the only collector is offline");
+        assert!(
+            p.note("c", &presence(AgentState::Online, 8)),
+            "a new connection"
+        );
+        // A second collector going offline does not stop delivery to the first.
+        assert!(!p.note("d", &presence(AgentState::Offline, 0)));
+        assert!(p.may_send());
+        // Nobody announced at all for the patience: send anyway.
+        let mut silent = Presences {
+            connected_at: Instant::now().checked_sub(PRESENCE_PATIENCE),
+            ..Default::default()
+        };
+        assert!(silent.may_send());
+        silent.note("c", &presence(AgentState::Offline, 0));
+        assert!(!silent.may_send());
     }
 }

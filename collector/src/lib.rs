@@ -41,6 +41,7 @@ use weilan_config::policy::PolicyFile;
 use weilan_config::settings::collector::{BrokerMode, CollectorSettings};
 use weilan_config::signing::{Signer, Verifier};
 use weilan_config::topics::{self, Channel};
+use weilan_config::wire;
 
 use crate::ingest::Ingest;
 
@@ -234,7 +235,13 @@ pub async fn run(
             port: settings.broker_port,
             tls,
             keep_alive: Duration::from_secs(20),
-            last_will: None,
+            // Agents hold their batches while no collector is subscribed.
+            last_will: Some(rumqttc::LastWill::new(
+                topics::collector_presence(&settings.client_id),
+                presence_payload(&ingest.signer, wire::AgentState::Offline, 0),
+                QoS::AtLeastOnce,
+                true,
+            )),
             max_packet: settings.max_payload_bytes * 2 + 64 * 1024,
             request_capacity: 4096,
             incoming_capacity: settings.ingest_queue,
@@ -298,6 +305,13 @@ pub async fn run(
                     tracing::info!("collector subscribed to agent topics");
                     broker_health.connected();
                     policy_push.publish(&client, &ingest.signer);
+                    // Queued behind the subscriptions on the same connection, so the
+                    // broker routes to this collector before any agent hears of it.
+                    let connection = rand::random::<u64>();
+                    if let Err(e) = client.try_publish(topics::collector_presence(&settings.client_id), QoS::AtLeastOnce, true,
+                        presence_payload(&ingest.signer, wire::AgentState::Online, connection)) {
+                        tracing::error!(error = %e, "collector presence not published; agents fall back to their ack timeout");
+                    }
                 }
                 Some(SessionEvent::Disconnected(reason)) => broker_health.disconnected(reason),
                 None => break,
@@ -425,6 +439,13 @@ pub async fn run(
             "stopping: unprocessed messages left to their agents' re-send"
         );
     }
+    // Agents stop sending into a broker with nobody subscribed.
+    let _ = client.try_publish(
+        topics::collector_presence(&settings.client_id),
+        QoS::AtLeastOnce,
+        true,
+        presence_payload(&ingest.signer, wire::AgentState::Offline, 0),
+    );
     session_stop.cancel();
     let _ = session.await;
     broker_stop.cancel();
@@ -433,6 +454,18 @@ pub async fn run(
     }
     tracing::info!("collector stopped");
     Ok(())
+}
+
+/// The collector's signed presence (`topics::collector_presence`).
+fn presence_payload(signer: &Signer, state: wire::AgentState, connection: u64) -> Vec<u8> {
+    let presence = wire::Presence {
+        state,
+        connection,
+        time: jiff::Timestamp::now(),
+    };
+    serde_json::to_string(&presence)
+        .and_then(|body| serde_json::to_vec(&signer.sign(wire::Purpose::Presence, body)))
+        .unwrap_or_default()
 }
 
 /// The alert finding for what the broker's log said.

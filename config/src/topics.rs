@@ -8,6 +8,7 @@
 //! | `weilan/v1/agents/{id}/commands`       | collector → agent  | signed [`crate::wire::Command`] |
 //! | `weilan/v1/policy`                     | collector → agents | signed [`crate::wire::PolicyPush`] (retained) |
 //! | `weilan/v1/doors/{id}/events`          | door controller → collector | signed [`crate::wire::DoorMessage`] |
+//! | `weilan/v1/collectors/{id}/presence`   | collector → agents | signed [`crate::wire::Presence`] (retained, also the last will) |
 //!
 //! The agent id is the common name of the agent's client certificate. It is restricted
 //! to `[A-Za-z0-9._-]{1,64}` so it can never contain MQTT wildcards or separators.
@@ -17,6 +18,24 @@ pub const PREFIX: &str = "weilan/v1";
 
 /// The fence policy for every agent: signed by the collector, retained.
 pub const POLICY: &str = "weilan/v1/policy";
+
+/// Every collector's presence (one topic per collector client id, so that several
+/// collectors sharing the ingest each announce themselves).
+pub const PRESENCE_FILTER: &str = "weilan/v1/collectors/+/presence";
+
+/// Whether collector `id` is subscribed: signed by it, retained.
+pub fn collector_presence(id: &str) -> String {
+    format!("{PREFIX}/collectors/{id}/presence")
+}
+
+/// The collector id of a presence topic.
+pub fn parse_presence_topic(topic: &str) -> Option<&str> {
+    let id = topic
+        .strip_prefix(PREFIX)?
+        .strip_prefix("/collectors/")?
+        .strip_suffix("/presence")?;
+    valid_agent_id(id).then_some(id)
+}
 
 /// The four per-agent channels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +126,10 @@ mod tests {
         assert_eq!(parse_agent_topic("weilan/v1/agents/+/events"), None);
         assert_eq!(parse_agent_topic("weilan/v1/agents/a/b/events"), None);
         assert_eq!(parse_agent_topic("weilan/v2/agents/a/events"), None);
+        let p = collector_presence("weilan-collector");
+        assert_eq!(p, "weilan/v1/collectors/weilan-collector/presence");
+        assert_eq!(parse_presence_topic(&p), Some("weilan-collector"));
+        assert_eq!(parse_presence_topic(PRESENCE_FILTER), None);
     }
 
     #[test]

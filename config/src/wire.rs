@@ -34,6 +34,8 @@ pub enum Purpose {
     /// A door controller's [`DoorMessage`].
     #[serde(rename = "door-event")]
     DoorEvent,
+    /// The collector's [`Presence`] (retained, and its last will).
+    Presence,
 }
 
 impl Purpose {
@@ -46,6 +48,7 @@ impl Purpose {
             Purpose::Unlock => "weilan/v1/unlock",
             Purpose::Export => "weilan/v1/export",
             Purpose::DoorEvent => "weilan/v1/door-event",
+            Purpose::Presence => "weilan/v1/presence",
         }
     }
 }
@@ -239,6 +242,21 @@ pub struct Status {
 pub enum AgentState {
     Online,
     Offline,
+}
+
+/// Whether the collector is subscribed to the agents' events, published by the collector
+/// (signed, retained) on its [`crate::topics::collector_presence`] topic once its subscriptions are in place,
+/// and as its last will when it goes away. Batches published while no collector is
+/// subscribed are dropped by the broker without a word, so an agent holds its batches
+/// while the collector is offline and sends everything unacknowledged again as soon as
+/// a new collector connection announces itself — rather than waiting for an ack timeout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Presence {
+    pub state: AgentState,
+    /// New for every connection of the collector to the broker (random).
+    pub connection: u64,
+    pub time: jiff::Timestamp,
 }
 
 /// Why a payload was refused.

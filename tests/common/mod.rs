@@ -290,9 +290,14 @@ impl World {
         fs::create_dir_all(self.path(&format!("state-{name}"))).unwrap();
         // Tests that provoke re-sends shorten it; 3 s keeps the others fast.
         let ack = std::env::var("WEILAN_TEST_ACK_TIMEOUT").unwrap_or_else(|_| "3".into());
+        let ack = if collector_extra.contains("ack_timeout_secs") {
+            String::new()
+        } else {
+            format!("ack_timeout_secs = {ack}")
+        };
         let text = format!(
             "[agent]\nhost_role = \"workstation\"\nstate_dir = \"state-{name}\"\npolicy = \"policy.toml\"\n\n\
-             [collector]\nhost = \"127.0.0.1\"\nport = {BROKER_PORT}\nserver_name = \"weilan-collector\"\nca = \"{ca}\"\nack_timeout_secs = {ack}\n{collector_extra}\n\n\
+             [collector]\nhost = \"127.0.0.1\"\nport = {BROKER_PORT}\nserver_name = \"weilan-collector\"\nca = \"{ca}\"\n{ack}\n{collector_extra}\n\n\
              [tls]\ncert = \"pki/agents/{name}.pem\"\nkey = \"pki/agents/{name}-key.pem\"\n\n\
              [usb]\nsysfs_root = \"sys\"\nmountinfo = \"mountinfo\"\nmount_poll_ms = 200\ndev_root = \"dev\"\n{extra}\n"
         );
@@ -880,6 +885,25 @@ pub fn probe_as_other_agent(
             })
         });
     }
+    // A forged, retained "collector offline" would make every agent hold its batches:
+    // the ACL must refuse it (Mosquitto also disconnects the publisher).
+    with_mqtt_client(ns, own_id, tls.clone(), move |client, mut eventloop| {
+        Box::pin(async move {
+            if let Err(e) = connect(&mut eventloop).await {
+                panic!("the probe could not connect: {e}");
+            }
+            let _ = client
+                .publish(
+                    "weilan/v1/collectors/weilan-collector/presence",
+                    rumqttc::QoS::AtLeastOnce,
+                    true,
+                    b"FORGED".to_vec(),
+                )
+                .await;
+            let end = tokio::time::Instant::now() + Duration::from_secs(1);
+            while let Ok(Ok(_)) = tokio::time::timeout_at(end, eventloop.poll()).await {}
+        })
+    });
     with_mqtt_client(ns, own_id, tls, move |client, mut eventloop| {
         Box::pin(async move {
             let mut got = Vec::new();
@@ -894,6 +918,7 @@ pub fn probe_as_other_agent(
                 format!("weilan/v1/agents/{victim}/acks"),
                 format!("weilan/v1/agents/{victim}/commands"),
                 "weilan/v1/policy".into(),
+                "weilan/v1/collectors/+/presence".into(),
             ] {
                 let _ = client.subscribe(filter, rumqttc::QoS::AtLeastOnce).await;
             }
