@@ -1118,6 +1118,12 @@ fn correlation_windows_are_bounded_per_group() {
         "a count keeps only the entries its threshold needs"
     );
     assert_eq!(
+        h.engine
+            .window_len("builtin.files.mass-export-volume", "ws-1"),
+        1,
+        "a sum keeps one entry per second"
+    );
+    assert_eq!(
         h.engine.stats.state_dropped, 0,
         "dropping beyond a count's threshold changes nothing"
     );
