@@ -214,6 +214,19 @@ fn a_hostile_agent_cannot_delay_or_erase_another_agents_evidence() {
         || s.diag(),
     );
 
+    // Publishing under the agent's name took its session over: the agent comes back
+    // within its reconnect spread (`reconnect_spread_secs`) before the flood starts.
+    std::thread::sleep(Duration::from_millis(500));
+    wait_for(
+        "the agent to be connected again",
+        T,
+        || {
+            let log = s.agent.log_text();
+            let up = log.rfind("MQTT connected");
+            (up.is_some() && up > log.rfind("MQTT connection failed")).then_some(())
+        },
+        || s.diag(),
+    );
     let signer = weilan_config::signing::Signer::from_pem_files(
         &w.pki.agent(HOSTILE),
         &w.pki.agent_key(HOSTILE),

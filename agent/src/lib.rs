@@ -211,6 +211,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
             batch_linger: settings.batch_linger,
             max_batches_in_flight: settings.max_batches_in_flight,
             ack_timeout: settings.ack_timeout,
+            reconnect_spread: settings.reconnect_spread,
             drain_timeout: Duration::from_secs(3),
             max_events_per_sec: settings.max_events_per_sec,
         },

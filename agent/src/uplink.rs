@@ -101,6 +101,8 @@ pub struct UplinkConfig {
     pub batch_linger: Duration,
     pub max_batches_in_flight: usize,
     pub ack_timeout: Duration,
+    /// The first reconnect after a drop waits a random moment within this.
+    pub reconnect_spread: Duration,
     /// How long to keep delivering after the agent was told to stop.
     pub drain_timeout: Duration,
     /// Most events sent per second (replay after an outage included).
@@ -207,6 +209,7 @@ impl Uplink {
                 )),
                 max_packet: wire::DEFAULT_MAX_PAYLOAD,
                 request_capacity: 64,
+                max_inflight: 100,
                 incoming_capacity: 256,
                 subscriptions: vec![
                     topics::agent_topic(&c.agent_id, Channel::Acks),
@@ -214,6 +217,7 @@ impl Uplink {
                     topics::POLICY.to_string(),
                     topics::PRESENCE_FILTER.to_string(),
                 ],
+                reconnect_spread: c.reconnect_spread,
             },
             stop.clone(),
         )

@@ -1,6 +1,10 @@
 //! Fair ingest: what the broker delivers is queued per source (the agent or door
 //! controller its topic names) and taken round-robin, so one source's flood waits
-//! behind itself and never in front of another agent's events.
+//! behind itself and never in front of another agent's events. A group (one
+//! transaction) takes one message per source, and each source has a rate quota in
+//! payload bytes per second: a source over it is skipped (its messages wait, they are
+//! not dropped) until its quota refills, so even validly signed, well-formed batches
+//! cannot take more than their share of the collector's time.
 //!
 //! The collector reads from the broker as fast as it can into [`FairQueue`]. A source
 //! holds at most [`PER_SOURCE_MESSAGES`] waiting messages — a Weilan agent has at most
@@ -11,6 +15,7 @@
 //! one source keep their order (chain and gap checks rely on it).
 
 use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
 
 /// Waiting messages one source may have; beyond it the source is flooding.
 pub const PER_SOURCE_MESSAGES: usize = 64;
@@ -30,6 +35,10 @@ pub struct FairQueue {
     turn: VecDeque<String>,
     waiting: usize,
     bytes: usize,
+    /// Payload bytes per second each source may have processed (0: no quota).
+    quota: f64,
+    /// Sources' quota left (may go negative by one message) and when it was counted.
+    buckets: HashMap<String, (f64, Instant)>,
 }
 
 /// Why a message was not queued.
@@ -40,6 +49,30 @@ pub struct Flooding {
 }
 
 impl FairQueue {
+    /// A queue whose sources may each have `bytes_per_sec` of payload processed per
+    /// second, with bursts up to one second's worth.
+    pub fn with_quota(bytes_per_sec: usize) -> Self {
+        FairQueue {
+            quota: bytes_per_sec as f64,
+            ..Default::default()
+        }
+    }
+
+    /// The quota `source` has left at `now`.
+    fn quota_left(&mut self, source: &str, now: Instant) -> f64 {
+        if self.quota <= 0.0 {
+            return f64::MAX;
+        }
+        let quota = self.quota;
+        let (left, at) = self
+            .buckets
+            .entry(source.to_string())
+            .or_insert((quota, now));
+        *left = (*left + now.saturating_duration_since(*at).as_secs_f64() * quota).min(quota);
+        *at = now;
+        *left
+    }
+
     /// Queues a message of `source`, or refuses it when the source already has
     /// [`PER_SOURCE_MESSAGES`] waiting.
     pub fn push(&mut self, source: String, msg: Waiting) -> Result<(), Flooding> {
@@ -72,6 +105,51 @@ impl FairQueue {
         self.waiting -= 1;
         self.bytes -= msg.payload.len();
         Some(msg)
+    }
+
+    /// The next group for one transaction: one message from each source in turn
+    /// order whose quota is not spent (so a flooding source adds one message to a
+    /// group, never a group's worth that another agent's batch would wait behind), up
+    /// to `max_messages` and about `max_bytes` of payload. Empty when every waiting
+    /// source is over its quota (ask again shortly).
+    pub fn pop_group(
+        &mut self,
+        max_messages: usize,
+        max_bytes: usize,
+        now: Instant,
+    ) -> Vec<Waiting> {
+        let mut group = Vec::new();
+        let mut bytes = 0;
+        for _ in 0..self.turn.len() {
+            if group.len() >= max_messages || bytes >= max_bytes {
+                break;
+            }
+            let Some(source) = self.turn.front().cloned() else {
+                break;
+            };
+            if self.quota_left(&source, now) <= 0.0 {
+                // Over its quota: its turn passes, its messages wait.
+                self.turn.rotate_left(1);
+                continue;
+            }
+            let Some(msg) = self.pop() else { break };
+            if self.quota > 0.0 {
+                if let Some((left, _)) = self.buckets.get_mut(&source) {
+                    *left -= msg.payload.len() as f64;
+                }
+            }
+            bytes += msg.payload.len();
+            group.push(msg);
+        }
+        // Sources with nothing waiting and a full quota need no bucket.
+        if self.buckets.len() > 2 * self.queues.len() + 64 {
+            let (queues, quota) = (&self.queues, self.quota);
+            self.buckets.retain(|source, (left, at)| {
+                queues.contains_key(source)
+                    || *left + now.saturating_duration_since(*at).as_secs_f64() * quota < quota
+            });
+        }
+        group
     }
 
     /// Messages waiting, all sources together.
@@ -130,6 +208,47 @@ mod tests {
         assert_eq!(order, ["f0", "q0", "f1", "q1", "f2", "f3", "f4"]);
         assert!(q.is_empty());
         assert_eq!(q.bytes(), 0);
+    }
+
+    #[test]
+    fn a_group_takes_one_message_per_source() {
+        let mut q = FairQueue::default();
+        for i in 0..5 {
+            q.push("flood".into(), msg(&format!("f{i}"))).unwrap();
+        }
+        q.push("quiet".into(), msg("q0")).unwrap();
+        q.push("other".into(), msg("o0")).unwrap();
+        let topics = |g: Vec<Waiting>| g.into_iter().map(|m| m.topic).collect::<Vec<_>>();
+        let now = Instant::now();
+        assert_eq!(topics(q.pop_group(512, 1 << 20, now)), ["f0", "q0", "o0"]);
+        assert_eq!(topics(q.pop_group(512, 1 << 20, now)), ["f1"]);
+        assert_eq!(topics(q.pop_group(1, 1 << 20, now)), ["f2"]);
+        assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn a_source_over_its_quota_waits_and_the_others_do_not() {
+        // 100 bytes per second each; messages of 60 bytes.
+        let mut q = FairQueue::with_quota(100);
+        let big = |tag: &str| Waiting {
+            topic: tag.into(),
+            payload: vec![0; 60],
+        };
+        for i in 0..4 {
+            q.push("flood".into(), big(&format!("f{i}"))).unwrap();
+        }
+        let t0 = Instant::now();
+        let topics = |g: Vec<Waiting>| g.into_iter().map(|m| m.topic).collect::<Vec<_>>();
+        assert_eq!(topics(q.pop_group(512, 1 << 20, t0)), ["f0"]);
+        assert_eq!(topics(q.pop_group(512, 1 << 20, t0)), ["f1"]);
+        // 120 of 100 bytes spent: the flood waits, a quiet source is served.
+        q.push("quiet".into(), big("q0")).unwrap();
+        assert_eq!(topics(q.pop_group(512, 1 << 20, t0)), ["q0"]);
+        assert!(q.pop_group(512, 1 << 20, t0).is_empty());
+        assert_eq!(q.len(), 2, "waiting, not dropped");
+        // Half a second later its quota is back above zero.
+        let later = t0 + std::time::Duration::from_millis(500);
+        assert_eq!(topics(q.pop_group(512, 1 << 20, later)), ["f2"]);
     }
 
     #[test]

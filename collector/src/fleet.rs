@@ -15,7 +15,11 @@ use crate::rules::{findings, Finding};
 use crate::store::{Store, StoreError};
 
 /// Updates the agents table from newly stored events of one agent.
-pub fn note_events(store: &mut Store, agent: &str, events: &[&Envelope]) -> Result<(), StoreError> {
+pub fn note_events(
+    conn: &rusqlite::Connection,
+    agent: &str,
+    events: &[&Envelope],
+) -> Result<(), StoreError> {
     let now = jiff::Timestamp::now().to_string();
     let (mut version, mut policy, mut host, mut backlog, mut state) =
         (None, None, None, None, Some("online"));
@@ -37,7 +41,7 @@ pub fn note_events(store: &mut Store, agent: &str, events: &[&Envelope]) -> Resu
             _ => {}
         }
     }
-    store.conn().execute(
+    conn.prepare_cached(
         "INSERT INTO agents (agent_id, first_seen, last_seen, last_event, state, agent_version, policy_version, hostname, backlog, silent_alerted)
          VALUES (?1, ?2, ?2, ?2, ?3, ?4, ?5, ?6, ?7, 0)
          ON CONFLICT(agent_id) DO UPDATE SET
@@ -49,8 +53,8 @@ pub fn note_events(store: &mut Store, agent: &str, events: &[&Envelope]) -> Resu
            hostname = COALESCE(?6, agents.hostname),
            backlog = COALESCE(?7, agents.backlog),
            silent_alerted = 0",
-        params![agent, now, state, version, policy, host, backlog],
-    )?;
+    )?
+    .execute(params![agent, now, state, version, policy, host, backlog])?;
     Ok(())
 }
 

@@ -33,7 +33,45 @@ pub struct IngestStats {
     pub batches_committed: AtomicU64,
 }
 
+/// A message after its signature check.
+enum Authenticated {
+    Batch(SignedMessage),
+    Status {
+        agent: String,
+        state: &'static str,
+        version: String,
+    },
+    /// Door controllers' messages are handled one by one after the group.
+    Door,
+    /// Refused (or nothing to store): what to publish.
+    Replies(Vec<Reply>),
+}
+
+/// A message of a group, ready for the transaction.
+enum Step<'a> {
+    Batch(Decoded<'a>),
+    Status {
+        agent: String,
+        state: &'static str,
+        version: String,
+    },
+    Door {
+        topic: String,
+        payload: Vec<u8>,
+    },
+    Replies(Vec<Reply>),
+}
+
+/// An events message, authenticated and decoded.
+struct Decoded<'a> {
+    agent: &'a str,
+    batch: wire::Batch<'a>,
+    valid: Vec<Incoming<'a>>,
+    rejected: Vec<EventRejection>,
+}
+
 /// What to send back after a message.
+#[derive(Clone)]
 pub struct Reply {
     pub topic: String,
     pub payload: Vec<u8>,
@@ -58,6 +96,8 @@ pub struct Ingest {
     pub last_integrity_alert: Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// The enrolled identities: a certificate must be in it, not only under the CA.
     pub registry: Enrolled,
+    /// Refusals not yet written (see [`Ingest::refuse`]).
+    pub refused: Mutex<Vec<store::Refused>>,
 }
 
 /// The largest status message (a few hundred bytes in practice).
@@ -182,46 +222,60 @@ impl Ingest {
     }
 
     /// Refuses a payload: counted, logged, quarantined.
+    /// Refuses a payload: counted and logged now, quarantined with the group (one
+    /// transaction for all of a group's refusals: a flood of refused messages in the
+    /// same group as another agent's batch must not make it wait for an fsync each).
     fn refuse(&self, topic: &str, reason: &str, payload: &[u8]) {
         self.stats.rejected.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%topic, %reason, size = payload.len(), "payload refused and quarantined");
-        if let Err(e) = self.store().quarantine(topic, reason, payload) {
-            tracing::error!(error = %e, "could not quarantine a refused payload");
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(store::Refused::new(topic, reason, payload));
+    }
+
+    /// Writes the refusals gathered so far inside `tx`.
+    fn quarantine_refused(&self, tx: &rusqlite::Transaction<'_>) -> Result<(), store::StoreError> {
+        let refused = std::mem::take(&mut *self.refused.lock().unwrap_or_else(|p| p.into_inner()));
+        for r in &refused {
+            store::quarantine_refused_in(tx, r)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the refusals gathered outside a group's transaction (door messages).
+    fn quarantine_refused_now(&self) {
+        if self
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+        {
+            return;
+        }
+        if let Err(e) = self
+            .store()
+            .in_transaction(|tx| self.quarantine_refused(tx))
+        {
+            tracing::error!(error = %e, "could not quarantine refused payloads");
         }
     }
 
-    /// Handles one MQTT message; returns what to publish: the ack, and any
-    /// commands the rules asked for.
-    pub fn process(&self, topic: &str, payload: &[u8]) -> Vec<Reply> {
-        self.stats.messages.fetch_add(1, Ordering::Relaxed);
-        if let Some(controller) = topics::parse_door_topic(topic) {
-            return self.process_door(controller, topic, payload);
-        }
-        match topics::parse_agent_topic(topic) {
-            Some((agent, Channel::Events)) => self.process_batch(agent, topic, payload),
-            Some((agent, Channel::Status)) => self.process_status(agent, topic, payload),
-            Some(_) => vec![],
-            None => {
-                self.refuse(topic, "not a Weilan agent topic", payload);
-                vec![]
-            }
-        }
-    }
-
-    /// Records an agent's (retained) status. One that is not a valid status of that
-    /// agent is refused and deleted from the broker (an empty retained publish), so a
-    /// certificate holder cannot park large retained messages there; the deletion
-    /// itself arrives here empty and is ignored.
-    fn process_status(&self, agent: &str, topic: &str, payload: &[u8]) -> Vec<Reply> {
+    /// Checks an agent's (retained) status; it is recorded in the group's
+    /// transaction. One that is not a valid status of that agent is refused and
+    /// deleted from the broker (an empty retained publish), so a certificate holder
+    /// cannot park large retained messages there; the deletion itself arrives here
+    /// empty and is ignored.
+    fn check_status(&self, agent: &str, topic: &str, payload: &[u8]) -> Authenticated {
         if payload.is_empty() {
-            return vec![];
+            return Authenticated::Replies(vec![]);
         }
         let clear = || {
-            vec![Reply {
+            Authenticated::Replies(vec![Reply {
                 topic: topic.to_string(),
                 payload: vec![],
                 retain: true,
-            }]
+            }])
         };
         match wire::decode::<Status>("a status", payload, STATUS_MAX_BYTES) {
             Ok(s) if s.agent_id == agent => {
@@ -230,13 +284,11 @@ impl Ingest {
                     wire::AgentState::Offline => "offline",
                 };
                 tracing::info!(agent_id = agent, state, "agent status");
-                if let Err(e) =
-                    self.store()
-                        .touch_agent(agent, Some(state), Some(&s.agent_version), None, None)
-                {
-                    tracing::error!(error = %e, "could not record agent status");
+                Authenticated::Status {
+                    agent: agent.to_string(),
+                    state,
+                    version: s.agent_version,
                 }
-                vec![]
             }
             Ok(s) => {
                 self.refuse(
@@ -298,28 +350,121 @@ impl Ingest {
         Ok(signed)
     }
 
-    fn process_batch(&self, agent: &str, topic: &str, payload: &[u8]) -> Vec<Reply> {
-        let signed = match self.verified(
-            topic,
-            payload,
-            self.max_payload,
-            Purpose::Batch,
-            Role::Agent,
-            agent,
-        ) {
-            Ok(m) => m,
-            Err(replies) => return replies,
+    /// Handles a group of messages taken from the fair queue: authentication and
+    /// decoding run on every core, then one durable transaction stores every batch
+    /// and status of the group (each batch in its own savepoint, so a failing one is
+    /// not acknowledged and the others are), and only after its commit are the acks
+    /// and commands returned. Per source, messages keep their order.
+    pub fn process_group(&self, messages: &[crate::fair::Waiting]) -> Vec<Reply> {
+        use rayon::prelude::*;
+        self.stats
+            .messages
+            .fetch_add(messages.len() as u64, Ordering::Relaxed);
+        let authenticated: Vec<Authenticated> = messages
+            .par_iter()
+            .map(|m| self.authenticate(&m.topic, &m.payload))
+            .collect();
+        let decoded: Vec<Step<'_>> = authenticated
+            .par_iter()
+            .zip(messages.par_iter())
+            .map(|(a, m)| self.decode(a, &m.topic, &m.payload))
+            .collect();
+        let mut replies = Vec::new();
+        let now = jiff::Timestamp::now();
+        let stored = self.commit_group(&decoded, now);
+        let committed = stored.iter().filter(|r| r.is_some()).count() as u64;
+        if let Some(n) = crash_after_commit() {
+            let before = self
+                .stats
+                .batches_committed
+                .fetch_add(committed, Ordering::Relaxed);
+            if before < n && n <= before + committed {
+                tracing::error!("fault injection: aborting between commit and ack");
+                std::process::abort();
+            }
+        }
+        for (step, result) in decoded.into_iter().zip(stored) {
+            match step {
+                Step::Replies(r) => replies.extend(r),
+                Step::Door { topic, payload } => {
+                    replies.extend(self.process_door(&topic, &payload))
+                }
+                Step::Status { .. } => {}
+                Step::Batch(b) => {
+                    let Some((outcome, ruled)) = result else {
+                        continue;
+                    };
+                    replies.extend(self.acknowledge(b, outcome, ruled));
+                }
+            }
+        }
+        self.quarantine_refused_now();
+        replies
+    }
+
+    /// The signature check of one message (the costly part, run in parallel); other
+    /// messages are only sorted.
+    fn authenticate(&self, topic: &str, payload: &[u8]) -> Authenticated {
+        if topics::parse_door_topic(topic).is_some() {
+            return Authenticated::Door;
+        }
+        match topics::parse_agent_topic(topic) {
+            Some((agent, Channel::Events)) => match self.verified(
+                topic,
+                payload,
+                self.max_payload,
+                Purpose::Batch,
+                Role::Agent,
+                agent,
+            ) {
+                Ok(m) => Authenticated::Batch(m),
+                Err(replies) => Authenticated::Replies(replies),
+            },
+            Some((agent, Channel::Status)) => self.check_status(agent, topic, payload),
+            Some(_) => Authenticated::Replies(vec![]),
+            None => {
+                self.refuse(topic, "not a Weilan agent topic", payload);
+                Authenticated::Replies(vec![])
+            }
+        }
+    }
+
+    /// Decodes an authenticated batch and checks each event (in parallel).
+    fn decode<'a>(&self, a: &'a Authenticated, topic: &'a str, payload: &[u8]) -> Step<'a> {
+        let signed = match a {
+            Authenticated::Batch(m) => m,
+            Authenticated::Replies(r) => return Step::Replies(r.clone()),
+            Authenticated::Door => {
+                return Step::Door {
+                    topic: topic.to_string(),
+                    payload: payload.to_vec(),
+                }
+            }
+            Authenticated::Status {
+                agent,
+                state,
+                version,
+            } => {
+                return Step::Status {
+                    agent: agent.clone(),
+                    state,
+                    version: version.clone(),
+                }
+            }
+        };
+        let Some((agent, _)) = topics::parse_agent_topic(topic) else {
+            return Step::Replies(vec![]);
         };
         let batch = match wire::decode_batch(&signed.body, self.max_payload) {
             Ok(b) => b,
             Err(e) => {
                 self.refuse(topic, &e.to_string(), payload);
-                return vec![];
+                return Step::Replies(vec![]);
             }
         };
         if let Err(e) = wire::check_batch(&batch, agent) {
             self.refuse(topic, &e.to_string(), payload);
-            return vec![];
+            return Step::Replies(vec![]);
         }
         let mut valid = Vec::with_capacity(batch.events.len());
         let mut rejected = Vec::new();
@@ -363,54 +508,117 @@ impl Ingest {
                 }
             }
         }
-        let now = jiff::Timestamp::now();
-        let result = self
-            .store()
-            .store_batch(agent, &valid, now, |tx, stored, found| {
-                crate::integrity::note_uplink_head(tx, agent, batch.last, batch.head, now)?;
-                let policy = self.policy.read().unwrap_or_else(|p| p.into_inner());
+        Step::Batch(Decoded {
+            agent,
+            batch,
+            valid,
+            rejected,
+        })
+    }
+
+    /// One transaction for the group: every status and batch, in order; each batch
+    /// in a savepoint. The result per step: `Some` for a batch stored and ruled.
+    fn commit_group(
+        &self,
+        steps: &[Step<'_>],
+        now: jiff::Timestamp,
+    ) -> Vec<Option<(store::BatchOutcome, Outcome)>> {
+        let mut results: Vec<Option<(store::BatchOutcome, Outcome)>> = Vec::new();
+        let committed = self.store().in_transaction(|tx| {
+            self.quarantine_refused(tx)?;
+            let policy = self.policy.read().unwrap_or_else(|p| p.into_inner());
+            for step in steps {
+                results.push(None);
+                match step {
+                    Step::Status {
+                        agent,
+                        state,
+                        version,
+                    } => {
+                        if let Err(e) =
+                            store::touch_agent_in(tx, agent, Some(state), Some(version), None, None)
+                        {
+                            tracing::error!(agent_id = %agent, error = %e, "could not record agent status");
+                        }
+                    }
+                    Step::Batch(b) => {
+                        tx.execute_batch("SAVEPOINT batch")?;
+                        match self.store_one(tx, &policy, b, now) {
+                            Ok(r) => {
+                                tx.execute_batch("RELEASE batch")?;
+                                *results.last_mut().expect("pushed") = Some(r);
+                            }
+                            Err(e) => {
+                                tx.execute_batch("ROLLBACK TO batch; RELEASE batch")?;
+                                // Not acknowledged: the agent keeps the events and
+                                // sends them again.
+                                tracing::error!(agent_id = b.agent, error = %e, "batch not stored; no ack");
+                            }
+                        }
+                    }
+                    Step::Replies(_) | Step::Door { .. } => {}
+                }
+            }
+            Ok(())
+        });
+        match committed {
+            Ok(()) => results,
+            Err(e) => {
+                tracing::error!(error = %e, messages = steps.len(), "group not committed; nothing in it is acknowledged");
+                steps.iter().map(|_| None).collect()
+            }
+        }
+    }
+
+    /// One batch inside the group's transaction: events, integrity, uplink head,
+    /// rules, fleet state.
+    fn store_one(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        policy: &Policy,
+        b: &Decoded<'_>,
+        now: jiff::Timestamp,
+    ) -> Result<(store::BatchOutcome, Outcome), store::StoreError> {
+        let (outcome, ruled) =
+            store::store_batch_in(tx, b.agent, &b.valid, now, |tx, stored, found| {
+                crate::integrity::note_uplink_head(tx, b.agent, b.batch.last, b.batch.head, now)?;
                 let mut facts: Vec<Fact> = stored
                     .iter()
                     .map(|s| Fact::from_envelope(s.envelope))
                     .collect();
                 facts.extend(found.iter().map(|f| Fact::from_finding(f, now)));
-                self.engine().evaluate(tx, &policy, &facts, now)
-            });
-        let (outcome, ruled) = match result {
-            Ok(r) => r,
-            Err(e) => {
-                // Not acknowledged: the agent keeps the events and sends them again.
-                tracing::error!(agent_id = agent, error = %e, "batch not stored; no ack");
-                return vec![];
-            }
-        };
-        if let Some(n) = crash_after_commit() {
-            if self.stats.batches_committed.fetch_add(1, Ordering::Relaxed) + 1 == n {
-                tracing::error!("fault injection: aborting between commit and ack");
-                std::process::abort();
-            }
+                self.engine().evaluate(tx, policy, &facts, now)
+            })?;
+        let new_events: Vec<&Envelope> =
+            outcome.new.iter().map(|&i| &b.valid[i].envelope).collect();
+        if !new_events.is_empty() {
+            fleet::note_events(tx, b.agent, &new_events)?;
         }
+        Ok((outcome, ruled))
+    }
+
+    /// After the group's commit: counters, alerts, commands, and the signed ack.
+    fn acknowledge(
+        &self,
+        b: Decoded<'_>,
+        outcome: store::BatchOutcome,
+        ruled: Outcome,
+    ) -> Vec<Reply> {
         self.stats
             .events_stored
             .fetch_add(outcome.new.len() as u64, Ordering::Relaxed);
         self.stats
             .duplicates
             .fetch_add(outcome.duplicates as u64, Ordering::Relaxed);
-        let new_events: Vec<&Envelope> = outcome.new.iter().map(|&i| &valid[i].envelope).collect();
-        if !new_events.is_empty() {
-            if let Err(e) = fleet::note_events(&mut self.store(), agent, &new_events) {
-                tracing::error!(error = %e, "could not record agent state");
-            }
-        }
         let mut replies = self.after_commit(ruled);
         let ack = Ack {
-            agent_id: agent.to_string(),
-            batch_id: batch.batch_id,
-            first: batch.first,
-            last: batch.last,
+            agent_id: b.agent.to_string(),
+            batch_id: b.batch.batch_id,
+            first: b.batch.first,
+            last: b.batch.last,
             stored: outcome.new.len() as u32,
             duplicates: outcome.duplicates,
-            rejected,
+            rejected: b.rejected,
         };
         if let Ok(payload) = serde_json::to_string(&ack)
             .and_then(|body| serde_json::to_vec(&self.signer.sign(Purpose::Ack, body)))
@@ -418,7 +626,7 @@ impl Ingest {
             replies.insert(
                 0,
                 Reply {
-                    topic: topics::agent_topic(agent, Channel::Acks),
+                    topic: topics::agent_topic(b.agent, Channel::Acks),
                     payload,
                     retain: false,
                 },
@@ -430,8 +638,11 @@ impl Ingest {
     /// One signed message from a door controller: verified, checked against replay
     /// (its `seq` must exceed the last stored), stored as an event of the controller
     /// (epoch 0, the seq as sequence number, host role `door-controller`) and ruled.
-    fn process_door(&self, controller: &str, topic: &str, payload: &[u8]) -> Vec<Reply> {
+    fn process_door(&self, topic: &str, payload: &[u8]) -> Vec<Reply> {
         const MAX_DOOR_PAYLOAD: usize = 16 * 1024;
+        let Some(controller) = topics::parse_door_topic(topic) else {
+            return vec![];
+        };
         let signed = match self.verified(
             topic,
             payload,

@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! agents --mTLS--> broker (embedded mosquitto | external) --mTLS--> MQTT session task
-//!     --bounded channel--> serve loop --spawn_blocking--> ingest (verify, store, rules)
+//!     --bounded channel--> serve loop (fair queue) --a group, spawn_blocking-->
+//!     ingest (verify on every core; one transaction: store, rules; then acks)
 //!     --> alert log (JSONL) ; signed ack --> broker --> agent
 //! ```
 // `deny`, not `forbid`: broker.rs allows one prctl between fork and exec.
@@ -219,6 +220,7 @@ pub async fn run(
         stats: Default::default(),
         last_integrity_alert: Default::default(),
         registry,
+        refused: Default::default(),
     });
     tracing::info!(
         database = %settings.store_path.display(),
@@ -243,13 +245,15 @@ pub async fn run(
                 true,
             )),
             max_packet: settings.max_payload_bytes * 2 + 64 * 1024,
-            request_capacity: 4096,
+            request_capacity: 16384,
+            max_inflight: 4096,
             incoming_capacity: settings.ingest_queue,
             subscriptions: vec![
                 topics::all_agents_filter(Channel::Events),
                 topics::all_agents_filter(Channel::Status),
                 topics::DOORS_FILTER.to_string(),
             ],
+            reconnect_spread: Duration::ZERO,
         },
         session_stop.clone(),
     );
@@ -265,36 +269,56 @@ pub async fn run(
     let exports_busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Read from the broker into per-source queues while one message is processed;
     // sources take turns (fair.rs).
-    let mut fair = fair::FairQueue::default();
+    let mut fair = fair::FairQueue::with_quota(settings.source_quota);
     let mut refusals = fair::Refusals::default();
     let mut processing: Option<tokio::task::JoinHandle<Vec<ingest::Reply>>> = None;
     let mut flood_tick = tokio::time::interval(Duration::from_secs(1));
+    // Acks and commands wait here while the MQTT request channel is full; ingest
+    // pauses meanwhile, so nothing is dropped and the backlog stays bounded.
+    let mut outbox = Outbox::default();
+    let mut outbox_tick = tokio::time::interval(Duration::from_millis(5));
+    let mut quota_tick = tokio::time::interval(Duration::from_millis(10));
     loop {
-        if processing.is_none() {
-            if let Some(next) = fair.pop() {
+        if processing.is_none() && !fair.is_empty() && !outbox.backed_up() {
+            // One message of every source waiting, up to a bound, goes into one
+            // transaction (group commit): under load one fsync serves many agents'
+            // batches, and with a single message waiting the group is that message.
+            let group = fair.pop_group(
+                GROUP_MAX_MESSAGES,
+                GROUP_MAX_BYTES,
+                std::time::Instant::now(),
+            );
+            if !group.is_empty() {
                 let work = ingest.clone();
                 processing = Some(tokio::task::spawn_blocking(move || {
-                    work.process(&next.topic, &next.payload)
+                    work.process_group(&group)
                 }));
             }
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = outbox_tick.tick(), if !outbox.is_empty() => outbox.flush(&client),
+            // Every waiting source over its quota: look again shortly.
+            _ = quota_tick.tick(), if processing.is_none() && !fair.is_empty() => {}
             done = async { processing.as_mut().expect("guarded").await }, if processing.is_some() => {
                 processing = None;
                 match done {
-                    Ok(replies) => publish(&client, replies),
+                    Ok(replies) => outbox.send(&client, replies),
                     Err(e) => tracing::error!(error = %e, "ingest task failed; message skipped"),
                 }
             }
             _ = flood_tick.tick(), if !refusals.by_source.is_empty() => {
                 let (work, refused) = (ingest.clone(), refusals.take());
                 match tokio::task::spawn_blocking(move || work.flooding(refused)).await {
-                    Ok(replies) => publish(&client, replies),
+                    Ok(replies) => outbox.send(&client, replies),
                     Err(e) => tracing::error!(error = %e, "flooding not counted"),
                 }
             }
-            ev = rx.recv(), if fair.len() < settings.ingest_queue => match ev {
+            // While replies are backed up no group is taken, but reading goes on: the
+            // session task that delivers the replies is the one that hands over what
+            // it reads (stopping here would stop both). What waits stays bounded by
+            // the per-source cap (fair.rs).
+            ev = rx.recv(), if fair.len() < settings.ingest_queue || outbox.backed_up() => match ev {
                 Some(SessionEvent::Message { topic, payload }) => {
                     let source = store::quarantine_source(&topic);
                     if let Err(flooding) = fair.push(source, fair::Waiting { topic, payload }) {
@@ -321,7 +345,7 @@ pub async fn run(
                 let work = ingest.clone();
                 let found = vec![broker_finding(&notice)];
                 match tokio::task::spawn_blocking(move || work.raise(found)).await {
-                    Ok(replies) => publish(&client, replies),
+                    Ok(replies) => outbox.send(&client, replies),
                     Err(e) => tracing::error!(error = %e, "broker notice not raised"),
                 }
             }
@@ -356,7 +380,7 @@ pub async fn run(
                 let work = ingest.clone();
                 let found = vec![enroll::refusal_finding(&refusal)];
                 match tokio::task::spawn_blocking(move || work.raise(found)).await {
-                    Ok(replies) => publish(&client, replies),
+                    Ok(replies) => outbox.send(&client, replies),
                     Err(e) => tracing::error!(error = %e, "enrollment finding not raised"),
                 }
             }
@@ -379,7 +403,7 @@ pub async fn run(
                 let work = ingest.clone();
                 let (silent, grace) = (settings.silent_after, settings.gap_grace);
                 match tokio::task::spawn_blocking(move || work.fleet_checks(silent, grace, found)).await {
-                    Ok(replies) => publish(&client, replies),
+                    Ok(replies) => outbox.send(&client, replies),
                     Err(e) => tracing::error!(error = %e, "fleet checks failed"),
                 }
             }
@@ -403,7 +427,7 @@ pub async fn run(
             _ = rules_tick.tick() => {
                 let work = ingest.clone();
                 match tokio::task::spawn_blocking(move || work.reload_rules()).await {
-                    Ok(replies) => publish(&client, replies),
+                    Ok(replies) => outbox.send(&client, replies),
                     Err(e) => tracing::error!(error = %e, "rule reload failed"),
                 }
             }
@@ -430,8 +454,20 @@ pub async fn run(
     // not acknowledged and agents send it again.
     if let Some(p) = processing.take() {
         if let Ok(replies) = p.await {
-            publish(&client, replies);
+            outbox.send(&client, replies);
         }
+    }
+    // Hand the session what still waits (a missing ack only costs a re-send).
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(2);
+    while !outbox.is_empty() && tokio::time::Instant::now() < give_up {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        outbox.flush(&client);
+    }
+    if !outbox.is_empty() {
+        tracing::info!(
+            replies = outbox.waiting.len(),
+            "stopping: replies not handed to the broker; their agents send again"
+        );
     }
     if !fair.is_empty() {
         tracing::info!(
@@ -455,6 +491,11 @@ pub async fn run(
     tracing::info!("collector stopped");
     Ok(())
 }
+
+/// Most messages committed in one transaction.
+const GROUP_MAX_MESSAGES: usize = 512;
+/// Most payload bytes committed in one transaction.
+const GROUP_MAX_BYTES: usize = 8 * 1024 * 1024;
 
 /// The collector's signed presence (`topics::collector_presence`).
 fn presence_payload(signer: &Signer, state: wire::AgentState, connection: u64) -> Vec<u8> {
@@ -628,13 +669,48 @@ impl SystemdWatchdog {
 
 /// Publishes acks and commands; one that cannot be queued is logged (an agent
 /// re-sends an unacked batch; a command is counted as not sent).
-fn publish(client: &rumqttc::AsyncClient, replies: Vec<ingest::Reply>) {
-    for reply in replies {
-        if let Err(e) =
-            client.try_publish(&reply.topic, QoS::AtLeastOnce, reply.retain, reply.payload)
-        {
-            tracing::warn!(topic = %reply.topic, error = %e, "reply not queued");
+/// Replies (acks, commands) not yet handed to the MQTT session. rumqttc's request
+/// channel is bounded and `try_publish` must be used (the session task may itself be
+/// waiting on the serve loop), so what does not fit waits here, in order.
+#[derive(Default)]
+struct Outbox {
+    waiting: std::collections::VecDeque<ingest::Reply>,
+}
+
+/// Replies waiting beyond which no new group is taken from the fair queue.
+const OUTBOX_HIGH: usize = 2048;
+
+impl Outbox {
+    fn send(&mut self, client: &rumqttc::AsyncClient, replies: Vec<ingest::Reply>) {
+        self.waiting.extend(replies);
+        self.flush(client);
+    }
+
+    fn flush(&mut self, client: &rumqttc::AsyncClient) {
+        while let Some(reply) = self.waiting.pop_front() {
+            match client.try_publish(
+                &reply.topic,
+                QoS::AtLeastOnce,
+                reply.retain,
+                reply.payload.clone(),
+            ) {
+                Ok(()) => {}
+                Err(rumqttc::ClientError::TryRequest(_)) => {
+                    // Full: try again on the next tick.
+                    self.waiting.push_front(reply);
+                    return;
+                }
+                Err(e) => tracing::warn!(topic = %reply.topic, error = %e, "reply not queued"),
+            }
         }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    fn backed_up(&self) -> bool {
+        self.waiting.len() >= OUTBOX_HIGH
     }
 }
 

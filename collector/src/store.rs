@@ -248,29 +248,59 @@ pub(crate) fn quarantine_in(
     reason: &str,
     payload: &[u8],
 ) -> Result<(), StoreError> {
-    let digest = hex::encode(ring::digest::digest(&ring::digest::SHA256, payload));
-    let kept = &payload[..payload.len().min(QUARANTINE_KEEP_BYTES)];
+    quarantine_refused_in(tx, &Refused::new(topic, reason, payload))
+}
+
+/// A refused payload as the quarantine keeps it: its digest and size, and at most
+/// its first `QUARANTINE_KEEP_BYTES`. Ingest gathers a group's refusals and writes
+/// them in the group's transaction.
+#[derive(Debug)]
+pub struct Refused {
+    pub topic: String,
+    pub reason: String,
+    pub size: usize,
+    pub sha256: String,
+    pub kept: Vec<u8>,
+}
+
+impl Refused {
+    pub fn new(topic: &str, reason: &str, payload: &[u8]) -> Self {
+        Refused {
+            topic: topic.to_string(),
+            reason: reason.to_string(),
+            size: payload.len(),
+            sha256: hex::encode(ring::digest::digest(&ring::digest::SHA256, payload)),
+            kept: payload[..payload.len().min(QUARANTINE_KEEP_BYTES)].to_vec(),
+        }
+    }
+}
+
+/// [`quarantine_in`] for a refusal already digested.
+pub(crate) fn quarantine_refused_in(
+    tx: &rusqlite::Transaction<'_>,
+    refused: &Refused,
+) -> Result<(), StoreError> {
+    let Refused {
+        topic,
+        reason,
+        size,
+        sha256: digest,
+        kept,
+    } = refused;
+    let (topic, reason) = (topic.as_str(), reason.as_str());
     let source = quarantine_source(topic);
     let now = jiff::Timestamp::now().to_string();
     tx.execute(
         "INSERT INTO quarantine (received_at, topic, reason, size, sha256, payload, source)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![
-            now,
-            topic,
-            reason,
-            payload.len() as i64,
-            digest,
-            kept,
-            source
-        ],
+        params![now, topic, reason, *size as i64, digest, kept, source],
     )?;
     tx.execute(
         "INSERT INTO quarantine_counts (source, refused, bytes, first_at, last_at, last_reason, kept)
          VALUES (?1, 1, ?2, ?3, ?3, ?4, 1)
          ON CONFLICT(source) DO UPDATE SET refused = refused + 1, bytes = bytes + ?2,
             last_at = ?3, last_reason = ?4, kept = kept + 1",
-        params![source, payload.len() as i64, now, reason],
+        params![source, *size as i64, now, reason],
     )?;
     let pruned = tx.execute(
         "DELETE FROM quarantine WHERE source = ?1 AND id <= (
@@ -513,54 +543,10 @@ impl Store {
         ) -> Result<T, StoreError>,
     ) -> Result<(BatchOutcome, T), StoreError> {
         let tx = self.conn.transaction()?;
-        let mut out = BatchOutcome::default();
-        let received = received_at.to_string();
-        // Keys already held: a re-send, or (when the bytes differ) a key used twice.
-        let mut reused = Vec::new();
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT OR IGNORE INTO events
-                 (event_id, agent_id, epoch, seq, kind, agent_time, received_at, host_role, envelope, hash, prev_hash)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            )?;
-            for (i, ev) in events.iter().enumerate() {
-                let env = &ev.envelope;
-                let n = insert.execute(params![
-                    env.event_id.to_string(),
-                    env.event_id.agent_id,
-                    env.event_id.key.epoch as i64,
-                    env.event_id.key.seq as i64,
-                    env.kind(),
-                    env.time.to_string(),
-                    received,
-                    env.host_role,
-                    ev.raw,
-                    ev.hash,
-                    env.prev_hash,
-                ])?;
-                out.held.push(env.event_id.key);
-                if n == 1 {
-                    out.new.push(i);
-                } else {
-                    out.duplicates += 1;
-                    reused.push(i);
-                }
-            }
-        }
-        let mut found = integrity::check_new(&tx, agent, events, &out.new, &received)?;
-        found.extend(integrity::check_reused(&tx, agent, events, &reused)?);
-        let stored: Vec<Stored<'_>> = out
-            .new
-            .iter()
-            .map(|&i| Stored {
-                envelope: &events[i].envelope,
-            })
-            .collect();
-        let result = rules(&tx, &stored, found)?;
+        let out = store_batch_in(&tx, agent, events, received_at, rules)?;
         tx.commit()?;
-        Ok((out, result))
+        Ok(out)
     }
-
     /// Runs `f` in one durable transaction (rules on findings outside a batch).
     pub fn in_transaction<T>(
         &mut self,
@@ -639,19 +625,14 @@ impl Store {
         policy_version: Option<&str>,
         hostname: Option<&str>,
     ) -> Result<(), StoreError> {
-        let now = jiff::Timestamp::now().to_string();
-        self.conn.execute(
-            "INSERT INTO agents (agent_id, first_seen, last_seen, state, agent_version, policy_version, hostname)
-             VALUES (?1, ?2, ?2, COALESCE(?3, 'online'), ?4, ?5, ?6)
-             ON CONFLICT(agent_id) DO UPDATE SET
-               last_seen = excluded.last_seen,
-               state = COALESCE(?3, agents.state),
-               agent_version = COALESCE(?4, agents.agent_version),
-               policy_version = COALESCE(?5, agents.policy_version),
-               hostname = COALESCE(?6, agents.hostname)",
-            params![agent_id, now, state, agent_version, policy_version, hostname],
-        )?;
-        Ok(())
+        touch_agent_in(
+            &self.conn,
+            agent_id,
+            state,
+            agent_version,
+            policy_version,
+            hostname,
+        )
     }
 
     /// Reserves the next command sequence number for `agent`: above every one used
@@ -741,6 +722,92 @@ pub fn insert_controller_event(
         ],
     )?;
     Ok(None)
+}
+
+/// Stores one batch and runs `rules` on what is new, inside the caller's transaction
+/// (ingest commits a group of batches at once): events inserted (re-sends counted as
+/// duplicates), chain and gap checks, then the rules.
+pub fn store_batch_in<T>(
+    tx: &rusqlite::Transaction<'_>,
+    agent: &str,
+    events: &[Incoming<'_>],
+    received_at: jiff::Timestamp,
+    rules: impl FnOnce(
+        &rusqlite::Transaction<'_>,
+        &[Stored<'_>],
+        Vec<crate::rules::Finding>,
+    ) -> Result<T, StoreError>,
+) -> Result<(BatchOutcome, T), StoreError> {
+    let mut out = BatchOutcome::default();
+    let received = received_at.to_string();
+    // Keys already held: a re-send, or (when the bytes differ) a key used twice.
+    let mut reused = Vec::new();
+    {
+        let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO events
+                 (event_id, agent_id, epoch, seq, kind, agent_time, received_at, host_role, envelope, hash, prev_hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )?;
+        for (i, ev) in events.iter().enumerate() {
+            let env = &ev.envelope;
+            let n = insert.execute(params![
+                env.event_id.to_string(),
+                env.event_id.agent_id,
+                env.event_id.key.epoch as i64,
+                env.event_id.key.seq as i64,
+                env.kind(),
+                env.time.to_string(),
+                received,
+                env.host_role,
+                ev.raw,
+                ev.hash,
+                env.prev_hash,
+            ])?;
+            out.held.push(env.event_id.key);
+            if n == 1 {
+                out.new.push(i);
+            } else {
+                out.duplicates += 1;
+                reused.push(i);
+            }
+        }
+    }
+    let mut found = integrity::check_new(tx, agent, events, &out.new, &received)?;
+    found.extend(integrity::check_reused(tx, agent, events, &reused)?);
+    let stored: Vec<Stored<'_>> = out
+        .new
+        .iter()
+        .map(|&i| Stored {
+            envelope: &events[i].envelope,
+        })
+        .collect();
+    let result = rules(tx, &stored, found)?;
+    Ok((out, result))
+}
+
+/// Records that `agent_id` was heard from (its status, version, policy, host name),
+/// inside the caller's transaction or as one statement.
+pub fn touch_agent_in(
+    conn: &Connection,
+    agent_id: &str,
+    state: Option<&str>,
+    agent_version: Option<&str>,
+    policy_version: Option<&str>,
+    hostname: Option<&str>,
+) -> Result<(), StoreError> {
+    let now = jiff::Timestamp::now().to_string();
+    conn.prepare_cached(
+        "INSERT INTO agents (agent_id, first_seen, last_seen, state, agent_version, policy_version, hostname)
+         VALUES (?1, ?2, ?2, COALESCE(?3, 'online'), ?4, ?5, ?6)
+         ON CONFLICT(agent_id) DO UPDATE SET
+           last_seen = excluded.last_seen,
+           state = COALESCE(?3, agents.state),
+           agent_version = COALESCE(?4, agents.agent_version),
+           policy_version = COALESCE(?5, agents.policy_version),
+           hostname = COALESCE(?6, agents.hostname)",
+    )?
+    .execute(params![agent_id, now, state, agent_version, policy_version, hostname])?;
+    Ok(())
 }
 
 #[cfg(test)]

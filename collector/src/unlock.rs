@@ -180,8 +180,10 @@ fn send_once(settings: &CollectorSettings, topic: &str, payload: Vec<u8>) -> Res
                 last_will: None,
                 max_packet: 1 << 20,
                 request_capacity: 8,
+                max_inflight: 8,
                 incoming_capacity: 8,
                 subscriptions: vec![],
+                reconnect_spread: Duration::ZERO,
             },
             stop.clone(),
         );

@@ -103,6 +103,11 @@ pub struct CollectorLink {
     /// Seconds to wait for the collector's ack before sending a batch again.
     #[serde(default = "default_ack_timeout")]
     pub ack_timeout_secs: u64,
+    /// After the broker connection drops, the first reconnect waits a random moment
+    /// within this many seconds, so a fleet dropped at once by a broker restart does
+    /// not come back in lockstep (0 to 300).
+    #[serde(default = "default_reconnect_spread")]
+    pub reconnect_spread_secs: u64,
     /// Most events sent per second, replay after an outage included, so a fleet
     /// reconnecting at once cannot flatten the collector.
     #[serde(default = "default_rate")]
@@ -136,6 +141,9 @@ fn default_window() -> usize {
 }
 fn default_ack_timeout() -> u64 {
     30
+}
+fn default_reconnect_spread() -> u64 {
+    10
 }
 
 #[derive(Debug, Clone, eserde::Deserialize, Serialize)]
@@ -691,6 +699,7 @@ pub struct AgentSettings {
     pub batch_linger: Duration,
     pub max_batches_in_flight: usize,
     pub ack_timeout: Duration,
+    pub reconnect_spread: Duration,
     pub usb: Option<UsbSettings>,
     pub files: Option<FilesSettings>,
     pub network: Option<NetworkSettings>,
@@ -778,6 +787,12 @@ impl Validate for AgentFile {
             32,
         );
         v.range("collector.ack_timeout_secs", c.ack_timeout_secs, 1, 3600);
+        v.range(
+            "collector.reconnect_spread_secs",
+            c.reconnect_spread_secs,
+            0,
+            300,
+        );
         let cert = v.existing_file("tls.cert", &self.tls.cert);
         let key = v.existing_file("tls.key", &self.tls.key);
         if self.usb.enabled || self.files.enabled {
@@ -905,6 +920,7 @@ impl Validate for AgentFile {
             batch_linger: Duration::from_millis(c.batch_linger_ms),
             max_batches_in_flight: c.max_batches_in_flight,
             ack_timeout: Duration::from_secs(c.ack_timeout_secs),
+            reconnect_spread: Duration::from_secs(c.reconnect_spread_secs),
             usb,
             files,
             network,
