@@ -208,11 +208,7 @@ fn mosquitto_killed_mid_burst_loses_nothing() {
         return;
     }
     let _one_at_a_time = serial();
-    let Some(mosquitto) = which("mosquitto") else {
-        require(
-            "Mosquitto test needs the `mosquitto` binary (apt-get install mosquitto)",
-            false,
-        );
+    let Some(mosquitto) = mosquitto() else {
         return;
     };
     let s = setup(2000, "", "");
@@ -236,6 +232,18 @@ fn mosquitto_killed_mid_burst_loses_nothing() {
     let broker = start_broker(2);
     wait_count(&s.w, 10_000, &[&collector, &agent, &broker]);
     println!("mosquitto killed with {stored_at_kill} stored; after restart: 10000");
+}
+
+/// The `mosquitto` binary, or `None` after reporting the test as skipped.
+fn mosquitto() -> Option<std::path::PathBuf> {
+    let found = which("mosquitto");
+    if found.is_none() {
+        require(
+            "Mosquitto test needs the `mosquitto` binary (apt-get install mosquitto)",
+            false,
+        );
+    }
+    found
 }
 
 /// Starts the `n`-th run of a plain Mosquitto (TLS, client certificates, no
@@ -270,11 +278,7 @@ fn what_reached_no_collector_is_sent_again_when_one_announces_itself() {
         return;
     }
     let _one_at_a_time = serial();
-    let Some(mosquitto) = which("mosquitto") else {
-        require(
-            "Mosquitto test needs the `mosquitto` binary (apt-get install mosquitto)",
-            false,
-        );
+    let Some(mosquitto) = mosquitto() else {
         return;
     };
     let s = setup(2000, "", "");

@@ -89,6 +89,15 @@ pub fn key(seq: u64) -> EventKey {
 /// A PKI with the given agents and a real `weilan collector serve` on `port` under
 /// `root` (embedded broker, SQLite, alert log); returns the PKI and the process.
 pub fn start_collector(root: &Path, port: u16, agents: &[String]) -> (PkiPaths, Killed) {
+    start_collector_with(
+        root,
+        agents,
+        &format!("[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+}
+
+/// [`start_collector`] with its own `[broker]` section (e.g. an external broker).
+pub fn start_collector_with(root: &Path, agents: &[String], broker: &str) -> (PkiPaths, Killed) {
     let pki_paths = PkiPaths::new(root.join("pki"));
     weilan_collector::pki::init(&pki_paths, &["weilan-collector".into(), "127.0.0.1".into()])
         .unwrap();
@@ -99,9 +108,10 @@ pub fn start_collector(root: &Path, port: u16, agents: &[String]) -> (PkiPaths, 
     std::fs::write(
         root.join("collector.toml"),
         format!(
-            "[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\n[tls]\nca = \"pki/ca.pem\"\nserver_cert = \"pki/server.pem\"\n\
+            "{broker}[tls]\nca = \"pki/ca.pem\"\nserver_cert = \"pki/server.pem\"\n\
              server_key = \"pki/server-key.pem\"\nclient_cert = \"pki/collector.pem\"\nclient_key = \"pki/collector-key.pem\"\n\
-             [store]\npath = \"weilan.db\"\n[alerts]\npath = \"alerts.jsonl\"\n[policy]\npath = \"policy.toml\"\n[log]\nlevel = \"warn\"\n"
+             [store]\npath = \"weilan.db\"\n[alerts]\npath = \"alerts.jsonl\"\n[policy]\npath = \"policy.toml\"\n[log]\nlevel = \"{level}\"\n",
+            level = std::env::var("COLLECTOR_LOG_LEVEL").unwrap_or("warn".into())
         ),
     )
     .unwrap();
@@ -109,9 +119,16 @@ pub fn start_collector(root: &Path, port: u16, agents: &[String]) -> (PkiPaths, 
         std::process::Command::new(env!("CARGO_BIN_EXE_weilan"))
             .args(["collector", "serve", "--config"])
             .arg(root.join("collector.toml"))
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("COLLECTOR_LOG_LEVEL").unwrap_or("warn".into()),
+            )
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            // `COLLECTOR_LOG=path`: keep the collector's (and its broker's) log there.
+            .stderr(match std::env::var_os("COLLECTOR_LOG") {
+                Some(path) => std::fs::File::create(path).unwrap().into(),
+                None => std::process::Stdio::null(),
+            })
             .spawn()
             .unwrap(),
     );
