@@ -37,10 +37,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{cpu_ticks, env_or, free_port, options, rss_kib, signed_batch, start_collector, tls};
+use common::{
+    cpu_ticks, env_or, envelope, free_port, options, rss_kib, signed_batch, start_collector, tls,
+};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use tokio::sync::Barrier;
-use weilan_config::event::{Envelope, Event as WEvent, EventId, EventKey, FileExported, Heartbeat};
+use weilan_config::event::{Envelope, Event as WEvent, FileExported, Heartbeat};
 use weilan_config::signing::Signer;
 
 /// What one simulated agent measured.
@@ -74,21 +76,6 @@ struct Plan {
     spread: Duration,
     /// The agents' `batch_linger_ms` (`LINGER_MS`).
     linger: Duration,
-}
-
-fn envelope(agent: &str, seq: u64, event: WEvent) -> Envelope {
-    Envelope {
-        schema: 1,
-        event_id: EventId {
-            agent_id: agent.into(),
-            key: EventKey { epoch: 1, seq },
-        },
-        time: jiff::Timestamp::now(),
-        host_role: "workstation".into(),
-        site: None,
-        prev_hash: String::new(),
-        event,
-    }
 }
 
 fn heartbeat(agent: &str, seq: u64) -> Envelope {

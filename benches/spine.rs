@@ -23,21 +23,14 @@ use common::{
     cpu_ticks, env_or, free_port, options, rss_kib, signed_batch, start_collector, tls, Killed,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use weilan_config::event::{Envelope, Event as WEvent, EventId, EventKey, UsbDevice, UsbInterface};
+use weilan_config::event::{Envelope, Event as WEvent, UsbDevice, UsbInterface};
 use weilan_config::signing::Signer;
 
 fn event(agent: &str, seq: u64) -> Envelope {
-    Envelope {
-        schema: 1,
-        event_id: EventId {
-            agent_id: agent.into(),
-            key: EventKey { epoch: 1, seq },
-        },
-        time: jiff::Timestamp::now(),
-        host_role: "workstation".into(),
-        site: None,
-        prev_hash: String::new(),
-        event: WEvent::UsbAttached(UsbDevice {
+    common::envelope(
+        agent,
+        seq,
+        WEvent::UsbAttached(UsbDevice {
             port_path: "1-2".into(),
             busnum: 1,
             devnum: (seq % 120) as u16,
@@ -61,7 +54,7 @@ fn event(agent: &str, seq: u64) -> Envelope {
             block_devices: vec![],
             present_at_start: false,
         }),
-    }
+    )
 }
 
 /// Signed batch payloads for one agent: a hash-chained journal's worth of records.

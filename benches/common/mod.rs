@@ -82,6 +82,22 @@ pub fn signed_batch(
     serde_json::to_vec(&signer.sign(Purpose::Batch, body)).unwrap()
 }
 
+/// An event of `agent` at sequence `seq` of epoch 1, made now (chained by [`signed_batch`]).
+pub fn envelope(agent: &str, seq: u64, event: weilan_config::event::Event) -> Envelope {
+    Envelope {
+        schema: 1,
+        event_id: weilan_config::event::EventId {
+            agent_id: agent.into(),
+            key: key(seq),
+        },
+        time: jiff::Timestamp::now(),
+        host_role: "workstation".into(),
+        site: None,
+        prev_hash: String::new(),
+        event,
+    }
+}
+
 pub fn key(seq: u64) -> EventKey {
     EventKey { epoch: 1, seq }
 }
