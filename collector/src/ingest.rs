@@ -33,6 +33,9 @@ pub struct IngestStats {
     pub batches_committed: AtomicU64,
 }
 
+/// Refusals gathered and not yet in the database, at most.
+const MAX_REFUSED_WAITING: usize = 10_000;
+
 /// A message after its signature check.
 enum Authenticated {
     Batch(SignedMessage),
@@ -228,19 +231,36 @@ impl Ingest {
     fn refuse(&self, topic: &str, reason: &str, payload: &[u8]) {
         self.stats.rejected.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%topic, %reason, size = payload.len(), "payload refused and quarantined");
-        self.refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(store::Refused::new(topic, reason, payload));
+        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        // Only while the database keeps failing does this fill up.
+        if refused.len() >= MAX_REFUSED_WAITING {
+            tracing::error!(%topic, "refusals waiting for the database are at their bound; this one is counted, not kept");
+            return;
+        }
+        refused.push(store::Refused::new(topic, reason, payload));
     }
 
     /// Writes the refusals gathered so far inside `tx`.
+    /// They stay gathered until the transaction has committed ([`Ingest::refused_kept`]),
+    /// so a group that fails to commit does not take its refusals with it.
     fn quarantine_refused(&self, tx: &rusqlite::Transaction<'_>) -> Result<(), store::StoreError> {
-        let refused = std::mem::take(&mut *self.refused.lock().unwrap_or_else(|p| p.into_inner()));
-        for r in &refused {
+        for r in self
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             store::quarantine_refused_in(tx, r)?;
         }
         Ok(())
+    }
+
+    /// The gathered refusals are in the database now.
+    fn refused_kept(&self) {
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// Writes the refusals gathered outside a group's transaction (door messages).
@@ -253,11 +273,14 @@ impl Ingest {
         {
             return;
         }
-        if let Err(e) = self
+        match self
             .store()
             .in_transaction(|tx| self.quarantine_refused(tx))
         {
-            tracing::error!(error = %e, "could not quarantine refused payloads");
+            Ok(()) => self.refused_kept(),
+            Err(e) => {
+                tracing::error!(error = %e, "could not quarantine refused payloads; kept for the next attempt")
+            }
         }
     }
 
@@ -562,7 +585,10 @@ impl Ingest {
             Ok(())
         });
         match committed {
-            Ok(()) => results,
+            Ok(()) => {
+                self.refused_kept();
+                results
+            }
             Err(e) => {
                 tracing::error!(error = %e, messages = steps.len(), "group not committed; nothing in it is acknowledged");
                 steps.iter().map(|_| None).collect()
