@@ -437,6 +437,10 @@ fn one() -> u64 {
     1
 }
 
+/// Write transactions begin IMMEDIATE: a deferred one that reads and then writes
+/// fails at once with "database is locked" when another connection (the running
+/// collector and a CLI command) committed in between, and the busy timeout never
+/// applies to that case.
 pub struct Store {
     conn: Connection,
 }
@@ -447,10 +451,11 @@ impl Store {
             path: path.display().to_string(),
             source,
         })?;
+        // First: every statement below may meet the running collector's write lock.
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let mut store = Store { conn };
         store.migrate()?;
         Ok(store)
@@ -468,7 +473,9 @@ impl Store {
             });
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
-            let tx = self.conn.transaction()?;
+            let tx = self
+                .conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             tx.execute_batch(sql)?;
             tx.pragma_update(None, "user_version", (i + 1) as i64)?;
             tx.commit()?;
@@ -488,7 +495,9 @@ impl Store {
         now: jiff::Timestamp,
     ) -> Result<PolicyRelease, StoreError> {
         let sha256 = weilan_config::wire::PolicyPush::digest(text);
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let newest: Option<PolicyRelease> = tx
             .query_row(
                 "SELECT serial, sha256, label, issued_at FROM policy_releases ORDER BY serial DESC LIMIT 1",
@@ -542,7 +551,9 @@ impl Store {
             Vec<crate::rules::Finding>,
         ) -> Result<T, StoreError>,
     ) -> Result<(BatchOutcome, T), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let out = store_batch_in(&tx, agent, events, received_at, rules)?;
         tx.commit()?;
         Ok(out)
@@ -552,7 +563,9 @@ impl Store {
         &mut self,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let out = f(&tx)?;
         tx.commit()?;
         Ok(out)
@@ -569,7 +582,9 @@ impl Store {
         reason: &str,
         payload: &[u8],
     ) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         quarantine_in(&tx, topic, reason, payload)?;
         tx.commit()?;
         Ok(())
@@ -644,7 +659,9 @@ impl Store {
         action: &str,
         reason: &str,
     ) -> Result<u64, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let last: i64 = tx.query_row(
             "SELECT COALESCE(MAX(seq), 0) FROM commands WHERE agent_id = ?1",
             [agent],
