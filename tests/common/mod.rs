@@ -866,44 +866,33 @@ pub fn probe_as_other_agent(
     own_id: &'static str,
     listen: Duration,
 ) -> Vec<(String, Vec<u8>)> {
-    for client_id in [victim, "weilan-collector"] {
+    // Forged publishes, each in a session of its own (Mosquitto disconnects a client
+    // that publishes where its ACL refuses): on the victim's events topic under the
+    // victim's and the collector's client ids, and a retained "collector offline",
+    // which would make every agent hold its batches.
+    let victim_events = format!("weilan/v1/agents/{victim}/events");
+    for (client_id, topic, retain) in [
+        (victim, victim_events.clone(), false),
+        ("weilan-collector", victim_events, false),
+        (
+            own_id,
+            "weilan/v1/collectors/weilan-collector/presence".to_string(),
+            true,
+        ),
+    ] {
         with_mqtt_client(ns, client_id, tls.clone(), move |client, mut eventloop| {
             Box::pin(async move {
                 if let Err(e) = connect(&mut eventloop).await {
                     panic!("the probe could not connect as {client_id}: {e}");
                 }
                 let _ = client
-                    .publish(
-                        format!("weilan/v1/agents/{victim}/events"),
-                        rumqttc::QoS::AtLeastOnce,
-                        false,
-                        b"FORGED".to_vec(),
-                    )
+                    .publish(topic, rumqttc::QoS::AtLeastOnce, retain, b"FORGED".to_vec())
                     .await;
                 let end = tokio::time::Instant::now() + Duration::from_secs(1);
                 while let Ok(Ok(_)) = tokio::time::timeout_at(end, eventloop.poll()).await {}
             })
         });
     }
-    // A forged, retained "collector offline" would make every agent hold its batches:
-    // the ACL must refuse it (Mosquitto also disconnects the publisher).
-    with_mqtt_client(ns, own_id, tls.clone(), move |client, mut eventloop| {
-        Box::pin(async move {
-            if let Err(e) = connect(&mut eventloop).await {
-                panic!("the probe could not connect: {e}");
-            }
-            let _ = client
-                .publish(
-                    "weilan/v1/collectors/weilan-collector/presence",
-                    rumqttc::QoS::AtLeastOnce,
-                    true,
-                    b"FORGED".to_vec(),
-                )
-                .await;
-            let end = tokio::time::Instant::now() + Duration::from_secs(1);
-            while let Ok(Ok(_)) = tokio::time::timeout_at(end, eventloop.poll()).await {}
-        })
-    });
     with_mqtt_client(ns, own_id, tls, move |client, mut eventloop| {
         Box::pin(async move {
             let mut got = Vec::new();
