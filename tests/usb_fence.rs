@@ -788,6 +788,21 @@ fn commands_are_authenticated_fresh_and_never_replayed() {
     assert_eq!(authorized(), "0");
     let executed = executed_result(w, diag);
     let used_seq = executed["seq"].as_u64().unwrap();
+    // The command went out through the running collector: the command line never
+    // connected as `weilan-collector`, which would have taken the collector's
+    // session over and, through its last will, told the agent nobody listens.
+    let (collector_log, agent_log) = (fw.collector.log_text(), fw.agent.log_text());
+    assert_eq!(
+        collector_log
+            .matches("collector subscribed to agent topics")
+            .count(),
+        1,
+        "the collector kept its one broker session:\n{collector_log}"
+    );
+    assert!(
+        !agent_log.contains("collector offline"),
+        "the agent never heard the collector go offline:\n{agent_log}"
+    );
 
     // Forged, replayed, expired, misaddressed, agent-signed: all refused, each reported.
     let collector_signer =

@@ -175,7 +175,7 @@ enum Command {
         /// Write the token here (for `weilan-agent unlock --token FILE`, e.g. offline).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Send it to the agent now, over MQTT (a signed command).
+        /// Send it to the agent now, as a signed command (through the running collector).
         #[arg(long)]
         send: bool,
     },
@@ -603,7 +603,7 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
             };
             match crate::unlock::send_command(&settings, &agent, action, &reason, valid_secs) {
                 Ok(seq) => {
-                    println!("command {seq} sent to {agent}; its result arrives as a command.result event");
+                    println!("command {seq} sent to {agent} by the running collector; its result arrives as a command.result event");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -73,6 +73,9 @@ struct Decoded<'a> {
     rejected: Vec<EventRejection>,
 }
 
+/// Most queued commands published per look (`Ingest::queued_commands`).
+const QUEUED_COMMANDS_PER_TICK: usize = 256;
+
 /// What to send back after a message.
 #[derive(Clone)]
 pub struct Reply {
@@ -740,6 +743,7 @@ impl Ingest {
                 c.action,
                 &c.reason,
                 c.valid_secs,
+                false,
             );
             match signed {
                 Ok((seq, payload)) => {
@@ -776,6 +780,51 @@ impl Ingest {
                 vec![]
             }
         }
+    }
+
+    /// The commands the command line queued in the database (`weilan-collector
+    /// command`, `unlock --send`), as replies to publish; each is marked sent, or
+    /// expired (and never sent) when its validity ended while no collector ran.
+    pub fn queued_commands(&self) -> Vec<Reply> {
+        let mut store = self.store();
+        let queued = match store.queued_commands(QUEUED_COMMANDS_PER_TICK) {
+            Ok(q) => q,
+            Err(e) => {
+                tracing::error!(error = %e, "queued commands not read");
+                return vec![];
+            }
+        };
+        if queued.is_empty() {
+            return vec![];
+        }
+        let now = jiff::Timestamp::now().as_second();
+        let (expired, live): (Vec<_>, Vec<_>) =
+            queued.into_iter().partition(|c| c.expires_at <= now);
+        let keys = |v: &[crate::store::QueuedCommand]| -> Vec<(String, u64)> {
+            v.iter().map(|c| (c.agent_id.clone(), c.seq)).collect()
+        };
+        for c in &expired {
+            tracing::warn!(agent_id = %c.agent_id, seq = c.seq, "queued command expired before it could be sent; not sent");
+        }
+        let marked = store
+            .set_command_states(&keys(&expired), crate::store::CommandState::Expired)
+            .and_then(|()| {
+                store.set_command_states(&keys(&live), crate::store::CommandState::Sent)
+            });
+        if let Err(e) = marked {
+            tracing::error!(error = %e, "queued commands not marked; sent on the next look");
+            return vec![];
+        }
+        live.into_iter()
+            .map(|c| {
+                tracing::info!(agent_id = %c.agent_id, seq = c.seq, "queued command sent");
+                Reply {
+                    topic: crate::unlock::command_topic(&c.agent_id),
+                    payload: c.payload,
+                    retain: false,
+                }
+            })
+            .collect()
     }
 
     /// Counts what flooding sources sent beyond their share and raises it, one

@@ -278,6 +278,10 @@ pub async fn run(
     let mut outbox = Outbox::default();
     let mut outbox_tick = tokio::time::interval(Duration::from_millis(5));
     let mut quota_tick = tokio::time::interval(Duration::from_millis(10));
+    // Commands the command line queued in the database (unlock.rs); one indexed
+    // lookup per tick.
+    let mut commands_tick = tokio::time::interval(Duration::from_millis(250));
+    commands_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         if processing.is_none() && !fair.is_empty() && !outbox.backed_up() {
             // One message of every source waiting, up to a bound, goes into one
@@ -305,6 +309,13 @@ pub async fn run(
                 match done {
                     Ok(replies) => outbox.send(&client, replies),
                     Err(e) => tracing::error!(error = %e, "ingest task failed; message skipped"),
+                }
+            }
+            _ = commands_tick.tick() => {
+                let work = ingest.clone();
+                match tokio::task::spawn_blocking(move || work.queued_commands()).await {
+                    Ok(replies) => outbox.send(&client, replies),
+                    Err(e) => tracing::error!(error = %e, "queued commands not sent"),
                 }
             }
             _ = flood_tick.tick(), if !refusals.by_source.is_empty() => {

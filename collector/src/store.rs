@@ -171,6 +171,16 @@ const MIGRATIONS: &[&str] = &[
         head_seq    INTEGER NOT NULL,
         at          TEXT NOT NULL
      ) WITHOUT ROWID;",
+    // 11: commands wait here for the running collector to publish them. The command
+    // line (and later the console) never connects to the broker as the collector: the
+    // broker binds the client id to the certificate, so it would take the running
+    // collector's session over, and its last will would tell every agent that no
+    // collector is listening. Earlier rows were published when written: `sent`.
+    "ALTER TABLE commands ADD COLUMN payload BLOB;
+     ALTER TABLE commands ADD COLUMN expires_at INTEGER;
+     ALTER TABLE commands ADD COLUMN state TEXT NOT NULL DEFAULT 'sent';
+     ALTER TABLE commands ADD COLUMN state_at TEXT;
+     CREATE INDEX commands_queued ON commands (issued_at) WHERE state = 'queued';",
 ];
 
 /// Who a quarantined payload's topic names (the agent or door controller), or the
@@ -193,6 +203,47 @@ pub struct QuarantineSummary {
     pub last_reason: String,
     /// Payloads still kept as evidence (the newest).
     pub kept: i64,
+}
+
+/// Where a command stands (`commands.state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandState {
+    /// Written by the command line, waiting for the running collector.
+    Queued,
+    /// Handed to the broker connection by the collector.
+    Sent,
+    /// Its validity ended before a collector could publish it; never sent.
+    Expired,
+}
+
+impl CommandState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandState::Queued => "queued",
+            CommandState::Sent => "sent",
+            CommandState::Expired => "expired",
+        }
+    }
+
+    fn parse(s: &str) -> Option<CommandState> {
+        [
+            CommandState::Queued,
+            CommandState::Sent,
+            CommandState::Expired,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
+    }
+}
+
+/// A signed command waiting for the running collector to publish it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedCommand {
+    pub agent_id: String,
+    pub seq: u64,
+    pub payload: Vec<u8>,
+    /// Unix seconds.
+    pub expires_at: i64,
 }
 
 /// One published policy release (see `policy_releases`).
@@ -653,12 +704,19 @@ impl Store {
     /// Reserves the next command sequence number for `agent`: above every one used
     /// before and at least the current time in milliseconds (so it also stays above
     /// numbers from a database that was lost).
-    pub fn next_command_seq(
+    /// Records a command for `agent` under its next sequence number (above every
+    /// earlier one and at least the current Unix millisecond) and returns the number
+    /// with the payload `sign` made for it. `queued` commands wait for the running
+    /// collector ([`Store::queued_commands`]); the others are published by the caller.
+    pub fn record_command(
         &mut self,
         agent: &str,
         action: &str,
         reason: &str,
-    ) -> Result<u64, StoreError> {
+        expires_at: jiff::Timestamp,
+        queued: bool,
+        sign: impl FnOnce(u64, jiff::Timestamp) -> Vec<u8>,
+    ) -> Result<(u64, Vec<u8>), StoreError> {
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -669,12 +727,76 @@ impl Store {
         )?;
         let now = jiff::Timestamp::now();
         let seq = (last + 1).max(now.as_millisecond());
+        let payload = sign(seq as u64, now);
         tx.execute(
-            "INSERT INTO commands (agent_id, seq, issued_at, action, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![agent, seq, now.to_string(), action, reason],
+            "INSERT INTO commands (agent_id, seq, issued_at, action, reason, payload, expires_at, state, state_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?3)",
+            params![
+                agent,
+                seq,
+                now.to_string(),
+                action,
+                reason,
+                queued.then_some(&payload),
+                expires_at.as_second(),
+                if queued { CommandState::Queued } else { CommandState::Sent }.as_str(),
+            ],
         )?;
         tx.commit()?;
-        Ok(seq as u64)
+        Ok((seq as u64, payload))
+    }
+
+    /// Commands waiting to be published, oldest first (at most `limit`).
+    pub fn queued_commands(&self, limit: usize) -> Result<Vec<QueuedCommand>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT agent_id, seq, payload, expires_at FROM commands
+             WHERE state = 'queued' ORDER BY issued_at, seq LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([limit as i64], |r| {
+            Ok(QueuedCommand {
+                agent_id: r.get(0)?,
+                seq: r.get::<_, i64>(1)? as u64,
+                payload: r.get::<_, Option<Vec<u8>>>(2)?.unwrap_or_default(),
+                expires_at: r.get::<_, Option<i64>>(3)?.unwrap_or(i64::MAX),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Moves queued commands to `state`.
+    pub fn set_command_states(
+        &mut self,
+        commands: &[(String, u64)],
+        state: CommandState,
+    ) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE commands SET state = ?3, state_at = ?4
+                 WHERE agent_id = ?1 AND seq = ?2 AND state = 'queued'",
+            )?;
+            let now = jiff::Timestamp::now().to_string();
+            for (agent, seq) in commands {
+                stmt.execute(params![agent, *seq as i64, state.as_str(), now])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Where command `seq` for `agent` stands, if it exists.
+    pub fn command_state(&self, agent: &str, seq: u64) -> Result<Option<CommandState>, StoreError> {
+        let state: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT state FROM commands WHERE agent_id = ?1 AND seq = ?2",
+                params![agent, seq as i64],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(state.and_then(|s| CommandState::parse(&s)))
     }
 
     pub fn count_events(&self) -> Result<i64, StoreError> {
@@ -830,6 +952,59 @@ pub fn touch_agent_in(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queued_commands_wait_in_order_and_leave_the_queue_once_sent_or_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("db.sqlite")).unwrap();
+        let later = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(600);
+        let mut record = |agent: &str, queued: bool| {
+            store
+                .record_command(agent, "block-device", "r", later, queued, |seq, _| {
+                    format!("payload {agent} {seq}").into_bytes()
+                })
+                .unwrap()
+        };
+        let (a1, p1) = record("ws-a", true);
+        let (a2, _) = record("ws-a", true);
+        let (b1, _) = record("ws-b", false);
+        assert!(a2 > a1, "sequence numbers rise per agent");
+        assert_eq!(p1, format!("payload ws-a {a1}").into_bytes());
+        let queued = store.queued_commands(10).unwrap();
+        assert_eq!(
+            queued
+                .iter()
+                .map(|c| (c.agent_id.as_str(), c.seq))
+                .collect::<Vec<_>>(),
+            [("ws-a", a1), ("ws-a", a2)],
+            "only the queued ones, oldest first"
+        );
+        assert_eq!(queued[0].payload, p1);
+        assert_eq!(
+            store.command_state("ws-b", b1).unwrap(),
+            Some(CommandState::Sent)
+        );
+        store
+            .set_command_states(&[("ws-a".into(), a1)], CommandState::Sent)
+            .unwrap();
+        store
+            .set_command_states(&[("ws-a".into(), a2)], CommandState::Expired)
+            .unwrap();
+        assert!(store.queued_commands(10).unwrap().is_empty());
+        assert_eq!(
+            store.command_state("ws-a", a2).unwrap(),
+            Some(CommandState::Expired)
+        );
+        // A sent command never goes back to another state.
+        store
+            .set_command_states(&[("ws-a".into(), a1)], CommandState::Expired)
+            .unwrap();
+        assert_eq!(
+            store.command_state("ws-a", a1).unwrap(),
+            Some(CommandState::Sent)
+        );
+        assert_eq!(store.command_state("ws-a", 1).unwrap(), None);
+    }
 
     #[test]
     fn a_database_of_the_previous_schema_keeps_its_badge_in_when_migrated() {

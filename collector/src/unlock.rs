@@ -4,9 +4,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use rumqttc::QoS;
-use tokio_util::sync::CancellationToken;
-use weilan_config::mqtt::{self, SessionConfig, SessionEvent};
+use crate::store::{CommandState, Store};
+
 use weilan_config::settings::collector::CollectorSettings;
 use weilan_config::signing::Signer;
 use weilan_config::topics::{self, Channel};
@@ -81,29 +80,26 @@ pub fn issue(
         summary.push_str(&format!("; written to {}", path.display()));
     }
     if send {
-        let command = Command {
-            agent_id: agent.to_string(),
-            seq: now.as_millisecond() as u64,
-            issued_at: now,
-            expires_at: now + jiff::SignedDuration::from_secs(600),
-            reason: format!("unlock {}: {reason}", token.token_id),
-            action: CommandAction::Unlock { token: signed },
-        };
-        let body = serde_json::to_string(&command).map_err(|e| e.to_string())?;
-        let payload =
-            serde_json::to_vec(&signer.sign(Purpose::Command, body)).map_err(|e| e.to_string())?;
-        send_once(
+        let seq = send_command(
             settings,
-            &topics::agent_topic(agent, Channel::Commands),
-            payload,
+            agent,
+            CommandAction::Unlock { token: signed },
+            &format!("unlock {}: {reason}", token.token_id),
+            600,
         )?;
-        summary.push_str("; sent");
+        summary.push_str(&format!("; sent as command {seq}"));
     }
     Ok(summary)
 }
 
-/// Signs `action` as a command for `agent` with the next sequence number, sends it,
-/// and returns the number.
+/// How long the command line waits for the running collector to publish a command.
+const PUBLISH_WAIT: Duration = Duration::from_secs(15);
+
+/// Signs `action` as a command for `agent` with the next sequence number and queues it
+/// in the database; the running collector publishes it (see `store.rs`, migration 11,
+/// for why the command line never connects as the collector). Returns the number once
+/// the collector has sent it; an error naming the number when none did in time (the
+/// command stays queued until it expires).
 pub fn send_command(
     settings: &CollectorSettings,
     agent: &str,
@@ -116,101 +112,61 @@ pub fn send_command(
     }
     let signer = Signer::from_pem_files(&settings.client_cert, &settings.client_key)
         .map_err(|e| e.to_string())?;
-    let mut store = crate::store::Store::open(&settings.store_path).map_err(|e| e.to_string())?;
-    let (seq, payload) = sign_command(&mut store, &signer, agent, action, reason, valid_secs)
+    let mut store = Store::open(&settings.store_path).map_err(|e| e.to_string())?;
+    let (seq, _) = sign_command(&mut store, &signer, agent, action, reason, valid_secs, true)
         .map_err(|e| e.to_string())?;
-    send_once(
-        settings,
-        &topics::agent_topic(agent, Channel::Commands),
-        payload,
-    )?;
-    Ok(seq)
+    let deadline = std::time::Instant::now() + PUBLISH_WAIT;
+    loop {
+        match store.command_state(agent, seq).map_err(|e| e.to_string())? {
+            Some(CommandState::Sent) => return Ok(seq),
+            Some(CommandState::Expired) => {
+                return Err(format!("command {seq} expired before a collector sent it"))
+            }
+            _ if std::time::Instant::now() >= deadline => {
+                return Err(format!(
+                    "command {seq} is queued, but no running collector sent it within {} s \
+                     (is weilan-collector running with this database?); it goes out when \
+                     one starts, unless it has expired by then",
+                    PUBLISH_WAIT.as_secs()
+                ))
+            }
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
 }
 
-/// Gives `action` for `agent` the next sequence number (recorded in the database)
-/// and signs it; returns the number and the MQTT payload.
+/// Gives `action` for `agent` the next sequence number, signs it and records it in
+/// the database (`queued` for the running collector to publish, else as sent by the
+/// caller); returns the number and the MQTT payload.
 pub fn sign_command(
-    store: &mut crate::store::Store,
+    store: &mut Store,
     signer: &Signer,
     agent: &str,
     action: CommandAction,
     reason: &str,
     valid_secs: i64,
+    queued: bool,
 ) -> Result<(u64, Vec<u8>), crate::store::StoreError> {
     let name = serde_json::to_value(&action)
         .ok()
         .and_then(|v| v["action"].as_str().map(str::to_string))
         .unwrap_or_default();
-    let seq = store.next_command_seq(agent, &name, reason)?;
-    let now = jiff::Timestamp::now();
-    let command = Command {
-        agent_id: agent.to_string(),
-        seq,
-        issued_at: now,
-        expires_at: now + jiff::SignedDuration::from_secs(valid_secs),
-        reason: reason.to_string(),
-        action,
-    };
-    let body = serde_json::to_string(&command).unwrap_or_default();
-    let payload = serde_json::to_vec(&signer.sign(Purpose::Command, body)).unwrap_or_default();
-    Ok((seq, payload))
+    let expires_at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(valid_secs.max(0));
+    store.record_command(agent, &name, reason, expires_at, queued, |seq, now| {
+        let command = Command {
+            agent_id: agent.to_string(),
+            seq,
+            issued_at: now,
+            expires_at,
+            reason: reason.to_string(),
+            action,
+        };
+        let body = serde_json::to_string(&command).unwrap_or_default();
+        serde_json::to_vec(&signer.sign(Purpose::Command, body)).unwrap_or_default()
+    })
 }
 
-fn send_once(settings: &CollectorSettings, topic: &str, payload: Vec<u8>) -> Result<(), String> {
-    let tls = weilan_config::tls::client_config(
-        &settings.ca,
-        &settings.client_cert,
-        &settings.client_key,
-        &settings.server_name,
-    )
-    .map_err(|e| e.to_string())?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        let stop = CancellationToken::new();
-        let (client, mut rx, task) = mqtt::spawn(
-            SessionConfig {
-                client_id: format!("{}-cli-{}", settings.client_id, std::process::id()),
-                host: settings.broker_host.clone(),
-                port: settings.broker_port,
-                tls,
-                keep_alive: Duration::from_secs(10),
-                last_will: None,
-                max_packet: 1 << 20,
-                request_capacity: 8,
-                max_inflight: 8,
-                incoming_capacity: 8,
-                subscriptions: vec![],
-                reconnect_spread: Duration::ZERO,
-            },
-            stop.clone(),
-        );
-        let connected = tokio::time::timeout(Duration::from_secs(10), async {
-            while let Some(ev) = rx.recv().await {
-                if matches!(ev, SessionEvent::Connected) {
-                    return true;
-                }
-            }
-            false
-        })
-        .await;
-        if connected != Ok(true) {
-            stop.cancel();
-            let _ = task.await;
-            return Err(format!(
-                "could not reach the broker at {}:{}",
-                settings.broker_host, settings.broker_port
-            ));
-        }
-        client
-            .try_publish(topic, QoS::AtLeastOnce, false, payload)
-            .map_err(|e| e.to_string())?;
-        // Let the publish go out before the orderly disconnect.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        stop.cancel();
-        let _ = task.await;
-        Ok(())
-    })
+/// The topic a queued command is published on.
+pub fn command_topic(agent: &str) -> String {
+    topics::agent_topic(agent, Channel::Commands)
 }
