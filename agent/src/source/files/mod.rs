@@ -453,6 +453,8 @@ impl FilesSource {
         let mut folding: HashMap<PathBuf, Folding> = HashMap::new();
         // Descriptors kept by files still being written (see `Pending::held`).
         let mut held_open: usize = 0;
+        // Exit points that went away lately: writes to them still queued are reported.
+        let mut gone_exits = GoneExits::default();
         loop {
             tokio::select! {
                 _ = ctx.shutdown.cancelled() => {
@@ -488,6 +490,7 @@ impl FilesSource {
                     // in place, so writes to those that stay exits are never missed.
                     let text = tokio::fs::read_to_string(&self.config.mountinfo).await.unwrap_or_default();
                     let gone = self.refresh_exits(&mut marked, &mounts::parse(&text), &enforcement.policy);
+                    gone_exits.note(&gone);
                     held_open -= report_unclosed(self.config.hash_max_bytes, gone, &mut pending, &workers, &enforcement).await?;
                 }
                 _ = source_walk.tick() => self.mark_sources(&mut source_dirs),
@@ -501,6 +504,7 @@ impl FilesSource {
                 _ = poll.tick() => {
                     let text = tokio::fs::read_to_string(&self.config.mountinfo).await.unwrap_or_default();
                     let gone = self.refresh_exits(&mut marked, &mounts::parse(&text), &enforcement.policy);
+                    gone_exits.note(&gone);
                     held_open -= report_unclosed(self.config.hash_max_bytes, gone, &mut pending, &workers, &enforcement).await?;
                     // Files found in new directories that stayed quiet: report them.
                     let quiet: Vec<PathBuf> = pending
@@ -566,6 +570,36 @@ impl FilesSource {
                             }
                             RawEvent::Write { path, close, writer, file, origins } => {
                                 let now = Timestamp::now();
+                                // The stick was pulled before this write was read (a
+                                // busy host): there is no later close or mount change
+                                // to report it by, so it is reported now, through its
+                                // descriptor.
+                                if !on_exit_point(&marked, &path) {
+                                    if let Some(ep) = gone_exits.find(&path) {
+                                        let mut p = pending.remove(&path).unwrap_or(Pending {
+                                            first: now,
+                                            last: now,
+                                            writer: None,
+                                            origins: Vec::new(),
+                                            found: false,
+                                            held: None,
+                                            quiet_since: std::time::Instant::now(),
+                                        });
+                                        let held = p.held.take();
+                                        held_open -= usize::from(held.is_some());
+                                        let file = file.or(held);
+                                        p.last = now;
+                                        if p.writer.as_ref().is_none_or(|w| w.exe.is_none()) && writer.is_some() {
+                                            p.writer = writer;
+                                        }
+                                        p.origins.extend(origins.into_iter().take(16));
+                                        tracing::warn!(path = %path.display(), mount = %ep.mount.mount_point, close, "write read after its exit point went away; reported now");
+                                        let mut job = job_on(ep, self.config.hash_max_bytes, path, file, p, &enforcement);
+                                        job.unclosed = !close;
+                                        workers.submit(job).await?;
+                                        continue;
+                                    }
+                                }
                                 if close && rescanned_before(&mut rescanned, &path, file.as_ref()) {
                                     if pending.remove(&path).is_some_and(|p| p.held.is_some()) {
                                         held_open -= 1;
@@ -662,6 +696,51 @@ impl FilesSource {
                 }
             }
         }
+    }
+}
+
+/// Whether `path` lies on an exit point being watched.
+fn on_exit_point(marked: &HashMap<String, ExitPoint>, path: &Path) -> bool {
+    marked
+        .values()
+        .any(|e| path.starts_with(&e.mount.mount_point))
+}
+
+/// Exit points that went away in the last [`GONE_GRACE`] (at most [`MAX_GONE`]): a
+/// write the kernel queued before a stick was pulled may be read only after the
+/// mount left the table, and is still a file that left on that stick.
+#[derive(Default)]
+struct GoneExits(std::collections::VecDeque<(std::time::Instant, ExitPoint)>);
+
+/// How long a vanished exit point still claims the writes read late.
+const GONE_GRACE: Duration = Duration::from_secs(120);
+/// Most vanished exit points remembered.
+const MAX_GONE: usize = 64;
+
+impl GoneExits {
+    fn note(&mut self, gone: &[ExitPoint]) {
+        for ep in gone {
+            if self.0.len() >= MAX_GONE {
+                self.0.pop_front();
+            }
+            self.0.push_back((std::time::Instant::now(), ep.clone()));
+        }
+    }
+
+    /// The most recently vanished exit point that `path` lies on.
+    fn find(&mut self, path: &Path) -> Option<&ExitPoint> {
+        while self
+            .0
+            .front()
+            .is_some_and(|(at, _)| at.elapsed() > GONE_GRACE)
+        {
+            self.0.pop_front();
+        }
+        self.0
+            .iter()
+            .rev()
+            .map(|(_, ep)| ep)
+            .find(|ep| path.starts_with(&ep.mount.mount_point))
     }
 }
 

@@ -479,6 +479,56 @@ async fn which_file_systems_are_exit_points_is_policy() {
     }
 }
 
+/// A busy host: the stick is pulled (its mount leaves the table) before the agent has
+/// read the write the kernel queued for it. Nothing else will ever report that file.
+#[tokio::test]
+async fn a_write_read_after_its_exit_point_went_away_is_still_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mount, mountinfo) = fake_mount(dir.path());
+    let Running {
+        backend: btx,
+        events: mut rx,
+        stop,
+        marked,
+        ..
+    } = spawn_source(dir.path(), mountinfo.clone(), &mount, "", None);
+    let watched = || marked.lock().unwrap().len();
+    while watched() == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let held = mount.join("held.txt");
+    std::fs::write(&held, "written just before the pull").unwrap();
+    let file = std::fs::File::open(&held).unwrap();
+    std::fs::write(&mountinfo, "").unwrap();
+    // The source notices the mount is gone (it polls mountinfo), then reads the write.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    btx.send(vec![RawEvent::Write {
+        path: held.clone(),
+        close: false,
+        writer: writer(),
+        file: Some(file),
+        origins: Vec::new(),
+    }])
+    .await
+    .unwrap();
+    let Event::FileExported(e) = next_event(&mut rx).await else {
+        panic!()
+    };
+    assert_eq!(e.path, held.to_str().unwrap());
+    assert!(e.unclosed, "{e:?}");
+    assert_eq!(e.size, 28);
+    assert!(
+        e.sha256.is_some(),
+        "read through the event's descriptor: {e:?}"
+    );
+    assert_eq!(
+        e.mount_point,
+        mount.to_str().unwrap(),
+        "the vanished exit point"
+    );
+    stop.cancel();
+}
+
 #[tokio::test]
 async fn a_file_open_when_its_exit_point_goes_away_is_reported_unclosed() {
     let dir = tempfile::tempdir().unwrap();
