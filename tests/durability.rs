@@ -294,6 +294,14 @@ fn what_reached_no_collector_is_sent_again_when_one_announces_itself() {
     let collector = s.w.start_collector(&s.ns, &s.w.collector_toml(true, ""));
     let agent = s.w.start_agent(&s.ns, &s.agent_cfg, AGENT);
     let base = base_seq(&s.agent_cfg, &[&collector, &agent, &broker]);
+    // The agent has heard the collector announce itself (its events are stored), so
+    // after the restart it sends at once rather than waiting for a presence.
+    wait_for(
+        "the agent's first events stored",
+        T,
+        || (s.w.count("SELECT COUNT(*) FROM events") >= 2).then_some(()),
+        diag(&[&collector, &agent, &broker]),
+    );
     // The collector is held back while the broker restarts, so the agent is certainly
     // first.
     collector.signal(Signal::SIGSTOP);
