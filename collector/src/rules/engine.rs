@@ -137,19 +137,75 @@ pub struct EngineStats {
     pub reload_failures: u64,
 }
 
+/// The context variables (`event`, `agent`, `device`, ...) that some expressions
+/// read: a fact gets only those its candidate rules need, so that, say, the device
+/// lookup in the database or the local-time conversion are not paid by facts whose
+/// rules never look at them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Needs(u8);
+
+impl Needs {
+    const EVENT: u8 = 1;
+    const AGENT: u8 = 1 << 1;
+    const USER: u8 = 1 << 2;
+    const DEVICE: u8 = 1 << 3;
+    const TIME: u8 = 1 << 4;
+    const CLOCK: u8 = 1 << 5;
+    const PERSON: u8 = 1 << 6;
+    const NAMES: [(&'static str, u8); 7] = [
+        ("event", Needs::EVENT),
+        ("agent", Needs::AGENT),
+        ("user", Needs::USER),
+        ("device", Needs::DEVICE),
+        ("time", Needs::TIME),
+        ("clock", Needs::CLOCK),
+        ("person", Needs::PERSON),
+    ];
+
+    /// What `rule`'s expressions read.
+    fn of(rule: &Rule) -> Needs {
+        let mut needs = Needs::default();
+        for e in rule.expressions() {
+            let refs = e.program.references();
+            for (name, flag) in Needs::NAMES {
+                if refs.has_variable(name) {
+                    needs.0 |= flag;
+                }
+            }
+        }
+        needs
+    }
+
+    fn has(self, flag: u8) -> bool {
+        self.0 & flag != 0
+    }
+}
+
+impl std::ops::BitOr for Needs {
+    type Output = Needs;
+    fn bitor(self, other: Needs) -> Needs {
+        Needs(self.0 | other.0)
+    }
+}
+
 /// A loaded, compiled rule set.
 pub struct RuleSet {
     rules: Vec<Rule>,
     by_kind: HashMap<String, Vec<usize>>,
     any_kind: Vec<usize>,
+    /// Per fact kind, what its candidate rules (and presence rules) read; the rules
+    /// for every kind are in `needs_any`.
+    needs_by_kind: HashMap<String, Needs>,
+    needs_any: Needs,
     /// `absent` rules by the kinds of their presence facts.
     presence_by_kind: HashMap<String, Vec<usize>>,
     user_groups: BTreeMap<String, Vec<String>>,
     agent_groups: Vec<(String, regex::Regex)>,
     working_hours: WorkingHours,
-    lists: Value,
-    /// The standard CEL environment, built once per set.
-    env: Arc<cel::Env>,
+    /// The scope every fact's context is a child of: the standard environment, the
+    /// `lists` and the functions Weilan adds, converted once per set rather than once
+    /// per fact.
+    root: cel::Context<'static, 'static>,
     /// The files it came from.
     pub files: Vec<String>,
 }
@@ -276,6 +332,15 @@ impl RuleSet {
                 }
             }
         }
+        let needs: Vec<Needs> = rules.iter().map(Needs::of).collect();
+        let needs_any = any_kind
+            .iter()
+            .fold(Needs::default(), |acc, &i| acc | needs[i]);
+        let mut needs_by_kind: HashMap<String, Needs> = HashMap::new();
+        for (kind, ids) in by_kind.iter().chain(presence_by_kind.iter()) {
+            let n = needs_by_kind.entry(kind.clone()).or_default();
+            *n = ids.iter().fold(*n, |acc, &i| acc | needs[i]);
+        }
         let agent_groups = agent_groups
             .into_iter()
             .flat_map(|(g, pats)| {
@@ -300,12 +365,18 @@ impl RuleSet {
             rules,
             by_kind,
             any_kind,
+            needs_by_kind,
+            needs_any,
             presence_by_kind,
             user_groups,
             agent_groups,
             working_hours,
-            lists,
-            env: Arc::new(cel::Env::stdlib()),
+            root: {
+                let mut root = cel::Context::with_env(Arc::new(cel::Env::stdlib()));
+                let _ = root.add_function("in_cidr", in_cidr);
+                root.add_variable_from_value("lists", lists);
+                root
+            },
             files,
         })
     }
@@ -533,10 +604,12 @@ impl Engine {
             if candidates.is_empty() && presence_rules.is_empty() {
                 continue;
             }
-            let vars = enrich(&set, &self.roster, tx, policy, fact, now)?;
-            let mut ctx = cel::Context::with_env(set.env.clone());
-            let _ = ctx.add_function("in_cidr", in_cidr);
-            ctx.add_variable_from_value("lists", set.lists.clone());
+            let needs = set
+                .needs_by_kind
+                .get(fact.kind.as_str())
+                .map_or(set.needs_any, |n| *n | set.needs_any);
+            let vars = enrich(&set, &self.roster, tx, policy, fact, now, needs)?;
+            let mut ctx = set.root.new_inner_scope();
             for (name, value) in vars {
                 ctx.add_variable_from_value(name, value);
             }
@@ -999,7 +1072,8 @@ fn absent(
     })
 }
 
-/// The CEL variables for one fact.
+/// The context of one fact: the variables `needs` names (see [`Needs`]).
+#[allow(clippy::too_many_arguments)]
 fn enrich(
     set: &RuleSet,
     roster: &crate::roster::Roster,
@@ -1007,100 +1081,124 @@ fn enrich(
     policy: &Policy,
     fact: &Fact,
     now: jiff::Timestamp,
+    needs: Needs,
 ) -> Result<Vec<(&'static str, Value)>, StoreError> {
-    let event = map([
-        ("kind", Value::from(fact.kind.as_str())),
-        ("id", Value::from(fact.event_id.clone().unwrap_or_default())),
-        ("agent_id", Value::from(fact.agent_id.as_str())),
-        ("time", Value::from(fact.time.to_string())),
-        ("data", json_to_cel(&fact.data)),
-    ]);
-    let groups: Vec<Value> = set
-        .agent_groups(&fact.agent_id)
-        .into_iter()
-        .map(Value::from)
-        .collect();
-    let agent = map([
-        ("id", Value::from(fact.agent_id.as_str())),
-        ("role", Value::from(fact.host_role.as_str())),
-        (
-            "site",
-            fact.site.as_deref().map_or(Value::Null, Value::from),
-        ),
-        ("groups", Value::List(Arc::new(groups))),
-    ]);
-    let user_name = fact
-        .data
-        .get("user")
-        .and_then(|u| u.as_str())
-        .unwrap_or_default()
-        .to_string();
-    let user_groups: Vec<Value> = set
-        .user_groups
-        .iter()
-        .filter(|(_, members)| !user_name.is_empty() && members.contains(&user_name))
-        .map(|(g, _)| Value::from(g.as_str()))
-        .collect();
-    let user = map([
-        ("name", Value::from(user_name)),
-        ("groups", Value::List(Arc::new(user_groups))),
-    ]);
-    let host_groups: Vec<String> = set
-        .agent_groups(&fact.agent_id)
-        .into_iter()
-        .map(str::to_string)
-        .collect();
-    let device = device(tx, policy, fact, &host_groups)?;
-    let wh = &set.working_hours;
-    let local = fact.time.to_zoned(wh.tz.clone());
-    let clock_time = local.time();
-    let working =
-        wh.days.contains(&local.weekday()) && clock_time >= wh.start && clock_time < wh.end;
-    let time = map([
-        ("working_hours", Value::Bool(working)),
-        ("hour", Value::Int(local.hour() as i64)),
-        ("weekday", Value::from(weekday_name(local.weekday()))),
-        (
-            "local",
-            Value::from(local.strftime("%Y-%m-%d %H:%M").to_string()),
-        ),
-    ]);
-    let clock = map([
-        (
-            "skew_secs",
-            Value::Int(fact.time.as_second() - now.as_second()),
-        ),
-        ("received", Value::from(now.to_string())),
-    ]);
-    // `person.known`: null without a roster or without a card in the event.
-    let person = match fact.data.get("id_hash").and_then(|h| h.as_str()) {
-        Some(h) if roster.configured() => match roster.person(h) {
-            Some(p) => map([
-                ("known", Value::Bool(true)),
-                ("name", Value::from(p.name.as_str())),
-                ("department", Value::from(p.department.as_str())),
+    let mut vars = Vec::with_capacity(7);
+    if needs.has(Needs::EVENT) {
+        vars.push((
+            "event",
+            map([
+                ("kind", Value::from(fact.kind.as_str())),
+                ("id", Value::from(fact.event_id.clone().unwrap_or_default())),
+                ("agent_id", Value::from(fact.agent_id.as_str())),
+                ("time", Value::from(fact.time.to_string())),
+                ("data", json_to_cel(&fact.data)),
             ]),
-            None => map([
-                ("known", Value::Bool(false)),
+        ));
+    }
+    if needs.has(Needs::AGENT) {
+        let groups: Vec<Value> = set
+            .agent_groups(&fact.agent_id)
+            .into_iter()
+            .map(Value::from)
+            .collect();
+        vars.push((
+            "agent",
+            map([
+                ("id", Value::from(fact.agent_id.as_str())),
+                ("role", Value::from(fact.host_role.as_str())),
+                (
+                    "site",
+                    fact.site.as_deref().map_or(Value::Null, Value::from),
+                ),
+                ("groups", Value::List(Arc::new(groups))),
+            ]),
+        ));
+    }
+    if needs.has(Needs::USER) {
+        let user_name = fact
+            .data
+            .get("user")
+            .and_then(|u| u.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let user_groups: Vec<Value> = set
+            .user_groups
+            .iter()
+            .filter(|(_, members)| !user_name.is_empty() && members.contains(&user_name))
+            .map(|(g, _)| Value::from(g.as_str()))
+            .collect();
+        vars.push((
+            "user",
+            map([
+                ("name", Value::from(user_name)),
+                ("groups", Value::List(Arc::new(user_groups))),
+            ]),
+        ));
+    }
+    if needs.has(Needs::DEVICE) {
+        let host_groups: Vec<String> = set
+            .agent_groups(&fact.agent_id)
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        vars.push(("device", device(tx, policy, fact, &host_groups)?));
+    }
+    if needs.has(Needs::TIME) {
+        let wh = &set.working_hours;
+        let local = fact.time.to_zoned(wh.tz.clone());
+        let clock_time = local.time();
+        let working =
+            wh.days.contains(&local.weekday()) && clock_time >= wh.start && clock_time < wh.end;
+        vars.push((
+            "time",
+            map([
+                ("working_hours", Value::Bool(working)),
+                ("hour", Value::Int(local.hour() as i64)),
+                ("weekday", Value::from(weekday_name(local.weekday()))),
+                (
+                    "local",
+                    Value::from(local.strftime("%Y-%m-%d %H:%M").to_string()),
+                ),
+            ]),
+        ));
+    }
+    if needs.has(Needs::CLOCK) {
+        vars.push((
+            "clock",
+            map([
+                (
+                    "skew_secs",
+                    Value::Int(fact.time.as_second() - now.as_second()),
+                ),
+                ("received", Value::from(now.to_string())),
+            ]),
+        ));
+    }
+    if needs.has(Needs::PERSON) {
+        // `person.known`: null without a roster or without a card in the event.
+        let person = match fact.data.get("id_hash").and_then(|h| h.as_str()) {
+            Some(h) if roster.configured() => match roster.person(h) {
+                Some(p) => map([
+                    ("known", Value::Bool(true)),
+                    ("name", Value::from(p.name.as_str())),
+                    ("department", Value::from(p.department.as_str())),
+                ]),
+                None => map([
+                    ("known", Value::Bool(false)),
+                    ("name", Value::Null),
+                    ("department", Value::Null),
+                ]),
+            },
+            _ => map([
+                ("known", Value::Null),
                 ("name", Value::Null),
                 ("department", Value::Null),
             ]),
-        },
-        _ => map([
-            ("known", Value::Null),
-            ("name", Value::Null),
-            ("department", Value::Null),
-        ]),
-    };
-    Ok(vec![
-        ("event", event),
-        ("agent", agent),
-        ("user", user),
-        ("device", device),
-        ("time", time),
-        ("clock", clock),
-        ("person", person),
-    ])
+        };
+        vars.push(("person", person));
+    }
+    Ok(vars)
 }
 
 /// Remembers the agent's latest fence decision for a device (`device.decision`).
@@ -1297,4 +1395,66 @@ fn command(
         },
         CommandKind::RequestInventory => CommandAction::RequestInventory,
     })
+}
+
+#[cfg(test)]
+mod needs_tests {
+    use super::*;
+
+    #[test]
+    fn a_fact_gets_only_the_variables_its_rules_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("site.toml"),
+            r#"
+[[rule]]
+id = "site.night-copy"
+title = "t"
+description = "d"
+level = "yellow"
+on = ["file.exported"]
+condition = "!time.working_hours && event.data.exit == 'removable'"
+summary = "{agent.id} {event.data.path}"
+
+[[rule]]
+id = "site.device-key"
+title = "t"
+description = "d"
+level = "blue"
+on = ["usb.attached"]
+condition = "true"
+key = "device.hash"
+summary = "attached"
+
+[[rule]]
+id = "site.everything"
+title = "t"
+description = "d"
+level = "blue"
+on = ["*"]
+condition = "clock.skew_secs > 3600"
+summary = "skew"
+"#,
+        )
+        .unwrap();
+        let set = RuleSet::load(false, Some(dir.path()))
+            .unwrap_or_else(|e| panic!("{}", e.iter().map(|e| e.to_string()).collect::<String>()));
+        let names = |n: Needs| -> Vec<&str> {
+            Needs::NAMES
+                .iter()
+                .filter(|(_, f)| n.has(*f))
+                .map(|(name, _)| *name)
+                .collect()
+        };
+        assert_eq!(names(set.needs_any), ["clock"]);
+        assert_eq!(
+            names(set.needs_by_kind["file.exported"] | set.needs_any),
+            ["event", "agent", "time", "clock"]
+        );
+        assert_eq!(
+            names(set.needs_by_kind["usb.attached"] | set.needs_any),
+            ["device", "clock"],
+            "no device lookup for file.exported, no local time for usb.attached"
+        );
+    }
 }

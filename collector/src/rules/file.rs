@@ -258,6 +258,34 @@ pub struct Rule {
     pub origin: String,
 }
 
+impl Rule {
+    /// Every CEL expression of the rule: its condition, key, summary, correlation and
+    /// the commands it sends.
+    pub fn expressions(&self) -> impl Iterator<Item = &Expr> {
+        let summary = self.summary.iter().filter_map(|p| match p {
+            Piece::Expr(e) => Some(e),
+            Piece::Text(_) => None,
+        });
+        let correlation = self.correlation.iter().flat_map(|c| {
+            c.field.iter().chain(
+                c.presence
+                    .iter()
+                    .flat_map(|p| p.condition.iter().chain(std::iter::once(&p.key))),
+            )
+        });
+        let commands = self.actions.iter().flat_map(|a| match a {
+            Action::Command(c) => c.target.iter().chain(c.check.iter()).collect::<Vec<_>>(),
+            Action::Notify { .. } => Vec::new(),
+        });
+        self.condition
+            .iter()
+            .chain(self.key.iter())
+            .chain(summary)
+            .chain(correlation)
+            .chain(commands)
+    }
+}
+
 /// Office hours, validated.
 #[derive(Debug, Clone)]
 pub struct WorkingHours {
