@@ -308,13 +308,13 @@ fn door_controllers_publish_signed_events_replays_and_impostors_are_refused() {
     .unwrap();
     std::thread::sleep(Duration::from_millis(2500));
     let topic = "weilan/v1/doors/ctl-east/events";
-    let replayed = door_message(&controller, "ctl-east", 2, door("hq-dc"));
+    let resent = door_message(&controller, "ctl-east", 2, door("hq-dc"));
     let messages: Vec<(String, Vec<u8>)> = vec![
         (
             topic.into(),
             door_message(&controller, "ctl-east", 1, badge("0012345678", "hq-dc")),
         ),
-        (topic.into(), replayed.clone()),
+        (topic.into(), resent.clone()),
         // No badge at the annex: red.
         (
             topic.into(),
@@ -325,9 +325,14 @@ fn door_controllers_publish_signed_events_replays_and_impostors_are_refused() {
             topic.into(),
             door_message(&controller, "ctl-east", 4, badge("99990000", "hq-dc")),
         ),
-        // Refused: the same message again (replay), on another controller's topic,
-        // signed by an agent, and a kind a controller does not send.
-        (topic.into(), replayed),
+        // A re-send of the very message (no ack seen): acknowledged, stored once.
+        (topic.into(), resent),
+        // Refused: another message under a seq already used (replay), signed by an
+        // agent, and a kind a controller does not send.
+        (
+            topic.into(),
+            door_message(&controller, "ctl-east", 2, door("hq-annex")),
+        ),
         (
             topic.into(),
             door_message(&agent, "ctl-east", 6, door("hq-dc")),
@@ -343,7 +348,39 @@ fn door_controllers_publish_signed_events_replays_and_impostors_are_refused() {
         ),
     ];
     let tls = test_client_tls(&w.pki.ca(), Some((&cert, &key)));
-    publish_all(&ns, "ctl-east", tls.clone(), messages);
+    // Every committed message is acknowledged to the controller, signed by the
+    // collector; the refused ones are not.
+    let acks = publish_collecting(
+        &ns,
+        "ctl-east",
+        tls.clone(),
+        "weilan/v1/doors/ctl-east/acks",
+        messages,
+        5,
+    );
+    let collector_verifier = weilan_config::signing::Verifier::from_ca_file(&w.pki.ca()).unwrap();
+    let mut acked: Vec<(u64, u32, u32)> = acks
+        .iter()
+        .map(|payload| {
+            let m = weilan_config::wire::decode_signed(payload, 1 << 20).unwrap();
+            collector_verifier
+                .verify(
+                    &m,
+                    weilan_config::wire::Purpose::Ack,
+                    weilan_config::signing::Role::Collector,
+                )
+                .unwrap();
+            let ack: weilan_config::wire::Ack = serde_json::from_str(&m.body).unwrap();
+            assert_eq!((ack.agent_id.as_str(), ack.first), ("ctl-east", ack.last));
+            (ack.last.seq, ack.stored, ack.duplicates)
+        })
+        .collect();
+    acked.sort();
+    assert_eq!(
+        acked,
+        [(1, 1, 0), (2, 0, 1), (2, 1, 0), (3, 1, 0), (4, 1, 0)],
+        "seq, stored, duplicates"
+    );
     // Another controller's topic is closed to this certificate by the broker's ACL.
     let denied = publish_denied(
         &ns,

@@ -698,18 +698,27 @@ impl Ingest {
         let result = self.store().in_transaction(|tx| {
             let raw = serde_json::to_string(&envelope).unwrap_or_default();
             let hash = record_hash(signed.body.as_bytes());
-            if let Some(last) = store::insert_controller_event(tx, &envelope, &raw, &hash, now)? {
-                return Ok(Err(last));
+            match store::insert_controller_event(tx, &envelope, &raw, &hash, now)? {
+                store::ControllerInsert::Inserted => {}
+                store::ControllerInsert::Duplicate => return Ok(Ok(None)),
+                store::ControllerInsert::Stale { last } => return Ok(Err(last)),
             }
             let policy = self.policy.read().unwrap_or_else(|p| p.into_inner());
             self.engine()
                 .evaluate(tx, &policy, &[Fact::from_envelope(&envelope)], now)
-                .map(Ok)
+                .map(|o| Ok(Some(o)))
         });
+        let seq = envelope.event_id.key.seq;
         match result {
-            Ok(Ok(outcome)) => {
+            Ok(Ok(Some(outcome))) => {
                 self.stats.events_stored.fetch_add(1, Ordering::Relaxed);
-                self.after_commit(outcome)
+                let mut replies = self.after_commit(outcome);
+                replies.extend(self.door_ack(controller, seq, true));
+                replies
+            }
+            Ok(Ok(None)) => {
+                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                self.door_ack(controller, seq, false).into_iter().collect()
             }
             Ok(Err(last)) => {
                 self.refuse(
@@ -727,6 +736,29 @@ impl Ingest {
                 vec![]
             }
         }
+    }
+
+    /// The signed ack of a door controller's event `seq` (committed; `stored` false
+    /// for a re-send that was already stored), so that a controller can keep what it
+    /// sends until the collector has it, as agents do.
+    fn door_ack(&self, controller: &str, seq: u64, stored: bool) -> Option<Reply> {
+        let key = weilan_config::event::EventKey { epoch: 0, seq };
+        let ack = Ack {
+            agent_id: controller.to_string(),
+            batch_id: seq,
+            first: key,
+            last: key,
+            stored: u32::from(stored),
+            duplicates: u32::from(!stored),
+            rejected: vec![],
+        };
+        let body = serde_json::to_string(&ack).ok()?;
+        let payload = serde_json::to_vec(&self.signer.sign(Purpose::Ack, body)).ok()?;
+        Some(Reply {
+            topic: topics::door_ack_topic(controller),
+            payload,
+            retain: false,
+        })
     }
 
     /// After the alerts are durable: the alert log, the sinks, and the commands

@@ -846,7 +846,7 @@ pub fn insert_controller_event(
     raw: &str,
     hash: &str,
     received_at: jiff::Timestamp,
-) -> Result<Option<i64>, StoreError> {
+) -> Result<ControllerInsert, StoreError> {
     let controller = &env.event_id.agent_id;
     let seq = env.event_id.key.seq as i64;
     let last: Option<i64> = tx.query_row(
@@ -855,7 +855,20 @@ pub fn insert_controller_event(
         |r| r.get(0),
     )?;
     if let Some(last) = last.filter(|l| *l >= seq) {
-        return Ok(Some(last));
+        // The very message again (a controller re-sending what it saw no ack for)
+        // is a duplicate; anything else at or below the last seq is a replay.
+        let stored: Option<String> = tx
+            .query_row(
+                "SELECT hash FROM events WHERE event_id = ?1",
+                [env.event_id.to_string()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        return Ok(if stored.as_deref() == Some(hash) {
+            ControllerInsert::Duplicate
+        } else {
+            ControllerInsert::Stale { last }
+        });
     }
     tx.execute(
         "INSERT INTO events
@@ -874,7 +887,19 @@ pub fn insert_controller_event(
             env.prev_hash,
         ],
     )?;
-    Ok(None)
+    Ok(ControllerInsert::Inserted)
+}
+
+/// What became of a door controller's event ([`insert_controller_event`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControllerInsert {
+    Inserted,
+    /// Stored before, byte for byte: acknowledged again, not stored twice.
+    Duplicate,
+    /// At or below the last stored seq, and not that message: a replay.
+    Stale {
+        last: i64,
+    },
 }
 
 /// Stores one batch and runs `rules` on what is new, inside the caller's transaction

@@ -95,6 +95,11 @@ pub fn door_topic(id: &str) -> String {
     format!("{PREFIX}/doors/{id}/events")
 }
 
+/// Where the collector acknowledges door controller `id`'s stored events.
+pub fn door_ack_topic(id: &str) -> String {
+    format!("{PREFIX}/doors/{id}/acks")
+}
+
 /// The controller id of a door controller's events topic.
 pub fn parse_door_topic(topic: &str) -> Option<&str> {
     let id = topic

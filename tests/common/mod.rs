@@ -463,6 +463,57 @@ pub fn publish_all(
     });
 }
 
+/// Like [`publish_all`], subscribed first to `replies` (QoS 1): returns the payloads
+/// that arrive there until `expected` have, or 30 s without one.
+pub fn publish_collecting(
+    ns: &Netns,
+    client_id: &str,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    replies: &str,
+    messages: Vec<(String, Vec<u8>)>,
+    expected: usize,
+) -> Vec<Vec<u8>> {
+    let replies = replies.to_string();
+    with_mqtt_client(ns, client_id, tls, move |client, mut el| {
+        Box::pin(async move {
+            connect(&mut el).await.expect("connect");
+            client
+                .subscribe(replies, rumqttc::QoS::AtLeastOnce)
+                .await
+                .unwrap();
+            loop {
+                match tokio::time::timeout(Duration::from_secs(10), el.poll()).await {
+                    Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)))) => break,
+                    Ok(Ok(_)) => {}
+                    other => panic!("no SUBACK: {other:?}"),
+                }
+            }
+            let publisher = tokio::spawn(async move {
+                for (topic, p) in messages {
+                    client
+                        .publish(topic, rumqttc::QoS::AtLeastOnce, false, p)
+                        .await
+                        .unwrap();
+                }
+                client
+            });
+            let mut got = Vec::new();
+            while got.len() < expected {
+                match tokio::time::timeout(Duration::from_secs(30), el.poll()).await {
+                    Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) => {
+                        got.push(p.payload.to_vec())
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => panic!("connection lost after {} replies: {e}", got.len()),
+                    Err(_) => break,
+                }
+            }
+            drop(publisher.await.unwrap());
+            got
+        })
+    })
+}
+
 /// Publishes one message on a topic the broker's ACL closes to this certificate and
 /// returns how the broker answered: Mosquitto acknowledges and then drops the
 /// connection (MQTT 3.1.1 has no "denied" code), so the message never reaches the
