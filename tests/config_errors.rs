@@ -59,6 +59,67 @@ fn agent_settings_with_unknown_key_wrong_type_and_bad_path_exit_64_listing_all()
     assert_eq!((code, err2), (64, err));
 }
 
+/// The fleet settings of the broker issue (reconnect spread, batches in flight) are
+/// range-checked, every one of them in the same report, with the line they are on.
+#[test]
+fn agent_fleet_settings_out_of_range_are_all_reported_with_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["ca.pem", "agent.pem", "agent-key.pem", "policy.toml"] {
+        fs::write(dir.path().join(f), "x").unwrap();
+    }
+    let cfg = dir.path().join("agent.toml");
+    fs::write(
+        &cfg,
+        "[agent]\nstate_dir = \".\"\npolicy = \"policy.toml\"\n\n\
+         [collector]\nhost = \"127.0.0.1\"\nca = \"ca.pem\"\nreconnect_spread_secs = 301\n\
+         max_batches_in_flight = 0\nack_timeout_secs = 0\n\n\
+         [tls]\ncert = \"agent.pem\"\nkey = \"agent-key.pem\"\n",
+    )
+    .unwrap();
+    let (code, err) = check(&["agent", "check-config"], &cfg);
+    assert_eq!(code, 64, "{err}");
+    for expected in [
+        "collector.reconnect_spread_secs: 301 is out of range; expected 0 to 300",
+        "collector.max_batches_in_flight: 0 is out of range; expected 1 to 32",
+        "collector.ack_timeout_secs: 0 is out of range; expected 1 to 3600",
+    ] {
+        assert!(err.contains(expected), "missing `{expected}` in:\n{err}");
+    }
+}
+
+/// The collector's per-source quota and queue are range-checked together.
+#[test]
+fn collector_ingest_limits_out_of_range_are_all_reported_with_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "ca.pem",
+        "s.pem",
+        "s-key.pem",
+        "c.pem",
+        "c-key.pem",
+        "policy.toml",
+    ] {
+        fs::write(dir.path().join(f), "x").unwrap();
+    }
+    let cfg = dir.path().join("collector.toml");
+    fs::write(
+        &cfg,
+        "[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:8883\"\n\
+         [tls]\nca = \"ca.pem\"\nserver_cert = \"s.pem\"\nserver_key = \"s-key.pem\"\nclient_cert = \"c.pem\"\nclient_key = \"c-key.pem\"\n\
+         [store]\npath = \"weilan.db\"\n[alerts]\npath = \"alerts.jsonl\"\n[policy]\npath = \"policy.toml\"\n\
+         [ingest]\nmax_bytes_per_source_per_sec = 1000\nqueue = 0\n",
+    )
+    .unwrap();
+    let (code, err) = check(&["collector", "check-config"], &cfg);
+    assert_eq!(code, 64, "{err}");
+    for expected in [
+        "ingest.max_bytes_per_source_per_sec: 1000 is out of range; expected 65536 to 1073741824",
+        "ingest.queue: 0 is out of range; expected 1 to 100000",
+    ] {
+        assert!(err.contains(expected), "missing `{expected}` in:\n{err}");
+    }
+}
+
 #[test]
 fn policy_with_unknown_key_wrong_type_and_bad_path_is_refused_with_all_errors() {
     let dir = tempfile::tempdir().unwrap();
