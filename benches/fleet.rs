@@ -51,6 +51,9 @@ struct Outcome {
     connect: Duration,
     /// Creation → ack, ms, for events made before / after the broker was killed.
     latency_ms: [Vec<u32>; 2],
+    /// Events acknowledged more than 1 s after creation, by the 30-s window (since
+    /// the start) they were created in: when the slow ones happened.
+    slow_by_window: std::collections::BTreeMap<u64, u64>,
     generated: u64,
     acked: u64,
     duplicates: u64,
@@ -76,6 +79,8 @@ struct Plan {
     spread: Duration,
     /// The agents' `batch_linger_ms` (`LINGER_MS`).
     linger: Duration,
+    /// When the run started (for `Outcome::slow_by_window`).
+    started: Instant,
 }
 
 fn heartbeat(agent: &str, seq: u64) -> Envelope {
@@ -363,7 +368,12 @@ async fn agent(
                         let killed = plan.killed_at.get();
                         for c in u.created {
                             let phase = usize::from(killed.is_some_and(|k| c >= *k));
-                            out.latency_ms[phase].push(now.duration_since(c).as_millis() as u32);
+                            let ms = now.duration_since(c).as_millis() as u32;
+                            out.latency_ms[phase].push(ms);
+                            if ms > 1000 {
+                                let window = c.saturating_duration_since(plan.started).as_secs() / 30 * 30;
+                                *out.slow_by_window.entry(window).or_default() += 1;
+                            }
                         }
                         out.acked += u64::from(ack.stored) + u64::from(ack.duplicates);
                         out.duplicates += u64::from(ack.duplicates);
@@ -496,6 +506,7 @@ fn main() {
         stop: AtomicBool::new(false),
         spread: Duration::from_secs(env_or("SPREAD_SECS", 10) as u64),
         linger: Duration::from_millis(env_or("LINGER_MS", 50) as u64),
+        started: Instant::now(),
     });
     // Every agent holds a socket here and in the broker (children inherit the limit).
     let _ =
@@ -655,6 +666,20 @@ fn main() {
             lat.iter().max().copied().unwrap_or(0)
         );
     }
+    let mut slow: std::collections::BTreeMap<u64, u64> = Default::default();
+    for o in &outcomes {
+        for (w, n) in &o.slow_by_window {
+            *slow.entry(*w).or_default() += n;
+        }
+    }
+    println!(
+        "  acked more than 1 s after creation, by 30-s window of creation (s since start: events): {}",
+        if slow.is_empty() {
+            "none".to_string()
+        } else {
+            slow.iter().map(|(w, n)| format!("{w}: {n}")).collect::<Vec<_>>().join(", ")
+        }
+    );
     let steady_events: usize = outcomes.iter().map(|o| o.latency_ms[0].len()).sum();
     let mut acks: Vec<u64> = outcomes.iter().map(|o| o.acks).collect();
     acks.sort_unstable();

@@ -89,6 +89,9 @@ pub async fn run(
 ) -> Result<(), CollectorError> {
     let policy = weilan_config::load_file::<PolicyFile>(&settings.policy_path)?;
     let store = store::Store::open(&settings.store_path)?;
+    // The WAL is copied into the database beside ingest, never inside a commit.
+    let checkpointer = store::Checkpointer::spawn(&settings.store_path)?;
+    store.leave_checkpoints_to_the_background()?;
     let alert_log = alerts::AlertLog::open(&settings.alerts_path, settings.alerts_rotation)
         .map_err(|source| CollectorError::AlertLog {
             path: settings.alerts_path.display().to_string(),
@@ -496,6 +499,7 @@ pub async fn run(
     session_stop.cancel();
     let _ = session.await;
     broker_stop.cancel();
+    drop(checkpointer);
     if let Some(b) = embedded {
         b.stopped().await;
     }

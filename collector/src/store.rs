@@ -275,6 +275,8 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("database schema version {found} is newer than this collector ({known})")]
     TooNew { found: i64, known: i64 },
+    #[error("cannot start the database checkpoint thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// A newly stored event (rules look at these).
@@ -500,6 +502,61 @@ pub struct Store {
 const CACHE_KIB: i64 = 64 * 1024;
 /// WAL pages after which a commit checkpoints.
 const WAL_CHECKPOINT_PAGES: i64 = 16_384;
+/// The collector writer's own checkpoint threshold while a [`Checkpointer`] runs
+/// (1 GiB of WAL: only reached if that thread is stuck).
+const WAL_SAFETY_PAGES: i64 = 262_144;
+
+/// A thread with its own connection that checkpoints the WAL every
+/// [`Checkpointer::EVERY`], off the writer's path; stops (after a last checkpoint)
+/// when dropped.
+pub struct Checkpointer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    const EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+    pub fn spawn(path: &Path) -> Result<Checkpointer, StoreError> {
+        let store = Store::open(path)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || {
+                let mut failing = false;
+                loop {
+                    let last = stopping.load(std::sync::atomic::Ordering::Relaxed);
+                    match store.checkpoint_passive() {
+                        Ok(_) => failing = false,
+                        Err(e) if !failing => {
+                            failing = true;
+                            tracing::error!(error = %e, "WAL checkpoint failed; the writer checkpoints itself past its limit");
+                        }
+                        Err(_) => {}
+                    }
+                    if last {
+                        return;
+                    }
+                    std::thread::sleep(Self::EVERY);
+                }
+            })
+            .map_err(StoreError::Thread)?;
+        Ok(Checkpointer {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
 
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -524,6 +581,27 @@ impl Store {
         let mut store = Store { conn };
         store.migrate()?;
         Ok(store)
+    }
+
+    /// For the collector's writer: checkpoints are run by a [`Checkpointer`] beside it,
+    /// so a commit never stops to copy the WAL into the database (a stall of seconds
+    /// under a fleet's load); the writer checkpoints itself only if the WAL ever grows
+    /// past [`WAL_SAFETY_PAGES`] (the checkpointer stuck).
+    pub fn leave_checkpoints_to_the_background(&self) -> Result<(), StoreError> {
+        self.conn
+            .pragma_update(None, "wal_autocheckpoint", WAL_SAFETY_PAGES)?;
+        Ok(())
+    }
+
+    /// One PASSIVE checkpoint: copies what it can of the WAL into the database
+    /// without waiting for, or blocking, the writer or readers. Returns (WAL frames,
+    /// frames checkpointed).
+    pub fn checkpoint_passive(&self) -> Result<(i64, i64), StoreError> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(1)?, r.get(2)?))
+            })?)
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
