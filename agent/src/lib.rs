@@ -308,7 +308,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
     // Independent of the USB fence: `[usb] enabled = false` once switched the files
     // source off too, silently.
     if let Some(files) = &settings.files {
-        match files_backend(&files.backend) {
+        match files_backend(files.backend) {
             Ok(backend) => sources.push(Box::new(source::files::FilesSource::new(
                 source::files::FilesConfig {
                     sysfs_root: files.sysfs_root.clone(),
@@ -363,7 +363,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
     if let Some(access) = &settings.access {
         sources.push(Box::new(source::access::source::AccessSource::new(
             source::access::source::AccessConfig {
-                from: access.from.clone(),
+                from: access.from,
                 auth_logs: access.auth_logs.clone(),
                 wtmp: access.wtmp.clone(),
                 poll: access.poll,
@@ -496,16 +496,19 @@ async fn supervise(mut source: Box<dyn Source>, ctx: SourceContext) {
 
 /// The files source's kernel interface: fanotify when it can be had (writer known),
 /// else inotify (writer unknown, said in every event as `attribution: none`).
-fn files_backend(wanted: &str) -> Result<Box<dyn source::files::FileBackend>, String> {
+fn files_backend(
+    wanted: weilan_config::settings::agent::FilesBackend,
+) -> Result<Box<dyn source::files::FileBackend>, String> {
     use source::files::{inotify::InotifyBackend, linux::FanotifyBackend};
+    use weilan_config::settings::agent::FilesBackend;
     let fanotify =
         || FanotifyBackend::new().map(|b| Box::new(b) as Box<dyn source::files::FileBackend>);
     let inotify =
         || InotifyBackend::new().map(|b| Box::new(b) as Box<dyn source::files::FileBackend>);
     match wanted {
-        "fanotify" => fanotify(),
-        "inotify" => inotify(),
-        _ => fanotify().or_else(|e| {
+        FilesBackend::Fanotify => fanotify(),
+        FilesBackend::Inotify => inotify(),
+        FilesBackend::Auto => fanotify().or_else(|e| {
             tracing::warn!(error = %e, "fanotify unavailable: files are watched with inotify; writers will be unknown (attribution: none)");
             inotify()
         }),

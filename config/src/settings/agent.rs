@@ -261,8 +261,7 @@ pub struct FilesSettings {
     pub mountinfo: PathBuf,
     pub mount_poll: Duration,
     pub watch_mounts: Vec<PathBuf>,
-    /// `auto`, `fanotify` or `inotify`.
-    pub backend: String,
+    pub backend: FilesBackend,
     pub hash_max_bytes: u64,
     pub workers: usize,
 }
@@ -560,11 +559,60 @@ impl DoorSection {
     }
 }
 
+/// The files source's kernel interface (`files.backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilesBackend {
+    /// fanotify (writers known), else inotify.
+    Auto,
+    Fanotify,
+    Inotify,
+}
+
+impl FilesBackend {
+    const NAMES: [(&'static str, FilesBackend); 3] = [
+        ("auto", FilesBackend::Auto),
+        ("fanotify", FilesBackend::Fanotify),
+        ("inotify", FilesBackend::Inotify),
+    ];
+}
+
+/// Where logins come from (`access.from`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessFrom {
+    /// The journal where systemd runs, else the first auth log, else wtmp.
+    Auto,
+    Journal,
+    AuthLog,
+    /// wtmp: sessions only (no failures, no sudo).
+    Utmp,
+}
+
+impl AccessFrom {
+    const NAMES: [(&'static str, AccessFrom); 4] = [
+        ("auto", AccessFrom::Auto),
+        ("journal", AccessFrom::Journal),
+        ("auth-log", AccessFrom::AuthLog),
+        ("utmp", AccessFrom::Utmp),
+    ];
+}
+
+/// `value`'s variant in `names`, or an error on `field` listing the choices.
+fn closed_set<T: Copy>(
+    v: &mut crate::load::Validator,
+    field: &str,
+    value: &str,
+    names: &[(&str, T)],
+) -> Option<T> {
+    let choices: Vec<&str> = names.iter().map(|(n, _)| *n).collect();
+    v.one_of(field, value, &choices)
+        .then(|| names.iter().find(|(n, _)| *n == value).map(|(_, t)| *t))
+        .flatten()
+}
+
 /// Validated `[access]`.
 #[derive(Debug, Clone)]
 pub struct AccessSettings {
-    /// `auto`, `journal` or `auth-log`.
-    pub from: String,
+    pub from: AccessFrom,
     pub auth_logs: Vec<PathBuf>,
     pub wtmp: PathBuf,
     pub poll: Duration,
@@ -811,10 +859,11 @@ impl Validate for AgentFile {
         let files = if self.files.enabled {
             v.range("files.hash_max_mib", self.files.hash_max_mib, 1, 1 << 20);
             v.range("files.workers", self.files.workers, 1, 64);
-            v.one_of(
+            let backend = closed_set(
+                v,
                 "files.backend",
                 &self.files.backend,
-                &["auto", "fanotify", "inotify"],
+                &FilesBackend::NAMES,
             );
             for (i, m) in self.files.watch_mounts.iter().enumerate() {
                 if !m.is_absolute() {
@@ -829,7 +878,7 @@ impl Validate for AgentFile {
                 mountinfo: v.resolve(&self.usb.mountinfo),
                 mount_poll: Duration::from_millis(self.usb.mount_poll_ms),
                 watch_mounts: self.files.watch_mounts.clone(),
-                backend: self.files.backend.clone(),
+                backend: backend.unwrap_or(FilesBackend::Auto),
                 hash_max_bytes: self.files.hash_max_mib * 1024 * 1024,
                 workers: self.files.workers,
             })
@@ -860,11 +909,7 @@ impl Validate for AgentFile {
         };
         let access = if self.access.enabled {
             v.range("access.poll_ms", self.access.poll_ms, 50, 60_000);
-            v.one_of(
-                "access.from",
-                &self.access.from,
-                &["auto", "journal", "auth-log", "utmp"],
-            );
+            let from = closed_set(v, "access.from", &self.access.from, &AccessFrom::NAMES);
             for (i, p) in self.access.auth_logs.iter().enumerate() {
                 if !p.is_absolute() {
                     v.error(
@@ -874,7 +919,7 @@ impl Validate for AgentFile {
                 }
             }
             Some(AccessSettings {
-                from: self.access.from.clone(),
+                from: from.unwrap_or(AccessFrom::Auto),
                 auth_logs: self.access.auth_logs.clone(),
                 wtmp: self.access.wtmp.clone(),
                 poll: Duration::from_millis(self.access.poll_ms),

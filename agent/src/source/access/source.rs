@@ -16,12 +16,13 @@ use super::{journal, parse};
 use crate::source::{
     sleep_unless_cancelled, BoxFuture, EventSink, Source, SourceContext, SourceError,
 };
+use weilan_config::settings::agent::AccessFrom;
 
 /// Settings of [`AccessSource`].
 #[derive(Debug, Clone)]
 pub struct AccessConfig {
     /// `auto`, `journal` or `auth-log`.
-    pub from: String,
+    pub from: AccessFrom,
     pub auth_logs: Vec<PathBuf>,
     pub wtmp: PathBuf,
     pub poll: Duration,
@@ -65,12 +66,12 @@ pub fn choose(config: &AccessConfig) -> Option<Stream> {
             .exists()
             .then(|| Stream::Utmp(config.wtmp.clone()))
     };
-    match config.from.as_str() {
-        "journal" => Some(Stream::Journal),
-        "auth-log" => auth_log().map(Stream::AuthLog),
-        "utmp" => wtmp(),
-        _ if journal_ok() => Some(Stream::Journal),
-        _ => auth_log().map(Stream::AuthLog).or_else(wtmp),
+    match config.from {
+        AccessFrom::Journal => Some(Stream::Journal),
+        AccessFrom::AuthLog => auth_log().map(Stream::AuthLog),
+        AccessFrom::Utmp => wtmp(),
+        AccessFrom::Auto if journal_ok() => Some(Stream::Journal),
+        AccessFrom::Auto => auth_log().map(Stream::AuthLog).or_else(wtmp),
     }
 }
 
@@ -281,7 +282,7 @@ mod tests {
         )
         .unwrap();
         let config = AccessConfig {
-            from: "auth-log".into(),
+            from: AccessFrom::AuthLog,
             auth_logs: vec![dir.path().join("missing"), log.clone()],
             wtmp: dir.path().join("no-wtmp"),
             poll: Duration::from_millis(20),
