@@ -447,20 +447,29 @@ pub fn publish_all(
     with_mqtt_client(ns, client_id, tls, move |client, mut el| {
         Box::pin(async move {
             connect(&mut el).await.expect("connect");
-            // Queued from another task: more messages than the request channel holds
-            // must not wait for an event loop nobody polls yet.
-            let publisher = tokio::spawn(async move {
-                for (topic, p) in messages {
-                    client
-                        .publish(topic, rumqttc::QoS::AtLeastOnce, false, p)
-                        .await
-                        .unwrap();
-                }
-            });
+            let publisher = spawn_publisher(client, messages);
             drive_until_pubacks(&mut el, n).await.expect("pubacks");
             publisher.await.unwrap();
         })
     });
+}
+
+/// Publishes each (topic, payload) at QoS 1 from a task of its own: more messages than
+/// the request channel holds must not wait for an event loop nobody polls yet. The
+/// task returns the client (dropping it would end the connection early).
+fn spawn_publisher(
+    client: rumqttc::AsyncClient,
+    messages: Vec<(String, Vec<u8>)>,
+) -> tokio::task::JoinHandle<rumqttc::AsyncClient> {
+    tokio::spawn(async move {
+        for (topic, p) in messages {
+            client
+                .publish(topic, rumqttc::QoS::AtLeastOnce, false, p)
+                .await
+                .unwrap();
+        }
+        client
+    })
 }
 
 /// Like [`publish_all`], subscribed first to `replies` (QoS 1): returns the payloads
@@ -488,15 +497,7 @@ pub fn publish_collecting(
                     other => panic!("no SUBACK: {other:?}"),
                 }
             }
-            let publisher = tokio::spawn(async move {
-                for (topic, p) in messages {
-                    client
-                        .publish(topic, rumqttc::QoS::AtLeastOnce, false, p)
-                        .await
-                        .unwrap();
-                }
-                client
-            });
+            let publisher = spawn_publisher(client, messages);
             let mut got = Vec::new();
             while got.len() < expected {
                 match tokio::time::timeout(Duration::from_secs(30), el.poll()).await {

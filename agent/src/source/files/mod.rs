@@ -179,6 +179,21 @@ struct Pending {
     quiet_since: std::time::Instant,
 }
 
+impl Pending {
+    /// A file first seen `now`, by a write event or (`found`) a directory scan.
+    fn new(now: Timestamp, found: bool) -> Pending {
+        Pending {
+            first: now,
+            last: now,
+            writer: None,
+            origins: Vec::new(),
+            held: None,
+            found,
+            quiet_since: std::time::Instant::now(),
+        }
+    }
+}
+
 /// Most directories marked under the sensitive source folders.
 const MAX_SOURCE_DIRS: usize = 10_000;
 /// How often the sensitive source folders are walked for new subfolders.
@@ -557,15 +572,7 @@ impl FilesSource {
                                 // Already pending, or closed and reported meanwhile.
                                 if !pending.contains_key(&path) && !reported.contains_key(&path) {
                                     let now = Timestamp::now();
-                                    pending.insert(path, Pending {
-                                        first: now,
-                                        last: now,
-                                        writer: None,
-                                        origins: Vec::new(),
-                                        found: true,
-                                        held: None,
-                                        quiet_since: std::time::Instant::now(),
-                                    });
+                                    pending.insert(path, Pending::new(now, true));
                                 }
                             }
                             RawEvent::Write { path, close, writer, file, origins } => {
@@ -576,15 +583,7 @@ impl FilesSource {
                                 // descriptor.
                                 if !on_exit_point(&marked, &path) {
                                     if let Some(ep) = gone_exits.find(&path) {
-                                        let mut p = pending.remove(&path).unwrap_or(Pending {
-                                            first: now,
-                                            last: now,
-                                            writer: None,
-                                            origins: Vec::new(),
-                                            found: false,
-                                            held: None,
-                                            quiet_since: std::time::Instant::now(),
-                                        });
+                                        let mut p = pending.remove(&path).unwrap_or_else(|| Pending::new(now, false));
                                         let held = p.held.take();
                                         held_open -= usize::from(held.is_some());
                                         let file = file.or(held);
@@ -606,15 +605,7 @@ impl FilesSource {
                                     }
                                     continue; // reported by the rescan, unchanged since
                                 }
-                                let entry = pending.entry(path.clone()).or_insert(Pending {
-                                    first: now,
-                                    last: now,
-                                    writer: None,
-                                    origins: Vec::new(),
-                                    found: false,
-                                    held: None,
-                                    quiet_since: std::time::Instant::now(),
-                                });
+                                let entry = pending.entry(path.clone()).or_insert(Pending::new(now, false));
                                 entry.last = now;
                                 entry.found = false;
                                 // A write's descriptor is kept (the first) in case
@@ -1045,15 +1036,7 @@ async fn rescan(
         // queued behind the overflow does not report it again.
         reported.insert(path.clone(), Timestamp::now());
         rescanned.insert(path.clone(), Timestamp::now());
-        let p = Pending {
-            first: at,
-            last: at,
-            writer: None,
-            origins: Vec::new(),
-            found: false,
-            held: None,
-            quiet_since: std::time::Instant::now(),
-        };
+        let p = Pending::new(at, false);
         if let Some(job) = job(hash_max, marked, path, None, p, enforcement) {
             workers.submit(job).await?;
         }
