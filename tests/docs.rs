@@ -95,3 +95,32 @@ fn the_scan_finds_paths_and_skips_commands_and_patterns() {
         ]
     );
 }
+
+/// The README's two set-up commands: the test command is the one CI runs (a line of
+/// `.ci/run`, verbatim), so the README cannot promise a test run that CI does not do.
+#[test]
+fn the_readme_test_command_is_the_one_ci_runs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let block = readme
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("README has a sh block with the set-up commands");
+    let commands: Vec<&str> = block
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or_default().trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(
+        commands.len(),
+        2,
+        "exactly two set-up commands: {commands:?}"
+    );
+    let ci = std::fs::read_to_string(root.join(".ci/run")).unwrap();
+    assert!(
+        ci.lines().any(|l| l.trim() == commands[1]),
+        "`{}` is not a line of .ci/run",
+        commands[1]
+    );
+}
