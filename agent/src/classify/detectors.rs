@@ -304,6 +304,24 @@ mod tests {
         )
     }
 
+    /// The policy validates detector names against the contract's list: it must be
+    /// exactly what this classifier can report.
+    #[test]
+    fn every_detector_is_in_the_contracts_list_and_back() {
+        let text = format!(
+            "{} 91350100M000100Y43 4111111111111111 13812345678 绝密 机密 秘密 内部",
+            id("11010519491231002")
+        );
+        let mut found: Vec<String> = scan(&text).into_iter().map(|f| f.detector).collect();
+        found.sort();
+        let mut contract: Vec<String> = weilan_config::policy::files::BUILTIN_DETECTORS
+            .iter()
+            .map(|d| d.to_string())
+            .collect();
+        contract.sort();
+        assert_eq!(found, contract);
+    }
+
     #[test]
     fn resident_ids_need_a_valid_check_digit_and_date() {
         let good = id("11010519491231002");

@@ -325,6 +325,46 @@ fn valid_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
+/// The detectors the agent's classifier has built in (`agent/src/classify`; a test
+/// there keeps the two lists equal). With `keywords:NAME` and `pattern:NAME` of the
+/// policy's own lists, these are the names rules and thresholds may use.
+pub const BUILTIN_DETECTORS: &[&str] = &[
+    "prc-resident-id",
+    "prc-social-credit-code",
+    "bank-card",
+    "prc-mobile",
+    "mark:top-secret",
+    "mark:secret",
+    "mark:confidential",
+    "mark:internal",
+];
+
+/// Why `name` (a detector, or a prefix ending in `*`) names no detector of `known`,
+/// with the closest known name when one is close; `None` when it does name one.
+fn unknown_detector(name: &str, known: &[String]) -> Option<String> {
+    if let Some(prefix) = name.strip_suffix('*') {
+        if known.iter().any(|k| k.starts_with(prefix)) {
+            return None;
+        }
+        return Some(format!("`{name}` matches no detector"));
+    }
+    if known.iter().any(|k| k == name) {
+        return None;
+    }
+    let closest = known
+        .iter()
+        .map(|k| (strsim::damerau_levenshtein(name, k), k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
+        .min_by_key(|(d, _)| *d);
+    Some(match closest {
+        Some((_, k)) => format!("`{name}` is not a detector; did you mean `{k}`?"),
+        None => format!(
+            "`{name}` is not a detector (built in: {}; or `keywords:NAME`, `pattern:NAME` of this policy)",
+            BUILTIN_DETECTORS.join(", ")
+        ),
+    })
+}
+
 impl FilesPolicyRaw {
     pub fn validate(self, v: &mut Validator) -> FilesPolicy {
         if !self.evidence_dir.is_absolute() {
@@ -413,6 +453,15 @@ impl FilesPolicyRaw {
                 regex: p.regex,
             });
         }
+        // Every detector a rule or threshold may name: a typo there would be a rule
+        // that never fires.
+        let mut known: Vec<String> = BUILTIN_DETECTORS.iter().map(|d| d.to_string()).collect();
+        known.extend(names.iter().cloned());
+        for d in self.thresholds.keys() {
+            if let Some(why) = unknown_detector(d, &known) {
+                v.error(format!("files.thresholds.{d}"), why);
+            }
+        }
         let mut ids = std::collections::HashSet::new();
         let mut rules = Vec::new();
         for (i, r) in self.rules.into_iter().enumerate() {
@@ -459,6 +508,8 @@ impl FilesPolicyRaw {
                         format!("{at}.detectors[{j}]"),
                         format!("`{d}`: a name, or a prefix ending in `*`"),
                     );
+                } else if let Some(why) = unknown_detector(d, &known) {
+                    v.error(format!("{at}.detectors[{j}]"), why);
                 }
             }
             rules.push(FileRule {
@@ -548,6 +599,42 @@ action = "audit"
             "secret-to-usb"
         );
         assert!(!p.has_deny());
+    }
+
+    /// Typos that used to pass `check-config` as rules that never fire.
+    #[test]
+    fn unknown_detector_names_are_refused_with_the_closest_name() {
+        let err = policy(
+            r#"
+[files]
+thresholds = { "bank-cards" = 2, "keywords:projects" = 2 }
+
+[[files.keywords]]
+name = "projects"
+words = ["天河计划"]
+
+[[files.rules]]
+id = "typos"
+detectors = ["prc-resident-ids", "mark:secrets", "pattern:nope", "keywords:project", "pattern:*", "mark:*", "keywords:*"]
+action = "deny"
+exit = ["removable"]
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "files.thresholds.bank-cards: `bank-cards` is not a detector; did you mean `bank-card`?",
+            "files.rules[0].detectors[0]: `prc-resident-ids` is not a detector; did you mean `prc-resident-id`?",
+            "files.rules[0].detectors[1]: `mark:secrets` is not a detector; did you mean `mark:secret`?",
+            "files.rules[0].detectors[2]: `pattern:nope` is not a detector (built in:",
+            "files.rules[0].detectors[3]: `keywords:project` is not a detector; did you mean `keywords:projects`?",
+            "files.rules[0].detectors[4]: `pattern:*` matches no detector",
+        ] {
+            assert!(err.contains(expected), "missing `{expected}` in:\n{err}");
+        }
+        for fine in ["keywords:projects` =", "detectors[5]", "detectors[6]"] {
+            assert!(!err.contains(fine), "`{fine}` was refused:\n{err}");
+        }
     }
 
     #[test]
