@@ -70,7 +70,8 @@ fn watch_pushing(
     work: impl FnOnce(&tokio::sync::watch::Sender<Arc<weilan_config::policy::Policy>>),
 ) -> Vec<Event> {
     // One watch at a time: the tests wait fixed times for the workers, and one test's
-    // 2 GiB hash must not starve another's.
+    // 2 GiB hash must not starve another's. (Within this process; nextest runs each
+    // test in a process of its own and keeps them apart with its `flat-out` group.)
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let rt = tokio::runtime::Runtime::new().unwrap();
