@@ -563,18 +563,27 @@ fn usb_fence_on_a_real_kernel() {
     //     would put the stick behind a hub the fence blocks.)
     let (rc, text) = hil.sh("unplug.sh", &["RO-1"]);
     assert_eq!(rc, 0, "RO-1 unplugged: {text}");
+    // The new stick usually mounts where RO-1 was (/media/sdb1): only a "watching"
+    // line that comes after the plug says its file system is marked.
+    let watching = |mnt: &str| {
+        hil.agent_log()
+            .lines()
+            .filter(|l| l.contains("watching exit point") && l.contains(&format!("{mnt} ")))
+            .count()
+    };
+    let marks_before: std::collections::HashMap<String, usize> =
+        ["/media/sda1", "/media/sdb1", "/media/sdc1"]
+            .iter()
+            .map(|m| (m.to_string(), watching(m)))
+            .collect();
     let (rc, text) = hil.sh("plug.sh", &[&stick, "GOOD-2", "--copy", "--timeout", "20"]);
     assert_eq!(rc, 0, "allowed stick plugged again: {text}");
     let held_mnt = wait_mounted(&hil, "GOOD-2");
+    let before = marks_before.get(&held_mnt).copied().unwrap_or(0);
     wait_for(
         "the files source watching the new stick",
         T,
-        || {
-            hil.agent_log()
-                .lines()
-                .any(|l| l.contains("watching exit point") && l.contains(&format!("{held_mnt} ")))
-                .then_some(())
-        },
+        || (watching(&held_mnt) > before).then_some(()),
         || hil.agent_log(),
     );
     let (rc, text) = hil.gexec(&format!(
