@@ -76,14 +76,23 @@ fn agent_fleet_settings_out_of_range_are_all_reported_with_exit_64() {
          [tls]\ncert = \"agent.pem\"\nkey = \"agent-key.pem\"\n",
     )
     .unwrap();
-    let (code, err) = check(&["agent", "check-config"], &cfg);
+    exits_64_reporting_all(
+        &["agent", "check-config"],
+        &cfg,
+        &[
+            "collector.reconnect_spread_secs: 301 is out of range; expected 0 to 300",
+            "collector.max_batches_in_flight: 0 is out of range; expected 1 to 32",
+            "collector.ack_timeout_secs: 0 is out of range; expected 1 to 3600",
+        ],
+    );
+}
+
+/// `args` on `cfg` exits 64 and its report holds every one of `expected`.
+fn exits_64_reporting_all(args: &[&str], cfg: &std::path::Path, expected: &[&str]) {
+    let (code, err) = check(args, cfg);
     assert_eq!(code, 64, "{err}");
-    for expected in [
-        "collector.reconnect_spread_secs: 301 is out of range; expected 0 to 300",
-        "collector.max_batches_in_flight: 0 is out of range; expected 1 to 32",
-        "collector.ack_timeout_secs: 0 is out of range; expected 1 to 3600",
-    ] {
-        assert!(err.contains(expected), "missing `{expected}` in:\n{err}");
+    for e in expected {
+        assert!(err.contains(e), "missing `{e}` in:\n{err}");
     }
 }
 
@@ -110,14 +119,14 @@ fn collector_ingest_limits_out_of_range_are_all_reported_with_exit_64() {
          [ingest]\nmax_bytes_per_source_per_sec = 1000\nqueue = 0\n",
     )
     .unwrap();
-    let (code, err) = check(&["collector", "check-config"], &cfg);
-    assert_eq!(code, 64, "{err}");
-    for expected in [
-        "ingest.max_bytes_per_source_per_sec: 1000 is out of range; expected 65536 to 1073741824",
-        "ingest.queue: 0 is out of range; expected 1 to 100000",
-    ] {
-        assert!(err.contains(expected), "missing `{expected}` in:\n{err}");
-    }
+    exits_64_reporting_all(
+        &["collector", "check-config"],
+        &cfg,
+        &[
+            "ingest.max_bytes_per_source_per_sec: 1000 is out of range; expected 65536 to 1073741824",
+            "ingest.queue: 0 is out of range; expected 1 to 100000",
+        ],
+    );
 }
 
 #[test]

@@ -1096,12 +1096,15 @@ fn enrich(
             ]),
         ));
     }
+    // The host's groups (regex matches over every pattern): once, for `agent` and
+    // the device decision alike.
+    let host_groups: Vec<&str> = if needs.has(Needs::AGENT) || needs.has(Needs::DEVICE) {
+        set.agent_groups(&fact.agent_id)
+    } else {
+        Vec::new()
+    };
     if needs.has(Needs::AGENT) {
-        let groups: Vec<Value> = set
-            .agent_groups(&fact.agent_id)
-            .into_iter()
-            .map(Value::from)
-            .collect();
+        let groups: Vec<Value> = host_groups.iter().map(|g| Value::from(*g)).collect();
         vars.push((
             "agent",
             map([
@@ -1137,11 +1140,7 @@ fn enrich(
         ));
     }
     if needs.has(Needs::DEVICE) {
-        let host_groups: Vec<String> = set
-            .agent_groups(&fact.agent_id)
-            .into_iter()
-            .map(str::to_string)
-            .collect();
+        let host_groups: Vec<String> = host_groups.iter().map(|g| g.to_string()).collect();
         vars.push(("device", device(tx, policy, fact, &host_groups)?));
     }
     if needs.has(Needs::TIME) {
