@@ -181,6 +181,39 @@ pub enum Event {
     AccessDoor(AccessDoor),
 }
 
+/// Every event kind's wire name (what a rule's `on` may name besides the
+/// collector's own findings).
+pub const KINDS: &[&str] = &[
+    "usb.attached",
+    "usb.detached",
+    "volume.mounted",
+    "volume.unmounted",
+    "agent.started",
+    "agent.epoch_started",
+    "agent.heartbeat",
+    "agent.stopping",
+    "agent.events_lost",
+    "agent.source_error",
+    "usb.decision",
+    "policy.applied",
+    "policy.rejected",
+    "usb.unlock",
+    "command.result",
+    "file.exported",
+    "file.overflow",
+    "file.enforced",
+    "file.source_read",
+    "net.transfer",
+    "net.transfer_tool",
+    "net.enforced",
+    "access.login",
+    "access.logout",
+    "access.login_failed",
+    "access.privilege",
+    "access.badge",
+    "access.door",
+];
+
 impl Event {
     /// The wire name of this event's kind, e.g. `usb.attached`.
     pub fn kind(&self) -> &'static str {
@@ -817,6 +850,22 @@ pub struct PolicyRejected {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kinds_lists_exactly_the_kinds_serde_knows() {
+        // serde names every variant it knows when it meets an unknown one.
+        let err = serde_json::from_str::<Event>(r#"{"kind":"no.such","data":{}}"#)
+            .unwrap_err()
+            .to_string();
+        let listed: std::collections::BTreeSet<&str> = err
+            .split('`')
+            .skip(3) // "unknown variant `no.such`, expected one of `…`"
+            .step_by(2)
+            .collect();
+        let ours: std::collections::BTreeSet<&str> = KINDS.iter().copied().collect();
+        assert_eq!(listed, ours, "{err}");
+        assert_eq!(ours.len(), KINDS.len(), "KINDS names a kind twice");
+    }
 
     #[test]
     fn event_id_round_trips_and_allows_colons_only_as_separators() {

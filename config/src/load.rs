@@ -164,6 +164,17 @@ pub trait Validate: Sized {
     fn validate(self, v: &mut Validator) -> Option<Self::Valid>;
 }
 
+/// The known name closest to a mistyped `name` (a typo or two away), for a
+/// "did you mean" in the error; `None` when nothing is that close.
+pub fn closest<'a>(name: &str, known: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    known
+        .into_iter()
+        .map(|k| (strsim::damerau_levenshtein(name, k), k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
 /// Reads, parses and validates a TOML file.
 pub fn load_file<T>(path: &Path) -> Result<T::Valid, ConfigErrors>
 where

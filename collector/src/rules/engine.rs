@@ -246,28 +246,8 @@ impl RuleSet {
     /// order. A rule in the directory with a built-in id replaces it (`enabled =
     /// false` switches it off); two directory files defining one id is an error.
     pub fn load(builtin: bool, dir: Option<&Path>) -> Result<RuleSet, Vec<ConfigErrors>> {
-        let mut texts: Vec<(PathBuf, String, bool)> = Vec::new();
-        if builtin {
-            for (name, text) in BUILTIN {
-                texts.push((PathBuf::from(name), text.to_string(), true));
-            }
-        }
         let mut errors = Vec::new();
-        if let Some(dir) = dir {
-            match rule_files(dir) {
-                Ok(files) => {
-                    for p in files {
-                        match std::fs::read_to_string(&p) {
-                            Ok(t) => texts.push((p, t, false)),
-                            Err(e) => errors.push(read_error(&p, &e)),
-                        }
-                    }
-                }
-                // A directory that does not exist yet holds no rules.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => errors.push(read_error(dir, &e)),
-            }
-        }
+        let texts = rule_texts(builtin, dir, &mut errors);
         let mut lists = BTreeMap::new();
         let mut user_groups = BTreeMap::new();
         let mut agent_groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -311,36 +291,18 @@ impl RuleSet {
                 rules.push(rule);
             }
         }
+        errors.extend(unknown_names(&rules, &lists, &user_groups, &agent_groups));
         if !errors.is_empty() {
             return Err(errors);
         }
         rules.retain(|r| r.enabled);
-        let mut by_kind: HashMap<String, Vec<usize>> = HashMap::new();
-        let mut any_kind = Vec::new();
-        let mut presence_by_kind: HashMap<String, Vec<usize>> = HashMap::new();
-        for (i, r) in rules.iter().enumerate() {
-            if let Some(p) = r.correlation.as_ref().and_then(|c| c.presence.as_ref()) {
-                for k in &p.on {
-                    presence_by_kind.entry(k.clone()).or_default().push(i);
-                }
-            }
-            for k in &r.on {
-                if k == "*" {
-                    any_kind.push(i);
-                } else {
-                    by_kind.entry(k.clone()).or_default().push(i);
-                }
-            }
-        }
-        let needs: Vec<Needs> = rules.iter().map(Needs::of).collect();
-        let needs_any = any_kind
-            .iter()
-            .fold(Needs::default(), |acc, &i| acc | needs[i]);
-        let mut needs_by_kind: HashMap<String, Needs> = HashMap::new();
-        for (kind, ids) in by_kind.iter().chain(presence_by_kind.iter()) {
-            let n = needs_by_kind.entry(kind.clone()).or_default();
-            *n = ids.iter().fold(*n, |acc, &i| acc | needs[i]);
-        }
+        let KindIndex {
+            by_kind,
+            any_kind,
+            presence_by_kind,
+            needs_by_kind,
+            needs_any,
+        } = KindIndex::of(&rules);
         let agent_groups = agent_groups
             .into_iter()
             .flat_map(|(g, pats)| {
@@ -380,6 +342,153 @@ impl RuleSet {
             files,
         })
     }
+}
+
+/// The built-in rule files (if wanted) and every `*.toml` of `dir`: (path, text,
+/// built in). What cannot be read is an error; a directory that does not exist yet
+/// holds no rules.
+fn rule_texts(
+    builtin: bool,
+    dir: Option<&Path>,
+    errors: &mut Vec<ConfigErrors>,
+) -> Vec<(PathBuf, String, bool)> {
+    let mut texts: Vec<(PathBuf, String, bool)> = Vec::new();
+    if builtin {
+        for (name, text) in BUILTIN {
+            texts.push((PathBuf::from(name), text.to_string(), true));
+        }
+    }
+    if let Some(dir) = dir {
+        match rule_files(dir) {
+            Ok(files) => {
+                for p in files {
+                    match std::fs::read_to_string(&p) {
+                        Ok(t) => texts.push((p, t, false)),
+                        Err(e) => errors.push(read_error(&p, &e)),
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => errors.push(read_error(dir, &e)),
+        }
+    }
+    texts
+}
+
+/// Each rule's index under the event kinds it runs on (`*` apart), and under the
+/// kinds its presence facts come from.
+struct KindIndex {
+    by_kind: HashMap<String, Vec<usize>>,
+    any_kind: Vec<usize>,
+    presence_by_kind: HashMap<String, Vec<usize>>,
+    needs_by_kind: HashMap<String, Needs>,
+    needs_any: Needs,
+}
+
+impl KindIndex {
+    fn of(rules: &[Rule]) -> KindIndex {
+        let mut by_kind: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut any_kind = Vec::new();
+        let mut presence_by_kind: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, r) in rules.iter().enumerate() {
+            if let Some(p) = r.correlation.as_ref().and_then(|c| c.presence.as_ref()) {
+                for k in &p.on {
+                    presence_by_kind.entry(k.clone()).or_default().push(i);
+                }
+            }
+            for k in &r.on {
+                if k == "*" {
+                    any_kind.push(i);
+                } else {
+                    by_kind.entry(k.clone()).or_default().push(i);
+                }
+            }
+        }
+        let needs: Vec<Needs> = rules.iter().map(Needs::of).collect();
+        let needs_any = any_kind
+            .iter()
+            .fold(Needs::default(), |acc, &i| acc | needs[i]);
+        let mut needs_by_kind: HashMap<String, Needs> = HashMap::new();
+        for (kind, ids) in by_kind.iter().chain(presence_by_kind.iter()) {
+            let n = needs_by_kind.entry(kind.clone()).or_default();
+            *n = ids.iter().fold(*n, |acc, &i| acc | needs[i]);
+        }
+        KindIndex {
+            by_kind,
+            any_kind,
+            presence_by_kind,
+            needs_by_kind,
+            needs_any,
+        }
+    }
+}
+
+/// Lists and groups a rule names that no rule file defines: such a rule would never
+/// match (`'finanse' in agent.groups` is simply false), so it is refused, with the
+/// closest defined name.
+fn unknown_names(
+    rules: &[Rule],
+    lists: &BTreeMap<String, Vec<String>>,
+    user_groups: &BTreeMap<String, Vec<String>>,
+    agent_groups: &BTreeMap<String, Vec<String>>,
+) -> Vec<ConfigErrors> {
+    static LIST: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r#"\blists(?:\.([A-Za-z_][A-Za-z0-9_]*)|\[\s*['"]([^'"]+)['"]\s*\])"#)
+            .expect("valid regex")
+    });
+    static GROUP: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r#"['"]([^'"]+)['"]\s+in\s+(agent|device|user)\.groups\b"#)
+            .expect("valid regex")
+    });
+    let mut by_file: BTreeMap<String, Vec<weilan_config::load::Issue>> = BTreeMap::new();
+    for rule in rules {
+        let mut problem = |what: &str, name: &str, known: &BTreeMap<String, Vec<String>>| {
+            if known.contains_key(name) {
+                return;
+            }
+            let hint = match weilan_config::load::closest(name, known.keys().map(String::as_str)) {
+                Some(k) => format!("; did you mean `{k}`?"),
+                None if known.is_empty() => " (none is defined)".to_string(),
+                None => format!(
+                    " (defined: {})",
+                    known.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            };
+            by_file
+                .entry(rule.origin.clone())
+                .or_default()
+                .push(weilan_config::load::Issue {
+                    field: format!("rule `{}`", rule.id),
+                    line: None,
+                    column: None,
+                    message: format!("no {what} `{name}` is defined{hint}"),
+                });
+        };
+        for expr in rule.expressions() {
+            for c in LIST.captures_iter(&expr.text) {
+                if let Some(name) = c.get(1).or_else(|| c.get(2)) {
+                    problem("list", name.as_str(), lists);
+                }
+            }
+            for c in GROUP.captures_iter(&expr.text) {
+                let (name, whose) = (&c[1], &c[2]);
+                match whose {
+                    "user" => problem("user group", name, user_groups),
+                    _ => problem("agent group", name, agent_groups),
+                }
+            }
+        }
+    }
+    by_file
+        .into_iter()
+        .map(|(file, mut issues)| {
+            issues.dedup_by(|a, b| a.field == b.field && a.message == b.message);
+            ConfigErrors {
+                file: PathBuf::from(file),
+                issues,
+            }
+        })
+        .collect()
 }
 
 fn read_error(p: &Path, e: &std::io::Error) -> ConfigErrors {

@@ -445,6 +445,30 @@ fn weekday(s: &str) -> Option<jiff::civil::Weekday> {
     })
 }
 
+/// A rule that names a kind nothing produces never fires: refused, with the closest
+/// kind when the name is a typo.
+fn check_kinds(v: &mut Validator, field: &str, on: &[String]) {
+    let known = || {
+        weilan_config::event::KINDS
+            .iter()
+            .chain(super::findings::ALL)
+            .copied()
+    };
+    for (i, kind) in on.iter().enumerate() {
+        if kind == "*" || known().any(|k| k == kind) {
+            continue;
+        }
+        let message = match weilan_config::load::closest(kind, known()) {
+            Some(k) => format!("`{kind}` is not an event kind; did you mean `{k}`?"),
+            None => format!(
+                "`{kind}` is not an event kind (agent events such as `usb.attached`, \
+                 `file.exported`, or the collector's `collector.*` findings: docs/rules.md)"
+            ),
+        };
+        v.error(format!("{field}[{i}]"), message);
+    }
+}
+
 impl Validate for RulesFileRaw {
     type Valid = RulesFile;
 
@@ -523,6 +547,7 @@ impl Validate for RulesFileRaw {
             if r.on.is_empty() {
                 v.error(at("on"), "name at least one event kind (or \"*\")");
             }
+            check_kinds(v, &at("on"), &r.on);
             let mut expr = |field: String, text: Option<&str>| -> Option<Option<Expr>> {
                 match text {
                     None => Some(None),
@@ -582,6 +607,7 @@ impl Validate for RulesFileRaw {
                                     "name at least one event kind",
                                 );
                             }
+                            check_kinds(v, &at("correlation.presence.on"), &p.on);
                             let condition = match p.condition.as_deref().map(compile) {
                                 None => Some(None),
                                 Some(Ok(e)) => Some(Some(e)),

@@ -92,4 +92,30 @@ pub mod findings {
     pub const SOURCE_FLOODING: &str = "collector.source_flooding";
     /// An enrolled certificate ends within 14 days.
     pub const CERTIFICATE_EXPIRING: &str = "collector.certificate_expiring";
+
+    /// Every finding kind (what a rule's `on` may name besides agent events).
+    pub const ALL: &[&str] = &[
+        CHAIN_BREAK,
+        JOURNAL_GAP,
+        JOURNAL_RESET,
+        AGENT_REINSTALLED,
+        AGENT_RESTORED,
+        KEY_REUSED,
+        BAD_SIGNATURE,
+        AGENT_SILENT,
+        POLICY_INVALID,
+        RULES_INVALID,
+        ROSTER_INVALID,
+        RULES_OVERFLOW,
+        SINK_FAILURES,
+        EXPORT_CAUGHT_UP,
+        EXPORT_FAILED,
+        BROKER_UNREACHABLE,
+        UNENROLLED_CERTIFICATE,
+        ENROLLMENT_REFUSED,
+        BROKER_REFUSED,
+        BROKER_RESTARTED,
+        SOURCE_FLOODING,
+        CERTIFICATE_EXPIRING,
+    ];
 }

@@ -1214,3 +1214,70 @@ fn a_stick_allowed_by_a_rule_is_not_unknown_storage() {
         .fired(DAY, vec![other], "builtin.usb.unknown-storage")
         .is_some());
 }
+
+#[test]
+fn every_finding_kind_is_listed_and_a_misspelt_kind_is_refused_with_the_closest() {
+    // Each `pub const X: &str = "collector.…"` of `findings` is in `findings::ALL`.
+    let source = include_str!("mod.rs");
+    let declared: std::collections::BTreeSet<&str> = source
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("pub const "))
+        .filter_map(|l| l.split('"').nth(1))
+        .filter(|k| k.starts_with("collector."))
+        .collect();
+    let listed: std::collections::BTreeSet<&str> = findings::ALL.iter().copied().collect();
+    assert_eq!(declared, listed);
+
+    let text = r#"
+[[rule]]
+id = "site.typos"
+title = "typos"
+level = "red"
+on = ["usb.atached", "collector.journal_gaps", "*", "nothing.like.it"]
+summary = "x"
+"#;
+    let err = super::file::parse(text, std::path::Path::new("site.toml"))
+        .unwrap_err()
+        .to_string();
+    for expected in [
+        "rule[0].on[0]: `usb.atached` is not an event kind; did you mean `usb.attached`?",
+        "rule[0].on[1]: `collector.journal_gaps` is not an event kind; did you mean `collector.journal_gap`?",
+        "rule[0].on[3]: `nothing.like.it` is not an event kind",
+    ] {
+        assert!(err.contains(expected), "{expected}\n in:\n{err}");
+    }
+    assert!(!err.contains("on[2]"), "{err}");
+}
+
+#[test]
+fn a_rule_naming_a_list_or_group_nobody_defined_is_refused_with_the_closest_name() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("groups.toml"),
+        "[lists]\nallowed_destinations = [\"10.0.0.0/8\"]\n[user_groups]\nadmins = [\"root\"]\n[agent_groups]\nfinance = [\"fin-*\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("site.toml"),
+        r#"
+[[rule]]
+id = "site.names"
+title = "names"
+level = "red"
+on = ["usb.attached"]
+condition = "'finanse' in agent.groups && 'admin' in user.groups && !(event.data.vid in lists.allowed_destination) && 'finance' in agent.groups && lists['allowed_destinations'].size() > 0"
+summary = "x"
+"#,
+    )
+    .unwrap();
+    let errors = super::RuleSet::load(false, Some(dir.path())).unwrap_err();
+    let text: String = errors.iter().map(|e| e.to_string()).collect();
+    for expected in [
+        "rule `site.names`: no agent group `finanse` is defined; did you mean `finance`?",
+        "rule `site.names`: no user group `admin` is defined; did you mean `admins`?",
+        "rule `site.names`: no list `allowed_destination` is defined; did you mean `allowed_destinations`?",
+    ] {
+        assert!(text.contains(expected), "{expected}\n in:\n{text}");
+    }
+    assert_eq!(text.matches("is defined").count(), 3, "{text}");
+}

@@ -351,13 +351,8 @@ fn unknown_detector(name: &str, known: &[String]) -> Option<String> {
     if known.iter().any(|k| k == name) {
         return None;
     }
-    let closest = known
-        .iter()
-        .map(|k| (strsim::damerau_levenshtein(name, k), k))
-        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
-        .min_by_key(|(d, _)| *d);
-    Some(match closest {
-        Some((_, k)) => format!("`{name}` is not a detector; did you mean `{k}`?"),
+    Some(match crate::load::closest(name, known.iter().map(String::as_str)) {
+        Some(k) => format!("`{name}` is not a detector; did you mean `{k}`?"),
         None => format!(
             "`{name}` is not a detector (built in: {}; or `keywords:NAME`, `pattern:NAME` of this policy)",
             BUILTIN_DETECTORS.join(", ")
