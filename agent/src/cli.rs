@@ -88,165 +88,178 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
             token,
             id,
             dir,
-        } => {
-            let id = id.unwrap_or_else(|| sysinfo::System::host_name().unwrap_or_default());
-            match crate::enroll::enroll(&collector, &token, &id, &dir) {
-                Ok(e) => {
-                    println!(
-                        "enrolled as `{}`{}: certificate {}, key {} (0600, made here), CA {}",
-                        e.agent_id,
-                        if e.groups.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" (groups {})", e.groups.join(", "))
-                        },
-                        e.cert.display(),
-                        e.key.display(),
-                        e.ca.display()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("enroll: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::PrintDefaultConfig => {
-            print!("{}", weilan_config::examples::AGENT_TOML);
+        } => enroll_command(collector, token, id, dir),
+        Command::PrintDefaultConfig => print_default_config_command(),
+        Command::Unlock { config, token } => unlock_command(config, token),
+        Command::Journal { config, reset_acks } => journal_command(config, reset_acks),
+        Command::CheckConfig { config } => check_config_command(config),
+        Command::Run { config } => run_command(config),
+    }
+}
+
+fn enroll_command(collector: String, token: String, id: Option<String>, dir: PathBuf) -> ExitCode {
+    let id = id.unwrap_or_else(|| sysinfo::System::host_name().unwrap_or_default());
+    match crate::enroll::enroll(&collector, &token, &id, &dir) {
+        Ok(e) => {
+            println!(
+                "enrolled as `{}`{}: certificate {}, key {} (0600, made here), CA {}",
+                e.agent_id,
+                if e.groups.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (groups {})", e.groups.join(", "))
+                },
+                e.cert.display(),
+                e.key.display(),
+                e.ca.display()
+            );
             ExitCode::SUCCESS
         }
-        Command::Unlock { config, token } => {
-            let settings = match load(&config) {
-                Ok(s) => s,
-                Err(code) => return code,
-            };
-            let result = (|| -> Result<String, String> {
-                let me =
-                    weilan_config::signing::Signer::from_pem_files(&settings.cert, &settings.key)
-                        .map_err(|e| e.to_string())?
-                        .identity()
-                        .common_name
-                        .clone();
-                let verifier = weilan_config::signing::Verifier::from_ca_file(&settings.ca)
-                    .map_err(|e| e.to_string())?;
-                let bytes =
-                    std::fs::read(&token).map_err(|e| format!("{}: {e}", token.display()))?;
-                let msg = weilan_config::wire::decode_signed(&bytes, 64 * 1024)
-                    .map_err(|e| e.to_string())?;
-                let t = crate::unlock::verify(&verifier, &msg, &me)?;
-                let store = crate::unlock::UnlockStore::new(&settings.state_dir);
-                if store.used().contains(&t.token_id) {
-                    return Err(format!("token {} was already used", t.token_id));
-                }
-                store
-                    .drop_token(&msg, &t.token_id)
-                    .map_err(|e| e.to_string())?;
-                Ok(format!(
-                    "token {} accepted: {} for device {}{} until {}; the running agent applies it within a second",
-                    t.token_id,
-                    t.mode,
-                    t.serial.as_deref().map(|s| format!("serial {s} ")).unwrap_or_default(),
-                    t.device_hash.as_deref().map(|h| format!("hash {h}")).unwrap_or_default(),
-                    t.not_after
-                ))
-            })();
-            match result {
-                Ok(text) => {
-                    println!("{text}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("unlock refused: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Journal { config, reset_acks } => {
-            let settings = match load(&config) {
-                Ok(s) => s,
-                Err(code) => return code,
-            };
-            let dir = settings.state_dir.join("journal");
-            if reset_acks {
-                if let Err(e) = crate::journal::reset_acked(&dir) {
-                    eprintln!("{}: {e}", dir.display());
-                    return ExitCode::FAILURE;
-                }
-                println!("acknowledged watermark reset: everything in {} is sent again at the next start", dir.display());
-            }
-            match crate::journal::inspect(&dir) {
-                Ok(text) => {
-                    print!("{text}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("{}: {e}", dir.display());
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::CheckConfig { config } => {
-            let settings = match load(&config) {
-                Ok(s) => s,
-                Err(code) => return code,
-            };
-            match crate::load_policy(&settings) {
-                Ok(p) => {
-                    for w in p.usb.lint() {
-                        eprintln!("warning: {}: {w}", settings.policy.display());
-                    }
-                    println!(
-                        "{}: ok; policy {} version {}",
-                        config.display(),
-                        settings.policy.display(),
-                        p.version
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprint!("{e}");
-                    ExitCode::from(EXIT_CONFIG)
-                }
-            }
-        }
-        Command::Run { config } => {
-            let settings = match load(&config) {
-                Ok(s) => s,
-                Err(code) => return code,
-            };
-            weilan_config::runtime::init_tracing(&settings.log, "");
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            runtime.block_on(async {
-                let shutdown = CancellationToken::new();
-                tokio::spawn(weilan_config::runtime::stop_on_signal(shutdown.clone()));
-                match crate::run(settings, shutdown).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(crate::AgentError::Policy(e)) => {
-                        eprint!("{e}");
-                        ExitCode::from(EXIT_CONFIG)
-                    }
-                    // A badge key file the operator made wrong: a configuration error.
-                    Err(e @ crate::AgentError::BadgeKey { .. }) => {
-                        eprintln!("weilan-agent: {e}");
-                        ExitCode::from(EXIT_CONFIG)
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "agent failed");
-                        ExitCode::FAILURE
-                    }
-                }
-            })
+        Err(e) => {
+            eprintln!("enroll: {e}");
+            ExitCode::FAILURE
         }
     }
+}
+
+fn print_default_config_command() -> ExitCode {
+    print!("{}", weilan_config::examples::AGENT_TOML);
+    ExitCode::SUCCESS
+}
+
+fn unlock_command(config: PathBuf, token: PathBuf) -> ExitCode {
+    let settings = match load(&config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let result = (|| -> Result<String, String> {
+        let me = weilan_config::signing::Signer::from_pem_files(&settings.cert, &settings.key)
+            .map_err(|e| e.to_string())?
+            .identity()
+            .common_name
+            .clone();
+        let verifier = weilan_config::signing::Verifier::from_ca_file(&settings.ca)
+            .map_err(|e| e.to_string())?;
+        let bytes = std::fs::read(&token).map_err(|e| format!("{}: {e}", token.display()))?;
+        let msg =
+            weilan_config::wire::decode_signed(&bytes, 64 * 1024).map_err(|e| e.to_string())?;
+        let t = crate::unlock::verify(&verifier, &msg, &me)?;
+        let store = crate::unlock::UnlockStore::new(&settings.state_dir);
+        if store.used().contains(&t.token_id) {
+            return Err(format!("token {} was already used", t.token_id));
+        }
+        store
+            .drop_token(&msg, &t.token_id)
+            .map_err(|e| e.to_string())?;
+        Ok(format!(
+                "token {} accepted: {} for device {}{} until {}; the running agent applies it within a second",
+                t.token_id,
+                t.mode,
+                t.serial.as_deref().map(|s| format!("serial {s} ")).unwrap_or_default(),
+                t.device_hash.as_deref().map(|h| format!("hash {h}")).unwrap_or_default(),
+                t.not_after
+            ))
+    })();
+    match result {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("unlock refused: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn journal_command(config: PathBuf, reset_acks: bool) -> ExitCode {
+    let settings = match load(&config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let dir = settings.state_dir.join("journal");
+    if reset_acks {
+        if let Err(e) = crate::journal::reset_acked(&dir) {
+            eprintln!("{}: {e}", dir.display());
+            return ExitCode::FAILURE;
+        }
+        println!(
+            "acknowledged watermark reset: everything in {} is sent again at the next start",
+            dir.display()
+        );
+    }
+    match crate::journal::inspect(&dir) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", dir.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config_command(config: PathBuf) -> ExitCode {
+    let settings = match load(&config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    match crate::load_policy(&settings) {
+        Ok(p) => {
+            for w in p.usb.lint() {
+                eprintln!("warning: {}: {w}", settings.policy.display());
+            }
+            println!(
+                "{}: ok; policy {} version {}",
+                config.display(),
+                settings.policy.display(),
+                p.version
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprint!("{e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn run_command(config: PathBuf) -> ExitCode {
+    let settings = match load(&config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    weilan_config::runtime::init_tracing(&settings.log, "");
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(weilan_config::runtime::stop_on_signal(shutdown.clone()));
+        match crate::run(settings, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(crate::AgentError::Policy(e)) => {
+                eprint!("{e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+            // A badge key file the operator made wrong: a configuration error.
+            Err(e @ crate::AgentError::BadgeKey { .. }) => {
+                eprintln!("weilan-agent: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "agent failed");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }

@@ -95,34 +95,7 @@ enum Command {
         config: PathBuf,
     },
     /// Follow the alert log.
-    Tail {
-        /// The alert log (default: the one named in the collector settings).
-        #[arg(long)]
-        file: Option<PathBuf>,
-        #[arg(long, default_value = "/etc/weilan/collector.toml")]
-        config: PathBuf,
-        /// Minimum level: red, yellow or blue.
-        #[arg(long)]
-        level: Option<String>,
-        #[arg(long)]
-        agent: Option<String>,
-        /// Rule id or prefix.
-        #[arg(long)]
-        rule: Option<String>,
-        /// Print JSON lines for machines.
-        #[arg(long)]
-        json: bool,
-        /// Print what is there and exit instead of following.
-        #[arg(long)]
-        no_follow: bool,
-        /// Only alerts from then on, reading rotated files too: a time
-        /// (`2026-11-21T08:00:00Z`, `2026-11-21 08:00` local) or a span back (`2h`, `7d`).
-        #[arg(long)]
-        since: Option<String>,
-        /// Print counts by level, rule and agent for the selection, then exit.
-        #[arg(long)]
-        summary: bool,
-    },
+    Tail(TailArgs),
     /// List the fleet: state, last event, versions, backlog.
     Agents {
         #[command(subcommand)]
@@ -145,40 +118,7 @@ enum Command {
     },
     /// Issue a temporary unlock token for one device on one agent (signed by the
     /// collector; the agent verifies it offline). Writes it to --out and/or sends it.
-    Unlock {
-        #[arg(long, default_value = "/etc/weilan/collector.toml")]
-        config: PathBuf,
-        /// The agent id (its certificate's common name).
-        #[arg(long)]
-        agent: String,
-        /// Device identity hash (from usb.attached / usb.decision).
-        #[arg(long)]
-        hash: Option<String>,
-        /// Device serial (with --vid-pid: a serial alone is no identity).
-        #[arg(long)]
-        serial: Option<String>,
-        /// The device's vid:pid (VVVV:PPPP), required with --serial.
-        #[arg(long)]
-        vid_pid: Option<String>,
-        /// allow or read-only.
-        #[arg(long, default_value = "allow")]
-        mode: String,
-        /// How long it is valid, from now.
-        #[arg(long, default_value_t = 60)]
-        minutes: u64,
-        /// Seconds instead of minutes (short tests).
-        #[arg(long)]
-        seconds: Option<u64>,
-        /// Who asks and why; audited with every decision the token makes.
-        #[arg(long)]
-        reason: String,
-        /// Write the token here (for `weilan-agent unlock --token FILE`, e.g. offline).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Send it to the agent now, as a signed command (through the running collector).
-        #[arg(long)]
-        send: bool,
-    },
+    Unlock(UnlockArgs),
     /// Send a signed command to an agent (authenticated, bound to the agent, expiring,
     /// never executed twice); the agent reports a command.result event.
     #[command(name = "command")]
@@ -213,6 +153,72 @@ enum Command {
     },
     /// Print the documented example settings.
     PrintDefaultConfig,
+}
+
+#[derive(clap::Args)]
+struct UnlockArgs {
+    #[arg(long, default_value = "/etc/weilan/collector.toml")]
+    config: PathBuf,
+    /// The agent id (its certificate's common name).
+    #[arg(long)]
+    agent: String,
+    /// Device identity hash (from usb.attached / usb.decision).
+    #[arg(long)]
+    hash: Option<String>,
+    /// Device serial (with --vid-pid: a serial alone is no identity).
+    #[arg(long)]
+    serial: Option<String>,
+    /// The device's vid:pid (VVVV:PPPP), required with --serial.
+    #[arg(long)]
+    vid_pid: Option<String>,
+    /// allow or read-only.
+    #[arg(long, default_value = "allow")]
+    mode: String,
+    /// How long it is valid, from now.
+    #[arg(long, default_value_t = 60)]
+    minutes: u64,
+    /// Seconds instead of minutes (short tests).
+    #[arg(long)]
+    seconds: Option<u64>,
+    /// Who asks and why; audited with every decision the token makes.
+    #[arg(long)]
+    reason: String,
+    /// Write the token here (for `weilan-agent unlock --token FILE`, e.g. offline).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Send it to the agent now, as a signed command (through the running collector).
+    #[arg(long)]
+    send: bool,
+}
+
+#[derive(clap::Args)]
+struct TailArgs {
+    /// The alert log (default: the one named in the collector settings).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    #[arg(long, default_value = "/etc/weilan/collector.toml")]
+    config: PathBuf,
+    /// Minimum level: red, yellow or blue.
+    #[arg(long)]
+    level: Option<String>,
+    #[arg(long)]
+    agent: Option<String>,
+    /// Rule id or prefix.
+    #[arg(long)]
+    rule: Option<String>,
+    /// Print JSON lines for machines.
+    #[arg(long)]
+    json: bool,
+    /// Print what is there and exit instead of following.
+    #[arg(long)]
+    no_follow: bool,
+    /// Only alerts from then on, reading rotated files too: a time
+    /// (`2026-11-21T08:00:00Z`, `2026-11-21 08:00` local) or a span back (`2h`, `7d`).
+    #[arg(long)]
+    since: Option<String>,
+    /// Print counts by level, rule and agent for the selection, then exit.
+    #[arg(long)]
+    summary: bool,
 }
 
 #[derive(Subcommand)]
@@ -335,87 +341,13 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
         Err(code) => return code,
     };
     match cli.command {
-        Command::PrintDefaultConfig => {
-            print!("{}", weilan_config::examples::COLLECTOR_TOML);
-            ExitCode::SUCCESS
-        }
+        Command::PrintDefaultConfig => print_default_config_command(),
         Command::CheckConfig {
             config,
             service_user,
-        } => match load(&config) {
-            Ok(s) => {
-                let report = crate::preflight::check(&s, Some(service_user.as_str()));
-                for w in &report.warnings {
-                    eprintln!("warning: {w}");
-                }
-                for p in &report.problems {
-                    eprintln!("{p}");
-                }
-                if !report.problems.is_empty() {
-                    eprintln!(
-                        "{}: {} problem(s); `serve` would not start as configured",
-                        config.display(),
-                        report.problems.len()
-                    );
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-                println!(
-                    "{}: ok; policy version {}, {} rules, PKI checked{}",
-                    config.display(),
-                    report.policy_version.as_deref().unwrap_or("?"),
-                    report.rules,
-                    report
-                        .checked_as
-                        .map(|u| format!(" (readable by the service user `{u}`)"))
-                        .unwrap_or_default()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        },
-        Command::Rules { config, json } => {
-            let settings = match load(&config) {
-                Ok(s) => s,
-                Err(code) => return code,
-            };
-            match crate::rules::RuleSet::load(settings.rules_builtin, settings.rules_dir.as_deref())
-            {
-                Ok(set) => {
-                    print_rules(&set, json);
-                    ExitCode::SUCCESS
-                }
-                Err(errors) => {
-                    for e in errors {
-                        eprint!("{e}");
-                    }
-                    ExitCode::from(EXIT_CONFIG)
-                }
-            }
-        }
-        Command::CheckRules { dir, no_builtin } => {
-            // A typo in the path must not pass as "no site rules".
-            if !dir.is_dir() {
-                eprintln!("{}: not a directory (no rule was checked)", dir.display());
-                return ExitCode::from(EXIT_CONFIG);
-            }
-            match crate::rules::RuleSet::load(!no_builtin, Some(&dir)) {
-                Ok(set) => {
-                    println!(
-                        "{}: ok; {} rules in force from {} files",
-                        dir.display(),
-                        set.rules().count(),
-                        set.files.len()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(errors) => {
-                    for e in errors {
-                        eprint!("{e}");
-                    }
-                    ExitCode::from(EXIT_CONFIG)
-                }
-            }
-        }
+        } => check_config_command(config, service_user),
+        Command::Rules { config, json } => rules_command(config, json),
+        Command::CheckRules { dir, no_builtin } => check_rules_command(dir, no_builtin),
         Command::Export {
             config,
             from,
@@ -424,347 +356,30 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
             group,
             lang,
             out,
-        } => {
-            let settings = match load(&config) {
-                Ok(s) => s,
-                Err(code) => return code,
-            };
-            match run_export(&settings, &from, to.as_deref(), agents, group, lang, out) {
-                Ok(s) => {
-                    println!(
-                        "exported {} events and {} alerts to {} (manifest SHA-256 {}{})",
-                        s.events,
-                        s.alerts,
-                        s.dir.display(),
-                        s.manifest_sha256,
-                        s.previous
-                            .map(|p| format!(", chained to {p}"))
-                            .unwrap_or_default()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("export: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::VerifyExport { dir, ca, config } => {
-            let ca = match ca {
-                Some(ca) => ca,
-                None => match load(&config) {
-                    Ok(s) => s.ca,
-                    Err(code) => return code,
-                },
-            };
-            let verifier = match weilan_config::signing::Verifier::from_ca_file(&ca) {
-                Ok(v) => v,
-                Err(e) => {
-                    eprintln!("verify-export: {}: {e}", ca.display());
-                    return ExitCode::FAILURE;
-                }
-            };
-            match crate::export::verify::verify(&dir, &verifier) {
-                Ok(v) => {
-                    println!(
-                        "ok: {} export(s), {} files, signed by {}: {}",
-                        v.exports.len(),
-                        v.files,
-                        v.signer,
-                        v.exports.join(" <- ")
-                    );
-                    for n in v.notes {
-                        println!("note: {n}");
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("verify-export: FAILED: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Tail {
-            file,
-            config,
-            level,
-            agent,
-            rule,
-            json,
-            no_follow,
-            since,
-            summary,
-        } => {
-            let path = match file {
-                Some(f) => f,
-                None => match load(&config) {
-                    Ok(s) => s.alerts_path,
-                    Err(code) => return code,
-                },
-            };
-            let min_level = match level.as_deref().map(|l| (l, Level::parse(l))) {
-                None => None,
-                Some((_, Some(l))) => Some(l),
-                Some((l, None)) => {
-                    eprintln!("--level: `{l}` is not red, yellow or blue");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            let since = match since.as_deref().map(tail::parse_since).transpose() {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("--since: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            let opts = TailOptions {
-                path,
-                follow: !no_follow,
-                since,
-                summary,
-                json,
-                min_level,
-                agent,
-                rule,
-                color: std::io::stdout().is_terminal(),
-            };
-            match tail::tail(&opts, &mut std::io::stdout().lock(), || false) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("{}: {e}", opts.path.display());
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Unlock {
-            config,
-            agent,
-            hash,
-            serial,
-            vid_pid,
-            mode,
-            minutes,
-            seconds,
-            reason,
-            out,
-            send,
-        } => {
-            let settings = match load(&config) {
-                Ok(s) => s,
-                Err(code) => return code,
-            };
-            match crate::unlock::issue(
-                &settings,
-                &agent,
-                hash,
-                serial,
-                vid_pid,
-                &mode,
-                seconds.unwrap_or(minutes * 60),
-                &reason,
-                out.as_deref(),
-                send,
-            ) {
-                Ok(text) => {
-                    println!("{text}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("unlock: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        } => export_command(config, from, to, agents, group, lang, out),
+        Command::VerifyExport { dir, ca, config } => verify_export_command(dir, ca, config),
+        Command::Tail(args) => tail_command(args),
+        Command::Unlock(args) => unlock_command(args),
         Command::Order {
             config,
             agent,
             reason,
             valid_secs,
             action,
-        } => {
-            let settings = match load(&config) {
-                Ok(s) => s,
-                Err(code) => return code,
-            };
-            let action = match action {
-                CommandCli::BlockDevice { hash } => {
-                    weilan_config::wire::CommandAction::BlockDevice { device_hash: hash }
-                }
-                CommandCli::ReadOnly { hash } => {
-                    weilan_config::wire::CommandAction::SetDeviceReadOnly { device_hash: hash }
-                }
-                CommandCli::QuarantineFile { path, sha256 } => {
-                    weilan_config::wire::CommandAction::QuarantineFile { path, sha256 }
-                }
-                CommandCli::KillProcess { pid, exe } => {
-                    weilan_config::wire::CommandAction::KillProcess { pid, exe }
-                }
-                CommandCli::Inventory => weilan_config::wire::CommandAction::RequestInventory,
-            };
-            match crate::unlock::send_command(&settings, &agent, action, &reason, valid_secs) {
-                Ok(seq) => {
-                    println!("command {seq} sent to {agent} by the running collector; its result arrives as a command.result event");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("command: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Quarantine { config, json } => {
-            let settings = match load(&config) {
-                Ok(s) => s,
-                Err(code) => return code,
-            };
-            let rows = crate::store::Store::open(&settings.store_path)
-                .and_then(|mut s| s.quarantine_summary());
-            match rows {
-                Ok(rows) => {
-                    if !json {
-                        println!(
-                            "{:<24} {:>9} {:>12} {:>6}  {:<28} last reason",
-                            "source", "refused", "bytes", "kept", "last"
-                        );
-                    }
-                    for r in rows {
-                        if json {
-                            println!("{}", serde_json::to_string(&r).unwrap_or_default());
-                        } else {
-                            println!(
-                                "{:<24} {:>9} {:>12} {:>6}  {:<28} {}",
-                                r.source, r.refused, r.bytes, r.kept, r.last_at, r.last_reason
-                            );
-                        }
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("quarantine: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        } => order_command(config, agent, reason, valid_secs, action),
+        Command::Quarantine { config, json } => quarantine_command(config, json),
         Command::Agents {
             action: Some(AgentsAction::Revoke { id, reason, dir }),
             ..
-        } => match crate::registry::revoke(&PkiPaths::new(&dir), &id, &reason) {
-            Ok(revoked) if revoked.is_empty() => {
-                eprintln!("revoke: `{id}` has no valid certificate in the registry");
-                ExitCode::FAILURE
-            }
-            Ok(revoked) => {
-                for e in &revoked {
-                    println!(
-                        "revoked `{id}` certificate {} (serial {}, {}); CRL {}",
-                        &e.fingerprint[..16],
-                        e.serial,
-                        e.role,
-                        crate::registry::crl_path(&PkiPaths::new(&dir)).display()
-                    );
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("revoke: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        } => agents_revoke_command(id, reason, dir),
         Command::Agents {
             action: None,
             config,
             json,
-        } => {
-            let settings = match load(&config) {
-                Ok(s) => s,
-                Err(code) => return code,
-            };
-            let rows = crate::store::Store::open(&settings.store_path)
-                .map_err(|e| e.to_string())
-                .and_then(|mut s| crate::fleet::list(&mut s).map_err(|e| e.to_string()));
-            // Certificate expiry from the registry beside the CA.
-            let pki_dir = settings
-                .ca
-                .parent()
-                .map(PkiPaths::new)
-                .unwrap_or_else(|| PkiPaths::new("."));
-            let registry = crate::registry::Registry::load(&crate::registry::path(&pki_dir))
-                .unwrap_or_default();
-            match rows {
-                Ok(mut rows) => {
-                    for r in &mut rows {
-                        r.cert_expires = registry.expiry_of(&r.agent_id).map(str::to_string);
-                    }
-                    if !json {
-                        println!(
-                            "{:<24} {:<8} {:<28} {:<8} {:<16} {:>8} {:>10}  {:<22} host",
-                            "agent",
-                            "state",
-                            "last event",
-                            "version",
-                            "policy",
-                            "backlog",
-                            "events",
-                            "certificate ends"
-                        );
-                    }
-                    for r in rows {
-                        if json {
-                            println!("{}", serde_json::to_string(&r).unwrap_or_default());
-                        } else {
-                            println!(
-                                "{:<24} {:<8} {:<28} {:<8} {:<16} {:>8} {:>10}  {:<22} {}",
-                                r.agent_id,
-                                r.state,
-                                r.last_event.as_deref().unwrap_or("-"),
-                                r.agent_version.as_deref().unwrap_or("-"),
-                                r.policy_version.as_deref().unwrap_or("-"),
-                                r.backlog.map_or("-".to_string(), |b| b.to_string()),
-                                r.events,
-                                r.cert_expires
-                                    .as_deref()
-                                    .map(|t| t.get(..19).unwrap_or(t))
-                                    .unwrap_or("not enrolled"),
-                                r.hostname.as_deref().unwrap_or("-")
-                            );
-                        }
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("{}: {e}", settings.store_path.display());
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        } => agents_list_command(config, json),
         Command::Roster {
             command: RosterCommand::Hash { key },
-        } => {
-            let key = match weilan_config::badge::read_key(&key, false) {
-                Ok(k) => k,
-                Err(e) => {
-                    eprintln!("{}: {e}", key.display());
-                    return ExitCode::FAILURE;
-                }
-            };
-            println!("id_hash,last4");
-            for line in std::io::stdin().lines().map_while(Result::ok) {
-                let card = line.trim();
-                if card.is_empty() {
-                    continue;
-                }
-                if !card.bytes().all(|b| b.is_ascii_digit()) {
-                    eprintln!("skipped a line that is not a card number (digits only)");
-                    continue;
-                }
-                println!(
-                    "{},{}",
-                    weilan_config::badge::card_hash(&key, card),
-                    weilan_config::badge::last4(card)
-                );
-            }
-            ExitCode::SUCCESS
-        }
+        } => roster_hash_command(key),
         Command::Enroll {
             command:
                 EnrollCommand::Create {
@@ -774,117 +389,565 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                     replace,
                     dir,
                 },
-        } => {
-            let ttl = match ttl
-                .parse::<jiff::Span>()
-                .and_then(|s| s.to_duration(jiff::SpanRelativeTo::days_are_24_hours()))
-            {
-                Ok(d) if d.is_positive() => d,
-                _ => {
-                    eprintln!("--ttl: `{ttl}` is not a duration (30m, 24h, 7d)");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            if !(1..=10_000).contains(&count) {
-                eprintln!("--count: 1 to 10000");
+        } => enroll_create_command(count, ttl, groups, replace, dir),
+        Command::Pki { command } => pki_command(command),
+        Command::Serve { config } => serve_command(config),
+    }
+}
+
+fn print_default_config_command() -> ExitCode {
+    print!("{}", weilan_config::examples::COLLECTOR_TOML);
+    ExitCode::SUCCESS
+}
+
+fn check_config_command(config: PathBuf, service_user: String) -> ExitCode {
+    match load(&config) {
+        Ok(s) => {
+            let report = crate::preflight::check(&s, Some(service_user.as_str()));
+            for w in &report.warnings {
+                eprintln!("warning: {w}");
+            }
+            for p in &report.problems {
+                eprintln!("{p}");
+            }
+            if !report.problems.is_empty() {
+                eprintln!(
+                    "{}: {} problem(s); `serve` would not start as configured",
+                    config.display(),
+                    report.problems.len()
+                );
                 return ExitCode::from(EXIT_CONFIG);
             }
-            match crate::enroll::create_tokens(&PkiPaths::new(&dir), count, ttl, groups, replace) {
-                Ok(tokens) => {
-                    for t in tokens {
-                        println!("{t}");
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("enroll: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            println!(
+                "{}: ok; policy version {}, {} rules, PKI checked{}",
+                config.display(),
+                report.policy_version.as_deref().unwrap_or("?"),
+                report.rules,
+                report
+                    .checked_as
+                    .map(|u| format!(" (readable by the service user `{u}`)"))
+                    .unwrap_or_default()
+            );
+            ExitCode::SUCCESS
         }
-        Command::Pki { command } => {
-            let result = match command {
-                PkiCommand::Init { dir, names } => {
-                    let paths = PkiPaths::new(&dir);
-                    pki::init(&paths, &names).map(|()| {
-                        println!(
-                            "PKI created in {}: ca.pem, server.pem (for {}), collector.pem",
-                            dir.display(),
-                            pki::server_names(&names).join(", ")
-                        );
-                    })
-                }
-                PkiCommand::Crl { dir } => crate::registry::write_crl(&PkiPaths::new(&dir))
-                    .map(|p| println!("CRL written: {}", p.display()))
-                    .map_err(pki::PkiError::from),
-                PkiCommand::IssueDoorController { name, dir } => {
-                    pki::issue_door_controller(&PkiPaths::new(&dir), &name).map(|(c, k)| {
-                        println!(
-                            "door controller `{name}`: certificate {}, key {} (0600)",
-                            c.display(),
-                            k.display()
-                        );
-                    })
-                }
-                PkiCommand::IssueAgent { name, dir } => {
-                    pki::issue_agent(&PkiPaths::new(&dir), &name).map(|(c, k)| {
-                        println!(
-                            "agent `{name}`: certificate {}, key {} (0600)",
-                            c.display(),
-                            k.display()
-                        );
-                    })
-                }
-            };
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("pki: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+        Err(code) => code,
+    }
+}
+
+fn rules_command(config: PathBuf, json: bool) -> ExitCode {
+    let settings = match load(&config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    match crate::rules::RuleSet::load(settings.rules_builtin, settings.rules_dir.as_deref()) {
+        Ok(set) => {
+            print_rules(&set, json);
+            ExitCode::SUCCESS
         }
-        Command::Serve { config } => {
-            let settings = match load(&config) {
-                Ok(s) => s,
-                Err(code) => return code,
-            };
-            weilan_config::runtime::init_tracing(&settings.log, "");
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            runtime.block_on(async {
-                let shutdown = CancellationToken::new();
-                tokio::spawn(weilan_config::runtime::stop_on_signal(shutdown.clone()));
-                match crate::run(settings, shutdown).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(crate::CollectorError::Policy(e)) => {
-                        eprint!("{e}");
-                        ExitCode::from(EXIT_CONFIG)
-                    }
-                    // What an operator wrote: exit 64 like every configuration error.
-                    Err(
-                        e @ (crate::CollectorError::Rules(_)
-                        | crate::CollectorError::Roster(_)
-                        | crate::CollectorError::Sink(_)
-                        | crate::CollectorError::Registry(_)),
-                    ) => {
-                        eprintln!("weilan-collector: {e}");
-                        ExitCode::from(EXIT_CONFIG)
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "collector failed");
-                        eprintln!("weilan-collector: {e}");
-                        ExitCode::FAILURE
-                    }
-                }
-            })
+        Err(errors) => {
+            for e in errors {
+                eprint!("{e}");
+            }
+            ExitCode::from(EXIT_CONFIG)
         }
     }
+}
+
+fn check_rules_command(dir: PathBuf, no_builtin: bool) -> ExitCode {
+    // A typo in the path must not pass as "no site rules".
+    if !dir.is_dir() {
+        eprintln!("{}: not a directory (no rule was checked)", dir.display());
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    match crate::rules::RuleSet::load(!no_builtin, Some(&dir)) {
+        Ok(set) => {
+            println!(
+                "{}: ok; {} rules in force from {} files",
+                dir.display(),
+                set.rules().count(),
+                set.files.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in errors {
+                eprint!("{e}");
+            }
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn export_command(
+    config: PathBuf,
+    from: String,
+    to: Option<String>,
+    agents: Vec<String>,
+    group: Option<String>,
+    lang: Option<String>,
+    out: PathBuf,
+) -> ExitCode {
+    let settings = match load(&config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    match run_export(&settings, &from, to.as_deref(), agents, group, lang, out) {
+        Ok(s) => {
+            println!(
+                "exported {} events and {} alerts to {} (manifest SHA-256 {}{})",
+                s.events,
+                s.alerts,
+                s.dir.display(),
+                s.manifest_sha256,
+                s.previous
+                    .map(|p| format!(", chained to {p}"))
+                    .unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("export: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn verify_export_command(dir: PathBuf, ca: Option<PathBuf>, config: PathBuf) -> ExitCode {
+    let ca = match ca {
+        Some(ca) => ca,
+        None => match load(&config) {
+            Ok(s) => s.ca,
+            Err(code) => return code,
+        },
+    };
+    let verifier = match weilan_config::signing::Verifier::from_ca_file(&ca) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("verify-export: {}: {e}", ca.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    match crate::export::verify::verify(&dir, &verifier) {
+        Ok(v) => {
+            println!(
+                "ok: {} export(s), {} files, signed by {}: {}",
+                v.exports.len(),
+                v.files,
+                v.signer,
+                v.exports.join(" <- ")
+            );
+            for n in v.notes {
+                println!("note: {n}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("verify-export: FAILED: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn tail_command(args: TailArgs) -> ExitCode {
+    let TailArgs {
+        file,
+        config,
+        level,
+        agent,
+        rule,
+        json,
+        no_follow,
+        since,
+        summary,
+    } = args;
+    let path = match file {
+        Some(f) => f,
+        None => match load(&config) {
+            Ok(s) => s.alerts_path,
+            Err(code) => return code,
+        },
+    };
+    let min_level = match level.as_deref().map(|l| (l, Level::parse(l))) {
+        None => None,
+        Some((_, Some(l))) => Some(l),
+        Some((l, None)) => {
+            eprintln!("--level: `{l}` is not red, yellow or blue");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let since = match since.as_deref().map(tail::parse_since).transpose() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("--since: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let opts = TailOptions {
+        path,
+        follow: !no_follow,
+        since,
+        summary,
+        json,
+        min_level,
+        agent,
+        rule,
+        color: std::io::stdout().is_terminal(),
+    };
+    match tail::tail(&opts, &mut std::io::stdout().lock(), || false) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}: {e}", opts.path.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn unlock_command(args: UnlockArgs) -> ExitCode {
+    let UnlockArgs {
+        config,
+        agent,
+        hash,
+        serial,
+        vid_pid,
+        mode,
+        minutes,
+        seconds,
+        reason,
+        out,
+        send,
+    } = args;
+    let settings = match load(&config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    match crate::unlock::issue(
+        &settings,
+        &agent,
+        hash,
+        serial,
+        vid_pid,
+        &mode,
+        seconds.unwrap_or(minutes * 60),
+        &reason,
+        out.as_deref(),
+        send,
+    ) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("unlock: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn order_command(
+    config: PathBuf,
+    agent: String,
+    reason: String,
+    valid_secs: i64,
+    action: CommandCli,
+) -> ExitCode {
+    let settings = match load(&config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let action = match action {
+        CommandCli::BlockDevice { hash } => {
+            weilan_config::wire::CommandAction::BlockDevice { device_hash: hash }
+        }
+        CommandCli::ReadOnly { hash } => {
+            weilan_config::wire::CommandAction::SetDeviceReadOnly { device_hash: hash }
+        }
+        CommandCli::QuarantineFile { path, sha256 } => {
+            weilan_config::wire::CommandAction::QuarantineFile { path, sha256 }
+        }
+        CommandCli::KillProcess { pid, exe } => {
+            weilan_config::wire::CommandAction::KillProcess { pid, exe }
+        }
+        CommandCli::Inventory => weilan_config::wire::CommandAction::RequestInventory,
+    };
+    match crate::unlock::send_command(&settings, &agent, action, &reason, valid_secs) {
+        Ok(seq) => {
+            println!("command {seq} sent to {agent} by the running collector; its result arrives as a command.result event");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("command: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn quarantine_command(config: PathBuf, json: bool) -> ExitCode {
+    let settings = match load(&config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let rows =
+        crate::store::Store::open(&settings.store_path).and_then(|mut s| s.quarantine_summary());
+    match rows {
+        Ok(rows) => {
+            if !json {
+                println!(
+                    "{:<24} {:>9} {:>12} {:>6}  {:<28} last reason",
+                    "source", "refused", "bytes", "kept", "last"
+                );
+            }
+            for r in rows {
+                if json {
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                } else {
+                    println!(
+                        "{:<24} {:>9} {:>12} {:>6}  {:<28} {}",
+                        r.source, r.refused, r.bytes, r.kept, r.last_at, r.last_reason
+                    );
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("quarantine: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn agents_revoke_command(id: String, reason: String, dir: PathBuf) -> ExitCode {
+    match crate::registry::revoke(&PkiPaths::new(&dir), &id, &reason) {
+        Ok(revoked) if revoked.is_empty() => {
+            eprintln!("revoke: `{id}` has no valid certificate in the registry");
+            ExitCode::FAILURE
+        }
+        Ok(revoked) => {
+            for e in &revoked {
+                println!(
+                    "revoked `{id}` certificate {} (serial {}, {}); CRL {}",
+                    &e.fingerprint[..16],
+                    e.serial,
+                    e.role,
+                    crate::registry::crl_path(&PkiPaths::new(&dir)).display()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("revoke: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn agents_list_command(config: PathBuf, json: bool) -> ExitCode {
+    let settings = match load(&config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let rows = crate::store::Store::open(&settings.store_path)
+        .map_err(|e| e.to_string())
+        .and_then(|mut s| crate::fleet::list(&mut s).map_err(|e| e.to_string()));
+    // Certificate expiry from the registry beside the CA.
+    let pki_dir = settings
+        .ca
+        .parent()
+        .map(PkiPaths::new)
+        .unwrap_or_else(|| PkiPaths::new("."));
+    let registry =
+        crate::registry::Registry::load(&crate::registry::path(&pki_dir)).unwrap_or_default();
+    match rows {
+        Ok(mut rows) => {
+            for r in &mut rows {
+                r.cert_expires = registry.expiry_of(&r.agent_id).map(str::to_string);
+            }
+            if !json {
+                println!(
+                    "{:<24} {:<8} {:<28} {:<8} {:<16} {:>8} {:>10}  {:<22} host",
+                    "agent",
+                    "state",
+                    "last event",
+                    "version",
+                    "policy",
+                    "backlog",
+                    "events",
+                    "certificate ends"
+                );
+            }
+            for r in rows {
+                if json {
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                } else {
+                    println!(
+                        "{:<24} {:<8} {:<28} {:<8} {:<16} {:>8} {:>10}  {:<22} {}",
+                        r.agent_id,
+                        r.state,
+                        r.last_event.as_deref().unwrap_or("-"),
+                        r.agent_version.as_deref().unwrap_or("-"),
+                        r.policy_version.as_deref().unwrap_or("-"),
+                        r.backlog.map_or("-".to_string(), |b| b.to_string()),
+                        r.events,
+                        r.cert_expires
+                            .as_deref()
+                            .map(|t| t.get(..19).unwrap_or(t))
+                            .unwrap_or("not enrolled"),
+                        r.hostname.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", settings.store_path.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn roster_hash_command(key: PathBuf) -> ExitCode {
+    let key = match weilan_config::badge::read_key(&key, false) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("{}: {e}", key.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("id_hash,last4");
+    for line in std::io::stdin().lines().map_while(Result::ok) {
+        let card = line.trim();
+        if card.is_empty() {
+            continue;
+        }
+        if !card.bytes().all(|b| b.is_ascii_digit()) {
+            eprintln!("skipped a line that is not a card number (digits only)");
+            continue;
+        }
+        println!(
+            "{},{}",
+            weilan_config::badge::card_hash(&key, card),
+            weilan_config::badge::last4(card)
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn enroll_create_command(
+    count: usize,
+    ttl: String,
+    groups: Vec<String>,
+    replace: Option<String>,
+    dir: PathBuf,
+) -> ExitCode {
+    let ttl = match ttl
+        .parse::<jiff::Span>()
+        .and_then(|s| s.to_duration(jiff::SpanRelativeTo::days_are_24_hours()))
+    {
+        Ok(d) if d.is_positive() => d,
+        _ => {
+            eprintln!("--ttl: `{ttl}` is not a duration (30m, 24h, 7d)");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if !(1..=10_000).contains(&count) {
+        eprintln!("--count: 1 to 10000");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    match crate::enroll::create_tokens(&PkiPaths::new(&dir), count, ttl, groups, replace) {
+        Ok(tokens) => {
+            for t in tokens {
+                println!("{t}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("enroll: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn pki_command(command: PkiCommand) -> ExitCode {
+    let result = match command {
+        PkiCommand::Init { dir, names } => {
+            let paths = PkiPaths::new(&dir);
+            pki::init(&paths, &names).map(|()| {
+                println!(
+                    "PKI created in {}: ca.pem, server.pem (for {}), collector.pem",
+                    dir.display(),
+                    pki::server_names(&names).join(", ")
+                );
+            })
+        }
+        PkiCommand::Crl { dir } => crate::registry::write_crl(&PkiPaths::new(&dir))
+            .map(|p| println!("CRL written: {}", p.display()))
+            .map_err(pki::PkiError::from),
+        PkiCommand::IssueDoorController { name, dir } => {
+            pki::issue_door_controller(&PkiPaths::new(&dir), &name).map(|(c, k)| {
+                println!(
+                    "door controller `{name}`: certificate {}, key {} (0600)",
+                    c.display(),
+                    k.display()
+                );
+            })
+        }
+        PkiCommand::IssueAgent { name, dir } => {
+            pki::issue_agent(&PkiPaths::new(&dir), &name).map(|(c, k)| {
+                println!(
+                    "agent `{name}`: certificate {}, key {} (0600)",
+                    c.display(),
+                    k.display()
+                );
+            })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pki: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve_command(config: PathBuf) -> ExitCode {
+    let settings = match load(&config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    weilan_config::runtime::init_tracing(&settings.log, "");
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(weilan_config::runtime::stop_on_signal(shutdown.clone()));
+        match crate::run(settings, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(crate::CollectorError::Policy(e)) => {
+                eprint!("{e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+            // What an operator wrote: exit 64 like every configuration error.
+            Err(
+                e @ (crate::CollectorError::Rules(_)
+                | crate::CollectorError::Roster(_)
+                | crate::CollectorError::Sink(_)
+                | crate::CollectorError::Registry(_)),
+            ) => {
+                eprintln!("weilan-collector: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "collector failed");
+                eprintln!("weilan-collector: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }
 
 fn print_rules(set: &crate::rules::RuleSet, json: bool) {
