@@ -110,54 +110,8 @@ pub async fn run(
     let verifier = Verifier::from_ca_file(&settings.ca)?;
     let (notice_tx, mut notice_rx) = tokio::sync::mpsc::channel(256);
     let broker_stop = CancellationToken::new();
-    let embedded = match &settings.broker {
-        BrokerMode::Embedded {
-            listen,
-            max_connections,
-            mosquitto,
-        } => {
-            let spec = broker::BrokerSpec {
-                mosquitto: mosquitto.clone(),
-                dir: settings
-                    .store_path
-                    .parent()
-                    .unwrap_or(std::path::Path::new("."))
-                    .join("broker"),
-                listen: *listen,
-                max_connections: *max_connections,
-                // A signed batch within the ingest limit plus MQTT framing; anything
-                // bigger is refused at the broker, which disconnects the sender and
-                // says so (raised below as `collector.broker_refused`).
-                max_packet: settings.max_payload_bytes + 64 * 1024,
-                ca: settings.ca.clone(),
-                cert: settings.server_cert.clone(),
-                key: settings.server_key.clone(),
-                crl: pki::PkiPaths::new(settings.ca.parent().unwrap_or(std::path::Path::new(".")))
-                    .dir
-                    .join("crl.pem"),
-            };
-            descriptor_check(*max_connections);
-            // A PKI from before revocation existed has no CRL; Mosquitto needs one.
-            if !spec.crl.exists() {
-                registry::write_crl(&pki::PkiPaths::new(
-                    settings.ca.parent().unwrap_or(std::path::Path::new(".")),
-                ))?;
-            }
-            Some(
-                broker::SupervisedBroker::start(
-                    spec,
-                    broker_stop.clone(),
-                    shutdown.clone(),
-                    notice_tx,
-                )
-                .await?,
-            )
-        }
-        BrokerMode::External => {
-            drop(notice_tx);
-            None
-        }
-    };
+    let embedded =
+        start_embedded_broker(&settings, broker_stop.clone(), shutdown.clone(), notice_tx).await?;
     let tls = weilan_config::tls::client_config(
         &settings.ca,
         &settings.client_cert,
@@ -370,24 +324,7 @@ pub async fn run(
                         b.reload();
                     }
                     let revoked: Vec<String> = revoked.into_iter().filter(|(_, gone)| *gone).map(|(id, _)| id).collect();
-                    let (pki, host, port, name) = (pki_dir.clone(), settings.broker_host.clone(), settings.broker_port, settings.server_name.clone());
-                    // The broker reads the new CRL in its own time: end the sessions a
-                    // moment later, so that the revoked certificate cannot come back.
-                    // An external broker gets its CRL from the operator (deployment.md),
-                    // perhaps a little later: the sessions are ended again then.
-                    tokio::spawn(async move {
-                        let mut waited = Duration::ZERO;
-                        for at in [Duration::from_millis(500), Duration::from_secs(10), Duration::from_secs(60)] {
-                            tokio::time::sleep(at - waited).await;
-                            waited = at;
-                            for id in &revoked {
-                                match broker::end_session(&pki, &host, port, &name, id).await {
-                                    Ok(()) => tracing::warn!(agent = %id, after_ms = at.as_millis() as u64, "revoked: its broker session was ended"),
-                                    Err(e) => tracing::error!(agent = %id, error = %e, "revoked, but its broker session could not be ended"),
-                                }
-                            }
-                        }
-                    });
+                    end_revoked_sessions(revoked, pki_dir.clone(), &settings);
                 }
             }
             Some(refusal) = refused_rx.recv() => {
@@ -423,20 +360,7 @@ pub async fn run(
             }
             _ = exports_tick.tick() => {
                 // A long export must not hold up ingest, nor start twice.
-                if !exports_busy.swap(true, Ordering::SeqCst) {
-                    let (work, busy, settings) = (ingest.clone(), exports_busy.clone(), settings.clone());
-                    let client = client.clone();
-                    tokio::task::spawn_blocking(move || {
-                        work.prune_first_seen();
-                        let rules = work.engine().rule_set();
-                        let found = export::schedule::run(&settings, &work.signer, &rules, jiff::Timestamp::now());
-                        let replies = work.raise(found);
-                        for r in replies {
-                            let _ = client.try_publish(&r.topic, QoS::AtLeastOnce, false, r.payload);
-                        }
-                        busy.store(false, Ordering::SeqCst);
-                    });
-                }
+                start_scheduled_exports(&ingest, &exports_busy, &settings, &client);
             }
             _ = rules_tick.tick() => {
                 let work = ingest.clone();
@@ -445,50 +369,11 @@ pub async fn run(
                     Err(e) => tracing::error!(error = %e, "rule reload failed"),
                 }
             }
-            _ = report.tick() => {
-                let s = &ingest.stats;
-                tracing::info!(
-                    messages = s.messages.load(Ordering::Relaxed),
-                    stored = s.events_stored.load(Ordering::Relaxed),
-                    duplicates = s.duplicates.load(Ordering::Relaxed),
-                    rejected = s.rejected.load(Ordering::Relaxed),
-                    alerts = s.alerts.load(Ordering::Relaxed),
-                    "ingest counters"
-                );
-                let r = ingest.engine().stats.clone();
-                tracing::info!(facts = r.facts, evaluations = r.evaluations, matches = r.matches, alerts = r.alerts, suppressed = r.suppressed, errors = r.errors, state_dropped = r.state_dropped, reloads = r.reloads, reload_failures = r.reload_failures, "rule counters");
-                for (name, st) in ingest.sinks.stats() {
-                    tracing::info!(sink = name, sent = st.sent.load(Ordering::Relaxed), failed = st.failed.load(Ordering::Relaxed), dropped = st.dropped.load(Ordering::Relaxed), "sink counters");
-                }
-            }
+            _ = report.tick() => log_counters(&ingest),
         }
     }
     watchdog.stopping();
-    // The message being processed is finished (its ack sent); what still waits is
-    // not acknowledged and agents send it again.
-    if let Some(p) = processing.take() {
-        if let Ok(replies) = p.await {
-            outbox.send(&client, replies);
-        }
-    }
-    // Hand the session what still waits (a missing ack only costs a re-send).
-    let give_up = tokio::time::Instant::now() + Duration::from_secs(2);
-    while !outbox.is_empty() && tokio::time::Instant::now() < give_up {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        outbox.flush(&client);
-    }
-    if !outbox.is_empty() {
-        tracing::info!(
-            replies = outbox.waiting.len(),
-            "stopping: replies not handed to the broker; their agents send again"
-        );
-    }
-    if !fair.is_empty() {
-        tracing::info!(
-            waiting = fair.len(),
-            "stopping: unprocessed messages left to their agents' re-send"
-        );
-    }
+    drain(processing, &mut outbox, &client, &fair).await;
     // Agents stop sending into a broker with nobody subscribed.
     let _ = client.try_publish(
         topics::collector_presence(&settings.client_id),
@@ -505,6 +390,187 @@ pub async fn run(
     }
     tracing::info!("collector stopped");
     Ok(())
+}
+
+/// The embedded broker (a supervised Mosquitto) when the settings ask for one; its
+/// notices (refusals, restarts) arrive on `notices`.
+async fn start_embedded_broker(
+    settings: &CollectorSettings,
+    broker_stop: CancellationToken,
+    shutdown: CancellationToken,
+    notice_tx: tokio::sync::mpsc::Sender<broker::BrokerNotice>,
+) -> Result<Option<broker::SupervisedBroker>, CollectorError> {
+    Ok(match &settings.broker {
+        BrokerMode::Embedded {
+            listen,
+            max_connections,
+            mosquitto,
+        } => {
+            let spec = broker::BrokerSpec {
+                mosquitto: mosquitto.clone(),
+                dir: settings
+                    .store_path
+                    .parent()
+                    .unwrap_or(std::path::Path::new("."))
+                    .join("broker"),
+                listen: *listen,
+                max_connections: *max_connections,
+                // A signed batch within the ingest limit plus MQTT framing; anything
+                // bigger is refused at the broker, which disconnects the sender and
+                // says so (raised below as `collector.broker_refused`).
+                max_packet: settings.max_payload_bytes + 64 * 1024,
+                ca: settings.ca.clone(),
+                cert: settings.server_cert.clone(),
+                key: settings.server_key.clone(),
+                crl: pki::PkiPaths::new(settings.ca.parent().unwrap_or(std::path::Path::new(".")))
+                    .dir
+                    .join("crl.pem"),
+            };
+            descriptor_check(*max_connections);
+            // A PKI from before revocation existed has no CRL; Mosquitto needs one.
+            if !spec.crl.exists() {
+                registry::write_crl(&pki::PkiPaths::new(
+                    settings.ca.parent().unwrap_or(std::path::Path::new(".")),
+                ))?;
+            }
+            Some(broker::SupervisedBroker::start(spec, broker_stop, shutdown, notice_tx).await?)
+        }
+        BrokerMode::External => {
+            drop(notice_tx);
+            None
+        }
+    })
+}
+
+/// At shutdown: finishes the group being processed (its acks sent), hands the
+/// session what still waits for up to 2 s, and says what is left to the agents'
+/// re-sends.
+async fn drain(
+    processing: Option<tokio::task::JoinHandle<Vec<ingest::Reply>>>,
+    outbox: &mut Outbox,
+    client: &rumqttc::AsyncClient,
+    fair: &fair::FairQueue,
+) {
+    // The message being processed is finished (its ack sent); what still waits is
+    // not acknowledged and agents send it again.
+    if let Some(p) = processing {
+        if let Ok(replies) = p.await {
+            outbox.send(client, replies);
+        }
+    }
+    // Hand the session what still waits (a missing ack only costs a re-send).
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(2);
+    while !outbox.is_empty() && tokio::time::Instant::now() < give_up {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        outbox.flush(client);
+    }
+    if !outbox.is_empty() {
+        tracing::info!(
+            replies = outbox.waiting.len(),
+            "stopping: replies not handed to the broker; their agents send again"
+        );
+    }
+    if !fair.is_empty() {
+        tracing::info!(
+            waiting = fair.len(),
+            "stopping: unprocessed messages left to their agents' re-send"
+        );
+    }
+}
+
+/// The minute's ingest, rule and sink counters, in the log.
+fn log_counters(ingest: &Ingest) {
+    let s = &ingest.stats;
+    tracing::info!(
+        messages = s.messages.load(Ordering::Relaxed),
+        stored = s.events_stored.load(Ordering::Relaxed),
+        duplicates = s.duplicates.load(Ordering::Relaxed),
+        rejected = s.rejected.load(Ordering::Relaxed),
+        alerts = s.alerts.load(Ordering::Relaxed),
+        "ingest counters"
+    );
+    let r = ingest.engine().stats.clone();
+    tracing::info!(
+        facts = r.facts,
+        evaluations = r.evaluations,
+        matches = r.matches,
+        alerts = r.alerts,
+        suppressed = r.suppressed,
+        errors = r.errors,
+        state_dropped = r.state_dropped,
+        reloads = r.reloads,
+        reload_failures = r.reload_failures,
+        "rule counters"
+    );
+    for (name, st) in ingest.sinks.stats() {
+        tracing::info!(
+            sink = name,
+            sent = st.sent.load(Ordering::Relaxed),
+            failed = st.failed.load(Ordering::Relaxed),
+            dropped = st.dropped.load(Ordering::Relaxed),
+            "sink counters"
+        );
+    }
+}
+
+/// Ends the broker sessions of revoked agents, a moment after the broker has read
+/// the new CRL, and again later for an external broker that gets it later.
+fn end_revoked_sessions(revoked: Vec<String>, pki: pki::PkiPaths, settings: &CollectorSettings) {
+    let (host, port, name) = (
+        settings.broker_host.clone(),
+        settings.broker_port,
+        settings.server_name.clone(),
+    );
+    // The broker reads the new CRL in its own time: end the sessions a
+    // moment later, so that the revoked certificate cannot come back.
+    // An external broker gets its CRL from the operator (deployment.md),
+    // perhaps a little later: the sessions are ended again then.
+    tokio::spawn(async move {
+        let mut waited = Duration::ZERO;
+        for at in [
+            Duration::from_millis(500),
+            Duration::from_secs(10),
+            Duration::from_secs(60),
+        ] {
+            tokio::time::sleep(at - waited).await;
+            waited = at;
+            for id in &revoked {
+                match broker::end_session(&pki, &host, port, &name, id).await {
+                    Ok(()) => {
+                        tracing::warn!(agent = %id, after_ms = at.as_millis() as u64, "revoked: its broker session was ended")
+                    }
+                    Err(e) => {
+                        tracing::error!(agent = %id, error = %e, "revoked, but its broker session could not be ended")
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Scheduled exports, retention and first-seen pruning on a blocking thread, unless
+/// the previous round is still running.
+fn start_scheduled_exports(
+    ingest: &Arc<Ingest>,
+    busy: &Arc<std::sync::atomic::AtomicBool>,
+    settings: &CollectorSettings,
+    client: &rumqttc::AsyncClient,
+) {
+    if busy.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let (work, busy, settings) = (ingest.clone(), busy.clone(), settings.clone());
+    let client = client.clone();
+    tokio::task::spawn_blocking(move || {
+        work.prune_first_seen();
+        let rules = work.engine().rule_set();
+        let found = export::schedule::run(&settings, &work.signer, &rules, jiff::Timestamp::now());
+        let replies = work.raise(found);
+        for r in replies {
+            let _ = client.try_publish(&r.topic, QoS::AtLeastOnce, false, r.payload);
+        }
+        busy.store(false, Ordering::SeqCst);
+    });
 }
 
 /// Most messages committed in one transaction.
