@@ -6,7 +6,8 @@
 use std::path::{Path, PathBuf};
 
 /// Top-level folders whose paths the documents may name.
-const ROOTS: [&str; 9] = [
+const ROOTS: [&str; 10] = [
+    "fuzz/",
     "agent/",
     "collector/",
     "config/",

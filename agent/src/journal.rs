@@ -326,6 +326,23 @@ fn scan_segment(data: &[u8]) -> Scan {
     s
 }
 
+/// The segment scanner as the fuzzer drives it (`fuzz/src/lib.rs`, `journal_segment`),
+/// with what must hold of any scan: records inside the data, no byte counted twice.
+#[doc(hidden)]
+pub fn fuzz_scan_segment(data: &[u8]) {
+    let scan = scan_segment(data);
+    let mut covered = scan.intact_bytes();
+    for f in &scan.found {
+        assert!(f.offset + f.len <= data.len() as u64, "record past the end");
+    }
+    covered += scan.torn_bytes;
+    assert!(
+        covered <= data.len() as u64,
+        "more bytes accounted than read"
+    );
+    let _ = (scan.first(), scan.last(), scan.damage.len());
+}
+
 /// A run of missing keys found when the journal was opened.
 struct Hole {
     epoch: u64,

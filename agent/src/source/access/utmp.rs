@@ -83,15 +83,10 @@ impl WtmpFollower {
         let mut buf = vec![0u8; (n * RECORD) as usize];
         f.read_exact(&mut buf)?;
         self.offset += n * RECORD;
-        let mut out = Vec::new();
-        for chunk in buf.chunks(RECORD as usize) {
-            // One record at a time: a corrupt record is skipped, not the batch.
-            match utmp_rs::parse_from_reader(chunk) {
-                Ok(entries) => out.extend(entries.into_iter().filter_map(|e| self.event(e))),
-                Err(e) => tracing::debug!(error = %e, "wtmp record skipped"),
-            }
-        }
-        Ok(out)
+        Ok(parse_records(&buf)
+            .into_iter()
+            .filter_map(|e| self.event(e))
+            .collect())
     }
 
     fn event(&mut self, e: UtmpEntry) -> Option<Event> {
@@ -132,6 +127,18 @@ impl WtmpFollower {
             _ => None,
         }
     }
+}
+
+/// The entries of whole wtmp records; a corrupt record is skipped, not the rest.
+pub fn parse_records(buf: &[u8]) -> Vec<UtmpEntry> {
+    let mut out = Vec::new();
+    for chunk in buf.chunks(RECORD as usize) {
+        match utmp_rs::parse_from_reader(chunk) {
+            Ok(entries) => out.extend(entries),
+            Err(e) => tracing::debug!(error = %e, "wtmp record skipped"),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
