@@ -94,7 +94,10 @@ fn watch_pushing(
     let policy = weilan_config::policy::parse(&format!("version = \"t\"\n{policy}"), "policy.toml")
         .expect("test policy");
     let (policy_tx, policy_rx) = tokio::sync::watch::channel(Arc::new(policy));
-    let mut source = FilesSource::new(config, backend, policy_rx, None);
+    let guard = weilan_agent::guard::files::FilesGuard::new(Box::new(
+        weilan_agent::guard::files::linux::LinuxFileEnforcer { fence: None },
+    ));
+    let mut source = FilesSource::new(config, backend, policy_rx, std::sync::Arc::new(guard));
     let task = rt.spawn(async move { source.run(&ctx).await.map_err(|e| e.to_string()) });
     std::thread::sleep(Duration::from_millis(500).max(mount_poll * 2)); // the marks are in place
     work(&policy_tx);

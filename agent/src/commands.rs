@@ -179,7 +179,7 @@ impl CommandGate {
                 });
                 let target = path.clone();
                 tokio::task::spawn_blocking(move || {
-                    crate::source::files::enforce::quarantine(
+                    crate::guard::files::linux::quarantine(
                         std::path::Path::new(&target),
                         &evidence,
                         about,

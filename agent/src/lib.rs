@@ -19,6 +19,7 @@ pub mod cli;
 pub mod commands;
 pub mod enroll;
 pub mod fence;
+pub mod guard;
 pub mod journal;
 pub mod ledger;
 pub mod policy_manager;
@@ -322,7 +323,11 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
                 },
                 backend,
                 policy_watch.subscribe(),
-                fence_task.as_ref().map(|_| fence_control.clone()),
+                Arc::new(guard::files::FilesGuard::new(Box::new(
+                    guard::files::linux::LinuxFileEnforcer {
+                        fence: fence_task.as_ref().map(|_| fence_control.clone()),
+                    },
+                ))),
             ))),
             Err(e) => {
                 tracing::error!(error = %e, "files source unavailable");

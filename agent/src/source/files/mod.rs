@@ -8,7 +8,6 @@
 //! file is reported when it is closed after writing; hashing and classification run on
 //! bounded workers, off the event loop.
 
-pub mod enforce;
 pub mod inotify;
 pub mod linux;
 
@@ -20,14 +19,13 @@ use std::time::Duration;
 use jiff::Timestamp;
 use tokio::sync::{mpsc, watch};
 use weilan_config::event::{Event, FileEnforced, FileExported, FileOverflow, FileSourceRead};
-use weilan_config::policy::files::{ExitKind, FileVerdict, FilesPolicy};
+use weilan_config::policy::files::{ExitKind, FilesPolicy};
 use weilan_config::policy::Policy;
 
 use super::usb::mounts::{self, Mount};
 use super::usb::sysfs::Sysfs;
 use super::{BoxFuture, Source, SourceContext, SourceError};
-use crate::classify::{self, extract, Classifier};
-use crate::fence::FenceControl;
+use crate::classify::{extract, Classifier};
 
 /// Who did a write, read from `/proc` when the event arrived.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -204,7 +202,7 @@ pub struct FilesSource {
     backend: Box<dyn FileBackend>,
     sysfs: Sysfs,
     policy: watch::Receiver<Arc<Policy>>,
-    fence: Option<mpsc::Sender<FenceControl>>,
+    judge: Arc<dyn FileJudge>,
     guard: Guard,
     /// Exit points mounted only in other mount namespaces, and when they were found.
     foreign: (Option<std::time::Instant>, Vec<ExitPoint>),
@@ -213,12 +211,38 @@ pub struct FilesSource {
 /// How often other mount namespaces are searched for exit points.
 const FOREIGN_RESCAN: Duration = Duration::from_secs(2);
 
-/// What a worker needs besides the file: the policy in force and where to act.
+/// What a worker reads a file with: the policy in force and its classifier.
 #[derive(Clone)]
-struct Enforcement {
+struct Reading {
     policy: Arc<FilesPolicy>,
     classifier: Arc<Classifier>,
-    fence: Option<mpsc::Sender<FenceControl>>,
+}
+
+/// A file written onto an exit point, as the source found it: where, by whom, its
+/// content's hash and classes. `event.action` and `event.rule_id` are left to the
+/// guard.
+pub struct WrittenFile {
+    pub event: FileExported,
+    pub kind: ExitKind,
+    /// The policy the file was classified under (its detectors), to decide with.
+    pub policy: Arc<FilesPolicy>,
+}
+
+/// What the files source reports to the files guard.
+pub enum FileFact {
+    Written(Box<WrittenFile>),
+    /// The permission handler refused an open (the one decision taken in line);
+    /// `created` is the empty file a refused `O_CREAT` may have left.
+    Refused {
+        enforced: Box<FileEnforced>,
+        created: Option<PathBuf>,
+    },
+}
+
+/// Decides on the source's facts and acts (`crate::guard::files::FilesGuard`; a
+/// recorder in tests); returns the events to record, in order.
+pub trait FileJudge: Send + Sync {
+    fn judge(&self, fact: FileFact) -> Vec<Event>;
 }
 
 impl FilesSource {
@@ -226,7 +250,7 @@ impl FilesSource {
         config: FilesConfig,
         backend: Box<dyn FileBackend>,
         policy: watch::Receiver<Arc<Policy>>,
-        fence: Option<mpsc::Sender<FenceControl>>,
+        judge: Arc<dyn FileJudge>,
     ) -> Self {
         let root = std::fs::canonicalize(&config.sysfs_root).unwrap_or(config.sysfs_root.clone());
         let guard: Guard = backend.guard().unwrap_or_default();
@@ -235,7 +259,7 @@ impl FilesSource {
             config,
             backend,
             policy,
-            fence,
+            judge,
             guard,
             foreign: (None, Vec::new()),
         }
@@ -382,7 +406,7 @@ impl FilesSource {
     }
 
     /// Puts a new policy into the guard (classifier, sensitive sources).
-    fn apply_policy(&mut self) -> Enforcement {
+    fn apply_policy(&mut self) -> Reading {
         let policy = self.policy.borrow_and_update().clone();
         let files = Arc::new(policy.files.clone());
         let classifier = Arc::new(Classifier::from_policy(&files, self.config.limits));
@@ -394,10 +418,9 @@ impl FilesSource {
             .iter()
             .map(|p| std::fs::canonicalize(p).unwrap_or(p.clone()))
             .collect();
-        Enforcement {
+        Reading {
             policy: files,
             classifier,
-            fence: self.fence.clone(),
         }
     }
 
@@ -444,11 +467,15 @@ impl FilesSource {
     async fn run_inner(&mut self, ctx: &SourceContext) -> Result<(), SourceError> {
         let mut marked: HashMap<String, ExitPoint> = HashMap::new();
         let mut pending: HashMap<PathBuf, Pending> = HashMap::new();
-        let workers = Workers::start(self.config.workers.max(1), ctx.sink.clone());
+        let workers = Workers::start(
+            self.config.workers.max(1),
+            ctx.sink.clone(),
+            self.judge.clone(),
+        );
         let mut poll = tokio::time::interval(self.config.mount_poll);
         let mut source_walk = tokio::time::interval(SOURCE_REWALK);
         let mut source_dirs: HashSet<PathBuf> = HashSet::new();
-        let mut enforcement = self.apply_policy();
+        let mut reading = self.apply_policy();
         // Everything modified before this is known to be reported (or pending): the
         // source's start, then the start of the last rescan. After an overflow the
         // rescan starts here — not at the last event processed, which may lag far
@@ -499,14 +526,14 @@ impl FilesSource {
                         // The policy manager is gone (shutting down): keep the last one.
                         std::future::pending::<()>().await;
                     }
-                    enforcement = self.apply_policy();
+                    reading = self.apply_policy();
                     self.mark_sources(&mut source_dirs);
                     // `exit_fs_types` may have changed: re-derive the exit points now,
                     // in place, so writes to those that stay exits are never missed.
                     let text = tokio::fs::read_to_string(&self.config.mountinfo).await.unwrap_or_default();
-                    let gone = self.refresh_exits(&mut marked, &mounts::parse(&text), &enforcement.policy);
+                    let gone = self.refresh_exits(&mut marked, &mounts::parse(&text), &reading.policy);
                     gone_exits.note(&gone);
-                    held_open -= report_unclosed(self.config.hash_max_bytes, gone, &mut pending, &workers, &enforcement).await?;
+                    held_open -= report_unclosed(self.config.hash_max_bytes, gone, &mut pending, &workers, &reading).await?;
                 }
                 _ = source_walk.tick() => self.mark_sources(&mut source_dirs),
                 _ = sleep_until_front(&delayed) => {
@@ -518,9 +545,9 @@ impl FilesSource {
                 }
                 _ = poll.tick() => {
                     let text = tokio::fs::read_to_string(&self.config.mountinfo).await.unwrap_or_default();
-                    let gone = self.refresh_exits(&mut marked, &mounts::parse(&text), &enforcement.policy);
+                    let gone = self.refresh_exits(&mut marked, &mounts::parse(&text), &reading.policy);
                     gone_exits.note(&gone);
-                    held_open -= report_unclosed(self.config.hash_max_bytes, gone, &mut pending, &workers, &enforcement).await?;
+                    held_open -= report_unclosed(self.config.hash_max_bytes, gone, &mut pending, &workers, &reading).await?;
                     // Files found in new directories that stayed quiet: report them.
                     let quiet: Vec<PathBuf> = pending
                         .iter()
@@ -534,7 +561,7 @@ impl FilesSource {
                         // Its close event may still be queued (a backlog longer than
                         // the settle time): that one must not report it again.
                         rescanned.insert(path.clone(), Timestamp::now());
-                        if let Some(job) = job(self.config.hash_max_bytes, &marked, path, None, p, &enforcement) {
+                        if let Some(job) = job(self.config.hash_max_bytes, &marked, path, None, p, &reading) {
                             workers.submit(job).await?;
                         }
                     }
@@ -551,7 +578,7 @@ impl FilesSource {
                                     rescanned.clear();
                                 }
                                 let overflow = rescan(
-                                    self.config.hash_max_bytes, &marked, &pending, &mut reported, &mut rescanned, since, &workers, &enforcement).await?;
+                                    self.config.hash_max_bytes, &marked, &pending, &mut reported, &mut rescanned, since, &workers, &reading).await?;
                                 complete_until = walk_started;
                                 // Files being written when events were lost may never
                                 // see their close: report them once they are quiet.
@@ -562,11 +589,9 @@ impl FilesSource {
                             }
                             RawEvent::SourceRead(r) => ctx.sink.emit(Event::FileSourceRead(r)).await?,
                             RawEvent::Denied { enforced, created } => {
-                                let mut enforced = enforced;
-                                if let Some(c) = created {
-                                    enforced.detail.push_str(&enforce::remove_refused_leftover(&c));
+                                for e in self.judge.judge(FileFact::Refused { enforced, created }) {
+                                    ctx.sink.emit(e).await?;
                                 }
-                                ctx.sink.emit(Event::FileEnforced(*enforced)).await?;
                             }
                             RawEvent::Found { path } => {
                                 // Already pending, or closed and reported meanwhile.
@@ -593,7 +618,7 @@ impl FilesSource {
                                         }
                                         p.origins.extend(origins.into_iter().take(16));
                                         tracing::warn!(path = %path.display(), mount = %ep.mount.mount_point, close, "write read after its exit point went away; reported now");
-                                        let mut job = job_on(ep, self.config.hash_max_bytes, path, file, p, &enforcement);
+                                        let mut job = job_on(ep, self.config.hash_max_bytes, path, file, p, &reading);
                                         job.unclosed = !close;
                                         workers.submit(job).await?;
                                         continue;
@@ -645,7 +670,7 @@ impl FilesSource {
                                     reported.insert(path.clone(), now);
                                     let p = pending.remove(&path).expect("just inserted");
                                     held_open -= usize::from(p.held.is_some());
-                                    if let Some(mut job) = job(self.config.hash_max_bytes, &marked, path, file, p, &enforcement) {
+                                    if let Some(mut job) = job(self.config.hash_max_bytes, &marked, path, file, p, &reading) {
                                         // Closed again soon after its last report: a
                                         // rewrite loop, folded into one event that is
                                         // described when the loop stops.
@@ -743,7 +768,7 @@ async fn report_unclosed(
     gone: Vec<ExitPoint>,
     pending: &mut HashMap<PathBuf, Pending>,
     workers: &Workers,
-    enforcement: &Enforcement,
+    reading: &Reading,
 ) -> Result<usize, SourceError> {
     // Descriptors handed over (the caller's count of held ones drops by that).
     let mut released = 0;
@@ -758,7 +783,7 @@ async fn report_unclosed(
             let file = p.held.take();
             released += usize::from(file.is_some());
             tracing::warn!(path = %path.display(), mount = %ep.mount.mount_point, "exit point gone while a file on it was open for writing");
-            let mut job = job_on(&ep, hash_max, path, file, p, enforcement);
+            let mut job = job_on(&ep, hash_max, path, file, p, reading);
             job.unclosed = true;
             workers.submit(job).await?;
         }
@@ -804,7 +829,7 @@ fn job(
     path: PathBuf,
     file: Option<std::fs::File>,
     pending: Pending,
-    enforcement: &Enforcement,
+    reading: &Reading,
 ) -> Option<Job> {
     let Some(ep) = marked
         .values()
@@ -815,7 +840,7 @@ fn job(
         tracing::debug!(path = %path.display(), "write outside the exit points ignored");
         return None;
     };
-    Some(job_on(ep, hash_max, path, file, pending, enforcement))
+    Some(job_on(ep, hash_max, path, file, pending, reading))
 }
 
 /// A job for a file on the exit point `ep`.
@@ -825,7 +850,7 @@ fn job_on(
     path: PathBuf,
     file: Option<std::fs::File>,
     pending: Pending,
-    enforcement: &Enforcement,
+    reading: &Reading,
 ) -> Job {
     Job {
         path,
@@ -838,7 +863,7 @@ fn job_on(
         usb_serial: ep.usb_serial.clone(),
         usb_hash: ep.usb_hash.clone(),
         hash_max,
-        enforcement: enforcement.clone(),
+        reading: reading.clone(),
         rewrites: 0,
         unclosed: false,
     }
@@ -884,11 +909,11 @@ const JOB_QUEUE: usize = 1024;
 const READ_BUFFER: usize = 256 * 1024;
 
 impl Workers {
-    fn start(n: usize, sink: super::EventSink) -> Workers {
+    fn start(n: usize, sink: super::EventSink, judge: Arc<dyn FileJudge>) -> Workers {
         let (tx, rx) = mpsc::channel::<Job>(JOB_QUEUE);
         let rx = Arc::new(std::sync::Mutex::new(rx));
         for i in 0..n {
-            let (rx, sink) = (rx.clone(), sink.clone());
+            let (rx, sink, judge) = (rx.clone(), sink.clone(), judge.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("files-worker-{i}"))
                 .spawn(move || {
@@ -901,7 +926,7 @@ impl Workers {
                             Err(_) => None,
                         };
                         let Some(job) = job else { return };
-                        if !run_job(job, &mut buf, &sink) {
+                        if !run_job(job, &mut buf, &sink, judge.as_ref()) {
                             return;
                         }
                     }
@@ -921,14 +946,13 @@ impl Workers {
     }
 }
 
-/// Describes a file, applies the policy, and emits its `file.exported` (and
-/// `file.enforced` when the policy acted). `false` when the pipeline is closed.
-fn run_job(job: Job, buf: &mut [u8], sink: &super::EventSink) -> bool {
-    let fence = job.enforcement.fence.clone();
-    let evidence = job.enforcement.policy.evidence_dir.clone();
+/// Describes a file and hands it to the guard, whose events it records.
+/// `false` when the pipeline is closed.
+fn run_job(job: Job, buf: &mut [u8], sink: &super::EventSink, judge: &dyn FileJudge) -> bool {
     let path = job.path.clone();
+    let (kind, policy) = (job.kind, job.reading.policy.clone());
     let described = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.describe(buf)));
-    let (mut exported, verdict, held) = match described {
+    let (mut event, held) = match described {
         Ok(Some(d)) => d,
         Ok(None) => return true, // gone before it could be read
         Err(_) => {
@@ -936,23 +960,22 @@ fn run_job(job: Job, buf: &mut [u8], sink: &super::EventSink) -> bool {
             return true;
         }
     };
-    // Renamed while it was being described: act on (and report) its name now.
+    // Renamed while it was being described: reported (and acted on) by its name now.
     if let Some(now) = held
         .as_ref()
-        .and_then(|f| current_path(f, &exported.mount_point))
+        .and_then(|f| current_path(f, &event.mount_point))
     {
-        exported.path = now.display().to_string();
+        event.path = now.display().to_string();
     }
-    let enforced = enforce::act(&exported, &verdict, &evidence, fence.as_ref());
-    if sink.emit_blocking(Event::FileExported(exported)).is_err() {
-        return false;
-    }
-    if let Some(e) = enforced {
-        if sink.emit_blocking(Event::FileEnforced(e)).is_err() {
-            return false;
-        }
-    }
-    true
+    let fact = FileFact::Written(Box::new(WrittenFile {
+        event,
+        kind,
+        policy,
+    }));
+    judge
+        .judge(fact)
+        .into_iter()
+        .all(|e| sink.emit_blocking(e).is_ok())
 }
 
 /// How long a closed file waits before it is described. Copy tools write a temporary
@@ -1010,7 +1033,7 @@ async fn rescan(
     rescanned: &mut HashMap<PathBuf, Timestamp>,
     since: Timestamp,
     workers: &Workers,
-    enforcement: &Enforcement,
+    reading: &Reading,
 ) -> Result<FileOverflow, SourceError> {
     // The walk runs on a blocking thread: a large exit point must not hold up the
     // event loop.
@@ -1037,7 +1060,7 @@ async fn rescan(
         reported.insert(path.clone(), Timestamp::now());
         rescanned.insert(path.clone(), Timestamp::now());
         let p = Pending::new(at, false);
-        if let Some(job) = job(hash_max, marked, path, None, p, enforcement) {
+        if let Some(job) = job(hash_max, marked, path, None, p, reading) {
             workers.submit(job).await?;
         }
     }
@@ -1094,7 +1117,7 @@ struct Job {
     usb_serial: Option<String>,
     usb_hash: Option<String>,
     hash_max: u64,
-    enforcement: Enforcement,
+    reading: Reading,
     /// Write-and-close rounds this job stands for when a rewrite loop was folded.
     rewrites: u64,
     /// The exit point went away while the file was open for writing.
@@ -1102,14 +1125,10 @@ struct Job {
 }
 
 impl Job {
-    /// Stats, hashes, classifies and decides the file (blocking). `None` if it is gone.
+    /// Stats, hashes and classifies the file (blocking). `None` if it is gone.
     ///
-    /// Also returns the open file: the enforcer acts on the file it describes, found
-    /// again by its descriptor, wherever it has been renamed to since.
-    fn describe(
-        mut self,
-        buf: &mut [u8],
-    ) -> Option<(FileExported, FileVerdict, Option<std::fs::File>)> {
+    /// Also returns the open file, to name it by where it is now once described.
+    fn describe(mut self, buf: &mut [u8]) -> Option<(FileExported, Option<std::fs::File>)> {
         use std::io::Seek;
         // The file as written, wherever it is now (renamed, or even deleted).
         let f = match self.file.take() {
@@ -1145,11 +1164,7 @@ impl Job {
         let sha256 = hash_ok.then(|| hex::encode(hasher.finish().as_ref()));
         let mut f = f;
         let _ = f.rewind();
-        let (classification, note) = self.enforcement.classifier.classify_file(f);
-        let verdict = self
-            .enforcement
-            .policy
-            .decide(&classify::counts(&classification), self.kind);
+        let (classification, note) = self.reading.classifier.classify_file(f);
         let content = Content {
             size: meta.len(),
             sha256,
@@ -1157,13 +1172,11 @@ impl Job {
             classification,
             note,
         };
-        let exported = self.exported(content, &verdict);
-        Some((exported, verdict, held))
+        Some((self.exported(content), held))
     }
 
     /// The event for a file that could not be read at all (its device is gone).
-    fn unread(self, error: std::io::Error) -> (FileExported, FileVerdict, Option<std::fs::File>) {
-        let verdict = self.enforcement.policy.decide(&[], self.kind);
+    fn unread(self, error: std::io::Error) -> (FileExported, Option<std::fs::File>) {
         let content = Content {
             size: 0,
             sha256: None,
@@ -1173,8 +1186,7 @@ impl Job {
                 "failed: unreadable once its exit point was gone: {error}"
             )),
         };
-        let exported = self.exported(content, &verdict);
-        (exported, verdict, None)
+        (self.exported(content), None)
     }
 }
 
@@ -1188,8 +1200,9 @@ struct Content {
 }
 
 impl Job {
-    /// The `file.exported` for this job's file with what reading it found.
-    fn exported(self, c: Content, verdict: &FileVerdict) -> FileExported {
+    /// The `file.exported` for this job's file with what reading it found; the
+    /// guard fills in its action and rule.
+    fn exported(self, c: Content) -> FileExported {
         let w = self.pending.writer;
         FileExported {
             path: self.path.display().to_string(),
@@ -1216,8 +1229,8 @@ impl Job {
             classification: c.classification,
             classification_note: c.note,
             exit: self.kind.as_str().into(),
-            action: verdict.action.as_str().into(),
-            rule_id: verdict.rule_id.clone(),
+            action: String::new(),
+            rule_id: String::new(),
             origins: self.pending.origins,
             rewrites: self.rewrites,
             unclosed: self.unclosed,

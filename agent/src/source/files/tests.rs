@@ -42,7 +42,7 @@ fn test_source(
     brx: mpsc::Receiver<Vec<RawEvent>>,
     marked: std::sync::Arc<std::sync::Mutex<Vec<PathBuf>>>,
     policy: &str,
-    fence: Option<mpsc::Sender<FenceControl>>,
+    fence: Option<mpsc::Sender<crate::fence::FenceControl>>,
 ) -> FilesSource {
     let policy =
         weilan_config::policy::parse(&format!("version = \"t\"\n{policy}"), "policy.toml").unwrap();
@@ -61,7 +61,9 @@ fn test_source(
         },
         Box::new(ChannelBackend { rx: brx, marked }),
         rx,
-        fence,
+        Arc::new(crate::guard::files::FilesGuard::new(Box::new(
+            crate::guard::files::linux::LinuxFileEnforcer { fence },
+        ))),
     )
 }
 
@@ -183,7 +185,7 @@ fn spawn_source(
     mountinfo: PathBuf,
     mount: &Path,
     policy: &str,
-    fence: Option<mpsc::Sender<FenceControl>>,
+    fence: Option<mpsc::Sender<crate::fence::FenceControl>>,
 ) -> Running {
     let (btx, brx) = mpsc::channel(8);
     let marked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -210,7 +212,7 @@ fn spawn_source(
 fn start(
     dir: &Path,
     policy: &str,
-    fence: Option<mpsc::Sender<FenceControl>>,
+    fence: Option<mpsc::Sender<crate::fence::FenceControl>>,
 ) -> (
     mpsc::Sender<Vec<RawEvent>>,
     mpsc::Receiver<Observed>,
@@ -350,77 +352,6 @@ async fn a_quarantine_rule_moves_the_file_into_the_evidence_store_and_says_so() 
     assert_eq!(sidecar["rule_id"], "marks-out");
     assert_eq!(sidecar["writer"]["user"], "clerk");
     stop.cancel();
-}
-
-fn exported_on_usb(hash: Option<&str>) -> FileExported {
-    FileExported {
-        path: "/media/stick/cards.csv".into(),
-        mount_point: "/media/stick".into(),
-        fs_type: "vfat".into(),
-        mount_source: "/dev/sdb1".into(),
-        usb_serial: Some("S1".into()),
-        usb_hash: hash.map(String::from),
-        size: 10,
-        sha256: None,
-        hashed_bytes: 10,
-        pid: Some(42),
-        exe: None,
-        cmdline: None,
-        uid: None,
-        user: None,
-        first_write: Timestamp::now(),
-        last_write: Timestamp::now(),
-        attribution: "fanotify".into(),
-        classification: Vec::new(),
-        classification_note: None,
-        exit: "removable".into(),
-        action: "read-only-device".into(),
-        rule_id: "cards".into(),
-        origins: Vec::new(),
-        rewrites: 0,
-        unclosed: false,
-    }
-}
-
-#[test]
-fn read_only_device_is_handed_to_the_usb_fence_naming_the_rule() {
-    let verdict = FileVerdict {
-        action: weilan_config::policy::files::FileAction::ReadOnlyDevice,
-        rule_id: "cards".into(),
-        matched: vec!["bank-card".into()],
-    };
-    let (tx, mut rx) = mpsc::channel(4);
-    let e = enforce::act(
-        &exported_on_usb(Some("h1")),
-        &verdict,
-        Path::new("/nonexistent"),
-        Some(&tx),
-    )
-    .unwrap();
-    assert_eq!(
-        (e.outcome.as_str(), e.rule_id.as_str()),
-        ("requested", "cards")
-    );
-    match rx.try_recv().unwrap() {
-        FenceControl::Override {
-            device_hash,
-            target,
-            rule_id,
-            ..
-        } => assert_eq!(
-            (device_hash.as_str(), target, rule_id.as_str()),
-            (
-                "h1",
-                weilan_config::policy::usb::Target::ReadOnly,
-                "files:cards"
-            )
-        ),
-        other => panic!("{other:?}"),
-    }
-    // No device to switch: a failure, said so — never a silent no-op.
-    let e = enforce::act(&exported_on_usb(None), &verdict, Path::new("/x"), Some(&tx)).unwrap();
-    assert_eq!(e.outcome, "failed");
-    assert!(e.error.unwrap().contains("not on a USB device"));
 }
 
 #[tokio::test]

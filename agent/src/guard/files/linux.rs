@@ -1,115 +1,58 @@
-//! Carrying out file rules after a file has landed: quarantine (move the file into
-//! the agent's root-only evidence store) and read-only-device (ask the USB fence to
-//! switch the device read-only). A `deny` that did not stop the copy while it
-//! happened (see `linux`) falls back to quarantine: the file must not stay.
-//!
-//! Every action becomes one `file.enforced` naming its rule, `done` or `failed`.
+//! The files guard's Linux enforcer: quarantine (move the file into the agent's
+//! root-only evidence store, synced before the original goes), read-only-device (ask
+//! the USB fence to switch the device read-only), and removing the empty file a
+//! refused `O_CREAT` leaves behind.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tokio::sync::mpsc;
-use weilan_config::event::{FileEnforced, FileExported};
-use weilan_config::policy::files::{FileAction, FileVerdict};
 use weilan_config::policy::usb::Target;
 
+use super::FileEnforcer;
 use crate::fence::FenceControl;
 
-/// Applies `verdict` to the file described by `exported` (blocking).
-pub fn act(
-    exported: &FileExported,
-    verdict: &FileVerdict,
-    evidence_dir: &Path,
-    fence: Option<&mpsc::Sender<FenceControl>>,
-) -> Option<FileEnforced> {
-    let mut e = FileEnforced {
-        action: verdict.action.as_str().into(),
-        rule_id: verdict.rule_id.clone(),
-        matched: verdict.matched.clone(),
-        path: Some(exported.path.clone()),
-        source_path: exported.origins.first().cloned(),
-        sha256: exported.sha256.clone(),
-        mount_point: Some(exported.mount_point.clone()),
-        usb_hash: exported.usb_hash.clone(),
-        pid: exported.pid,
-        exe: exported.exe.clone(),
-        user: exported.user.clone(),
-        outcome: "done".into(),
-        error: None,
-        evidence: None,
-        detail: String::new(),
-    };
-    match verdict.action {
-        FileAction::Audit => return None,
-        FileAction::Quarantine | FileAction::Deny => {
-            let pre = if verdict.action == FileAction::Deny {
-                "the copy was not refused while it happened (the writer held no classified \
-                 file from a sensitive source open); "
-            } else {
-                ""
-            };
-            let about = serde_json::json!({
-                "original_path": exported.path,
-                "mount_point": exported.mount_point,
-                "usb_serial": exported.usb_serial,
-                "writer": { "pid": exported.pid, "exe": exported.exe, "user": exported.user },
-                "classification": exported.classification,
-                "rule_id": exported.rule_id,
-            });
-            match quarantine(Path::new(&exported.path), evidence_dir, about, None) {
-                Ok((kept, sha)) => {
-                    e.detail = format!(
-                        "{pre}{} moved off {} into the evidence store",
-                        exported.path, exported.mount_point
-                    );
-                    e.evidence = Some(kept.display().to_string());
-                    e.sha256 = Some(sha);
-                }
-                Err(err) => {
-                    e.outcome = "failed".into();
-                    e.detail = format!("{pre}quarantine of {} failed", exported.path);
-                    e.error = Some(err);
-                }
-            }
-        }
-        FileAction::ReadOnlyDevice => {
-            let sent = match (fence, &exported.usb_hash) {
-                (Some(f), Some(hash)) => f
-                    .blocking_send(FenceControl::Override {
-                        device_hash: hash.clone(),
-                        target: Target::ReadOnly,
-                        rule_id: format!("files:{}", verdict.rule_id),
-                        reason: format!(
-                            "{} was written to it ({})",
-                            exported.path,
-                            verdict.matched.join(", ")
-                        ),
-                    })
-                    .map_err(|_| "the USB fence is not running".to_string()),
-                (None, _) => Err("the USB fence is not running on this agent".into()),
-                (_, None) => Err(format!(
-                    "{} is not on a USB device (no device to switch)",
-                    exported.mount_point
-                )),
-            };
-            match sent {
-                Ok(()) => {
-                    e.outcome = "requested".into();
-                    e.detail = format!(
-                        "device {} switched read-only by the USB fence (see its usb.decision)",
-                        exported.usb_serial.as_deref().unwrap_or("?")
-                    );
-                }
-                Err(err) => {
-                    e.outcome = "failed".into();
-                    e.detail = "the device could not be switched read-only".into();
-                    e.error = Some(err);
-                }
-            }
-        }
+/// The files guard's hands on Linux: moving files into the evidence store and asking
+/// the USB fence to switch a device read-only.
+pub struct LinuxFileEnforcer {
+    /// The USB fence, when it runs on this agent.
+    pub fence: Option<mpsc::Sender<FenceControl>>,
+}
+
+impl FileEnforcer for LinuxFileEnforcer {
+    fn quarantine(
+        &self,
+        path: &Path,
+        evidence_dir: &Path,
+        about: serde_json::Value,
+    ) -> Result<(PathBuf, String), String> {
+        quarantine(path, evidence_dir, about, None)
     }
-    Some(e)
+
+    fn read_only_device(
+        &self,
+        device_hash: &str,
+        rule_id: &str,
+        reason: String,
+    ) -> Result<(), String> {
+        let fence = self
+            .fence
+            .as_ref()
+            .ok_or("the USB fence is not running on this agent")?;
+        fence
+            .blocking_send(FenceControl::Override {
+                device_hash: device_hash.to_string(),
+                target: Target::ReadOnly,
+                rule_id: rule_id.to_string(),
+                reason,
+            })
+            .map_err(|_| "the USB fence is not running".to_string())
+    }
+
+    fn remove_refused_leftover(&self, path: &Path) -> String {
+        remove_refused_leftover(path)
+    }
 }
 
 /// Moves the regular file `path` into `evidence_dir` (0700, files 0600) with a JSON
