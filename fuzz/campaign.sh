@@ -1,4 +1,4 @@
-#!/bin/sh
+#!/bin/bash
 # Runs every fuzz target for SECONDS (default 600), JOBS at a time (default 2), on
 # its corpus (which grows), and prints one line per target: executions, new corpus
 # entries, and any crash (kept under fuzz/artifacts/TARGET/). docs/fuzzing.md.

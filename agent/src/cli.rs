@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 use weilan_config::settings::agent::{AgentFile, AgentSettings};
 
 use weilan_config::runtime::EXIT_CONFIG;
@@ -231,35 +230,19 @@ fn run_command(config: PathBuf) -> ExitCode {
         Err(code) => return code,
     };
     weilan_config::runtime::init_tracing(&settings.log, "");
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async {
-        let shutdown = CancellationToken::new();
-        tokio::spawn(weilan_config::runtime::stop_on_signal(shutdown.clone()));
-        match crate::run(settings, shutdown).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(crate::AgentError::Policy(e)) => {
-                eprint!("{e}");
-                ExitCode::from(EXIT_CONFIG)
-            }
+        .build();
+    weilan_config::runtime::serve(
+        "weilan-agent",
+        runtime,
+        |shutdown| crate::run(settings, shutdown),
+        |e| match e {
+            crate::AgentError::Policy(e) => Some(e.to_string()),
             // A badge key file the operator made wrong: a configuration error.
-            Err(e @ crate::AgentError::BadgeKey { .. }) => {
-                eprintln!("weilan-agent: {e}");
-                ExitCode::from(EXIT_CONFIG)
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "agent failed");
-                ExitCode::FAILURE
-            }
-        }
-    })
+            e @ crate::AgentError::BadgeKey { .. } => Some(format!("weilan-agent: {e}\n")),
+            _ => None,
+        },
+    )
 }

@@ -9,7 +9,6 @@ use crate::pki::{self, PkiPaths};
 use crate::rules::Level;
 use crate::tail::{self, TailOptions};
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 use weilan_config::settings::collector::{CollectorFile, CollectorSettings};
 
 use weilan_config::runtime::EXIT_CONFIG;
@@ -915,39 +914,20 @@ fn serve_command(config: PathBuf) -> ExitCode {
         Err(code) => return code,
     };
     weilan_config::runtime::init_tracing(&settings.log, "");
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async {
-        let shutdown = CancellationToken::new();
-        tokio::spawn(weilan_config::runtime::stop_on_signal(shutdown.clone()));
-        match crate::run(settings, shutdown).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(crate::CollectorError::Policy(e)) => {
-                eprint!("{e}");
-                ExitCode::from(EXIT_CONFIG)
-            }
+    weilan_config::runtime::serve(
+        "weilan-collector",
+        tokio::runtime::Runtime::new(),
+        |shutdown| crate::run(settings, shutdown),
+        |e| match e {
+            crate::CollectorError::Policy(e) => Some(e.to_string()),
             // What an operator wrote: exit 64 like every configuration error.
-            Err(
-                e @ (crate::CollectorError::Rules(_)
-                | crate::CollectorError::Roster(_)
-                | crate::CollectorError::Sink(_)
-                | crate::CollectorError::Registry(_)),
-            ) => {
-                eprintln!("weilan-collector: {e}");
-                ExitCode::from(EXIT_CONFIG)
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "collector failed");
-                eprintln!("weilan-collector: {e}");
-                ExitCode::FAILURE
-            }
-        }
-    })
+            e @ (crate::CollectorError::Rules(_)
+            | crate::CollectorError::Roster(_)
+            | crate::CollectorError::Sink(_)
+            | crate::CollectorError::Registry(_)) => Some(format!("weilan-collector: {e}\n")),
+            _ => None,
+        },
+    )
 }
 
 fn print_rules(set: &crate::rules::RuleSet, json: bool) {

@@ -66,3 +66,44 @@ where
         std::process::ExitCode::from(EXIT_CONFIG)
     })
 }
+
+/// Runs a program's service until the shutdown signal, on `runtime`: exit 0 when it
+/// stops cleanly; [`EXIT_CONFIG`] for an error `config_error` calls the operator's
+/// (its text printed as given); 1 for any other error, logged and printed.
+pub fn serve<E, F>(
+    program: &str,
+    runtime: std::io::Result<tokio::runtime::Runtime>,
+    service: impl FnOnce(CancellationToken) -> F,
+    config_error: impl Fn(&E) -> Option<String>,
+) -> std::process::ExitCode
+where
+    E: std::fmt::Display,
+    F: std::future::Future<Output = Result<(), E>>,
+{
+    use std::process::ExitCode;
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{program}: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        match service(shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => match config_error(&e) {
+                Some(text) => {
+                    eprint!("{text}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+                None => {
+                    tracing::error!(error = %e, "{program} failed");
+                    eprintln!("{program}: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+        }
+    })
+}
