@@ -414,52 +414,30 @@ pub fn last_export(conn: &Connection) -> Result<Option<(String, String)>, rusqli
     .optional()
 }
 
-/// Produces one export. `progress(done, total)` is called as event rows stream.
-pub fn export(
-    db_path: &Path,
-    signer: &Signer,
-    rules: &RuleSet,
-    req: &Request,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<Summary, ExportError> {
-    if req.from >= req.to {
-        return Err(ExportError::Invalid(format!(
-            "the period is empty: {} is not before {}",
-            req.from, req.to
-        )));
-    }
-    let name = req
-        .dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .ok_or_else(|| ExportError::Invalid(format!("{} has no name", req.dir.display())))?;
-    if req.dir.exists() {
-        return Err(ExportError::Exists(req.dir.display().to_string()));
-    }
-    let partial = req.dir.with_file_name(format!("{name}.partial"));
-    if partial.exists() {
-        // Left by an export that did not finish (a crash): start it again.
-        std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
-    }
-    std::fs::create_dir_all(&partial).map_err(io(&partial))?;
-    let conn = Connection::open_with_flags(db_path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    // One read transaction: every count and row comes from the same snapshot.
-    conn.execute_batch("BEGIN")?;
-    let (from, to) = (req.from.to_string(), req.to.to_string());
-    let (scope, scope_arg) = scope_sql(&req.agents);
-    let scope_param: Option<&str> = req.agents.as_ref().map(|_| scope_arg.as_str());
-    let total: u64 = conn.query_row(
-        &format!("SELECT COUNT(*) FROM events WHERE received_at >= ?1 AND received_at < ?2 AND ({scope})"),
-        params![from, to, scope_param],
-        |r| r.get::<_, i64>(0),
-    )? as u64;
-    let mut agg = Agg::default();
-    let mut entries = Vec::new();
+/// What one export reads: one read transaction, the period and the agents in scope,
+/// and the folder it writes into.
+struct Period<'a> {
+    conn: &'a Connection,
+    dir: &'a Path,
+    from: &'a str,
+    to: &'a str,
+    /// SQL restricting `agent_id` to the scope (`1` for every agent).
+    scope: &'a str,
+    scope_param: Option<&'a str>,
+}
 
-    // Events.
-    let mut csv_out = create(&partial, "events.csv")?;
-    csv_out.write_all(BOM).map_err(io(&partial))?;
+/// `events.csv` (for people; BOM for spreadsheet programs) and `events.jsonl` (the
+/// stored records verbatim), streamed row by row; the manifest entries of both.
+fn write_events(
+    p: &Period<'_>,
+    req: &Request,
+    total: u64,
+    agg: &mut Agg,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Vec<Json>, ExportError> {
+    let scope = p.scope;
+    let mut csv_out = create(p.dir, "events.csv")?;
+    csv_out.write_all(BOM).map_err(io(p.dir))?;
     let mut csv = csv::Writer::from_writer(csv_out);
     csv.write_record([
         "event_id",
@@ -474,14 +452,14 @@ pub fn export(
         "destination",
         "data",
     ])?;
-    let mut jsonl = create(&partial, "events.jsonl")?;
+    let mut jsonl = create(p.dir, "events.jsonl")?;
     {
-        let mut st = conn.prepare(&format!(
+        let mut st = p.conn.prepare(&format!(
             "SELECT event_id, received_at, agent_time, agent_id, host_role, kind, envelope FROM events
              WHERE received_at >= ?1 AND received_at < ?2 AND ({scope})
              ORDER BY received_at, agent_id, epoch, seq"
         ))?;
-        let mut rows = st.query(params![from, to, scope_param])?;
+        let mut rows = st.query(params![p.from, p.to, p.scope_param])?;
         while let Some(r) = rows.next()? {
             let (id, received, agent_time, agent, role, kind, envelope): (
                 String,
@@ -529,25 +507,30 @@ pub fn export(
                 &data.to_string(),
             ])?;
             // The stored record verbatim: the agent's hash chain can be re-checked from it.
-            jsonl.write_all(envelope.as_bytes()).map_err(io(&partial))?;
-            jsonl.write_all(b"\n").map_err(io(&partial))?;
+            jsonl.write_all(envelope.as_bytes()).map_err(io(p.dir))?;
+            jsonl.write_all(b"\n").map_err(io(p.dir))?;
             agg.event(&req.tz, &agent, &kind, &agent_time, data);
-            if agg.events % 10_000 == 0 {
+            if agg.events.is_multiple_of(10_000) {
                 progress(agg.events, total);
             }
         }
     }
     progress(agg.events, total);
     let csv_out = csv.into_inner().map_err(|e| ExportError::Io {
-        path: partial.join("events.csv").display().to_string(),
+        path: p.dir.join("events.csv").display().to_string(),
         source: e.into_error(),
     })?;
-    entries.push(finish(&partial, "events.csv", csv_out)?);
-    entries.push(finish(&partial, "events.jsonl", jsonl)?);
+    Ok(vec![
+        finish(p.dir, "events.csv", csv_out)?,
+        finish(p.dir, "events.jsonl", jsonl)?,
+    ])
+}
 
-    // Alerts.
-    let mut csv_out = create(&partial, "alerts.csv")?;
-    csv_out.write_all(BOM).map_err(io(&partial))?;
+/// `alerts.csv` and `alerts.jsonl`; the manifest entries of both.
+fn write_alerts(p: &Period<'_>, req: &Request, agg: &mut Agg) -> Result<Vec<Json>, ExportError> {
+    let scope = p.scope;
+    let mut csv_out = create(p.dir, "alerts.csv")?;
+    csv_out.write_all(BOM).map_err(io(p.dir))?;
     let mut csv = csv::Writer::from_writer(csv_out);
     csv.write_record([
         "alert_id",
@@ -563,13 +546,13 @@ pub fn export(
         "event_ids",
         "tags",
     ])?;
-    let mut jsonl = create(&partial, "alerts.jsonl")?;
+    let mut jsonl = create(p.dir, "alerts.jsonl")?;
     {
-        let mut st = conn.prepare(&format!(
+        let mut st = p.conn.prepare(&format!(
             "SELECT alert_id, time, level, rule_id, agent_id, summary, event_ids, details, title, tags, key, count, last_seen
              FROM alerts WHERE time >= ?1 AND time < ?2 AND ({scope}) ORDER BY alert_id"
         ))?;
-        let mut rows = st.query(params![from, to, scope_param])?;
+        let mut rows = st.query(params![p.from, p.to, p.scope_param])?;
         while let Some(r) = rows.next()? {
             let alert = crate::store::alert_from_row(r)?;
             csv.write_record([
@@ -587,34 +570,32 @@ pub fn export(
                 &alert.tags.join("; "),
             ])?;
             serde_json::to_writer(&mut jsonl, &alert).map_err(|e| ExportError::Io {
-                path: partial.join("alerts.jsonl").display().to_string(),
+                path: p.dir.join("alerts.jsonl").display().to_string(),
                 source: e.into(),
             })?;
-            jsonl.write_all(b"\n").map_err(io(&partial))?;
+            jsonl.write_all(b"\n").map_err(io(p.dir))?;
             agg.alert(&req.tz, &alert);
         }
     }
     let csv_out = csv.into_inner().map_err(|e| ExportError::Io {
-        path: partial.join("alerts.csv").display().to_string(),
+        path: p.dir.join("alerts.csv").display().to_string(),
         source: e.into_error(),
     })?;
-    entries.push(finish(&partial, "alerts.csv", csv_out)?);
-    entries.push(finish(&partial, "alerts.jsonl", jsonl)?);
+    Ok(vec![
+        finish(p.dir, "alerts.csv", csv_out)?,
+        finish(p.dir, "alerts.jsonl", jsonl)?,
+    ])
+}
 
-    // Fleet coverage: agents known by the end of the period, in scope.
-    let expected: Vec<String> = {
-        let mut st = conn.prepare(&format!(
-            "SELECT agent_id FROM agents WHERE first_seen < ?2 AND ?1 IS NOT NULL AND ({scope}) ORDER BY agent_id"
-        ))?;
-        let rows = st.query_map(params![from, to, scope_param], |r| r.get(0))?;
-        rows.collect::<Result<_, _>>()?
-    };
-    let previous = last_export(&conn).ok().flatten();
-    conn.execute_batch("COMMIT")?;
-
-    // The report.
+/// The period's report (`report.html`) from what the export aggregated.
+fn render_report(
+    req: &Request,
+    rules: &RuleSet,
+    expected: &[String],
+    agg: &mut Agg,
+    tz_name: &str,
+) -> Result<String, ExportError> {
     let t = req.lang.texts();
-    let tz_name = req.tz.iana_name().unwrap_or("UTC").to_string();
     let fmt = |ts: jiff::Timestamp| {
         ts.to_zoned(req.tz.clone())
             .strftime("%Y-%m-%d %H:%M")
@@ -652,12 +633,12 @@ pub fn export(
     usb.truncate(MAX_ROWS);
     let days: Vec<(String, [u64; 3])> = std::mem::take(&mut agg.days).into_iter().collect();
     let mapping = mapping(rules, req.lang);
-    let html = report::Report {
+    Ok(report::Report {
         t,
         lang: req.lang.code(),
         period_from: fmt(req.from),
         period_to: fmt(req.to),
-        timezone: tz_name.clone(),
+        timezone: tz_name.to_string(),
         scope: req
             .scope_label
             .clone()
@@ -699,7 +680,102 @@ pub fn export(
         integrity: std::mem::take(&mut agg.integrity),
         mapping,
     }
-    .render()?;
+    .render()?)
+}
+
+/// Writes the manifest and its detached signature into `partial` (synced), then
+/// moves the folder to `dir` in one rename: an export is whole or absent.
+fn seal(partial: &Path, dir: &Path, signer: &Signer, text: String) -> Result<(), ExportError> {
+    let mut signed = signer.sign(Purpose::Export, text.clone());
+    signed.body = String::new(); // detached: the body is manifest.json itself
+    for (file, bytes) in [
+        ("manifest.json", text.into_bytes()),
+        (
+            "manifest.sig",
+            serde_json::to_vec_pretty(&signed).unwrap_or_default(),
+        ),
+    ] {
+        let p = partial.join(file);
+        let mut f = File::create(&p).map_err(io(&p))?;
+        f.write_all(&bytes).map_err(io(&p))?;
+        f.sync_all().map_err(io(&p))?;
+    }
+    std::fs::rename(partial, dir).map_err(io(dir))?;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(io(parent))?;
+    }
+    Ok(())
+}
+
+/// Produces one export. `progress(done, total)` is called as event rows stream.
+pub fn export(
+    db_path: &Path,
+    signer: &Signer,
+    rules: &RuleSet,
+    req: &Request,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Summary, ExportError> {
+    if req.from >= req.to {
+        return Err(ExportError::Invalid(format!(
+            "the period is empty: {} is not before {}",
+            req.from, req.to
+        )));
+    }
+    let name = req
+        .dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| ExportError::Invalid(format!("{} has no name", req.dir.display())))?;
+    if req.dir.exists() {
+        return Err(ExportError::Exists(req.dir.display().to_string()));
+    }
+    let partial = req.dir.with_file_name(format!("{name}.partial"));
+    if partial.exists() {
+        // Left by an export that did not finish (a crash): start it again.
+        std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
+    }
+    std::fs::create_dir_all(&partial).map_err(io(&partial))?;
+    let conn = Connection::open_with_flags(db_path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    // One read transaction: every count and row comes from the same snapshot.
+    conn.execute_batch("BEGIN")?;
+    let (from, to) = (req.from.to_string(), req.to.to_string());
+    let (scope, scope_arg) = scope_sql(&req.agents);
+    let scope_param: Option<&str> = req.agents.as_ref().map(|_| scope_arg.as_str());
+    let total: u64 = conn.query_row(
+        &format!("SELECT COUNT(*) FROM events WHERE received_at >= ?1 AND received_at < ?2 AND ({scope})"),
+        params![from, to, scope_param],
+        |r| r.get::<_, i64>(0),
+    )? as u64;
+    let mut agg = Agg::default();
+    let mut entries = Vec::new();
+
+    let period = Period {
+        conn: &conn,
+        dir: &partial,
+        from: &from,
+        to: &to,
+        scope,
+        scope_param,
+    };
+    entries.extend(write_events(&period, req, total, &mut agg, progress)?);
+    entries.extend(write_alerts(&period, req, &mut agg)?);
+
+    // Fleet coverage: agents known by the end of the period, in scope.
+    let expected: Vec<String> = {
+        let mut st = conn.prepare(&format!(
+            "SELECT agent_id FROM agents WHERE first_seen < ?2 AND ?1 IS NOT NULL AND ({scope}) ORDER BY agent_id"
+        ))?;
+        let rows = st.query_map(params![from, to, scope_param], |r| r.get(0))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let previous = last_export(&conn).ok().flatten();
+    conn.execute_batch("COMMIT")?;
+
+    let tz_name = req.tz.iana_name().unwrap_or("UTC").to_string();
+    let html = render_report(req, rules, &expected, &mut agg, &tz_name)?;
     let mut out = create(&partial, "report.html")?;
     out.write_all(html.as_bytes()).map_err(io(&partial))?;
     entries.push(finish(&partial, "report.html", out)?);
@@ -720,26 +796,7 @@ pub fn export(
     });
     let text = serde_json::to_string_pretty(&manifest).unwrap_or_default();
     let manifest_sha256 = hex::encode(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()));
-    let mut signed = signer.sign(Purpose::Export, text.clone());
-    signed.body = String::new(); // detached: the body is manifest.json itself
-    for (file, bytes) in [
-        ("manifest.json", text.into_bytes()),
-        (
-            "manifest.sig",
-            serde_json::to_vec_pretty(&signed).unwrap_or_default(),
-        ),
-    ] {
-        let p = partial.join(file);
-        let mut f = File::create(&p).map_err(io(&p))?;
-        f.write_all(&bytes).map_err(io(&p))?;
-        f.sync_all().map_err(io(&p))?;
-    }
-    std::fs::rename(&partial, &req.dir).map_err(io(&req.dir))?;
-    if let Some(parent) = req.dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(io(parent))?;
-    }
+    seal(&partial, &req.dir, signer, text)?;
     let rw = Connection::open(db_path)?;
     rw.busy_timeout(std::time::Duration::from_secs(10))?;
     rw.execute(
