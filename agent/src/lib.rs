@@ -84,213 +84,23 @@ pub fn load_policy(settings: &AgentSettings) -> Result<Policy, weilan_config::Co
     weilan_config::load_file::<PolicyFile>(&settings.policy)
 }
 
-/// Runs the agent until `shutdown` is cancelled.
-pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result<(), AgentError> {
-    let configured = renewal::Identity {
-        cert: settings.cert.clone(),
-        key: settings.key.clone(),
-    };
-    let agent_id = Signer::from_pem_files(&configured.cert, &configured.key)?
-        .identity()
-        .common_name
-        .clone();
-    // A certificate renewed since the configured one was installed takes its place.
-    let identity = renewal::in_force(configured.clone(), &settings.state_dir, &agent_id);
-    if identity != configured {
-        tracing::info!(cert = %identity.cert.display(), "using the renewed certificate");
-    }
-    let signer = Signer::from_pem_files(&identity.cert, &identity.key)?;
-    let verifier = Verifier::from_ca_file(&settings.ca)?;
-    let unlock_verifier = Arc::new(Verifier::from_ca_file(&settings.ca)?);
-    let tls = weilan_config::tls::client_config(
-        &settings.ca,
-        &identity.cert,
-        &identity.key,
-        &settings.server_name,
-    )?;
-    let (switch_tx, switch_rx) = mpsc::channel(1);
-    let renewal = settings.renew_port.map(|port| {
-        tokio::spawn(renewal::run(
-            renewal::RenewalConfig {
-                agent_id: agent_id.clone(),
-                collector: format!("{}:{port}", settings.collector_host),
-                server_name: settings.server_name.clone(),
-                ca: settings.ca.clone(),
-                state_dir: settings.state_dir.clone(),
-            },
-            identity.clone(),
-            switch_tx,
-            shutdown.clone(),
-        ))
-    });
-    let (policy, policy_source, policy_release) =
-        policy_manager::initial(&settings.state_dir, &settings.policy)?;
-    let (installation, installation_new) = state::installation(&settings.state_dir)?;
-    let (journal, recovery) = Journal::open(JournalConfig {
-        dir: settings.state_dir.join("journal"),
-        state_dir: settings.state_dir.clone(),
-        segment_bytes: settings.journal_segment_bytes,
-        max_bytes: settings.journal_max_bytes,
-        retain_acked_bytes: settings.journal_retain_acked_bytes,
-    })?;
-    tracing::info!(
-        agent_id = %agent_id,
-        next = %journal.next_key(),
-        journal_records = recovery.records,
-        unacked = journal.unacked(),
-        policy_version = %policy.version,
-        collector = %settings.collector_host,
-        "agent starting"
-    );
-    if recovery.torn_bytes > 0 {
-        tracing::warn!(
-            bytes = recovery.torn_bytes,
-            "a write torn by a crash was cut from the journal (it was never sent)"
-        );
-    }
-    let journal = Arc::new(Mutex::new(journal));
-
-    let stats = Arc::new(AgentStats::default());
-    stats.set_policy_version(&policy.version);
-    let (policy_tx, policy_rx) = mpsc::channel(4);
-    let (fence_control, fence_control_rx) = mpsc::channel(8);
-    let (commands_tx, commands_rx) = mpsc::channel(64);
-    let notify = Arc::new(Notify::new());
-    let source_drops = Arc::new(AtomicU64::new(0));
-    let (tx, rx) = mpsc::channel(settings.pipeline_capacity);
-    // What the last run queued and never journaled (it was killed): counted exactly.
-    let (ledger, crash_lost) = ledger::CaptureLedger::open(&settings.state_dir)?;
-    let ledger = Arc::new(ledger);
-    let mut recovered = recovery.lost;
-    if crash_lost > 0 {
-        tracing::error!(
-            count = crash_lost,
-            "the last run ended abruptly with events queued but not journaled"
-        );
-        recovered.push(journal::Lost {
-            stage: "crash".into(),
-            reissue_of: None,
-            count: crash_lost,
-            first: None,
-            last: None,
-            reason: format!(
-                "the agent stopped abruptly (killed or crashed) with {crash_lost} captured events not yet journaled"
-            ),
-        });
-    }
-    let sink = EventSink::new(tx, source_drops.clone()).with_ledger(ledger.clone());
-
-    let recorder = Recorder::new(
-        agent_id.clone(),
-        settings.host_role.as_str(),
-        settings.site.clone(),
-        journal.clone(),
-        notify.clone(),
-        stats.clone(),
-        source_drops,
-    );
-    let mut recorder = recorder;
-    recorder.ledger = Some(ledger);
-    let started = EpochStarted {
-        installation,
-        installation_new,
-        previous: recovery.previous,
-    };
-    let recorder =
-        tokio::task::spawn_blocking(move || recorder.run_blocking(rx, started, recovered));
-    let watchdog = tokio::spawn(watchdog(stats.clone(), shutdown.clone()));
-
-    let drain = CancellationToken::new();
-    let uplink = Uplink {
-        config: UplinkConfig {
-            agent_id: agent_id.clone(),
-            host: settings.collector_host.clone(),
-            port: settings.collector_port,
-            tls,
-            keep_alive: settings.keep_alive,
-            batch_max_events: settings.batch_max_events,
-            batch_linger: settings.batch_linger,
-            max_batches_in_flight: settings.max_batches_in_flight,
-            ack_timeout: settings.ack_timeout,
-            reconnect_spread: settings.reconnect_spread,
-            drain_timeout: Duration::from_secs(3),
-            max_events_per_sec: settings.max_events_per_sec,
-        },
-        signer,
-        identity_switches: switch_rx,
-        verifier,
-        policy_pushes: policy_tx,
-        commands: commands_tx,
-        journal,
-        notify,
-        stats: stats.clone(),
-    };
-    let uplink = tokio::spawn(uplink.run(drain.clone()));
-
-    let policy = Arc::new(policy);
-    let _ = sink
-        .emit(Event::PolicyApplied(PolicyApplied {
-            version: policy.version.clone(),
-            previous: None,
-            source: policy_source.into(),
-            serial: (policy_release.serial > 0).then_some(policy_release.serial),
-            sha256: (!policy_release.sha256.is_empty()).then(|| policy_release.sha256.clone()),
-        }))
-        .await;
-    let (fence_tx, fence_rx) = mpsc::channel(256);
-    let policy_watch = tokio::sync::watch::Sender::new(policy.clone());
-    let command_task = tokio::spawn(
-        commands::CommandGate {
-            agent_id: agent_id.clone(),
-            verifier: unlock_verifier.clone(),
-            seq_file: settings.state_dir.join("command-seq"),
-            sink: sink.clone(),
-            fence: settings.usb.as_ref().map(|_| fence_control.clone()),
-            policy_version: stats.clone(),
-            policy: policy_watch.subscribe(),
-        }
-        .run(commands_rx, shutdown.clone()),
-    );
-    let policy_task = tokio::spawn(
-        policy_manager::PolicyManager {
-            state_dir: settings.state_dir.clone(),
-            current: policy.version.clone(),
-            release: policy_release.clone(),
-            last_refused: None,
-            fence: settings.usb.as_ref().map(|_| fence_control.clone()),
-            policy_watch: policy_watch.clone(),
-            sink: sink.clone(),
-            stats: stats.clone(),
-        }
-        .run(policy_rx, shutdown.clone()),
-    );
-    let fence_task = settings.usb.as_ref().map(|usb| {
-        let fence = Fence::new(
-            policy.clone(),
-            settings.host_groups.clone(),
-            &usb.sysfs_root,
-            Box::new(LinuxEnforcer {
-                dev_root: usb.dev_root.clone(),
-                create_missing: usb.sysfs_root != std::path::Path::new("/sys"),
-            }),
-            sink.clone(),
-        )
-        .with_mountinfo(usb.mountinfo.clone())
-        .with_unlocks(fence::UnlockSetup {
-            verifier: unlock_verifier.clone(),
-            agent_id: agent_id.clone(),
-            store: unlock::UnlockStore::new(&settings.state_dir),
-        });
-        tokio::spawn(
-            fence
-                .run(fence_rx, fence_control_rx, shutdown.clone())
-                .instrument(tracing::info_span!("fence")),
-        )
-    });
-
+/// What runs on this agent, domain by domain: platform backend → source (facts)
+/// → guard (decides with the policy, acts through its enforcer). The host source
+/// (start, heartbeats) always; the others as the settings enable them.
+async fn sources(
+    settings: &AgentSettings,
+    stats: Arc<AgentStats>,
+    policy_version: String,
+    policy_watch: &tokio::sync::watch::Sender<Arc<Policy>>,
+    fence: Option<(
+        mpsc::Sender<fence::FenceFact>,
+        mpsc::Sender<fence::FenceControl>,
+    )>,
+    sink: &EventSink,
+) -> Result<Vec<Box<dyn Source>>, AgentError> {
     let mut sources: Vec<Box<dyn Source>> = vec![Box::new(source::host::HostSource::new(
         settings.heartbeat,
-        Some(policy.version.clone()),
+        Some(policy_version),
         stats,
     ))];
     if let Some(usb) = &settings.usb {
@@ -303,7 +113,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
                 storage_settle: Duration::from_millis(1500),
             },
             Box::new(NetlinkBackend),
-            fence_task.as_ref().map(|_| fence_tx.clone()),
+            fence.as_ref().map(|(facts, _)| facts.clone()),
         )));
     }
     // Independent of the USB fence: `[usb] enabled = false` once switched the files
@@ -325,7 +135,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
                 policy_watch.subscribe(),
                 Arc::new(guard::files::FilesGuard::new(Box::new(
                     guard::files::linux::LinuxFileEnforcer {
-                        fence: fence_task.as_ref().map(|_| fence_control.clone()),
+                        fence: fence.as_ref().map(|(_, control)| control.clone()),
                     },
                 ))),
             ))),
@@ -377,25 +187,344 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
         )));
     }
     if let Some(door) = &settings.door {
-        let badge_key = match &door.badge_key {
-            Some(p) if !door.readers.is_empty() => weilan_config::badge::read_key(p, true)
-                .map_err(|reason| AgentError::BadgeKey {
-                    path: p.display().to_string(),
-                    reason,
-                })?,
-            _ => Vec::new(),
-        };
-        sources.push(Box::new(source::access::physical::PhysicalSource::new(
-            source::access::physical::PhysicalConfig {
-                site: settings.site.clone().unwrap_or_default(),
-                badge_key,
-                readers: door.readers.clone(),
-                contacts: door.contacts.clone(),
-                reader_opener: Arc::new(source::access::physical::EvdevOpener),
-                line_opener: Arc::new(source::access::physical::CdevOpener),
-            },
-        )));
+        sources.push(Box::new(door_source(settings, door)?));
     }
+    Ok(sources)
+}
+
+/// The door role: badge readers and door contacts, with the site's badge key.
+fn door_source(
+    settings: &AgentSettings,
+    door: &weilan_config::settings::agent::DoorSettings,
+) -> Result<source::access::physical::PhysicalSource, AgentError> {
+    let badge_key = match &door.badge_key {
+        Some(p) if !door.readers.is_empty() => {
+            weilan_config::badge::read_key(p, true).map_err(|reason| AgentError::BadgeKey {
+                path: p.display().to_string(),
+                reason,
+            })?
+        }
+        _ => Vec::new(),
+    };
+    Ok(source::access::physical::PhysicalSource::new(
+        source::access::physical::PhysicalConfig {
+            site: settings.site.clone().unwrap_or_default(),
+            badge_key,
+            readers: door.readers.clone(),
+            contacts: door.contacts.clone(),
+            reader_opener: Arc::new(source::access::physical::EvdevOpener),
+            line_opener: Arc::new(source::access::physical::CdevOpener),
+        },
+    ))
+}
+
+/// The agent's id (its certificate's common name) and the certificate in force: a
+/// certificate renewed since the configured one was installed takes its place.
+fn identity_in_force(settings: &AgentSettings) -> Result<(String, renewal::Identity), AgentError> {
+    let configured = renewal::Identity {
+        cert: settings.cert.clone(),
+        key: settings.key.clone(),
+    };
+    let agent_id = Signer::from_pem_files(&configured.cert, &configured.key)?
+        .identity()
+        .common_name
+        .clone();
+    let identity = renewal::in_force(configured.clone(), &settings.state_dir, &agent_id);
+    if identity != configured {
+        tracing::info!(cert = %identity.cert.display(), "using the renewed certificate");
+    }
+    Ok((agent_id, identity))
+}
+
+/// The journal, recovered: what survived the last run, and what it lost.
+fn open_journal(
+    settings: &AgentSettings,
+    agent_id: &str,
+    policy_version: &str,
+) -> Result<(Journal, journal::Recovery), AgentError> {
+    let (journal, recovery) = Journal::open(JournalConfig {
+        dir: settings.state_dir.join("journal"),
+        state_dir: settings.state_dir.clone(),
+        segment_bytes: settings.journal_segment_bytes,
+        max_bytes: settings.journal_max_bytes,
+        retain_acked_bytes: settings.journal_retain_acked_bytes,
+    })?;
+    tracing::info!(
+        agent_id = %agent_id,
+        next = %journal.next_key(),
+        journal_records = recovery.records,
+        unacked = journal.unacked(),
+        policy_version = %policy_version,
+        collector = %settings.collector_host,
+        "agent starting"
+    );
+    if recovery.torn_bytes > 0 {
+        tracing::warn!(
+            bytes = recovery.torn_bytes,
+            "a write torn by a crash was cut from the journal (it was never sent)"
+        );
+    }
+    Ok((journal, recovery))
+}
+
+/// What the last run queued and never journaled because it was killed, as a loss
+/// report (counted exactly by the capture ledger).
+fn crash_loss(crash_lost: u64) -> Option<journal::Lost> {
+    if crash_lost > 0 {
+        tracing::error!(
+            count = crash_lost,
+            "the last run ended abruptly with events queued but not journaled"
+        );
+        return Some(journal::Lost {
+            stage: "crash".into(),
+            reissue_of: None,
+            count: crash_lost,
+            first: None,
+            last: None,
+            reason: format!(
+                "the agent stopped abruptly (killed or crashed) with {crash_lost} captured events not yet journaled"
+            ),
+        });
+    }
+    None
+}
+
+/// How the uplink reaches the collector, from the settings.
+fn uplink_config(
+    settings: &AgentSettings,
+    agent_id: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> UplinkConfig {
+    UplinkConfig {
+        agent_id: agent_id.to_string(),
+        host: settings.collector_host.clone(),
+        port: settings.collector_port,
+        tls,
+        keep_alive: settings.keep_alive,
+        batch_max_events: settings.batch_max_events,
+        batch_linger: settings.batch_linger,
+        max_batches_in_flight: settings.max_batches_in_flight,
+        ack_timeout: settings.ack_timeout,
+        reconnect_spread: settings.reconnect_spread,
+        drain_timeout: Duration::from_secs(3),
+        max_events_per_sec: settings.max_events_per_sec,
+    }
+}
+
+/// The USB fence: the policy, the host's groups, the Linux enforcer for its sysfs
+/// and device nodes, and what it needs to check unlock tokens.
+fn usb_fence(
+    settings: &AgentSettings,
+    usb: &weilan_config::settings::agent::UsbSettings,
+    policy: &Arc<Policy>,
+    sink: &EventSink,
+    unlock_verifier: &Arc<Verifier>,
+    agent_id: &str,
+) -> Fence {
+    Fence::new(
+        policy.clone(),
+        settings.host_groups.clone(),
+        &usb.sysfs_root,
+        Box::new(LinuxEnforcer {
+            dev_root: usb.dev_root.clone(),
+            create_missing: usb.sysfs_root != std::path::Path::new("/sys"),
+        }),
+        sink.clone(),
+    )
+    .with_mountinfo(usb.mountinfo.clone())
+    .with_unlocks(fence::UnlockSetup {
+        verifier: unlock_verifier.clone(),
+        agent_id: agent_id.to_string(),
+        store: unlock::UnlockStore::new(&settings.state_dir),
+    })
+}
+
+/// The agent's tasks while it runs, stopped in one order (`Running::stop`).
+struct Running {
+    supervised: JoinSet<()>,
+    fence_tx: mpsc::Sender<fence::FenceFact>,
+    fence_task: Option<tokio::task::JoinHandle<()>>,
+    policy_task: tokio::task::JoinHandle<()>,
+    command_task: tokio::task::JoinHandle<()>,
+    renewal: Option<tokio::task::JoinHandle<()>>,
+    sink: EventSink,
+    recorder: tokio::task::JoinHandle<()>,
+    drain: CancellationToken,
+    uplink: tokio::task::JoinHandle<()>,
+    watchdog: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// The one shutdown path: sources first, then the fence and the gates, then
+    /// `agent.stopping` is recorded, the recorder drains the pipeline into the
+    /// journal, and the uplink delivers what it can within its drain timeout.
+    async fn stop(mut self) {
+        while self.supervised.join_next().await.is_some() {}
+        drop(self.fence_tx);
+        if let Some(t) = self.fence_task {
+            let _ = t.await;
+        }
+        let _ = self.policy_task.await;
+        let _ = self.command_task.await;
+        // A renewal in progress is abandoned: its files are replaced atomically, and the
+        // next start renews again if it has to.
+        if let Some(r) = self.renewal {
+            r.abort();
+        }
+        let _ = self
+            .sink
+            .emit(Event::AgentStopping(AgentStopping {
+                reason: "signal".into(),
+            }))
+            .await;
+        drop(self.sink);
+        let _ = self.recorder.await;
+        self.drain.cancel();
+        let _ = self.uplink.await;
+        let _ = self.watchdog.await;
+    }
+}
+
+/// Runs the agent until `shutdown` is cancelled.
+pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let (agent_id, identity) = identity_in_force(&settings)?;
+    let signer = Signer::from_pem_files(&identity.cert, &identity.key)?;
+    let verifier = Verifier::from_ca_file(&settings.ca)?;
+    let unlock_verifier = Arc::new(Verifier::from_ca_file(&settings.ca)?);
+    let tls = weilan_config::tls::client_config(
+        &settings.ca,
+        &identity.cert,
+        &identity.key,
+        &settings.server_name,
+    )?;
+    let (switch_tx, switch_rx) = mpsc::channel(1);
+    let renewal = settings.renew_port.map(|port| {
+        tokio::spawn(renewal::run(
+            renewal::RenewalConfig {
+                agent_id: agent_id.clone(),
+                collector: format!("{}:{port}", settings.collector_host),
+                server_name: settings.server_name.clone(),
+                ca: settings.ca.clone(),
+                state_dir: settings.state_dir.clone(),
+            },
+            identity.clone(),
+            switch_tx,
+            shutdown.clone(),
+        ))
+    });
+    let (policy, policy_source, policy_release) =
+        policy_manager::initial(&settings.state_dir, &settings.policy)?;
+    let (installation, installation_new) = state::installation(&settings.state_dir)?;
+    let (journal, recovery) = open_journal(&settings, &agent_id, &policy.version)?;
+    let journal = Arc::new(Mutex::new(journal));
+
+    let stats = Arc::new(AgentStats::default());
+    stats.set_policy_version(&policy.version);
+    let (policy_tx, policy_rx) = mpsc::channel(4);
+    let (fence_control, fence_control_rx) = mpsc::channel(8);
+    let (commands_tx, commands_rx) = mpsc::channel(64);
+    let notify = Arc::new(Notify::new());
+    let source_drops = Arc::new(AtomicU64::new(0));
+    let (tx, rx) = mpsc::channel(settings.pipeline_capacity);
+    // What the last run queued and never journaled (it was killed): counted exactly.
+    let (ledger, crash_lost) = ledger::CaptureLedger::open(&settings.state_dir)?;
+    let ledger = Arc::new(ledger);
+    let mut recovered = recovery.lost;
+    recovered.extend(crash_loss(crash_lost));
+    let sink = EventSink::new(tx, source_drops.clone()).with_ledger(ledger.clone());
+
+    let recorder = Recorder::new(
+        agent_id.clone(),
+        settings.host_role.as_str(),
+        settings.site.clone(),
+        journal.clone(),
+        notify.clone(),
+        stats.clone(),
+        source_drops,
+    );
+    let mut recorder = recorder;
+    recorder.ledger = Some(ledger);
+    let started = EpochStarted {
+        installation,
+        installation_new,
+        previous: recovery.previous,
+    };
+    let recorder =
+        tokio::task::spawn_blocking(move || recorder.run_blocking(rx, started, recovered));
+    let watchdog = tokio::spawn(watchdog(stats.clone(), shutdown.clone()));
+
+    let drain = CancellationToken::new();
+    let uplink = Uplink {
+        config: uplink_config(&settings, &agent_id, tls),
+        signer,
+        identity_switches: switch_rx,
+        verifier,
+        policy_pushes: policy_tx,
+        commands: commands_tx,
+        journal,
+        notify,
+        stats: stats.clone(),
+    };
+    let uplink = tokio::spawn(uplink.run(drain.clone()));
+
+    let policy = Arc::new(policy);
+    let _ = sink
+        .emit(Event::PolicyApplied(PolicyApplied {
+            version: policy.version.clone(),
+            previous: None,
+            source: policy_source.into(),
+            serial: (policy_release.serial > 0).then_some(policy_release.serial),
+            sha256: (!policy_release.sha256.is_empty()).then(|| policy_release.sha256.clone()),
+        }))
+        .await;
+    let (fence_tx, fence_rx) = mpsc::channel(256);
+    let policy_watch = tokio::sync::watch::Sender::new(policy.clone());
+    let command_task = tokio::spawn(
+        commands::CommandGate {
+            agent_id: agent_id.clone(),
+            verifier: unlock_verifier.clone(),
+            seq_file: settings.state_dir.join("command-seq"),
+            sink: sink.clone(),
+            fence: settings.usb.as_ref().map(|_| fence_control.clone()),
+            policy_version: stats.clone(),
+            policy: policy_watch.subscribe(),
+        }
+        .run(commands_rx, shutdown.clone()),
+    );
+    let policy_task = tokio::spawn(
+        policy_manager::PolicyManager {
+            state_dir: settings.state_dir.clone(),
+            current: policy.version.clone(),
+            release: policy_release.clone(),
+            last_refused: None,
+            fence: settings.usb.as_ref().map(|_| fence_control.clone()),
+            policy_watch: policy_watch.clone(),
+            sink: sink.clone(),
+            stats: stats.clone(),
+        }
+        .run(policy_rx, shutdown.clone()),
+    );
+    let fence_task = settings.usb.as_ref().map(|usb| {
+        let fence = usb_fence(&settings, usb, &policy, &sink, &unlock_verifier, &agent_id);
+        tokio::spawn(
+            fence
+                .run(fence_rx, fence_control_rx, shutdown.clone())
+                .instrument(tracing::info_span!("fence")),
+        )
+    });
+
+    let fence_links = fence_task
+        .as_ref()
+        .map(|_| (fence_tx.clone(), fence_control.clone()));
+    let sources = sources(
+        &settings,
+        stats,
+        policy.version.clone(),
+        &policy_watch,
+        fence_links,
+        &sink,
+    )
+    .await?;
     let ctx = SourceContext {
         sink: sink.clone(),
         shutdown: shutdown.clone(),
@@ -409,28 +538,21 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
 
     shutdown.cancelled().await;
     tracing::info!("agent stopping");
-    while supervised.join_next().await.is_some() {}
-    drop(fence_tx);
-    if let Some(t) = fence_task {
-        let _ = t.await;
+    Running {
+        supervised,
+        fence_tx,
+        fence_task,
+        policy_task,
+        command_task,
+        renewal,
+        sink,
+        recorder,
+        drain,
+        uplink,
+        watchdog,
     }
-    let _ = policy_task.await;
-    let _ = command_task.await;
-    // A renewal in progress is abandoned: its files are replaced atomically, and the
-    // next start renews again if it has to.
-    if let Some(r) = renewal {
-        r.abort();
-    }
-    let _ = sink
-        .emit(Event::AgentStopping(AgentStopping {
-            reason: "signal".into(),
-        }))
-        .await;
-    drop(sink);
-    let _ = recorder.await;
-    drain.cancel();
-    let _ = uplink.await;
-    let _ = watchdog.await;
+    .stop()
+    .await;
     tracing::info!("agent stopped");
     Ok(())
 }
