@@ -163,7 +163,9 @@ async fn sources(
                 source::net::linux::LinuxNet::new(all)
                     .map(|b| Box::new(b) as Box<dyn source::net::NetBackend>)
             }),
-            Arc::new(source::net::LinuxNetEnforcer),
+            Arc::new(guard::net::NetGuard::new(Arc::new(
+                guard::net::linux::LinuxNetEnforcer,
+            ))),
             policy_watch.subscribe(),
         )));
         if net.transfer_tools {

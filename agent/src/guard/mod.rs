@@ -8,8 +8,10 @@
 //! |---|---|---|---|
 //! | USB devices | `source::usb` | `fence::Fence` | `fence::UsbEnforcer` (`fence::linux`) |
 //! | files crossing the fence | `source::files` | [`files::FilesGuard`] | [`files::FileEnforcer`] (`guard::files::linux`) |
+//! | outgoing transfers | `source::net` | [`net::NetGuard`] | [`net::NetEnforcer`] (`guard::net::linux`) |
 //!
 //! One decision stays inside a source by necessity: the fanotify permission answer
 //! (`source::files::linux`), which the kernel waits for while the opener is blocked.
 
 pub mod files;
+pub mod net;

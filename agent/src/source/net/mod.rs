@@ -7,16 +7,15 @@
 //!   `net.transfer` when one to a destination outside the allowlist crosses the report
 //!   threshold or a policy rule's threshold, and again at its end. Sockets destroyed
 //!   between two polls are caught from the kernel's destroy notifications with their
-//!   final counters. The policy decides ([`NetworkPolicy::decide`]); the source
-//!   enforces (`kill`, `block-destination`) through an [`Enforcer`] and reports each
-//!   action as `net.enforced` naming its rule.
+//!   final counters. The network guard decides on each connection and acts on the
+//!   verdict (`crate::guard::net`), through the [`FlowJudge`] the source is given.
 //! - [`tools::ToolsSource`] reports `net.transfer_tool` when scp, rsync, curl -T, nc …
 //!   start (the kernel's process connector).
 //!
 //! The tracking logic ([`Tracker`]) is platform-free and unit-tested against a fake
 //! [`NetBackend`]; [`linux::LinuxNet`] is exercised end to end in `tests/network.rs`.
 
-pub mod enforce;
+#[cfg(target_os = "linux")]
 pub mod linux;
 pub mod tools;
 
@@ -31,15 +30,15 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use tokio::sync::watch;
-use weilan_config::event::{Event, NetEnforced, NetOpenFile, NetTransfer, ProcessRef};
-use weilan_config::policy::network::{FlowFacts, NetAction, NetVerdict, Scope, NETWORK_DEFAULT};
+use weilan_config::event::{Event, NetOpenFile, NetTransfer, ProcessRef};
+use weilan_config::policy::network::{
+    FlowFacts, NetAction, NetVerdict, NetworkPolicy, Scope, NETWORK_DEFAULT,
+};
 use weilan_config::policy::Policy;
 
 use super::{BoxFuture, EventSink, Source, SourceContext, SourceError};
 use crate::classify::Classifier;
 use crate::procinfo::ProcessInfo;
-
-pub use enforce::{Enforcer, LinuxNetEnforcer};
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,6 +215,15 @@ pub struct NetActionRequest {
     pub netns: u64,
 }
 
+/// Decides on the connections the source follows and acts on the verdicts
+/// (`crate::guard::net::NetGuard`).
+pub trait FlowJudge: Send + Sync {
+    /// The verdict on one connection's facts, if a rule matches (pure).
+    fn decide(&self, policy: &NetworkPolicy, facts: &FlowFacts<'_>) -> Option<NetVerdict>;
+    /// Carries a verdict out off the poll thread and records its `net.enforced`.
+    fn act(&self, request: NetActionRequest, sink: EventSink);
+}
+
 /// What one poll produced.
 #[derive(Debug, Default)]
 pub struct TickOutput {
@@ -226,6 +234,8 @@ pub struct TickOutput {
 /// Everything the tracker needs besides the backend.
 pub struct TrackerContext<'a> {
     pub policy: &'a Policy,
+    /// Decides on each connection (the network guard).
+    pub judge: &'a dyn FlowJudge,
     pub classifier: &'a Classifier,
     /// Allowlisted host names by the addresses they resolved to.
     pub resolved: &'a HashMap<IpAddr, Vec<String>>,
@@ -481,7 +491,11 @@ impl Tracker {
             destination_bytes: &per_destination,
             now: cx.time,
         };
-        let verdict = if implicit { None } else { net.decide(&facts) };
+        let verdict = if implicit {
+            None
+        } else {
+            cx.judge.decide(net, &facts)
+        };
         // A rule fires once per connection, or once per process / destination within
         // its window: remembered on the connection, or under a shared key.
         let shared_key = |v: &NetVerdict| match v.per {
@@ -679,7 +693,7 @@ pub type BackendFactory = Box<dyn Fn() -> Result<Box<dyn NetBackend>, String> + 
 pub struct NetSource {
     config: NetConfig,
     backend: Arc<BackendFactory>,
-    enforcer: Arc<dyn Enforcer>,
+    judge: Arc<dyn FlowJudge>,
     policy: watch::Receiver<Arc<Policy>>,
 }
 
@@ -687,13 +701,13 @@ impl NetSource {
     pub fn new(
         config: NetConfig,
         backend: BackendFactory,
-        enforcer: Arc<dyn Enforcer>,
+        judge: Arc<dyn FlowJudge>,
         policy: watch::Receiver<Arc<Policy>>,
     ) -> Self {
         NetSource {
             config,
             backend: Arc::new(backend),
-            enforcer,
+            judge,
             policy,
         }
     }
@@ -708,10 +722,10 @@ impl Source for NetSource {
         Box::pin(async move {
             let config = self.config.clone();
             let factory = self.backend.clone();
-            let enforcer = self.enforcer.clone();
+            let judge = self.judge.clone();
             let policy = self.policy.clone();
             let ctx = ctx.clone();
-            tokio::task::spawn_blocking(move || poll_loop(config, &factory, enforcer, policy, ctx))
+            tokio::task::spawn_blocking(move || poll_loop(config, &factory, judge, policy, ctx))
                 .await
                 .map_err(|e| SourceError::Other(format!("network poller: {e}")))?
         })
@@ -760,7 +774,7 @@ fn spawn_resolver(
 fn poll_loop(
     config: NetConfig,
     factory: &BackendFactory,
-    enforcer: Arc<dyn Enforcer>,
+    judge: Arc<dyn FlowJudge>,
     policy: watch::Receiver<Arc<Policy>>,
     ctx: SourceContext,
 ) -> Result<(), SourceError> {
@@ -824,6 +838,7 @@ fn poll_loop(
             backend.as_mut(),
             &TrackerContext {
                 policy: &p,
+                judge: judge.as_ref(),
                 classifier: &classifier,
                 resolved: &names,
                 now: Instant::now(),
@@ -834,38 +849,7 @@ fn poll_loop(
             ctx.sink.emit_blocking(e)?;
         }
         for a in out.actions {
-            spawn_action(a, enforcer.clone(), ctx.sink.clone());
+            judge.act(a, ctx.sink.clone());
         }
-    }
-}
-
-/// Carries out one action on its own thread (a kill waits up to 2 s) and reports it.
-fn spawn_action(a: NetActionRequest, enforcer: Arc<dyn Enforcer>, sink: EventSink) {
-    let _ = std::thread::Builder::new()
-        .name("weilan-net-act".into())
-        .spawn(move || {
-            let event = enforce::carry_out(&a, enforcer.as_ref());
-            tracing::info!(action = %event.action, rule = %event.rule_id, ok = event.ok, detail = %event.detail, "network action");
-            let _ = sink.emit_blocking(Event::NetEnforced(event));
-        });
-}
-
-/// `net.enforced` for an action that was carried out.
-pub fn enforced_event(
-    a: &NetActionRequest,
-    ok: bool,
-    detail: String,
-    expires: Option<Timestamp>,
-) -> NetEnforced {
-    NetEnforced {
-        action: a.verdict.action.as_str().into(),
-        rule_id: a.verdict.rule_id.clone(),
-        pid: a.pid,
-        exe: a.exe.clone(),
-        remote_addr: a.remote.ip().to_string(),
-        remote_port: a.remote.port(),
-        ok,
-        detail,
-        expires,
     }
 }

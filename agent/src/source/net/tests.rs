@@ -1,9 +1,7 @@
 //! Tracker logic against a fake backend, and the Linux backend against the kernel.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use weilan_config::event::{Event, NetTransfer, ProcessRef};
@@ -98,6 +96,25 @@ struct Harness {
     classifier: Classifier,
     resolved: HashMap<std::net::IpAddr, Vec<String>>,
     start: Instant,
+    /// Decides as the guard does; what it is asked to act on is in `TickOutput`.
+    judge: PolicyOnly,
+}
+
+/// The guard's decision (the pure policy), no hands: the tracker's actions are
+/// read from its output.
+struct PolicyOnly;
+
+impl FlowJudge for PolicyOnly {
+    fn decide(
+        &self,
+        policy: &weilan_config::policy::network::NetworkPolicy,
+        facts: &weilan_config::policy::network::FlowFacts<'_>,
+    ) -> Option<weilan_config::policy::network::NetVerdict> {
+        policy.decide(facts)
+    }
+    fn act(&self, request: NetActionRequest, _sink: EventSink) {
+        panic!("the tracker acts only through its output: {request:?}")
+    }
 }
 
 impl Harness {
@@ -115,6 +132,7 @@ impl Harness {
             classifier: Classifier::default(),
             resolved: HashMap::new(),
             start: Instant::now(),
+            judge: PolicyOnly,
         }
     }
 
@@ -128,6 +146,7 @@ impl Harness {
         };
         let cx = TrackerContext {
             policy: &self.policy,
+            judge: &self.judge,
             classifier: &self.classifier,
             resolved: &self.resolved,
             now: self.start + Duration::from_secs(secs),
@@ -400,81 +419,6 @@ fn open_files_in_sensitive_sources_are_attached() {
     assert_eq!(files[0].source.as_deref(), Some(secret.to_str().unwrap()));
     assert_eq!(files[1].path, classified.display().to_string());
     assert_eq!(files[1].classification[0].detector, "prc-resident-id");
-}
-
-#[derive(Default)]
-struct RecordingEnforcer(Mutex<Vec<String>>);
-
-impl Enforcer for RecordingEnforcer {
-    fn kill(&self, pid: u32, exe: &str) -> Result<String, String> {
-        self.0.lock().unwrap().push(format!("kill {pid} {exe}"));
-        Ok("ended by SIGTERM".into())
-    }
-    fn block(
-        &self,
-        _netns: u64,
-        addr: std::net::IpAddr,
-        d: Duration,
-        rule: &str,
-    ) -> Result<String, String> {
-        self.0
-            .lock()
-            .unwrap()
-            .push(format!("block {addr} {} {rule}", d.as_secs()));
-        Err("nft: not here".into())
-    }
-}
-
-#[test]
-fn actions_report_how_they_went() {
-    let e = RecordingEnforcer::default();
-    let req = |action, pid| NetActionRequest {
-        verdict: weilan_config::policy::network::NetVerdict {
-            action,
-            rule_id: "r".into(),
-            block: Duration::from_secs(60),
-            per: weilan_config::policy::network::Scope::Connection,
-        },
-        pid,
-        exe: pid.map(|_| "/usr/bin/nc".to_string()),
-        remote: "192.0.2.9:9000".parse::<SocketAddr>().unwrap(),
-        netns: NS,
-    };
-    let ok = enforce::carry_out(&req(NetAction::Kill, Some(70)), &e);
-    assert!(ok.ok && ok.rule_id == "r" && ok.pid == Some(70));
-    let unknown = enforce::carry_out(&req(NetAction::Kill, None), &e);
-    assert!(!unknown.ok && unknown.detail.contains("unknown"));
-    let failed = enforce::carry_out(&req(NetAction::BlockDestination, Some(70)), &e);
-    assert!(!failed.ok && failed.detail.contains("nft") && failed.expires.is_none());
-    assert_eq!(
-        *e.0.lock().unwrap(),
-        vec![
-            "kill 70 /usr/bin/nc".to_string(),
-            "block 192.0.2.9 60 r".to_string()
-        ]
-    );
-}
-
-#[test]
-fn the_nft_batch_has_the_table_the_sets_the_rules_and_the_element() {
-    let json = serde_json::to_value(
-        enforce::block_batch("192.0.2.9".parse().unwrap(), 120, "bulk").to_nftables(),
-    )
-    .unwrap()
-    .to_string();
-    for needle in [
-        "\"table\":{\"family\":\"inet\",\"name\":\"weilan\"",
-        "\"hook\":\"output\"",
-        "\"name\":\"blocked4\"",
-        "\"name\":\"blocked6\"",
-        "\"timeout\"",
-        "@blocked4",
-        "\"tcp reset\"",
-        "\"val\":\"192.0.2.9\"",
-        "\"timeout\":120",
-    ] {
-        assert!(json.contains(needle), "{needle} missing in {json}");
-    }
 }
 
 /// The real kernel interface: a loopback transfer is seen with its byte count while

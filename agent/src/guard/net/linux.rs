@@ -1,4 +1,4 @@
-//! Carrying out network actions: ending the sending process, and blocking a
+//! The network guard's Linux enforcer: ending the sending process, and blocking a
 //! destination with nftables.
 //!
 //! Blocks live in their own table, `inet weilan`: an output-hook chain rejects traffic
@@ -13,7 +13,6 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use jiff::Timestamp;
 use nftables::batch::Batch;
 use nftables::expr::{Elem, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField};
 use nftables::schema::{
@@ -21,56 +20,16 @@ use nftables::schema::{
 };
 use nftables::stmt::{Match, Operator, Reject, RejectType, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
-use weilan_config::event::NetEnforced;
-use weilan_config::policy::network::NetAction;
 
-use super::{enforced_event, NetActionRequest};
+use super::NetEnforcer;
 
 /// The nftables table Weilan owns.
 pub const NFT_TABLE: &str = "weilan";
 
-/// How actions reach the host. The test double records them.
-pub trait Enforcer: Send + Sync {
-    /// Ends `pid` if it still runs `exe`.
-    fn kill(&self, pid: u32, exe: &str) -> Result<String, String>;
-    /// Rejects traffic from network namespace `netns` to `addr` for `duration`.
-    fn block(
-        &self,
-        netns: u64,
-        addr: IpAddr,
-        duration: Duration,
-        rule_id: &str,
-    ) -> Result<String, String>;
-}
-
-/// Carries out one request and says how it went.
-pub fn carry_out(a: &NetActionRequest, enforcer: &dyn Enforcer) -> NetEnforced {
-    match a.verdict.action {
-        NetAction::Audit => enforced_event(a, true, "audit only".into(), None),
-        NetAction::Kill => {
-            let result = match (a.pid, &a.exe) {
-                (Some(pid), Some(exe)) => enforcer.kill(pid, exe),
-                _ => Err("the sending process is unknown (it closed the connection before a poll saw it)".into()),
-            };
-            match result {
-                Ok(d) => enforced_event(a, true, d, None),
-                Err(e) => enforced_event(a, false, e, None),
-            }
-        }
-        NetAction::BlockDestination => {
-            let expires = Timestamp::now().checked_add(a.verdict.block).ok();
-            match enforcer.block(a.netns, a.remote.ip(), a.verdict.block, &a.verdict.rule_id) {
-                Ok(d) => enforced_event(a, true, d, expires),
-                Err(e) => enforced_event(a, false, e, None),
-            }
-        }
-    }
-}
-
 /// The real enforcer: signals and nftables.
 pub struct LinuxNetEnforcer;
 
-impl Enforcer for LinuxNetEnforcer {
+impl NetEnforcer for LinuxNetEnforcer {
     fn kill(&self, pid: u32, exe: &str) -> Result<String, String> {
         crate::procinfo::terminate(pid, exe)
     }
