@@ -1,0 +1,193 @@
+//! The shape the code promises (ARCHITECTURE.md, `agent/src/guard/mod.rs`), checked on
+//! the source text so that it cannot drift:
+//! - a source never imports a guard or an enforcer, nor decides with the policy
+//!   itself: it hands its facts to its guard through a trait;
+//! - no function outside tests is longer than 120 lines, but for the ones listed in
+//!   `LONG` (each at most as long as it is now; the list only shrinks: a function that
+//!   got short must leave it).
+
+use std::path::{Path, PathBuf};
+
+const MAX_LINES: usize = 120;
+
+/// Functions still longer than `MAX_LINES` (file, name, lines now). Split one, then
+/// lower its figure or remove its row.
+const LONG: &[(&str, &str, usize)] = &[
+    ("collector/src/rules/file.rs", "validate", 325),
+    ("config/src/settings/collector.rs", "validate", 323),
+    ("collector/src/lib.rs", "run", 308),
+    ("agent/src/source/files/mod.rs", "run_inner", 249),
+    ("config/src/settings/agent.rs", "validate", 206),
+    ("collector/src/rules/engine.rs", "evaluate", 191),
+    ("config/src/policy/usb.rs", "validate", 176),
+    ("agent/src/lib.rs", "run", 170),
+    ("agent/src/journal.rs", "open", 170),
+    ("config/src/policy/files.rs", "validate", 164),
+    ("agent/src/commands.rs", "handle", 151),
+    ("config/src/policy/network.rs", "validate", 128),
+    ("collector/src/rules/engine.rs", "enrich", 125),
+    ("agent/src/journal.rs", "find_holes", 123),
+];
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// Production source files of the three crates (test modules excluded).
+fn production_files(root: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for krate in ["agent", "collector", "config"] {
+        rust_files(&root.join(krate).join("src"), &mut files);
+    }
+    files.retain(|p| p.file_name().is_some_and(|n| n != "tests.rs"));
+    files.sort();
+    files
+}
+
+/// The text before the file's `#[cfg(test)]` module, if it has one at the top level.
+fn production_part(text: &str) -> &str {
+    match text.find("\n#[cfg(test)]\nmod tests") {
+        Some(i) => &text[..i],
+        None => text,
+    }
+}
+
+/// (name, first line, length) of every `fn` with a body, found by its signature and
+/// the closing brace at the signature's indentation (what rustfmt writes).
+fn functions(text: &str) -> Vec<(String, usize, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        let indent = line.len() - line.trim_start().len();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let fn_at = words.iter().position(|w| *w == "fn");
+        let is_fn = fn_at.is_some_and(|k| {
+            words[..k].iter().all(|w| {
+                [
+                    "pub",
+                    "pub(crate)",
+                    "pub(super)",
+                    "async",
+                    "const",
+                    "unsafe",
+                    "extern",
+                ]
+                .contains(w)
+            })
+        });
+        if !is_fn {
+            i += 1;
+            continue;
+        }
+        let Some(name) = words
+            .get(fn_at.unwrap() + 1)
+            .and_then(|w| w.split(['(', '<']).next())
+        else {
+            i += 1;
+            continue;
+        };
+        let name = name.to_string();
+        // The signature ends with `{` (a body) or `;` (a declaration).
+        let mut j = i;
+        while j < lines.len()
+            && !lines[j].trim_end().ends_with('{')
+            && !lines[j].trim_end().ends_with(';')
+        {
+            j += 1;
+        }
+        if j >= lines.len() || lines[j].trim_end().ends_with(';') {
+            i = j + 1;
+            continue;
+        }
+        let close = format!("{}}}", " ".repeat(indent));
+        let mut k = j + 1;
+        while k < lines.len() && lines[k] != close {
+            k += 1;
+        }
+        out.push((name, i + 1, k - i + 1));
+        i = k + 1;
+    }
+    out
+}
+
+#[test]
+fn no_function_outside_tests_is_longer_than_120_lines_but_the_listed_ones() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut problems = Vec::new();
+    let mut found_long = Vec::new();
+    for path in production_files(root) {
+        let rel = path.strip_prefix(root).unwrap().display().to_string();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (name, line, len) in functions(production_part(&text)) {
+            if len <= MAX_LINES {
+                continue;
+            }
+            found_long.push((rel.clone(), name.clone()));
+            match LONG.iter().find(|(f, n, _)| *f == rel && *n == name) {
+                Some((_, _, ceiling)) if len <= *ceiling => {}
+                Some((_, _, ceiling)) => problems.push(format!(
+                    "{rel}:{line}: fn {name} grew to {len} lines (listed at {ceiling}); split it"
+                )),
+                None => problems.push(format!(
+                    "{rel}:{line}: fn {name} is {len} lines (at most {MAX_LINES}); split it by role"
+                )),
+            }
+        }
+    }
+    for (f, n, _) in LONG {
+        if !found_long.iter().any(|(rf, rn)| rf == f && rn == n) {
+            problems.push(format!(
+                "{f}: fn {n} is no longer over {MAX_LINES} lines: remove its row from LONG"
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn sources_never_import_a_guard_an_enforcer_or_decide_with_the_policy() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut sources = Vec::new();
+    rust_files(&root.join("agent/src/source"), &mut sources);
+    sources.retain(|p| p.file_name().is_some_and(|n| n != "tests.rs"));
+    assert!(sources.len() > 20, "{sources:?}");
+    let mut problems = Vec::new();
+    for path in sources {
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (n, line) in production_part(&text).lines().enumerate() {
+            let code = line.split("//").next().unwrap_or("");
+            let forbidden = code.contains("crate::guard")
+                || code.contains("Enforcer")
+                || (code.contains("crate::fence") && !code.contains("crate::fence::FenceFact"))
+                || code.contains(".decide(") && !code.contains("judge.decide(")
+                || code.contains(".evaluate(") && code.contains("policy");
+            if forbidden {
+                problems.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "a source reaches past its facts:\n{}",
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn the_scanner_finds_functions_by_their_closing_brace() {
+    let text = "pub fn a() {\n    x();\n}\n\nimpl T {\n    pub(crate) async fn b(\n        y: u8,\n    ) -> u8 {\n        y\n    }\n    fn c();\n}\n";
+    let found = functions(text);
+    assert_eq!(
+        found,
+        vec![("a".to_string(), 1, 3), ("b".to_string(), 6, 5)]
+    );
+}
