@@ -191,3 +191,98 @@ fn the_scanner_finds_functions_by_their_closing_brace() {
         vec![("a".to_string(), 1, 3), ("b".to_string(), 6, 5)]
     );
 }
+
+/// Top-level modules of a crate and the other top-level modules each names
+/// (`crate::x`), outside comments and test modules.
+fn module_graph(
+    src: &Path,
+) -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+    let mut files = Vec::new();
+    rust_files(src, &mut files);
+    let mut graph: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
+    for path in files {
+        if path.file_name().is_some_and(|n| n == "tests.rs") {
+            continue;
+        }
+        let rel = path.strip_prefix(src).unwrap();
+        let top = rel
+            .components()
+            .next()
+            .unwrap()
+            .as_os_str()
+            .to_string_lossy();
+        let top = top.trim_end_matches(".rs").to_string();
+        if top == "lib" || top == "main" {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let deps = graph.entry(top.clone()).or_default();
+        for line in production_part(&text).lines() {
+            let code = line.split("//").next().unwrap_or("");
+            for (i, _) in code.match_indices("crate::") {
+                let name: String = code[i + 7..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                if !name.is_empty() && name != top {
+                    deps.insert(name);
+                }
+            }
+        }
+    }
+    graph
+}
+
+/// A cycle of the graph, if it has one.
+fn cycle(
+    graph: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+) -> Option<Vec<String>> {
+    fn visit(
+        g: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+        node: &str,
+        path: &mut Vec<String>,
+        done: &mut std::collections::BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(i) = path.iter().position(|p| p == node) {
+            let mut c = path[i..].to_vec();
+            c.push(node.to_string());
+            return Some(c);
+        }
+        if done.contains(node) {
+            return None;
+        }
+        path.push(node.to_string());
+        for next in g.get(node).into_iter().flatten() {
+            if let Some(c) = visit(g, next, path, done) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        done.insert(node.to_string());
+        None
+    }
+    let mut done = Default::default();
+    graph
+        .keys()
+        .find_map(|n| visit(graph, n, &mut Vec::new(), &mut done))
+}
+
+#[test]
+fn no_module_of_either_program_imports_one_that_imports_it_back() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for krate in ["agent", "collector", "config"] {
+        let graph = module_graph(&root.join(krate).join("src"));
+        assert!(graph.len() > 5, "{krate}: {graph:?}");
+        if let Some(c) = cycle(&graph) {
+            panic!("{krate}: circular imports: {}", c.join(" → "));
+        }
+    }
+    // The search finds a cycle when there is one.
+    let mut g: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
+    g.entry("a".into()).or_default().insert("b".into());
+    g.entry("b".into()).or_default().insert("c".into());
+    g.entry("c".into()).or_default().insert("a".into());
+    assert_eq!(cycle(&g).unwrap(), ["a", "b", "c", "a"]);
+}

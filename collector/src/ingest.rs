@@ -608,16 +608,15 @@ impl Ingest {
         b: &Decoded<'_>,
         now: jiff::Timestamp,
     ) -> Result<(store::BatchOutcome, Outcome), store::StoreError> {
-        let (outcome, ruled) =
-            store::store_batch_in(tx, b.agent, &b.valid, now, |tx, stored, found| {
-                crate::integrity::note_uplink_head(tx, b.agent, b.batch.last, b.batch.head, now)?;
-                let mut facts: Vec<Fact> = stored
-                    .iter()
-                    .map(|s| Fact::from_envelope(s.envelope))
-                    .collect();
-                facts.extend(found.iter().map(|f| Fact::from_finding(f, now)));
-                self.engine().evaluate(tx, policy, &facts, now)
-            })?;
+        let (outcome, ruled) = store_batch_in(tx, b.agent, &b.valid, now, |tx, stored, found| {
+            crate::integrity::note_uplink_head(tx, b.agent, b.batch.last, b.batch.head, now)?;
+            let mut facts: Vec<Fact> = stored
+                .iter()
+                .map(|s| Fact::from_envelope(s.envelope))
+                .collect();
+            facts.extend(found.iter().map(|f| Fact::from_finding(f, now)));
+            self.engine().evaluate(tx, policy, &facts, now)
+        })?;
         let new_events: Vec<&Envelope> =
             outcome.new.iter().map(|&i| &b.valid[i].envelope).collect();
         if !new_events.is_empty() {
@@ -1027,6 +1026,51 @@ impl Ingest {
             tracing::error!(path = %log.path().display(), error = %e, "alert log write failed (alerts are in the database)");
         }
     }
+}
+
+/// Stores one agent's batch inside the caller's transaction and checks it: events
+/// inserted (re-sends counted as duplicates), chain, gap and key-reuse checks on
+/// what is new, then `rules` on the new events and the findings — all in the one
+/// transaction ingest commits (an ack means all of it is durable).
+pub fn store_batch_in<T>(
+    tx: &rusqlite::Transaction<'_>,
+    agent: &str,
+    events: &[store::Incoming<'_>],
+    received_at: jiff::Timestamp,
+    rules: impl FnOnce(
+        &rusqlite::Transaction<'_>,
+        &[store::Stored<'_>],
+        Vec<crate::rules::Finding>,
+    ) -> Result<T, store::StoreError>,
+) -> Result<(store::BatchOutcome, T), store::StoreError> {
+    let received = received_at.to_string();
+    let (out, reused) = store::insert_batch(tx, events, &received)?;
+    let mut found = crate::integrity::check_new(tx, agent, events, &out.new, &received)?;
+    found.extend(crate::integrity::check_reused(tx, agent, events, &reused)?);
+    let stored: Vec<store::Stored<'_>> = out
+        .new
+        .iter()
+        .map(|&i| store::Stored {
+            envelope: &events[i].envelope,
+        })
+        .collect();
+    let result = rules(tx, &stored, found)?;
+    Ok((out, result))
+}
+
+/// [`store_batch_in`] in a transaction of its own (tests, tools).
+pub fn store_batch<T>(
+    store: &mut store::Store,
+    agent: &str,
+    events: &[store::Incoming<'_>],
+    received_at: jiff::Timestamp,
+    rules: impl FnOnce(
+        &rusqlite::Transaction<'_>,
+        &[store::Stored<'_>],
+        Vec<crate::rules::Finding>,
+    ) -> Result<T, store::StoreError>,
+) -> Result<(store::BatchOutcome, T), store::StoreError> {
+    store.in_transaction(|tx| store_batch_in(tx, agent, events, received_at, rules))
 }
 
 /// Fault injection for the crash-consistency tests: with

@@ -592,11 +592,14 @@ mod tests {
                 hash: record_hash(r.as_bytes()),
             })
             .collect();
-        let (_, found) = s
-            .store_batch("ws-1", &incoming, jiff::Timestamp::now(), |_, _, found| {
-                Ok(found)
-            })
-            .unwrap();
+        let (_, found) = crate::ingest::store_batch(
+            s,
+            "ws-1",
+            &incoming,
+            jiff::Timestamp::now(),
+            |_, _, found| Ok(found),
+        )
+        .unwrap();
         found.iter().map(|f| f.kind).collect()
     }
 

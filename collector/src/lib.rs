@@ -12,6 +12,7 @@
 // `deny`, not `forbid`: broker.rs allows one prctl between fork and exec.
 #![deny(unsafe_code)]
 
+pub mod alert_model;
 pub mod alerts;
 pub mod broker;
 pub mod cli;
@@ -22,8 +23,9 @@ pub mod fleet;
 pub mod ingest;
 pub mod integrity;
 pub mod pki;
+/// The registry of issued certificates is part of the PKI (`pki/registry.rs`).
+pub use pki::registry;
 pub mod preflight;
-pub mod registry;
 pub mod roster;
 pub mod rules;
 pub mod sinks;

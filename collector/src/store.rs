@@ -9,8 +9,6 @@ use std::path::Path;
 use rusqlite::{params, Connection, OptionalExtension};
 use weilan_config::event::{Envelope, EventKey};
 
-use crate::integrity;
-
 /// Migrations, applied in order; `PRAGMA user_version` is the number applied.
 const MIGRATIONS: &[&str] = &[
     // 1: events, alerts, quarantine, agents.
@@ -429,7 +427,8 @@ pub fn alert_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Alert> {
     Ok(Alert {
         alert_id: r.get(0)?,
         time: time_of,
-        level: crate::rules::Level::parse(&text(2)?).unwrap_or(crate::rules::Level::Blue),
+        level: crate::alert_model::Level::parse(&text(2)?)
+            .unwrap_or(crate::alert_model::Level::Blue),
         rule_id: text(3)?,
         agent_id: text(4)?,
         summary: text(5)?,
@@ -454,41 +453,7 @@ pub struct BatchOutcome {
     pub duplicates: u32,
 }
 
-/// An alert as stored and as written to the alert log.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct Alert {
-    pub alert_id: i64,
-    /// When it was raised.
-    pub time: jiff::Timestamp,
-    pub level: crate::rules::Level,
-    /// The rule that raised it (see `weilan-collector rules`).
-    pub rule_id: String,
-    #[serde(default)]
-    pub title: String,
-    /// Compliance references and labels of the rule.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub tags: Vec<String>,
-    pub agent_id: String,
-    /// The rule's correlation/suppression key (by default the agent id).
-    #[serde(default)]
-    pub key: String,
-    pub summary: String,
-    /// The events that triggered it (the first 100).
-    pub event_ids: Vec<String>,
-    /// Times the rule fired for this key while the alert was suppressing repeats.
-    #[serde(default = "one")]
-    pub count: u64,
-    #[serde(default = "jiff::Timestamp::now")]
-    pub last_seen: jiff::Timestamp,
-    /// This line updates an earlier one with the same `alert_id` (count, last seen).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub update: bool,
-    pub details: serde_json::Value,
-}
-
-fn one() -> u64 {
-    1
-}
+pub use crate::alert_model::Alert;
 
 /// Write transactions begin IMMEDIATE: a deferred one that reads and then writes
 /// fails at once with "database is locked" when another connection (the running
@@ -680,27 +645,6 @@ impl Store {
         Ok(release)
     }
 
-    /// Stores a batch of one agent and the alerts it raises — rule alerts for new
-    /// events and integrity alerts (hash-chain breaks, a new journal epoch) — in one
-    /// durable transaction.
-    pub fn store_batch<T>(
-        &mut self,
-        agent: &str,
-        events: &[Incoming<'_>],
-        received_at: jiff::Timestamp,
-        rules: impl FnOnce(
-            &rusqlite::Transaction<'_>,
-            &[Stored<'_>],
-            Vec<crate::rules::Finding>,
-        ) -> Result<T, StoreError>,
-    ) -> Result<(BatchOutcome, T), StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let out = store_batch_in(&tx, agent, events, received_at, rules)?;
-        tx.commit()?;
-        Ok(out)
-    }
     /// Runs `f` in one durable transaction (rules on findings outside a batch).
     pub fn in_transaction<T>(
         &mut self,
@@ -980,65 +924,45 @@ pub enum ControllerInsert {
     },
 }
 
-/// Stores one batch and runs `rules` on what is new, inside the caller's transaction
-/// (ingest commits a group of batches at once): events inserted (re-sends counted as
-/// duplicates), chain and gap checks, then the rules.
-pub fn store_batch_in<T>(
+/// Inserts one agent's batch inside the caller's transaction (ingest commits a group
+/// of batches at once): which events are new, and which keys were already held — a
+/// re-send, or, when the bytes differ, a key used twice (for the integrity checks).
+pub fn insert_batch(
     tx: &rusqlite::Transaction<'_>,
-    agent: &str,
     events: &[Incoming<'_>],
-    received_at: jiff::Timestamp,
-    rules: impl FnOnce(
-        &rusqlite::Transaction<'_>,
-        &[Stored<'_>],
-        Vec<crate::rules::Finding>,
-    ) -> Result<T, StoreError>,
-) -> Result<(BatchOutcome, T), StoreError> {
+    received: &str,
+) -> Result<(BatchOutcome, Vec<usize>), StoreError> {
     let mut out = BatchOutcome::default();
-    let received = received_at.to_string();
-    // Keys already held: a re-send, or (when the bytes differ) a key used twice.
     let mut reused = Vec::new();
-    {
-        let mut insert = tx.prepare_cached(
-                "INSERT OR IGNORE INTO events
-                 (event_id, agent_id, epoch, seq, kind, agent_time, received_at, host_role, envelope, hash, prev_hash)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            )?;
-        for (i, ev) in events.iter().enumerate() {
-            let env = &ev.envelope;
-            let n = insert.execute(params![
-                env.event_id.to_string(),
-                env.event_id.agent_id,
-                env.event_id.key.epoch as i64,
-                env.event_id.key.seq as i64,
-                env.kind(),
-                env.time.to_string(),
-                received,
-                env.host_role,
-                ev.raw,
-                ev.hash,
-                env.prev_hash,
-            ])?;
-            out.held.push(env.event_id.key);
-            if n == 1 {
-                out.new.push(i);
-            } else {
-                out.duplicates += 1;
-                reused.push(i);
-            }
+    let mut insert = tx.prepare_cached(
+        "INSERT OR IGNORE INTO events
+         (event_id, agent_id, epoch, seq, kind, agent_time, received_at, host_role, envelope, hash, prev_hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    )?;
+    for (i, ev) in events.iter().enumerate() {
+        let env = &ev.envelope;
+        let n = insert.execute(params![
+            env.event_id.to_string(),
+            env.event_id.agent_id,
+            env.event_id.key.epoch as i64,
+            env.event_id.key.seq as i64,
+            env.kind(),
+            env.time.to_string(),
+            received,
+            env.host_role,
+            ev.raw,
+            ev.hash,
+            env.prev_hash,
+        ])?;
+        out.held.push(env.event_id.key);
+        if n == 1 {
+            out.new.push(i);
+        } else {
+            out.duplicates += 1;
+            reused.push(i);
         }
     }
-    let mut found = integrity::check_new(tx, agent, events, &out.new, &received)?;
-    found.extend(integrity::check_reused(tx, agent, events, &reused)?);
-    let stored: Vec<Stored<'_>> = out
-        .new
-        .iter()
-        .map(|&i| Stored {
-            envelope: &events[i].envelope,
-        })
-        .collect();
-    let result = rules(tx, &stored, found)?;
-    Ok((out, result))
+    Ok((out, reused))
 }
 
 /// Records that `agent_id` was heard from (its status, version, policy, host name),

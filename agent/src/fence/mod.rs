@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use weilan_config::event::{Event, UsbDecision, UsbDevice, UsbUnlock, Volume};
+use weilan_config::event::{Event, UsbDecision, UsbDevice, UsbUnlock};
 use weilan_config::policy::usb::{
     is_root_hub, Context, Target, Verdict, BUILTIN_BADUSB, BUILTIN_ROOT_HUB,
 };
@@ -33,31 +33,7 @@ use crate::unlock::{self, UnlockStore};
 use crate::source::usb::sysfs::Sysfs;
 use crate::source::EventSink;
 
-/// What the USB source tells the fence.
-#[derive(Debug, Clone)]
-pub enum FenceFact {
-    /// A device appeared (hot-plug) or was found at start.
-    Attached {
-        dir: PathBuf,
-        device: UsbDevice,
-        at_start: bool,
-        /// When the uevent reached the agent (hot-plug only), for the decision latency.
-        seen: Option<std::time::Instant>,
-    },
-    Detached {
-        dir: PathBuf,
-    },
-    /// A disk or partition of a USB device appeared.
-    BlockAdded {
-        usb_dir: PathBuf,
-        block: String,
-    },
-    /// A volume of a USB device was mounted.
-    Mounted {
-        usb_dir: PathBuf,
-        volume: Volume,
-    },
-}
+pub use crate::source::usb::FenceFact;
 
 /// Changes from outside the USB source.
 #[derive(Debug, Clone)]

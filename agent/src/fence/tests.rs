@@ -200,7 +200,7 @@ async fn each_target_is_enforced_and_reported_with_its_rule() {
         .await;
     assert_eq!(rec.take(), vec!["ro sdc"]);
     assert_eq!(decision(&mut w).actions, vec!["BLKROSET sdc"]);
-    let volume = Volume {
+    let volume = weilan_config::event::Volume {
         block_device: "sdc1".into(),
         dev: "8:33".into(),
         mount_point: "/media/sdc1".into(),

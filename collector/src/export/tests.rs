@@ -86,16 +86,15 @@ fn ingest(
         })
         .collect();
     let now: jiff::Timestamp = at.parse().unwrap();
-    store
-        .store_batch(s.agent, &incoming, now, |tx, stored, found| {
-            let mut facts: Vec<Fact> = stored
-                .iter()
-                .map(|s| Fact::from_envelope(s.envelope))
-                .collect();
-            facts.extend(found.iter().map(|f| Fact::from_finding(f, now)));
-            engine.evaluate(tx, &policy, &facts, now)
-        })
-        .unwrap();
+    crate::ingest::store_batch(store, s.agent, &incoming, now, |tx, stored, found| {
+        let mut facts: Vec<Fact> = stored
+            .iter()
+            .map(|s| Fact::from_envelope(s.envelope))
+            .collect();
+        facts.extend(found.iter().map(|f| Fact::from_finding(f, now)));
+        engine.evaluate(tx, &policy, &facts, now)
+    })
+    .unwrap();
 }
 
 fn fixture() -> Fixture {

@@ -33,16 +33,7 @@ const MAX_SUPPRESSED: usize = 20_000;
 /// Event ids an alert lists (the first ones; `count` says how many there were).
 const MAX_EVENT_IDS: usize = 100;
 
-/// Something the collector itself found (not an agent event).
-#[derive(Debug, Clone)]
-pub struct Finding {
-    /// One of [`findings`].
-    pub kind: &'static str,
-    pub agent_id: String,
-    pub summary: String,
-    pub event_ids: Vec<String>,
-    pub details: serde_json::Value,
-}
+pub use crate::alert_model::Finding;
 
 /// One input to the rules.
 #[derive(Debug, Clone)]

@@ -14,37 +14,9 @@ pub mod file;
 #[cfg(test)]
 mod tests;
 
-use serde::{Deserialize, Serialize};
-
 pub use engine::{CommandRequest, Engine, Fact, Finding, Outcome, RuleSet};
 
-/// Alert levels: red (act now), yellow (look today), blue (for the record).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Level {
-    Blue,
-    Yellow,
-    Red,
-}
-
-impl Level {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Level::Red => "red",
-            Level::Yellow => "yellow",
-            Level::Blue => "blue",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "red" => Some(Level::Red),
-            "yellow" => Some(Level::Yellow),
-            "blue" => Some(Level::Blue),
-            _ => None,
-        }
-    }
-}
+pub use crate::alert_model::Level;
 
 /// The built-in indicator pack, in load order.
 pub const BUILTIN: &[(&str, &str)] = &[

@@ -31,7 +31,32 @@ use self::mounts::Mount;
 use self::sysfs::Sysfs;
 use self::uevent::{UeventBackend, UeventError};
 use super::{BoxFuture, Source, SourceContext, SourceError};
-use crate::fence::FenceFact;
+
+/// What the USB source tells the fence.
+#[derive(Debug, Clone)]
+pub enum FenceFact {
+    /// A device appeared (hot-plug) or was found at start.
+    Attached {
+        dir: PathBuf,
+        device: UsbDevice,
+        at_start: bool,
+        /// When the uevent reached the agent (hot-plug only), for the decision latency.
+        seen: Option<std::time::Instant>,
+    },
+    Detached {
+        dir: PathBuf,
+    },
+    /// A disk or partition of a USB device appeared.
+    BlockAdded {
+        usb_dir: PathBuf,
+        block: String,
+    },
+    /// A volume of a USB device was mounted.
+    Mounted {
+        usb_dir: PathBuf,
+        volume: Volume,
+    },
+}
 
 /// Configuration of the USB source.
 #[derive(Debug, Clone)]

@@ -12,6 +12,8 @@
 //! | `collector.pem`, `collector-key.pem`   | the collector's MQTT client identity; signs acks and commands |
 //! | `agents/NAME.pem`, `agents/NAME-key.pem` | one agent's identity                 |
 
+pub mod registry;
+
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
