@@ -13,8 +13,6 @@ const MAX_LINES: usize = 120;
 /// Functions still longer than `MAX_LINES` (file, name, lines now). Split one, then
 /// lower its figure or remove its row.
 const LONG: &[(&str, &str, usize)] = &[
-    ("collector/src/rules/file.rs", "validate", 325),
-    ("config/src/settings/collector.rs", "validate", 323),
     ("collector/src/lib.rs", "run", 308),
     ("agent/src/source/files/mod.rs", "run_inner", 249),
     ("config/src/settings/agent.rs", "validate", 206),

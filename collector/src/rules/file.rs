@@ -469,52 +469,263 @@ fn check_kinds(v: &mut Validator, field: &str, on: &[String]) {
     }
 }
 
+/// `[working_hours]`: an IANA time zone, week days and a start before the end.
+fn validate_working_hours(w: WorkingHoursRaw, v: &mut Validator) -> Option<WorkingHours> {
+    let tz = jiff::tz::TimeZone::get(&w.timezone)
+        .map_err(|_| {
+            v.error(
+                "working_hours.timezone",
+                format!("`{}` is not an IANA time zone", w.timezone),
+            )
+        })
+        .ok();
+    let mut days = Vec::new();
+    for (i, d) in w.days.iter().enumerate() {
+        match weekday(d) {
+            Some(d) => days.push(d),
+            None => v.error(
+                format!("working_hours.days[{i}]"),
+                format!("`{d}` is not mon, tue, wed, thu, fri, sat or sun"),
+            ),
+        }
+    }
+    let mut time = |field: &str, s: &str| {
+        s.parse::<jiff::civil::Time>()
+            .map_err(|_| {
+                v.error(
+                    format!("working_hours.{field}"),
+                    format!("`{s}` is not a time of day (HH:MM)"),
+                )
+            })
+            .ok()
+    };
+    let (start, end) = (time("start", &w.start), time("end", &w.end));
+    if let (Some(s), Some(e)) = (start, end) {
+        if s >= e {
+            v.error("working_hours.end", "must be after start");
+        }
+    }
+    Some(WorkingHours {
+        tz: tz?,
+        days,
+        start: start?,
+        end: end?,
+    })
+}
+
+/// A rule's `[[rule.actions]]`: notifications, and commands with the target and
+/// check expressions each kind needs.
+fn validate_actions(i: usize, raw: Vec<ActionRaw>, v: &mut Validator) -> Vec<Action> {
+    let mut actions = Vec::new();
+    for (j, a) in raw.into_iter().enumerate() {
+        let at = |f: &str| format!("rule[{i}].actions[{j}].{f}");
+        if a.kind == "notify" {
+            actions.push(Action::Notify { sinks: a.sinks });
+            continue;
+        }
+        let Some(kind) = command_kind(&a.kind) else {
+            v.error(at("type"), format!("`{}` is not notify, block-device, set-device-read-only, quarantine-file, kill-process or request-inventory", a.kind));
+            continue;
+        };
+        let needs_target = kind != CommandKind::RequestInventory;
+        let target = match (needs_target, a.target.as_deref()) {
+            (true, None) => {
+                v.error(
+                    at("target"),
+                    "this command needs a target (a CEL expression)",
+                );
+                continue;
+            }
+            (_, Some(t)) => match compile(t) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    v.error(at("target"), e);
+                    continue;
+                }
+            },
+            (false, None) => None,
+        };
+        let needs_check = matches!(kind, CommandKind::QuarantineFile | CommandKind::KillProcess);
+        let check = match (needs_check, a.check.as_deref()) {
+            (true, None) => {
+                v.error(at("check"), "quarantine-file needs the file's SHA-256, kill-process the executable (a CEL expression)");
+                continue;
+            }
+            (_, Some(t)) => match compile(t) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    v.error(at("check"), e);
+                    continue;
+                }
+            },
+            (false, None) => None,
+        };
+        let valid_secs = match a.valid.as_deref().map(parse_secs) {
+            None => 600,
+            Some(Ok(s)) if s > 0 => s,
+            Some(Ok(_)) => {
+                v.error(at("valid"), "must be longer than 0 s");
+                continue;
+            }
+            Some(Err(e)) => {
+                v.error(at("valid"), e);
+                continue;
+            }
+        };
+        actions.push(Action::Command(Box::new(CommandAction {
+            kind,
+            target,
+            check,
+            valid_secs,
+        })));
+    }
+    actions
+}
+
+/// The presence facts of an `absent` correlation: kinds, optional condition, key.
+fn validate_presence(i: usize, p: &PresenceRaw, v: &mut Validator) -> Option<Presence> {
+    let at = |f: &str| format!("rule[{i}].{f}");
+    if p.on.is_empty() {
+        v.error(
+            at("correlation.presence.on"),
+            "name at least one event kind",
+        );
+    }
+    check_kinds(v, &at("correlation.presence.on"), &p.on);
+    let condition = match p.condition.as_deref().map(compile) {
+        None => Some(None),
+        Some(Ok(e)) => Some(Some(e)),
+        Some(Err(e)) => {
+            v.error(at("correlation.presence.condition"), e);
+            None
+        }
+    };
+    let key = compile(&p.key)
+        .map_err(|e| v.error(at("correlation.presence.key"), e))
+        .ok();
+    match (condition, key) {
+        (Some(condition), Some(key)) => Some(Presence {
+            on: p.on.clone(),
+            condition,
+            key,
+        }),
+        _ => None,
+    }
+}
+
+/// A rule's `[rule.correlation]`: the aggregate, its window and threshold, and for
+/// `absent` the presence facts. `None` when it has errors (reported to `v`).
+fn validate_correlation(
+    i: usize,
+    raw: Option<CorrelationRaw>,
+    v: &mut Validator,
+) -> Option<Option<Correlation>> {
+    let at = |f: &str| format!("rule[{i}].{f}");
+    match raw {
+        None => Some(None),
+        Some(c) => {
+            let aggregate = match c.aggregate.as_str() {
+                "count" => Some(Aggregate::Count),
+                "sum" => Some(Aggregate::Sum),
+                "distinct" => Some(Aggregate::Distinct),
+                "first-seen" => Some(Aggregate::FirstSeen),
+                "absent" => Some(Aggregate::Absent),
+                other => {
+                    v.error(
+                        at("correlation.aggregate"),
+                        format!("`{other}` is not count, sum, distinct, first-seen or absent"),
+                    );
+                    None
+                }
+            };
+            let presence = match (&aggregate, &c.presence) {
+                (Some(Aggregate::Absent), None) => {
+                    v.error(
+                        at("correlation.presence"),
+                        "absent needs the presence facts (on, key, optional condition)",
+                    );
+                    None
+                }
+                (Some(Aggregate::Absent), Some(p)) => validate_presence(i, p, v),
+                (_, Some(_)) => {
+                    v.error(
+                        at("correlation.presence"),
+                        "only for aggregate = \"absent\"",
+                    );
+                    None
+                }
+                (_, None) => None,
+            };
+            let field = match (&aggregate, c.field.as_deref()) {
+                (Some(Aggregate::Count), _) | (None, _) => None,
+                // absent: the presence key looked up; default the rule's key.
+                (Some(Aggregate::Absent), None) => None,
+                (Some(_), None) => {
+                    v.error(
+                        at("correlation.field"),
+                        "sum, distinct and first-seen need the field (a CEL expression)",
+                    );
+                    None
+                }
+                (Some(_), Some(t)) => compile(t)
+                    .map_err(|e| v.error(at("correlation.field"), e))
+                    .ok(),
+            };
+            let window = parse_secs(&c.window)
+                .map_err(|e| v.error(at("correlation.window"), e))
+                .ok();
+            if window == Some(0) {
+                v.error(at("correlation.window"), "must be longer than 0 s");
+            }
+            let threshold = match (aggregate, c.threshold) {
+                (Some(Aggregate::FirstSeen), _) | (Some(Aggregate::Absent), _) => Some(1.0),
+                (_, Some(t)) if t > 0.0 => Some(t),
+                (_, Some(_)) => {
+                    v.error(at("correlation.threshold"), "must be above 0");
+                    None
+                }
+                (_, None) => {
+                    v.error(
+                        at("correlation.threshold"),
+                        "count, sum and distinct need a threshold",
+                    );
+                    None
+                }
+            };
+            match (aggregate, window, threshold) {
+                (Some(aggregate), Some(window_secs), Some(threshold))
+                    if aggregate == Aggregate::Count
+                        || field.is_some()
+                        || (aggregate == Aggregate::Absent && presence.is_some()) =>
+                {
+                    Some(Some(Correlation {
+                        fingerprint: format!(
+                            "{}|{:?}|{}|{threshold}|{:?}",
+                            c.aggregate,
+                            c.field,
+                            c.window,
+                            c.presence.as_ref().map(|p| (&p.on, &p.condition, &p.key))
+                        ),
+                        aggregate,
+                        field,
+                        window_secs,
+                        threshold,
+                        presence,
+                    }))
+                }
+                _ => None,
+            }
+        }
+    }
+}
+
 impl Validate for RulesFileRaw {
     type Valid = RulesFile;
 
     fn validate(self, v: &mut Validator) -> Option<RulesFile> {
-        let working_hours = self.working_hours.and_then(|w| {
-            let tz = jiff::tz::TimeZone::get(&w.timezone)
-                .map_err(|_| {
-                    v.error(
-                        "working_hours.timezone",
-                        format!("`{}` is not an IANA time zone", w.timezone),
-                    )
-                })
-                .ok();
-            let mut days = Vec::new();
-            for (i, d) in w.days.iter().enumerate() {
-                match weekday(d) {
-                    Some(d) => days.push(d),
-                    None => v.error(
-                        format!("working_hours.days[{i}]"),
-                        format!("`{d}` is not mon, tue, wed, thu, fri, sat or sun"),
-                    ),
-                }
-            }
-            let mut time = |field: &str, s: &str| {
-                s.parse::<jiff::civil::Time>()
-                    .map_err(|_| {
-                        v.error(
-                            format!("working_hours.{field}"),
-                            format!("`{s}` is not a time of day (HH:MM)"),
-                        )
-                    })
-                    .ok()
-            };
-            let (start, end) = (time("start", &w.start), time("end", &w.end));
-            if let (Some(s), Some(e)) = (start, end) {
-                if s >= e {
-                    v.error("working_hours.end", "must be after start");
-                }
-            }
-            Some(WorkingHours {
-                tz: tz?,
-                days,
-                start: start?,
-                end: end?,
-            })
-        });
+        let working_hours = self
+            .working_hours
+            .and_then(|w| validate_working_hours(w, v));
         for (name, pats) in &self.agent_groups {
             for (i, p) in pats.iter().enumerate() {
                 if p.is_empty() {
@@ -573,195 +784,8 @@ impl Validate for RulesFileRaw {
                     None
                 }
             };
-            let correlation = match r.correlation {
-                None => Some(None),
-                Some(c) => {
-                    let aggregate = match c.aggregate.as_str() {
-                        "count" => Some(Aggregate::Count),
-                        "sum" => Some(Aggregate::Sum),
-                        "distinct" => Some(Aggregate::Distinct),
-                        "first-seen" => Some(Aggregate::FirstSeen),
-                        "absent" => Some(Aggregate::Absent),
-                        other => {
-                            v.error(
-                                at("correlation.aggregate"),
-                                format!(
-                                    "`{other}` is not count, sum, distinct, first-seen or absent"
-                                ),
-                            );
-                            None
-                        }
-                    };
-                    let presence = match (&aggregate, &c.presence) {
-                        (Some(Aggregate::Absent), None) => {
-                            v.error(
-                                at("correlation.presence"),
-                                "absent needs the presence facts (on, key, optional condition)",
-                            );
-                            None
-                        }
-                        (Some(Aggregate::Absent), Some(p)) => {
-                            if p.on.is_empty() {
-                                v.error(
-                                    at("correlation.presence.on"),
-                                    "name at least one event kind",
-                                );
-                            }
-                            check_kinds(v, &at("correlation.presence.on"), &p.on);
-                            let condition = match p.condition.as_deref().map(compile) {
-                                None => Some(None),
-                                Some(Ok(e)) => Some(Some(e)),
-                                Some(Err(e)) => {
-                                    v.error(at("correlation.presence.condition"), e);
-                                    None
-                                }
-                            };
-                            let key = compile(&p.key)
-                                .map_err(|e| v.error(at("correlation.presence.key"), e))
-                                .ok();
-                            match (condition, key) {
-                                (Some(condition), Some(key)) => Some(Presence {
-                                    on: p.on.clone(),
-                                    condition,
-                                    key,
-                                }),
-                                _ => None,
-                            }
-                        }
-                        (_, Some(_)) => {
-                            v.error(
-                                at("correlation.presence"),
-                                "only for aggregate = \"absent\"",
-                            );
-                            None
-                        }
-                        (_, None) => None,
-                    };
-                    let field = match (&aggregate, c.field.as_deref()) {
-                        (Some(Aggregate::Count), _) | (None, _) => None,
-                        // absent: the presence key looked up; default the rule's key.
-                        (Some(Aggregate::Absent), None) => None,
-                        (Some(_), None) => {
-                            v.error(
-                                at("correlation.field"),
-                                "sum, distinct and first-seen need the field (a CEL expression)",
-                            );
-                            None
-                        }
-                        (Some(_), Some(t)) => compile(t)
-                            .map_err(|e| v.error(at("correlation.field"), e))
-                            .ok(),
-                    };
-                    let window = parse_secs(&c.window)
-                        .map_err(|e| v.error(at("correlation.window"), e))
-                        .ok();
-                    if window == Some(0) {
-                        v.error(at("correlation.window"), "must be longer than 0 s");
-                    }
-                    let threshold = match (aggregate, c.threshold) {
-                        (Some(Aggregate::FirstSeen), _) | (Some(Aggregate::Absent), _) => Some(1.0),
-                        (_, Some(t)) if t > 0.0 => Some(t),
-                        (_, Some(_)) => {
-                            v.error(at("correlation.threshold"), "must be above 0");
-                            None
-                        }
-                        (_, None) => {
-                            v.error(
-                                at("correlation.threshold"),
-                                "count, sum and distinct need a threshold",
-                            );
-                            None
-                        }
-                    };
-                    match (aggregate, window, threshold) {
-                        (Some(aggregate), Some(window_secs), Some(threshold))
-                            if aggregate == Aggregate::Count
-                                || field.is_some()
-                                || (aggregate == Aggregate::Absent && presence.is_some()) =>
-                        {
-                            Some(Some(Correlation {
-                                fingerprint: format!(
-                                    "{}|{:?}|{}|{threshold}|{:?}",
-                                    c.aggregate,
-                                    c.field,
-                                    c.window,
-                                    c.presence.as_ref().map(|p| (&p.on, &p.condition, &p.key))
-                                ),
-                                aggregate,
-                                field,
-                                window_secs,
-                                threshold,
-                                presence,
-                            }))
-                        }
-                        _ => None,
-                    }
-                }
-            };
-            let mut actions = Vec::new();
-            for (j, a) in r.actions.into_iter().enumerate() {
-                let at = |f: &str| format!("rule[{i}].actions[{j}].{f}");
-                if a.kind == "notify" {
-                    actions.push(Action::Notify { sinks: a.sinks });
-                    continue;
-                }
-                let Some(kind) = command_kind(&a.kind) else {
-                    v.error(at("type"), format!("`{}` is not notify, block-device, set-device-read-only, quarantine-file, kill-process or request-inventory", a.kind));
-                    continue;
-                };
-                let needs_target = kind != CommandKind::RequestInventory;
-                let target = match (needs_target, a.target.as_deref()) {
-                    (true, None) => {
-                        v.error(
-                            at("target"),
-                            "this command needs a target (a CEL expression)",
-                        );
-                        continue;
-                    }
-                    (_, Some(t)) => match compile(t) {
-                        Ok(e) => Some(e),
-                        Err(e) => {
-                            v.error(at("target"), e);
-                            continue;
-                        }
-                    },
-                    (false, None) => None,
-                };
-                let needs_check =
-                    matches!(kind, CommandKind::QuarantineFile | CommandKind::KillProcess);
-                let check = match (needs_check, a.check.as_deref()) {
-                    (true, None) => {
-                        v.error(at("check"), "quarantine-file needs the file's SHA-256, kill-process the executable (a CEL expression)");
-                        continue;
-                    }
-                    (_, Some(t)) => match compile(t) {
-                        Ok(e) => Some(e),
-                        Err(e) => {
-                            v.error(at("check"), e);
-                            continue;
-                        }
-                    },
-                    (false, None) => None,
-                };
-                let valid_secs = match a.valid.as_deref().map(parse_secs) {
-                    None => 600,
-                    Some(Ok(s)) if s > 0 => s,
-                    Some(Ok(_)) => {
-                        v.error(at("valid"), "must be longer than 0 s");
-                        continue;
-                    }
-                    Some(Err(e)) => {
-                        v.error(at("valid"), e);
-                        continue;
-                    }
-                };
-                actions.push(Action::Command(Box::new(CommandAction {
-                    kind,
-                    target,
-                    check,
-                    valid_secs,
-                })));
-            }
+            let correlation = validate_correlation(i, r.correlation, v);
+            let actions = validate_actions(i, r.actions, v);
             if let (
                 Some(level),
                 Some(condition),

@@ -525,66 +525,246 @@ pub struct CollectorSettings {
     pub log: LogSettings,
 }
 
+/// `[broker]`: embedded (its listen address, connection cap, Mosquitto) or
+/// external; the host and port the collector connects to; the TLS name and client id.
+fn validate_broker(b: &BrokerSection, v: &mut Validator) -> (BrokerMode, String, u16) {
+    let broker = match b.mode.as_str() {
+        "embedded" => match b.listen.parse::<SocketAddr>() {
+            Ok(listen) => {
+                v.range("broker.max_connections", b.max_connections, 1, 1_000_000);
+                let mosquitto = b.mosquitto.clone();
+                if !mosquitto.is_file() {
+                    v.error(
+                        "broker.mosquitto",
+                        format!(
+                            "`{}` not found: the embedded broker is Mosquitto (`apt-get install mosquitto`)",
+                            mosquitto.display()
+                        ),
+                    );
+                }
+                let host = if listen.ip().is_unspecified() {
+                    "127.0.0.1".to_string()
+                } else {
+                    listen.ip().to_string()
+                };
+                (
+                    BrokerMode::Embedded {
+                        listen,
+                        max_connections: b.max_connections,
+                        mosquitto,
+                    },
+                    host,
+                    listen.port(),
+                )
+            }
+            Err(_) => {
+                v.error(
+                    "broker.listen",
+                    format!("`{}` is not an address:port", b.listen),
+                );
+                (BrokerMode::External, b.host.clone(), b.port)
+            }
+        },
+        "external" => (BrokerMode::External, b.host.clone(), b.port),
+        other => {
+            v.error(
+                "broker.mode",
+                format!("`{other}` is not `embedded` or `external`"),
+            );
+            (BrokerMode::External, b.host.clone(), b.port)
+        }
+    };
+    if rustls_pki_types::ServerName::try_from(b.server_name.as_str()).is_err() {
+        v.error(
+            "broker.server_name",
+            format!("`{}` is not a valid TLS server name", b.server_name),
+        );
+    }
+    if b.client_id.is_empty() || b.client_id.len() > 128 {
+        v.error("broker.client_id", "must be 1 to 128 characters");
+    }
+    broker
+}
+
+/// `[[sinks]]`: each named once, of a kind it can be, with its own settings checked;
+/// a TLS sink trusts `ca` (the Weilan CA) unless it names its own.
+fn validate_sinks(
+    raw: Vec<SinkSection>,
+    ca: &std::path::Path,
+    v: &mut Validator,
+) -> Vec<SinkSettings> {
+    let mut sinks = Vec::new();
+    for (i, s) in raw.into_iter().enumerate() {
+        let at = |f: &str| format!("sinks[{i}].{f}");
+        if s.name.is_empty() || sinks.iter().any(|o: &SinkSettings| o.name == s.name) {
+            v.error(
+                at("name"),
+                format!("`{}` must be a unique, non-empty name", s.name),
+            );
+        }
+        if let Some(l) = &s.min_level {
+            if !matches!(l.as_str(), "red" | "yellow" | "blue") {
+                v.error(at("min_level"), format!("`{l}` is not red, yellow or blue"));
+            }
+        }
+        v.range(&at("queue"), s.queue, 1, 1_000_000);
+        let sink_ca = match &s.ca {
+            Some(p) => v.existing_file(&at("ca"), p),
+            None => ca.to_path_buf(),
+        };
+        let kind = match s.kind.as_str() {
+            "syslog" | "cef" => {
+                let address = s.address.clone().unwrap_or_default();
+                let host = address
+                    .rsplit_once(':')
+                    .map(|(h, _)| h.trim_matches(['[', ']']).to_string());
+                if host.is_none()
+                    || address
+                        .rsplit_once(':')
+                        .is_some_and(|(_, p)| p.parse::<u16>().is_err())
+                {
+                    v.error(at("address"), format!("`{address}` is not host:port"));
+                }
+                let transport = match s.transport.as_deref().unwrap_or("udp") {
+                    "udp" => Transport::Udp,
+                    "tcp" => Transport::Tcp,
+                    "tls" => {
+                        let server_name = s.server_name.clone().or(host).unwrap_or_default();
+                        if rustls_pki_types::ServerName::try_from(server_name.as_str()).is_err() {
+                            v.error(
+                                at("server_name"),
+                                format!("`{server_name}` is not a TLS server name"),
+                            );
+                        }
+                        Transport::Tls {
+                            ca: sink_ca.clone(),
+                            server_name,
+                        }
+                    }
+                    other => {
+                        v.error(at("transport"), format!("`{other}` is not udp, tcp or tls"));
+                        Transport::Udp
+                    }
+                };
+                SinkKind::Syslog {
+                    cef: s.kind == "cef",
+                    address,
+                    transport,
+                }
+            }
+            "webhook" => {
+                let url = s.url.clone().unwrap_or_default();
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    v.error(
+                        at("url"),
+                        format!("`{url}` is not an http:// or https:// URL"),
+                    );
+                }
+                SinkKind::Webhook { url, ca: sink_ca }
+            }
+            other => {
+                v.error(
+                    at("type"),
+                    format!("`{other}` is not syslog, cef or webhook"),
+                );
+                continue;
+            }
+        };
+        sinks.push(SinkSettings {
+            name: s.name,
+            kind,
+            min_level: s.min_level,
+            queue: s.queue,
+        });
+    }
+    sinks
+}
+
+/// `[exports]`: where exports go (beside the database by default), their language,
+/// time zone and schedules.
+fn validate_exports(
+    e: ExportsSection,
+    store_path: &std::path::Path,
+    v: &mut Validator,
+) -> ExportSettings {
+    let exports_dir = match &e.dir {
+        Some(d) => v.directory("exports.dir", d),
+        None => store_path
+            .parent()
+            .map(|p| p.join("exports"))
+            .unwrap_or_else(|| PathBuf::from("exports")),
+    };
+    if !matches!(e.language.as_str(), "zh-CN" | "en") {
+        v.error(
+            "exports.language",
+            format!("`{}` is not zh-CN or en", e.language),
+        );
+    }
+    let timezone = jiff::tz::TimeZone::get(&e.timezone).unwrap_or_else(|_| {
+        v.error(
+            "exports.timezone",
+            format!("`{}` is not an IANA time zone", e.timezone),
+        );
+        jiff::tz::TimeZone::UTC
+    });
+    let mut schedules: Vec<ScheduleSettings> = Vec::new();
+    for (i, s) in e.schedules.into_iter().enumerate() {
+        let at = |f: &str| format!("exports.schedules[{i}].{f}");
+        if s.name.is_empty()
+            || !s
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            || schedules.iter().any(|o| o.name == s.name)
+        {
+            v.error(
+                at("name"),
+                format!(
+                    "`{}` must be a unique name of letters, digits, - and _",
+                    s.name
+                ),
+            );
+        }
+        let every = match s.every.as_str() {
+            "day" => Every::Day,
+            "week" => Every::Week,
+            "month" => Every::Month,
+            other => {
+                v.error(at("every"), format!("`{other}` is not day, week or month"));
+                Every::Day
+            }
+        };
+        let time = s.at.parse::<jiff::civil::Time>().unwrap_or_else(|_| {
+            v.error(at("at"), format!("`{}` is not a time of day (HH:MM)", s.at));
+            jiff::civil::Time::midnight()
+        });
+        if !s.agents.is_empty() && s.group.is_some() {
+            v.error(at("group"), "give agents or a group, not both");
+        }
+        schedules.push(ScheduleSettings {
+            name: s.name,
+            every,
+            at: time,
+            agents: (!s.agents.is_empty()).then_some(s.agents),
+            group: s.group,
+        });
+    }
+    ExportSettings {
+        dir: exports_dir,
+        language: e.language,
+        timezone,
+        keep: e.keep,
+        events_keep_days: e.events_keep_days,
+        schedules,
+    }
+}
+
 impl Validate for CollectorFile {
     type Valid = CollectorSettings;
 
     fn validate(self, v: &mut Validator) -> Option<CollectorSettings> {
         let b = self.broker;
-        let (broker, host, port) = match b.mode.as_str() {
-            "embedded" => match b.listen.parse::<SocketAddr>() {
-                Ok(listen) => {
-                    v.range("broker.max_connections", b.max_connections, 1, 1_000_000);
-                    let mosquitto = b.mosquitto.clone();
-                    if !mosquitto.is_file() {
-                        v.error(
-                            "broker.mosquitto",
-                            format!(
-                                "`{}` not found: the embedded broker is Mosquitto (`apt-get install mosquitto`)",
-                                mosquitto.display()
-                            ),
-                        );
-                    }
-                    let host = if listen.ip().is_unspecified() {
-                        "127.0.0.1".to_string()
-                    } else {
-                        listen.ip().to_string()
-                    };
-                    (
-                        BrokerMode::Embedded {
-                            listen,
-                            max_connections: b.max_connections,
-                            mosquitto,
-                        },
-                        host,
-                        listen.port(),
-                    )
-                }
-                Err(_) => {
-                    v.error(
-                        "broker.listen",
-                        format!("`{}` is not an address:port", b.listen),
-                    );
-                    (BrokerMode::External, b.host.clone(), b.port)
-                }
-            },
-            "external" => (BrokerMode::External, b.host.clone(), b.port),
-            other => {
-                v.error(
-                    "broker.mode",
-                    format!("`{other}` is not `embedded` or `external`"),
-                );
-                (BrokerMode::External, b.host.clone(), b.port)
-            }
-        };
-        if rustls_pki_types::ServerName::try_from(b.server_name.as_str()).is_err() {
-            v.error(
-                "broker.server_name",
-                format!("`{}` is not a valid TLS server name", b.server_name),
-            );
-        }
-        if b.client_id.is_empty() || b.client_id.len() > 128 {
-            v.error("broker.client_id", "must be 1 to 128 characters");
-        }
+        let (broker, host, port) = validate_broker(&b, v);
         let t = self.tls;
         let ca = v.existing_file("tls.ca", &t.ca);
         let enroll_listen = if self.enroll.enabled {
@@ -658,162 +838,8 @@ impl Validate for CollectorFile {
             1,
             3600,
         );
-        let mut sinks = Vec::new();
-        for (i, s) in self.sinks.into_iter().enumerate() {
-            let at = |f: &str| format!("sinks[{i}].{f}");
-            if s.name.is_empty() || sinks.iter().any(|o: &SinkSettings| o.name == s.name) {
-                v.error(
-                    at("name"),
-                    format!("`{}` must be a unique, non-empty name", s.name),
-                );
-            }
-            if let Some(l) = &s.min_level {
-                if !matches!(l.as_str(), "red" | "yellow" | "blue") {
-                    v.error(at("min_level"), format!("`{l}` is not red, yellow or blue"));
-                }
-            }
-            v.range(&at("queue"), s.queue, 1, 1_000_000);
-            let sink_ca = match &s.ca {
-                Some(p) => v.existing_file(&at("ca"), p),
-                None => ca.clone(),
-            };
-            let kind = match s.kind.as_str() {
-                "syslog" | "cef" => {
-                    let address = s.address.clone().unwrap_or_default();
-                    let host = address
-                        .rsplit_once(':')
-                        .map(|(h, _)| h.trim_matches(['[', ']']).to_string());
-                    if host.is_none()
-                        || address
-                            .rsplit_once(':')
-                            .is_some_and(|(_, p)| p.parse::<u16>().is_err())
-                    {
-                        v.error(at("address"), format!("`{address}` is not host:port"));
-                    }
-                    let transport = match s.transport.as_deref().unwrap_or("udp") {
-                        "udp" => Transport::Udp,
-                        "tcp" => Transport::Tcp,
-                        "tls" => {
-                            let server_name = s.server_name.clone().or(host).unwrap_or_default();
-                            if rustls_pki_types::ServerName::try_from(server_name.as_str()).is_err()
-                            {
-                                v.error(
-                                    at("server_name"),
-                                    format!("`{server_name}` is not a TLS server name"),
-                                );
-                            }
-                            Transport::Tls {
-                                ca: sink_ca.clone(),
-                                server_name,
-                            }
-                        }
-                        other => {
-                            v.error(at("transport"), format!("`{other}` is not udp, tcp or tls"));
-                            Transport::Udp
-                        }
-                    };
-                    SinkKind::Syslog {
-                        cef: s.kind == "cef",
-                        address,
-                        transport,
-                    }
-                }
-                "webhook" => {
-                    let url = s.url.clone().unwrap_or_default();
-                    if !(url.starts_with("http://") || url.starts_with("https://")) {
-                        v.error(
-                            at("url"),
-                            format!("`{url}` is not an http:// or https:// URL"),
-                        );
-                    }
-                    SinkKind::Webhook { url, ca: sink_ca }
-                }
-                other => {
-                    v.error(
-                        at("type"),
-                        format!("`{other}` is not syslog, cef or webhook"),
-                    );
-                    continue;
-                }
-            };
-            sinks.push(SinkSettings {
-                name: s.name,
-                kind,
-                min_level: s.min_level,
-                queue: s.queue,
-            });
-        }
-        let e = self.exports;
-        let exports_dir = match &e.dir {
-            Some(d) => v.directory("exports.dir", d),
-            None => store_path
-                .parent()
-                .map(|p| p.join("exports"))
-                .unwrap_or_else(|| PathBuf::from("exports")),
-        };
-        if !matches!(e.language.as_str(), "zh-CN" | "en") {
-            v.error(
-                "exports.language",
-                format!("`{}` is not zh-CN or en", e.language),
-            );
-        }
-        let timezone = jiff::tz::TimeZone::get(&e.timezone).unwrap_or_else(|_| {
-            v.error(
-                "exports.timezone",
-                format!("`{}` is not an IANA time zone", e.timezone),
-            );
-            jiff::tz::TimeZone::UTC
-        });
-        let mut schedules: Vec<ScheduleSettings> = Vec::new();
-        for (i, s) in e.schedules.into_iter().enumerate() {
-            let at = |f: &str| format!("exports.schedules[{i}].{f}");
-            if s.name.is_empty()
-                || !s
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                || schedules.iter().any(|o| o.name == s.name)
-            {
-                v.error(
-                    at("name"),
-                    format!(
-                        "`{}` must be a unique name of letters, digits, - and _",
-                        s.name
-                    ),
-                );
-            }
-            let every = match s.every.as_str() {
-                "day" => Every::Day,
-                "week" => Every::Week,
-                "month" => Every::Month,
-                other => {
-                    v.error(at("every"), format!("`{other}` is not day, week or month"));
-                    Every::Day
-                }
-            };
-            let time = s.at.parse::<jiff::civil::Time>().unwrap_or_else(|_| {
-                v.error(at("at"), format!("`{}` is not a time of day (HH:MM)", s.at));
-                jiff::civil::Time::midnight()
-            });
-            if !s.agents.is_empty() && s.group.is_some() {
-                v.error(at("group"), "give agents or a group, not both");
-            }
-            schedules.push(ScheduleSettings {
-                name: s.name,
-                every,
-                at: time,
-                agents: (!s.agents.is_empty()).then_some(s.agents),
-                group: s.group,
-            });
-        }
-        let exports = ExportSettings {
-            dir: exports_dir,
-            language: e.language,
-            timezone,
-            keep: e.keep,
-            events_keep_days: e.events_keep_days,
-            schedules,
-        };
+        let sinks = validate_sinks(self.sinks, &ca, v);
+        let exports = validate_exports(self.exports, &store_path, v);
         let log = self.log.validate(v);
         Some(CollectorSettings {
             broker,
