@@ -7,6 +7,8 @@
 
 use std::io::Read;
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Bounds for one file.
@@ -118,28 +120,97 @@ fn squeeze_zeros(bytes: &[u8]) -> Vec<u8> {
     out
 }
 
-/// PDF text through `pdf-extract`, on its own thread: it can panic on malformed
-/// input and cannot be interrupted, so a panic becomes `Failed` and the time limit
-/// is enforced by not waiting longer (the thread finishes on its own).
+/// PDF text through `pdf-extract`, on a thread of its own ([`bounded`]): it can
+/// panic on malformed input and cannot be interrupted.
 fn pdf(bytes: Vec<u8>, limits: Limits) -> Extracted {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    let spawned = std::thread::Builder::new()
-        .name("pdf-extract".into())
-        .spawn(move || {
-            let r = std::panic::catch_unwind(|| pdf_extract::extract_text_from_mem(&bytes));
-            let _ = tx.send(r);
-        });
-    if let Err(e) = spawned {
-        return Extracted::Failed(format!("pdf: {e}"));
-    }
-    match rx.recv_timeout(limits.max_time) {
-        Ok(Ok(Ok(text))) => bound(text, "pdf", false, limits),
-        Ok(Ok(Err(e))) => Extracted::Failed(format!("pdf: {e}")),
-        Ok(Err(_)) => Extracted::Failed("pdf: the parser failed on this file".into()),
-        Err(_) => Extracted::Failed(format!(
+    static RUNAWAY: AtomicUsize = AtomicUsize::new(0);
+    let result = bounded(&RUNAWAY, MAX_RUNAWAY_PDF, limits.max_time, move || {
+        pdf_extract::extract_text_from_mem(&bytes)
+    });
+    match result {
+        Bounded::Done(Ok(Ok(text))) => bound(text, "pdf", false, limits),
+        Bounded::Done(Ok(Err(e))) => Extracted::Failed(format!("pdf: {e}")),
+        Bounded::Done(Err(())) => Extracted::Failed("pdf: the parser failed on this file".into()),
+        Bounded::TimedOut => Extracted::Failed(format!(
             "pdf: text extraction took longer than {:?}",
             limits.max_time
         )),
+        Bounded::NotStarted(running) => Extracted::Failed(format!(
+            "pdf: not read: {running} earlier PDFs are still being read past the {:?} limit",
+            limits.max_time
+        )),
+        Bounded::NoThread(e) => Extracted::Failed(format!("pdf: {e}")),
+    }
+}
+
+/// PDF readers that may run on past their time limit at once.
+pub const MAX_RUNAWAY_PDF: usize = 2;
+
+/// How a [`bounded`] piece of work went.
+#[derive(Debug)]
+pub enum Bounded<T> {
+    /// Finished in time (`Err` if it panicked).
+    Done(Result<T, ()>),
+    /// Still running at the time limit: abandoned, it runs on.
+    TimedOut,
+    /// Not started: this many abandoned ones still run.
+    NotStarted(usize),
+    NoThread(String),
+}
+
+/// Runs `work` on a thread of its own and waits at most `max_time`. A thread that
+/// finishes in time is joined; one abandoned past its limit runs on (it cannot be
+/// interrupted), counted in `runaway` until it ends, and while `max_runaway` of them
+/// run no new one is started — a user writing crafted documents must not be able to
+/// pile up threads spinning in the agent.
+pub fn bounded<T: Send + 'static>(
+    runaway: &'static AtomicUsize,
+    max_runaway: usize,
+    max_time: Duration,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Bounded<T> {
+    const RUNNING: u8 = 0;
+    const FINISHED: u8 = 1;
+    const ABANDONED: u8 = 2;
+    let running = runaway.load(Ordering::SeqCst);
+    if running >= max_runaway {
+        return Bounded::NotStarted(running);
+    }
+    let state = Arc::new(AtomicU8::new(RUNNING));
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let thread_state = state.clone();
+    let spawned = std::thread::Builder::new()
+        .name("extract".into())
+        .spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+            let _ = tx.send(r.map_err(|_| ()));
+            if thread_state
+                .compare_exchange(RUNNING, FINISHED, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+            {
+                runaway.fetch_sub(1, Ordering::SeqCst);
+            }
+        });
+    let handle = match spawned {
+        Ok(h) => h,
+        Err(e) => return Bounded::NoThread(e.to_string()),
+    };
+    match rx.recv_timeout(max_time) {
+        Ok(r) => {
+            let _ = handle.join();
+            Bounded::Done(r)
+        }
+        Err(_) => {
+            runaway.fetch_add(1, Ordering::SeqCst);
+            if state
+                .compare_exchange(RUNNING, ABANDONED, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+            {
+                // It finished just now after all: not a runaway.
+                runaway.fetch_sub(1, Ordering::SeqCst);
+            }
+            Bounded::TimedOut
+        }
     }
 }
 
@@ -289,6 +360,40 @@ fn xml_text(xml: &[u8], tag: &str, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn work_past_its_time_limit_runs_on_but_at_most_two_at_once() {
+        use std::sync::atomic::AtomicUsize;
+        use std::sync::mpsc;
+        static RUNAWAY: AtomicUsize = AtomicUsize::new(0);
+        // Three pieces of work that end only when the test says so.
+        let mut release = Vec::new();
+        let mut results = Vec::new();
+        for _ in 0..3 {
+            let (go, wait) = mpsc::channel::<()>();
+            release.push(go);
+            results.push(bounded(&RUNAWAY, 2, Duration::from_millis(1), move || {
+                let _ = wait.recv();
+                7
+            }));
+        }
+        assert!(matches!(results[0], Bounded::TimedOut), "{results:?}");
+        assert!(matches!(results[1], Bounded::TimedOut), "{results:?}");
+        assert!(matches!(results[2], Bounded::NotStarted(2)), "{results:?}");
+        // Once the abandoned ones end, work starts again; a finished one is joined
+        // and counted nowhere.
+        drop(release);
+        while RUNAWAY.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            std::thread::yield_now();
+        }
+        let done = bounded(&RUNAWAY, 2, Duration::from_secs(60), || 7);
+        assert!(matches!(done, Bounded::Done(Ok(7))), "{done:?}");
+        let panicked = bounded(&RUNAWAY, 2, Duration::from_secs(60), || -> u8 {
+            panic!("parser")
+        });
+        assert!(matches!(panicked, Bounded::Done(Err(()))), "{panicked:?}");
+        assert_eq!(RUNAWAY.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
     use std::io::Write;
 
     fn office_file(dir: &Path, name: &str, parts: &[(&str, &str)]) -> std::path::PathBuf {
