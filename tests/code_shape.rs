@@ -22,8 +22,6 @@ const LONG: &[(&str, &str, usize)] = &[
     ("agent/src/journal.rs", "open", 170),
     ("config/src/policy/files.rs", "validate", 164),
     ("agent/src/commands.rs", "handle", 151),
-    ("config/src/policy/network.rs", "validate", 128),
-    ("collector/src/rules/engine.rs", "enrich", 125),
     ("agent/src/journal.rs", "find_holes", 123),
 ];
 

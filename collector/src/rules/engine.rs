@@ -1172,6 +1172,67 @@ fn absent(
     })
 }
 
+/// `user`: the event's user name and the `[user_groups]` it is in.
+fn user_var(set: &RuleSet, fact: &Fact) -> Value {
+    let user_name = fact
+        .data
+        .get("user")
+        .and_then(|u| u.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let user_groups: Vec<Value> = set
+        .user_groups
+        .iter()
+        .filter(|(_, members)| !user_name.is_empty() && members.contains(&user_name))
+        .map(|(g, _)| Value::from(g.as_str()))
+        .collect();
+    map([
+        ("name", Value::from(user_name)),
+        ("groups", Value::List(Arc::new(user_groups))),
+    ])
+}
+
+/// `time`: the event's local time under `[working_hours]`, and whether it is in them.
+fn time_var(wh: &WorkingHours, fact: &Fact) -> Value {
+    let local = fact.time.to_zoned(wh.tz.clone());
+    let clock_time = local.time();
+    let working =
+        wh.days.contains(&local.weekday()) && clock_time >= wh.start && clock_time < wh.end;
+    map([
+        ("working_hours", Value::Bool(working)),
+        ("hour", Value::Int(local.hour() as i64)),
+        ("weekday", Value::from(weekday_name(local.weekday()))),
+        (
+            "local",
+            Value::from(local.strftime("%Y-%m-%d %H:%M").to_string()),
+        ),
+    ])
+}
+
+/// `person`: who the event's badge belongs to, from the roster; `person.known` is
+/// null without a roster or without a card in the event.
+fn person_var(roster: &crate::roster::Roster, fact: &Fact) -> Value {
+    match fact.data.get("id_hash").and_then(|h| h.as_str()) {
+        Some(h) if roster.configured() => match roster.person(h) {
+            Some(p) => map([
+                ("known", Value::Bool(true)),
+                ("name", Value::from(p.name.as_str())),
+                ("department", Value::from(p.department.as_str())),
+            ]),
+            None => map([
+                ("known", Value::Bool(false)),
+                ("name", Value::Null),
+                ("department", Value::Null),
+            ]),
+        },
+        _ => map([
+            ("known", Value::Null),
+            ("name", Value::Null),
+            ("department", Value::Null),
+        ]),
+    }
+}
+
 /// The context of one fact: the variables `needs` names (see [`Needs`]).
 #[allow(clippy::too_many_arguments)]
 fn enrich(
@@ -1219,48 +1280,14 @@ fn enrich(
         ));
     }
     if needs.has(Needs::USER) {
-        let user_name = fact
-            .data
-            .get("user")
-            .and_then(|u| u.as_str())
-            .unwrap_or_default()
-            .to_string();
-        let user_groups: Vec<Value> = set
-            .user_groups
-            .iter()
-            .filter(|(_, members)| !user_name.is_empty() && members.contains(&user_name))
-            .map(|(g, _)| Value::from(g.as_str()))
-            .collect();
-        vars.push((
-            "user",
-            map([
-                ("name", Value::from(user_name)),
-                ("groups", Value::List(Arc::new(user_groups))),
-            ]),
-        ));
+        vars.push(("user", user_var(set, fact)));
     }
     if needs.has(Needs::DEVICE) {
         let host_groups: Vec<String> = host_groups.iter().map(|g| g.to_string()).collect();
         vars.push(("device", device(tx, policy, fact, &host_groups)?));
     }
     if needs.has(Needs::TIME) {
-        let wh = &set.working_hours;
-        let local = fact.time.to_zoned(wh.tz.clone());
-        let clock_time = local.time();
-        let working =
-            wh.days.contains(&local.weekday()) && clock_time >= wh.start && clock_time < wh.end;
-        vars.push((
-            "time",
-            map([
-                ("working_hours", Value::Bool(working)),
-                ("hour", Value::Int(local.hour() as i64)),
-                ("weekday", Value::from(weekday_name(local.weekday()))),
-                (
-                    "local",
-                    Value::from(local.strftime("%Y-%m-%d %H:%M").to_string()),
-                ),
-            ]),
-        ));
+        vars.push(("time", time_var(&set.working_hours, fact)));
     }
     if needs.has(Needs::CLOCK) {
         vars.push((
@@ -1275,27 +1302,7 @@ fn enrich(
         ));
     }
     if needs.has(Needs::PERSON) {
-        // `person.known`: null without a roster or without a card in the event.
-        let person = match fact.data.get("id_hash").and_then(|h| h.as_str()) {
-            Some(h) if roster.configured() => match roster.person(h) {
-                Some(p) => map([
-                    ("known", Value::Bool(true)),
-                    ("name", Value::from(p.name.as_str())),
-                    ("department", Value::from(p.department.as_str())),
-                ]),
-                None => map([
-                    ("known", Value::Bool(false)),
-                    ("name", Value::Null),
-                    ("department", Value::Null),
-                ]),
-            },
-            _ => map([
-                ("known", Value::Null),
-                ("name", Value::Null),
-                ("department", Value::Null),
-            ]),
-        };
-        vars.push(("person", person));
+        vars.push(("person", person_var(roster, fact)));
     }
     Ok(vars)
 }

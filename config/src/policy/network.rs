@@ -398,6 +398,51 @@ fn valid_host(h: &str) -> bool {
         })
 }
 
+/// `[[network.allow]]`: named once each, with CIDRs or host names (or both), no
+/// port 0.
+fn validate_allow(raw: Vec<AllowRaw>, v: &mut Validator) -> Vec<Allow> {
+    let mut names = std::collections::HashSet::new();
+    let mut allow = Vec::new();
+    for (i, a) in raw.into_iter().enumerate() {
+        let at = format!("network.allow[{i}]");
+        if a.name.trim().is_empty() {
+            v.error(format!("{at}.name"), "must not be empty");
+        } else if !names.insert(a.name.clone()) {
+            v.error(format!("{at}.name"), format!("`{}` is used twice", a.name));
+        }
+        if a.cidrs.is_empty() && a.hosts.is_empty() {
+            v.error(
+                at.clone(),
+                "give `cidrs` or `hosts`: an entry without either allows nothing",
+            );
+        }
+        let cidrs = a
+            .cidrs
+            .iter()
+            .enumerate()
+            .filter_map(|(j, c)| parse_net(v, format!("{at}.cidrs[{j}]"), c))
+            .collect();
+        for (j, h) in a.hosts.iter().enumerate() {
+            if !valid_host(h) {
+                v.error(
+                    format!("{at}.hosts[{j}]"),
+                    format!("`{h}` is not a host name"),
+                );
+            }
+        }
+        if a.ports.contains(&0) {
+            v.error(format!("{at}.ports"), "port 0 is not a destination port");
+        }
+        allow.push(Allow {
+            name: a.name,
+            cidrs,
+            hosts: a.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            ports: a.ports,
+        });
+    }
+    allow
+}
+
 impl NetworkPolicyRaw {
     pub fn validate(self, v: &mut Validator) -> NetworkPolicy {
         if self.report_bytes == 0 {
@@ -409,45 +454,7 @@ impl NetworkPolicyRaw {
         if self.resolve_every_secs == 0 {
             v.error("network.resolve_every_secs", "must be at least 1");
         }
-        let mut names = std::collections::HashSet::new();
-        let mut allow = Vec::new();
-        for (i, a) in self.allow.into_iter().enumerate() {
-            let at = format!("network.allow[{i}]");
-            if a.name.trim().is_empty() {
-                v.error(format!("{at}.name"), "must not be empty");
-            } else if !names.insert(a.name.clone()) {
-                v.error(format!("{at}.name"), format!("`{}` is used twice", a.name));
-            }
-            if a.cidrs.is_empty() && a.hosts.is_empty() {
-                v.error(
-                    at.clone(),
-                    "give `cidrs` or `hosts`: an entry without either allows nothing",
-                );
-            }
-            let cidrs = a
-                .cidrs
-                .iter()
-                .enumerate()
-                .filter_map(|(j, c)| parse_net(v, format!("{at}.cidrs[{j}]"), c))
-                .collect();
-            for (j, h) in a.hosts.iter().enumerate() {
-                if !valid_host(h) {
-                    v.error(
-                        format!("{at}.hosts[{j}]"),
-                        format!("`{h}` is not a host name"),
-                    );
-                }
-            }
-            if a.ports.contains(&0) {
-                v.error(format!("{at}.ports"), "port 0 is not a destination port");
-            }
-            allow.push(Allow {
-                name: a.name,
-                cidrs,
-                hosts: a.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
-                ports: a.ports,
-            });
-        }
+        let allow = validate_allow(self.allow, v);
         let mut ids = std::collections::HashSet::new();
         let mut rules = Vec::new();
         for (i, r) in self.rules.into_iter().enumerate() {
