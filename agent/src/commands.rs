@@ -131,6 +131,11 @@ impl CommandGate {
                 format!("cannot record the sequence number: {e}"),
             );
         }
+        self.execute(cmd, action).await
+    }
+
+    /// Carries out a command that passed every check; its result.
+    async fn execute(&self, cmd: Command, action: &'static str) -> CommandResult {
         let done = |detail: String| CommandResult {
             seq: Some(cmd.seq),
             action: Some(action.to_string()),

@@ -354,6 +354,31 @@ struct Hole {
     damaged: bool,
 }
 
+impl Hole {
+    /// The loss report for this hole.
+    fn into_lost(self) -> Lost {
+        Lost {
+            reissue_of: None,
+            stage: if self.damaged {
+                "journal"
+            } else {
+                "journal-removed"
+            }
+            .into(),
+            count: self.last - self.first + 1,
+            first: Some(EventKey {
+                epoch: self.epoch,
+                seq: self.first,
+            }),
+            last: Some(EventKey {
+                epoch: self.epoch,
+                seq: self.last,
+            }),
+            reason: self.reason,
+        }
+    }
+}
+
 /// An intact record in journal order, as `find_holes` needs it.
 struct Seen {
     key: EventKey,
@@ -362,6 +387,105 @@ struct Seen {
     segment: PathBuf,
     /// Damage found between the previous intact record and this one.
     damage_before: Vec<String>,
+}
+
+/// What reading the segments back found: each intact segment, every intact record
+/// in journal order, damage not yet placed before a record, and the newest record.
+struct ReadBack {
+    segments: BTreeMap<u64, Segment>,
+    seen: Vec<Seen>,
+    carry: Vec<String>,
+    head: Option<ChainHead>,
+}
+
+/// Reads segments `ids` of `dir` back, keeping every intact record: a damaged
+/// segment is rewritten with its intact records only, an unreadable one moved aside.
+fn read_segments(dir: &Path, ids: &[u64], rec: &mut Recovery) -> Result<ReadBack, JournalError> {
+    let mut segments = BTreeMap::new();
+    // Every intact record in journal order, and damage not yet placed before one.
+    let mut seen: Vec<Seen> = Vec::new();
+    let mut carry: Vec<String> = Vec::new();
+    let mut head: Option<ChainHead> = None;
+    for id in ids {
+        let path = segment_path(dir, *id);
+        let data = match fs::read(&path) {
+            Ok(data) => data,
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "unreadable journal segment moved aside");
+                let _ = fs::rename(&path, path.with_extension("unreadable"));
+                carry.push(format!("segment {} unreadable: {e}", path.display()));
+                continue;
+            }
+        };
+        let scan = scan_segment(&data);
+        if !scan.damage.is_empty() {
+            tracing::warn!(path = %path.display(), damage = ?scan.damage, kept = scan.found.len(), "journal segment damaged or cut short; every intact record kept");
+        }
+        rec.torn_bytes += scan.torn_bytes;
+        if scan.intact_bytes() != data.len() as u64 {
+            rewrite_intact(&path, &data, &scan.found)?;
+        }
+        for f in &scan.found {
+            let mut damage_before = std::mem::take(&mut carry);
+            damage_before.extend(f.damage_before.iter().cloned());
+            seen.push(Seen {
+                key: f.key,
+                previous: f.previous.clone(),
+                segment: path.clone(),
+                damage_before,
+            });
+        }
+        carry.extend(scan.damage_after.iter().cloned());
+        if let Some(f) = scan.found.last() {
+            head = Some(ChainHead {
+                key: f.key,
+                hash: f.hash.clone(),
+            });
+        }
+        rec.records += scan.found.len() as u64;
+        let bytes = scan.intact_bytes();
+        segments.insert(
+            *id,
+            Segment {
+                path,
+                bytes,
+                durable: bytes,
+                first: scan.first(),
+                last: scan.last(),
+                records: scan.found.len() as u64,
+            },
+        );
+    }
+    Ok(ReadBack {
+        segments,
+        seen,
+        carry,
+        head,
+    })
+}
+
+/// Why records are missing before `r`: the damage found there (true), or none.
+fn missing_before(r: &Seen) -> (String, bool) {
+    if r.damage_before.is_empty() {
+        (
+            format!(
+                "records removed whole from the journal before {} (segment {}), with no damaged bytes left",
+                r.key,
+                r.segment.display()
+            ),
+            false,
+        )
+    } else {
+        (
+            format!(
+                "journal segment {} damaged before {}: {}",
+                r.segment.display(),
+                r.key,
+                r.damage_before.join("; ")
+            ),
+            true,
+        )
+    }
 }
 
 /// Finds every run of records the journal should hold and does not: between intact
@@ -406,29 +530,6 @@ fn find_holes(
             });
         }
     };
-    // Why records are missing before `r`: the damage found there, or none.
-    let why = |r: &Seen| -> (String, bool) {
-        if r.damage_before.is_empty() {
-            (
-                format!(
-                    "records removed whole from the journal before {} (segment {}), with no damaged bytes left",
-                    r.key,
-                    r.segment.display()
-                ),
-                false,
-            )
-        } else {
-            (
-                format!(
-                    "journal segment {} damaged before {}: {}",
-                    r.segment.display(),
-                    r.key,
-                    r.damage_before.join("; ")
-                ),
-                true,
-            )
-        }
-    };
     let mut prev: Option<EventKey> = acked;
     for r in records {
         let key = r.key;
@@ -436,16 +537,16 @@ fn find_holes(
             Some(p) if key <= p => continue, // a repeated or out-of-order record
             Some(p) if p.epoch == key.epoch => {
                 if key.seq > p.seq + 1 {
-                    push(key.epoch, p.seq + 1, key.seq - 1, why(r));
+                    push(key.epoch, p.seq + 1, key.seq - 1, missing_before(r));
                 }
             }
             _ => {
                 if key.seq > 1 {
-                    push(key.epoch, 1, key.seq - 1, why(r));
+                    push(key.epoch, 1, key.seq - 1, missing_before(r));
                 }
                 if let (Some(p), Some(pv)) = (prev, &r.previous) {
                     if pv.key.epoch == p.epoch && pv.key.seq > p.seq {
-                        let (reason, damaged) = why(r);
+                        let (reason, damaged) = missing_before(r);
                         push(
                             p.epoch,
                             p.seq + 1,
@@ -526,84 +627,17 @@ impl Journal {
         let acked = read_acked(&cfg.dir);
         let cap_lost = read_cap_lost(&cfg.dir);
         let recorded_head = read_head(&cfg.dir);
-        let mut segments = BTreeMap::new();
-        // Every intact record in journal order, and damage not yet placed before one.
-        let mut seen: Vec<Seen> = Vec::new();
-        let mut carry: Vec<String> = Vec::new();
-        let mut head: Option<ChainHead> = None;
-        for id in &ids {
-            let path = segment_path(&cfg.dir, *id);
-            let data = match fs::read(&path) {
-                Ok(data) => data,
-                Err(e) => {
-                    tracing::error!(path = %path.display(), error = %e, "unreadable journal segment moved aside");
-                    let _ = fs::rename(&path, path.with_extension("unreadable"));
-                    carry.push(format!("segment {} unreadable: {e}", path.display()));
-                    continue;
-                }
-            };
-            let scan = scan_segment(&data);
-            if !scan.damage.is_empty() {
-                tracing::warn!(path = %path.display(), damage = ?scan.damage, kept = scan.found.len(), "journal segment damaged or cut short; every intact record kept");
-            }
-            rec.torn_bytes += scan.torn_bytes;
-            if scan.intact_bytes() != data.len() as u64 {
-                rewrite_intact(&path, &data, &scan.found)?;
-            }
-            for f in &scan.found {
-                let mut damage_before = std::mem::take(&mut carry);
-                damage_before.extend(f.damage_before.iter().cloned());
-                seen.push(Seen {
-                    key: f.key,
-                    previous: f.previous.clone(),
-                    segment: path.clone(),
-                    damage_before,
-                });
-            }
-            carry.extend(scan.damage_after.iter().cloned());
-            if let Some(f) = scan.found.last() {
-                head = Some(ChainHead {
-                    key: f.key,
-                    hash: f.hash.clone(),
-                });
-            }
-            rec.records += scan.found.len() as u64;
-            let bytes = scan.intact_bytes();
-            segments.insert(
-                *id,
-                Segment {
-                    path,
-                    bytes,
-                    durable: bytes,
-                    first: scan.first(),
-                    last: scan.last(),
-                    records: scan.found.len() as u64,
-                },
-            );
-        }
+        let ReadBack {
+            mut segments,
+            seen,
+            carry,
+            head,
+        } = read_segments(&cfg.dir, &ids, &mut rec)?;
         sync_dir(&cfg.dir);
         for hole in find_holes(&seen, &carry, acked, cap_lost, recorded_head.as_ref()) {
             let count = hole.last - hole.first + 1;
             tracing::error!(epoch = hole.epoch, first = hole.first, last = hole.last, count, reason = %hole.reason, "journal records lost");
-            rec.lost.push(Lost {
-                reissue_of: None,
-                stage: if hole.damaged {
-                    "journal"
-                } else {
-                    "journal-removed"
-                }
-                .into(),
-                count,
-                first: Some(EventKey {
-                    epoch: hole.epoch,
-                    seq: hole.first,
-                }),
-                last: Some(EventKey {
-                    epoch: hole.epoch,
-                    seq: hole.last,
-                }),
-                reason: hole.reason,
-            });
+            rec.lost.push(hole.into_lost());
         }
         // A count left by a run that ended while the disk was full stays pending until
         // its report is in the journal.
