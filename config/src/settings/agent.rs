@@ -771,6 +771,117 @@ pub struct UsbSettings {
     pub dev_root: PathBuf,
 }
 
+impl CollectorLink {
+    /// `[collector]`: where the broker is and how batches are sent; the CA file.
+    fn check(&self, v: &mut Validator) -> std::path::PathBuf {
+        if self.host.trim().is_empty() {
+            v.error("collector.host", "must name the broker's host");
+        }
+        if self.port == 0 {
+            v.error("collector.port", "0 is not a port");
+        }
+        if rustls_pki_types::ServerName::try_from(self.server_name.as_str()).is_err() {
+            v.error(
+                "collector.server_name",
+                format!("`{}` is not a valid TLS server name", self.server_name),
+            );
+        }
+        v.range("collector.keep_alive_secs", self.keep_alive_secs, 5, 3600);
+        v.range(
+            "collector.batch_max_events",
+            self.batch_max_events,
+            1,
+            crate::wire::MAX_BATCH_EVENTS,
+        );
+        v.range("collector.batch_linger_ms", self.batch_linger_ms, 0, 60_000);
+        // The collector serves each source's share of 64 waiting messages
+        // (collector/src/fair.rs): 32 in flight plus their re-sends stay within it.
+        v.range(
+            "collector.max_batches_in_flight",
+            self.max_batches_in_flight,
+            1,
+            32,
+        );
+        v.range("collector.ack_timeout_secs", self.ack_timeout_secs, 1, 3600);
+        v.range(
+            "collector.reconnect_spread_secs",
+            self.reconnect_spread_secs,
+            0,
+            300,
+        );
+        v.range(
+            "collector.max_events_per_sec",
+            self.max_events_per_sec,
+            1,
+            1_000_000,
+        );
+        v.existing_file("collector.ca", &self.ca)
+    }
+}
+
+impl FilesSection {
+    /// `[files]`: limits, the backend, the mount points to watch (the mount table and sysfs are `[usb]`'s).
+    fn validate(&self, v: &mut Validator, usb: &UsbSection) -> FilesSettings {
+        v.range("files.hash_max_mib", self.hash_max_mib, 1, 1 << 20);
+        v.range("files.workers", self.workers, 1, 64);
+        let backend = closed_set(v, "files.backend", &self.backend, &FilesBackend::NAMES);
+        for (i, m) in self.watch_mounts.iter().enumerate() {
+            if !m.is_absolute() {
+                v.error(
+                    format!("files.watch_mounts[{i}]"),
+                    format!("`{}` must be an absolute mount point", m.display()),
+                );
+            }
+        }
+        FilesSettings {
+            sysfs_root: v.resolve(&usb.sysfs_root),
+            mountinfo: v.resolve(&usb.mountinfo),
+            mount_poll: Duration::from_millis(usb.mount_poll_ms),
+            watch_mounts: self.watch_mounts.clone(),
+            backend: backend.unwrap_or(FilesBackend::Auto),
+            hash_max_bytes: self.hash_max_mib * 1024 * 1024,
+            workers: self.workers,
+        }
+    }
+}
+
+impl NetworkSection {
+    /// `[network]`: the poll interval, the namespaces to watch, open files per process.
+    fn validate(&self, v: &mut Validator) -> NetworkSettings {
+        v.range("network.poll_ms", self.poll_ms, 50, 60_000);
+        v.range("network.max_open_files", self.max_open_files, 1, 65_536);
+        v.one_of("network.namespaces", &self.namespaces, &["all", "own"]);
+        NetworkSettings {
+            poll: Duration::from_millis(self.poll_ms),
+            all_namespaces: self.namespaces != "own",
+            transfer_tools: self.transfer_tools,
+            max_open_files: self.max_open_files,
+        }
+    }
+}
+
+impl AccessSection {
+    /// `[access]`: where logins are read from, and the poll interval.
+    fn validate(&self, v: &mut Validator) -> AccessSettings {
+        v.range("access.poll_ms", self.poll_ms, 50, 60_000);
+        let from = closed_set(v, "access.from", &self.from, &AccessFrom::NAMES);
+        for (i, p) in self.auth_logs.iter().enumerate() {
+            if !p.is_absolute() {
+                v.error(
+                    format!("access.auth_logs[{i}]"),
+                    format!("`{}` must be an absolute path", p.display()),
+                );
+            }
+        }
+        AccessSettings {
+            from: from.unwrap_or(AccessFrom::Auto),
+            auth_logs: self.auth_logs.clone(),
+            wtmp: self.wtmp.clone(),
+            poll: Duration::from_millis(self.poll_ms),
+        }
+    }
+}
+
 impl Validate for AgentFile {
     type Valid = AgentSettings;
 
@@ -805,42 +916,7 @@ impl Validate for AgentFile {
         let state_dir = v.directory("agent.state_dir", &self.agent.state_dir);
         let policy = v.existing_file("agent.policy", &self.agent.policy);
         let c = self.collector;
-        if c.host.trim().is_empty() {
-            v.error("collector.host", "must name the broker's host");
-        }
-        if c.port == 0 {
-            v.error("collector.port", "0 is not a port");
-        }
-        if rustls_pki_types::ServerName::try_from(c.server_name.as_str()).is_err() {
-            v.error(
-                "collector.server_name",
-                format!("`{}` is not a valid TLS server name", c.server_name),
-            );
-        }
-        let ca = v.existing_file("collector.ca", &c.ca);
-        v.range("collector.keep_alive_secs", c.keep_alive_secs, 5, 3600);
-        v.range(
-            "collector.batch_max_events",
-            c.batch_max_events,
-            1,
-            crate::wire::MAX_BATCH_EVENTS,
-        );
-        v.range("collector.batch_linger_ms", c.batch_linger_ms, 0, 60_000);
-        // The collector serves each source's share of 64 waiting messages
-        // (collector/src/fair.rs): 32 in flight plus their re-sends stay within it.
-        v.range(
-            "collector.max_batches_in_flight",
-            c.max_batches_in_flight,
-            1,
-            32,
-        );
-        v.range("collector.ack_timeout_secs", c.ack_timeout_secs, 1, 3600);
-        v.range(
-            "collector.reconnect_spread_secs",
-            c.reconnect_spread_secs,
-            0,
-            300,
-        );
+        let ca = c.check(v);
         let cert = v.existing_file("tls.cert", &self.tls.cert);
         let key = v.existing_file("tls.key", &self.tls.key);
         if self.usb.enabled || self.files.enabled {
@@ -856,77 +932,12 @@ impl Validate for AgentFile {
         } else {
             None
         };
-        let files = if self.files.enabled {
-            v.range("files.hash_max_mib", self.files.hash_max_mib, 1, 1 << 20);
-            v.range("files.workers", self.files.workers, 1, 64);
-            let backend = closed_set(
-                v,
-                "files.backend",
-                &self.files.backend,
-                &FilesBackend::NAMES,
-            );
-            for (i, m) in self.files.watch_mounts.iter().enumerate() {
-                if !m.is_absolute() {
-                    v.error(
-                        format!("files.watch_mounts[{i}]"),
-                        format!("`{}` must be an absolute mount point", m.display()),
-                    );
-                }
-            }
-            Some(FilesSettings {
-                sysfs_root: v.resolve(&self.usb.sysfs_root),
-                mountinfo: v.resolve(&self.usb.mountinfo),
-                mount_poll: Duration::from_millis(self.usb.mount_poll_ms),
-                watch_mounts: self.files.watch_mounts.clone(),
-                backend: backend.unwrap_or(FilesBackend::Auto),
-                hash_max_bytes: self.files.hash_max_mib * 1024 * 1024,
-                workers: self.files.workers,
-            })
-        } else {
-            None
-        };
-        let network = if self.network.enabled {
-            v.range("network.poll_ms", self.network.poll_ms, 50, 60_000);
-            v.range(
-                "network.max_open_files",
-                self.network.max_open_files,
-                1,
-                65_536,
-            );
-            v.one_of(
-                "network.namespaces",
-                &self.network.namespaces,
-                &["all", "own"],
-            );
-            Some(NetworkSettings {
-                poll: Duration::from_millis(self.network.poll_ms),
-                all_namespaces: self.network.namespaces != "own",
-                transfer_tools: self.network.transfer_tools,
-                max_open_files: self.network.max_open_files,
-            })
-        } else {
-            None
-        };
-        let access = if self.access.enabled {
-            v.range("access.poll_ms", self.access.poll_ms, 50, 60_000);
-            let from = closed_set(v, "access.from", &self.access.from, &AccessFrom::NAMES);
-            for (i, p) in self.access.auth_logs.iter().enumerate() {
-                if !p.is_absolute() {
-                    v.error(
-                        format!("access.auth_logs[{i}]"),
-                        format!("`{}` must be an absolute path", p.display()),
-                    );
-                }
-            }
-            Some(AccessSettings {
-                from: from.unwrap_or(AccessFrom::Auto),
-                auth_logs: self.access.auth_logs.clone(),
-                wtmp: self.access.wtmp.clone(),
-                poll: Duration::from_millis(self.access.poll_ms),
-            })
-        } else {
-            None
-        };
+        let files = self
+            .files
+            .enabled
+            .then(|| self.files.validate(v, &self.usb));
+        let network = self.network.enabled.then(|| self.network.validate(v));
+        let access = self.access.enabled.then(|| self.access.validate(v));
         let door = self.door.validate(v, site.as_deref());
         v.range(
             "heartbeat.interval_secs",
@@ -940,12 +951,6 @@ impl Validate for AgentFile {
         if self.journal.segment_mib > self.journal.max_mib {
             v.error("journal.segment_mib", "must not exceed journal.max_mib");
         }
-        v.range(
-            "collector.max_events_per_sec",
-            c.max_events_per_sec,
-            1,
-            1_000_000,
-        );
         let log = self.log.validate(v);
         Some(AgentSettings {
             host_role,
