@@ -16,9 +16,7 @@ const LONG: &[(&str, &str, usize)] = &[
     ("collector/src/lib.rs", "run", 308),
     ("agent/src/source/files/mod.rs", "run_inner", 249),
     ("collector/src/rules/engine.rs", "evaluate", 191),
-    ("config/src/policy/usb.rs", "validate", 176),
     ("agent/src/lib.rs", "run", 170),
-    ("config/src/policy/files.rs", "validate", 164),
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -360,6 +360,75 @@ fn unknown_detector(name: &str, known: &[String]) -> Option<String> {
     })
 }
 
+/// The policy's own detectors, `[[files.keywords]]` and `[[files.patterns]]`: each
+/// named once, keyword lists without empty words, regexes that compile within a
+/// bound (a pushed policy must not exhaust the agent's memory). Also the names they
+/// define (`keywords:NAME`, `pattern:NAME`).
+fn validate_detectors(
+    keywords_raw: Vec<KeywordsRaw>,
+    patterns_raw: Vec<PatternRaw>,
+    v: &mut Validator,
+) -> (
+    Vec<Keywords>,
+    Vec<Pattern>,
+    std::collections::HashSet<String>,
+) {
+    let mut names = std::collections::HashSet::new();
+    let mut keywords = Vec::new();
+    for (i, k) in keywords_raw.into_iter().enumerate() {
+        let at = format!("files.keywords[{i}]");
+        if !valid_name(&k.name) {
+            v.error(
+                format!("{at}.name"),
+                format!("`{}`: use 1-64 letters, digits, `-`, `_`, `.`", k.name),
+            );
+        } else if !names.insert(format!("keywords:{}", k.name)) {
+            v.error(
+                format!("{at}.name"),
+                format!("`{}` is defined twice", k.name),
+            );
+        }
+        if k.words.is_empty() || k.words.iter().any(|w| w.trim().is_empty()) {
+            v.error(
+                format!("{at}.words"),
+                "needs at least one word, none of them empty",
+            );
+        }
+        keywords.push(Keywords {
+            name: k.name,
+            words: k.words,
+            case_insensitive: k.case_insensitive,
+        });
+    }
+    let mut patterns = Vec::new();
+    for (i, p) in patterns_raw.into_iter().enumerate() {
+        let at = format!("files.patterns[{i}]");
+        if !valid_name(&p.name) {
+            v.error(
+                format!("{at}.name"),
+                format!("`{}`: use 1-64 letters, digits, `-`, `_`, `.`", p.name),
+            );
+        } else if !names.insert(format!("pattern:{}", p.name)) {
+            v.error(
+                format!("{at}.name"),
+                format!("`{}` is defined twice", p.name),
+            );
+        }
+        // Bounded compile: a policy pushed by the collector must not exhaust memory.
+        if let Err(e) = regex::RegexBuilder::new(&p.regex)
+            .size_limit(1 << 20)
+            .build()
+        {
+            v.error(format!("{at}.regex"), e.to_string());
+        }
+        patterns.push(Pattern {
+            name: p.name,
+            regex: p.regex,
+        });
+    }
+    (keywords, patterns, names)
+}
+
 impl FilesPolicyRaw {
     pub fn validate(self, v: &mut Validator) -> FilesPolicy {
         if !self.evidence_dir.is_absolute() {
@@ -395,59 +464,7 @@ impl FilesPolicyRaw {
                 );
             }
         }
-        let mut names = std::collections::HashSet::new();
-        let mut keywords = Vec::new();
-        for (i, k) in self.keywords.into_iter().enumerate() {
-            let at = format!("files.keywords[{i}]");
-            if !valid_name(&k.name) {
-                v.error(
-                    format!("{at}.name"),
-                    format!("`{}`: use 1-64 letters, digits, `-`, `_`, `.`", k.name),
-                );
-            } else if !names.insert(format!("keywords:{}", k.name)) {
-                v.error(
-                    format!("{at}.name"),
-                    format!("`{}` is defined twice", k.name),
-                );
-            }
-            if k.words.is_empty() || k.words.iter().any(|w| w.trim().is_empty()) {
-                v.error(
-                    format!("{at}.words"),
-                    "needs at least one word, none of them empty",
-                );
-            }
-            keywords.push(Keywords {
-                name: k.name,
-                words: k.words,
-                case_insensitive: k.case_insensitive,
-            });
-        }
-        let mut patterns = Vec::new();
-        for (i, p) in self.patterns.into_iter().enumerate() {
-            let at = format!("files.patterns[{i}]");
-            if !valid_name(&p.name) {
-                v.error(
-                    format!("{at}.name"),
-                    format!("`{}`: use 1-64 letters, digits, `-`, `_`, `.`", p.name),
-                );
-            } else if !names.insert(format!("pattern:{}", p.name)) {
-                v.error(
-                    format!("{at}.name"),
-                    format!("`{}` is defined twice", p.name),
-                );
-            }
-            // Bounded compile: a policy pushed by the collector must not exhaust memory.
-            if let Err(e) = regex::RegexBuilder::new(&p.regex)
-                .size_limit(1 << 20)
-                .build()
-            {
-                v.error(format!("{at}.regex"), e.to_string());
-            }
-            patterns.push(Pattern {
-                name: p.name,
-                regex: p.regex,
-            });
-        }
+        let (keywords, patterns, names) = validate_detectors(self.keywords, self.patterns, v);
         // Every detector a rule or threshold may name: a typo there would be a rule
         // that never fires.
         let mut known: Vec<String> = BUILTIN_DETECTORS.iter().map(|d| d.to_string()).collect();

@@ -561,6 +561,106 @@ fn hex4(v: &mut Validator, field: String, value: Option<String>) -> Option<Strin
     Some(lower)
 }
 
+/// A rule's `vid_pid` patterns (`vvvv:pppp`, hex, `*` wildcards), lower case.
+fn parse_vid_pids(v: &mut Validator, i: usize, list: Vec<String>) -> Vec<(String, String)> {
+    list.into_iter()
+        .enumerate()
+        .map(|(j, s)| {
+            let lower = s.to_ascii_lowercase();
+            match lower.split_once(':') {
+                Some((a, b)) if hex_pattern(a, 4) && hex_pattern(b, 4) => {
+                    (a.to_string(), b.to_string())
+                }
+                _ => {
+                    v.error(
+                        format!("usb.rules[{i}].vid_pid[{j}]"),
+                        format!("`{s}` is not `vvvv:pppp` (hex, `*` wildcards)"),
+                    );
+                    (String::new(), String::new())
+                }
+            }
+        })
+        .collect()
+}
+
+/// The interface patterns of rule `i` (all-of, one-of, none-of); a rule whose
+/// required interface is also forbidden can never match and is refused.
+fn parse_interfaces(
+    v: &mut Validator,
+    i: usize,
+    ifs: &InterfacesRaw,
+) -> (
+    Vec<InterfacePattern>,
+    Vec<InterfacePattern>,
+    Vec<InterfacePattern>,
+) {
+    let at = |f: &str| format!("usb.rules[{i}].{f}");
+    let (mut all_of, mut one_of, mut none_of) = (Vec::new(), Vec::new(), Vec::new());
+    for (name, src, dst) in [
+        ("all-of", &ifs.all_of, &mut all_of),
+        ("one-of", &ifs.one_of, &mut one_of),
+        ("none-of", &ifs.none_of, &mut none_of),
+    ] {
+        for (j, s) in src.iter().enumerate() {
+            dst.push(parse_interface(
+                v,
+                format!("usb.rules[{i}].interfaces.{name}[{j}]"),
+                s,
+            ));
+        }
+    }
+    if ifs.all_of.is_empty() && ifs.one_of.is_empty() && ifs.none_of.is_empty() {
+        v.error(
+            at("interfaces"),
+            "give at least one of all-of, one-of, none-of",
+        );
+    }
+    // A required interface that is also forbidden can never match.
+    for a in &all_of {
+        if none_of.iter().any(|n| covers(n, a)) {
+            v.error(
+                at("interfaces"),
+                "an all-of pattern is also excluded by none-of: the rule can never match",
+            );
+        }
+    }
+    (all_of, one_of, none_of)
+}
+
+/// `[[usb.known_devices]]`: labelled once each, by serial or hash.
+fn validate_known(raw: Vec<KnownDeviceRaw>, v: &mut Validator) -> Vec<KnownDevice> {
+    let mut labels = std::collections::HashSet::new();
+    let mut known = Vec::new();
+    for (i, d) in raw.into_iter().enumerate() {
+        let at = |f: &str| format!("usb.known_devices[{i}].{f}");
+        if !labels.insert(d.label.clone()) {
+            v.error(at("label"), format!("duplicate label `{}`", d.label));
+        }
+        if d.serial.is_none() && d.hash.is_none() {
+            v.error(
+                at("label"),
+                "a known device needs `serial` or `hash` (vid/pid alone match every such device)",
+            );
+        }
+        if let Some(h) = &d.hash {
+            if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                v.error(
+                    at("hash"),
+                    "must be the 64-hex-digit hash from usb.attached",
+                );
+            }
+        }
+        known.push(KnownDevice {
+            vid: hex4(v, at("vid"), d.vid),
+            pid: hex4(v, at("pid"), d.pid),
+            label: d.label,
+            serial: d.serial,
+            hash: d.hash.map(|h| h.to_ascii_lowercase()),
+        });
+    }
+    known
+}
+
 /// `len` hex digits, or a shorter/equal pattern of hex digits and `*` wildcards.
 fn hex_pattern(s: &str, len: usize) -> bool {
     let ok_chars = s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'*');
@@ -636,35 +736,7 @@ fn nonempty<T>(v: &mut Validator, field: String, list: &Option<Vec<T>>) {
 
 impl UsbPolicyRaw {
     pub(crate) fn validate(self, v: &mut Validator) -> UsbPolicy {
-        let mut labels = std::collections::HashSet::new();
-        let mut known = Vec::new();
-        for (i, d) in self.known_devices.into_iter().enumerate() {
-            let at = |f: &str| format!("usb.known_devices[{i}].{f}");
-            if !labels.insert(d.label.clone()) {
-                v.error(at("label"), format!("duplicate label `{}`", d.label));
-            }
-            if d.serial.is_none() && d.hash.is_none() {
-                v.error(
-                    at("label"),
-                    "a known device needs `serial` or `hash` (vid/pid alone match every such device)",
-                );
-            }
-            if let Some(h) = &d.hash {
-                if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    v.error(
-                        at("hash"),
-                        "must be the 64-hex-digit hash from usb.attached",
-                    );
-                }
-            }
-            known.push(KnownDevice {
-                vid: hex4(v, at("vid"), d.vid),
-                pid: hex4(v, at("pid"), d.pid),
-                label: d.label,
-                serial: d.serial,
-                hash: d.hash.map(|h| h.to_ascii_lowercase()),
-            });
-        }
+        let known = validate_known(self.known_devices, v);
         let default_target = Target::parse(&self.default_target).unwrap_or_else(|| {
             v.error(
                 "usb.default_target",
@@ -721,54 +793,11 @@ impl UsbPolicyRaw {
             ] {
                 nonempty(v, at(name), list);
             }
-            let vid_pid = r.vid_pid.map(|l| {
-                l.into_iter()
-                    .enumerate()
-                    .map(|(j, s)| {
-                        let lower = s.to_ascii_lowercase();
-                        match lower.split_once(':') {
-                            Some((a, b)) if hex_pattern(a, 4) && hex_pattern(b, 4) => {
-                                (a.to_string(), b.to_string())
-                            }
-                            _ => {
-                                v.error(
-                                    format!("usb.rules[{i}].vid_pid[{j}]"),
-                                    format!("`{s}` is not `vvvv:pppp` (hex, `*` wildcards)"),
-                                );
-                                (String::new(), String::new())
-                            }
-                        }
-                    })
-                    .collect()
-            });
-            let (mut all_of, mut one_of, mut none_of) = (Vec::new(), Vec::new(), Vec::new());
-            if let Some(ifs) = &r.interfaces {
-                for (name, src, dst) in [
-                    ("all-of", &ifs.all_of, &mut all_of),
-                    ("one-of", &ifs.one_of, &mut one_of),
-                    ("none-of", &ifs.none_of, &mut none_of),
-                ] {
-                    for (j, s) in src.iter().enumerate() {
-                        dst.push(parse_interface(
-                            v,
-                            format!("usb.rules[{i}].interfaces.{name}[{j}]"),
-                            s,
-                        ));
-                    }
-                }
-                if ifs.all_of.is_empty() && ifs.one_of.is_empty() && ifs.none_of.is_empty() {
-                    v.error(
-                        at("interfaces"),
-                        "give at least one of all-of, one-of, none-of",
-                    );
-                }
-                // A required interface that is also forbidden can never match.
-                for a in &all_of {
-                    if none_of.iter().any(|n| covers(n, a)) {
-                        v.error(at("interfaces"), "an all-of pattern is also excluded by none-of: the rule can never match");
-                    }
-                }
-            }
+            let vid_pid = r.vid_pid.map(|l| parse_vid_pids(v, i, l));
+            let (all_of, one_of, none_of) = match &r.interfaces {
+                Some(ifs) => parse_interfaces(v, i, ifs),
+                None => Default::default(),
+            };
             let time = r
                 .time
                 .map(|t| t.validate(v, &format!("usb.rules[{i}].time")));
