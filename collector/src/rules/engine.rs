@@ -220,6 +220,17 @@ impl RuleSet {
         self.rules.iter().find(|r| r.id == id)
     }
 
+    /// The rules a fact of `kind` is evaluated against: its kind's and `*`'s.
+    fn candidates(&self, kind: &str) -> Vec<usize> {
+        self.by_kind
+            .get(kind)
+            .into_iter()
+            .flatten()
+            .chain(self.any_kind.iter())
+            .copied()
+            .collect()
+    }
+
     /// The `[agent_groups]` an agent id belongs to.
     pub fn agent_groups(&self, agent: &str) -> Vec<&str> {
         self.agent_groups
@@ -688,14 +699,7 @@ impl Engine {
         let now_s = now.as_second();
         for fact in facts {
             self.stats.facts += 1;
-            let candidates: Vec<usize> = set
-                .by_kind
-                .get(fact.kind.as_str())
-                .into_iter()
-                .flatten()
-                .chain(set.any_kind.iter())
-                .copied()
-                .collect();
+            let candidates = set.candidates(&fact.kind);
             note_decision(tx, fact)?;
             let presence_rules = set
                 .presence_by_kind
@@ -756,42 +760,14 @@ impl Engine {
                 }
                 let mut aggregate = serde_json::Value::Null;
                 if let Some(c) = &rule.correlation {
-                    let value = match &c.field {
-                        None => Value::Int(1),
-                        Some(f) => match f.program.execute(&ctx) {
-                            Ok(v) => v,
-                            Err(e) => {
-                                self.eval_error(rule, "correlation.field", &e.to_string());
-                                continue;
-                            }
-                        },
-                    };
-                    let fired = match c.aggregate {
-                        Aggregate::FirstSeen => {
-                            first_seen(tx, &rule.id, &key, &render(&value), t, c.window_secs)?
-                        }
-                        Aggregate::Absent => {
-                            let looked_up = match c.field {
-                                Some(_) => render(&value),
-                                None => key.clone(),
-                            };
-                            absent(tx, &rule.id, &looked_up, t, c.window_secs)?
-                        }
-                        _ => self.slide(rule, c, &key, t, &value, fact.event_id.clone()),
-                    };
-                    let Some((reached, ids)) = fired else {
+                    let Some((ids, reached)) = self.correlate(tx, rule, c, &key, t, &ctx, fact)?
+                    else {
                         continue;
                     };
                     if !ids.is_empty() {
                         event_ids = ids;
                     }
-                    aggregate = serde_json::json!({
-                        "function": format!("{:?}", c.aggregate).to_lowercase(),
-                        "value": reached,
-                        "threshold": c.threshold,
-                        "window_secs": c.window_secs,
-                        "key": key,
-                    });
+                    aggregate = reached;
                 }
                 if self.suppress_repeat(tx, rule, &key, now, &event_ids)? {
                     continue;
@@ -820,52 +796,119 @@ impl Engine {
                 store::insert_alerts(tx, std::slice::from_mut(&mut alert))?;
                 self.stats.alerts += 1;
                 if rule.suppress_secs > 0 {
-                    if self.suppressed.len() >= MAX_SUPPRESSED {
-                        self.suppressed.retain(|_, s| s.until > now_s);
-                        if self.suppressed.len() >= MAX_SUPPRESSED {
-                            // Forget the entry closest to expiry: at worst one more alert.
-                            if let Some(k) = self
-                                .suppressed
-                                .iter()
-                                .min_by_key(|(_, s)| s.until)
-                                .map(|(k, _)| k.clone())
-                            {
-                                self.suppressed.remove(&k);
-                                self.drop_state(1);
-                            }
-                        }
-                    }
-                    self.suppressed.insert(
-                        (rule.id.clone(), key.clone()),
-                        Suppressed {
-                            alert: alert.clone(),
-                            until: now_s + rule.suppress_secs,
-                        },
-                    );
+                    self.remember_suppressed(rule, &key, &alert, now_s);
                 }
-                for action in &rule.actions {
-                    match action {
-                        Action::Notify { sinks } => out.notify.push((alert.clone(), sinks.clone())),
-                        Action::Command(c) => {
-                            match command(c.kind, c.target.as_ref(), c.check.as_ref(), &ctx) {
-                                Ok(action) => out.commands.push(CommandRequest {
-                                    agent_id: fact.agent_id.clone(),
-                                    action,
-                                    reason: format!(
-                                        "rule {} (alert {}): {}",
-                                        rule.id, alert.alert_id, alert.summary
-                                    ),
-                                    valid_secs: c.valid_secs,
-                                }),
-                                Err(e) => self.eval_error(rule, "actions", &e),
-                            }
-                        }
-                    }
-                }
+                self.act(rule, &alert, fact, &ctx, &mut out);
                 out.alerts.push(alert);
             }
         }
         Ok(out)
+    }
+
+    /// The rule's correlation over `key` at time `t`: `None` while it does not fire;
+    /// when it does, the events it stands for and what was reached.
+    #[allow(clippy::too_many_arguments)]
+    fn correlate(
+        &mut self,
+        tx: &Transaction<'_>,
+        rule: &Rule,
+        c: &super::file::Correlation,
+        key: &str,
+        t: i64,
+        ctx: &cel::Context<'_, '_>,
+        fact: &Fact,
+    ) -> Result<Option<(Vec<String>, serde_json::Value)>, StoreError> {
+        let value = match &c.field {
+            None => Value::Int(1),
+            Some(f) => match f.program.execute(ctx) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.eval_error(rule, "correlation.field", &e.to_string());
+                    return Ok(None);
+                }
+            },
+        };
+        let fired = match c.aggregate {
+            Aggregate::FirstSeen => {
+                first_seen(tx, &rule.id, key, &render(&value), t, c.window_secs)?
+            }
+            Aggregate::Absent => {
+                let looked_up = match c.field {
+                    Some(_) => render(&value),
+                    None => key.to_string(),
+                };
+                absent(tx, &rule.id, &looked_up, t, c.window_secs)?
+            }
+            _ => self.slide(rule, c, key, t, &value, fact.event_id.clone()),
+        };
+        let Some((reached, ids)) = fired else {
+            return Ok(None);
+        };
+        let aggregate = serde_json::json!({
+            "function": format!("{:?}", c.aggregate).to_lowercase(),
+            "value": reached,
+            "threshold": c.threshold,
+            "window_secs": c.window_secs,
+            "key": key,
+        });
+        Ok(Some((ids, aggregate)))
+    }
+
+    /// Remembers `alert` so repeats within the rule's suppression window update it
+    /// (bounded: the entry closest to expiry goes first, counted as dropped state).
+    fn remember_suppressed(&mut self, rule: &Rule, key: &str, alert: &Alert, now_s: i64) {
+        if self.suppressed.len() >= MAX_SUPPRESSED {
+            self.suppressed.retain(|_, s| s.until > now_s);
+            if self.suppressed.len() >= MAX_SUPPRESSED {
+                // Forget the entry closest to expiry: at worst one more alert.
+                if let Some(k) = self
+                    .suppressed
+                    .iter()
+                    .min_by_key(|(_, s)| s.until)
+                    .map(|(k, _)| k.clone())
+                {
+                    self.suppressed.remove(&k);
+                    self.drop_state(1);
+                }
+            }
+        }
+        self.suppressed.insert(
+            (rule.id.clone(), key.to_string()),
+            Suppressed {
+                alert: alert.clone(),
+                until: now_s + rule.suppress_secs,
+            },
+        );
+    }
+
+    /// The rule's actions for `alert`: notifications to sinks, signed commands.
+    fn act(
+        &mut self,
+        rule: &Rule,
+        alert: &Alert,
+        fact: &Fact,
+        ctx: &cel::Context<'_, '_>,
+        out: &mut Outcome,
+    ) {
+        for action in &rule.actions {
+            match action {
+                Action::Notify { sinks } => out.notify.push((alert.clone(), sinks.clone())),
+                Action::Command(c) => {
+                    match command(c.kind, c.target.as_ref(), c.check.as_ref(), ctx) {
+                        Ok(action) => out.commands.push(CommandRequest {
+                            agent_id: fact.agent_id.clone(),
+                            action,
+                            reason: format!(
+                                "rule {} (alert {}): {}",
+                                rule.id, alert.alert_id, alert.summary
+                            ),
+                            valid_secs: c.valid_secs,
+                        }),
+                        Err(e) => self.eval_error(rule, "actions", &e),
+                    }
+                }
+            }
+        }
     }
 
     /// A repeat within the suppression window: updates the first alert (count, last
