@@ -387,6 +387,31 @@ impl Running {
     }
 }
 
+/// Certificate renewal, when the collector offers it (`renew_port`): renews before
+/// the certificate ends and hands the new identity to the uplink.
+fn spawn_renewal(
+    settings: &AgentSettings,
+    agent_id: &str,
+    identity: &renewal::Identity,
+    switch_tx: mpsc::Sender<renewal::Switch>,
+    shutdown: &CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    settings.renew_port.map(|port| {
+        tokio::spawn(renewal::run(
+            renewal::RenewalConfig {
+                agent_id: agent_id.to_string(),
+                collector: format!("{}:{port}", settings.collector_host),
+                server_name: settings.server_name.clone(),
+                ca: settings.ca.clone(),
+                state_dir: settings.state_dir.clone(),
+            },
+            identity.clone(),
+            switch_tx,
+            shutdown.clone(),
+        ))
+    })
+}
+
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result<(), AgentError> {
     let (agent_id, identity) = identity_in_force(&settings)?;
@@ -400,20 +425,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
         &settings.server_name,
     )?;
     let (switch_tx, switch_rx) = mpsc::channel(1);
-    let renewal = settings.renew_port.map(|port| {
-        tokio::spawn(renewal::run(
-            renewal::RenewalConfig {
-                agent_id: agent_id.clone(),
-                collector: format!("{}:{port}", settings.collector_host),
-                server_name: settings.server_name.clone(),
-                ca: settings.ca.clone(),
-                state_dir: settings.state_dir.clone(),
-            },
-            identity.clone(),
-            switch_tx,
-            shutdown.clone(),
-        ))
-    });
+    let renewal = spawn_renewal(&settings, &agent_id, &identity, switch_tx, &shutdown);
     let (policy, policy_source, policy_release) =
         policy_manager::initial(&settings.state_dir, &settings.policy)?;
     let (installation, installation_new) = state::installation(&settings.state_dir)?;
@@ -435,7 +447,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
     recovered.extend(crash_loss(crash_lost));
     let sink = EventSink::new(tx, source_drops.clone()).with_ledger(ledger.clone());
 
-    let recorder = Recorder::new(
+    let mut recorder = Recorder::new(
         agent_id.clone(),
         settings.host_role.as_str(),
         settings.site.clone(),
@@ -444,7 +456,6 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
         stats.clone(),
         source_drops,
     );
-    let mut recorder = recorder;
     recorder.ledger = Some(ledger);
     let started = EpochStarted {
         installation,
