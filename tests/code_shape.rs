@@ -13,7 +13,7 @@ const MAX_LINES: usize = 120;
 /// Functions still longer than `MAX_LINES` (file, name, lines now). Split one, then
 /// lower its figure or remove its row.
 const LONG: &[(&str, &str, usize)] = &[
-    ("collector/src/lib.rs", "run", 308),
+    ("collector/src/lib.rs", "run", 241),
     ("agent/src/source/files/mod.rs", "run_inner", 249),
     ("agent/src/lib.rs", "run", 156),
 ];

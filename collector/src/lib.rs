@@ -134,38 +134,12 @@ pub async fn run(
     policy_push.new_release(&mut store)?;
     // The registry beside the CA; a PKI from before it existed is imported once.
     let pki_dir = pki::PkiPaths::new(settings.ca.parent().unwrap_or(std::path::Path::new(".")));
-    match registry::import_if_missing(&pki_dir) {
-        Ok(0) => {}
-        Ok(n) => tracing::warn!(
-            certificates = n,
-            "registry created from the certificates already issued"
-        ),
-        Err(e) => tracing::error!(error = %e, "registry not imported"),
-    }
-    let registry = ingest::Enrolled::open(registry::path(&pki_dir))?;
+    let registry = open_registry(&pki_dir)?;
     let mut registry_seen = registry.entry_count();
     let mut revocation_tick = tokio::time::interval(Duration::from_secs(1));
     let (refused_tx, mut refused_rx) = tokio::sync::mpsc::channel(256);
     if let Some(listen) = settings.enroll_listen {
-        let tls = enroll::server_config(&settings.ca, &settings.server_cert, &settings.server_key)?;
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|source| CollectorError::Listen {
-                addr: listen,
-                source,
-            })?;
-        let enroller = Arc::new(enroll::Enroller::new(
-            pki_dir.clone(),
-            settings.enroll_cert_days,
-        ));
-        tracing::info!(%listen, "enrollment listening");
-        tokio::spawn(enroll::serve(
-            listener,
-            tls,
-            enroller,
-            refused_tx,
-            shutdown.clone(),
-        ));
+        start_enrollment(&settings, listen, &pki_dir, refused_tx, shutdown.clone()).await?;
     }
     let ingest = Arc::new(Ingest {
         store: Arc::new(Mutex::new(store)),
@@ -190,30 +164,7 @@ pub async fn run(
     );
     let session_stop = CancellationToken::new();
     let (client, mut rx, session) = mqtt::spawn(
-        SessionConfig {
-            client_id: settings.client_id.clone(),
-            host: settings.broker_host.clone(),
-            port: settings.broker_port,
-            tls,
-            keep_alive: Duration::from_secs(20),
-            // Agents hold their batches while no collector is subscribed.
-            last_will: Some(rumqttc::LastWill::new(
-                topics::collector_presence(&settings.client_id),
-                presence_payload(&ingest.signer, wire::AgentState::Offline, 0),
-                QoS::AtLeastOnce,
-                true,
-            )),
-            max_packet: settings.max_payload_bytes * 2 + 64 * 1024,
-            request_capacity: 16384,
-            max_inflight: 4096,
-            incoming_capacity: settings.ingest_queue,
-            subscriptions: vec![
-                topics::all_agents_filter(Channel::Events),
-                topics::all_agents_filter(Channel::Status),
-                topics::DOORS_FILTER.to_string(),
-            ],
-            reconnect_spread: Duration::ZERO,
-        },
+        session_config(&settings, tls, &ingest.signer),
         session_stop.clone(),
     );
     let mut broker_health =
@@ -299,13 +250,7 @@ pub async fn run(
                     tracing::info!("collector subscribed to agent topics");
                     broker_health.connected();
                     policy_push.publish(&client, &ingest.signer);
-                    // Queued behind the subscriptions on the same connection, so the
-                    // broker routes to this collector before any agent hears of it.
-                    let connection = rand::random::<u64>();
-                    if let Err(e) = client.try_publish(topics::collector_presence(&settings.client_id), QoS::AtLeastOnce, true,
-                        presence_payload(&ingest.signer, wire::AgentState::Online, connection)) {
-                        tracing::error!(error = %e, "collector presence not published; agents fall back to their ack timeout");
-                    }
+                    announce_online(&client, &settings.client_id, &ingest.signer);
                 }
                 Some(SessionEvent::Disconnected(reason)) => broker_health.disconnected(reason),
                 None => break,
@@ -339,20 +284,8 @@ pub async fn run(
             }
             _ = fleet_tick.tick() => {
                 let mut found: Vec<rules::Finding> = broker_health.finding().into_iter().collect();
-                match policy_push.reload_if_changed() {
-                    Ok(Some(p)) => {
-                        *ingest.policy.write().unwrap_or_else(|e| e.into_inner()) = p;
-                        // A rare, one-row transaction; off the async workers' feet.
-                        let recorded = tokio::task::block_in_place(|| policy_push.new_release(&mut ingest.store()));
-                        match recorded {
-                            Ok(()) => policy_push.publish(&client, &ingest.signer),
-                            Err(e) => tracing::error!(error = %e, "policy release not recorded; not published"),
-                        }
-                    }
-                    Ok(None) => {}
-                    // Raised with the fleet findings, off the runtime thread.
-                    Err(invalid) => found.push(invalid),
-                }
+                // An invalid policy is raised with the fleet findings, off the runtime thread.
+                found.extend(policy_push.refresh(&ingest, &client));
                 let work = ingest.clone();
                 let (silent, grace) = (settings.silent_after, settings.gap_grace);
                 match tokio::task::spawn_blocking(move || work.fleet_checks(silent, grace, found)).await {
@@ -391,6 +324,94 @@ pub async fn run(
         b.stopped().await;
     }
     tracing::info!("collector stopped");
+    Ok(())
+}
+
+/// Tells agents a collector listens: queued behind the subscriptions on the same
+/// connection, so the broker routes to this collector before any agent hears of it.
+fn announce_online(client: &rumqttc::AsyncClient, client_id: &str, signer: &Signer) {
+    let connection = rand::random::<u64>();
+    if let Err(e) = client.try_publish(
+        topics::collector_presence(client_id),
+        QoS::AtLeastOnce,
+        true,
+        presence_payload(signer, wire::AgentState::Online, connection),
+    ) {
+        tracing::error!(error = %e, "collector presence not published; agents fall back to their ack timeout");
+    }
+}
+
+/// The collector's MQTT session: subscribed to every agent's events and status and
+/// the door controllers, with its offline presence as last will (agents hold their
+/// batches while no collector listens).
+fn session_config(
+    settings: &CollectorSettings,
+    tls: Arc<rustls::ClientConfig>,
+    signer: &Signer,
+) -> SessionConfig {
+    SessionConfig {
+        client_id: settings.client_id.clone(),
+        host: settings.broker_host.clone(),
+        port: settings.broker_port,
+        tls,
+        keep_alive: Duration::from_secs(20),
+        // Agents hold their batches while no collector is subscribed.
+        last_will: Some(rumqttc::LastWill::new(
+            topics::collector_presence(&settings.client_id),
+            presence_payload(signer, wire::AgentState::Offline, 0),
+            QoS::AtLeastOnce,
+            true,
+        )),
+        max_packet: settings.max_payload_bytes * 2 + 64 * 1024,
+        request_capacity: 16384,
+        max_inflight: 4096,
+        incoming_capacity: settings.ingest_queue,
+        subscriptions: vec![
+            topics::all_agents_filter(Channel::Events),
+            topics::all_agents_filter(Channel::Status),
+            topics::DOORS_FILTER.to_string(),
+        ],
+        reconnect_spread: Duration::ZERO,
+    }
+}
+
+/// The registry of enrolled identities beside the CA; a PKI from before it existed
+/// is imported once.
+fn open_registry(pki_dir: &pki::PkiPaths) -> Result<ingest::Enrolled, CollectorError> {
+    match registry::import_if_missing(pki_dir) {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            certificates = n,
+            "registry created from the certificates already issued"
+        ),
+        Err(e) => tracing::error!(error = %e, "registry not imported"),
+    }
+    Ok(ingest::Enrolled::open(registry::path(pki_dir))?)
+}
+
+/// The enrollment listener: issues certificates for valid tokens; refusals come
+/// back on `refused` to be raised as findings.
+async fn start_enrollment(
+    settings: &CollectorSettings,
+    listen: std::net::SocketAddr,
+    pki_dir: &pki::PkiPaths,
+    refused: tokio::sync::mpsc::Sender<enroll::Refusal>,
+    shutdown: CancellationToken,
+) -> Result<(), CollectorError> {
+    let tls = enroll::server_config(&settings.ca, &settings.server_cert, &settings.server_key)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| CollectorError::Listen {
+            addr: listen,
+            source,
+        })?;
+    let enroller = Arc::new(enroll::Enroller::new(
+        pki_dir.clone(),
+        settings.enroll_cert_days,
+    ));
+    tracing::info!(%listen, "enrollment listening");
+    tokio::spawn(enroll::serve(listener, tls, enroller, refused, shutdown));
+
     Ok(())
 }
 
@@ -810,6 +831,32 @@ struct PolicyPublisher {
 }
 
 impl PolicyPublisher {
+    /// A changed policy file is put in force, recorded as a new release and pushed
+    /// to the agents; an invalid one comes back as a finding to raise.
+    fn refresh(
+        &mut self,
+        ingest: &Ingest,
+        client: &rumqttc::AsyncClient,
+    ) -> Option<rules::Finding> {
+        match self.reload_if_changed() {
+            Ok(Some(p)) => {
+                *ingest.policy.write().unwrap_or_else(|e| e.into_inner()) = p;
+                // A rare, one-row transaction; off the async workers' feet.
+                let recorded =
+                    tokio::task::block_in_place(|| self.new_release(&mut ingest.store()));
+                match recorded {
+                    Ok(()) => self.publish(client, &ingest.signer),
+                    Err(e) => {
+                        tracing::error!(error = %e, "policy release not recorded; not published")
+                    }
+                }
+                None
+            }
+            Ok(None) => None,
+            Err(invalid) => Some(invalid),
+        }
+    }
+
     /// Records (or finds) the release of the current text.
     fn new_release(&mut self, store: &mut store::Store) -> Result<(), store::StoreError> {
         let release = store.policy_release(&self.text, &self.version, jiff::Timestamp::now())?;
