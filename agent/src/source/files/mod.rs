@@ -245,6 +245,255 @@ pub trait FileJudge: Send + Sync {
     fn judge(&self, fact: FileFact) -> Vec<Event>;
 }
 
+/// What the files source's loop keeps between events.
+struct Watch {
+    /// Exit points being watched, by mount point.
+    marked: HashMap<String, ExitPoint>,
+    /// Files being written, not closed yet.
+    pending: HashMap<PathBuf, Pending>,
+    /// Everything modified before this is known to be reported (or pending): the
+    /// source's start, then the start of the last rescan. After an overflow the
+    /// rescan starts here — not at the last event processed, which may lag far
+    /// behind the writes that were lost.
+    complete_until: Timestamp,
+    /// Files the last rescans reported, so that their close events still queued
+    /// behind the overflow do not report them twice (bounded).
+    rescanned: HashMap<PathBuf, Timestamp>,
+    /// Closed files waiting out the rename grace (see `RENAME_GRACE`), in order of
+    /// their deadline.
+    delayed: std::collections::VecDeque<(tokio::time::Instant, Job)>,
+    /// Files reported recently and when they were closed, so a rescan does not
+    /// report them again (bounded).
+    reported: HashMap<PathBuf, Timestamp>,
+    /// Rewrite loops being folded into one event each.
+    folding: HashMap<PathBuf, Folding>,
+    /// Descriptors kept by files still being written (see `Pending::held`).
+    held_open: usize,
+    /// Exit points that went away lately: writes to them still queued are reported.
+    gone_exits: GoneExits,
+}
+
+impl Watch {
+    fn new() -> Watch {
+        Watch {
+            marked: HashMap::new(),
+            pending: HashMap::new(),
+            complete_until: Timestamp::now(),
+            rescanned: HashMap::new(),
+            delayed: std::collections::VecDeque::new(),
+            reported: HashMap::new(),
+            folding: HashMap::new(),
+            held_open: 0,
+            gone_exits: GoneExits::default(),
+        }
+    }
+
+    /// One write or close read from the backend: folded into its file's pending
+    /// writes; a close hands the file on (after the rename grace, or folded into a
+    /// rewrite loop); a write to an exit point that went away meanwhile is reported
+    /// at once, through its descriptor.
+    async fn on_write(
+        &mut self,
+        hash_max: u64,
+        reading: &Reading,
+        workers: &Workers,
+        write: Write,
+    ) -> Result<(), SourceError> {
+        let Write {
+            path,
+            close,
+            writer,
+            file,
+            origins,
+        } = write;
+        let now = Timestamp::now();
+        // The stick was pulled before this write was read (a
+        // busy host): there is no later close or mount change
+        // to report it by, so it is reported now, through its
+        // descriptor.
+        if !on_exit_point(&self.marked, &path) {
+            if let Some(ep) = self.gone_exits.find(&path) {
+                let mut p = self
+                    .pending
+                    .remove(&path)
+                    .unwrap_or_else(|| Pending::new(now, false));
+                let held = p.held.take();
+                self.held_open -= usize::from(held.is_some());
+                let file = file.or(held);
+                p.last = now;
+                if p.writer.as_ref().is_none_or(|w| w.exe.is_none()) && writer.is_some() {
+                    p.writer = writer;
+                }
+                p.origins.extend(origins.into_iter().take(16));
+                tracing::warn!(path = %path.display(), mount = %ep.mount.mount_point, close, "write read after its exit point went away; reported now");
+                let mut job = job_on(ep, hash_max, path, file, p, reading);
+                job.unclosed = !close;
+                workers.submit(job).await?;
+                return Ok(());
+            }
+        }
+        if close && rescanned_before(&mut self.rescanned, &path, file.as_ref()) {
+            if self.pending.remove(&path).is_some_and(|p| p.held.is_some()) {
+                self.held_open -= 1;
+            }
+            return Ok(()); // reported by the rescan, unchanged since
+        }
+        let entry = self
+            .pending
+            .entry(path.clone())
+            .or_insert(Pending::new(now, false));
+        entry.last = now;
+        entry.found = false;
+        // A write's descriptor is kept (the first) in case
+        // the file is never closed; a close's is described.
+        let file = if close {
+            file
+        } else {
+            if entry.held.is_none() && self.held_open < MAX_HELD_OPEN {
+                self.held_open += usize::from(file.is_some());
+                entry.held = file;
+            }
+            None
+        };
+        entry.quiet_since = std::time::Instant::now();
+        for o in origins {
+            if !entry.origins.contains(&o) && entry.origins.len() < 16 {
+                entry.origins.push(o);
+            }
+        }
+        // Keep the best-known writer (one whose executable was read).
+        if entry.writer.as_ref().is_none_or(|w| w.exe.is_none()) && writer.is_some() {
+            entry.writer = writer;
+        }
+        if close {
+            self.on_close(hash_max, reading, workers, path, file, now)
+                .await?;
+        }
+
+        Ok(())
+    }
+
+    /// Events were lost (the kernel's queue overflowed): the exit points are walked
+    /// for files modified since the last complete point, and the files being written
+    /// are reported once they are quiet (their close may have been lost).
+    async fn after_overflow(
+        &mut self,
+        hash_max: u64,
+        reading: &Reading,
+        workers: &Workers,
+    ) -> Result<FileOverflow, SourceError> {
+        tracing::error!("file event queue overflowed; rescanning the exit points");
+        let since = self.complete_until - jiff::SignedDuration::from_secs(2);
+        let walk_started = Timestamp::now();
+        if self.rescanned.len() >= 200_000 {
+            self.rescanned.clear();
+        }
+        let overflow = rescan(
+            hash_max,
+            &self.marked,
+            &self.pending,
+            &mut self.reported,
+            &mut self.rescanned,
+            since,
+            workers,
+            reading,
+        )
+        .await?;
+        self.complete_until = walk_started;
+        for p in self.pending.values_mut() {
+            p.found = true;
+        }
+        Ok(overflow)
+    }
+
+    /// A file closed: reported after the rename grace, or folded into its report
+    /// still waiting or into a rewrite loop.
+    async fn on_close(
+        &mut self,
+        hash_max: u64,
+        reading: &Reading,
+        workers: &Workers,
+        path: PathBuf,
+        file: Option<std::fs::File>,
+        now: Timestamp,
+    ) -> Result<(), SourceError> {
+        if self.reported.len() >= REPORTED_MAX {
+            // Only files reported since the last complete
+            // point matter to a future rescan.
+            let keep = self.complete_until - jiff::SignedDuration::from_secs(2);
+            self.reported.retain(|_, t| *t >= keep);
+            if self.reported.len() >= REPORTED_MAX {
+                self.reported.clear();
+            }
+        }
+        let again = self
+            .reported
+            .get(&path)
+            .is_some_and(|t| now.duration_since(*t).unsigned_abs() < COALESCE_WINDOW);
+        self.reported.insert(path.clone(), now);
+        let p = self.pending.remove(&path).expect("just inserted");
+        self.held_open -= usize::from(p.held.is_some());
+        if let Some(mut job) = job(hash_max, &self.marked, path, file, p, reading) {
+            // Closed again soon after its last report: a
+            // rewrite loop, folded into one event that is
+            // described when the loop stops.
+            // Closed again before its report went out (still
+            // waiting out the rename grace): that one report
+            // carries the newest content and both rounds.
+            if let Some((_, waiting)) = self.delayed.iter_mut().find(|(_, j)| j.path == job.path) {
+                job.rewrites = waiting.rewrites.max(1) + 1;
+                job.pending.first = waiting.pending.first;
+                *waiting = job;
+                return Ok(());
+            }
+            let deadline = tokio::time::Instant::now() + COALESCE_WINDOW;
+            if let Some(f) = self.folding.get_mut(&job.path) {
+                job.rewrites = f.job.rewrites + 1;
+                job.pending.first = f.job.pending.first;
+                let report_by = f.report_by;
+                *f = Folding {
+                    job,
+                    deadline,
+                    report_by,
+                };
+                return Ok(());
+            }
+            if again && self.folding.len() < MAX_COALESCING {
+                job.rewrites = 1;
+                let report_by = tokio::time::Instant::now() + MAX_FOLD;
+                self.folding.insert(
+                    job.path.clone(),
+                    Folding {
+                        job,
+                        deadline,
+                        report_by,
+                    },
+                );
+                return Ok(());
+            }
+            // Every file waits out the rename grace (`cp f
+            // stick/ && mv stick/f stick/g` is reported as g).
+            if self.delayed.len() < MAX_DELAYED {
+                self.delayed
+                    .push_back((tokio::time::Instant::now() + RENAME_GRACE, job));
+            } else {
+                workers.submit(job).await?;
+            }
+        }
+
+        Ok(())
+    }
+}
+
+/// A write or close as the backend reported it (`RawEvent::Write`).
+struct Write {
+    path: PathBuf,
+    close: bool,
+    writer: Option<Writer>,
+    file: Option<std::fs::File>,
+    origins: Vec<String>,
+}
+
 impl FilesSource {
     pub fn new(
         config: FilesConfig,
@@ -465,8 +714,7 @@ impl FilesSource {
     }
 
     async fn run_inner(&mut self, ctx: &SourceContext) -> Result<(), SourceError> {
-        let mut marked: HashMap<String, ExitPoint> = HashMap::new();
-        let mut pending: HashMap<PathBuf, Pending> = HashMap::new();
+        let mut w = Watch::new();
         let workers = Workers::start(
             self.config.workers.max(1),
             ctx.sink.clone(),
@@ -476,48 +724,27 @@ impl FilesSource {
         let mut source_walk = tokio::time::interval(SOURCE_REWALK);
         let mut source_dirs: HashSet<PathBuf> = HashSet::new();
         let mut reading = self.apply_policy();
-        // Everything modified before this is known to be reported (or pending): the
-        // source's start, then the start of the last rescan. After an overflow the
-        // rescan starts here — not at the last event processed, which may lag far
-        // behind the writes that were lost.
-        let mut complete_until = Timestamp::now();
-        // Files the last rescans reported, so that their close events still queued
-        // behind the overflow do not report them twice (bounded).
-        let mut rescanned: HashMap<PathBuf, Timestamp> = HashMap::new();
-        // Closed files waiting out the rename grace (see `RENAME_GRACE`), in order of
-        // their deadline.
-        let mut delayed: std::collections::VecDeque<(tokio::time::Instant, Job)> =
-            std::collections::VecDeque::new();
-        // Files reported recently and when they were closed, so a rescan does not
-        // report them again (bounded).
-        let mut reported: HashMap<PathBuf, Timestamp> = HashMap::new();
-        // Rewrite loops being folded into one event each.
-        let mut folding: HashMap<PathBuf, Folding> = HashMap::new();
-        // Descriptors kept by files still being written (see `Pending::held`).
-        let mut held_open: usize = 0;
-        // Exit points that went away lately: writes to them still queued are reported.
-        let mut gone_exits = GoneExits::default();
         loop {
             tokio::select! {
                 _ = ctx.shutdown.cancelled() => {
                     // Files waiting out the rename grace or a rewrite loop are described now.
-                    for (_, job) in delayed.drain(..) {
+                    for (_, job) in w.delayed.drain(..) {
                         workers.submit(job).await?;
                     }
-                    for (_, f) in folding.drain() {
+                    for (_, f) in w.folding.drain() {
                         workers.submit(f.job).await?;
                     }
                     return Ok(());
                 }
-                _ = sleep_until_earliest(&folding) => {
+                _ = sleep_until_earliest(&w.folding) => {
                     let now = tokio::time::Instant::now();
-                    let done: Vec<PathBuf> = folding
+                    let done: Vec<PathBuf> = w.folding
                         .iter()
                         .filter(|(_, f)| f.deadline.min(f.report_by) <= now)
                         .map(|(p, _)| p.clone())
                         .collect();
                     for path in done {
-                        let f = folding.remove(&path).expect("listed");
+                        let f = w.folding.remove(&path).expect("listed");
                         workers.submit(f.job).await?;
                     }
                 }
@@ -531,37 +758,37 @@ impl FilesSource {
                     // `exit_fs_types` may have changed: re-derive the exit points now,
                     // in place, so writes to those that stay exits are never missed.
                     let text = tokio::fs::read_to_string(&self.config.mountinfo).await.unwrap_or_default();
-                    let gone = self.refresh_exits(&mut marked, &mounts::parse(&text), &reading.policy);
-                    gone_exits.note(&gone);
-                    held_open -= report_unclosed(self.config.hash_max_bytes, gone, &mut pending, &workers, &reading).await?;
+                    let gone = self.refresh_exits(&mut w.marked, &mounts::parse(&text), &reading.policy);
+                    w.gone_exits.note(&gone);
+                    w.held_open -= report_unclosed(self.config.hash_max_bytes, gone, &mut w.pending, &workers, &reading).await?;
                 }
                 _ = source_walk.tick() => self.mark_sources(&mut source_dirs),
-                _ = sleep_until_front(&delayed) => {
+                _ = sleep_until_front(&w.delayed) => {
                     let now = tokio::time::Instant::now();
-                    while delayed.front().is_some_and(|(at, _)| *at <= now) {
-                        let (_, job) = delayed.pop_front().expect("checked");
+                    while w.delayed.front().is_some_and(|(at, _)| *at <= now) {
+                        let (_, job) = w.delayed.pop_front().expect("checked");
                         workers.submit(job).await?;
                     }
                 }
                 _ = poll.tick() => {
                     let text = tokio::fs::read_to_string(&self.config.mountinfo).await.unwrap_or_default();
-                    let gone = self.refresh_exits(&mut marked, &mounts::parse(&text), &reading.policy);
-                    gone_exits.note(&gone);
-                    held_open -= report_unclosed(self.config.hash_max_bytes, gone, &mut pending, &workers, &reading).await?;
+                    let gone = self.refresh_exits(&mut w.marked, &mounts::parse(&text), &reading.policy);
+                    w.gone_exits.note(&gone);
+                    w.held_open -= report_unclosed(self.config.hash_max_bytes, gone, &mut w.pending, &workers, &reading).await?;
                     // Files found in new directories that stayed quiet: report them.
-                    let quiet: Vec<PathBuf> = pending
+                    let quiet: Vec<PathBuf> = w.pending
                         .iter()
                         .filter(|(_, p)| p.found && p.quiet_since.elapsed() >= self.config.settle)
                         .map(|(k, _)| k.clone())
                         .collect();
                     for path in quiet {
-                        let p = pending.remove(&path).expect("listed");
-                        held_open -= usize::from(p.held.is_some());
-                        reported.insert(path.clone(), Timestamp::now());
+                        let p = w.pending.remove(&path).expect("listed");
+                        w.held_open -= usize::from(p.held.is_some());
+                        w.reported.insert(path.clone(), Timestamp::now());
                         // Its close event may still be queued (a backlog longer than
                         // the settle time): that one must not report it again.
-                        rescanned.insert(path.clone(), Timestamp::now());
-                        if let Some(job) = job(self.config.hash_max_bytes, &marked, path, None, p, &reading) {
+                        w.rescanned.insert(path.clone(), Timestamp::now());
+                        if let Some(job) = job(self.config.hash_max_bytes, &w.marked, path, None, p, &reading) {
                             workers.submit(job).await?;
                         }
                     }
@@ -571,20 +798,7 @@ impl FilesSource {
                     for ev in batch {
                         match ev {
                             RawEvent::Overflow => {
-                                tracing::error!("file event queue overflowed; rescanning the exit points");
-                                let since = complete_until - jiff::SignedDuration::from_secs(2);
-                                let walk_started = Timestamp::now();
-                                if rescanned.len() >= 200_000 {
-                                    rescanned.clear();
-                                }
-                                let overflow = rescan(
-                                    self.config.hash_max_bytes, &marked, &pending, &mut reported, &mut rescanned, since, &workers, &reading).await?;
-                                complete_until = walk_started;
-                                // Files being written when events were lost may never
-                                // see their close: report them once they are quiet.
-                                for p in pending.values_mut() {
-                                    p.found = true;
-                                }
+                                let overflow = w.after_overflow(self.config.hash_max_bytes, &reading, &workers).await?;
                                 ctx.sink.emit(Event::FileOverflow(overflow)).await?;
                             }
                             RawEvent::SourceRead(r) => ctx.sink.emit(Event::FileSourceRead(r)).await?,
@@ -595,117 +809,13 @@ impl FilesSource {
                             }
                             RawEvent::Found { path } => {
                                 // Already pending, or closed and reported meanwhile.
-                                if !pending.contains_key(&path) && !reported.contains_key(&path) {
+                                if !w.pending.contains_key(&path) && !w.reported.contains_key(&path) {
                                     let now = Timestamp::now();
-                                    pending.insert(path, Pending::new(now, true));
+                                    w.pending.insert(path, Pending::new(now, true));
                                 }
                             }
                             RawEvent::Write { path, close, writer, file, origins } => {
-                                let now = Timestamp::now();
-                                // The stick was pulled before this write was read (a
-                                // busy host): there is no later close or mount change
-                                // to report it by, so it is reported now, through its
-                                // descriptor.
-                                if !on_exit_point(&marked, &path) {
-                                    if let Some(ep) = gone_exits.find(&path) {
-                                        let mut p = pending.remove(&path).unwrap_or_else(|| Pending::new(now, false));
-                                        let held = p.held.take();
-                                        held_open -= usize::from(held.is_some());
-                                        let file = file.or(held);
-                                        p.last = now;
-                                        if p.writer.as_ref().is_none_or(|w| w.exe.is_none()) && writer.is_some() {
-                                            p.writer = writer;
-                                        }
-                                        p.origins.extend(origins.into_iter().take(16));
-                                        tracing::warn!(path = %path.display(), mount = %ep.mount.mount_point, close, "write read after its exit point went away; reported now");
-                                        let mut job = job_on(ep, self.config.hash_max_bytes, path, file, p, &reading);
-                                        job.unclosed = !close;
-                                        workers.submit(job).await?;
-                                        continue;
-                                    }
-                                }
-                                if close && rescanned_before(&mut rescanned, &path, file.as_ref()) {
-                                    if pending.remove(&path).is_some_and(|p| p.held.is_some()) {
-                                        held_open -= 1;
-                                    }
-                                    continue; // reported by the rescan, unchanged since
-                                }
-                                let entry = pending.entry(path.clone()).or_insert(Pending::new(now, false));
-                                entry.last = now;
-                                entry.found = false;
-                                // A write's descriptor is kept (the first) in case
-                                // the file is never closed; a close's is described.
-                                let file = if close {
-                                    file
-                                } else {
-                                    if entry.held.is_none() && held_open < MAX_HELD_OPEN {
-                                        held_open += usize::from(file.is_some());
-                                        entry.held = file;
-                                    }
-                                    None
-                                };
-                                entry.quiet_since = std::time::Instant::now();
-                                for o in origins {
-                                    if !entry.origins.contains(&o) && entry.origins.len() < 16 {
-                                        entry.origins.push(o);
-                                    }
-                                }
-                                // Keep the best-known writer (one whose executable was read).
-                                if entry.writer.as_ref().is_none_or(|w| w.exe.is_none()) && writer.is_some() {
-                                    entry.writer = writer;
-                                }
-                                if close {
-                                    if reported.len() >= REPORTED_MAX {
-                                        // Only files reported since the last complete
-                                        // point matter to a future rescan.
-                                        let keep = complete_until - jiff::SignedDuration::from_secs(2);
-                                        reported.retain(|_, t| *t >= keep);
-                                        if reported.len() >= REPORTED_MAX {
-                                            reported.clear();
-                                        }
-                                    }
-                                    let again = reported.get(&path).is_some_and(|t| {
-                                        now.duration_since(*t).unsigned_abs() < COALESCE_WINDOW
-                                    });
-                                    reported.insert(path.clone(), now);
-                                    let p = pending.remove(&path).expect("just inserted");
-                                    held_open -= usize::from(p.held.is_some());
-                                    if let Some(mut job) = job(self.config.hash_max_bytes, &marked, path, file, p, &reading) {
-                                        // Closed again soon after its last report: a
-                                        // rewrite loop, folded into one event that is
-                                        // described when the loop stops.
-                                        // Closed again before its report went out (still
-                                        // waiting out the rename grace): that one report
-                                        // carries the newest content and both rounds.
-                                        if let Some((_, waiting)) = delayed.iter_mut().find(|(_, j)| j.path == job.path) {
-                                            job.rewrites = waiting.rewrites.max(1) + 1;
-                                            job.pending.first = waiting.pending.first;
-                                            *waiting = job;
-                                            continue;
-                                        }
-                                        let deadline = tokio::time::Instant::now() + COALESCE_WINDOW;
-                                        if let Some(f) = folding.get_mut(&job.path) {
-                                            job.rewrites = f.job.rewrites + 1;
-                                            job.pending.first = f.job.pending.first;
-                                            let report_by = f.report_by;
-                                            *f = Folding { job, deadline, report_by };
-                                            continue;
-                                        }
-                                        if again && folding.len() < MAX_COALESCING {
-                                            job.rewrites = 1;
-                                            let report_by = tokio::time::Instant::now() + MAX_FOLD;
-                                            folding.insert(job.path.clone(), Folding { job, deadline, report_by });
-                                            continue;
-                                        }
-                                        // Every file waits out the rename grace (`cp f
-                                        // stick/ && mv stick/f stick/g` is reported as g).
-                                        if delayed.len() < MAX_DELAYED {
-                                            delayed.push_back((tokio::time::Instant::now() + RENAME_GRACE, job));
-                                        } else {
-                                            workers.submit(job).await?;
-                                        }
-                                    }
-                                }
+                                w.on_write(self.config.hash_max_bytes, &reading, &workers, Write { path, close, writer, file, origins }).await?;
                             }
                         }
                     }
