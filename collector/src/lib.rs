@@ -309,6 +309,7 @@ pub async fn run(
     }
     watchdog.stopping();
     drain(processing, &mut outbox, &client, &fair).await;
+    finish_background(&ingest, &exports_busy).await;
     // Agents stop sending into a broker with nobody subscribed.
     let _ = client.try_publish(
         topics::collector_presence(&settings.client_id),
@@ -498,6 +499,29 @@ async fn drain(
             waiting = fair.len(),
             "stopping: unprocessed messages left to their agents' re-send"
         );
+    }
+}
+
+/// At shutdown, after the last acks: an export in progress is let finish (up to a
+/// minute; otherwise its `.partial` folder is left and the next start makes it
+/// again), and every sink delivers what it holds (up to 5 s; what is left is said).
+async fn finish_background(ingest: &Arc<Ingest>, exports_busy: &std::sync::atomic::AtomicBool) {
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
+    if exports_busy.load(Ordering::SeqCst) {
+        tracing::info!("stopping: waiting for the export in progress");
+    }
+    while exports_busy.load(Ordering::SeqCst) && tokio::time::Instant::now() < give_up {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if exports_busy.load(Ordering::SeqCst) {
+        tracing::warn!("stopping: the export in progress did not finish within 60 s; it is made again at the next start");
+    }
+    let work = ingest.clone();
+    let left = tokio::task::spawn_blocking(move || work.sinks.drain(Duration::from_secs(5)))
+        .await
+        .unwrap_or_default();
+    if left.is_empty() {
+        tracing::info!("stopping: every sink delivered what it held");
     }
 }
 

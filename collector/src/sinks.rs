@@ -33,7 +33,12 @@ pub struct SinkStats {
 struct Sink {
     name: String,
     min_level: Option<Level>,
-    tx: SyncSender<Alert>,
+    /// Taken at shutdown ([`Sinks::drain`]): the thread then delivers what is queued
+    /// and ends.
+    tx: std::sync::Mutex<Option<SyncSender<Alert>>>,
+    /// Alerts queued and not yet taken by the delivery thread.
+    queued: Arc<AtomicU64>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     stats: Arc<SinkStats>,
     /// failed + dropped already reported.
     reported: AtomicU64,
@@ -63,10 +68,12 @@ impl Sinks {
             let (tx, rx) = sync_channel(s.queue);
             let stats = Arc::new(SinkStats::default());
             let thread_stats = stats.clone();
+            let queued = Arc::new(AtomicU64::new(0));
+            let thread_queued = queued.clone();
             let name = s.name.clone();
-            std::thread::Builder::new()
+            let thread = std::thread::Builder::new()
                 .name(format!("sink-{}", s.name))
-                .spawn(move || run(name, deliver, rx, thread_stats))
+                .spawn(move || run(name, deliver, rx, thread_stats, thread_queued))
                 .map_err(|e| SinkError::Setup {
                     name: s.name.clone(),
                     message: e.to_string(),
@@ -74,7 +81,9 @@ impl Sinks {
             sinks.push(Sink {
                 name: s.name.clone(),
                 min_level: s.min_level.as_deref().and_then(Level::parse),
-                tx,
+                tx: std::sync::Mutex::new(Some(tx)),
+                queued,
+                thread: std::sync::Mutex::new(Some(thread)),
                 stats,
                 reported: AtomicU64::new(0),
             });
@@ -96,9 +105,16 @@ impl Sinks {
                         && sink.min_level.is_none_or(|m| a.level < m)
                 })
                 .map(|(a, _)| a);
+            let tx = sink.tx.lock().unwrap_or_else(|e| e.into_inner());
             for a in by_level.chain(by_rule) {
-                match sink.tx.try_send(a.clone()) {
-                    Ok(()) => {}
+                let sent = match tx.as_ref() {
+                    Some(tx) => tx.try_send(a.clone()),
+                    None => Err(TrySendError::Disconnected(a.clone())),
+                };
+                match sent {
+                    Ok(()) => {
+                        sink.queued.fetch_add(1, Ordering::Relaxed);
+                    }
                     Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                         let n = sink.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                         tracing::warn!(sink = %sink.name, alert_id = a.alert_id, dropped_total = n, "sink queue full; alert not sent there (it is in the database and the alert log)");
@@ -106,6 +122,36 @@ impl Sinks {
                 }
             }
         }
+    }
+
+    /// At shutdown: no more alerts are queued; each sink delivers what it holds, for
+    /// at most `within` in all. What is still queued then is said by sink (those
+    /// alerts are in the database and the alert log, not lost).
+    pub fn drain(&self, within: Duration) -> Vec<(String, u64)> {
+        for sink in &self.sinks {
+            sink.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
+        let deadline = std::time::Instant::now() + within;
+        let mut left = Vec::new();
+        for sink in &self.sinks {
+            let mut slot = sink.thread.lock().unwrap_or_else(|e| e.into_inner());
+            while slot.as_ref().is_some_and(|t| !t.is_finished())
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if slot.as_ref().is_some_and(|t| t.is_finished()) {
+                if let Some(t) = slot.take() {
+                    let _ = t.join();
+                }
+            }
+            let queued = sink.queued.load(Ordering::Relaxed);
+            if queued > 0 {
+                tracing::warn!(sink = %sink.name, alerts = queued, "stopping: alerts not delivered to this sink (they are in the database and the alert log)");
+                left.push((sink.name.clone(), queued));
+            }
+        }
+        left
     }
 
     /// Counters by sink name.
@@ -150,7 +196,13 @@ impl Sinks {
     }
 }
 
-fn run(name: String, mut deliver: Delivery, rx: Receiver<Alert>, stats: Arc<SinkStats>) {
+fn run(
+    name: String,
+    mut deliver: Delivery,
+    rx: Receiver<Alert>,
+    stats: Arc<SinkStats>,
+    queued: Arc<AtomicU64>,
+) {
     while let Ok(alert) = rx.recv() {
         let mut last_error = String::new();
         let mut ok = false;
@@ -167,6 +219,7 @@ fn run(name: String, mut deliver: Delivery, rx: Receiver<Alert>, stats: Arc<Sink
                 }
             }
         }
+        queued.fetch_sub(1, Ordering::Relaxed);
         if ok {
             stats.sent.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -745,5 +798,55 @@ mod tests {
             f.summary
         );
         assert!(sinks.take_failures().is_none(), "reported once");
+    }
+    #[test]
+    fn at_shutdown_a_sink_delivers_what_it_holds_and_says_what_it_could_not() {
+        // Five alerts dispatched and drain() called at once: all five arrive before
+        // drain() returns, and it reports nothing left.
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = server.local_addr().unwrap().port();
+        let sinks = Sinks::start(&[sink(
+            "tcp",
+            SinkKind::Syslog {
+                cef: false,
+                address: format!("127.0.0.1:{port}"),
+                transport: Transport::Tcp,
+            },
+            Some("blue"),
+        )])
+        .unwrap();
+        let alerts: Vec<Alert> = (0..5).map(|_| alert(Level::Red)).collect();
+        sinks.dispatch(&alerts, &[]);
+        let got = std::thread::spawn(move || {
+            let (tcp, _) = server.accept().unwrap();
+            let mut r = BufReader::new(tcp);
+            (0..5).map(|_| frame(&mut r)).count()
+        });
+        assert_eq!(sinks.drain(Duration::from_secs(30)), Vec::new());
+        assert_eq!(got.join().unwrap(), 5);
+        // Nothing is queued after drain: a late alert is counted as dropped.
+        sinks.dispatch(&[alert(Level::Red)], &[]);
+        assert_eq!(sinks.stats()[0].1.dropped.load(Ordering::Relaxed), 1);
+
+        // A sink whose destination refuses (each alert is retried for over a second):
+        // what it still holds when the time is up is said by name.
+        let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead_port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let dead = Sinks::start(&[sink(
+            "dead",
+            SinkKind::Syslog {
+                cef: false,
+                address: format!("127.0.0.1:{dead_port}"),
+                transport: Transport::Tcp,
+            },
+            Some("blue"),
+        )])
+        .unwrap();
+        dead.dispatch(&alerts, &[]);
+        let left = dead.drain(Duration::ZERO);
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(left[0].0, "dead");
+        assert!(left[0].1 >= 1 && left[0].1 <= 5, "{left:?}");
     }
 }
