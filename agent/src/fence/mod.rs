@@ -11,6 +11,7 @@
 //! (default-deny): new devices come in unauthorized, no driver binds before the policy
 //! has decided, and if the agent dies they stay that way (fail closed).
 
+#[cfg(target_os = "linux")]
 pub mod linux;
 
 use std::collections::HashMap;

@@ -10,6 +10,11 @@
 //! | files crossing the fence | `source::files` | [`files::FilesGuard`] | [`files::FileEnforcer`] (`guard::files::linux`) |
 //! | outgoing transfers | `source::net` | [`net::NetGuard`] | [`net::NetEnforcer`] (`guard::net::linux`) |
 //!
+//! Platform code sits in each domain's `linux` module (`source::files::linux`,
+//! `source::net::linux`, `fence::linux`, `guard::files::linux`, `guard::net::linux`),
+//! compiled only for `target_os = "linux"`; another platform's backend and enforcer go
+//! beside them, behind the same traits.
+//!
 //! One decision stays inside a source by necessity: the fanotify permission answer
 //! (`source::files::linux`), which the kernel waits for while the opener is blocked.
 

@@ -9,6 +9,7 @@
 //! bounded workers, off the event loop.
 
 pub mod inotify;
+#[cfg(target_os = "linux")]
 pub mod linux;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
