@@ -194,6 +194,20 @@ pub struct Journal {
     unjournaled_file: Option<File>,
 }
 
+impl Segment {
+    /// A new segment file, nothing written yet.
+    fn empty(path: PathBuf) -> Segment {
+        Segment {
+            path,
+            bytes: 0,
+            durable: 0,
+            first: None,
+            last: None,
+            records: 0,
+        }
+    }
+}
+
 fn segment_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:016x}.seg"))
 }
@@ -676,17 +690,7 @@ impl Journal {
             .open(&path)
             .map_err(io_err(&path))?;
         sync_dir(&cfg.dir);
-        segments.insert(
-            active_id,
-            Segment {
-                path,
-                bytes: 0,
-                durable: 0,
-                first: None,
-                last: None,
-                records: 0,
-            },
-        );
+        segments.insert(active_id, Segment::empty(path));
         let total_bytes = segments.values().map(|s| s.bytes).sum();
         let mut j = Journal {
             cfg,
@@ -890,17 +894,7 @@ impl Journal {
         // The previous segment is synced with the next group commit (it is in `dirty`).
         self.active = file;
         self.active_id = id;
-        self.segments.insert(
-            id,
-            Segment {
-                path,
-                bytes: 0,
-                durable: 0,
-                first: None,
-                last: None,
-                records: 0,
-            },
-        );
+        self.segments.insert(id, Segment::empty(path));
         sync_dir(&self.cfg.dir);
         Ok(())
     }

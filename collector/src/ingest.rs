@@ -1058,21 +1058,6 @@ pub fn store_batch_in<T>(
     Ok((out, result))
 }
 
-/// [`store_batch_in`] in a transaction of its own (tests, tools).
-pub fn store_batch<T>(
-    store: &mut store::Store,
-    agent: &str,
-    events: &[store::Incoming<'_>],
-    received_at: jiff::Timestamp,
-    rules: impl FnOnce(
-        &rusqlite::Transaction<'_>,
-        &[store::Stored<'_>],
-        Vec<crate::rules::Finding>,
-    ) -> Result<T, store::StoreError>,
-) -> Result<(store::BatchOutcome, T), store::StoreError> {
-    store.in_transaction(|tx| store_batch_in(tx, agent, events, received_at, rules))
-}
-
 /// Fault injection for the crash-consistency tests: with
 /// `WEILAN_FAULT_CRASH_AFTER_COMMIT=N` the collector aborts (like `kill -9`) after
 /// committing its N-th batch and before acknowledging it. Never set in production.

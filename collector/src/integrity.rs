@@ -592,14 +592,17 @@ mod tests {
                 hash: record_hash(r.as_bytes()),
             })
             .collect();
-        let (_, found) = crate::ingest::store_batch(
-            s,
-            "ws-1",
-            &incoming,
-            jiff::Timestamp::now(),
-            |_, _, found| Ok(found),
-        )
-        .unwrap();
+        let (_, found) = s
+            .in_transaction(|tx| {
+                crate::ingest::store_batch_in(
+                    tx,
+                    "ws-1",
+                    &incoming,
+                    jiff::Timestamp::now(),
+                    |_, _, found| Ok(found),
+                )
+            })
+            .unwrap();
         found.iter().map(|f| f.kind).collect()
     }
 

@@ -86,15 +86,18 @@ fn ingest(
         })
         .collect();
     let now: jiff::Timestamp = at.parse().unwrap();
-    crate::ingest::store_batch(store, s.agent, &incoming, now, |tx, stored, found| {
-        let mut facts: Vec<Fact> = stored
-            .iter()
-            .map(|s| Fact::from_envelope(s.envelope))
-            .collect();
-        facts.extend(found.iter().map(|f| Fact::from_finding(f, now)));
-        engine.evaluate(tx, &policy, &facts, now)
-    })
-    .unwrap();
+    store
+        .in_transaction(|tx| {
+            crate::ingest::store_batch_in(tx, s.agent, &incoming, now, |tx, stored, found| {
+                let mut facts: Vec<Fact> = stored
+                    .iter()
+                    .map(|s| Fact::from_envelope(s.envelope))
+                    .collect();
+                facts.extend(found.iter().map(|f| Fact::from_finding(f, now)));
+                engine.evaluate(tx, &policy, &facts, now)
+            })
+        })
+        .unwrap();
 }
 
 fn fixture() -> Fixture {
