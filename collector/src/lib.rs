@@ -90,7 +90,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), CollectorError> {
     let policy = weilan_config::load_file::<PolicyFile>(&settings.policy_path)?;
-    let store = store::Store::open(&settings.store_path)?;
+    let mut store = store::Store::open(&settings.store_path)?;
     // The WAL is copied into the database beside ingest, never inside a commit.
     let checkpointer = store::Checkpointer::spawn(&settings.store_path)?;
     store.leave_checkpoints_to_the_background()?;
@@ -130,7 +130,6 @@ pub async fn run(
             .ok(),
         release: None,
     };
-    let mut store = store;
     policy_push.new_release(&mut store)?;
     // The registry beside the CA; a PKI from before it existed is imported once.
     let pki_dir = pki::PkiPaths::new(settings.ca.parent().unwrap_or(std::path::Path::new(".")));
