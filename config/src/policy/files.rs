@@ -360,6 +360,24 @@ fn unknown_detector(name: &str, known: &[String]) -> Option<String> {
     })
 }
 
+/// Defines detector `kind:name` (at field `at`): a valid name, defined once.
+fn define(
+    v: &mut Validator,
+    at: &str,
+    names: &mut std::collections::HashSet<String>,
+    kind: &str,
+    name: &str,
+) {
+    if !valid_name(name) {
+        v.error(
+            format!("{at}.name"),
+            format!("`{name}`: use 1-64 letters, digits, `-`, `_`, `.`"),
+        );
+    } else if !names.insert(format!("{kind}:{name}")) {
+        v.error(format!("{at}.name"), format!("`{name}` is defined twice"));
+    }
+}
+
 /// The policy's own detectors, `[[files.keywords]]` and `[[files.patterns]]`: each
 /// named once, keyword lists without empty words, regexes that compile within a
 /// bound (a pushed policy must not exhaust the agent's memory). Also the names they
@@ -377,17 +395,7 @@ fn validate_detectors(
     let mut keywords = Vec::new();
     for (i, k) in keywords_raw.into_iter().enumerate() {
         let at = format!("files.keywords[{i}]");
-        if !valid_name(&k.name) {
-            v.error(
-                format!("{at}.name"),
-                format!("`{}`: use 1-64 letters, digits, `-`, `_`, `.`", k.name),
-            );
-        } else if !names.insert(format!("keywords:{}", k.name)) {
-            v.error(
-                format!("{at}.name"),
-                format!("`{}` is defined twice", k.name),
-            );
-        }
+        define(v, &at, &mut names, "keywords", &k.name);
         if k.words.is_empty() || k.words.iter().any(|w| w.trim().is_empty()) {
             v.error(
                 format!("{at}.words"),
@@ -403,17 +411,7 @@ fn validate_detectors(
     let mut patterns = Vec::new();
     for (i, p) in patterns_raw.into_iter().enumerate() {
         let at = format!("files.patterns[{i}]");
-        if !valid_name(&p.name) {
-            v.error(
-                format!("{at}.name"),
-                format!("`{}`: use 1-64 letters, digits, `-`, `_`, `.`", p.name),
-            );
-        } else if !names.insert(format!("pattern:{}", p.name)) {
-            v.error(
-                format!("{at}.name"),
-                format!("`{}` is defined twice", p.name),
-            );
-        }
+        define(v, &at, &mut names, "pattern", &p.name);
         // Bounded compile: a policy pushed by the collector must not exhaust memory.
         if let Err(e) = regex::RegexBuilder::new(&p.regex)
             .size_limit(1 << 20)

@@ -819,20 +819,26 @@ impl CollectorLink {
     }
 }
 
+/// Each of `paths` must be absolute (what the agent reads must not depend on the
+/// directory it was started in).
+fn all_absolute(v: &mut Validator, field: &str, paths: &[std::path::PathBuf], what: &str) {
+    for (i, p) in paths.iter().enumerate() {
+        if !p.is_absolute() {
+            v.error(
+                format!("{field}[{i}]"),
+                format!("`{}` must be an absolute {what}", p.display()),
+            );
+        }
+    }
+}
+
 impl FilesSection {
     /// `[files]`: limits, the backend, the mount points to watch (the mount table and sysfs are `[usb]`'s).
     fn validate(&self, v: &mut Validator, usb: &UsbSection) -> FilesSettings {
         v.range("files.hash_max_mib", self.hash_max_mib, 1, 1 << 20);
         v.range("files.workers", self.workers, 1, 64);
         let backend = closed_set(v, "files.backend", &self.backend, &FilesBackend::NAMES);
-        for (i, m) in self.watch_mounts.iter().enumerate() {
-            if !m.is_absolute() {
-                v.error(
-                    format!("files.watch_mounts[{i}]"),
-                    format!("`{}` must be an absolute mount point", m.display()),
-                );
-            }
-        }
+        all_absolute(v, "files.watch_mounts", &self.watch_mounts, "mount point");
         FilesSettings {
             sysfs_root: v.resolve(&usb.sysfs_root),
             mountinfo: v.resolve(&usb.mountinfo),
@@ -865,14 +871,7 @@ impl AccessSection {
     fn validate(&self, v: &mut Validator) -> AccessSettings {
         v.range("access.poll_ms", self.poll_ms, 50, 60_000);
         let from = closed_set(v, "access.from", &self.from, &AccessFrom::NAMES);
-        for (i, p) in self.auth_logs.iter().enumerate() {
-            if !p.is_absolute() {
-                v.error(
-                    format!("access.auth_logs[{i}]"),
-                    format!("`{}` must be an absolute path", p.display()),
-                );
-            }
-        }
+        all_absolute(v, "access.auth_logs", &self.auth_logs, "path");
         AccessSettings {
             from: from.unwrap_or(AccessFrom::Auto),
             auth_logs: self.auth_logs.clone(),
