@@ -142,3 +142,44 @@ fn every_fuzz_target_has_a_smoke_test_and_seeds() {
     }
     assert_eq!(names.len(), 12, "{names:?}");
 }
+
+/// docs/fuzzing.md's commands name real targets, folders and scripts, and the
+/// campaign script parses (the campaign itself runs by hand: a sanitizer build of
+/// the tree does not fit CI's budget).
+#[test]
+fn the_fuzzing_docs_name_what_exists() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/fuzzing.md")).unwrap();
+    let block = doc
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a sh block");
+    let mut runs = 0;
+    for line in block.lines() {
+        let words: Vec<&str> = line.split('#').next().unwrap().split_whitespace().collect();
+        if let Some(i) = words.iter().position(|w| *w == "run") {
+            let target = words[i + 1];
+            assert!(
+                root.join("fuzz/fuzz_targets")
+                    .join(format!("{target}.rs"))
+                    .exists(),
+                "{line}"
+            );
+            assert!(root.join("fuzz").join(words[i + 3]).is_dir(), "{line}");
+            runs += 1;
+        }
+        if let Some(script) = words.iter().find(|w| w.starts_with("./")) {
+            let path = root.join("fuzz").join(script.trim_start_matches("./"));
+            let ok = std::process::Command::new("bash")
+                .arg("-n")
+                .arg(&path)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "{} does not parse", path.display());
+            runs += 1;
+        }
+    }
+    assert_eq!(runs, 2, "{block}");
+}
