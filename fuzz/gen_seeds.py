@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Writes the seed corpora under fuzz/corpus/ from files in the repository and a
+"""Writes the seed corpora under fuzz/seeds/ from files in the repository and a
 journal segment of a real agent run (argument 1). Run again to refresh them."""
-import json, os, pathlib, struct, sys
+import io, json, pathlib, struct, sys, zipfile
 
 root = pathlib.Path(__file__).resolve().parent
 repo = root.parent
@@ -86,7 +86,7 @@ put("badge", "card", bytes(sum([[c, 0] for c in [2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
 put("extract", "text", "机密★ 身份证 11010519491231002X 手机 13800138000\n".encode())
 put("extract", "gb18030", "绝密★启用前 银行卡 6222021234567890128".encode("gb18030"))
 
-import io, zipfile
+
 def office(parts):
     b = io.BytesIO()
     with zipfile.ZipFile(b, "w", zipfile.ZIP_DEFLATED) as z:
