@@ -156,8 +156,8 @@ fn sources_never_import_a_guard_an_enforcer_or_decide_with_the_policy() {
             let forbidden = code.contains("crate::guard")
                 || code.contains("Enforcer")
                 || (code.contains("crate::fence") && !code.contains("crate::fence::FenceFact"))
-                || code.contains(".decide(") && !code.contains("judge.decide(")
-                || code.contains(".evaluate(") && code.contains("policy");
+                || (code.contains(".decide(") && !code.contains("judge.decide("))
+                || (code.contains(".evaluate(") && code.contains("policy"));
             if forbidden {
                 problems.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
             }

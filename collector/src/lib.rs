@@ -175,7 +175,7 @@ pub async fn run(
     // Scheduled exports, retention and first-seen pruning; the first tick at start
     // catches up missed periods.
     let mut exports_tick = tokio::time::interval(Duration::from_secs(60));
-    let exports_busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut export_task: Option<tokio::task::JoinHandle<()>> = None;
     // Read from the broker into per-source queues while one message is processed;
     // sources take turns (fair.rs).
     let mut fair = fair::FairQueue::with_quota(settings.source_quota);
@@ -294,7 +294,7 @@ pub async fn run(
             }
             _ = exports_tick.tick() => {
                 // A long export must not hold up ingest, nor start twice.
-                start_scheduled_exports(&ingest, &exports_busy, &settings, &client);
+                start_scheduled_exports(&ingest, &mut export_task, &settings, &client);
             }
             _ = rules_tick.tick() => {
                 let work = ingest.clone();
@@ -308,7 +308,7 @@ pub async fn run(
     }
     watchdog.stopping();
     drain(processing, &mut outbox, &client, &fair).await;
-    finish_background(&ingest, &exports_busy).await;
+    finish_background(&ingest, export_task).await;
     // Agents stop sending into a broker with nobody subscribed.
     let _ = client.try_publish(
         topics::collector_presence(&settings.client_id),
@@ -504,16 +504,15 @@ async fn drain(
 /// At shutdown, after the last acks: an export in progress is let finish (up to a
 /// minute; otherwise its `.partial` folder is left and the next start makes it
 /// again), and every sink delivers what it holds (up to 5 s; what is left is said).
-async fn finish_background(ingest: &Arc<Ingest>, exports_busy: &std::sync::atomic::AtomicBool) {
-    let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
-    if exports_busy.load(Ordering::SeqCst) {
+async fn finish_background(ingest: &Arc<Ingest>, export_task: Option<tokio::task::JoinHandle<()>>) {
+    if let Some(task) = export_task.filter(|t| !t.is_finished()) {
         tracing::info!("stopping: waiting for the export in progress");
-    }
-    while exports_busy.load(Ordering::SeqCst) && tokio::time::Instant::now() < give_up {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    if exports_busy.load(Ordering::SeqCst) {
-        tracing::warn!("stopping: the export in progress did not finish within 60 s; it is made again at the next start");
+        if tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("stopping: the export in progress did not finish within 60 s; it is made again at the next start");
+        }
     }
     let work = ingest.clone();
     let left = tokio::task::spawn_blocking(move || work.sinks.drain(Duration::from_secs(5)))
@@ -598,16 +597,16 @@ fn end_revoked_sessions(revoked: Vec<String>, pki: pki::PkiPaths, settings: &Col
 /// the previous round is still running.
 fn start_scheduled_exports(
     ingest: &Arc<Ingest>,
-    busy: &Arc<std::sync::atomic::AtomicBool>,
+    running: &mut Option<tokio::task::JoinHandle<()>>,
     settings: &CollectorSettings,
     client: &rumqttc::AsyncClient,
 ) {
-    if busy.swap(true, Ordering::SeqCst) {
+    if running.as_ref().is_some_and(|t| !t.is_finished()) {
         return;
     }
-    let (work, busy, settings) = (ingest.clone(), busy.clone(), settings.clone());
+    let (work, settings) = (ingest.clone(), settings.clone());
     let client = client.clone();
-    tokio::task::spawn_blocking(move || {
+    *running = Some(tokio::task::spawn_blocking(move || {
         work.prune_first_seen();
         let rules = work.engine().rule_set();
         let found = export::schedule::run(&settings, &work.signer, &rules, jiff::Timestamp::now());
@@ -615,8 +614,7 @@ fn start_scheduled_exports(
         for r in replies {
             let _ = client.try_publish(&r.topic, QoS::AtLeastOnce, false, r.payload);
         }
-        busy.store(false, Ordering::SeqCst);
-    });
+    }));
 }
 
 /// Most messages committed in one transaction.

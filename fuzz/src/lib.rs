@@ -274,15 +274,14 @@ pub mod signed_batch {
             return;
         };
         let k = keys();
-        let payload = if mode % 2 == 0 {
+        if mode % 2 == 0 {
             let _ = wire::decode_signed(rest, MAX)
                 .map(|m| k.verifier.verify(&m, Purpose::Batch, Role::Agent));
             let _ = weilan_config::topics::parse_agent_topic(&String::from_utf8_lossy(rest));
             return;
-        } else {
-            let body = String::from_utf8_lossy(rest).into_owned();
-            serde_json::to_vec(&k.agent.sign(Purpose::Batch, body)).expect("serialise")
-        };
+        }
+        let body = String::from_utf8_lossy(rest).into_owned();
+        let payload = serde_json::to_vec(&k.agent.sign(Purpose::Batch, body)).expect("serialise");
         let msg = wire::decode_signed(&payload, MAX).expect("a signed message we made decodes");
         let who = k
             .verifier
