@@ -114,3 +114,23 @@ fn the_files_source_does_not_depend_on_the_usb_fence() {
     assert_eq!(files.mountinfo.file_name().unwrap(), "mountinfo");
     assert_eq!(files.mount_poll.as_millis(), 2000);
 }
+
+/// The policy reference's example, verbatim, is a valid policy (the validation it
+/// documents must accept it: detector names, rules, paths).
+#[test]
+fn the_policy_in_docs_policy_md_is_valid() {
+    let doc = include_str!("../../docs/policy.md");
+    let blocks: Vec<&str> = doc
+        .split("```toml\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap())
+        .collect();
+    assert_eq!(
+        blocks.len(),
+        1,
+        "docs/policy.md's toml blocks changed: update this test"
+    );
+    if let Err(e) = weilan_config::policy::parse(blocks[0], "docs/policy.md") {
+        panic!("{e}");
+    }
+}

@@ -1281,3 +1281,27 @@ summary = "x"
     }
     assert_eq!(text.matches("is defined").count(), 3, "{text}");
 }
+
+#[test]
+fn the_complete_rule_files_in_docs_rules_md_load_beside_the_built_in_pack() {
+    // The ```toml blocks that are whole files (a rule; lists, groups and working
+    // hours), verbatim; the third block is an excerpt of a built-in rule.
+    let doc = include_str!("../../../docs/rules.md");
+    let blocks: Vec<&str> = doc
+        .split("```toml\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap())
+        .collect();
+    assert_eq!(
+        blocks.len(),
+        3,
+        "docs/rules.md's toml blocks changed: update this test"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("site.toml"), blocks[0]).unwrap();
+    std::fs::write(dir.path().join("lists.toml"), blocks[1]).unwrap();
+    let set = super::RuleSet::load(true, Some(dir.path()))
+        .unwrap_or_else(|e| panic!("{}", e.iter().map(|e| e.to_string()).collect::<String>()));
+    assert!(set.get("site.usb.night").is_some());
+    assert!(set.has_group("finance"));
+}
