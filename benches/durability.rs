@@ -111,13 +111,7 @@ fn e2e_latency(rate: u64, secs: u64) {
         "max_events_per_sec = 100000",
         "[log]\nlevel = \"warn\"\n",
     );
-    let agent = w.start_agent(&ns, &cfg, AGENT);
-    wait_for(
-        "agent up",
-        Duration::from_secs(60),
-        || (w.count("SELECT COUNT(*) FROM events") > 0).then_some(()),
-        || agent.log_text(),
-    );
+    let _agent = w.start_agent_stored(&ns, &cfg, AGENT);
     let pairs = (rate * secs / 2) as usize;
     // rate events/s = rate/2 pairs/s = rate/40 pairs per 50 ms.
     let per_tick = ((rate / 40).max(1)) as usize;

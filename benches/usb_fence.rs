@@ -32,13 +32,7 @@ fn main() {
     let ns = Netns::create();
     let collector = w.start_collector(&ns, &w.collector_toml(false, "[log]\nlevel = \"warn\"\n"));
     let cfg = w.agent_toml_with(AGENT, "pki/ca.pem", "", "[log]\nlevel = \"warn\"\n");
-    let agent = w.start_agent(&ns, &cfg, AGENT);
-    wait_for(
-        "agent up",
-        Duration::from_secs(60),
-        || (w.count("SELECT COUNT(*) FROM events") > 0).then_some(()),
-        || agent.log_text(),
-    );
+    let _agent = w.start_agent_stored(&ns, &cfg, AGENT);
     for i in 0..n {
         let port = format!("1-{}", i + 2);
         let devpath = add_stick(

@@ -76,7 +76,6 @@ fn load(config: &std::path::Path) -> Result<AgentSettings, ExitCode> {
 
 /// Runs the command line given in `args` (including the program name).
 pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
-    weilan_config::tls::install_default_provider();
     let cli: Cli = match weilan_config::runtime::parse_cli(args) {
         Ok(cli) => cli,
         Err(code) => return code,
@@ -159,16 +158,7 @@ fn unlock_command(config: PathBuf, token: PathBuf) -> ExitCode {
                 t.not_after
             ))
     })();
-    match result {
-        Ok(text) => {
-            println!("{text}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("unlock refused: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    weilan_config::runtime::print_outcome(result, "unlock refused")
 }
 
 fn journal_command(config: PathBuf, reset_acks: bool) -> ExitCode {

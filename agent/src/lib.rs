@@ -302,14 +302,8 @@ fn uplink_config(
         host: settings.collector_host.clone(),
         port: settings.collector_port,
         tls,
-        keep_alive: settings.keep_alive,
-        batch_max_events: settings.batch_max_events,
-        batch_linger: settings.batch_linger,
-        max_batches_in_flight: settings.max_batches_in_flight,
-        ack_timeout: settings.ack_timeout,
-        reconnect_spread: settings.reconnect_spread,
+        delivery: settings.delivery.clone(),
         drain_timeout: Duration::from_secs(3),
-        max_events_per_sec: settings.max_events_per_sec,
     }
 }
 
@@ -412,6 +406,94 @@ fn spawn_renewal(
     })
 }
 
+/// The recording half of the pipeline: the journal, recovered, and the recorder that
+/// numbers, chains and journals every event the sources emit through `sink`.
+struct Recording {
+    journal: Arc<Mutex<Journal>>,
+    /// Rung when the journal has something new for the uplink.
+    notify: Arc<Notify>,
+    sink: EventSink,
+    recorder: tokio::task::JoinHandle<()>,
+}
+
+/// Opens the journal and the capture ledger and starts the recorder; the new epoch's
+/// first events say what the last run lost (a torn write, events queued but never
+/// journaled because it was killed — counted exactly).
+fn start_recording(
+    settings: &AgentSettings,
+    agent_id: &str,
+    policy_version: &str,
+    stats: &Arc<AgentStats>,
+) -> Result<Recording, AgentError> {
+    let (installation, installation_new) = state::installation(&settings.state_dir)?;
+    let (journal, recovery) = open_journal(settings, agent_id, policy_version)?;
+    let journal = Arc::new(Mutex::new(journal));
+    let notify = Arc::new(Notify::new());
+    let source_drops = Arc::new(AtomicU64::new(0));
+    let (tx, rx) = mpsc::channel(settings.pipeline_capacity);
+    let (ledger, crash_lost) = ledger::CaptureLedger::open(&settings.state_dir)?;
+    let ledger = Arc::new(ledger);
+    let mut recovered = recovery.lost;
+    recovered.extend(crash_loss(crash_lost));
+    let sink = EventSink::new(tx, source_drops.clone()).with_ledger(ledger.clone());
+    let mut recorder = Recorder::new(
+        agent_id.to_string(),
+        settings.host_role.as_str(),
+        settings.site.clone(),
+        journal.clone(),
+        notify.clone(),
+        stats.clone(),
+        source_drops,
+    );
+    recorder.ledger = Some(ledger);
+    let started = EpochStarted {
+        installation,
+        installation_new,
+        previous: recovery.previous,
+    };
+    let recorder =
+        tokio::task::spawn_blocking(move || recorder.run_blocking(rx, started, recovered));
+    Ok(Recording {
+        journal,
+        notify,
+        sink,
+        recorder,
+    })
+}
+
+/// The first event of a run: which policy is in force and where it came from.
+fn policy_in_force(
+    policy: &Policy,
+    source: &'static str,
+    release: &policy_manager::Release,
+) -> Event {
+    Event::PolicyApplied(PolicyApplied {
+        version: policy.version.clone(),
+        previous: None,
+        source: source.into(),
+        serial: (release.serial > 0).then_some(release.serial),
+        sha256: (!release.sha256.is_empty()).then(|| release.sha256.clone()),
+    })
+}
+
+/// Every source under supervision, each in its own span.
+fn supervise_all(
+    sources: Vec<Box<dyn Source>>,
+    sink: &EventSink,
+    shutdown: &CancellationToken,
+) -> JoinSet<()> {
+    let ctx = SourceContext {
+        sink: sink.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let mut supervised = JoinSet::new();
+    for source in sources {
+        let span = tracing::info_span!("source", name = source.name());
+        supervised.spawn(supervise(source, ctx.clone()).instrument(span));
+    }
+    supervised
+}
+
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result<(), AgentError> {
     let (agent_id, identity) = identity_in_force(&settings)?;
@@ -428,42 +510,17 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
     let renewal = spawn_renewal(&settings, &agent_id, &identity, switch_tx, &shutdown);
     let (policy, policy_source, policy_release) =
         policy_manager::initial(&settings.state_dir, &settings.policy)?;
-    let (installation, installation_new) = state::installation(&settings.state_dir)?;
-    let (journal, recovery) = open_journal(&settings, &agent_id, &policy.version)?;
-    let journal = Arc::new(Mutex::new(journal));
-
     let stats = Arc::new(AgentStats::default());
     stats.set_policy_version(&policy.version);
+    let Recording {
+        journal,
+        notify,
+        sink,
+        recorder,
+    } = start_recording(&settings, &agent_id, &policy.version, &stats)?;
     let (policy_tx, policy_rx) = mpsc::channel(4);
     let (fence_control, fence_control_rx) = mpsc::channel(8);
     let (commands_tx, commands_rx) = mpsc::channel(64);
-    let notify = Arc::new(Notify::new());
-    let source_drops = Arc::new(AtomicU64::new(0));
-    let (tx, rx) = mpsc::channel(settings.pipeline_capacity);
-    // What the last run queued and never journaled (it was killed): counted exactly.
-    let (ledger, crash_lost) = ledger::CaptureLedger::open(&settings.state_dir)?;
-    let ledger = Arc::new(ledger);
-    let mut recovered = recovery.lost;
-    recovered.extend(crash_loss(crash_lost));
-    let sink = EventSink::new(tx, source_drops.clone()).with_ledger(ledger.clone());
-
-    let mut recorder = Recorder::new(
-        agent_id.clone(),
-        settings.host_role.as_str(),
-        settings.site.clone(),
-        journal.clone(),
-        notify.clone(),
-        stats.clone(),
-        source_drops,
-    );
-    recorder.ledger = Some(ledger);
-    let started = EpochStarted {
-        installation,
-        installation_new,
-        previous: recovery.previous,
-    };
-    let recorder =
-        tokio::task::spawn_blocking(move || recorder.run_blocking(rx, started, recovered));
     let watchdog = tokio::spawn(watchdog(stats.clone(), shutdown.clone()));
 
     let drain = CancellationToken::new();
@@ -482,13 +539,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
 
     let policy = Arc::new(policy);
     let _ = sink
-        .emit(Event::PolicyApplied(PolicyApplied {
-            version: policy.version.clone(),
-            previous: None,
-            source: policy_source.into(),
-            serial: (policy_release.serial > 0).then_some(policy_release.serial),
-            sha256: (!policy_release.sha256.is_empty()).then(|| policy_release.sha256.clone()),
-        }))
+        .emit(policy_in_force(&policy, policy_source, &policy_release))
         .await;
     let (fence_tx, fence_rx) = mpsc::channel(256);
     let policy_watch = tokio::sync::watch::Sender::new(policy.clone());
@@ -538,16 +589,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
         &sink,
     )
     .await?;
-    let ctx = SourceContext {
-        sink: sink.clone(),
-        shutdown: shutdown.clone(),
-    };
-    let mut supervised = JoinSet::new();
-    for source in sources {
-        let span = tracing::info_span!("source", name = source.name());
-        supervised.spawn(supervise(source, ctx.clone()).instrument(span));
-    }
-    drop(ctx);
+    let supervised = supervise_all(sources, &sink, &shutdown);
 
     shutdown.cancelled().await;
     tracing::info!("agent stopping");

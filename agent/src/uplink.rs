@@ -96,17 +96,9 @@ pub struct UplinkConfig {
     pub host: String,
     pub port: u16,
     pub tls: Arc<rustls::ClientConfig>,
-    pub keep_alive: Duration,
-    pub batch_max_events: usize,
-    pub batch_linger: Duration,
-    pub max_batches_in_flight: usize,
-    pub ack_timeout: Duration,
-    /// The first reconnect after a drop waits a random moment within this.
-    pub reconnect_spread: Duration,
+    pub delivery: weilan_config::settings::agent::Delivery,
     /// How long to keep delivering after the agent was told to stop.
     pub drain_timeout: Duration,
-    /// Most events sent per second (replay after an outage included).
-    pub max_events_per_sec: u32,
 }
 
 struct InFlight {
@@ -200,7 +192,7 @@ impl Uplink {
                 host: c.host.clone(),
                 port: c.port,
                 tls: c.tls.clone(),
-                keep_alive: c.keep_alive,
+                keep_alive: c.delivery.keep_alive,
                 last_will: Some(LastWill::new(
                     topics::agent_topic(&c.agent_id, Channel::Status),
                     status_payload(&c.agent_id, AgentState::Offline),
@@ -217,7 +209,7 @@ impl Uplink {
                     topics::POLICY.to_string(),
                     topics::PRESENCE_FILTER.to_string(),
                 ],
-                reconnect_spread: c.reconnect_spread,
+                reconnect_spread: c.delivery.reconnect_spread,
             },
             stop.clone(),
         )
@@ -237,7 +229,7 @@ impl Uplink {
             in_flight: VecDeque::new(),
             // Random start: an ack that outlived a previous run can never match.
             next_batch_id: rand::random::<u32>() as u64 * 1_000_000,
-            limit: RateLimit::new(self.config.max_events_per_sec),
+            limit: RateLimit::new(self.config.delivery.max_events_per_sec),
         };
         let mut throttled: Option<tokio::time::Instant> = None;
         loop {
@@ -283,13 +275,13 @@ impl Uplink {
                     None => break,
                 },
                 _ = self.notify.notified() => {
-                    if !c.batch_linger.is_zero() {
-                        tokio::time::sleep(c.batch_linger).await;
+                    if !c.delivery.batch_linger.is_zero() {
+                        tokio::time::sleep(c.delivery.batch_linger).await;
                     }
                 }
                 _ = sleep_until_opt(throttled) => throttled = None,
                 _ = ack_check.tick() => {
-                    let stale = sending.in_flight.front().is_some_and(|b| b.sent.elapsed() >= c.ack_timeout);
+                    let stale = sending.in_flight.front().is_some_and(|b| b.sent.elapsed() >= c.delivery.ack_timeout);
                     // Safety net: nothing in flight, yet the acknowledged watermark is
                     // behind the send cursor — records there were sent and never
                     // acknowledged, and no later ack or timeout will bring them back.
@@ -351,12 +343,15 @@ impl Uplink {
         sending: &mut Sending,
     ) -> Option<tokio::time::Instant> {
         let c = &self.config;
-        while sending.in_flight.len() < c.max_batches_in_flight {
+        while sending.in_flight.len() < c.delivery.max_batches_in_flight {
             let tokens = sending.limit.available();
             if tokens == 0 {
-                let wait = sending
-                    .limit
-                    .wait_for(c.batch_max_events.min(c.max_events_per_sec as usize).max(1));
+                let wait = sending.limit.wait_for(
+                    c.delivery
+                        .batch_max_events
+                        .min(c.delivery.max_events_per_sec as usize)
+                        .max(1),
+                );
                 return Some(tokio::time::Instant::now() + wait.max(Duration::from_millis(10)));
             }
             let records = {
@@ -365,7 +360,7 @@ impl Uplink {
                 let mut journal = self.lock();
                 let records = journal.read(
                     sending.cursor,
-                    c.batch_max_events.min(tokens),
+                    c.delivery.batch_max_events.min(tokens),
                     MAX_BATCH_BYTES,
                 );
                 if let Some(last) = records.last() {

@@ -334,7 +334,6 @@ fn load(config: &std::path::Path) -> Result<CollectorSettings, ExitCode> {
 
 /// Runs the command line given in `args` (including the program name).
 pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
-    weilan_config::tls::install_default_provider();
     let cli: Cli = match weilan_config::runtime::parse_cli(args) {
         Ok(cli) => cli,
         Err(code) => return code,
@@ -619,7 +618,7 @@ fn unlock_command(args: UnlockArgs) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
-    match crate::unlock::issue(
+    let issued = crate::unlock::issue(
         &settings,
         &agent,
         hash,
@@ -630,16 +629,8 @@ fn unlock_command(args: UnlockArgs) -> ExitCode {
         &reason,
         out.as_deref(),
         send,
-    ) {
-        Ok(text) => {
-            println!("{text}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("unlock: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    );
+    weilan_config::runtime::print_outcome(issued, "unlock")
 }
 
 fn order_command(
@@ -668,16 +659,9 @@ fn order_command(
         }
         CommandCli::Inventory => weilan_config::wire::CommandAction::RequestInventory,
     };
-    match crate::unlock::send_command(&settings, &agent, action, &reason, valid_secs) {
-        Ok(seq) => {
-            println!("command {seq} sent to {agent} by the running collector; its result arrives as a command.result event");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("command: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let sent = crate::unlock::send_command(&settings, &agent, action, &reason, valid_secs)
+        .map(|seq| format!("command {seq} sent to {agent} by the running collector; its result arrives as a command.result event"));
+    weilan_config::runtime::print_outcome(sent, "command")
 }
 
 fn quarantine_command(config: PathBuf, json: bool) -> ExitCode {

@@ -89,130 +89,49 @@ pub async fn run(
     settings: CollectorSettings,
     shutdown: CancellationToken,
 ) -> Result<(), CollectorError> {
-    let policy = weilan_config::load_file::<PolicyFile>(&settings.policy_path)?;
-    let mut store = store::Store::open(&settings.store_path)?;
-    // The WAL is copied into the database beside ingest, never inside a commit.
-    let checkpointer = store::Checkpointer::spawn(&settings.store_path)?;
-    store.leave_checkpoints_to_the_background()?;
-    let alert_log = alerts::AlertLog::open(&settings.alerts_path, settings.alerts_rotation)
-        .map_err(|source| CollectorError::AlertLog {
-            path: settings.alerts_path.display().to_string(),
-            source,
-        })?;
-    let mut engine = rules::Engine::new(settings.rules_builtin, settings.rules_dir.clone())
-        .map_err(CollectorError::Rules)?;
-    engine.roster =
-        roster::Roster::load(settings.roster.as_deref()).map_err(CollectorError::Roster)?;
-    if engine.roster.configured() {
-        tracing::info!(people = engine.roster.len(), "badge roster loaded");
-    }
-    tracing::info!(rules = engine.rule_set().rules().count(), files = ?engine.rule_set().files, "rules loaded");
-    let sinks = sinks::Sinks::start(&settings.sinks)?;
-    let signer = Signer::from_pem_files(&settings.client_cert, &settings.client_key)?;
-    let verifier = Verifier::from_ca_file(&settings.ca)?;
+    let pki_dir = pki::PkiPaths::new(settings.ca.parent().unwrap_or(std::path::Path::new(".")));
+    let (ingest, checkpointer, mut policy_push) = open_ingest(&settings, &pki_dir)?;
+    let ingest = Arc::new(ingest);
     let (notice_tx, mut notice_rx) = tokio::sync::mpsc::channel(256);
     let broker_stop = CancellationToken::new();
     let embedded =
         start_embedded_broker(&settings, broker_stop.clone(), shutdown.clone(), notice_tx).await?;
-    let tls = weilan_config::tls::client_config(
-        &settings.ca,
-        &settings.client_cert,
-        &settings.client_key,
-        &settings.server_name,
-    )?;
-    let policy_text = std::fs::read_to_string(&settings.policy_path).unwrap_or_default();
-    let mut policy_push = PolicyPublisher {
-        path: settings.policy_path.clone(),
-        version: policy.version.clone(),
-        text: policy_text,
-        modified: std::fs::metadata(&settings.policy_path)
-            .and_then(|m| m.modified())
-            .ok(),
-        release: None,
-    };
-    policy_push.new_release(&mut store)?;
-    // The registry beside the CA; a PKI from before it existed is imported once.
-    let pki_dir = pki::PkiPaths::new(settings.ca.parent().unwrap_or(std::path::Path::new(".")));
-    let registry = open_registry(&pki_dir)?;
-    let mut registry_seen = registry.entry_count();
-    let mut revocation_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut registry_seen = ingest.registry.entry_count();
     let (refused_tx, mut refused_rx) = tokio::sync::mpsc::channel(256);
     if let Some(listen) = settings.enroll_listen {
         start_enrollment(&settings, listen, &pki_dir, refused_tx, shutdown.clone()).await?;
     }
-    let ingest = Arc::new(Ingest {
-        store: Arc::new(Mutex::new(store)),
-        alerts: Mutex::new(alert_log),
-        engine: Mutex::new(engine),
-        sinks,
-        policy: std::sync::RwLock::new(policy),
-        verifier,
-        signer,
-        max_payload: settings.max_payload_bytes,
-        stats: Default::default(),
-        last_integrity_alert: Default::default(),
-        registry,
-        refused: Default::default(),
-    });
-    tracing::info!(
-        database = %settings.store_path.display(),
-        alerts = %settings.alerts_path.display(),
-        broker = %format!("{}:{}", settings.broker_host, settings.broker_port),
-        policy_version = %policy_push.version,
-        "collector running"
-    );
     let session_stop = CancellationToken::new();
     let (client, mut rx, session) = mqtt::spawn(
-        session_config(&settings, tls, &ingest.signer),
+        session_config(&settings, &ingest.signer)?,
         session_stop.clone(),
     );
     let mut broker_health =
         BrokerHealth::new(format!("{}:{}", settings.broker_host, settings.broker_port));
     let mut watchdog = SystemdWatchdog::start();
-    let mut report = tokio::time::interval(Duration::from_secs(60));
-    let mut fleet_tick = tokio::time::interval(settings.fleet_check_interval);
-    let mut rules_tick = tokio::time::interval(settings.rules_reload_check);
-    // Scheduled exports, retention and first-seen pruning; the first tick at start
-    // catches up missed periods.
-    let mut exports_tick = tokio::time::interval(Duration::from_secs(60));
+    let mut ticks = Ticks::new(&settings);
     let mut export_task: Option<tokio::task::JoinHandle<()>> = None;
     // Read from the broker into per-source queues while one message is processed;
     // sources take turns (fair.rs).
     let mut fair = fair::FairQueue::with_quota(settings.source_quota);
     let mut refusals = fair::Refusals::default();
     let mut processing: Option<tokio::task::JoinHandle<Vec<ingest::Reply>>> = None;
-    let mut flood_tick = tokio::time::interval(Duration::from_secs(1));
     // Acks and commands wait here while the MQTT request channel is full; ingest
     // pauses meanwhile, so nothing is dropped and the backlog stays bounded.
     let mut outbox = Outbox::default();
-    let mut outbox_tick = tokio::time::interval(Duration::from_millis(5));
-    let mut quota_tick = tokio::time::interval(Duration::from_millis(10));
-    // Commands the command line queued in the database (unlock.rs); one indexed
-    // lookup per tick.
-    let mut commands_tick = tokio::time::interval(Duration::from_millis(250));
-    commands_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
-        if processing.is_none() && !fair.is_empty() && !outbox.backed_up() {
-            // One message of every source waiting, up to a bound, goes into one
-            // transaction (group commit): under load one fsync serves many agents'
-            // batches, and with a single message waiting the group is that message.
-            let group = fair.pop_group(
-                GROUP_MAX_MESSAGES,
-                GROUP_MAX_BYTES,
-                std::time::Instant::now(),
-            );
-            if !group.is_empty() {
-                let work = ingest.clone();
-                processing = Some(tokio::task::spawn_blocking(move || {
-                    work.process_group(&group)
-                }));
-            }
+        if processing.is_none() && !outbox.backed_up() {
+            processing = start_group(&ingest, &mut fair);
         }
+        let replies = Replies {
+            ingest: &ingest,
+            client: &client,
+        };
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = outbox_tick.tick(), if !outbox.is_empty() => outbox.flush(&client),
+            _ = ticks.outbox.tick(), if !outbox.is_empty() => outbox.flush(&client),
             // Every waiting source over its quota: look again shortly.
-            _ = quota_tick.tick(), if processing.is_none() && !fair.is_empty() => {}
+            _ = ticks.quota.tick(), if processing.is_none() && !fair.is_empty() => {}
             done = async { processing.as_mut().expect("guarded").await }, if processing.is_some() => {
                 processing = None;
                 match done {
@@ -220,19 +139,10 @@ pub async fn run(
                     Err(e) => tracing::error!(error = %e, "ingest task failed; message skipped"),
                 }
             }
-            _ = commands_tick.tick() => {
-                let work = ingest.clone();
-                match tokio::task::spawn_blocking(move || work.queued_commands()).await {
-                    Ok(replies) => outbox.send(&client, replies),
-                    Err(e) => tracing::error!(error = %e, "queued commands not sent"),
-                }
-            }
-            _ = flood_tick.tick(), if !refusals.by_source.is_empty() => {
-                let (work, refused) = (ingest.clone(), refusals.take());
-                match tokio::task::spawn_blocking(move || work.flooding(refused)).await {
-                    Ok(replies) => outbox.send(&client, replies),
-                    Err(e) => tracing::error!(error = %e, "flooding not counted"),
-                }
+            _ = ticks.commands.tick() => replies.from(&mut outbox, "queued commands not sent", Ingest::queued_commands).await,
+            _ = ticks.flood.tick(), if !refusals.by_source.is_empty() => {
+                let refused = refusals.take();
+                replies.from(&mut outbox, "flooding not counted", move |i| i.flooding(refused)).await;
             }
             // While replies are backed up no group is taken, but reading goes on: the
             // session task that delivers the replies is the one that hands over what
@@ -256,66 +166,33 @@ pub async fn run(
             },
             _ = watchdog.tick() => watchdog.keep_alive(),
             Some(notice) = notice_rx.recv() => {
-                let work = ingest.clone();
                 let found = vec![broker_finding(&notice)];
-                match tokio::task::spawn_blocking(move || work.raise(found)).await {
-                    Ok(replies) => outbox.send(&client, replies),
-                    Err(e) => tracing::error!(error = %e, "broker notice not raised"),
-                }
+                replies.from(&mut outbox, "broker notice not raised", move |i| i.raise(found)).await;
             }
-            _ = revocation_tick.tick() => {
-                let revoked = ingest.registry.revoked_since(&mut registry_seen);
-                if !revoked.is_empty() {
-                    if let Some(b) = &embedded {
-                        b.reload();
-                    }
-                    let revoked: Vec<String> = revoked.into_iter().filter(|(_, gone)| *gone).map(|(id, _)| id).collect();
-                    end_revoked_sessions(revoked, pki_dir.clone(), &settings);
-                }
-            }
+            _ = ticks.revocation.tick() => enforce_revocations(&ingest, &mut registry_seen, embedded.as_ref(), &pki_dir, &settings),
             Some(refusal) = refused_rx.recv() => {
-                let work = ingest.clone();
                 let found = vec![enroll::refusal_finding(&refusal)];
-                match tokio::task::spawn_blocking(move || work.raise(found)).await {
-                    Ok(replies) => outbox.send(&client, replies),
-                    Err(e) => tracing::error!(error = %e, "enrollment finding not raised"),
-                }
+                replies.from(&mut outbox, "enrollment finding not raised", move |i| i.raise(found)).await;
             }
-            _ = fleet_tick.tick() => {
-                let mut found: Vec<rules::Finding> = broker_health.finding().into_iter().collect();
+            _ = ticks.fleet.tick() => {
                 // An invalid policy is raised with the fleet findings, off the runtime thread.
-                found.extend(policy_push.refresh(&ingest, &client));
-                let work = ingest.clone();
+                let found = broker_health.finding().into_iter().chain(policy_push.refresh(&ingest, &client)).collect();
                 let (silent, grace) = (settings.silent_after, settings.gap_grace);
-                match tokio::task::spawn_blocking(move || work.fleet_checks(silent, grace, found)).await {
-                    Ok(replies) => outbox.send(&client, replies),
-                    Err(e) => tracing::error!(error = %e, "fleet checks failed"),
-                }
+                replies.from(&mut outbox, "fleet checks failed", move |i| i.fleet_checks(silent, grace, found)).await;
             }
-            _ = exports_tick.tick() => {
-                // A long export must not hold up ingest, nor start twice.
-                start_scheduled_exports(&ingest, &mut export_task, &settings, &client);
-            }
-            _ = rules_tick.tick() => {
-                let work = ingest.clone();
-                match tokio::task::spawn_blocking(move || work.reload_rules()).await {
-                    Ok(replies) => outbox.send(&client, replies),
-                    Err(e) => tracing::error!(error = %e, "rule reload failed"),
-                }
-            }
-            _ = report.tick() => log_counters(&ingest),
+            // A long export must not hold up ingest, nor start twice.
+            _ = ticks.exports.tick() => start_scheduled_exports(&ingest, &mut export_task, &settings, &client),
+            _ = ticks.rules.tick() => replies.from(&mut outbox, "rule reload failed", Ingest::reload_rules).await,
+            _ = ticks.report.tick() => log_counters(&ingest),
         }
     }
     watchdog.stopping();
     drain(processing, &mut outbox, &client, &fair).await;
     finish_background(&ingest, export_task).await;
     // Agents stop sending into a broker with nobody subscribed.
-    let _ = client.try_publish(
-        topics::collector_presence(&settings.client_id),
-        QoS::AtLeastOnce,
-        true,
-        presence_payload(&ingest.signer, wire::AgentState::Offline, 0),
-    );
+    let offline = presence_payload(&ingest.signer, wire::AgentState::Offline, 0);
+    let presence = topics::collector_presence(&settings.client_id);
+    let _ = client.try_publish(presence, QoS::AtLeastOnce, true, offline);
     session_stop.cancel();
     let _ = session.await;
     broker_stop.cancel();
@@ -325,6 +202,174 @@ pub async fn run(
     }
     tracing::info!("collector stopped");
     Ok(())
+}
+
+/// Certificates revoked since the last look: the embedded broker reloads its CRL, and
+/// the sessions of identities that are gone are ended.
+fn enforce_revocations(
+    ingest: &Ingest,
+    registry_seen: &mut usize,
+    embedded: Option<&broker::SupervisedBroker>,
+    pki_dir: &pki::PkiPaths,
+    settings: &CollectorSettings,
+) {
+    let revoked = ingest.registry.revoked_since(registry_seen);
+    if revoked.is_empty() {
+        return;
+    }
+    if let Some(b) = embedded {
+        b.reload();
+    }
+    let gone = revoked
+        .into_iter()
+        .filter(|(_, gone)| *gone)
+        .map(|(id, _)| id)
+        .collect();
+    end_revoked_sessions(gone, pki_dir.clone(), settings);
+}
+
+/// Opens everything ingest works with: the policy, the database (its WAL copied back
+/// by a background checkpointer, never inside a commit), the alert log, the rules and
+/// roster, the sinks, the collector's keys and the registry of enrolled identities;
+/// the policy in force becomes a release.
+fn open_ingest(
+    settings: &CollectorSettings,
+    pki_dir: &pki::PkiPaths,
+) -> Result<(Ingest, store::Checkpointer, PolicyPublisher), CollectorError> {
+    let policy = weilan_config::load_file::<PolicyFile>(&settings.policy_path)?;
+    let mut store = store::Store::open(&settings.store_path)?;
+    let checkpointer = store::Checkpointer::spawn(&settings.store_path)?;
+    store.leave_checkpoints_to_the_background()?;
+    let alert_log = alerts::AlertLog::open(&settings.alerts_path, settings.alerts_rotation)
+        .map_err(|source| CollectorError::AlertLog {
+            path: settings.alerts_path.display().to_string(),
+            source,
+        })?;
+    let mut engine = rules::Engine::new(settings.rules_builtin, settings.rules_dir.clone())
+        .map_err(CollectorError::Rules)?;
+    engine.roster =
+        roster::Roster::load(settings.roster.as_deref()).map_err(CollectorError::Roster)?;
+    if engine.roster.configured() {
+        tracing::info!(people = engine.roster.len(), "badge roster loaded");
+    }
+    tracing::info!(rules = engine.rule_set().rules().count(), files = ?engine.rule_set().files, "rules loaded");
+    let mut policy_push = PolicyPublisher {
+        path: settings.policy_path.clone(),
+        version: policy.version.clone(),
+        text: std::fs::read_to_string(&settings.policy_path).unwrap_or_default(),
+        modified: std::fs::metadata(&settings.policy_path)
+            .and_then(|m| m.modified())
+            .ok(),
+        release: None,
+    };
+    policy_push.new_release(&mut store)?;
+    let ingest = Ingest {
+        store: Arc::new(Mutex::new(store)),
+        alerts: Mutex::new(alert_log),
+        engine: Mutex::new(engine),
+        sinks: sinks::Sinks::start(&settings.sinks)?,
+        policy: std::sync::RwLock::new(policy),
+        verifier: Verifier::from_ca_file(&settings.ca)?,
+        signer: Signer::from_pem_files(&settings.client_cert, &settings.client_key)?,
+        max_payload: settings.max_payload_bytes,
+        stats: Default::default(),
+        last_integrity_alert: Default::default(),
+        registry: open_registry(pki_dir)?,
+        refused: Default::default(),
+    };
+    tracing::info!(
+        database = %settings.store_path.display(),
+        alerts = %settings.alerts_path.display(),
+        broker = %format!("{}:{}", settings.broker_host, settings.broker_port),
+        policy_version = %policy_push.version,
+        "collector ready to serve"
+    );
+    Ok((ingest, checkpointer, policy_push))
+}
+
+/// The serve loop's clocks.
+struct Ticks {
+    /// Revoked certificates: the broker reloads its CRL and their sessions end.
+    revocation: tokio::time::Interval,
+    /// The minute's counters in the log.
+    report: tokio::time::Interval,
+    fleet: tokio::time::Interval,
+    rules: tokio::time::Interval,
+    /// Scheduled exports, retention and first-seen pruning; the first tick at start
+    /// catches up missed periods.
+    exports: tokio::time::Interval,
+    flood: tokio::time::Interval,
+    outbox: tokio::time::Interval,
+    quota: tokio::time::Interval,
+    /// Commands the command line queued in the database (unlock.rs); one indexed
+    /// lookup per tick.
+    commands: tokio::time::Interval,
+}
+
+impl Ticks {
+    fn new(settings: &CollectorSettings) -> Ticks {
+        let mut commands = tokio::time::interval(Duration::from_millis(250));
+        commands.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        Ticks {
+            revocation: tokio::time::interval(Duration::from_secs(1)),
+            report: tokio::time::interval(Duration::from_secs(60)),
+            fleet: tokio::time::interval(settings.fleet_check_interval),
+            rules: tokio::time::interval(settings.rules_reload_check),
+            exports: tokio::time::interval(Duration::from_secs(60)),
+            flood: tokio::time::interval(Duration::from_secs(1)),
+            outbox: tokio::time::interval(Duration::from_millis(5)),
+            quota: tokio::time::interval(Duration::from_millis(10)),
+            commands,
+        }
+    }
+}
+
+/// One message of every source waiting, up to a bound, goes into one transaction
+/// (group commit): under load one fsync serves many agents' batches, and with a
+/// single message waiting the group is that message.
+fn start_group(
+    ingest: &Arc<Ingest>,
+    fair: &mut fair::FairQueue,
+) -> Option<tokio::task::JoinHandle<Vec<ingest::Reply>>> {
+    if fair.is_empty() {
+        return None;
+    }
+    let group = fair.pop_group(
+        GROUP_MAX_MESSAGES,
+        GROUP_MAX_BYTES,
+        std::time::Instant::now(),
+    );
+    if group.is_empty() {
+        return None;
+    }
+    let work = ingest.clone();
+    Some(tokio::task::spawn_blocking(move || {
+        work.process_group(&group)
+    }))
+}
+
+/// Work off the runtime thread whose replies (acks, commands, alerts' commands) go
+/// out through the outbox.
+struct Replies<'a> {
+    ingest: &'a Arc<Ingest>,
+    client: &'a rumqttc::AsyncClient,
+}
+
+impl Replies<'_> {
+    /// Runs `work` on the blocking pool and sends its replies; if it panicked, the
+    /// log says `failed` and the loop goes on.
+    async fn from(
+        &self,
+        outbox: &mut Outbox,
+        failed: &'static str,
+        work: impl FnOnce(&Ingest) -> Vec<ingest::Reply> + Send + 'static,
+    ) {
+        let ingest = self.ingest.clone();
+        match tokio::task::spawn_blocking(move || work(&ingest)).await {
+            Ok(replies) => outbox.send(self.client, replies),
+            Err(e) => tracing::error!(error = %e, "{failed}"),
+        }
+    }
 }
 
 /// Tells agents a collector listens: queued behind the subscriptions on the same
@@ -346,10 +391,15 @@ fn announce_online(client: &rumqttc::AsyncClient, client_id: &str, signer: &Sign
 /// batches while no collector listens).
 fn session_config(
     settings: &CollectorSettings,
-    tls: Arc<rustls::ClientConfig>,
     signer: &Signer,
-) -> SessionConfig {
-    SessionConfig {
+) -> Result<SessionConfig, CollectorError> {
+    let tls = weilan_config::tls::client_config(
+        &settings.ca,
+        &settings.client_cert,
+        &settings.client_key,
+        &settings.server_name,
+    )?;
+    Ok(SessionConfig {
         client_id: settings.client_id.clone(),
         host: settings.broker_host.clone(),
         port: settings.broker_port,
@@ -372,7 +422,7 @@ fn session_config(
             topics::DOORS_FILTER.to_string(),
         ],
         reconnect_spread: Duration::ZERO,
-    }
+    })
 }
 
 /// The registry of enrolled identities beside the CA; a PKI from before it existed

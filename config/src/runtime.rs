@@ -40,11 +40,13 @@ pub async fn stop_on_signal(shutdown: CancellationToken) {
 /// Exit code for bad configuration or usage (`EX_USAGE` from sysexits.h, 64).
 pub const EXIT_CONFIG: u8 = 64;
 
-/// Parses a command line (program name first). `--help`/`--version` print and end
-/// with success; a usage error prints and ends with [`EXIT_CONFIG`].
+/// Starts a command line (program name first): installs the one TLS provider every
+/// connection uses, then parses. `--help`/`--version` print and end with success; a
+/// usage error prints and ends with [`EXIT_CONFIG`].
 pub fn parse_cli<C: clap::Parser>(
     args: impl IntoIterator<Item = std::ffi::OsString>,
 ) -> Result<C, std::process::ExitCode> {
+    crate::tls::install_default_provider();
     C::try_parse_from(args).map_err(|e| {
         let _ = e.print();
         if e.use_stderr() {
@@ -106,4 +108,22 @@ where
             },
         }
     })
+}
+
+/// A command's result on the terminal: its text on standard output and success, or
+/// `failed: error` on standard error and failure.
+pub fn print_outcome<T: std::fmt::Display, E: std::fmt::Display>(
+    result: Result<T, E>,
+    failed: &str,
+) -> std::process::ExitCode {
+    match result {
+        Ok(text) => {
+            println!("{text}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{failed}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -104,7 +104,10 @@ pub fn client_config_with(
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
     let expected = ServerName::try_from(server_name.to_string())
         .map_err(|_| TlsError::ServerName(server_name.to_string()))?;
-    let verifier = Arc::new(PinnedNameVerifier { inner, expected });
+    let verifier = Arc::new(ExpectedNameVerifier {
+        anchor: TrustAnchor::Configured(inner),
+        expected,
+    });
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Rustls(e.to_string()))?
@@ -113,75 +116,6 @@ pub fn client_config_with(
         .with_client_auth_cert(chain, key)
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
     Ok(Arc::new(config))
-}
-
-/// The handshake signature checks of Weilan's server verifiers: the one provider's
-/// algorithms, whatever the certificate was checked against.
-macro_rules! provider_signature_checks {
-    () => {
-        fn verify_tls12_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(
-                message,
-                cert,
-                dss,
-                &provider().signature_verification_algorithms,
-            )
-        }
-
-        fn verify_tls13_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(
-                message,
-                cert,
-                dss,
-                &provider().signature_verification_algorithms,
-            )
-        }
-
-        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            provider()
-                .signature_verification_algorithms
-                .supported_schemes()
-        }
-    };
-}
-
-/// Full WebPKI verification against the pinned CA, but for the configured server name
-/// instead of whatever host string the MQTT client dialled.
-#[derive(Debug)]
-struct PinnedNameVerifier {
-    inner: Arc<WebPkiServerVerifier>,
-    expected: ServerName<'static>,
-}
-
-impl ServerCertVerifier for PinnedNameVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _dialled: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            &self.expected,
-            ocsp_response,
-            now,
-        )
-    }
-
-    provider_signature_checks!();
 }
 
 /// A client configuration for enrollment, before the agent has any certificate or CA:
@@ -194,8 +128,8 @@ pub fn pinned_ca_client_config(
 ) -> Result<Arc<ClientConfig>, TlsError> {
     let expected = ServerName::try_from(server_name.to_string())
         .map_err(|_| TlsError::ServerName(server_name.to_string()))?;
-    let verifier = Arc::new(PinnedCaVerifier {
-        ca_sha256,
+    let verifier = Arc::new(ExpectedNameVerifier {
+        anchor: TrustAnchor::PinnedInChain(ca_sha256),
         expected,
     });
     let config = ClientConfig::builder_with_provider(provider())
@@ -207,15 +141,26 @@ pub fn pinned_ca_client_config(
     Ok(Arc::new(config))
 }
 
-/// Finds the pinned CA among the certificates the server sent, then does full WebPKI
-/// verification under it, for the configured name.
+/// Which CA a server's certificate must chain to.
 #[derive(Debug)]
-struct PinnedCaVerifier {
-    ca_sha256: [u8; 32],
+enum TrustAnchor {
+    /// The CA file in the configuration.
+    Configured(Arc<WebPkiServerVerifier>),
+    /// Enrollment: the CA whose SHA-256 the token names, found among the certificates
+    /// the server sent.
+    PinnedInChain([u8; 32]),
+}
+
+/// Full WebPKI verification under the trust anchor, for the configured server name
+/// instead of whatever host string the client dialled; handshake signatures with the
+/// one provider's algorithms.
+#[derive(Debug)]
+struct ExpectedNameVerifier {
+    anchor: TrustAnchor,
     expected: ServerName<'static>,
 }
 
-impl ServerCertVerifier for PinnedCaVerifier {
+impl ServerCertVerifier for ExpectedNameVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -224,11 +169,21 @@ impl ServerCertVerifier for PinnedCaVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca_sha256 = match &self.anchor {
+            TrustAnchor::Configured(inner) => {
+                return inner.verify_server_cert(
+                    end_entity,
+                    intermediates,
+                    &self.expected,
+                    ocsp_response,
+                    now,
+                )
+            }
+            TrustAnchor::PinnedInChain(sha256) => sha256,
+        };
         let ca = intermediates
             .iter()
-            .find(|c| {
-                ring::digest::digest(&ring::digest::SHA256, c.as_ref()).as_ref() == self.ca_sha256
-            })
+            .find(|c| ring::digest::digest(&ring::digest::SHA256, c.as_ref()).as_ref() == ca_sha256)
             .ok_or_else(|| {
                 rustls::Error::General(
                     "the collector did not present the CA the token names".into(),
@@ -244,7 +199,39 @@ impl ServerCertVerifier for PinnedCaVerifier {
             .verify_server_cert(end_entity, &[], &self.expected, ocsp_response, now)
     }
 
-    provider_signature_checks!();
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// Checks, before any client dials, that the server certificate in `cert_path` chains

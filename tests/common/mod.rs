@@ -320,6 +320,19 @@ impl World {
         Proc::spawn(c, self.path(&format!("agent-{name}.log")), name)
     }
 
+    /// Starts an agent and waits (up to a minute) until the collector has stored its
+    /// first events.
+    pub fn start_agent_stored(&self, ns: &Netns, config: &Path, name: &str) -> Proc {
+        let agent = self.start_agent(ns, config, name);
+        wait_for(
+            "agent up",
+            Duration::from_secs(60),
+            || (self.count("SELECT COUNT(*) FROM events") > 0).then_some(()),
+            || agent.log_text(),
+        );
+        agent
+    }
+
     pub fn db(&self) -> rusqlite::Connection {
         rusqlite::Connection::open(self.path("weilan.db")).expect("open db")
     }

@@ -726,6 +726,21 @@ impl HostRole {
     }
 }
 
+/// How the agent delivers its journal to the collector: the `[collector]` table's
+/// batching, flow control and reconnect settings, validated.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub keep_alive: Duration,
+    pub batch_max_events: usize,
+    pub batch_linger: Duration,
+    pub max_batches_in_flight: usize,
+    pub ack_timeout: Duration,
+    /// The first reconnect after a drop waits a random moment within this.
+    pub reconnect_spread: Duration,
+    /// Most events sent per second (replay after an outage included).
+    pub max_events_per_sec: u32,
+}
+
 /// Validated agent settings.
 #[derive(Debug, Clone)]
 pub struct AgentSettings {
@@ -742,12 +757,7 @@ pub struct AgentSettings {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
-    pub keep_alive: Duration,
-    pub batch_max_events: usize,
-    pub batch_linger: Duration,
-    pub max_batches_in_flight: usize,
-    pub ack_timeout: Duration,
-    pub reconnect_spread: Duration,
+    pub delivery: Delivery,
     pub usb: Option<UsbSettings>,
     pub files: Option<FilesSettings>,
     pub network: Option<NetworkSettings>,
@@ -759,7 +769,6 @@ pub struct AgentSettings {
     pub journal_max_bytes: u64,
     pub journal_segment_bytes: u64,
     pub journal_retain_acked_bytes: u64,
-    pub max_events_per_sec: u32,
     pub log: LogSettings,
 }
 
@@ -964,12 +973,15 @@ impl Validate for AgentFile {
             ca,
             cert,
             key,
-            keep_alive: Duration::from_secs(c.keep_alive_secs),
-            batch_max_events: c.batch_max_events,
-            batch_linger: Duration::from_millis(c.batch_linger_ms),
-            max_batches_in_flight: c.max_batches_in_flight,
-            ack_timeout: Duration::from_secs(c.ack_timeout_secs),
-            reconnect_spread: Duration::from_secs(c.reconnect_spread_secs),
+            delivery: Delivery {
+                keep_alive: Duration::from_secs(c.keep_alive_secs),
+                batch_max_events: c.batch_max_events,
+                batch_linger: Duration::from_millis(c.batch_linger_ms),
+                max_batches_in_flight: c.max_batches_in_flight,
+                ack_timeout: Duration::from_secs(c.ack_timeout_secs),
+                reconnect_spread: Duration::from_secs(c.reconnect_spread_secs),
+                max_events_per_sec: c.max_events_per_sec,
+            },
             usb,
             files,
             network,
@@ -980,7 +992,6 @@ impl Validate for AgentFile {
             journal_max_bytes: self.journal.max_mib * 1024 * 1024,
             journal_segment_bytes: self.journal.segment_mib * 1024 * 1024,
             journal_retain_acked_bytes: self.journal.retain_acked_mib * 1024 * 1024,
-            max_events_per_sec: c.max_events_per_sec,
             log,
         })
     }
