@@ -101,6 +101,14 @@ pub struct UplinkConfig {
     pub drain_timeout: Duration,
 }
 
+/// New events gathering into a batch while earlier batches are in flight.
+struct Linger {
+    /// Send what gathered by then even if no ack came.
+    until: tokio::time::Instant,
+    /// Batches in flight when the gathering began; fewer means an ack came.
+    in_flight: usize,
+}
+
 struct InFlight {
     batch_id: u64,
     first: EventKey,
@@ -232,6 +240,7 @@ impl Uplink {
             limit: RateLimit::new(self.config.delivery.max_events_per_sec),
         };
         let mut throttled: Option<tokio::time::Instant> = None;
+        let mut lingering: Option<Linger> = None;
         loop {
             let c = &self.config;
             tokio::select! {
@@ -274,11 +283,19 @@ impl Uplink {
                     }
                     None => break,
                 },
+                // Nagle for batches: with nothing in flight new events go at once (an
+                // idle agent's event is not held back); with batches in flight they
+                // gather until the next ack or the end of the linger, whichever comes
+                // first, so batches grow with the load and the latency does not.
                 _ = self.notify.notified() => {
-                    if !c.delivery.batch_linger.is_zero() {
-                        tokio::time::sleep(c.delivery.batch_linger).await;
+                    if lingering.is_none() && !sending.in_flight.is_empty() && !c.delivery.batch_linger.is_zero() {
+                        lingering = Some(Linger {
+                            until: tokio::time::Instant::now() + c.delivery.batch_linger,
+                            in_flight: sending.in_flight.len(),
+                        });
                     }
                 }
+                _ = sleep_until_opt(lingering.as_ref().map(|l| l.until)) => lingering = None,
                 _ = sleep_until_opt(throttled) => throttled = None,
                 _ = ack_check.tick() => {
                     let stale = sending.in_flight.front().is_some_and(|b| b.sent.elapsed() >= c.delivery.ack_timeout);
@@ -298,7 +315,13 @@ impl Uplink {
                     draining = Some(tokio::time::Instant::now() + c.drain_timeout);
                 }
             }
-            if connected && throttled.is_none() && presences.may_send() {
+            if lingering
+                .as_ref()
+                .is_some_and(|l| sending.in_flight.len() < l.in_flight)
+            {
+                lingering = None; // an ack (or a rewind) freed the window
+            }
+            if connected && throttled.is_none() && lingering.is_none() && presences.may_send() {
                 throttled = self.send_batches(&client, &events_topic, &mut sending);
             }
             if let Some(deadline) = draining {

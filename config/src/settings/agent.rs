@@ -94,7 +94,8 @@ pub struct CollectorLink {
     /// Largest number of events in one signed batch.
     #[serde(default = "default_batch_max")]
     pub batch_max_events: usize,
-    /// Longest time an event waits for its batch to fill, in milliseconds.
+    /// Longest time new events gather into a batch while earlier batches await their
+    /// ack, in milliseconds (with nothing in flight an event is sent at once).
     #[serde(default = "default_linger")]
     pub batch_linger_ms: u64,
     /// Unacknowledged batches in flight before the agent waits for acks (1 to 32).

@@ -398,13 +398,26 @@ async fn which_file_systems_are_exit_points_is_policy() {
         ("[files]\nexit_fs_types = [\"ext4\"]\n", vec!["/srv/data"]),
     ] {
         let r = spawn_source(dir.path(), mountinfo.clone(), &mount, policy, None);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let mut got: Vec<PathBuf> = r.marked.lock().unwrap().clone();
-        got.sort();
         let mut want: Vec<PathBuf> = expected.iter().map(PathBuf::from).collect();
         want.push(mount.clone()); // watch_mounts of the settings
         want.sort();
+        // The marks appear once the source has read the table; a loaded machine only
+        // makes that later (the deadline is a hang guard, not a measurement).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let got = loop {
+            let mut got: Vec<PathBuf> = r.marked.lock().unwrap().clone();
+            got.sort();
+            if got == want || std::time::Instant::now() > deadline {
+                break got;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // A mount marked beyond the expected ones would show up by now too.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut after: Vec<PathBuf> = r.marked.lock().unwrap().clone();
+        after.sort();
         assert_eq!(got, want, "policy {policy:?}");
+        assert_eq!(after, want, "policy {policy:?}: nothing else marked later");
         r.stop.cancel();
         let _ = r.task.await;
     }
