@@ -13,6 +13,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use cel::common::types::{
+    CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString, CelUInt,
+};
+use cel::common::value::Val;
 use cel::Value;
 use rusqlite::{params, OptionalExtension, Transaction};
 use weilan_config::event::Event;
@@ -21,6 +25,7 @@ use weilan_config::wire::CommandAction;
 use weilan_config::ConfigErrors;
 
 use super::file::{self, Action, Aggregate, CommandKind, Expr, Piece, Rule, WorkingHours};
+use super::reads::DataFields;
 use super::{findings, BUILTIN};
 use crate::store::{self, Alert, StoreError};
 
@@ -188,6 +193,10 @@ pub struct RuleSet {
     /// for every kind are in `needs_any`.
     needs_by_kind: HashMap<String, Needs>,
     needs_any: Needs,
+    /// Per fact kind, the fields of `event.data` its rules (and the rules for every
+    /// kind) read; a fact's context converts only those (`reads.rs`).
+    data_by_kind: HashMap<String, DataFields>,
+    data_any: DataFields,
     /// `absent` rules by the kinds of their presence facts.
     presence_by_kind: HashMap<String, Vec<usize>>,
     user_groups: BTreeMap<String, Vec<String>>,
@@ -221,6 +230,11 @@ impl RuleSet {
     }
 
     /// The rules a fact of `kind` is evaluated against: its kind's and `*`'s.
+    /// The fields of `event.data` the rules for `kind` read.
+    fn data_fields(&self, kind: &str) -> &DataFields {
+        self.data_by_kind.get(kind).unwrap_or(&self.data_any)
+    }
+
     fn candidates(&self, kind: &str) -> Vec<usize> {
         self.by_kind
             .get(kind)
@@ -304,6 +318,8 @@ impl RuleSet {
             presence_by_kind,
             needs_by_kind,
             needs_any,
+            data_by_kind,
+            data_any,
         } = KindIndex::of(&rules);
         let agent_groups = agent_groups
             .into_iter()
@@ -331,6 +347,8 @@ impl RuleSet {
             any_kind,
             needs_by_kind,
             needs_any,
+            data_by_kind,
+            data_any,
             presence_by_kind,
             user_groups,
             agent_groups,
@@ -385,6 +403,8 @@ struct KindIndex {
     presence_by_kind: HashMap<String, Vec<usize>>,
     needs_by_kind: HashMap<String, Needs>,
     needs_any: Needs,
+    data_by_kind: HashMap<String, DataFields>,
+    data_any: DataFields,
 }
 
 impl KindIndex {
@@ -415,12 +435,34 @@ impl KindIndex {
             let n = needs_by_kind.entry(kind.clone()).or_default();
             *n = ids.iter().fold(*n, |acc, &i| acc | needs[i]);
         }
+        // What each rule reads of `event.data`; a kind's facts carry what its rules
+        // and the rules for every kind read.
+        let data: Vec<DataFields> = rules
+            .iter()
+            .map(|r| {
+                let mut fields = DataFields::default();
+                r.expressions()
+                    .for_each(|e| fields.note(e.program.expression()));
+                fields
+            })
+            .collect();
+        let mut data_any = DataFields::default();
+        any_kind.iter().for_each(|&i| data_any.union(&data[i]));
+        let mut data_by_kind: HashMap<String, DataFields> = HashMap::new();
+        for (kind, ids) in by_kind.iter().chain(presence_by_kind.iter()) {
+            let fields = data_by_kind
+                .entry(kind.clone())
+                .or_insert_with(|| data_any.clone());
+            ids.iter().for_each(|&i| fields.union(&data[i]));
+        }
         KindIndex {
             by_kind,
             any_kind,
             presence_by_kind,
             needs_by_kind,
             needs_any,
+            data_by_kind,
+            data_any,
         }
     }
 }
@@ -568,6 +610,12 @@ pub struct Engine {
     suppressed: HashMap<(String, String), Suppressed>,
     /// Alerts updated by suppressed repeats since the last [`Engine::take_updates`].
     dirty: BTreeSet<(String, String)>,
+    /// Suppressed alerts whose count changed since their row was last written (and
+    /// whether their event ids did): one UPDATE per alert at the end of an
+    /// evaluation, not one per repeat.
+    unflushed: BTreeMap<(String, String), bool>,
+    /// Unflushed alerts whose suppression ended (expired or evicted) before the flush.
+    retired: Vec<(Alert, bool)>,
     /// Evictions not yet reported.
     unreported_drops: u64,
     pub stats: EngineStats,
@@ -589,6 +637,8 @@ impl Engine {
             windows: HashMap::new(),
             suppressed: HashMap::new(),
             dirty: BTreeSet::new(),
+            unflushed: BTreeMap::new(),
+            retired: Vec::new(),
             unreported_drops: 0,
             stats: EngineStats::default(),
             roster: crate::roster::Roster::default(),
@@ -715,7 +765,7 @@ impl Engine {
             let vars = enrich(&set, &self.roster, tx, policy, fact, now, needs)?;
             let mut ctx = set.root.new_inner_scope();
             for (name, value) in vars {
-                ctx.add_variable_from_value(name, value);
+                ctx.add_variable_as_val(name, value);
             }
             // An agent clock ahead of ours must not stretch windows into the future.
             let t = fact.time.as_second().min(now_s + 300);
@@ -769,7 +819,7 @@ impl Engine {
                     }
                     aggregate = reached;
                 }
-                if self.suppress_repeat(tx, rule, &key, now, &event_ids)? {
+                if self.suppress_repeat(rule, &key, now, &event_ids) {
                     continue;
                 }
                 let summary = render_template(&rule.summary, &ctx);
@@ -802,7 +852,55 @@ impl Engine {
                 out.alerts.push(alert);
             }
         }
+        self.flush_suppressed(tx)?;
         Ok(out)
+    }
+
+    /// Writes the counts, last-seen times and event ids that suppressed repeats
+    /// changed since the last flush, one row per alert, inside `tx`. (A transaction
+    /// that fails leaves them unflushed for the next one.)
+    fn flush_suppressed(&mut self, tx: &Transaction<'_>) -> Result<(), StoreError> {
+        if self.unflushed.is_empty() {
+            return Ok(());
+        }
+        let live = self
+            .unflushed
+            .iter()
+            .filter_map(|(k, ids)| self.suppressed.get(k).map(|s| (&s.alert, *ids)));
+        for (alert, ids_changed) in live.chain(self.retired.iter().map(|(a, ids)| (a, *ids))) {
+            if ids_changed {
+                tx.prepare_cached(
+                    "UPDATE alerts SET count = ?1, last_seen = ?2, event_ids = ?3 WHERE alert_id = ?4",
+                )?
+                .execute(params![
+                    alert.count as i64,
+                    alert.last_seen.to_string(),
+                    serde_json::to_string(&alert.event_ids).unwrap_or_default(),
+                    alert.alert_id
+                ])?;
+            } else {
+                tx.prepare_cached(
+                    "UPDATE alerts SET count = ?1, last_seen = ?2 WHERE alert_id = ?3",
+                )?
+                .execute(params![
+                    alert.count as i64,
+                    alert.last_seen.to_string(),
+                    alert.alert_id
+                ])?;
+            }
+        }
+        self.unflushed.clear();
+        self.retired.clear();
+        Ok(())
+    }
+
+    /// Ends the suppression of `k`, keeping an unflushed count for the flush.
+    fn end_suppression(&mut self, k: &(String, String)) {
+        if let Some(s) = self.suppressed.remove(k) {
+            if let Some(ids_changed) = self.unflushed.remove(k) {
+                self.retired.push((s.alert, ids_changed));
+            }
+        }
     }
 
     /// The rule's correlation over `key` at time `t`: `None` while it does not fire;
@@ -858,7 +956,13 @@ impl Engine {
     /// (bounded: the entry closest to expiry goes first, counted as dropped state).
     fn remember_suppressed(&mut self, rule: &Rule, key: &str, alert: &Alert, now_s: i64) {
         if self.suppressed.len() >= MAX_SUPPRESSED {
-            self.suppressed.retain(|_, s| s.until > now_s);
+            let expired: Vec<_> = self
+                .suppressed
+                .iter()
+                .filter(|(_, s)| s.until <= now_s)
+                .map(|(k, _)| k.clone())
+                .collect();
+            expired.iter().for_each(|k| self.end_suppression(k));
             if self.suppressed.len() >= MAX_SUPPRESSED {
                 // Forget the entry closest to expiry: at worst one more alert.
                 if let Some(k) = self
@@ -867,7 +971,7 @@ impl Engine {
                     .min_by_key(|(_, s)| s.until)
                     .map(|(k, _)| k.clone())
                 {
-                    self.suppressed.remove(&k);
+                    self.end_suppression(&k);
                     self.drop_state(1);
                 }
             }
@@ -915,19 +1019,18 @@ impl Engine {
     /// seen, event ids) instead of raising another.
     fn suppress_repeat(
         &mut self,
-        tx: &Transaction<'_>,
         rule: &Rule,
         key: &str,
         now: jiff::Timestamp,
         event_ids: &[String],
-    ) -> Result<bool, StoreError> {
+    ) -> bool {
         let k = (rule.id.clone(), key.to_string());
         let Some(s) = self.suppressed.get_mut(&k) else {
-            return Ok(false);
+            return false;
         };
         if now.as_second() >= s.until {
-            self.suppressed.remove(&k);
-            return Ok(false);
+            self.end_suppression(&k);
+            return false;
         }
         s.alert.count += 1;
         s.alert.last_seen = now;
@@ -940,27 +1043,11 @@ impl Engine {
                 s.alert.event_ids.push(id.clone());
             }
         }
-        if s.alert.event_ids.len() > before {
-            tx.prepare_cached(
-                "UPDATE alerts SET count = ?1, last_seen = ?2, event_ids = ?3 WHERE alert_id = ?4",
-            )?
-            .execute(params![
-                s.alert.count as i64,
-                now.to_string(),
-                serde_json::to_string(&s.alert.event_ids).unwrap_or_default(),
-                s.alert.alert_id
-            ])?;
-        } else {
-            tx.prepare_cached("UPDATE alerts SET count = ?1, last_seen = ?2 WHERE alert_id = ?3")?
-                .execute(params![
-                    s.alert.count as i64,
-                    now.to_string(),
-                    s.alert.alert_id
-                ])?;
-        }
+        let ids_changed = s.alert.event_ids.len() > before;
+        *self.unflushed.entry(k.clone()).or_default() |= ids_changed;
         self.stats.suppressed += 1;
         self.dirty.insert(k);
-        Ok(true)
+        true
     }
 
     /// Adds one value to a rule's window for `key`; returns the aggregate and the
@@ -1278,27 +1365,18 @@ fn person_var(roster: &crate::roster::Roster, fact: &Fact) -> Value {
 
 /// The context of one fact: the variables `needs` names (see [`Needs`]).
 #[allow(clippy::too_many_arguments)]
-fn enrich(
+fn enrich<'f>(
     set: &RuleSet,
     roster: &crate::roster::Roster,
     tx: &Transaction<'_>,
     policy: &Policy,
-    fact: &Fact,
+    fact: &'f Fact,
     now: jiff::Timestamp,
     needs: Needs,
-) -> Result<Vec<(&'static str, Value)>, StoreError> {
-    let mut vars = Vec::with_capacity(7);
+) -> Result<Vec<(&'static str, Box<dyn Val + 'f>)>, StoreError> {
+    let mut vars: Vec<(&'static str, Box<dyn Val + 'f>)> = Vec::with_capacity(7);
     if needs.has(Needs::EVENT) {
-        vars.push((
-            "event",
-            map([
-                ("kind", Value::from(fact.kind.as_str())),
-                ("id", Value::from(fact.event_id.clone().unwrap_or_default())),
-                ("agent_id", Value::from(fact.agent_id.as_str())),
-                ("time", Value::from(fact.time.to_string())),
-                ("data", json_to_cel(&fact.data)),
-            ]),
-        ));
+        vars.push(("event", event_var(fact, set.data_fields(&fact.kind))));
     }
     // The host's groups (regex matches over every pattern): once, for `agent` and
     // the device decision alike.
@@ -1311,7 +1389,7 @@ fn enrich(
         let groups: Vec<Value> = host_groups.iter().map(|g| Value::from(*g)).collect();
         vars.push((
             "agent",
-            map([
+            val(map([
                 ("id", Value::from(fact.agent_id.as_str())),
                 ("role", Value::from(fact.host_role.as_str())),
                 (
@@ -1319,33 +1397,33 @@ fn enrich(
                     fact.site.as_deref().map_or(Value::Null, Value::from),
                 ),
                 ("groups", Value::List(Arc::new(groups))),
-            ]),
+            ])),
         ));
     }
     if needs.has(Needs::USER) {
-        vars.push(("user", user_var(set, fact)));
+        vars.push(("user", val(user_var(set, fact))));
     }
     if needs.has(Needs::DEVICE) {
         let host_groups: Vec<String> = host_groups.iter().map(|g| g.to_string()).collect();
-        vars.push(("device", device(tx, policy, fact, &host_groups)?));
+        vars.push(("device", val(device(tx, policy, fact, &host_groups)?)));
     }
     if needs.has(Needs::TIME) {
-        vars.push(("time", time_var(&set.working_hours, fact)));
+        vars.push(("time", val(time_var(&set.working_hours, fact))));
     }
     if needs.has(Needs::CLOCK) {
         vars.push((
             "clock",
-            map([
+            val(map([
                 (
                     "skew_secs",
                     Value::Int(fact.time.as_second() - now.as_second()),
                 ),
                 ("received", Value::from(now.to_string())),
-            ]),
+            ])),
         ));
     }
     if needs.has(Needs::PERSON) {
-        vars.push(("person", person_var(roster, fact)));
+        vars.push(("person", val(person_var(roster, fact))));
     }
     Ok(vars)
 }
@@ -1438,6 +1516,63 @@ fn map<const N: usize>(entries: [(&str, Value); N]) -> Value {
 }
 
 /// JSON as CEL values (integers stay integers so `size > 1000` compares as expected).
+/// A variable built as `Value` (the small ones: agent, user, device, time, clock,
+/// person), in the interpreter's own representation.
+fn val(value: Value) -> Box<dyn Val> {
+    <Box<dyn Val>>::try_from(value).unwrap_or_else(|_| Box::new(CelNull))
+}
+
+/// The `event` variable, built straight in the interpreter's representation and
+/// borrowing the fact's strings: its `data` holds only the fields the kind's rules
+/// read (all of it when a rule uses it as a whole, or when it is not an object).
+fn event_var<'f>(fact: &'f Fact, fields: &DataFields) -> Box<dyn Val + 'f> {
+    let data: Box<dyn Val + 'f> = match (&fact.data, fields) {
+        (serde_json::Value::Object(o), DataFields::Only(_)) => Box::new(CelMap::from(
+            o.iter()
+                .filter(|(k, _)| fields.reads(k))
+                .map(|(k, v)| (CelMapKey::from(k.as_str()), json_to_val(v)))
+                .collect::<HashMap<_, _>>(),
+        )),
+        (data, _) => json_to_val(data),
+    };
+    let text = |s: &'f str| -> Box<dyn Val + 'f> { Box::new(CelString::from(s)) };
+    let entries: [(&'static str, Box<dyn Val + 'f>); 5] = [
+        ("kind", text(&fact.kind)),
+        ("id", text(fact.event_id.as_deref().unwrap_or_default())),
+        ("agent_id", text(&fact.agent_id)),
+        ("time", Box::new(CelString::from(fact.time.to_string()))),
+        ("data", data),
+    ];
+    Box::new(CelMap::from(
+        entries
+            .into_iter()
+            .map(|(k, v)| (CelMapKey::from(k), v))
+            .collect::<HashMap<_, _>>(),
+    ))
+}
+
+/// JSON as the interpreter's values, strings borrowed.
+fn json_to_val(v: &serde_json::Value) -> Box<dyn Val + '_> {
+    match v {
+        serde_json::Value::Null => Box::new(CelNull),
+        serde_json::Value::Bool(b) => Box::new(CelBool::from(*b)),
+        serde_json::Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => Box::new(CelInt::from(i)),
+            (None, Some(u)) => Box::new(CelUInt::from(u)),
+            (None, None) => Box::new(CelDouble::from(n.as_f64().unwrap_or(0.0))),
+        },
+        serde_json::Value::String(s) => Box::new(CelString::from(s.as_str())),
+        serde_json::Value::Array(a) => {
+            Box::new(CelList::from(a.iter().map(json_to_val).collect::<Vec<_>>()))
+        }
+        serde_json::Value::Object(o) => Box::new(CelMap::from(
+            o.iter()
+                .map(|(k, v)| (CelMapKey::from(k.as_str()), json_to_val(v)))
+                .collect::<HashMap<_, _>>(),
+        )),
+    }
+}
+
 pub fn json_to_cel(v: &serde_json::Value) -> Value {
     match v {
         serde_json::Value::Null => Value::Null,
@@ -1604,6 +1739,59 @@ summary = "skew"
             names(set.needs_by_kind["usb.attached"] | set.needs_any),
             ["device", "clock"],
             "no device lookup for file.exported, no local time for usb.attached"
+        );
+        let only = |names: &[&str]| DataFields::Only(names.iter().map(|n| n.to_string()).collect());
+        assert_eq!(set.data_fields("file.exported"), &only(&["exit", "path"]));
+        assert_eq!(set.data_fields("usb.attached"), &only(&[]));
+        assert_eq!(
+            set.data_fields("net.transfer"),
+            &only(&[]),
+            "the rules for every kind read no data"
+        );
+    }
+
+    /// The shipped pack must keep its facts small: no built-in rule may read a kind's
+    /// whole `event.data` (one would make every fact of that kind convert all of it).
+    #[test]
+    fn no_built_in_rule_reads_the_whole_event_data() {
+        let set = RuleSet::load(true, None).unwrap();
+        assert_ne!(set.data_any, DataFields::All);
+        for (kind, fields) in &set.data_by_kind {
+            assert_ne!(fields, &DataFields::All, "{kind}");
+        }
+    }
+
+    /// A fact's data keeps the fields its rules read, and only those; what is kept
+    /// reads as it did when the whole data was converted.
+    #[test]
+    fn a_fact_carries_only_the_data_fields_read() {
+        let fact = Fact {
+            kind: "file.exported".into(),
+            agent_id: "ws-01".into(),
+            host_role: "workstation".into(),
+            site: None,
+            time: "2026-12-05T10:00:00Z".parse().unwrap(),
+            event_id: Some("ws-01:1:2".into()),
+            data: serde_json::json!({"path": "/media/s/x", "exit": "removable", "size": 7,
+                "classes": ["mark:secret"], "owner": {"uid": 1000}}),
+            usb: None,
+        };
+        let root = cel::Context::default();
+        let check = |fields: &DataFields, source: &str| -> Value {
+            let mut ctx = root.new_inner_scope();
+            ctx.add_variable_as_val("event", event_var(&fact, fields));
+            cel::Program::compile(source)
+                .unwrap()
+                .execute(&ctx)
+                .unwrap()
+        };
+        let some = DataFields::Only(["exit".to_string(), "missing".to_string()].into());
+        assert_eq!(check(&some, "event.data.size()"), Value::Int(1));
+        assert_eq!(check(&some, "event.data.exit == 'removable' && event.kind == 'file.exported' && event.agent_id == 'ws-01' && event.id == 'ws-01:1:2'"), Value::Bool(true));
+        assert_eq!(check(&DataFields::All, "event.data.size()"), Value::Int(5));
+        assert_eq!(
+            check(&DataFields::All, "event.data.size == 7 && 'mark:secret' in event.data.classes && event.data.owner.uid == 1000 && event.time == '2026-12-05T10:00:00Z'"),
+            Value::Bool(true)
         );
     }
 }

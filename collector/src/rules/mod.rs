@@ -11,6 +11,7 @@
 
 pub mod engine;
 pub mod file;
+pub mod reads;
 #[cfg(test)]
 mod tests;
 
