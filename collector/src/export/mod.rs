@@ -426,8 +426,26 @@ struct Period<'a> {
     scope_param: Option<&'a str>,
 }
 
+/// One stored event as the export reads it.
+struct EventRow {
+    id: String,
+    received: String,
+    agent_time: String,
+    agent: String,
+    role: String,
+    kind: String,
+    /// The stored record verbatim.
+    envelope: String,
+}
+
+/// Rows handed from the reading thread to the writing one at a time; two such
+/// chunks in the channel bound what waits between them (~2 MiB).
+const ROWS_PER_CHUNK: usize = 1024;
+
 /// `events.csv` (for people; BOM for spreadsheet programs) and `events.jsonl` (the
 /// stored records verbatim), streamed row by row; the manifest entries of both.
+/// One thread reads the rows from the database while another formats, hashes and
+/// writes them (both cores of a small server), through a bounded channel.
 fn write_events(
     p: &Period<'_>,
     req: &Request,
@@ -435,7 +453,6 @@ fn write_events(
     agg: &mut Agg,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Vec<Json>, ExportError> {
-    let scope = p.scope;
     let mut csv_out = create(p.dir, "events.csv")?;
     csv_out.write_all(BOM).map_err(io(p.dir))?;
     let mut csv = csv::Writer::from_writer(csv_out);
@@ -452,70 +469,26 @@ fn write_events(
         "destination",
         "data",
     ])?;
-    let mut jsonl = create(p.dir, "events.jsonl")?;
-    {
-        let mut st = p.conn.prepare(&format!(
-            "SELECT event_id, received_at, agent_time, agent_id, host_role, kind, envelope FROM events
-             WHERE received_at >= ?1 AND received_at < ?2 AND ({scope})
-             ORDER BY received_at, agent_id, epoch, seq"
-        ))?;
-        let mut rows = st.query(params![p.from, p.to, p.scope_param])?;
-        while let Some(r) = rows.next()? {
-            let (id, received, agent_time, agent, role, kind, envelope): (
-                String,
-                String,
-                String,
-                String,
-                String,
-                String,
-                String,
-            ) = (
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
-            );
-            let env: Json = serde_json::from_str(&envelope).unwrap_or(Json::Null);
-            let data = &env["event"]["data"];
-            let device = [
-                str_of(data, "usb_serial"),
-                str_of(data, "serial"),
-                str_of(data, "hash"),
-            ]
-            .into_iter()
-            .find(|s| !s.is_empty())
-            .unwrap_or("");
-            let destination = if kind == "net.transfer" {
-                format!("{}:{}", str_of(data, "remote_addr"), data["remote_port"])
-            } else {
-                String::new()
-            };
-            csv.write_record([
-                id.as_str(),
-                &received,
-                &agent_time,
-                &agent,
-                &role,
-                &kind,
-                str_of(data, "user"),
-                device,
-                str_of(data, "path"),
-                &destination,
-                &data.to_string(),
-            ])?;
-            // The stored record verbatim: the agent's hash chain can be re-checked from it.
-            jsonl.write_all(envelope.as_bytes()).map_err(io(p.dir))?;
-            jsonl.write_all(b"\n").map_err(io(p.dir))?;
-            agg.event(&req.tz, &agent, &kind, &agent_time, data);
-            if agg.events.is_multiple_of(10_000) {
-                progress(agg.events, total);
+    let jsonl = create(p.dir, "events.jsonl")?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<EventRow>>(2);
+    let (dir, tz) = (p.dir, &req.tz);
+    let (read, written) = std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> Result<_, ExportError> {
+            let mut jsonl = jsonl;
+            for row in rx.into_iter().flatten() {
+                write_event(dir, &mut csv, &mut jsonl, row, tz, agg)?;
             }
-        }
-    }
-    progress(agg.events, total);
+            Ok((csv, jsonl))
+        });
+        let read = read_events(p, total, tx, progress);
+        let written = writer
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (read, written)
+    });
+    // A writer that failed ends the reading early: its error is the one to report.
+    let (csv, jsonl) = written?;
+    read?;
     let csv_out = csv.into_inner().map_err(|e| ExportError::Io {
         path: p.dir.join("events.csv").display().to_string(),
         source: e.into_error(),
@@ -524,6 +497,95 @@ fn write_events(
         finish(p.dir, "events.csv", csv_out)?,
         finish(p.dir, "events.jsonl", jsonl)?,
     ])
+}
+
+/// Reads the period's events in order and hands them on in chunks; stops early if
+/// the writer has gone.
+fn read_events(
+    p: &Period<'_>,
+    total: u64,
+    tx: std::sync::mpsc::SyncSender<Vec<EventRow>>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), ExportError> {
+    let scope = p.scope;
+    let mut st = p.conn.prepare(&format!(
+        "SELECT event_id, received_at, agent_time, agent_id, host_role, kind, envelope FROM events
+         WHERE received_at >= ?1 AND received_at < ?2 AND ({scope})
+         ORDER BY received_at, agent_id, epoch, seq"
+    ))?;
+    let mut rows = st.query(params![p.from, p.to, p.scope_param])?;
+    let mut chunk = Vec::with_capacity(ROWS_PER_CHUNK);
+    let mut read = 0u64;
+    while let Some(r) = rows.next()? {
+        chunk.push(EventRow {
+            id: r.get(0)?,
+            received: r.get(1)?,
+            agent_time: r.get(2)?,
+            agent: r.get(3)?,
+            role: r.get(4)?,
+            kind: r.get(5)?,
+            envelope: r.get(6)?,
+        });
+        read += 1;
+        if chunk.len() == ROWS_PER_CHUNK {
+            let full = std::mem::replace(&mut chunk, Vec::with_capacity(ROWS_PER_CHUNK));
+            if tx.send(full).is_err() {
+                return Ok(()); // the writer failed; it says why
+            }
+        }
+        if read.is_multiple_of(10_000) {
+            progress(read, total);
+        }
+    }
+    if !chunk.is_empty() {
+        let _ = tx.send(chunk);
+    }
+    progress(read, total);
+    Ok(())
+}
+
+/// One event's CSV row (with the fields people look for) and its JSON line.
+fn write_event(
+    dir: &Path,
+    csv: &mut csv::Writer<Out>,
+    jsonl: &mut Out,
+    row: EventRow,
+    tz: &jiff::tz::TimeZone,
+    agg: &mut Agg,
+) -> Result<(), ExportError> {
+    let env: Json = serde_json::from_str(&row.envelope).unwrap_or(Json::Null);
+    let data = &env["event"]["data"];
+    let device = [
+        str_of(data, "usb_serial"),
+        str_of(data, "serial"),
+        str_of(data, "hash"),
+    ]
+    .into_iter()
+    .find(|s| !s.is_empty())
+    .unwrap_or("");
+    let destination = if row.kind == "net.transfer" {
+        format!("{}:{}", str_of(data, "remote_addr"), data["remote_port"])
+    } else {
+        String::new()
+    };
+    csv.write_record([
+        row.id.as_str(),
+        &row.received,
+        &row.agent_time,
+        &row.agent,
+        &row.role,
+        &row.kind,
+        str_of(data, "user"),
+        device,
+        str_of(data, "path"),
+        &destination,
+        &data.to_string(),
+    ])?;
+    // The stored record verbatim: the agent's hash chain can be re-checked from it.
+    jsonl.write_all(row.envelope.as_bytes()).map_err(io(dir))?;
+    jsonl.write_all(b"\n").map_err(io(dir))?;
+    agg.event(tz, &row.agent, &row.kind, &row.agent_time, data);
+    Ok(())
 }
 
 /// `alerts.csv` and `alerts.jsonl`; the manifest entries of both.

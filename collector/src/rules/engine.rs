@@ -1373,8 +1373,8 @@ fn enrich<'f>(
     fact: &'f Fact,
     now: jiff::Timestamp,
     needs: Needs,
-) -> Result<Vec<(&'static str, Box<dyn Val + 'f>)>, StoreError> {
-    let mut vars: Vec<(&'static str, Box<dyn Val + 'f>)> = Vec::with_capacity(7);
+) -> Result<Variables<'f>, StoreError> {
+    let mut vars: Variables<'f> = Vec::with_capacity(7);
     if needs.has(Needs::EVENT) {
         vars.push(("event", event_var(fact, set.data_fields(&fact.kind))));
     }
@@ -1516,6 +1516,9 @@ fn map<const N: usize>(entries: [(&str, Value); N]) -> Value {
 }
 
 /// JSON as CEL values (integers stay integers so `size > 1000` compares as expected).
+/// A fact's CEL variables by name, borrowing the fact.
+type Variables<'f> = Vec<(&'static str, Box<dyn Val + 'f>)>;
+
 /// A variable built as `Value` (the small ones: agent, user, device, time, clock,
 /// person), in the interpreter's own representation.
 fn val(value: Value) -> Box<dyn Val> {
