@@ -207,45 +207,148 @@ pub fn mobile_numbers(text: &str) -> Option<Finding> {
     )
 }
 
-/// Classification marks (Chinese and English), counted per mark.
-pub const MARKS: &[(&str, &str)] = &[
+/// National-secret levels (the State Secrets Law's 绝密, 机密, 秘密): the mark word and
+/// its class. Only these three ever make `mark:top-secret`, `mark:secret` or
+/// `mark:confidential`.
+pub const NATIONAL_MARKS: &[(&str, &str)] = &[
     ("绝密", "top-secret"),
     ("机密", "secret"),
     ("秘密", "confidential"),
-    ("内部", "internal"),
-    ("TOP SECRET", "top-secret"),
-    ("CONFIDENTIAL", "confidential"),
-    ("INTERNAL USE ONLY", "internal"),
 ];
 
-/// Classification marks found, one finding per level (`mark:top-secret`, ...).
+/// Organisational marks: each its own class, never a national-secret one.
+pub const ORGANISATIONAL_MARKS: &[&str] =
+    &["internal", "trade-secret", "sensitive", "org-confidential"];
+
+/// How many non-empty lines count as a document's head (title, header, first lines):
+/// a mark standing alone on such a line is a mark; the same word further down, or
+/// inside a sentence, is only a word.
+const HEAD_LINES: usize = 5;
+
+/// Classification marks, one finding per class (`mark:secret`, `mark:internal` …), each
+/// sample naming where the mark stands (`机密★1年 (line 1)`).
+///
+/// A national-secret mark counts only in a standard form, so that 手机密码, 有机密封,
+/// 机密性 or 秘密通道 are words, not marks:
+/// - the level followed (or surrounded) by ★, with the period after it: `机密★`,
+///   `秘密★10年`, `绝密★启用前`, `★机密★`;
+/// - the level as a label: `密级：机密`;
+/// - the level alone on one of the first lines (a title-page mark, `【机密】`).
+///
+/// Organisational marks have their own classes: `mark:internal` (内部资料, 内部文件,
+/// 内部使用, 仅供内部, `内部★`, INTERNAL USE ONLY, or 内部 alone on a first line — never
+/// 内部控制 or 内部收益率), `mark:trade-secret` (商业秘密 with ★ or alone on a first line —
+/// not the phrase in a confidentiality clause), `mark:sensitive` (敏感 or 敏感信息 with ★
+/// or alone on a first line) and `mark:org-confidential` (CONFIDENTIAL, STRICTLY
+/// CONFIDENTIAL or TOP SECRET alone on a first line — not an e-mail footer's sentence).
 pub fn classification_marks(text: &str) -> Vec<Finding> {
-    static AC: OnceLock<AhoCorasick> = OnceLock::new();
-    let ac = AC.get_or_init(|| {
-        AhoCorasick::builder()
-            .ascii_case_insensitive(true)
-            .build(MARKS.iter().map(|(m, _)| m))
-            .expect("built-in marks")
-    });
-    let mut out: Vec<Finding> = Vec::new();
-    for m in ac.find_iter(text) {
-        let (mark, level) = MARKS[m.pattern().as_usize()];
-        let name = format!("mark:{level}");
-        match out.iter_mut().find(|f| f.detector == name) {
+    static STAR: OnceLock<Regex> = OnceLock::new();
+    static LABEL: OnceLock<Regex> = OnceLock::new();
+    static INTERNAL: OnceLock<Regex> = OnceLock::new();
+    static ORG_STAR: OnceLock<Regex> = OnceLock::new();
+    let star = re(
+        &STAR,
+        r"(?:★\s*)?(绝密|机密|秘密)\s*★\s*(?:启用前|长期|[0-9一二三四五六七八九十]+\s*(?:年|个月|月|日|天))?|★\s*(绝密|机密|秘密)",
+    );
+    let label = re(
+        &LABEL,
+        r"密\s*级\s*[:：]?\s*[“\x22【\[]?\s*(绝密|机密|秘密)",
+    );
+    let internal = re(
+        &INTERNAL,
+        r"(?i)内部(?:资料|文件|材料|使用)|仅(?:限|供)内部|内部\s*★|internal\s+use\s+only",
+    );
+    let org_star = re(&ORG_STAR, r"(商业秘密|敏感信息|敏感)\s*★");
+    let mut found = Marks::default();
+    let mut head = 0;
+    for (index, line) in text.lines().enumerate() {
+        let n = index + 1;
+        // A line with one of the national forms.
+        let before_line = found.total();
+        for c in star.captures_iter(line).chain(label.captures_iter(line)) {
+            let whole = c.get(0).map_or("", |m| m.as_str());
+            // 商业秘密★ is a trade secret: the level must not end a longer word.
+            let before = line[..c.get(0).map_or(0, |m| m.start())]
+                .chars()
+                .next_back();
+            if !whole.starts_with('★')
+                && !whole.starts_with('密')
+                && before.is_some_and(char::is_alphabetic)
+            {
+                continue;
+            }
+            let word = c.get(1).or_else(|| c.get(2)).map_or("", |m| m.as_str());
+            if let Some((_, class)) = NATIONAL_MARKS.iter().find(|(w, _)| *w == word) {
+                found.note(class, whole.trim(), n);
+            }
+        }
+        for m in internal.find_iter(line) {
+            found.note("internal", m.as_str(), n);
+        }
+        for c in org_star.captures_iter(line) {
+            let class = if &c[1] == "商业秘密" {
+                "trade-secret"
+            } else {
+                "sensitive"
+            };
+            found.note(class, c[0].trim(), n);
+        }
+        let bare = line.trim_matches(|c: char| {
+            c.is_whitespace() || "【】[]()（）《》<>\u{201c}\u{201d}\"'★☆*＊:：".contains(c)
+        });
+        if bare.is_empty() {
+            continue;
+        }
+        head += 1;
+        // A line already counted in one of the forms above is not counted again.
+        if head > HEAD_LINES || found.total() > before_line {
+            continue;
+        }
+        // A first line that is nothing but a mark.
+        let alone = NATIONAL_MARKS
+            .iter()
+            .find(|(w, _)| *w == bare)
+            .map(|(_, class)| *class)
+            .or(match bare.to_uppercase().as_str() {
+                "内部" => Some("internal"),
+                "商业秘密" => Some("trade-secret"),
+                "敏感" | "敏感信息" => Some("sensitive"),
+                "CONFIDENTIAL" | "STRICTLY CONFIDENTIAL" | "TOP SECRET" => Some("org-confidential"),
+                _ => None,
+            });
+        if let Some(class) = alone {
+            found.note(class, bare, n);
+        }
+    }
+    found.0
+}
+
+/// Mark findings as they are collected, one per class.
+#[derive(Default)]
+struct Marks(Vec<Finding>);
+
+impl Marks {
+    fn total(&self) -> usize {
+        self.0.iter().map(|f| f.count).sum()
+    }
+
+    fn note(&mut self, class: &str, mark: &str, line: usize) {
+        let name = format!("mark:{class}");
+        let sample = format!("{mark} (line {line})");
+        match self.0.iter_mut().find(|f| f.detector == name) {
             Some(f) => {
                 f.count += 1;
-                if f.samples.len() < MAX_SAMPLES && !f.samples.iter().any(|s| s == mark) {
-                    f.samples.push(mark.to_string());
+                if f.samples.len() < MAX_SAMPLES && !f.samples.contains(&sample) {
+                    f.samples.push(sample);
                 }
             }
-            None => out.push(Finding {
+            None => self.0.push(Finding {
                 detector: name,
                 count: 1,
-                samples: vec![mark.to_string()],
+                samples: vec![sample],
             }),
         }
     }
-    out
 }
 
 /// A custom keyword list from the policy, matched with Aho-Corasick.
@@ -309,7 +412,7 @@ mod tests {
     #[test]
     fn every_detector_is_in_the_contracts_list_and_back() {
         let text = format!(
-            "{} 91350100M000100Y43 4111111111111111 13812345678 绝密 机密 秘密 内部",
+            "CONFIDENTIAL\n绝密★\n机密★1年\n秘密★启用前\n内部资料\n商业秘密★\n敏感信息★\n{} 91350100M000100Y43 4111111111111111 13812345678",
             id("11010519491231002")
         );
         let mut found: Vec<String> = scan(&text).into_iter().map(|f| f.detector).collect();
@@ -376,12 +479,88 @@ mod tests {
         );
     }
 
+    fn marks(text: &str) -> Vec<(String, usize)> {
+        let mut v: Vec<(String, usize)> = classification_marks(text)
+            .into_iter()
+            .map(|f| (f.detector, f.count))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn one(class: &str) -> Vec<(String, usize)> {
+        vec![(format!("mark:{class}"), 1)]
+    }
+
     #[test]
-    fn marks_and_keywords_are_counted_and_masked() {
-        let marks = classification_marks("★绝密★ 第一页 机密 Top Secret report, 机密");
-        let get = |n: &str| marks.iter().find(|f| f.detector == n).map(|f| f.count);
-        assert_eq!(get("mark:top-secret"), Some(2));
-        assert_eq!(get("mark:secret"), Some(2));
+    fn national_marks_count_in_their_standard_forms_only() {
+        for (text, class) in [
+            ("机密★1年\n关于2027年预算的请示", "secret"),
+            ("秘密★启用前\n考试试题", "confidential"),
+            ("绝密★长期", "top-secret"),
+            ("标题\n★机密★ 第一页", "secret"),
+            ("密级：秘密  保密期限：10年\n正文", "confidential"),
+            ("【机密】\n2027年人员编制方案", "secret"),
+            ("\n\n   绝密   \n正文", "top-secret"),
+        ] {
+            assert_eq!(marks(text), one(class), "{text:?}");
+        }
+        let f = &classification_marks("标题\n秘密★5年")[0];
+        assert_eq!(
+            f.samples,
+            vec!["秘密★5年 (line 2)"],
+            "where the mark stands"
+        );
+    }
+
+    /// The phrases that made bare substrings "classified" (issue "Classification an
+    /// officer can trust"), in sentences and on first lines.
+    #[test]
+    fn words_that_contain_a_mark_are_not_marks() {
+        for text in [
+            "请勿泄露手机密码和银行卡密码",
+            "本产品采用有机密封材料",
+            "数据的机密性、完整性和可用性",
+            "项目内部收益率为8%",
+            "加强内部控制建设",
+            "双方应保守对方的商业秘密",
+            "This e-mail is confidential and intended solely for the addressee.",
+            "机密文件管理办法\n第一条 为加强机密文件管理",
+            "正文第一段\n二\n三\n四\n五\n六\n机密",
+            "敏感肌肤护理指南",
+            "Top secret recipes for dumplings",
+        ] {
+            assert_eq!(marks(text), vec![], "{text:?}");
+        }
+    }
+
+    #[test]
+    fn organisational_marks_have_their_own_classes() {
+        assert_eq!(marks("内部资料 注意保存"), one("internal"));
+        assert_eq!(marks("仅供内部使用"), one("internal"));
+        assert_eq!(marks("Internal Use Only"), one("internal"));
+        assert_eq!(marks("内部\n会议纪要"), one("internal"));
+        assert_eq!(marks("商业秘密★\n报价单"), one("trade-secret"));
+        assert_eq!(marks("商业秘密\n报价单"), one("trade-secret"));
+        assert_eq!(marks("敏感信息★"), one("sensitive"));
+        assert_eq!(
+            marks("STRICTLY CONFIDENTIAL\nBoard minutes"),
+            one("org-confidential")
+        );
+        assert_eq!(marks("Confidential"), one("org-confidential"));
+        assert!(
+            classification_marks("内部资料\n商业秘密★\nCONFIDENTIAL")
+                .iter()
+                .all(|f| !matches!(
+                    f.detector.as_str(),
+                    "mark:top-secret" | "mark:secret" | "mark:confidential"
+                )),
+            "never a national-secret class"
+        );
+    }
+
+    #[test]
+    fn keywords_are_counted_and_masked() {
         let kw = KeywordList::new(
             "finance",
             &["预算草案".into(), "Project Falcon".into()],

@@ -337,6 +337,9 @@ pub const BUILTIN_DETECTORS: &[&str] = &[
     "mark:secret",
     "mark:confidential",
     "mark:internal",
+    "mark:trade-secret",
+    "mark:sensitive",
+    "mark:org-confidential",
 ];
 
 /// Why `name` (a detector, or a prefix ending in `*`) names no detector of `known`,

@@ -291,7 +291,7 @@ async fn a_quarantine_rule_moves_the_file_into_the_evidence_store_and_says_so() 
     tokio::time::sleep(Duration::from_millis(150)).await;
     let secret = mount.join("memo.txt");
     let harmless = mount.join("menu.txt");
-    std::fs::write(&secret, "TOP SECRET: the plan").unwrap();
+    std::fs::write(&secret, "绝密★启用前\nthe plan").unwrap();
     std::fs::write(&harmless, "noodles").unwrap();
     btx.send(vec![close(&secret), close(&harmless)])
         .await
@@ -338,7 +338,7 @@ async fn a_quarantine_rule_moves_the_file_into_the_evidence_store_and_says_so() 
     let kept = PathBuf::from(enforced.evidence.as_ref().unwrap());
     assert_eq!(
         std::fs::read_to_string(&kept).unwrap(),
-        "TOP SECRET: the plan"
+        "绝密★启用前\nthe plan"
     );
     assert_eq!(enforced.sha256, memo.sha256);
     let sidecar: serde_json::Value = serde_json::from_str(
