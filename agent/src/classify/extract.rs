@@ -1,8 +1,10 @@
 //! Text extraction for classification, bounded in bytes read, bytes inflated and time.
 //!
-//! Plain text and CSV in UTF-8 (with or without BOM) or GB18030; the office formats
-//! that are zip + XML (docx, xlsx, pptx); PDF text (`pdf-extract`). Anything else is reported as unsupported —
-//! never silently treated as "nothing found". Zip bombs are bounded by the inflated
+//! Plain text and CSV in UTF-8 (with or without BOM), GB18030 or UTF-16 (with or
+//! without BOM), a few stray NUL or invalid bytes tolerated; the office formats that are
+//! zip + XML (docx, pptx: runs joined per paragraph; xlsx: shared strings, inline
+//! strings and numbers typed into cells); PDF text (`pdf-extract`). Anything else is
+//! reported as unsupported — never silently treated as "nothing found". Zip bombs are bounded by the inflated
 //! byte budget, not by trusting the archive's declared sizes.
 
 use std::io::Read;
@@ -214,29 +216,146 @@ pub fn bounded<T: Send + 'static>(
     }
 }
 
-/// Decodes plain text: UTF-8 first, then GB18030; binary data is refused.
+/// Decodes plain text: UTF-16 (by its byte-order mark, or by the zero bytes of
+/// mostly-ASCII UTF-16), UTF-8, GB18030, then UTF-16 without a mark; a few NUL bytes
+/// or invalid sequences in real text (a stray byte, a damaged sector) are tolerated —
+/// at most one in a hundred. Anything else is binary.
 pub fn plain(bytes: &[u8], truncated: bool, limits: Limits) -> Extracted {
-    let nul = bytes.iter().take(8192).filter(|b| **b == 0).count();
-    if nul > 0 {
-        return Extracted::Unsupported("binary");
+    if let Some((text, format)) = utf16_marked(bytes) {
+        return bound(text, format, truncated, limits);
     }
+    let sample = &bytes[..bytes.len().min(8192)];
+    let nul = sample.iter().filter(|b| **b == 0).count();
+    // At most one bad unit in a hundred (and a few in any short file).
+    let noisy = |bad: usize, of: usize| bad > (of / 100).max(4);
+    let squeezed;
+    let bytes = if nul == 0 {
+        bytes
+    } else if noisy(nul, sample.len()) {
+        return Extracted::Unsupported("binary");
+    } else {
+        squeezed = squeeze_zeros(bytes);
+        &squeezed
+    };
     let body = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    // A cut may split a multi-byte character: accept an invalid tail of < 4 bytes.
-    let (text, format) = match std::str::from_utf8(body) {
-        Ok(t) => (t.to_string(), "utf-8"),
-        Err(e) if truncated && body.len() - e.valid_up_to() < 4 => (
-            String::from_utf8_lossy(&body[..e.valid_up_to()]).into_owned(),
-            "utf-8",
-        ),
-        Err(_) => {
-            let (t, _, had_errors) = encoding_rs::GB18030.decode(body);
-            if had_errors {
-                return Extracted::Unsupported("binary");
+    // A cut may split a multi-byte character: an invalid tail of < 4 bytes is the cut.
+    let body = match std::str::from_utf8(body) {
+        Err(e) if truncated && body.len() - e.valid_up_to() < 4 => &body[..e.valid_up_to()],
+        _ => body,
+    };
+    let utf8 = String::from_utf8_lossy(body);
+    if plausible(&utf8) {
+        return bound(utf8.into_owned(), "utf-8", truncated, limits);
+    }
+    let (gb, _, _) = encoding_rs::GB18030.decode(body);
+    if plausible(&gb) && common_hanzi(body) {
+        return bound(gb.into_owned(), "gb18030", truncated, limits);
+    }
+    // UTF-16 without a mark and without zero bytes: Chinese text (its code units have
+    // no zero byte). It must read as Chinese or ASCII, which random bytes do not.
+    if nul == 0 && bytes.len() >= 16 && bytes.len() % 2 == 0 {
+        for (encoding, format) in [
+            (encoding_rs::UTF_16LE, "utf-16le"),
+            (encoding_rs::UTF_16BE, "utf-16be"),
+        ] {
+            let (text, _) = encoding.decode_without_bom_handling(bytes);
+            if plausible(&text) && chinese_or_ascii(&text) {
+                return bound(text.into_owned(), format, truncated, limits);
             }
-            (t.into_owned(), "gb18030")
+        }
+    }
+    Extracted::Unsupported("binary")
+}
+
+/// Whether nine in ten characters are CJK ideographs, CJK or full-width punctuation,
+/// or printable ASCII.
+fn chinese_or_ascii(text: &str) -> bool {
+    let (mut total, mut known) = (0usize, 0usize);
+    for c in text.chars() {
+        total += 1;
+        if c.is_ascii_graphic()
+            || c.is_ascii_whitespace()
+            || ('\u{4E00}'..='\u{9FFF}').contains(&c)
+            || ('\u{3000}'..='\u{303F}').contains(&c)
+            || ('\u{FF00}'..='\u{FFEF}').contains(&c)
+        {
+            known += 1;
+        }
+    }
+    known * 10 >= total * 9
+}
+
+/// Whether the double-byte characters of GB-encoded `bytes` are mostly in GB 2312's
+/// rows of punctuation and common characters (real Chinese text: nearly all of them;
+/// random or compressed bytes: about half).
+fn common_hanzi(bytes: &[u8]) -> bool {
+    let (mut total, mut common, mut i) = (0usize, 0usize, 0usize);
+    while i + 1 < bytes.len() {
+        let (lead, trail) = (bytes[i], bytes[i + 1]);
+        if lead < 0x81 {
+            i += 1;
+            continue;
+        }
+        total += 1;
+        if (0xA1..=0xF7).contains(&lead) && (0xA1..=0xFE).contains(&trail) {
+            common += 1;
+        }
+        // Four-byte GB18030 sequences have a digit as their second byte.
+        i += if trail.is_ascii_digit() { 4 } else { 2 };
+    }
+    total < 10 || common * 100 >= total * 80
+}
+
+/// UTF-16 with a byte-order mark, or without one when every other byte is zero (text
+/// in Latin script: Windows tools write it).
+fn utf16_marked(bytes: &[u8]) -> Option<(String, &'static str)> {
+    let (encoding, format, body) = if let Some(b) = bytes.strip_prefix(b"\xFF\xFE") {
+        (encoding_rs::UTF_16LE, "utf-16le", b)
+    } else if let Some(b) = bytes.strip_prefix(b"\xFE\xFF") {
+        (encoding_rs::UTF_16BE, "utf-16be", b)
+    } else {
+        let sample = &bytes[..bytes.len().min(8192) & !1];
+        let zeros = |offset: usize| {
+            sample
+                .iter()
+                .skip(offset)
+                .step_by(2)
+                .filter(|b| **b == 0)
+                .count()
+        };
+        let half = sample.len() / 2;
+        if half < 2 {
+            return None;
+        }
+        let (even, odd) = (zeros(0), zeros(1));
+        if odd * 10 >= half * 4 && even * 20 < half {
+            (encoding_rs::UTF_16LE, "utf-16le", bytes)
+        } else if even * 10 >= half * 4 && odd * 20 < half {
+            (encoding_rs::UTF_16BE, "utf-16be", bytes)
+        } else {
+            return None;
         }
     };
-    bound(text, format, truncated, limits)
+    let (text, _) = encoding.decode_without_bom_handling(body);
+    plausible(&text).then(|| (text.into_owned(), format))
+}
+
+/// Whether decoded text reads as text: nearly every character printable or white
+/// space; at most one in a hundred (or four in a short text) a replacement, control
+/// or private-use character.
+fn plausible(text: &str) -> bool {
+    let mut total = 0usize;
+    let mut odd = 0usize;
+    for c in text.chars() {
+        total += 1;
+        if c == char::REPLACEMENT_CHARACTER
+            || (c.is_control() && !c.is_whitespace())
+            || ('\u{E000}'..='\u{F8FF}').contains(&c)
+        {
+            odd += 1;
+        }
+    }
+    total > 0 && odd <= (total / 100).max(4).min(total / 4)
 }
 
 fn bound(text: String, format: &'static str, truncated: bool, limits: Limits) -> Extracted {
@@ -266,7 +385,7 @@ fn office(file: std::fs::File, limits: Limits) -> Extracted {
         .filter_map(Result::ok)
         .map(|n| n.into_owned())
         .collect();
-    let (format, parts, tag): (&'static str, Vec<String>, &str) =
+    let (format, parts, spec): (&'static str, Vec<String>, &XmlText) =
         if names.iter().any(|n| n == "word/document.xml") {
             let mut p: Vec<String> = names
                 .iter()
@@ -278,7 +397,7 @@ fn office(file: std::fs::File, limits: Limits) -> Extracted {
                 .cloned()
                 .collect();
             p.sort();
-            ("docx", p, "t")
+            ("docx", p, &PARAGRAPHS)
         } else if names.iter().any(|n| n == "xl/workbook.xml") {
             let mut p: Vec<String> = names
                 .iter()
@@ -289,7 +408,7 @@ fn office(file: std::fs::File, limits: Limits) -> Extracted {
                 .cloned()
                 .collect();
             p.sort();
-            ("xlsx", p, "t")
+            ("xlsx", p, &CELLS)
         } else if names.iter().any(|n| n.starts_with("ppt/slides/")) {
             let mut p: Vec<String> = names
                 .iter()
@@ -297,7 +416,7 @@ fn office(file: std::fs::File, limits: Limits) -> Extracted {
                 .cloned()
                 .collect();
             p.sort();
-            ("pptx", p, "t")
+            ("pptx", p, &PARAGRAPHS)
         } else {
             return Extracted::Unsupported("zip");
         };
@@ -323,7 +442,7 @@ fn office(file: std::fs::File, limits: Limits) -> Extracted {
             truncated = true;
         }
         budget -= xml.len() as u64;
-        xml_text(&xml, tag, &mut text);
+        xml_text(&xml, spec, &mut text);
         if text.chars().count() > limits.max_chars {
             break;
         }
@@ -331,30 +450,87 @@ fn office(file: std::fs::File, limits: Limits) -> Extracted {
     bound(text, format, truncated, limits)
 }
 
-/// Appends the text inside elements whose local name is `tag` (`w:t`, `a:t`, `t`),
-/// one line per element. Malformed XML ends the part (what was read is kept).
-fn xml_text(xml: &[u8], tag: &str, out: &mut String) {
+/// Where an office format keeps its text: the elements holding text, and the elements
+/// that end a line (a paragraph, a shared string, a cell) — the runs inside one are
+/// joined, so a mark or a number that Word split across runs (`机` `密★`) reads whole.
+struct XmlText {
+    text: &'static [&'static str],
+    lines: &'static [&'static str],
+}
+
+/// docx (`w:t` in `w:p`) and pptx (`a:t` in `a:p`).
+const PARAGRAPHS: XmlText = XmlText {
+    text: &["t"],
+    lines: &["p"],
+};
+/// xlsx: shared strings (`t` in `si`), and in worksheets inline strings and the values
+/// of cells (`v` in `c`: numbers typed into cells) — not the shared-string indexes.
+const CELLS: XmlText = XmlText {
+    text: &["t", "v"],
+    lines: &["si", "c"],
+};
+
+/// Appends the text of `xml` as `spec` says, a line per paragraph, shared string or
+/// cell; character and entity references resolved; a tab or break inside a paragraph
+/// is a space. Malformed XML ends the part (what was read is kept).
+fn xml_text(xml: &[u8], spec: &XmlText, out: &mut String) {
     use quick_xml::events::Event;
     let mut reader = quick_xml::Reader::from_reader(xml);
     let mut inside = false;
+    // xlsx: the current cell holds an index into the shared strings, not a value.
+    let mut shared_string_cell = false;
     let mut buf = Vec::new();
+    let end_line = |out: &mut String| {
+        if !out.is_empty() && !out.ends_with('\n') {
+            out.push('\n');
+        }
+    };
     loop {
         match reader.read_event_into(&mut buf) {
-            Ok(Event::Start(e)) => inside = e.local_name().as_ref() == tag,
-            Ok(Event::End(_)) => {
-                if inside {
-                    out.push('\n');
+            Ok(Event::Start(e)) => {
+                let name = e.local_name();
+                let name: &str = name.into_inner();
+                if name == "c" {
+                    shared_string_cell = e
+                        .attributes()
+                        .flatten()
+                        .any(|a| a.key.local_name().into_inner() == "t" && &*a.value == "s");
                 }
-                inside = false;
+                inside = spec.text.contains(&name) && !(name == "v" && shared_string_cell);
             }
-            Ok(Event::Text(t)) if inside => {
-                out.push_str(&t.xml10_content());
+            Ok(Event::Empty(e)) => {
+                if matches!(e.local_name().into_inner(), "tab" | "br" | "cr") {
+                    out.push(' ');
+                }
+            }
+            Ok(Event::End(e)) => {
+                inside = false;
+                if spec.lines.contains(&e.local_name().into_inner()) {
+                    end_line(out);
+                }
+            }
+            Ok(Event::Text(t)) if inside => out.push_str(&t.xml10_content()),
+            Ok(Event::CData(t)) if inside => out.push_str(&t.into_inner()),
+            Ok(Event::GeneralRef(r)) if inside => {
+                if let Ok(Some(c)) = r.resolve_char_ref() {
+                    out.push(c);
+                } else {
+                    out.push_str(match r.as_ref() {
+                        "amp" => "&",
+                        "lt" => "<",
+                        "gt" => ">",
+                        "quot" => "\"",
+                        "apos" => "'",
+                        _ => "",
+                    });
+                }
             }
             Ok(Event::Eof) | Err(_) => break,
             _ => {}
         }
         buf.clear();
     }
+    end_line(out);
 }
 
 #[cfg(test)]
@@ -418,6 +594,47 @@ mod tests {
             } => (text, format, truncated),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn runs_join_per_paragraph_and_numeric_cells_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        // Word splits text into runs wherever formatting or editing history changes.
+        let docx = office_file(
+            dir.path(),
+            "split.docx",
+            &[(
+                "word/document.xml",
+                r#"<w:document xmlns:w="x"><w:body><w:p><w:r><w:t>机</w:t></w:r><w:r><w:rPr><w:b/></w:rPr><w:t>密★</w:t></w:r><w:r><w:t>1年</w:t></w:r></w:p><w:p><w:r><w:t>身份证 1101051949</w:t></w:r><w:r><w:t>1231002X</w:t></w:r><w:r><w:tab/><w:t>A&amp;B&#x4E2D;</w:t></w:r></w:p></w:body></w:document>"#,
+            )],
+        );
+        let (t, _, _) = text_of(extract(&docx, Limits::default()));
+        assert_eq!(t, "机密★1年\n身份证 11010519491231002X A&B中\n");
+        let found = crate::classify::detectors::scan(&t);
+        let names: Vec<&str> = found.iter().map(|f| f.detector.as_str()).collect();
+        assert!(
+            names.contains(&"mark:secret") && names.contains(&"prc-resident-id"),
+            "{names:?}"
+        );
+        // Mobile numbers typed into cells are numbers, not strings; a shared-string
+        // cell's value is an index and is not read as a number.
+        let xlsx = office_file(
+            dir.path(),
+            "numbers.xlsx",
+            &[
+                ("xl/workbook.xml", "<workbook/>"),
+                (
+                    "xl/sharedStrings.xml",
+                    r#"<sst><si><r><t>联系</t></r><r><t>电话</t></r></si></sst>"#,
+                ),
+                (
+                    "xl/worksheets/sheet1.xml",
+                    r#"<worksheet><sheetData><row><c r="A1" t="s"><v>0</v></c><c r="B1"><v>13812345678</v></c><c r="C1"><v>13912345678</v></c></row></sheetData></worksheet>"#,
+                ),
+            ],
+        );
+        let (t, _, _) = text_of(extract(&xlsx, Limits::default()));
+        assert_eq!(t, "联系电话\n13812345678\n13912345678\n");
     }
 
     #[test]
@@ -496,6 +713,80 @@ mod tests {
                 Extracted::Failed(ref e) if e.starts_with("pdf")
             ),
             "a broken PDF is a failure, never 'nothing found'"
+        );
+    }
+
+    #[test]
+    fn utf16_and_text_with_a_little_noise_are_read_binary_is_not() {
+        let text = "机密★1年\n员工 11010519491231002X，电话 13812345678\n";
+        let utf16 = |big: bool, mark: bool| -> Vec<u8> {
+            let mut out = Vec::new();
+            if mark {
+                out.extend_from_slice(if big { b"\xFE\xFF" } else { b"\xFF\xFE" });
+            }
+            for u in text.encode_utf16() {
+                out.extend_from_slice(&if big {
+                    u.to_be_bytes()
+                } else {
+                    u.to_le_bytes()
+                });
+            }
+            out
+        };
+        for (bytes, format) in [
+            (utf16(false, true), "utf-16le"),
+            (utf16(true, true), "utf-16be"),
+            (utf16(false, false), "utf-16le"),
+        ] {
+            match plain(&bytes, false, Limits::default()) {
+                Extracted::Text {
+                    text: t, format: f, ..
+                } => assert_eq!((t.as_str(), f), (text, format)),
+                other => panic!("{format}: {other:?}"),
+            }
+        }
+        // Mostly-ASCII UTF-16 without a mark: every other byte is zero.
+        let ascii: Vec<u8> = "staff id 11010519491231002X\n"
+            .encode_utf16()
+            .flat_map(|u| u.to_le_bytes())
+            .collect();
+        assert!(matches!(
+            plain(&ascii, false, Limits::default()),
+            Extracted::Text {
+                format: "utf-16le",
+                ..
+            }
+        ));
+        // One NUL byte at the start of a text file, a stray invalid byte inside.
+        let mut noisy = vec![0u8];
+        noisy.extend_from_slice(text.as_bytes());
+        noisy.insert(20, 0xFF);
+        match plain(&noisy, false, Limits::default()) {
+            Extracted::Text {
+                text: t, format, ..
+            } => {
+                assert_eq!(format, "utf-8");
+                assert!(
+                    t.contains("11010519491231002X") && t.contains("机密★1年"),
+                    "{t}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Real binary: many zeros, or bytes no encoding reads as text.
+        let elf: Vec<u8> = (0..4096u32)
+            .map(|i| if i % 3 == 0 { 0 } else { (i * 7) as u8 })
+            .collect();
+        assert_eq!(
+            plain(&elf, false, Limits::default()),
+            Extracted::Unsupported("binary")
+        );
+        let noise: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 | 0x80)
+            .collect();
+        assert_eq!(
+            plain(&noise, false, Limits::default()),
+            Extracted::Unsupported("binary")
         );
     }
 
