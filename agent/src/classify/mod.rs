@@ -91,17 +91,62 @@ impl Classifier {
                     .collect(),
                 truncated.then(|| "truncated: only the first part was classified".to_string()),
             ),
-            extract::Extracted::Unsupported(kind) => {
-                (Vec::new(), Some(format!("unsupported: {kind}")))
-            }
-            extract::Extracted::Failed(e) => (Vec::new(), Some(format!("failed: {e}"))),
+            extract::Extracted::Unsupported(kind) => unreadable(format!("unsupported: {kind}")),
+            extract::Extracted::Failed(e) => unreadable(format!("failed: {e}")),
         }
     }
 }
+
+/// A file whose content could not be classified carries the class `unreadable`, its
+/// reason as the sample, so a rule can act on it (deny what cannot be checked, or
+/// audit it) instead of it passing as "nothing found".
+fn unreadable(reason: String) -> (Vec<Classification>, Option<String>) {
+    let sample: String = reason.chars().take(200).collect();
+    (
+        vec![Classification {
+            detector: UNREADABLE.to_string(),
+            count: 1,
+            samples: vec![sample],
+        }],
+        Some(reason),
+    )
+}
+
+/// The class of a file that could not be read for classification.
+pub const UNREADABLE: &str = "unreadable";
 
 /// Detector names and counts, as the policy's deciding functions take them.
 pub fn counts(c: &[Classification]) -> Vec<(&str, u64)> {
     c.iter()
         .map(|c| (c.detector.as_str(), c.count as u64))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_that_cannot_be_read_is_unreadable_with_its_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.pdf");
+        std::fs::write(&path, b"%PDF-1.7\nbroken").unwrap();
+        let classifier = Classifier::default();
+        let (found, note) = classifier.classify_file(std::fs::File::open(&path).unwrap());
+        assert_eq!(found.len(), 1);
+        assert_eq!(
+            (found[0].detector.as_str(), found[0].count),
+            (UNREADABLE, 1)
+        );
+        assert!(
+            found[0].samples[0].starts_with("failed: pdf"),
+            "{:?}",
+            found[0].samples
+        );
+        assert_eq!(note.as_deref(), Some(found[0].samples[0].as_str()));
+        let text = dir.path().join("a.txt");
+        std::fs::write(&text, "lunch menu").unwrap();
+        let (found, note) = classifier.classify_file(std::fs::File::open(&text).unwrap());
+        assert!(found.is_empty() && note.is_none());
+    }
 }

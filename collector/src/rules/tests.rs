@@ -409,6 +409,31 @@ indicator!(classified_file_exported, "builtin.files.classified-export", |h|
     near: (DAY, vec![h.event("ws-1", "workstation", DAY, "file.exported", exported(json!({})))]),
 );
 
+/// A file that could not be read is not a classified one (its own class, `unreadable`,
+/// is for rules and the policy to act on).
+#[test]
+fn an_unreadable_file_alone_is_not_a_classified_export() {
+    let mut h = Harness::new();
+    let unreadable = h.event("ws-1", "workstation", DAY, "file.exported", exported(json!({
+        "classification": [{"detector": "unreadable", "count": 1, "samples": ["unsupported: binary"]}]})));
+    assert_eq!(
+        h.fired(DAY, vec![unreadable], "builtin.files.classified-export"),
+        None
+    );
+    let both = h.event("ws-1", "workstation", DAY, "file.exported", exported(json!({
+        "sha256": "other",
+        "classification": [{"detector": "unreadable", "count": 1, "samples": ["failed: pdf"]},
+                           {"detector": "mark:secret", "count": 1, "samples": ["机密★ (line 1)"]}]})));
+    let a = h
+        .fired(DAY, vec![both], "builtin.files.classified-export")
+        .expect("fires");
+    assert!(
+        a.summary.contains("mark:secret x1") && !a.summary.contains("unreadable"),
+        "{}",
+        a.summary
+    );
+}
+
 indicator!(mass_export_by_count, "builtin.files.mass-export-count", |h|
     fire: (DAY, (0..51).map(|_| h.event("ws-1", "workstation", DAY, "file.exported", exported(json!({})))).collect()),
     near: (DAY, {

@@ -340,6 +340,7 @@ pub const BUILTIN_DETECTORS: &[&str] = &[
     "mark:trade-secret",
     "mark:sensitive",
     "mark:org-confidential",
+    "unreadable",
 ];
 
 /// Why `name` (a detector, or a prefix ending in `*`) names no detector of `known`,
