@@ -3,7 +3,8 @@
 //! Plain text and CSV in UTF-8 (with or without BOM), GB18030 or UTF-16 (with or
 //! without BOM), a few stray NUL or invalid bytes tolerated; the office formats that are
 //! zip + XML (docx, pptx: runs joined per paragraph; xlsx: shared strings, inline
-//! strings and numbers typed into cells); PDF text (`pdf-extract`). Anything else is
+//! strings and numbers typed into cells; OFD, GB/T 33190: page text in page order);
+//! PDF text (`pdf-extract`). Anything else is
 //! reported as unsupported — never silently treated as "nothing found". Zip bombs are bounded by the inflated
 //! byte budget, not by trusting the archive's declared sizes.
 
@@ -417,6 +418,15 @@ fn office(file: std::fs::File, limits: Limits) -> Extracted {
                 .collect();
             p.sort();
             ("pptx", p, &PARAGRAPHS)
+        } else if names.iter().any(|n| n == "OFD.xml") {
+            // GB/T 33190: each page's content, pages in their number order.
+            let mut p: Vec<String> = names
+                .iter()
+                .filter(|n| n.contains("/Pages/") && n.ends_with("/Content.xml"))
+                .cloned()
+                .collect();
+            p.sort_by_key(|n| natural_key(n));
+            ("ofd", p, &OFD_TEXT)
         } else {
             return Extracted::Unsupported("zip");
         };
@@ -469,6 +479,32 @@ const CELLS: XmlText = XmlText {
     text: &["t", "v"],
     lines: &["si", "c"],
 };
+
+/// OFD (GB/T 33190, Chinese government documents and e-invoices): `ofd:TextCode`
+/// runs, a line per `ofd:TextObject`.
+const OFD_TEXT: XmlText = XmlText {
+    text: &["TextCode"],
+    lines: &["TextObject"],
+};
+
+/// `Doc_0/Pages/Page_10/Content.xml` after `Page_9`: runs of digits compare as numbers.
+fn natural_key(name: &str) -> Vec<(String, u64)> {
+    let mut key = Vec::new();
+    let mut rest = name;
+    while !rest.is_empty() {
+        let text_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let (text, tail) = rest.split_at(text_len);
+        let digits_len = tail
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(tail.len());
+        let (digits, tail) = tail.split_at(digits_len);
+        key.push((text.to_string(), digits.parse().unwrap_or(u64::MAX)));
+        rest = tail;
+    }
+    key
+}
 
 /// Appends the text of `xml` as `spec` says, a line per paragraph, shared string or
 /// cell; character and entity references resolved; a tab or break inside a paragraph
@@ -594,6 +630,33 @@ mod tests {
             } => (text, format, truncated),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn ofd_pages_are_read_in_page_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let page = |text: &str| {
+            format!(
+                r#"<ofd:Page xmlns:ofd="http://www.ofdspec.org/2016"><ofd:Content><ofd:Layer><ofd:TextObject ID="1"><ofd:TextCode X="0" Y="0">{text}</ofd:TextCode></ofd:TextObject><ofd:TextObject ID="2"><ofd:TextCode X="0" Y="9">第</ofd:TextCode><ofd:TextCode X="9" Y="9">二行</ofd:TextCode></ofd:TextObject></ofd:Layer></ofd:Content></ofd:Page>"#
+            )
+        };
+        let (p0, p2, p10) = (page("机密★1年"), page("二"), page("十"));
+        let ofd = office_file(
+            dir.path(),
+            "invoice.ofd",
+            &[
+                (
+                    "OFD.xml",
+                    r#"<ofd:OFD xmlns:ofd="http://www.ofdspec.org/2016"/>"#,
+                ),
+                ("Doc_0/Pages/Page_10/Content.xml", &p10),
+                ("Doc_0/Pages/Page_0/Content.xml", &p0),
+                ("Doc_0/Pages/Page_2/Content.xml", &p2),
+            ],
+        );
+        let (t, f, _) = text_of(extract(&ofd, Limits::default()));
+        assert_eq!(f, "ofd");
+        assert_eq!(t, "机密★1年\n第二行\n二\n第二行\n十\n第二行\n");
     }
 
     #[test]
