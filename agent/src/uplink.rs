@@ -109,6 +109,16 @@ struct Linger {
     in_flight: usize,
 }
 
+impl Linger {
+    /// Gathering starts only while batches are in flight (and a linger is set).
+    fn start(linger: Duration, in_flight: usize) -> Option<Linger> {
+        (in_flight > 0 && !linger.is_zero()).then(|| Linger {
+            until: tokio::time::Instant::now() + linger,
+            in_flight,
+        })
+    }
+}
+
 struct InFlight {
     batch_id: u64,
     first: EventKey,
@@ -288,12 +298,7 @@ impl Uplink {
                 // gather until the next ack or the end of the linger, whichever comes
                 // first, so batches grow with the load and the latency does not.
                 _ = self.notify.notified() => {
-                    if lingering.is_none() && !sending.in_flight.is_empty() && !c.delivery.batch_linger.is_zero() {
-                        lingering = Some(Linger {
-                            until: tokio::time::Instant::now() + c.delivery.batch_linger,
-                            in_flight: sending.in_flight.len(),
-                        });
-                    }
+                    lingering = lingering.or_else(|| Linger::start(c.delivery.batch_linger, sending.in_flight.len()));
                 }
                 _ = sleep_until_opt(lingering.as_ref().map(|l| l.until)) => lingering = None,
                 _ = sleep_until_opt(throttled) => throttled = None,
@@ -315,12 +320,8 @@ impl Uplink {
                     draining = Some(tokio::time::Instant::now() + c.drain_timeout);
                 }
             }
-            if lingering
-                .as_ref()
-                .is_some_and(|l| sending.in_flight.len() < l.in_flight)
-            {
-                lingering = None; // an ack (or a rewind) freed the window
-            }
+            // An ack (or a rewind) freed the window: what gathered goes now.
+            lingering = lingering.filter(|l| sending.in_flight.len() >= l.in_flight);
             if connected && throttled.is_none() && lingering.is_none() && presences.may_send() {
                 throttled = self.send_batches(&client, &events_topic, &mut sending);
             }
