@@ -369,21 +369,20 @@ pub fn classification_marks(text: &str) -> Vec<Finding> {
         let n = index + 1;
         // A line with one of the national forms.
         let before_line = found.total();
-        for c in star.captures_iter(line).chain(label.captures_iter(line)) {
-            let whole = c.get(0).map_or("", |m| m.as_str());
-            // 商业秘密★ is a trade secret: the level must not end a longer word.
-            let before = line[..c.get(0).map_or(0, |m| m.start())]
+        // 商业秘密★ is a trade secret: a starred level must not end a longer word.
+        let starts_a_word = |at: usize| {
+            !line[..at]
                 .chars()
-                .next_back();
-            if !whole.starts_with('★')
-                && !whole.starts_with('密')
-                && before.is_some_and(char::is_alphabetic)
-            {
-                continue;
-            }
+                .next_back()
+                .is_some_and(char::is_alphabetic)
+        };
+        let starred = star
+            .captures_iter(line)
+            .filter(|c| c[0].starts_with('★') || starts_a_word(c.get(0).map_or(0, |m| m.start())));
+        for c in starred.chain(label.captures_iter(line)) {
             let word = c.get(1).or_else(|| c.get(2)).map_or("", |m| m.as_str());
             if let Some((_, class)) = NATIONAL_MARKS.iter().find(|(w, _)| *w == word) {
-                found.note(class, whole.trim(), n);
+                found.note(class, c[0].trim(), n);
             }
         }
         for m in internal.find_iter(line) {

@@ -438,8 +438,8 @@ struct EventRow {
     envelope: String,
 }
 
-/// Rows handed from the reading thread to the writing one at a time; two such
-/// chunks in the channel bound what waits between them (~2 MiB).
+/// Rows handed from the reading thread to the writing one at a time; at most two
+/// chunks wait in the channel, so what sits between the threads stays a few MiB.
 const ROWS_PER_CHUNK: usize = 1024;
 
 /// `events.csv` (for people; BOM for spreadsheet programs) and `events.jsonl` (the
