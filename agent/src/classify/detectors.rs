@@ -367,6 +367,12 @@ pub fn classification_marks(text: &str) -> Vec<Finding> {
     let mut head = 0;
     for (index, line) in text.lines().enumerate() {
         let n = index + 1;
+        // A form feed line starts another document (an archive's next entry): its
+        // first lines are a head again.
+        if line == "\u{c}" {
+            head = 0;
+            continue;
+        }
         // A line with one of the national forms.
         let before_line = found.total();
         // 商业秘密★ is a trade secret: a starred level must not end a longer word.

@@ -4,7 +4,8 @@
 //! without BOM), a few stray NUL or invalid bytes tolerated; the office formats that are
 //! zip + XML (docx, pptx: runs joined per paragraph; xlsx: shared strings, inline
 //! strings and numbers typed into cells; OFD, GB/T 33190: page text in page order);
-//! PDF text (`pdf-extract`). Anything else is
+//! zip archives entry by entry, nested up to three deep (zip bombs refused, unread
+//! entries named); PDF text (`pdf-extract`). Anything else is
 //! reported as unsupported — never silently treated as "nothing found". Zip bombs are bounded by the inflated
 //! byte budget, not by trusting the archive's declared sizes.
 
@@ -38,10 +39,13 @@ impl Default for Limits {
 pub enum Extracted {
     Text {
         text: String,
-        /// `utf-8`, `gb18030`, `docx`, `xlsx`, `pptx`, `pdf`.
+        /// `utf-8`, `gb18030`, `utf-16le`, `docx`, `xlsx`, `pptx`, `ofd`, `pdf`, `zip`.
         format: &'static str,
         /// A bound was hit: the text is a prefix.
         truncated: bool,
+        /// Parts that could not be read (an archive's encrypted or unreadable
+        /// entries): the text is what the rest holds.
+        unread: Option<String>,
     },
     /// A format this version does not read (`binary`, `zip`).
     Unsupported(&'static str),
@@ -70,7 +74,7 @@ pub fn extract_file(mut f: std::fs::File, limits: Limits) -> Extracted {
         return Extracted::Failed(format!("seek: {e}"));
     }
     if head[..n].starts_with(b"PK\x03\x04") {
-        return office(f, limits);
+        return office(f, limits, 0);
     }
     // The data extents, up to the limit: a secret at the end of a sparse file (whose
     // first gigabytes are a hole) is read, the hole is not.
@@ -365,17 +369,19 @@ fn bound(text: String, format: &'static str, truncated: bool, limits: Limits) ->
             text: text.chars().take(limits.max_chars).collect(),
             format,
             truncated: true,
+            unread: None,
         };
     }
     Extracted::Text {
         text,
         format,
         truncated,
+        unread: None,
     }
 }
 
 /// docx / xlsx / pptx: the text runs of their XML parts.
-fn office(file: std::fs::File, limits: Limits) -> Extracted {
+fn office<R: Read + std::io::Seek>(file: R, limits: Limits, depth: usize) -> Extracted {
     let started = Instant::now();
     let mut zip = match zip::ZipArchive::new(file) {
         Ok(z) => z,
@@ -428,7 +434,7 @@ fn office(file: std::fs::File, limits: Limits) -> Extracted {
             p.sort_by_key(|n| natural_key(n));
             ("ofd", p, &OFD_TEXT)
         } else {
-            return Extracted::Unsupported("zip");
+            return archive(zip, limits, depth, started);
         };
     let mut text = String::new();
     let mut budget = limits.max_bytes;
@@ -479,6 +485,127 @@ const CELLS: XmlText = XmlText {
     text: &["t", "v"],
     lines: &["si", "c"],
 };
+
+/// Archives nested deeper than this are not opened (refused as unreadable).
+const MAX_ARCHIVE_DEPTH: usize = 3;
+/// Most entries read from one archive; the rest make the text a prefix.
+const MAX_ARCHIVE_ENTRIES: usize = 10_000;
+/// An entry that inflates to more than this many times its compressed size (and to
+/// more than 1 MiB) is a zip bomb: the archive is refused, and says why.
+const MAX_INFLATION_RATIO: u64 = 200;
+
+/// A zip archive that is no office document: each entry extracted as a file of its
+/// own (nested archives too, [`MAX_ARCHIVE_DEPTH`] deep), within the one budget of
+/// inflated bytes and time; the entries' texts are separated by a form feed line
+/// (a new document for the detectors). Encrypted or unreadable entries are named in
+/// `unread`.
+fn archive<R: Read + std::io::Seek>(
+    mut zip: zip::ZipArchive<R>,
+    limits: Limits,
+    depth: usize,
+    started: Instant,
+) -> Extracted {
+    if depth >= MAX_ARCHIVE_DEPTH {
+        return Extracted::Failed(format!("archive nested more than {MAX_ARCHIVE_DEPTH} deep"));
+    }
+    let mut text = String::new();
+    let mut budget = limits.max_bytes;
+    let mut truncated = zip.len() > MAX_ARCHIVE_ENTRIES;
+    let mut unread: Vec<String> = Vec::new();
+    for i in 0..zip.len().min(MAX_ARCHIVE_ENTRIES) {
+        if started.elapsed() > limits.max_time || budget == 0 {
+            truncated = true;
+            break;
+        }
+        let entry = match zip.by_index(i) {
+            Ok(e) => e,
+            Err(e) => {
+                unread.push(format!("entry {i}: {e}"));
+                continue;
+            }
+        };
+        if entry.is_dir() {
+            continue;
+        }
+        let name = entry
+            .name()
+            .map_or_else(|_| format!("entry {i}"), |n| n.into_owned());
+        let packed = entry.compressed_size().max(1);
+        let mut bytes = Vec::new();
+        if let Err(e) = entry.take(budget + 1).read_to_end(&mut bytes) {
+            unread.push(format!("{name}: {e}"));
+            continue;
+        }
+        let inflated = bytes.len() as u64;
+        if inflated > 1 << 20 && inflated > packed * MAX_INFLATION_RATIO {
+            return Extracted::Failed(format!(
+                "zip bomb refused: {name} inflates {packed} bytes to more than {inflated}"
+            ));
+        }
+        if inflated > budget {
+            bytes.truncate(budget as usize);
+            truncated = true;
+        }
+        budget -= bytes.len() as u64;
+        // A nested archive inflates within what is left of this one's budget (so the
+        // whole file inflates at most MAX_ARCHIVE_DEPTH budgets), and the time left.
+        let inner = Limits {
+            max_bytes: budget.max(bytes.len() as u64),
+            max_time: limits.max_time.saturating_sub(started.elapsed()),
+            ..limits
+        };
+        match extract_bytes(bytes, inner, depth + 1) {
+            Extracted::Text {
+                text: t,
+                truncated: cut,
+                unread: inner_unread,
+                ..
+            } => {
+                if !text.is_empty() {
+                    text.push_str("\n\u{c}\n");
+                }
+                text.push_str(&t);
+                truncated |= cut;
+                unread.extend(inner_unread.map(|u| format!("{name}: {u}")));
+            }
+            Extracted::Unsupported(kind) => unread.push(format!("{name}: {kind}")),
+            Extracted::Failed(e) if e.starts_with("zip bomb") => return Extracted::Failed(e),
+            Extracted::Failed(e) => unread.push(format!("{name}: {e}")),
+        }
+        if text.chars().count() > limits.max_chars {
+            truncated = true;
+            break;
+        }
+    }
+    if text.is_empty() && !unread.is_empty() {
+        return Extracted::Failed(format!("no entry could be read: {}", unread.join("; ")));
+    }
+    match bound(text, "zip", truncated, limits) {
+        Extracted::Text {
+            text,
+            format,
+            truncated,
+            ..
+        } => Extracted::Text {
+            text,
+            format,
+            truncated,
+            unread: (!unread.is_empty()).then(|| unread.join("; ")),
+        },
+        other => other,
+    }
+}
+
+/// An archive entry's bytes, extracted as a file with these contents would be.
+fn extract_bytes(bytes: Vec<u8>, limits: Limits, depth: usize) -> Extracted {
+    if bytes.starts_with(b"PK\x03\x04") {
+        return office(std::io::Cursor::new(bytes), limits, depth);
+    }
+    if bytes.starts_with(b"%PDF") {
+        return pdf(bytes, limits);
+    }
+    plain(&bytes, false, limits)
+}
 
 /// OFD (GB/T 33190, Chinese government documents and e-invoices): `ofd:TextCode`
 /// runs, a line per `ofd:TextObject`.
@@ -627,7 +754,93 @@ mod tests {
                 text,
                 format,
                 truncated,
+                ..
             } => (text, format, truncated),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A zip archive in memory: (name, bytes) entries, deflated.
+    fn zip_bytes(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        for (n, body) in entries {
+            z.start_file(*n, opts).unwrap();
+            z.write_all(body).unwrap();
+        }
+        z.finish().unwrap().into_inner()
+    }
+
+    #[test]
+    fn archives_are_read_entry_by_entry_nested_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = zip_bytes(&[(
+            "工资表.csv",
+            "姓名,身份证\n张三,11010519491231002X\n".as_bytes(),
+        )]);
+        let docx = std::fs::read(office_file(
+            dir.path(),
+            "a.docx",
+            &[("word/document.xml", r#"<w:document xmlns:w="x"><w:body><w:p><w:r><w:t>秘密</w:t></w:r></w:p></w:body></w:document>"#)],
+        ))
+        .unwrap();
+        let outer = zip_bytes(&[
+            ("readme.txt", "月度报表\n".as_bytes()),
+            ("2026/inner.zip", &inner),
+            ("2026/通知.docx", &docx),
+            ("logo.bin", &[0u8, 1, 2, 3, 0, 0, 0, 0, 9, 0, 0, 0]),
+        ]);
+        let path = dir.path().join("outer.zip");
+        std::fs::write(&path, &outer).unwrap();
+        match extract(&path, Limits::default()) {
+            Extracted::Text {
+                text,
+                format,
+                truncated,
+                unread,
+            } => {
+                assert_eq!((format, truncated), ("zip", false));
+                assert!(
+                    text.contains("11010519491231002X") && text.contains("月度报表"),
+                    "{text}"
+                );
+                assert_eq!(unread.as_deref(), Some("logo.bin: binary"));
+                // Each entry is a document of its own: the docx's lone 秘密 is its head.
+                let marks = crate::classify::detectors::classification_marks(&text);
+                assert_eq!(marks.len(), 1, "{marks:?}");
+                assert_eq!(marks[0].detector, "mark:confidential");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The unread entry makes the file partly unreadable, for rules to act on.
+        let (found, note) = crate::classify::Classifier::default()
+            .classify_file(std::fs::File::open(&path).unwrap());
+        assert!(found.iter().any(|f| f.detector == "prc-resident-id"));
+        assert!(
+            found
+                .iter()
+                .any(|f| f.detector == crate::classify::UNREADABLE
+                    && f.samples[0] == "partly unread: logo.bin: binary"),
+            "{found:?}"
+        );
+        assert_eq!(note.as_deref(), Some("partly unread: logo.bin: binary"));
+
+        // A zip bomb: 64 MiB of zeros deflate to ~64 KiB.
+        let bomb = zip_bytes(&[("zeros.txt", &vec![0u8; 64 << 20])]);
+        std::fs::write(dir.path().join("bomb.zip"), zip_bytes(&[("a.zip", &bomb)])).unwrap();
+        match extract(&dir.path().join("bomb.zip"), Limits::default()) {
+            Extracted::Failed(e) => assert!(e.starts_with("zip bomb refused: zeros.txt"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        // Nested past the depth bound.
+        let mut nested = zip_bytes(&[("deep.txt", "机密★\n".as_bytes())]);
+        for level in 0..MAX_ARCHIVE_DEPTH {
+            nested = zip_bytes(&[(&format!("level{level}.zip"), &nested)]);
+        }
+        std::fs::write(dir.path().join("deep.zip"), &nested).unwrap();
+        match extract(&dir.path().join("deep.zip"), Limits::default()) {
+            Extracted::Failed(e) => assert!(e.contains("nested more than 3 deep"), "{e}"),
             other => panic!("{other:?}"),
         }
     }

@@ -79,18 +79,33 @@ impl Classifier {
     pub fn classify_file(&self, f: std::fs::File) -> (Vec<Classification>, Option<String>) {
         match extract::extract_file(f, self.limits) {
             extract::Extracted::Text {
-                text, truncated, ..
-            } => (
-                self.scan(&text)
+                text,
+                truncated,
+                unread,
+                ..
+            } => {
+                let mut found: Vec<Classification> = self
+                    .scan(&text)
                     .into_iter()
                     .map(|f| Classification {
                         detector: f.detector,
                         count: f.count,
                         samples: f.samples,
                     })
-                    .collect(),
-                truncated.then(|| "truncated: only the first part was classified".to_string()),
-            ),
+                    .collect();
+                let mut note =
+                    truncated.then(|| "truncated: only the first part was classified".to_string());
+                // Parts of an archive that could not be read: what they hold is unknown.
+                if let Some(unread) = unread {
+                    let (class, reason) = unreadable(format!("partly unread: {unread}"));
+                    found.extend(class);
+                    note = Some(match note {
+                        Some(n) => format!("{n}; {}", reason.unwrap_or_default()),
+                        None => reason.unwrap_or_default(),
+                    });
+                }
+                (found, note)
+            }
             extract::Extracted::Unsupported(kind) => unreadable(format!("unsupported: {kind}")),
             extract::Extracted::Failed(e) => unreadable(format!("failed: {e}")),
         }
