@@ -265,15 +265,12 @@ pub fn bank_cards(text: &str) -> Option<Finding> {
     static RE: OnceLock<Regex> = OnceLock::new();
     let re = re(&RE, r"[0-9]{15,19}");
     let context = |start: usize| {
-        let before: String = text[..start]
-            .chars()
+        let from = text[..start]
+            .char_indices()
             .rev()
-            .take(24)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        CARD_CONTEXT.iter().any(|w| before.contains(w))
+            .nth(23)
+            .map_or(0, |(i, _)| i);
+        CARD_CONTEXT.iter().any(|w| text[from..start].contains(w))
     };
     collect(
         "bank-card",
@@ -319,10 +316,6 @@ pub const NATIONAL_MARKS: &[(&str, &str)] = &[
     ("机密", "secret"),
     ("秘密", "confidential"),
 ];
-
-/// Organisational marks: each its own class, never a national-secret one.
-pub const ORGANISATIONAL_MARKS: &[&str] =
-    &["internal", "trade-secret", "sensitive", "org-confidential"];
 
 /// How many non-empty lines count as a document's head (title, header, first lines):
 /// a mark standing alone on such a line is a mark; the same word further down, or

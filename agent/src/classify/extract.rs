@@ -580,20 +580,11 @@ fn archive<R: Read + std::io::Seek>(
     if text.is_empty() && !unread.is_empty() {
         return Extracted::Failed(format!("no entry could be read: {}", unread.join("; ")));
     }
-    match bound(text, "zip", truncated, limits) {
-        Extracted::Text {
-            text,
-            format,
-            truncated,
-            ..
-        } => Extracted::Text {
-            text,
-            format,
-            truncated,
-            unread: (!unread.is_empty()).then(|| unread.join("; ")),
-        },
-        other => other,
+    let mut read = bound(text, "zip", truncated, limits);
+    if let Extracted::Text { unread: named, .. } = &mut read {
+        *named = (!unread.is_empty()).then(|| unread.join("; "));
     }
+    read
 }
 
 /// An archive entry's bytes, extracted as a file with these contents would be.

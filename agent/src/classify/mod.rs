@@ -93,38 +93,38 @@ impl Classifier {
                         samples: f.samples,
                     })
                     .collect();
-                let mut note =
-                    truncated.then(|| "truncated: only the first part was classified".to_string());
+                let mut notes: Vec<String> = Vec::new();
+                if truncated {
+                    notes.push("truncated: only the first part was classified".into());
+                }
                 // Parts of an archive that could not be read: what they hold is unknown.
                 if let Some(unread) = unread {
-                    let (class, reason) = unreadable(format!("partly unread: {unread}"));
-                    found.extend(class);
-                    note = Some(match note {
-                        Some(n) => format!("{n}; {}", reason.unwrap_or_default()),
-                        None => reason.unwrap_or_default(),
-                    });
+                    let reason = format!("partly unread: {unread}");
+                    found.push(unreadable(&reason));
+                    notes.push(reason);
                 }
-                (found, note)
+                (found, (!notes.is_empty()).then(|| notes.join("; ")))
             }
-            extract::Extracted::Unsupported(kind) => unreadable(format!("unsupported: {kind}")),
-            extract::Extracted::Failed(e) => unreadable(format!("failed: {e}")),
+            extract::Extracted::Unsupported(kind) => unclassified(format!("unsupported: {kind}")),
+            extract::Extracted::Failed(e) => unclassified(format!("failed: {e}")),
         }
     }
 }
 
-/// A file whose content could not be classified carries the class `unreadable`, its
-/// reason as the sample, so a rule can act on it (deny what cannot be checked, or
-/// audit it) instead of it passing as "nothing found".
-fn unreadable(reason: String) -> (Vec<Classification>, Option<String>) {
-    let sample: String = reason.chars().take(200).collect();
-    (
-        vec![Classification {
-            detector: UNREADABLE.to_string(),
-            count: 1,
-            samples: vec![sample],
-        }],
-        Some(reason),
-    )
+/// A file whose content could not be classified at all: only the `unreadable` class,
+/// and the reason as the note.
+fn unclassified(reason: String) -> (Vec<Classification>, Option<String>) {
+    (vec![unreadable(&reason)], Some(reason))
+}
+
+/// The class `unreadable`, its reason as the sample, so a rule can act on it (deny
+/// what cannot be checked, or audit it) instead of it passing as "nothing found".
+fn unreadable(reason: &str) -> Classification {
+    Classification {
+        detector: UNREADABLE.to_string(),
+        count: 1,
+        samples: vec![reason.chars().take(200).collect()],
+    }
 }
 
 /// The class of a file that could not be read for classification.

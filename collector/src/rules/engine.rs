@@ -1576,25 +1576,6 @@ fn json_to_val(v: &serde_json::Value) -> Box<dyn Val + '_> {
     }
 }
 
-pub fn json_to_cel(v: &serde_json::Value) -> Value {
-    match v {
-        serde_json::Value::Null => Value::Null,
-        serde_json::Value::Bool(b) => Value::Bool(*b),
-        serde_json::Value::Number(n) => n
-            .as_i64()
-            .map(Value::Int)
-            .or_else(|| n.as_u64().map(Value::UInt))
-            .unwrap_or_else(|| Value::Float(n.as_f64().unwrap_or(0.0))),
-        serde_json::Value::String(s) => Value::from(s.as_str()),
-        serde_json::Value::Array(a) => Value::List(Arc::new(a.iter().map(json_to_cel).collect())),
-        serde_json::Value::Object(o) => Value::from(
-            o.iter()
-                .map(|(k, v)| (k.clone(), json_to_cel(v)))
-                .collect::<HashMap<String, Value>>(),
-        ),
-    }
-}
-
 /// `in_cidr(ip, ["10.0.0.0/8", "192.168.1.5"])`: whether the address lies in any.
 fn in_cidr(ip: Arc<String>, nets: Arc<Vec<Value>>) -> bool {
     let Ok(addr) = ip.parse::<std::net::IpAddr>() else {
