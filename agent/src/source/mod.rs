@@ -146,8 +146,19 @@ impl EventSink {
     }
 }
 
-/// Sleeps `d` in short steps on a blocking thread; false if shutdown came first.
+/// Sleeps `d` on a blocking thread; false if shutdown came first. On a thread of the
+/// runtime's blocking pool (or one that entered the runtime) it sleeps until either
+/// comes, without waking in between: an idle agent must not wake 20 times a second
+/// per sleeping thread to look at a flag.
 pub fn sleep_unless_cancelled(shutdown: &CancellationToken, d: std::time::Duration) -> bool {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        return runtime.block_on(async {
+            tokio::select! {
+                _ = shutdown.cancelled() => false,
+                _ = tokio::time::sleep(d) => !shutdown.is_cancelled(),
+            }
+        });
+    }
     let end = std::time::Instant::now() + d;
     loop {
         if shutdown.is_cancelled() {

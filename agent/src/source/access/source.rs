@@ -202,10 +202,11 @@ fn follow_journal(config: &AccessConfig, ctx: &SourceContext) -> Result<(), Sour
     // journalctl blocks on its pipe; shutdown kills it, which ends the read loop.
     let shutdown = ctx.shutdown.clone();
     let pid = child.id();
+    let runtime = tokio::runtime::Handle::try_current().ok();
     std::thread::spawn(move || {
-        while !shutdown.is_cancelled() {
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        // In the runtime, the wait sleeps until shutdown (no wake-ups while idle).
+        let _in_runtime = runtime.as_ref().map(|r| r.enter());
+        while sleep_unless_cancelled(&shutdown, Duration::from_secs(3600)) {}
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::Signal::SIGTERM,
