@@ -12,7 +12,7 @@ pub mod inotify;
 #[cfg(target_os = "linux")]
 pub mod linux;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -207,7 +207,14 @@ pub struct FilesSource {
     guard: Guard,
     /// Exit points mounted only in other mount namespaces, and when they were found.
     foreign: (Option<std::time::Instant>, Vec<ExitPoint>),
+    /// Exit points already derived from a mount table, by a hash of its text: an
+    /// unchanged table costs a hash, not a sysfs walk per mount (see `exit_points_in`).
+    derived: HashMap<u64, Vec<ExitPoint>>,
 }
+
+/// Mount tables whose exit points are remembered at most (the agent's own and one per
+/// other mount namespace); beyond it the memory starts afresh.
+const MAX_DERIVED: usize = 256;
 
 /// How often other mount namespaces are searched for exit points.
 const FOREIGN_RESCAN: Duration = Duration::from_secs(2);
@@ -512,6 +519,7 @@ impl FilesSource {
             judge,
             guard,
             foreign: (None, Vec::new()),
+            derived: HashMap::new(),
         }
     }
 
@@ -545,7 +553,7 @@ impl FilesSource {
             let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")) else {
                 continue;
             };
-            for mut ep in self.exit_points(&mounts::parse(&text), policy) {
+            for mut ep in self.exit_points_in(&text, policy) {
                 if ep.kind == ExitKind::Watched
                     || ep.mount.root != "/"
                     || !devs.insert(ep.mount.dev.clone())
@@ -560,38 +568,63 @@ impl FilesSource {
         out
     }
 
-    /// Exit points in a mount table.
-    fn exit_points(&self, table: &BTreeMap<u64, Mount>, policy: &FilesPolicy) -> Vec<ExitPoint> {
-        let explicit: HashSet<&Path> = self
+    /// Exit points in a mount table, given as the text of a `mountinfo`. A table seen
+    /// before gives the exit points derived then: while a file system stays mounted
+    /// its device number cannot go to another device, so only its USB stick can have
+    /// changed — removable exit points alone are looked up again (a pulled stick).
+    fn exit_points_in(&mut self, text: &str, policy: &FilesPolicy) -> Vec<ExitPoint> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        text.hash(&mut h);
+        let key = h.finish();
+        if let Some(known) = self.derived.get(&key) {
+            let known = known.clone();
+            return known
+                .into_iter()
+                .filter_map(|ep| match ep.kind {
+                    ExitKind::Removable => self.exit_point(&ep.mount, policy),
+                    _ => Some(ep),
+                })
+                .collect();
+        }
+        let out: Vec<ExitPoint> = mounts::parse(text)
+            .values()
+            .filter_map(|m| self.exit_point(m, policy))
+            .collect();
+        if self.derived.len() >= MAX_DERIVED {
+            self.derived.clear();
+        }
+        self.derived.insert(key, out.clone());
+        out
+    }
+
+    /// Whether a mount is an exit point, and of which kind.
+    fn exit_point(&self, m: &Mount, policy: &FilesPolicy) -> Option<ExitPoint> {
+        let usb = self
+            .sysfs
+            .block_dir(&m.dev)
+            .and_then(|b| self.sysfs.usb_ancestor(&b))
+            .and_then(|d| self.sysfs.read_device(&d, false).ok());
+        let kind = if usb.is_some() {
+            ExitKind::Removable
+        } else if policy.exit_fs_types.contains(&m.fs_type) {
+            ExitKind::Network
+        } else if self
             .config
             .watch_mounts
             .iter()
-            .map(PathBuf::as_path)
-            .collect();
-        let mut out = Vec::new();
-        for m in table.values() {
-            let usb = self
-                .sysfs
-                .block_dir(&m.dev)
-                .and_then(|b| self.sysfs.usb_ancestor(&b))
-                .and_then(|d| self.sysfs.read_device(&d, false).ok());
-            let kind = if usb.is_some() {
-                ExitKind::Removable
-            } else if policy.exit_fs_types.contains(&m.fs_type) {
-                ExitKind::Network
-            } else if explicit.contains(Path::new(&m.mount_point)) {
-                ExitKind::Watched
-            } else {
-                continue;
-            };
-            out.push(ExitPoint {
-                mount: m.clone(),
-                kind,
-                usb_serial: usb.as_ref().and_then(|u| u.serial.clone()),
-                usb_hash: usb.map(|u| u.hash),
-            });
-        }
-        out
+            .any(|w| w.as_path() == Path::new(&m.mount_point))
+        {
+            ExitKind::Watched
+        } else {
+            return None;
+        };
+        Some(ExitPoint {
+            mount: m.clone(),
+            kind,
+            usb_serial: usb.as_ref().and_then(|u| u.serial.clone()),
+            usb_hash: usb.map(|u| u.hash),
+        })
     }
 
     /// Brings the marked exit points up to date with a mount table and policy: marks
@@ -601,10 +634,10 @@ impl FilesSource {
     fn refresh_exits(
         &mut self,
         marked: &mut HashMap<String, ExitPoint>,
-        table: &BTreeMap<u64, Mount>,
+        mountinfo: &str,
         policy: &FilesPolicy,
     ) -> Vec<ExitPoint> {
-        let mut now: Vec<ExitPoint> = self.exit_points(table, policy);
+        let mut now: Vec<ExitPoint> = self.exit_points_in(mountinfo, policy);
         let foreign = self.foreign_exits(&now, policy);
         now.extend(foreign);
         let current: HashSet<String> = now.iter().map(|e| e.mount.mount_point.clone()).collect();
@@ -658,6 +691,9 @@ impl FilesSource {
     /// Puts a new policy into the guard (classifier, sensitive sources).
     fn apply_policy(&mut self) -> Reading {
         let policy = self.policy.borrow_and_update().clone();
+        // `exit_fs_types` may have changed what an exit point is.
+        self.derived.clear();
+        self.foreign.0 = None;
         let files = Arc::new(policy.files.clone());
         let classifier = Arc::new(Classifier::from_policy(&files, self.config.limits));
         let mut g = self.guard.write().unwrap_or_else(|e| e.into_inner());
@@ -759,7 +795,7 @@ impl FilesSource {
                     // `exit_fs_types` may have changed: re-derive the exit points now,
                     // in place, so writes to those that stay exits are never missed.
                     let text = tokio::fs::read_to_string(&self.config.mountinfo).await.unwrap_or_default();
-                    let gone = self.refresh_exits(&mut w.marked, &mounts::parse(&text), &reading.policy);
+                    let gone = self.refresh_exits(&mut w.marked, &text, &reading.policy);
                     w.gone_exits.note(&gone);
                     w.held_open -= report_unclosed(self.config.hash_max_bytes, gone, &mut w.pending, &workers, &reading).await?;
                 }
@@ -773,7 +809,7 @@ impl FilesSource {
                 }
                 _ = poll.tick() => {
                     let text = tokio::fs::read_to_string(&self.config.mountinfo).await.unwrap_or_default();
-                    let gone = self.refresh_exits(&mut w.marked, &mounts::parse(&text), &reading.policy);
+                    let gone = self.refresh_exits(&mut w.marked, &text, &reading.policy);
                     w.gone_exits.note(&gone);
                     w.held_open -= report_unclosed(self.config.hash_max_bytes, gone, &mut w.pending, &workers, &reading).await?;
                     // Files found in new directories that stayed quiet: report them.
