@@ -152,7 +152,7 @@ async fn sources(
         }
     }
     if let Some(net) = &settings.network {
-        let all = net.all_namespaces;
+        let (all, reconcile) = (net.all_namespaces, net.reconcile);
         sources.push(Box::new(source::net::NetSource::new(
             source::net::NetConfig {
                 poll: net.poll,
@@ -160,7 +160,7 @@ async fn sources(
                 collector: (settings.collector_host.clone(), settings.collector_port),
             },
             Box::new(move || {
-                source::net::linux::LinuxNet::new(all)
+                source::net::linux::LinuxNet::new(all, reconcile)
                     .map(|b| Box::new(b) as Box<dyn source::net::NetBackend>)
             }),
             Arc::new(guard::net::NetGuard::new(Arc::new(

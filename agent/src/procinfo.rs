@@ -161,10 +161,20 @@ pub fn open_files(pid: u32, max: usize) -> Vec<PathBuf> {
     out
 }
 
-/// Network namespaces in use: namespace inode → one pid living in it. One `readlink`
-/// per process (it runs every poll).
-pub fn net_namespaces() -> HashMap<u64, u32> {
+/// Every network namespace in use, each with a file that refers to it: a process's
+/// `/proc/PID/ns/net`, or a name `ip netns add` bound under `/run/netns` (a namespace
+/// can hold sockets with no process left in it).
+pub fn net_namespaces() -> HashMap<u64, std::path::PathBuf> {
     let mut out = HashMap::new();
+    if let Ok(named) = std::fs::read_dir("/run/netns") {
+        for entry in named.flatten() {
+            let path = entry.path();
+            if let Ok(m) = std::fs::metadata(&path) {
+                out.entry(std::os::unix::fs::MetadataExt::ino(&m))
+                    .or_insert(path);
+            }
+        }
+    }
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return out;
     };
@@ -176,9 +186,10 @@ pub fn net_namespaces() -> HashMap<u64, u32> {
         else {
             continue;
         };
-        let link = std::fs::read_link(format!("/proc/{pid}/ns/net"));
+        let path = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
+        let link = std::fs::read_link(&path);
         if let Some(ino) = link.ok().and_then(|l| ns_inode(&l.to_string_lossy())) {
-            out.entry(ino).or_insert(pid);
+            out.entry(ino).or_insert(path);
         }
     }
     out

@@ -274,11 +274,17 @@ pub struct NetworkSection {
     /// (`[network]` in policy.toml).
     #[serde(default = "yes")]
     pub enabled: bool,
-    /// How often every socket's counters are read, in milliseconds. Connections that
-    /// close between two polls are still reported from the kernel's socket-destroy
-    /// notification (see docs/protocol.md for what a very short one can escape).
+    /// How often each namespace's TCP counters are checked, in milliseconds; a
+    /// namespace whose segment counters moved (or whose sockets closed) since its
+    /// last read has its sockets read again. Connections that close between two
+    /// polls are still reported from the kernel's socket-destroy notification (see
+    /// docs/protocol.md for what a very short one can escape).
     #[serde(default = "default_net_poll_ms")]
     pub poll_ms: u64,
+    /// Every namespace's sockets are read at least this often, in seconds, whether
+    /// its counters moved or not: the safety net under the change detection.
+    #[serde(default = "default_net_reconcile_secs")]
+    pub reconcile_secs: u64,
     /// `all` (every network namespace a process on this host uses: containers,
     /// sandboxes) or `own` (only the agent's).
     #[serde(default = "default_net_namespaces")]
@@ -297,6 +303,7 @@ impl Default for NetworkSection {
         NetworkSection {
             enabled: true,
             poll_ms: default_net_poll_ms(),
+            reconcile_secs: default_net_reconcile_secs(),
             namespaces: default_net_namespaces(),
             transfer_tools: true,
             max_open_files: default_net_max_open_files(),
@@ -306,6 +313,9 @@ impl Default for NetworkSection {
 
 fn default_net_poll_ms() -> u64 {
     500
+}
+fn default_net_reconcile_secs() -> u64 {
+    300
 }
 fn default_net_namespaces() -> String {
     "all".into()
@@ -623,6 +633,8 @@ pub struct AccessSettings {
 #[derive(Debug, Clone)]
 pub struct NetworkSettings {
     pub poll: Duration,
+    /// Every namespace's sockets are dumped at least this often.
+    pub reconcile: Duration,
     /// Every namespace (`true`) or only the agent's own.
     pub all_namespaces: bool,
     pub transfer_tools: bool,
@@ -865,10 +877,12 @@ impl NetworkSection {
     /// `[network]`: the poll interval, the namespaces to watch, open files per process.
     fn validate(&self, v: &mut Validator) -> NetworkSettings {
         v.range("network.poll_ms", self.poll_ms, 50, 60_000);
+        v.range("network.reconcile_secs", self.reconcile_secs, 10, 86_400);
         v.range("network.max_open_files", self.max_open_files, 1, 65_536);
         v.one_of("network.namespaces", &self.namespaces, &["all", "own"]);
         NetworkSettings {
             poll: Duration::from_millis(self.poll_ms),
+            reconcile: Duration::from_secs(self.reconcile_secs),
             all_namespaces: self.namespaces != "own",
             transfer_tools: self.transfer_tools,
             max_open_files: self.max_open_files,

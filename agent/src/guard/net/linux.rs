@@ -49,11 +49,10 @@ impl NetEnforcer for LinuxNetEnforcer {
             apply()?;
         } else {
             // `nft` inherits the namespace of the thread that starts it.
-            let pid = *crate::procinfo::net_namespaces()
-                .get(&netns)
-                .ok_or_else(|| format!("network namespace {netns} has no process any more"))?;
-            let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
-                .map_err(|e| format!("/proc/{pid}/ns/net: {e}"))?;
+            let file = crate::procinfo::net_namespaces()
+                .remove(&netns)
+                .ok_or_else(|| format!("network namespace {netns} is gone"))?;
+            let ns = std::fs::File::open(&file).map_err(|e| format!("{}: {e}", file.display()))?;
             std::thread::spawn(move || {
                 nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
                     .map_err(|e| format!("setns: {e}"))?;

@@ -3,7 +3,8 @@
 //!
 //! Two sources share this module:
 //! - [`NetSource`] polls every TCP socket (netlink sock_diag, `tcp_info` counters) in
-//!   every network namespace, follows each connection this host opened, and reports
+//!   every network namespace where TCP segments moved since the last poll (see
+//!   [`linux`]), follows each connection this host opened, and reports
 //!   `net.transfer` when one to a destination outside the allowlist crosses the report
 //!   threshold or a policy rule's threshold, and again at its end. Sockets destroyed
 //!   between two polls are caught from the kernel's destroy notifications with their
@@ -113,7 +114,10 @@ pub struct Snapshot {
 
 /// Platform access for [`NetSource`]. Blocking; called from the source's own thread.
 pub trait NetBackend: Send {
-    fn snapshot(&mut self) -> Snapshot;
+    /// What changed since the last call. A backend may leave out namespaces where
+    /// nothing happened (they are then not in `dumped`), but never those in
+    /// `recheck`: the tracker waits there for a connection to be seen closed.
+    fn snapshot(&mut self, recheck: &HashSet<u64>) -> Snapshot;
     /// Which pid holds each socket inode (searching processes of `uids` only, or all).
     fn owners(&mut self, inodes: &HashSet<u64>, uids: Option<&HashSet<u32>>) -> HashMap<u64, u32>;
     fn process(&mut self, pid: u32) -> Option<ProcessInfo>;
@@ -159,6 +163,9 @@ struct Conn {
     /// Since when no dump has shown it and no destroy notification came (see
     /// `VANISHED_GRACE`).
     unseen_since: Option<Instant>,
+    /// Something the policy reads changed since it was last judged: new, bytes,
+    /// process found, closed.
+    dirty: bool,
 }
 
 /// How long a connection may be missing from the dumps with no destroy notification
@@ -169,6 +176,10 @@ struct Conn {
 /// (a 3 MiB upload as 2.76 MB) and the late notification then looked like a second,
 /// unattributed connection.
 const VANISHED_GRACE: Duration = Duration::from_secs(1);
+
+/// Every connection is judged again at least this often, changed or not (a rule's
+/// hours, names the resolver learnt); in between only those that changed are.
+const JUDGE_ALL_EVERY: Duration = Duration::from_secs(30);
 
 /// How long a connection closed without its destroy notification is remembered, so a
 /// notification arriving later still is not taken for a new connection.
@@ -234,6 +245,8 @@ pub struct TickOutput {
 /// Everything the tracker needs besides the backend.
 pub struct TrackerContext<'a> {
     pub policy: &'a Policy,
+    /// The policy is not the one of the last tick: every connection is judged again.
+    pub policy_changed: bool,
     /// Decides on each connection (the network guard).
     pub judge: &'a dyn FlowJudge,
     pub classifier: &'a Classifier,
@@ -259,6 +272,8 @@ pub struct Tracker {
     vanished: HashMap<(u64, u64), Instant>,
     /// Connections not followed because `MAX_TRACKED` was reached.
     pub untracked: u64,
+    /// When every connection was last judged.
+    judged_all: Option<Instant>,
 }
 
 impl Tracker {
@@ -274,12 +289,23 @@ impl Tracker {
             max_open_files,
             vanished: HashMap::new(),
             untracked: 0,
+            judged_all: None,
         }
     }
 
     /// Connections currently followed.
     pub fn tracked(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Namespaces that must be dumped at the next poll: those of connections missing
+    /// from a dump and not yet known closed (`VANISHED_GRACE`).
+    pub fn awaiting_close(&self) -> HashSet<u64> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| !c.closed && c.unseen_since.is_some())
+            .map(|(k, _)| k.0)
+            .collect()
     }
 
     pub fn set_implicit_allow(&mut self, endpoints: Vec<SocketAddr>) {
@@ -323,6 +349,7 @@ impl Tracker {
                     c.fact.bytes_received = c.fact.bytes_received.max(s.bytes_received);
                 }
                 c.closed = true;
+                c.dirty = true;
             } else if self.vanished.contains_key(&key) {
                 tracing::debug!(
                     cookie = s.cookie,
@@ -347,6 +374,7 @@ impl Tracker {
             let since = *c.unseen_since.get_or_insert(now);
             if now.duration_since(since) >= VANISHED_GRACE {
                 c.closed = true;
+                c.dirty = true;
                 self.vanished.insert(*key, now);
             }
         }
@@ -355,6 +383,9 @@ impl Tracker {
         // Histories first, so every rule sees this poll's bytes.
         for c in self.conns.values_mut() {
             let delta = c.fact.bytes_sent.saturating_sub(c.counted);
+            if delta == 0 {
+                continue;
+            }
             c.counted = c.fact.bytes_sent;
             if let Some(p) = &c.proc {
                 self.process_bytes
@@ -369,9 +400,24 @@ impl Tracker {
         }
 
         let mut out = TickOutput::default();
-        let keys: Vec<(u64, u64)> = self.conns.keys().copied().collect();
+        let all = cx.policy_changed
+            || self
+                .judged_all
+                .is_none_or(|at| now.duration_since(at) >= JUDGE_ALL_EVERY);
+        if all {
+            self.judged_all = Some(now);
+        }
+        let keys: Vec<(u64, u64)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| all || c.dirty)
+            .map(|(k, _)| *k)
+            .collect();
         for key in keys {
             self.evaluate(key, backend, cx, &mut out);
+            if let Some(c) = self.conns.get_mut(&key) {
+                c.dirty = false;
+            }
         }
         self.conns.retain(|_, c| !c.closed);
         self.prune(cx);
@@ -381,9 +427,11 @@ impl Tracker {
     fn observe(&mut self, key: (u64, u64), s: SockFact, now: Instant, transient: bool) {
         if let Some(c) = self.conns.get_mut(&key) {
             if s.has_counters {
+                c.dirty |= s.bytes_sent > c.fact.bytes_sent;
                 c.fact.bytes_sent = c.fact.bytes_sent.max(s.bytes_sent);
                 c.fact.bytes_received = c.fact.bytes_received.max(s.bytes_received);
             }
+            c.dirty |= c.fact.state != s.state;
             c.fact.state = s.state;
             if s.inode != 0 {
                 c.fact.inode = s.inode;
@@ -411,6 +459,7 @@ impl Tracker {
                 closed: transient,
                 transient,
                 unseen_since: None,
+                dirty: true,
             },
         );
     }
@@ -439,6 +488,7 @@ impl Tracker {
                 continue;
             };
             c.pid = Some(pid);
+            c.dirty = true;
             let cached = self.procs.get(&pid).cloned();
             let ctx = match cached {
                 Some(p) => Some(p),
@@ -745,9 +795,12 @@ fn spawn_resolver(
     let names: ResolvedNames = Default::default();
     let collector_addrs: Arc<Mutex<Vec<SocketAddr>>> = Default::default();
     let (n, ca) = (names.clone(), collector_addrs.clone());
+    let runtime = tokio::runtime::Handle::try_current().ok();
     let _ = std::thread::Builder::new()
         .name("weilan-resolve".into())
         .spawn(move || {
+            // In the runtime, its sleeps last until the next round or shutdown.
+            let _in_runtime = runtime.as_ref().map(|r| r.enter());
             while !shutdown.is_cancelled() {
                 let p = policy.borrow().clone();
                 let mut map: HashMap<IpAddr, Vec<String>> = HashMap::new();
@@ -801,7 +854,8 @@ fn poll_loop(
             next = Instant::now() + config.poll;
         }
         let p = policy.borrow().clone();
-        if classifier_for.as_ref().is_none_or(|c| !Arc::ptr_eq(c, &p)) {
+        let policy_changed = classifier_for.as_ref().is_none_or(|c| !Arc::ptr_eq(c, &p));
+        if policy_changed {
             classifier = Classifier::from_policy(&p.files, Default::default());
             classifier_for = Some(p.clone());
         }
@@ -811,7 +865,7 @@ fn poll_loop(
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
         );
-        let snap = backend.snapshot();
+        let snap = backend.snapshot(&tracker.awaiting_close());
         let mut problems = snap.errors.clone();
         if tracker.untracked > reported_untracked {
             problems.push(format!(
@@ -838,6 +892,7 @@ fn poll_loop(
             backend.as_mut(),
             &TrackerContext {
                 policy: &p,
+                policy_changed,
                 judge: judge.as_ref(),
                 classifier: &classifier,
                 resolved: &names,

@@ -23,7 +23,7 @@ struct FakeNet {
 }
 
 impl NetBackend for FakeNet {
-    fn snapshot(&mut self) -> Snapshot {
+    fn snapshot(&mut self, _recheck: &HashSet<u64>) -> Snapshot {
         std::mem::take(&mut self.next)
     }
     fn owners(&mut self, inodes: &HashSet<u64>, _uids: Option<&HashSet<u32>>) -> HashMap<u64, u32> {
@@ -102,7 +102,9 @@ struct Harness {
 
 /// The guard's decision (the pure policy), no hands: the tracker's actions are
 /// read from its output.
-struct PolicyOnly;
+/// The policy's verdicts, counted.
+#[derive(Default)]
+struct PolicyOnly(std::sync::atomic::AtomicUsize);
 
 impl FlowJudge for PolicyOnly {
     fn decide(
@@ -110,6 +112,7 @@ impl FlowJudge for PolicyOnly {
         policy: &weilan_config::policy::network::NetworkPolicy,
         facts: &weilan_config::policy::network::FlowFacts<'_>,
     ) -> Option<weilan_config::policy::network::NetVerdict> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         policy.decide(facts)
     }
     fn act(&self, request: NetActionRequest, _sink: EventSink) {
@@ -132,7 +135,7 @@ impl Harness {
             classifier: Classifier::default(),
             resolved: HashMap::new(),
             start: Instant::now(),
-            judge: PolicyOnly,
+            judge: PolicyOnly::default(),
         }
     }
 
@@ -146,6 +149,7 @@ impl Harness {
         };
         let cx = TrackerContext {
             policy: &self.policy,
+            policy_changed: false,
             judge: &self.judge,
             classifier: &self.classifier,
             resolved: &self.resolved,
@@ -430,7 +434,8 @@ fn linux_backend_counts_a_loopback_transfer() {
         return;
     }
     use std::io::{Read, Write};
-    let mut backend = linux::LinuxNet::new(false).expect("sock_diag");
+    let mut backend = linux::LinuxNet::new(false, Duration::from_secs(300)).expect("sock_diag");
+    let none = HashSet::new();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let reader = std::thread::spawn(move || {
@@ -450,11 +455,15 @@ fn linux_backend_counts_a_loopback_transfer() {
     client.flush().unwrap();
     let mut seen = None;
     for _ in 0..50 {
-        let snap = backend.snapshot();
-        seen = snap
+        // A poll where nothing moved dumps nothing: keep what the last dump showed.
+        let snap = backend.snapshot(&none);
+        if let Some(s) = snap
             .sockets
             .into_iter()
-            .find(|s| s.local == local && s.remote == addr);
+            .find(|s| s.local == local && s.remote == addr)
+        {
+            seen = Some(s);
+        }
         if seen.as_ref().is_some_and(|s| s.bytes_sent >= 1_234_567) {
             break;
         }
@@ -469,7 +478,7 @@ fn linux_backend_counts_a_loopback_transfer() {
     assert_eq!(reader.join().unwrap(), 1_234_567);
     let mut destroyed = None;
     for _ in 0..50 {
-        let snap = backend.snapshot();
+        let snap = backend.snapshot(&none);
         destroyed = snap.destroyed.into_iter().find(|s| s.cookie == seen.cookie);
         if destroyed.is_some() {
             break;
@@ -500,5 +509,26 @@ fn an_unfindable_owner_is_looked_for_twice_then_left_alone() {
     assert_eq!(
         h.net.owner_calls, 2,
         "first by uid, then among all processes"
+    );
+}
+
+#[test]
+fn only_connections_that_changed_are_judged_between_full_rounds() {
+    let mut h = Harness::new(policy(""));
+    h.net.owners.insert(9001, 61);
+    let decided = |h: &Harness| h.judge.0.load(std::sync::atomic::Ordering::Relaxed);
+    let idle = sock(1, "10.0.0.5:40000", "203.0.113.7:22", 1, 100);
+    let busy = |bytes| sock(2, "10.0.0.5:40001", "203.0.113.8:22", 1, bytes);
+    h.poll(0, vec![idle.clone(), busy(100)], vec![]);
+    assert_eq!(decided(&h), 2, "the first tick judges every connection");
+    h.poll(1, vec![idle.clone(), busy(5000)], vec![]);
+    assert_eq!(decided(&h), 3, "then only the one whose bytes moved");
+    h.poll(2, vec![idle.clone(), busy(5000)], vec![]);
+    assert_eq!(decided(&h), 3, "nothing moved, nothing judged");
+    h.poll(40, vec![idle, busy(5000)], vec![]);
+    assert_eq!(
+        decided(&h),
+        5,
+        "every connection again after JUDGE_ALL_EVERY"
     );
 }
