@@ -20,19 +20,11 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// On-CPU nanoseconds of every thread of `pid`.
 fn cpu_ns(pid: u32) -> u64 {
@@ -57,24 +49,6 @@ fn rss_kib(pid: u32) -> (u64, u64) {
             .unwrap_or(0)
     };
     (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// `n` idle sockets in `ns`: n/2 loopback connections, each client having sent 1 KiB.
-fn open_sockets(ns: &Netns, n: usize) -> Vec<TcpStream> {
-    ns.run_in(move || {
-        use std::io::Write;
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut all = Vec::with_capacity(n);
-        for _ in 0..n / 2 {
-            let mut c = TcpStream::connect(addr).unwrap();
-            let (s, _) = listener.accept().unwrap();
-            c.write_all(&[7u8; 1024]).unwrap();
-            all.push(c);
-            all.push(s);
-        }
-        all
-    })
 }
 
 struct Daemon {
@@ -210,9 +184,15 @@ fn main() {
     if !netns_available() {
         return;
     }
-    let secs = env_or("SECS", 60);
-    let namespaces = env_or("NAMESPACES", 10) as usize;
-    let sockets = env_or("SOCKETS", 1000) as usize;
+    let setting = |name: &str, default: u64| -> u64 {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let secs = setting("SECS", 60);
+    let namespaces = setting("NAMESPACES", 10) as usize;
+    let sockets = setting("SOCKETS", 1000) as usize;
     let w = World::new();
     let home = Netns::create();
     let _collector =
@@ -233,7 +213,7 @@ fn main() {
                 .spawn()
                 .unwrap(),
         });
-        held.extend(open_sockets(&ns, sockets / namespaces.max(1)));
+        held.extend(loopback_sockets(&ns, sockets / namespaces.max(1)));
         others.push(ns);
     }
     let peers = start_peers(w.dir.path());

@@ -20,7 +20,6 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -49,24 +48,6 @@ fn children_cpu_secs() -> f64 {
     let u = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).unwrap();
     let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
     t(u.user_time()) + t(u.system_time())
-}
-
-/// N sockets in the namespace: N/2 connections, each client having sent 1 KiB.
-fn open_sockets(ns: &Netns, n: usize) -> Vec<TcpStream> {
-    ns.run_in(move || {
-        use std::io::Write;
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut all = Vec::with_capacity(n);
-        for _ in 0..n / 2 {
-            let mut c = TcpStream::connect(addr).unwrap();
-            let (s, _) = listener.accept().unwrap();
-            c.write_all(&[7u8; 1024]).unwrap();
-            all.push(c);
-            all.push(s);
-        }
-        all
-    })
 }
 
 struct Row {
@@ -143,7 +124,7 @@ fn main() {
     std::thread::sleep(Duration::from_secs(2));
     let mut rows = Vec::new();
     for &n in &sizes {
-        let sockets = open_sockets(&ns, n);
+        let sockets = loopback_sockets(&ns, n);
         eprintln!("{n} sockets open");
         for (who, network) in [
             ("agent, network off", "[network]\nenabled = false\n"),

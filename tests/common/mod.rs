@@ -990,3 +990,22 @@ pub fn probe_as_other_agent(
         })
     })
 }
+
+/// `n` idle sockets in `ns`: n/2 loopback connections (client and accepted ends), each
+/// client having sent 1 KiB. They live as long as the returned streams.
+pub fn loopback_sockets(ns: &Netns, n: usize) -> Vec<std::net::TcpStream> {
+    ns.run_in(move || {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut all = Vec::with_capacity(n);
+        for _ in 0..n / 2 {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            let (s, _) = listener.accept().unwrap();
+            c.write_all(&[7u8; 1024]).unwrap();
+            all.push(c);
+            all.push(s);
+        }
+        all
+    })
+}
