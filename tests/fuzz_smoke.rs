@@ -109,6 +109,7 @@ smoke_tests!(
     access_lines,
     extract,
     badge,
+    journal_bundle,
 );
 
 #[test]
@@ -140,7 +141,7 @@ fn every_fuzz_target_has_a_smoke_test_and_seeds() {
             "fuzz target {n} has no seed corpus"
         );
     }
-    assert_eq!(names.len(), 12, "{names:?}");
+    assert_eq!(names.len(), 13, "{names:?}");
 }
 
 /// docs/fuzzing.md's commands name real targets, folders and scripts, and the

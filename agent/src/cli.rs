@@ -33,6 +33,8 @@ enum Command {
         config: PathBuf,
     },
     /// Show the journal (segments, records, acknowledged watermark); safe while running.
+    /// `export` and `import-ack` carry it to a collector on a stick (hosts with no
+    /// network).
     Journal {
         #[arg(long, default_value = "/etc/weilan/agent.toml")]
         config: PathBuf,
@@ -40,6 +42,8 @@ enum Command {
         /// again at the next start (the collector stores nothing twice). Stop the agent first.
         #[arg(long)]
         reset_acks: bool,
+        #[command(subcommand)]
+        carry: Option<Carry>,
     },
     /// Hand a temporary unlock token (from `weilan-collector unlock --out`) to the
     /// agent; works offline: the token is verified here with the pinned CA.
@@ -70,6 +74,30 @@ enum Command {
     PrintDefaultConfig,
 }
 
+/// The journal on a stick (`airgap.rs`; docs/deployment.md, "Hosts with no network").
+#[derive(Subcommand)]
+enum Carry {
+    /// Write every unacknowledged record as a signed journal bundle into a directory
+    /// (the mounted transfer stick); safe while the agent runs.
+    Export {
+        /// The directory the bundles are written to.
+        #[arg(long)]
+        out: PathBuf,
+        /// Start a new bundle file past this many MiB (FAT32 sticks hold at most
+        /// 4 GiB per file).
+        #[arg(long, default_value_t = crate::airgap::DEFAULT_BUNDLE_MIB)]
+        max_mib: u64,
+    },
+    /// Hand the collector's ack bundle (from `weilan-collector import`) to the agent:
+    /// checked here, applied by the running agent within a second (or at its next
+    /// start); acknowledged records leave the journal.
+    ImportAck {
+        /// The ack bundles (`….acks`).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
 fn load(config: &std::path::Path) -> Result<AgentSettings, ExitCode> {
     weilan_config::runtime::load_or_exit::<AgentFile>(config)
 }
@@ -89,7 +117,14 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
         } => enroll_command(collector, token, id, dir),
         Command::PrintDefaultConfig => print_default_config_command(),
         Command::Unlock { config, token } => unlock_command(config, token),
-        Command::Journal { config, reset_acks } => journal_command(config, reset_acks),
+        Command::Journal {
+            config,
+            reset_acks,
+            carry,
+        } => match carry {
+            Some(carry) => carry_command(config, carry),
+            None => journal_command(config, reset_acks),
+        },
         Command::CheckConfig { config } => check_config_command(config),
         Command::Run { config } => run_command(config),
     }
@@ -187,6 +222,69 @@ fn journal_command(config: PathBuf, reset_acks: bool) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn carry_command(config: PathBuf, carry: Carry) -> ExitCode {
+    let settings = match load(&config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let result = match carry {
+        Carry::Export { out, max_mib } => crate::airgap::export(&settings, &out, max_mib)
+            .map_err(|e| e.to_string())
+            .map(|e| {
+                if e.bundles.is_empty() {
+                    return format!(
+                        "nothing to export: every record up to {} is acknowledged",
+                        e.acked.map_or("-".into(), |k| k.to_string())
+                    );
+                }
+                e.bundles
+                    .iter()
+                    .map(|(path, m)| {
+                        format!(
+                            "exported {} records ({}..={}) in {} signed batches to {}",
+                            m.records,
+                            m.first,
+                            m.last,
+                            m.batches.len(),
+                            path.display()
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            }),
+        Carry::ImportAck { files } => files
+            .iter()
+            .map(|f| import_ack(&settings, f))
+            .collect::<Result<Vec<_>, _>>()
+            .map(|lines| lines.join("\n")),
+    };
+    weilan_config::runtime::print_outcome(result, "journal")
+}
+
+fn import_ack(settings: &AgentSettings, file: &std::path::Path) -> Result<String, String> {
+    let me = weilan_config::signing::Signer::from_pem_files(&settings.cert, &settings.key)
+        .map_err(|e| e.to_string())?
+        .identity()
+        .common_name
+        .clone();
+    let verifier =
+        weilan_config::signing::Verifier::from_ca_file(&settings.ca).map_err(|e| e.to_string())?;
+    let bytes = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let acks =
+        crate::airgap::check_ack_bundle(&verifier, &me, file, &bytes).map_err(|e| e.to_string())?;
+    let dropped =
+        crate::airgap::drop_ack_bundle(&settings.state_dir, &bytes).map_err(|e| e.to_string())?;
+    let (first, last) = (
+        acks.iter().map(|a| a.first).min().expect("not empty"),
+        acks.iter().map(|a| a.last).max().expect("not empty"),
+    );
+    Ok(format!(
+        "{} acks verified ({first}..={last}); handed to the agent as {}: the running agent applies them within a second, a stopped one at its next start",
+        acks.len(),
+        dropped.display()
+    ))
 }
 
 fn check_config_command(config: PathBuf) -> ExitCode {

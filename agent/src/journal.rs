@@ -1436,9 +1436,33 @@ pub fn reset_acked(dir: &Path) -> io::Result<()> {
     }
 }
 
-/// A summary of a journal directory without opening it for writing (safe while the
-/// agent runs): segments, records, first/last key, acknowledged watermark.
-pub fn inspect(dir: &Path) -> io::Result<String> {
+/// Every intact record after the acknowledged watermark, in journal order, without
+/// opening the journal for writing (safe while the agent runs: what it appends later
+/// is simply not in this read). One segment is in memory at a time. Returns the
+/// watermark the read started after.
+pub fn for_each_unacked(
+    dir: &Path,
+    mut each: impl FnMut(EventKey, &str) -> io::Result<()>,
+) -> io::Result<Option<EventKey>> {
+    let acked = read_acked(dir);
+    for (_, path) in segment_files(dir)? {
+        let data = fs::read(&path)?;
+        for f in scan_segment(&data).found {
+            if acked.is_some_and(|a| f.key <= a) {
+                continue;
+            }
+            let payload = &data[(f.offset + HEADER) as usize..(f.offset + f.len) as usize];
+            // scan_segment parsed it as JSON, so it is UTF-8.
+            if let Ok(json) = std::str::from_utf8(payload) {
+                each(f.key, json)?;
+            }
+        }
+    }
+    Ok(acked)
+}
+
+/// The segment files of a journal directory, oldest first.
+fn segment_files(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     let mut ids: Vec<(u64, PathBuf)> = fs::read_dir(dir)?
         .flatten()
         .filter_map(|e| {
@@ -1448,6 +1472,13 @@ pub fn inspect(dir: &Path) -> io::Result<String> {
         })
         .collect();
     ids.sort();
+    Ok(ids)
+}
+
+/// A summary of a journal directory without opening it for writing (safe while the
+/// agent runs): segments, records, first/last key, acknowledged watermark.
+pub fn inspect(dir: &Path) -> io::Result<String> {
+    let ids = segment_files(dir)?;
     let mut out = String::new();
     let (mut records, mut bytes) = (0u64, 0u64);
     let (mut first, mut last) = (None, None);

@@ -14,6 +14,7 @@
 // Unsafe only where FFI lives (one ioctl in `fence::linux`), allowed there by name.
 #![deny(unsafe_code)]
 
+pub mod airgap;
 pub mod classify;
 pub mod cli;
 pub mod commands;
@@ -222,7 +223,9 @@ fn door_source(
 
 /// The agent's id (its certificate's common name) and the certificate in force: a
 /// certificate renewed since the configured one was installed takes its place.
-fn identity_in_force(settings: &AgentSettings) -> Result<(String, renewal::Identity), AgentError> {
+pub(crate) fn identity_in_force(
+    settings: &AgentSettings,
+) -> Result<(String, renewal::Identity), AgentError> {
     let configured = renewal::Identity {
         cert: settings.cert.clone(),
         key: settings.key.clone(),
@@ -534,6 +537,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
         journal,
         notify,
         stats: stats.clone(),
+        ack_drop: airgap::ack_drop_dir(&settings.state_dir),
     };
     let uplink = tokio::spawn(uplink.run(drain.clone()));
 

@@ -43,8 +43,7 @@ async fn sleep_until_opt(t: Option<tokio::time::Instant>) {
     }
 }
 
-/// Stay well below the broker's and collector's 1 MiB payload limit.
-const MAX_BATCH_BYTES: usize = 768 * 1024;
+use weilan_config::wire::MAX_BATCH_BYTES;
 /// Largest payload the agent accepts from the broker (acks and commands are small).
 const MAX_INCOMING: usize = 256 * 1024;
 /// How long after connecting the uplink waits for a collector's retained presence
@@ -180,6 +179,9 @@ pub struct Uplink {
     pub journal: Arc<Mutex<Journal>>,
     pub notify: Arc<Notify>,
     pub stats: Arc<AgentStats>,
+    /// Where `weilan-agent journal import-ack` drops ack bundles carried back from an
+    /// air-gapped collector (`airgap.rs`); looked at every second.
+    pub ack_drop: std::path::PathBuf,
 }
 
 fn status_payload(agent_id: &str, state: AgentState) -> Vec<u8> {
@@ -303,6 +305,9 @@ impl Uplink {
                 _ = sleep_until_opt(lingering.as_ref().map(|l| l.until)) => lingering = None,
                 _ = sleep_until_opt(throttled) => throttled = None,
                 _ = ack_check.tick() => {
+                    for ack in crate::airgap::take_dropped_acks(&self.ack_drop, &self.verifier, &c.agent_id) {
+                        self.apply_ack(&ack, &mut sending);
+                    }
                     let stale = sending.in_flight.front().is_some_and(|b| b.sent.elapsed() >= c.delivery.ack_timeout);
                     // Safety net: nothing in flight, yet the acknowledged watermark is
                     // behind the send cursor — records there were sent and never
@@ -492,6 +497,23 @@ impl Uplink {
         }
     }
 
+    /// A verified ack for this agent: the journal's watermark moves, the batches it
+    /// covers are no longer in flight.
+    fn apply_ack(&self, ack: &Ack, sending: &mut Sending) {
+        for r in &ack.rejected {
+            tracing::error!(index = r.index, key = ?r.key, reason = %r.reason, "collector rejected an event (quarantined there)");
+        }
+        let mut journal = self.lock();
+        journal.ack(ack.first, ack.last);
+        self.stats
+            .backlog
+            .store(journal.unacked(), Ordering::Relaxed);
+        drop(journal);
+        sending.in_flight.retain(|b| {
+            b.batch_id != ack.batch_id && !(ack.first <= b.first && b.last <= ack.last)
+        });
+    }
+
     fn handle_incoming(&self, topic: &str, payload: &[u8], sending: &mut Sending) {
         if topic == topics::POLICY {
             let verified = wire::decode_signed(payload, 4 * 1024 * 1024)
@@ -552,18 +574,7 @@ impl Uplink {
         // Only acks reach this point (commands went to the gate above).
         match wire::decode::<Ack>("an ack", body.as_bytes(), MAX_INCOMING) {
             Ok(ack) if ack.agent_id == self.config.agent_id => {
-                for r in &ack.rejected {
-                    tracing::error!(index = r.index, key = ?r.key, reason = %r.reason, "collector rejected an event (quarantined there)");
-                }
-                let mut journal = self.lock();
-                journal.ack(ack.first, ack.last);
-                self.stats
-                    .backlog
-                    .store(journal.unacked(), Ordering::Relaxed);
-                drop(journal);
-                sending.in_flight.retain(|b| {
-                    b.batch_id != ack.batch_id && !(ack.first <= b.first && b.last <= ack.last)
-                });
+                self.apply_ack(&ack, sending);
                 // The collector handles batches in the order the broker delivers
                 // them, and one connection keeps that order: an ack that overtakes
                 // an earlier batch means the earlier one was lost on the way (e.g.

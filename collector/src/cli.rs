@@ -93,6 +93,21 @@ enum Command {
         #[arg(long, default_value = "/etc/weilan/collector.toml")]
         config: PathBuf,
     },
+    /// Import a journal bundle from a host with no network (`weilan-agent journal
+    /// export`): the running collector checks it whole, stores it exactly once and
+    /// writes the ack bundle the agent takes back (`weilan-agent journal import-ack`).
+    /// Exit 1 when it is refused (the reason names the line and record).
+    Import {
+        #[arg(long, default_value = "/etc/weilan/collector.toml")]
+        config: PathBuf,
+        /// The journal bundles (`weilan-journal-….bundle`), imported in the order
+        /// given; each one's ack bundle is written beside it (`….acks`).
+        #[arg(required = true)]
+        bundles: Vec<PathBuf>,
+        /// How long to wait for the running collector to import each.
+        #[arg(long, default_value_t = 300)]
+        wait_secs: u64,
+    },
     /// Follow the alert log.
     Tail(TailArgs),
     /// List the fleet: state, last event, versions, backlog.
@@ -366,6 +381,11 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
             action,
         } => order_command(config, agent, reason, valid_secs, action),
         Command::Quarantine { config, json } => quarantine_command(config, json),
+        Command::Import {
+            config,
+            bundles,
+            wait_secs,
+        } => import_command(config, bundles, wait_secs),
         Command::Agents {
             action: Some(AgentsAction::Revoke { id, reason, dir }),
             ..
@@ -662,6 +682,70 @@ fn order_command(
     let sent = crate::unlock::send_command(&settings, &agent, action, &reason, valid_secs)
         .map(|seq| format!("command {seq} sent to {agent} by the running collector; its result arrives as a command.result event"));
     weilan_config::runtime::print_outcome(sent, "command")
+}
+
+fn import_command(config: PathBuf, bundles: Vec<PathBuf>, wait_secs: u64) -> ExitCode {
+    let settings = match load(&config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let wait = std::time::Duration::from_secs(wait_secs);
+    let mut failed = false;
+    for bundle in bundles {
+        let result = crate::import::spool_and_wait(&settings.store_path, &bundle, wait)
+            .and_then(|(outcome, acks)| import_report(&bundle, outcome, acks));
+        if let Err(e) = &result {
+            failed = true;
+            eprintln!("import: {e}");
+        } else if let Ok(text) = result {
+            println!("{text}");
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// What `import` says of one bundle; its ack bundle is copied beside it.
+fn import_report(
+    bundle: &std::path::Path,
+    outcome: crate::import::ImportOutcome,
+    acks: Option<PathBuf>,
+) -> Result<String, String> {
+    if outcome.status == "refused" {
+        return Err(format!(
+            "{}: refused, nothing stored (agent `{}`): {}",
+            bundle.display(),
+            outcome.agent_id.as_deref().unwrap_or("?"),
+            outcome.reason.as_deref().unwrap_or("?")
+        ));
+    }
+    let mut text = format!(
+        "{}: {} from `{}`: {} records in {} batches; stored {}, already stored {}, refused {}; {} batches acknowledged",
+        bundle.display(),
+        outcome.status,
+        outcome.agent_id.as_deref().unwrap_or("?"),
+        outcome.records,
+        outcome.batches,
+        outcome.stored,
+        outcome.duplicates,
+        outcome.rejected,
+        outcome.acknowledged
+    );
+    if let Some(acks) = acks {
+        let to = bundle.with_extension("acks");
+        std::fs::copy(&acks, &to).map_err(|e| format!("{}: {e}", to.display()))?;
+        text.push_str(&format!(
+            "\nack bundle: {} (take it back: weilan-agent journal import-ack)",
+            to.display()
+        ));
+    }
+    if let Some(reason) = outcome.reason {
+        text.push_str(&format!("\n{reason}"));
+    }
+    Ok(text)
 }
 
 fn quarantine_command(config: PathBuf, json: bool) -> ExitCode {

@@ -231,7 +231,7 @@ impl Ingest {
     /// Refuses a payload: counted and logged now, quarantined with the group (one
     /// transaction for all of a group's refusals: a flood of refused messages in the
     /// same group as another agent's batch must not make it wait for an fsync each).
-    fn refuse(&self, topic: &str, reason: &str, payload: &[u8]) {
+    pub(crate) fn refuse(&self, topic: &str, reason: &str, payload: &[u8]) {
         self.stats.rejected.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%topic, %reason, size = payload.len(), "payload refused and quarantined");
         let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
@@ -267,7 +267,7 @@ impl Ingest {
     }
 
     /// Writes the refusals gathered outside a group's transaction (door messages).
-    fn quarantine_refused_now(&self) {
+    pub(crate) fn quarantine_refused_now(&self) {
         if self
             .refused
             .lock()
@@ -905,7 +905,7 @@ impl Ingest {
 
     /// A payload on an agent's topic that fails verification may be tampering: alert,
     /// at most once a minute per agent (the quarantine keeps every payload).
-    fn integrity_alert(&self, agent: &str, reason: &str, payload: &[u8]) -> Vec<Reply> {
+    pub(crate) fn integrity_alert(&self, agent: &str, reason: &str, payload: &[u8]) -> Vec<Reply> {
         self.flood_controlled_alert(agent, payload, |digest| {
             integrity::bad_signature(agent, reason, digest)
         })
@@ -913,7 +913,7 @@ impl Ingest {
 
     /// A certificate the CA signed that is not in the registry: red, at most once a
     /// minute per identity.
-    fn unenrolled_alert(&self, agent: &str, reason: &str, payload: &[u8]) -> Vec<Reply> {
+    pub(crate) fn unenrolled_alert(&self, agent: &str, reason: &str, payload: &[u8]) -> Vec<Reply> {
         self.flood_controlled_alert(agent, payload, |digest| {
             integrity::unenrolled_certificate(agent, reason, digest)
         })

@@ -20,6 +20,7 @@ pub mod enroll;
 pub mod export;
 pub mod fair;
 pub mod fleet;
+pub mod import;
 pub mod ingest;
 pub mod integrity;
 pub mod pki;
@@ -110,7 +111,7 @@ pub async fn run(
         BrokerHealth::new(format!("{}:{}", settings.broker_host, settings.broker_port));
     let mut watchdog = SystemdWatchdog::start();
     let mut ticks = Ticks::new(&settings);
-    let mut export_task: Option<tokio::task::JoinHandle<()>> = None;
+    let mut background = Background::new(&settings);
     // Read from the broker into per-source queues while one message is processed;
     // sources take turns (fair.rs).
     let mut fair = fair::FairQueue::with_quota(settings.source_quota);
@@ -181,14 +182,15 @@ pub async fn run(
                 replies.from(&mut outbox, "fleet checks failed", move |i| i.fleet_checks(silent, grace, found)).await;
             }
             // A long export must not hold up ingest, nor start twice.
-            _ = ticks.exports.tick() => start_scheduled_exports(&ingest, &mut export_task, &settings, &client),
+            _ = ticks.exports.tick() => start_scheduled_exports(&ingest, &mut background.export, &settings, &client),
+            _ = ticks.imports.tick() => background.start_imports(&ingest, &client),
             _ = ticks.rules.tick() => replies.from(&mut outbox, "rule reload failed", Ingest::reload_rules).await,
             _ = ticks.report.tick() => log_counters(&ingest),
         }
     }
     watchdog.stopping();
     drain(processing, &mut outbox, &client, &fair).await;
-    finish_background(&ingest, export_task).await;
+    finish_background(&ingest, background).await;
     // Agents stop sending into a broker with nobody subscribed.
     let offline = presence_payload(&ingest.signer, wire::AgentState::Offline, 0);
     let presence = topics::collector_presence(&settings.client_id);
@@ -304,6 +306,8 @@ struct Ticks {
     /// Commands the command line queued in the database (unlock.rs); one indexed
     /// lookup per tick.
     commands: tokio::time::Interval,
+    /// Journal bundles spooled for import (import.rs); one directory read per tick.
+    imports: tokio::time::Interval,
 }
 
 impl Ticks {
@@ -320,6 +324,7 @@ impl Ticks {
             outbox: tokio::time::interval(Duration::from_millis(5)),
             quota: tokio::time::interval(Duration::from_millis(10)),
             commands,
+            imports: tokio::time::interval(Duration::from_secs(1)),
         }
     }
 }
@@ -554,14 +559,49 @@ async fn drain(
 /// At shutdown, after the last acks: an export in progress is let finish (up to a
 /// minute; otherwise its `.partial` folder is left and the next start makes it
 /// again), and every sink delivers what it holds (up to 5 s; what is left is said).
-async fn finish_background(ingest: &Arc<Ingest>, export_task: Option<tokio::task::JoinHandle<()>>) {
-    if let Some(task) = export_task.filter(|t| !t.is_finished()) {
-        tracing::info!("stopping: waiting for the export in progress");
+/// Long work beside the serve loop: at most one export and one import at a time.
+struct Background {
+    export: Option<tokio::task::JoinHandle<()>>,
+    import: Option<tokio::task::JoinHandle<()>>,
+    /// Where `weilan-collector import` spools journal bundles (import.rs).
+    spool: std::path::PathBuf,
+}
+
+impl Background {
+    fn new(settings: &CollectorSettings) -> Background {
+        let spool = import::spool_dir(&settings.store_path);
+        for dir in ["incoming", "done"] {
+            if let Err(e) = std::fs::create_dir_all(spool.join(dir)) {
+                tracing::error!(dir = %spool.join(dir).display(), error = %e, "import spool not made; `weilan-collector import` cannot hand bundles over");
+            }
+        }
+        Background {
+            export: None,
+            import: None,
+            spool,
+        }
+    }
+
+    /// Imports what `weilan-collector import` spooled, unless an import runs.
+    fn start_imports(&mut self, ingest: &Arc<Ingest>, client: &rumqttc::AsyncClient) {
+        let spool = self.spool.clone();
+        start_background(ingest, &mut self.import, client, move |i| {
+            i.import_spooled(&spool)
+        });
+    }
+}
+
+async fn finish_background(ingest: &Arc<Ingest>, background: Background) {
+    for (what, task) in [("export", background.export), ("import", background.import)] {
+        let Some(task) = task.filter(|t| !t.is_finished()) else {
+            continue;
+        };
+        tracing::info!("stopping: waiting for the {what} in progress");
         if tokio::time::timeout(Duration::from_secs(60), task)
             .await
             .is_err()
         {
-            tracing::warn!("stopping: the export in progress did not finish within 60 s; it is made again at the next start");
+            tracing::warn!("stopping: the {what} in progress did not finish within 60 s; it is done again at the next start");
         }
     }
     let work = ingest.clone();
@@ -651,17 +691,29 @@ fn start_scheduled_exports(
     settings: &CollectorSettings,
     client: &rumqttc::AsyncClient,
 ) {
-    if running.as_ref().is_some_and(|t| !t.is_finished()) {
-        return;
-    }
-    let (work, settings) = (ingest.clone(), settings.clone());
-    let client = client.clone();
-    *running = Some(tokio::task::spawn_blocking(move || {
+    let settings = settings.clone();
+    start_background(ingest, running, client, move |work| {
         work.prune_first_seen();
         let rules = work.engine().rule_set();
         let found = export::schedule::run(&settings, &work.signer, &rules, jiff::Timestamp::now());
-        let replies = work.raise(found);
-        for r in replies {
+        work.raise(found)
+    });
+}
+
+/// Long work beside the serve loop (an export, an import of a journal bundle): at
+/// most one of a kind at a time; its replies are published when it ends.
+fn start_background(
+    ingest: &Arc<Ingest>,
+    running: &mut Option<tokio::task::JoinHandle<()>>,
+    client: &rumqttc::AsyncClient,
+    work: impl FnOnce(&Ingest) -> Vec<ingest::Reply> + Send + 'static,
+) {
+    if running.as_ref().is_some_and(|t| !t.is_finished()) {
+        return;
+    }
+    let (ingest, client) = (ingest.clone(), client.clone());
+    *running = Some(tokio::task::spawn_blocking(move || {
+        for r in work(&ingest) {
             let _ = client.try_publish(&r.topic, QoS::AtLeastOnce, false, r.payload);
         }
     }));

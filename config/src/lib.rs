@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod badge;
+pub mod bundle;
 pub mod enroll;
 pub mod event;
 pub mod load;

@@ -36,6 +36,8 @@ pub enum Purpose {
     DoorEvent,
     /// The collector's [`Presence`] (retained, and its last will).
     Presence,
+    /// A journal bundle's manifest (`crate::bundle`), signed by the agent.
+    Bundle,
 }
 
 impl Purpose {
@@ -49,6 +51,7 @@ impl Purpose {
             Purpose::Export => "weilan/v1/export",
             Purpose::DoorEvent => "weilan/v1/door-event",
             Purpose::Presence => "weilan/v1/presence",
+            Purpose::Bundle => "weilan/v1/bundle",
         }
     }
 }
@@ -331,6 +334,10 @@ pub fn decode_batch(body: &str, max: usize) -> Result<Batch<'_>, DecodeError> {
         column: e.column(),
     })
 }
+
+/// The most bytes of records an agent puts in one batch: well below the broker's and
+/// collector's 1 MiB payload limit, with room for the signature and its certificate.
+pub const MAX_BATCH_BYTES: usize = 768 * 1024;
 
 /// The most events one batch may carry (the agent's `batch_max_events` cannot be
 /// set higher). A batch over it is refused whole, before any event is looked at, so

@@ -337,3 +337,47 @@ pub mod usb_descriptors {
         assert!(!clean.chars().any(char::is_control));
     }
 }
+
+pub mod journal_bundle {
+    //!  Journal bundles carried on a stick from a host with no network (the collector's
+    //!  `import`) and the ack bundles carried back (the agent's `import-ack`). Even
+    //!  first bytes: the rest is the whole file. Odd: its lines are batch bodies, each
+    //!  signed with the real agent key and closed by a manifest it signs, so the checks
+    //!  behind the signatures (line digests, the chain walk naming an altered record)
+    //!  are reached.
+    use super::{keys, AGENT};
+    use weilan_config::bundle::{self, BundleWriter};
+    use weilan_config::event::EventKey;
+    use weilan_config::wire::Purpose;
+
+    pub fn run(data: &[u8]) {
+        let Some((mode, rest)) = data.split_first() else {
+            return;
+        };
+        let k = keys();
+        if mode % 2 == 0 {
+            let _ = bundle::check_bundle(&k.verifier, rest);
+            for line in bundle::lines(rest) {
+                let _ = bundle::altered_record(line);
+            }
+            let path = std::path::Path::new("fuzz.acks");
+            let _ = weilan_agent::airgap::check_ack_bundle(&k.verifier, AGENT, path, rest);
+            return;
+        }
+        let mut w = BundleWriter::new(Vec::new());
+        let key = EventKey { epoch: 1, seq: 1 };
+        for body in bundle::lines(rest) {
+            let body = String::from_utf8_lossy(body).into_owned();
+            let line = serde_json::to_vec(&k.agent.sign(Purpose::Batch, body)).expect("serialise");
+            w.batch(&line, key, key, 1).expect("in memory");
+        }
+        let (_, bytes) = w.finish(&k.agent, AGENT).expect("in memory");
+        if bytes.is_empty() {
+            return;
+        }
+        let checked = bundle::check_bundle(&k.verifier, &bytes).expect("a bundle we signed checks");
+        for line in checked.batch_lines {
+            let _ = bundle::altered_record(line);
+        }
+    }
+}
