@@ -151,6 +151,10 @@ fn exports_count_render_in_chromium_and_verify() {
     let db_events = w.count(&format!(
         "SELECT COUNT(*) FROM events WHERE received_at >= '{from_s}' AND received_at < '{to_s}'"
     ));
+    // Heartbeats are in events.jsonl and counted, not rows of events.csv.
+    let db_heartbeats = w.count(&format!(
+        "SELECT COUNT(*) FROM events WHERE received_at >= '{from_s}' AND received_at < '{to_s}' AND kind = 'agent.heartbeat'"
+    ));
     let db_alerts = |level: &str| {
         w.count(&format!(
             "SELECT COUNT(*) FROM alerts WHERE time >= '{from_s}' AND time < '{to_s}' AND level LIKE '{level}'"
@@ -174,7 +178,14 @@ fn exports_count_render_in_chromium_and_verify() {
             out_dir.to_str().unwrap(),
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert_eq!(csv_rows(&out_dir.join("events.csv")) as i64, db_events);
+        assert_eq!(
+            csv_rows(&out_dir.join("events.csv")) as i64,
+            db_events - db_heartbeats
+        );
+        let manifest: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(out_dir.join("manifest.json")).unwrap())
+                .unwrap();
+        assert_eq!(manifest["counts"]["heartbeats"], db_heartbeats);
         assert_eq!(
             fs::read_to_string(out_dir.join("events.jsonl"))
                 .unwrap()

@@ -24,6 +24,35 @@ struct Cli {
     command: Command,
 }
 
+#[derive(clap::Args)]
+struct ExportArgs {
+    #[arg(long, default_value = "/etc/weilan/collector.toml")]
+    config: PathBuf,
+    /// Start (inclusive): a time (`2026-11-01T00:00:00+08:00`, `2026-11-01` in the
+    /// exports' time zone) or a span back from now (`7d`).
+    #[arg(long)]
+    from: String,
+    /// End (exclusive), same forms; default now.
+    #[arg(long)]
+    to: Option<String>,
+    /// Only these agents (comma-separated).
+    #[arg(long, value_delimiter = ',', conflicts_with = "group")]
+    agents: Vec<String>,
+    /// Only agents of this group (`[agent_groups]` in the rule files).
+    #[arg(long)]
+    group: Option<String>,
+    /// zh-CN or en (default: the settings' `exports.language`).
+    #[arg(long)]
+    lang: Option<String>,
+    /// The export's directory (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+    /// Give heartbeats a row in events.csv too (they are always in events.jsonl and
+    /// counted in the manifest; by default the spreadsheet leaves them out).
+    #[arg(long)]
+    heartbeats_in_csv: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the collector (broker, ingest, alerts).
@@ -60,29 +89,7 @@ enum Command {
     },
     /// Export a period for auditors: CSV (with BOM) and JSON lines of events and
     /// alerts, report.html, and a signed manifest chained to the previous export.
-    Export {
-        #[arg(long, default_value = "/etc/weilan/collector.toml")]
-        config: PathBuf,
-        /// Start (inclusive): a time (`2026-11-01T00:00:00+08:00`, `2026-11-01` in the
-        /// exports' time zone) or a span back from now (`7d`).
-        #[arg(long)]
-        from: String,
-        /// End (exclusive), same forms; default now.
-        #[arg(long)]
-        to: Option<String>,
-        /// Only these agents (comma-separated).
-        #[arg(long, value_delimiter = ',', conflicts_with = "group")]
-        agents: Vec<String>,
-        /// Only agents of this group (`[agent_groups]` in the rule files).
-        #[arg(long)]
-        group: Option<String>,
-        /// zh-CN or en (default: the settings' `exports.language`).
-        #[arg(long)]
-        lang: Option<String>,
-        /// The export's directory (must not exist).
-        #[arg(long)]
-        out: PathBuf,
-    },
+    Export(ExportArgs),
     /// Verify an export: manifest signature, every file's SHA-256, nothing missing or
     /// added, and the chain to the previous exports beside it. Exit 1 on any mismatch.
     VerifyExport {
@@ -361,15 +368,7 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
         } => check_config_command(config, service_user),
         Command::Rules { config, json } => rules_command(config, json),
         Command::CheckRules { dir, no_builtin } => check_rules_command(dir, no_builtin),
-        Command::Export {
-            config,
-            from,
-            to,
-            agents,
-            group,
-            lang,
-            out,
-        } => export_command(config, from, to, agents, group, lang, out),
+        Command::Export(args) => export_command(args),
         Command::VerifyExport { dir, ca, config } => verify_export_command(dir, ca, config),
         Command::Tail(args) => tail_command(args),
         Command::Unlock(args) => unlock_command(args),
@@ -496,20 +495,12 @@ fn check_rules_command(dir: PathBuf, no_builtin: bool) -> ExitCode {
     }
 }
 
-fn export_command(
-    config: PathBuf,
-    from: String,
-    to: Option<String>,
-    agents: Vec<String>,
-    group: Option<String>,
-    lang: Option<String>,
-    out: PathBuf,
-) -> ExitCode {
-    let settings = match load(&config) {
+fn export_command(args: ExportArgs) -> ExitCode {
+    let settings = match load(&args.config) {
         Ok(s) => s,
         Err(code) => return code,
     };
-    match run_export(&settings, &from, to.as_deref(), agents, group, lang, out) {
+    match run_export(&settings, args) {
         Ok(s) => {
             println!(
                 "exported {} events and {} alerts to {} (manifest SHA-256 {}{})",
@@ -1045,16 +1036,21 @@ fn parse_time(s: &str, tz: &jiff::tz::TimeZone) -> Result<jiff::Timestamp, Strin
 
 fn run_export(
     settings: &CollectorSettings,
-    from: &str,
-    to: Option<&str>,
-    agents: Vec<String>,
-    group: Option<String>,
-    lang: Option<String>,
-    out: PathBuf,
+    args: ExportArgs,
 ) -> Result<crate::export::Summary, String> {
+    let ExportArgs {
+        from,
+        to,
+        agents,
+        group,
+        lang,
+        out,
+        heartbeats_in_csv,
+        ..
+    } = args;
     let tz = settings.exports.timezone.clone();
-    let from = parse_time(from, &tz)?;
-    let to = match to {
+    let from = parse_time(&from, &tz)?;
+    let to = match to.as_deref() {
         Some(t) => parse_time(t, &tz)?,
         None => jiff::Timestamp::now(),
     };
@@ -1095,6 +1091,7 @@ fn run_export(
         dir: out,
         schedule: None,
         caught_up: false,
+        heartbeats_in_csv,
     };
     let result = crate::export::export(
         &settings.store_path,

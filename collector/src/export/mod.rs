@@ -82,6 +82,10 @@ pub struct Request {
     pub schedule: Option<String>,
     /// Made late, at start, for a time the collector was down.
     pub caught_up: bool,
+    /// Heartbeats get a row in events.csv too (by default they are only in
+    /// events.jsonl and counted: a fleet's heartbeats are most of its rows, 2 880 per
+    /// agent-day, and a spreadsheet holds about a million).
+    pub heartbeats_in_csv: bool,
 }
 
 /// What an export produced.
@@ -163,6 +167,8 @@ fn str_of<'a>(data: &'a Json, key: &str) -> &'a str {
 #[derive(Default)]
 struct Agg {
     events: u64,
+    /// `agent.heartbeat` events, in events.jsonl but only counted in events.csv.
+    heartbeats: u64,
     alerts: u64,
     levels: [u64; 3],
     days: BTreeMap<String, [u64; 3]>,
@@ -471,12 +477,12 @@ fn write_events(
     ])?;
     let jsonl = create(p.dir, "events.jsonl")?;
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<EventRow>>(2);
-    let (dir, tz) = (p.dir, &req.tz);
+    let (dir, tz, heartbeats_in_csv) = (p.dir, &req.tz, req.heartbeats_in_csv);
     let (read, written) = std::thread::scope(|scope| {
         let writer = scope.spawn(move || -> Result<_, ExportError> {
             let mut jsonl = jsonl;
             for row in rx.into_iter().flatten() {
-                write_event(dir, &mut csv, &mut jsonl, row, tz, agg)?;
+                write_event(dir, &mut csv, &mut jsonl, row, tz, heartbeats_in_csv, agg)?;
             }
             Ok((csv, jsonl))
         });
@@ -551,10 +557,31 @@ fn write_event(
     jsonl: &mut Out,
     row: EventRow,
     tz: &jiff::tz::TimeZone,
+    heartbeats_in_csv: bool,
     agg: &mut Agg,
 ) -> Result<(), ExportError> {
     let env: Json = serde_json::from_str(&row.envelope).unwrap_or(Json::Null);
     let data = &env["event"]["data"];
+    let heartbeat = row.kind == "agent.heartbeat";
+    if heartbeat {
+        agg.heartbeats += 1;
+    }
+    if !heartbeat || heartbeats_in_csv {
+        write_csv_row(csv, &row, data)?;
+    }
+    // The stored record verbatim: the agent's hash chain can be re-checked from it.
+    jsonl.write_all(row.envelope.as_bytes()).map_err(io(dir))?;
+    jsonl.write_all(b"\n").map_err(io(dir))?;
+    agg.event(tz, &row.agent, &row.kind, &row.agent_time, data);
+    Ok(())
+}
+
+/// One event's `events.csv` row, with the fields people look for.
+fn write_csv_row(
+    csv: &mut csv::Writer<Out>,
+    row: &EventRow,
+    data: &Json,
+) -> Result<(), ExportError> {
     let device = [
         str_of(data, "usb_serial"),
         str_of(data, "serial"),
@@ -581,10 +608,6 @@ fn write_event(
         &destination,
         &data.to_string(),
     ])?;
-    // The stored record verbatim: the agent's hash chain can be re-checked from it.
-    jsonl.write_all(row.envelope.as_bytes()).map_err(io(dir))?;
-    jsonl.write_all(b"\n").map_err(io(dir))?;
-    agg.event(tz, &row.agent, &row.kind, &row.agent_time, data);
     Ok(())
 }
 
@@ -852,7 +875,8 @@ pub fn export(
         "schedule": req.schedule,
         "caught_up": req.caught_up,
         "language": req.lang.code(),
-        "counts": {"events": agg.events, "alerts": agg.alerts},
+        "counts": {"events": agg.events, "heartbeats": agg.heartbeats,
+                   "heartbeats_in_events_csv": req.heartbeats_in_csv, "alerts": agg.alerts},
         "files": entries,
         "previous": previous.as_ref().map(|(n, h)| serde_json::json!({"name": n, "manifest_sha256": h})),
     });

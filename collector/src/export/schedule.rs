@@ -229,6 +229,7 @@ pub fn run(
                         dir: job.dir.clone(),
                         schedule: Some(s.name.clone()),
                         caught_up: job.caught_up,
+                        heartbeats_in_csv: false,
                     },
                     &mut |_, _| {},
                 )

@@ -206,6 +206,7 @@ fn request(f: &Fixture, name: &str, lang: Lang, agents: Option<Vec<String>>) -> 
         dir: f.dir.path().join("exports").join(name),
         schedule: None,
         caught_up: false,
+        heartbeats_in_csv: false,
     }
 }
 
@@ -256,8 +257,19 @@ fn every_count_in_csv_json_and_html_matches_the_database() {
     assert_eq!(events, 18, "3 agents × 6 events in the period");
     assert!(alerts > 0);
     assert_eq!((s.events, s.alerts), (events, alerts));
+    // 3 heartbeats (one per agent): in events.jsonl and counted, not rows of
+    // events.csv unless asked for.
     let rows = csv_rows(&s.dir.join("events.csv"));
-    assert_eq!(rows.len() as u64, events);
+    assert_eq!(rows.len() as u64, events - 3);
+    assert!(rows.iter().all(|r| &r[5] != "agent.heartbeat"));
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.dir.join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["counts"]["heartbeats"], 3);
+    let mut all = request(&f, "with-heartbeats", Lang::Zh, None);
+    all.heartbeats_in_csv = true;
+    let with = run(&f, &all);
+    assert_eq!(csv_rows(&with.dir.join("events.csv")).len() as u64, events);
     // Chinese text, commas and quotes survive the CSV round trip.
     assert!(rows
         .iter()
