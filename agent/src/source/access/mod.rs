@@ -9,6 +9,7 @@
 
 pub mod authlog;
 pub mod badge;
+pub mod changes;
 pub mod door;
 pub mod journal;
 pub mod parse;

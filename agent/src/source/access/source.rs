@@ -12,6 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::authlog::{Follower, Start};
+use super::changes::{FileChanges, Wake};
 use super::{journal, parse};
 use crate::source::{
     sleep_unless_cancelled, BoxFuture, EventSink, Source, SourceContext, SourceError,
@@ -127,6 +128,7 @@ fn follow_auth_log(
     let start = saved_file_position(&config.state_dir, "auth-log")
         .map_or(Start::End, |(ino, offset)| Start::At { ino, offset });
     let mut f = Follower::new(path, start);
+    let mut changes = FileChanges::new(path);
     let (mut truncations, mut cut) = (0, 0);
     tracing::info!(path = %path.display(), "following the auth log");
     while !ctx.shutdown.is_cancelled() {
@@ -153,7 +155,9 @@ fn follow_auth_log(
                 ),
             )?;
         }
-        if !sleep_unless_cancelled(&ctx.shutdown, config.poll) {
+        // More may be waiting (a burst past the read limit, the rest of a rotated
+        // file): read again at once; else sleep until the file changes.
+        if lines.is_empty() && changes.wait(&ctx.shutdown, config.poll) == Wake::Shutdown {
             break;
         }
     }
@@ -163,6 +167,7 @@ fn follow_auth_log(
 fn follow_wtmp(config: &AccessConfig, path: &Path, ctx: &SourceContext) -> Result<(), SourceError> {
     let start = saved_file_position(&config.state_dir, "utmp");
     let mut f = super::utmp::WtmpFollower::new(path, start);
+    let mut changes = FileChanges::new(path);
     tracing::info!(path = %path.display(), "following wtmp (sessions only: no failures, no sudo)");
     while !ctx.shutdown.is_cancelled() {
         let events = f.read_new().map_err(|e| SourceError::Io {
@@ -176,7 +181,11 @@ fn follow_wtmp(config: &AccessConfig, path: &Path, ctx: &SourceContext) -> Resul
         if any {
             save_file_position(&config.state_dir, "utmp", f.position());
         }
-        if !sleep_unless_cancelled(&ctx.shutdown, config.poll) {
+        // Records past the read limit wait: read again at once (logouts of processes
+        // the agent does not report give no events, so the position says it).
+        let behind = std::fs::metadata(path)
+            .is_ok_and(|m| m.len().saturating_sub(f.position().1) >= super::utmp::RECORD);
+        if !behind && changes.wait(&ctx.shutdown, config.poll) == Wake::Shutdown {
             break;
         }
     }

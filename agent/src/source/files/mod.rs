@@ -523,6 +523,13 @@ impl FilesSource {
         }
     }
 
+    /// The agent's mount table. Read in place: a procfs file is generated from memory
+    /// and never blocks, and a hop to tokio's blocking pool every poll cost more
+    /// (waking a thread) than the read.
+    fn read_mountinfo(&self) -> String {
+        std::fs::read_to_string(&self.config.mountinfo).unwrap_or_default()
+    }
+
     /// Exit points mounted only in other mount namespaces — a stick mounted inside a
     /// container or an `unshare -m` shell, invisible in the agent's own mount table —
     /// reached through `/proc/PID/root` of a process in that namespace. A device the
@@ -794,7 +801,7 @@ impl FilesSource {
                     self.mark_sources(&mut source_dirs);
                     // `exit_fs_types` may have changed: re-derive the exit points now,
                     // in place, so writes to those that stay exits are never missed.
-                    let text = tokio::fs::read_to_string(&self.config.mountinfo).await.unwrap_or_default();
+                    let text = self.read_mountinfo();
                     let gone = self.refresh_exits(&mut w.marked, &text, &reading.policy);
                     w.gone_exits.note(&gone);
                     w.held_open -= report_unclosed(self.config.hash_max_bytes, gone, &mut w.pending, &workers, &reading).await?;
@@ -808,7 +815,7 @@ impl FilesSource {
                     }
                 }
                 _ = poll.tick() => {
-                    let text = tokio::fs::read_to_string(&self.config.mountinfo).await.unwrap_or_default();
+                    let text = self.read_mountinfo();
                     let gone = self.refresh_exits(&mut w.marked, &text, &reading.policy);
                     w.gone_exits.note(&gone);
                     w.held_open -= report_unclosed(self.config.hash_max_bytes, gone, &mut w.pending, &workers, &reading).await?;
