@@ -30,6 +30,17 @@ pub enum Wake {
     Shutdown,
 }
 
+/// Whether an inotify event means the file may read differently now: written,
+/// truncated, renamed, deleted, made — not opened, read or closed after reading.
+fn changes_file(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    match kind {
+        notify::EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        notify::EventKind::Access(_) | notify::EventKind::Other => false,
+        _ => true,
+    }
+}
+
 pub struct FileChanges {
     path: PathBuf,
     /// `None`: inotify could not be set up; the follower polls.
@@ -43,8 +54,12 @@ impl FileChanges {
     pub fn new(path: &Path) -> Self {
         let (tx, events) = mpsc::unbounded_channel();
         let watcher = notify::INotifyWatcher::new(
-            move |_: notify::Result<notify::Event>| {
-                let _ = tx.send(());
+            move |event: notify::Result<notify::Event>| {
+                // The follower's own opens and reads are inotify events too: only a
+                // change of the file may wake it, or it would wake itself for ever.
+                if event.is_ok_and(|e| changes_file(&e.kind)) {
+                    let _ = tx.send(());
+                }
             },
             notify::Config::default(),
         )
@@ -138,8 +153,11 @@ mod tests {
             let shutdown = CancellationToken::new();
             let mut changes = FileChanges::new(&p);
             assert!(changes.watch_current(), "inotify watch in place");
-            // Nothing written: nothing arrives (looked at without waiting).
-            assert!(changes.events.try_recv().is_err());
+            // Read, not written: nothing arrives. (Reading used to wake the
+            // follower, which read again: a busy loop.)
+            assert_eq!(std::fs::read_to_string(&p).unwrap(), "");
+            std::thread::sleep(Duration::from_millis(200));
+            assert!(changes.events.try_recv().is_err(), "a read woke the waiter");
             let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
             writeln!(f, "a line").unwrap();
             assert_eq!(
