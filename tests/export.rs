@@ -115,7 +115,8 @@ fn exports_count_render_in_chromium_and_verify() {
     let cfg = w.collector_toml(false, "[exports]\ndir = \"exports\"\n");
     fs::create_dir_all(w.path("exports")).unwrap();
     let collector = w.start_collector(&ns, &cfg);
-    let agent_cfg = w.agent_toml(AGENT, "pki/ca.pem", "");
+    // Heartbeats every second: the export must leave some out of events.csv.
+    let agent_cfg = w.agent_toml(AGENT, "pki/ca.pem", "[heartbeat]\ninterval_secs = 1\n");
     let agent = w.start_agent(&ns, &agent_cfg, AGENT);
     let diag = || format!("{}\n{}", collector.log_text(), agent.log_text());
     let late = add_stick(
@@ -143,6 +144,15 @@ fn exports_count_render_in_chromium_and_verify() {
             let decisions = w.count("SELECT COUNT(*) FROM events WHERE kind = 'usb.decision'");
             let red = w.count("SELECT COUNT(*) FROM alerts WHERE level = 'red'");
             (decisions >= 3 && red >= 2).then_some(())
+        },
+        diag,
+    );
+    wait_for(
+        "heartbeats stored",
+        T,
+        || {
+            (w.count("SELECT COUNT(*) FROM events WHERE kind = 'agent.heartbeat'") >= 2)
+                .then_some(())
         },
         diag,
     );
@@ -185,6 +195,7 @@ fn exports_count_render_in_chromium_and_verify() {
         let manifest: serde_json::Value =
             serde_json::from_str(&fs::read_to_string(out_dir.join("manifest.json")).unwrap())
                 .unwrap();
+        assert!(db_heartbeats >= 2);
         assert_eq!(manifest["counts"]["heartbeats"], db_heartbeats);
         assert_eq!(
             fs::read_to_string(out_dir.join("events.jsonl"))
@@ -256,5 +267,22 @@ fn exports_count_render_in_chromium_and_verify() {
         err.contains("zh-CN/report.html") && err.contains("content changed"),
         "{err}"
     );
+    // `--heartbeats-in-csv` (docs/exports.md): every event gets its row.
+    let all_dir = w.path("exports/with-heartbeats");
+    let o = weilan(&[
+        "collector",
+        "export",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--from",
+        &from_s,
+        "--to",
+        &to_s,
+        "--heartbeats-in-csv",
+        "--out",
+        all_dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(csv_rows(&all_dir.join("events.csv")) as i64, db_events);
     println!("exports: {db_events} events and {} alerts in both languages; chain verified; a changed byte named: {}", db_alerts("%"), err.trim());
 }
