@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::hosts::doc_step;
@@ -172,16 +172,19 @@ fn packages_install_upgrade_and_purge_under_real_systemd() {
     }
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
-    // The program as packages carry it: this build, without its debug sections.
-    let program = dir.path().join("weilan");
-    let strip = Command::new("strip")
-        .arg("-o")
-        .arg(&program)
-        .arg(weilan_bin())
-        .status();
-    if !strip.is_ok_and(|s| s.success()) {
-        std::fs::copy(weilan_bin(), &program).unwrap();
-    }
+    // The programs as packages carry them: this build, without debug sections; the
+    // agent package gets the agent-only program the workspace build puts beside it.
+    let agent_only = PathBuf::from(env!("CARGO_BIN_EXE_weilan-agent"));
+    let stripped = |from: &std::path::Path, name: &str| {
+        let to = dir.path().join(name);
+        let strip = Command::new("strip").arg("-o").arg(&to).arg(from).status();
+        if !strip.is_ok_and(|s| s.success()) {
+            std::fs::copy(from, &to).unwrap();
+        }
+        to
+    };
+    let program = stripped(&weilan_bin(), "weilan");
+    let agent_program = stripped(&agent_only, "weilan-agent");
     let debs = dir.path().join("debs");
     for (version, sub) in [("0.1.0-1", "v1"), ("0.1.0-2", "v2")] {
         let out = Command::new("bash")
@@ -189,6 +192,7 @@ fn packages_install_upgrade_and_purge_under_real_systemd() {
             .arg(&program)
             .arg(version)
             .arg(debs.join(sub))
+            .arg(&agent_program)
             .output()
             .unwrap();
         assert!(

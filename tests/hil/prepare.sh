@@ -8,5 +8,5 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 export HIL_OUT=${HIL_OUT:-/tmp/weilan-hil}
 bash "$ROOT/tests/hil/build.sh" "$HIL_OUT"
 cd "$ROOT"
-RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --target x86_64-unknown-linux-gnu -p weilan-agent
+RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --target x86_64-unknown-linux-gnu --bin weilan-agent
 echo "prepared: guest in $HIL_OUT, agent in target/x86_64-unknown-linux-gnu/release/weilan-agent"
