@@ -6,9 +6,10 @@
 //! The host shape: `NAMESPACES` network namespaces, each with a process in it (as a
 //! container would have) and `SOCKETS / NAMESPACES` idle loopback TCP sockets (half
 //! client ends that sent 1 KiB, half accepted ends), besides the host's own namespace
-//! and the bench's, where a real `weilan collector serve` and a real `weilan agent run`
-//! (the shipped defaults: every source on, the network source watching every
-//! namespace, USB on the real `/sys`) run and stay connected.
+//! and the bench's, where a real `weilan collector serve` and a real `weilan-agent run`
+//! (the agent-only program the package installs; the shipped defaults: every source
+//! on, the network source watching every namespace, USB on the real `/sys`) run and
+//! stay connected.
 //!
 //! Measured for `SECS` after a 10 s settle, twice — the agent with the network source
 //! on, then off — and in the same windows the peers: `usbguard-daemon` (empty rules;
@@ -245,7 +246,11 @@ fn main() {
             ),
         )
         .unwrap();
-        let mut agent = w.start_agent(&home, &config, "idle");
+        // The program the agent package installs (packaging/deb/build.sh): the
+        // agent-only one, not the multi-call `weilan`.
+        let mut c = home.command(env!("CARGO_BIN_EXE_weilan-agent"));
+        c.args(["run", "--config"]).arg(&config);
+        let mut agent = Proc::spawn(c, w.path("agent-idle.log"), "idle");
         std::thread::sleep(Duration::from_secs(10));
         assert!(agent.is_running(), "agent stopped: {}", agent.log_text());
         let mut pids = vec![(format!("weilan-agent, {label}"), agent.child.id())];
