@@ -100,13 +100,17 @@ fn deploy(mosquitto: bool, acl_edit: Option<&str>) -> Option<Fleet> {
         return None;
     }
     let dir = tempfile::tempdir().unwrap();
-    // A release directory: the two programs (the multi-call binary under their names)
-    // and the repository's config/.
+    // A release directory: the two programs as the packages carry them (the
+    // multi-call binary as the collector, the agent-only one as the agent) and the
+    // repository's config/.
     let release = dir.path().join("release");
     std::fs::create_dir_all(&release).unwrap();
-    for name in ["weilan-collector", "weilan-agent"] {
-        std::os::unix::fs::symlink(weilan_bin(), release.join(name)).unwrap();
-    }
+    std::os::unix::fs::symlink(weilan_bin(), release.join("weilan-collector")).unwrap();
+    std::os::unix::fs::symlink(
+        env!("CARGO_BIN_EXE_weilan-agent"),
+        release.join("weilan-agent"),
+    )
+    .unwrap();
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
     std::os::unix::fs::symlink(&config, release.join("config")).unwrap();
     let ns = Netns::create();
