@@ -170,10 +170,9 @@ fn exports_count_render_in_chromium_and_verify() {
             "SELECT COUNT(*) FROM alerts WHERE time >= '{from_s}' AND time < '{to_s}' AND level LIKE '{level}'"
         ))
     };
-    let browser = chromium();
-    for (lang, label_red) in [("zh-CN", "红"), ("en", "Red")] {
-        let out_dir = w.path(&format!("exports/{lang}"));
-        let o = weilan(&[
+    // `weilan collector export` of the window into `out`, with `more` arguments.
+    let export = |out: &Path, more: &[&str]| {
+        let mut args = vec![
             "collector",
             "export",
             "--config",
@@ -182,12 +181,17 @@ fn exports_count_render_in_chromium_and_verify() {
             &from_s,
             "--to",
             &to_s,
-            "--lang",
-            lang,
             "--out",
-            out_dir.to_str().unwrap(),
-        ]);
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(more);
+        let o = weilan(&args);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let browser = chromium();
+    for (lang, label_red) in [("zh-CN", "红"), ("en", "Red")] {
+        let out_dir = w.path(&format!("exports/{lang}"));
+        export(&out_dir, &["--lang", lang]);
         assert_eq!(
             csv_rows(&out_dir.join("events.csv")) as i64,
             db_events - db_heartbeats
@@ -269,20 +273,7 @@ fn exports_count_render_in_chromium_and_verify() {
     );
     // `--heartbeats-in-csv` (docs/exports.md): every event gets its row.
     let all_dir = w.path("exports/with-heartbeats");
-    let o = weilan(&[
-        "collector",
-        "export",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--from",
-        &from_s,
-        "--to",
-        &to_s,
-        "--heartbeats-in-csv",
-        "--out",
-        all_dir.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    export(&all_dir, &["--heartbeats-in-csv"]);
     assert_eq!(csv_rows(&all_dir.join("events.csv")) as i64, db_events);
     println!("exports: {db_events} events and {} alerts in both languages; chain verified; a changed byte named: {}", db_alerts("%"), err.trim());
 }
