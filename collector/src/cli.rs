@@ -705,7 +705,7 @@ fn import_report(
     outcome: crate::import::ImportOutcome,
     acks: Option<PathBuf>,
 ) -> Result<String, String> {
-    if outcome.status == "refused" {
+    if outcome.status == crate::import::ImportStatus::Refused {
         return Err(format!(
             "{}: refused, nothing stored (agent `{}`): {}",
             bundle.display(),

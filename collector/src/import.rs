@@ -25,14 +25,34 @@ use weilan_config::wire::{self, Ack};
 
 use crate::ingest::{Ingest, Reply};
 
+/// How an import ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImportStatus {
+    /// Every batch stored (newly or before) and acknowledged.
+    Imported,
+    /// Some batches were not stored; the agent keeps them and exports them again.
+    Partial,
+    /// Nothing stored: the bundle failed its checks.
+    Refused,
+}
+
+impl std::fmt::Display for ImportStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ImportStatus::Imported => "imported",
+            ImportStatus::Partial => "partial",
+            ImportStatus::Refused => "refused",
+        })
+    }
+}
+
 /// What became of one bundle (the `.result.json` the command prints).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImportOutcome {
     /// The spooled file's name.
     pub bundle: String,
-    /// `imported`, `partial` (some batches were not stored; the agent keeps them and
-    /// exports them again) or `refused` (nothing stored).
-    pub status: String,
+    pub status: ImportStatus,
     pub agent_id: Option<String>,
     pub records: u64,
     pub batches: usize,
@@ -61,7 +81,7 @@ impl Ingest {
     pub fn import_bundle(&self, name: &str, bytes: &[u8]) -> (ImportOutcome, Vec<u8>, Vec<Reply>) {
         let mut outcome = ImportOutcome {
             bundle: name.to_string(),
-            status: "refused".into(),
+            status: ImportStatus::Refused,
             agent_id: None,
             records: 0,
             batches: 0,
@@ -125,12 +145,11 @@ impl Ingest {
             }
         }
         outcome.status = if outcome.acknowledged == outcome.batches {
-            "imported"
+            ImportStatus::Imported
         } else {
-            "partial"
-        }
-        .into();
-        if outcome.status == "partial" {
+            ImportStatus::Partial
+        };
+        if outcome.status == ImportStatus::Partial {
             outcome.reason = Some(format!(
                 "{} of {} batches were not stored (see the collector's log); the agent keeps them and exports them again",
                 outcome.batches - outcome.acknowledged,
