@@ -173,6 +173,7 @@ impl Ingest {
     /// each outcome and ack bundle to `spool/done/` and removes the bundle. Returns
     /// the replies to publish.
     pub fn import_spooled(&self, spool: &Path) -> Vec<Reply> {
+        prune_done(&spool.join("done"));
         let incoming = spool.join("incoming");
         let Ok(entries) = std::fs::read_dir(&incoming) else {
             return Vec::new();
@@ -204,6 +205,28 @@ impl Ingest {
             let _ = std::fs::remove_file(&path);
         }
         replies
+    }
+}
+
+/// How long an outcome and its ack bundle stay in `done/` for the command to take
+/// (the command copies the acks out at once; this is for one that was interrupted).
+const DONE_KEEP: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// Removes outcomes and ack bundles older than [`DONE_KEEP`]: the spool stays bounded.
+fn prune_done(done: &Path) {
+    let Ok(entries) = std::fs::read_dir(done) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > DONE_KEEP);
+        if old {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 
@@ -376,6 +399,25 @@ mod tests {
             w.batch(&line, key(first), key(first + 2), 3).unwrap();
         }
         w.finish(manifest_signer, "ws-1").unwrap().1
+    }
+
+    #[test]
+    fn outcomes_older_than_the_keep_time_leave_the_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (dir.path().join("a.result.json"), dir.path().join("b.acks"));
+        for p in [&old, &new] {
+            std::fs::write(p, "x").unwrap();
+        }
+        let long_ago =
+            std::time::SystemTime::now() - DONE_KEEP - std::time::Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        prune_done(dir.path());
+        assert!(!old.exists() && new.exists());
     }
 
     #[test]
