@@ -41,75 +41,9 @@ fn envelope(agent: &str, seq: u64, kind: &str, data: serde_json::Value) -> Envel
     .unwrap()
 }
 
-fn usb(hash: String) -> serde_json::Value {
-    json!({"port_path": "1-1", "busnum": 1, "devnum": 5, "vid": "abcd", "pid": "1234",
-        "bcd_device": "0100", "serial": "S-1", "manufacturer": "Acme", "product": "Stick",
-        "device_class": 0, "interfaces": [{"number": 0, "class": 8, "subclass": 6, "protocol": 80}],
-        "speed": "480", "authorized": false, "hash": hash, "parent_hash": null,
-        "block_devices": [], "present_at_start": false})
-}
-
-/// Event `seq` of the mixed stream.
+/// Event `seq` of the mixed stream (`common::mixed`).
 fn mixed(agent: &str, seq: u64) -> Envelope {
-    let now = jiff::Timestamp::now().to_string();
-    let exported = |classified: bool| {
-        json!({"path": format!("/media/s/{seq}.docx"), "mount_point": "/media/s", "fs_type": "vfat",
-            "mount_source": "/dev/sdb1", "usb_serial": "S-1", "usb_hash": "h1", "size": 40_000 + seq,
-            "sha256": format!("{seq:064x}"), "hashed_bytes": 40_000, "pid": 42, "exe": "/usr/bin/cp",
-            "cmdline": "cp", "uid": 1000, "user": "bob", "first_write": now, "last_write": now,
-            "attribution": "fanotify",
-            "classification": if classified { json!([{"detector": "cn_id", "count": 2, "samples": ["1101**"]}]) } else { json!([]) },
-            "classification_note": null, "exit": "removable", "action": "audit",
-            "rule_id": "files.default", "origins": []})
-    };
-    let (kind, data) = match seq % 10 {
-        0 => ("usb.attached", usb(format!("{:064x}", seq % 50))),
-        1 => (
-            "usb.decision",
-            json!({"port_path": "1-1", "vid": "abcd", "pid": "1234", "serial": "S-1",
-            "manufacturer": "Acme", "product": "Stick", "hash": format!("{:064x}", seq % 50), "target": "block",
-            "rule_id": "implicit default", "reason": "r", "trigger": "attach", "mode": "enforce",
-            "actions": [], "enforced": true, "error": null, "policy_version": "v1"}),
-        ),
-        2 => ("file.exported", exported(false)),
-        3 => ("file.exported", exported(true)),
-        4 => (
-            "net.transfer",
-            json!({"pid": 77, "exe": "/usr/bin/curl", "cmdline": "curl -T x",
-            "uid": 1000, "user": "bob", "protocol": "tcp", "local_addr": "192.0.2.10", "local_port": 40000,
-            "remote_addr": format!("198.51.{}.{}", (seq / 10 % 1000) / 250, (seq / 10 % 1000) % 250),
-            "remote_port": 443, "remote_host": null, "bytes_sent": 2_000_000, "bytes_received": 300,
-            "duration_ms": 900, "phase": "closed", "allowlisted": false, "sensitive_files": [],
-            "action": "audit", "rule_id": "net.default"}),
-        ),
-        5 => (
-            "access.login_failed",
-            json!({"user": "root", "method": "ssh", "remote_addr": "192.0.2.66",
-            "reason": "bad password", "source": "journal"}),
-        ),
-        6 => (
-            "access.privilege",
-            json!({"user": "bob", "target_user": "root", "tool": "sudo",
-            "command": "/bin/bash", "success": true, "tty": "pts/0", "source": "journal"}),
-        ),
-        7 => (
-            "agent.heartbeat",
-            json!({"agent_version": "0.1.0", "uptime_secs": seq, "policy_version": "v1",
-            "backlog": 0, "dropped_total": 0}),
-        ),
-        8 => (
-            "file.enforced",
-            json!({"action": "deny", "rule_id": "no-secrets-out", "matched": ["cn_id"],
-            "path": "/media/s/x", "source_path": "/srv/secret/x", "sha256": null, "mount_point": "/media/s",
-            "usb_hash": "h1", "pid": 42, "exe": "/usr/bin/cp", "user": "bob", "outcome": "done",
-            "error": null, "evidence": null, "detail": "refused"}),
-        ),
-        _ => (
-            "net.transfer_tool",
-            json!({"pid": 9, "tool": "scp", "exe": "/usr/bin/scp",
-            "args": ["scp", "x", "e:/tmp"], "uid": 1000, "user": "bob"}),
-        ),
-    };
+    let (kind, data) = common::mixed(seq);
     envelope(agent, seq, kind, data)
 }
 
@@ -146,7 +80,7 @@ fn throughput(engine: &mut Engine, store: &mut Store, events: &[Envelope]) -> (f
                         hash: record_hash(raw.as_bytes()),
                     })
                     .collect();
-                insert_batch(tx, &incoming, &now.to_string())?;
+                insert_batch(tx, &incoming, &now.to_string(), |_| Ok(false))?;
                 let facts: Vec<Fact> = chunk.iter().map(Fact::from_envelope).collect();
                 engine.evaluate(tx, &policy, &facts, now)
             })
@@ -244,7 +178,12 @@ fn main() {
         let mut reader: Option<BufReader<std::fs::File>> = None;
         let mut out = Vec::new();
         for seq in 1..=samples {
-            let mut e = envelope(agent, seq, "usb.attached", usb(format!("{seq:064x}")));
+            let mut e = envelope(
+                agent,
+                seq,
+                "usb.attached",
+                common::usb(format!("{seq:064x}")),
+            );
             e.event_id.key = key(seq);
             let payload = signed_batch(&signer, agent, seq, vec![e], &mut prev);
             let sent = jiff::Timestamp::now();

@@ -114,11 +114,12 @@ pub struct AgentRow {
 
 pub fn list(store: &mut Store) -> Result<Vec<AgentRow>, StoreError> {
     let conn = store.conn();
-    let mut st = conn.prepare(
+    let mut st = conn.prepare(&format!(
         "SELECT a.agent_id, a.state, a.last_event, a.agent_version, a.policy_version, a.hostname, a.backlog,
-                (SELECT COUNT(*) FROM events e WHERE e.agent_id = a.agent_id)
+                (SELECT COUNT(*) FROM events e WHERE e.agent_id = a.agent_id) + {}
          FROM agents a ORDER BY a.agent_id",
-    )?;
+        crate::heartbeats::COUNT_PER_AGENT_SQL
+    ))?;
     let rows = st.query_map([], |r| {
         Ok(AgentRow {
             agent_id: r.get(0)?,

@@ -1044,7 +1044,8 @@ pub fn store_batch_in<T>(
     ) -> Result<T, store::StoreError>,
 ) -> Result<(store::BatchOutcome, T), store::StoreError> {
     let received = received_at.to_string();
-    let (out, reused) = store::insert_batch(tx, events, &received)?;
+    let mut compacted = crate::heartbeats::Held::new(tx);
+    let (out, reused) = store::insert_batch(tx, events, &received, |id| compacted.holds(id))?;
     let mut found = crate::integrity::check_new(tx, agent, events, &out.new, &received)?;
     found.extend(crate::integrity::check_reused(tx, agent, events, &reused)?);
     let stored: Vec<store::Stored<'_>> = out

@@ -68,12 +68,12 @@ pub fn check_new(
             let expected: Option<(String, String)> = if key.seq == 1 {
                 Some((GENESIS_HASH.to_string(), "(start of epoch)".to_string()))
             } else {
-                tx.query_row(
-                    "SELECT hash, event_id FROM events WHERE agent_id = ?1 AND epoch = ?2 AND seq = ?3",
-                    params![agent, key.epoch as i64, key.seq as i64 - 1],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?
+                let prev = EventKey {
+                    epoch: key.epoch,
+                    seq: key.seq - 1,
+                };
+                crate::heartbeats::stored_hash(tx, agent, prev)?
+                    .map(|h| (h, format!("{agent}:{prev}")))
             };
             if let Some((hash, prev_id)) = expected {
                 if hash != ev.envelope.prev_hash {
@@ -198,7 +198,8 @@ fn judge_epoch_start(
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
-    if let Some((le, ls)) = later {
+    let compacted = crate::heartbeats::latest_compacted_between(tx, agent, previous.key, epoch)?;
+    if let Some((le, ls)) = later.max(compacted) {
         alerts.push(finding(
             AGENT_RESTORED,
             agent,
@@ -212,13 +213,7 @@ fn judge_epoch_start(
         ));
         return Ok(());
     }
-    let stored: Option<String> = tx
-        .query_row(
-            "SELECT hash FROM events WHERE agent_id = ?1 AND epoch = ?2 AND seq = ?3",
-            params![agent, pe, ps],
-            |r| r.get(0),
-        )
-        .optional()?;
+    let stored = crate::heartbeats::stored_hash(tx, agent, previous.key)?;
     if stored.as_ref().is_some_and(|h| *h != previous.hash) {
         alerts.push(finding(
             CHAIN_BREAK,
@@ -250,11 +245,10 @@ pub fn check_reused(
     reused: &[usize],
 ) -> Result<Vec<Finding>, StoreError> {
     let mut alerts = Vec::new();
-    let mut held = tx.prepare_cached("SELECT hash FROM events WHERE event_id = ?1")?;
     for &i in reused {
         let ev = &events[i];
         let id = ev.envelope.event_id.to_string();
-        let stored: Option<String> = held.query_row(params![id], |r| r.get(0)).optional()?;
+        let stored = crate::heartbeats::stored_hash(tx, agent, ev.envelope.event_id.key)?;
         let Some(stored) = stored.filter(|h| *h != ev.hash) else {
             continue;
         };

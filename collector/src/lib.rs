@@ -20,6 +20,7 @@ pub mod enroll;
 pub mod export;
 pub mod fair;
 pub mod fleet;
+pub mod heartbeats;
 pub mod import;
 pub mod ingest;
 pub mod integrity;

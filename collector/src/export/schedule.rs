@@ -4,7 +4,9 @@
 //! at most 31 — and marked `caught_up` in their manifest and in an alert.
 //! Retention: exports beyond `keep` per schedule are deleted (their manifest hashes
 //! stay in the database, so the chain's record is not lost), and events older than
-//! `events_keep_days` are pruned.
+//! `events_keep_days` are pruned (rows and heartbeat blocks alike). Heartbeats older than
+//! `heartbeats_compact_after_secs` are compacted into blocks (`heartbeats/`) at the
+//! same check.
 
 use std::path::PathBuf;
 
@@ -116,12 +118,13 @@ pub fn last_to(conn: &Connection, schedule: &str) -> rusqlite::Result<Option<jif
 }
 
 /// Deletes exports beyond `keep` per schedule (newest kept) and events older than
-/// `events_keep_days`; returns (exports removed, events removed).
+/// `events_keep_days` (rows and compacted heartbeats); returns (exports removed,
+/// events removed).
 pub fn retention(
     conn: &Connection,
     settings: &ExportSettings,
     now: jiff::Timestamp,
-) -> rusqlite::Result<(usize, u64)> {
+) -> Result<(usize, u64), crate::store::StoreError> {
     let mut removed = 0;
     if settings.keep > 0 {
         for s in &settings.schedules {
@@ -158,6 +161,7 @@ pub fn retention(
                 break;
             }
         }
+        events += crate::heartbeats::prune(conn, &cutoff)?;
     }
     Ok((removed, events))
 }
@@ -180,10 +184,11 @@ pub fn run(
         event_ids: vec![],
         details: serde_json::json!({"error": error}),
     };
-    if ex.schedules.is_empty() && ex.events_keep_days == 0 {
+    if ex.schedules.is_empty() && ex.events_keep_days == 0 && ex.heartbeats_compact_after.is_none()
+    {
         return found;
     }
-    let conn = match Connection::open(&settings.store_path) {
+    let mut conn = match Connection::open(&settings.store_path) {
         Ok(c) => c,
         Err(e) => {
             return vec![failed(
@@ -262,6 +267,19 @@ pub fn run(
         Ok((0, 0)) => {}
         Ok((exports, events)) => tracing::info!(exports, events, "retention applied"),
         Err(e) => found.push(failed("retention".into(), e.to_string())),
+    }
+    if let Some(age) = ex.heartbeats_compact_after {
+        let cutoff = (now - jiff::SignedDuration::try_from(age).unwrap_or_default()).to_string();
+        match crate::heartbeats::compact(&mut conn, &cutoff) {
+            Ok(c) if c.heartbeats == 0 => {}
+            Ok(c) => tracing::info!(
+                heartbeats = c.heartbeats,
+                blocks = c.blocks,
+                kept_as_rows = c.kept_as_rows,
+                "heartbeats compacted"
+            ),
+            Err(e) => found.push(failed("heartbeat compaction".into(), e.to_string())),
+        }
     }
     found
 }

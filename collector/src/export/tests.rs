@@ -72,7 +72,10 @@ fn ingest(
                 "host_role": s.role, "prev_hash": s.prev.clone(),
                 "event": {"kind": kind, "data": data},
             });
-            let raw = env.to_string();
+            // Serialized as the agent journals it (the struct's field order), so
+            // heartbeats can be compacted and rebuilt byte for byte.
+            let raw = serde_json::to_string(&serde_json::from_value::<Envelope>(env).unwrap())
+                .unwrap();
             s.prev = record_hash(raw.as_bytes());
             raw
         })
@@ -508,4 +511,106 @@ fn a_missed_schedule_is_caught_up_and_says_so_and_retention_prunes() {
         "{:?}",
         chained.notes
     );
+}
+
+/// Heartbeats of `agent` every 30 s from `start`, one batch each, with a USB attach
+/// after every 40th (so some heartbeats follow another event, not a heartbeat).
+fn heartbeats(f: &Fixture, agent: &str, seq_after: u64, prev: String, start: &str, n: usize) {
+    let mut store = Store::open(&f.db).unwrap();
+    let mut engine = Engine::new(true, None).unwrap();
+    let mut st = Stream {
+        agent,
+        role: "workstation",
+        seq: seq_after,
+        prev,
+    };
+    let start: jiff::Timestamp = start.parse().unwrap();
+    for i in 0..n {
+        let at = (start + jiff::SignedDuration::from_millis(30_000 * i as i64 + 7)).to_string();
+        let mut events = vec![(
+            "agent.heartbeat",
+            json!({"agent_version": "0.1.0", "uptime_secs": 100 + 30 * i, "policy_version": "v7",
+                   "backlog": i % 3, "dropped_total": 0}),
+        )];
+        if i % 40 == 39 {
+            events.push(("usb.attached", usb(&format!("HB-{i}"), &format!("hb-{i}"))));
+        }
+        ingest(&mut store, &mut engine, &mut st, &at, events);
+    }
+}
+
+/// The last stored record of `agent`: its sequence number and hash.
+fn head(f: &Fixture, agent: &str) -> (u64, String) {
+    let conn = rusqlite::Connection::open(&f.db).unwrap();
+    conn.query_row(
+        "SELECT seq, hash FROM events WHERE agent_id = ?1 ORDER BY seq DESC LIMIT 1",
+        [agent],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+    )
+    .unwrap()
+}
+
+#[test]
+fn compacted_heartbeats_export_as_the_same_bytes_and_the_export_still_verifies() {
+    let f = fixture();
+    let (seq, hash) = head(&f, "ws-2");
+    heartbeats(&f, "ws-2", seq, hash, "2026-11-21T03:00:00Z", 300);
+    let before = run(&f, &request(&f, "before", Lang::En, None));
+    let rows_before = db_count(
+        &f,
+        "SELECT COUNT(*) FROM events WHERE kind = 'agent.heartbeat' AND ?1 < ?2",
+    );
+
+    let mut conn = rusqlite::Connection::open(&f.db).unwrap();
+    let done = crate::heartbeats::compact(&mut conn, TO).unwrap();
+    // 300 of ws-2 and the three agents' own (one each); 2.5 hours: at least 3 blocks.
+    assert_eq!((done.heartbeats, done.kept_as_rows), (303, 0), "{done:?}");
+    assert!(done.blocks >= 3, "{done:?}");
+    let rows_after = db_count(
+        &f,
+        "SELECT COUNT(*) FROM events WHERE kind = 'agent.heartbeat' AND ?1 < ?2",
+    );
+    assert_eq!((rows_before, rows_after), (303, 0));
+    // A second run finds nothing new (the watermark).
+    assert_eq!(
+        crate::heartbeats::compact(&mut conn, TO).unwrap(),
+        Default::default()
+    );
+
+    let after = run(&f, &request(&f, "after", Lang::En, None));
+    assert_eq!(
+        (before.events, after.events),
+        (before.events, before.events)
+    );
+    for file in ["events.jsonl", "events.csv"] {
+        let a = std::fs::read(before.dir.join(file)).unwrap();
+        let b = std::fs::read(after.dir.join(file)).unwrap();
+        assert!(a == b, "{file} differs after compaction");
+    }
+    let jsonl = std::fs::read_to_string(after.dir.join("events.jsonl")).unwrap();
+    assert_eq!(jsonl.matches("\"agent.heartbeat\"").count(), 303);
+    verify::verify(&after.dir, &verifier(&f)).unwrap();
+
+    // One altered byte in a block: the export fails and names the block.
+    let (first, mut entries): (i64, Vec<u8>) = conn
+        .query_row(
+            "SELECT first_seq, entries FROM heartbeat_blocks WHERE agent_id = 'ws-2' ORDER BY first_seq LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let middle = entries.len() / 2;
+    entries[middle] ^= 0x01;
+    conn.execute(
+        "UPDATE heartbeat_blocks SET entries = ?2 WHERE agent_id = 'ws-2' AND first_seq = ?1",
+        rusqlite::params![first, entries],
+    )
+    .unwrap();
+    let req = request(&f, "altered", Lang::En, None);
+    let signer =
+        weilan_config::signing::Signer::from_pem_files(&f.pki.collector(), &f.pki.collector_key())
+            .unwrap();
+    let rules = crate::rules::RuleSet::load(true, None).unwrap();
+    let err = export(&f.db, &signer, &rules, &req, &mut |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("heartbeat block ws-2:1:"), "{err}");
 }
