@@ -914,8 +914,7 @@ pub fn quarantine_reasons(w: &World) -> Vec<String> {
 
 /// The statically linked agent `tests/hil/prepare.sh` builds for the guest.
 pub fn static_agent() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target/x86_64-unknown-linux-gnu/release/weilan-agent")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/hil/weilan-agent")
 }
 
 /// As `own_id` (whose certificate `tls` carries): connects with `victim`'s and with the
