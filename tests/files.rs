@@ -819,3 +819,112 @@ fn inotify_fallback_reports_each_file_once_without_a_writer() {
         "inotify: cp, dd and a file in a brand-new directory → one event each, attribution none"
     );
 }
+
+/// Each format the classifier reads, as a file a person would carry out: the classes
+/// it must get, copied with `cp` onto a watched tmpfs (fanotify, the real source and
+/// classifier). Formats not read yet (OLE2 .doc/.xls, WPS, RTF, 7z, PDFs with CJK
+/// fonts) are in issue "Classification an officer can trust".
+#[test]
+fn every_readable_format_copied_onto_a_mount_is_classified() {
+    use weilan_agent::classify::samples;
+    if !require("files test needs root (mount, fanotify)", is_root()) {
+        return;
+    }
+    let id = "11010519491231002X";
+    let mark = "机密★1年";
+    let secret_docx: &[&[&str]] = &[&["机", "密★", "1年"], &["身份证 1101051949", "1231002X"]];
+    let files: Vec<(&str, Vec<u8>, &[&str])> = vec![
+        (
+            "通知.txt",
+            format!("{mark}\n员工 {id}\n").into_bytes(),
+            &["mark:secret", "prc-resident-id"],
+        ),
+        (
+            "通知-gb18030.txt",
+            samples::gb18030(&format!("{mark}\n员工 {id}\n")),
+            &["mark:secret", "prc-resident-id"],
+        ),
+        (
+            "通知-utf16.txt",
+            samples::utf16le(&format!("{mark}\n员工 {id}\n")),
+            &["mark:secret", "prc-resident-id"],
+        ),
+        (
+            "报告.docx",
+            samples::docx(secret_docx),
+            &["mark:secret", "prc-resident-id"],
+        ),
+        (
+            "名单.xlsx",
+            samples::xlsx(&["联系电话"], &[13812345678, 13912345678]),
+            &["prc-mobile"],
+        ),
+        (
+            "汇报.pptx",
+            samples::pptx(&["秘密★启用前", "会议纪要"]),
+            &["mark:confidential"],
+        ),
+        (
+            "发票.ofd",
+            samples::ofd(&["绝密★", "金额"]),
+            &["mark:top-secret"],
+        ),
+        (
+            "staff.pdf",
+            samples::pdf(&format!("staff id {id}")),
+            &["prc-resident-id"],
+        ),
+        (
+            "资料.zip",
+            samples::zip(&[("a/名单.csv", format!("张三,{id}\n").as_bytes())]),
+            &["prc-resident-id"],
+        ),
+        (
+            "资料.tar.gz",
+            samples::gzip(
+                &samples::tar(&[("报告.docx", &samples::docx(secret_docx))]),
+                false,
+            ),
+            &["mark:secret", "prc-resident-id"],
+        ),
+        (
+            "名单.csv.gz",
+            samples::gzip(format!("张三,{id}\n").as_bytes(), false),
+            &["prc-resident-id"],
+        ),
+        // Refused with a reason, for rules to act on: a compression bomb.
+        (
+            "zeros.gz",
+            samples::gzip(&vec![0u8; 64 << 20], false),
+            &["unreadable"],
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for (name, bytes, _) in &files {
+        std::fs::write(src.join(name), bytes).unwrap();
+    }
+    let (stick, _m) = tmpfs(dir.path(), "stick");
+    let got = watch(&stick, || {
+        for (name, _, _) in &files {
+            run(Command::new("cp").arg(src.join(name)).arg(stick.join(name)));
+        }
+    });
+    for (name, _, want) in &files {
+        let e = got
+            .iter()
+            .find(|e| e.path.ends_with(name))
+            .unwrap_or_else(|| panic!("{name}: no file.exported in {got:#?}"));
+        let mut classes: Vec<&str> = e
+            .classification
+            .iter()
+            .map(|c| c.detector.as_str())
+            .collect();
+        classes.sort();
+        let mut want = want.to_vec();
+        want.sort();
+        assert_eq!(classes, want, "{name}: {e:#?}");
+    }
+    println!("{} formats classified on a real copy", files.len());
+}

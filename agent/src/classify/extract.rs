@@ -4,8 +4,9 @@
 //! without BOM), a few stray NUL or invalid bytes tolerated; the office formats that are
 //! zip + XML (docx, pptx: runs joined per paragraph; xlsx: shared strings, inline
 //! strings and numbers typed into cells; OFD, GB/T 33190: page text in page order);
-//! zip archives entry by entry, nested up to three deep (zip bombs refused, unread
-//! entries named); PDF text (`pdf-extract`). Anything else is
+//! zip and tar archives and gzip streams (`.tar.gz`) entry by entry, nested up to
+//! three deep (compression bombs refused, unread entries named); PDF text
+//! (`pdf-extract`). Anything else is
 //! reported as unsupported — never silently treated as "nothing found". Zip bombs are bounded by the inflated
 //! byte budget, not by trusting the archive's declared sizes.
 
@@ -39,7 +40,8 @@ impl Default for Limits {
 pub enum Extracted {
     Text {
         text: String,
-        /// `utf-8`, `gb18030`, `utf-16le`, `docx`, `xlsx`, `pptx`, `ofd`, `pdf`, `zip`.
+        /// `utf-8`, `gb18030`, `utf-16le`, `docx`, `xlsx`, `pptx`, `ofd`, `pdf`, `zip`,
+        /// `tar` (a gzip stream gives the format of what it holds).
         format: &'static str,
         /// A bound was hit: the text is a prefix.
         truncated: bool,
@@ -105,6 +107,9 @@ pub fn extract_file(mut f: std::fs::File, limits: Limits) -> Extracted {
             ));
         }
         return pdf(bytes, limits);
+    }
+    if bytes.starts_with(&[0x1f, 0x8b]) || is_tar(&bytes) {
+        return extract_bytes(bytes, limits, 0);
     }
     if data_bytes < size {
         // A sparse file: its data pages are padded with zeros like its holes are;
@@ -494,33 +499,134 @@ const MAX_ARCHIVE_ENTRIES: usize = 10_000;
 /// more than 1 MiB) is a zip bomb: the archive is refused, and says why.
 const MAX_INFLATION_RATIO: u64 = 200;
 
+/// What one archive's entries gave so far, within one budget of inflated bytes and
+/// time that its nested archives share; each entry's text is separated by a form feed
+/// line (a new document for the detectors), unreadable entries are named.
+struct Unpacked {
+    text: String,
+    budget: u64,
+    truncated: bool,
+    unread: Vec<String>,
+    limits: Limits,
+    depth: usize,
+    started: Instant,
+}
+
+impl Unpacked {
+    fn new(limits: Limits, depth: usize, started: Instant) -> Unpacked {
+        Unpacked {
+            text: String::new(),
+            budget: limits.max_bytes,
+            truncated: false,
+            unread: Vec::new(),
+            limits,
+            depth,
+            started,
+        }
+    }
+
+    /// Whether budget, time and room for text are left for another entry.
+    fn room(&mut self) -> bool {
+        let full = self.started.elapsed() > self.limits.max_time
+            || self.budget == 0
+            || self.text.chars().count() > self.limits.max_chars;
+        self.truncated |= full;
+        !full
+    }
+
+    /// Reads one entry (at most the budget) and extracts it as a file of its own.
+    /// `packed`: its compressed size, when the container compresses entry by entry.
+    /// `Err`: a compression bomb, which refuses the whole archive.
+    fn entry(&mut self, name: &str, packed: Option<u64>, reader: impl Read) -> Result<(), String> {
+        let mut bytes = Vec::new();
+        if let Err(e) = reader.take(self.budget + 1).read_to_end(&mut bytes) {
+            self.unread.push(format!("{name}: {e}"));
+            return Ok(());
+        }
+        let inflated = bytes.len() as u64;
+        if let Some(packed) = packed.map(|p| p.max(1)) {
+            if inflated > 1 << 20 && inflated > packed * MAX_INFLATION_RATIO {
+                return Err(format!(
+                    "zip bomb refused: {name} inflates {packed} bytes to more than {inflated}"
+                ));
+            }
+        }
+        if inflated > self.budget {
+            bytes.truncate(self.budget as usize);
+            self.truncated = true;
+        }
+        self.budget -= bytes.len() as u64;
+        // A nested archive inflates within what is left of this one's budget (so the
+        // whole file inflates at most MAX_ARCHIVE_DEPTH budgets), and the time left.
+        let inner = Limits {
+            max_bytes: self.budget.max(bytes.len() as u64),
+            max_time: self.limits.max_time.saturating_sub(self.started.elapsed()),
+            ..self.limits
+        };
+        match extract_bytes(bytes, inner, self.depth + 1) {
+            Extracted::Text {
+                text,
+                truncated,
+                unread,
+                ..
+            } => {
+                if !self.text.is_empty() {
+                    self.text.push_str("\n\u{c}\n");
+                }
+                self.text.push_str(&text);
+                self.truncated |= truncated;
+                self.unread.extend(unread.map(|u| format!("{name}: {u}")));
+            }
+            Extracted::Unsupported(kind) => self.unread.push(format!("{name}: {kind}")),
+            Extracted::Failed(e) if e.contains("bomb refused") => return Err(e),
+            Extracted::Failed(e) => self.unread.push(format!("{name}: {e}")),
+        }
+        Ok(())
+    }
+
+    fn finish(self, format: &'static str) -> Extracted {
+        if self.text.is_empty() && !self.unread.is_empty() {
+            return Extracted::Failed(format!(
+                "no entry could be read: {}",
+                self.unread.join("; ")
+            ));
+        }
+        let unread = (!self.unread.is_empty()).then(|| self.unread.join("; "));
+        let mut read = bound(self.text, format, self.truncated, self.limits);
+        if let Extracted::Text { unread: named, .. } = &mut read {
+            *named = unread;
+        }
+        read
+    }
+}
+
+fn too_deep(depth: usize) -> Option<Extracted> {
+    (depth >= MAX_ARCHIVE_DEPTH)
+        .then(|| Extracted::Failed(format!("archive nested more than {MAX_ARCHIVE_DEPTH} deep")))
+}
+
 /// A zip archive that is no office document: each entry extracted as a file of its
 /// own (nested archives too, [`MAX_ARCHIVE_DEPTH`] deep), within the one budget of
-/// inflated bytes and time; the entries' texts are separated by a form feed line
-/// (a new document for the detectors). Encrypted or unreadable entries are named in
-/// `unread`.
+/// inflated bytes and time. Encrypted or unreadable entries are named in `unread`.
 fn archive<R: Read + std::io::Seek>(
     mut zip: zip::ZipArchive<R>,
     limits: Limits,
     depth: usize,
     started: Instant,
 ) -> Extracted {
-    if depth >= MAX_ARCHIVE_DEPTH {
-        return Extracted::Failed(format!("archive nested more than {MAX_ARCHIVE_DEPTH} deep"));
+    if let Some(refused) = too_deep(depth) {
+        return refused;
     }
-    let mut text = String::new();
-    let mut budget = limits.max_bytes;
-    let mut truncated = zip.len() > MAX_ARCHIVE_ENTRIES;
-    let mut unread: Vec<String> = Vec::new();
+    let mut out = Unpacked::new(limits, depth, started);
+    out.truncated = zip.len() > MAX_ARCHIVE_ENTRIES;
     for i in 0..zip.len().min(MAX_ARCHIVE_ENTRIES) {
-        if started.elapsed() > limits.max_time || budget == 0 {
-            truncated = true;
+        if !out.room() {
             break;
         }
         let entry = match zip.by_index(i) {
             Ok(e) => e,
             Err(e) => {
-                unread.push(format!("entry {i}: {e}"));
+                out.unread.push(format!("entry {i}: {e}"));
                 continue;
             }
         };
@@ -530,67 +636,113 @@ fn archive<R: Read + std::io::Seek>(
         let name = entry
             .name()
             .map_or_else(|_| format!("entry {i}"), |n| n.into_owned());
-        let packed = entry.compressed_size().max(1);
-        let mut bytes = Vec::new();
-        if let Err(e) = entry.take(budget + 1).read_to_end(&mut bytes) {
-            unread.push(format!("{name}: {e}"));
-            continue;
+        let packed = entry.compressed_size();
+        if let Err(bomb) = out.entry(&name, Some(packed), entry) {
+            return Extracted::Failed(bomb);
         }
-        let inflated = bytes.len() as u64;
-        if inflated > 1 << 20 && inflated > packed * MAX_INFLATION_RATIO {
-            return Extracted::Failed(format!(
-                "zip bomb refused: {name} inflates {packed} bytes to more than {inflated}"
-            ));
-        }
-        if inflated > budget {
-            bytes.truncate(budget as usize);
-            truncated = true;
-        }
-        budget -= bytes.len() as u64;
-        // A nested archive inflates within what is left of this one's budget (so the
-        // whole file inflates at most MAX_ARCHIVE_DEPTH budgets), and the time left.
-        let inner = Limits {
-            max_bytes: budget.max(bytes.len() as u64),
-            max_time: limits.max_time.saturating_sub(started.elapsed()),
-            ..limits
-        };
-        match extract_bytes(bytes, inner, depth + 1) {
-            Extracted::Text {
-                text: t,
-                truncated: cut,
-                unread: inner_unread,
-                ..
-            } => {
-                if !text.is_empty() {
-                    text.push_str("\n\u{c}\n");
-                }
-                text.push_str(&t);
-                truncated |= cut;
-                unread.extend(inner_unread.map(|u| format!("{name}: {u}")));
-            }
-            Extracted::Unsupported(kind) => unread.push(format!("{name}: {kind}")),
-            Extracted::Failed(e) if e.starts_with("zip bomb") => return Extracted::Failed(e),
-            Extracted::Failed(e) => unread.push(format!("{name}: {e}")),
-        }
-        if text.chars().count() > limits.max_chars {
-            truncated = true;
+    }
+    out.finish("zip")
+}
+
+/// A tar archive: each regular file extracted as a file of its own, like a zip's
+/// entries (tar does not compress; a `.tar.gz` is bounded by its gzip layer).
+fn tar_archive(bytes: &[u8], limits: Limits, depth: usize) -> Extracted {
+    if let Some(refused) = too_deep(depth) {
+        return refused;
+    }
+    let mut out = Unpacked::new(limits, depth, Instant::now());
+    let mut tar = tar::Archive::new(bytes);
+    let entries = match tar.entries() {
+        Ok(e) => e,
+        Err(e) => return Extracted::Failed(format!("not a readable tar: {e}")),
+    };
+    for (i, entry) in entries.enumerate() {
+        if i >= MAX_ARCHIVE_ENTRIES {
+            out.truncated = true;
             break;
         }
+        if !out.room() {
+            break;
+        }
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                // A damaged header ends the walk: what follows cannot be found.
+                out.unread.push(format!("entry {i}: {e}"));
+                break;
+            }
+        };
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let name = entry
+            .path()
+            .map_or_else(|_| format!("entry {i}"), |p| p.display().to_string());
+        if let Err(bomb) = out.entry(&name, None, entry) {
+            return Extracted::Failed(bomb);
+        }
     }
-    if text.is_empty() && !unread.is_empty() {
-        return Extracted::Failed(format!("no entry could be read: {}", unread.join("; ")));
+    out.finish("tar")
+}
+
+/// A gzip stream (`.gz`, `.tar.gz`): inflated within the budget, refused as a bomb
+/// past [`MAX_INFLATION_RATIO`], and its contents extracted as a file would be.
+fn gzip(bytes: &[u8], limits: Limits, depth: usize) -> Extracted {
+    if let Some(refused) = too_deep(depth) {
+        return refused;
     }
-    let mut read = bound(text, "zip", truncated, limits);
-    if let Extracted::Text { unread: named, .. } = &mut read {
-        *named = (!unread.is_empty()).then(|| unread.join("; "));
+    let packed = bytes.len().max(1) as u64;
+    let mut inflated = Vec::new();
+    let read = flate2::read::MultiGzDecoder::new(bytes)
+        .take(limits.max_bytes + 1)
+        .read_to_end(&mut inflated);
+    // A stream cut short (a file over the read limit) still gives what it held.
+    let cut = match read {
+        Ok(_) => false,
+        Err(e) if inflated.is_empty() => {
+            return Extracted::Failed(format!("not a readable gzip: {e}"))
+        }
+        Err(_) => true,
+    };
+    let size = inflated.len() as u64;
+    if size > 1 << 20 && size > packed * MAX_INFLATION_RATIO {
+        return Extracted::Failed(format!(
+            "gzip bomb refused: {packed} bytes inflate to more than {size}"
+        ));
     }
-    read
+    let over = size > limits.max_bytes;
+    inflated.truncate(limits.max_bytes as usize);
+    match extract_bytes(inflated, limits, depth + 1) {
+        Extracted::Text {
+            text,
+            format,
+            truncated,
+            unread,
+        } => Extracted::Text {
+            text,
+            format,
+            truncated: truncated || over || cut,
+            unread,
+        },
+        other => other,
+    }
+}
+
+/// The POSIX tar magic (`ustar`) at its place in the first header.
+fn is_tar(bytes: &[u8]) -> bool {
+    bytes.get(257..262) == Some(b"ustar")
 }
 
 /// An archive entry's bytes, extracted as a file with these contents would be.
 fn extract_bytes(bytes: Vec<u8>, limits: Limits, depth: usize) -> Extracted {
     if bytes.starts_with(b"PK\x03\x04") {
         return office(std::io::Cursor::new(bytes), limits, depth);
+    }
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        return gzip(&bytes, limits, depth);
+    }
+    if is_tar(&bytes) {
+        return tar_archive(&bytes, limits, depth);
     }
     if bytes.starts_with(b"%PDF") {
         return pdf(bytes, limits);
@@ -690,6 +842,7 @@ fn xml_text(xml: &[u8], spec: &XmlText, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::classify::samples;
 
     #[test]
     fn work_past_its_time_limit_runs_on_but_at_most_two_at_once() {
@@ -752,21 +905,10 @@ mod tests {
     }
 
     /// A zip archive in memory: (name, bytes) entries, deflated.
-    fn zip_bytes(entries: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-        let opts = zip::write::SimpleFileOptions::default()
-            .compression_method(zip::CompressionMethod::Deflated);
-        for (n, body) in entries {
-            z.start_file(*n, opts).unwrap();
-            z.write_all(body).unwrap();
-        }
-        z.finish().unwrap().into_inner()
-    }
-
     #[test]
     fn archives_are_read_entry_by_entry_nested_and_bounded() {
         let dir = tempfile::tempdir().unwrap();
-        let inner = zip_bytes(&[(
+        let inner = samples::zip(&[(
             "工资表.csv",
             "姓名,身份证\n张三,11010519491231002X\n".as_bytes(),
         )]);
@@ -776,7 +918,7 @@ mod tests {
             &[("word/document.xml", r#"<w:document xmlns:w="x"><w:body><w:p><w:r><w:t>秘密</w:t></w:r></w:p></w:body></w:document>"#)],
         ))
         .unwrap();
-        let outer = zip_bytes(&[
+        let outer = samples::zip(&[
             ("readme.txt", "月度报表\n".as_bytes()),
             ("2026/inner.zip", &inner),
             ("2026/通知.docx", &docx),
@@ -818,19 +960,87 @@ mod tests {
         assert_eq!(note.as_deref(), Some("partly unread: logo.bin: binary"));
 
         // A zip bomb: 64 MiB of zeros deflate to ~64 KiB.
-        let bomb = zip_bytes(&[("zeros.txt", &vec![0u8; 64 << 20])]);
-        std::fs::write(dir.path().join("bomb.zip"), zip_bytes(&[("a.zip", &bomb)])).unwrap();
+        let bomb = samples::zip(&[("zeros.txt", &vec![0u8; 64 << 20])]);
+        std::fs::write(
+            dir.path().join("bomb.zip"),
+            samples::zip(&[("a.zip", &bomb)]),
+        )
+        .unwrap();
         match extract(&dir.path().join("bomb.zip"), Limits::default()) {
             Extracted::Failed(e) => assert!(e.starts_with("zip bomb refused: zeros.txt"), "{e}"),
             other => panic!("{other:?}"),
         }
         // Nested past the depth bound.
-        let mut nested = zip_bytes(&[("deep.txt", "机密★\n".as_bytes())]);
+        let mut nested = samples::zip(&[("deep.txt", "机密★\n".as_bytes())]);
         for level in 0..MAX_ARCHIVE_DEPTH {
-            nested = zip_bytes(&[(&format!("level{level}.zip"), &nested)]);
+            nested = samples::zip(&[(&format!("level{level}.zip"), &nested)]);
         }
         std::fs::write(dir.path().join("deep.zip"), &nested).unwrap();
         match extract(&dir.path().join("deep.zip"), Limits::default()) {
+            Extracted::Failed(e) => assert!(e.contains("nested more than 3 deep"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn tar_and_gzip_are_read_entry_by_entry_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = samples::zip(&[("名单.txt", "联系人 13912345678\n".as_bytes())]);
+        let tgz = samples::gzip(
+            &samples::tar(&[
+                (
+                    "报表/工资表.csv",
+                    "姓名,身份证\n张三,11010519491231002X\n".as_bytes(),
+                ),
+                ("报表/inner.zip", &inner),
+                ("报表/logo.bin", &[0u8, 1, 2, 3, 0, 0, 0, 0, 9, 0, 0, 0]),
+            ]),
+            false,
+        );
+        std::fs::write(dir.path().join("a.tar.gz"), &tgz).unwrap();
+        match extract(&dir.path().join("a.tar.gz"), Limits::default()) {
+            Extracted::Text {
+                text,
+                format,
+                truncated,
+                unread,
+            } => {
+                assert_eq!((format, truncated), ("tar", false));
+                assert!(
+                    text.contains("11010519491231002X") && text.contains("13912345678"),
+                    "{text}"
+                );
+                assert_eq!(unread.as_deref(), Some("报表/logo.bin: binary"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A lone gzip'd text file reads as the text.
+        std::fs::write(
+            dir.path().join("n.txt.gz"),
+            samples::gzip("机密★启用前\n".as_bytes(), false),
+        )
+        .unwrap();
+        let (text, format, _) = text_of(extract(&dir.path().join("n.txt.gz"), Limits::default()));
+        assert_eq!((text.trim(), format), ("机密★启用前", "utf-8"));
+        // A gzip bomb: 64 MiB of zeros in ~64 KiB.
+        std::fs::write(
+            dir.path().join("bomb.gz"),
+            samples::gzip(&vec![0u8; 64 << 20], false),
+        )
+        .unwrap();
+        match extract(&dir.path().join("bomb.gz"), Limits::default()) {
+            Extracted::Failed(e) => assert!(e.starts_with("gzip bomb refused"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        // 10 000 archives deep (a tar in a zip in 9 998 gzip layers, stored so the
+        // test builds it fast): refused at the depth bound, not unpacked 10 000 times.
+        let mut nested = samples::tar(&[("x", "机密★\n".as_bytes())]);
+        nested = samples::zip(&[("x.tar", &nested)]);
+        for _ in 2..10_000 {
+            nested = samples::gzip(&nested, true);
+        }
+        std::fs::write(dir.path().join("deep"), &nested).unwrap();
+        match extract(&dir.path().join("deep"), Limits::default()) {
             Extracted::Failed(e) => assert!(e.contains("nested more than 3 deep"), "{e}"),
             other => panic!("{other:?}"),
         }
@@ -1058,45 +1268,13 @@ mod tests {
     }
 
     /// A one-page PDF showing `line` in Helvetica, with a correct cross-reference table.
-    pub fn pdf_with_text(line: &str) -> Vec<u8> {
-        let content = format!("BT /F1 12 Tf 72 720 Td ({line}) Tj ET");
-        let objects = [
-            "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
-            "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_string(),
-            "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>".to_string(),
-            format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len()),
-            "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>".to_string(),
-        ];
-        let mut out = b"%PDF-1.4\n".to_vec();
-        let mut offsets = Vec::new();
-        for (i, o) in objects.iter().enumerate() {
-            offsets.push(out.len());
-            out.extend_from_slice(format!("{} 0 obj\n{o}\nendobj\n", i + 1).as_bytes());
-        }
-        let xref = out.len();
-        out.extend_from_slice(
-            format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes(),
-        );
-        for o in offsets {
-            out.extend_from_slice(format!("{o:010} 00000 n \n").as_bytes());
-        }
-        out.extend_from_slice(
-            format!(
-                "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
-                objects.len() + 1
-            )
-            .as_bytes(),
-        );
-        out
-    }
-
     #[test]
     fn pdf_text_is_extracted_and_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let pdf = dir.path().join("memo.pdf");
         std::fs::write(
             &pdf,
-            pdf_with_text("CONFIDENTIAL staff id 11010519491231002X"),
+            samples::pdf("CONFIDENTIAL staff id 11010519491231002X"),
         )
         .unwrap();
         let (t, f, _) = text_of(extract(&pdf, Limits::default()));

@@ -7,6 +7,8 @@
 
 pub mod detectors;
 pub mod extract;
+#[cfg(any(test, feature = "test-util"))]
+pub mod samples;
 
 use regex::Regex;
 use weilan_config::event::Classification;

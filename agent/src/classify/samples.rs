@@ -1,0 +1,214 @@
+//! Documents of every format the classifier reads, built in memory for tests (and for
+//! the corpus of the classification benchmark): the smallest files the real readers
+//! accept, with the text placed where real documents put it (Word runs, shared strings
+//! and numeric cells, OFD text objects, archive entries). Not in the shipped agent:
+//! `cfg(test)` or the `test-util` feature.
+
+use std::io::Write;
+
+/// A zip of `parts` (name, bytes), deflated like office files are.
+pub fn zip(parts: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let opts = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    for (name, body) in parts {
+        z.start_file(*name, opts).expect("in-memory zip");
+        z.write_all(body).expect("in-memory zip");
+    }
+    z.finish().expect("in-memory zip").into_inner()
+}
+
+/// A ustar archive of regular files.
+pub fn tar(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, body) in entries {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(body.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, name, *body).expect("in-memory tar");
+    }
+    b.into_inner().expect("in-memory tar")
+}
+
+/// A gzip stream of `bytes`, deflated; `stored` keeps the bytes as they are in stored
+/// deflate blocks (RFC 1951 3.2.4) — written here directly because a 10 000-deep nest
+/// passes 2 GB through the encoder, 20 s even at level 0, and this is a memcpy.
+pub fn gzip(bytes: &[u8], stored: bool) -> Vec<u8> {
+    if !stored {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(bytes).expect("in-memory gzip");
+        return e.finish().expect("in-memory gzip");
+    }
+    // Header: magic, deflate, no flags, no time, no extra flags, unknown OS.
+    let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
+    let mut chunks = bytes.chunks(0xFFFF).peekable();
+    if chunks.peek().is_none() {
+        out.extend_from_slice(&[1, 0, 0, 0xFF, 0xFF]);
+    }
+    while let Some(chunk) = chunks.next() {
+        let last = u8::from(chunks.peek().is_none());
+        let len = chunk.len() as u16;
+        out.push(last);
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(chunk);
+    }
+    out.extend_from_slice(&crc32fast::hash(bytes).to_le_bytes());
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out
+}
+
+/// XML text content with `&`, `<` and `>` escaped.
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// A Word document: each paragraph is its runs, as Word splits text wherever the
+/// formatting or the editing history changes.
+pub fn docx(paragraphs: &[&[&str]]) -> Vec<u8> {
+    let body: String = paragraphs
+        .iter()
+        .map(|runs| {
+            let runs: String = runs
+                .iter()
+                .map(|r| format!("<w:r><w:t xml:space=\"preserve\">{}</w:t></w:r>", escape(r)))
+                .collect();
+            format!("<w:p>{runs}</w:p>")
+        })
+        .collect();
+    let document = format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?><w:document xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/2006/main"><w:body>{body}</w:body></w:document>"#
+    );
+    zip(&[
+        ("[Content_Types].xml", b"<Types/>"),
+        ("word/document.xml", document.as_bytes()),
+    ])
+}
+
+/// A workbook: `strings` in the shared-string table (one cell each in column A) and
+/// `numbers` typed into cells as numbers (column B), as a spreadsheet stores them.
+pub fn xlsx(strings: &[&str], numbers: &[u64]) -> Vec<u8> {
+    let shared: String = strings
+        .iter()
+        .map(|s| format!("<si><t>{}</t></si>", escape(s)))
+        .collect();
+    let rows = strings.len().max(numbers.len());
+    let cells: String = (0..rows)
+        .map(|i| {
+            let a = if i < strings.len() {
+                format!(r#"<c r="A{0}" t="s"><v>{i}</v></c>"#, i + 1)
+            } else {
+                String::new()
+            };
+            let b = numbers
+                .get(i)
+                .map(|n| format!(r#"<c r="B{}"><v>{n}</v></c>"#, i + 1))
+                .unwrap_or_default();
+            format!(r#"<row r="{}">{a}{b}</row>"#, i + 1)
+        })
+        .collect();
+    let sst = format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?><sst xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main" count="{0}" uniqueCount="{0}">{shared}</sst>"#,
+        strings.len()
+    );
+    let sheet = format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?><worksheet xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main"><sheetData>{cells}</sheetData></worksheet>"#
+    );
+    zip(&[
+        ("[Content_Types].xml", b"<Types/>"),
+        ("xl/workbook.xml", b"<workbook/>"),
+        ("xl/sharedStrings.xml", sst.as_bytes()),
+        ("xl/worksheets/sheet1.xml", sheet.as_bytes()),
+    ])
+}
+
+/// A presentation with one slide per text.
+pub fn pptx(slides: &[&str]) -> Vec<u8> {
+    let xml: Vec<(String, String)> = slides
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            (
+                format!("ppt/slides/slide{}.xml", i + 1),
+                format!(
+                    r#"<p:sld xmlns:p="p" xmlns:a="a"><p:cSld><p:spTree><p:sp><p:txBody><a:p><a:r><a:t>{}</a:t></a:r></a:p></p:txBody></p:sp></p:spTree></p:cSld></p:sld>"#,
+                    escape(t)
+                ),
+            )
+        })
+        .collect();
+    let mut parts: Vec<(&str, &[u8])> = vec![("[Content_Types].xml", b"<Types/>")];
+    parts.extend(xml.iter().map(|(n, x)| (n.as_str(), x.as_bytes())));
+    zip(&parts)
+}
+
+/// An OFD (GB/T 33190) document with one page per text.
+pub fn ofd(pages: &[&str]) -> Vec<u8> {
+    let xml: Vec<(String, String)> = pages
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            (
+                format!("Doc_0/Pages/Page_{i}/Content.xml"),
+                format!(
+                    r#"<ofd:Page xmlns:ofd="http://www.ofdspec.org/2016"><ofd:Content><ofd:Layer><ofd:TextObject ID="{i}"><ofd:TextCode X="0" Y="0">{}</ofd:TextCode></ofd:TextObject></ofd:Layer></ofd:Content></ofd:Page>"#,
+                    escape(t)
+                ),
+            )
+        })
+        .collect();
+    let mut parts: Vec<(&str, &[u8])> = vec![(
+        "OFD.xml",
+        br#"<ofd:OFD xmlns:ofd="http://www.ofdspec.org/2016"/>"#,
+    )];
+    parts.extend(xml.iter().map(|(n, x)| (n.as_str(), x.as_bytes())));
+    zip(&parts)
+}
+
+/// A one-page PDF showing `line` in a standard font (Latin-1 text only).
+pub fn pdf(line: &str) -> Vec<u8> {
+    let content = format!("BT /F1 12 Tf 72 720 Td ({line}) Tj ET");
+    let objects = [
+        "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_string(),
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>".to_string(),
+        format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len()),
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>".to_string(),
+    ];
+    let mut out = b"%PDF-1.4\n".to_vec();
+    let mut offsets = Vec::new();
+    for (i, o) in objects.iter().enumerate() {
+        offsets.push(out.len());
+        out.extend_from_slice(format!("{} 0 obj\n{o}\nendobj\n", i + 1).as_bytes());
+    }
+    let xref = out.len();
+    out.extend_from_slice(
+        format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes(),
+    );
+    for o in offsets {
+        out.extend_from_slice(format!("{o:010} 00000 n \n").as_bytes());
+    }
+    out.extend_from_slice(
+        format!(
+            "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
+            objects.len() + 1
+        )
+        .as_bytes(),
+    );
+    out
+}
+
+/// `text` in GB18030, as Chinese Windows programs save plain text.
+pub fn gb18030(text: &str) -> Vec<u8> {
+    encoding_rs::GB18030.encode(text).0.into_owned()
+}
+
+/// `text` in UTF-16LE with its byte-order mark, as Windows Notepad saves "Unicode".
+pub fn utf16le(text: &str) -> Vec<u8> {
+    let mut out = vec![0xFF, 0xFE];
+    out.extend(text.encode_utf16().flat_map(u16::to_le_bytes));
+    out
+}
