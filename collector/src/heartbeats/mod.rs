@@ -424,9 +424,48 @@ pub fn compact(conn: &mut Connection, cutoff: &str) -> Result<Compacted, StoreEr
         rows.collect::<Result<_, _>>()?
     };
     for (agent, epoch) in streams {
-        while compact_slice(conn, &agent, epoch, cutoff, &mut done)? {}
+        match next_heartbeat(conn, &agent, epoch)? {
+            // Nothing to examine up to `contiguous_to`: the watermark moves there.
+            Next::None { contiguous_to } => {
+                conn.execute(
+                    "UPDATE streams SET heartbeats_compacted_to = MAX(heartbeats_compacted_to, ?3)
+                     WHERE agent_id = ?1 AND epoch = ?2",
+                    params![agent, epoch, contiguous_to],
+                )?;
+            }
+            Next::At(received) if received.as_str() >= cutoff => {}
+            Next::At(_) => while compact_slice(conn, &agent, epoch, cutoff, &mut done)? {},
+        }
     }
     Ok(done)
+}
+
+/// The first heartbeat a stream has past its watermark.
+enum Next {
+    None { contiguous_to: i64 },
+    At(String),
+}
+
+/// Reads one row, without a write lock: the minute check costs little for the
+/// thousands of streams whose next heartbeat is still too young.
+fn next_heartbeat(conn: &Connection, agent: &str, epoch: i64) -> Result<Next, StoreError> {
+    let (from, to): (i64, i64) = conn.query_row(
+        "SELECT heartbeats_compacted_to, contiguous_to FROM streams WHERE agent_id = ?1 AND epoch = ?2",
+        params![agent, epoch],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let received: Option<String> = conn
+        .prepare_cached(
+            "SELECT received_at FROM events
+             WHERE agent_id = ?1 AND epoch = ?2 AND seq > ?3 AND seq <= ?4 AND kind = 'agent.heartbeat'
+             ORDER BY seq LIMIT 1",
+        )?
+        .query_row(params![agent, epoch, from, to], |r| r.get(0))
+        .optional()?;
+    Ok(match received {
+        Some(r) => Next::At(r),
+        None => Next::None { contiguous_to: to },
+    })
 }
 
 /// One transaction's worth of one stream; `true` while there may be more.

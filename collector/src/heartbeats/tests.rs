@@ -178,11 +178,27 @@ fn old_heartbeats_become_blocks_that_rebuild_every_record_byte_for_byte() {
     }
     assert_eq!(rebuilt[0].received_at, "2026-11-18T11:06:40.456Z");
 
+    // The same cutoff again: the next heartbeat is too young, nothing is read.
+    assert_eq!(
+        compact(s.conn(), &cutoff(T0 + 2 * 3600 - 10)).unwrap(),
+        Compacted::default()
+    );
     // Later runs pick up where the last stopped.
     let done = compact(s.conn(), &cutoff(T0 + 4 * 3600)).unwrap();
     assert_eq!((done.heartbeats, done.kept_as_rows), (120, 0), "{done:?}");
     assert_eq!(rows(&mut s, "agent.heartbeat"), 0);
     assert_eq!(rows(&mut s, "agent.stopping"), 7, "other events stay rows");
+    // Nothing left to examine: the watermark reaches the end of the stream, so the
+    // stream is not looked at again until it grows.
+    let (to, watermark): (i64, i64) = s
+        .conn()
+        .query_row(
+            "SELECT contiguous_to, heartbeats_compacted_to FROM streams WHERE agent_id = 'ws-1'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((watermark, to), (367, 367));
 }
 
 #[test]
