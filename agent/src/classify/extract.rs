@@ -893,18 +893,23 @@ mod tests {
     }
 
     fn text_of(e: Extracted) -> (String, &'static str, bool) {
+        let (text, format, truncated, _) = read_whole(e);
+        (text, format, truncated)
+    }
+
+    /// Text, format, whether truncated, and the parts left unread.
+    fn read_whole(e: Extracted) -> (String, &'static str, bool, Option<String>) {
         match e {
             Extracted::Text {
                 text,
                 format,
                 truncated,
-                ..
-            } => (text, format, truncated),
+                unread,
+            } => (text, format, truncated, unread),
             other => panic!("{other:?}"),
         }
     }
 
-    /// A zip archive in memory: (name, bytes) entries, deflated.
     #[test]
     fn archives_are_read_entry_by_entry_nested_and_bounded() {
         let dir = tempfile::tempdir().unwrap();
@@ -926,26 +931,17 @@ mod tests {
         ]);
         let path = dir.path().join("outer.zip");
         std::fs::write(&path, &outer).unwrap();
-        match extract(&path, Limits::default()) {
-            Extracted::Text {
-                text,
-                format,
-                truncated,
-                unread,
-            } => {
-                assert_eq!((format, truncated), ("zip", false));
-                assert!(
-                    text.contains("11010519491231002X") && text.contains("月度报表"),
-                    "{text}"
-                );
-                assert_eq!(unread.as_deref(), Some("logo.bin: binary"));
-                // Each entry is a document of its own: the docx's lone 秘密 is its head.
-                let marks = crate::classify::detectors::classification_marks(&text);
-                assert_eq!(marks.len(), 1, "{marks:?}");
-                assert_eq!(marks[0].detector, "mark:confidential");
-            }
-            other => panic!("{other:?}"),
-        }
+        let (text, format, truncated, unread) = read_whole(extract(&path, Limits::default()));
+        assert_eq!((format, truncated), ("zip", false));
+        assert!(
+            text.contains("11010519491231002X") && text.contains("月度报表"),
+            "{text}"
+        );
+        assert_eq!(unread.as_deref(), Some("logo.bin: binary"));
+        // Each entry is a document of its own: the docx's lone 秘密 is its head.
+        let marks = crate::classify::detectors::classification_marks(&text);
+        assert_eq!(marks.len(), 1, "{marks:?}");
+        assert_eq!(marks[0].detector, "mark:confidential");
         // The unread entry makes the file partly unreadable, for rules to act on.
         let (found, note) = crate::classify::Classifier::default()
             .classify_file(std::fs::File::open(&path).unwrap());
@@ -998,22 +994,14 @@ mod tests {
             false,
         );
         std::fs::write(dir.path().join("a.tar.gz"), &tgz).unwrap();
-        match extract(&dir.path().join("a.tar.gz"), Limits::default()) {
-            Extracted::Text {
-                text,
-                format,
-                truncated,
-                unread,
-            } => {
-                assert_eq!((format, truncated), ("tar", false));
-                assert!(
-                    text.contains("11010519491231002X") && text.contains("13912345678"),
-                    "{text}"
-                );
-                assert_eq!(unread.as_deref(), Some("报表/logo.bin: binary"));
-            }
-            other => panic!("{other:?}"),
-        }
+        let (text, format, truncated, unread) =
+            read_whole(extract(&dir.path().join("a.tar.gz"), Limits::default()));
+        assert_eq!((format, truncated), ("tar", false));
+        assert!(
+            text.contains("11010519491231002X") && text.contains("13912345678"),
+            "{text}"
+        );
+        assert_eq!(unread.as_deref(), Some("报表/logo.bin: binary"));
         // A lone gzip'd text file reads as the text.
         std::fs::write(
             dir.path().join("n.txt.gz"),
