@@ -519,7 +519,7 @@ mod tests {
     use super::*;
     use crate::store::Store;
     use serde_json::json;
-    use weilan_config::event::{record_hash, Envelope, SCHEMA_VERSION};
+    use weilan_config::event::{record_hash, SCHEMA_VERSION};
 
     /// One agent's epoch as the agent would journal it.
     struct Epoch {
@@ -578,14 +578,8 @@ mod tests {
 
     /// Stores the records; returns the kinds of the findings they raised.
     fn store(s: &mut Store, raws: &[String]) -> Vec<&'static str> {
-        let incoming: Vec<Incoming<'_>> = raws
-            .iter()
-            .map(|r| Incoming {
-                envelope: serde_json::from_str::<Envelope>(r).unwrap(),
-                raw: r,
-                hash: record_hash(r.as_bytes()),
-            })
-            .collect();
+        let incoming: Vec<Incoming<'_>> =
+            raws.iter().map(|r| Incoming::parse(r).unwrap()).collect();
         let (_, found) = s
             .in_transaction(|tx| {
                 crate::ingest::store_batch_in(

@@ -80,14 +80,7 @@ fn ingest(
             raw
         })
         .collect();
-    let incoming: Vec<Incoming<'_>> = raws
-        .iter()
-        .map(|r| Incoming {
-            envelope: serde_json::from_str::<Envelope>(r).unwrap(),
-            raw: r,
-            hash: record_hash(r.as_bytes()),
-        })
-        .collect();
+    let incoming: Vec<Incoming<'_>> = raws.iter().map(|r| Incoming::parse(r).unwrap()).collect();
     let now: jiff::Timestamp = at.parse().unwrap();
     store
         .in_transaction(|tx| {
