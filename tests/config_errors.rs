@@ -116,7 +116,8 @@ fn collector_ingest_limits_out_of_range_are_all_reported_with_exit_64() {
         "[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:8883\"\n\
          [tls]\nca = \"ca.pem\"\nserver_cert = \"s.pem\"\nserver_key = \"s-key.pem\"\nclient_cert = \"c.pem\"\nclient_key = \"c-key.pem\"\n\
          [store]\npath = \"weilan.db\"\n[alerts]\npath = \"alerts.jsonl\"\n[policy]\npath = \"policy.toml\"\n\
-         [ingest]\nmax_bytes_per_source_per_sec = 1000\nqueue = 0\n",
+         [ingest]\nmax_bytes_per_source_per_sec = 1000\nqueue = 0\n\
+         [exports]\nheartbeats_compact_after_secs = 99999999\n",
     )
     .unwrap();
     exits_64_reporting_all(
@@ -125,6 +126,7 @@ fn collector_ingest_limits_out_of_range_are_all_reported_with_exit_64() {
         &[
             "ingest.max_bytes_per_source_per_sec: 1000 is out of range; expected 65536 to 1073741824",
             "ingest.queue: 0 is out of range; expected 1 to 100000",
+            "exports.heartbeats_compact_after_secs: 99999999 is out of range; expected 0 to 2678400",
         ],
     );
 }

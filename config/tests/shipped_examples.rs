@@ -60,6 +60,10 @@ fn shipped_collector_settings_are_valid() {
     let s = load_str::<CollectorFile>(&text, Path::new("collector.toml"), dir.path().into())
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(s.broker_port, 8883);
+    assert_eq!(
+        s.exports.heartbeats_compact_after,
+        Some(std::time::Duration::from_secs(3600))
+    );
 }
 
 #[test]

@@ -515,7 +515,7 @@ fn compact_slice(
             done.kept_as_rows += 1;
             continue;
         };
-        let b = match block.take() {
+        let mut b = match block.take() {
             Some(b) if b.fits(row, &p) => b,
             other => {
                 if let Some(b) = other {
@@ -525,7 +525,6 @@ fn compact_slice(
                 Builder::new(agent, epoch as u64, row, &p)
             }
         };
-        let mut b = b;
         if !b.push(row, &p) {
             done.kept_as_rows += 1;
         }
