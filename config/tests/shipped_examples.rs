@@ -75,6 +75,7 @@ fn shipped_policy_is_valid() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(p.usb.known_devices.len(), 1);
+    assert_eq!(p.files.card_context, ["工资卡", "社保卡"]);
 }
 
 /// Settings that never mention `[exports]` stay valid on a machine where no export

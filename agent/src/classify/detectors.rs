@@ -262,6 +262,12 @@ const CARD_CONTEXT: &[&str] = &[
 /// 18-digit number — the length of identity numbers and credit codes — needs a
 /// card word (卡号, 账号, card …) within the 24 characters before it.
 pub fn bank_cards(text: &str) -> Option<Finding> {
+    bank_cards_with(text, &[])
+}
+
+/// [`bank_cards`], with the policy's own card words (`[files] card_context`) besides
+/// the built-in ones.
+pub fn bank_cards_with(text: &str, more_context: &[String]) -> Option<Finding> {
     static RE: OnceLock<Regex> = OnceLock::new();
     let re = re(&RE, r"[0-9]{15,19}");
     let context = |start: usize| {
@@ -270,7 +276,9 @@ pub fn bank_cards(text: &str) -> Option<Finding> {
             .rev()
             .nth(23)
             .map_or(0, |(i, _)| i);
-        CARD_CONTEXT.iter().any(|w| text[from..start].contains(w))
+        let before = &text[from..start];
+        CARD_CONTEXT.iter().any(|w| before.contains(w))
+            || more_context.iter().any(|w| before.contains(w.as_str()))
     };
     collect(
         "bank-card",
@@ -484,10 +492,15 @@ impl KeywordList {
 
 /// Every built-in detector over `text`.
 pub fn scan(text: &str) -> Vec<Finding> {
+    scan_with(text, &[])
+}
+
+/// Every built-in detector over `text`, with the policy's extra card words.
+pub fn scan_with(text: &str, card_context: &[String]) -> Vec<Finding> {
     let mut out: Vec<Finding> = [
         resident_ids(text),
         social_credit_codes(text),
-        bank_cards(text),
+        bank_cards_with(text, card_context),
         mobile_numbers(text),
     ]
     .into_iter()

@@ -21,6 +21,8 @@ use detectors::{Finding, KeywordList};
 pub struct Classifier {
     keywords: Vec<KeywordList>,
     patterns: Vec<(String, Regex)>,
+    /// The policy's own card words (`[files] card_context`).
+    card_context: Vec<String>,
     pub limits: extract::Limits,
 }
 
@@ -30,6 +32,7 @@ impl Classifier {
     pub fn from_policy(p: &FilesPolicy, limits: extract::Limits) -> Self {
         let mut c = Classifier {
             limits,
+            card_context: p.card_context.clone(),
             ..Default::default()
         };
         for k in &p.keywords {
@@ -52,7 +55,7 @@ impl Classifier {
 
     /// Every detector over `text`.
     pub fn scan(&self, text: &str) -> Vec<Finding> {
-        let mut out = detectors::scan(text);
+        let mut out = detectors::scan_with(text, &self.card_context);
         out.extend(self.keywords.iter().filter_map(|k| k.find(text)));
         for (name, re) in &self.patterns {
             let mut count = 0;
@@ -142,6 +145,36 @@ pub fn counts(c: &[Classification]) -> Vec<(&str, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_policys_own_card_words_make_an_18_digit_number_a_card() {
+        // An 18-digit UnionPay number (Luhn-valid): the length of identity numbers,
+        // so a card only next to a card word.
+        let card = (0..10u8)
+            .map(|d| format!("62220212345678901{d}"))
+            .find(|s| detectors::luhn(s))
+            .unwrap();
+        let text = format!("工资卡 {card}\n");
+        let cards = |c: &Classifier| {
+            c.scan(&text)
+                .into_iter()
+                .filter(|f| f.detector == "bank-card")
+                .count()
+        };
+        assert_eq!(
+            cards(&Classifier::default()),
+            0,
+            "工资卡 is no built-in card word"
+        );
+        let policy = weilan_config::policy::parse(
+            "version = \"t\"\n[files]\ncard_context = [\" 工资卡 \", \"社保卡\"]\n",
+            "policy.toml",
+        )
+        .unwrap();
+        assert_eq!(policy.files.card_context, ["工资卡", "社保卡"]);
+        let c = Classifier::from_policy(&policy.files, extract::Limits::default());
+        assert_eq!(cards(&c), 1);
+    }
 
     #[test]
     fn a_file_that_cannot_be_read_is_unreadable_with_its_reason() {

@@ -105,6 +105,11 @@ pub struct FilesPolicyRaw {
     /// detector name (`prc-resident-id`, `bank-card`, `mark:secret`, `keywords:NAME` …).
     #[serde(default)]
     pub thresholds: BTreeMap<String, u64>,
+    /// Words that, within the 24 characters before an 18-digit number, say it is a card
+    /// or account number (`bank-card`), besides the built-in ones (卡号, 账号, card …):
+    /// the organisation's own, such as 工资卡 or 社保卡.
+    #[serde(default)]
+    pub card_context: Vec<String>,
     /// Custom keyword lists (`[[files.keywords]]`), reported as `keywords:NAME`.
     #[serde(default)]
     pub keywords: Vec<KeywordsRaw>,
@@ -123,6 +128,7 @@ impl Default for FilesPolicyRaw {
             exit_fs_types: default_exit_fs_types(),
             sensitive_sources: Vec::new(),
             thresholds: BTreeMap::new(),
+            card_context: Vec::new(),
             keywords: Vec::new(),
             patterns: Vec::new(),
             rules: Vec::new(),
@@ -228,6 +234,8 @@ pub struct FilesPolicy {
     pub exit_fs_types: Vec<String>,
     pub sensitive_sources: Vec<PathBuf>,
     pub thresholds: BTreeMap<String, u64>,
+    /// Extra card words (`[files] card_context`), trimmed and non-empty.
+    pub card_context: Vec<String>,
     pub keywords: Vec<Keywords>,
     pub patterns: Vec<Pattern>,
     pub rules: Vec<FileRule>,
@@ -466,6 +474,21 @@ impl FilesPolicyRaw {
                 );
             }
         }
+        for (i, w) in self.card_context.iter().enumerate() {
+            let len = w.trim().chars().count();
+            if len == 0 || len > 24 {
+                v.error(
+                    format!("files.card_context[{i}]"),
+                    format!("`{w}` must be a word of 1 to 24 characters (it is looked for in the 24 before a number)"),
+                );
+            }
+        }
+        let card_context = self
+            .card_context
+            .iter()
+            .map(|w| w.trim().to_string())
+            .filter(|w| !w.is_empty())
+            .collect();
         let (keywords, patterns, names) = validate_detectors(self.keywords, self.patterns, v);
         // Every detector a rule or threshold may name: a typo there would be a rule
         // that never fires.
@@ -539,6 +562,7 @@ impl FilesPolicyRaw {
             exit_fs_types: self.exit_fs_types,
             sensitive_sources: self.sensitive_sources,
             thresholds: self.thresholds,
+            card_context,
             keywords,
             patterns,
             rules,
@@ -649,6 +673,22 @@ exit = ["removable"]
         for fine in ["keywords:projects` =", "detectors[5]", "detectors[6]"] {
             assert!(!err.contains(fine), "`{fine}` was refused:\n{err}");
         }
+    }
+
+    #[test]
+    fn card_words_are_trimmed_and_an_empty_or_overlong_one_is_refused() {
+        let err = policy("[files]\ncard_context = [\"工资卡\", \"  \", \"一二三四五六七八九十一二三四五六七八九十一二三四五\"]\n")
+            .unwrap_err()
+            .to_string();
+        for (i, word) in [
+            (1, "  "),
+            (2, "一二三四五六七八九十一二三四五六七八九十一二三四五"),
+        ] {
+            let expected =
+                format!("files.card_context[{i}]: `{word}` must be a word of 1 to 24 characters");
+            assert!(err.contains(&expected), "missing `{expected}` in:\n{err}");
+        }
+        assert!(!err.contains("card_context[0]"), "{err}");
     }
 
     #[test]
