@@ -353,6 +353,24 @@ pub const BUILTIN_DETECTORS: &[&str] = &[
 
 /// Why `name` (a detector, or a prefix ending in `*`) names no detector of `known`,
 /// with the closest known name when one is close; `None` when it does name one.
+/// `[files] card_context`, trimmed; an empty or overlong word is an error at its path.
+fn validate_card_context(words: &[String], v: &mut Validator) -> Vec<String> {
+    for (i, w) in words.iter().enumerate() {
+        let len = w.trim().chars().count();
+        if len == 0 || len > 24 {
+            v.error(
+                format!("files.card_context[{i}]"),
+                format!("`{w}` must be a word of 1 to 24 characters (it is looked for in the 24 before a number)"),
+            );
+        }
+    }
+    words
+        .iter()
+        .map(|w| w.trim().to_string())
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
 fn unknown_detector(name: &str, known: &[String]) -> Option<String> {
     if let Some(prefix) = name.strip_suffix('*') {
         if known.iter().any(|k| k.starts_with(prefix)) {
@@ -474,21 +492,7 @@ impl FilesPolicyRaw {
                 );
             }
         }
-        for (i, w) in self.card_context.iter().enumerate() {
-            let len = w.trim().chars().count();
-            if len == 0 || len > 24 {
-                v.error(
-                    format!("files.card_context[{i}]"),
-                    format!("`{w}` must be a word of 1 to 24 characters (it is looked for in the 24 before a number)"),
-                );
-            }
-        }
-        let card_context = self
-            .card_context
-            .iter()
-            .map(|w| w.trim().to_string())
-            .filter(|w| !w.is_empty())
-            .collect();
+        let card_context = validate_card_context(&self.card_context, v);
         let (keywords, patterns, names) = validate_detectors(self.keywords, self.patterns, v);
         // Every detector a rule or threshold may name: a typo there would be a rule
         // that never fires.
