@@ -12,12 +12,11 @@ use crate::store::StoreError;
 
 /// The order exports read events in: `received_at, agent_id, epoch, seq`, compared as
 /// SQLite compares them (text bytewise, integers).
-pub type MergeKey = (String, String, i64, i64);
+type MergeKey = (String, String, i64, i64);
 
 /// A rebuilt heartbeat with the agent and key it belongs to.
 #[derive(Debug)]
 pub struct Keyed {
-    pub key: MergeKey,
     pub agent_id: String,
     pub epoch: u64,
     pub record: Record,
@@ -157,7 +156,6 @@ impl<'c> Merge<'c> {
             return Ok(None);
         };
         let out = Keyed {
-            key: head.key,
             agent_id: head.block.agent_id().to_string(),
             epoch: head.block.epoch(),
             record: head.record,

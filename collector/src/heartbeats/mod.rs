@@ -690,7 +690,7 @@ pub fn prune(conn: &Connection, cutoff: &str) -> Result<u64, StoreError> {
 }
 
 mod merge;
-pub use merge::{Keyed, Merge, MergeKey};
+pub use merge::{Keyed, Merge};
 
 #[cfg(test)]
 mod tests;
