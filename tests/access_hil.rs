@@ -111,7 +111,7 @@ fn badge_reader_and_server_room_correlation_on_a_real_kernel() {
         ),
     )
     .unwrap();
-    let mut args: Vec<String> = vec!["--bg".into(), "--gadget".into()];
+    let mut args: Vec<String> = vec!["--gadget".into()];
     let mut put = |p: &Path| {
         args.push("--put".into());
         args.push(p.display().to_string());
@@ -132,8 +132,7 @@ fn badge_reader_and_server_room_correlation_on_a_real_kernel() {
     put(&static_agent());
     put(&hil.scripts.join("guest-badge-reader.sh"));
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (rc, text) = hil.sh("run.sh", &argv);
-    assert_eq!(rc, 0, "guest boot: {text}");
+    hil.boot(&argv);
     let (rc, text) = hil.gexec(
         "cp /hil/files/badge.key /root/badge.key && chmod 600 /root/badge.key && cd /root && \
          (/hil/files/weilan-agent run --config /hil/files/server.toml >/hil/out/server.log 2>&1 &) && \

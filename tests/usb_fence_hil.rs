@@ -149,7 +149,7 @@ fn usb_fence_on_a_real_kernel() {
         ),
     )
     .unwrap();
-    let mut args: Vec<String> = vec!["--bg".into(), "--automount".into(), "--gadget".into()];
+    let mut args: Vec<String> = vec!["--automount".into(), "--gadget".into()];
     for f in [
         "agent.toml",
         "policy.toml",
@@ -169,8 +169,7 @@ fn usb_fence_on_a_real_kernel() {
         args.push(stage.join("rsync").display().to_string());
     }
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (rc, text) = hil.sh("run.sh", &argv);
-    assert_eq!(rc, 0, "guest boot: {text}");
+    hil.boot(&argv);
     // The agent runs as a background process (not the guest's job, whose end powers
     // the guest off), so the test can kill it and keep plugging.
     let (rc, text) = hil.gexec(

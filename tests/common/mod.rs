@@ -814,6 +814,7 @@ pub struct Hil {
     pub out: PathBuf,
     pub run: PathBuf,
     pub scripts: PathBuf,
+    started: Instant,
 }
 
 impl Hil {
@@ -842,7 +843,32 @@ impl Hil {
                 .keep(),
             scripts: Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hil"),
             out,
+            started: Instant::now(),
         })
+    }
+
+    /// Prints a timestamped step line: the output a timed-out test leaves then names
+    /// the step it was in.
+    pub fn step(&self, what: &str) {
+        println!("[{:6.1} s] {what}", self.started.elapsed().as_secs_f64());
+    }
+
+    /// Boots the guest (`run.sh --bg` with `args`). An emulated boot that is not ready
+    /// within 90 s (seen once in CI, on a loaded host) is killed and tried once more,
+    /// visibly; a second failure fails the test with run.sh's output.
+    pub fn boot(&self, args: &[&str]) {
+        let mut argv = vec!["--bg", "--boot-timeout", "90"];
+        argv.extend_from_slice(args);
+        for attempt in 1..=2 {
+            self.step(&format!("booting the guest (attempt {attempt})"));
+            let (rc, text) = self.sh("run.sh", &argv);
+            if rc == 0 {
+                self.step("guest ready");
+                return;
+            }
+            assert!(rc == 124 && attempt == 1, "guest boot (exit {rc}): {text}");
+            println!("RETRY: the guest was not ready within 90 s: {text}");
+        }
     }
 
     pub fn script(&self, name: &str) -> Command {
@@ -854,6 +880,7 @@ impl Hil {
 
     /// Runs a script; returns its exit status and output.
     pub fn sh(&self, name: &str, args: &[&str]) -> (i32, String) {
+        self.step(&format!("{name} {}", args.join(" ")));
         let out = self.script(name).args(args).output().expect("script");
         let text = format!(
             "{}{}",
