@@ -875,6 +875,16 @@ fn every_readable_format_copied_onto_a_mount_is_classified() {
             &["prc-resident-id"],
         ),
         (
+            "通知.pdf",
+            samples::pdf_cjk(&[mark, &format!("员工 {id}")]),
+            &["mark:secret", "prc-resident-id"],
+        ),
+        (
+            "通知-ucs2.pdf",
+            samples::pdf_ucs2(&[mark, &format!("员工 {id}")]),
+            &["mark:secret", "prc-resident-id"],
+        ),
+        (
             "资料.zip",
             samples::zip(&[("a/名单.csv", format!("张三,{id}\n").as_bytes())]),
             &["prc-resident-id"],

@@ -6,7 +6,8 @@
 //! strings and numbers typed into cells; OFD, GB/T 33190: page text in page order);
 //! zip and tar archives and gzip streams (`.tar.gz`) entry by entry, nested up to
 //! three deep (compression bombs refused, unread entries named); PDF text
-//! (`pdf-extract`). Anything else is
+//! (`pdf-extract`; CJK fonts through their `ToUnicode` map or a Unicode-coded
+//! predefined CMap such as `UniGB-UCS2-H`). Anything else is
 //! reported as unsupported — never silently treated as "nothing found". Zip bombs are bounded by the inflated
 //! byte budget, not by trusting the archive's declared sizes.
 
@@ -137,7 +138,7 @@ fn squeeze_zeros(bytes: &[u8]) -> Vec<u8> {
 fn pdf(bytes: Vec<u8>, limits: Limits) -> Extracted {
     static RUNAWAY: AtomicUsize = AtomicUsize::new(0);
     let result = bounded(&RUNAWAY, MAX_RUNAWAY_PDF, limits.max_time, move || {
-        pdf_extract::extract_text_from_mem(&bytes)
+        pdf_text(&bytes)
     });
     match result {
         Bounded::Done(Ok(Ok(text))) => bound(text, "pdf", false, limits),
@@ -153,6 +154,98 @@ fn pdf(bytes: Vec<u8>, limits: Limits) -> Extracted {
         )),
         Bounded::NoThread(e) => Extracted::Failed(format!("pdf: {e}")),
     }
+}
+
+/// The text of a PDF (`pdf-extract`), after fonts whose predefined CMap codes
+/// characters by their Unicode value are given a reading `pdf-extract` knows.
+fn pdf_text(bytes: &[u8]) -> Result<String, String> {
+    let mut doc = pdf_extract::Document::load_mem(bytes).map_err(|e| e.to_string())?;
+    if doc.is_encrypted() {
+        // Encrypted with an empty user password (permissions only): readable as is.
+        doc.decrypt("").map_err(|e| format!("encrypted: {e}"))?;
+    }
+    if let Some(name) = unicode_cmaps_as_identity(&mut doc) {
+        return Err(format!("a font's encoding {name} is not read"));
+    }
+    let mut text = String::new();
+    pdf_extract::output_doc(&doc, &mut pdf_extract::PlainTextOutput::new(&mut text))
+        .map_err(|e| e.to_string())?;
+    Ok(text)
+}
+
+/// Chinese PDFs written without embedded fonts (iText's `STSong-Light`, older office
+/// exporters) use the predefined CMaps `UniGB-UCS2-H`, `UniGB-UTF16-H` (and their
+/// CNS, JIS and KS kin): each character code *is* its UTF-16 value. `pdf-extract`
+/// knows only `Identity-H`, and refuses the rest. Such a font is rewritten to
+/// `Identity-H` with a `ToUnicode` map of every code to itself, which reads the same
+/// text. Another predefined CMap (GBK-EUC-H …) is returned by name: the PDF is then
+/// reported unreadable, naming it.
+fn unicode_cmaps_as_identity(doc: &mut pdf_extract::Document) -> Option<String> {
+    use pdf_extract::{Object, Stream};
+    let unicode_coded = |name: &[u8]| {
+        let name = String::from_utf8_lossy(name);
+        name.starts_with("Uni") && (name.contains("-UCS2-") || name.contains("-UTF16-"))
+    };
+    let mut fonts = Vec::new();
+    let mut unread = None;
+    for (id, object) in &doc.objects {
+        let Ok(dict) = object.as_dict() else { continue };
+        let is_type0 = dict.get(b"Subtype").and_then(Object::as_name).ok() == Some(b"Type0");
+        match dict.get(b"Encoding").and_then(Object::as_name) {
+            Ok(name) if is_type0 && unicode_coded(name) => {
+                let vertical = name.ends_with(b"-V");
+                fonts.push((*id, vertical, dict.get(b"ToUnicode").is_err()));
+            }
+            Ok(b"Identity-H" | b"Identity-V") => {}
+            Ok(name) if is_type0 => unread = Some(String::from_utf8_lossy(name).into_owned()),
+            _ => {}
+        }
+    }
+    for (id, vertical, without_map) in fonts {
+        let map = without_map.then(|| {
+            doc.add_object(Stream::new(
+                pdf_extract::Dictionary::new(),
+                identity_to_unicode().as_bytes().to_vec(),
+            ))
+        });
+        if let Ok(Object::Dictionary(dict)) = doc.get_object_mut(id) {
+            let identity: &[u8] = if vertical {
+                b"Identity-V"
+            } else {
+                b"Identity-H"
+            };
+            dict.set("Encoding", Object::Name(identity.to_vec()));
+            if let Some(map) = map {
+                dict.set("ToUnicode", Object::Reference(map));
+            }
+        }
+    }
+    unread
+}
+
+/// A `ToUnicode` CMap mapping every two-byte code to the same UTF-16 value (one
+/// `bfrange` per high byte, as the format requires; surrogate halves left out).
+fn identity_to_unicode() -> &'static str {
+    static MAP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    MAP.get_or_init(|| {
+        let high: Vec<u32> = (0..=0xFFu32)
+            .filter(|h| !(0xD8..=0xDF).contains(h))
+            .collect();
+        let mut m = String::from(
+            "/CIDInit /ProcSet findresource begin 12 dict begin begincmap\n\
+             /CMapName /Weilan-Identity-UCS def /CMapType 2 def\n\
+             1 begincodespacerange <0000> <FFFF> endcodespacerange\n",
+        );
+        for block in high.chunks(100) {
+            m.push_str(&format!("{} beginbfrange\n", block.len()));
+            for h in block {
+                m.push_str(&format!("<{h:02X}00> <{h:02X}FF> <{h:02X}00>\n"));
+            }
+            m.push_str("endbfrange\n");
+        }
+        m.push_str("endcmap CMapName currentdict /CMap defineresource pop end end");
+        m
+    })
 }
 
 /// PDF readers that may run on past their time limit at once.
@@ -1256,6 +1349,59 @@ mod tests {
     }
 
     /// A one-page PDF showing `line` in Helvetica, with a correct cross-reference table.
+    #[test]
+    fn a_pdf_with_a_cjk_identity_font_is_read_through_its_to_unicode_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let pdf = dir.path().join("通知.pdf");
+        std::fs::write(
+            &pdf,
+            samples::pdf_cjk(&[
+                "机密★1年",
+                "关于下达2026年预算的通知",
+                "身份证号 11010519491231002X",
+            ]),
+        )
+        .unwrap();
+        let (t, f, _) = text_of(extract(&pdf, Limits::default()));
+        assert_eq!(f, "pdf");
+        let lines: Vec<&str> = t.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        assert_eq!(
+            lines,
+            [
+                "机密★1年",
+                "关于下达2026年预算的通知",
+                "身份证号 11010519491231002X"
+            ],
+            "{t:?}"
+        );
+    }
+
+    #[test]
+    fn a_pdf_with_the_predefined_unigb_ucs2_cmap_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let pdf = dir.path().join("旧.pdf");
+        std::fs::write(
+            &pdf,
+            samples::pdf_ucs2(&["秘密★启用前", "工资卡号 6222021234567890128"]),
+        )
+        .unwrap();
+        let (t, f, _) = text_of(extract(&pdf, Limits::default()));
+        assert_eq!(f, "pdf");
+        assert!(
+            t.contains("秘密★启用前") && t.contains("6222021234567890128"),
+            "{t:?}"
+        );
+        // A predefined CMap that is not Unicode-coded is named, not a parser panic.
+        let gbk = String::from_utf8_lossy(&samples::pdf_ucs2(&["秘密"]))
+            .replace("/UniGB-UCS2-H", "/GBK-EUC-H   ")
+            .into_bytes();
+        std::fs::write(&pdf, gbk).unwrap();
+        assert_eq!(
+            extract(&pdf, Limits::default()),
+            Extracted::Failed("pdf: a font's encoding GBK-EUC-H is not read".into())
+        );
+    }
+
     #[test]
     fn pdf_text_is_extracted_and_bounded() {
         let dir = tempfile::tempdir().unwrap();

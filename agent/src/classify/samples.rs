@@ -171,13 +171,93 @@ pub fn ofd(pages: &[&str]) -> Vec<u8> {
 /// A one-page PDF showing `line` in a standard font (Latin-1 text only).
 pub fn pdf(line: &str) -> Vec<u8> {
     let content = format!("BT /F1 12 Tf 72 720 Td ({line}) Tj ET");
-    let objects = [
+    pdf_objects(&[
         "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
         "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_string(),
         "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>".to_string(),
         format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len()),
         "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>".to_string(),
-    ];
+    ])
+}
+
+/// A PDF showing `lines` (one per text line, any Unicode) the way office programs
+/// export Chinese: a Type0 font with `Identity-H` encoding, each character drawn by a
+/// glyph id (CID) and a `ToUnicode` CMap that maps the ids back to text; the font
+/// itself is not embedded (readers of text do not need it).
+pub fn pdf_cjk(lines: &[&str]) -> Vec<u8> {
+    let mut cids: Vec<char> = Vec::new();
+    let mut content = String::from("BT /F1 11 Tf 72 770 Td 14 TL\n");
+    for line in lines {
+        let mut hex = String::new();
+        for c in line.chars() {
+            let cid = match cids.iter().position(|&k| k == c) {
+                Some(i) => i + 1,
+                None => {
+                    cids.push(c);
+                    cids.len()
+                }
+            };
+            hex.push_str(&format!("{cid:04X}"));
+        }
+        content.push_str(&format!("<{hex}> Tj T*\n"));
+    }
+    content.push_str("ET");
+    let mut cmap = String::from(
+        "/CIDInit /ProcSet findresource begin 12 dict begin begincmap\n\
+         /CIDSystemInfo << /Registry (Adobe) /Ordering (UCS) /Supplement 0 >> def\n\
+         /CMapName /Adobe-Identity-UCS def /CMapType 2 def\n\
+         1 begincodespacerange <0000> <FFFF> endcodespacerange\n",
+    );
+    for block in cids.chunks(100).enumerate() {
+        let (n, chars) = block;
+        cmap.push_str(&format!("{} beginbfchar\n", chars.len()));
+        for (i, c) in chars.iter().enumerate() {
+            let utf16: String = c
+                .encode_utf16(&mut [0; 2])
+                .iter()
+                .map(|u| format!("{u:04X}"))
+                .collect();
+            cmap.push_str(&format!("<{:04X}> <{utf16}>\n", n * 100 + i + 1));
+        }
+        cmap.push_str("endbfchar\n");
+    }
+    cmap.push_str("endcmap CMapName currentdict /CMap defineresource pop end end");
+    pdf_objects(&[
+        "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_string(),
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>".to_string(),
+        format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len()),
+        "<< /Type /Font /Subtype /Type0 /BaseFont /SimSun /Encoding /Identity-H /DescendantFonts [6 0 R] /ToUnicode 7 0 R >>".to_string(),
+        "<< /Type /Font /Subtype /CIDFontType2 /BaseFont /SimSun /CIDSystemInfo << /Registry (Adobe) /Ordering (Identity) /Supplement 0 >> /FontDescriptor 8 0 R /DW 1000 >>".to_string(),
+        format!("<< /Length {} >>\nstream\n{cmap}\nendstream", cmap.len()),
+        "<< /Type /FontDescriptor /FontName /SimSun /Flags 4 /FontBBox [0 -120 1000 880] /ItalicAngle 0 /Ascent 880 /Descent -120 /CapHeight 700 /StemV 80 >>".to_string(),
+    ])
+}
+
+/// A PDF showing `lines` in a font with the predefined CMap `UniGB-UCS2-H` (Adobe-GB1),
+/// as older Chinese tools write it: each character drawn by its UCS-2 code, no
+/// `ToUnicode` map — the reader must know the CMap.
+pub fn pdf_ucs2(lines: &[&str]) -> Vec<u8> {
+    let mut content = String::from("BT /F1 11 Tf 72 770 Td 14 TL\n");
+    for line in lines {
+        let hex: String = line.encode_utf16().map(|u| format!("{u:04X}")).collect();
+        content.push_str(&format!("<{hex}> Tj T*\n"));
+    }
+    content.push_str("ET");
+    pdf_objects(&[
+        "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_string(),
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>".to_string(),
+        format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len()),
+        "<< /Type /Font /Subtype /Type0 /BaseFont /STSong-Light /Encoding /UniGB-UCS2-H /DescendantFonts [6 0 R] >>".to_string(),
+        "<< /Type /Font /Subtype /CIDFontType0 /BaseFont /STSong-Light /CIDSystemInfo << /Registry (Adobe) /Ordering (GB1) /Supplement 2 >> /FontDescriptor 7 0 R /DW 1000 >>".to_string(),
+        "<< /Type /FontDescriptor /FontName /STSong-Light /Flags 4 /FontBBox [0 -120 1000 880] /ItalicAngle 0 /Ascent 880 /Descent -120 /CapHeight 700 /StemV 80 >>".to_string(),
+    ])
+}
+
+/// A PDF file of numbered `objects` (object 1 the catalog), with its cross-reference
+/// table.
+fn pdf_objects(objects: &[String]) -> Vec<u8> {
     let mut out = b"%PDF-1.4\n".to_vec();
     let mut offsets = Vec::new();
     for (i, o) in objects.iter().enumerate() {
