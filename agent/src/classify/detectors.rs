@@ -238,29 +238,31 @@ fn card_network(digits: &str) -> Option<&'static str> {
     }
 }
 
-/// Words that say a number nearby is a card or account number.
-const CARD_CONTEXT: &[&str] = &[
+/// Words that say a number nearby is a card number.
+const CARD_WORDS: &[&str] = &[
     "卡号",
     "银行卡",
     "信用卡",
     "借记卡",
     "储蓄卡",
-    "账号",
-    "帐号",
-    "账户",
-    "帐户",
-    "开户",
     "card",
     "Card",
     "CARD",
-    "account",
-    "Account",
 ];
 
+/// Words that say a number nearby is an account number: a card, or a bank account
+/// of an organisation (which has no card number's structure).
+const ACCOUNT_WORDS: &[&str] = &["账号", "帐号", "账户", "帐户", "开户", "account", "Account"];
+
 /// Bank card numbers: an issuer range with that network's card length, Luhn-valid,
-/// not one repeated digit, not a (possibly mistyped) resident identity number. An
-/// 18-digit number — the length of identity numbers and credit codes — needs a
-/// card word (卡号, 账号, card …) within the 24 characters before it.
+/// not one repeated digit, not a (possibly mistyped) resident identity number;
+/// written as one run of digits or in groups of four (`6222 0212 3456 7890 123`).
+/// UnionPay (62), the cards of this country, count wherever they stand. An 18-digit
+/// number — the length of identity numbers and credit codes — needs a card or account
+/// word (卡号, 账号, card …) within the 24 characters before it; a Visa, Mastercard,
+/// American Express or JCB number needs a card word there, because their ranges
+/// (4…, 5…, 34…, 35…) are also where organisations' account numbers and serial
+/// numbers fall, one in ten of them Luhn-valid by chance.
 pub fn bank_cards(text: &str) -> Option<Finding> {
     bank_cards_with(text, &[])
 }
@@ -269,41 +271,53 @@ pub fn bank_cards(text: &str) -> Option<Finding> {
 /// the built-in ones.
 pub fn bank_cards_with(text: &str, more_context: &[String]) -> Option<Finding> {
     static RE: OnceLock<Regex> = OnceLock::new();
-    let re = re(&RE, r"[0-9]{15,19}");
-    let context = |start: usize| {
+    let re = re(
+        &RE,
+        r"[0-9]{15,19}|[0-9]{4}(?: [0-9]{4}){3}(?: [0-9]{1,3})?|[0-9]{4}(?:-[0-9]{4}){3}(?:-[0-9]{1,3})?",
+    );
+    let before = |start: usize| {
         let from = text[..start]
             .char_indices()
             .rev()
             .nth(23)
             .map_or(0, |(i, _)| i);
-        let before = &text[from..start];
-        CARD_CONTEXT.iter().any(|w| before.contains(w))
+        &text[from..start]
+    };
+    let card_word = |start: usize| {
+        let before = before(start);
+        CARD_WORDS.iter().any(|w| before.contains(w))
             || more_context.iter().any(|w| before.contains(w.as_str()))
     };
+    let account_word = |start: usize| ACCOUNT_WORDS.iter().any(|w| before(start).contains(w));
     collect(
         "bank-card",
         re.find_iter(text)
             .filter(|m| delimited(text, m.start(), m.end()))
-            .filter(|m| {
-                let s = m.as_str();
-                card_network(s).is_some()
-                    && luhn(s)
-                    && !s.bytes().all(|b| b == s.as_bytes()[0])
-                    && !looks_like_resident_id(s)
-                    && (s.len() != 18 || context(m.start()))
-            })
-            .map(|m| mask(m.as_str(), 4, 4)),
+            .filter_map(|m| {
+                let digits: String = m.as_str().chars().filter(char::is_ascii_digit).collect();
+                let network = card_network(&digits)?;
+                let valid = luhn(&digits)
+                    && !digits.bytes().all(|b| b == digits.as_bytes()[0])
+                    && !looks_like_resident_id(&digits);
+                let worded = if digits.len() == 18 {
+                    card_word(m.start()) || account_word(m.start())
+                } else {
+                    network == "UnionPay" || card_word(m.start())
+                };
+                (valid && worded).then(|| mask(&digits, 4, 4))
+            }),
     )
 }
 
 /// Mainland mobile numbers: 11 digits in the network segments allocated to mobile
 /// (and IoT-free) service — 13x, 145–149, 150–153, 155–159, 162, 165–167, 170–178,
-/// 18x, 190–193, 195–199 — with an optional +86 / 86 prefix.
+/// 18x, 190–193, 195–199 — with an optional +86 / 86 prefix, as one run of digits or
+/// grouped 3-4-4 by spaces or hyphens (`138 1234 5678`, `138-1234-5678`).
 pub fn mobile_numbers(text: &str) -> Option<Finding> {
     static RE: OnceLock<Regex> = OnceLock::new();
     let re = re(
         &RE,
-        r"(?:\+?86[- ]?)?1(?:3[0-9]|4[5-9]|5[0-35-9]|6[2567]|7[0-8]|8[0-9]|9[0-35-9])[0-9]{8}",
+        r"(?:\+?86[- ]?)?1(?:3[0-9]|4[5-9]|5[0-35-9]|6[2567]|7[0-8]|8[0-9]|9[0-35-9])(?:[0-9]{8}| [0-9]{4} [0-9]{4}|-[0-9]{4}-[0-9]{4})",
     );
     collect(
         "prc-mobile",
@@ -527,7 +541,7 @@ mod tests {
     #[test]
     fn every_detector_is_in_the_contracts_list_and_back() {
         let text = format!(
-            "CONFIDENTIAL\n绝密★\n机密★1年\n秘密★启用前\n内部资料\n商业秘密★\n敏感信息★\n{} 91350100M000100Y43 4111111111111111 13812345678",
+            "CONFIDENTIAL\n绝密★\n机密★1年\n秘密★启用前\n内部资料\n商业秘密★\n敏感信息★\n{} 91350100M000100Y43 卡号 4111111111111111 13812345678",
             id("11010519491231002")
         );
         let mut found: Vec<String> = scan(&text).into_iter().map(|f| f.detector).collect();
@@ -667,7 +681,54 @@ mod tests {
     }
 
     #[test]
+    fn cards_in_groups_of_four_count_and_foreign_ranges_need_a_card_word() {
+        let unionpay = (0..10u8)
+            .map(|d| format!("622202123456789012{d}"))
+            .find(|s| luhn(s))
+            .unwrap();
+        let grouped: Vec<&str> = (0..5)
+            .map(|i| &unionpay[i * 4..(i * 4 + 4).min(19)])
+            .collect();
+        for sep in [" ", "-"] {
+            let text = format!("报销款转入 {}", grouped.join(sep));
+            assert_eq!(bank_cards(&text).map(|f| f.count), Some(1), "{text}");
+        }
+        let sixteen = (0..10u8)
+            .map(|d| format!("622588123456789{d}"))
+            .find(|s| luhn(s))
+            .unwrap();
+        let four: Vec<&str> = (0..4).map(|i| &sixteen[i * 4..i * 4 + 4]).collect();
+        assert!(bank_cards(&four.join(" ")).is_some());
+        assert!(
+            bank_cards(&format!("{} 1234", four.join(" "))).is_none(),
+            "five groups of four are no card number"
+        );
+        // A Luhn-valid number in the Visa range: an organisation's account number after
+        // 账号 is no card; after a card word it is one.
+        let account = (0..10u8)
+            .map(|d| format!("440212345678901234{d}"))
+            .find(|s| luhn(s))
+            .unwrap();
+        assert!(bank_cards(&format!("基本户账号：{account}")).is_none());
+        assert!(bank_cards(&format!("流水号 {account}")).is_none());
+        assert_eq!(
+            bank_cards(&format!("信用卡（卡号 {account}）")).map(|f| f.count),
+            Some(1)
+        );
+    }
+
+    #[test]
     fn mobile_numbers_and_their_prefixes() {
+        assert_eq!(
+            mobile_numbers("电话 138 1234 5678，手机 139-1234-5678，+86-137-1234-5678")
+                .map(|f| f.count),
+            Some(3),
+            "grouped 3-4-4"
+        );
+        assert!(
+            mobile_numbers("138 1234-5678 和 1381 234 5678").is_none(),
+            "mixed or other groupings are not a mobile number's"
+        );
         let f =
             mobile_numbers("电话13812345678，+86 13912345678，座机010-12345678，编号113812345678")
                 .unwrap();

@@ -5,6 +5,8 @@
 //! finding carries counts and masked samples only — never the matched content in
 //! clear, because findings travel to the collector and into reports.
 
+#[cfg(any(test, feature = "test-util"))]
+pub mod corpus;
 pub mod detectors;
 pub mod extract;
 #[cfg(any(test, feature = "test-util"))]

@@ -188,8 +188,10 @@ pub fn pdf_cjk(lines: &[&str]) -> Vec<u8> {
     let mut cids: Vec<char> = Vec::new();
     let mut content = String::from("BT /F1 11 Tf 72 770 Td 14 TL\n");
     for line in lines {
-        let mut hex = String::new();
-        for c in line.chars() {
+        // Drawn as exporters draw justified text: glyph runs with small spacing
+        // adjustments between them (`TJ`), every few characters.
+        let mut array = String::from("<");
+        for (i, c) in line.chars().enumerate() {
             let cid = match cids.iter().position(|&k| k == c) {
                 Some(i) => i + 1,
                 None => {
@@ -197,9 +199,12 @@ pub fn pdf_cjk(lines: &[&str]) -> Vec<u8> {
                     cids.len()
                 }
             };
-            hex.push_str(&format!("{cid:04X}"));
+            if i > 0 && i % 3 == 0 {
+                array.push_str(&format!("> {} <", -((i % 7) as i32) * 4));
+            }
+            array.push_str(&format!("{cid:04X}"));
         }
-        content.push_str(&format!("<{hex}> Tj T*\n"));
+        content.push_str(&format!("[{array}>] TJ T*\n"));
     }
     content.push_str("ET");
     let mut cmap = String::from(
