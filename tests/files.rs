@@ -880,6 +880,21 @@ fn every_readable_format_copied_onto_a_mount_is_classified() {
             &["mark:secret", "prc-resident-id"],
         ),
         (
+            "通知.doc",
+            samples::doc(&[mark], &[&format!("员工 {id}")]),
+            &["mark:secret", "prc-resident-id"],
+        ),
+        (
+            "名单.xls",
+            samples::xls(&[&["姓名", "身份证号", "电话"], &["张三", id, "13812345678"]]),
+            &["prc-resident-id", "prc-mobile"],
+        ),
+        (
+            "汇报.ppt",
+            samples::ppt(&["秘密★启用前", "会议纪要"]),
+            &["mark:confidential"],
+        ),
+        (
             "通知-ucs2.pdf",
             samples::pdf_ucs2(&[mark, &format!("员工 {id}")]),
             &["mark:secret", "prc-resident-id"],

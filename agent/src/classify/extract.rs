@@ -7,7 +7,8 @@
 //! zip and tar archives and gzip streams (`.tar.gz`) entry by entry, nested up to
 //! three deep (compression bombs refused, unread entries named); PDF text
 //! (`pdf-extract`; CJK fonts through their `ToUnicode` map or a Unicode-coded
-//! predefined CMap such as `UniGB-UCS2-H`). Anything else is
+//! predefined CMap such as `UniGB-UCS2-H`); the Office 97–2003 binary formats and WPS's
+//! (`.doc`/`.wps`, `.xls`/`.et`, `.ppt`/`.dps`: [`super::ole`]). Anything else is
 //! reported as unsupported — never silently treated as "nothing found". Zip bombs are bounded by the inflated
 //! byte budget, not by trusting the archive's declared sizes.
 
@@ -78,6 +79,9 @@ pub fn extract_file(mut f: std::fs::File, limits: Limits) -> Extracted {
     }
     if head[..n].starts_with(b"PK\x03\x04") {
         return office(f, limits, 0);
+    }
+    if head[..n].starts_with(&OLE2_MAGIC) {
+        return compound(f, limits);
     }
     // The data extents, up to the limit: a secret at the end of a sparse file (whose
     // first gigabytes are a hole) is read, the hole is not.
@@ -924,7 +928,42 @@ fn extract_bytes(bytes: Vec<u8>, limits: Limits, depth: usize) -> Extracted {
     if bytes.starts_with(b"%PDF") {
         return pdf(bytes, limits);
     }
+    if bytes.starts_with(&OLE2_MAGIC) {
+        return compound(std::io::Cursor::new(bytes), limits);
+    }
     plain(&bytes, false, limits)
+}
+
+/// The signature of OLE2 compound files (.doc, .xls, .ppt, .wps, .et, .dps).
+const OLE2_MAGIC: [u8; 8] = [0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1];
+
+/// A legacy binary office document ([`super::ole`]), read on a thread of its own
+/// within the time limit (the readers walk structures a crafted file controls).
+fn compound<R: Read + std::io::Seek + Send + 'static>(file: R, limits: Limits) -> Extracted {
+    static RUNAWAY: AtomicUsize = AtomicUsize::new(0);
+    let result = bounded(&RUNAWAY, MAX_RUNAWAY_PDF, limits.max_time, move || {
+        super::ole::extract(file, limits.max_bytes)
+    });
+    match result {
+        Bounded::Done(Ok(Ok(super::ole::OleText::Text { text, format }))) => {
+            bound(text, format, false, limits)
+        }
+        Bounded::Done(Ok(Ok(super::ole::OleText::Encrypted(format)))) => {
+            Extracted::Failed(format!("{format}: encrypted (password-protected)"))
+        }
+        Bounded::Done(Ok(Ok(super::ole::OleText::Unknown))) => Extracted::Unsupported("ole2"),
+        Bounded::Done(Ok(Err(e))) => Extracted::Failed(e),
+        Bounded::Done(Err(())) => Extracted::Failed("ole2: the reader failed on this file".into()),
+        Bounded::TimedOut => Extracted::Failed(format!(
+            "ole2: text extraction took longer than {:?}",
+            limits.max_time
+        )),
+        Bounded::NotStarted(running) => Extracted::Failed(format!(
+            "ole2: not read: {running} earlier documents are still being read past the {:?} limit",
+            limits.max_time
+        )),
+        Bounded::NoThread(e) => Extracted::Failed(format!("ole2: {e}")),
+    }
 }
 
 /// OFD (GB/T 33190, Chinese government documents and e-invoices): `ofd:TextCode`

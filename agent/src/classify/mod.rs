@@ -9,6 +9,7 @@
 pub mod corpus;
 pub mod detectors;
 pub mod extract;
+pub mod ole;
 #[cfg(any(test, feature = "test-util"))]
 pub mod samples;
 

@@ -297,3 +297,198 @@ pub fn utf16le(text: &str) -> Vec<u8> {
     out.extend(text.encode_utf16().flat_map(u16::to_le_bytes));
     out
 }
+
+/// An OLE2 compound file of `streams` (name, bytes).
+fn compound(streams: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    // Version 3 (512-byte sectors), as Office 97–2003 writes them.
+    let mut cfb =
+        cfb::CompoundFile::create_with_version(cfb::Version::V3, std::io::Cursor::new(Vec::new()))
+            .expect("in-memory cfb");
+    for (name, bytes) in streams {
+        let mut s = cfb.create_stream(name).expect("in-memory cfb");
+        s.write_all(bytes).expect("in-memory cfb");
+    }
+    cfb.flush().expect("in-memory cfb");
+    cfb.into_inner().into_inner()
+}
+
+/// A Word 97–2003 document ([MS-DOC]): `body` paragraphs and `header` paragraphs (a
+/// page header story after the main text, as Word stores it), UTF-16 text in one
+/// piece of the piece table.
+pub fn doc(header: &[&str], body: &[&str]) -> Vec<u8> {
+    let paragraphs = |lines: &[&str]| -> Vec<u16> {
+        lines
+            .iter()
+            .flat_map(|l| l.encode_utf16().chain([0x0D]))
+            .collect()
+    };
+    let main = paragraphs(body);
+    let head = paragraphs(header);
+    let text: Vec<u16> = main.iter().chain(&head).copied().collect();
+    const FC: usize = 1024;
+    let mut word = vec![0u8; FC];
+    let put16 =
+        |w: &mut Vec<u8>, at: usize, v: u16| w[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    let put32 =
+        |w: &mut Vec<u8>, at: usize, v: u32| w[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    put16(&mut word, 0, 0xA5EC); // wIdent
+    put16(&mut word, 2, 0x00C1); // nFib: Word 97
+    put16(&mut word, 0x0A, 0x0200 | 0x1000); // fWhichTblStm (1Table), fExtChar
+    put16(&mut word, 0x0C, 0x00BF); // nFibBack
+    put32(&mut word, 0x18, FC as u32); // fcMin (older readers)
+    put32(&mut word, 0x1C, (FC + 2 * text.len()) as u32); // fcMac
+    put16(&mut word, 32, 14); // csw
+    put16(&mut word, 62, 22); // cslw
+    put32(&mut word, 64 + 12, main.len() as u32); // ccpText
+    put32(&mut word, 64 + 20, head.len() as u32); // ccpHdd
+    put16(&mut word, 152, 0x5D); // cbRgFcLcb
+    word.extend(text.iter().flat_map(|u| u.to_le_bytes()));
+    // Word's own streams are never below the 4 096-byte mini-stream cutoff.
+    word.resize(word.len().max(4096), 0);
+    let size = word.len() as u32;
+    put32(&mut word, 64, size); // cbMac
+                                // The piece table: one piece, all the text, UTF-16 at FC.
+    let mut plc = Vec::new();
+    plc.extend_from_slice(&0u32.to_le_bytes());
+    plc.extend_from_slice(&(text.len() as u32).to_le_bytes());
+    plc.extend_from_slice(&0u16.to_le_bytes());
+    plc.extend_from_slice(&(FC as u32).to_le_bytes());
+    plc.extend_from_slice(&0u16.to_le_bytes());
+    let mut table = vec![0x02];
+    table.extend_from_slice(&(plc.len() as u32).to_le_bytes());
+    table.extend_from_slice(&plc);
+    put32(&mut word, 0x01A2, 0); // fcClx
+    put32(&mut word, 0x01A6, table.len() as u32); // lcbClx
+    compound(&[("WordDocument", word), ("1Table", table)])
+}
+
+fn biff(kind: u16, data: &[u8]) -> Vec<u8> {
+    let mut r = kind.to_le_bytes().to_vec();
+    r.extend_from_slice(&(data.len() as u16).to_le_bytes());
+    r.extend_from_slice(data);
+    r
+}
+
+/// An Excel 97–2003 workbook ([MS-XLS], BIFF8) with one sheet of `rows`: a cell of at
+/// most 15 digits is a number cell (longer numbers — identity and card numbers — are
+/// kept as text in real sheets, because a number cell holds only 15 significant
+/// digits), any other a shared string; the shared string
+/// table is split over `CONTINUE` records at BIFF8's 8 224-byte record limit, a
+/// string's characters crossing a record boundary as Excel writes them.
+pub fn xls(rows: &[&[&str]]) -> Vec<u8> {
+    const MAX: usize = 8224;
+    let numeric = |cell: &str| {
+        !cell.is_empty() && cell.len() <= 15 && cell.bytes().all(|b| b.is_ascii_digit())
+    };
+    let mut strings: Vec<&str> = Vec::new();
+    for row in rows {
+        for cell in row.iter() {
+            if !numeric(cell) && !strings.contains(cell) {
+                strings.push(cell);
+            }
+        }
+    }
+    // SST: records of at most MAX bytes.
+    let mut records: Vec<Vec<u8>> = vec![Vec::new()];
+    let total = strings.len() as u32;
+    records[0].extend_from_slice(&total.to_le_bytes());
+    records[0].extend_from_slice(&total.to_le_bytes());
+    for s in &strings {
+        let units: Vec<u16> = s.encode_utf16().collect();
+        let wide = units.iter().any(|u| *u > 0xFF);
+        if MAX - records.last().expect("record").len() < 4 + usize::from(wide) {
+            records.push(Vec::new());
+        }
+        let r = records.last_mut().expect("record");
+        r.extend_from_slice(&(units.len() as u16).to_le_bytes());
+        r.push(u8::from(wide));
+        for u in units {
+            let width = if wide { 2 } else { 1 };
+            if MAX - records.last().expect("record").len() < width {
+                records.push(vec![u8::from(wide)]);
+            }
+            let r = records.last_mut().expect("record");
+            if wide {
+                r.extend_from_slice(&u.to_le_bytes());
+            } else {
+                r.push(u as u8);
+            }
+        }
+    }
+    let mut sst = Vec::new();
+    for (i, r) in records.iter().enumerate() {
+        sst.extend(biff(if i == 0 { 0x00FC } else { 0x003C }, r));
+    }
+    let bof = |dt: u16| {
+        let mut d = 0x0600u16.to_le_bytes().to_vec();
+        d.extend_from_slice(&dt.to_le_bytes());
+        d.extend_from_slice(&[0xBB, 0x0D, 0xCC, 0x07, 0, 0, 0, 0, 0x06, 0, 0, 0]);
+        biff(0x0809, &d)
+    };
+    let name = b"Sheet1";
+    let boundsheet_len = 4 + 8 + 2 + name.len();
+    let mut globals = bof(0x0005);
+    globals.extend(biff(0x0042, &1200u16.to_le_bytes()));
+    let sheet_at = globals.len() + boundsheet_len + sst.len() + 4;
+    let mut bs = (sheet_at as u32).to_le_bytes().to_vec();
+    bs.extend_from_slice(&[0, 0, name.len() as u8, 0]);
+    bs.extend_from_slice(name);
+    globals.extend(biff(0x0085, &bs));
+    globals.extend(sst);
+    globals.extend(biff(0x000A, &[]));
+    let mut sheet = bof(0x0010);
+    let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0) as u16;
+    let mut dim = 0u32.to_le_bytes().to_vec();
+    dim.extend_from_slice(&(rows.len() as u32).to_le_bytes());
+    dim.extend_from_slice(&0u16.to_le_bytes());
+    dim.extend_from_slice(&cols.to_le_bytes());
+    dim.extend_from_slice(&0u16.to_le_bytes());
+    sheet.extend(biff(0x0200, &dim));
+    for (r, row) in rows.iter().enumerate() {
+        for (c, cell) in row.iter().enumerate() {
+            let mut d = (r as u16).to_le_bytes().to_vec();
+            d.extend_from_slice(&(c as u16).to_le_bytes());
+            d.extend_from_slice(&0x000Fu16.to_le_bytes());
+            if numeric(cell) {
+                let v: f64 = cell.parse().expect("digits");
+                d.extend_from_slice(&v.to_le_bytes());
+                sheet.extend(biff(0x0203, &d));
+            } else {
+                let isst = strings.iter().position(|s| s == cell).expect("in the SST") as u32;
+                d.extend_from_slice(&isst.to_le_bytes());
+                sheet.extend(biff(0x00FD, &d));
+            }
+        }
+    }
+    sheet.extend(biff(0x000A, &[]));
+    globals.extend(sheet);
+    compound(&[("Workbook", globals)])
+}
+
+/// A PowerPoint 97–2003 presentation ([MS-PPT]): one slide's text per entry of
+/// `slides`, as `TextCharsAtom`s in the document's slide list.
+pub fn ppt(slides: &[&str]) -> Vec<u8> {
+    let record = |ver_instance: u16, kind: u16, data: &[u8]| {
+        let mut r = ver_instance.to_le_bytes().to_vec();
+        r.extend_from_slice(&kind.to_le_bytes());
+        r.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        r.extend_from_slice(data);
+        r
+    };
+    let mut list = Vec::new();
+    for (i, text) in slides.iter().enumerate() {
+        let mut persist = vec![0u8; 20];
+        persist[0..4].copy_from_slice(&(i as u32 + 1).to_le_bytes());
+        list.extend(record(0, 0x03F3, &persist));
+        list.extend(record(0, 0x0F9F, &1u32.to_le_bytes()));
+        let chars: Vec<u8> = text
+            .replace('\n', "\r")
+            .encode_utf16()
+            .flat_map(u16::to_le_bytes)
+            .collect();
+        list.extend(record(0, 0x0FA0, &chars));
+    }
+    let slide_list = record(0x000F, 0x0FF0, &list);
+    let document = record(0x000F, 0x03E8, &slide_list);
+    compound(&[("PowerPoint Document", document)])
+}
