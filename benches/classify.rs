@@ -1,7 +1,7 @@
 //! Classification benchmark (not a test): precision and recall of the built-in
 //! detectors on a labelled corpus, and extraction speed per format.
 //!
-//! `cargo bench --bench classify` (environment: `DOCS` (2 800), `SEED` (1), `BIG_MB` (10),
+//! `cargo bench --bench classify` (environment: `DOCS` (3 000), `SEED` (1), `BIG_MB` (10),
 //! `ONLY` (one format, e.g. `pdf`), `SHOW` (misses printed, 20)).
 //!
 //! 1. The corpus (`weilan_agent::classify::corpus`): `DOCS` finance-bureau documents
@@ -45,7 +45,7 @@ struct FormatScore {
 }
 
 fn main() {
-    let docs = env_or("DOCS", 2800);
+    let docs = env_or("DOCS", 3000);
     let seed = env_or("SEED", 1) as u64;
     let policy = weilan_config::load::load_str::<weilan_config::policy::PolicyFile>(
         weilan_config::examples::POLICY_TOML,

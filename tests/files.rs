@@ -890,6 +890,11 @@ fn every_readable_format_copied_onto_a_mount_is_classified() {
             &["prc-resident-id", "prc-mobile"],
         ),
         (
+            "通知.rtf",
+            samples::rtf(&[mark], &[&format!("员工 {id}")], false),
+            &["mark:secret", "prc-resident-id"],
+        ),
+        (
             "汇报.ppt",
             samples::ppt(&["秘密★启用前", "会议纪要"]),
             &["mark:confidential"],

@@ -902,6 +902,11 @@ impl Hil {
 impl Drop for Hil {
     fn drop(&mut self) {
         let _ = self.script("stop.sh").arg("3").output();
+        // A passed run's directory (copies of the agent and the sticks, ~100 MB) goes;
+        // a failed one's stays for its logs.
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.run);
+        }
     }
 }
 

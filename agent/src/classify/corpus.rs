@@ -8,7 +8,7 @@
 //! GB 32100 with GB 11714, Luhn, the numbering plan's mobile segments) — not with
 //! the detectors under test — and placed where real documents put them: in table
 //! cells, in sentences, in Word runs split mid-number, in numeric spreadsheet cells,
-//! in headers, in the Office 97 binary formats. The benign set holds what fooled earlier versions: 手机密码, 有机密封,
+//! in headers, in the Office 97 binary formats and RTF. The benign set holds what fooled earlier versions: 手机密码, 有机密封,
 //! 机密性, 内部控制, 内部收益率, a confidentiality clause, an English e-mail footer,
 //! identity numbers with a wrong check character or an impossible date, invoice
 //! numbers and codes, landlines, service numbers, corporate accounts and random digit
@@ -40,7 +40,7 @@ pub const CLASSES: &[&str] = &[
 /// The formats documents are written in.
 pub const FORMATS: &[&str] = &[
     "txt", "gb18030", "utf16", "csv", "docx", "xlsx", "pptx", "ofd", "pdf", "zip", "tar.gz", "doc",
-    "xls", "ppt",
+    "xls", "ppt", "rtf",
 ];
 
 /// One generated document.
@@ -764,6 +764,16 @@ fn render(rng: &mut StdRng, doc: &Doc, format: &str) -> Vec<u8> {
         }
         "docx" => docx(rng, doc),
         "doc" => word97(doc),
+        "rtf" => {
+            let (header, body) = if doc.head_in_header {
+                (doc.head.clone(), lines("\t")[doc.head.len()..].to_vec())
+            } else {
+                (Vec::new(), lines("\t"))
+            };
+            let header: Vec<&str> = header.iter().map(String::as_str).collect();
+            let body: Vec<&str> = body.iter().map(String::as_str).collect();
+            samples::rtf(&header, &body, rng.random_bool(0.5))
+        }
         "xls" => excel97(doc),
         "ppt" => powerpoint97(doc),
         "xlsx" => xlsx(doc),
@@ -1137,13 +1147,13 @@ mod tests {
 
     #[test]
     fn a_corpus_is_the_same_for_the_same_seed_and_labels_half_its_documents() {
-        let a = generate(7, 56);
-        let b = generate(7, 56);
+        let a = generate(7, 60);
+        let b = generate(7, 60);
         assert!(a
             .iter()
             .zip(&b)
             .all(|(x, y)| x.bytes == y.bytes && x.expected == y.expected));
-        assert_eq!(a.iter().filter(|d| d.expected.is_empty()).count(), 28);
+        assert_eq!(a.iter().filter(|d| d.expected.is_empty()).count(), 30);
         for class in CLASSES {
             assert!(a.iter().any(|d| d.expected.contains(class)), "{class}");
         }

@@ -8,7 +8,8 @@
 //! three deep (compression bombs refused, unread entries named); PDF text
 //! (`pdf-extract`; CJK fonts through their `ToUnicode` map or a Unicode-coded
 //! predefined CMap such as `UniGB-UCS2-H`); the Office 97–2003 binary formats and WPS's
-//! (`.doc`/`.wps`, `.xls`/`.et`, `.ppt`/`.dps`: [`super::ole`]). Anything else is
+//! (`.doc`/`.wps`, `.xls`/`.et`, `.ppt`/`.dps`: [`super::ole`]); RTF (`rtf-parser-tt`,
+//! GBK or `\uN` text, page headers first, hidden text included). Anything else is
 //! reported as unsupported — never silently treated as "nothing found". Zip bombs are bounded by the inflated
 //! byte budget, not by trusting the archive's declared sizes.
 
@@ -82,6 +83,9 @@ pub fn extract_file(mut f: std::fs::File, limits: Limits) -> Extracted {
     }
     if head[..n].starts_with(&OLE2_MAGIC) {
         return compound(f, limits);
+    }
+    if head[..n].starts_with(b"{\\rtf") {
+        return rtf(f, size, limits);
     }
     // The data extents, up to the limit: a secret at the end of a sparse file (whose
     // first gigabytes are a hole) is read, the hole is not.
@@ -931,7 +935,53 @@ fn extract_bytes(bytes: Vec<u8>, limits: Limits, depth: usize) -> Extracted {
     if bytes.starts_with(&OLE2_MAGIC) {
         return compound(std::io::Cursor::new(bytes), limits);
     }
+    if bytes.starts_with(b"{\\rtf") {
+        let size = bytes.len() as u64;
+        return rtf(std::io::Cursor::new(bytes), size, limits);
+    }
     plain(&bytes, false, limits)
+}
+
+/// RTF read at most this far: the parser holds a token per control word, about ten
+/// times the bytes it reads.
+const MAX_RTF_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Rich Text Format (`rtf-parser-tt`: groups, `\uN`, and `\'hh` bytes in the code page
+/// the document declares — GBK for `\ansicpg936`), page headers first, hidden text
+/// (`\v`) included: text hidden from the reader is still in the file.
+fn rtf<R: Read + Send + 'static>(file: R, size: u64, limits: Limits) -> Extracted {
+    static RUNAWAY: AtomicUsize = AtomicUsize::new(0);
+    let cap = limits.max_bytes.min(MAX_RTF_BYTES);
+    let truncated = size > cap;
+    let result = bounded(&RUNAWAY, MAX_RUNAWAY_PDF, limits.max_time, move || {
+        let mut bytes = Vec::new();
+        file.take(cap)
+            .read_to_end(&mut bytes)
+            .map_err(|e| e.to_string())?;
+        let doc = rtf_parser_tt::RtfDocument::from_bytes(&bytes).map_err(|e| e.to_string())?;
+        let part = |header: bool| -> String {
+            doc.body
+                .iter()
+                .filter(|b| (b.part == rtf_parser_tt::Part::Header) == header)
+                .map(|b| b.text.as_str())
+                .collect()
+        };
+        Ok::<String, String>(format!("{}\n{}", part(true), part(false)))
+    });
+    match result {
+        Bounded::Done(Ok(Ok(text))) => bound(text, "rtf", truncated, limits),
+        Bounded::Done(Ok(Err(e))) => Extracted::Failed(format!("rtf: {e}")),
+        Bounded::Done(Err(())) => Extracted::Failed("rtf: the parser failed on this file".into()),
+        Bounded::TimedOut => Extracted::Failed(format!(
+            "rtf: text extraction took longer than {:?}",
+            limits.max_time
+        )),
+        Bounded::NotStarted(running) => Extracted::Failed(format!(
+            "rtf: not read: {running} earlier documents are still being read past the {:?} limit",
+            limits.max_time
+        )),
+        Bounded::NoThread(e) => Extracted::Failed(format!("rtf: {e}")),
+    }
 }
 
 /// The signature of OLE2 compound files (.doc, .xls, .ppt, .wps, .et, .dps).
@@ -1536,6 +1586,39 @@ mod tests {
             extract(&pdf, Limits::default()),
             Extracted::Failed("pdf: a font's encoding GBK-EUC-H is not read".into())
         );
+    }
+
+    #[test]
+    fn rtf_in_gbk_bytes_and_unicode_escapes_is_read_headers_and_hidden_text_included() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("通知.rtf");
+        for unicode in [false, true] {
+            std::fs::write(
+                &path,
+                samples::rtf(
+                    &["机密★1年"],
+                    &["关于下达预算的通知", "身份证 11010519491231002X"],
+                    unicode,
+                ),
+            )
+            .unwrap();
+            let (t, f, _) = text_of(extract(&path, Limits::default()));
+            assert_eq!(f, "rtf");
+            let lines: Vec<&str> = t.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+            assert_eq!(
+                lines,
+                [
+                    "机密★1年",
+                    "关于下达预算的通知",
+                    "身份证 11010519491231002X"
+                ],
+                "unicode escapes: {unicode}"
+            );
+        }
+        // Text formatted hidden (\v) is read.
+        std::fs::write(&path, "{\\rtf1\\ansi 公开 {\\v 11010519491231002X}\\par}").unwrap();
+        let (t, _, _) = text_of(extract(&path, Limits::default()));
+        assert!(t.contains("11010519491231002X"), "{t:?}");
     }
 
     #[test]

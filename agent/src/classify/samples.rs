@@ -492,3 +492,49 @@ pub fn ppt(slides: &[&str]) -> Vec<u8> {
     let document = record(0x000F, 0x03E8, &slide_list);
     compound(&[("PowerPoint Document", document)])
 }
+
+/// An RTF document as Word writes Chinese ones: the page header story first, then the
+/// body paragraphs; non-ASCII text as `\'hh` bytes in GBK (`\ansicpg936`) or, with
+/// `unicode`, as `\uN?` escapes.
+pub fn rtf(header: &[&str], body: &[&str], unicode: bool) -> Vec<u8> {
+    let escape = |text: &str| -> String {
+        let mut out = String::new();
+        for c in text.chars() {
+            match c {
+                '\\' | '{' | '}' => {
+                    out.push('\\');
+                    out.push(c);
+                }
+                c if c.is_ascii() => out.push(c),
+                c if unicode => {
+                    for u in c.encode_utf16(&mut [0; 2]) {
+                        out.push_str(&format!("\\u{}?", *u as i16));
+                    }
+                }
+                c => {
+                    let one = c.to_string();
+                    let (bytes, _, _) = encoding_rs::GBK.encode(&one);
+                    for b in bytes.iter() {
+                        out.push_str(&format!("\\'{b:02x}"));
+                    }
+                }
+            }
+        }
+        out
+    };
+    let paragraphs = |lines: &[&str]| -> String {
+        lines
+            .iter()
+            .map(|l| format!("\\pard\\plain\\f0 {}\\par\n", escape(l)))
+            .collect()
+    };
+    let mut out = String::from(
+        "{\\rtf1\\ansi\\ansicpg936\\deff0\\uc1{\\fonttbl{\\f0\\fnil\\fcharset134 \\'cb\\'ce\\'cc\\'e5;}}\n",
+    );
+    if !header.is_empty() {
+        out.push_str(&format!("{{\\header {}}}\n", paragraphs(header)));
+    }
+    out.push_str(&paragraphs(body));
+    out.push('}');
+    out.into_bytes()
+}
