@@ -87,6 +87,9 @@ pub fn extract_file(mut f: std::fs::File, limits: Limits) -> Extracted {
     if head[..n].starts_with(b"{\\rtf") {
         return rtf(f, size, limits);
     }
+    if let Some(kind) = unread_archive(&head[..n]) {
+        return Extracted::Unsupported(kind);
+    }
     // The data extents, up to the limit: a secret at the end of a sparse file (whose
     // first gigabytes are a hole) is read, the hole is not.
     let mut bytes = Vec::new();
@@ -939,7 +942,22 @@ fn extract_bytes(bytes: Vec<u8>, limits: Limits, depth: usize) -> Extracted {
         let size = bytes.len() as u64;
         return rtf(std::io::Cursor::new(bytes), size, limits);
     }
+    if let Some(kind) = unread_archive(&bytes) {
+        return Extracted::Unsupported(kind);
+    }
     plain(&bytes, false, limits)
+}
+
+/// Archive formats this version does not open, named so that the `unreadable` reason
+/// says which (`unsupported: 7z`) rather than `binary`.
+fn unread_archive(head: &[u8]) -> Option<&'static str> {
+    if head.starts_with(b"7z\xBC\xAF\x27\x1C") {
+        Some("7z")
+    } else if head.starts_with(b"Rar!\x1A\x07") {
+        Some("rar")
+    } else {
+        None
+    }
 }
 
 /// RTF read at most this far: the parser holds a token per control word, about ten

@@ -197,6 +197,21 @@ mod tests {
             found[0].samples
         );
         assert_eq!(note.as_deref(), Some(found[0].samples[0].as_str()));
+        // Archives this version does not open are named.
+        for (name, head, kind) in [
+            ("a.7z", &b"7z\xBC\xAF\x27\x1C\x00\x04"[..], "unsupported: 7z"),
+            ("a.rar", &b"Rar!\x1A\x07\x01\x00"[..], "unsupported: rar"),
+        ] {
+            let path = dir.path().join(name);
+            let mut bytes = head.to_vec();
+            bytes.extend((0..2000u32).map(|i| (i * 7919 % 251) as u8));
+            std::fs::write(&path, bytes).unwrap();
+            let (found, note) = classifier.classify_file(std::fs::File::open(&path).unwrap());
+            assert_eq!(
+                (found[0].detector.as_str(), note.as_deref()),
+                (UNREADABLE, Some(kind))
+            );
+        }
         let text = dir.path().join("a.txt");
         std::fs::write(&text, "lunch menu").unwrap();
         let (found, note) = classifier.classify_file(std::fs::File::open(&text).unwrap());
