@@ -30,6 +30,100 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const SUBDIRS: usize = 10;
+const DOCX_MODE: &str = "flat out + 10 MB docx copies";
+
+/// A Word document of about 10 MB on disk (text of random common characters, which
+/// deflate cannot shrink much), its first line the mark 机密★1年.
+fn big_docx() -> std::sync::Arc<Vec<u8>> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut paragraphs: Vec<String> = vec!["机密★1年".into()];
+    let mut size = 0;
+    while size < 14_500_000 {
+        let p: String = (0..400)
+            .map(|_| char::from_u32(rng.random_range(0x4E00..0x9FA5)).expect("CJK"))
+            .collect();
+        size += p.len();
+        paragraphs.push(p);
+    }
+    let runs: Vec<[&str; 1]> = paragraphs.iter().map(|p| [p.as_str()]).collect();
+    let refs: Vec<&[&str]> = runs.iter().map(|r| r.as_slice()).collect();
+    std::sync::Arc::new(weilan_agent::classify::samples::docx(&refs))
+}
+
+/// Copies the document onto the mount, two copies a second, until told to stop.
+struct DocxCopier {
+    dir: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(usize, Duration)>,
+}
+
+impl DocxCopier {
+    fn start(dir: PathBuf, docx: std::sync::Arc<Vec<u8>>) -> DocxCopier {
+        std::fs::create_dir_all(&dir).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (d, halt) = (dir.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let mut copies = 0;
+            while !halt.load(std::sync::atomic::Ordering::Relaxed) {
+                // Two a second: 21 MB/s, what a USB 2.0 stick takes.
+                let due = t0 + Duration::from_millis(500 * copies as u64);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                std::fs::write(d.join(format!("report-{copies}.docx")), docx.as_slice()).unwrap();
+                // The tmpfs holds 2 GiB: copies older than four go (the agent reads
+                // a copy through the descriptor it holds, deleted or not).
+                if copies >= 4 {
+                    let _ = std::fs::remove_file(d.join(format!("report-{}.docx", copies - 4)));
+                }
+                copies += 1;
+            }
+            (copies, t0.elapsed())
+        });
+        DocxCopier { dir, stop, thread }
+    }
+
+    /// Stops copying: the copies made, in how long.
+    fn stop(self) -> (usize, Duration, PathBuf) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (copies, took) = self.thread.join().unwrap();
+        (copies, took, self.dir)
+    }
+
+    /// Stops copying; says how many copies were made and how many of them the
+    /// collector holds classified `mark:secret`.
+    fn finish(self, w: &World) -> String {
+        let (copies, took, dir) = self.stop();
+        let like = format!("{}/%", dir.display());
+        let classified = || {
+            w.count(&format!(
+                "SELECT COUNT(DISTINCT json_extract(envelope, '$.event.data.path')) FROM events \
+                 WHERE kind = 'file.exported' AND json_extract(envelope, '$.event.data.path') LIKE '{like}' \
+                 AND envelope LIKE '%mark:secret%'"
+            )) as u64
+        };
+        let got = settle(classified, Duration::from_secs(5), Duration::from_secs(300));
+        if let Some(one) = w
+            .events(
+                "file.exported",
+                "json_extract(envelope, '$.event.data.path') LIKE ?2",
+                &[&like],
+            )
+            .first()
+        {
+            println!(
+                "one docx copy as stored: size {}, hashed {}, classes {}, note {}",
+                one["size"], one["hashed_bytes"], one["classification"], one["classification_note"]
+            );
+        }
+        format!(
+            "10 MB docx copied beside it: {copies} in {:.1} s, {got} stored classified mark:secret",
+            took.as_secs_f64()
+        )
+    }
+}
 const PACED_RATE: f64 = 20_000.0;
 
 struct TmpfsMount(PathBuf);
@@ -198,11 +292,30 @@ fn main() {
     let _m = TmpfsMount(mount.clone());
     let mut rows = Vec::new();
 
-    for (mode, rate) in [("paced 20k/s", PACED_RATE), ("flat out", 0.0)] {
+    let docx = big_docx();
+    println!(
+        "the docx copied beside the storm: {:.1} MB",
+        docx.len() as f64 / 1e6
+    );
+    let docx_only = std::env::var("DOCX_ONLY").is_ok();
+    for (mode, rate) in [
+        ("paced 20k/s", PACED_RATE),
+        ("flat out", 0.0),
+        (DOCX_MODE, 0.0),
+    ] {
         if std::env::var("ONLY_AGENT").is_ok() {
             break;
         }
-        let none = storm(&mount.join(format!("none-{}", rate as u64)), n, rate);
+        if docx_only && rate > 0.0 {
+            continue;
+        }
+        let copier =
+            (mode == DOCX_MODE).then(|| DocxCopier::start(mount.join("none-docx"), docx.clone()));
+        let none = storm(&mount.join(format!("none-{}", rows.len())), n, rate);
+        let note = copier
+            .map(|c| c.stop().0)
+            .map(|c| format!("{c} docx copies beside it"))
+            .unwrap_or_default();
         rows.push(Row {
             watcher: "(none)",
             mode,
@@ -210,7 +323,7 @@ fn main() {
             cpu: 0.0,
             rss: 0.0,
             rate: none,
-            note: String::new(),
+            note,
         });
     }
     // Fresh file system for the watchers: no earlier files in the way.
@@ -222,7 +335,7 @@ fn main() {
     );
 
     let only_agent = std::env::var("ONLY_AGENT").is_ok(); // for profiling the agent
-    if only_agent {
+    if only_agent || docx_only {
     } else if which("inotifywait").is_some() {
         rows.push(inotifywait_run(
             &mount,
@@ -256,14 +369,18 @@ fn main() {
     .unwrap();
     let ns = Netns::create();
     let collector = w.start_collector(&ns, &w.collector_toml(false, "[log]\nlevel = \"warn\"\n"));
-    let runs: [(&str, &str, f64, &str); 3] = [
+    let runs: [(&str, &str, f64, &str); 4] = [
         ("fanotify", "paced 20k/s", PACED_RATE, "agent-paced"),
         ("fanotify", "flat out", 0.0, "agent-flat"),
+        ("fanotify", DOCX_MODE, 0.0, "agent-flat-docx"),
         ("inotify", "flat out", 0.0, "agent-inotify-flat"),
     ];
     let mut agent: Option<Proc> = None;
     let mut backend_now = "";
     for (backend, mode, rate, sub) in runs {
+        if docx_only && (rate > 0.0 || backend == "inotify") {
+            continue;
+        }
         if backend != backend_now {
             if let Some(mut a) = agent.take() {
                 a.stop();
@@ -300,7 +417,12 @@ fn main() {
             .checked_sub(jiff::SignedDuration::from_secs(5))
             .unwrap()
             .to_string();
+        // Beside the storm, 10 MB documents copied one after another onto the same
+        // mount: each is hashed and classified, which must not hold up the writer.
+        let copier =
+            (mode == DOCX_MODE).then(|| DocxCopier::start(mount.join("docx"), docx.clone()));
         let reached = storm(&dir, n, rate);
+        let docx_note = copier.map(|c| c.finish(&w));
         let like = format!("{}/%", dir.display());
         let count = || {
             w.count(&format!(
@@ -356,9 +478,10 @@ fn main() {
             rss: peak_rss_mib(pid),
             rate: reached,
             note: format!(
-                "file.overflow events: {} (rescanned {rescanned}); file.exported events {total}, writer unknown {none}; missing: {}",
+                "file.overflow events: {} (rescanned {rescanned}); file.exported events {total}, writer unknown {none}; missing: {}{}",
                 overflows.len(),
-                n as u64 - seen.min(n as u64)
+                n as u64 - seen.min(n as u64),
+                docx_note.map(|d| format!("; {d}")).unwrap_or_default()
             ),
         });
     }

@@ -146,8 +146,8 @@ pub mod badge {
 
 pub mod extract {
     //!  Documents copied onto an exit point: text in any encoding, docx/xlsx/pptx (zip +
-    //!  XML), PDF — extracted within bounds and classified, through a file descriptor as
-    //!  the files source does it.
+    //!  XML), PDF, Office 97 and WPS binaries, RTF, archives — extracted within bounds and
+    //!  classified, through a file descriptor as the files source does it.
     use std::io::{Seek, SeekFrom, Write};
     use std::sync::{Mutex, OnceLock};
     use weilan_agent::classify::{extract, Classifier};
@@ -162,7 +162,33 @@ pub mod extract {
         })
     }
 
+    /// libFuzzer aborts on any panic, even one a thread catches. The PDF library (and
+    /// the crates it reads fonts and maps with) panics on many malformed files; the
+    /// agent runs it on a thread of its own and turns a panic into `unreadable`
+    /// (tested in `classify::extract`), so its panics are not findings. Any other
+    /// panic — Weilan's own readers, cfb, the RTF parser — still aborts.
+    fn contain_pdf_library_panics() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            let fuzzer_hook = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                let file = info.location().map(|l| l.file()).unwrap_or("");
+                const PDF_LIBRARY: &[&str] = &[
+                    "/pdf-extract-",
+                    "/lopdf-",
+                    "/adobe-cmap-parser-",
+                    "/type1-encoding-parser-",
+                    "/cff-parser-",
+                ];
+                if !PDF_LIBRARY.iter().any(|c| file.contains(c)) {
+                    fuzzer_hook(info);
+                }
+            }));
+        });
+    }
+
     pub fn run(data: &[u8]) {
+        contain_pdf_library_panics();
         static FILE: OnceLock<Mutex<std::fs::File>> = OnceLock::new();
         let file = FILE.get_or_init(|| Mutex::new(tempfile::tempfile().expect("temporary file")));
         let mut f = file.lock().unwrap();

@@ -115,6 +115,14 @@ enum Cell {
     Number(u64),
 }
 
+/// The rows of a table as lines, cells joined by `sep`.
+fn table_lines(table: &[Vec<Cell>], sep: &str) -> Vec<String> {
+    table
+        .iter()
+        .map(|row| row.iter().map(Cell::text).collect::<Vec<_>>().join(sep))
+        .collect()
+}
+
 impl Cell {
     fn text(&self) -> String {
         match self {
@@ -734,11 +742,7 @@ fn render(rng: &mut StdRng, doc: &Doc, format: &str) -> Vec<u8> {
         let mut l: Vec<String> = doc.head.clone();
         l.push(doc.title.clone());
         l.extend(doc.paragraphs.iter().cloned());
-        l.extend(
-            doc.table
-                .iter()
-                .map(|row| row.iter().map(Cell::text).collect::<Vec<_>>().join(sep)),
-        );
+        l.extend(table_lines(&doc.table, sep));
         l
     };
     match format {
@@ -832,11 +836,7 @@ fn word97(doc: &Doc) -> Vec<u8> {
     }
     body.push(doc.title.clone());
     body.extend(doc.paragraphs.iter().cloned());
-    body.extend(
-        doc.table
-            .iter()
-            .map(|row| row.iter().map(Cell::text).collect::<Vec<_>>().join("\t")),
-    );
+    body.extend(table_lines(&doc.table, "\t"));
     let header: Vec<&str> = if doc.head_in_header {
         doc.head.iter().map(String::as_str).collect()
     } else {
@@ -872,11 +872,7 @@ fn excel97(doc: &Doc) -> Vec<u8> {
 fn powerpoint97(doc: &Doc) -> Vec<u8> {
     let mut first: Vec<String> = doc.head.clone();
     first.push(doc.title.clone());
-    let rows: Vec<String> = doc
-        .table
-        .iter()
-        .map(|row| row.iter().map(Cell::text).collect::<Vec<_>>().join("  "))
-        .collect();
+    let rows: Vec<String> = table_lines(&doc.table, "  ");
     let slides = [first.join("\n"), doc.paragraphs.join("\n"), rows.join("\n")];
     let slides: Vec<&str> = slides.iter().map(String::as_str).collect();
     samples::ppt(&slides)
@@ -1031,11 +1027,7 @@ fn pptx(doc: &Doc) -> Vec<u8> {
     };
     let mut first: Vec<String> = doc.head.clone();
     first.push(doc.title.clone());
-    let rows: Vec<String> = doc
-        .table
-        .iter()
-        .map(|row| row.iter().map(Cell::text).collect::<Vec<_>>().join("  "))
-        .collect();
+    let rows: Vec<String> = table_lines(&doc.table, "  ");
     let slides = [
         slide(paragraphs(&first)),
         slide(paragraphs(&doc.paragraphs)),

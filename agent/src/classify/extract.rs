@@ -148,22 +148,35 @@ fn squeeze_zeros(bytes: &[u8]) -> Vec<u8> {
 /// panic on malformed input and cannot be interrupted.
 fn pdf(bytes: Vec<u8>, limits: Limits) -> Extracted {
     static RUNAWAY: AtomicUsize = AtomicUsize::new(0);
-    let result = bounded(&RUNAWAY, MAX_RUNAWAY_PDF, limits.max_time, move || {
-        pdf_text(&bytes)
-    });
-    match result {
-        Bounded::Done(Ok(Ok(text))) => bound(text, "pdf", false, limits),
-        Bounded::Done(Ok(Err(e))) => Extracted::Failed(format!("pdf: {e}")),
-        Bounded::Done(Err(())) => Extracted::Failed("pdf: the parser failed on this file".into()),
-        Bounded::TimedOut => Extracted::Failed(format!(
-            "pdf: text extraction took longer than {:?}",
+    match read_bounded("pdf", &RUNAWAY, limits, move || pdf_text(&bytes)) {
+        Ok(text) => bound(text, "pdf", false, limits),
+        Err(failed) => failed,
+    }
+}
+
+/// Runs a reader of crafted input (a third-party parser, or a walk of structures the
+/// file controls) on a thread of its own within the time limit ([`bounded`]): its
+/// value, or the `Failed` that says why there is none (`kind: …`).
+fn read_bounded<T: Send + 'static>(
+    kind: &str,
+    runaway: &'static AtomicUsize,
+    limits: Limits,
+    work: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, Extracted> {
+    let failed = |reason: String| Err(Extracted::Failed(format!("{kind}: {reason}")));
+    match bounded(runaway, MAX_RUNAWAY_PDF, limits.max_time, work) {
+        Bounded::Done(Ok(Ok(value))) => Ok(value),
+        Bounded::Done(Ok(Err(e))) => failed(e),
+        Bounded::Done(Err(())) => failed("the parser failed on this file".into()),
+        Bounded::TimedOut => failed(format!(
+            "text extraction took longer than {:?}",
             limits.max_time
         )),
-        Bounded::NotStarted(running) => Extracted::Failed(format!(
-            "pdf: not read: {running} earlier PDFs are still being read past the {:?} limit",
+        Bounded::NotStarted(running) => failed(format!(
+            "not read: {running} earlier documents are still being read past the {:?} limit",
             limits.max_time
         )),
-        Bounded::NoThread(e) => Extracted::Failed(format!("pdf: {e}")),
+        Bounded::NoThread(e) => failed(e),
     }
 }
 
@@ -970,8 +983,7 @@ const MAX_RTF_BYTES: u64 = 8 * 1024 * 1024;
 fn rtf<R: Read + Send + 'static>(file: R, size: u64, limits: Limits) -> Extracted {
     static RUNAWAY: AtomicUsize = AtomicUsize::new(0);
     let cap = limits.max_bytes.min(MAX_RTF_BYTES);
-    let truncated = size > cap;
-    let result = bounded(&RUNAWAY, MAX_RUNAWAY_PDF, limits.max_time, move || {
+    let read = read_bounded("rtf", &RUNAWAY, limits, move || {
         let mut bytes = Vec::new();
         file.take(cap)
             .read_to_end(&mut bytes)
@@ -984,21 +996,11 @@ fn rtf<R: Read + Send + 'static>(file: R, size: u64, limits: Limits) -> Extracte
                 .map(|b| b.text.as_str())
                 .collect()
         };
-        Ok::<String, String>(format!("{}\n{}", part(true), part(false)))
+        Ok(format!("{}\n{}", part(true), part(false)))
     });
-    match result {
-        Bounded::Done(Ok(Ok(text))) => bound(text, "rtf", truncated, limits),
-        Bounded::Done(Ok(Err(e))) => Extracted::Failed(format!("rtf: {e}")),
-        Bounded::Done(Err(())) => Extracted::Failed("rtf: the parser failed on this file".into()),
-        Bounded::TimedOut => Extracted::Failed(format!(
-            "rtf: text extraction took longer than {:?}",
-            limits.max_time
-        )),
-        Bounded::NotStarted(running) => Extracted::Failed(format!(
-            "rtf: not read: {running} earlier documents are still being read past the {:?} limit",
-            limits.max_time
-        )),
-        Bounded::NoThread(e) => Extracted::Failed(format!("rtf: {e}")),
+    match read {
+        Ok(text) => bound(text, "rtf", size > cap, limits),
+        Err(failed) => failed,
     }
 }
 
@@ -1009,28 +1011,16 @@ const OLE2_MAGIC: [u8; 8] = [0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1];
 /// within the time limit (the readers walk structures a crafted file controls).
 fn compound<R: Read + std::io::Seek + Send + 'static>(file: R, limits: Limits) -> Extracted {
     static RUNAWAY: AtomicUsize = AtomicUsize::new(0);
-    let result = bounded(&RUNAWAY, MAX_RUNAWAY_PDF, limits.max_time, move || {
+    let read = read_bounded("ole2", &RUNAWAY, limits, move || {
         super::ole::extract(file, limits.max_bytes)
     });
-    match result {
-        Bounded::Done(Ok(Ok(super::ole::OleText::Text { text, format }))) => {
-            bound(text, format, false, limits)
-        }
-        Bounded::Done(Ok(Ok(super::ole::OleText::Encrypted(format)))) => {
+    match read {
+        Ok(super::ole::OleText::Text { text, format }) => bound(text, format, false, limits),
+        Ok(super::ole::OleText::Encrypted(format)) => {
             Extracted::Failed(format!("{format}: encrypted (password-protected)"))
         }
-        Bounded::Done(Ok(Ok(super::ole::OleText::Unknown))) => Extracted::Unsupported("ole2"),
-        Bounded::Done(Ok(Err(e))) => Extracted::Failed(e),
-        Bounded::Done(Err(())) => Extracted::Failed("ole2: the reader failed on this file".into()),
-        Bounded::TimedOut => Extracted::Failed(format!(
-            "ole2: text extraction took longer than {:?}",
-            limits.max_time
-        )),
-        Bounded::NotStarted(running) => Extracted::Failed(format!(
-            "ole2: not read: {running} earlier documents are still being read past the {:?} limit",
-            limits.max_time
-        )),
-        Bounded::NoThread(e) => Extracted::Failed(format!("ole2: {e}")),
+        Ok(super::ole::OleText::Unknown) => Extracted::Unsupported("ole2"),
+        Err(failed) => failed,
     }
 }
 

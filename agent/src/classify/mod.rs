@@ -199,7 +199,11 @@ mod tests {
         assert_eq!(note.as_deref(), Some(found[0].samples[0].as_str()));
         // Archives this version does not open are named.
         for (name, head, kind) in [
-            ("a.7z", &b"7z\xBC\xAF\x27\x1C\x00\x04"[..], "unsupported: 7z"),
+            (
+                "a.7z",
+                &b"7z\xBC\xAF\x27\x1C\x00\x04"[..],
+                "unsupported: 7z",
+            ),
             ("a.rar", &b"Rar!\x1A\x07\x01\x00"[..], "unsupported: rar"),
         ] {
             let path = dir.path().join(name);

@@ -470,6 +470,17 @@ mod tests {
         }
     }
 
+    /// [`payroll`] as an Excel 97 workbook.
+    fn payroll_xls() -> Vec<u8> {
+        let rows = payroll();
+        let refs: Vec<Vec<&str>> = rows
+            .iter()
+            .map(|r| r.iter().map(String::as_str).collect())
+            .collect();
+        let refs: Vec<&[&str]> = refs.iter().map(Vec::as_slice).collect();
+        samples::xls(&refs)
+    }
+
     /// The rows of a payroll sheet long enough for the shared strings to cross
     /// several 8 224-byte records, some strings mid-character.
     fn payroll() -> Vec<Vec<String>> {
@@ -501,13 +512,8 @@ mod tests {
             ]
         );
 
-        let rows = payroll();
-        let refs: Vec<Vec<&str>> = rows
-            .iter()
-            .map(|r| r.iter().map(String::as_str).collect())
-            .collect();
-        let refs: Vec<&[&str]> = refs.iter().map(Vec::as_slice).collect();
-        let (text, format) = text_of(samples::xls(&refs));
+        let payroll_xls = payroll_xls();
+        let (text, format) = text_of(payroll_xls.clone());
         assert_eq!(format, "xls");
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 701, "one line per row");
@@ -562,13 +568,8 @@ mod tests {
             doc.contains("机密★1年") && doc.contains("身份证 11010519491231002X"),
             "{doc}"
         );
-        let rows = payroll();
-        let refs: Vec<Vec<&str>> = rows
-            .iter()
-            .map(|r| r.iter().map(String::as_str).collect())
-            .collect();
-        let refs: Vec<&[&str]> = refs.iter().map(Vec::as_slice).collect();
-        let csv = read("xls2csv", "a.xls", samples::xls(&refs));
+        let payroll_xls = payroll_xls();
+        let csv = read("xls2csv", "a.xls", payroll_xls.clone());
         // (xls2csv ends a sheet with a form feed.)
         let csv_lines: Vec<&str> = csv
             .lines()
