@@ -188,6 +188,13 @@ fn pdf_text(bytes: &[u8]) -> Result<String, String> {
         // Encrypted with an empty user password (permissions only): readable as is.
         doc.decrypt("").map_err(|e| format!("encrypted: {e}"))?;
     }
+    if let Some(page) = page_tree_cycle(&doc) {
+        // pdf-extract follows /Parent for inherited resources and would never return.
+        return Err(format!(
+            "the page tree loops back at object {} {}",
+            page.0, page.1
+        ));
+    }
     if let Some(name) = unicode_cmaps_as_identity(&mut doc) {
         return Err(format!("a font's encoding {name} is not read"));
     }
@@ -195,6 +202,33 @@ fn pdf_text(bytes: &[u8]) -> Result<String, String> {
     pdf_extract::output_doc(&doc, &mut pdf_extract::PlainTextOutput::new(&mut text))
         .map_err(|e| e.to_string())?;
     Ok(text)
+}
+
+/// A page whose `/Parent` chain comes back to an object already on it.
+fn page_tree_cycle(doc: &pdf_extract::Document) -> Option<pdf_extract::ObjectId> {
+    for page in doc.get_pages().into_values() {
+        let mut seen = std::collections::HashSet::new();
+        let mut at = page;
+        while seen.insert(at) {
+            match doc
+                .get_dictionary(at)
+                .and_then(|d| d.get(b"Parent"))
+                .and_then(pdf_extract::Object::as_reference)
+            {
+                Ok(parent) => at = parent,
+                Err(_) => break,
+            }
+        }
+        if seen.contains(&at)
+            && doc
+                .get_dictionary(at)
+                .and_then(|d| d.get(b"Parent"))
+                .is_ok()
+        {
+            return Some(at);
+        }
+    }
+    None
 }
 
 /// Chinese PDFs written without embedded fonts (iText's `STSong-Light`, older office
@@ -1627,6 +1661,22 @@ mod tests {
         std::fs::write(&path, "{\\rtf1\\ansi 公开 {\\v 11010519491231002X}\\par}").unwrap();
         let (t, _, _) = text_of(extract(&path, Limits::default()));
         assert!(t.contains("11010519491231002X"), "{t:?}");
+    }
+
+    #[test]
+    fn a_pdf_whose_page_is_its_own_parent_is_refused_at_once() {
+        // Found by the extract fuzz target: pdf-extract walks /Parent for inherited
+        // resources and never returns, holding one of the two runaway reader slots.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("loop.pdf");
+        let pdf = String::from_utf8_lossy(&samples::pdf_ucs2(&["秘密"]))
+            .replace("/Parent 2 0 R", "/Parent 3 0 R")
+            .into_bytes();
+        std::fs::write(&path, pdf).unwrap();
+        assert_eq!(
+            extract(&path, Limits::default()),
+            Extracted::Failed("pdf: the page tree loops back at object 3 0".into())
+        );
     }
 
     #[test]
