@@ -1,7 +1,7 @@
 //! File storm: 100 000 small files written onto a watched mount (not a test).
 //!
 //! `cargo bench --bench files_storm` (as root: tmpfs mount, fanotify, network
-//! namespace). Side by side in one run, on the same fresh 2 GiB tmpfs and the same
+//! namespace). Side by side in one run, on the same fresh 4 GiB tmpfs and the same
 //! writer (this process: open O_CREAT, write 256 B, close, spread over 10 subfolders,
 //! as `../shared/tools/peers/storm.py` does), paced at 20 000 files/s and flat out:
 //!
@@ -73,7 +73,7 @@ impl DocxCopier {
                     std::thread::sleep(wait);
                 }
                 std::fs::write(d.join(format!("report-{copies}.docx")), docx.as_slice()).unwrap();
-                // The tmpfs holds 2 GiB: copies older than four go (the agent reads
+                // The tmpfs is not endless: copies older than four go (the agent reads
                 // a copy through the descriptor it holds, deleted or not).
                 if copies >= 4 {
                     let _ = std::fs::remove_file(d.join(format!("report-{}.docx", copies - 4)));
@@ -286,7 +286,7 @@ fn main() {
     std::fs::create_dir_all(&mount).unwrap();
     run_ok(
         Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=2g", "weilan-storm"])
+            .args(["-t", "tmpfs", "-o", "size=4g", "weilan-storm"])
             .arg(&mount),
     );
     let _m = TmpfsMount(mount.clone());
@@ -330,7 +330,7 @@ fn main() {
     run_ok(Command::new("umount").arg(&mount));
     run_ok(
         Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=2g", "weilan-storm"])
+            .args(["-t", "tmpfs", "-o", "size=4g", "weilan-storm"])
             .arg(&mount),
     );
 
