@@ -1137,6 +1137,20 @@ mod tests {
         }
     }
 
+    /// A detector added to the contract's list must get documents here too.
+    #[test]
+    fn the_corpus_labels_every_built_in_class_but_unreadable() {
+        let mut contract: Vec<&str> = weilan_config::policy::files::BUILTIN_DETECTORS
+            .iter()
+            .copied()
+            .filter(|d| *d != crate::classify::UNREADABLE)
+            .collect();
+        contract.sort_unstable();
+        let mut labelled = CLASSES.to_vec();
+        labelled.sort_unstable();
+        assert_eq!(labelled, contract);
+    }
+
     #[test]
     fn a_corpus_is_the_same_for_the_same_seed_and_labels_half_its_documents() {
         let a = generate(7, 60);
