@@ -206,26 +206,20 @@ fn pdf_text(bytes: &[u8]) -> Result<String, String> {
 
 /// A page whose `/Parent` chain comes back to an object already on it.
 fn page_tree_cycle(doc: &pdf_extract::Document) -> Option<pdf_extract::ObjectId> {
+    let parent = |id| {
+        doc.get_dictionary(id)
+            .and_then(|d| d.get(b"Parent"))
+            .and_then(pdf_extract::Object::as_reference)
+            .ok()
+    };
     for page in doc.get_pages().into_values() {
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = std::collections::HashSet::from([page]);
         let mut at = page;
-        while seen.insert(at) {
-            match doc
-                .get_dictionary(at)
-                .and_then(|d| d.get(b"Parent"))
-                .and_then(pdf_extract::Object::as_reference)
-            {
-                Ok(parent) => at = parent,
-                Err(_) => break,
+        while let Some(up) = parent(at) {
+            if !seen.insert(up) {
+                return Some(up);
             }
-        }
-        if seen.contains(&at)
-            && doc
-                .get_dictionary(at)
-                .and_then(|d| d.get(b"Parent"))
-                .is_ok()
-        {
-            return Some(at);
+            at = up;
         }
     }
     None
@@ -1620,10 +1614,7 @@ mod tests {
             "{t:?}"
         );
         // A predefined CMap that is not Unicode-coded is named, not a parser panic.
-        let gbk = String::from_utf8_lossy(&samples::pdf_ucs2(&["秘密"]))
-            .replace("/UniGB-UCS2-H", "/GBK-EUC-H   ")
-            .into_bytes();
-        std::fs::write(&pdf, gbk).unwrap();
+        std::fs::write(&pdf, ucs2_pdf_edited("/UniGB-UCS2-H", "/GBK-EUC-H   ")).unwrap();
         assert_eq!(
             extract(&pdf, Limits::default()),
             Extracted::Failed("pdf: a font's encoding GBK-EUC-H is not read".into())
@@ -1663,16 +1654,22 @@ mod tests {
         assert!(t.contains("11010519491231002X"), "{t:?}");
     }
 
+    /// `samples::pdf_ucs2(&["秘密"])` with `from` replaced by `to` of the same length
+    /// (so the cross-reference offsets still hold).
+    fn ucs2_pdf_edited(from: &str, to: &str) -> Vec<u8> {
+        assert_eq!(from.len(), to.len());
+        String::from_utf8_lossy(&samples::pdf_ucs2(&["秘密"]))
+            .replace(from, to)
+            .into_bytes()
+    }
+
     #[test]
     fn a_pdf_whose_page_is_its_own_parent_is_refused_at_once() {
         // Found by the extract fuzz target: pdf-extract walks /Parent for inherited
         // resources and never returns, holding one of the two runaway reader slots.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("loop.pdf");
-        let pdf = String::from_utf8_lossy(&samples::pdf_ucs2(&["秘密"]))
-            .replace("/Parent 2 0 R", "/Parent 3 0 R")
-            .into_bytes();
-        std::fs::write(&path, pdf).unwrap();
+        std::fs::write(&path, ucs2_pdf_edited("/Parent 2 0 R", "/Parent 3 0 R")).unwrap();
         assert_eq!(
             extract(&path, Limits::default()),
             Extracted::Failed("pdf: the page tree loops back at object 3 0".into())
