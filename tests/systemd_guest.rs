@@ -114,6 +114,18 @@ fn units_run_hardened_under_real_systemd() {
     ] {
         std::fs::copy(config.join(f), release.join("config").join(f)).unwrap();
     }
+    // Archives for the classification step (job.sh): a secret in a 7z, and a 7z whose
+    // header claims 1 TiB.
+    {
+        use weilan_agent::classify::samples;
+        let samples_dir = release.join("samples");
+        std::fs::create_dir_all(&samples_dir).unwrap();
+        let docx = samples::docx(&[&["机密★1年"], &["预算调整通知"]]);
+        let secret = samples::seven_zip(&[("通知.docx", &docx)], true);
+        std::fs::write(samples_dir.join("secret.7z"), secret).unwrap();
+        let bomb = samples::seven_zip_header_bomb();
+        std::fs::write(samples_dir.join("header-bomb.7z"), bomb).unwrap();
+    }
     let steps = dir.path().join("steps");
     std::fs::create_dir_all(&steps).unwrap();
     for s in GUEST_STEPS {
@@ -145,6 +157,18 @@ fn units_run_hardened_under_real_systemd() {
         text.contains("MEASURED clean stop: agent.stopping stored"),
         "{text}"
     );
+    // 7z under the hardened unit: read by the child, the lying one refused with the
+    // child's last words, the agent itself untouched.
+    let secret = measured(&text, "MEASURED 7z secret.7z:");
+    assert!(secret.contains("mark:secret"), "{secret}");
+    let bomb = measured(&text, "MEASURED 7z header-bomb.7z:");
+    assert!(
+        bomb.contains("unreadable")
+            && bomb.contains("memory allocation of 1099511627776 bytes failed"),
+        "{bomb}"
+    );
+    let agent_after = measured(&text, "MEASURED 7z agent:");
+    assert!(agent_after.contains("same pid yes"), "{agent_after}");
     // The upload from another namespace was measured in full.
     assert!(figure(&text, "upload:") >= 3_145_728.0, "{text}");
 }

@@ -72,6 +72,17 @@ enum Command {
     },
     /// Print the documented example settings.
     PrintDefaultConfig,
+    /// Internal: the agent's 7z reader, run by the agent itself as a child process with
+    /// memory and time limits (classify/sevenz.rs); reads an archive on stdin.
+    #[command(name = "unpack-7z", hide = true)]
+    Unpack7z {
+        /// Most bytes inflated in total.
+        #[arg(long)]
+        budget: u64,
+        /// CPU seconds before the kernel stops it.
+        #[arg(long)]
+        cpu_seconds: u64,
+    },
 }
 
 /// The journal on a stick (`airgap.rs`; docs/deployment.md, "Hosts with no network").
@@ -116,6 +127,10 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
             dir,
         } => enroll_command(collector, token, id, dir),
         Command::PrintDefaultConfig => print_default_config_command(),
+        Command::Unpack7z {
+            budget,
+            cpu_seconds,
+        } => crate::classify::sevenz::helper_main(budget, cpu_seconds),
         Command::Unlock { config, token } => unlock_command(config, token),
         Command::Journal {
             config,

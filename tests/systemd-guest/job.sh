@@ -4,7 +4,8 @@
 # command blocks of docs/deployment.md (verbatim). Installs collector and agent on this
 # one host exactly as documented, then shows what the units promise: both active,
 # their `systemd-analyze security` exposure, the network source measuring an upload
-# between two other network namespaces under the hardened unit, a watchdog restart on
+# between two other network namespaces under the hardened unit, 7z archives classified
+# through the agent's memory-capped child process, a watchdog restart on
 # a hung recorder, 20 crash-restarts, and a clean stop that delivers agent.stopping.
 # Prints MEASURED lines; exits non-zero at the first broken promise.
 set -eu
@@ -80,6 +81,27 @@ ip netns exec up-src sh -c 'head -c 3145728 /dev/zero | nc -N 198.18.0.2 9000'
 until_true "the upload from another network namespace" 30 at_least 1 \
   "SELECT COUNT(*) FROM events WHERE kind = 'net.transfer' AND json_extract(envelope, '$.event.data.phase') = 'closed' AND json_extract(envelope, '$.event.data.remote_addr') LIKE '198.18.0.2%'"
 echo "MEASURED upload: $(sql "SELECT json_extract(envelope, '$.event.data.bytes_sent') || ' bytes sent to ' || json_extract(envelope, '$.event.data.remote_addr') || ' from netns ' || json_extract(envelope, '$.event.data.netns') FROM events WHERE kind = 'net.transfer' AND json_extract(envelope, '$.event.data.phase') = 'closed' ORDER BY received_at DESC LIMIT 1")"
+
+# Classification under the hardened unit: a folder made an exit point (watch_mounts),
+# a 7z archive decompressed by the agent's own memory-capped child process
+# (classify/sevenz.rs), and one whose header claims 1 TiB, which kills only that child.
+mkdir -p /mnt/exit
+mount -t tmpfs exit /mnt/exit
+sed -i 's|^watch_mounts = \[\]|watch_mounts = ["/mnt/exit"]|' /etc/weilan/agent.toml
+started=$(sql "SELECT COUNT(*) FROM events WHERE agent_id = '$AGENT' AND kind = 'agent.started'")
+systemctl restart weilan-agent
+until_true "the agent restarted with /mnt/exit" 60 at_least $((started + 1)) \
+  "SELECT COUNT(*) FROM events WHERE agent_id = '$AGENT' AND kind = 'agent.started'"
+agent_pid=$(prop weilan-agent MainPID)
+cp "$F/release/samples/header-bomb.7z" "$F/release/samples/secret.7z" /mnt/exit/ || true
+exported() {
+  sql "SELECT COALESCE(group_concat(json_extract(c.value, '$.detector') || ' ' || json_extract(c.value, '$.samples[0]'), ' | '), '') FROM events, json_each(json_extract(envelope, '$.event.data.classification')) c WHERE kind = 'file.exported' AND json_extract(envelope, '$.event.data.path') = '$1'"
+}
+has_classes() { [ -n "$(exported /mnt/exit/secret.7z)" ] && [ -n "$(exported /mnt/exit/header-bomb.7z)" ]; }
+until_true "both 7z archives classified" 30 has_classes
+echo "MEASURED 7z secret.7z: $(exported /mnt/exit/secret.7z)"
+echo "MEASURED 7z header-bomb.7z: $(exported /mnt/exit/header-bomb.7z)"
+echo "MEASURED 7z agent: same pid $([ "$(prop weilan-agent MainPID)" = "$agent_pid" ] && echo yes || echo no), NRestarts $(prop weilan-agent NRestarts)"
 
 # Watchdog: the recording loop hangs (fault injection), the keep-alives stop, systemd
 # kills and restarts the agent.

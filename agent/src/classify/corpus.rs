@@ -39,8 +39,8 @@ pub const CLASSES: &[&str] = &[
 
 /// The formats documents are written in.
 pub const FORMATS: &[&str] = &[
-    "txt", "gb18030", "utf16", "csv", "docx", "xlsx", "pptx", "ofd", "pdf", "zip", "tar.gz", "doc",
-    "xls", "ppt", "rtf",
+    "txt", "gb18030", "utf16", "csv", "docx", "xlsx", "pptx", "ofd", "pdf", "zip", "tar.gz", "7z",
+    "doc", "xls", "ppt", "rtf",
 ];
 
 /// One generated document.
@@ -790,10 +790,12 @@ fn render(rng: &mut StdRng, doc: &Doc, format: &str) -> Vec<u8> {
         "pdf" => {
             let all = lines("  ");
             let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-            if rng.random_bool(0.3) {
-                samples::pdf_ucs2(&refs)
-            } else {
-                samples::pdf_cjk(&refs)
+            // Embedded CID fonts with ToUnicode maps, as most exporters write; fonts left
+            // to the reader with the predefined Unicode or GBK CMaps, as older ones do.
+            match rng.random_range(0..4) {
+                0 => samples::pdf_ucs2(&refs),
+                1 => samples::pdf_gbk(&refs),
+                _ => samples::pdf_cjk(&refs),
             }
         }
         "zip" => {
@@ -811,6 +813,23 @@ fn render(rng: &mut StdRng, doc: &Doc, format: &str) -> Vec<u8> {
                 ("说明.txt", "附件材料，请查收。".as_bytes()),
                 (name, &inner),
             ])
+        }
+        "7z" => {
+            let inner = if rng.random_bool(0.5) {
+                pptx(doc)
+            } else {
+                samples::gb18030(&lines("  ").join("\r\n"))
+            };
+            let name = if inner.starts_with(b"PK") {
+                "汇报/汇报.pptx"
+            } else {
+                "汇报/纪要.txt"
+            };
+            let readme = "压缩包内为会议材料。".as_bytes();
+            samples::seven_zip(
+                &[("说明.txt", readme), (name, &inner)],
+                rng.random_bool(0.5),
+            )
         }
         _ => {
             let inner = if rng.random_bool(0.5) {
@@ -1153,13 +1172,17 @@ mod tests {
 
     #[test]
     fn a_corpus_is_the_same_for_the_same_seed_and_labels_half_its_documents() {
-        let a = generate(7, 60);
-        let b = generate(7, 60);
+        let count = 4 * FORMATS.len();
+        let a = generate(7, count);
+        let b = generate(7, count);
         assert!(a
             .iter()
             .zip(&b)
             .all(|(x, y)| x.bytes == y.bytes && x.expected == y.expected));
-        assert_eq!(a.iter().filter(|d| d.expected.is_empty()).count(), 30);
+        assert_eq!(
+            a.iter().filter(|d| d.expected.is_empty()).count(),
+            count / 2
+        );
         for class in CLASSES {
             assert!(a.iter().any(|d| d.expected.contains(class)), "{class}");
         }

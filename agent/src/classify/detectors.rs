@@ -1,5 +1,5 @@
 //! Built-in detectors: PRC resident identity numbers (GB 11643: province, birth date,
-//! check character), unified social credit codes (GB 32100 with the GB 11714
+//! check character; 15-digit ones of the 1989 edition after an identity word), unified social credit codes (GB 32100 with the GB 11714
 //! organisation code inside), bank card numbers (issuer range and length, Luhn), mainland
 //! mobile numbers (allocated segments), classification marks in their standard forms
 //! (national and organisational apart), and custom keyword lists (Aho-Corasick).
@@ -119,14 +119,49 @@ pub fn is_resident_id(s: &str) -> bool {
         && id_check_char(&b[..17]).is_some_and(|check| b[17].to_ascii_uppercase() == check)
 }
 
-/// PRC resident identity numbers (GB 11643).
+/// A first-generation, 15-digit identity number (GB 11643-1989, issued until 2004):
+/// province, and a birth date in the 1900s written as six digits. It has no check
+/// digit, so about one random 15-digit number in 200 passes: it counts only after an
+/// identity word ([`ID_WORDS`]).
+pub fn is_old_resident_id(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 15
+        && b.iter().all(u8::is_ascii_digit)
+        && is_province(&b[..2])
+        && jiff::civil::Date::strptime("%Y%m%d", format!("19{}", &s[6..12])).is_ok()
+}
+
+/// Words that name an identity number just before it.
+const ID_WORDS: &[&str] = &["身份证", "身份号码", "证件号", "公民身份", "ID No", "ID no"];
+
+/// PRC resident identity numbers (GB 11643): 18 characters with their check
+/// character anywhere; 15 digits (the 1989 edition) after an identity word.
 pub fn resident_ids(text: &str) -> Option<Finding> {
+    resident_ids_with(text, &[])
+}
+
+/// [`resident_ids`], with the policy's own identity words (`[files] id_context`)
+/// besides the built-in ones.
+pub fn resident_ids_with(text: &str, more_context: &[String]) -> Option<Finding> {
     static RE: OnceLock<Regex> = OnceLock::new();
-    let re = re(&RE, r"[0-9]{17}[0-9Xx]");
+    let re = re(&RE, r"[0-9]{17}[0-9Xx]|[0-9]{15}");
+    let id_word = |start: usize| {
+        let from = text[..start]
+            .char_indices()
+            .rev()
+            .nth(15)
+            .map_or(0, |(i, _)| i);
+        let before = &text[from..start];
+        ID_WORDS.iter().any(|w| before.contains(w))
+            || more_context.iter().any(|w| before.contains(w.as_str()))
+    };
     collect(
         "prc-resident-id",
         re.find_iter(text)
-            .filter(|m| delimited(text, m.start(), m.end()) && is_resident_id(m.as_str()))
+            .filter(|m| delimited(text, m.start(), m.end()))
+            .filter(|m| {
+                is_resident_id(m.as_str()) || (is_old_resident_id(m.as_str()) && id_word(m.start()))
+            })
             .map(|m| mask(m.as_str(), 3, 4)),
     )
 }
@@ -506,15 +541,24 @@ impl KeywordList {
 
 /// Every built-in detector over `text`.
 pub fn scan(text: &str) -> Vec<Finding> {
-    scan_with(text, &[])
+    scan_with(text, &Context::default())
 }
 
-/// Every built-in detector over `text`, with the policy's extra card words.
-pub fn scan_with(text: &str, card_context: &[String]) -> Vec<Finding> {
+/// The policy's own context words for the detectors that use them.
+#[derive(Debug, Default, Clone)]
+pub struct Context {
+    /// `[files] card_context`.
+    pub cards: Vec<String>,
+    /// `[files] id_context`.
+    pub ids: Vec<String>,
+}
+
+/// Every built-in detector over `text`, with the policy's context words.
+pub fn scan_with(text: &str, context: &Context) -> Vec<Finding> {
     let mut out: Vec<Finding> = [
-        resident_ids(text),
+        resident_ids_with(text, &context.ids),
         social_credit_codes(text),
-        bank_cards_with(text, card_context),
+        bank_cards_with(text, &context.cards),
         mobile_numbers(text),
     ]
     .into_iter()
@@ -573,6 +617,32 @@ mod tests {
         let f = resident_ids(&text).unwrap();
         assert_eq!(f.count, 1, "{f:?}");
         assert_eq!(f.samples, vec!["110***********002X"]);
+    }
+
+    #[test]
+    fn fifteen_digit_identity_numbers_count_after_an_identity_word_only() {
+        let old = "110105491231002";
+        assert!(is_old_resident_id(old));
+        for (text, want) in [
+            (format!("身份证号：{old}"), 1),
+            (format!("公民身份号码 {old}，住址"), 1),
+            (format!("ID No. {old}"), 1),
+            (format!("户籍号 {old}"), 0),
+            (format!("订单号 {old}"), 0),
+            (old.to_string(), 0),
+            // Region 99 is no province; 19491331 is no date.
+            ("身份证 990105491231002".to_string(), 0),
+            ("身份证 110105491331002".to_string(), 0),
+            // An 18-digit number's 15-digit tail is not read on its own.
+            (format!("身份证 {}", id("11010519491231002")), 1),
+        ] {
+            let found = resident_ids(&text).map_or(0, |f| f.count);
+            assert_eq!(found, want, "{text}");
+        }
+        // The policy's own words.
+        let more = ["户籍号".to_string()];
+        let found = resident_ids_with(&format!("户籍号 {old}"), &more);
+        assert_eq!(found.map(|f| f.count), Some(1));
     }
 
     #[test]

@@ -4,10 +4,11 @@
 //! without BOM), a few stray NUL or invalid bytes tolerated; the office formats that are
 //! zip + XML (docx, pptx: runs joined per paragraph; xlsx: shared strings, inline
 //! strings and numbers typed into cells; OFD, GB/T 33190: page text in page order);
-//! zip and tar archives and gzip streams (`.tar.gz`) entry by entry, nested up to
-//! three deep (compression bombs refused, unread entries named); PDF text
-//! (`pdf-extract`; CJK fonts through their `ToUnicode` map or a Unicode-coded
-//! predefined CMap such as `UniGB-UCS2-H`); the Office 97–2003 binary formats and WPS's
+//! zip, tar and 7z archives and gzip streams (`.tar.gz`) entry by entry, nested up to
+//! three deep (compression bombs refused, unread entries named; 7z decompressed in a
+//! memory-capped child process, [`super::sevenz`]); PDF text
+//! (`pdf-extract`; CJK fonts through their `ToUnicode` map or a Unicode- or GBK-coded
+//! predefined CMap such as `UniGB-UCS2-H` or `GBK-EUC-H`); the Office 97–2003 binary formats and WPS's
 //! (`.doc`/`.wps`, `.xls`/`.et`, `.ppt`/`.dps`: [`super::ole`]); RTF (`rtf-parser-tt`,
 //! GBK or `\uN` text, page headers first, hidden text included). Anything else is
 //! reported as unsupported — never silently treated as "nothing found". Zip bombs are bounded by the inflated
@@ -120,6 +121,16 @@ pub fn extract_file(mut f: std::fs::File, limits: Limits) -> Extracted {
         }
         return pdf(bytes, limits);
     }
+    if is_7z(&bytes) {
+        if size > limits.max_bytes {
+            // A 7z archive's header is at its end: a prefix cannot be opened.
+            return Extracted::Failed(format!(
+                "7z of {size} bytes is over the {} byte extraction limit",
+                limits.max_bytes
+            ));
+        }
+        return seven_zip(&bytes, limits, 0);
+    }
     if bytes.starts_with(&[0x1f, 0x8b]) || is_tar(&bytes) {
         return extract_bytes(bytes, limits, 0);
     }
@@ -226,64 +237,113 @@ fn page_tree_cycle(doc: &pdf_extract::Document) -> Option<pdf_extract::ObjectId>
 }
 
 /// Chinese PDFs written without embedded fonts (iText's `STSong-Light`, older office
-/// exporters) use the predefined CMaps `UniGB-UCS2-H`, `UniGB-UTF16-H` (and their
-/// CNS, JIS and KS kin): each character code *is* its UTF-16 value. `pdf-extract`
-/// knows only `Identity-H`, and refuses the rest. Such a font is rewritten to
-/// `Identity-H` with a `ToUnicode` map of every code to itself, which reads the same
-/// text. Another predefined CMap (GBK-EUC-H …) is returned by name: the PDF is then
-/// reported unreadable, naming it.
+/// exporters) use Adobe's predefined CMaps, which `pdf-extract` does not know (it
+/// reads only `Identity-H`). Two families are rewritten into a reading it does know:
+/// - `UniGB-UCS2-H`, `UniGB-UTF16-H` (and their CNS, JIS and KS kin): each character
+///   code *is* its UTF-16 value. The font becomes `Identity-H` with a `ToUnicode` map
+///   of every drawn code to itself.
+/// - `GBK-EUC-H` and the rest of Adobe-GB1's EUC family (`GB-EUC`, `GBpc-EUC`,
+///   `GBKp-EUC`, `GBK2K`): codes are GBK bytes, one byte up to 0x80, two from 0x81.
+///   The font gets an embedded CMap with that code space (code = CID) and a
+///   `ToUnicode` map of every drawn code to its GBK character (GBK2K's four-byte
+///   codes, for characters beyond GBK, are not read).
+///
+/// Another predefined CMap (`B5pc-H` …) is returned by name: the PDF is then reported
+/// unreadable, naming it.
 fn unicode_cmaps_as_identity(doc: &mut pdf_extract::Document) -> Option<String> {
     use pdf_extract::{Object, Stream};
     let unicode_coded = |name: &[u8]| {
         let name = String::from_utf8_lossy(name);
         name.starts_with("Uni") && (name.contains("-UCS2-") || name.contains("-UTF16-"))
     };
-    let mut fonts = Vec::new();
+    let gbk_coded = |name: &[u8]| {
+        matches!(
+            name,
+            b"GB-EUC-H"
+                | b"GB-EUC-V"
+                | b"GBpc-EUC-H"
+                | b"GBpc-EUC-V"
+                | b"GBK-EUC-H"
+                | b"GBK-EUC-V"
+                | b"GBKp-EUC-H"
+                | b"GBKp-EUC-V"
+                | b"GBK2K-H"
+                | b"GBK2K-V"
+        )
+    };
+    let mut unicode_fonts = Vec::new();
+    let mut gbk_fonts = Vec::new();
     let mut unread = None;
     for (id, object) in &doc.objects {
         let Ok(dict) = object.as_dict() else { continue };
         let is_type0 = dict.get(b"Subtype").and_then(Object::as_name).ok() == Some(b"Type0");
+        let without_map = dict.get(b"ToUnicode").is_err();
         match dict.get(b"Encoding").and_then(Object::as_name) {
             Ok(name) if is_type0 && unicode_coded(name) => {
                 let vertical = name.ends_with(b"-V");
-                fonts.push((*id, vertical, dict.get(b"ToUnicode").is_err()));
+                unicode_fonts.push((*id, vertical, without_map));
             }
+            Ok(name) if is_type0 && gbk_coded(name) => gbk_fonts.push((*id, without_map)),
             Ok(b"Identity-H" | b"Identity-V") => {}
             Ok(name) if is_type0 => unread = Some(String::from_utf8_lossy(name).into_owned()),
             _ => {}
         }
     }
-    if fonts.is_empty() {
+    if unicode_fonts.is_empty() && gbk_fonts.is_empty() {
         return unread;
     }
-    // One map for all of them, of the codes the document draws (a map of all 63 000
-    // codes costs pdf-extract 10 ms to load per font).
-    let codes = drawn_codes(doc);
-    let map = fonts.iter().any(|f| f.2).then(|| {
+    // One map per family for all its fonts, of the codes the document draws (a map of
+    // all 63 000 codes costs pdf-extract 10 ms to load per font).
+    let strings = drawn_strings(doc);
+    let mut add_map = |cmap: String| {
         doc.add_object(Stream::new(
             pdf_extract::Dictionary::new(),
-            identity_to_unicode(&codes).into_bytes(),
+            cmap.into_bytes(),
         ))
-    });
-    for (id, vertical, without_map) in fonts {
-        let map = map.filter(|_| without_map);
+    };
+    let unicode_map = unicode_fonts
+        .iter()
+        .any(|f| f.2)
+        .then(|| add_map(identity_to_unicode(&two_byte_codes(&strings))));
+    let gbk_map = gbk_fonts
+        .iter()
+        .any(|f| f.1)
+        .then(|| add_map(gbk_to_unicode(&gbk_codes(&strings))));
+    let gbk_encoding = (!gbk_fonts.is_empty()).then(|| add_map(GBK_CODES_AS_CIDS.to_string()));
+    let mut set = |id, encoding: Object, map: Option<pdf_extract::ObjectId>| {
         if let Ok(Object::Dictionary(dict)) = doc.get_object_mut(id) {
-            let identity: &[u8] = if vertical {
-                b"Identity-V"
-            } else {
-                b"Identity-H"
-            };
-            dict.set("Encoding", Object::Name(identity.to_vec()));
+            dict.set("Encoding", encoding);
             if let Some(map) = map {
                 dict.set("ToUnicode", Object::Reference(map));
             }
+        }
+    };
+    for (id, vertical, without_map) in unicode_fonts {
+        let identity: &[u8] = if vertical {
+            b"Identity-V"
+        } else {
+            b"Identity-H"
+        };
+        set(
+            id,
+            Object::Name(identity.to_vec()),
+            unicode_map.filter(|_| without_map),
+        );
+    }
+    if let Some(encoding) = gbk_encoding {
+        for (id, without_map) in gbk_fonts {
+            set(
+                id,
+                Object::Reference(encoding),
+                gbk_map.filter(|_| without_map),
+            );
         }
     }
     unread
 }
 
-/// The two-byte codes in the strings that the pages and forms of `doc` draw.
-fn drawn_codes(doc: &pdf_extract::Document) -> std::collections::BTreeSet<u16> {
+/// The strings that the pages and forms of `doc` draw, as bytes (character codes).
+fn drawn_strings(doc: &pdf_extract::Document) -> Vec<Vec<u8>> {
     use pdf_extract::Object;
     let mut streams: Vec<Vec<u8>> = doc
         .get_pages()
@@ -301,33 +361,110 @@ fn drawn_codes(doc: &pdf_extract::Document) -> std::collections::BTreeSet<u16> {
             }
         }
     }
-    let mut codes = std::collections::BTreeSet::new();
-    let mut add = |bytes: &[u8]| {
-        codes.extend(
-            bytes
-                .chunks_exact(2)
-                .map(|p| u16::from_be_bytes([p[0], p[1]])),
-        );
-    };
+    let mut strings = Vec::new();
     for content in streams {
         let Ok(content) = pdf_extract::content::Content::decode(&content) else {
             continue;
         };
         for op in content.operations {
-            for operand in &op.operands {
+            for operand in op.operands {
                 match operand {
-                    Object::String(bytes, _) => add(bytes),
-                    Object::Array(items) => items.iter().for_each(|item| {
-                        if let Object::String(bytes, _) = item {
-                            add(bytes)
-                        }
-                    }),
+                    Object::String(bytes, _) => strings.push(bytes),
+                    Object::Array(items) => {
+                        strings.extend(items.into_iter().filter_map(|item| match item {
+                            Object::String(bytes, _) => Some(bytes),
+                            _ => None,
+                        }))
+                    }
                     _ => {}
                 }
             }
         }
     }
+    strings
+}
+
+/// The drawn strings read as two-byte codes.
+fn two_byte_codes(strings: &[Vec<u8>]) -> std::collections::BTreeSet<u16> {
+    strings
+        .iter()
+        .flat_map(|s| s.chunks_exact(2).map(|p| u16::from_be_bytes([p[0], p[1]])))
+        .collect()
+}
+
+/// The drawn strings read as GBK codes: a byte up to 0x80 alone, a lead byte from 0x81
+/// with the byte after it.
+fn gbk_codes(strings: &[Vec<u8>]) -> std::collections::BTreeSet<u16> {
+    let mut codes = std::collections::BTreeSet::new();
+    for s in strings {
+        let mut bytes = s.iter().copied();
+        while let Some(b) = bytes.next() {
+            match b {
+                0..=0x80 => {
+                    codes.insert(u16::from(b));
+                }
+                0x81..=0xFE => {
+                    if let Some(trail) = bytes.next() {
+                        codes.insert(u16::from_be_bytes([b, trail]));
+                    }
+                }
+                0xFF => {}
+            }
+        }
+    }
     codes
+}
+
+/// An encoding CMap for GBK-coded fonts: one-byte codes to 0x80, two-byte codes from
+/// 0x8140, each code its own CID. Written for the parser `pdf-extract` uses
+/// (`adobe-cmap-parser` 0.4), which takes a code-space range's width in bytes as half
+/// the length of its bounds and reads one `cidrange` entry correctly, not several:
+/// so the bounds are zero-padded to twice their width (`<0000> <0080>` is one byte
+/// wide, `<00008140> <0000FEFE>` two), and one entry maps every code to itself. The
+/// GBK PDF test fails if a new version of the parser reads them otherwise.
+const GBK_CODES_AS_CIDS: &str = "/CIDInit /ProcSet findresource begin 12 dict begin begincmap\n\
+     /CMapName /Weilan-GBK-EUC def /CMapType 1 def\n\
+     2 begincodespacerange\n<0000> <0080>\n<00008140> <0000FEFE>\nendcodespacerange\n\
+     1 begincidrange\n<0000> <FFFF> 0\nendcidrange\n\
+     endcmap CMapName currentdict /CMap defineresource pop end end\n";
+
+/// A `ToUnicode` CMap mapping each of the GBK `codes` to its character (codes that are
+/// not GBK characters left out), in blocks of at most 100.
+fn gbk_to_unicode(codes: &std::collections::BTreeSet<u16>) -> String {
+    let mut pairs = Vec::new();
+    for &code in codes {
+        let bytes = code.to_be_bytes();
+        let (source, text) = if code <= 0x80 {
+            (
+                format!("{code:02X}"),
+                encoding_rs::GBK.decode_without_bom_handling(&bytes[1..]).0,
+            )
+        } else {
+            (
+                format!("{code:04X}"),
+                encoding_rs::GBK.decode_without_bom_handling(&bytes).0,
+            )
+        };
+        if text.contains('\u{FFFD}') || text.chars().count() != 1 {
+            continue;
+        }
+        let target: String = text.encode_utf16().map(|u| format!("{u:04X}")).collect();
+        pairs.push(format!("<{source}> <{target}>\n"));
+    }
+    let mut m = String::from(
+        "/CIDInit /ProcSet findresource begin 12 dict begin begincmap\n\
+         /CMapName /Weilan-GBK-UCS def /CMapType 2 def\n\
+         2 begincodespacerange <00> <80> <8140> <FEFE> endcodespacerange\n",
+    );
+    for block in pairs.chunks(100) {
+        m.push_str(&format!(
+            "{} beginbfchar\n{}endbfchar\n",
+            block.len(),
+            block.concat()
+        ));
+    }
+    m.push_str("endcmap CMapName currentdict /CMap defineresource pop end end\n");
+    m
 }
 
 /// A `ToUnicode` CMap mapping each of `codes` to the same UTF-16 value (surrogate
@@ -723,10 +860,10 @@ const CELLS: XmlText = XmlText {
 /// Archives nested deeper than this are not opened (refused as unreadable).
 const MAX_ARCHIVE_DEPTH: usize = 3;
 /// Most entries read from one archive; the rest make the text a prefix.
-const MAX_ARCHIVE_ENTRIES: usize = 10_000;
+pub(super) const MAX_ARCHIVE_ENTRIES: usize = 10_000;
 /// An entry that inflates to more than this many times its compressed size (and to
 /// more than 1 MiB) is a zip bomb: the archive is refused, and says why.
-const MAX_INFLATION_RATIO: u64 = 200;
+pub(super) const MAX_INFLATION_RATIO: u64 = 200;
 
 /// What one archive's entries gave so far, within one budget of inflated bytes and
 /// time that its nested archives share; each entry's text is separated by a form feed
@@ -976,6 +1113,9 @@ fn extract_bytes(bytes: Vec<u8>, limits: Limits, depth: usize) -> Extracted {
     if bytes.starts_with(b"%PDF") {
         return pdf(bytes, limits);
     }
+    if is_7z(&bytes) {
+        return seven_zip(&bytes, limits, depth);
+    }
     if bytes.starts_with(&OLE2_MAGIC) {
         return compound(std::io::Cursor::new(bytes), limits);
     }
@@ -990,15 +1130,48 @@ fn extract_bytes(bytes: Vec<u8>, limits: Limits, depth: usize) -> Extracted {
 }
 
 /// Archive formats this version does not open, named so that the `unreadable` reason
-/// says which (`unsupported: 7z`) rather than `binary`.
+/// says which (`unsupported: rar`) rather than `binary`. RAR is not opened: its
+/// format is proprietary, and the one maintained decoder (`unrar`) binds a C library
+/// under a licence that forbids re-creating the compressor.
 fn unread_archive(head: &[u8]) -> Option<&'static str> {
-    if head.starts_with(b"7z\xBC\xAF\x27\x1C") {
-        Some("7z")
-    } else if head.starts_with(b"Rar!\x1A\x07") {
-        Some("rar")
-    } else {
-        None
+    head.starts_with(b"Rar!\x1A\x07").then_some("rar")
+}
+
+/// The 7z signature.
+fn is_7z(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"7z\xBC\xAF\x27\x1C")
+}
+
+/// A 7z archive: decompressed in a memory-capped child process ([`super::sevenz`]),
+/// each entry then extracted here as a zip's entries are, in the same budget.
+fn seven_zip(bytes: &[u8], limits: Limits, depth: usize) -> Extracted {
+    use super::sevenz::Frame;
+    if let Some(refused) = too_deep(depth) {
+        return refused;
     }
+    let started = Instant::now();
+    let frames = match super::sevenz::unpack(bytes, limits) {
+        Ok(frames) => frames,
+        Err(why) => return Extracted::Failed(format!("7z: {why}")),
+    };
+    let mut out = Unpacked::new(limits, depth, started);
+    for frame in frames {
+        match frame {
+            Frame::Entry { name, data } => {
+                if !out.room() {
+                    break;
+                }
+                if let Err(bomb) = out.entry(&name, None, &data[..]) {
+                    return Extracted::Failed(bomb);
+                }
+            }
+            Frame::Unread { name, reason } => out.unread.push(format!("{name}: {reason}")),
+            Frame::More => out.truncated = true,
+            Frame::Bomb(why) => return Extracted::Failed(why),
+            Frame::Fatal(why) => return Extracted::Failed(format!("7z: {why}")),
+        }
+    }
+    out.finish("7z")
 }
 
 /// RTF read at most this far: the parser holds a token per control word, about ten
@@ -1613,12 +1786,35 @@ mod tests {
             t.contains("秘密★启用前") && t.contains("6222021234567890128"),
             "{t:?}"
         );
-        // A predefined CMap that is not Unicode-coded is named, not a parser panic.
-        std::fs::write(&pdf, ucs2_pdf_edited("/UniGB-UCS2-H", "/GBK-EUC-H   ")).unwrap();
+        // A predefined CMap of neither family is named, not a parser panic.
+        std::fs::write(&pdf, ucs2_pdf_edited("/UniGB-UCS2-H", "/B5pc-H      ")).unwrap();
         assert_eq!(
             extract(&pdf, Limits::default()),
-            Extracted::Failed("pdf: a font's encoding GBK-EUC-H is not read".into())
+            Extracted::Failed("pdf: a font's encoding B5pc-H is not read".into())
         );
+    }
+
+    #[test]
+    fn a_pdf_with_the_predefined_gbk_cmap_is_read_ascii_and_chinese_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let pdf = dir.path().join("旧.pdf");
+        let lines = [
+            "绝密★启用前",
+            "身份证号 11010519491231002X，电话 13812345678",
+            "€ 鍁",
+        ];
+        std::fs::write(&pdf, samples::pdf_gbk(&lines)).unwrap();
+        let (t, f, _) = text_of(extract(&pdf, Limits::default()));
+        assert_eq!(f, "pdf");
+        for line in &lines[..2] {
+            assert!(t.contains(line), "{line} in {t:?}");
+        }
+        // The map holds what was drawn, each code once: ASCII one byte, Chinese two.
+        let codes = gbk_codes(&[
+            encoding_rs::GBK.encode("A绝A").0.into_owned(),
+            vec![0xFF, 0x81],
+        ]);
+        assert_eq!(codes.into_iter().collect::<Vec<_>>(), vec![0x41, 0xBEF8]);
     }
 
     #[test]

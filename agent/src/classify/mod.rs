@@ -12,6 +12,7 @@ pub mod extract;
 pub mod ole;
 #[cfg(any(test, feature = "test-util"))]
 pub mod samples;
+pub mod sevenz;
 
 use regex::Regex;
 use weilan_config::event::Classification;
@@ -24,8 +25,8 @@ use detectors::{Finding, KeywordList};
 pub struct Classifier {
     keywords: Vec<KeywordList>,
     patterns: Vec<(String, Regex)>,
-    /// The policy's own card words (`[files] card_context`).
-    card_context: Vec<String>,
+    /// The policy's own card and identity words (`[files] card_context`, `id_context`).
+    context: detectors::Context,
     pub limits: extract::Limits,
 }
 
@@ -35,7 +36,10 @@ impl Classifier {
     pub fn from_policy(p: &FilesPolicy, limits: extract::Limits) -> Self {
         let mut c = Classifier {
             limits,
-            card_context: p.card_context.clone(),
+            context: detectors::Context {
+                cards: p.card_context.clone(),
+                ids: p.id_context.clone(),
+            },
             ..Default::default()
         };
         for k in &p.keywords {
@@ -58,7 +62,7 @@ impl Classifier {
 
     /// Every detector over `text`.
     pub fn scan(&self, text: &str) -> Vec<Finding> {
-        let mut out = detectors::scan_with(text, &self.card_context);
+        let mut out = detectors::scan_with(text, &self.context);
         out.extend(self.keywords.iter().filter_map(|k| k.find(text)));
         for (name, re) in &self.patterns {
             let mut count = 0;
@@ -197,13 +201,9 @@ mod tests {
             found[0].samples
         );
         assert_eq!(note.as_deref(), Some(found[0].samples[0].as_str()));
-        // Archives this version does not open are named.
+        // Archives this version does not open are named; a damaged 7z says why.
         for (name, head, kind) in [
-            (
-                "a.7z",
-                &b"7z\xBC\xAF\x27\x1C\x00\x04"[..],
-                "unsupported: 7z",
-            ),
+            ("a.7z", &b"7z\xBC\xAF\x27\x1C\x00\x04"[..], "failed: 7z: "),
             ("a.rar", &b"Rar!\x1A\x07\x01\x00"[..], "unsupported: rar"),
         ] {
             let path = dir.path().join(name);
@@ -211,10 +211,8 @@ mod tests {
             bytes.extend((0..2000u32).map(|i| (i * 7919 % 251) as u8));
             std::fs::write(&path, bytes).unwrap();
             let (found, note) = classifier.classify_file(std::fs::File::open(&path).unwrap());
-            assert_eq!(
-                (found[0].detector.as_str(), note.as_deref()),
-                (UNREADABLE, Some(kind))
-            );
+            assert_eq!(found[0].detector.as_str(), UNREADABLE);
+            assert!(note.as_deref().unwrap().starts_with(kind), "{note:?}");
         }
         let text = dir.path().join("a.txt");
         std::fs::write(&text, "lunch menu").unwrap();

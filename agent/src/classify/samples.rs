@@ -18,6 +18,83 @@ pub fn zip(parts: &[(&str, &[u8])]) -> Vec<u8> {
     z.finish().expect("in-memory zip").into_inner()
 }
 
+/// A 7z archive of `entries` (name, bytes), LZMA2 as 7-Zip writes by default; `solid`
+/// packs them into one stream (7-Zip's default), else one stream each.
+pub fn seven_zip(entries: &[(&str, &[u8])], solid: bool) -> Vec<u8> {
+    use sevenz_rust2::{ArchiveEntry, ArchiveWriter, SourceReader};
+    let mut w = ArchiveWriter::new(std::io::Cursor::new(Vec::new())).expect("in-memory 7z");
+    if solid {
+        let names = entries
+            .iter()
+            .map(|(n, _)| ArchiveEntry::new_file(n))
+            .collect();
+        let readers = entries.iter().map(|(_, b)| SourceReader::new(*b)).collect();
+        w.push_archive_entries(names, readers)
+            .expect("in-memory 7z");
+    } else {
+        for (name, body) in entries {
+            w.push_archive_entry(ArchiveEntry::new_file(name), Some(*body))
+                .expect("in-memory 7z");
+        }
+    }
+    w.finish().expect("in-memory 7z").into_inner()
+}
+
+/// A 7z archive whose compressed header claims to unpack to 1 TiB: a reader that
+/// sizes its buffer from that claim fails to allocate and aborts. Every checksum is
+/// right, so only the claim is wrong. (Run only through the agent's memory-capped
+/// child: in a test process it would abort the test.)
+pub fn seven_zip_header_bomb() -> Vec<u8> {
+    let names: Vec<String> = (0..40).map(|i| format!("f{i}.txt")).collect();
+    let entries: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), &b"x"[..])).collect();
+    edit_7z_header(seven_zip(&entries, true), |header| {
+        assert_eq!(header[0], 0x17, "the writer compressed its header");
+        // kCodersUnpackSize (0x0C), then the size as a 7z number: a first byte whose
+        // leading one bits count the bytes that follow.
+        let at = header
+            .iter()
+            .position(|&b| b == 0x0C)
+            .expect("unpack sizes");
+        let extra = header[at + 1].leading_ones() as usize;
+        let mut lying = header[..=at].to_vec();
+        lying.push(0xFF);
+        lying.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        lying.extend_from_slice(&header[at + 2 + extra..]);
+        lying
+    })
+}
+
+/// A 7z archive of one small entry whose LZMA2 coder asks for a 4 GiB dictionary,
+/// which its decoder zero-fills before it decodes a byte.
+pub fn seven_zip_dictionary_bomb() -> Vec<u8> {
+    edit_7z_header(seven_zip(&[("a.txt", b"abc")], false), |header| {
+        assert_eq!(header[0], 0x01, "a plain header");
+        // The coder: flags 0x21 (one-byte id, with properties), LZMA2 (0x21), one byte
+        // of properties: the dictionary size code, 40 = 4 GiB - 1.
+        let at = header
+            .windows(3)
+            .position(|w| w == [0x21, 0x21, 0x01])
+            .expect("an LZMA2 coder");
+        let mut lying = header.to_vec();
+        lying[at + 3] = 40;
+        lying
+    })
+}
+
+/// `archive` with its (last) header replaced by `edit`'s, every checksum made right.
+fn edit_7z_header(mut archive: Vec<u8>, edit: impl FnOnce(&[u8]) -> Vec<u8>) -> Vec<u8> {
+    let word = |a: &[u8], at: usize| u64::from_le_bytes(a[at..at + 8].try_into().unwrap());
+    let (offset, size) = (word(&archive, 12) as usize, word(&archive, 20) as usize);
+    let header = edit(&archive[32 + offset..32 + offset + size]);
+    archive.truncate(32 + offset);
+    archive.extend_from_slice(&header);
+    archive[20..28].copy_from_slice(&(header.len() as u64).to_le_bytes());
+    archive[28..32].copy_from_slice(&crc32fast::hash(&header).to_le_bytes());
+    let start_crc = crc32fast::hash(&archive[12..32]);
+    archive[8..12].copy_from_slice(&start_crc.to_le_bytes());
+    archive
+}
+
 /// A ustar archive of regular files.
 pub fn tar(entries: &[(&str, &[u8])]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
@@ -243,9 +320,23 @@ pub fn pdf_cjk(lines: &[&str]) -> Vec<u8> {
 /// as older Chinese tools write it: each character drawn by its UCS-2 code, no
 /// `ToUnicode` map — the reader must know the CMap.
 pub fn pdf_ucs2(lines: &[&str]) -> Vec<u8> {
+    let utf16 = |line: &str| line.encode_utf16().flat_map(u16::to_be_bytes).collect();
+    pdf_predefined_cmap(lines, "UniGB-UCS2-H", utf16)
+}
+
+/// A PDF whose font uses the predefined CMap `GBK-EUC-H` (older Chinese exporters):
+/// the strings are GBK bytes, ASCII as one byte, each Chinese character as two.
+pub fn pdf_gbk(lines: &[&str]) -> Vec<u8> {
+    let gbk = |line: &str| encoding_rs::GBK.encode(line).0.into_owned();
+    pdf_predefined_cmap(lines, "GBK-EUC-H", gbk)
+}
+
+/// A PDF of `lines` in the STSong-Light font (not embedded) with the predefined
+/// CMap `cmap`, each line's codes made by `encode`.
+fn pdf_predefined_cmap(lines: &[&str], cmap: &str, encode: impl Fn(&str) -> Vec<u8>) -> Vec<u8> {
     let mut content = String::from("BT /F1 11 Tf 72 770 Td 14 TL\n");
     for line in lines {
-        let hex: String = line.encode_utf16().map(|u| format!("{u:04X}")).collect();
+        let hex: String = encode(line).iter().map(|b| format!("{b:02X}")).collect();
         content.push_str(&format!("<{hex}> Tj T*\n"));
     }
     content.push_str("ET");
@@ -254,7 +345,7 @@ pub fn pdf_ucs2(lines: &[&str]) -> Vec<u8> {
         "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_string(),
         "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>".to_string(),
         format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len()),
-        "<< /Type /Font /Subtype /Type0 /BaseFont /STSong-Light /Encoding /UniGB-UCS2-H /DescendantFonts [6 0 R] >>".to_string(),
+        format!("<< /Type /Font /Subtype /Type0 /BaseFont /STSong-Light /Encoding /{cmap} /DescendantFonts [6 0 R] >>"),
         "<< /Type /Font /Subtype /CIDFontType0 /BaseFont /STSong-Light /CIDSystemInfo << /Registry (Adobe) /Ordering (GB1) /Supplement 2 >> /FontDescriptor 7 0 R /DW 1000 >>".to_string(),
         "<< /Type /FontDescriptor /FontName /STSong-Light /Flags 4 /FontBBox [0 -120 1000 880] /ItalicAngle 0 /Ascent 880 /Descent -120 /CapHeight 700 /StemV 80 >>".to_string(),
     ])

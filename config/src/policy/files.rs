@@ -110,6 +110,11 @@ pub struct FilesPolicyRaw {
     /// the organisation's own, such as 工资卡 or 社保卡.
     #[serde(default)]
     pub card_context: Vec<String>,
+    /// Words that, within the 15 characters before a 15-digit number, say it is a
+    /// first-generation identity number (`prc-resident-id`), besides the built-in ones
+    /// (身份证, 身份号码, 证件号, 公民身份, ID No): the organisation's own, such as 户籍号.
+    #[serde(default)]
+    pub id_context: Vec<String>,
     /// Custom keyword lists (`[[files.keywords]]`), reported as `keywords:NAME`.
     #[serde(default)]
     pub keywords: Vec<KeywordsRaw>,
@@ -129,6 +134,7 @@ impl Default for FilesPolicyRaw {
             sensitive_sources: Vec::new(),
             thresholds: BTreeMap::new(),
             card_context: Vec::new(),
+            id_context: Vec::new(),
             keywords: Vec::new(),
             patterns: Vec::new(),
             rules: Vec::new(),
@@ -236,6 +242,8 @@ pub struct FilesPolicy {
     pub thresholds: BTreeMap<String, u64>,
     /// Extra card words (`[files] card_context`), trimmed and non-empty.
     pub card_context: Vec<String>,
+    /// Extra identity words (`[files] id_context`), trimmed and non-empty.
+    pub id_context: Vec<String>,
     pub keywords: Vec<Keywords>,
     pub patterns: Vec<Pattern>,
     pub rules: Vec<FileRule>,
@@ -353,14 +361,15 @@ pub const BUILTIN_DETECTORS: &[&str] = &[
 
 /// Why `name` (a detector, or a prefix ending in `*`) names no detector of `known`,
 /// with the closest known name when one is close; `None` when it does name one.
-/// `[files] card_context`, trimmed; an empty or overlong word is an error at its path.
-fn validate_card_context(words: &[String], v: &mut Validator) -> Vec<String> {
+/// `[files] card_context` or `id_context` (looked for in the `window` characters
+/// before a number), trimmed; an empty or overlong word is an error at its path.
+fn validate_context(key: &str, window: usize, words: &[String], v: &mut Validator) -> Vec<String> {
     for (i, w) in words.iter().enumerate() {
         let len = w.trim().chars().count();
-        if len == 0 || len > 24 {
+        if len == 0 || len > window {
             v.error(
-                format!("files.card_context[{i}]"),
-                format!("`{w}` must be a word of 1 to 24 characters (it is looked for in the 24 before a number)"),
+                format!("files.{key}[{i}]"),
+                format!("`{w}` must be a word of 1 to {window} characters (it is looked for in the {window} before a number)"),
             );
         }
     }
@@ -492,7 +501,8 @@ impl FilesPolicyRaw {
                 );
             }
         }
-        let card_context = validate_card_context(&self.card_context, v);
+        let card_context = validate_context("card_context", 24, &self.card_context, v);
+        let id_context = validate_context("id_context", 15, &self.id_context, v);
         let (keywords, patterns, names) = validate_detectors(self.keywords, self.patterns, v);
         // Every detector a rule or threshold may name: a typo there would be a rule
         // that never fires.
@@ -567,6 +577,7 @@ impl FilesPolicyRaw {
             sensitive_sources: self.sensitive_sources,
             thresholds: self.thresholds,
             card_context,
+            id_context,
             keywords,
             patterns,
             rules,
@@ -693,6 +704,15 @@ exit = ["removable"]
             assert!(err.contains(&expected), "missing `{expected}` in:\n{err}");
         }
         assert!(!err.contains("card_context[0]"), "{err}");
+        let err =
+            policy("[files]\nid_context = [\"户籍号\", \"一二三四五六七八九十一二三四五六\"]\n")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("files.id_context[1]: `一二三四五六七八九十一二三四五六` must be a word of 1 to 15 characters"),
+            "{err}"
+        );
+        assert!(!err.contains("id_context[0]"), "{err}");
     }
 
     #[test]
