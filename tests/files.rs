@@ -938,6 +938,12 @@ fn every_readable_format_copied_onto_a_mount_is_classified() {
             &["unreadable"],
         ),
         (
+            "zeros.zip",
+            samples::zip(&[("zeros.bin", &vec![0u8; 64 << 20])]),
+            &["unreadable"],
+        ),
+        ("深层.gz", ten_thousand_deep(), &["unreadable"]),
+        (
             "header-bomb.7z",
             samples::seven_zip_header_bomb(),
             &["unreadable"],
@@ -1029,6 +1035,10 @@ fn every_readable_format_copied_onto_a_mount_is_classified() {
         let e = got.iter().find(|e| e.path.ends_with(name)).unwrap();
         e.classification[0].samples.join(" ")
     };
+    let zip_bomb = reason("zeros.zip");
+    assert!(zip_bomb.contains("zip bomb refused"), "{zip_bomb}");
+    let deep = reason("深层.gz");
+    assert!(deep.contains("nested more than 3 deep"), "{deep}");
     let bomb = reason("header-bomb.7z");
     assert!(
         bomb.contains("7z: refused: the reader stopped")
@@ -1056,6 +1066,18 @@ fn every_readable_format_copied_onto_a_mount_is_classified() {
         "{} files classified on a real copy; the lying 7z: {bomb}; {dictionary}",
         files.len()
     );
+}
+
+/// An archive 10 000 deep: a tar in a zip in 9 998 gzip layers (stored, so that it
+/// builds fast).
+fn ten_thousand_deep() -> Vec<u8> {
+    use weilan_agent::classify::samples;
+    let mut nested = samples::tar(&[("x", "机密★\n".as_bytes())]);
+    nested = samples::zip(&[("x.tar", &nested)]);
+    for _ in 2..10_000 {
+        nested = samples::gzip(&nested, true);
+    }
+    nested
 }
 
 /// A 7z archive of `entries` written by 7-Zip (`7zz`, its defaults: LZMA2, solid,
