@@ -191,8 +191,11 @@ pub mod extract {
         contain_pdf_library_panics();
         // The agent decompresses 7z in a child process of its own program, with a
         // memory limit (classify/sevenz.rs); run from here that program would be this
-        // fuzzer. The child is not run: a 7z input ends as `unreadable`.
-        weilan_agent::classify::sevenz::use_helper_program("/bin/false".into());
+        // fuzzer. No child is started (the path does not exist): a 7z input ends as
+        // `unreadable`. (Not a program that exits at once: libFuzzer's process does not
+        // ignore SIGPIPE as a Rust program does, and writing the archive to a child
+        // that is gone would kill it.)
+        weilan_agent::classify::sevenz::use_helper_program("/nonexistent/weilan-agent".into());
         static FILE: OnceLock<Mutex<std::fs::File>> = OnceLock::new();
         let file = FILE.get_or_init(|| Mutex::new(tempfile::tempfile().expect("temporary file")));
         let mut f = file.lock().unwrap();
