@@ -102,14 +102,29 @@ fn main() {
     let root = dir.path();
 
     // 1. Throughput: all built-in rules vs none, same stream, same store settings.
+    // (`PURE_ONLY=1`: only part 2, for profiling the evaluation alone.)
     let events: Vec<Envelope> = (1..=n).map(|s| mixed("bench-rules", s)).collect();
+    if std::env::var_os("PURE_ONLY").is_none() {
+        with_storage(&events, n);
+    }
+    pure_evaluation(&events, n);
+    if samples == 0 {
+        return;
+    }
+    latency(root, samples);
+}
+
+/// Part 1: the stream stored and evaluated, with all built-in rules and with none.
+fn with_storage(events: &[Envelope], n: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
     let mut with_rules = Engine::new(true, None).unwrap();
     let rules = with_rules.rule_set().rules().count();
     let mut store = Store::open(&root.join("rules.db")).unwrap();
-    let (t_rules, alerts) = throughput(&mut with_rules, &mut store, &events);
+    let (t_rules, alerts) = throughput(&mut with_rules, &mut store, events);
     let mut no_rules = Engine::new(false, None).unwrap();
     let mut store0 = Store::open(&root.join("plain.db")).unwrap();
-    let (t_plain, _) = throughput(&mut no_rules, &mut store0, &events);
+    let (t_plain, _) = throughput(&mut no_rules, &mut store0, events);
     let s = &with_rules.stats;
     println!("rules: {rules} built-in rules, {n} mixed events (10 kinds), batches of 100 per transaction");
     println!(
@@ -126,7 +141,10 @@ fn main() {
         (t_rules - t_plain) * 1e6 / n as f64,
         t_plain / t_rules
     );
+}
 
+/// Part 2 (issue "Performance", goal 3): evaluation alone.
+fn pure_evaluation(events: &[Envelope], n: u64) {
     // 2. Pure evaluation (issue "Performance", goal 3): the same stream as facts
     // built beforehand, through the rules alone, on one thread, with an in-memory
     // database for the rules' own state (suppression, correlation, alerts) and no
@@ -149,10 +167,10 @@ fn main() {
         t_pure * 1e6 / n as f64,
         pure.stats.errors
     );
+}
 
-    if samples == 0 {
-        return;
-    }
+/// Part 3: alert latency through a real collector.
+fn latency(root: &std::path::Path, samples: u64) {
     // 3. Latency through a real collector.
     let agent = "bench-latency";
     let port = free_port();
