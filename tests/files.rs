@@ -1068,6 +1068,33 @@ fn every_readable_format_copied_onto_a_mount_is_classified() {
     );
 }
 
+/// The 7z reader's confinement, as the agent's child gets it: no capability, and a
+/// Landlock ruleset that refuses every file open and (on a kernel with Landlock ABI 4)
+/// every TCP connection — tried for real by `unpack-7z --check-confinement`.
+#[test]
+fn the_7z_reader_cannot_open_files_or_connect() {
+    let out = Command::new(env!("CARGO_BIN_EXE_weilan-agent"))
+        .args(["unpack-7z", "--check-confinement"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains("landlock: not enforced") {
+        println!(
+            "SKIPPED: this kernel has no Landlock; the reader keeps its rlimits only:\n{text}"
+        );
+        return;
+    }
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.starts_with("capabilities: none; landlock ABI v"),
+        "{text}"
+    );
+    for probe in ["open /etc/passwd: refused", "create a file: refused"] {
+        assert!(text.contains(probe), "{probe} in\n{text}");
+    }
+    println!("{text}");
+}
+
 /// An archive 10 000 deep: a tar in a zip in 9 998 gzip layers (stored, so that it
 /// builds fast).
 fn ten_thousand_deep() -> Vec<u8> {

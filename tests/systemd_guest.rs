@@ -169,6 +169,18 @@ fn units_run_hardened_under_real_systemd() {
     );
     let agent_after = measured(&text, "MEASURED 7z agent:");
     assert!(agent_after.contains("same pid yes"), "{agent_after}");
+    let warnings = figure(
+        &text,
+        "MEASURED 7z confinement warnings in the agent's journal:",
+    );
+    assert_eq!(warnings, 0.0, "{text}");
+    let confinement = measured(&text, "MEASURED 7z confinement on this kernel:");
+    assert!(
+        confinement.contains("capabilities: none; landlock ABI v")
+            && confinement.contains("files closed")
+            && !confinement.contains("allowed"),
+        "{confinement}"
+    );
     // The upload from another namespace was measured in full.
     assert!(figure(&text, "upload:") >= 3_145_728.0, "{text}");
 }

@@ -72,16 +72,19 @@ enum Command {
     },
     /// Print the documented example settings.
     PrintDefaultConfig,
-    /// Internal: the agent's 7z reader, run by the agent itself as a child process with
-    /// memory and time limits (classify/sevenz.rs); reads an archive on stdin.
+    /// Internal: the agent's 7z reader, run by the agent itself as a confined child
+    /// process (classify/sevenz.rs); reads an archive on stdin.
     #[command(name = "unpack-7z", hide = true)]
     Unpack7z {
         /// Most bytes inflated in total.
-        #[arg(long)]
-        budget: u64,
+        #[arg(long, required_unless_present = "check_confinement")]
+        budget: Option<u64>,
         /// CPU seconds before the kernel stops it.
+        #[arg(long, required_unless_present = "check_confinement")]
+        cpu_seconds: Option<u64>,
+        /// Confine as for an archive, try to open files and connect, print what held.
         #[arg(long)]
-        cpu_seconds: u64,
+        check_confinement: bool,
     },
 }
 
@@ -128,9 +131,14 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
         } => enroll_command(collector, token, id, dir),
         Command::PrintDefaultConfig => print_default_config_command(),
         Command::Unpack7z {
+            check_confinement: true,
+            ..
+        } => crate::classify::sevenz::check_confinement(),
+        Command::Unpack7z {
             budget,
             cpu_seconds,
-        } => crate::classify::sevenz::helper_main(budget, cpu_seconds),
+            ..
+        } => crate::classify::sevenz::helper_main(budget.unwrap_or(0), cpu_seconds.unwrap_or(1)),
         Command::Unlock { config, token } => unlock_command(config, token),
         Command::Journal {
             config,

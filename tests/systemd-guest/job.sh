@@ -102,6 +102,10 @@ until_true "both 7z archives classified" 30 has_classes
 echo "MEASURED 7z secret.7z: $(exported /mnt/exit/secret.7z)"
 echo "MEASURED 7z header-bomb.7z: $(exported /mnt/exit/header-bomb.7z)"
 echo "MEASURED 7z agent: same pid $([ "$(prop weilan-agent MainPID)" = "$agent_pid" ] && echo yes || echo no), NRestarts $(prop weilan-agent NRestarts)"
+# The child confines itself (capabilities, Landlock) under the unit's syscall filter;
+# if it could not, the agent logs the child's warning.
+echo "MEASURED 7z confinement warnings in the agent's journal: $(journalctl -u weilan-agent --no-pager | grep -c "partly confined" || true)"
+echo "MEASURED 7z confinement on this kernel: $(/usr/bin/weilan-agent unpack-7z --check-confinement | tr '\n' ';')"
 
 # Watchdog: the recording loop hangs (fault injection), the keep-alives stop, systemd
 # kills and restarts the agent.
