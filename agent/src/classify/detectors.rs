@@ -131,6 +131,18 @@ pub fn is_old_resident_id(s: &str) -> bool {
         && jiff::civil::Date::strptime("%Y%m%d", format!("19{}", &s[6..12])).is_ok()
 }
 
+/// Whether one of `words` or `more` stands in the `window` characters before byte
+/// `start` of `text` (context words: 卡号 before a card, 身份证 before an old ID).
+fn says_before(text: &str, start: usize, window: usize, words: &[&str], more: &[String]) -> bool {
+    let from = text[..start]
+        .char_indices()
+        .rev()
+        .nth(window - 1)
+        .map_or(0, |(i, _)| i);
+    let before = &text[from..start];
+    words.iter().any(|w| before.contains(w)) || more.iter().any(|w| before.contains(w.as_str()))
+}
+
 /// Words that name an identity number just before it.
 const ID_WORDS: &[&str] = &["身份证", "身份号码", "证件号", "公民身份", "ID No", "ID no"];
 
@@ -145,16 +157,7 @@ pub fn resident_ids(text: &str) -> Option<Finding> {
 pub fn resident_ids_with(text: &str, more_context: &[String]) -> Option<Finding> {
     static RE: OnceLock<Regex> = OnceLock::new();
     let re = re(&RE, r"[0-9]{17}[0-9Xx]|[0-9]{15}");
-    let id_word = |start: usize| {
-        let from = text[..start]
-            .char_indices()
-            .rev()
-            .nth(15)
-            .map_or(0, |(i, _)| i);
-        let before = &text[from..start];
-        ID_WORDS.iter().any(|w| before.contains(w))
-            || more_context.iter().any(|w| before.contains(w.as_str()))
-    };
+    let id_word = |start: usize| says_before(text, start, 15, ID_WORDS, more_context);
     collect(
         "prc-resident-id",
         re.find_iter(text)
@@ -310,20 +313,8 @@ pub fn bank_cards_with(text: &str, more_context: &[String]) -> Option<Finding> {
         &RE,
         r"[0-9]{15,19}|[0-9]{4}(?: [0-9]{4}){3}(?: [0-9]{1,3})?|[0-9]{4}(?:-[0-9]{4}){3}(?:-[0-9]{1,3})?",
     );
-    let before = |start: usize| {
-        let from = text[..start]
-            .char_indices()
-            .rev()
-            .nth(23)
-            .map_or(0, |(i, _)| i);
-        &text[from..start]
-    };
-    let card_word = |start: usize| {
-        let before = before(start);
-        CARD_WORDS.iter().any(|w| before.contains(w))
-            || more_context.iter().any(|w| before.contains(w.as_str()))
-    };
-    let account_word = |start: usize| ACCOUNT_WORDS.iter().any(|w| before(start).contains(w));
+    let card_word = |start: usize| says_before(text, start, 24, CARD_WORDS, more_context);
+    let account_word = |start: usize| says_before(text, start, 24, ACCOUNT_WORDS, &[]);
     collect(
         "bank-card",
         re.find_iter(text)
