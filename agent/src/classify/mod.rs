@@ -20,6 +20,27 @@ use weilan_config::policy::files::FilesPolicy;
 
 use detectors::{Finding, KeywordList};
 
+/// `text` with full-width digits, Latin letters, `＋` and `－` (`１１０１０５…`, `Ｘ`, as a
+/// Chinese input method in full-width mode types them) and the ideographic space
+/// (U+3000) as their ASCII characters, so that an identity number, card or mobile
+/// number typed that way is read like one typed in ASCII. Chinese punctuation (`：`,
+/// `，`, `（`) stays as it is: the marks' forms (`密级：机密`) are written with it.
+/// Borrowed when there is nothing to change.
+pub fn half_width(text: &str) -> std::borrow::Cow<'_, str> {
+    let full =
+        |c: char| matches!(c, '０'..='９' | 'Ａ'..='Ｚ' | 'ａ'..='ｚ' | '＋' | '－' | '\u{3000}');
+    if !text.chars().any(full) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    text.chars()
+        .map(|c| match c {
+            '\u{3000}' => ' ',
+            c if full(c) => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
+            c => c,
+        })
+        .collect()
+}
+
 /// The built-in detectors plus the policy's custom keyword lists and patterns.
 #[derive(Default)]
 pub struct Classifier {
@@ -60,8 +81,10 @@ impl Classifier {
         c
     }
 
-    /// Every detector over `text`.
+    /// Every detector over `text` (full-width letters and digits read as their ASCII
+    /// forms first: [`half_width`]).
     pub fn scan(&self, text: &str) -> Vec<Finding> {
+        let text = &*half_width(text);
         let mut out = detectors::scan_with(text, &self.context);
         out.extend(self.keywords.iter().filter_map(|k| k.find(text)));
         for (name, re) in &self.patterns {
@@ -152,6 +175,40 @@ pub fn counts(c: &[Classification]) -> Vec<(&str, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn identifiers_typed_in_full_width_are_read_like_ascii_ones() {
+        let c = Classifier::default();
+        let text = "姓名　张三　身份证号：１１０１０５１９４９１２３１００２Ｘ　手机：１３８１２３４５６７８\n\
+                    卡号：６２２２　０２１２　３４５６　７８９０　１２８";
+        let mut found: Vec<(String, usize)> = c
+            .scan(text)
+            .into_iter()
+            .map(|f| (f.detector, f.count))
+            .collect();
+        found.sort();
+        assert_eq!(
+            found,
+            [
+                ("bank-card".to_string(), 1),
+                ("prc-mobile".to_string(), 1),
+                ("prc-resident-id".to_string(), 1)
+            ]
+        );
+        // Text without them is not copied; Chinese punctuation is left as it is.
+        assert!(matches!(
+            half_width("密级：机密★启用前，（正文）"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(half_width("ＡＢ－１２　：＋８６"), "AB-12 ：+86");
+        // A mark with a full-width period count is still a mark.
+        let marks: Vec<String> = c
+            .scan("机密★１年\n通知")
+            .into_iter()
+            .map(|f| f.detector)
+            .collect();
+        assert_eq!(marks, ["mark:secret"]);
+    }
 
     #[test]
     fn the_policys_own_card_words_make_an_18_digit_number_a_card() {
