@@ -166,6 +166,12 @@ fn compose(rng: &mut StdRng, expected: &[&'static str]) -> Doc {
                 } else {
                     let at = rng.random_range(0..=doc.paragraphs.len());
                     let id = resident_id(rng);
+                    // Typed with an input method in full-width mode, now and then.
+                    let id = if rng.random_bool(0.25) {
+                        full_width(&id)
+                    } else {
+                        id
+                    };
                     let who = name(rng);
                     doc.paragraphs
                         .insert(at, format!("经办人{who}（身份证号{id}）已核对无误。"));
@@ -211,6 +217,11 @@ fn compose(rng: &mut StdRng, expected: &[&'static str]) -> Doc {
                 } else {
                     let who = name(rng);
                     let phone = mobile(rng);
+                    let phone = if rng.random_bool(0.25) {
+                        full_width(&phone)
+                    } else {
+                        phone
+                    };
                     let at = rng.random_range(0..=doc.paragraphs.len());
                     doc.paragraphs
                         .insert(at, format!("联系人：{who}，电话{phone}，请于三日内回复。"));
@@ -418,6 +429,21 @@ fn sentence(rng: &mut StdRng) -> String {
 }
 
 /// Text that looks like a class and is not one.
+/// ASCII digits and letters as a Chinese input method types them in full-width mode
+/// (U+FF10…, U+FF21…), written here independently of the classifier's reading.
+fn full_width(ascii: &str) -> String {
+    ascii
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                char::from_u32(c as u32 + 0xFEE0).expect("full-width form")
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
 fn lookalike(rng: &mut StdRng) -> String {
     let phrase_of = |rng: &mut StdRng| {
         [
@@ -442,13 +468,18 @@ fn lookalike(rng: &mut StdRng) -> String {
         .expect("list")
         .to_string()
     };
-    match rng.random_range(0..14) {
+    match rng.random_range(0..15) {
         0..=3 => phrase_of(rng),
         4 => format!(
             "身份证号 {}（校验位有误，已退回）",
             resident_id_wrong_check(rng)
         ),
         5 => format!("证件号码：{}", resident_id_impossible_date(rng)),
+        // A wrong check character typed in full width is still wrong.
+        14 => format!(
+            "身份证号：{}（待核实）",
+            full_width(&resident_id_wrong_check(rng))
+        ),
         6 => format!(
             "发票代码：{:012}，发票号码：{:08}。",
             rng.random_range(0..1_000_000_000_000u64),
