@@ -191,8 +191,8 @@ fn read_bounded<T: Send + 'static>(
     }
 }
 
-/// The text of a PDF (`pdf-extract`), after fonts whose predefined CMap codes
-/// characters by their Unicode value are given a reading `pdf-extract` knows.
+/// The text of a PDF (`pdf-extract`), after fonts with a predefined CMap coded by
+/// Unicode or GBK are given a reading `pdf-extract` knows.
 fn pdf_text(bytes: &[u8]) -> Result<String, String> {
     let mut doc = pdf_extract::Document::load_mem(bytes).map_err(|e| e.to_string())?;
     if doc.is_encrypted() {
@@ -206,7 +206,7 @@ fn pdf_text(bytes: &[u8]) -> Result<String, String> {
             page.0, page.1
         ));
     }
-    if let Some(name) = unicode_cmaps_as_identity(&mut doc) {
+    if let Some(name) = predefined_cmaps_made_readable(&mut doc) {
         return Err(format!("a font's encoding {name} is not read"));
     }
     let mut text = String::new();
@@ -250,7 +250,7 @@ fn page_tree_cycle(doc: &pdf_extract::Document) -> Option<pdf_extract::ObjectId>
 ///
 /// Another predefined CMap (`B5pc-H` …) is returned by name: the PDF is then reported
 /// unreadable, naming it.
-fn unicode_cmaps_as_identity(doc: &mut pdf_extract::Document) -> Option<String> {
+fn predefined_cmaps_made_readable(doc: &mut pdf_extract::Document) -> Option<String> {
     use pdf_extract::{Object, Stream};
     let unicode_coded = |name: &[u8]| {
         let name = String::from_utf8_lossy(name);
