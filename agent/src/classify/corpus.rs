@@ -273,11 +273,18 @@ fn place_mark(rng: &mut StdRng, doc: &mut Doc, class: &str) {
             ),
             _ => String::new(),
         };
-        match rng.random_range(0..10) {
+        // Some templates space the level's two characters apart to align them.
+        let spaced: String = level
+            .chars()
+            .map(String::from)
+            .collect::<Vec<_>>()
+            .join("\u{3000}");
+        match rng.random_range(0..11) {
             0..=5 => format!("{level}★{period}"),
             6 => format!("{level} ★ {period}"),
             7 => format!("密级：{level}"),
             8 => format!("【{level}】"),
+            9 => format!("{spaced}★{period}"),
             _ => level.to_string(),
         }
     } else {

@@ -393,11 +393,11 @@ pub fn classification_marks(text: &str) -> Vec<Finding> {
     static ORG_STAR: OnceLock<Regex> = OnceLock::new();
     let star = re(
         &STAR,
-        r"(?:★\s*)?(绝密|机密|秘密)\s*★\s*(?:启用前|长期|[0-9一二三四五六七八九十]+\s*(?:年|个月|月|日|天))?|★\s*(绝密|机密|秘密)",
+        r"(?:★\s*)?(绝\s?密|机\s?密|秘\s?密)\s*★\s*(?:启用前|长期|[0-9一二三四五六七八九十]+\s*(?:年|个月|月|日|天))?|★\s*(绝\s?密|机\s?密|秘\s?密)",
     );
     let label = re(
         &LABEL,
-        r"密\s*级\s*[:：]?\s*[“\x22【\[]?\s*(绝密|机密|秘密)",
+        r"密\s*级\s*[:：]?\s*[“\x22【\[]?\s*(绝\s?密|机\s?密|秘\s?密)",
     );
     let internal = re(
         &INTERNAL,
@@ -427,7 +427,13 @@ pub fn classification_marks(text: &str) -> Vec<Finding> {
             .captures_iter(line)
             .filter(|c| c[0].starts_with('★') || starts_a_word(c.get(0).map_or(0, |m| m.start())));
         for c in starred.chain(label.captures_iter(line)) {
-            let word = c.get(1).or_else(|| c.get(2)).map_or("", |m| m.as_str());
+            // A template may space the level's two characters apart (`机　密★`).
+            let word: String = c
+                .get(1)
+                .or_else(|| c.get(2))
+                .map_or("", |m| m.as_str())
+                .split_whitespace()
+                .collect();
             if let Some((_, class)) = NATIONAL_MARKS.iter().find(|(w, _)| *w == word) {
                 found.note(class, c[0].trim(), n);
             }
@@ -454,10 +460,12 @@ pub fn classification_marks(text: &str) -> Vec<Finding> {
         if head > HEAD_LINES || found.total() > before_line {
             continue;
         }
-        // A first line that is nothing but a mark.
+        // A first line that is nothing but a mark (its characters perhaps spaced
+        // apart: `机　密`).
+        let unspaced: String = bare.split_whitespace().collect();
         let alone = NATIONAL_MARKS
             .iter()
-            .find(|(w, _)| *w == bare)
+            .find(|(w, _)| *w == unspaced)
             .map(|(_, class)| *class)
             .or(match bare.to_uppercase().as_str() {
                 "内部" => Some("internal"),
@@ -836,6 +844,11 @@ mod tests {
             ("密级：秘密  保密期限：10年\n正文", "confidential"),
             ("【机密】\n2027年人员编制方案", "secret"),
             ("\n\n   绝密   \n正文", "top-secret"),
+            // The two characters spaced apart, as some templates align them.
+            ("机　密★１年\n通知", "secret"),
+            ("秘 密 ★ 启用前", "confidential"),
+            ("密级：绝　密\n正文", "top-secret"),
+            ("\n  机　密  \n正文", "secret"),
         ] {
             assert_eq!(marks(text), one(class), "{text:?}");
         }
