@@ -917,11 +917,6 @@ fn excel97(doc: &Doc) -> Vec<u8> {
                 .map(|row| row.iter().map(Cell::text).collect()),
         )
         .collect();
-    let rows: Vec<Vec<&str>> = rows
-        .iter()
-        .map(|r| r.iter().map(String::as_str).collect())
-        .collect();
-    let rows: Vec<&[&str]> = rows.iter().map(Vec::as_slice).collect();
     samples::xls(&rows)
 }
 

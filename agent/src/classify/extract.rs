@@ -111,27 +111,20 @@ pub fn extract_file(mut f: std::fs::File, limits: Limits) -> Extracted {
             Err(e) => return Extracted::Failed(e.to_string()),
         }
     }
-    if head[..n].starts_with(b"%PDF") {
-        if size > limits.max_bytes {
-            // A PDF's cross-reference table is at its end: a prefix cannot be parsed.
-            return Extracted::Failed(format!(
-                "pdf of {size} bytes is over the {} byte extraction limit",
-                limits.max_bytes
-            ));
-        }
-        return pdf(bytes, limits);
+    // A PDF's cross-reference table and a 7z archive's header are at the file's end:
+    // a prefix of either cannot be read.
+    let indexed_at_end = if bytes.starts_with(b"%PDF") {
+        Some("pdf")
+    } else {
+        is_7z(&bytes).then_some("7z")
+    };
+    if let Some(kind) = indexed_at_end.filter(|_| size > limits.max_bytes) {
+        return Extracted::Failed(format!(
+            "{kind} of {size} bytes is over the {} byte extraction limit",
+            limits.max_bytes
+        ));
     }
-    if is_7z(&bytes) {
-        if size > limits.max_bytes {
-            // A 7z archive's header is at its end: a prefix cannot be opened.
-            return Extracted::Failed(format!(
-                "7z of {size} bytes is over the {} byte extraction limit",
-                limits.max_bytes
-            ));
-        }
-        return seven_zip(&bytes, limits, 0);
-    }
-    if bytes.starts_with(&[0x1f, 0x8b]) || is_tar(&bytes) {
+    if indexed_at_end.is_some() || bytes.starts_with(&[0x1f, 0x8b]) || is_tar(&bytes) {
         return extract_bytes(bytes, limits, 0);
     }
     if data_bytes < size {
@@ -175,7 +168,7 @@ fn read_bounded<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, String> + Send + 'static,
 ) -> Result<T, Extracted> {
     let failed = |reason: String| Err(Extracted::Failed(format!("{kind}: {reason}")));
-    match bounded(runaway, MAX_RUNAWAY_PDF, limits.max_time, work) {
+    match bounded(runaway, MAX_RUNAWAY_READERS, limits.max_time, work) {
         Bounded::Done(Ok(Ok(value))) => Ok(value),
         Bounded::Done(Ok(Err(e))) => failed(e),
         Bounded::Done(Err(())) => failed("the parser failed on this file".into()),
@@ -429,34 +422,59 @@ const GBK_CODES_AS_CIDS: &str = "/CIDInit /ProcSet findresource begin 12 dict be
      endcmap CMapName currentdict /CMap defineresource pop end end\n";
 
 /// A `ToUnicode` CMap mapping each of the GBK `codes` to its character (codes that are
-/// not GBK characters left out), in blocks of at most 100.
+/// not GBK characters left out).
 fn gbk_to_unicode(codes: &std::collections::BTreeSet<u16>) -> String {
-    let mut pairs = Vec::new();
-    for &code in codes {
+    let pairs = codes.iter().filter_map(|&code| {
         let bytes = code.to_be_bytes();
-        let (source, text) = if code <= 0x80 {
-            (
-                format!("{code:02X}"),
-                encoding_rs::GBK.decode_without_bom_handling(&bytes[1..]).0,
-            )
+        let (source, gbk) = if code <= 0x80 {
+            (format!("{code:02X}"), &bytes[1..])
         } else {
-            (
-                format!("{code:04X}"),
-                encoding_rs::GBK.decode_without_bom_handling(&bytes).0,
-            )
+            (format!("{code:04X}"), &bytes[..])
         };
-        if text.contains('\u{FFFD}') || text.chars().count() != 1 {
-            continue;
-        }
-        let target: String = text.encode_utf16().map(|u| format!("{u:04X}")).collect();
-        pairs.push(format!("<{source}> <{target}>\n"));
-    }
-    let mut m = String::from(
+        let text = encoding_rs::GBK.decode_without_bom_handling(gbk).0;
+        let one_char = !text.contains('\u{FFFD}') && text.chars().count() == 1;
+        one_char.then(|| (source, text.encode_utf16().collect()))
+    });
+    to_unicode_cmap(
+        "Weilan-GBK-UCS",
+        "2 begincodespacerange <00> <80> <8140> <FEFE>",
+        pairs,
+    )
+}
+
+/// A `ToUnicode` CMap mapping each of `codes` to the same UTF-16 value (surrogate
+/// halves left out).
+fn identity_to_unicode(codes: &std::collections::BTreeSet<u16>) -> String {
+    let pairs = codes
+        .iter()
+        .filter(|c| !(0xD800..=0xDFFF).contains(*c))
+        .map(|&c| (format!("{c:04X}"), vec![c]));
+    to_unicode_cmap(
+        "Weilan-Identity-UCS",
+        "1 begincodespacerange <0000> <FFFF>",
+        pairs,
+    )
+}
+
+/// A `ToUnicode` CMap named `name` over `codespace` (the `begincodespacerange` line
+/// without its end), mapping each source code (hex) to its UTF-16 units, in
+/// `bfchar` blocks of at most 100 as the format requires.
+fn to_unicode_cmap(
+    name: &str,
+    codespace: &str,
+    pairs: impl Iterator<Item = (String, Vec<u16>)>,
+) -> String {
+    let lines: Vec<String> = pairs
+        .map(|(source, units)| {
+            let target: String = units.iter().map(|u| format!("{u:04X}")).collect();
+            format!("<{source}> <{target}>\n")
+        })
+        .collect();
+    let mut m = format!(
         "/CIDInit /ProcSet findresource begin 12 dict begin begincmap\n\
-         /CMapName /Weilan-GBK-UCS def /CMapType 2 def\n\
-         2 begincodespacerange <00> <80> <8140> <FEFE> endcodespacerange\n",
+         /CMapName /{name} def /CMapType 2 def\n{codespace} endcodespacerange\n"
     );
-    for block in pairs.chunks(100) {
+    for block in lines.chunks(100) {
         m.push_str(&format!(
             "{} beginbfchar\n{}endbfchar\n",
             block.len(),
@@ -467,32 +485,9 @@ fn gbk_to_unicode(codes: &std::collections::BTreeSet<u16>) -> String {
     m
 }
 
-/// A `ToUnicode` CMap mapping each of `codes` to the same UTF-16 value (surrogate
-/// halves left out), in blocks of at most 100 as the format requires.
-fn identity_to_unicode(codes: &std::collections::BTreeSet<u16>) -> String {
-    let codes: Vec<u16> = codes
-        .iter()
-        .copied()
-        .filter(|c| !(0xD800..=0xDFFF).contains(c))
-        .collect();
-    let mut m = String::from(
-        "/CIDInit /ProcSet findresource begin 12 dict begin begincmap\n\
-         /CMapName /Weilan-Identity-UCS def /CMapType 2 def\n\
-         1 begincodespacerange <0000> <FFFF> endcodespacerange\n",
-    );
-    for block in codes.chunks(100) {
-        m.push_str(&format!("{} beginbfchar\n", block.len()));
-        for c in block {
-            m.push_str(&format!("<{c:04X}> <{c:04X}>\n"));
-        }
-        m.push_str("endbfchar\n");
-    }
-    m.push_str("endcmap CMapName currentdict /CMap defineresource pop end end");
-    m
-}
-
-/// PDF readers that may run on past their time limit at once.
-pub const MAX_RUNAWAY_PDF: usize = 2;
+/// Readers of one kind (PDF, OLE2, RTF: [`read_bounded`]) that may run on past their
+/// time limit at once.
+pub const MAX_RUNAWAY_READERS: usize = 2;
 
 /// How a [`bounded`] piece of work went.
 #[derive(Debug)]

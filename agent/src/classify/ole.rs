@@ -472,13 +472,7 @@ mod tests {
 
     /// [`payroll`] as an Excel 97 workbook.
     fn payroll_xls() -> Vec<u8> {
-        let rows = payroll();
-        let refs: Vec<Vec<&str>> = rows
-            .iter()
-            .map(|r| r.iter().map(String::as_str).collect())
-            .collect();
-        let refs: Vec<&[&str]> = refs.iter().map(Vec::as_slice).collect();
-        samples::xls(&refs)
+        samples::xls(&payroll())
     }
 
     /// The rows of a payroll sheet long enough for the shared strings to cross

@@ -465,17 +465,22 @@ fn biff(kind: u16, data: &[u8]) -> Vec<u8> {
 /// kept as text in real sheets, because a number cell holds only 15 significant
 /// digits), any other a shared string; the shared string
 /// table is split over `CONTINUE` records at BIFF8's 8 224-byte record limit, a
-/// string's characters crossing a record boundary as Excel writes them.
-pub fn xls(rows: &[&[&str]]) -> Vec<u8> {
+/// string's characters crossing a record boundary as Excel writes them. `rows` may be
+/// borrowed (`&[&["a", "b"]]`) or owned (`&[vec![String]]`).
+pub fn xls<Row: AsRef<[Cell]>, Cell: AsRef<str>>(rows: &[Row]) -> Vec<u8> {
     const MAX: usize = 8224;
+    let rows: Vec<Vec<&str>> = rows
+        .iter()
+        .map(|r| r.as_ref().iter().map(AsRef::as_ref).collect())
+        .collect();
     let numeric = |cell: &str| {
         !cell.is_empty() && cell.len() <= 15 && cell.bytes().all(|b| b.is_ascii_digit())
     };
     let mut strings: Vec<&str> = Vec::new();
-    for row in rows {
+    for row in &rows {
         for cell in row.iter() {
             if !numeric(cell) && !strings.contains(cell) {
-                strings.push(cell);
+                strings.push(*cell);
             }
         }
     }

@@ -85,17 +85,19 @@ pub fn unpack(archive: &[u8], limits: Limits) -> Result<Vec<Frame>, String> {
     } else {
         run_child(archive, limits)?
     };
-    let frames = read_frames(&answer.stdout);
-    if frames.is_ok() && !answer.stderr.is_empty() {
-        warn_once(&answer.stderr);
+    if answer.killed_at_time_limit {
+        return Err(format!(
+            "reading took longer than {:?}: stopped",
+            limits.max_time
+        ));
     }
-    match frames {
-        Ok(frames) if answer.killed_at_time_limit => Err(format!(
-            "reading took longer than {:?} (after {} entries)",
-            limits.max_time,
-            frames.len()
-        )),
-        Ok(frames) => Ok(frames),
+    match read_frames(&answer.stdout) {
+        Ok(frames) => {
+            if !answer.stderr.is_empty() {
+                warn_once(&answer.stderr);
+            }
+            Ok(frames)
+        }
         Err(cut) => Err(answer.why_it_stopped(cut)),
     }
 }
@@ -123,9 +125,6 @@ impl Answer {
     /// Why the frames stopped short: the child's last words and how it ended.
     fn why_it_stopped(&self, cut: String) -> String {
         use std::os::unix::process::ExitStatusExt;
-        if self.killed_at_time_limit {
-            return "reading took longer than the time limit: stopped".into();
-        }
         // What a Rust process says as it dies comes first (`memory allocation of N
         // bytes failed`; a panic's place, then its message); a backtrace follows.
         let stderr = String::from_utf8_lossy(&self.stderr);
