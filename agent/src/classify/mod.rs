@@ -211,6 +211,25 @@ mod tests {
     }
 
     #[test]
+    fn the_policys_own_identity_words_make_a_15_digit_number_an_id() {
+        let text = "户籍号 110105491231002\n";
+        let ids = |c: &Classifier| {
+            c.scan(text)
+                .into_iter()
+                .filter(|f| f.detector == "prc-resident-id")
+                .count()
+        };
+        assert_eq!(ids(&Classifier::default()), 0, "户籍号 is no built-in word");
+        let policy = weilan_config::policy::parse(
+            "version = \"t\"\n[files]\nid_context = [\"户籍号\"]\n",
+            "policy.toml",
+        )
+        .unwrap();
+        let c = Classifier::from_policy(&policy.files, extract::Limits::default());
+        assert_eq!(ids(&c), 1);
+    }
+
+    #[test]
     fn the_policys_own_card_words_make_an_18_digit_number_a_card() {
         // An 18-digit UnionPay number (Luhn-valid): the length of identity numbers,
         // so a card only next to a card word.
