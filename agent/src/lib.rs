@@ -24,6 +24,7 @@ pub mod guard;
 pub mod journal;
 pub mod ledger;
 pub mod policy_manager;
+pub mod procevents;
 pub mod procinfo;
 pub mod recorder;
 pub mod renewal;

@@ -88,6 +88,59 @@ pub fn process(pid: u32) -> Option<ProcessInfo> {
     })
 }
 
+/// Who runs `pid`, read in the order things vanish when a process exits: its
+/// executable first (gone once it starts exiting), then its command line, then its
+/// real uid (readable until it is reaped). Three plain reads, no parsing beyond the
+/// uid line: this runs at every exec on the machine, racing the process's exit.
+/// `None` once the process is reaped.
+pub fn brief(pid: u32) -> Option<ProcessBrief> {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|p| p.display().to_string());
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .ok()
+        .filter(|raw| !raw.is_empty())
+        .map(|raw| {
+            let args: Vec<String> = raw
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let mut s = args.join(" ");
+            if s.len() > 4096 {
+                let mut cut = 4096;
+                while !s.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                s.truncate(cut);
+            }
+            s
+        });
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok());
+    Some(ProcessBrief {
+        pid,
+        exe,
+        cmdline,
+        uid,
+        user: uid.and_then(user_name),
+    })
+}
+
+/// What [`brief`] reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessBrief {
+    pub pid: u32,
+    pub exe: Option<String>,
+    pub cmdline: Option<String>,
+    /// Real uid.
+    pub uid: Option<u32>,
+    pub user: Option<String>,
+}
+
 /// The arguments of `pid` as the process was started.
 pub fn args(pid: u32) -> Option<Vec<String>> {
     Process::new(pid as i32).ok()?.cmdline().ok()

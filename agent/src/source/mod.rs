@@ -128,6 +128,18 @@ impl EventSink {
         }
     }
 
+    /// Reports a problem of `source` as `agent.source_error` (and in the log); the
+    /// source carries on.
+    pub async fn report(&self, source: &str, error: String) -> Result<(), SourceError> {
+        tracing::warn!(source, error = %error, "source problem reported");
+        self.emit(Event::AgentSourceError(weilan_config::event::SourceError {
+            source: source.into(),
+            error,
+            restart_in_secs: 0,
+        }))
+        .await
+    }
+
     /// Reports a problem of `source` as `agent.source_error` (and in the log), from a
     /// blocking thread; `restart_in_secs` says when the source tries again (0: it
     /// carries on, or will not retry).

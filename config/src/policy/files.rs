@@ -327,6 +327,14 @@ impl FilesPolicy {
         self.rules.iter().any(|r| r.action == FileAction::Deny)
     }
 
+    /// Whether a `deny` rule can apply to an exit point of this kind (the agent then
+    /// makes opens on it wait for a decision).
+    pub fn deny_applies_to(&self, exit: ExitKind) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.action == FileAction::Deny && (r.exit.is_empty() || r.exit.contains(&exit)))
+    }
+
     /// The first `deny` rule matching `findings` on `exit`, if any.
     pub fn deny_rule(&self, findings: &[(&str, u64)], exit: ExitKind) -> Option<FileVerdict> {
         let v = self.decide(findings, exit);

@@ -154,7 +154,12 @@ fn scan_new_dir(dir: &Path, out: &mut Vec<RawEvent>) {
 }
 
 impl FileBackend for InotifyBackend {
-    fn mark_mount(&mut self, mount_point: &Path, _whole_fs: bool) -> Result<(), String> {
+    fn mark_mount(
+        &mut self,
+        mount_point: &Path,
+        _whole_fs: bool,
+        _refuse: bool,
+    ) -> Result<(), String> {
         self.watcher
             .watch(mount_point, RecursiveMode::Recursive)
             .map_err(|e| format!("inotify watch {}: {e}", mount_point.display()))

@@ -1,16 +1,26 @@
 //! fanotify backend: marks exit points — the whole file system (`FAN_MARK_FILESYSTEM`,
 //! so writers in other mount namespaces are seen too) or, for a bind mount of a
-//! subtree, the mount (`FAN_MARK_MOUNT`) — for `FAN_OPEN_PERM`,
-//! `FAN_MODIFY` and `FAN_CLOSE_WRITE`, and sensitive source folders (inode marks on
-//! each folder, `FAN_EVENT_ON_CHILD`) for `FAN_OPEN_PERM`.
+//! subtree, the mount (`FAN_MARK_MOUNT`) — for `FAN_MODIFY` and `FAN_CLOSE_WRITE`, and
+//! sensitive source folders (inode marks on each folder, `FAN_EVENT_ON_CHILD`) for
+//! opens.
 //!
-//! Attribution needs the writer's `/proc` entry, and a short-lived `cp` has exited
-//! (its `exe` unreadable) by the time its close-write event is read. So the group is a
-//! content-class group: every open on an exit point waits for our answer, and while it
-//! waits we read the opener's exe, command line and user, then answer. Later write
-//! events of that pid use what was read then. Every permission event is answered (a
-//! silent handler would freeze the file system); if the agent dies the kernel
-//! releases waiting opens when the group closes.
+//! Permission events only where a refusal can follow: an exit point gets
+//! `FAN_OPEN_PERM` only while a `deny` rule of the policy applies to its kind, and
+//! source folders get `FAN_OPEN_PERM` only while the policy has a `deny` rule
+//! (otherwise a plain `FAN_OPEN` notification). Every other write is a notification:
+//! the writer never waits for the agent.
+//!
+//! Attribution: a notification carries only the writer's pid, and a short-lived `cp`
+//! may have exited by the time it is read. So a second thread keeps a table of
+//! processes from the kernel's process connector ([`super::writers`]): each exec is
+//! read from `/proc` as it happens (that thread wakes at once, even while the file
+//! thread works through a storm), forks inherit their parent's description, and exits
+//! are kept a while for queued events. A writer is still named by pid only if it
+//! exited before even its exec could be read (a machine starved of CPU for the
+//! process's whole life); where a `deny` rule applies, the opener waits and is read
+//! while it waits, as before.
+//! Every permission event is answered (a silent handler would freeze the file
+//! system); if the agent dies the kernel releases waiting opens when the group closes.
 //!
 //! ## What `deny` refuses (and what it does not)
 //! With a `deny` rule in the policy, opens are refused (`EPERM`) when
@@ -28,15 +38,15 @@
 //! paths: its receiver is another process), content retyped or transformed. Those
 //! files are still reported when they land, and a `deny` rule then quarantines them.
 //!
-//! A thread reads the group (non-blocking, with poll) and hands batches over a bounded
-//! channel; when the consumer is slow the kernel queue fills and overflows, which is
-//! reported, never silent.
+//! A thread reads the group (non-blocking, with poll) and hands batches over a
+//! bounded channel; when the consumer is slow the kernel queue fills
+//! and overflows, which is reported, never silent (and a rescan finds the files).
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::fanotify::{
@@ -45,12 +55,16 @@ use nix::sys::fanotify::{
 use tokio::sync::mpsc;
 use weilan_config::event::{Classification, FileEnforced, FileSourceRead};
 
+use super::writers::Writers;
 use super::{FileBackend, Guard, GuardState, RawEvent, Writer};
 use crate::classify;
+use crate::procevents::{ExecOpenError, ProcConnector, ProcEvent};
 use crate::source::BoxFuture;
 
 pub struct FanotifyBackend {
     fan: Arc<Fanotify>,
+    /// File systems (`st_dev`) whose program starts are watched.
+    programs_on: HashSet<u64>,
     rx: mpsc::Receiver<Vec<RawEvent>>,
     stop: Arc<AtomicBool>,
     guard: Guard,
@@ -59,6 +73,16 @@ pub struct FanotifyBackend {
 impl FanotifyBackend {
     /// Needs CAP_SYS_ADMIN (root) in the initial user namespace.
     pub fn new() -> Result<Self, String> {
+        Self::build(true)
+    }
+
+    /// As on a host where the process connector is unavailable (a container): writers
+    /// are named from program starts and `/proc` alone. For tests.
+    pub fn without_process_events() -> Result<Self, String> {
+        Self::build(false)
+    }
+
+    fn build(process_events: bool) -> Result<Self, String> {
         let fan = Fanotify::init(
             InitFlags::FAN_CLASS_CONTENT | InitFlags::FAN_CLOEXEC | InitFlags::FAN_NONBLOCK,
             EventFFlags::O_RDONLY | EventFFlags::O_LARGEFILE | EventFFlags::O_CLOEXEC,
@@ -68,13 +92,35 @@ impl FanotifyBackend {
         let (tx, rx) = mpsc::channel(64);
         let stop = Arc::new(AtomicBool::new(false));
         let guard: Guard = Arc::default();
+        let mut writers = new_writers();
+        let inbox: Inbox = Arc::default();
+        let connector = if process_events {
+            ProcConnector::open()
+        } else {
+            Err(ExecOpenError::Unavailable("not asked for".into()))
+        };
+        match connector {
+            Ok(connector) => {
+                writers.events_started();
+                let (w, t, s) = (inbox.clone(), tx.clone(), stop.clone());
+                std::thread::Builder::new()
+                    .name("fanotify-procs".into())
+                    .spawn(move || watch_processes(connector, &w, &t, &s))
+                    .map_err(|e| e.to_string())?;
+            }
+            Err(ExecOpenError::Unavailable(e)) => {
+                tracing::info!(error = %e, "writers are read from /proc when their events arrive");
+            }
+            Err(ExecOpenError::Failed(e)) => return Err(e),
+        }
         let (f, s, g) = (fan.clone(), stop.clone(), guard.clone());
         std::thread::Builder::new()
             .name("fanotify".into())
-            .spawn(move || read_loop(&f, &tx, &s, &g))
+            .spawn(move || read_loop(&f, Seen::new(writers, inbox), &tx, &s, &g))
             .map_err(|e| e.to_string())?;
         Ok(FanotifyBackend {
             fan,
+            programs_on: HashSet::new(),
             rx,
             stop,
             guard,
@@ -102,12 +148,37 @@ const MAX_READERS: usize = 4096;
 const MAX_READS_PER_PID: usize = 64;
 const MAX_CLASSIFIED: usize = 4096;
 
+/// What the process-event thread learnt, waiting for the file-event thread.
+enum Update {
+    Event(ProcEvent, Option<Writer>),
+    /// The connector dropped events.
+    Lost,
+    /// The connector failed.
+    Stopped,
+}
+
+/// Updates handed from the process-event thread to the file-event thread. The lock
+/// is held only to push or to swap the vector: the process-event thread, which races
+/// exiting processes, never waits behind a lookup.
+/// The condition variable wakes a file-event thread waiting for a process's fork.
+type Inbox = Arc<(Mutex<Vec<Update>>, std::sync::Condvar)>;
+
+/// Longest the file-event thread waits for the fork of a writer it knows only by
+/// the program it started (a short-lived one, gone before it was read). Forks need
+/// no `/proc` read, so the process-event thread hands them over at once.
+const FORK_WAIT: Duration = Duration::from_millis(20);
+
+/// Most updates waiting; beyond, they are dropped and the table forgotten (as when
+/// the kernel drops events). The file thread takes them at least every 500 ms.
+const MAX_WAITING_UPDATES: usize = 65_536;
+
 /// The reader thread's memory.
-#[derive(Default)]
 struct Seen {
-    /// Openers seen in permission events on exit points, by pid, with the process's
-    /// start time (a reused pid is a different process).
-    openers: HashMap<i32, (u64, Writer)>,
+    /// Who each process is.
+    writers: Writers,
+    inbox: Inbox,
+    /// When a wait for a writer's fork last ran out.
+    wait_ran_out: Option<Instant>,
     /// Sensitive source files each process opened.
     reads: HashMap<i32, Vec<SourceOpen>>,
     /// (pid, path) already reported as `file.source_read`.
@@ -116,11 +187,153 @@ struct Seen {
     classified: HashMap<(u64, u64, u64, i64), Vec<Classification>>,
 }
 
-fn read_loop(fan: &Fanotify, tx: &mpsc::Sender<Vec<RawEvent>>, stop: &AtomicBool, guard: &Guard) {
+impl Seen {
+    fn new(writers: Writers, inbox: Inbox) -> Seen {
+        Seen {
+            writers,
+            inbox,
+            wait_ran_out: None,
+            reads: HashMap::new(),
+            reported_reads: HashSet::new(),
+            classified: HashMap::new(),
+        }
+    }
+
+    /// Applies what the process-event thread learnt since last time.
+    fn take_updates(&mut self) {
+        let updates = std::mem::take(&mut *self.inbox.0.lock().unwrap_or_else(|e| e.into_inner()));
+        for u in updates {
+            match u {
+                Update::Event(e, described) => self.writers.apply(e, described),
+                Update::Lost => self.writers.events_lost(),
+                Update::Stopped => self.writers.events_stopped(),
+            }
+        }
+    }
+
+    /// Who `pid` is. A process known only partly (gone before it was read) is
+    /// looked up again once the process-event thread has handed over what it has:
+    /// its fork (its parent's user) follows within moments. That wait is bounded,
+    /// and skipped for a while after one ran out (that thread is behind).
+    fn writer(&mut self, pid: i32) -> Option<Writer> {
+        let pid = u32::try_from(pid).ok()?;
+        let complete = |w: &Option<Writer>| {
+            w.as_ref()
+                .is_some_and(|w| w.exe.is_some() && w.uid.is_some())
+        };
+        let mut found = self.writers.lookup(pid);
+        if complete(&found) || !self.writers.events_complete() {
+            return found;
+        }
+        let deadline = Instant::now() + FORK_WAIT;
+        let waiting_allowed = self.wait_ran_out.is_none_or(|t| t.elapsed() > WAIT_PAUSE);
+        loop {
+            self.take_updates();
+            found = self.writers.lookup(pid).or(found);
+            if complete(&found) || !waiting_allowed {
+                return found;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                self.wait_ran_out = Some(now);
+                return found;
+            }
+            let (lock, more) = &*self.inbox;
+            let waiting = lock.lock().unwrap_or_else(|e| e.into_inner());
+            if waiting.is_empty() {
+                let _ = more.wait_timeout(waiting, deadline - now);
+            }
+        }
+    }
+}
+
+/// After a wait for a fork ran out, how long no writer waits again.
+const WAIT_PAUSE: Duration = Duration::from_secs(1);
+
+/// The table of processes, read from `/proc`.
+fn new_writers() -> Writers {
+    Writers::new(
+        Box::new(|pid| writer(pid as i32)),
+        Box::new(|pid| {
+            let started = start_time(pid as i32)?;
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+                .ok()
+                .map(|p| p.display().to_string());
+            Some((started, exe))
+        }),
+    )
+}
+
+/// Keeps the table of processes from the connector's events, on a thread of its own:
+/// it wakes at each exec, even while the file-event thread works through a storm, so
+/// a short-lived writer is read before it exits.
+fn watch_processes(
+    mut connector: ProcConnector,
+    inbox: &(Mutex<Vec<Update>>, std::sync::Condvar),
+    tx: &mpsc::Sender<Vec<RawEvent>>,
+    stop: &AtomicBool,
+) {
+    if let Err(e) = crate::procevents::hurry_this_thread() {
+        tracing::warn!(error = %e, "the process-event thread runs at normal priority: on a busy machine a short-lived writer may be named by pid only");
+    }
+    let hand_over = |u: Update| {
+        let mut waiting = inbox.0.lock().unwrap_or_else(|e| e.into_inner());
+        if waiting.len() >= MAX_WAITING_UPDATES {
+            waiting.clear();
+            waiting.push(Update::Lost);
+        }
+        waiting.push(u);
+        inbox.1.notify_one();
+    };
+    let mut events = Vec::new();
+    let mut lost = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        events.clear();
+        match connector.recv(true, &mut events) {
+            Ok(false) => {}
+            Ok(true) => {
+                hand_over(Update::Lost);
+                lost += 1;
+                // Said once, then every 100th: the storm that caused it may last.
+                if lost == 1 || lost.is_multiple_of(100) {
+                    let problem = format!(
+                        "process notifications overflowed ({lost} times so far): writers that exited before their file events were read may be named by pid only"
+                    );
+                    if tx.blocking_send(vec![RawEvent::Degraded(problem)]).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                hand_over(Update::Stopped);
+                let problem = format!(
+                    "{e}: writers are read from /proc when their events arrive (one that exited first is named by pid only)"
+                );
+                let _ = tx.blocking_send(vec![RawEvent::Degraded(problem)]);
+                return;
+            }
+        }
+        for event in &events {
+            let described = match *event {
+                ProcEvent::Exec { pid } | ProcEvent::Uid { pid } => writer(pid as i32),
+                _ => None,
+            };
+            hand_over(Update::Event(*event, described));
+        }
+    }
+}
+
+fn read_loop(
+    fan: &Fanotify,
+    mut seen: Seen,
+    tx: &mpsc::Sender<Vec<RawEvent>>,
+    stop: &AtomicBool,
+    guard: &Guard,
+) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let me = std::process::id() as i32;
-    let mut seen = Seen::default();
     while !stop.load(Ordering::Relaxed) {
+        seen.take_updates(); // also while idle: the inbox stays short
         let mut fds = [PollFd::new(fan.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::from(500u16)) {
             Ok(0) => continue,
@@ -139,79 +352,11 @@ fn read_loop(fan: &Fanotify, tx: &mpsc::Sender<Vec<RawEvent>>, stop: &AtomicBool
                 return;
             }
         };
+        // Execs read until now come first: they precede these writes.
+        seen.take_updates();
         let mut batch = Vec::with_capacity(events.len());
         for ev in &events {
-            let mask = ev.mask();
-            if mask.contains(MaskFlags::FAN_Q_OVERFLOW) {
-                batch.push(RawEvent::Overflow);
-                continue;
-            }
-            let Some(fd) = ev.fd() else { continue };
-            if mask.contains(MaskFlags::FAN_OPEN_PERM) {
-                let allow = if ev.pid() == me {
-                    true // the agent's own reads (hashing, quarantine)
-                } else {
-                    let g = guard.read().unwrap_or_else(|e| e.into_inner());
-                    on_open(&g, &mut seen, ev.pid(), fd, &mut batch)
-                };
-                // Always answer, and at once: the opener is waiting.
-                let response = if allow {
-                    Response::FAN_ALLOW
-                } else {
-                    Response::FAN_DENY
-                };
-                if let Err(e) = fan.write_response(FanotifyResponse::new(fd, response)) {
-                    tracing::error!(error = %e, "fanotify permission answer failed");
-                }
-                continue;
-            }
-            if ev.pid() == me {
-                continue; // the agent's own I/O (hashing opens for reading only)
-            }
-            let Ok(path) = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) else {
-                continue;
-            };
-            let path = guard
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .place(path, || fstat_dev(fd));
-            let close = mask.contains(MaskFlags::FAN_CLOSE_WRITE);
-            let who = seen
-                .openers
-                .get(&ev.pid())
-                .map(|(_, w)| w.clone())
-                .or_else(|| writer(ev.pid()).filter(|w| w.exe.is_some()));
-            // The written file's descriptor travels with every write event: a close
-            // is described through it; the first write's is kept in case the file is
-            // never closed (its stick pulled while it is open).
-            let (file, origins) = if close {
-                let origins = seen
-                    .reads
-                    .get(&ev.pid())
-                    .map(|r| {
-                        r.iter()
-                            .filter(|o| o.at.elapsed() < ORIGIN_WINDOW)
-                            .map(|o| o.path.display().to_string())
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                (
-                    fd.try_clone_to_owned().ok().map(std::fs::File::from),
-                    origins,
-                )
-            } else {
-                (
-                    fd.try_clone_to_owned().ok().map(std::fs::File::from),
-                    Vec::new(),
-                )
-            };
-            batch.push(RawEvent::Write {
-                path,
-                close,
-                writer: who,
-                file,
-                origins,
-            });
+            on_event(fan, guard, &mut seen, me, ev, &mut batch);
         }
         if !batch.is_empty() && tx.blocking_send(batch).is_err() {
             return;
@@ -219,26 +364,131 @@ fn read_loop(fan: &Fanotify, tx: &mpsc::Sender<Vec<RawEvent>>, stop: &AtomicBool
     }
 }
 
-/// Decides one permission event: `false` refuses the open.
+/// One fanotify event: a permission event is answered at once.
+fn on_event(
+    fan: &Fanotify,
+    guard: &Guard,
+    seen: &mut Seen,
+    me: i32,
+    ev: &nix::sys::fanotify::FanotifyEvent,
+    batch: &mut Vec<RawEvent>,
+) {
+    let mask = ev.mask();
+    if mask.contains(MaskFlags::FAN_Q_OVERFLOW) {
+        batch.push(RawEvent::Overflow);
+        return;
+    }
+    let Some(fd) = ev.fd() else { return };
+    if mask.contains(MaskFlags::FAN_OPEN_EXEC) {
+        started(seen, ev.pid(), fd);
+        let file_events = MaskFlags::FAN_OPEN_PERM
+            | MaskFlags::FAN_OPEN
+            | MaskFlags::FAN_MODIFY
+            | MaskFlags::FAN_CLOSE_WRITE;
+        if !mask.intersects(file_events) {
+            return;
+        }
+    }
+    let permission = mask.contains(MaskFlags::FAN_OPEN_PERM);
+    if permission || mask.contains(MaskFlags::FAN_OPEN) {
+        let allow = if ev.pid() == me {
+            true // the agent's own reads (hashing, quarantine)
+        } else {
+            let g = guard.read().unwrap_or_else(|e| e.into_inner());
+            on_open(&g, seen, ev.pid(), fd, permission, batch)
+        };
+        if permission {
+            // Always answer, and at once: the opener is waiting.
+            let response = if allow {
+                Response::FAN_ALLOW
+            } else {
+                Response::FAN_DENY
+            };
+            if let Err(e) = fan.write_response(FanotifyResponse::new(fd, response)) {
+                tracing::error!(error = %e, "fanotify permission answer failed");
+            }
+        }
+        return;
+    }
+    if ev.pid() == me {
+        return; // the agent's own I/O (hashing opens for reading only)
+    }
+    let Ok(path) = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) else {
+        return;
+    };
+    let path = guard
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .place(path, || fstat_dev(fd));
+    let close = mask.contains(MaskFlags::FAN_CLOSE_WRITE);
+    let who = seen.writer(ev.pid());
+    // The written file's descriptor travels with every write event: a close is
+    // described through it; the first write's is kept in case the file is never
+    // closed (its stick pulled while it is open).
+    let origins = if close {
+        seen.reads
+            .get(&ev.pid())
+            .map(|r| {
+                r.iter()
+                    .filter(|o| o.at.elapsed() < ORIGIN_WINDOW)
+                    .map(|o| o.path.display().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    batch.push(RawEvent::Write {
+        path,
+        close,
+        writer: who,
+        file: fd.try_clone_to_owned().ok().map(std::fs::File::from),
+        origins,
+    });
+}
+
+/// A process started the program `fd` is (a `FAN_OPEN_EXEC` event). The program
+/// loader (`ld-linux…`), opened for the same start, is not the program.
+fn started(seen: &mut Seen, pid: i32, fd: BorrowedFd<'_>) {
+    let Ok(pid) = u32::try_from(pid) else { return };
+    let Ok(path) = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) else {
+        return;
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let loader = ["ld-linux", "ld64.so", "ld-musl", "ld.so"]
+        .iter()
+        .any(|l| name.starts_with(l));
+    if !loader {
+        seen.writers.started(pid, path.display().to_string());
+    }
+}
+
+/// Notes one open (of a source file, or on an exit point) and decides it: `false`
+/// refuses it. Only a permission event (`can_refuse`) is ever refused: a notification
+/// has already happened.
 fn on_open(
     g: &GuardState,
     seen: &mut Seen,
     pid: i32,
     fd: BorrowedFd<'_>,
+    can_refuse: bool,
     batch: &mut Vec<RawEvent>,
 ) -> bool {
     let Ok(path) = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) else {
         return true;
     };
     let path = g.place(path, || fstat_dev(fd));
-    let deny_rules = g.policy.has_deny();
+    let deny_rules = can_refuse && g.policy.has_deny();
+    let who = seen.writer(pid);
     if let Some(source) = g.source_for(&path) {
         let classification = if deny_rules {
             classify_source(g, seen, fd)
         } else {
             Vec::new()
         };
-        let who = writer(pid);
         if seen.reported_reads.len() >= MAX_READERS * 4 {
             seen.reported_reads.clear();
         }
@@ -288,25 +538,7 @@ fn on_open(
     let Some(exit) = g.exit_for(&path) else {
         return true;
     };
-    // An open on an exit point: remember the opener for attribution. A process
-    // writing many files is read from /proc once, re-checked by its executable (an
-    // exec in the same pid gets read again).
-    let started = start_time(pid);
-    let exe_now = std::fs::read_link(format!("/proc/{pid}/exe"))
-        .ok()
-        .map(|p| p.display().to_string());
-    let who = match seen.openers.get(&pid) {
-        Some((t, w)) if started == Some(*t) && exe_now.is_some() && w.exe == exe_now => {
-            Some(w.clone())
-        }
-        _ => writer(pid),
-    };
-    if let (Some(w), Some(t)) = (&who, started) {
-        if seen.openers.len() >= MAX_READERS {
-            seen.openers.clear();
-        }
-        seen.openers.insert(pid, (t, w.clone()));
-    }
+    // An open on an exit point: refused only if the opener holds a classified source.
     if !deny_rules {
         return true;
     }
@@ -478,7 +710,7 @@ fn writable_files(pid: i32) -> Vec<PathBuf> {
 
 /// Process details from `/proc`, if the process still exists.
 pub fn writer(pid: i32) -> Option<Writer> {
-    let p = crate::procinfo::process(u32::try_from(pid).ok().filter(|p| *p > 0)?)?;
+    let p = crate::procinfo::brief(u32::try_from(pid).ok().filter(|p| *p > 0)?)?;
     Some(Writer {
         pid: p.pid,
         exe: p.exe,
@@ -493,19 +725,65 @@ impl FileBackend for FanotifyBackend {
         Some(self.guard.clone())
     }
 
-    fn mark_source_dir(&mut self, dir: &Path) -> Result<(), String> {
+    fn watch_programs(&mut self, mount_point: &Path) -> Result<(), String> {
+        let dir = std::fs::File::open(mount_point)
+            .map_err(|e| format!("{}: {e}", mount_point.display()))?;
+        let dev = fstat_dev(dir.as_fd()).ok_or("fstat failed")?;
+        if self.programs_on.contains(&dev) {
+            return Ok(());
+        }
+        // A notification, never a permission event: no program start waits for us.
+        let marked = self
+            .fan
+            .mark(
+                MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_FILESYSTEM,
+                MaskFlags::FAN_OPEN_EXEC,
+                &dir,
+                None::<&Path>,
+            )
+            .or_else(|_| {
+                // Some file systems take no file-system mark (e.g. a btrfs subvolume
+                // mount): the mount then.
+                self.fan.mark(
+                    MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_MOUNT,
+                    MaskFlags::FAN_OPEN_EXEC,
+                    &dir,
+                    None::<&Path>,
+                )
+            });
+        marked.map_err(|e| format!("fanotify_mark {}: {e}", mount_point.display()))?;
+        self.programs_on.insert(dev);
+        Ok(())
+    }
+
+    fn mark_source_dir(&mut self, dir: &Path, refuse: bool) -> Result<(), String> {
         let d = std::fs::File::open(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let (want, drop) = if refuse {
+            (MaskFlags::FAN_OPEN_PERM, MaskFlags::FAN_OPEN)
+        } else {
+            (MaskFlags::FAN_OPEN, MaskFlags::FAN_OPEN_PERM)
+        };
         self.fan
             .mark(
                 MarkFlags::FAN_MARK_ADD,
-                MaskFlags::FAN_OPEN_PERM | MaskFlags::FAN_EVENT_ON_CHILD,
+                want | MaskFlags::FAN_EVENT_ON_CHILD,
                 &d,
                 None::<&Path>,
             )
-            .map_err(|e| format!("fanotify_mark {}: {e}", dir.display()))
+            .map_err(|e| format!("fanotify_mark {}: {e}", dir.display()))?;
+        // Added first, then the other kind of open removed: never unwatched between.
+        let _ = self
+            .fan
+            .mark(MarkFlags::FAN_MARK_REMOVE, drop, &d, None::<&Path>);
+        Ok(())
     }
 
-    fn mark_mount(&mut self, mount_point: &Path, whole_fs: bool) -> Result<(), String> {
+    fn mark_mount(
+        &mut self,
+        mount_point: &Path,
+        whole_fs: bool,
+        refuse: bool,
+    ) -> Result<(), String> {
         let dir = std::fs::File::open(mount_point)
             .map_err(|e| format!("{}: {e}", mount_point.display()))?;
         // A mount mark sees only writes through this very mount: a writer in another
@@ -517,14 +795,23 @@ impl FileBackend for FanotifyBackend {
         } else {
             MarkFlags::FAN_MARK_MOUNT
         };
+        // Opens wait for the agent only where a `deny` rule can refuse them.
+        let mut want = MaskFlags::FAN_MODIFY | MaskFlags::FAN_CLOSE_WRITE;
+        if refuse {
+            want |= MaskFlags::FAN_OPEN_PERM;
+        }
         self.fan
-            .mark(
-                MarkFlags::FAN_MARK_ADD | scope,
-                MaskFlags::FAN_OPEN_PERM | MaskFlags::FAN_MODIFY | MaskFlags::FAN_CLOSE_WRITE,
+            .mark(MarkFlags::FAN_MARK_ADD | scope, want, &dir, None::<&Path>)
+            .map_err(|e| format!("fanotify_mark {}: {e}", mount_point.display()))?;
+        if !refuse {
+            let _ = self.fan.mark(
+                MarkFlags::FAN_MARK_REMOVE | scope,
+                MaskFlags::FAN_OPEN_PERM,
                 &dir,
                 None::<&Path>,
-            )
-            .map_err(|e| format!("fanotify_mark {}: {e}", mount_point.display()))
+            );
+        }
+        Ok(())
     }
 
     fn next(&mut self) -> BoxFuture<'_, Result<Vec<RawEvent>, String>> {

@@ -11,6 +11,7 @@
 pub mod inotify;
 #[cfg(target_os = "linux")]
 pub mod linux;
+pub mod writers;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -59,6 +60,8 @@ pub enum RawEvent {
     Overflow,
     /// A process opened a file in a sensitive source folder.
     SourceRead(FileSourceRead),
+    /// Watching works, but less well than it should (said as a source problem).
+    Degraded(String),
     /// A copy was refused while it happened (a `deny` rule); `created` is an empty
     /// file the refused `O_CREAT` left on the exit point, to be removed.
     Denied {
@@ -120,18 +123,31 @@ pub type Guard = Arc<RwLock<GuardState>>;
 
 /// The kernel interface: marks mounts and yields events.
 pub trait FileBackend: Send {
-    /// Watches an exit point. `whole_fs`: the mount shows the whole file system, so
-    /// the backend may watch the file system itself — then writes through any mount
-    /// of it, in any mount namespace (containers, sandboxed services, flatpak), are
-    /// seen, not only those through this mount.
-    fn mark_mount(&mut self, mount_point: &Path, whole_fs: bool) -> Result<(), String>;
+    /// Watches an exit point, or changes how. `whole_fs`: the mount shows the whole
+    /// file system, so the backend may watch the file system itself — then writes
+    /// through any mount of it, in any mount namespace (containers, sandboxed
+    /// services, flatpak), are seen, not only those through this mount. `refuse`: a
+    /// `deny` rule applies to this exit point, so opens on it must wait for a
+    /// decision (permission events); otherwise writes are only observed.
+    fn mark_mount(
+        &mut self,
+        mount_point: &Path,
+        whole_fs: bool,
+        refuse: bool,
+    ) -> Result<(), String>;
     /// Watches opens of the files directly in `dir` (a sensitive source folder or
-    /// one of its subfolders).
-    fn mark_source_dir(&mut self, dir: &Path) -> Result<(), String> {
+    /// one of its subfolders), or changes how; `refuse` as for [`Self::mark_mount`].
+    fn mark_source_dir(&mut self, dir: &Path, _refuse: bool) -> Result<(), String> {
         Err(format!(
             "{}: this backend cannot watch reads (fanotify is needed)",
             dir.display()
         ))
+    }
+    /// Watches which programs start from the file system holding `mount_point`, so a
+    /// writer is named by the program it started even if it exits before its writes
+    /// are read. Each file system once; backends that cannot do nothing.
+    fn watch_programs(&mut self, _mount_point: &Path) -> Result<(), String> {
+        Ok(())
     }
     /// The state its permission handler decides with, if it has one; the source
     /// keeps it current.
@@ -163,6 +179,16 @@ struct ExitPoint {
     kind: ExitKind,
     usb_serial: Option<String>,
     usb_hash: Option<String>,
+    /// A `deny` rule applies here: opens are permission events.
+    refuse: bool,
+}
+
+/// The sensitive source folders marked, and whether opens in them are permission
+/// events (the policy has a `deny` rule).
+#[derive(Default)]
+struct SourceMarks {
+    dirs: HashSet<PathBuf>,
+    refuse: bool,
 }
 
 struct Pending {
@@ -193,6 +219,30 @@ impl Pending {
     }
 }
 
+/// File systems no program is started from (kernel interfaces).
+const NO_PROGRAMS: &[&str] = &[
+    "proc",
+    "sysfs",
+    "cgroup",
+    "cgroup2",
+    "devpts",
+    "mqueue",
+    "debugfs",
+    "tracefs",
+    "securityfs",
+    "pstore",
+    "bpf",
+    "configfs",
+    "fusectl",
+    "hugetlbfs",
+    "autofs",
+    "binfmt_misc",
+    "efivarfs",
+    "nsfs",
+    "rpc_pipefs",
+    "selinuxfs",
+];
+
 /// Most directories marked under the sensitive source folders.
 const MAX_SOURCE_DIRS: usize = 10_000;
 /// How often the sensitive source folders are walked for new subfolders.
@@ -205,6 +255,11 @@ pub struct FilesSource {
     policy: watch::Receiver<Arc<Policy>>,
     judge: Arc<dyn FileJudge>,
     guard: Guard,
+    /// The backend can refuse opens (it has a guard): exit points a `deny` rule
+    /// applies to are marked for permission events.
+    guard_refuses: bool,
+    /// The mount table (its hash) whose file systems program starts are watched on.
+    programs_watched_for: Option<u64>,
     /// Exit points mounted only in other mount namespaces, and when they were found.
     foreign: (Option<std::time::Instant>, Vec<ExitPoint>),
     /// Exit points already derived from a mount table, by a hash of its text: an
@@ -510,8 +565,11 @@ impl FilesSource {
         judge: Arc<dyn FileJudge>,
     ) -> Self {
         let root = std::fs::canonicalize(&config.sysfs_root).unwrap_or(config.sysfs_root.clone());
+        let guard_refuses = backend.guard().is_some();
         let guard: Guard = backend.guard().unwrap_or_default();
         FilesSource {
+            guard_refuses,
+            programs_watched_for: None,
             sysfs: Sysfs::new(root),
             config,
             backend,
@@ -605,6 +663,26 @@ impl FilesSource {
         out
     }
 
+    /// Has the backend watch program starts on every file system a program can be
+    /// started from (not pseudo file systems, not `noexec` mounts), as they appear.
+    fn watch_programs_in(&mut self, mountinfo: &str) {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        mountinfo.hash(&mut h);
+        if self.programs_watched_for == Some(h.finish()) {
+            return;
+        }
+        self.programs_watched_for = Some(h.finish());
+        for m in mounts::parse(mountinfo).values() {
+            if m.no_exec || NO_PROGRAMS.contains(&m.fs_type.as_str()) {
+                continue;
+            }
+            if let Err(e) = self.backend.watch_programs(Path::new(&m.mount_point)) {
+                tracing::debug!(mount = %m.mount_point, error = %e, "program starts not watched there");
+            }
+        }
+    }
+
     /// Whether a mount is an exit point, and of which kind.
     fn exit_point(&self, m: &Mount, policy: &FilesPolicy) -> Option<ExitPoint> {
         let usb = self
@@ -631,6 +709,7 @@ impl FilesSource {
             kind,
             usb_serial: usb.as_ref().and_then(|u| u.serial.clone()),
             usb_hash: usb.map(|u| u.hash),
+            refuse: self.guard_refuses && policy.deny_applies_to(kind),
         })
     }
 
@@ -644,6 +723,7 @@ impl FilesSource {
         mountinfo: &str,
         policy: &FilesPolicy,
     ) -> Vec<ExitPoint> {
+        self.watch_programs_in(mountinfo);
         let mut now: Vec<ExitPoint> = self.exit_points_in(mountinfo, policy);
         let foreign = self.foreign_exits(&now, policy);
         now.extend(foreign);
@@ -658,18 +738,29 @@ impl FilesSource {
             .filter_map(|mp| marked.remove(mp))
             .collect();
         let mut changed = !gone.is_empty();
-        for ep in now {
+        for mut ep in now {
+            let whole_fs = ep.mount.root == "/";
             if let Some(held) = marked.get_mut(&ep.mount.mount_point) {
-                if held.kind != ep.kind || held.mount.dev != ep.mount.dev {
+                if held.refuse != ep.refuse {
+                    // A `deny` rule for its kind came or went: opens wait, or stop waiting.
+                    let mp = Path::new(&ep.mount.mount_point);
+                    if let Err(e) = self.backend.mark_mount(mp, whole_fs, ep.refuse) {
+                        tracing::error!(mount = %ep.mount.mount_point, error = %e, "cannot change how the exit point is watched");
+                        ep.refuse = held.refuse;
+                    }
+                }
+                if held.kind != ep.kind
+                    || held.mount.dev != ep.mount.dev
+                    || held.refuse != ep.refuse
+                {
                     *held = ep;
                     changed = true;
                 }
                 continue;
             }
-            let whole_fs = ep.mount.root == "/";
             match self
                 .backend
-                .mark_mount(Path::new(&ep.mount.mount_point), whole_fs)
+                .mark_mount(Path::new(&ep.mount.mount_point), whole_fs, ep.refuse)
             {
                 Ok(()) => {
                     tracing::info!(mount = %ep.mount.mount_point, fs = %ep.mount.fs_type, exit = ep.kind.as_str(), "watching exit point");
@@ -717,14 +808,22 @@ impl FilesSource {
         }
     }
 
-    /// Marks the sensitive source folders and their subfolders not marked yet.
-    fn mark_sources(&mut self, marked: &mut HashSet<PathBuf>) {
-        let roots = self
-            .guard
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .sources
-            .clone();
+    /// Marks the sensitive source folders and their subfolders not marked yet; when
+    /// a `deny` rule came or went, changes how the marked ones are watched.
+    fn mark_sources(&mut self, marked: &mut SourceMarks) {
+        let (roots, refuse) = {
+            let g = self.guard.read().unwrap_or_else(|e| e.into_inner());
+            (g.sources.clone(), g.policy.has_deny())
+        };
+        if marked.refuse != refuse {
+            marked.refuse = refuse;
+            for dir in &marked.dirs {
+                if let Err(e) = self.backend.mark_source_dir(dir, refuse) {
+                    tracing::error!(dir = %dir.display(), error = %e, "cannot change how the sensitive source folder is watched");
+                }
+            }
+        }
+        let marked = &mut marked.dirs;
         for root in roots {
             let mut stack = vec![root];
             while let Some(dir) = stack.pop() {
@@ -736,7 +835,7 @@ impl FilesSource {
                         );
                         return;
                     }
-                    match self.backend.mark_source_dir(&dir) {
+                    match self.backend.mark_source_dir(&dir, refuse) {
                         Ok(()) => {
                             marked.insert(dir.clone());
                         }
@@ -766,7 +865,7 @@ impl FilesSource {
         );
         let mut poll = tokio::time::interval(self.config.mount_poll);
         let mut source_walk = tokio::time::interval(SOURCE_REWALK);
-        let mut source_dirs: HashSet<PathBuf> = HashSet::new();
+        let mut source_dirs = SourceMarks::default();
         let mut reading = self.apply_policy();
         loop {
             tokio::select! {
@@ -846,6 +945,7 @@ impl FilesSource {
                                 ctx.sink.emit(Event::FileOverflow(overflow)).await?;
                             }
                             RawEvent::SourceRead(r) => ctx.sink.emit(Event::FileSourceRead(r)).await?,
+                            RawEvent::Degraded(problem) => ctx.sink.report("files", problem).await?,
                             RawEvent::Denied { enforced, created } => {
                                 for e in self.judge.judge(FileFact::Refused { enforced, created }) {
                                     ctx.sink.emit(e).await?;

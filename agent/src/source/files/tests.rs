@@ -16,7 +16,12 @@ struct ChannelBackend {
 }
 
 impl FileBackend for ChannelBackend {
-    fn mark_mount(&mut self, mount_point: &Path, _whole_fs: bool) -> Result<(), String> {
+    fn mark_mount(
+        &mut self,
+        mount_point: &Path,
+        _whole_fs: bool,
+        _refuse: bool,
+    ) -> Result<(), String> {
         self.marked.lock().unwrap().push(mount_point.to_path_buf());
         Ok(())
     }

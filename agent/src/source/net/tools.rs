@@ -1,18 +1,17 @@
 //! Transfer tools as they start: scp, sftp, rsync, curl uploads, wget posts, ftp/lftp,
 //! nc/ncat/socat, rclone, smbclient → `net.transfer_tool` with the arguments.
 //!
-//! Process starts come from the kernel's process connector (netlink, `PROC_EVENT_EXEC`;
-//! root in the initial namespaces). The one crate wrapping it (`cnproc` 0.2) loops
-//! forever on an error message and hides overflows, so the few fixed-layout messages
-//! are read here over `netlink-sys`; an overflow is reported, never silent.
+//! Process starts come from the kernel's process connector ([`crate::procevents`],
+//! `PROC_EVENT_EXEC`; root in the initial namespaces); an overflow is reported, never
+//! silent.
 //! Recognising a tool from its arguments ([`recognise`]) is pure and unit-tested.
 
 use std::time::Duration;
 
-use netlink_sys::protocols::NETLINK_CONNECTOR;
-use netlink_sys::{Socket, SocketAddr as NlAddr};
 use weilan_config::event::{Event, NetTransferTool};
 
+use crate::procevents::ProcEvent;
+pub use crate::procevents::{ExecOpenError, ProcConnector};
 use crate::source::{BoxFuture, Source, SourceContext, SourceError};
 
 /// Which transfer tool `argv` runs, if any. `exe` is the executable's path (its file
@@ -94,14 +93,6 @@ fn curl_uploads(args: &[String]) -> bool {
     })
 }
 
-/// Process-connector constants (`linux/cn_proc.h`, `linux/connector.h`).
-const CN_IDX_PROC: u32 = 1;
-const CN_VAL_PROC: u32 = 1;
-const PROC_CN_MCAST_LISTEN: u32 = 1;
-const PROC_EVENT_EXEC: u32 = 2;
-const NLMSG_HDRLEN: usize = 16;
-const CN_MSG_LEN: usize = 20;
-
 /// A source of process starts.
 pub trait ExecWatch: Send {
     /// Pids that started a new program since the last call (waits up to ~200 ms).
@@ -109,120 +100,19 @@ pub trait ExecWatch: Send {
     fn next(&mut self) -> Result<(Vec<u32>, bool), String>;
 }
 
-/// The kernel's process connector.
-pub struct ProcConnector {
-    sock: Socket,
-    buf: Vec<u8>,
-}
-
-impl ProcConnector {
-    pub fn open() -> Result<Self, ExecOpenError> {
-        let fail = |what: &str, e: std::io::Error| {
-            let msg = format!("process connector {what}: {e}");
-            if e.raw_os_error() == Some(libc::ECONNREFUSED)
-                || e.raw_os_error() == Some(libc::EPROTONOSUPPORT)
-            {
-                ExecOpenError::Unavailable(format!(
-                    "{msg} (the kernel offers it in the initial network namespace only)"
-                ))
-            } else {
-                ExecOpenError::Failed(msg)
-            }
-        };
-        let mut sock = Socket::new(NETLINK_CONNECTOR).map_err(|e| fail("socket", e))?;
-        sock.bind(&NlAddr::new(0, CN_IDX_PROC))
-            .map_err(|e| fail("bind", e))?;
-        let fd = &sock;
-        let _ = nix::sys::socket::setsockopt(
-            fd,
-            nix::sys::socket::sockopt::RcvBufForce,
-            &(4usize << 20),
-        );
-        nix::sys::socket::setsockopt(
-            fd,
-            nix::sys::socket::sockopt::ReceiveTimeout,
-            &nix::sys::time::TimeVal::new(0, 200_000),
-        )
-        .map_err(|e| fail("timeout", std::io::Error::from(e)))?;
-        let mut msg = Vec::with_capacity(NLMSG_HDRLEN + CN_MSG_LEN + 4);
-        let total = (NLMSG_HDRLEN + CN_MSG_LEN + 4) as u32;
-        msg.extend_from_slice(&total.to_ne_bytes());
-        msg.extend_from_slice(&(libc::NLMSG_DONE as u16).to_ne_bytes());
-        msg.extend_from_slice(&0u16.to_ne_bytes());
-        msg.extend_from_slice(&0u32.to_ne_bytes()); // seq
-        msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
-        msg.extend_from_slice(&CN_IDX_PROC.to_ne_bytes());
-        msg.extend_from_slice(&CN_VAL_PROC.to_ne_bytes());
-        msg.extend_from_slice(&0u32.to_ne_bytes()); // seq
-        msg.extend_from_slice(&0u32.to_ne_bytes()); // ack
-        msg.extend_from_slice(&4u16.to_ne_bytes()); // len
-        msg.extend_from_slice(&0u16.to_ne_bytes()); // flags
-        msg.extend_from_slice(&PROC_CN_MCAST_LISTEN.to_ne_bytes());
-        sock.send_to(&msg, &NlAddr::new(0, 0), 0)
-            .map_err(|e| fail("listen", e))?;
-        Ok(ProcConnector {
-            sock,
-            buf: vec![0u8; 64 << 10],
-        })
-    }
-}
-
-/// The exec'ing process in one connector message, if it is an exec event.
-pub fn parse_exec(msg: &[u8]) -> Option<u32> {
-    let u32_at = |o: usize| {
-        msg.get(o..o + 4)
-            .map(|b| u32::from_ne_bytes(b.try_into().unwrap()))
-    };
-    let data = NLMSG_HDRLEN + CN_MSG_LEN;
-    if u32_at(NLMSG_HDRLEN)? != CN_IDX_PROC || u32_at(NLMSG_HDRLEN + 4)? != CN_VAL_PROC {
-        return None;
-    }
-    if u32_at(data)? != PROC_EVENT_EXEC {
-        return None;
-    }
-    // struct proc_event: what, cpu, timestamp_ns (u64), then exec { pid, tgid }.
-    u32_at(data + 16 + 4)
-}
-
 impl ExecWatch for ProcConnector {
     fn next(&mut self) -> Result<(Vec<u32>, bool), String> {
-        let mut pids = Vec::new();
-        let mut overflowed = false;
-        match self.sock.recv(&mut &mut self.buf[..], 0) {
-            Ok(n) => {
-                let mut off = 0;
-                while off + NLMSG_HDRLEN <= n {
-                    let len =
-                        u32::from_ne_bytes(self.buf[off..off + 4].try_into().unwrap()) as usize;
-                    if len < NLMSG_HDRLEN || off + len > n {
-                        break;
-                    }
-                    if let Some(pid) = parse_exec(&self.buf[off..off + len]) {
-                        pids.push(pid);
-                    }
-                    off += (len + 3) & !3;
-                }
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => overflowed = true,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("process connector: {e}")),
-        }
+        let mut events = Vec::new();
+        let overflowed = self.recv(true, &mut events)?;
+        let pids = events
+            .into_iter()
+            .filter_map(|e| match e {
+                ProcEvent::Exec { pid } => Some(pid),
+                _ => None,
+            })
+            .collect();
         Ok((pids, overflowed))
     }
-}
-
-/// Why the process-start watch could not be opened.
-#[derive(Debug)]
-pub enum ExecOpenError {
-    /// Not available where the agent runs (outside the initial network namespace the
-    /// kernel refuses the connector): said once, not retried.
-    Unavailable(String),
-    Failed(String),
 }
 
 /// Makes the process-start watch for one run.
@@ -373,19 +263,5 @@ mod tests {
         );
         assert_eq!(r("/usr/bin/lftp", "lftp ftp://x"), Some("lftp"));
         assert_eq!(r("/usr/bin/cat", "cat file"), None);
-    }
-
-    #[test]
-    fn connector_messages_are_read_by_layout() {
-        let mut m = vec![0u8; 16 + 20 + 16 + 8];
-        m[16..20].copy_from_slice(&CN_IDX_PROC.to_ne_bytes());
-        m[20..24].copy_from_slice(&CN_VAL_PROC.to_ne_bytes());
-        m[36..40].copy_from_slice(&PROC_EVENT_EXEC.to_ne_bytes());
-        m[52..56].copy_from_slice(&4242u32.to_ne_bytes());
-        m[56..60].copy_from_slice(&4242u32.to_ne_bytes());
-        assert_eq!(parse_exec(&m), Some(4242));
-        m[36..40].copy_from_slice(&1u32.to_ne_bytes()); // fork
-        assert_eq!(parse_exec(&m), None);
-        assert_eq!(parse_exec(&m[..30]), None);
     }
 }

@@ -20,6 +20,8 @@ pub struct Mount {
     pub fs_type: String,
     pub source: String,
     pub read_only: bool,
+    /// Mounted `noexec`: no program can be started from it.
+    pub no_exec: bool,
 }
 
 /// Parses mountinfo text; malformed lines are skipped with a warning (never fatal).
@@ -53,6 +55,7 @@ fn parse_line(line: &str) -> Option<Mount> {
         fs_type: post[0].to_string(),
         source: unescape(post[1]),
         read_only: options.split(',').any(|o| o == "ro"),
+        no_exec: options.split(',').any(|o| o == "noexec"),
     })
 }
 
