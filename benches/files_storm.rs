@@ -271,6 +271,80 @@ fn inotifywait_run(mount: &Path, dir: &Path, n: usize, rate: f64, mode: &'static
     }
 }
 
+/// The masks of `pid`'s fanotify marks (`/proc/PID/fdinfo`), as hex.
+fn fanotify_masks(pid: u32) -> Vec<String> {
+    let mut masks = Vec::new();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return masks;
+    };
+    for fd in fds.flatten() {
+        if !std::fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy().contains("fanotify")) {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            fd.file_name().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        masks.extend(info.lines().filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|f| f.strip_prefix("mask:"))
+                .map(String::from)
+        }));
+    }
+    masks
+}
+
+/// fatrace (fanotify notifications, no permission events) on the mount of `dir`.
+fn fatrace_run(mount: &Path, dir: &Path, n: usize, rate: f64, mode: &'static str) -> Row {
+    std::fs::create_dir_all(dir).unwrap();
+    let tag: String = mode.chars().filter(char::is_ascii_alphanumeric).collect();
+    let out = mount.join(format!("../fatrace-{tag}.txt"));
+    let mut child = Command::new("fatrace")
+        .args(["-c", "-f", "W", "-o"])
+        .arg(&out)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("fatrace");
+    std::thread::sleep(Duration::from_secs(1)); // its mark is in place (no ready line)
+    let reached = storm(dir, n, rate);
+    settle(
+        || std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0),
+        Duration::from_secs(2),
+        Duration::from_secs(30),
+    );
+    let (cpu, rss) = (cpu_secs(child.id()), peak_rss_mib(child.id()));
+    // SIGINT: fatrace flushes its output and exits.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = child.wait();
+    let prefix = format!("{}/", dir.display());
+    let seen: HashSet<String> = std::fs::read_to_string(&out)
+        .unwrap_or_default()
+        .lines()
+        // `comm(pid): CWO /path`: the event letters, merged, then the path.
+        .filter_map(|l| {
+            let (kinds, path) = l.split_once("): ")?.1.split_once(' ')?;
+            kinds.contains('W').then(|| path.to_string())
+        })
+        .filter(|p| p.starts_with(&prefix))
+        .collect();
+    Row {
+        watcher: "fatrace -c -f W",
+        mode,
+        seen: seen.len() as u64,
+        cpu,
+        rss,
+        rate: reached,
+        note: "prints comm(pid) and path".into(),
+    }
+}
+
 fn main() {
     weilan_config::tls::install_default_provider();
     if !require("files_storm needs root (tmpfs, fanotify, netns)", is_root()) || !netns_available()
@@ -357,6 +431,25 @@ fn main() {
             false,
         );
     }
+    if only_agent || docx_only {
+    } else if which("fatrace").is_some() {
+        rows.push(fatrace_run(
+            &mount,
+            &mount.join("fat-paced"),
+            n,
+            PACED_RATE,
+            "paced 20k/s",
+        ));
+        rows.push(fatrace_run(
+            &mount,
+            &mount.join("fat-flat"),
+            n,
+            0.0,
+            "flat out",
+        ));
+    } else {
+        require("fatrace for the side-by-side peer", false);
+    }
 
     // The agent: exit point = the tmpfs, named in its (fake) mount table.
     std::fs::write(
@@ -369,22 +462,35 @@ fn main() {
     .unwrap();
     let ns = Netns::create();
     let collector = w.start_collector(&ns, &w.collector_toml(false, "[log]\nlevel = \"warn\"\n"));
-    let runs: [(&str, &str, f64, &str); 4] = [
-        ("fanotify", "paced 20k/s", PACED_RATE, "agent-paced"),
-        ("fanotify", "flat out", 0.0, "agent-flat"),
-        ("fanotify", DOCX_MODE, 0.0, "agent-flat-docx"),
-        ("inotify", "flat out", 0.0, "agent-inotify-flat"),
+    // (backend, a deny rule in the policy, mode, rate, folder). With a deny rule for
+    // this exit point every open waits for the agent (permission events); without,
+    // writes are notifications.
+    let runs: [(&str, bool, &str, f64, &str); 5] = [
+        ("fanotify", false, "paced 20k/s", PACED_RATE, "agent-paced"),
+        ("fanotify", false, "flat out", 0.0, "agent-flat"),
+        ("fanotify", false, DOCX_MODE, 0.0, "agent-flat-docx"),
+        ("fanotify", true, "flat out", 0.0, "agent-flat-deny"),
+        ("inotify", false, "flat out", 0.0, "agent-inotify-flat"),
     ];
     let mut agent: Option<Proc> = None;
-    let mut backend_now = "";
-    for (backend, mode, rate, sub) in runs {
-        if docx_only && (rate > 0.0 || backend == "inotify") {
+    let mut started_as = ("", false);
+    for (backend, deny, mode, rate, sub) in runs {
+        if docx_only && (rate > 0.0 || backend == "inotify" || deny) {
             continue;
         }
-        if backend != backend_now {
+        if (backend, deny) != started_as {
             if let Some(mut a) = agent.take() {
                 a.stop();
             }
+            let mut policy = String::from("version = \"storm\"\n");
+            if deny {
+                policy.push_str(&format!(
+                    "[files]\nevidence_dir = \"{}\"\n[[files.rules]]\nid = \"no-ids-out\"\n\
+                     detectors = [\"prc-resident-id\"]\naction = \"deny\"\n",
+                    w.path("evidence").display()
+                ));
+            }
+            std::fs::write(w.path("policy.toml"), policy).unwrap();
             let cfg = w.agent_toml_with(
                 AGENT,
                 "pki/ca.pem",
@@ -406,8 +512,25 @@ fn main() {
                 || a.log_text(),
             );
             std::thread::sleep(Duration::from_secs(1)); // the mount is marked (poll 200 ms)
+            if backend == "fanotify" {
+                // FAN_OPEN_PERM (0x10000) on the exit point exactly when a deny rule applies.
+                let pid = a.child.id();
+                let masks = wait_for(
+                    "the exit point's marks for this policy",
+                    Duration::from_secs(20),
+                    || {
+                        let m = fanotify_masks(pid);
+                        let perm = m
+                            .iter()
+                            .any(|x| u64::from_str_radix(x, 16).is_ok_and(|v| v & 0x1_0000 != 0));
+                        (perm == deny).then_some(m)
+                    },
+                    || format!("{:?}", fanotify_masks(pid)),
+                );
+                println!("agent marks (deny rule: {deny}): {masks:?}");
+            }
             agent = Some(a);
-            backend_now = backend;
+            started_as = (backend, deny);
         }
         let pid = agent.as_ref().unwrap().child.id();
         let dir = mount.join(sub);
@@ -467,7 +590,9 @@ fn main() {
             eprintln!("duplicates sample: {rows:#?}\noverflows: {overflows:#?}");
         }
         rows.push(Row {
-            watcher: if backend == "fanotify" {
+            watcher: if backend == "fanotify" && deny {
+                "weilan agent, fanotify, a deny rule: permission events (→ journal → mTLS → collector DB)"
+            } else if backend == "fanotify" {
                 "weilan agent, fanotify (→ journal → mTLS → collector DB)"
             } else {
                 "weilan agent, inotify fallback (→ journal → mTLS → collector DB)"

@@ -63,6 +63,7 @@ use crate::source::BoxFuture;
 
 pub struct FanotifyBackend {
     fan: Arc<Fanotify>,
+    brake: Arc<Brake>,
     /// File systems (`st_dev`) whose program starts are watched.
     programs_on: HashSet<u64>,
     rx: mpsc::Receiver<Vec<RawEvent>>,
@@ -113,13 +114,15 @@ impl FanotifyBackend {
             }
             Err(ExecOpenError::Failed(e)) => return Err(e),
         }
-        let (f, s, g) = (fan.clone(), stop.clone(), guard.clone());
+        let brake: Arc<Brake> = Arc::default();
+        let (f, s, g, b) = (fan.clone(), stop.clone(), guard.clone(), brake.clone());
         std::thread::Builder::new()
             .name("fanotify".into())
-            .spawn(move || read_loop(&f, Seen::new(writers, inbox), &tx, &s, &g))
+            .spawn(move || read_loop(&f, Seen::new(writers, inbox), &tx, &s, &g, &b))
             .map_err(|e| e.to_string())?;
         Ok(FanotifyBackend {
             fan,
+            brake,
             programs_on: HashSet::new(),
             rx,
             stop,
@@ -159,8 +162,8 @@ enum Update {
 
 /// Updates handed from the process-event thread to the file-event thread. The lock
 /// is held only to push or to swap the vector: the process-event thread, which races
-/// exiting processes, never waits behind a lookup.
-/// The condition variable wakes a file-event thread waiting for a process's fork.
+/// exiting processes, never waits behind a lookup. The condition variable wakes a
+/// file-event thread waiting for a process's fork.
 type Inbox = Arc<(Mutex<Vec<Update>>, std::sync::Condvar)>;
 
 /// Longest the file-event thread waits for the fork of a writer it knows only by
@@ -217,10 +220,9 @@ impl Seen {
     /// and skipped for a while after one ran out (that thread is behind).
     fn writer(&mut self, pid: i32) -> Option<Writer> {
         let pid = u32::try_from(pid).ok()?;
-        let complete = |w: &Option<Writer>| {
-            w.as_ref()
-                .is_some_and(|w| w.exe.is_some() && w.uid.is_some())
-        };
+        // Read from `/proc` (alive, a zombie or a kernel thread: the user is known),
+        // or known from its fork: nothing more will come.
+        let complete = |w: &Option<Writer>| w.as_ref().is_some_and(|w| w.uid.is_some());
         let mut found = self.writers.lookup(pid);
         if complete(&found) || !self.writers.events_complete() {
             return found;
@@ -323,15 +325,69 @@ fn watch_processes(
     }
 }
 
+/// Makes opens on exit points wait while the agent is behind. Writes are plain
+/// notifications where no `deny` rule applies, and nothing then slows a writer: past
+/// the kernel's queue (16 384 events) they would overflow, and the files would be
+/// found by a rescan without their writer. So when the hand-over to the source is
+/// full, every exit point also gets `FAN_OPEN_PERM`: each open waits for this
+/// thread, which is paced by the source; once it has caught up (for a second), the
+/// exit points go back to notifications.
+#[derive(Default)]
+struct Brake {
+    /// Exit points: mount point → (marked as its whole file system, a `deny` rule
+    /// applies so opens wait anyway).
+    exits: Mutex<HashMap<PathBuf, (bool, bool)>>,
+    on: AtomicBool,
+}
+
+/// How long the brake stays on at least once the agent has caught up.
+const BRAKE_HOLD: Duration = Duration::from_secs(1);
+
+impl Brake {
+    /// Adds or removes `FAN_OPEN_PERM` on the exit points no `deny` rule applies to.
+    fn set(&self, fan: &Fanotify, on: bool) {
+        self.on.store(on, Ordering::Relaxed);
+        let exits = self.exits.lock().unwrap_or_else(|e| e.into_inner());
+        for (mount_point, (whole_fs, refuse)) in exits.iter() {
+            if *refuse {
+                continue;
+            }
+            let Ok(dir) = std::fs::File::open(mount_point) else {
+                continue; // gone meanwhile: the source forgets it
+            };
+            let scope = if *whole_fs {
+                MarkFlags::FAN_MARK_FILESYSTEM
+            } else {
+                MarkFlags::FAN_MARK_MOUNT
+            };
+            let how = if on {
+                MarkFlags::FAN_MARK_ADD
+            } else {
+                MarkFlags::FAN_MARK_REMOVE
+            };
+            if let Err(e) = fan.mark(how | scope, MaskFlags::FAN_OPEN_PERM, &dir, None::<&Path>) {
+                tracing::warn!(mount = %mount_point.display(), error = %e, on, "the exit point's brake did not change");
+            }
+        }
+        tracing::info!(
+            on,
+            exits = exits.len(),
+            "file-event brake: opens on exit points wait for the agent while it catches up"
+        );
+    }
+}
+
 fn read_loop(
     fan: &Fanotify,
     mut seen: Seen,
     tx: &mpsc::Sender<Vec<RawEvent>>,
     stop: &AtomicBool,
     guard: &Guard,
+    brake: &Brake,
 ) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let me = std::process::id() as i32;
+    let mut braked_since: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
         seen.take_updates(); // also while idle: the inbox stays short
         let mut fds = [PollFd::new(fan.as_fd(), PollFlags::POLLIN)];
@@ -358,8 +414,27 @@ fn read_loop(
         for ev in &events {
             on_event(fan, guard, &mut seen, me, ev, &mut batch);
         }
-        if !batch.is_empty() && tx.blocking_send(batch).is_err() {
-            return;
+        if batch.is_empty() {
+            continue;
+        }
+        match tx.try_send(batch) {
+            Ok(()) => {
+                let caught_up = tx.capacity() * 2 > tx.max_capacity();
+                if caught_up && braked_since.is_some_and(|t| t.elapsed() > BRAKE_HOLD) {
+                    brake.set(fan, false);
+                    braked_since = None;
+                }
+            }
+            Err(mpsc::error::TrySendError::Full(batch)) => {
+                if braked_since.is_none() {
+                    brake.set(fan, true);
+                }
+                braked_since = Some(Instant::now());
+                if tx.blocking_send(batch).is_err() {
+                    return;
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
         }
     }
 }
@@ -795,15 +870,19 @@ impl FileBackend for FanotifyBackend {
         } else {
             MarkFlags::FAN_MARK_MOUNT
         };
-        // Opens wait for the agent only where a `deny` rule can refuse them.
+        // Opens wait for the agent only where a `deny` rule can refuse them (or while
+        // the brake is on).
+        let mut exits = self.brake.exits.lock().unwrap_or_else(|e| e.into_inner());
+        let braked = self.brake.on.load(Ordering::Relaxed);
         let mut want = MaskFlags::FAN_MODIFY | MaskFlags::FAN_CLOSE_WRITE;
-        if refuse {
+        if refuse || braked {
             want |= MaskFlags::FAN_OPEN_PERM;
         }
         self.fan
             .mark(MarkFlags::FAN_MARK_ADD | scope, want, &dir, None::<&Path>)
             .map_err(|e| format!("fanotify_mark {}: {e}", mount_point.display()))?;
-        if !refuse {
+        exits.insert(mount_point.to_path_buf(), (whole_fs, refuse));
+        if !refuse && !braked {
             let _ = self.fan.mark(
                 MarkFlags::FAN_MARK_REMOVE | scope,
                 MaskFlags::FAN_OPEN_PERM,
@@ -812,6 +891,16 @@ impl FileBackend for FanotifyBackend {
             );
         }
         Ok(())
+    }
+
+    fn forget_mount(&mut self, mount_point: &Path) {
+        // Its kernel mark went with the unmount; the brake must not mark whatever
+        // file system now shows that folder.
+        self.brake
+            .exits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(mount_point);
     }
 
     fn next(&mut self) -> BoxFuture<'_, Result<Vec<RawEvent>, String>> {

@@ -143,6 +143,8 @@ pub trait FileBackend: Send {
             dir.display()
         ))
     }
+    /// The exit point at `mount_point` went away (unmounted): its marks went with it.
+    fn forget_mount(&mut self, _mount_point: &Path) {}
     /// Watches which programs start from the file system holding `mount_point`, so a
     /// writer is named by the program it started even if it exits before its writes
     /// are read. Each file system once; backends that cannot do nothing.
@@ -737,6 +739,9 @@ impl FilesSource {
             .iter()
             .filter_map(|mp| marked.remove(mp))
             .collect();
+        for ep in &gone {
+            self.backend.forget_mount(Path::new(&ep.mount.mount_point));
+        }
         let mut changed = !gone.is_empty();
         for mut ep in now {
             let whole_fs = ep.mount.root == "/";

@@ -344,6 +344,75 @@ mod tests {
     }
 
     #[test]
+    fn a_program_start_names_a_writer_never_read() {
+        let p = FakeProc::default();
+        let mut t = p.table();
+        t.events_started();
+        p.run(700, 1, "/usr/bin/bash", 1000);
+        // The exec event of the file queue is read before the connector's fork: the
+        // program is named, the user comes once the fork is known.
+        t.started(701, "/usr/bin/cp".into());
+        let w = t.lookup(701).expect("named by its start");
+        assert_eq!((w.exe.as_deref(), w.uid), (Some("/usr/bin/cp"), None));
+        t.apply(
+            ProcEvent::Fork {
+                parent: 700,
+                child: 701,
+            },
+            None,
+        );
+        // Its exec was read too late (gone): what was known stays.
+        t.apply(ProcEvent::Exec { pid: 701 }, None);
+        t.apply(ProcEvent::Exit { pid: 701 }, None);
+        let w = t.lookup(701).expect("named");
+        assert_eq!(
+            (w.pid, w.exe.as_deref(), w.cmdline.as_deref(), w.uid),
+            (701, Some("/usr/bin/cp"), None, Some(1000)),
+            "the program from its start, the user from its parent, arguments unknown"
+        );
+    }
+
+    #[test]
+    fn a_program_start_read_after_the_exit_keeps_what_the_exec_read() {
+        let p = FakeProc::default();
+        let mut t = p.table();
+        t.events_started();
+        p.run(800, 1, "/usr/bin/bash", 0);
+        let cp = Writer {
+            pid: 801,
+            exe: Some("/usr/bin/cp".into()),
+            cmdline: Some("cp a /media/usb/a".into()),
+            uid: Some(1000),
+            user: None,
+        };
+        t.apply(
+            ProcEvent::Fork {
+                parent: 800,
+                child: 801,
+            },
+            None,
+        );
+        t.apply(ProcEvent::Exec { pid: 801 }, Some(cp.clone()));
+        t.apply(ProcEvent::Exit { pid: 801 }, None);
+        t.started(801, "/usr/bin/cp".into());
+        assert_eq!(t.lookup(801), Some(cp));
+    }
+
+    #[test]
+    fn a_script_started_through_exec_is_named_by_the_program_that_runs_it() {
+        let p = FakeProc::default();
+        let mut t = p.table();
+        t.events_started();
+        p.run(900, 1, "/usr/bin/dash", 0);
+        assert_eq!(exe(t.lookup(900)).as_deref(), Some("/usr/bin/dash"));
+        // `exec cp …` in the same process: its start is seen before the connector's
+        // exec is read; the old arguments are not the new program's.
+        t.started(900, "/usr/bin/cp".into());
+        let w = t.lookup(900).unwrap();
+        assert_eq!((w.exe.as_deref(), w.cmdline), (Some("/usr/bin/cp"), None));
+    }
+
+    #[test]
     fn a_subshell_that_never_execs_is_its_parents_program() {
         let p = FakeProc::default();
         let mut t = p.table();
