@@ -329,9 +329,9 @@ fn watch_processes(
 /// notifications where no `deny` rule applies, and nothing then slows a writer: past
 /// the kernel's queue (16 384 events) they would overflow, and the files would be
 /// found by a rescan without their writer. So when the hand-over to the source is
-/// full, every exit point also gets `FAN_OPEN_PERM`: each open waits for this
-/// thread, which is paced by the source; once it has caught up (for a second), the
-/// exit points go back to notifications.
+/// full, every exit point also gets `FAN_OPEN_PERM`, and other processes' opens are
+/// answered only once the source has taken what waits ([`Behind`]); once it has
+/// caught up (for a second), the exit points go back to notifications.
 #[derive(Default)]
 struct Brake {
     /// Exit points: mount point → (marked as its whole file system, a `deny` rule
@@ -377,6 +377,61 @@ impl Brake {
     }
 }
 
+/// While the source is behind: what the reader holds back.
+#[derive(Default)]
+struct Behind {
+    /// Events the source has not taken yet (at most [`MAX_BACKLOG`]).
+    backlog: Vec<RawEvent>,
+    /// Other processes' opens, answered once the source has caught up: they wait.
+    /// The agent's own opens (its workers hashing a file) are answered at once, so
+    /// holding these can never wait on the agent itself.
+    held: Vec<nix::sys::fanotify::FanotifyEvent>,
+    /// Since when the brake is on.
+    braked_since: Option<Instant>,
+}
+
+/// Most events held back for the source; beyond, notifications are dropped and one
+/// overflow is reported (the source rescans), as the kernel does.
+const MAX_BACKLOG: usize = 8192;
+/// Most opens held back; beyond, opens are answered at once.
+const MAX_HELD: usize = 1024;
+
+impl Behind {
+    /// Hands the backlog to the source if it has room; then decides the held opens.
+    /// `Err` when the source is gone.
+    fn catch_up(
+        &mut self,
+        fan: &Fanotify,
+        guard: &Guard,
+        seen: &mut Seen,
+        tx: &mpsc::Sender<Vec<RawEvent>>,
+    ) -> Result<(), ()> {
+        if !self.backlog.is_empty() {
+            match tx.try_send(std::mem::take(&mut self.backlog)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(b)) => self.backlog = b,
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(()),
+            }
+        }
+        if self.backlog.is_empty() && !self.held.is_empty() {
+            let me = std::process::id() as i32;
+            for ev in std::mem::take(&mut self.held) {
+                on_event(fan, guard, seen, me, &ev, &mut self.backlog);
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues a batch behind the backlog, bounded.
+    fn queue(&mut self, batch: Vec<RawEvent>) {
+        if self.backlog.len() + batch.len() <= MAX_BACKLOG {
+            self.backlog.extend(batch);
+        } else if !matches!(self.backlog.last(), Some(RawEvent::Overflow)) {
+            self.backlog.push(RawEvent::Overflow);
+        }
+    }
+}
+
 fn read_loop(
     fan: &Fanotify,
     mut seen: Seen,
@@ -387,11 +442,25 @@ fn read_loop(
 ) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let me = std::process::id() as i32;
-    let mut braked_since: Option<Instant> = None;
+    let mut behind = Behind::default();
     while !stop.load(Ordering::Relaxed) {
         seen.take_updates(); // also while idle: the inbox stays short
+        if behind.catch_up(fan, guard, &mut seen, tx).is_err() {
+            return;
+        }
+        let waiting = !behind.backlog.is_empty() || !behind.held.is_empty();
+        let caught_up = !waiting && tx.capacity() * 2 > tx.max_capacity();
+        if caught_up
+            && behind
+                .braked_since
+                .is_some_and(|t| t.elapsed() > BRAKE_HOLD)
+        {
+            brake.set(fan, false);
+            behind.braked_since = None;
+        }
         let mut fds = [PollFd::new(fan.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(500u16)) {
+        let timeout = if waiting { 10u16 } else { 500 };
+        match poll(&mut fds, PollTimeout::from(timeout)) {
             Ok(0) => continue,
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
@@ -411,28 +480,29 @@ fn read_loop(
         // Execs read until now come first: they precede these writes.
         seen.take_updates();
         let mut batch = Vec::with_capacity(events.len());
-        for ev in &events {
-            on_event(fan, guard, &mut seen, me, ev, &mut batch);
+        for ev in events {
+            let others_open = ev.mask().contains(MaskFlags::FAN_OPEN_PERM) && ev.pid() != me;
+            if waiting && others_open && behind.held.len() < MAX_HELD {
+                behind.held.push(ev); // its opener waits until the source catches up
+                continue;
+            }
+            on_event(fan, guard, &mut seen, me, &ev, &mut batch);
         }
         if batch.is_empty() {
             continue;
         }
+        if waiting {
+            behind.queue(batch);
+            continue;
+        }
         match tx.try_send(batch) {
-            Ok(()) => {
-                let caught_up = tx.capacity() * 2 > tx.max_capacity();
-                if caught_up && braked_since.is_some_and(|t| t.elapsed() > BRAKE_HOLD) {
-                    brake.set(fan, false);
-                    braked_since = None;
-                }
-            }
+            Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(batch)) => {
-                if braked_since.is_none() {
+                if behind.braked_since.is_none() {
                     brake.set(fan, true);
                 }
-                braked_since = Some(Instant::now());
-                if tx.blocking_send(batch).is_err() {
-                    return;
-                }
+                behind.braked_since = Some(Instant::now());
+                behind.queue(batch);
             }
             Err(mpsc::error::TrySendError::Closed(_)) => return,
         }
