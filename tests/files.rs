@@ -920,12 +920,17 @@ fn opens_wait_for_the_agent_only_while_a_deny_rule_applies() {
         .collect();
     landed.sort();
     assert_eq!(landed, ["1-audit.txt", "3-audit.txt"]);
+    // Refused while it happened (no evidence: nothing landed), the deny copy only.
     let refused: Vec<FileEnforced> = enforced(&events)
         .into_iter()
-        .filter(|e| e.action == "deny")
+        .filter(|e| e.action == "deny" && e.evidence.is_none())
         .collect();
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(refused[0].rule_id, "no-secrets-out");
+    assert!(refused[0]
+        .path
+        .as_deref()
+        .is_some_and(|p| p.ends_with("2-deny.txt")));
 }
 
 /// Mounts a fresh tmpfs at `dir/name`.

@@ -391,8 +391,10 @@ struct Behind {
 }
 
 /// Most events held back for the source; beyond, notifications are dropped and one
-/// overflow is reported (the source rescans), as the kernel does.
-const MAX_BACKLOG: usize = 8192;
+/// overflow is reported (the source rescans), as the kernel does. Each close holds a
+/// descriptor, and the hand-over already holds up to 64 batches: more would run the
+/// agent out of descriptors, and the kernel drops an event it cannot open.
+const MAX_BACKLOG: usize = 4096;
 /// Most opens held back; beyond, opens are answered at once.
 const MAX_HELD: usize = 1024;
 
@@ -422,13 +424,33 @@ impl Behind {
         Ok(())
     }
 
-    /// Queues a batch behind the backlog, bounded.
+    /// Queues a batch behind the backlog, bounded. A write that is not a close gives
+    /// up its descriptor here: only a file never closed (its stick pulled) needs it,
+    /// and the descriptors waiting must stay well inside the agent's file limit (a
+    /// fanotify read that cannot open the next event's file loses that event).
     fn queue(&mut self, batch: Vec<RawEvent>) {
-        if self.backlog.len() + batch.len() <= MAX_BACKLOG {
-            self.backlog.extend(batch);
-        } else if !matches!(self.backlog.last(), Some(RawEvent::Overflow)) {
-            self.backlog.push(RawEvent::Overflow);
+        if self.backlog.len() + batch.len() > MAX_BACKLOG {
+            if !matches!(self.backlog.last(), Some(RawEvent::Overflow)) {
+                self.backlog.push(RawEvent::Overflow);
+            }
+            return;
         }
+        self.backlog.extend(batch.into_iter().map(|ev| match ev {
+            RawEvent::Write {
+                path,
+                close: false,
+                writer,
+                file: _,
+                origins,
+            } => RawEvent::Write {
+                path,
+                close: false,
+                writer,
+                file: None,
+                origins,
+            },
+            other => other,
+        }));
     }
 }
 
@@ -472,6 +494,14 @@ fn read_loop(
         let events = match fan.read_events() {
             Ok(e) => e,
             Err(nix::errno::Errno::EAGAIN) => continue,
+            Err(e @ (nix::errno::Errno::EMFILE | nix::errno::Errno::ENFILE)) => {
+                // The kernel could not open the next event's file for us and dropped
+                // that event. Stopping here would leave every waiting open on an exit
+                // point unanswered: carry on, and have the source rescan.
+                tracing::error!(error = %e, "fanotify event lost: no file descriptor left");
+                behind.queue(vec![RawEvent::Overflow]);
+                continue;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "fanotify read failed");
                 return;
