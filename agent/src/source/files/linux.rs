@@ -340,6 +340,11 @@ struct Brake {
     on: AtomicBool,
 }
 
+/// A read of this many events filled the buffer; so many such reads in a row and the
+/// reader brakes.
+const FULL_READ: usize = 150;
+const FULL_READS_TO_BRAKE: u32 = 4;
+
 /// How long the brake stays on at least once the agent has caught up.
 const BRAKE_HOLD: Duration = Duration::from_secs(1);
 
@@ -465,6 +470,7 @@ fn read_loop(
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let me = std::process::id() as i32;
     let mut behind = Behind::default();
+    let mut full_reads = 0;
     while !stop.load(Ordering::Relaxed) {
         seen.take_updates(); // also while idle: the inbox stays short
         if behind.catch_up(fan, guard, &mut seen, tx).is_err() {
@@ -507,6 +513,20 @@ fn read_loop(
                 return;
             }
         };
+        // A full read (the 4 KiB buffer holds ~170 events) means more wait in the
+        // kernel's queue: several in a row, and this thread is falling behind the
+        // writers itself — brake before that queue overflows.
+        full_reads = if events.len() >= FULL_READ {
+            full_reads + 1
+        } else {
+            0
+        };
+        if full_reads >= FULL_READS_TO_BRAKE {
+            if behind.braked_since.is_none() {
+                brake.set(fan, true);
+            }
+            behind.braked_since = Some(Instant::now());
+        }
         // Execs read until now come first: they precede these writes.
         seen.take_updates();
         let mut batch = Vec::with_capacity(events.len());
