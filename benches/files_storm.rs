@@ -409,46 +409,31 @@ fn main() {
     );
 
     let only_agent = std::env::var("ONLY_AGENT").is_ok(); // for profiling the agent
-    if only_agent || docx_only {
-    } else if which("inotifywait").is_some() {
-        rows.push(inotifywait_run(
-            &mount,
-            &mount.join("inw-paced"),
-            n,
-            PACED_RATE,
-            "paced 20k/s",
-        ));
-        rows.push(inotifywait_run(
-            &mount,
-            &mount.join("inw-flat"),
-            n,
-            0.0,
-            "flat out",
-        ));
-    } else {
-        require(
-            "inotifywait (inotify-tools) for the side-by-side peer",
-            false,
-        );
-    }
-    if only_agent || docx_only {
-    } else if which("fatrace").is_some() {
-        rows.push(fatrace_run(
-            &mount,
-            &mount.join("fat-paced"),
-            n,
-            PACED_RATE,
-            "paced 20k/s",
-        ));
-        rows.push(fatrace_run(
-            &mount,
-            &mount.join("fat-flat"),
-            n,
-            0.0,
-            "flat out",
-        ));
-    } else {
-        require("fatrace for the side-by-side peer", false);
+    type PeerRun = fn(&Path, &Path, usize, f64, &'static str) -> Row;
+    let peers: [(&str, &str, PeerRun); 2] = [
+        ("inotifywait", "inw", inotifywait_run),
+        ("fatrace", "fat", fatrace_run),
+    ];
+    for (program, tag, peer_run) in peers {
+        if only_agent || docx_only {
+            break;
+        }
+        if which(program).is_none() {
+            require(&format!("{program} for the side-by-side peer"), false);
+            continue;
+        }
+        for (mode, rate, sub) in [
+            ("paced 20k/s", PACED_RATE, "paced"),
+            ("flat out", 0.0, "flat"),
+        ] {
+            rows.push(peer_run(
+                &mount,
+                &mount.join(format!("{tag}-{sub}")),
+                n,
+                rate,
+                mode,
+            ));
+        }
     }
 
     // The agent: exit point = the tmpfs, named in its (fake) mount table.

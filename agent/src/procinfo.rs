@@ -58,7 +58,11 @@ pub struct ProcessInfo {
 
 /// The command line, NUL-separated arguments joined by spaces, at most 4 KiB.
 fn cmdline_of(p: &Process) -> Option<String> {
-    let args = p.cmdline().ok()?;
+    Some(joined_args(p.cmdline().ok()?))
+}
+
+/// Arguments joined by spaces, cut at 4 KiB (on a character boundary).
+fn joined_args(args: Vec<String>) -> String {
     let mut s = args.join(" ");
     if s.len() > 4096 {
         let mut cut = 4096;
@@ -67,7 +71,7 @@ fn cmdline_of(p: &Process) -> Option<String> {
         }
         s.truncate(cut);
     }
-    Some(s)
+    s
 }
 
 /// Details of `pid`, if it still exists.
@@ -101,20 +105,12 @@ pub fn brief(pid: u32) -> Option<ProcessBrief> {
         .ok()
         .filter(|raw| !raw.is_empty())
         .map(|raw| {
-            let args: Vec<String> = raw
-                .split(|b| *b == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            let mut s = args.join(" ");
-            if s.len() > 4096 {
-                let mut cut = 4096;
-                while !s.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                s.truncate(cut);
-            }
-            s
+            joined_args(
+                raw.split(|b| *b == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect(),
+            )
         });
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let uid = status

@@ -190,12 +190,18 @@ impl Writers {
                 Known::Read(w) => Some(w.clone()),
                 Known::Forked { parent } => {
                     let parent = *parent;
-                    // Alive: read it. Gone: it ran its parent's program.
-                    let w = (self.read)(pid).or_else(|| {
-                        let mut w = self.describe(parent)?;
-                        w.pid = pid;
-                        Some(w)
-                    });
+                    // Alive: read it. Gone, or a zombie (no program left to read):
+                    // it ran its parent's program, with its parent's arguments.
+                    let w = match (self.read)(pid) {
+                        Some(w) if w.exe.is_some() => Some(w),
+                        zombie => self
+                            .describe(parent)
+                            .map(|mut w| {
+                                w.pid = pid;
+                                w
+                            })
+                            .or(zombie),
+                    };
                     if let (Some(w), Some(e)) = (&w, self.entries.get_mut(&pid)) {
                         e.known = Known::Read(w.clone());
                     }
@@ -426,6 +432,37 @@ mod tests {
         t.on_event(ProcEvent::Exit { pid: 201 });
         let w = t.lookup(201).expect("its parent's program");
         assert_eq!((w.pid, w.exe.as_deref()), (201, Some("/usr/bin/bash")));
+    }
+
+    #[test]
+    fn a_forked_applet_read_as_a_zombie_is_its_parents_program() {
+        // busybox's shell forks `cp` without an exec; read after it exited but before
+        // it was reaped, /proc has its user but no program.
+        let p = FakeProc::default();
+        let mut t = p.table();
+        t.events_started();
+        p.run(1000, 1, "/bin/busybox", 0);
+        t.on_event(ProcEvent::Fork {
+            parent: 1000,
+            child: 1001,
+        });
+        let zombie = Writer {
+            pid: 1001,
+            uid: Some(0),
+            ..Writer::default()
+        };
+        let mut t = Writers {
+            read: Box::new(move |pid| {
+                if pid == 1001 {
+                    Some(zombie.clone())
+                } else {
+                    (t.read)(pid)
+                }
+            }),
+            ..t
+        };
+        let w = t.lookup(1001).expect("named");
+        assert_eq!((w.pid, w.exe.as_deref()), (1001, Some("/bin/busybox")));
     }
 
     #[test]
