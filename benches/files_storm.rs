@@ -204,6 +204,17 @@ fn settle(mut f: impl FnMut() -> u64, quiet: Duration, max: Duration) -> u64 {
     last
 }
 
+/// Once a peer's output file has stopped growing (2 s quiet, at most 30 s): its CPU
+/// seconds and peak RSS.
+fn when_quiet(out: &Path, pid: u32) -> (f64, f64) {
+    settle(
+        || std::fs::metadata(out).map(|m| m.len()).unwrap_or(0),
+        Duration::from_secs(2),
+        Duration::from_secs(30),
+    );
+    (cpu_secs(pid), peak_rss_mib(pid))
+}
+
 struct Row {
     watcher: &'static str,
     mode: &'static str,
@@ -239,12 +250,7 @@ fn inotifywait_run(mount: &Path, dir: &Path, n: usize, rate: f64, mode: &'static
         String::new,
     );
     let reached = storm(dir, n, rate);
-    settle(
-        || std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0),
-        Duration::from_secs(2),
-        Duration::from_secs(30),
-    );
-    let (cpu, rss) = (cpu_secs(child.id()), peak_rss_mib(child.id()));
+    let (cpu, rss) = when_quiet(&out, child.id());
     let _ = child.kill();
     let _ = child.wait();
     let seen: HashSet<String> = std::fs::read_to_string(&out)
@@ -311,12 +317,7 @@ fn fatrace_run(mount: &Path, dir: &Path, n: usize, rate: f64, mode: &'static str
         .expect("fatrace");
     std::thread::sleep(Duration::from_secs(1)); // its mark is in place (no ready line)
     let reached = storm(dir, n, rate);
-    settle(
-        || std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0),
-        Duration::from_secs(2),
-        Duration::from_secs(30),
-    );
-    let (cpu, rss) = (cpu_secs(child.id()), peak_rss_mib(child.id()));
+    let (cpu, rss) = when_quiet(&out, child.id());
     // SIGINT: fatrace flushes its output and exits.
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),

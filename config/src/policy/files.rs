@@ -629,6 +629,28 @@ action = "audit"
 "#;
 
     #[test]
+    fn a_deny_rule_applies_to_its_exit_kinds_only() {
+        let usb_only = policy(
+            "[files]\n[[files.rules]]\nid = \"no-ids-on-sticks\"\ndetectors = [\"prc-resident-id\"]\nexit = [\"removable\"]\naction = \"deny\"\n",
+        )
+        .unwrap()
+        .files;
+        assert!(usb_only.deny_applies_to(ExitKind::Removable));
+        assert!(!usb_only.deny_applies_to(ExitKind::Network));
+        assert!(!usb_only.deny_applies_to(ExitKind::Watched));
+        let everywhere = policy(
+            "[files]\n[[files.rules]]\nid = \"no-ids-out\"\ndetectors = [\"prc-resident-id\"]\naction = \"deny\"\n",
+        )
+        .unwrap()
+        .files;
+        assert!(everywhere.deny_applies_to(ExitKind::Watched));
+        // Quarantine and audit rules never make opens wait.
+        let p = policy(RULES).unwrap().files;
+        assert!(!p.has_deny());
+        assert!(!p.deny_applies_to(ExitKind::Removable));
+    }
+
+    #[test]
     fn first_matching_rule_decides_and_names_itself() {
         let p = policy(RULES).unwrap().files;
         let v = p.decide(&[("mark:secret", 1)], ExitKind::Removable);
