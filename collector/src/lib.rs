@@ -16,6 +16,7 @@ pub mod alert_model;
 pub mod alerts;
 pub mod broker;
 pub mod cli;
+pub mod db;
 pub mod enroll;
 pub mod export;
 pub mod fair;
