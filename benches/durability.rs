@@ -84,14 +84,15 @@ fn journal_bench() {
 }
 
 fn latencies(w: &World) -> Vec<f64> {
-    let db = w.db();
-    let mut st = db
-        .prepare("SELECT agent_time, received_at FROM events WHERE kind IN ('usb.attached','usb.detached')")
-        .unwrap();
-    let mut v: Vec<f64> = st
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+    let mut v: Vec<f64> = w
+        .db()
+        .query_map(
+            "SELECT agent_time, received_at FROM events WHERE kind IN ('usb.attached','usb.detached')",
+            params![],
+            |r| Ok((r.get::<String>(0)?, r.get::<String>(1)?)),
+        )
         .unwrap()
-        .filter_map(|r| r.ok())
+        .into_iter()
         .filter_map(|(a, b)| {
             let a: jiff::Timestamp = a.parse().ok()?;
             let b: jiff::Timestamp = b.parse().ok()?;

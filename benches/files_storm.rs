@@ -560,19 +560,18 @@ fn main() {
              AND json_extract(envelope, '$.event.data.path') LIKE '{like}'"
         ));
         if std::env::var("DEBUG_DUPS").is_ok() {
-            let db = w.db();
-            let mut st = db
-                .prepare(&format!(
-                    "SELECT json_extract(envelope, '$.event.data.path'), json_extract(envelope, '$.event.data.first_write'), json_extract(envelope, '$.event.data.last_write'), seq FROM events \
-                     WHERE kind = 'file.exported' AND json_extract(envelope, '$.event.data.path') IN \
-                     (SELECT json_extract(envelope, '$.event.data.path') p FROM events WHERE kind = 'file.exported' AND p LIKE '{like}' GROUP BY p HAVING COUNT(*) > 1 LIMIT 3) ORDER BY 1, 4"
-                ))
-                .unwrap();
-            let rows: Vec<(String, String, String, i64)> = st
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                .unwrap()
-                .filter_map(|r| r.ok())
-                .collect();
+            let rows: Vec<(String, String, String, i64)> = w
+                .db()
+                .query_map(
+                    &format!(
+                        "SELECT json_extract(envelope, '$.event.data.path'), json_extract(envelope, '$.event.data.first_write'), json_extract(envelope, '$.event.data.last_write'), seq FROM events \
+                         WHERE kind = 'file.exported' AND json_extract(envelope, '$.event.data.path') IN \
+                         (SELECT json_extract(envelope, '$.event.data.path') p FROM events WHERE kind = 'file.exported' AND p LIKE '{like}' GROUP BY p HAVING COUNT(*) > 1 LIMIT 3) ORDER BY 1, 4"
+                    ),
+                    params![],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+                .unwrap_or_default();
             eprintln!("duplicates sample: {rows:#?}\noverflows: {overflows:#?}");
         }
         rows.push(Row {

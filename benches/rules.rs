@@ -114,16 +114,31 @@ fn main() {
     latency(root, samples);
 }
 
+/// A store for part 1: the SQLite file `path`, or with `STORE=postgresql` a fresh
+/// database on the test server (`WEILAN_TEST_POSTGRES`), kept while the guard lives.
+fn open_store(
+    path: &std::path::Path,
+) -> (Store, Option<weilan_collector::db::testing::TempDatabase>) {
+    if std::env::var("STORE").as_deref() == Ok("postgresql") {
+        let db = weilan_collector::db::testing::TempDatabase::create("bench")
+            .expect("STORE=postgresql needs a PostgreSQL server");
+        let store = Store::open_at(&db.location()).unwrap();
+        println!("  (store: PostgreSQL, {})", db.location());
+        return (store, Some(db));
+    }
+    (Store::open(path).unwrap(), None)
+}
+
 /// Part 1: the stream stored and evaluated, with all built-in rules and with none.
 fn with_storage(events: &[Envelope], n: u64) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let mut with_rules = Engine::new(true, None).unwrap();
     let rules = with_rules.rule_set().rules().count();
-    let mut store = Store::open(&root.join("rules.db")).unwrap();
+    let (mut store, _kept) = open_store(&root.join("rules.db"));
     let (t_rules, alerts) = throughput(&mut with_rules, &mut store, events);
     let mut no_rules = Engine::new(false, None).unwrap();
-    let mut store0 = Store::open(&root.join("plain.db")).unwrap();
+    let (mut store0, _kept0) = open_store(&root.join("plain.db"));
     let (t_plain, _) = throughput(&mut no_rules, &mut store0, events);
     let s = &with_rules.stats;
     println!("rules: {rules} built-in rules, {n} mixed events (10 kinds), batches of 100 per transaction");

@@ -26,7 +26,7 @@ use weilan_config::event::{record_hash, Envelope, Event, EventId, EventKey, Hear
 
 /// Database size once vacuumed (bytes).
 fn db_bytes(store: &mut Store) -> u64 {
-    let conn = store.conn();
+    let conn = store.conn().sqlite().expect("a SQLite store");
     conn.execute_batch("VACUUM").unwrap();
     let pages: i64 = conn
         .query_row("PRAGMA page_count", [], |r| r.get(0))
@@ -68,6 +68,8 @@ fn fill(dir: &Path, fleet: &Fleet) -> Measured {
     // The size does not depend on it; the fill would take minutes with it.
     store
         .conn()
+        .sqlite()
+        .expect("a SQLite store")
         .pragma_update(None, "synchronous", "OFF")
         .unwrap();
     let jsonl_path = dir.join("records.jsonl");

@@ -58,15 +58,14 @@ fn main() {
         },
         || collector.log_text(),
     );
-    let db = w.db();
-    let mut st = db
-        .prepare("SELECT json_extract(envelope, '$.event.data.latency_us') FROM events WHERE kind = 'usb.decision' AND json_extract(envelope, '$.event.data.latency_us') IS NOT NULL")
+    let mut lat: Vec<i64> = w
+        .db()
+        .query_map(
+            "SELECT json_extract(envelope, '$.event.data.latency_us') FROM events WHERE kind = 'usb.decision' AND json_extract(envelope, '$.event.data.latency_us') IS NOT NULL",
+            params![],
+            |r| r.get(0),
+        )
         .unwrap();
-    let mut lat: Vec<i64> = st
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .filter_map(|r| r.ok())
-        .collect();
     lat.sort();
     let p = |q: f64| lat[((lat.len() as f64 - 1.0) * q).round() as usize];
     println!(

@@ -42,12 +42,19 @@ fn plug_and_time(
     );
     // From the agent's capture (after the storage settle time) to the collector's
     // commit, on the one clock of this machine.
-    let ms: f64 = w
-        .db()
+    let db = w.db();
+    let ms: f64 = db
         .query_row(
-            "SELECT (julianday(received_at) - julianday(agent_time)) * 86400000.0 FROM events \
-             WHERE kind = 'usb.attached' AND json_extract(envelope, '$.event.data.serial') = ?1",
-            [serial],
+            &for_engine(
+                db.engine(),
+                db.pick(
+                    "SELECT (julianday(received_at) - julianday(agent_time)) * 86400000.0 FROM events \
+                     WHERE kind = 'usb.attached' AND json_extract(envelope, '$.event.data.serial') = ?1",
+                    "SELECT CAST(EXTRACT(EPOCH FROM (CAST(received_at AS timestamptz) - CAST(agent_time AS timestamptz))) * 1000 AS FLOAT8) \
+                     FROM events WHERE kind = 'usb.attached' AND json_extract(envelope, '$.event.data.serial') = ?1",
+                ),
+            ),
+            params![serial],
             |r| r.get(0),
         )
         .unwrap();
@@ -350,14 +357,14 @@ fn a_hostile_agent_cannot_delay_or_erase_another_agents_evidence() {
     );
     let reasons: Vec<String> = w
         .db()
-        .prepare(&format!(
-            "SELECT reason FROM quarantine WHERE source = '{HOSTILE}' AND reason LIKE '%batch of%'"
-        ))
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+        .query_map(
+            &format!(
+                "SELECT reason FROM quarantine WHERE source = '{HOSTILE}' AND reason LIKE '%batch of%'"
+            ),
+            params![],
+            |r| r.get(0),
+        )
+        .unwrap();
     assert!(
         reasons.iter().any(|r| r.contains("batch of 200000 events")),
         "{reasons:?}"

@@ -388,8 +388,8 @@ fn a_small_cap_reports_exactly_the_events_it_had_to_drop() {
         w.db()
             .query_row(
                 "SELECT contiguous_to, max_seq FROM streams WHERE agent_id = ?1",
-                [AGENT],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+                params![AGENT],
+                |r| Ok((r.get::<i64>(0)?, r.get::<i64>(1)?)),
             )
             .unwrap_or((0, 0))
     };
@@ -410,7 +410,7 @@ fn a_small_cap_reports_exactly_the_events_it_had_to_drop() {
         s.w.db()
             .query_row(
                 "SELECT COUNT(*), MAX(seq) FROM events WHERE agent_id = ?1",
-                [AGENT],
+                params![AGENT],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .unwrap();
@@ -418,7 +418,7 @@ fn a_small_cap_reports_exactly_the_events_it_had_to_drop() {
     let missing = max_seq - stored;
     // Cap reports are cumulative per epoch: the latest one counts everything.
     let reported: i64 = s.w.count(
-        "SELECT json_extract(envelope, '$.event.data.count') FROM events WHERE kind = 'agent.events_lost' \
+        "SELECT CAST(json_extract(envelope, '$.event.data.count') AS INTEGER) FROM events WHERE kind = 'agent.events_lost' \
          AND json_extract(envelope, '$.event.data.stage') = 'journal-cap' ORDER BY seq DESC LIMIT 1",
     );
     assert!(missing > 0, "the cap must have dropped something");

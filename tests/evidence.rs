@@ -93,16 +93,15 @@ fn diag<'a>(procs: &'a [&'a Proc]) -> impl Fn() -> String + 'a {
 
 /// Per epoch of the agent: (epoch, events stored, highest seq stored), oldest first.
 fn epochs(w: &World) -> Vec<(i64, i64, i64)> {
-    if !w.path("weilan.db").exists() {
+    if !w.db_exists() {
         return vec![];
     }
-    let db = w.db();
-    let mut st = db
-        .prepare("SELECT epoch, COUNT(*), MAX(seq) FROM events WHERE agent_id = ?1 GROUP BY epoch ORDER BY epoch")
-        .unwrap();
-    st.query_map([AGENT], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
+    w.db()
+        .query_map(
+            "SELECT epoch, COUNT(*), MAX(seq) FROM events WHERE agent_id = ?1 GROUP BY epoch ORDER BY epoch",
+            params![AGENT],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
         .unwrap()
 }
 

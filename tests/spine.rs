@@ -87,11 +87,11 @@ fn check_flow(w: &World, ns: &Netns, collector: &Proc, agent: &Proc) {
         "only the unknown stick alerts red\n{}",
         diag()
     );
-    let stored_id: String = w
-        .db()
+    let db = w.db();
+    let stored_id: String = db
         .query_row(
-            "SELECT event_id FROM events WHERE kind = 'usb.attached' AND json_extract(envelope, '$.event.data.serial') = 'E2E-UNKNOWN-1'",
-            [],
+            &for_engine(db.engine(), "SELECT event_id FROM events WHERE kind = 'usb.attached' AND json_extract(envelope, '$.event.data.serial') = 'E2E-UNKNOWN-1'"),
+            params![],
             |r| r.get(0),
         )
         .unwrap();

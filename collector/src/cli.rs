@@ -744,8 +744,8 @@ fn quarantine_command(config: PathBuf, json: bool) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let rows =
-        crate::store::Store::open(&settings.store_path).and_then(|mut s| s.quarantine_summary());
+    let rows = crate::store::Store::open_at(&crate::db::Location::of(&settings))
+        .and_then(|mut s| s.quarantine_summary());
     match rows {
         Ok(rows) => {
             if !json {
@@ -803,7 +803,7 @@ fn agents_list_command(config: PathBuf, json: bool) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let rows = crate::store::Store::open(&settings.store_path)
+    let rows = crate::store::Store::open_at(&crate::db::Location::of(&settings))
         .map_err(|e| e.to_string())
         .and_then(|mut s| crate::fleet::list(&mut s).map_err(|e| e.to_string()));
     // Certificate expiry from the registry beside the CA.
@@ -1060,7 +1060,7 @@ fn run_export(
     let rules = crate::rules::RuleSet::load(settings.rules_builtin, settings.rules_dir.as_deref())
         .map_err(|e| e.iter().map(|e| e.to_string()).collect::<String>())?;
     let (scope, label) = crate::export::scope(
-        &settings.store_path,
+        &crate::db::Location::of(settings),
         &rules,
         (!agents.is_empty()).then_some(agents),
         group,
@@ -1094,7 +1094,7 @@ fn run_export(
         heartbeats_in_csv,
     };
     let result = crate::export::export(
-        &settings.store_path,
+        &crate::db::Location::of(settings),
         &signer,
         &rules,
         &req,

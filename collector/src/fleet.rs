@@ -8,18 +8,14 @@
 
 use std::time::Duration;
 
-use rusqlite::params;
+use crate::db::{params, Sql};
 use weilan_config::event::{Envelope, Event};
 
 use crate::rules::{findings, Finding};
 use crate::store::{Store, StoreError};
 
 /// Updates the agents table from newly stored events of one agent.
-pub fn note_events(
-    conn: &rusqlite::Connection,
-    agent: &str,
-    events: &[&Envelope],
-) -> Result<(), StoreError> {
+pub fn note_events(conn: &impl Sql, agent: &str, events: &[&Envelope]) -> Result<(), StoreError> {
     let now = jiff::Timestamp::now().to_string();
     let (mut version, mut policy, mut host, mut backlog, mut state) =
         (None, None, None, None, Some("online"));
@@ -41,7 +37,7 @@ pub fn note_events(
             _ => {}
         }
     }
-    conn.prepare_cached(
+    conn.execute(
         "INSERT INTO agents (agent_id, first_seen, last_seen, last_event, state, agent_version, policy_version, hostname, backlog, silent_alerted)
          VALUES (?1, ?2, ?2, ?2, ?3, ?4, ?5, ?6, ?7, 0)
          ON CONFLICT(agent_id) DO UPDATE SET
@@ -53,8 +49,8 @@ pub fn note_events(
            hostname = COALESCE(?6, agents.hostname),
            backlog = COALESCE(?7, agents.backlog),
            silent_alerted = 0",
-    )?
-    .execute(params![agent, now, state, version, policy, host, backlog])?;
+        params![agent, now, state, version, policy, host, backlog],
+    )?;
     Ok(())
 }
 
@@ -68,14 +64,12 @@ pub fn silent_agents(
     .to_string();
     let conn = store.conn();
     let tx = conn.transaction()?;
-    let silent: Vec<(String, String, String)> = {
-        let mut st = tx.prepare(
-            "SELECT agent_id, COALESCE(last_event, last_seen), state FROM agents
-             WHERE state != 'stopped' AND silent_alerted = 0 AND COALESCE(last_event, last_seen) <= ?1",
-        )?;
-        let rows = st.query_map([&cutoff], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-        rows.collect::<Result<_, _>>()?
-    };
+    let silent: Vec<(String, String, String)> = tx.query_map(
+        "SELECT agent_id, COALESCE(last_event, last_seen), state FROM agents
+         WHERE state != 'stopped' AND silent_alerted = 0 AND COALESCE(last_event, last_seen) <= ?1",
+        params![cutoff],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
     let mut alerts = Vec::new();
     for (agent, last, state) in silent {
         alerts.push(Finding {
@@ -90,7 +84,7 @@ pub fn silent_agents(
         });
         tx.execute(
             "UPDATE agents SET silent_alerted = 1 WHERE agent_id = ?1",
-            [&agent],
+            params![&agent],
         )?;
     }
     tx.commit()?;
@@ -114,13 +108,12 @@ pub struct AgentRow {
 
 pub fn list(store: &mut Store) -> Result<Vec<AgentRow>, StoreError> {
     let conn = store.conn();
-    let mut st = conn.prepare(&format!(
+    Ok(conn.query_map(&format!(
         "SELECT a.agent_id, a.state, a.last_event, a.agent_version, a.policy_version, a.hostname, a.backlog,
                 (SELECT COUNT(*) FROM events e WHERE e.agent_id = a.agent_id) + {}
          FROM agents a ORDER BY a.agent_id",
         crate::heartbeats::COUNT_PER_AGENT_SQL
-    ))?;
-    let rows = st.query_map([], |r| {
+    ), params![], |r| {
         Ok(AgentRow {
             agent_id: r.get(0)?,
             state: r.get(1)?,
@@ -132,6 +125,5 @@ pub fn list(store: &mut Store) -> Result<Vec<AgentRow>, StoreError> {
             events: r.get(7)?,
             cert_expires: None,
         })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    })?)
 }

@@ -7,6 +7,7 @@
 //! counted, logged with its reason and kept in the quarantine table; the collector
 //! never stops for bad input.
 
+use crate::db::{Sql, Tx};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -246,7 +247,7 @@ impl Ingest {
     /// Writes the refusals gathered so far inside `tx`.
     /// They stay gathered until the transaction has committed ([`Ingest::refused_kept`]),
     /// so a group that fails to commit does not take its refusals with it.
-    fn quarantine_refused(&self, tx: &rusqlite::Transaction<'_>) -> Result<(), store::StoreError> {
+    fn quarantine_refused(&self, tx: &Tx<'_>) -> Result<(), store::StoreError> {
         for r in self
             .refused
             .lock()
@@ -603,7 +604,7 @@ impl Ingest {
     /// rules, fleet state.
     fn store_one(
         &self,
-        tx: &rusqlite::Transaction<'_>,
+        tx: &Tx<'_>,
         policy: &Policy,
         b: &Decoded<'_>,
         now: jiff::Timestamp,
@@ -1033,12 +1034,12 @@ impl Ingest {
 /// what is new, then `rules` on the new events and the findings — all in the one
 /// transaction ingest commits (an ack means all of it is durable).
 pub fn store_batch_in<T>(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Tx<'_>,
     agent: &str,
     events: &[store::Incoming<'_>],
     received_at: jiff::Timestamp,
     rules: impl FnOnce(
-        &rusqlite::Transaction<'_>,
+        &Tx<'_>,
         &[store::Stored<'_>],
         Vec<crate::rules::Finding>,
     ) -> Result<T, store::StoreError>,

@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 
-use rusqlite::{params, OptionalExtension, Transaction};
+use crate::db::{params, Sql, Tx};
 use weilan_config::event::GENESIS_HASH;
 
 use weilan_config::event::{EpochStarted, Event, EventKey};
@@ -49,7 +49,7 @@ fn finding(
 
 /// Checks the links of newly stored events and updates the streams they belong to.
 pub fn check_new(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     agent: &str,
     events: &[Incoming<'_>],
     new: &[usize],
@@ -59,6 +59,15 @@ pub fn check_new(
     // Each link (epoch, seq of the later record) is judged once.
     let mut judged: HashSet<(u64, u64)> = HashSet::new();
     let mut epochs: BTreeSet<u64> = BTreeSet::new();
+    // The records stored by this batch, by key: a neighbour among them is compared
+    // here rather than read back (a round trip per record on PostgreSQL).
+    let stored_now: std::collections::HashMap<(u64, u64), &Incoming<'_>> = new
+        .iter()
+        .map(|&i| {
+            let k = events[i].envelope.event_id.key;
+            ((k.epoch, k.seq), &events[i])
+        })
+        .collect();
     for &i in new {
         let ev = &events[i];
         let key = ev.envelope.event_id.key;
@@ -72,8 +81,11 @@ pub fn check_new(
                     epoch: key.epoch,
                     seq: key.seq - 1,
                 };
-                crate::heartbeats::stored_hash(tx, agent, prev)?
-                    .map(|h| (h, format!("{agent}:{prev}")))
+                match stored_now.get(&(prev.epoch, prev.seq)) {
+                    Some(p) => Some(p.hash.to_string()),
+                    None => crate::heartbeats::stored_hash(tx, agent, prev)?,
+                }
+                .map(|h| (h, format!("{agent}:{prev}")))
             };
             if let Some((hash, prev_id)) = expected {
                 if hash != ev.envelope.prev_hash {
@@ -92,13 +104,17 @@ pub fn check_new(
         }
         // Link to a successor stored earlier.
         if judged.insert((key.epoch, key.seq + 1)) {
-            let next: Option<(String, String)> = tx
-                .query_row(
+            let next: Option<(String, String)> = match stored_now.get(&(key.epoch, key.seq + 1)) {
+                Some(n) => Some((
+                    n.envelope.prev_hash.clone(),
+                    n.envelope.event_id.to_string(),
+                )),
+                None => tx.query_opt(
                     "SELECT prev_hash, event_id FROM events WHERE agent_id = ?1 AND epoch = ?2 AND seq = ?3",
                     params![agent, key.epoch as i64, key.seq as i64 + 1],
                     |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?;
+                )?,
+            };
             if let Some((prev_hash, next_id)) = next {
                 if prev_hash != ev.hash {
                     alerts.push(finding(
@@ -116,7 +132,9 @@ pub fn check_new(
         }
     }
     for epoch in epochs {
-        update_stream(tx, agent, epoch, now)?;
+        update_stream(tx, agent, epoch, now, |seq| {
+            stored_now.contains_key(&(epoch, seq as u64))
+        })?;
     }
     for &i in new {
         let env = &events[i].envelope;
@@ -131,21 +149,19 @@ pub fn check_new(
 
 /// What the first record of an epoch says about the agent's history.
 fn judge_epoch_start(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     agent: &str,
     epoch: u64,
     started: &EpochStarted,
     now: &str,
     alerts: &mut Vec<Finding>,
 ) -> Result<(), StoreError> {
-    let known: Option<(i64, String)> = tx
-        .query_row(
-            "SELECT epoch, installation FROM streams WHERE agent_id = ?1 AND epoch < ?2
+    let known: Option<(i64, String)> = tx.query_opt(
+        "SELECT epoch, installation FROM streams WHERE agent_id = ?1 AND epoch < ?2
                AND installation IS NOT NULL ORDER BY epoch DESC LIMIT 1",
-            params![agent, epoch as i64],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
+        params![agent, epoch as i64],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     tx.execute(
         "UPDATE streams SET installation = ?3 WHERE agent_id = ?1 AND epoch = ?2",
         params![agent, epoch as i64, started.installation],
@@ -189,15 +205,13 @@ fn judge_epoch_start(
     let (pe, ps) = (previous.key.epoch as i64, previous.key.seq as i64);
     // Records stored after the point this epoch continues from: made by a run this
     // state has never seen, so the state was restored from an older copy.
-    let later: Option<(i64, i64)> = tx
-        .query_row(
-            "SELECT epoch, seq FROM events WHERE agent_id = ?1
+    let later: Option<(i64, i64)> = tx.query_opt(
+        "SELECT epoch, seq FROM events WHERE agent_id = ?1
                AND ((epoch = ?2 AND seq > ?3) OR (epoch > ?2 AND epoch < ?4))
              ORDER BY epoch DESC, seq DESC LIMIT 1",
-            params![agent, pe, ps, epoch as i64],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
+        params![agent, pe, ps, epoch as i64],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     let compacted = crate::heartbeats::latest_compacted_between(tx, agent, previous.key, epoch)?;
     if let Some((le, ls)) = later.max(compacted) {
         alerts.push(finding(
@@ -225,21 +239,22 @@ fn judge_epoch_start(
     }
     // Every record up to `previous` is expected: a tail removed is a gap.
     tx.execute(
-        "INSERT OR IGNORE INTO streams (agent_id, epoch, contiguous_to, max_seq, first_seen) VALUES (?1, ?2, 0, 0, ?3)",
+        "INSERT INTO streams (agent_id, epoch, contiguous_to, max_seq, first_seen) VALUES (?1, ?2, 0, 0, ?3)
+         ON CONFLICT DO NOTHING",
         params![agent, pe, now],
     )?;
     tx.execute(
-        "UPDATE streams SET expected_to = MAX(expected_to, ?3) WHERE agent_id = ?1 AND epoch = ?2",
+        "UPDATE streams SET expected_to = ?3 WHERE agent_id = ?1 AND epoch = ?2 AND expected_to < ?3",
         params![agent, pe, ps],
     )?;
-    update_stream(tx, agent, previous.key.epoch, now)
+    update_stream(tx, agent, previous.key.epoch, now, |_| false)
 }
 
 /// Records whose key was already held. The same bytes are a re-send; other bytes
 /// mean one key was used for two records (a clock set back across a restored state,
 /// a cloned machine): the second is quarantined with a red alert, never dropped.
 pub fn check_reused(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     agent: &str,
     events: &[Incoming<'_>],
     reused: &[usize],
@@ -269,19 +284,20 @@ pub fn check_reused(
     Ok(alerts)
 }
 
+/// Moves the stream's contiguous run and highest sequence forward. `stored_now` says
+/// whether a sequence was stored by the batch at hand (no need to read it back).
 fn update_stream(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     agent: &str,
     epoch: u64,
     now: &str,
+    stored_now: impl Fn(i64) -> bool,
 ) -> Result<(), StoreError> {
-    let existing: Option<(i64, i64)> = tx
-        .query_row(
-            "SELECT contiguous_to, expected_to FROM streams WHERE agent_id = ?1 AND epoch = ?2",
-            params![agent, epoch as i64],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
+    let existing: Option<(i64, i64)> = tx.query_opt(
+        "SELECT contiguous_to, expected_to FROM streams WHERE agent_id = ?1 AND epoch = ?2",
+        params![agent, epoch as i64],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     let (mut contiguous, expected_to) = match existing {
         Some(v) => v,
         None => {
@@ -292,19 +308,19 @@ fn update_stream(
             (0, 0)
         }
     };
-    {
-        let mut exists = tx.prepare_cached(
+    while stored_now(contiguous + 1)
+        || tx.exists(
             "SELECT 1 FROM events WHERE agent_id = ?1 AND epoch = ?2 AND seq = ?3",
-        )?;
-        while exists.exists(params![agent, epoch as i64, contiguous + 1])? {
-            contiguous += 1;
-        }
+            params![agent, epoch as i64, contiguous + 1],
+        )?
+    {
+        contiguous += 1;
     }
     let max_seq: i64 = tx
         .query_row(
             "SELECT COALESCE(MAX(seq), 0) FROM events WHERE agent_id = ?1 AND epoch = ?2",
             params![agent, epoch as i64],
-            |r| r.get::<_, i64>(0),
+            |r| r.get::<i64>(0),
         )?
         .max(expected_to);
     if max_seq > contiguous {
@@ -326,27 +342,27 @@ fn update_stream(
 /// Records what a batch said about the agent's journal: its last key and the newest
 /// record the agent held when sending it.
 pub fn note_uplink_head(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     agent: &str,
     last: EventKey,
     head: Option<EventKey>,
     now: jiff::Timestamp,
 ) -> Result<(), StoreError> {
     let head = head.unwrap_or(last).max(last);
-    tx.prepare_cached(
+    tx.execute(
         "INSERT INTO uplink_heads (agent_id, last_epoch, last_seq, head_epoch, head_seq, at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT(agent_id) DO UPDATE SET last_epoch = ?2, last_seq = ?3, head_epoch = ?4,
             head_seq = ?5, at = ?6",
-    )?
-    .execute(params![
-        agent,
-        last.epoch as i64,
-        last.seq as i64,
-        head.epoch as i64,
-        head.seq as i64,
-        now.to_string()
-    ])?;
+        params![
+            agent,
+            last.epoch as i64,
+            last.seq as i64,
+            head.epoch as i64,
+            head.seq as i64,
+            now.to_string()
+        ],
+    )?;
     Ok(())
 }
 
@@ -364,7 +380,7 @@ const BACKLOG_PATIENCE: std::time::Duration = std::time::Duration::from_secs(600
 /// `BACKLOG_PATIENCE` gets its holes alerted anyway. `gap_alerted_to` is how far
 /// every record is stored or its hole alerted (the next check starts there).
 pub fn open_gaps(
-    conn: &mut rusqlite::Connection,
+    conn: &mut crate::db::Conn,
     grace: std::time::Duration,
 ) -> Result<Vec<Finding>, StoreError> {
     let now = jiff::Timestamp::now();
@@ -374,37 +390,28 @@ pub fn open_gaps(
     let cutoff = ago(grace);
     let patience = ago(grace + BACKLOG_PATIENCE);
     let tx = conn.transaction()?;
-    let streams: Vec<(String, i64, i64, i64, i64)> = {
-        let mut st = tx.prepare(
-            "SELECT agent_id, epoch, contiguous_to, max_seq, gap_alerted_to FROM streams
-             WHERE gap_since IS NOT NULL AND gap_since <= ?1 AND max_seq > gap_alerted_to",
-        )?;
-        let rows = st.query_map([&cutoff], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-        })?;
-        rows.collect::<Result<_, _>>()?
-    };
+    let streams: Vec<(String, i64, i64, i64, i64)> = tx.query_map(
+        "SELECT agent_id, epoch, contiguous_to, max_seq, gap_alerted_to FROM streams
+         WHERE gap_since IS NOT NULL AND gap_since <= ?1 AND max_seq > gap_alerted_to",
+        params![cutoff],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+    )?;
     let mut alerts = Vec::new();
     for (agent, epoch, contiguous, max_seq, alerted_to) in streams {
         let caught_up: bool = tx
-            .query_row(
+            .query_opt(
                 "SELECT head_epoch < last_epoch OR (head_epoch = last_epoch AND head_seq <= last_seq)
                  FROM uplink_heads WHERE agent_id = ?1",
                 params![agent],
                 |r| r.get(0),
-            )
-            .optional()?
+            )?
             .unwrap_or(true);
         // The stored records above the contiguous run, in order, with their arrival.
-        let after: Vec<(i64, String)> = {
-            let mut st = tx.prepare_cached(
-                "SELECT seq, received_at FROM events WHERE agent_id = ?1 AND epoch = ?2 AND seq > ?3 ORDER BY seq",
-            )?;
-            let rows = st.query_map(params![agent, epoch, contiguous.max(alerted_to)], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })?;
-            rows.collect::<Result<_, _>>()?
-        };
+        let after: Vec<(i64, String)> = tx.query_map(
+            "SELECT seq, received_at FROM events WHERE agent_id = ?1 AND epoch = ?2 AND seq > ?3 ORDER BY seq",
+            params![agent, epoch, contiguous.max(alerted_to)],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
         let due = |since: &str| (caught_up && *since <= *cutoff) || *since <= *patience;
         let mut holes: Vec<(i64, i64, bool)> = Vec::new();
         let mut expect = contiguous.max(alerted_to) + 1;
@@ -452,7 +459,7 @@ pub fn open_gaps(
 
 /// The alert for one hole, red unless the agent reported it as damage.
 fn gap_finding(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     agent: &str,
     epoch: i64,
     from: i64,
@@ -460,18 +467,24 @@ fn gap_finding(
 ) -> Result<Finding, StoreError> {
     // The agent's own report of the loss, if any: damage explains a gap, records
     // it found removed whole from its journal do not (deleted, not damaged).
-    let reported: Option<String> = tx
-        .query_row(
+    let reported: Option<String> = tx.query_opt(
+        tx.pick(
             "SELECT json_extract(envelope, '$.event.data.stage') FROM events
              WHERE agent_id = ?1 AND kind = 'agent.events_lost'
                AND json_extract(envelope, '$.event.data.first.epoch') = ?2
                AND json_extract(envelope, '$.event.data.first.seq') <= ?3
                AND json_extract(envelope, '$.event.data.last.seq') >= ?4
              ORDER BY (json_extract(envelope, '$.event.data.stage') = 'journal-removed') LIMIT 1",
-            params![agent, epoch, from, to],
-            |r| r.get(0),
-        )
-        .optional()?;
+            "SELECT envelope::jsonb #>> '{event,data,stage}' FROM events
+             WHERE agent_id = ?1 AND kind = 'agent.events_lost'
+               AND (envelope::jsonb #>> '{event,data,first,epoch}')::bigint = ?2
+               AND (envelope::jsonb #>> '{event,data,first,seq}')::bigint <= ?3
+               AND (envelope::jsonb #>> '{event,data,last,seq}')::bigint >= ?4
+             ORDER BY (envelope::jsonb #>> '{event,data,stage}') = 'journal-removed' LIMIT 1",
+        ),
+        params![agent, epoch, from, to],
+        |r| r.get(0),
+    )?;
     let explained = reported.as_deref().is_some_and(|s| s != "journal-removed");
     let why = match reported.as_deref() {
         Some("journal-removed") => {
@@ -602,10 +615,35 @@ mod tests {
             .collect()
     }
 
-    fn fresh() -> (tempfile::TempDir, Store) {
+    /// A store, with what keeps it (its folder; its PostgreSQL database).
+    fn fresh() -> (
+        (tempfile::TempDir, Option<crate::db::testing::TempDatabase>),
+        Store,
+    ) {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("db.sqlite")).unwrap();
-        (dir, s)
+        let (location, postgres) = crate::db::testing::store_location(dir.path());
+        let s = Store::open_at(&location).unwrap();
+        ((dir, postgres), s)
+    }
+
+    #[test]
+    fn a_record_altered_inside_one_batch_breaks_the_chain_once_at_its_successor() {
+        let (_d, mut s) = fresh();
+        let mut e1 = Epoch::new(100);
+        let mut batch = e1.started(A, None);
+        batch.extend(e1.heartbeats(3));
+        // Record 3 rewritten after the fact: it still links to record 2, so its own
+        // link holds, but record 4 names the original's hash.
+        batch[2] = batch[2].replace("filler", "forged");
+        assert_eq!(store(&mut s, &batch), [CHAIN_BREAK]);
+        // The same break across two batches (the successor stored first) is found too.
+        let (_d2, mut s2) = fresh();
+        let mut e2 = Epoch::new(200);
+        let mut all = e2.started(A, None);
+        all.extend(e2.heartbeats(3));
+        all[2] = all[2].replace("filler", "forged");
+        assert_eq!(store(&mut s2, &all[3..]), Vec::<&str>::new());
+        assert_eq!(store(&mut s2, &all[..3]), [CHAIN_BREAK]);
     }
 
     #[test]

@@ -93,7 +93,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), CollectorError> {
     let pki_dir = pki::PkiPaths::new(settings.ca.parent().unwrap_or(std::path::Path::new(".")));
-    let (ingest, checkpointer, mut policy_push) = open_ingest(&settings, &pki_dir)?;
+    let (ingest, checkpointer, mut policy_push) =
+        tokio::task::block_in_place(|| open_ingest(&settings, &pki_dir))?;
     let ingest = Arc::new(ingest);
     let (notice_tx, mut notice_rx) = tokio::sync::mpsc::channel(256);
     let broker_stop = CancellationToken::new();
@@ -235,14 +236,15 @@ fn enforce_revocations(
 /// Opens everything ingest works with: the policy, the database (its WAL copied back
 /// by a background checkpointer, never inside a commit), the alert log, the rules and
 /// roster, the sinks, the collector's keys and the registry of enrolled identities;
-/// the policy in force becomes a release.
+/// the policy in force becomes a release. Called under `block_in_place`: opening may
+/// connect to PostgreSQL, whose client blocks and must not run on an async worker.
 fn open_ingest(
     settings: &CollectorSettings,
     pki_dir: &pki::PkiPaths,
 ) -> Result<(Ingest, store::Checkpointer, PolicyPublisher), CollectorError> {
     let policy = weilan_config::load_file::<PolicyFile>(&settings.policy_path)?;
-    let mut store = store::Store::open(&settings.store_path)?;
-    let checkpointer = store::Checkpointer::spawn(&settings.store_path)?;
+    let mut store = store::Store::open_at(&crate::db::Location::of(settings))?;
+    let checkpointer = store::Checkpointer::spawn(&crate::db::Location::of(settings))?;
     store.leave_checkpoints_to_the_background()?;
     let alert_log = alerts::AlertLog::open(&settings.alerts_path, settings.alerts_rotation)
         .map_err(|source| CollectorError::AlertLog {
@@ -282,7 +284,7 @@ fn open_ingest(
         refused: Default::default(),
     };
     tracing::info!(
-        database = %settings.store_path.display(),
+        database = %crate::db::Location::of(settings),
         alerts = %settings.alerts_path.display(),
         broker = %format!("{}:{}", settings.broker_host, settings.broker_port),
         policy_version = %policy_push.version,

@@ -112,7 +112,8 @@ pub fn send_command(
     }
     let signer = Signer::from_pem_files(&settings.client_cert, &settings.client_key)
         .map_err(|e| e.to_string())?;
-    let mut store = Store::open(&settings.store_path).map_err(|e| e.to_string())?;
+    let mut store =
+        Store::open_at(&crate::db::Location::of(settings)).map_err(|e| e.to_string())?;
     let (seq, _) = sign_command(&mut store, &signer, agent, action, reason, valid_secs, true)
         .map_err(|e| e.to_string())?;
     let deadline = std::time::Instant::now() + PUBLISH_WAIT;

@@ -15,6 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use weilan_collector::db::testing::TempDatabase;
+pub use weilan_collector::db::{params, Conn, Engine, Location, Param, Sql};
 use weilan_collector::pki::{self, PkiPaths};
 
 pub const BROKER_PORT: u16 = 8883;
@@ -225,6 +227,35 @@ pub fn wait_for<T>(
 pub struct World {
     pub dir: tempfile::TempDir,
     pub pki: PkiPaths,
+    /// With `WEILAN_TEST_STORE=postgresql`: the collector's database, a PostgreSQL
+    /// database of this test's own (dropped with it) instead of the SQLite file.
+    pub postgres: Option<TempDatabase>,
+}
+
+/// The engine the end-to-end tests give the collector: `WEILAN_TEST_STORE=postgresql`
+/// (CI runs the storage-heavy tests a second time with it) or SQLite.
+pub fn postgres_for_this_run() -> Option<TempDatabase> {
+    match std::env::var("WEILAN_TEST_STORE").as_deref() {
+        Ok("postgresql") => Some(
+            TempDatabase::create("e2e")
+                .expect("WEILAN_TEST_STORE=postgresql, but no PostgreSQL server answers"),
+        ),
+        _ => None,
+    }
+}
+
+/// `condition`, written for SQLite, for PostgreSQL: `json_extract(envelope, '$.a.b')`
+/// becomes the same field as text (test conditions compare it with text).
+pub fn for_engine(engine: Engine, sql: &str) -> String {
+    if engine == Engine::Sqlite {
+        return sql.to_string();
+    }
+    let re = regex::Regex::new(r"json_extract\(envelope,\s*'\$\.([A-Za-z0-9_.]+)'\)").unwrap();
+    re.replace_all(sql, |c: &regex::Captures| {
+        format!("(envelope::jsonb #>> '{{{}}}')", c[1].replace('.', ","))
+    })
+    // A condition of `1` (every row) is an integer to PostgreSQL, not a truth value.
+    .replace("(1)", "(TRUE)")
 }
 
 pub const AGENT: &str = "ws-e2e";
@@ -237,7 +268,11 @@ impl World {
         pki::issue_agent(&pki, AGENT).expect("issue agent");
         fs::create_dir_all(dir.path().join("sys")).unwrap();
         fs::write(dir.path().join("mountinfo"), "").unwrap();
-        let w = World { dir, pki };
+        let w = World {
+            dir,
+            pki,
+            postgres: postgres_for_this_run(),
+        };
         w.write_policy(&[]);
         w
     }
@@ -267,7 +302,8 @@ impl World {
             "[broker]\nmode = \"{mode}\"\nlisten = \"127.0.0.1:{BROKER_PORT}\"\nhost = \"127.0.0.1\"\nport = {BROKER_PORT}\n\n\
              [tls]\nca = \"pki/ca.pem\"\nserver_cert = \"pki/server.pem\"\nserver_key = \"pki/server-key.pem\"\n\
              client_cert = \"pki/collector.pem\"\nclient_key = \"pki/collector-key.pem\"\n\n\
-             [store]\npath = \"weilan.db\"\n[alerts]\npath = \"alerts.jsonl\"\n[policy]\npath = \"policy.toml\"\n{extra}\n"
+             [store]\npath = \"weilan.db\"\n{url}[alerts]\npath = \"alerts.jsonl\"\n[policy]\npath = \"policy.toml\"\n{extra}\n",
+            url = self.store_url_line()
         );
         let p = self.path("collector.toml");
         fs::write(&p, text).unwrap();
@@ -333,36 +369,74 @@ impl World {
         agent
     }
 
-    pub fn db(&self) -> rusqlite::Connection {
-        rusqlite::Connection::open(self.path("weilan.db")).expect("open db")
+    /// `url = "…"` for `[store]` when the collector uses PostgreSQL.
+    pub fn store_url_line(&self) -> String {
+        self.postgres
+            .as_ref()
+            .map(|pg| format!("url = \"{}\"\n", pg.url()))
+            .unwrap_or_default()
+    }
+
+    /// Where the collector's database is.
+    pub fn store_location(&self) -> Location {
+        match &self.postgres {
+            Some(pg) => pg.location(),
+            None => Location::Sqlite(self.path("weilan.db")),
+        }
+    }
+
+    /// Whether the collector has created its database yet.
+    pub fn db_exists(&self) -> bool {
+        match &self.postgres {
+            Some(_) => self
+                .db()
+                .exists(
+                    "SELECT 1 FROM information_schema.tables WHERE table_name = 'weilan_schema' AND table_schema = current_schema()",
+                    params![],
+                )
+                .unwrap_or(false),
+            None => self.path("weilan.db").exists(),
+        }
+    }
+
+    pub fn db(&self) -> Conn {
+        Conn::open(&self.store_location()).expect("open db")
     }
 
     /// `SELECT COUNT(*) ...` on the collector's database (0 while it does not exist).
     pub fn count(&self, sql: &str) -> i64 {
-        if !self.path("weilan.db").exists() {
+        if !self.db_exists() {
             return 0;
         }
-        self.db().query_row(sql, [], |r| r.get(0)).unwrap_or(0)
+        let db = self.db();
+        let sql = match db.engine() {
+            Engine::Sqlite => sql.to_string(),
+            // PostgreSQL's SUM is NUMERIC and a JSON field text: one integer either way.
+            Engine::Postgres => {
+                format!("SELECT CAST(({}) AS BIGINT)", for_engine(db.engine(), sql))
+            }
+        };
+        db.query_row(&sql, params![], |r| r.get(0)).unwrap_or(0)
     }
 
     /// The `data` of stored events of `kind` that also satisfy `condition` (SQL over
     /// `envelope`, with `?2`, `?3`, ... bound to `params`), oldest first.
     pub fn events(&self, kind: &str, condition: &str, params: &[&str]) -> Vec<serde_json::Value> {
-        if !self.path("weilan.db").exists() {
+        if !self.db_exists() {
             return vec![];
         }
         let db = self.db();
-        let sql = format!(
-            "SELECT envelope FROM events WHERE kind = ?1 AND ({condition}) ORDER BY epoch, seq"
+        let sql = for_engine(
+            db.engine(),
+            &format!(
+                "SELECT envelope FROM events WHERE kind = ?1 AND ({condition}) ORDER BY epoch, seq"
+            ),
         );
-        let Ok(mut st) = db.prepare(&sql) else {
-            return vec![];
-        };
-        let mut all: Vec<&dyn rusqlite::ToSql> = vec![&kind];
-        all.extend(params.iter().map(|p| p as &dyn rusqlite::ToSql));
-        st.query_map(all.as_slice(), |r| r.get::<_, String>(0))
+        let mut all: Vec<&dyn Param> = vec![&kind];
+        all.extend(params.iter().map(|p| p as &dyn Param));
+        db.query_map(&sql, &all, |r| r.get::<String>(0))
             .map(|rows| {
-                rows.filter_map(|r| r.ok())
+                rows.into_iter()
                     .filter_map(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
                     .map(|v| v["event"]["data"].clone())
                     .collect()
@@ -674,10 +748,16 @@ impl World {
 
     /// Distinct stored USB events of the burst device `serial`.
     pub fn burst_count(&self, serial: &str) -> i64 {
+        // `present_at_start` is a JSON boolean: 0/1 to SQLite, 'false'/'true' as text.
+        let not_present = match &self.postgres {
+            None => "COALESCE(json_extract(envelope, '$.event.data.present_at_start'), 0) = 0",
+            Some(_) => {
+                "COALESCE(json_extract(envelope, '$.event.data.present_at_start'), 'false') = 'false'"
+            }
+        };
         self.count(&format!(
             "SELECT COUNT(DISTINCT event_id) FROM events WHERE kind IN ('usb.attached', 'usb.detached') \
-             AND json_extract(envelope, '$.event.data.serial') = '{serial}' \
-             AND COALESCE(json_extract(envelope, '$.event.data.present_at_start'), 0) = 0"
+             AND json_extract(envelope, '$.event.data.serial') = '{serial}' AND {not_present}"
         ))
     }
 }
@@ -934,14 +1014,13 @@ pub fn start_collector_for_guest(w: &World) -> (Proc, u16, String) {
 
 /// The reasons of the quarantined payloads, oldest first.
 pub fn quarantine_reasons(w: &World) -> Vec<String> {
-    let db = w.db();
-    let mut st = db
-        .prepare("SELECT reason FROM quarantine ORDER BY id")
-        .unwrap();
-    st.query_map([], |r| r.get(0))
+    w.db()
+        .query_map(
+            "SELECT reason FROM quarantine ORDER BY id",
+            params![],
+            |r| r.get(0),
+        )
         .unwrap()
-        .map(|r| r.unwrap())
-        .collect()
 }
 
 /// The statically linked agent `tests/hil/prepare.sh` builds for the guest.

@@ -52,6 +52,14 @@ impl Location {
         }
     }
 
+    /// The collector's database: `store.url` if set, else the file `store.path`.
+    pub fn of(settings: &weilan_config::settings::collector::CollectorSettings) -> Location {
+        match &settings.store_url {
+            Some(url) => Location::Postgres(url.clone()),
+            None => Location::Sqlite(settings.store_path.clone()),
+        }
+    }
+
     pub fn engine(&self) -> Engine {
         match self {
             Location::Sqlite(_) => Engine::Sqlite,
@@ -96,6 +104,8 @@ pub enum Error {
     NoRow,
     #[error("column {index}: {reason}")]
     Column { index: usize, reason: String },
+    #[error("{0}")]
+    Misuse(&'static str),
 }
 
 /// PostgreSQL's own message (with its detail) rather than the client's "db error".
@@ -294,7 +304,58 @@ pub trait PgOps {
         params: &[&dyn Param],
         f: &mut dyn FnMut(&postgres::Row) -> Result<bool, Error>,
     ) -> Result<(), Error>;
+    fn pages(
+        &self,
+        sql: &str,
+        params: &[&dyn Param],
+        page: &mut dyn FnMut(Vec<postgres::Row>) -> Result<bool, Error>,
+    ) -> Result<(), Error>;
 }
+
+/// Reading a query's rows a page at a time, with other statements in between: a
+/// portal, which only a transaction has.
+#[doc(hidden)]
+pub trait Portals {
+    fn portal(
+        &mut self,
+        st: &postgres::Statement,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<postgres::Portal, Error>;
+    fn fetch(&mut self, portal: &postgres::Portal, rows: i32) -> Result<Vec<postgres::Row>, Error>;
+}
+
+impl Portals for postgres::Transaction<'_> {
+    fn portal(
+        &mut self,
+        st: &postgres::Statement,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<postgres::Portal, Error> {
+        Ok(self.bind(st, params)?)
+    }
+    fn fetch(&mut self, portal: &postgres::Portal, rows: i32) -> Result<Vec<postgres::Row>, Error> {
+        Ok(self.query_portal(portal, rows)?)
+    }
+}
+
+impl Portals for postgres::Client {
+    fn portal(
+        &mut self,
+        _: &postgres::Statement,
+        _: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<postgres::Portal, Error> {
+        Err(Error::Misuse(
+            "a paged read needs a transaction (Conn::snapshot)",
+        ))
+    }
+    fn fetch(&mut self, _: &postgres::Portal, _: i32) -> Result<Vec<postgres::Row>, Error> {
+        Err(Error::Misuse(
+            "a paged read needs a transaction (Conn::snapshot)",
+        ))
+    }
+}
+
+/// Rows fetched per page of [`Sql::stream`] on PostgreSQL.
+const PAGE_ROWS: i32 = 1024;
 
 /// A PostgreSQL client or transaction with the statements prepared on its connection.
 struct Pg<C, P> {
@@ -302,7 +363,7 @@ struct Pg<C, P> {
     prepared: P,
 }
 
-impl<C: GenericClient, P: std::borrow::Borrow<Prepared>> PgOps for Pg<C, P> {
+impl<C: GenericClient + Portals, P: std::borrow::Borrow<Prepared>> PgOps for Pg<C, P> {
     fn execute(&self, sql: &str, params: &[&dyn Param]) -> Result<u64, Error> {
         let c = &mut *self.client.borrow_mut();
         let st = pg_statement(c, self.prepared.borrow(), sql)?;
@@ -337,6 +398,28 @@ impl<C: GenericClient, P: std::borrow::Borrow<Prepared>> PgOps for Pg<C, P> {
             }
         }
         Ok(())
+    }
+
+    fn pages(
+        &self,
+        sql: &str,
+        params: &[&dyn Param],
+        page: &mut dyn FnMut(Vec<postgres::Row>) -> Result<bool, Error>,
+    ) -> Result<(), Error> {
+        let portal = {
+            let c = &mut *self.client.borrow_mut();
+            let st = pg_statement(c, self.prepared.borrow(), sql)?;
+            let values = pg_values(params);
+            c.portal(&st, &pg_refs(&values))?
+        };
+        loop {
+            // The borrow ends before `page` runs: it may run statements itself.
+            let rows = self.client.borrow_mut().fetch(&portal, PAGE_ROWS)?;
+            let last = rows.len() < PAGE_ROWS as usize;
+            if !page(rows)? || last {
+                return Ok(());
+            }
+        }
     }
 }
 
@@ -427,6 +510,39 @@ pub trait Sql {
                 Ok(())
             }
             Target::Postgres(pg) => pg.each(sql, params, &mut |r| f(&Row::Postgres(r))),
+        }
+    }
+
+    /// Each row mapped by `map` and then handed to `each`, in order, until `each`
+    /// returns `false`. Unlike [`Sql::for_each`], `each` may run statements on the
+    /// same connection (an export merges heartbeat blocks into the rows it reads).
+    /// On PostgreSQL this needs a transaction; rows come a page at a time.
+    fn stream<T>(
+        &self,
+        sql: &str,
+        params: &[&dyn Param],
+        mut map: impl FnMut(&Row<'_>) -> Result<T, Error>,
+        mut each: impl FnMut(T) -> Result<bool, Error>,
+    ) -> Result<(), Error> {
+        match self.target() {
+            Target::Sqlite(c) => {
+                let mut st = c.prepare_cached(sql)?;
+                let mut rows = st.query(sqlite_params(params))?;
+                while let Some(r) = rows.next()? {
+                    if !each(map(&Row::Sqlite(r))?)? {
+                        break;
+                    }
+                }
+                Ok(())
+            }
+            Target::Postgres(pg) => pg.pages(sql, params, &mut |rows| {
+                for r in &rows {
+                    if !each(map(&Row::Postgres(r))?)? {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            }),
         }
     }
 

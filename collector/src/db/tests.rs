@@ -150,6 +150,39 @@ fn rows_stream_in_order_until_the_caller_stops() {
 }
 
 #[test]
+fn a_streamed_read_lets_other_statements_run_between_its_rows() {
+    on_both("interleaved", |conn| {
+        let tx = conn.transaction().unwrap();
+        for i in 0..3000i64 {
+            tx.execute("INSERT INTO t (id, name) VALUES (?1, 'x')", params![i])
+                .unwrap();
+        }
+        tx.commit().unwrap();
+        let snapshot = conn.snapshot().unwrap();
+        let (mut rows, mut looked_up) = (0i64, 0i64);
+        snapshot
+            .stream(
+                "SELECT id FROM t ORDER BY id",
+                params![],
+                |r| r.get::<i64>(0),
+                |id| {
+                    assert_eq!(id, rows, "in order, none twice");
+                    rows += 1;
+                    looked_up += snapshot
+                        .query_row("SELECT COUNT(*) FROM t WHERE id <= ?1", params![id], |r| {
+                            r.get::<i64>(0)
+                        })
+                        .unwrap();
+                    Ok(rows < 2500)
+                },
+            )
+            .unwrap();
+        assert_eq!(rows, 2500);
+        assert_eq!(looked_up, (1..=2500).sum::<i64>());
+    });
+}
+
+#[test]
 fn a_postgresql_password_is_not_shown() {
     let loc = Location::parse("postgresql://weilan:s3cret@db.example:5432/weilan");
     assert_eq!(loc.engine(), Engine::Postgres);

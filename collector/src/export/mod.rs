@@ -21,8 +21,8 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use crate::db::{self, params, Conn, Location, Sql, Tx};
 use askama::Template;
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde_json::Value as Json;
 use weilan_config::signing::Signer;
 use weilan_config::wire::Purpose;
@@ -46,7 +46,7 @@ pub enum ExportError {
         source: std::io::Error,
     },
     #[error("database: {0}")]
-    Sql(#[from] rusqlite::Error),
+    Sql(#[from] db::Error),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error("CSV: {0}")]
@@ -372,20 +372,51 @@ fn sorted_top(map: HashMap<String, u64>) -> Vec<(String, u64)> {
 }
 
 /// `agent_id IN (…)` for the scope, or always true.
-fn scope_sql(agents: &Option<Vec<String>>) -> (&'static str, String) {
-    match agents {
-        None => ("1 = 1 OR ?3 IS NULL", String::new()),
-        Some(a) => (
-            "agent_id IN (SELECT value FROM json_each(?3))",
+fn scope_sql(engine: db::Engine, agents: &Option<Vec<String>>) -> (&'static str, String) {
+    match (agents, engine) {
+        (None, _) => ("1 = 1 OR CAST(?3 AS TEXT) IS NULL", String::new()),
+        (Some(a), engine) => (
+            match engine {
+                db::Engine::Sqlite => "agent_id IN (SELECT value FROM json_each(?3))",
+                db::Engine::Postgres => {
+                    "agent_id IN (SELECT jsonb_array_elements_text(CAST(CAST(?3 AS TEXT) AS jsonb)))"
+                }
+            },
             serde_json::to_string(a).unwrap_or_default(),
         ),
     }
 }
 
+impl From<rusqlite::Error> for ExportError {
+    fn from(e: rusqlite::Error) -> Self {
+        ExportError::Sql(db::Error::Sqlite(e))
+    }
+}
+
+/// Rows of `sql` mapped by `map`, each handed to `each` until it returns `false` or
+/// fails (its error is the result).
+fn each_row<T>(
+    conn: &Tx<'_>,
+    sql: &str,
+    params: &[&dyn db::Param],
+    map: impl FnMut(&db::Row<'_>) -> Result<T, db::Error>,
+    mut each: impl FnMut(T) -> Result<bool, ExportError>,
+) -> Result<(), ExportError> {
+    let mut failed = None;
+    conn.stream(sql, params, map, |row| match each(row) {
+        Ok(more) => Ok(more),
+        Err(e) => {
+            failed = Some(e);
+            Ok(false)
+        }
+    })?;
+    failed.map_or(Ok(()), Err)
+}
+
 /// Resolves a scope: explicit agents, or the agents of a group (patterns from the rule
 /// files matched against the agents the collector knows); with its label for the report.
 pub fn scope(
-    db_path: &Path,
+    location: &Location,
     rules: &RuleSet,
     agents: Option<Vec<String>>,
     group: Option<String>,
@@ -402,9 +433,12 @@ pub fn scope(
             "group `{g}` is not defined in [agent_groups] of the rule files"
         )));
     }
-    let conn = Connection::open_with_flags(db_path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    let mut st = conn.prepare("SELECT agent_id FROM agents ORDER BY agent_id")?;
-    let known: Vec<String> = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    let conn = Conn::open_read_only(location)?;
+    let known: Vec<String> = conn.query_map(
+        "SELECT agent_id FROM agents ORDER BY agent_id",
+        params![],
+        |r| r.get(0),
+    )?;
     let members = known
         .into_iter()
         .filter(|a| rules.agent_groups(a).iter().any(|x| *x == g))
@@ -413,19 +447,18 @@ pub fn scope(
 }
 
 /// The chain's last link: the newest recorded export.
-pub fn last_export(conn: &Connection) -> Result<Option<(String, String)>, rusqlite::Error> {
-    conn.query_row(
+pub fn last_export(conn: &impl Sql) -> Result<Option<(String, String)>, db::Error> {
+    conn.query_opt(
         "SELECT name, manifest_sha256 FROM exports ORDER BY id DESC LIMIT 1",
-        [],
+        params![],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )
-    .optional()
 }
 
 /// What one export reads: one read transaction, the period and the agents in scope,
 /// and the folder it writes into.
-struct Period<'a> {
-    conn: &'a Connection,
+struct Period<'a, 'c> {
+    conn: &'a Tx<'c>,
     dir: &'a Path,
     from: &'a str,
     to: &'a str,
@@ -455,7 +488,7 @@ const ROWS_PER_CHUNK: usize = 1024;
 /// One thread reads the rows from the database while another formats, hashes and
 /// writes them (both cores of a small server), through a bounded channel.
 fn write_events(
-    p: &Period<'_>,
+    p: &Period<'_, '_>,
     req: &Request,
     total: u64,
     agg: &mut Agg,
@@ -510,18 +543,17 @@ fn write_events(
 /// Reads the period's events in order and hands them on in chunks; stops early if
 /// the writer has gone.
 fn read_events(
-    p: &Period<'_>,
+    p: &Period<'_, '_>,
     total: u64,
     tx: std::sync::mpsc::SyncSender<Vec<EventRow>>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ExportError> {
     let scope = p.scope;
-    let mut st = p.conn.prepare(&format!(
+    let sql = format!(
         "SELECT event_id, received_at, agent_time, agent_id, host_role, kind, envelope, epoch, seq FROM events
          WHERE received_at >= ?1 AND received_at < ?2 AND ({scope})
          ORDER BY received_at, agent_id, epoch, seq"
-    ))?;
-    let mut rows = st.query(params![p.from, p.to, p.scope_param])?;
+    );
     // Compacted heartbeats are merged back into their place in the same order.
     let mut heartbeats = crate::heartbeats::Merge::new(p.conn, p.from, p.to, scope, p.scope_param);
     let mut chunk = Vec::with_capacity(ROWS_PER_CHUNK);
@@ -540,25 +572,36 @@ fn read_events(
         }
         true
     };
-    while let Some(r) = rows.next()? {
-        let row = EventRow {
-            id: r.get(0)?,
-            received: r.get(1)?,
-            agent_time: r.get(2)?,
-            agent: r.get(3)?,
-            role: r.get(4)?,
-            kind: r.get(5)?,
-            envelope: r.get(6)?,
-        };
-        let (epoch, seq): (i64, i64) = (r.get(7)?, r.get(8)?);
-        while let Some(h) = heartbeats.next_before(&row.received, &row.agent, epoch, seq)? {
-            if !hand_on(compacted_row(h), &mut chunk) {
-                return Ok(());
+    let mut writer_gone = false;
+    each_row(
+        p.conn,
+        &sql,
+        params![p.from, p.to, p.scope_param],
+        |r| {
+            let row = EventRow {
+                id: r.get(0)?,
+                received: r.get(1)?,
+                agent_time: r.get(2)?,
+                agent: r.get(3)?,
+                role: r.get(4)?,
+                kind: r.get(5)?,
+                envelope: r.get(6)?,
+            };
+            Ok((row, r.get::<i64>(7)?, r.get::<i64>(8)?))
+        },
+        |(row, epoch, seq)| {
+            while let Some(h) = heartbeats.next_before(&row.received, &row.agent, epoch, seq)? {
+                if !hand_on(compacted_row(h), &mut chunk) {
+                    writer_gone = true;
+                    return Ok(false);
+                }
             }
-        }
-        if !hand_on(row, &mut chunk) {
-            return Ok(());
-        }
+            writer_gone = !hand_on(row, &mut chunk);
+            Ok(!writer_gone)
+        },
+    )?;
+    if writer_gone {
+        return Ok(());
     }
     while let Some(h) = heartbeats.next_remaining()? {
         if !hand_on(compacted_row(h), &mut chunk) {
@@ -647,7 +690,11 @@ fn write_csv_row(
 }
 
 /// `alerts.csv` and `alerts.jsonl`; the manifest entries of both.
-fn write_alerts(p: &Period<'_>, req: &Request, agg: &mut Agg) -> Result<Vec<Json>, ExportError> {
+fn write_alerts(
+    p: &Period<'_, '_>,
+    req: &Request,
+    agg: &mut Agg,
+) -> Result<Vec<Json>, ExportError> {
     let scope = p.scope;
     let mut csv_out = create(p.dir, "alerts.csv")?;
     csv_out.write_all(BOM).map_err(io(p.dir))?;
@@ -668,34 +715,39 @@ fn write_alerts(p: &Period<'_>, req: &Request, agg: &mut Agg) -> Result<Vec<Json
     ])?;
     let mut jsonl = create(p.dir, "alerts.jsonl")?;
     {
-        let mut st = p.conn.prepare(&format!(
+        let sql = format!(
             "SELECT alert_id, time, level, rule_id, agent_id, summary, event_ids, details, title, tags, key, count, last_seen
              FROM alerts WHERE time >= ?1 AND time < ?2 AND ({scope}) ORDER BY alert_id"
-        ))?;
-        let mut rows = st.query(params![p.from, p.to, p.scope_param])?;
-        while let Some(r) = rows.next()? {
-            let alert = crate::store::alert_from_row(r)?;
-            csv.write_record([
-                alert.alert_id.to_string().as_str(),
-                &alert.time.to_string(),
-                alert.level.as_str(),
-                &alert.rule_id,
-                &alert.title,
-                &alert.agent_id,
-                &alert.key,
-                &alert.count.to_string(),
-                &alert.last_seen.to_string(),
-                &alert.summary,
-                &alert.event_ids.join(" "),
-                &alert.tags.join("; "),
-            ])?;
-            serde_json::to_writer(&mut jsonl, &alert).map_err(|e| ExportError::Io {
-                path: p.dir.join("alerts.jsonl").display().to_string(),
-                source: e.into(),
-            })?;
-            jsonl.write_all(b"\n").map_err(io(p.dir))?;
-            agg.alert(&req.tz, &alert);
-        }
+        );
+        each_row(
+            p.conn,
+            &sql,
+            params![p.from, p.to, p.scope_param],
+            crate::store::alert_from_row,
+            |alert| {
+                csv.write_record([
+                    alert.alert_id.to_string().as_str(),
+                    &alert.time.to_string(),
+                    alert.level.as_str(),
+                    &alert.rule_id,
+                    &alert.title,
+                    &alert.agent_id,
+                    &alert.key,
+                    &alert.count.to_string(),
+                    &alert.last_seen.to_string(),
+                    &alert.summary,
+                    &alert.event_ids.join(" "),
+                    &alert.tags.join("; "),
+                ])?;
+                serde_json::to_writer(&mut jsonl, &alert).map_err(|e| ExportError::Io {
+                    path: p.dir.join("alerts.jsonl").display().to_string(),
+                    source: e.into(),
+                })?;
+                jsonl.write_all(b"\n").map_err(io(p.dir))?;
+                agg.alert(&req.tz, &alert);
+                Ok(true)
+            },
+        )?;
     }
     let csv_out = csv.into_inner().map_err(|e| ExportError::Io {
         path: p.dir.join("alerts.csv").display().to_string(),
@@ -831,7 +883,7 @@ fn seal(partial: &Path, dir: &Path, signer: &Signer, text: String) -> Result<(),
 
 /// Produces one export. `progress(done, total)` is called as event rows stream.
 pub fn export(
-    db_path: &Path,
+    location: &Location,
     signer: &Signer,
     rules: &RuleSet,
     req: &Request,
@@ -857,22 +909,24 @@ pub fn export(
         std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
     }
     std::fs::create_dir_all(&partial).map_err(io(&partial))?;
-    let conn = Connection::open_with_flags(db_path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    let mut conn = Conn::open_read_only(location)?;
+    if let Some(sqlite) = conn.sqlite() {
+        sqlite.busy_timeout(std::time::Duration::from_secs(10))?;
+    }
     // One read transaction: every count and row comes from the same snapshot.
-    conn.execute_batch("BEGIN")?;
+    let conn = conn.snapshot()?;
     let (from, to) = (req.from.to_string(), req.to.to_string());
-    let (scope, scope_arg) = scope_sql(&req.agents);
+    let (scope, scope_arg) = scope_sql(conn.engine(), &req.agents);
     let scope_param: Option<&str> = req.agents.as_ref().map(|_| scope_arg.as_str());
     // For progress only: blocks that straddle the period count whole.
     let total: u64 = conn.query_row(
         &format!(
             "SELECT (SELECT COUNT(*) FROM events WHERE received_at >= ?1 AND received_at < ?2 AND ({scope}))
-                  + (SELECT COALESCE(SUM(count), 0) FROM heartbeat_blocks
+                  + (SELECT CAST(COALESCE(SUM(count), 0) AS BIGINT) FROM heartbeat_blocks
                      WHERE last_received >= ?1 AND first_received < ?2 AND ({scope}))"
         ),
         params![from, to, scope_param],
-        |r| r.get::<_, i64>(0),
+        |r| r.get::<i64>(0),
     )? as u64;
     let mut agg = Agg::default();
     let mut entries = Vec::new();
@@ -889,15 +943,15 @@ pub fn export(
     entries.extend(write_alerts(&period, req, &mut agg)?);
 
     // Fleet coverage: agents known by the end of the period, in scope.
-    let expected: Vec<String> = {
-        let mut st = conn.prepare(&format!(
-            "SELECT agent_id FROM agents WHERE first_seen < ?2 AND ?1 IS NOT NULL AND ({scope}) ORDER BY agent_id"
-        ))?;
-        let rows = st.query_map(params![from, to, scope_param], |r| r.get(0))?;
-        rows.collect::<Result<_, _>>()?
-    };
+    let expected: Vec<String> = conn.query_map(
+        &format!(
+            "SELECT agent_id FROM agents WHERE first_seen < ?2 AND CAST(?1 AS TEXT) IS NOT NULL AND ({scope}) ORDER BY agent_id"
+        ),
+        params![from, to, scope_param],
+        |r| r.get(0),
+    )?;
     let previous = last_export(&conn).ok().flatten();
-    conn.execute_batch("COMMIT")?;
+    conn.commit()?;
 
     let tz_name = req.tz.iana_name().unwrap_or("UTC").to_string();
     let html = render_report(req, rules, &expected, &mut agg, &tz_name)?;
@@ -923,8 +977,29 @@ pub fn export(
     let text = serde_json::to_string_pretty(&manifest).unwrap_or_default();
     let manifest_sha256 = hex::encode(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()));
     seal(&partial, &req.dir, signer, text)?;
-    let rw = Connection::open(db_path)?;
-    rw.busy_timeout(std::time::Duration::from_secs(10))?;
+    record(location, &name, req, (&from, &to), &manifest_sha256)?;
+    Ok(Summary {
+        dir: req.dir.clone(),
+        events: agg.events,
+        alerts: agg.alerts,
+        manifest_sha256,
+        previous: previous.map(|p| p.0),
+    })
+}
+
+/// The mapping table: report sections and indicators for each control.
+/// Records a sealed export: the next one chains to it.
+fn record(
+    location: &Location,
+    name: &str,
+    req: &Request,
+    (from, to): (&str, &str),
+    manifest_sha256: &str,
+) -> Result<(), ExportError> {
+    let rw = Conn::open(location)?;
+    if let Some(sqlite) = rw.sqlite() {
+        sqlite.busy_timeout(std::time::Duration::from_secs(10))?;
+    }
     rw.execute(
         "INSERT INTO exports (name, dir, schedule, period_from, period_to, created_at, manifest_sha256, caught_up)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -939,16 +1014,9 @@ pub fn export(
             req.caught_up
         ],
     )?;
-    Ok(Summary {
-        dir: req.dir.clone(),
-        events: agg.events,
-        alerts: agg.alerts,
-        manifest_sha256,
-        previous: previous.map(|p| p.0),
-    })
+    Ok(())
 }
 
-/// The mapping table: report sections and indicators for each control.
 fn mapping(rules: &RuleSet, lang: Lang) -> Vec<MappingRow> {
     let mut by_control: BTreeMap<String, (Vec<&str>, Vec<String>)> = BTreeMap::new();
     for (control, section) in report::section_controls(lang) {

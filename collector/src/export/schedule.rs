@@ -10,9 +10,9 @@
 
 use std::path::PathBuf;
 
+use crate::db::{self, params, Conn, Location, Sql};
 use jiff::civil::{Date, Time};
 use jiff::tz::TimeZone;
-use rusqlite::{params, Connection, OptionalExtension};
 use weilan_config::settings::collector::{Every, ExportSettings, ScheduleSettings};
 
 /// One export a schedule owes.
@@ -105,14 +105,13 @@ pub fn due(
 }
 
 /// The end of the newest export recorded for `schedule`.
-pub fn last_to(conn: &Connection, schedule: &str) -> rusqlite::Result<Option<jiff::Timestamp>> {
+pub fn last_to(conn: &impl Sql, schedule: &str) -> Result<Option<jiff::Timestamp>, db::Error> {
     let t: Option<String> = conn
-        .query_row(
+        .query_opt(
             "SELECT MAX(period_to) FROM exports WHERE schedule = ?1",
-            [schedule],
+            params![schedule],
             |r| r.get(0),
-        )
-        .optional()?
+        )?
         .flatten();
     Ok(t.and_then(|t| t.parse().ok()))
 }
@@ -121,19 +120,21 @@ pub fn last_to(conn: &Connection, schedule: &str) -> rusqlite::Result<Option<jif
 /// `events_keep_days` (rows and compacted heartbeats); returns (exports removed,
 /// events removed).
 pub fn retention(
-    conn: &Connection,
+    conn: &impl Sql,
     settings: &ExportSettings,
     now: jiff::Timestamp,
 ) -> Result<(usize, u64), crate::store::StoreError> {
     let mut removed = 0;
     if settings.keep > 0 {
         for s in &settings.schedules {
-            let mut st = conn.prepare(
-                "SELECT dir FROM exports WHERE schedule = ?1 ORDER BY period_to DESC LIMIT -1 OFFSET ?2",
+            let old: Vec<String> = conn.query_map(
+                conn.pick(
+                    "SELECT dir FROM exports WHERE schedule = ?1 ORDER BY period_to DESC LIMIT -1 OFFSET ?2",
+                    "SELECT dir FROM exports WHERE schedule = ?1 ORDER BY period_to DESC OFFSET ?2",
+                ),
+                params![s.name, settings.keep],
+                |r| r.get(0),
             )?;
-            let old: Vec<String> = st
-                .query_map(params![s.name, settings.keep], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
             for dir in old {
                 if std::path::Path::new(&dir).exists() {
                     match std::fs::remove_dir_all(&dir) {
@@ -154,9 +155,9 @@ pub fn retention(
             let n = conn.execute(
                 "DELETE FROM events WHERE event_id IN
                    (SELECT event_id FROM events WHERE received_at < ?1 LIMIT 10000)",
-                [&cutoff],
+                params![cutoff],
             )?;
-            events += n as u64;
+            events += n;
             if n == 0 {
                 break;
             }
@@ -188,7 +189,8 @@ pub fn run(
     {
         return found;
     }
-    let mut conn = match Connection::open(&settings.store_path) {
+    let location = Location::of(settings);
+    let mut conn = match Conn::open(&location) {
         Ok(c) => c,
         Err(e) => {
             return vec![failed(
@@ -197,7 +199,9 @@ pub fn run(
             )]
         }
     };
-    let _ = conn.busy_timeout(std::time::Duration::from_secs(10));
+    if let Some(sqlite) = conn.sqlite() {
+        let _ = sqlite.busy_timeout(std::time::Duration::from_secs(10));
+    }
     let lang = super::Lang::parse(&ex.language).unwrap_or(super::Lang::Zh);
     for s in &ex.schedules {
         let last = match last_to(&conn, &s.name) {
@@ -213,15 +217,10 @@ pub fn run(
                 found.push(failed(what, format!("{}: {e}", ex.dir.display())));
                 break;
             }
-            let scope = super::scope(
-                &settings.store_path,
-                rules,
-                s.agents.clone(),
-                s.group.clone(),
-            );
+            let scope = super::scope(&location, rules, s.agents.clone(), s.group.clone());
             let result = scope.and_then(|(agents, label)| {
                 super::export(
-                    &settings.store_path,
+                    &location,
                     signer,
                     rules,
                     &super::Request {

@@ -8,13 +8,15 @@ use serde_json::json;
 use weilan_config::event::{record_hash, Envelope, GENESIS_HASH, SCHEMA_VERSION};
 
 use super::{export, verify, Lang, Request};
+use crate::db::{params, Conn, Location, Sql};
 use crate::pki::{self, PkiPaths};
 use crate::rules::{Engine, Fact};
 use crate::store::{Incoming, Store};
 
 struct Fixture {
     dir: tempfile::TempDir,
-    db: PathBuf,
+    db: Location,
+    _postgres: Option<crate::db::testing::TempDatabase>,
     pki: PkiPaths,
 }
 
@@ -100,8 +102,8 @@ fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let pki = PkiPaths::new(dir.path().join("pki"));
     pki::init(&pki, &["localhost".into()]).unwrap();
-    let db = dir.path().join("weilan.db");
-    let mut store = Store::open(&db).unwrap();
+    let (db, postgres) = crate::db::testing::store_location(dir.path());
+    let mut store = Store::open_at(&db).unwrap();
     let mut engine = Engine::new(true, None).unwrap();
     for (agent, role) in [
         ("ws-1", "workstation"),
@@ -186,9 +188,17 @@ fn fixture() -> Fixture {
     // Known to the collector since before the period (the fixture is written today).
     store
         .conn()
-        .execute("UPDATE agents SET first_seen = '2026-11-20T00:00:00Z'", [])
+        .execute(
+            "UPDATE agents SET first_seen = '2026-11-20T00:00:00Z'",
+            params![],
+        )
         .unwrap();
-    Fixture { dir, db, pki }
+    Fixture {
+        dir,
+        db,
+        _postgres: postgres,
+        pki,
+    }
 }
 
 fn request(f: &Fixture, name: &str, lang: Lang, agents: Option<Vec<String>>) -> Request {
@@ -212,12 +222,12 @@ fn run(f: &Fixture, req: &Request) -> super::Summary {
         weilan_config::signing::Signer::from_pem_files(&f.pki.collector(), &f.pki.collector_key())
             .unwrap();
     let rules = crate::rules::RuleSet::load(true, None).unwrap();
-    export(&f.db, &signer, &rules, req, &mut |_, _| {}).unwrap()
+    export(&f.db.clone(), &signer, &rules, req, &mut |_, _| {}).unwrap()
 }
 
 fn db_count(f: &Fixture, sql: &str) -> u64 {
-    let conn = rusqlite::Connection::open(&f.db).unwrap();
-    conn.query_row(sql, rusqlite::params![FROM, TO], |r| r.get::<_, i64>(0))
+    let conn = Conn::open(&f.db.clone()).unwrap();
+    conn.query_row(sql, params![FROM, TO], |r| r.get::<i64>(0))
         .unwrap() as u64
 }
 
@@ -273,7 +283,7 @@ fn every_count_in_csv_json_and_html_matches_the_database() {
     assert!(rows
         .iter()
         .any(|r| &r[8] == "/media/u/notes, \"draft\".txt"));
-    let conn = rusqlite::Connection::open(&f.db).unwrap();
+    let conn = Conn::open(&f.db.clone()).unwrap();
     let jsonl = std::fs::read_to_string(s.dir.join("events.jsonl")).unwrap();
     assert_eq!(jsonl.lines().count() as u64, events);
     for line in jsonl.lines() {
@@ -284,7 +294,7 @@ fn every_count_in_csv_json_and_html_matches_the_database() {
         let stored: String = conn
             .query_row(
                 "SELECT envelope FROM events WHERE event_id = ?1",
-                [&id],
+                params![&id],
                 |r| r.get(0),
             )
             .unwrap();
@@ -315,7 +325,10 @@ fn every_count_in_csv_json_and_html_matches_the_database() {
         );
     }
     assert!(html.contains(&format!("{events} 条事件 · {alerts} 条告警")));
-    let classified = db_count(&f, "SELECT COUNT(*) FROM events WHERE received_at >= ?1 AND received_at < ?2 AND kind = 'file.exported' AND json_array_length(json_extract(envelope, '$.event.data.classification')) > 0");
+    let classified = db_count(&f, match f.db.engine() {
+        crate::db::Engine::Sqlite => "SELECT COUNT(*) FROM events WHERE received_at >= ?1 AND received_at < ?2 AND kind = 'file.exported' AND json_array_length(json_extract(envelope, '$.event.data.classification')) > 0",
+        crate::db::Engine::Postgres => "SELECT COUNT(*) FROM events WHERE received_at >= ?1 AND received_at < ?2 AND kind = 'file.exported' AND jsonb_array_length(envelope::jsonb #> '{event,data,classification}') > 0",
+    });
     assert!(
         html.contains(&format!("<p class=\"note\">{classified} 个含分类结果")),
         "{classified}"
@@ -448,11 +461,15 @@ fn a_missed_schedule_is_caught_up_and_says_so_and_retention_prunes() {
     std::fs::write(root.join("policy.toml"), "version = \"t\"\n").unwrap();
     let toml = format!(
         "[broker]\nmode = \"external\"\n[tls]\nca = \"{pki}/ca.pem\"\nserver_cert = \"{pki}/server.pem\"\nserver_key = \"{pki}/server-key.pem\"\n\
-         client_cert = \"{pki}/collector.pem\"\nclient_key = \"{pki}/collector-key.pem\"\n[store]\npath = \"weilan.db\"\n\
+         client_cert = \"{pki}/collector.pem\"\nclient_key = \"{pki}/collector-key.pem\"\n[store]\npath = \"db.sqlite\"\n{url}\
          [alerts]\npath = \"alerts.jsonl\"\n[policy]\npath = \"policy.toml\"\n\
          [exports]\ndir = \"scheduled\"\nlanguage = \"en\"\ntimezone = \"Asia/Shanghai\"\nkeep = 1\nevents_keep_days = 1\n\
          [[exports.schedules]]\nname = \"daily\"\nevery = \"day\"\nat = \"01:00\"\n",
-        pki = f.pki.ca().parent().unwrap().display()
+        pki = f.pki.ca().parent().unwrap().display(),
+        url = match &f.db {
+            Location::Postgres(url) => format!("url = \"{url}\"\n"),
+            Location::Sqlite(_) => String::new(),
+        }
     );
     let settings =
         weilan_config::load::load_str::<weilan_config::settings::collector::CollectorFile>(
@@ -488,11 +505,11 @@ fn a_missed_schedule_is_caught_up_and_says_so_and_retention_prunes() {
     assert!(found.is_empty(), "on time: nothing to say ({found:?})");
     assert!(root.join("scheduled/daily-2026-11-22").exists());
     assert!(!dir.exists(), "keep = 1: the older export was removed");
-    let left: i64 = rusqlite::Connection::open(&f.db)
+    let left: i64 = Conn::open(&f.db.clone())
         .unwrap()
         .query_row(
             "SELECT COUNT(*) FROM events WHERE received_at < '2026-11-21T17:00:30Z'",
-            [],
+            params![],
             |r| r.get(0),
         )
         .unwrap();
@@ -509,7 +526,7 @@ fn a_missed_schedule_is_caught_up_and_says_so_and_retention_prunes() {
 /// Heartbeats of `agent` every 30 s from `start`, one batch each, with a USB attach
 /// after every 40th (so some heartbeats follow another event, not a heartbeat).
 fn heartbeats(f: &Fixture, agent: &str, seq_after: u64, prev: String, start: &str, n: usize) {
-    let mut store = Store::open(&f.db).unwrap();
+    let mut store = Store::open_at(&f.db).unwrap();
     let mut engine = Engine::new(true, None).unwrap();
     let mut st = Stream {
         agent,
@@ -534,11 +551,11 @@ fn heartbeats(f: &Fixture, agent: &str, seq_after: u64, prev: String, start: &st
 
 /// The last stored record of `agent`: its sequence number and hash.
 fn head(f: &Fixture, agent: &str) -> (u64, String) {
-    let conn = rusqlite::Connection::open(&f.db).unwrap();
+    let conn = Conn::open(&f.db.clone()).unwrap();
     conn.query_row(
         "SELECT seq, hash FROM events WHERE agent_id = ?1 ORDER BY seq DESC LIMIT 1",
-        [agent],
-        |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+        params![agent],
+        |r| Ok((r.get::<i64>(0)? as u64, r.get(1)?)),
     )
     .unwrap()
 }
@@ -554,7 +571,7 @@ fn compacted_heartbeats_export_as_the_same_bytes_and_the_export_still_verifies()
         "SELECT COUNT(*) FROM events WHERE kind = 'agent.heartbeat' AND ?1 < ?2",
     );
 
-    let mut conn = rusqlite::Connection::open(&f.db).unwrap();
+    let mut conn = Conn::open(&f.db.clone()).unwrap();
     let done = crate::heartbeats::compact(&mut conn, TO).unwrap();
     // 300 of ws-2 and the three agents' own (one each); 2.5 hours: at least 3 blocks.
     assert_eq!((done.heartbeats, done.kept_as_rows), (303, 0), "{done:?}");
@@ -588,7 +605,7 @@ fn compacted_heartbeats_export_as_the_same_bytes_and_the_export_still_verifies()
     let (first, mut entries): (i64, Vec<u8>) = conn
         .query_row(
             "SELECT first_seq, entries FROM heartbeat_blocks WHERE agent_id = 'ws-2' ORDER BY first_seq LIMIT 1",
-            [],
+            params![],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
@@ -596,7 +613,7 @@ fn compacted_heartbeats_export_as_the_same_bytes_and_the_export_still_verifies()
     entries[middle] ^= 0x01;
     conn.execute(
         "UPDATE heartbeat_blocks SET entries = ?2 WHERE agent_id = 'ws-2' AND first_seq = ?1",
-        rusqlite::params![first, entries],
+        params![first, entries],
     )
     .unwrap();
     let req = request(&f, "altered", Lang::En, None);
@@ -604,6 +621,6 @@ fn compacted_heartbeats_export_as_the_same_bytes_and_the_export_still_verifies()
         weilan_config::signing::Signer::from_pem_files(&f.pki.collector(), &f.pki.collector_key())
             .unwrap();
     let rules = crate::rules::RuleSet::load(true, None).unwrap();
-    let err = export(&f.db, &signer, &rules, &req, &mut |_, _| {}).unwrap_err();
+    let err = export(&f.db.clone(), &signer, &rules, &req, &mut |_, _| {}).unwrap_err();
     assert!(err.to_string().contains("heartbeat block ws-2:1:"), "{err}");
 }

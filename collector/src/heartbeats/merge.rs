@@ -5,7 +5,7 @@
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, VecDeque};
 
-use rusqlite::{params, Connection};
+use crate::db::{params, Sql};
 
 use super::{Block, OpenBlock, Record, BLOCK_COLUMNS};
 use crate::store::StoreError;
@@ -52,8 +52,8 @@ const PAGE: i64 = 256;
 /// The heartbeats of a period's blocks, in export order, for merging with the rows:
 /// blocks are opened only when the merge reaches their first receive time, so about
 /// one block per agent is held at a time.
-pub struct Merge<'c> {
-    conn: &'c Connection,
+pub struct Merge<'c, C: Sql> {
+    conn: &'c C,
     sql: String,
     from: String,
     to: String,
@@ -64,15 +64,15 @@ pub struct Merge<'c> {
     open: BinaryHeap<Reverse<Head>>,
 }
 
-impl<'c> Merge<'c> {
+impl<'c, C: Sql> Merge<'c, C> {
     /// `scope` is the export's SQL restricting `agent_id` (with `?3`).
     pub fn new(
-        conn: &'c Connection,
+        conn: &'c C,
         from: &str,
         to: &str,
         scope: &str,
         scope_param: Option<&str>,
-    ) -> Merge<'c> {
+    ) -> Merge<'c, C> {
         Merge {
             conn,
             sql: format!(
@@ -95,14 +95,12 @@ impl<'c> Merge<'c> {
         if !self.pending.is_empty() || self.exhausted {
             return Ok(());
         }
-        let mut st = self.conn.prepare_cached(&self.sql)?;
         let a = &self.after;
-        let page: Vec<Block> = st
-            .query_map(
-                params![self.from, self.to, self.scope_param, a.0, a.1, a.2, a.3],
-                Block::from_row,
-            )?
-            .collect::<Result<_, _>>()?;
+        let page: Vec<Block> = self.conn.query_map(
+            &self.sql,
+            params![self.from, self.to, self.scope_param, a.0, a.1, a.2, a.3],
+            Block::from_row,
+        )?;
         self.exhausted = (page.len() as i64) < PAGE;
         if let Some(b) = page.last() {
             self.after = (

@@ -21,7 +21,7 @@
 //! merge the blocks' records back into their place ([`BlockCursor`]), so an export is
 //! the same bytes before and after compaction.
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use crate::db::{params, Conn, Sql, Tx};
 use serde::{Deserialize, Serialize};
 use weilan_config::event::{record_hash, Envelope, Event, EventId, EventKey, Heartbeat};
 
@@ -93,11 +93,11 @@ const BLOCK_COLUMNS: &str =
     "agent_id, epoch, first_seq, first_received, common, entries, last_hash";
 
 impl Block {
-    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Block> {
+    fn from_row(r: &crate::db::Row<'_>) -> Result<Block, crate::db::Error> {
         Ok(Block {
             agent_id: r.get(0)?,
-            epoch: r.get::<_, i64>(1)? as u64,
-            first_seq: r.get::<_, i64>(2)? as u64,
+            epoch: r.get::<i64>(1)? as u64,
+            first_seq: r.get::<i64>(2)? as u64,
             first_received: r.get(3)?,
             common: r.get(4)?,
             entries: r.get(5)?,
@@ -372,17 +372,16 @@ impl Builder {
         true
     }
 
-    fn store(self, tx: &rusqlite::Transaction<'_>) -> Result<usize, StoreError> {
+    fn store(self, tx: &Tx<'_>) -> Result<usize, StoreError> {
         if self.count == 0 {
             return Ok(0);
         }
         let common = serde_json::to_string(&self.common).expect("plain struct serializes");
-        tx.prepare_cached(
+        tx.execute(
             "INSERT INTO heartbeat_blocks (agent_id, epoch, first_seq, last_seq, count, first_received,
                                            last_received, common, entries, last_hash)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-        )?
-        .execute(params![
+            params![
             self.agent,
             self.epoch as i64,
             self.first_seq as i64,
@@ -393,10 +392,10 @@ impl Builder {
             common,
             self.entries,
             self.cursor.last_hash,
-        ])?;
-        let mut delete = tx.prepare_cached("DELETE FROM events WHERE event_id = ?1")?;
+            ],
+        )?;
         for id in &self.event_ids {
-            delete.execute([id])?;
+            tx.execute("DELETE FROM events WHERE event_id = ?1", params![id])?;
         }
         Ok(self.count)
     }
@@ -414,22 +413,20 @@ pub struct Compacted {
 
 /// Compacts every heartbeat received before `cutoff` (RFC 3339) inside the contiguous
 /// part of its stream, a few thousand per transaction so ingest is never held long.
-pub fn compact(conn: &mut Connection, cutoff: &str) -> Result<Compacted, StoreError> {
+pub fn compact(conn: &mut Conn, cutoff: &str) -> Result<Compacted, StoreError> {
     let mut done = Compacted::default();
-    let streams: Vec<(String, i64)> = {
-        let mut st = conn.prepare(
-            "SELECT agent_id, epoch FROM streams WHERE contiguous_to > heartbeats_compacted_to",
-        )?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        rows.collect::<Result<_, _>>()?
-    };
+    let streams: Vec<(String, i64)> = conn.query_map(
+        "SELECT agent_id, epoch FROM streams WHERE contiguous_to > heartbeats_compacted_to",
+        params![],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     for (agent, epoch) in streams {
         match next_heartbeat(conn, &agent, epoch)? {
             // Nothing to examine up to `contiguous_to`: the watermark moves there.
             Next::None { contiguous_to } => {
                 conn.execute(
-                    "UPDATE streams SET heartbeats_compacted_to = MAX(heartbeats_compacted_to, ?3)
-                     WHERE agent_id = ?1 AND epoch = ?2",
+                    "UPDATE streams SET heartbeats_compacted_to = ?3
+                     WHERE agent_id = ?1 AND epoch = ?2 AND heartbeats_compacted_to < ?3",
                     params![agent, epoch, contiguous_to],
                 )?;
             }
@@ -448,20 +445,19 @@ enum Next {
 
 /// Reads one row, without a write lock: the minute check costs little for the
 /// thousands of streams whose next heartbeat is still too young.
-fn next_heartbeat(conn: &Connection, agent: &str, epoch: i64) -> Result<Next, StoreError> {
+fn next_heartbeat(conn: &Conn, agent: &str, epoch: i64) -> Result<Next, StoreError> {
     let (from, to): (i64, i64) = conn.query_row(
         "SELECT heartbeats_compacted_to, contiguous_to FROM streams WHERE agent_id = ?1 AND epoch = ?2",
         params![agent, epoch],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
-    let received: Option<String> = conn
-        .prepare_cached(
-            "SELECT received_at FROM events
-             WHERE agent_id = ?1 AND epoch = ?2 AND seq > ?3 AND seq <= ?4 AND kind = 'agent.heartbeat'
-             ORDER BY seq LIMIT 1",
-        )?
-        .query_row(params![agent, epoch, from, to], |r| r.get(0))
-        .optional()?;
+    let received: Option<String> = conn.query_opt(
+        "SELECT received_at FROM events
+         WHERE agent_id = ?1 AND epoch = ?2 AND seq > ?3 AND seq <= ?4 AND kind = 'agent.heartbeat'
+         ORDER BY seq LIMIT 1",
+        params![agent, epoch, from, to],
+        |r| r.get(0),
+    )?;
     Ok(match received {
         Some(r) => Next::At(r),
         None => Next::None { contiguous_to: to },
@@ -470,34 +466,32 @@ fn next_heartbeat(conn: &Connection, agent: &str, epoch: i64) -> Result<Next, St
 
 /// One transaction's worth of one stream; `true` while there may be more.
 fn compact_slice(
-    conn: &mut Connection,
+    conn: &mut Conn,
     agent: &str,
     epoch: i64,
     cutoff: &str,
     done: &mut Compacted,
 ) -> Result<bool, StoreError> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let tx = conn.transaction()?;
     let (from, to): (i64, i64) = tx.query_row(
         "SELECT heartbeats_compacted_to, contiguous_to FROM streams WHERE agent_id = ?1 AND epoch = ?2",
         params![agent, epoch],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
-    let rows: Vec<Row> = {
-        let mut st = tx.prepare_cached(
-            "SELECT seq, received_at, hash, envelope FROM events
-             WHERE agent_id = ?1 AND epoch = ?2 AND seq > ?3 AND seq <= ?4 AND kind = 'agent.heartbeat'
-             ORDER BY seq LIMIT ?5",
-        )?;
-        let rows = st.query_map(params![agent, epoch, from, to, PER_TRANSACTION], |r| {
+    let rows: Vec<Row> = tx.query_map(
+        "SELECT seq, received_at, hash, envelope FROM events
+         WHERE agent_id = ?1 AND epoch = ?2 AND seq > ?3 AND seq <= ?4 AND kind = 'agent.heartbeat'
+         ORDER BY seq LIMIT ?5",
+        params![agent, epoch, from, to, PER_TRANSACTION],
+        |r| {
             Ok(Row {
-                seq: r.get::<_, i64>(0)? as u64,
+                seq: r.get::<i64>(0)? as u64,
                 received_at: r.get(1)?,
                 hash: r.get(2)?,
                 envelope: r.get(3)?,
             })
-        })?;
-        rows.collect::<Result<_, _>>()?
-    };
+        },
+    )?;
     let full = rows.len() as i64 == PER_TRANSACTION;
     // Up to the first heartbeat still too young; nothing examined: up to `to` (the
     // range holds no heartbeat, or they all are).
@@ -544,24 +538,25 @@ fn compact_slice(
 
 /// The block that would hold `agent:epoch:seq`, if any.
 fn block_at(
-    conn: &Connection,
+    conn: &impl Sql,
     agent: &str,
     epoch: u64,
     seq: u64,
 ) -> Result<Option<Block>, StoreError> {
-    Ok(conn
-        .prepare_cached(&format!(
+    Ok(conn.query_opt(
+        &format!(
             "SELECT {BLOCK_COLUMNS} FROM heartbeat_blocks
              WHERE agent_id = ?1 AND epoch = ?2 AND first_seq <= ?3 AND last_seq >= ?3
              ORDER BY first_seq DESC LIMIT 1"
-        ))?
-        .query_row(params![agent, epoch as i64, seq as i64], Block::from_row)
-        .optional()?)
+        ),
+        params![agent, epoch as i64, seq as i64],
+        Block::from_row,
+    )?)
 }
 
 /// The SHA-256 of the record stored under `agent:epoch:seq` in a heartbeat block.
 pub fn compacted_hash(
-    conn: &Connection,
+    conn: &impl Sql,
     agent: &str,
     key: EventKey,
 ) -> Result<Option<String>, StoreError> {
@@ -578,16 +573,15 @@ pub fn compacted_hash(
 
 /// The SHA-256 of the record stored under `agent:epoch:seq`, as a row or compacted.
 pub fn stored_hash(
-    conn: &Connection,
+    conn: &impl Sql,
     agent: &str,
     key: EventKey,
 ) -> Result<Option<String>, StoreError> {
-    let row: Option<String> = conn
-        .prepare_cached("SELECT hash FROM events WHERE agent_id = ?1 AND epoch = ?2 AND seq = ?3")?
-        .query_row(params![agent, key.epoch as i64, key.seq as i64], |r| {
-            r.get(0)
-        })
-        .optional()?;
+    let row: Option<String> = conn.query_opt(
+        "SELECT hash FROM events WHERE agent_id = ?1 AND epoch = ?2 AND seq = ?3",
+        params![agent, key.epoch as i64, key.seq as i64],
+        |r| r.get(0),
+    )?;
     match row {
         Some(h) => Ok(Some(h)),
         None => compacted_hash(conn, agent, key),
@@ -596,13 +590,13 @@ pub fn stored_hash(
 
 /// Whether keys of a batch are held in a block: only keys at or below their stream's
 /// compaction watermark can be, so a new record costs one lookup per epoch.
-pub struct Held<'c> {
-    conn: &'c Connection,
+pub struct Held<'c, C: Sql> {
+    conn: &'c C,
     watermarks: Vec<(String, u64, u64)>,
 }
 
-impl<'c> Held<'c> {
-    pub fn new(conn: &'c Connection) -> Held<'c> {
+impl<'c, C: Sql> Held<'c, C> {
+    pub fn new(conn: &'c C) -> Held<'c, C> {
         Held {
             conn,
             watermarks: Vec::new(),
@@ -629,59 +623,53 @@ impl<'c> Held<'c> {
 }
 
 /// How far heartbeats of `agent`'s `epoch` may have been compacted (0: none).
-fn compacted_to(conn: &Connection, agent: &str, epoch: u64) -> Result<u64, StoreError> {
-    let to: Option<i64> = conn
-        .prepare_cached(
-            "SELECT heartbeats_compacted_to FROM streams WHERE agent_id = ?1 AND epoch = ?2",
-        )?
-        .query_row(params![agent, epoch as i64], |r| r.get(0))
-        .optional()?;
+fn compacted_to(conn: &impl Sql, agent: &str, epoch: u64) -> Result<u64, StoreError> {
+    let to: Option<i64> = conn.query_opt(
+        "SELECT heartbeats_compacted_to FROM streams WHERE agent_id = ?1 AND epoch = ?2",
+        params![agent, epoch as i64],
+        |r| r.get(0),
+    )?;
     Ok(to.unwrap_or(0) as u64)
 }
 
 /// The highest key of `agent` held in a block with `(epoch, seq)` above `after` and
 /// below epoch `before`: the restored-state check asks rows and blocks alike.
 pub fn latest_compacted_between(
-    conn: &Connection,
+    conn: &impl Sql,
     agent: &str,
     after: EventKey,
     before_epoch: u64,
 ) -> Result<Option<(i64, i64)>, StoreError> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT epoch, last_seq FROM heartbeat_blocks WHERE agent_id = ?1
+    Ok(conn.query_opt(
+        "SELECT epoch, last_seq FROM heartbeat_blocks WHERE agent_id = ?1
                AND ((epoch = ?2 AND last_seq > ?3) OR (epoch > ?2 AND epoch < ?4))
              ORDER BY epoch DESC, last_seq DESC LIMIT 1",
-        )?
-        .query_row(
-            params![
-                agent,
-                after.epoch as i64,
-                after.seq as i64,
-                before_epoch as i64
-            ],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?)
+        params![
+            agent,
+            after.epoch as i64,
+            after.seq as i64,
+            before_epoch as i64
+        ],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?)
 }
 
 /// Heartbeats held in blocks per agent (the fleet list counts them as events).
 pub const COUNT_PER_AGENT_SQL: &str =
-    "(SELECT COALESCE(SUM(h.count), 0) FROM heartbeat_blocks h WHERE h.agent_id = a.agent_id)";
+    "(SELECT CAST(COALESCE(SUM(h.count), 0) AS BIGINT) FROM heartbeat_blocks h WHERE h.agent_id = a.agent_id)";
 
 /// Deletes the blocks whose every heartbeat was received before `cutoff`, in slices
 /// so ingest is never held long; returns the heartbeats removed.
-pub fn prune(conn: &Connection, cutoff: &str) -> Result<u64, StoreError> {
+pub fn prune(conn: &impl Sql, cutoff: &str) -> Result<u64, StoreError> {
     let mut removed = 0u64;
     loop {
-        let mut st = conn.prepare_cached(
+        let counts: Vec<i64> = conn.query_map(
             "DELETE FROM heartbeat_blocks WHERE block_id IN
                (SELECT block_id FROM heartbeat_blocks WHERE last_received < ?1 LIMIT 1000)
              RETURNING count",
+            params![cutoff],
+            |r| r.get(0),
         )?;
-        let counts: Vec<i64> = st
-            .query_map([cutoff], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
         if counts.is_empty() {
             return Ok(removed);
         }

@@ -2,6 +2,7 @@
 //! through ingest's own storage path.
 
 use super::*;
+use crate::db::{params, Sql};
 use crate::rules::findings::{CHAIN_BREAK, KEY_REUSED};
 use crate::store::{Incoming, Store};
 use weilan_config::event::{GENESIS_HASH, SCHEMA_VERSION};
@@ -99,20 +100,26 @@ fn three_hours(s: &mut Store, j: &mut Journal) -> Vec<Vec<String>> {
     batches
 }
 
+/// What keeps a test's store: its folder, and its PostgreSQL database if any.
+type Kept = (tempfile::TempDir, Option<crate::db::testing::TempDatabase>);
+
 /// A fresh database holding [`three_hours`] of one agent.
-fn stored_three_hours() -> (tempfile::TempDir, Store, Journal, Vec<Vec<String>>) {
+fn stored_three_hours() -> (Kept, Store, Journal, Vec<Vec<String>>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = Store::open(&dir.path().join("db.sqlite")).unwrap();
+    let (location, postgres) = crate::db::testing::store_location(dir.path());
+    let mut s = Store::open_at(&location).unwrap();
     let mut j = Journal::new();
     let batches = three_hours(&mut s, &mut j);
-    (dir, s, j, batches)
+    ((dir, postgres), s, j, batches)
 }
 
 fn rows(s: &mut Store, kind: &str) -> i64 {
     s.conn()
-        .query_row("SELECT COUNT(*) FROM events WHERE kind = ?1", [kind], |r| {
-            r.get(0)
-        })
+        .query_row(
+            "SELECT COUNT(*) FROM events WHERE kind = ?1",
+            params![kind],
+            |r| r.get(0),
+        )
         .unwrap()
 }
 
@@ -136,18 +143,14 @@ fn old_heartbeats_become_blocks_that_rebuild_every_record_byte_for_byte() {
     );
 
     // Every compacted record comes back as the bytes that were stored.
-    let blocks: Vec<Block> = {
-        let mut st = s
-            .conn()
-            .prepare(&format!(
-                "SELECT {BLOCK_COLUMNS} FROM heartbeat_blocks ORDER BY first_seq"
-            ))
-            .unwrap();
-        st.query_map([], Block::from_row)
-            .unwrap()
-            .map(Result::unwrap)
-            .collect()
-    };
+    let blocks: Vec<Block> = s
+        .conn()
+        .query_map(
+            &format!("SELECT {BLOCK_COLUMNS} FROM heartbeat_blocks ORDER BY first_seq"),
+            params![],
+            Block::from_row,
+        )
+        .unwrap();
     for b in &blocks {
         assert!(
             b.entries.len() < MAX_BLOCK_ENTRY_BYTES + 100,
@@ -194,7 +197,7 @@ fn old_heartbeats_become_blocks_that_rebuild_every_record_byte_for_byte() {
         .conn()
         .query_row(
             "SELECT contiguous_to, heartbeats_compacted_to FROM streams WHERE agent_id = 'ws-1'",
-            [],
+            params![],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
@@ -254,7 +257,8 @@ fn the_record_after_a_compacted_heartbeat_links_to_it() {
 #[test]
 fn a_heartbeat_that_cannot_be_rebuilt_exactly_stays_a_row() {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = Store::open(&dir.path().join("db.sqlite")).unwrap();
+    let (location, _postgres) = crate::db::testing::store_location(dir.path());
+    let mut s = Store::open_at(&location).unwrap();
     let mut j = Journal::new();
     let mut raws = Vec::new();
     for i in 0..4 {
@@ -306,12 +310,18 @@ fn retention_drops_whole_blocks_received_before_the_cutoff() {
     compact(s.conn(), &cutoff(T0 + 4 * 3600)).unwrap();
     let blocks = |s: &mut Store| -> i64 {
         s.conn()
-            .query_row("SELECT COUNT(*) FROM heartbeat_blocks", [], |r| r.get(0))
+            .query_row("SELECT COUNT(*) FROM heartbeat_blocks", params![], |r| {
+                r.get(0)
+            })
             .unwrap()
     };
     let held = |s: &mut Store| -> i64 {
         s.conn()
-            .query_row("SELECT SUM(count) FROM heartbeat_blocks", [], |r| r.get(0))
+            .query_row(
+                "SELECT CAST(SUM(count) AS BIGINT) FROM heartbeat_blocks",
+                params![],
+                |r| r.get(0),
+            )
             .unwrap()
     };
     let (before, all) = (blocks(&mut s), held(&mut s));
@@ -325,7 +335,7 @@ fn retention_drops_whole_blocks_received_before_the_cutoff() {
         .conn()
         .query_row(
             "SELECT COUNT(*) FROM heartbeat_blocks WHERE last_received < ?1",
-            [&limit],
+            params![&limit],
             |r| r.get(0),
         )
         .unwrap();

@@ -13,12 +13,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::db::{params, Sql, Tx};
 use cel::common::types::{
     CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString, CelUInt,
 };
 use cel::common::value::Val;
 use cel::Value;
-use rusqlite::{params, OptionalExtension, Transaction};
 use weilan_config::event::Event;
 use weilan_config::policy::Policy;
 use weilan_config::wire::CommandAction;
@@ -739,7 +739,7 @@ impl Engine {
     /// Evaluates facts, storing new alerts and updates in `tx`.
     pub fn evaluate(
         &mut self,
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         policy: &Policy,
         facts: &[Fact],
         now: jiff::Timestamp,
@@ -859,7 +859,7 @@ impl Engine {
     /// Writes the counts, last-seen times and event ids that suppressed repeats
     /// changed since the last flush, one row per alert, inside `tx`. (A transaction
     /// that fails leaves them unflushed for the next one.)
-    fn flush_suppressed(&mut self, tx: &Transaction<'_>) -> Result<(), StoreError> {
+    fn flush_suppressed(&mut self, tx: &Tx<'_>) -> Result<(), StoreError> {
         if self.unflushed.is_empty() {
             return Ok(());
         }
@@ -869,24 +869,21 @@ impl Engine {
             .filter_map(|(k, ids)| self.suppressed.get(k).map(|s| (&s.alert, *ids)));
         for (alert, ids_changed) in live.chain(self.retired.iter().map(|(a, ids)| (a, *ids))) {
             if ids_changed {
-                tx.prepare_cached(
-                    "UPDATE alerts SET count = ?1, last_seen = ?2, event_ids = ?3 WHERE alert_id = ?4",
-                )?
-                .execute(params![
+                tx.execute("UPDATE alerts SET count = ?1, last_seen = ?2, event_ids = ?3 WHERE alert_id = ?4", params![
                     alert.count as i64,
                     alert.last_seen.to_string(),
                     serde_json::to_string(&alert.event_ids).unwrap_or_default(),
                     alert.alert_id
                 ])?;
             } else {
-                tx.prepare_cached(
+                tx.execute(
                     "UPDATE alerts SET count = ?1, last_seen = ?2 WHERE alert_id = ?3",
-                )?
-                .execute(params![
-                    alert.count as i64,
-                    alert.last_seen.to_string(),
-                    alert.alert_id
-                ])?;
+                    params![
+                        alert.count as i64,
+                        alert.last_seen.to_string(),
+                        alert.alert_id
+                    ],
+                )?;
             }
         }
         self.unflushed.clear();
@@ -908,7 +905,7 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     fn correlate(
         &mut self,
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         rule: &Rule,
         c: &super::file::Correlation,
         key: &str,
@@ -1194,7 +1191,7 @@ impl Engine {
 
     /// Drops first-seen rows older than their rule's window, and presences older than
     /// `PRESENCE_RETENTION_SECS` (or the longest `absent` window, if longer).
-    pub fn prune_seen(&self, tx: &Transaction<'_>, now: jiff::Timestamp) -> Result<(), StoreError> {
+    pub fn prune_seen(&self, tx: &Tx<'_>, now: jiff::Timestamp) -> Result<(), StoreError> {
         let mut keep_presence = PRESENCE_RETENTION_SECS;
         for r in self.set.rules() {
             let Some(c) = r.correlation.as_ref() else {
@@ -1220,39 +1217,28 @@ impl Engine {
 }
 
 /// The time `value` was last seen under (`rule`, `key`).
-fn seen_at(
-    tx: &Transaction<'_>,
-    rule: &str,
-    key: &str,
-    value: &str,
-) -> Result<Option<i64>, StoreError> {
-    Ok(tx
-        .prepare_cached(
-            "SELECT last_seen FROM rule_seen WHERE rule_id = ?1 AND key = ?2 AND value = ?3",
-        )?
-        .query_row(params![rule, key, value], |r| r.get(0))
-        .optional()?)
+fn seen_at(tx: &Tx<'_>, rule: &str, key: &str, value: &str) -> Result<Option<i64>, StoreError> {
+    Ok(tx.query_opt(
+        "SELECT last_seen FROM rule_seen WHERE rule_id = ?1 AND key = ?2 AND value = ?3",
+        params![rule, key, value],
+        |r| r.get(0),
+    )?)
 }
 
 /// Records `value` as seen at `t` under (`rule`, `key`) (the latest time wins).
-fn note_seen(
-    tx: &Transaction<'_>,
-    rule: &str,
-    key: &str,
-    value: &str,
-    t: i64,
-) -> Result<(), StoreError> {
-    tx.prepare_cached(
+fn note_seen(tx: &Tx<'_>, rule: &str, key: &str, value: &str, t: i64) -> Result<(), StoreError> {
+    tx.execute(
         "INSERT INTO rule_seen (rule_id, key, value, last_seen) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT(rule_id, key, value) DO UPDATE SET last_seen = MAX(last_seen, excluded.last_seen)",
-    )?
-    .execute(params![rule, key, value, t])?;
+         ON CONFLICT(rule_id, key, value) DO UPDATE SET last_seen = excluded.last_seen
+         WHERE rule_seen.last_seen < excluded.last_seen",
+        params![rule, key, value, t],
+    )?;
     Ok(())
 }
 
 /// Whether `value` under `key` was not seen within `window` before `t`; records `t`.
 fn first_seen(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     rule: &str,
     key: &str,
     value: &str,
@@ -1274,9 +1260,11 @@ pub const PRESENCE_RETENTION_SECS: i64 = 30 * 24 * 3600;
 
 /// Records a presence at `t` under (`rule`, `key`), kept in the database so a
 /// collector restart does not forget who badged in.
-fn note_presence(tx: &Transaction<'_>, rule: &str, key: &str, t: i64) -> Result<(), StoreError> {
-    tx.prepare_cached("INSERT OR IGNORE INTO presence (rule_id, key, at) VALUES (?1, ?2, ?3)")?
-        .execute(params![rule, key, t])?;
+fn note_presence(tx: &Tx<'_>, rule: &str, key: &str, t: i64) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO presence (rule_id, key, at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+        params![rule, key, t],
+    )?;
     Ok(())
 }
 
@@ -1284,18 +1272,17 @@ fn note_presence(tx: &Transaction<'_>, rule: &str, key: &str, t: i64) -> Result<
 /// badge-in that lets someone in), or after it by as much (a door agent's clock
 /// ahead, or its backlog sent after the fact it explains).
 fn absent(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     rule: &str,
     key: &str,
     t: i64,
     window: i64,
 ) -> Result<Option<(f64, Vec<String>)>, StoreError> {
-    let found: Option<i64> = tx
-        .prepare_cached(
-            "SELECT at FROM presence WHERE rule_id = ?1 AND key = ?2 AND at BETWEEN ?3 AND ?4 LIMIT 1",
-        )?
-        .query_row(params![rule, key, t - window, t + window], |r| r.get(0))
-        .optional()?;
+    let found: Option<i64> = tx.query_opt(
+        "SELECT at FROM presence WHERE rule_id = ?1 AND key = ?2 AND at BETWEEN ?3 AND ?4 LIMIT 1",
+        params![rule, key, t - window, t + window],
+        |r| r.get(0),
+    )?;
     Ok(match found {
         Some(_) => None,
         None => Some((0.0, vec![])),
@@ -1368,7 +1355,7 @@ fn person_var(roster: &crate::roster::Roster, fact: &Fact) -> Value {
 fn enrich<'f>(
     set: &RuleSet,
     roster: &crate::roster::Roster,
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     policy: &Policy,
     fact: &'f Fact,
     now: jiff::Timestamp,
@@ -1429,19 +1416,16 @@ fn enrich<'f>(
 }
 
 /// Remembers the agent's latest fence decision for a device (`device.decision`).
-fn note_decision(tx: &Transaction<'_>, fact: &Fact) -> Result<(), StoreError> {
+fn note_decision(tx: &Tx<'_>, fact: &Fact) -> Result<(), StoreError> {
     if fact.kind != "usb.decision" {
         return Ok(());
     }
     let field = |k: &str| fact.data.get(k).and_then(|v| v.as_str());
     if let (Some(hash), Some(target)) = (field("hash"), field("target")) {
         // RFC 3339 UTC strings order like the times they name.
-        tx.prepare_cached(
-            "INSERT INTO device_decisions (agent_id, hash, target, agent_time) VALUES (?1, ?2, ?3, ?4)
+        tx.execute("INSERT INTO device_decisions (agent_id, hash, target, agent_time) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(agent_id, hash) DO UPDATE SET target = excluded.target, agent_time = excluded.agent_time
-             WHERE excluded.agent_time >= device_decisions.agent_time",
-        )?
-        .execute(params![fact.agent_id, hash, target, fact.time.to_string()])?;
+             WHERE excluded.agent_time >= device_decisions.agent_time", params![fact.agent_id, hash, target, fact.time.to_string()])?;
     }
     Ok(())
 }
@@ -1452,7 +1436,7 @@ fn note_decision(tx: &Transaction<'_>, fact: &Fact) -> Result<(), StoreError> {
 /// a block), and the last fence decision the agent reported for it (for events on a
 /// device's files).
 fn device(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     policy: &Policy,
     fact: &Fact,
     host_groups: &[String],
@@ -1479,9 +1463,11 @@ fn device(
         (lets_in && by_a_rule).then_some(v.rule_id)
     });
     let decision: Option<String> = if !hash.is_empty() && fact.kind.starts_with("file.") {
-        tx.prepare_cached("SELECT target FROM device_decisions WHERE agent_id = ?1 AND hash = ?2")?
-            .query_row(params![fact.agent_id, hash], |r| r.get(0))
-            .optional()?
+        tx.query_opt(
+            "SELECT target FROM device_decisions WHERE agent_id = ?1 AND hash = ?2",
+            params![fact.agent_id, hash],
+            |r| r.get(0),
+        )?
     } else {
         None
     };

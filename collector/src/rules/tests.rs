@@ -9,6 +9,7 @@ use weilan_config::event::Envelope;
 
 use super::engine::{Engine, Fact, Finding};
 use super::findings;
+use crate::db::{params, Sql};
 use crate::store::{Alert, Store};
 
 /// Monday 2026-11-23 10:00 in Shanghai (inside the default working hours).
@@ -27,6 +28,7 @@ allowed_destinations = ["10.0.0.0/8"]
 struct Harness {
     _dir: tempfile::TempDir,
     store: Store,
+    _postgres: Option<crate::db::testing::TempDatabase>,
     engine: Engine,
     policy: weilan_config::policy::Policy,
     seq: u64,
@@ -50,8 +52,10 @@ impl Harness {
             dir.path().to_path_buf(),
         )
         .unwrap();
+        let (location, postgres) = crate::db::testing::store_location(dir.path());
         Harness {
-            store: Store::open(&dir.path().join("db.sqlite")).unwrap(),
+            store: Store::open_at(&location).unwrap(),
+            _postgres: postgres,
             _dir: dir,
             engine,
             policy,
@@ -88,7 +92,7 @@ impl Harness {
                         tx.execute(
                             "INSERT INTO events (event_id, agent_id, epoch, seq, kind, agent_time, received_at, host_role, envelope)
                              VALUES (?1, ?2, 1, ?3, ?4, ?5, ?5, ?6, ?7)",
-                            rusqlite::params![
+                            params![
                                 id,
                                 f.agent_id,
                                 id.rsplit(':').next().unwrap().parse::<i64>().unwrap(),
@@ -370,8 +374,8 @@ fn presences_are_kept_for_their_retention_then_pruned() {
                 engine.prune_seen(tx, now)?;
                 Ok(tx.query_row(
                     "SELECT COUNT(*) FROM presence WHERE rule_id = 'builtin.usb.server-room'",
-                    [],
-                    |r| r.get::<_, i64>(0),
+                    params![],
+                    |r| r.get::<i64>(0),
                 )?)
             })
             .unwrap()
@@ -911,7 +915,7 @@ fn repeats_within_the_suppression_window_update_one_alert() {
         .conn()
         .query_row(
             "SELECT count FROM alerts WHERE alert_id = ?1",
-            [u.alert_id],
+            params![u.alert_id],
             |r| r.get(0),
         )
         .unwrap();

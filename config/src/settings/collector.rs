@@ -330,8 +330,25 @@ pub struct CollectorTls {
 #[derive(Debug, Clone, eserde::Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreSection {
-    /// SQLite database file (WAL mode; created and migrated on start).
+    /// SQLite database file (WAL mode; created and migrated on start). With `url`,
+    /// its folder still holds the collector's local files (the import spool).
     pub path: PathBuf,
+    /// A PostgreSQL database instead of the SQLite file (`postgresql://user@host/db`):
+    /// for fleets, and for several collectors sharing one database.
+    #[serde(default)]
+    pub url: Option<String>,
+}
+
+/// `store.url`, when given, names PostgreSQL.
+fn validate_store_url(url: Option<&str>, v: &mut crate::load::Validator) {
+    if let Some(url) = url {
+        if !(url.starts_with("postgresql://") || url.starts_with("postgres://")) {
+            v.error(
+                "store.url",
+                "must be a PostgreSQL URL, `postgresql://user@host/database` (leave it out for the SQLite file `store.path`)",
+            );
+        }
+    }
 }
 
 #[derive(Debug, Clone, eserde::Deserialize, Serialize)]
@@ -511,6 +528,8 @@ pub struct CollectorSettings {
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
     pub store_path: PathBuf,
+    /// `store.url`: PostgreSQL instead of the SQLite file at `store_path`.
+    pub store_url: Option<String>,
     pub alerts_path: PathBuf,
     pub alerts_rotation: AlertRotation,
     pub policy_path: PathBuf,
@@ -814,6 +833,7 @@ impl Validate for CollectorFile {
         let client_cert = v.existing_file("tls.client_cert", &t.client_cert);
         let client_key = v.existing_file("tls.client_key", &t.client_key);
         let store_path = v.creatable_file("store.path", &self.store.path);
+        validate_store_url(self.store.url.as_deref(), v);
         let alerts_path = v.creatable_file("alerts.path", &self.alerts.path);
         v.range("alerts.rotate_mib", self.alerts.rotate_mib, 0, 1 << 20);
         v.range("alerts.rotate_hours", self.alerts.rotate_hours, 0, 24 * 366);
@@ -872,6 +892,7 @@ impl Validate for CollectorFile {
             client_cert,
             client_key,
             store_path,
+            store_url: self.store.url.clone(),
             alerts_path,
             alerts_rotation: AlertRotation {
                 max_bytes: self.alerts.rotate_mib * 1024 * 1024,
