@@ -94,7 +94,17 @@ fn units_run_hardened_under_real_systemd() {
     // The release directory, with real files (the guest sees the share, not this host).
     let release = dir.path().join("release");
     std::fs::create_dir_all(release.join("config/mosquitto")).unwrap();
-    std::fs::copy(weilan_bin(), release.join("weilan-collector")).unwrap();
+    // Without debug sections, as the packages carry it: the debug build is ~370 MB,
+    // and the guest installs it twice into a root held in its memory (it ran out of
+    // space once the PostgreSQL client was linked in).
+    let strip = Command::new("strip")
+        .arg("-o")
+        .arg(release.join("weilan-collector"))
+        .arg(weilan_bin())
+        .status();
+    if !strip.is_ok_and(|s| s.success()) {
+        std::fs::copy(weilan_bin(), release.join("weilan-collector")).unwrap();
+    }
     std::fs::hard_link(
         release.join("weilan-collector"),
         release.join("weilan-agent"),
