@@ -1409,6 +1409,58 @@ mod tests {
     }
 
     #[test]
+    fn postgresql_gets_the_same_tables_and_columns_as_migrated_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(pg) = crate::db::testing::TempDatabase::create("schema parity") else {
+            return;
+        };
+        let sqlite = Store::open(&dir.path().join("db.sqlite")).unwrap();
+        let postgres = Store::open_at(&pg.location()).unwrap();
+        let sqlite_columns: std::collections::BTreeSet<(String, String)> = sqlite
+            .conn
+            .query_map(
+                "SELECT m.name, p.name FROM sqlite_master m, pragma_table_info(m.name) p
+                 WHERE m.type = 'table'",
+                params![],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap()
+            .into_iter()
+            .collect();
+        let postgres_columns: std::collections::BTreeSet<(String, String)> = postgres
+            .conn
+            .query_map(
+                "SELECT table_name::text, column_name::text FROM information_schema.columns
+                 WHERE table_schema = current_schema() AND table_name <> 'weilan_schema'",
+                params![],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap()
+            .into_iter()
+            .collect();
+        assert_eq!(postgres_columns, sqlite_columns);
+        let indexes = |store: &Store, sql: &str| -> std::collections::BTreeSet<String> {
+            store
+                .conn
+                .query_map(sql, params![], |r| r.get(0))
+                .unwrap()
+                .into_iter()
+                .collect()
+        };
+        assert_eq!(
+            indexes(
+                &postgres,
+                "SELECT indexname::text FROM pg_indexes WHERE schemaname = current_schema() AND indexname NOT LIKE '%_pkey'"
+            ),
+            indexes(
+                &sqlite,
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+            ),
+            "the same named indexes"
+        );
+    }
+
+    #[test]
     fn a_database_of_the_previous_schema_keeps_its_badge_in_when_migrated() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");

@@ -198,41 +198,36 @@ impl Conn {
     /// its first read (a deferred one that reads, then writes, fails at once when
     /// another connection committed in between). PostgreSQL: read committed.
     pub fn transaction(&mut self) -> Result<Tx<'_>, Error> {
-        Ok(Tx {
-            inner: match &mut self.inner {
-                ConnInner::Sqlite(c) => TxInner::Sqlite(
-                    c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?,
-                ),
-                ConnInner::Postgres(pg) => {
-                    let Pg { client, prepared } = &mut **pg;
-                    TxInner::Postgres(Pg {
-                        client: RefCell::new(client.get_mut().transaction()?),
-                        prepared,
-                    })
-                }
-            },
+        self.begin(rusqlite::TransactionBehavior::Immediate, |c| {
+            c.transaction()
         })
     }
 
     /// A read-only transaction that sees one snapshot throughout (an export reads
     /// millions of rows while ingest goes on).
     pub fn snapshot(&mut self) -> Result<Tx<'_>, Error> {
+        self.begin(rusqlite::TransactionBehavior::Deferred, |c| {
+            c.build_transaction()
+                .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+        })
+    }
+
+    fn begin<'c>(
+        &'c mut self,
+        sqlite: rusqlite::TransactionBehavior,
+        postgres: impl FnOnce(
+            &'c mut postgres::Client,
+        ) -> Result<postgres::Transaction<'c>, postgres::Error>,
+    ) -> Result<Tx<'c>, Error> {
         Ok(Tx {
             inner: match &mut self.inner {
-                ConnInner::Sqlite(c) => TxInner::Sqlite(
-                    c.transaction_with_behavior(rusqlite::TransactionBehavior::Deferred)?,
-                ),
+                ConnInner::Sqlite(c) => TxInner::Sqlite(c.transaction_with_behavior(sqlite)?),
                 ConnInner::Postgres(pg) => {
                     let Pg { client, prepared } = &mut **pg;
                     TxInner::Postgres(Pg {
-                        client: RefCell::new(
-                            client
-                                .get_mut()
-                                .build_transaction()
-                                .isolation_level(postgres::IsolationLevel::RepeatableRead)
-                                .read_only(true)
-                                .start()?,
-                        ),
+                        client: RefCell::new(postgres(client.get_mut())?),
                         prepared,
                     })
                 }
