@@ -13,6 +13,7 @@
 //! storage work: the ingest writer and the command line, never an async task.
 
 pub mod sql;
+#[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 pub mod value;
 
