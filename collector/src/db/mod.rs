@@ -21,7 +21,6 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use postgres::fallible_iterator::FallibleIterator;
 use postgres::GenericClient;
 
 pub use crate::db_params as params;
@@ -294,12 +293,6 @@ pub trait PgOps {
     fn execute(&self, sql: &str, params: &[&dyn Param]) -> Result<u64, Error>;
     fn batch(&self, sql: &str) -> Result<(), Error>;
     fn query(&self, sql: &str, params: &[&dyn Param]) -> Result<Vec<postgres::Row>, Error>;
-    fn each(
-        &self,
-        sql: &str,
-        params: &[&dyn Param],
-        f: &mut dyn FnMut(&postgres::Row) -> Result<bool, Error>,
-    ) -> Result<(), Error>;
     fn pages(
         &self,
         sql: &str,
@@ -376,24 +369,6 @@ impl<C: GenericClient + Portals, P: std::borrow::Borrow<Prepared>> PgOps for Pg<
         let st = pg_statement(c, self.prepared.borrow(), sql)?;
         let values = pg_values(params);
         Ok(c.query(&st, &pg_refs(&values))?)
-    }
-
-    fn each(
-        &self,
-        sql: &str,
-        params: &[&dyn Param],
-        f: &mut dyn FnMut(&postgres::Row) -> Result<bool, Error>,
-    ) -> Result<(), Error> {
-        let c = &mut *self.client.borrow_mut();
-        let st = pg_statement(c, self.prepared.borrow(), sql)?;
-        let values = pg_values(params);
-        let mut rows = c.query_raw(&st, values.iter())?;
-        while let Some(r) = rows.next()? {
-            if !f(&r)? {
-                break;
-            }
-        }
-        Ok(())
     }
 
     fn pages(
@@ -486,32 +461,8 @@ pub trait Sql {
         }
     }
 
-    /// Calls `f` for each row in order until it returns `false`, without holding
-    /// them all (exports stream millions). `f` must not run statements itself.
-    fn for_each(
-        &self,
-        sql: &str,
-        params: &[&dyn Param],
-        mut f: impl FnMut(&Row<'_>) -> Result<bool, Error>,
-    ) -> Result<(), Error> {
-        match self.target() {
-            Target::Sqlite(c) => {
-                let mut st = c.prepare_cached(sql)?;
-                let mut rows = st.query(sqlite_params(params))?;
-                while let Some(r) = rows.next()? {
-                    if !f(&Row::Sqlite(r))? {
-                        break;
-                    }
-                }
-                Ok(())
-            }
-            Target::Postgres(pg) => pg.each(sql, params, &mut |r| f(&Row::Postgres(r))),
-        }
-    }
-
     /// Each row mapped by `map` and then handed to `each`, in order, until `each`
-    /// returns `false`. Unlike [`Sql::for_each`], `each` may run statements on the
-    /// same connection (an export merges heartbeat blocks into the rows it reads).
+    /// returns `false`. `each` may run statements on the same connection (an export merges heartbeat blocks into the rows it reads).
     /// On PostgreSQL this needs a transaction; rows come a page at a time.
     fn stream<T>(
         &self,

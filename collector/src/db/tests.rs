@@ -127,11 +127,12 @@ fn rows_stream_in_order_until_the_caller_stops() {
         let snapshot = conn.snapshot().unwrap();
         let mut seen = Vec::new();
         snapshot
-            .for_each(
+            .stream(
                 "SELECT id FROM t WHERE id >= ?1 ORDER BY id",
                 params![10],
-                |r| {
-                    seen.push(r.get::<i64>(0)?);
+                |r| r.get::<i64>(0),
+                |id| {
+                    seen.push(id);
                     Ok(seen.len() < 500)
                 },
             )
