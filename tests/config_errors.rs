@@ -98,7 +98,7 @@ fn exits_64_reporting_all(args: &[&str], cfg: &std::path::Path, expected: &[&str
 
 /// The collector's per-source quota and queue are range-checked together.
 #[test]
-fn collector_ingest_limits_out_of_range_are_all_reported_with_exit_64() {
+fn collector_ingest_limits_out_of_range_and_a_foreign_store_url_are_all_reported_with_exit_64() {
     let dir = tempfile::tempdir().unwrap();
     for f in [
         "ca.pem",
@@ -115,7 +115,7 @@ fn collector_ingest_limits_out_of_range_are_all_reported_with_exit_64() {
         &cfg,
         "[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:8883\"\n\
          [tls]\nca = \"ca.pem\"\nserver_cert = \"s.pem\"\nserver_key = \"s-key.pem\"\nclient_cert = \"c.pem\"\nclient_key = \"c-key.pem\"\n\
-         [store]\npath = \"weilan.db\"\n[alerts]\npath = \"alerts.jsonl\"\n[policy]\npath = \"policy.toml\"\n\
+         [store]\npath = \"weilan.db\"\nurl = \"mysql://db/weilan\"\n[alerts]\npath = \"alerts.jsonl\"\n[policy]\npath = \"policy.toml\"\n\
          [ingest]\nmax_bytes_per_source_per_sec = 1000\nqueue = 0\n\
          [exports]\nheartbeats_compact_after_secs = 99999999\n",
     )
@@ -127,6 +127,7 @@ fn collector_ingest_limits_out_of_range_are_all_reported_with_exit_64() {
             "ingest.max_bytes_per_source_per_sec: 1000 is out of range; expected 65536 to 1073741824",
             "ingest.queue: 0 is out of range; expected 1 to 100000",
             "exports.heartbeats_compact_after_secs: 99999999 is out of range; expected 0 to 2678400",
+            "store.url: must be a PostgreSQL URL",
         ],
     );
 }
