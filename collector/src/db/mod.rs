@@ -143,7 +143,36 @@ pub struct Conn {
 
 enum ConnInner {
     Sqlite(rusqlite::Connection),
-    Postgres(Box<Pg<postgres::Client, Prepared>>),
+    Postgres(PgConn),
+}
+
+/// A PostgreSQL connection that may be dropped anywhere: the client closes its
+/// connection by blocking on a runtime of its own, which panics on a tokio worker
+/// thread (a collector stopping on PostgreSQL panicked as it dropped its store).
+struct PgConn(Option<Box<Pg<postgres::Client, Prepared>>>);
+
+impl std::ops::Deref for PgConn {
+    type Target = Pg<postgres::Client, Prepared>;
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("taken only by drop")
+    }
+}
+
+impl std::ops::DerefMut for PgConn {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.0.as_mut().expect("taken only by drop")
+    }
+}
+
+impl Drop for PgConn {
+    fn drop(&mut self) {
+        let pg = self.0.take();
+        let on_async_worker = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if on_async_worker {
+            tokio::task::block_in_place(move || drop(pg));
+        }
+    }
 }
 
 /// Statements kept prepared per SQLite connection (the rules engine and ingest use
@@ -159,10 +188,10 @@ impl Conn {
             Location::Postgres(url) => {
                 let client = postgres::Client::connect(url, postgres::NoTls)?;
                 Ok(Conn {
-                    inner: ConnInner::Postgres(Box::new(Pg {
+                    inner: ConnInner::Postgres(PgConn(Some(Box::new(Pg {
                         client: RefCell::new(client),
                         prepared: RefCell::default(),
-                    })),
+                    })))),
                 })
             }
         }
