@@ -75,6 +75,11 @@ impl Presences {
         self.collectors.is_empty() && at.elapsed() >= PRESENCE_PATIENCE
     }
 
+    /// How many collectors announced themselves online.
+    fn online(&self) -> usize {
+        self.collectors.values().filter(|&&c| c != 0).count()
+    }
+
     /// Notes a presence; true when it is a collector connection not seen before
     /// (what was sent earlier may have reached no subscriber).
     fn note(&mut self, collector: &str, presence: &wire::Presence) -> bool {
@@ -290,7 +295,7 @@ impl Uplink {
                         if let Some(collector) = topics::parse_presence_topic(&topic) {
                             self.handle_presence(collector, &payload, &mut presences, &mut sending);
                         } else {
-                            self.handle_incoming(&topic, &payload, &mut sending);
+                            self.handle_incoming(&topic, &payload, &mut sending, presences.online());
                         }
                     }
                     None => break,
@@ -514,7 +519,15 @@ impl Uplink {
         });
     }
 
-    fn handle_incoming(&self, topic: &str, payload: &[u8], sending: &mut Sending) {
+    /// An incoming policy, command or ack; `collectors_online` tells whether acks
+    /// may come back out of order.
+    fn handle_incoming(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        sending: &mut Sending,
+        collectors_online: usize,
+    ) {
         if topic == topics::POLICY {
             let verified = wire::decode_signed(payload, 4 * 1024 * 1024)
                 .map_err(|e| e.to_string())
@@ -575,12 +588,13 @@ impl Uplink {
         match wire::decode::<Ack>("an ack", body.as_bytes(), MAX_INCOMING) {
             Ok(ack) if ack.agent_id == self.config.agent_id => {
                 self.apply_ack(&ack, sending);
-                // The collector handles batches in the order the broker delivers
+                // One collector handles batches in the order the broker delivers
                 // them, and one connection keeps that order: an ack that overtakes
                 // an earlier batch means the earlier one was lost on the way (e.g.
                 // published before the collector had subscribed). Send it again now
-                // rather than after the ack timeout.
-                if sending.in_flight.iter().any(|b| b.last < ack.first) {
+                // rather than after the ack timeout. Several collectors sharing the
+                // ingest answer in their own time: there the ack timeout decides.
+                if collectors_online <= 1 && sending.in_flight.iter().any(|b| b.last < ack.first) {
                     tracing::info!(
                         batch_id = ack.batch_id,
                         "an earlier batch was lost in transit; sending again"

@@ -31,6 +31,38 @@ use tokio_util::sync::CancellationToken;
 /// The ACL shipped for external Mosquitto installs, byte for byte.
 pub const SHIPPED_ACL: &str = include_str!("../../config/mosquitto/weilan.acl");
 
+/// The shipped ACL for a group of collectors sharing the ingest
+/// (`broker.shared_group`): the collector's block once more for each further
+/// collector named (`pki issue-collector`), under its own user and presence topic.
+/// With no further names it is the shipped ACL, byte for byte.
+pub fn acl_for_collectors(further: &[String]) -> Result<String, String> {
+    const FIRST: &str = "user weilan-collector\n";
+    let block = SHIPPED_ACL
+        .find(FIRST)
+        .map(|at| &SHIPPED_ACL[at..])
+        .ok_or("the shipped ACL has no `user weilan-collector` block")?;
+    let mut acl = SHIPPED_ACL.to_string();
+    for name in further {
+        let valid = name
+            .strip_prefix("weilan-collector-")
+            .is_some_and(|rest| !rest.is_empty())
+            && weilan_config::topics::valid_agent_id(name);
+        if !valid {
+            return Err(format!(
+                "`{name}` is not a collector name (`weilan-collector-` and letters, digits, `.`, `_`, `-`)"
+            ));
+        }
+        acl.push_str(&format!(
+            "\n# The further collector `{name}` (pki issue-collector).\n"
+        ));
+        acl.push_str(&block.replace(FIRST, &format!("user {name}\n")).replace(
+            "collectors/weilan-collector/",
+            &format!("collectors/{name}/"),
+        ));
+    }
+    Ok(acl)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("embedded broker: {0}")]
@@ -485,5 +517,28 @@ mod tests {
         // The same access model as an external Mosquitto: the shipped file.
         assert!(SHIPPED_ACL.contains("pattern write weilan/v1/agents/%u/events"));
         assert!(!conf.contains("allow_anonymous true"));
+    }
+
+    #[test]
+    fn further_collectors_get_the_collectors_block_under_their_own_names() {
+        assert_eq!(acl_for_collectors(&[]).unwrap(), SHIPPED_ACL);
+        let acl = acl_for_collectors(&["weilan-collector-b".into()]).unwrap();
+        assert!(acl.starts_with(SHIPPED_ACL));
+        let added = &acl[SHIPPED_ACL.len()..];
+        assert!(added.contains("\nuser weilan-collector-b\n"), "{added}");
+        assert!(added.contains("topic read weilan/v1/agents/+/events\n"));
+        assert!(added.contains("topic write weilan/v1/collectors/weilan-collector-b/presence"));
+        assert!(
+            !added.contains("collectors/weilan-collector/presence"),
+            "a further collector must not write the first's presence: {added}"
+        );
+        for bad in [
+            "weilan-collector",
+            "weilan-collector-",
+            "ws-01",
+            "weilan-collector-b/#",
+        ] {
+            assert!(acl_for_collectors(&[bad.into()]).is_err(), "{bad} accepted");
+        }
     }
 }

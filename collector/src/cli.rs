@@ -157,6 +157,13 @@ enum Command {
         #[command(subcommand)]
         action: CommandCli,
     },
+    /// Print the Mosquitto ACL for collectors sharing the ingest: the shipped
+    /// `weilan.acl` with each further collector's own block (docs/deployment.md §10).
+    BrokerAcl {
+        /// A further collector's name (`pki issue-collector`); repeat for each.
+        #[arg(long = "collector")]
+        collectors: Vec<String>,
+    },
     /// Manage the Weilan PKI (CA, broker and agent certificates).
     Pki {
         #[command(subcommand)]
@@ -337,6 +344,14 @@ enum PkiCommand {
         #[arg(long, default_value = "/etc/weilan/pki")]
         dir: PathBuf,
     },
+    /// Issue the certificate of a further collector sharing the ingest
+    /// (`broker.shared_group`, docs/deployment.md §10); its name is its broker user.
+    IssueCollector {
+        /// `weilan-collector-` and a suffix, e.g. `weilan-collector-b`.
+        name: String,
+        #[arg(long, default_value = "/etc/weilan/pki")]
+        dir: PathBuf,
+    },
     /// Rewrite the CRL (`crl.pem`) from the registry's revocations.
     Crl {
         #[arg(long, default_value = "/etc/weilan/pki")]
@@ -408,6 +423,16 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                 },
         } => enroll_create_command(count, ttl, groups, replace, dir),
         Command::Pki { command } => pki_command(command),
+        Command::BrokerAcl { collectors } => match crate::broker::acl_for_collectors(&collectors) {
+            Ok(acl) => {
+                print!("{acl}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("broker-acl: {e}");
+                ExitCode::from(64)
+            }
+        },
         Command::Serve { config } => serve_command(config),
     }
 }
@@ -943,6 +968,15 @@ fn pki_command(command: PkiCommand) -> ExitCode {
             pki::issue_door_controller(&PkiPaths::new(&dir), &name).map(|(c, k)| {
                 println!(
                     "door controller `{name}`: certificate {}, key {} (0600)",
+                    c.display(),
+                    k.display()
+                );
+            })
+        }
+        PkiCommand::IssueCollector { name, dir } => {
+            pki::issue_collector(&PkiPaths::new(&dir), &name).map(|(c, k)| {
+                println!(
+                    "collector `{name}`: certificate {}, key {} (0600)",
                     c.display(),
                     k.display()
                 );

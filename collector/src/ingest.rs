@@ -105,6 +105,8 @@ pub struct Ingest {
     pub registry: Enrolled,
     /// Refusals not yet written (see [`Ingest::refuse`]).
     pub refused: Mutex<Vec<store::Refused>>,
+    /// Whether this collector does the fleet's once-only work (leader.rs).
+    pub leadership: Mutex<crate::leader::Leadership>,
 }
 
 /// The largest status message (a few hundred bytes in practice).
@@ -226,6 +228,15 @@ impl Ingest {
 
     pub fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
         self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this collector leads the fleet's once-only work now (leader.rs);
+    /// blocks on PostgreSQL.
+    pub fn leads(&self) -> bool {
+        self.leadership
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .leads()
     }
 
     /// Refuses a payload: counted, logged, quarantined.
@@ -552,6 +563,14 @@ impl Ingest {
     ) -> Vec<Option<(store::BatchOutcome, Outcome)>> {
         let mut results: Vec<Option<(store::BatchOutcome, Outcome)>> = Vec::new();
         let committed = self.store().in_transaction(|tx| {
+            store::take_turns_for_agents(
+                tx,
+                steps.iter().filter_map(|step| match step {
+                    Step::Batch(b) => Some(b.agent),
+                    Step::Status { agent, .. } => Some(agent.as_str()),
+                    _ => None,
+                }),
+            )?;
             self.quarantine_refused(tx)?;
             let policy = self.policy.read().unwrap_or_else(|p| p.into_inner());
             for step in steps {
@@ -817,7 +836,11 @@ impl Ingest {
     /// The commands the command line queued in the database (`weilan-collector
     /// command`, `unlock --send`), as replies to publish; each is marked sent, or
     /// expired (and never sent) when its validity ended while no collector ran.
+    /// Once per fleet: only the leading collector sends them (leader.rs).
     pub fn queued_commands(&self) -> Vec<Reply> {
+        if !self.leads() {
+            return vec![];
+        }
         let mut store = self.store();
         let queued = match store.queued_commands(QUEUED_COMMANDS_PER_TICK) {
             Ok(q) => q,
@@ -956,7 +979,9 @@ impl Ingest {
         gap_grace: std::time::Duration,
         mut found: Vec<Finding>,
     ) -> Vec<Reply> {
-        {
+        // Gaps, silent agents and expiring certificates are the fleet's: checked once,
+        // by the leading collector (leader.rs). The rest is this collector's own.
+        if self.leads() {
             let mut store = self.store();
             match integrity::open_gaps(store.conn(), gap_grace) {
                 Ok(f) => found.extend(f),
@@ -966,6 +991,7 @@ impl Ingest {
                 Ok(f) => found.extend(f),
                 Err(e) => tracing::error!(error = %e, "silent-agent check failed"),
             }
+            found.extend(self.registry.expiring(jiff::Timestamp::now()));
         }
         let (updates, overflow) = {
             let mut engine = self.engine();
@@ -973,7 +999,6 @@ impl Ingest {
         };
         found.extend(overflow);
         found.extend(self.sinks.take_failures());
-        found.extend(self.registry.expiring(jiff::Timestamp::now()));
         if !updates.is_empty() {
             self.write_log(&updates);
         }

@@ -25,6 +25,7 @@ pub mod heartbeats;
 pub mod import;
 pub mod ingest;
 pub mod integrity;
+pub mod leader;
 pub mod pki;
 /// The registry of issued certificates is part of the PKI (`pki/registry.rs`).
 pub use pki::registry;
@@ -255,6 +256,7 @@ fn open_ingest(
         .map_err(CollectorError::Rules)?;
     engine.roster =
         roster::Roster::load(settings.roster.as_deref()).map_err(CollectorError::Roster)?;
+    engine.shared_store = settings.shared_group.is_some();
     if engine.roster.configured() {
         tracing::info!(people = engine.roster.len(), "badge roster loaded");
     }
@@ -282,6 +284,7 @@ fn open_ingest(
         last_integrity_alert: Default::default(),
         registry: open_registry(pki_dir)?,
         refused: Default::default(),
+        leadership: Mutex::new(leader::Leadership::new(crate::db::Location::of(settings))),
     };
     tracing::info!(
         database = %crate::db::Location::of(settings),
@@ -425,11 +428,17 @@ fn session_config(
         request_capacity: 16384,
         max_inflight: 4096,
         incoming_capacity: settings.ingest_queue,
-        subscriptions: vec![
+        subscriptions: [
             topics::all_agents_filter(Channel::Events),
             topics::all_agents_filter(Channel::Status),
             topics::DOORS_FILTER.to_string(),
-        ],
+        ]
+        .into_iter()
+        .map(|filter| match &settings.shared_group {
+            Some(group) => topics::shared(group, &filter),
+            None => filter,
+        })
+        .collect(),
         reconnect_spread: Duration::ZERO,
     })
 }
@@ -697,6 +706,10 @@ fn start_scheduled_exports(
 ) {
     let settings = settings.clone();
     start_background(ingest, running, client, move |work| {
+        // Once per fleet: the leader exports, applies retention and prunes.
+        if !work.leads() {
+            return Vec::new();
+        }
         work.prune_first_seen();
         let rules = work.engine().rule_set();
         let found = export::schedule::run(&settings, &work.signer, &rules, jiff::Timestamp::now());

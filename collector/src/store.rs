@@ -1325,6 +1325,37 @@ fn insert_events(
     Ok(tx.query_map(&sql, &values, |r| r.get(0))?)
 }
 
+/// Makes the caller's transaction the only one, fleet-wide, storing for these
+/// agents until it ends. Several collectors share the ingest (`broker.shared_group`)
+/// and the broker may hand one agent's consecutive batches to two of them at once;
+/// taking turns per agent keeps its chain, gap and first-seen checks as exact as on
+/// one collector (each sees what the other committed). The locks are taken in one
+/// statement, in the order of their keys, so two groups never wait on each other in
+/// a circle. On SQLite, a single writer, there is nothing to do.
+pub fn take_turns_for_agents<'a>(
+    tx: &Tx<'_>,
+    agents: impl IntoIterator<Item = &'a str>,
+) -> Result<(), StoreError> {
+    if tx.engine() != db::Engine::Postgres {
+        return Ok(());
+    }
+    // Agent ids are `[A-Za-z0-9._-]` (topics::valid_agent_id): a comma separates them.
+    let mut agents: Vec<&str> = agents.into_iter().collect();
+    if agents.is_empty() {
+        return Ok(());
+    }
+    agents.sort_unstable();
+    agents.dedup();
+    tx.query_row(
+        "SELECT COUNT(pg_advisory_xact_lock(7486421, key)) FROM (
+             SELECT DISTINCT hashtext(agent) AS key
+             FROM unnest(string_to_array(?1, ',')) AS agent ORDER BY key) AS keys",
+        params![agents.join(",")],
+        |r| r.get::<i64>(0),
+    )?;
+    Ok(())
+}
+
 /// Records that `agent_id` was heard from (its status, version, policy, host name),
 /// inside the caller's transaction or as one statement.
 pub fn touch_agent_in(

@@ -77,6 +77,13 @@ pub fn all_agents_filter(channel: Channel) -> String {
     format!("{PREFIX}/agents/+/{}", channel.as_str())
 }
 
+/// `filter` as a member of the shared-subscription group `group`: the broker hands
+/// each matching message to one member of the group (several collectors sharing the
+/// ingest). Messages still arrive on their own topic, without the prefix.
+pub fn shared(group: &str, filter: &str) -> String {
+    format!("$share/{group}/{filter}")
+}
+
 /// Splits a per-agent topic into agent id and channel; `None` if it is not one of ours.
 pub fn parse_agent_topic(topic: &str) -> Option<(&str, Channel)> {
     let rest = topic.strip_prefix(PREFIX)?.strip_prefix("/agents/")?;

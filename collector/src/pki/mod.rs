@@ -38,6 +38,10 @@ pub enum PkiError {
     BadName(String),
     #[error("`{0}` is reserved for the collector")]
     Reserved(String),
+    #[error(
+        "`{0}` is not a collector name: use `weilan-collector-` and letters, digits, `.`, `_`, `-`"
+    )]
+    BadCollectorName(String),
     #[error("{0} already exists; refusing to overwrite a key")]
     Exists(PathBuf),
     #[error("registry: {0}")]
@@ -71,6 +75,13 @@ impl PkiPaths {
     }
     pub fn collector_key(&self) -> PathBuf {
         self.dir.join("collector-key.pem")
+    }
+    /// A further collector's certificate (`pki issue-collector`), beside the first's.
+    pub fn other_collector(&self, name: &str) -> PathBuf {
+        self.dir.join("collectors").join(format!("{name}.pem"))
+    }
+    pub fn other_collector_key(&self, name: &str) -> PathBuf {
+        self.dir.join("collectors").join(format!("{name}-key.pem"))
     }
     pub fn agent(&self, name: &str) -> PathBuf {
         self.dir.join("agents").join(format!("{name}.pem"))
@@ -330,6 +341,29 @@ pub fn issue_agent_valid(
     crate::registry::append(
         &crate::registry::path(paths),
         &crate::registry::entry_for_der(issued.der(), name, "agent", vec![], "pki issue-agent"),
+    )?;
+    Ok((cert, key))
+}
+
+/// Issues the client certificate of a further collector sharing the ingest
+/// (`broker.shared_group`): CN = `name`, which is also its MQTT client id and its
+/// user in the broker's ACL, so each collector of a group needs its own. Names start
+/// with `weilan-collector-`, a prefix no agent or door controller may take. Refuses
+/// to overwrite a key.
+pub fn issue_collector(paths: &PkiPaths, name: &str) -> Result<(PathBuf, PathBuf), PkiError> {
+    let rest = name.strip_prefix("weilan-collector-").unwrap_or("");
+    if rest.is_empty() || !weilan_config::topics::valid_agent_id(name) {
+        return Err(PkiError::BadCollectorName(name.to_string()));
+    }
+    let (cert, key) = (paths.other_collector(name), paths.other_collector_key(name));
+    if cert.exists() {
+        return Err(PkiError::Exists(cert));
+    }
+    let issuer = load_issuer(paths)?;
+    issue_client(&issuer, name, Role::Collector, &cert, &key)?;
+    crate::registry::append(
+        &crate::registry::path(paths),
+        &crate::registry::issued_entry(&cert, name, "collector", vec![], "pki issue-collector")?,
     )?;
     Ok((cert, key))
 }

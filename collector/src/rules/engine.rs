@@ -598,6 +598,10 @@ struct RuleState {
 struct Suppressed {
     alert: Alert,
     until: i64,
+    /// The count the alert's row had when this collector last wrote or read it:
+    /// flushes add the difference, so that collectors sharing the store (each
+    /// counting its own repeats of one alert) add up instead of overwriting.
+    stored_count: u64,
 }
 
 /// The engine: the rule set in force and the state correlation and suppression need.
@@ -615,13 +619,17 @@ pub struct Engine {
     /// evaluation, not one per repeat.
     unflushed: BTreeMap<(String, String), bool>,
     /// Unflushed alerts whose suppression ended (expired or evicted) before the flush.
-    retired: Vec<(Alert, bool)>,
+    retired: Vec<(Alert, u64, bool)>,
     /// Evictions not yet reported.
     unreported_drops: u64,
     pub stats: EngineStats,
     last_error_log: HashMap<String, std::time::Instant>,
     /// Badge id hashes → people (`person` in rules).
     pub roster: crate::roster::Roster,
+    /// Several collectors share the store (`broker.shared_group`): a repeat this one
+    /// has no memory of is looked up among the stored alerts, so that suppression is
+    /// fleet-wide, and event ids are merged with the row's rather than replacing them.
+    pub shared_store: bool,
 }
 
 impl Engine {
@@ -639,6 +647,7 @@ impl Engine {
             dirty: BTreeSet::new(),
             unflushed: BTreeMap::new(),
             retired: Vec::new(),
+            shared_store: false,
             unreported_drops: 0,
             stats: EngineStats::default(),
             roster: crate::roster::Roster::default(),
@@ -819,7 +828,7 @@ impl Engine {
                     }
                     aggregate = reached;
                 }
-                if self.suppress_repeat(rule, &key, now, &event_ids) {
+                if self.is_repeat(tx, rule, &key, now, &event_ids)? {
                     continue;
                 }
                 let summary = render_template(&rule.summary, &ctx);
@@ -860,42 +869,125 @@ impl Engine {
     /// changed since the last flush, one row per alert, inside `tx`. (A transaction
     /// that fails leaves them unflushed for the next one.)
     fn flush_suppressed(&mut self, tx: &Tx<'_>) -> Result<(), StoreError> {
-        if self.unflushed.is_empty() {
+        if self.unflushed.is_empty() && self.retired.is_empty() {
             return Ok(());
         }
-        let live = self
-            .unflushed
-            .iter()
-            .filter_map(|(k, ids)| self.suppressed.get(k).map(|s| (&s.alert, *ids)));
-        for (alert, ids_changed) in live.chain(self.retired.iter().map(|(a, ids)| (a, *ids))) {
+        let mut writes: Vec<(Alert, u64, bool)> = std::mem::take(&mut self.retired);
+        for (k, ids_changed) in std::mem::take(&mut self.unflushed) {
+            if let Some(s) = self.suppressed.get_mut(&k) {
+                writes.push((s.alert.clone(), s.stored_count, ids_changed));
+                s.stored_count = s.alert.count;
+            }
+        }
+        for (alert, stored_count, ids_changed) in writes {
+            let added = alert.count.saturating_sub(stored_count) as i64;
+            let last_seen = alert.last_seen.to_string();
+            tx.execute(
+                "UPDATE alerts SET count = count + ?1,
+                     last_seen = CASE WHEN last_seen IS NULL OR last_seen < ?2 THEN ?2 ELSE last_seen END
+                 WHERE alert_id = ?3",
+                params![added, last_seen, alert.alert_id],
+            )?;
             if ids_changed {
-                tx.execute("UPDATE alerts SET count = ?1, last_seen = ?2, event_ids = ?3 WHERE alert_id = ?4", params![
-                    alert.count as i64,
-                    alert.last_seen.to_string(),
-                    serde_json::to_string(&alert.event_ids).unwrap_or_default(),
-                    alert.alert_id
-                ])?;
-            } else {
+                let ids = self.merged_event_ids(tx, &alert)?;
                 tx.execute(
-                    "UPDATE alerts SET count = ?1, last_seen = ?2 WHERE alert_id = ?3",
-                    params![
-                        alert.count as i64,
-                        alert.last_seen.to_string(),
-                        alert.alert_id
-                    ],
+                    "UPDATE alerts SET event_ids = ?1 WHERE alert_id = ?2",
+                    params![ids, alert.alert_id],
                 )?;
             }
         }
-        self.unflushed.clear();
-        self.retired.clear();
         Ok(())
+    }
+
+    /// The alert's event ids to store: this collector's, and on a shared store also
+    /// those the row gained from other collectors (up to the bound).
+    fn merged_event_ids(&self, tx: &Tx<'_>, alert: &Alert) -> Result<String, StoreError> {
+        let mut ids = alert.event_ids.clone();
+        if self.shared_store {
+            let stored: Option<String> = tx.query_opt(
+                "SELECT event_ids FROM alerts WHERE alert_id = ?1",
+                params![alert.alert_id],
+                |r| r.get(0),
+            )?;
+            let stored: Vec<String> = stored
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default();
+            for id in stored {
+                if ids.len() >= MAX_EVENT_IDS {
+                    break;
+                }
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+        Ok(serde_json::to_string(&ids).unwrap_or_default())
+    }
+
+    /// A repeat within the suppression window, of an alert this collector raised or
+    /// (on a shared store) another one did: counted on that alert.
+    fn is_repeat(
+        &mut self,
+        tx: &Tx<'_>,
+        rule: &Rule,
+        key: &str,
+        now: jiff::Timestamp,
+        event_ids: &[String],
+    ) -> Result<bool, StoreError> {
+        if self.suppress_repeat(rule, key, now, event_ids) {
+            return Ok(true);
+        }
+        Ok(self.shared_store
+            && rule.suppress_secs > 0
+            && self.adopt_stored_alert(tx, rule, key, now)?
+            && self.suppress_repeat(rule, key, now, event_ids))
+    }
+
+    /// On a shared store, a repeat this collector has no memory of: takes the
+    /// fleet-wide turn for the rule and key (until the transaction ends, so that two
+    /// collectors never both raise it) and adopts the alert another collector raised
+    /// within the suppression window, if there is one.
+    fn adopt_stored_alert(
+        &mut self,
+        tx: &Tx<'_>,
+        rule: &Rule,
+        key: &str,
+        now: jiff::Timestamp,
+    ) -> Result<bool, StoreError> {
+        if tx.engine() == crate::db::Engine::Postgres {
+            tx.query_row(
+                "SELECT COUNT(pg_advisory_xact_lock(7486423, hashtext(?1 || chr(31) || ?2)))",
+                params![rule.id, key],
+                |r| r.get::<i64>(0),
+            )?;
+        }
+        let since = now
+            .checked_sub(jiff::SignedDuration::from_secs(rule.suppress_secs))
+            .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+            .to_string();
+        let found = tx.query_opt(
+            "SELECT alert_id, time, level, rule_id, agent_id, summary, event_ids, details, title, tags, key, count, last_seen
+             FROM alerts WHERE rule_id = ?1 AND key = ?2 AND time > ?3
+             ORDER BY alert_id DESC LIMIT 1",
+            params![rule.id, key, since],
+            store::alert_from_row,
+        )?;
+        let Some(alert) = found else {
+            return Ok(false);
+        };
+        let until = alert.time.as_second() + rule.suppress_secs;
+        if now.as_second() >= until {
+            return Ok(false);
+        }
+        self.remember_suppressed(rule, key, &alert, alert.time.as_second());
+        Ok(true)
     }
 
     /// Ends the suppression of `k`, keeping an unflushed count for the flush.
     fn end_suppression(&mut self, k: &(String, String)) {
         if let Some(s) = self.suppressed.remove(k) {
             if let Some(ids_changed) = self.unflushed.remove(k) {
-                self.retired.push((s.alert, ids_changed));
+                self.retired.push((s.alert, s.stored_count, ids_changed));
             }
         }
     }
@@ -978,6 +1070,7 @@ impl Engine {
             Suppressed {
                 alert: alert.clone(),
                 until: now_s + rule.suppress_secs,
+                stored_count: alert.count,
             },
         );
     }

@@ -287,6 +287,11 @@ pub struct BrokerSection {
     /// MQTT client id of the collector's own connection.
     #[serde(default = "default_client_id")]
     pub client_id: String,
+    /// Several collectors share the ingest: each subscribes as a member of this
+    /// MQTT shared-subscription group (`$share/<group>/…`), so the broker hands each
+    /// agent message to one of them. External broker and PostgreSQL store only.
+    #[serde(default)]
+    pub shared_group: Option<String>,
 }
 
 fn default_mode() -> String {
@@ -522,6 +527,8 @@ pub struct CollectorSettings {
     pub broker_port: u16,
     pub server_name: String,
     pub client_id: String,
+    /// `broker.shared_group`: one of several collectors sharing the ingest.
+    pub shared_group: Option<String>,
     pub ca: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
@@ -557,7 +564,11 @@ pub struct CollectorSettings {
 
 /// `[broker]`: embedded (its listen address, connection cap, Mosquitto) or
 /// external; the host and port the collector connects to; the TLS name and client id.
-fn validate_broker(b: &BrokerSection, v: &mut Validator) -> (BrokerMode, String, u16) {
+fn validate_broker(
+    b: &BrokerSection,
+    store_url: Option<&str>,
+    v: &mut Validator,
+) -> (BrokerMode, String, u16) {
     let broker = match b.mode.as_str() {
         "embedded" => match b.listen.parse::<SocketAddr>() {
             Ok(listen) => {
@@ -613,7 +624,39 @@ fn validate_broker(b: &BrokerSection, v: &mut Validator) -> (BrokerMode, String,
     if b.client_id.is_empty() || b.client_id.len() > 128 {
         v.error("broker.client_id", "must be 1 to 128 characters");
     }
+    if let Some(group) = &b.shared_group {
+        validate_shared_group(group, &broker.0, store_url, v);
+    }
     broker
+}
+
+/// `broker.shared_group`: a plain name (it becomes a topic level), on an external
+/// broker (the embedded one serves one collector), with a store the collectors share.
+fn validate_shared_group(
+    group: &str,
+    mode: &BrokerMode,
+    store_url: Option<&str>,
+    v: &mut crate::load::Validator,
+) {
+    let plain = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    if group.is_empty() || group.len() > 64 || !group.chars().all(plain) {
+        v.error(
+            "broker.shared_group",
+            format!("`{group}` must be 1 to 64 letters, digits, `-` or `_`"),
+        );
+    }
+    if !matches!(mode, BrokerMode::External) {
+        v.error(
+            "broker.shared_group",
+            "needs mode = \"external\": the collectors of a group meet on one broker",
+        );
+    }
+    if store_url.is_none() {
+        v.error(
+            "broker.shared_group",
+            "needs [store] url: the collectors of a group share one PostgreSQL database",
+        );
+    }
 }
 
 /// `[[sinks]]`: each named once, of a kind it can be, with its own settings checked;
@@ -802,7 +845,7 @@ impl Validate for CollectorFile {
 
     fn validate(self, v: &mut Validator) -> Option<CollectorSettings> {
         let b = self.broker;
-        let (broker, host, port) = validate_broker(&b, v);
+        let (broker, host, port) = validate_broker(&b, self.store.url.as_deref(), v);
         let t = self.tls;
         let ca = v.existing_file("tls.ca", &t.ca);
         let enroll_listen = if self.enroll.enabled {
@@ -886,6 +929,7 @@ impl Validate for CollectorFile {
             broker_port: port,
             server_name: b.server_name,
             client_id: b.client_id,
+            shared_group: b.shared_group,
             ca,
             server_cert,
             server_key,
