@@ -98,7 +98,8 @@ fn exits_64_reporting_all(args: &[&str], cfg: &std::path::Path, expected: &[&str
 
 /// The collector's per-source quota and queue are range-checked together.
 #[test]
-fn collector_ingest_limits_out_of_range_and_a_foreign_store_url_are_all_reported_with_exit_64() {
+fn collector_ingest_limits_a_foreign_store_url_and_a_misplaced_shared_group_are_all_reported_with_exit_64(
+) {
     let dir = tempfile::tempdir().unwrap();
     for f in [
         "ca.pem",
@@ -113,7 +114,7 @@ fn collector_ingest_limits_out_of_range_and_a_foreign_store_url_are_all_reported
     let cfg = dir.path().join("collector.toml");
     fs::write(
         &cfg,
-        "[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:8883\"\n\
+        "[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:8883\"\nshared_group = \"weilan/#\"\n\
          [tls]\nca = \"ca.pem\"\nserver_cert = \"s.pem\"\nserver_key = \"s-key.pem\"\nclient_cert = \"c.pem\"\nclient_key = \"c-key.pem\"\n\
          [store]\npath = \"weilan.db\"\nurl = \"mysql://db/weilan\"\n[alerts]\npath = \"alerts.jsonl\"\n[policy]\npath = \"policy.toml\"\n\
          [ingest]\nmax_bytes_per_source_per_sec = 1000\nqueue = 0\n\
@@ -128,8 +129,24 @@ fn collector_ingest_limits_out_of_range_and_a_foreign_store_url_are_all_reported
             "ingest.queue: 0 is out of range; expected 1 to 100000",
             "exports.heartbeats_compact_after_secs: 99999999 is out of range; expected 0 to 2678400",
             "store.url: must be a PostgreSQL URL",
+            "broker.shared_group: `weilan/#` must be 1 to 64 letters, digits, `-` or `_`",
+            "broker.shared_group: needs mode = \"external\"",
         ],
     );
+    // Collectors sharing the ingest share one PostgreSQL database.
+    let shared = fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("mode = \"embedded\"", "mode = \"external\"")
+        .replace("weilan/#", "weilan")
+        .replace("url = \"mysql://db/weilan\"\n", "");
+    fs::write(&cfg, shared).unwrap();
+    let (code, err) = check(&["collector", "check-config"], &cfg);
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("broker.shared_group: needs [store] url"),
+        "{err}"
+    );
+    assert!(!err.contains("letters, digits"), "{err}");
 }
 
 #[test]

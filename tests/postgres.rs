@@ -15,22 +15,10 @@ use weilan_collector::store::{Store, StoreError};
 
 /// The fenced block after `<!-- postgres-test: NAME -->` in docs/deployment.md.
 fn doc_block(name: &str) -> String {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/deployment.md"))
-        .expect("docs/deployment.md");
-    let marker = format!("<!-- postgres-test: {name} -->");
-    let after = doc
-        .split_once(&marker)
-        .unwrap_or_else(|| panic!("docs/deployment.md has no `{marker}`"))
-        .1;
-    let body = after
-        .split_once("```")
-        .and_then(|(_, rest)| rest.split_once('\n'))
-        .map(|(_, rest)| rest)
-        .expect("a fenced block after the marker");
-    body.split_once("```")
-        .expect("the fenced block ends")
-        .0
-        .to_string()
+    common::doc_block(
+        "docs/deployment.md",
+        &format!("<!-- postgres-test: {name} -->"),
+    )
 }
 
 /// A superuser connection to the test server, or `None` (SKIPPED) without one.

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod hosts;
+pub mod mosquitto;
 
 use std::fs;
 use std::os::fd::AsFd;
@@ -20,6 +21,26 @@ pub use weilan_collector::db::{params, Conn, Engine, Location, Param, Sql};
 use weilan_collector::pki::{self, PkiPaths};
 
 pub const BROKER_PORT: u16 = 8883;
+
+/// The fenced block after `marker` (an HTML comment such as
+/// `<!-- postgres-test: database -->`) in the doc at `doc` (relative to the checkout).
+pub fn doc_block(doc: &str, marker: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(doc);
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{doc}: {e}"));
+    let after = text
+        .split_once(marker)
+        .unwrap_or_else(|| panic!("{doc} has no `{marker}`"))
+        .1;
+    let body = after
+        .split_once("```")
+        .and_then(|(_, rest)| rest.split_once('\n'))
+        .map(|(_, rest)| rest)
+        .expect("a fenced block after the marker");
+    body.split_once("```")
+        .expect("the fenced block ends")
+        .0
+        .to_string()
+}
 
 /// Prints why a test is skipped, visibly, and returns false.
 pub fn require(what: &str, ok: bool) -> bool {

@@ -1,0 +1,546 @@
+//! Several collectors sharing the ingest (issue "Beyond one box", acceptance 2):
+//! three `weilan collector serve` processes on one external Mosquitto (the shipped
+//! `weilan.conf`, the ACL `broker-acl` prints for them) with MQTT shared
+//! subscriptions (`broker.shared_group`) and one PostgreSQL store. The agents are the
+//! agent's own journal and uplink (`weilan_agent::journal`, `weilan_agent::uplink`),
+//! one per simulated host, in this process. Mid-burst the leading collector is killed
+//! with SIGKILL: every event is stored exactly once, the hash chains check out (no
+//! integrity alert), each alert is raised once, and another collector takes over the
+//! fleet's once-only duties.
+//!
+//! Size: `CLUSTER_AGENTS` × `CLUSTER_EVENTS` [12 × 2 000]; the issue's run is
+//! `CLUSTER_AGENTS=50 CLUSTER_EVENTS=10000 cargo nextest run --test cluster
+//! --no-capture` (BENCHMARKS.md, "Several collectors"). `CLUSTER_COLLECTORS` [3] and
+//! `CLUSTER_KILL` [1; 0 keeps them all] make the throughput runs of the benchmarks.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use weilan_agent::journal::{Journal, JournalConfig};
+use weilan_agent::uplink::{Uplink, UplinkConfig};
+use weilan_collector::db::testing::TempDatabase;
+use weilan_config::event::{Envelope, Event, FileExported};
+use weilan_config::settings::agent::Delivery;
+use weilan_config::signing::{Signer, Verifier};
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Every `CLASSIFIED_EVERY`th file carries a classification finding: one red alert
+/// each (`builtin.files.classified-export`, a distinct file each time).
+const CLASSIFIED_EVERY: u64 = 500;
+
+/// A file written to a USB stick by `agent`, as the files source reports it.
+fn exported(agent: &str, n: u64) -> Envelope {
+    let now = jiff::Timestamp::now();
+    let classification = if n.is_multiple_of(CLASSIFIED_EVERY) {
+        vec![weilan_config::event::Classification {
+            detector: "cn_id".into(),
+            count: 2,
+            samples: vec!["1101**********1234".into()],
+        }]
+    } else {
+        vec![]
+    };
+    Envelope {
+        schema: 1,
+        event_id: weilan_config::event::EventId {
+            agent_id: agent.into(),
+            key: weilan_config::event::EventKey { epoch: 0, seq: 0 },
+        },
+        time: now,
+        host_role: "workstation".into(),
+        site: None,
+        prev_hash: String::new(),
+        event: Event::FileExported(FileExported {
+            path: format!("/media/stick/report-{n}.xlsx"),
+            mount_point: "/media/stick".into(),
+            fs_type: "vfat".into(),
+            mount_source: "/dev/sdb1".into(),
+            usb_serial: Some("CLUSTER-STICK".into()),
+            usb_hash: Some("c2a1e1f0".into()),
+            size: 48_213,
+            sha256: Some(format!("{agent}-{n:058}")),
+            hashed_bytes: 48_213,
+            pid: Some(4242),
+            exe: Some("/usr/bin/cp".into()),
+            cmdline: Some("cp report.xlsx /media/stick/".into()),
+            uid: Some(1000),
+            user: Some("clerk".into()),
+            first_write: now,
+            last_write: now,
+            attribution: "fanotify".into(),
+            classification,
+            classification_note: None,
+            exit: "removable".into(),
+            action: "audit".into(),
+            rule_id: "implicit default".into(),
+            origins: vec![],
+            rewrites: 0,
+            unclosed: false,
+        }),
+    }
+}
+
+/// One simulated host: the agent's journal holding `events` files written to a
+/// stick, delivered by the agent's own uplink until every one is acknowledged.
+fn agent_uplink(
+    root: &Path,
+    pki: &weilan_collector::pki::PkiPaths,
+    name: &str,
+    events: u64,
+) -> Uplink {
+    let state = root.join("agents").join(name);
+    let (mut journal, _) = Journal::open(JournalConfig {
+        dir: state.join("journal"),
+        state_dir: state.clone(),
+        segment_bytes: 4 << 20,
+        max_bytes: 1 << 30,
+        retain_acked_bytes: 0,
+    })
+    .expect("journal");
+    for n in 1..=events {
+        journal.append(exported(name, n)).expect("append");
+    }
+    journal.sync().expect("journal sync");
+    let (cert, key) = (pki.agent(name), pki.agent_key(name));
+    let tls = weilan_config::tls::client_config(&pki.ca(), &cert, &key, "weilan-collector")
+        .expect("agent tls");
+    // Receivers the uplink hands policies, commands and identity switches to: kept
+    // for as long as it runs (leaked: the process ends with the test).
+    let (policy_tx, policy_rx) = tokio::sync::mpsc::channel(4);
+    let (commands_tx, commands_rx) = tokio::sync::mpsc::channel(64);
+    let (switch_tx, switch_rx) = tokio::sync::mpsc::channel(1);
+    std::mem::forget((policy_rx, commands_rx, switch_tx));
+    Uplink {
+        config: UplinkConfig {
+            agent_id: name.into(),
+            host: "127.0.0.1".into(),
+            port: BROKER_PORT,
+            tls,
+            delivery: Delivery {
+                keep_alive: Duration::from_secs(20),
+                batch_max_events: 100,
+                batch_linger: Duration::from_millis(50),
+                max_batches_in_flight: 8,
+                ack_timeout: Duration::from_secs(5),
+                reconnect_spread: Duration::ZERO,
+                max_events_per_sec: 1_000_000,
+            },
+            drain_timeout: Duration::from_secs(600),
+        },
+        signer: Signer::from_pem_files(&cert, &key).expect("agent key"),
+        identity_switches: switch_rx,
+        verifier: Verifier::from_ca_file(&pki.ca()).expect("ca"),
+        policy_pushes: policy_tx,
+        commands: commands_tx,
+        journal: Arc::new(Mutex::new(journal)),
+        notify: Arc::new(tokio::sync::Notify::new()),
+        stats: Arc::new(Default::default()),
+        ack_drop: state.join("ack-drop"),
+    }
+}
+
+/// `weilan collector ARGS…`, which must succeed; its standard output.
+fn collector_cli(args: &[&str]) -> String {
+    let out = Command::new(weilan_bin())
+        .arg("collector")
+        .args(args)
+        .output()
+        .expect("weilan collector");
+    assert!(
+        out.status.success(),
+        "weilan collector {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The settings of collector `name`: docs/deployment.md §10's, with the broker on
+/// this test's loopback, the files under `root` and the test's database; each
+/// collector its own client id, certificate and alert log.
+fn collector_toml(root: &Path, name: &str, url: &str) -> std::path::PathBuf {
+    let documented = doc_block("docs/deployment.md", "<!-- cluster-test: settings -->");
+    let (cert, key) = match name {
+        "weilan-collector" => (
+            "pki/collector.pem".to_string(),
+            "pki/collector-key.pem".to_string(),
+        ),
+        other => (
+            format!("pki/collectors/{other}.pem"),
+            format!("pki/collectors/{other}-key.pem"),
+        ),
+    };
+    let mut text = documented.clone();
+    for (from, to) in [
+        ("mqtt.example.internal", "127.0.0.1".to_string()),
+        ("port = 8883", format!("port = {BROKER_PORT}")),
+        ("\"weilan-collector-b\"", format!("\"{name}\"")),
+        ("/etc/weilan/pki/weilan-collector-b.pem", cert),
+        ("/etc/weilan/pki/weilan-collector-b-key.pem", key),
+        ("/etc/weilan/pki/", "pki/".to_string()),
+        (
+            "/var/lib/weilan-collector/weilan.db",
+            "unused.db".to_string(),
+        ),
+        (
+            "postgresql://weilan:PASSWORD@db.example.internal/weilan",
+            url.to_string(),
+        ),
+        // The first collector holds the CA key and enrolls; the others do not.
+        (
+            "enabled = false",
+            format!("enabled = {}", name == "weilan-collector"),
+        ),
+    ] {
+        assert!(
+            text.contains(from),
+            "§10's settings no longer have {from}:\n{documented}"
+        );
+        text = text.replace(from, &to);
+    }
+    text.push_str(&format!(
+        "[alerts]\npath = \"alerts-{name}.jsonl\"\n[policy]\npath = \"policy.toml\"\n"
+    ));
+    let p = root.join(format!("{name}.toml"));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// docs/deployment.md §10's certificate and ACL commands, as written, with the PKI
+/// and the ACL under `root`; then, beyond the two further collectors it names, one
+/// more certificate each and the ACL for them all.
+fn documented_pki_steps(root: &Path, pki_dir: &str, acl: &Path, names: &[String]) {
+    let documented = doc_block("docs/deployment.md", "<!-- cluster-test: pki -->");
+    let bin = weilan_bin().display().to_string();
+    let script = documented
+        .replace("weilan-collector pki", &format!("{bin} collector pki"))
+        .replace(
+            "weilan-collector broker-acl",
+            &format!("{bin} collector broker-acl"),
+        )
+        .replace("/etc/weilan/pki", pki_dir)
+        .replace("/etc/mosquitto/weilan.acl", &acl.display().to_string());
+    let out = Command::new("sh")
+        .args(["-ec", &script])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if names.len() > 3 {
+        let mut acl_args = vec!["broker-acl".to_string()];
+        for (i, name) in names.iter().enumerate().skip(1) {
+            if i > 2 {
+                collector_cli(&["pki", "issue-collector", name, "--dir", pki_dir]);
+            }
+            acl_args.extend(["--collector".to_string(), name.clone()]);
+        }
+        let args: Vec<&str> = acl_args.iter().map(String::as_str).collect();
+        std::fs::write(acl, collector_cli(&args)).unwrap();
+    }
+}
+
+#[test]
+fn three_collectors_share_the_ingest_and_one_killed_mid_burst_loses_and_doubles_nothing() {
+    if !require("root (network namespace)", is_root())
+        || !require("ip netns", netns_available())
+        || !require("mosquitto", common::mosquitto::mosquitto().is_some())
+    {
+        return;
+    }
+    let Some(pg) = TempDatabase::create("cluster") else {
+        return;
+    };
+    let agents = env_or("CLUSTER_AGENTS", 12);
+    let per_agent = env_or("CLUSTER_EVENTS", 2_000) as u64;
+    let collectors = env_or("CLUSTER_COLLECTORS", 3).max(1);
+    let kill = env_or("CLUSTER_KILL", 1) == 1 && collectors > 1;
+    let total = agents as u64 * per_agent;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = weilan_collector::pki::PkiPaths::new(root.join("pki"));
+    let pki_dir = pki.dir.display().to_string();
+    collector_cli(&[
+        "pki",
+        "init",
+        "--dir",
+        &pki_dir,
+        "--name",
+        "weilan-collector",
+        "--name",
+        "127.0.0.1",
+    ]);
+    // The further collectors: their own certificates, and the ACL with their blocks.
+    let names: Vec<String> = (0..collectors.max(3))
+        .map(|i| match i {
+            0 => "weilan-collector".to_string(),
+            i => format!("weilan-collector-{}", (b'a' + i as u8) as char),
+        })
+        .collect();
+    let acl = root.join("weilan.acl");
+    documented_pki_steps(root, &pki_dir, &acl, &names);
+    let agent_names: Vec<String> = (0..agents).map(|i| format!("ws-{i:03}")).collect();
+    for a in &agent_names {
+        weilan_collector::pki::issue_agent(&pki, a).unwrap();
+    }
+    std::fs::write(root.join("policy.toml"), "version = \"cluster-1\"\n").unwrap();
+
+    let ns = Netns::create();
+    let conf = common::mosquitto::shipped_conf(root, &pki, BROKER_PORT, &acl);
+    let mut broker_cmd = ns.command(common::mosquitto::mosquitto().unwrap());
+    broker_cmd.arg("-c").arg(&conf);
+    let _broker = Proc::spawn(broker_cmd, root.join("mosquitto.log"), "mosquitto");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let start = |i: usize| {
+        let config = collector_toml(root, &names[i], pg.url());
+        let mut c = ns.command(weilan_bin());
+        c.current_dir(root)
+            .args(["collector", "serve", "--config"])
+            .arg(&config);
+        c.env("RUST_LOG", "info");
+        Proc::spawn(c, root.join(format!("{}.log", names[i])), &names[i])
+    };
+    // The first starts alone and leads; the others join.
+    let mut running = vec![start(0)];
+    let first_leads = within(Duration::from_secs(30), || {
+        running[0]
+            .log_text()
+            .contains("this collector leads")
+            .then_some(())
+    });
+    assert!(
+        first_leads.is_some(),
+        "the first collector never led:\n{}",
+        running[0].log_text()
+    );
+    running.extend((1..collectors).map(start));
+    for c in &running {
+        let subscribed = within(Duration::from_secs(30), || {
+            c.log_text().contains("collector subscribed").then_some(())
+        });
+        assert!(
+            subscribed.is_some(),
+            "{} never subscribed:\n{}",
+            c.name,
+            c.log_text()
+        );
+    }
+
+    let made = Instant::now();
+    let uplinks: Vec<Uplink> = agent_names
+        .iter()
+        .map(|a| agent_uplink(root, &pki, a, per_agent))
+        .collect();
+    println!(
+        "journals: {agents} agents × {per_agent} events written in {:?}",
+        made.elapsed()
+    );
+    let db = Conn::open(&pg.location()).expect("store");
+    let stored = |db: &Conn| -> i64 {
+        db.query_row(
+            "SELECT COUNT(*) FROM events WHERE kind = 'file.exported'",
+            params![],
+            |r| r.get(0),
+        )
+        .unwrap_or(0)
+    };
+    let cpu_before: Vec<u64> = running.iter().map(|c| cpu_ticks(c.child.id())).collect();
+    let began = Instant::now();
+    let delivering = std::thread::spawn({
+        let ns_name = ns.name.clone();
+        move || {
+            let netns = Netns { name: ns_name };
+            netns.run_in(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let tasks: Vec<_> = uplinks
+                        .into_iter()
+                        .map(|u| {
+                            let drain = tokio_util::sync::CancellationToken::new();
+                            drain.cancel();
+                            tokio::spawn(u.run(drain))
+                        })
+                        .collect();
+                    for t in tasks {
+                        t.await.unwrap();
+                    }
+                })
+            });
+            std::mem::forget(netns); // deleted by the test's own handle
+        }
+    });
+    let mut killed_at = None;
+    let mut cpu_of_killed = 0u64;
+    if kill {
+        // Mid-burst: a third stored, the leader goes without a word.
+        let third = within(Duration::from_secs(300), || {
+            (stored(&db) >= total as i64 / 3).then_some(())
+        });
+        assert!(
+            third.is_some(),
+            "a third was never stored ({} of {total})",
+            stored(&db)
+        );
+        cpu_of_killed = cpu_ticks(running[0].child.id()) - cpu_before[0];
+        running[0].kill9();
+        killed_at = Some((began.elapsed(), stored(&db)));
+        println!(
+            "killed {} (SIGKILL) after {:?} with {} stored",
+            names[0],
+            began.elapsed(),
+            stored(&db)
+        );
+    }
+    delivering.join().expect("uplinks");
+    let elapsed = began.elapsed();
+    let all = stored(&db);
+    let cpu_after: Vec<u64> = running.iter().map(|c| cpu_ticks(c.child.id())).collect();
+    let ticks: u64 = cpu_after
+        .iter()
+        .zip(&cpu_before)
+        .enumerate()
+        .map(|(i, (a, b))| {
+            if kill && i == 0 {
+                cpu_of_killed
+            } else {
+                a.saturating_sub(*b)
+            }
+        })
+        .sum();
+    let tick_hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    println!(
+        "cluster: {collectors} collectors, {agents} agents × {per_agent} = {total} events in {:.1} s = {:.0} events/s; collectors' CPU {:.1} s = {:.0} µs per event{}",
+        elapsed.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64(),
+        ticks as f64 / tick_hz,
+        ticks as f64 / tick_hz * 1e6 / total as f64,
+        killed_at.map(|(t, n)| format!("; {} killed at {:.1} s with {n} stored", names[0], t.as_secs_f64())).unwrap_or_default()
+    );
+
+    let diag = || {
+        running
+            .iter()
+            .map(|c| format!("--- {}\n{}", c.name, tail(&c.log_text(), 40)))
+            .collect::<String>()
+    };
+    // Every event exactly once.
+    assert_eq!(all, total as i64, "stored file events\n{}", diag());
+    let doubled: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM (SELECT agent_id, epoch, seq FROM events GROUP BY agent_id, epoch, seq HAVING COUNT(*) > 1) AS d",
+            params![],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(doubled, 0, "events stored twice");
+    let per_agent_rows: Vec<(String, i64, i64)> = db
+        .query_map(
+            "SELECT agent_id, COUNT(DISTINCT seq), MAX(seq) - MIN(seq) + 1 FROM events WHERE kind = 'file.exported' GROUP BY agent_id ORDER BY agent_id",
+            params![],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(per_agent_rows.len(), agents, "agents with events");
+    for (agent, distinct, span) in &per_agent_rows {
+        assert_eq!(
+            (*distinct, *span),
+            (per_agent as i64, per_agent as i64),
+            "{agent}: contiguous, each once"
+        );
+    }
+    // The chains check out: no integrity finding or alert anywhere.
+    let alerts_of = |rule: &str| -> i64 {
+        db.query_row(
+            "SELECT COUNT(*) FROM alerts WHERE rule_id LIKE ?1",
+            params![rule],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    let integrity: Vec<(String, String)> = db
+        .query_map(
+            "SELECT rule_id, summary FROM alerts WHERE rule_id LIKE 'builtin.integrity.%' OR rule_id LIKE 'builtin.agent.%'",
+            params![],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(integrity.is_empty(), "integrity alerts: {integrity:?}");
+    // Each alert once: one classified-file alert per classified file, and one
+    // mass-export alert per agent however the agent's files were shared out.
+    let classified = agents as i64 * (per_agent / CLASSIFIED_EVERY) as i64;
+    assert_eq!(
+        alerts_of("builtin.files.classified-export"),
+        classified,
+        "classified-export alerts\n{}",
+        diag()
+    );
+    if per_agent > 51 {
+        let mass: Vec<(String, i64)> = db
+            .query_map(
+                "SELECT agent_id, COUNT(*) FROM alerts WHERE rule_id = 'builtin.files.mass-export-count' GROUP BY agent_id",
+                params![],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            mass.len(),
+            agents,
+            "agents with a mass-export alert: {mass:?}"
+        );
+        assert!(
+            mass.iter().all(|(_, n)| *n == 1),
+            "mass-export alerts raised more than once per agent: {mass:?}"
+        );
+    }
+    if kill {
+        // Another collector took over the fleet's duties.
+        let took_over = within(Duration::from_secs(30), || {
+            running[1..]
+                .iter()
+                .any(|c| c.log_text().contains("this collector leads"))
+                .then_some(())
+        });
+        assert!(
+            took_over.is_some(),
+            "no collector took the lead after the kill\n{}",
+            diag()
+        );
+    }
+    for c in &mut running[usize::from(kill)..] {
+        c.stop();
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
