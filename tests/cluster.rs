@@ -302,7 +302,7 @@ fn three_collectors_share_the_ingest_and_one_killed_mid_burst_loses_and_doubles_
     let conf = common::mosquitto::shipped_conf(root, &pki, BROKER_PORT, &acl);
     let mut broker_cmd = ns.command(common::mosquitto::mosquitto().unwrap());
     broker_cmd.arg("-c").arg(&conf);
-    let _broker = Proc::spawn(broker_cmd, root.join("mosquitto.log"), "mosquitto");
+    let broker = Proc::spawn(broker_cmd, root.join("mosquitto.log"), "mosquitto");
     std::thread::sleep(Duration::from_millis(500));
 
     let start = |i: usize| {
@@ -359,6 +359,7 @@ fn three_collectors_share_the_ingest_and_one_killed_mid_burst_loses_and_doubles_
         .unwrap_or(0)
     };
     let cpu_before: Vec<u64> = running.iter().map(|c| cpu_ticks(c.child.id())).collect();
+    let (broker_before, machine_before) = (cpu_ticks(broker.child.id()), machine_ticks());
     let began = Instant::now();
     let delivering = std::thread::spawn({
         let ns_name = ns.name.clone();
@@ -413,6 +414,9 @@ fn three_collectors_share_the_ingest_and_one_killed_mid_burst_loses_and_doubles_
     let elapsed = began.elapsed();
     let all = stored(&db);
     let cpu_after: Vec<u64> = running.iter().map(|c| cpu_ticks(c.child.id())).collect();
+    let broker_ticks = cpu_ticks(broker.child.id()) - broker_before;
+    let machine = machine_ticks();
+    let (busy, all_ticks) = (machine.0 - machine_before.0, machine.1 - machine_before.1);
     let ticks: u64 = cpu_after
         .iter()
         .zip(&cpu_before)
@@ -436,6 +440,13 @@ fn three_collectors_share_the_ingest_and_one_killed_mid_burst_loses_and_doubles_
         ticks as f64 / tick_hz,
         ticks as f64 / tick_hz * 1e6 / total as f64,
         killed_at.map(|(t, n)| format!("; {} killed at {:.1} s with {n} stored", names[0], t.as_secs_f64())).unwrap_or_default()
+    );
+    println!(
+        "side by side: Mosquitto (the broker relaying every batch and ack) {:.1} s CPU = {:.0} µs per event; the machine {:.0} % busy ({} cores: collectors, broker, PostgreSQL and the simulated agents)",
+        broker_ticks as f64 / tick_hz,
+        broker_ticks as f64 / tick_hz * 1e6 / total as f64,
+        busy as f64 * 100.0 / all_ticks.max(1) as f64,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
 
     let diag = || {
@@ -535,6 +546,22 @@ fn three_collectors_share_the_ingest_and_one_killed_mid_burst_loses_and_doubles_
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// (busy, all) clock ticks of every CPU since boot, from /proc/stat.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let all: u64 = f.iter().sum();
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    (all - idle, all)
 }
 
 fn cpu_ticks(pid: u32) -> u64 {

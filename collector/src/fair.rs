@@ -39,6 +39,9 @@ pub struct FairQueue {
     quota: f64,
     /// Sources' quota left (may go negative by one message) and when it was counted.
     buckets: HashMap<String, (f64, Instant)>,
+    /// Sources whose message was put back because another collector was storing for
+    /// them ([`FairQueue::put_back`]), and when to try them again.
+    not_before: HashMap<String, Instant>,
 }
 
 /// Why a message was not queued.
@@ -92,6 +95,25 @@ impl FairQueue {
         Ok(())
     }
 
+    /// Puts a message taken for a group back at the front of its source's queue,
+    /// not to be taken again before `not_before`: another collector sharing the
+    /// ingest was storing for that source (ingest.rs, `AgentTurns::Defer`). Its
+    /// order among the source's messages is kept; it was admitted once and is never
+    /// refused for flooding now; its quota is given back.
+    pub fn put_back(&mut self, source: String, msg: Waiting, not_before: Instant) {
+        if let Some((left, _)) = self.buckets.get_mut(&source) {
+            *left += msg.payload.len() as f64;
+        }
+        let queue = self.queues.entry(source.clone()).or_default();
+        if queue.is_empty() {
+            self.turn.push_back(source.clone());
+        }
+        self.waiting += 1;
+        self.bytes += msg.payload.len();
+        queue.push_front(msg);
+        self.not_before.insert(source, not_before);
+    }
+
     /// The next message: the oldest of the source whose turn it is.
     pub fn pop(&mut self) -> Option<Waiting> {
         let source = self.turn.pop_front()?;
@@ -127,8 +149,9 @@ impl FairQueue {
             let Some(source) = self.turn.front().cloned() else {
                 break;
             };
-            if self.quota_left(&source, now) <= 0.0 {
-                // Over its quota: its turn passes, its messages wait.
+            if self.quota_left(&source, now) <= 0.0 || self.put_back_until(&source, now) {
+                // Over its quota, or put back a moment ago: its turn passes, its
+                // messages wait.
                 self.turn.rotate_left(1);
                 continue;
             }
@@ -150,6 +173,18 @@ impl FairQueue {
             });
         }
         group
+    }
+
+    /// Whether `source` was put back and may not be taken yet.
+    fn put_back_until(&mut self, source: &str, now: Instant) -> bool {
+        match self.not_before.get(source) {
+            Some(&until) if now < until => true,
+            Some(_) => {
+                self.not_before.remove(source);
+                false
+            }
+            None => false,
+        }
     }
 
     /// Messages waiting, all sources together.
@@ -208,6 +243,33 @@ mod tests {
         assert_eq!(order, ["f0", "q0", "f1", "q1", "f2", "f3", "f4"]);
         assert!(q.is_empty());
         assert_eq!(q.bytes(), 0);
+    }
+
+    #[test]
+    fn a_message_put_back_waits_its_moment_and_keeps_its_place() {
+        let mut q = FairQueue::default();
+        q.push("ws-a".into(), msg("a0")).unwrap();
+        q.push("ws-a".into(), msg("a1")).unwrap();
+        q.push("ws-b".into(), msg("b0")).unwrap();
+        let topics = |g: Vec<Waiting>| g.into_iter().map(|m| m.topic).collect::<Vec<_>>();
+        let now = Instant::now();
+        let mut group = q.pop_group(512, 1 << 20, now);
+        assert_eq!(
+            topics(group.iter().map(|m| msg(&m.topic)).collect()),
+            ["a0", "b0"]
+        );
+        // Another collector stores for ws-a: a0 goes back, ahead of a1.
+        let a0 = group.remove(0);
+        let later = now + std::time::Duration::from_millis(5);
+        q.put_back("ws-a".into(), a0, later);
+        assert_eq!(q.len(), 2);
+        assert!(
+            q.pop_group(512, 1 << 20, now).is_empty(),
+            "not before its moment"
+        );
+        assert_eq!(topics(q.pop_group(512, 1 << 20, later)), ["a0"]);
+        assert_eq!(topics(q.pop_group(512, 1 << 20, later)), ["a1"]);
+        assert!(q.is_empty());
     }
 
     #[test]

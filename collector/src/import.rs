@@ -129,7 +129,8 @@ impl Ingest {
                     payload: line.to_vec(),
                 })
                 .collect();
-            for reply in self.process_group(&messages) {
+            let done = self.process_group(&messages, crate::ingest::AgentTurns::Wait);
+            for reply in done.replies {
                 if reply.topic != acks_topic {
                     others.push(reply);
                     continue;

@@ -109,6 +109,23 @@ pub struct Ingest {
     pub leadership: Mutex<crate::leader::Leadership>,
 }
 
+/// What to do with an agent another collector is storing for right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentTurns {
+    /// Wait until it has committed (imports: nothing else to do meanwhile).
+    Wait,
+    /// Put the agent's messages back and store the group's others (the serve loop).
+    Defer,
+}
+
+/// A processed group: the replies to publish, and the indexes of the messages put
+/// back because another collector was storing for their agent.
+#[derive(Default)]
+pub struct GroupDone {
+    pub replies: Vec<Reply>,
+    pub deferred: Vec<usize>,
+}
+
 /// The largest status message (a few hundred bytes in practice).
 const STATUS_MAX_BYTES: usize = 4096;
 
@@ -270,6 +287,20 @@ impl Ingest {
         Ok(())
     }
 
+    /// Forgets the refusals gathered for messages of `agents`, which are put back:
+    /// they are made again when those messages are taken next.
+    fn forget_refusals_of(&self, agents: &std::collections::HashSet<String>) {
+        if agents.is_empty() {
+            return;
+        }
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|r| {
+                topics::parse_agent_topic(&r.topic).is_none_or(|(a, _)| !agents.contains(a))
+            });
+    }
+
     /// The gathered refusals are in the database now.
     fn refused_kept(&self) {
         self.refused
@@ -393,7 +424,11 @@ impl Ingest {
     /// and status of the group (each batch in its own savepoint, so a failing one is
     /// not acknowledged and the others are), and only after its commit are the acks
     /// and commands returned. Per source, messages keep their order.
-    pub fn process_group(&self, messages: &[crate::fair::Waiting]) -> Vec<Reply> {
+    ///
+    /// `turns` says what to do with an agent whose batches another collector sharing
+    /// the ingest is storing right now: wait for it (an import), or put its messages
+    /// back for a moment (`GroupDone::deferred`) and store the others meanwhile.
+    pub fn process_group(&self, messages: &[crate::fair::Waiting], turns: AgentTurns) -> GroupDone {
         use rayon::prelude::*;
         self.stats
             .messages
@@ -409,7 +444,7 @@ impl Ingest {
             .collect();
         let mut replies = Vec::new();
         let now = jiff::Timestamp::now();
-        let stored = self.commit_group(&decoded, now);
+        let (stored, deferred) = self.commit_group(&decoded, now, turns);
         let committed = stored.iter().filter(|r| r.is_some()).count() as u64;
         if let Some(n) = crash_after_commit() {
             let before = self
@@ -437,7 +472,7 @@ impl Ingest {
             }
         }
         self.quarantine_refused_now();
-        replies
+        GroupDone { replies, deferred }
     }
 
     /// The signature check of one message (the costly part, run in parallel); other
@@ -560,21 +595,33 @@ impl Ingest {
         &self,
         steps: &[Step<'_>],
         now: jiff::Timestamp,
-    ) -> Vec<Option<(store::BatchOutcome, Outcome)>> {
+        turns: AgentTurns,
+    ) -> (Vec<Option<(store::BatchOutcome, Outcome)>>, Vec<usize>) {
         let mut results: Vec<Option<(store::BatchOutcome, Outcome)>> = Vec::new();
+        let mut deferred = Vec::new();
+        let agent_of = |step: &Step<'_>| match step {
+            Step::Batch(b) => Some(b.agent.to_string()),
+            Step::Status { agent, .. } => Some(agent.clone()),
+            _ => None,
+        };
         let committed = self.store().in_transaction(|tx| {
-            store::take_turns_for_agents(
+            let agents: Vec<String> = steps.iter().filter_map(agent_of).collect();
+            let busy = store::take_turns_for_agents(
                 tx,
-                steps.iter().filter_map(|step| match step {
-                    Step::Batch(b) => Some(b.agent),
-                    Step::Status { agent, .. } => Some(agent.as_str()),
-                    _ => None,
-                }),
+                agents.iter().map(String::as_str),
+                turns == AgentTurns::Wait,
             )?;
+            self.forget_refusals_of(&busy);
             self.quarantine_refused(tx)?;
             let policy = self.policy.read().unwrap_or_else(|p| p.into_inner());
-            for step in steps {
+            results.clear();
+            deferred.clear();
+            for (i, step) in steps.iter().enumerate() {
                 results.push(None);
+                if agent_of(step).is_some_and(|a| busy.contains(&a)) {
+                    deferred.push(i);
+                    continue;
+                }
                 match step {
                     Step::Status {
                         agent,
@@ -610,11 +657,11 @@ impl Ingest {
         match committed {
             Ok(()) => {
                 self.refused_kept();
-                results
+                (results, deferred)
             }
             Err(e) => {
                 tracing::error!(error = %e, messages = steps.len(), "group not committed; nothing in it is acknowledged");
-                steps.iter().map(|_| None).collect()
+                (steps.iter().map(|_| None).collect(), Vec::new())
             }
         }
     }

@@ -120,7 +120,7 @@ pub async fn run(
     // sources take turns (fair.rs).
     let mut fair = fair::FairQueue::with_quota(settings.source_quota);
     let mut refusals = fair::Refusals::default();
-    let mut processing: Option<tokio::task::JoinHandle<Vec<ingest::Reply>>> = None;
+    let mut processing: Option<tokio::task::JoinHandle<Processed>> = None;
     // Acks and commands wait here while the MQTT request channel is full; ingest
     // pauses meanwhile, so nothing is dropped and the backlog stays bounded.
     let mut outbox = Outbox::default();
@@ -140,7 +140,7 @@ pub async fn run(
             done = async { processing.as_mut().expect("guarded").await }, if processing.is_some() => {
                 processing = None;
                 match done {
-                    Ok(replies) => outbox.send(&client, replies),
+                    Ok(processed) => processed.settle(&client, &mut outbox, &mut fair),
                     Err(e) => tracing::error!(error = %e, "ingest task failed; message skipped"),
                 }
             }
@@ -336,13 +336,40 @@ impl Ticks {
     }
 }
 
+/// A group's outcome: replies to publish, and the messages put back because another
+/// collector sharing the ingest was storing for their agents.
+struct Processed {
+    replies: Vec<ingest::Reply>,
+    put_back: Vec<fair::Waiting>,
+}
+
+/// How long a message put back waits before it is taken again: about one group's
+/// commit on the collector that holds the agent.
+const PUT_BACK_FOR: Duration = Duration::from_millis(5);
+
+impl Processed {
+    fn settle(
+        self,
+        client: &rumqttc::AsyncClient,
+        outbox: &mut Outbox,
+        fair: &mut fair::FairQueue,
+    ) {
+        outbox.send(client, self.replies);
+        let not_before = std::time::Instant::now() + PUT_BACK_FOR;
+        for waiting in self.put_back.into_iter().rev() {
+            let source = store::quarantine_source(&waiting.topic);
+            fair.put_back(source, waiting, not_before);
+        }
+    }
+}
+
 /// One message of every source waiting, up to a bound, goes into one transaction
 /// (group commit): under load one fsync serves many agents' batches, and with a
 /// single message waiting the group is that message.
 fn start_group(
     ingest: &Arc<Ingest>,
     fair: &mut fair::FairQueue,
-) -> Option<tokio::task::JoinHandle<Vec<ingest::Reply>>> {
+) -> Option<tokio::task::JoinHandle<Processed>> {
     if fair.is_empty() {
         return None;
     }
@@ -356,7 +383,17 @@ fn start_group(
     }
     let work = ingest.clone();
     Some(tokio::task::spawn_blocking(move || {
-        work.process_group(&group)
+        let done = work.process_group(&group, ingest::AgentTurns::Defer);
+        let mut put_back = Vec::with_capacity(done.deferred.len());
+        for (i, waiting) in group.into_iter().enumerate() {
+            if done.deferred.binary_search(&i).is_ok() {
+                put_back.push(waiting);
+            }
+        }
+        Processed {
+            replies: done.replies,
+            put_back,
+        }
     }))
 }
 
@@ -537,7 +574,7 @@ async fn start_embedded_broker(
 /// session what still waits for up to 2 s, and says what is left to the agents'
 /// re-sends.
 async fn drain(
-    processing: Option<tokio::task::JoinHandle<Vec<ingest::Reply>>>,
+    processing: Option<tokio::task::JoinHandle<Processed>>,
     outbox: &mut Outbox,
     client: &rumqttc::AsyncClient,
     fair: &fair::FairQueue,
@@ -545,8 +582,8 @@ async fn drain(
     // The message being processed is finished (its ack sent); what still waits is
     // not acknowledged and agents send it again.
     if let Some(p) = processing {
-        if let Ok(replies) = p.await {
-            outbox.send(client, replies);
+        if let Ok(processed) = p.await {
+            outbox.send(client, processed.replies);
         }
     }
     // Hand the session what still waits (a missing ack only costs a re-send).

@@ -1329,31 +1329,44 @@ fn insert_events(
 /// agents until it ends. Several collectors share the ingest (`broker.shared_group`)
 /// and the broker may hand one agent's consecutive batches to two of them at once;
 /// taking turns per agent keeps its chain, gap and first-seen checks as exact as on
-/// one collector (each sees what the other committed). The locks are taken in one
-/// statement, in the order of their keys, so two groups never wait on each other in
-/// a circle. On SQLite, a single writer, there is nothing to do.
+/// one collector (each sees what the other committed). With `wait`, the locks are
+/// taken in one statement, in the order of their keys (two transactions never wait
+/// on each other in a circle); without, each is only tried, and the agents another
+/// transaction holds are returned, to be stored later. On SQLite, a single writer,
+/// there is nothing to do.
 pub fn take_turns_for_agents<'a>(
     tx: &Tx<'_>,
     agents: impl IntoIterator<Item = &'a str>,
-) -> Result<(), StoreError> {
+    wait: bool,
+) -> Result<std::collections::HashSet<String>, StoreError> {
+    let mut busy = std::collections::HashSet::new();
     if tx.engine() != db::Engine::Postgres {
-        return Ok(());
+        return Ok(busy);
     }
     // Agent ids are `[A-Za-z0-9._-]` (topics::valid_agent_id): a comma separates them.
     let mut agents: Vec<&str> = agents.into_iter().collect();
     if agents.is_empty() {
-        return Ok(());
+        return Ok(busy);
     }
     agents.sort_unstable();
     agents.dedup();
-    tx.query_row(
-        "SELECT COUNT(pg_advisory_xact_lock(7486421, key)) FROM (
-             SELECT DISTINCT hashtext(agent) AS key
-             FROM unnest(string_to_array(?1, ',')) AS agent ORDER BY key) AS keys",
-        params![agents.join(",")],
-        |r| r.get::<i64>(0),
-    )?;
-    Ok(())
+    if wait {
+        tx.query_row(
+            "SELECT COUNT(pg_advisory_xact_lock(7486421, key)) FROM (
+                 SELECT DISTINCT hashtext(agent) AS key
+                 FROM unnest(string_to_array(?1, ',')) AS agent ORDER BY key) AS keys",
+            params![agents.join(",")],
+            |r| r.get::<i64>(0),
+        )?;
+    } else {
+        busy.extend(tx.query_map(
+            "SELECT agent FROM unnest(string_to_array(?1, ',')) AS agent
+             WHERE NOT pg_try_advisory_xact_lock(7486421, hashtext(agent))",
+            params![agents.join(",")],
+            |r| r.get::<String>(0),
+        )?);
+    }
+    Ok(busy)
 }
 
 /// Records that `agent_id` was heard from (its status, version, policy, host name),
