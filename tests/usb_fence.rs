@@ -306,8 +306,8 @@ fn fence_enforces_on_a_fake_tree_and_follows_pushed_policy() {
         || {
             w.events(
                 "policy.applied",
-                "json_extract(envelope, '$.event.data.version') = 'v2' AND json_extract(envelope, '$.event.data.serial') > CAST(?2 AS INTEGER)",
-                &[&v2_serial.to_string()],
+                &format!("json_extract(envelope, '$.event.data.version') = 'v2' AND json_extract(envelope, '$.event.data.serial') > {v2_serial}"),
+                &[],
             )
             .pop()
         },

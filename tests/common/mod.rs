@@ -271,8 +271,21 @@ pub fn for_engine(engine: Engine, sql: &str) -> String {
     if engine == Engine::Sqlite {
         return sql.to_string();
     }
+    // A field compared with numbers is a number to PostgreSQL too (text = 9001 is an
+    // error there, and the query would find nothing).
+    let numeric = regex::Regex::new(
+        r"json_extract\(envelope,\s*'\$\.([A-Za-z0-9_.]+)'\)(\s*(?:=|<>|!=|>=|<=|>|<)\s*-?\d+\b|\s+IN\s*\(\s*-?\d+(?:\s*,\s*-?\d+)*\s*\))",
+    )
+    .unwrap();
+    let sql = numeric.replace_all(sql, |c: &regex::Captures| {
+        format!(
+            "CAST((envelope::jsonb #>> '{{{}}}') AS BIGINT){}",
+            c[1].replace('.', ","),
+            &c[2]
+        )
+    });
     let re = regex::Regex::new(r"json_extract\(envelope,\s*'\$\.([A-Za-z0-9_.]+)'\)").unwrap();
-    re.replace_all(sql, |c: &regex::Captures| {
+    re.replace_all(&sql, |c: &regex::Captures| {
         format!("(envelope::jsonb #>> '{{{}}}')", c[1].replace('.', ","))
     })
     // A condition of `1` (every row) is an integer to PostgreSQL, not a truth value.
