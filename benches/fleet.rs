@@ -31,6 +31,8 @@
 //! Collector and broker RSS and CPU are sampled every 10 s.
 
 mod common;
+#[path = "../tests/common/mosquitto.rs"]
+mod mosquitto;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -425,60 +427,6 @@ async fn connect(client: &AsyncClient, el: &mut rumqttc::EventLoop, acks: &str) 
     start.elapsed()
 }
 
-/// config/mosquitto/weilan.conf as shipped, with only its file paths and listener
-/// pointed at this run (the ACL is the shipped file itself), plus what Debian's main
-/// mosquitto.conf adds (persistence) and `user root` (the bench's files are root's).
-fn shipped_mosquitto_conf(
-    root: &std::path::Path,
-    pki: &weilan_collector::pki::PkiPaths,
-    port: u16,
-) -> std::path::PathBuf {
-    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mosquitto");
-    let mut conf = std::fs::read_to_string(shipped.join("weilan.conf")).unwrap();
-    let crl = weilan_collector::registry::crl_path(pki);
-    for (from, to) in [
-        ("listener 8883", format!("listener {port} 127.0.0.1")),
-        (
-            "/etc/mosquitto/ca_certificates/weilan-ca.pem",
-            pki.ca().display().to_string(),
-        ),
-        (
-            "/etc/mosquitto/certs/weilan-server.pem",
-            pki.server().display().to_string(),
-        ),
-        (
-            "/etc/mosquitto/certs/weilan-server-key.pem",
-            pki.server_key().display().to_string(),
-        ),
-        (
-            "/etc/mosquitto/ca_certificates/weilan-crl.pem",
-            crl.display().to_string(),
-        ),
-        (
-            "/etc/mosquitto/weilan.acl",
-            shipped.join("weilan.acl").display().to_string(),
-        ),
-    ] {
-        assert!(
-            conf.contains(from),
-            "the shipped weilan.conf no longer has {from}"
-        );
-        conf = conf.replace(from, &to);
-    }
-    let dir = root.join("mosquitto");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("mosquitto.conf");
-    std::fs::write(
-        &path,
-        format!(
-            "user root\npersistence true\npersistence_location {}/\n{conf}",
-            dir.display()
-        ),
-    )
-    .unwrap();
-    path
-}
-
 /// The `mosquitto` child of `parent`.
 fn broker_of(parent: u32) -> Option<u32> {
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
@@ -529,7 +477,8 @@ fn main() {
     } else {
         start_collector(root, port, &names)
     };
-    let external_conf = external.then(|| shipped_mosquitto_conf(root, &pki, port));
+    let external_conf =
+        external.then(|| mosquitto::shipped_conf(root, &pki, port, &mosquitto::shipped_acl()));
     let start_external = |conf: &std::path::Path| {
         common::Killed(
             std::process::Command::new("mosquitto")

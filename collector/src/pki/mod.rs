@@ -433,6 +433,38 @@ mod tests {
     use weilan_config::wire::Purpose;
 
     #[test]
+    fn a_further_collector_gets_a_collector_certificate_under_its_own_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = PkiPaths::new(dir.path());
+        init(&paths, &["weilan-collector".into(), "127.0.0.1".into()]).unwrap();
+        let (cert, key) = issue_collector(&paths, "weilan-collector-b").unwrap();
+        let signer = Signer::from_pem_files(&cert, &key).unwrap();
+        assert_eq!(signer.identity().common_name, "weilan-collector-b");
+        let verifier = Verifier::from_ca_file(&paths.ca()).unwrap();
+        let msg = signer.sign(Purpose::Ack, "{}".into());
+        assert!(verifier.verify(&msg, Purpose::Ack, Role::Collector).is_ok());
+        assert!(verifier.verify(&msg, Purpose::Ack, Role::Agent).is_err());
+        assert!(matches!(
+            issue_collector(&paths, "weilan-collector-b"),
+            Err(PkiError::Exists(_))
+        ));
+        for bad in [
+            "ws-01",
+            "weilan-collector",
+            "weilan-collector-",
+            "weilan-collector-b/x",
+        ] {
+            assert!(
+                matches!(
+                    issue_collector(&paths, bad),
+                    Err(PkiError::BadCollectorName(_))
+                ),
+                "{bad} accepted"
+            );
+        }
+    }
+
+    #[test]
     fn issued_certificates_sign_and_verify_with_their_roles() {
         let dir = tempfile::tempdir().unwrap();
         let paths = PkiPaths::new(dir.path());
