@@ -512,6 +512,11 @@ fn tamper(segment: &Path, index: usize, edit: Option<&dyn Fn(&str) -> String>) {
         if i == index {
             if let Some(edit) = edit {
                 let new = edit(std::str::from_utf8(payload).unwrap());
+                assert_ne!(
+                    new.as_bytes(),
+                    payload,
+                    "the edit must change record {index}"
+                );
                 out.extend_from_slice(&(new.len() as u32).to_le_bytes());
                 out.extend_from_slice(&crc32fast::hash(new.as_bytes()).to_le_bytes());
                 out.extend_from_slice(new.as_bytes());
@@ -523,6 +528,19 @@ fn tamper(segment: &Path, index: usize, edit: Option<&dyn Fn(&str) -> String>) {
         i += 1;
     }
     fs::write(segment, out).unwrap();
+}
+
+/// The JSON of every record of a journal segment, in order.
+fn segment_records(segment: &Path) -> Vec<String> {
+    let data = fs::read(segment).unwrap();
+    let mut records = Vec::new();
+    let mut off = 0;
+    while off + 8 <= data.len() {
+        let len = u32::from_le_bytes(data[off..off + 4].try_into().unwrap()) as usize;
+        records.push(String::from_utf8_lossy(&data[off + 8..off + 8 + len]).into_owned());
+        off += 8 + len;
+    }
+    records
 }
 
 fn newest_segment(w: &World) -> std::path::PathBuf {
@@ -557,9 +575,20 @@ fn tampering_is_flagged(edit: bool) {
     wait_captured(&s.agent_cfg, base + burst_records(10), &[&agent]);
     agent.stop();
     let seg = newest_segment(&s.w);
-    let records = fs::read(&seg).unwrap();
-    assert!(!records.is_empty());
-    let victim = 5; // a record in the middle of the buffered burst
+    // A record in the middle of the buffered burst. Not a fixed index: on a loaded
+    // machine more heartbeats come first, and editing one of them (no `BURST` in it)
+    // changed nothing and the test waited for a break that was never made.
+    let burst: Vec<usize> = segment_records(&seg)
+        .iter()
+        .enumerate()
+        .filter(|(_, json)| json.contains(BURST))
+        .map(|(i, _)| i)
+        .collect();
+    assert!(
+        burst.len() >= 3,
+        "the burst is not in the newest segment: {burst:?}"
+    );
+    let victim = burst[burst.len() / 2];
     if edit {
         tamper(
             &seg,
