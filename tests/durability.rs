@@ -504,43 +504,43 @@ fn replaying_the_whole_journal_twice_changes_nothing() {
 fn tamper(segment: &Path, index: usize, edit: Option<&dyn Fn(&str) -> String>) {
     let data = fs::read(segment).unwrap();
     let mut out = Vec::new();
-    let mut off = 0;
-    let mut i = 0;
-    while off + 8 <= data.len() {
-        let len = u32::from_le_bytes(data[off..off + 4].try_into().unwrap()) as usize;
-        let payload = &data[off + 8..off + 8 + len];
-        if i == index {
-            if let Some(edit) = edit {
-                let new = edit(std::str::from_utf8(payload).unwrap());
-                assert_ne!(
-                    new.as_bytes(),
-                    payload,
-                    "the edit must change record {index}"
-                );
-                out.extend_from_slice(&(new.len() as u32).to_le_bytes());
-                out.extend_from_slice(&crc32fast::hash(new.as_bytes()).to_le_bytes());
-                out.extend_from_slice(new.as_bytes());
-            }
-        } else {
-            out.extend_from_slice(&data[off..off + 8 + len]);
+    for (i, (frame, payload)) in frames(&data).into_iter().enumerate() {
+        if i != index {
+            out.extend_from_slice(frame);
+        } else if let Some(edit) = edit {
+            let new = edit(std::str::from_utf8(payload).unwrap());
+            assert_ne!(
+                new.as_bytes(),
+                payload,
+                "the edit must change record {index}"
+            );
+            out.extend_from_slice(&(new.len() as u32).to_le_bytes());
+            out.extend_from_slice(&crc32fast::hash(new.as_bytes()).to_le_bytes());
+            out.extend_from_slice(new.as_bytes());
         }
-        off += 8 + len;
-        i += 1;
     }
     fs::write(segment, out).unwrap();
+}
+
+/// Each record of a segment's bytes: its whole frame (length, CRC, JSON) and its JSON.
+fn frames(data: &[u8]) -> Vec<(&[u8], &[u8])> {
+    let mut frames = Vec::new();
+    let mut off = 0;
+    while off + 8 <= data.len() {
+        let len = u32::from_le_bytes(data[off..off + 4].try_into().unwrap()) as usize;
+        frames.push((&data[off..off + 8 + len], &data[off + 8..off + 8 + len]));
+        off += 8 + len;
+    }
+    frames
 }
 
 /// The JSON of every record of a journal segment, in order.
 fn segment_records(segment: &Path) -> Vec<String> {
     let data = fs::read(segment).unwrap();
-    let mut records = Vec::new();
-    let mut off = 0;
-    while off + 8 <= data.len() {
-        let len = u32::from_le_bytes(data[off..off + 4].try_into().unwrap()) as usize;
-        records.push(String::from_utf8_lossy(&data[off + 8..off + 8 + len]).into_owned());
-        off += 8 + len;
-    }
-    records
+    frames(&data)
+        .into_iter()
+        .map(|(_, json)| String::from_utf8_lossy(json).into_owned())
+        .collect()
 }
 
 fn newest_segment(w: &World) -> std::path::PathBuf {

@@ -614,8 +614,6 @@ impl Ingest {
             self.forget_refusals_of(&busy);
             self.quarantine_refused(tx)?;
             let policy = self.policy.read().unwrap_or_else(|p| p.into_inner());
-            results.clear();
-            deferred.clear();
             for (i, step) in steps.iter().enumerate() {
                 results.push(None);
                 if agent_of(step).is_some_and(|a| busy.contains(&a)) {
