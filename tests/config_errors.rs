@@ -230,11 +230,18 @@ fn collector_check_config_checks_the_pki_as_the_service_will_use_it() {
         fs::write(
             &cfg,
             format!(
-                "[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:8883\"\nserver_name = \"{server_name}\"\n\n\
+                "[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:8883\"\nserver_name = \"{server_name}\"\nclient_id = \"{client_id}\"\n\n\
                  [tls]\nca = \"pki/ca.pem\"\nserver_cert = \"pki/server.pem\"\nserver_key = \"pki/server-key.pem\"\n\
                  client_cert = \"pki/collector.pem\"\nclient_key = \"pki/collector-key.pem\"\n\n\
                  [store]\npath = \"weilan.db\"\n[alerts]\npath = \"alerts.jsonl\"\n[policy]\npath = \"policy.toml\"\n\
-                 [rules]\ndir = \"rules\"\n"
+                 [rules]\ndir = \"rules\"\n",
+                // The broken variant also names a client id the certificate does
+                // not carry (a further collector that kept the first's certificate).
+                client_id = if server_name == "broker.example.internal" {
+                    "weilan-collector-b"
+                } else {
+                    "weilan-collector"
+                }
             ),
         )
         .unwrap()
@@ -267,6 +274,12 @@ fn collector_check_config_checks_the_pki_as_the_service_will_use_it() {
         "{err}"
     );
     assert!(err.contains("site.toml"), "{err}");
+    assert!(
+        err.contains(
+            "collector.pem: its name `weilan-collector` is not broker.client_id `weilan-collector-b`"
+        ),
+        "{err}"
+    );
     if nix::unistd::geteuid().is_root() {
         assert!(
             err.contains("collector-key.pem: the service user `nobody` cannot read it"),

@@ -96,6 +96,20 @@ pub fn check(settings: &CollectorSettings, service_user: Option<&str>) -> Report
                     );
                 }
             }
+            // The broker makes the certificate's name the client id; the collector
+            // announces itself under `broker.client_id`, which the ACL grants only
+            // under that name (a further collector that kept the default would go
+            // unannounced).
+            let name = &signer.identity().common_name;
+            if *name != settings.client_id {
+                problem(
+                    &settings.client_cert,
+                    format!(
+                        "its name `{name}` is not broker.client_id `{}`: set client_id to the certificate's name (docs/deployment.md §10)",
+                        settings.client_id
+                    ),
+                );
+            }
         }
         Err(e) => problem(&settings.client_cert, e.to_string()),
     }
