@@ -40,11 +40,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::{
-    cpu_ticks, env_or, envelope, free_port, options, rss_kib, signed_batch, start_collector, tls,
+    cpu_ticks, env_or, envelope, exported, free_port, options, rss_kib, signed_batch,
+    start_collector, tls,
 };
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use tokio::sync::Barrier;
-use weilan_config::event::{Envelope, Event as WEvent, FileExported, Heartbeat};
+use weilan_config::event::{Envelope, Event as WEvent, Heartbeat};
 use weilan_config::signing::Signer;
 
 /// What one simulated agent measured.
@@ -95,42 +96,6 @@ fn heartbeat(agent: &str, seq: u64) -> Envelope {
             policy_version: Some("bench".into()),
             backlog: 0,
             dropped_total: 0,
-        }),
-    )
-}
-
-/// A file written to a USB stick, as the files source reports it (audit).
-fn exported(agent: &str, seq: u64) -> Envelope {
-    let now = jiff::Timestamp::now();
-    envelope(
-        agent,
-        seq,
-        WEvent::FileExported(FileExported {
-            path: format!("/media/stick/report-{seq}.xlsx"),
-            mount_point: "/media/stick".into(),
-            fs_type: "vfat".into(),
-            mount_source: "/dev/sdb1".into(),
-            usb_serial: Some("BENCH-STICK".into()),
-            usb_hash: Some("c2a1e1f0".into()),
-            size: 48_213,
-            sha256: Some(format!("{:064x}", seq)),
-            hashed_bytes: 48_213,
-            pid: Some(4242),
-            exe: Some("/usr/bin/cp".into()),
-            cmdline: Some("cp report.xlsx /media/stick/".into()),
-            uid: Some(1000),
-            user: Some("clerk".into()),
-            first_write: now,
-            last_write: now,
-            attribution: "fanotify".into(),
-            classification: vec![],
-            classification_note: None,
-            exit: "removable".into(),
-            action: "audit".into(),
-            rule_id: "implicit default".into(),
-            origins: vec![],
-            rewrites: 0,
-            unclosed: false,
         }),
     )
 }
@@ -260,7 +225,7 @@ async fn agent(
             while next_cluster <= now {
                 for _ in 0..plan.cluster {
                     seq += 1;
-                    pending.push_back((exported(&name, seq), next_cluster));
+                    pending.push_back((exported(&name, seq, vec![]), next_cluster));
                 }
                 // Exponential gaps: bursts arrive at random, `rate` on average.
                 let u: f64 = rand::Rng::random_range(&mut rng, 1e-9..1.0);

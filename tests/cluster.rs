@@ -14,34 +14,32 @@
 //! `CLUSTER_KILL` [1; 0 keeps them all] make the throughput runs of the benchmarks.
 
 mod common;
+// The benches' process bookkeeping (`env_or`, `cpu_ticks`): this test is also the
+// several-collectors benchmark.
+#[path = "../benches/common/mod.rs"]
+mod bench_common;
 
 use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bench_common::{cpu_ticks, env_or};
 use common::*;
 use weilan_agent::journal::{Journal, JournalConfig};
 use weilan_agent::uplink::{Uplink, UplinkConfig};
 use weilan_collector::db::testing::TempDatabase;
-use weilan_config::event::{Envelope, Event, FileExported};
+use weilan_config::event::Envelope;
 use weilan_config::settings::agent::Delivery;
 use weilan_config::signing::{Signer, Verifier};
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Every `CLASSIFIED_EVERY`th file carries a classification finding: one red alert
 /// each (`builtin.files.classified-export`, a distinct file each time).
 const CLASSIFIED_EVERY: u64 = 500;
 
-/// A file written to a USB stick by `agent`, as the files source reports it.
+/// File `n` of `agent` written to a USB stick (the benches' `exported`); every
+/// `CLASSIFIED_EVERY`th carries a classification finding.
 fn exported(agent: &str, n: u64) -> Envelope {
-    let now = jiff::Timestamp::now();
     let classification = if n.is_multiple_of(CLASSIFIED_EVERY) {
         vec![weilan_config::event::Classification {
             detector: "cn_id".into(),
@@ -51,44 +49,7 @@ fn exported(agent: &str, n: u64) -> Envelope {
     } else {
         vec![]
     };
-    Envelope {
-        schema: 1,
-        event_id: weilan_config::event::EventId {
-            agent_id: agent.into(),
-            key: weilan_config::event::EventKey { epoch: 0, seq: 0 },
-        },
-        time: now,
-        host_role: "workstation".into(),
-        site: None,
-        prev_hash: String::new(),
-        event: Event::FileExported(FileExported {
-            path: format!("/media/stick/report-{n}.xlsx"),
-            mount_point: "/media/stick".into(),
-            fs_type: "vfat".into(),
-            mount_source: "/dev/sdb1".into(),
-            usb_serial: Some("CLUSTER-STICK".into()),
-            usb_hash: Some("c2a1e1f0".into()),
-            size: 48_213,
-            sha256: Some(format!("{agent}-{n:058}")),
-            hashed_bytes: 48_213,
-            pid: Some(4242),
-            exe: Some("/usr/bin/cp".into()),
-            cmdline: Some("cp report.xlsx /media/stick/".into()),
-            uid: Some(1000),
-            user: Some("clerk".into()),
-            first_write: now,
-            last_write: now,
-            attribution: "fanotify".into(),
-            classification,
-            classification_note: None,
-            exit: "removable".into(),
-            action: "audit".into(),
-            rule_id: "implicit default".into(),
-            origins: vec![],
-            rewrites: 0,
-            unclosed: false,
-        }),
-    }
+    bench_common::exported(agent, n, classification)
 }
 
 /// One simulated host: the agent's journal holding `events` files written to a
@@ -562,12 +523,4 @@ fn machine_ticks() -> (u64, u64) {
     let all: u64 = f.iter().sum();
     let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
     (all - idle, all)
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }

@@ -98,6 +98,47 @@ pub fn envelope(agent: &str, seq: u64, event: weilan_config::event::Event) -> En
     }
 }
 
+/// A file written to a USB stick, as the files source reports it (audit), with the
+/// classifier's findings (none: a plain file).
+pub fn exported(
+    agent: &str,
+    seq: u64,
+    classification: Vec<weilan_config::event::Classification>,
+) -> Envelope {
+    let now = jiff::Timestamp::now();
+    envelope(
+        agent,
+        seq,
+        weilan_config::event::Event::FileExported(weilan_config::event::FileExported {
+            path: format!("/media/stick/report-{seq}.xlsx"),
+            mount_point: "/media/stick".into(),
+            fs_type: "vfat".into(),
+            mount_source: "/dev/sdb1".into(),
+            usb_serial: Some("BENCH-STICK".into()),
+            usb_hash: Some("c2a1e1f0".into()),
+            size: 48_213,
+            sha256: Some(format!("{:064x}", seq)),
+            hashed_bytes: 48_213,
+            pid: Some(4242),
+            exe: Some("/usr/bin/cp".into()),
+            cmdline: Some("cp report.xlsx /media/stick/".into()),
+            uid: Some(1000),
+            user: Some("clerk".into()),
+            first_write: now,
+            last_write: now,
+            attribution: "fanotify".into(),
+            classification,
+            classification_note: None,
+            exit: "removable".into(),
+            action: "audit".into(),
+            rule_id: "implicit default".into(),
+            origins: vec![],
+            rewrites: 0,
+            unclosed: false,
+        }),
+    )
+}
+
 pub fn key(seq: u64) -> EventKey {
     EventKey { epoch: 1, seq }
 }
