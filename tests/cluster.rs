@@ -21,17 +21,13 @@ mod bench_common;
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bench_common::{cpu_ticks, env_or};
 use common::*;
-use weilan_agent::journal::{Journal, JournalConfig};
-use weilan_agent::uplink::{Uplink, UplinkConfig};
+use weilan_agent::uplink::Uplink;
 use weilan_collector::db::testing::TempDatabase;
 use weilan_config::event::Envelope;
-use weilan_config::settings::agent::Delivery;
-use weilan_config::signing::{Signer, Verifier};
 
 /// Every `CLASSIFIED_EVERY`th file carries a classification finding: one red alert
 /// each (`builtin.files.classified-export`, a distinct file each time).
@@ -50,65 +46,6 @@ fn exported(agent: &str, n: u64) -> Envelope {
         vec![]
     };
     bench_common::exported(agent, n, classification)
-}
-
-/// One simulated host: the agent's journal holding `events` files written to a
-/// stick, delivered by the agent's own uplink until every one is acknowledged.
-fn agent_uplink(
-    root: &Path,
-    pki: &weilan_collector::pki::PkiPaths,
-    name: &str,
-    events: u64,
-) -> Uplink {
-    let state = root.join("agents").join(name);
-    let (mut journal, _) = Journal::open(JournalConfig {
-        dir: state.join("journal"),
-        state_dir: state.clone(),
-        segment_bytes: 4 << 20,
-        max_bytes: 1 << 30,
-        retain_acked_bytes: 0,
-    })
-    .expect("journal");
-    for n in 1..=events {
-        journal.append(exported(name, n)).expect("append");
-    }
-    journal.sync().expect("journal sync");
-    let (cert, key) = (pki.agent(name), pki.agent_key(name));
-    let tls = weilan_config::tls::client_config(&pki.ca(), &cert, &key, "weilan-collector")
-        .expect("agent tls");
-    // Receivers the uplink hands policies, commands and identity switches to: kept
-    // for as long as it runs (leaked: the process ends with the test).
-    let (policy_tx, policy_rx) = tokio::sync::mpsc::channel(4);
-    let (commands_tx, commands_rx) = tokio::sync::mpsc::channel(64);
-    let (switch_tx, switch_rx) = tokio::sync::mpsc::channel(1);
-    std::mem::forget((policy_rx, commands_rx, switch_tx));
-    Uplink {
-        config: UplinkConfig {
-            agent_id: name.into(),
-            host: "127.0.0.1".into(),
-            port: BROKER_PORT,
-            tls,
-            delivery: Delivery {
-                keep_alive: Duration::from_secs(20),
-                batch_max_events: 100,
-                batch_linger: Duration::from_millis(50),
-                max_batches_in_flight: 8,
-                ack_timeout: Duration::from_secs(5),
-                reconnect_spread: Duration::ZERO,
-                max_events_per_sec: 1_000_000,
-            },
-            drain_timeout: Duration::from_secs(600),
-        },
-        signer: Signer::from_pem_files(&cert, &key).expect("agent key"),
-        identity_switches: switch_rx,
-        verifier: Verifier::from_ca_file(&pki.ca()).expect("ca"),
-        policy_pushes: policy_tx,
-        commands: commands_tx,
-        journal: Arc::new(Mutex::new(journal)),
-        notify: Arc::new(tokio::sync::Notify::new()),
-        stats: Arc::new(Default::default()),
-        ack_drop: state.join("ack-drop"),
-    }
 }
 
 /// `weilan collector ARGS…`, which must succeed; its standard output.
@@ -304,7 +241,10 @@ fn three_collectors_share_the_ingest_and_one_killed_mid_burst_loses_and_doubles_
     let made = Instant::now();
     let uplinks: Vec<Uplink> = agent_names
         .iter()
-        .map(|a| agent_uplink(root, &pki, a, per_agent))
+        .map(|a| {
+            let events = (1..=per_agent).map(|n| exported(a, n));
+            common::uplink::agent_uplink(root, &pki, a, BROKER_PORT, events)
+        })
         .collect();
     println!(
         "journals: {agents} agents × {per_agent} events written in {:?}",
@@ -322,33 +262,7 @@ fn three_collectors_share_the_ingest_and_one_killed_mid_burst_loses_and_doubles_
     let cpu_before: Vec<u64> = running.iter().map(|c| cpu_ticks(c.child.id())).collect();
     let (broker_before, machine_before) = (cpu_ticks(broker.child.id()), machine_ticks());
     let began = Instant::now();
-    let delivering = std::thread::spawn({
-        let ns_name = ns.name.clone();
-        move || {
-            let netns = Netns { name: ns_name };
-            netns.run_in(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async move {
-                    let tasks: Vec<_> = uplinks
-                        .into_iter()
-                        .map(|u| {
-                            let drain = tokio_util::sync::CancellationToken::new();
-                            drain.cancel();
-                            tokio::spawn(u.run(drain))
-                        })
-                        .collect();
-                    for t in tasks {
-                        t.await.unwrap();
-                    }
-                })
-            });
-            std::mem::forget(netns); // deleted by the test's own handle
-        }
-    });
+    let delivering = common::uplink::deliver_in(&ns, uplinks);
     let mut killed_at = None;
     let mut cpu_of_killed = 0u64;
     if kill {

@@ -8,6 +8,7 @@
 
 pub mod hosts;
 pub mod mosquitto;
+pub mod uplink;
 
 use std::fs;
 use std::os::fd::AsFd;

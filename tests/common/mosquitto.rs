@@ -11,11 +11,22 @@ use weilan_collector::pki::PkiPaths;
 /// Writes `root/mosquitto/mosquitto.conf` for a broker on `127.0.0.1:port` with the
 /// ACL at `acl` (the shipped file, or one `broker-acl` printed) and returns its path.
 pub fn shipped_conf(root: &Path, pki: &PkiPaths, port: u16, acl: &Path) -> PathBuf {
+    shipped_conf_on(root, pki, "127.0.0.1", port, acl)
+}
+
+/// [`shipped_conf`] listening on `address` (`0.0.0.0`: every address of its namespace).
+pub fn shipped_conf_on(
+    root: &Path,
+    pki: &PkiPaths,
+    address: &str,
+    port: u16,
+    acl: &Path,
+) -> PathBuf {
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mosquitto");
     let mut conf = std::fs::read_to_string(shipped.join("weilan.conf")).unwrap();
     let crl = weilan_collector::registry::crl_path(pki);
     for (from, to) in [
-        ("listener 8883", format!("listener {port} 127.0.0.1")),
+        ("listener 8883", format!("listener {port} {address}")),
         (
             "/etc/mosquitto/ca_certificates/weilan-ca.pem",
             pki.ca().display().to_string(),
