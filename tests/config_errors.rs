@@ -149,6 +149,47 @@ fn collector_ingest_limits_a_foreign_store_url_and_a_misplaced_shared_group_are_
     assert!(!err.contains("letters, digits"), "{err}");
 }
 
+/// `[federation]`: every wrong district and upstream field reported at once.
+#[test]
+fn federation_districts_and_upstream_are_checked_field_by_field_with_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "ca.pem",
+        "s.pem",
+        "s-key.pem",
+        "c.pem",
+        "c-key.pem",
+        "policy.toml",
+        "east-ca.pem",
+    ] {
+        fs::write(dir.path().join(f), "x").unwrap();
+    }
+    let cfg = dir.path().join("collector.toml");
+    fs::write(
+        &cfg,
+        "[broker]\nmode = \"external\"\n\
+         [tls]\nca = \"ca.pem\"\nserver_cert = \"s.pem\"\nserver_key = \"s-key.pem\"\nclient_cert = \"c.pem\"\nclient_key = \"c-key.pem\"\n\
+         [store]\npath = \"weilan.db\"\n[alerts]\npath = \"alerts.jsonl\"\n[policy]\npath = \"policy.toml\"\n\
+         [federation.upstream]\nhost = \"\"\nca = \"ca.pem\"\ncert = \"missing.pem\"\nkey = \"c-key.pem\"\nwindow = 0\n\
+         [[federation.districts]]\nname = \"weilan-district-east\"\nca = \"east-ca.pem\"\n\
+         [[federation.districts]]\nname = \"weilan-district-east\"\nca = \"east-ca.pem\"\n\
+         [[federation.districts]]\nname = \"ws-01\"\nca = \"nowhere.pem\"\n",
+    )
+    .unwrap();
+    exits_64_reporting_all(
+        &["collector", "check-config"],
+        &cfg,
+        &[
+            "federation.upstream.host: must name the province broker",
+            "federation.upstream.cert:",
+            "federation.upstream.window: 0 is out of range; expected 1 to 65535",
+            "federation.districts[1].name: `weilan-district-east` is named twice",
+            "federation.districts[2].name: `ws-01` is not a district name",
+            "federation.districts[2].ca:",
+        ],
+    );
+}
+
 #[test]
 fn policy_with_unknown_key_wrong_type_and_bad_path_is_refused_with_all_errors() {
     let dir = tempfile::tempdir().unwrap();

@@ -315,6 +315,62 @@ fn every_agent_only_itself_every_collector_of_the_group_the_whole_fleet() {
             false,
         ),
         ("weilan-collector-b", Subscribe, "#", false),
+        // A province's collector reads what districts forward and acks it; a
+        // district writes only its own batches and reads only its own acks.
+        (
+            "weilan-collector-b",
+            Subscribe,
+            "$share/weilan/weilan/v1/federation/+/batches/+",
+            true,
+        ),
+        (
+            "weilan-collector",
+            Publish,
+            "weilan/v1/federation/weilan-district-east/acks",
+            true,
+        ),
+        (
+            "weilan-district-east",
+            Publish,
+            "weilan/v1/federation/weilan-district-east/batches/ws-01",
+            true,
+        ),
+        (
+            "weilan-district-east",
+            Subscribe,
+            "weilan/v1/federation/weilan-district-east/acks",
+            true,
+        ),
+        (
+            "weilan-district-east",
+            Publish,
+            "weilan/v1/federation/weilan-district-west/batches/ws-01",
+            false,
+        ),
+        (
+            "weilan-district-east",
+            Subscribe,
+            "weilan/v1/federation/+/batches/+",
+            false,
+        ),
+        (
+            "weilan-district-east",
+            Publish,
+            "weilan/v1/federation/weilan-district-east/acks",
+            false,
+        ),
+        (
+            "weilan-district-east",
+            Publish,
+            "weilan/v1/agents/ws-01/events",
+            false,
+        ),
+        (
+            "ws-01",
+            Publish,
+            "weilan/v1/federation/ws-01/batches/ws-01",
+            false,
+        ),
         // A name that only looks like a collector's.
         (
             "weilan-collectorx",

@@ -63,6 +63,32 @@ pub fn acl_for_collectors(further: &[String]) -> Result<String, String> {
     Ok(acl)
 }
 
+/// The block `acl_for_districts` adds for one district: it writes only its own
+/// forwarded batches and reads only its own acks from the province.
+fn district_block(name: &str) -> String {
+    format!(
+        "\n# The district `{name}` (pki issue-district): forwards its agents' batches and\n\
+         # reads the province's acks, nothing else.\n\
+         user {name}\n\
+         topic write weilan/v1/federation/{name}/batches/+\n\
+         topic read weilan/v1/federation/{name}/acks\n"
+    )
+}
+
+/// `acl` with a block for each district named (`pki issue-district`), for the
+/// province's broker (federation, docs/deployment.md §12).
+pub fn acl_for_districts(mut acl: String, districts: &[String]) -> Result<String, String> {
+    for name in districts {
+        if !weilan_config::settings::federation::valid_district_name(name) {
+            return Err(format!(
+                "`{name}` is not a district name (`weilan-district-` and letters, digits, `.`, `_`, `-`)"
+            ));
+        }
+        acl.push_str(&district_block(name));
+    }
+    Ok(acl)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("embedded broker: {0}")]
@@ -90,6 +116,9 @@ pub struct BrokerSpec {
     pub key: PathBuf,
     /// The CRL `weilan-collector agents revoke` writes.
     pub crl: PathBuf,
+    /// Districts forwarding to this province (`[[federation.districts]]`): each
+    /// gets its block in the ACL.
+    pub districts: Vec<String>,
 }
 
 impl BrokerSpec {
@@ -159,7 +188,11 @@ impl BrokerSpec {
         std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
         for (path, text) in [
             (self.config_path(), self.render(user)),
-            (self.acl_path(), SHIPPED_ACL.to_string()),
+            (
+                self.acl_path(),
+                acl_for_districts(SHIPPED_ACL.to_string(), &self.districts)
+                    .map_err(BrokerError::Start)?,
+            ),
         ] {
             let tmp = path.with_extension("tmp");
             let mut f = std::fs::OpenOptions::new()
@@ -498,6 +531,7 @@ mod tests {
             cert: "/etc/weilan/pki/server.pem".into(),
             key: "/etc/weilan/pki/server-key.pem".into(),
             crl: "/etc/weilan/pki/crl.pem".into(),
+            districts: vec![],
         };
         let conf = spec.render("weilan");
         for line in [
@@ -539,6 +573,35 @@ mod tests {
             "weilan-collector-b/#",
         ] {
             assert!(acl_for_collectors(&[bad.into()]).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn a_district_gets_only_its_own_federation_topics() {
+        let acl = acl_for_districts(SHIPPED_ACL.into(), &["weilan-district-east".into()]).unwrap();
+        let added = &acl[SHIPPED_ACL.len()..];
+        let rules: Vec<&str> = added
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                "user weilan-district-east",
+                "topic write weilan/v1/federation/weilan-district-east/batches/+",
+                "topic read weilan/v1/federation/weilan-district-east/acks",
+            ]
+        );
+        for bad in [
+            "weilan-district-",
+            "ws-01",
+            "weilan-district-a/#",
+            "weilan-collector-b",
+        ] {
+            assert!(
+                acl_for_districts(String::new(), &[bad.into()]).is_err(),
+                "{bad} accepted"
+            );
         }
     }
 }

@@ -157,12 +157,17 @@ enum Command {
         #[command(subcommand)]
         action: CommandCli,
     },
-    /// Print the Mosquitto ACL for collectors sharing the ingest: the shipped
-    /// `weilan.acl` with each further collector's own block (docs/deployment.md §10).
+    /// Print the Mosquitto ACL for collectors sharing the ingest and districts
+    /// forwarding to this province: the shipped `weilan.acl` with each further
+    /// collector's and district's own block (docs/deployment.md §10, §12).
     BrokerAcl {
         /// A further collector's name (`pki issue-collector`); repeat for each.
         #[arg(long = "collector")]
         collectors: Vec<String>,
+        /// A district allowed to forward to this province (`pki issue-district`,
+        /// docs/deployment.md §12); repeat for each.
+        #[arg(long = "district")]
+        districts: Vec<String>,
     },
     /// Manage the Weilan PKI (CA, broker and agent certificates).
     Pki {
@@ -352,6 +357,14 @@ enum PkiCommand {
         #[arg(long, default_value = "/etc/weilan/pki")]
         dir: PathBuf,
     },
+    /// Issue a district collector's certificate for this province (federation,
+    /// docs/deployment.md §12); its name is its broker user and topic level.
+    IssueDistrict {
+        /// `weilan-district-` and a suffix, e.g. `weilan-district-east`.
+        name: String,
+        #[arg(long, default_value = "/etc/weilan/pki")]
+        dir: PathBuf,
+    },
     /// Rewrite the CRL (`crl.pem`) from the registry's revocations.
     Crl {
         #[arg(long, default_value = "/etc/weilan/pki")]
@@ -423,7 +436,12 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
                 },
         } => enroll_create_command(count, ttl, groups, replace, dir),
         Command::Pki { command } => pki_command(command),
-        Command::BrokerAcl { collectors } => match crate::broker::acl_for_collectors(&collectors) {
+        Command::BrokerAcl {
+            collectors,
+            districts,
+        } => match crate::broker::acl_for_collectors(&collectors)
+            .and_then(|acl| crate::broker::acl_for_districts(acl, &districts))
+        {
             Ok(acl) => {
                 print!("{acl}");
                 ExitCode::SUCCESS
@@ -982,6 +1000,14 @@ fn pki_command(command: PkiCommand) -> ExitCode {
                 );
             })
         }
+        PkiCommand::IssueDistrict { name, dir } => pki::issue_district(&PkiPaths::new(&dir), &name)
+            .map(|(c, k)| {
+                println!(
+                    "district `{name}`: certificate {}, key {} (0600)",
+                    c.display(),
+                    k.display()
+                );
+            }),
         PkiCommand::IssueAgent { name, dir } => {
             pki::issue_agent(&PkiPaths::new(&dir), &name).map(|(c, k)| {
                 println!(

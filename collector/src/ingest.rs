@@ -39,7 +39,12 @@ const MAX_REFUSED_WAITING: usize = 10_000;
 
 /// A message after its signature check.
 enum Authenticated {
-    Batch(SignedMessage),
+    /// An agent's batch: from the agent itself, or forwarded `via` a district.
+    Batch {
+        signed: SignedMessage,
+        agent: String,
+        via: Option<String>,
+    },
     Status {
         agent: String,
         state: &'static str,
@@ -69,6 +74,10 @@ enum Step<'a> {
 /// An events message, authenticated and decoded.
 struct Decoded<'a> {
     agent: &'a str,
+    /// The district that forwarded it (this collector is the province's).
+    via: Option<&'a str>,
+    /// The signed batch as received (a district forwards it verbatim).
+    payload: &'a [u8],
     batch: wire::Batch<'a>,
     valid: Vec<Incoming<'a>>,
     rejected: Vec<EventRejection>,
@@ -107,6 +116,10 @@ pub struct Ingest {
     pub refused: Mutex<Vec<store::Refused>>,
     /// Whether this collector does the fleet's once-only work (leader.rs).
     pub leadership: Mutex<crate::leader::Leadership>,
+    /// Province: the districts whose forwarded batches are accepted (federation/).
+    pub districts: crate::federation::Districts,
+    /// District: every stored batch is queued for the province.
+    pub forwards_to_province: bool,
 }
 
 /// What to do with an agent another collector is storing for right now.
@@ -124,6 +137,16 @@ pub enum AgentTurns {
 pub struct GroupDone {
     pub replies: Vec<Reply>,
     pub deferred: Vec<usize>,
+}
+
+/// What a group's transaction did, per message: stored and ruled (`results`), put
+/// back for another collector's turn (`deferred`), or refused because another
+/// district forwarded it (`misrouted`, with the reason).
+#[derive(Default)]
+struct Committed {
+    results: Vec<Option<(store::BatchOutcome, Outcome)>>,
+    deferred: Vec<usize>,
+    misrouted: Vec<(usize, String)>,
 }
 
 /// The largest status message (a few hundred bytes in practice).
@@ -444,7 +467,18 @@ impl Ingest {
             .collect();
         let mut replies = Vec::new();
         let now = jiff::Timestamp::now();
-        let (stored, deferred) = self.commit_group(&decoded, now, turns);
+        let Committed {
+            results: stored,
+            deferred,
+            misrouted,
+        } = self.commit_group(&decoded, now, turns);
+        for (i, reason) in misrouted {
+            let m = &messages[i];
+            self.refuse(&m.topic, &reason, &m.payload);
+            if let Step::Batch(b) = &decoded[i] {
+                replies.extend(self.integrity_alert(b.agent, &reason, &m.payload));
+            }
+        }
         let committed = stored.iter().filter(|r| r.is_some()).count() as u64;
         if let Some(n) = crash_after_commit() {
             let before = self
@@ -481,6 +515,9 @@ impl Ingest {
         if topics::parse_door_topic(topic).is_some() {
             return Authenticated::Door;
         }
+        if let Some((district, agent)) = topics::parse_federation_topic(topic) {
+            return self.forwarded(district, agent, topic, payload);
+        }
         match topics::parse_agent_topic(topic) {
             Some((agent, Channel::Events)) => match self.verified(
                 topic,
@@ -490,7 +527,11 @@ impl Ingest {
                 Role::Agent,
                 agent,
             ) {
-                Ok(m) => Authenticated::Batch(m),
+                Ok(signed) => Authenticated::Batch {
+                    signed,
+                    agent: agent.to_string(),
+                    via: None,
+                },
                 Err(replies) => Authenticated::Replies(replies),
             },
             Some((agent, Channel::Status)) => self.check_status(agent, topic, payload),
@@ -502,10 +543,48 @@ impl Ingest {
         }
     }
 
+    /// A batch a district forwarded: signed by an agent certificate of that district's
+    /// CA whose common name is the topic's agent. The district's enrollment registry
+    /// is its own: the province trusts the district's CA for the district's agents,
+    /// and nothing else the district says.
+    fn forwarded(&self, district: &str, agent: &str, topic: &str, payload: &[u8]) -> Authenticated {
+        let Some(verifier) = self.districts.verifier(district) else {
+            self.refuse(
+                topic,
+                &format!("`{district}` is not a district this collector accepts ([[federation.districts]])"),
+                payload,
+            );
+            return Authenticated::Replies(vec![]);
+        };
+        let signed = match wire::decode_signed(payload, self.max_payload) {
+            Ok(s) => s,
+            Err(e) => {
+                self.refuse(topic, &e.to_string(), payload);
+                return Authenticated::Replies(vec![]);
+            }
+        };
+        let reason = match verifier.verify(&signed, Purpose::Batch, Role::Agent) {
+            Ok(identity) if identity.common_name == agent => {
+                return Authenticated::Batch {
+                    signed,
+                    agent: agent.to_string(),
+                    via: Some(district.to_string()),
+                }
+            }
+            Ok(identity) => format!(
+                "forwarded by district `{district}` for `{agent}` but signed by agent `{}`",
+                identity.common_name
+            ),
+            Err(e) => format!("forwarded by district `{district}`: signature: {e}"),
+        };
+        self.refuse(topic, &reason, payload);
+        Authenticated::Replies(self.integrity_alert(agent, &reason, payload))
+    }
+
     /// Decodes an authenticated batch and checks each event (in parallel).
-    fn decode<'a>(&self, a: &'a Authenticated, topic: &'a str, payload: &[u8]) -> Step<'a> {
-        let signed = match a {
-            Authenticated::Batch(m) => m,
+    fn decode<'a>(&self, a: &'a Authenticated, topic: &'a str, payload: &'a [u8]) -> Step<'a> {
+        let (signed, agent, via) = match a {
+            Authenticated::Batch { signed, agent, via } => (signed, agent.as_str(), via.as_deref()),
             Authenticated::Replies(r) => return Step::Replies(r.clone()),
             Authenticated::Door => {
                 return Step::Door {
@@ -524,9 +603,6 @@ impl Ingest {
                     version: version.clone(),
                 }
             }
-        };
-        let Some((agent, _)) = topics::parse_agent_topic(topic) else {
-            return Step::Replies(vec![]);
         };
         let batch = match wire::decode_batch(&signed.body, self.max_payload) {
             Ok(b) => b,
@@ -583,6 +659,8 @@ impl Ingest {
         }
         Step::Batch(Decoded {
             agent,
+            via,
+            payload,
             batch,
             valid,
             rejected,
@@ -596,9 +674,10 @@ impl Ingest {
         steps: &[Step<'_>],
         now: jiff::Timestamp,
         turns: AgentTurns,
-    ) -> (Vec<Option<(store::BatchOutcome, Outcome)>>, Vec<usize>) {
+    ) -> Committed {
         let mut results: Vec<Option<(store::BatchOutcome, Outcome)>> = Vec::new();
         let mut deferred = Vec::new();
+        let mut misrouted = Vec::new();
         let agent_of = |step: &Step<'_>| match step {
             Step::Batch(b) => Some(b.agent.to_string()),
             Step::Status { agent, .. } => Some(agent.clone()),
@@ -633,6 +712,10 @@ impl Ingest {
                         }
                     }
                     Step::Batch(b) => {
+                        if let Some(reason) = self.routed_by_another_district(tx, b, now)? {
+                            misrouted.push((i, reason));
+                            continue;
+                        }
                         tx.execute_batch("SAVEPOINT batch")?;
                         match self.store_one(tx, &policy, b, now) {
                             Ok(r) => {
@@ -655,13 +738,40 @@ impl Ingest {
         match committed {
             Ok(()) => {
                 self.refused_kept();
-                (results, deferred)
+                Committed {
+                    results,
+                    deferred,
+                    misrouted,
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, messages = steps.len(), "group not committed; nothing in it is acknowledged");
-                (steps.iter().map(|_| None).collect(), Vec::new())
+                Committed {
+                    results: steps.iter().map(|_| None).collect(),
+                    ..Committed::default()
+                }
             }
         }
+    }
+
+    /// A forwarded batch whose agent is bound to another district than the one that
+    /// forwarded it: why it is refused. Binds an agent seen for the first time.
+    fn routed_by_another_district(
+        &self,
+        tx: &Tx<'_>,
+        b: &Decoded<'_>,
+        now: jiff::Timestamp,
+    ) -> Result<Option<String>, store::StoreError> {
+        let Some(via) = b.via else {
+            return Ok(None);
+        };
+        let bound = crate::federation::bind_to_district(tx, b.agent, via, now)?;
+        Ok((bound != via).then(|| {
+            format!(
+                "agent `{}` belongs to district `{bound}` but its batch was forwarded by `{via}`",
+                b.agent
+            )
+        }))
     }
 
     /// One batch inside the group's transaction: events, integrity, uplink head,
@@ -687,6 +797,16 @@ impl Ingest {
         if !new_events.is_empty() {
             fleet::note_events(tx, b.agent, &new_events)?;
         }
+        if self.forwards_to_province {
+            crate::federation::queue_for_province(
+                tx,
+                b.agent,
+                b.batch.first,
+                b.batch.last,
+                b.payload,
+                now,
+            )?;
+        }
         Ok((outcome, ruled))
     }
 
@@ -703,6 +823,18 @@ impl Ingest {
         self.stats
             .duplicates
             .fetch_add(outcome.duplicates as u64, Ordering::Relaxed);
+        let mut ruled = ruled;
+        if b.via.is_some() && !ruled.commands.is_empty() {
+            // The agent is on its district's broker, not this one: its district's
+            // own rules command it; the province's alerts stand.
+            tracing::info!(
+                agent_id = b.agent,
+                district = b.via,
+                commands = ruled.commands.len(),
+                "commands from the province's rules are not sent to a district's agent"
+            );
+            ruled.commands.clear();
+        }
         let mut replies = self.after_commit(ruled);
         let ack = Ack {
             agent_id: b.agent.to_string(),
@@ -719,7 +851,10 @@ impl Ingest {
             replies.insert(
                 0,
                 Reply {
-                    topic: topics::agent_topic(b.agent, Channel::Acks),
+                    topic: match b.via {
+                        Some(district) => topics::federation_acks(district),
+                        None => topics::agent_topic(b.agent, Channel::Acks),
+                    },
                     payload,
                     retain: false,
                 },

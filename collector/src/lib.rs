@@ -20,7 +20,9 @@ pub mod db;
 pub mod enroll;
 pub mod export;
 pub mod fair;
+pub mod federation;
 pub mod fleet;
+pub mod forwarder;
 pub mod heartbeats;
 pub mod import;
 pub mod ingest;
@@ -81,6 +83,8 @@ pub enum CollectorError {
     Registry(#[from] registry::RegistryError),
     #[error("enrollment: {0}")]
     Enroll(#[from] enroll::EnrollError),
+    #[error(transparent)]
+    Upstream(#[from] forwarder::UpstreamError),
     #[error("listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -111,11 +115,11 @@ pub async fn run(
         session_config(&settings, &ingest.signer)?,
         session_stop.clone(),
     );
-    let mut broker_health =
-        BrokerHealth::new(format!("{}:{}", settings.broker_host, settings.broker_port));
+    let mut broker_health = BrokerHealth::of(&settings);
     let mut watchdog = SystemdWatchdog::start();
     let mut ticks = Ticks::new(&settings);
     let mut background = Background::new(&settings);
+    background.forward = start_forwarding(&settings, &ingest, &client, &shutdown)?;
     // Read from the broker into per-source queues while one message is processed;
     // sources take turns (fair.rs).
     let mut fair = fair::FairQueue::with_quota(settings.source_quota);
@@ -210,6 +214,30 @@ pub async fn run(
     Ok(())
 }
 
+/// A district's forwarder to the province (forwarder.rs), if configured;
+/// it stops with `shutdown`.
+fn start_forwarding(
+    settings: &CollectorSettings,
+    ingest: &Arc<Ingest>,
+    client: &rumqttc::AsyncClient,
+    shutdown: &CancellationToken,
+) -> Result<Option<tokio::task::JoinHandle<()>>, CollectorError> {
+    let Some(upstream) = settings.federation.upstream.clone() else {
+        return Ok(None);
+    };
+    let forwarder = forwarder::Forwarder::new(
+        ingest.clone(),
+        upstream,
+        settings.max_payload_bytes,
+        client.clone(),
+    )?;
+    tracing::info!(
+        district = forwarder.district(),
+        "district collector: stored batches are forwarded to the province"
+    );
+    Ok(Some(tokio::spawn(forwarder.run(shutdown.clone()))))
+}
+
 /// Certificates revoked since the last look: the embedded broker reloads its CRL, and
 /// the sessions of identities that are gone are ended.
 fn enforce_revocations(
@@ -285,6 +313,8 @@ fn open_ingest(
         registry: open_registry(pki_dir)?,
         refused: Default::default(),
         leadership: Mutex::new(leader::Leadership::new(crate::db::Location::of(settings))),
+        districts: federation::Districts::open(&settings.federation.districts)?,
+        forwards_to_province: settings.federation.upstream.is_some(),
     };
     tracing::info!(
         database = %crate::db::Location::of(settings),
@@ -471,6 +501,10 @@ fn session_config(
             topics::DOORS_FILTER.to_string(),
         ]
         .into_iter()
+        .chain(
+            (!settings.federation.districts.is_empty())
+                .then(|| topics::FEDERATION_FILTER.to_string()),
+        )
         .map(|filter| match &settings.shared_group {
             Some(group) => topics::shared(group, &filter),
             None => filter,
@@ -553,6 +587,12 @@ async fn start_embedded_broker(
                 crl: pki::PkiPaths::new(settings.ca.parent().unwrap_or(std::path::Path::new(".")))
                     .dir
                     .join("crl.pem"),
+                districts: settings
+                    .federation
+                    .districts
+                    .iter()
+                    .map(|d| d.name.clone())
+                    .collect(),
             };
             descriptor_check(*max_connections);
             // A PKI from before revocation existed has no CRL; Mosquitto needs one.
@@ -613,6 +653,8 @@ async fn drain(
 struct Background {
     export: Option<tokio::task::JoinHandle<()>>,
     import: Option<tokio::task::JoinHandle<()>>,
+    /// A district's forwarder to the province (forwarder.rs); ends with `shutdown`.
+    forward: Option<tokio::task::JoinHandle<()>>,
     /// Where `weilan-collector import` spools journal bundles (import.rs).
     spool: std::path::PathBuf,
 }
@@ -628,6 +670,7 @@ impl Background {
         Background {
             export: None,
             import: None,
+            forward: None,
             spool,
         }
     }
@@ -642,7 +685,11 @@ impl Background {
 }
 
 async fn finish_background(ingest: &Arc<Ingest>, background: Background) {
-    for (what, task) in [("export", background.export), ("import", background.import)] {
+    for (what, task) in [
+        ("export", background.export),
+        ("import", background.import),
+        ("forwarding to the province", background.forward),
+    ] {
         let Some(task) = task.filter(|t| !t.is_finished()) else {
             continue;
         };
@@ -852,9 +899,10 @@ struct BrokerHealth {
 }
 
 impl BrokerHealth {
-    fn new(broker: String) -> Self {
+    /// The health of the collector's own connection to the broker it is set to.
+    fn of(settings: &CollectorSettings) -> Self {
         BrokerHealth {
-            broker,
+            broker: format!("{}:{}", settings.broker_host, settings.broker_port),
             // Not connected yet: a broker never reached at start counts from here.
             down_since: Some(std::time::Instant::now()),
             last_reason: "not connected yet".into(),

@@ -39,6 +39,40 @@ pub struct Report {
     pub checked_as: Option<String>,
 }
 
+/// `[federation]`'s files: the district's certificate is a district certificate of
+/// the province CA it names, with its key; each district's CA loads.
+fn federation_problems(
+    federation: &weilan_config::settings::federation::FederationSettings,
+) -> Vec<(std::path::PathBuf, String)> {
+    let mut found = Vec::new();
+    if let Some(up) = &federation.upstream {
+        let checked = Signer::from_pem_files(&up.cert, &up.key)
+            .map_err(|e| e.to_string())
+            .and_then(|signer| {
+                let province = Verifier::from_ca_file(&up.ca).map_err(|e| e.to_string())?;
+                let probe = signer.sign(Purpose::Ack, "{}".into());
+                province
+                    .verify(&probe, Purpose::Ack, Role::District)
+                    .map(|_| ())
+                    .map_err(|e| {
+                        format!(
+                            "not a district certificate of the province CA {} (weilan-collector pki issue-district): {e}",
+                            up.ca.display()
+                        )
+                    })
+            });
+        if let Err(e) = checked {
+            found.push((up.cert.clone(), e));
+        }
+    }
+    for d in &federation.districts {
+        if let Err(e) = Verifier::from_ca_file(&d.ca) {
+            found.push((d.ca.clone(), format!("district `{}`: {e}", d.name)));
+        }
+    }
+    found
+}
+
 /// Checks what `serve` loads with `settings`. `service_user` is the account whose
 /// read access is checked when the caller is root (`None`: no such check).
 pub fn check(settings: &CollectorSettings, service_user: Option<&str>) -> Report {
@@ -112,6 +146,9 @@ pub fn check(settings: &CollectorSettings, service_user: Option<&str>) -> Report
             }
         }
         Err(e) => problem(&settings.client_cert, e.to_string()),
+    }
+    for (file, message) in federation_problems(&settings.federation) {
+        problem(&file, message);
     }
     if let BrokerMode::Embedded { .. } = settings.broker {
         if let Err(e) = weilan_config::tls::check_server_certificate(

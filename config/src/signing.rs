@@ -29,6 +29,9 @@ pub enum Role {
     Collector,
     /// A third-party door controller publishing badge and door events.
     DoorController,
+    /// A district collector forwarding its agents' batches to the province
+    /// (federation): a broker identity only, it signs nothing the province trusts.
+    District,
 }
 
 impl Role {
@@ -38,6 +41,7 @@ impl Role {
             Role::Agent => "weilan-agent",
             Role::Collector => "weilan-collector",
             Role::DoorController => "weilan-door-controller",
+            Role::District => "weilan-district",
         }
     }
 }
@@ -326,6 +330,7 @@ pub fn subject_identity(cert: &CertificateDer<'_>) -> Result<Identity, String> {
         "weilan-agent" => Role::Agent,
         "weilan-collector" => Role::Collector,
         "weilan-door-controller" => Role::DoorController,
+        "weilan-district" => Role::District,
         other => return Err(format!("unknown role `{other}`")),
     };
     if role != Role::Collector && !crate::topics::valid_agent_id(&cn) {

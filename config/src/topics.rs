@@ -9,6 +9,8 @@
 //! | `weilan/v1/policy`                     | collector → agents | signed [`crate::wire::PolicyPush`] (retained) |
 //! | `weilan/v1/doors/{id}/events`          | door controller → collector | signed [`crate::wire::DoorMessage`] |
 //! | `weilan/v1/collectors/{id}/presence`   | collector → agents | signed [`crate::wire::Presence`] (retained, also the last will) |
+//! | `weilan/v1/federation/{district}/batches/{id}` | district collector → province collector | agent `id`'s signed [`crate::wire::Batch`], verbatim |
+//! | `weilan/v1/federation/{district}/acks`    | province collector → district collector | signed [`crate::wire::Ack`] |
 //!
 //! The agent id is the common name of the agent's client certificate. It is restricted
 //! to `[A-Za-z0-9._-]{1,64}` so it can never contain MQTT wildcards or separators.
@@ -116,6 +118,27 @@ pub fn parse_door_topic(topic: &str) -> Option<&str> {
     valid_agent_id(id).then_some(id)
 }
 
+/// Every district's forwarded batches (the province collector subscribes).
+pub const FEDERATION_FILTER: &str = "weilan/v1/federation/+/batches/+";
+
+/// Where district `district` forwards agent `agent_id`'s signed batches to the
+/// province (one topic per agent, so the province serves agents by turns).
+pub fn federation_batches(district: &str, agent_id: &str) -> String {
+    format!("{PREFIX}/federation/{district}/batches/{agent_id}")
+}
+
+/// Where the province acknowledges district `district`'s forwarded batches.
+pub fn federation_acks(district: &str) -> String {
+    format!("{PREFIX}/federation/{district}/acks")
+}
+
+/// The district and agent of a forwarded-batches topic.
+pub fn parse_federation_topic(topic: &str) -> Option<(&str, &str)> {
+    let rest = topic.strip_prefix(PREFIX)?.strip_prefix("/federation/")?;
+    let (district, agent) = rest.split_once("/batches/")?;
+    (valid_agent_id(district) && valid_agent_id(agent)).then_some((district, agent))
+}
+
 /// Agent ids are certificate common names restricted to a safe alphabet.
 pub fn valid_agent_id(id: &str) -> bool {
     !id.is_empty()
@@ -138,6 +161,18 @@ mod tests {
         assert_eq!(parse_agent_topic("weilan/v1/agents/+/events"), None);
         assert_eq!(parse_agent_topic("weilan/v1/agents/a/b/events"), None);
         assert_eq!(parse_agent_topic("weilan/v2/agents/a/events"), None);
+        let f = federation_batches("weilan-district-east", "ws-01");
+        assert_eq!(
+            parse_federation_topic(&f),
+            Some(("weilan-district-east", "ws-01"))
+        );
+        assert_eq!(parse_federation_topic(FEDERATION_FILTER), None);
+        assert_eq!(
+            parse_federation_topic("weilan/v1/federation/d/batches/a/b"),
+            None
+        );
+        assert_eq!(parse_federation_topic(&federation_acks("d")), None);
+        assert_eq!(parse_agent_topic(&f), None);
         let p = collector_presence("weilan-collector");
         assert_eq!(p, "weilan/v1/collectors/weilan-collector/presence");
         assert_eq!(parse_presence_topic(&p), Some("weilan-collector"));

@@ -42,6 +42,10 @@ pub enum PkiError {
         "`{0}` is not a collector name: use `weilan-collector-` and letters, digits, `.`, `_`, `-`"
     )]
     BadCollectorName(String),
+    #[error(
+        "`{0}` is not a district name: use `weilan-district-` and letters, digits, `.`, `_`, `-`"
+    )]
+    BadDistrictName(String),
     #[error("{0} already exists; refusing to overwrite a key")]
     Exists(PathBuf),
     #[error("registry: {0}")]
@@ -82,6 +86,13 @@ impl PkiPaths {
     }
     pub fn other_collector_key(&self, name: &str) -> PathBuf {
         self.dir.join("collectors").join(format!("{name}-key.pem"))
+    }
+    /// A district's certificate from this province's CA (`pki issue-district`).
+    pub fn district(&self, name: &str) -> PathBuf {
+        self.dir.join("districts").join(format!("{name}.pem"))
+    }
+    pub fn district_key(&self, name: &str) -> PathBuf {
+        self.dir.join("districts").join(format!("{name}-key.pem"))
     }
     pub fn agent(&self, name: &str) -> PathBuf {
         self.dir.join("agents").join(format!("{name}.pem"))
@@ -368,6 +379,28 @@ pub fn issue_collector(paths: &PkiPaths, name: &str) -> Result<(PathBuf, PathBuf
     Ok((cert, key))
 }
 
+/// Issues a district collector's client certificate from this (province) CA:
+/// CN = `name`, role `weilan-district`. The district connects to the province broker
+/// with it (its broker user; `broker-acl --district`) and forwards its agents'
+/// batches under it; it signs nothing the province trusts. Names start with
+/// `weilan-district-`, a prefix no agent may take. Refuses to overwrite a key.
+pub fn issue_district(paths: &PkiPaths, name: &str) -> Result<(PathBuf, PathBuf), PkiError> {
+    if !weilan_config::settings::federation::valid_district_name(name) {
+        return Err(PkiError::BadDistrictName(name.to_string()));
+    }
+    let (cert, key) = (paths.district(name), paths.district_key(name));
+    if cert.exists() {
+        return Err(PkiError::Exists(cert));
+    }
+    let issuer = load_issuer(paths)?;
+    issue_client(&issuer, name, Role::District, &cert, &key)?;
+    crate::registry::append(
+        &crate::registry::path(paths),
+        &crate::registry::issued_entry(&cert, name, "district", vec![], "pki issue-district")?,
+    )?;
+    Ok((cert, key))
+}
+
 /// Issues an agent certificate with CN = `name`; returns (cert, key) paths.
 pub fn issue_agent(paths: &PkiPaths, name: &str) -> Result<(PathBuf, PathBuf), PkiError> {
     issue_named(
@@ -403,7 +436,7 @@ fn issue_named(
     if !weilan_config::topics::valid_agent_id(name) {
         return Err(PkiError::BadName(name.to_string()));
     }
-    if name.starts_with("weilan-collector") {
+    if name.starts_with("weilan-collector") || name.starts_with("weilan-district") {
         return Err(PkiError::Reserved(name.to_string()));
     }
     if taken.exists() {

@@ -65,6 +65,8 @@ pub mod findings {
     pub const SOURCE_FLOODING: &str = "collector.source_flooding";
     /// An enrolled certificate ends within 14 days.
     pub const CERTIFICATE_EXPIRING: &str = "collector.certificate_expiring";
+    /// A district's batches have waited too long for the province's ack (federation).
+    pub const FEDERATION_BACKLOG: &str = "collector.federation_backlog";
 
     /// Every finding kind (what a rule's `on` may name besides agent events).
     pub const ALL: &[&str] = &[
@@ -90,5 +92,6 @@ pub mod findings {
         BROKER_RESTARTED,
         SOURCE_FLOODING,
         CERTIFICATE_EXPIRING,
+        FEDERATION_BACKLOG,
     ];
 }

@@ -817,6 +817,11 @@ indicator!(source_flooding, "builtin.collector.source-flooding", |_h|
     near: (DAY, vec![finding(findings::BROKER_REFUSED, json!({"client": "ws-9", "reason": "x"}))]),
 );
 
+indicator!(federation_backlog, "builtin.collector.federation-backlog", |_h|
+    fire: (DAY, vec![finding(findings::FEDERATION_BACKLOG, json!({"district": "weilan-district-east", "province": "p:8883", "batches": 40, "oldest_secs": 1000}))]),
+    near: (DAY, vec![finding(findings::BROKER_UNREACHABLE, json!({"broker": "x", "down_secs": 1, "reason": "y"}))]),
+);
+
 /// Every rule of the pack has its pair of tests above (kept in step by this list).
 #[test]
 fn every_builtin_rule_is_tested() {
@@ -876,6 +881,7 @@ fn every_builtin_rule_is_tested() {
         "builtin.collector.broker-refused",
         "builtin.collector.broker-restarted",
         "builtin.collector.source-flooding",
+        "builtin.collector.federation-backlog",
     ];
     let h = Harness::new();
     let set = h.engine.rule_set();

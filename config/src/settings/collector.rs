@@ -40,6 +40,9 @@ pub struct CollectorFile {
     /// `[enroll]`: where agents enroll with a one-time token.
     #[serde(default)]
     pub enroll: EnrollSection,
+    /// `[federation]`: forward to a province collector, or accept from districts.
+    #[serde(default)]
+    pub federation: super::federation::FederationSection,
     /// `[log]`.
     #[serde(default)]
     pub log: LogSection,
@@ -559,6 +562,8 @@ pub struct CollectorSettings {
     pub enroll_listen: Option<SocketAddr>,
     /// Days the certificates enrollment issues are valid.
     pub enroll_cert_days: u32,
+    /// `[federation]`: district (upstream) or province (districts) or neither.
+    pub federation: super::federation::FederationSettings,
     pub log: LogSettings,
 }
 
@@ -922,6 +927,7 @@ impl Validate for CollectorFile {
         );
         let sinks = validate_sinks(self.sinks, &ca, v);
         let exports = validate_exports(self.exports, &store_path, v);
+        let federation = self.federation.validate(v);
         let log = self.log.validate(v);
         Some(CollectorSettings {
             broker,
@@ -958,6 +964,7 @@ impl Validate for CollectorFile {
             exports,
             enroll_listen,
             enroll_cert_days: self.enroll.cert_days,
+            federation,
             log,
         })
     }
