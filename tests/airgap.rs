@@ -102,6 +102,55 @@ fn tampered_copy(bundle: &Path, to: &Path) -> String {
     env.event_id.key.to_string()
 }
 
+/// The export refuses a directory that is not on a USB stick, and a stick the policy
+/// does not register; docs/deployment.md §7's policy entry registers it. The stick is
+/// a fake USB device (sysfs) that the directory's file system is made to belong to.
+fn only_onto_a_registered_stick(w: &World, agent_cfg: &Path, stick: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    use weilan_agent::source::usb::sysfs::fake::{add_stick, FakeStick};
+    let export = |dir: &Path| agent_journal(agent_cfg, &["export", "--out", dir.to_str().unwrap()]);
+    let (ok, out) = export(stick);
+    assert!(!ok && out.contains("is not on a USB stick"), "{out}");
+    let documented = doc_block("docs/deployment.md", "<!-- airgap-test: transfer-stick -->");
+    let field = |name: &str| {
+        documented
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} = \"")))
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or_else(|| panic!("§7's policy has no {name}:\n{documented}"))
+            .to_string()
+    };
+    let (vid, pid, serial) = (field("vid"), field("pid"), field("serial"));
+    add_stick(
+        &w.sysfs(),
+        &FakeStick {
+            port: "1-7",
+            vid: &vid,
+            pid: &pid,
+            serial: &serial,
+            classes: &[0x08],
+            disk: Some(("sdz", "250:0")),
+        },
+    );
+    let dev = std::fs::metadata(stick).unwrap().dev();
+    let majmin = format!(
+        "{}:{}",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    );
+    let disk = std::fs::canonicalize(w.sysfs().join("dev/block/250:0")).unwrap();
+    std::os::unix::fs::symlink(disk, w.sysfs().join("dev/block").join(majmin)).unwrap();
+    let (ok, out) = export(stick);
+    assert!(
+        !ok && out.contains("is not a registered transfer stick"),
+        "{out}"
+    );
+    let mut policy = std::fs::read_to_string(w.path("policy.toml")).unwrap();
+    policy.push_str(&format!("\n{documented}\n"));
+    std::fs::write(w.path("policy.toml"), policy).unwrap();
+    // Registered: the export that follows goes ahead.
+}
+
 #[test]
 fn an_offline_host_journal_goes_by_stick_is_stored_once_and_its_acks_come_back() {
     if !netns_available() {
@@ -150,17 +199,25 @@ fn an_offline_host_journal_goes_by_stick_is_stored_once_and_its_acks_come_back()
     // On the host: the journal onto the stick, in bundles of at most about 2 MiB.
     let stick = w.path("stick");
     std::fs::create_dir_all(&stick).unwrap();
+    only_onto_a_registered_stick(&w, &agent_cfg, &stick);
     let (ok, out) = agent_journal(
         &agent_cfg,
         &["export", "--out", stick.to_str().unwrap(), "--max-mib", "2"],
     );
     assert!(ok, "{out}");
     println!("MEASURED {out}");
+    assert!(
+        out.starts_with("onto the registered transfer stick `transfer stick` (allowed by rule `transfer-stick`;"),
+        "{out}"
+    );
     let records = total(&out, "exported");
     assert!(records > 10_000, "{out}");
     let bundles = files(&stick, "bundle");
     assert!(bundles.len() >= 2, "split into several bundles: {out}");
-    assert_eq!(bundles.len(), out.lines().count());
+    assert_eq!(
+        bundles.len(),
+        out.lines().filter(|l| l.starts_with("exported")).count()
+    );
 
     let collector = w.start_collector(&office, &collector_cfg);
     let diag = || format!("{}\n--- agent\n{}", collector.log_text(), agent.log_text());

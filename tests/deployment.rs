@@ -224,11 +224,69 @@ fn workstation_journal(f: &Fleet) -> (String, String) {
     (field("last"), field("acked"))
 }
 
+/// Section 7's policy entry for the transfer stick, added to the collector's policy
+/// (as §3 changes it) and applied by the agent before it goes offline.
+fn register_transfer_stick(f: &Fleet) {
+    let entry = doc_block("docs/deployment.md", "<!-- airgap-test: transfer-stick -->");
+    f.collector.run(
+        Path::new("/"),
+        "register the transfer stick",
+        &format!(
+            "sed -i 's/^version = .*/version = \"example-3\"/' /etc/weilan/policy.toml\n\
+             cat >> /etc/weilan/policy.toml <<'EOF'\n\n{entry}\nEOF\n"
+        ),
+    );
+    let sql = format!(
+        "SELECT COUNT(*) FROM events WHERE agent_id = '{AGENT_ID}' AND kind = 'policy.applied' \
+         AND json_extract(envelope, '$.event.data.version') = 'example-3'"
+    );
+    assert!(
+        f.within(Duration::from_secs(30), || f.count(&sql) == 1),
+        "the agent never applied the policy with the transfer stick\n{}",
+        f.diag()
+    );
+}
+
+/// This machine has no USB bus: in the workstation's own mount namespace, the file
+/// system at /media is made to belong to a USB stick with the identity §7 registers
+/// (a tmpfs over the empty /sys/kernel/debug holds the device; /sys/dev/block gets a
+/// copy of its links plus one from /media's device to the stick's disk).
+fn plug_fake_transfer_stick(ws: &Host) {
+    let entry = doc_block("docs/deployment.md", "<!-- airgap-test: transfer-stick -->");
+    let field = |name: &str| {
+        entry
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} = \"")))
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or_else(|| panic!("§7's entry has no {name}"))
+            .to_string()
+    };
+    let script = format!(
+        "set -e\n\
+         d=/sys/kernel/debug/usb9/9-7\n\
+         mount -t tmpfs weilan-fake-usb /sys/kernel/debug\n\
+         mkdir -p \"$d/9-7:1.0/host9/target9:0:0/9:0:0:0/block/sdz\"\n\
+         echo {vid} > $d/idVendor; echo {pid} > $d/idProduct; echo {serial} > $d/serial\n\
+         echo 9 > $d/busnum; echo 7 > $d/devnum; echo 00 > $d/bDeviceClass; echo 480 > $d/speed\n\
+         echo 08 > \"$d/9-7:1.0/bInterfaceClass\"; echo 06 > \"$d/9-7:1.0/bInterfaceSubClass\"\n\
+         echo 50 > \"$d/9-7:1.0/bInterfaceProtocol\"; echo 00 > \"$d/9-7:1.0/bInterfaceNumber\"\n\
+         rm -rf /run/weilan-devblock && cp -a /sys/dev/block /run/weilan-devblock\n\
+         mount -t tmpfs weilan-fake-devblock /sys/dev/block\n\
+         cp -a /run/weilan-devblock/. /sys/dev/block/\n\
+         ln -s \"$d/9-7:1.0/host9/target9:0:0/9:0:0:0/block/sdz\" /sys/dev/block/$(mountpoint -d /media)\n",
+        vid = field("vid"),
+        pid = field("pid"),
+        serial = field("serial"),
+    );
+    ws.run(Path::new("/"), "fake transfer stick", &script);
+}
+
 /// Section 7's steps, verbatim: the workstation's unacknowledged records go to the
 /// collector on a "stick" (a tmpfs each host mounts at /media, copied across), are
 /// stored once, and the acks come back and are applied at the agent's next start.
 fn offline_round_trip(f: &Fleet) {
     let (c, ws) = (&f.collector, &f.workstation);
+    register_transfer_stick(f);
     c.run(
         Path::new("/"),
         "stop collector",
@@ -254,6 +312,7 @@ fn offline_round_trip(f: &Fleet) {
             "mount -t tmpfs tmpfs /media && mkdir /media/weilan-transfer",
         );
     }
+    plug_fake_transfer_stick(ws);
     f.step(ws, "offline-export", &f.release);
     let carry = |from: &Host, to: &Host, ext: &str| {
         for e in std::fs::read_dir(from.path("/media/weilan-transfer")).unwrap() {

@@ -98,6 +98,13 @@ mode = "enforce"
 default_target = "block"
 present_at_start = "apply"
 
+# The transfer stick of a host without network (deployment.md §7).
+[[usb.known_devices]]
+label = "hil transfer stick"
+vid = "46f4"
+pid = "0001"
+serial = "GOOD-2"
+
 # QEMU's usb-storage is 46f4:0001; a serial alone would be no identity.
 [[usb.rules]]
 id = "hil-allowed"
@@ -117,6 +124,31 @@ detectors = ["mark:*", "prc-resident-id"]
 exit = ["removable"]
 action = "read-only-device"
 "#;
+
+/// `weilan-agent journal export` on a real kernel (deployment.md §7): a directory of
+/// the guest's root file system is refused, the registered stick GOOD-2 (mounted at
+/// `mnt`) takes the bundle.
+fn journal_only_onto_the_registered_stick(hil: &Hil, mnt: &str) {
+    let export = |dir: &str| {
+        hil.gexec(&format!(
+            "mkdir -p {dir} && /hil/files/weilan-agent journal --config /hil/files/agent.toml export --out {dir} 2>&1"
+        ))
+    };
+    let (rc, text) = export("/root/not-a-stick");
+    assert!(
+        rc != 0 && text.contains("is not on a USB stick"),
+        "export onto the root file system: rc {rc}: {text}"
+    );
+    let (rc, text) = export(mnt);
+    assert!(
+        rc == 0 && text.contains("onto the registered transfer stick `hil transfer stick` (allowed by rule `hil-allowed`; 46f4:0001 serial `GOOD-2`)"),
+        "export onto {mnt}: rc {rc}: {text}"
+    );
+    println!(
+        "scenario journal export: refused off a stick, written onto the registered stick: {}",
+        text.lines().last().unwrap_or_default()
+    );
+}
 
 #[test]
 fn usb_fence_on_a_real_kernel() {
@@ -585,6 +617,7 @@ fn usb_fence_on_a_real_kernel() {
         || (watching(&held_mnt) > before).then_some(()),
         || hil.agent_log(),
     );
+    journal_only_onto_the_registered_stick(&hil, &held_mnt);
     let (rc, text) = hil.gexec(&format!(
         "(exec 3>{held_mnt}/held.txt; echo '机密 员工 11010519491231002X' >&3; sleep 600) </dev/null >/dev/null 2>&1 & sleep 1; echo started"
     ));

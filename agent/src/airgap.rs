@@ -36,6 +36,10 @@ pub enum AirgapError {
         line: usize,
         reason: String,
     },
+    /// The export directory is not on a transfer stick the policy registers and lets
+    /// be written.
+    #[error("{path}: {reason}")]
+    NotRegistered { path: String, reason: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AirgapError + '_ {
@@ -45,6 +49,92 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AirgapError + '_ {
     }
 }
 
+/// The registered transfer stick an export goes onto.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferStick {
+    /// Its `[[usb.known_devices]]` label.
+    pub label: String,
+    /// The rule that lets it be written.
+    pub rule_id: String,
+    pub vid: String,
+    pub pid: String,
+    pub serial: Option<String>,
+}
+
+/// The stick `out_dir` is on: the USB device its file system's block device belongs
+/// to must be a `[[usb.known_devices]]` entry that the policy in force allows (not
+/// read-only, not blocked) on this host now. A journal never goes to a disk, a
+/// network share or an unregistered stick, where it would leave the fence unseen.
+pub fn registered_stick(
+    settings: &AgentSettings,
+    out_dir: &Path,
+) -> Result<TransferStick, AirgapError> {
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |reason: String| AirgapError::NotRegistered {
+        path: out_dir.display().to_string(),
+        reason,
+    };
+    let dev = std::fs::metadata(out_dir).map_err(io_err(out_dir))?.dev();
+    let majmin = format!(
+        "{}:{}",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    );
+    let sysfs = crate::source::usb::sysfs::Sysfs::new(
+        settings
+            .usb
+            .as_ref()
+            .map_or_else(|| PathBuf::from("/sys"), |u| u.sysfs_root.clone()),
+    );
+    let usb_dir = sysfs
+        .block_dir(&majmin)
+        .and_then(|block| sysfs.usb_ancestor(&block))
+        .ok_or_else(|| {
+            refuse(format!(
+                "its file system (device {majmin}) is not on a USB stick; mount the registered transfer stick there"
+            ))
+        })?;
+    let device = sysfs
+        .read_device(&usb_dir, false)
+        .map_err(|e| refuse(format!("the stick's identity is unreadable: {e}")))?;
+    let (policy, _, _) = crate::policy_manager::initial(&settings.state_dir, &settings.policy)
+        .map_err(|e| {
+            refuse(format!(
+                "the policy in force is unreadable, so no stick is registered: {e}"
+            ))
+        })?;
+    let serial = device.serial.clone().unwrap_or_default();
+    let Some(known) = policy.usb.known_device(&device) else {
+        return Err(refuse(format!(
+            "the stick {}:{} serial `{serial}` is not a registered transfer stick ([[usb.known_devices]] in the policy)",
+            device.vid, device.pid
+        )));
+    };
+    let verdict = policy.usb.evaluate(
+        &device,
+        &weilan_config::policy::usb::Context {
+            host_groups: &settings.host_groups,
+            now: jiff::Timestamp::now(),
+        },
+    );
+    if verdict.target != weilan_config::policy::usb::Target::Allow {
+        return Err(refuse(format!(
+            "the stick `{}` is registered but the policy does not let it be written here now ({} by rule `{}`: {})",
+            known.label,
+            verdict.target.as_str(),
+            verdict.rule_id,
+            verdict.reason
+        )));
+    }
+    Ok(TransferStick {
+        label: known.label.clone(),
+        rule_id: verdict.rule_id,
+        vid: device.vid,
+        pid: device.pid,
+        serial: device.serial,
+    })
+}
+
 /// What an export wrote.
 #[derive(Debug)]
 pub struct Exported {
@@ -52,6 +142,8 @@ pub struct Exported {
     pub bundles: Vec<(PathBuf, Manifest)>,
     /// The acknowledged watermark the export started after.
     pub acked: Option<EventKey>,
+    /// The registered stick it went onto.
+    pub stick: TransferStick,
 }
 
 /// Where dropped ack bundles wait for the uplink.
@@ -150,13 +242,15 @@ fn bundle_name(agent_id: &str, m: &Manifest) -> String {
 pub const DEFAULT_BUNDLE_MIB: u64 = 512;
 
 /// Writes every unacknowledged record of the journal into bundles of at most about
-/// `max_mib` MiB in `out_dir`. Each file appears whole (written beside, synced, then
+/// `max_mib` MiB in `out_dir`, which must be on a registered transfer stick
+/// ([`registered_stick`]). Each file appears whole (written beside, synced, then
 /// renamed), so a stick pulled mid-write leaves no half bundle under a final name.
 pub fn export(
     settings: &AgentSettings,
     out_dir: &Path,
     max_mib: u64,
 ) -> Result<Exported, AirgapError> {
+    let stick = registered_stick(settings, out_dir)?;
     let (agent_id, identity) = crate::identity_in_force(settings).map_err(|e| match e {
         crate::AgentError::Identity(e) => AirgapError::Identity(e),
         other => AirgapError::Io {
@@ -207,6 +301,7 @@ pub fn export(
     Ok(Exported {
         bundles: bundles.done,
         acked,
+        stick,
     })
 }
 

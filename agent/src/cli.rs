@@ -256,13 +256,22 @@ fn carry_command(config: PathBuf, carry: Carry) -> ExitCode {
         Carry::Export { out, max_mib } => crate::airgap::export(&settings, &out, max_mib)
             .map_err(|e| e.to_string())
             .map(|e| {
+                let onto = format!(
+                    "onto the registered transfer stick `{}` (allowed by rule `{}`; {}:{} serial `{}`)\n",
+                    e.stick.label,
+                    e.stick.rule_id,
+                    e.stick.vid,
+                    e.stick.pid,
+                    e.stick.serial.as_deref().unwrap_or("")
+                );
                 if e.bundles.is_empty() {
                     return format!(
-                        "nothing to export: every record up to {} is acknowledged",
+                        "{onto}nothing to export: every record up to {} is acknowledged",
                         e.acked.map_or("-".into(), |k| k.to_string())
                     );
                 }
-                e.bundles
+                onto + &e
+                    .bundles
                     .iter()
                     .map(|(path, m)| {
                         format!(
