@@ -68,15 +68,27 @@ fn collector_cli(args: &[&str]) -> String {
 /// collector its own client id, certificate and alert log.
 fn collector_toml(root: &Path, name: &str, url: &str) -> std::path::PathBuf {
     let documented = doc_block("docs/deployment.md", "<!-- cluster-test: settings -->");
-    let (cert, key) = match name {
+    // The first collector holds the PKI; a further one has only what §10 says to copy
+    // to its host's /etc/weilan/pki/ (its enrollment registry comes from the database).
+    let (pki, cert, key) = match name {
         "weilan-collector" => (
+            "pki/".to_string(),
             "pki/collector.pem".to_string(),
             "pki/collector-key.pem".to_string(),
         ),
-        other => (
-            format!("pki/collectors/{other}.pem"),
-            format!("pki/collectors/{other}-key.pem"),
-        ),
+        other => {
+            let dir = root.join(format!("pki-{other}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::copy(root.join("pki/ca.pem"), dir.join("ca.pem")).unwrap();
+            for f in [format!("{other}.pem"), format!("{other}-key.pem")] {
+                std::fs::copy(root.join("pki/collectors").join(&f), dir.join(&f)).unwrap();
+            }
+            (
+                format!("pki-{other}/"),
+                format!("pki-{other}/{other}.pem"),
+                format!("pki-{other}/{other}-key.pem"),
+            )
+        }
     };
     let mut text = documented.clone();
     for (from, to) in [
@@ -85,7 +97,7 @@ fn collector_toml(root: &Path, name: &str, url: &str) -> std::path::PathBuf {
         ("\"weilan-collector-b\"", format!("\"{name}\"")),
         ("/etc/weilan/pki/weilan-collector-b.pem", cert),
         ("/etc/weilan/pki/weilan-collector-b-key.pem", key),
-        ("/etc/weilan/pki/", "pki/".to_string()),
+        ("/etc/weilan/pki/", pki),
         (
             "/var/lib/weilan-collector/weilan.db",
             "unused.db".to_string(),
@@ -413,7 +425,39 @@ fn three_collectors_share_the_ingest_and_one_killed_mid_burst_loses_and_doubles_
             diag()
         );
     }
-    for c in &mut running[usize::from(kill)..] {
+    // Revoked on the CA host (the first collector's, back after its crash): every
+    // collector's registry takes the revocation from the database.
+    collector_cli(&[
+        "agents",
+        "revoke",
+        "ws-000",
+        "--reason",
+        "cluster test",
+        "--dir",
+        &pki_dir,
+    ]);
+    if kill {
+        running[0] = start(0);
+    }
+    for name in &names[1..collectors] {
+        let registry = root.join(format!("pki-{name}/registry.jsonl"));
+        let revoked = within(Duration::from_secs(20), || {
+            std::fs::read_to_string(&registry)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.contains("\"revoked\"") && l.contains("\"ws-000\""))
+                .then_some(())
+        });
+        assert!(
+            revoked.is_some(),
+            "{name} never learnt of the revocation\n{}",
+            running
+                .iter()
+                .map(|c| format!("--- {}\n{}", c.name, tail(&c.log_text(), 40)))
+                .collect::<String>()
+        );
+    }
+    for c in &mut running {
         c.stop();
     }
 }

@@ -162,6 +162,8 @@ pub struct Enrolled {
     pub state: std::sync::RwLock<crate::registry::Registry>,
     /// Certificates (by fingerprint) already alerted as expiring.
     pub expiry_alerted: Mutex<std::collections::HashSet<String>>,
+    /// Where the file stands against the registry collectors share in the database.
+    pub shared: Mutex<crate::registry::SyncState>,
 }
 
 impl Enrolled {
@@ -171,7 +173,26 @@ impl Enrolled {
             path,
             state,
             expiry_alerted: Mutex::new(Default::default()),
+            shared: Mutex::new(Default::default()),
         })
+    }
+
+    /// Merges this collector's registry file with the one collectors sharing the
+    /// database hold there (`registry::sync_with_store`); blocks on the database.
+    pub fn sync_shared(&self, store: &Mutex<Store>) {
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let mut store = store.lock().unwrap_or_else(|p| p.into_inner());
+        match crate::registry::sync_with_store(&self.path, &*store.conn(), &mut shared) {
+            Ok((0, 0)) => {}
+            Ok((offered, taken)) => {
+                tracing::info!(
+                    offered,
+                    taken,
+                    "registry merged with the collectors sharing the database"
+                )
+            }
+            Err(e) => tracing::error!(error = %e, "registry not merged with the shared database"),
+        }
     }
 
     /// Valid certificates within `EXPIRY_WARNING` of their end, each found once per

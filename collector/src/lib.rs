@@ -238,7 +238,8 @@ fn start_forwarding(
     Ok(Some(tokio::spawn(forwarder.run(shutdown.clone()))))
 }
 
-/// Certificates revoked since the last look: the embedded broker reloads its CRL, and
+/// The registry merged with the shared database's (several collectors); then
+/// certificates revoked since the last look: the embedded broker reloads its CRL, and
 /// the sessions of identities that are gone are ended.
 fn enforce_revocations(
     ingest: &Ingest,
@@ -247,6 +248,9 @@ fn enforce_revocations(
     pki_dir: &pki::PkiPaths,
     settings: &CollectorSettings,
 ) {
+    if settings.shared_group.is_some() {
+        tokio::task::block_in_place(|| ingest.registry.sync_shared(&ingest.store));
+    }
     let revoked = ingest.registry.revoked_since(registry_seen);
     if revoked.is_empty() {
         return;
@@ -299,8 +303,10 @@ fn open_ingest(
         release: None,
     };
     policy_push.new_release(&mut store)?;
+    let store = Arc::new(Mutex::new(store));
+    let registry = open_registry(pki_dir, settings.shared_group.is_some(), &store)?;
     let ingest = Ingest {
-        store: Arc::new(Mutex::new(store)),
+        store,
         alerts: Mutex::new(alert_log),
         engine: Mutex::new(engine),
         sinks: sinks::Sinks::start(&settings.sinks)?,
@@ -310,7 +316,7 @@ fn open_ingest(
         max_payload: settings.max_payload_bytes,
         stats: Default::default(),
         last_integrity_alert: Default::default(),
-        registry: open_registry(pki_dir)?,
+        registry,
         refused: Default::default(),
         leadership: Mutex::new(leader::Leadership::new(crate::db::Location::of(settings))),
         districts: federation::Districts::open(&settings.federation.districts)?,
@@ -516,7 +522,11 @@ fn session_config(
 
 /// The registry of enrolled identities beside the CA; a PKI from before it existed
 /// is imported once.
-fn open_registry(pki_dir: &pki::PkiPaths) -> Result<ingest::Enrolled, CollectorError> {
+fn open_registry(
+    pki_dir: &pki::PkiPaths,
+    shared: bool,
+    store: &Mutex<store::Store>,
+) -> Result<ingest::Enrolled, CollectorError> {
     match registry::import_if_missing(pki_dir) {
         Ok(0) => {}
         Ok(n) => tracing::warn!(
@@ -525,7 +535,17 @@ fn open_registry(pki_dir: &pki::PkiPaths) -> Result<ingest::Enrolled, CollectorE
         ),
         Err(e) => tracing::error!(error = %e, "registry not imported"),
     }
-    Ok(ingest::Enrolled::open(registry::path(pki_dir))?)
+    let enrolled = ingest::Enrolled::open(registry::path(pki_dir))?;
+    if shared {
+        // Before the first batch: a collector that joins finds the others' agents.
+        enrolled.sync_shared(store);
+        enrolled
+            .state
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .refresh(&enrolled.path);
+    }
+    Ok(enrolled)
 }
 
 /// The enrollment listener: issues certificates for valid tokens; refusals come

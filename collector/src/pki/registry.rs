@@ -113,15 +113,17 @@ impl Registry {
                 line: i + 1,
                 detail: e.to_string(),
             })?;
-            match entry.action {
-                Action::Issued => {
-                    reg.valid.insert(entry.fingerprint.clone(), entry.clone());
-                }
-                Action::Revoked => {
-                    reg.valid.remove(&entry.fingerprint);
-                }
+            if entry.action == Action::Issued {
+                reg.valid.insert(entry.fingerprint.clone(), entry.clone());
             }
             reg.entries.push(entry);
+        }
+        // A revocation is final wherever it stands: registries that several
+        // collectors merge (`sync_with_store`) need not hold lines in one order.
+        for e in &reg.entries {
+            if e.action == Action::Revoked {
+                reg.valid.remove(&e.fingerprint);
+            }
         }
         Ok(reg)
     }
@@ -206,6 +208,97 @@ pub fn append(path: &Path, entry: &Entry) -> Result<(), RegistryError> {
             .map_err(|e| io(std::io::Error::other(e.to_string())))?;
     }
     Ok(())
+}
+
+/// What `sync_with_store` has seen: the lines (by hash) offered or taken, the last
+/// database line read, and the file's size when it was last read.
+#[derive(Debug, Default, Clone)]
+pub struct SyncState {
+    seen: std::collections::HashSet<u64>,
+    pulled_to: i64,
+    file_len: Option<u64>,
+}
+
+fn line_hash(line: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    line.hash(&mut h);
+    h.finish()
+}
+
+/// Collectors sharing one database (`broker.shared_group`) share one registry: each
+/// offers the lines its own file gained (an enrollment, a revocation, `pki
+/// issue-agent` on its host) to the table `registry_lines`, and appends to its file
+/// the lines the others offered; its ingest then reloads the file as always. So an
+/// agent enrolled at one collector is admitted by all, and a certificate revoked on
+/// any collector host is refused by all within a second or two, without copying
+/// files. Returns (lines offered, lines taken).
+pub fn sync_with_store(
+    path: &Path,
+    sql: &impl crate::db::Sql,
+    state: &mut SyncState,
+) -> Result<(usize, usize), RegistryError> {
+    use crate::db::params;
+    let db = |e: crate::db::Error| RegistryError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(format!("shared registry: {e}")),
+    };
+    let len = std::fs::metadata(path).map(|m| m.len()).ok();
+    let mut offered = 0;
+    if len != state.file_len {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => {
+                return Err(RegistryError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            if state.seen.insert(line_hash(line)) {
+                offered += sql
+                    .execute(
+                        "INSERT INTO registry_lines (line) VALUES (?1) ON CONFLICT DO NOTHING",
+                        params![line],
+                    )
+                    .map_err(db)? as usize;
+            }
+        }
+        state.file_len = len;
+    }
+    let news: Vec<(i64, String)> = sql
+        .query_map(
+            "SELECT line_id, line FROM registry_lines WHERE line_id > ?1 ORDER BY line_id",
+            params![state.pulled_to],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(db)?;
+    let mut taken = 0;
+    for (id, line) in &news {
+        state.pulled_to = *id;
+        if !state.seen.insert(line_hash(line)) {
+            continue;
+        }
+        // Only lines that read as entries: a line that is not one must not make the
+        // file unreadable for ingest.
+        let entry: Entry = match serde_json::from_str(line) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(line_id = id, error = %e, "shared registry line is not an entry; skipped");
+                continue;
+            }
+        };
+        // As this host writes it (the same text, unless a field's form differs):
+        // seen too, so it is not offered back as new.
+        state.seen.insert(line_hash(
+            &serde_json::to_string(&entry).unwrap_or_default(),
+        ));
+        append(path, &entry)?;
+        taken += 1;
+    }
+    Ok((offered, taken))
 }
 
 /// The registry entry for a certificate file just issued.
@@ -395,6 +488,113 @@ fn append_nothing(path: &Path) -> Result<(), RegistryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(action: Action, id: &str, fingerprint: &str, at: &str) -> Entry {
+        Entry {
+            at: at.into(),
+            action,
+            id: id.into(),
+            role: "agent".into(),
+            fingerprint: fingerprint.into(),
+            not_after: "2030-01-01T00:00:00Z".into(),
+            serial: String::new(),
+            groups: vec![],
+            by: "test".into(),
+        }
+    }
+
+    #[test]
+    fn a_revocation_counts_wherever_it_stands_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("registry.jsonl");
+        append(
+            &p,
+            &entry(Action::Revoked, "ws-1", "aa", "2026-01-02T00:00:00Z"),
+        )
+        .unwrap();
+        append(
+            &p,
+            &entry(Action::Issued, "ws-1", "aa", "2026-01-01T00:00:00Z"),
+        )
+        .unwrap();
+        append(
+            &p,
+            &entry(Action::Issued, "ws-2", "bb", "2026-01-01T00:00:00Z"),
+        )
+        .unwrap();
+        let reg = Registry::load(&p).unwrap();
+        assert!(reg.valid("aa").is_none());
+        assert!(reg.valid("bb").is_some());
+    }
+
+    #[test]
+    fn collectors_sharing_a_database_share_enrollments_and_revocations() {
+        let dir = tempfile::tempdir().unwrap();
+        let (location, _pg) = crate::db::testing::store_location(dir.path());
+        let mut store = crate::store::Store::open_at(&location).unwrap();
+        let (a, b) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+        let (mut sa, mut sb) = (SyncState::default(), SyncState::default());
+        append(
+            &a,
+            &entry(Action::Issued, "ws-1", "aa", "2026-01-01T00:00:00Z"),
+        )
+        .unwrap();
+        append(
+            &a,
+            &entry(Action::Issued, "ws-2", "bb", "2026-01-01T00:00:01Z"),
+        )
+        .unwrap();
+        assert_eq!(
+            sync_with_store(&a, &*store.conn(), &mut sa).unwrap(),
+            (2, 0)
+        );
+        // B had no file: it takes both, and offers nothing back.
+        assert_eq!(
+            sync_with_store(&b, &*store.conn(), &mut sb).unwrap(),
+            (0, 2)
+        );
+        assert_eq!(
+            sync_with_store(&b, &*store.conn(), &mut sb).unwrap(),
+            (0, 0)
+        );
+        assert!(Registry::load(&b).unwrap().valid("aa").is_some());
+        // Revoked on B's host: A refuses it after its next look.
+        append(
+            &b,
+            &entry(Action::Revoked, "ws-1", "aa", "2026-01-03T00:00:00Z"),
+        )
+        .unwrap();
+        assert_eq!(
+            sync_with_store(&b, &*store.conn(), &mut sb).unwrap(),
+            (1, 0)
+        );
+        assert_eq!(
+            sync_with_store(&a, &*store.conn(), &mut sa).unwrap(),
+            (0, 1)
+        );
+        assert_eq!(
+            sync_with_store(&a, &*store.conn(), &mut sa).unwrap(),
+            (0, 0)
+        );
+        let reg = Registry::load(&a).unwrap();
+        assert!(reg.valid("aa").is_none());
+        assert!(reg.valid("bb").is_some());
+        assert_eq!(reg.entries().len(), 3);
+        // A line that is no entry is skipped, not written into a file.
+        use crate::db::Sql;
+        store
+            .conn()
+            .execute(
+                "INSERT INTO registry_lines (line) VALUES ('not json')",
+                crate::db::params![],
+            )
+            .unwrap();
+        assert_eq!(
+            sync_with_store(&a, &*store.conn(), &mut sa).unwrap(),
+            (0, 0)
+        );
+        assert_eq!(Registry::load(&a).unwrap().entries().len(), 3);
+    }
 
     #[test]
     fn issued_then_revoked_and_imported_once() {
