@@ -450,10 +450,13 @@ fn refused_at_the_province(
             )),
         )
     };
-    publish_all(
+    // Refused for good, and acknowledged as refused: the district takes them off
+    // its queue instead of sending them forever.
+    let acks = publish_collecting(
         province_ns,
         DISTRICT,
         tls(),
+        &weilan_config::topics::federation_acks(DISTRICT),
         vec![
             (
                 weilan_config::topics::federation_batches(DISTRICT, "ws-000"),
@@ -464,7 +467,28 @@ fn refused_at_the_province(
                 batch("ws-001"),
             ),
         ],
+        2,
     );
+    assert_eq!(acks.len(), 2, "refusal acks");
+    let province = weilan_config::signing::Verifier::from_ca_file(&province_pki.ca()).unwrap();
+    for a in &acks {
+        let signed = weilan_config::wire::decode_signed(a, 1 << 20).unwrap();
+        province
+            .verify(
+                &signed,
+                weilan_config::wire::Purpose::Ack,
+                weilan_config::signing::Role::Collector,
+            )
+            .expect("signed by the province collector");
+        let ack: weilan_config::wire::Ack = serde_json::from_str(&signed.body).unwrap();
+        assert_eq!((ack.stored, ack.rejected.len()), (0, 1), "{ack:?}");
+        assert!(
+            ack.rejected[0]
+                .reason
+                .starts_with("refused by the province"),
+            "{ack:?}"
+        );
+    }
     // Not its own topic: the province broker's ACL drops it unseen (and the
     // connection with it).
     let _ = publish_denied(

@@ -256,6 +256,17 @@ impl Forwarder {
             first_seq: ack.first.seq,
             last_seq: ack.last.seq,
         };
+        if !ack.rejected.is_empty() {
+            tracing::warn!(
+                district = %self.district,
+                agent_id = %ack.agent_id,
+                first = %ack.first,
+                last = %ack.last,
+                rejected = ack.rejected.len(),
+                reason = %ack.rejected[0].reason,
+                "the province refused events of a forwarded batch (see its alerts)"
+            );
+        }
         flight.sent.remove(&key);
         let ingest = self.ingest.clone();
         let done = tokio::task::spawn_blocking(move || {

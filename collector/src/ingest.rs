@@ -498,6 +498,9 @@ impl Ingest {
             self.refuse(&m.topic, &reason, &m.payload);
             if let Step::Batch(b) = &decoded[i] {
                 replies.extend(self.integrity_alert(b.agent, &reason, &m.payload));
+                if let Some(district) = b.via {
+                    replies.extend(self.refusal_ack(district, &m.payload, &reason));
+                }
             }
         }
         let committed = stored.iter().filter(|r| r.is_some()).count() as u64;
@@ -599,7 +602,41 @@ impl Ingest {
             Err(e) => format!("forwarded by district `{district}`: signature: {e}"),
         };
         self.refuse(topic, &reason, payload);
-        Authenticated::Replies(self.integrity_alert(agent, &reason, payload))
+        let mut replies = self.integrity_alert(agent, &reason, payload);
+        replies.extend(self.refusal_ack(district, payload, &reason));
+        Authenticated::Replies(replies)
+    }
+
+    /// The ack of a forwarded batch this province refuses for good (a signature that
+    /// fails, an agent of another district): every event rejected with the reason, so
+    /// the district takes it off its queue instead of sending it forever and holding
+    /// up the batches behind it. The refusal itself stays here: quarantined, alerted.
+    /// The batch's keys are read unverified: they only tell the district which of its
+    /// own queued batches to drop.
+    fn refusal_ack(&self, district: &str, payload: &[u8], reason: &str) -> Option<Reply> {
+        let signed = wire::decode_signed(payload, self.max_payload).ok()?;
+        let batch = wire::decode_batch(&signed.body, self.max_payload).ok()?;
+        let ack = Ack {
+            agent_id: batch.agent_id.clone(),
+            batch_id: batch.batch_id,
+            first: batch.first,
+            last: batch.last,
+            stored: 0,
+            duplicates: 0,
+            rejected: (0..batch.events.len())
+                .map(|index| EventRejection {
+                    index,
+                    key: None,
+                    reason: format!("refused by the province: {reason}"),
+                })
+                .collect(),
+        };
+        let body = serde_json::to_string(&ack).ok()?;
+        Some(Reply {
+            topic: topics::federation_acks(district),
+            payload: serde_json::to_vec(&self.signer.sign(Purpose::Ack, body)).ok()?,
+            retain: false,
+        })
     }
 
     /// Decodes an authenticated batch and checks each event (in parallel).
