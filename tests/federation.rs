@@ -12,7 +12,9 @@
 //! cut is an nftables rule in the district's namespace that drops everything to the
 //! province (packets vanish, as on a failed WAN line).
 //!
-//! Size: `FEDERATION_AGENTS` × `FEDERATION_EVENTS` [10 × 1 000], cut for
+//! Size: `FEDERATION_EVENTS` [10 000] from `FEDERATION_AGENTS` [10], of which the
+//! first has 46 % (more batches than the forwarder sends of one agent at once: the
+//! others' must not wait behind it), cut for
 //! `FEDERATION_CUT_SECS` [30]; the run is `FEDERATION_CUT_SECS=600 cargo
 //! nextest run --test federation --no-capture` (10 000 events, 10 minutes).
 
@@ -192,9 +194,13 @@ fn a_district_forwards_through_a_cut_link_and_the_province_stores_every_event_on
         return;
     }
     let agents = env_or("FEDERATION_AGENTS", 10);
-    let per_agent = env_or("FEDERATION_EVENTS", 1_000) as u64;
+    let total_events = env_or("FEDERATION_EVENTS", 10_000) as u64;
+    // The first agent has 46 %, the others share the rest evenly.
+    let small = total_events * 54 / 100 / (agents as u64 - 1).max(1);
+    let big = total_events - small * (agents as u64 - 1);
+    let events_of = |i: usize| if i == 0 { big } else { small };
     let cut_for = Duration::from_secs(env_or("FEDERATION_CUT_SECS", 30) as u64);
-    let total = agents as i64 * per_agent as i64;
+    let total = total_events as i64;
     let dir = tempfile::tempdir().unwrap();
     let (district, province) = (dir.path().join("district"), dir.path().join("province"));
     let district_pki = pki_init(&district.join("pki"));
@@ -284,7 +290,8 @@ fn a_district_forwards_through_a_cut_link_and_the_province_stores_every_event_on
     let uplinks = agent_names
         .iter()
         .map(|a| {
-            let events = (1..=per_agent).map(|n| bench_common::exported(a, n, vec![]));
+            let i: usize = a[3..].parse().unwrap();
+            let events = (1..=events_of(i)).map(|n| bench_common::exported(a, n, vec![]));
             common::uplink::agent_uplink(&district, &district_pki, a, BROKER_PORT, events)
         })
         .collect();
@@ -320,8 +327,14 @@ fn a_district_forwards_through_a_cut_link_and_the_province_stores_every_event_on
     std::thread::sleep(cut_for.saturating_sub(cut_began.elapsed()));
     let before_restore = count(&province_db, files);
     let queued = count(&district_db, "SELECT COUNT(*) FROM federation_outbox");
+    // More of the first agent's batches than the forwarder has out for one agent
+    // (32): after the cut the others' are sent beside them, not behind.
+    let queued_first = count(
+        &district_db,
+        "SELECT COUNT(*) FROM federation_outbox WHERE agent_id = 'ws-000'",
+    );
     println!(
-        "after {:.0} s cut: district {} stored, {queued} batches queued; province {before_restore}",
+        "after {:.0} s cut: district {} stored, {queued} batches queued ({queued_first} of ws-000); province {before_restore}",
         cut_began.elapsed().as_secs_f64(),
         count(&district_db, files)
     );
@@ -359,6 +372,7 @@ fn a_district_forwards_through_a_cut_link_and_the_province_stores_every_event_on
         .unwrap();
     assert_eq!(per_agent_rows.len(), agents);
     for (agent, distinct, span) in &per_agent_rows {
+        let per_agent = events_of(agent[3..].parse().unwrap());
         assert_eq!(
             (*distinct, *span),
             (per_agent as i64, per_agent as i64),
@@ -397,6 +411,12 @@ fn a_district_forwards_through_a_cut_link_and_the_province_stores_every_event_on
     );
     if cut_for >= Duration::from_secs(25) {
         assert!(queued > 0, "nothing waited at the district during the cut");
+        if total >= 10_000 {
+            assert!(
+                queued_first > 32,
+                "only {queued_first} of ws-000's batches queued"
+            );
+        }
         let backlog = count(
             &district_db,
             "SELECT COUNT(*) FROM alerts WHERE rule_id = 'builtin.collector.federation-backlog'",

@@ -63,6 +63,43 @@ pub struct Forwarder {
 /// an agent itself keeps at most 32 unacknowledged.
 const PER_AGENT_IN_FLIGHT: usize = 32;
 
+/// What to do with one queued batch now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Send {
+    /// Sent and not yet acknowledged.
+    AlreadyOut,
+    /// Its agent has `PER_AGENT_IN_FLIGHT` out (it waits, in order), or the window
+    /// is full.
+    Hold,
+    Now,
+}
+
+/// For `queued` (oldest first), which to send now: at most `room`, at most
+/// `PER_AGENT_IN_FLIGHT` of one agent out at once; an agent at its limit holds only
+/// its own later batches back, never another agent's.
+fn plan_sends(queued: &[Queued], out: &HashMap<BatchKey, Instant>, room: usize) -> Vec<Send> {
+    let mut per_agent: HashMap<&str, usize> = HashMap::new();
+    for k in out.keys() {
+        *per_agent.entry(k.agent.as_str()).or_default() += 1;
+    }
+    let mut sending = 0;
+    queued
+        .iter()
+        .map(|q| {
+            if out.contains_key(&q.key) {
+                return Send::AlreadyOut;
+            }
+            let n = per_agent.entry(q.key.agent.as_str()).or_default();
+            if sending >= room || *n >= PER_AGENT_IN_FLIGHT {
+                return Send::Hold;
+            }
+            *n += 1;
+            sending += 1;
+            Send::Now
+        })
+        .collect()
+}
+
 /// Batches out and not yet acknowledged: when each was sent.
 #[derive(Default)]
 struct InFlight {
@@ -200,8 +237,10 @@ impl Forwarder {
         }
         let ingest = self.ingest.clone();
         let after = flight.after;
+        // Rows already out come again (they follow a row held back for its agent).
+        let limit = room + flight.sent.len();
         let queued = tokio::task::spawn_blocking(move || {
-            federation::queued_after(&*ingest.store().conn(), after, room)
+            federation::queued_after(&*ingest.store().conn(), after, limit)
         })
         .await;
         let queued: Vec<Queued> = match queued {
@@ -212,29 +251,35 @@ impl Forwarder {
             }
             Err(_) => return,
         };
-        for q in queued {
-            let out_for_agent = flight
-                .sent
-                .keys()
-                .filter(|k| k.agent == q.key.agent)
-                .count();
-            if out_for_agent >= PER_AGENT_IN_FLIGHT {
-                // In order: the rest waits until this agent's earlier batches are acked.
-                break;
+        let topic_of = |agent: &str| topics::federation_batches(&self.district, agent);
+        // `after` moves only over rows that are out: a row held back is read again.
+        let mut contiguous = true;
+        let plan = plan_sends(&queued, &flight.sent, room);
+        for (q, step) in queued.into_iter().zip(plan) {
+            match step {
+                Send::AlreadyOut => {}
+                Send::Hold => {
+                    contiguous = false;
+                    continue;
+                }
+                Send::Now => {
+                    if client
+                        .try_publish(topic_of(&q.key.agent), QoS::AtLeastOnce, false, q.payload)
+                        .is_err()
+                    {
+                        // The session's request channel is full: the rest waits for
+                        // the next tick.
+                        break;
+                    }
+                    flight.sent.insert(q.key, Instant::now());
+                    self.stats
+                        .sent
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
-            let topic = topics::federation_batches(&self.district, &q.key.agent);
-            if client
-                .try_publish(topic, QoS::AtLeastOnce, false, q.payload)
-                .is_err()
-            {
-                // The session's request channel is full: the rest waits for the next tick.
-                break;
+            if contiguous {
+                flight.after = q.outbox_id;
             }
-            flight.after = q.outbox_id;
-            flight.sent.insert(q.key, Instant::now());
-            self.stats
-                .sent
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -350,5 +395,66 @@ fn publish_local(client: &rumqttc::AsyncClient, replies: Vec<Reply>) {
         if let Err(e) = client.try_publish(r.topic, QoS::AtLeastOnce, r.retain, r.payload) {
             tracing::error!(error = %e, "reply of a federation finding not sent");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued(agents: &[(&str, u64)]) -> Vec<Queued> {
+        let mut id = 0;
+        let mut out = Vec::new();
+        for (agent, n) in agents {
+            for seq in 1..=*n {
+                id += 1;
+                out.push(Queued {
+                    outbox_id: id,
+                    key: BatchKey {
+                        agent: agent.to_string(),
+                        epoch: 1,
+                        first_seq: seq,
+                        last_seq: seq,
+                    },
+                    payload: vec![],
+                });
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn an_agent_at_its_limit_holds_back_only_its_own_batches() {
+        let rows = queued(&[("ws-a", 40), ("ws-b", 3)]);
+        let plan = plan_sends(&rows, &HashMap::new(), 256);
+        let now = |agent: &str| {
+            rows.iter()
+                .zip(&plan)
+                .filter(|(q, s)| q.key.agent == agent && **s == Send::Now)
+                .count()
+        };
+        assert_eq!((now("ws-a"), now("ws-b")), (PER_AGENT_IN_FLIGHT, 3));
+        // In order: the first 32 of ws-a, the rest held.
+        assert!(plan[..PER_AGENT_IN_FLIGHT].iter().all(|s| *s == Send::Now));
+        assert!(plan[PER_AGENT_IN_FLIGHT..40]
+            .iter()
+            .all(|s| *s == Send::Hold));
+        // Those out are not sent again; the window bounds what is sent.
+        let out: HashMap<BatchKey, Instant> = rows[..PER_AGENT_IN_FLIGHT]
+            .iter()
+            .map(|q| (q.key.clone(), Instant::now()))
+            .collect();
+        let plan = plan_sends(&rows, &out, 2);
+        assert!(plan[..PER_AGENT_IN_FLIGHT]
+            .iter()
+            .all(|s| *s == Send::AlreadyOut));
+        assert_eq!(
+            &plan[PER_AGENT_IN_FLIGHT..],
+            &[
+                [Send::Hold; 8].as_slice(),
+                &[Send::Now, Send::Now, Send::Hold]
+            ]
+            .concat()[..]
+        );
     }
 }
