@@ -48,21 +48,6 @@ fn exported(agent: &str, n: u64) -> Envelope {
     bench_common::exported(agent, n, classification)
 }
 
-/// `weilan collector ARGS…`, which must succeed; its standard output.
-fn collector_cli(args: &[&str]) -> String {
-    let out = Command::new(weilan_bin())
-        .arg("collector")
-        .args(args)
-        .output()
-        .expect("weilan collector");
-    assert!(
-        out.status.success(),
-        "weilan collector {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// The settings of collector `name`: docs/deployment.md §10's, with the broker on
 /// this test's loopback, the files under `root` and the test's database; each
 /// collector its own client id, certificate and alert log.

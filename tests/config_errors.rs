@@ -96,21 +96,29 @@ fn exits_64_reporting_all(args: &[&str], cfg: &std::path::Path, expected: &[&str
     }
 }
 
-/// The collector's per-source quota and queue are range-checked together.
-#[test]
-fn collector_ingest_limits_a_foreign_store_url_and_a_misplaced_shared_group_are_all_reported_with_exit_64(
-) {
+/// A directory with the files a collector's settings name (placeholders: these tests
+/// stop at the settings' checks), plus `more`.
+fn collector_files(more: &[&str]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    for f in [
+    let named = [
         "ca.pem",
         "s.pem",
         "s-key.pem",
         "c.pem",
         "c-key.pem",
         "policy.toml",
-    ] {
+    ];
+    for f in named.iter().chain(more) {
         fs::write(dir.path().join(f), "x").unwrap();
     }
+    dir
+}
+
+/// The collector's per-source quota and queue are range-checked together.
+#[test]
+fn collector_ingest_limits_a_foreign_store_url_and_a_misplaced_shared_group_are_all_reported_with_exit_64(
+) {
+    let dir = collector_files(&[]);
     let cfg = dir.path().join("collector.toml");
     fs::write(
         &cfg,
@@ -152,18 +160,7 @@ fn collector_ingest_limits_a_foreign_store_url_and_a_misplaced_shared_group_are_
 /// `[federation]`: every wrong district and upstream field reported at once.
 #[test]
 fn federation_districts_and_upstream_are_checked_field_by_field_with_exit_64() {
-    let dir = tempfile::tempdir().unwrap();
-    for f in [
-        "ca.pem",
-        "s.pem",
-        "s-key.pem",
-        "c.pem",
-        "c-key.pem",
-        "policy.toml",
-        "east-ca.pem",
-    ] {
-        fs::write(dir.path().join(f), "x").unwrap();
-    }
+    let dir = collector_files(&["east-ca.pem"]);
     let cfg = dir.path().join("collector.toml");
     fs::write(
         &cfg,

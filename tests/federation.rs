@@ -32,22 +32,8 @@ use weilan_collector::pki::PkiPaths;
 use weilan_config::signing::Signer;
 
 const DISTRICT: &str = "weilan-district-east";
-const DISTRICT_ADDR: &str = "10.77.0.1";
-const PROVINCE_ADDR: &str = "10.77.0.2";
-
-/// `weilan collector ARGS…`, which must succeed.
-fn collector_cli(args: &[&str]) {
-    let out = Command::new(weilan_bin())
-        .arg("collector")
-        .args(args)
-        .output()
-        .expect("weilan collector");
-    assert!(
-        out.status.success(),
-        "weilan collector {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+const DISTRICT_ADDR: &str = "10.79.0.1";
+const PROVINCE_ADDR: &str = "10.79.0.2";
 
 fn pki_init(dir: &Path) -> PkiPaths {
     let d = dir.display().to_string();

@@ -908,6 +908,21 @@ pub fn ssh_opts(key: &Path) -> Vec<String> {
     ]
 }
 
+/// `weilan collector ARGS…`, which must succeed; its standard output.
+pub fn collector_cli(args: &[&str]) -> String {
+    let out = Command::new(weilan_bin())
+        .arg("collector")
+        .args(args)
+        .output()
+        .expect("weilan collector");
+    assert!(
+        out.status.success(),
+        "weilan collector {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Polls `f` every 100 ms until it returns `Some`, for at most `timeout` (`None`
 /// then; the caller says what was missing).
 pub fn within<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
