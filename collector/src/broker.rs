@@ -577,6 +577,27 @@ mod tests {
     }
 
     #[test]
+    fn the_embedded_broker_writes_a_block_for_each_district_it_serves() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = BrokerSpec {
+            mosquitto: "/usr/sbin/mosquitto".into(),
+            dir: dir.path().join("broker"),
+            listen: "127.0.0.1:8883".parse().unwrap(),
+            max_connections: 10,
+            max_packet: 1 << 20,
+            ca: "/etc/weilan/pki/ca.pem".into(),
+            cert: "/etc/weilan/pki/server.pem".into(),
+            key: "/etc/weilan/pki/server-key.pem".into(),
+            crl: "/etc/weilan/pki/crl.pem".into(),
+            districts: vec!["weilan-district-east".into()],
+        };
+        spec.write_files("root").unwrap();
+        let acl = std::fs::read_to_string(spec.acl_path()).unwrap();
+        assert!(acl.starts_with(SHIPPED_ACL));
+        assert!(acl.ends_with(&district_block("weilan-district-east")));
+    }
+
+    #[test]
     fn a_district_gets_only_its_own_federation_topics() {
         let acl = acl_for_districts(SHIPPED_ACL.into(), &["weilan-district-east".into()]).unwrap();
         let added = &acl[SHIPPED_ACL.len()..];

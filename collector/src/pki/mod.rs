@@ -498,6 +498,45 @@ mod tests {
     }
 
     #[test]
+    fn a_district_gets_a_district_certificate_no_agent_can_take_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = PkiPaths::new(dir.path());
+        init(&paths, &["weilan-collector".into(), "127.0.0.1".into()]).unwrap();
+        let (cert, key) = issue_district(&paths, "weilan-district-east").unwrap();
+        let signer = Signer::from_pem_files(&cert, &key).unwrap();
+        assert_eq!(signer.identity().role, Role::District);
+        let verifier = Verifier::from_ca_file(&paths.ca()).unwrap();
+        let msg = signer.sign(Purpose::Ack, "{}".into());
+        assert!(verifier.verify(&msg, Purpose::Ack, Role::District).is_ok());
+        // Not a collector: its signature on an ack or a command counts for nothing.
+        assert!(verifier
+            .verify(&msg, Purpose::Ack, Role::Collector)
+            .is_err());
+        assert!(matches!(
+            issue_district(&paths, "weilan-district-east"),
+            Err(PkiError::Exists(_))
+        ));
+        for bad in [
+            "ws-01",
+            "weilan-district-",
+            "weilan-collector-b",
+            "weilan-district-a/x",
+        ] {
+            assert!(
+                matches!(
+                    issue_district(&paths, bad),
+                    Err(PkiError::BadDistrictName(_))
+                ),
+                "{bad} accepted"
+            );
+        }
+        assert!(matches!(
+            issue_agent(&paths, "weilan-district-west"),
+            Err(PkiError::Reserved(_))
+        ));
+    }
+
+    #[test]
     fn issued_certificates_sign_and_verify_with_their_roles() {
         let dir = tempfile::tempdir().unwrap();
         let paths = PkiPaths::new(dir.path());
