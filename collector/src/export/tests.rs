@@ -454,17 +454,21 @@ fn verification_names_any_changed_removed_or_added_file_and_a_replaced_link() {
     assert!(err.contains("manifest.sig"), "{err}");
 }
 
-#[test]
-fn a_missed_schedule_is_caught_up_and_says_so_and_retention_prunes() {
-    let f = fixture();
+/// Collector settings for the scheduled-export tests: the fixture's PKI and database,
+/// and `exports` as the `[exports]` section (with its schedules); the signer.
+fn scheduled(
+    f: &Fixture,
+    exports: &str,
+) -> (
+    weilan_config::settings::collector::CollectorSettings,
+    weilan_config::signing::Signer,
+) {
     let root = f.dir.path();
     std::fs::write(root.join("policy.toml"), "version = \"t\"\n").unwrap();
     let toml = format!(
         "[broker]\nmode = \"external\"\n[tls]\nca = \"{pki}/ca.pem\"\nserver_cert = \"{pki}/server.pem\"\nserver_key = \"{pki}/server-key.pem\"\n\
          client_cert = \"{pki}/collector.pem\"\nclient_key = \"{pki}/collector-key.pem\"\n[store]\npath = \"db.sqlite\"\n{url}\
-         [alerts]\npath = \"alerts.jsonl\"\n[policy]\npath = \"policy.toml\"\n\
-         [exports]\ndir = \"scheduled\"\nlanguage = \"en\"\ntimezone = \"Asia/Shanghai\"\nkeep = 1\nevents_keep_days = 1\n\
-         [[exports.schedules]]\nname = \"daily\"\nevery = \"day\"\nat = \"01:00\"\n",
+         [alerts]\npath = \"alerts.jsonl\"\n[policy]\npath = \"policy.toml\"\n{exports}",
         pki = f.pki.ca().parent().unwrap().display(),
         url = match &f.db {
             Location::Postgres(url) => format!("url = \"{url}\"\n"),
@@ -481,6 +485,18 @@ fn a_missed_schedule_is_caught_up_and_says_so_and_retention_prunes() {
     let signer =
         weilan_config::signing::Signer::from_pem_files(&f.pki.collector(), &f.pki.collector_key())
             .unwrap();
+    (settings, signer)
+}
+
+#[test]
+fn a_missed_schedule_is_caught_up_and_says_so_and_retention_prunes() {
+    let f = fixture();
+    let root = f.dir.path();
+    let (settings, signer) = scheduled(
+        &f,
+        "[exports]\ndir = \"scheduled\"\nlanguage = \"en\"\ntimezone = \"Asia/Shanghai\"\nkeep = 1\nevents_keep_days = 1\n\
+         [[exports.schedules]]\nname = \"daily\"\nevery = \"day\"\nat = \"01:00\"\n",
+    );
     let rules = crate::rules::RuleSet::load(true, None).unwrap();
     // The collector comes up at 09:00 on the 22nd (Shanghai): the 21st was due at 01:00.
     let now: jiff::Timestamp = "2026-11-22T01:00:00Z".parse().unwrap();
@@ -520,6 +536,80 @@ fn a_missed_schedule_is_caught_up_and_says_so_and_retention_prunes() {
         chained.notes[0].contains("daily-2026-11-21 is not in"),
         "{:?}",
         chained.notes
+    );
+}
+
+#[test]
+fn retention_that_drops_a_month_leaves_every_later_monthly_export_verifiable() {
+    let f = fixture();
+    // Besides the fixture's November: September and October, received then.
+    heartbeats(
+        &f,
+        "ws-9",
+        0,
+        GENESIS_HASH.to_string(),
+        "2026-09-10T00:00:00Z",
+        80,
+    );
+    let (seq, prev) = head(&f, "ws-9");
+    heartbeats(&f, "ws-9", seq, prev, "2026-10-10T00:00:00Z", 80);
+    let (settings, signer) = scheduled(
+        &f,
+        "[exports]\ndir = \"scheduled\"\nlanguage = \"en\"\ntimezone = \"Asia/Shanghai\"\nevents_keep_days = 60\n\
+         [[exports.schedules]]\nname = \"monthly\"\nevery = \"month\"\nat = \"01:00\"\n",
+    );
+    let rules = crate::rules::RuleSet::load(true, None).unwrap();
+    let root = f.dir.path().join("scheduled");
+    let in_month = |month: &str| -> i64 {
+        Conn::open(&f.db.clone())
+            .unwrap()
+            .query_row(
+                // Heartbeats move into blocks as they age (heartbeats/): counted apart.
+                "SELECT (SELECT COUNT(*) FROM events WHERE received_at LIKE ?1)
+                      + (SELECT CAST(COALESCE(SUM(count), 0) AS BIGINT) FROM heartbeat_blocks
+                         WHERE first_received LIKE ?1)",
+                params![format!("2026-{month}-%")],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    let september = in_month("09");
+    assert!(september >= 80, "{september}");
+    // Each month exported on the 1st of the next (Shanghai), retention applied each time.
+    for now in [
+        "2026-09-30T17:00:30Z",
+        "2026-10-31T17:00:30Z",
+        "2026-11-30T17:00:30Z",
+    ] {
+        super::schedule::run(&settings, &signer, &rules, now.parse().unwrap());
+    }
+    let months = ["monthly-2026-09", "monthly-2026-10", "monthly-2026-11"];
+    for m in months {
+        assert!(root.join(m).join("manifest.json").exists(), "{m} exported");
+    }
+    // The last run's retention (60 days before 1 December) dropped September only.
+    assert_eq!(in_month("09"), 0, "September's events dropped");
+    assert!(in_month("10") >= 80 && in_month("11") > 0);
+    // Every export still verifies, and the newest's chain reaches back through the
+    // month whose events are gone.
+    for m in months {
+        verify::verify(&root.join(m), &verifier(&f))
+            .unwrap_or_else(|e| panic!("{m} no longer verifies: {e}"));
+    }
+    let chained = verify::verify(&root.join(months[2]), &verifier(&f)).unwrap();
+    assert_eq!(chained.exports.len(), 3, "{:?}", chained.notes);
+    // October exported again after the drop: the same events, byte for byte.
+    let again = request(&f, "october-again", Lang::En, None);
+    let again = Request {
+        from: "2026-09-30T16:00:00Z".parse().unwrap(),
+        to: "2026-10-31T16:00:00Z".parse().unwrap(),
+        ..again
+    };
+    let done = run(&f, &again);
+    assert_eq!(
+        std::fs::read(root.join(months[1]).join("events.jsonl")).unwrap(),
+        std::fs::read(done.dir.join("events.jsonl")).unwrap(),
+        "October's events after September was dropped"
     );
 }
 
