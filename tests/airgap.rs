@@ -111,16 +111,7 @@ fn only_onto_a_registered_stick(w: &World, agent_cfg: &Path, stick: &Path) {
     let export = |dir: &Path| agent_journal(agent_cfg, &["export", "--out", dir.to_str().unwrap()]);
     let (ok, out) = export(stick);
     assert!(!ok && out.contains("is not on a USB stick"), "{out}");
-    let documented = doc_block("docs/deployment.md", "<!-- airgap-test: transfer-stick -->");
-    let field = |name: &str| {
-        documented
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} = \"")))
-            .and_then(|v| v.strip_suffix('"'))
-            .unwrap_or_else(|| panic!("§7's policy has no {name}:\n{documented}"))
-            .to_string()
-    };
-    let (vid, pid, serial) = (field("vid"), field("pid"), field("serial"));
+    let (documented, vid, pid, serial) = transfer_stick_entry();
     add_stick(
         &w.sysfs(),
         &FakeStick {

@@ -227,7 +227,7 @@ fn workstation_journal(f: &Fleet) -> (String, String) {
 /// Section 7's policy entry for the transfer stick, added to the collector's policy
 /// (as §3 changes it) and applied by the agent before it goes offline.
 fn register_transfer_stick(f: &Fleet) {
-    let entry = doc_block("docs/deployment.md", "<!-- airgap-test: transfer-stick -->");
+    let (entry, ..) = transfer_stick_entry();
     f.collector.run(
         Path::new("/"),
         "register the transfer stick",
@@ -252,15 +252,7 @@ fn register_transfer_stick(f: &Fleet) {
 /// (a tmpfs over the empty /sys/kernel/debug holds the device; /sys/dev/block gets a
 /// copy of its links plus one from /media's device to the stick's disk).
 fn plug_fake_transfer_stick(ws: &Host) {
-    let entry = doc_block("docs/deployment.md", "<!-- airgap-test: transfer-stick -->");
-    let field = |name: &str| {
-        entry
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} = \"")))
-            .and_then(|v| v.strip_suffix('"'))
-            .unwrap_or_else(|| panic!("§7's entry has no {name}"))
-            .to_string()
-    };
+    let (_, vid, pid, serial) = transfer_stick_entry();
     let script = format!(
         "set -e\n\
          d=/sys/kernel/debug/usb9/9-7\n\
@@ -274,9 +266,6 @@ fn plug_fake_transfer_stick(ws: &Host) {
          mount -t tmpfs weilan-fake-devblock /sys/dev/block\n\
          cp -a /run/weilan-devblock/. /sys/dev/block/\n\
          ln -s \"$d/9-7:1.0/host9/target9:0:0/9:0:0:0/block/sdz\" /sys/dev/block/$(mountpoint -d /media)\n",
-        vid = field("vid"),
-        pid = field("pid"),
-        serial = field("serial"),
     );
     ws.run(Path::new("/"), "fake transfer stick", &script);
 }

@@ -908,6 +908,57 @@ pub fn ssh_opts(key: &Path) -> Vec<String> {
     ]
 }
 
+/// docs/deployment.md §7's transfer-stick policy entry and the identity it registers:
+/// (entry, vid, pid, serial).
+pub fn transfer_stick_entry() -> (String, String, String, String) {
+    let entry = doc_block("docs/deployment.md", "<!-- airgap-test: transfer-stick -->");
+    let field = |name: &str| {
+        entry
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} = \"")))
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or_else(|| panic!("§7's transfer-stick entry has no {name}:\n{entry}"))
+            .to_string()
+    };
+    let (vid, pid, serial) = (field("vid"), field("pid"), field("serial"));
+    (entry, vid, pid, serial)
+}
+
+/// Asserts that `db` holds every agent's `kind` events exactly once, contiguous:
+/// no (agent, epoch, seq) twice, `agents` agents, and for each as many as
+/// `expected(agent)`.
+pub fn assert_each_event_once(
+    db: &Conn,
+    kind: &str,
+    agents: usize,
+    expected: impl Fn(&str) -> i64,
+) {
+    let doubled: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM (SELECT agent_id, epoch, seq FROM events GROUP BY agent_id, epoch, seq HAVING COUNT(*) > 1) AS d",
+            params![],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(doubled, 0, "events stored twice");
+    let per_agent: Vec<(String, i64, i64)> = db
+        .query_map(
+            "SELECT agent_id, COUNT(DISTINCT seq), MAX(seq) - MIN(seq) + 1 FROM events WHERE kind = ?1 GROUP BY agent_id ORDER BY agent_id",
+            params![kind],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(per_agent.len(), agents, "agents with {kind} events");
+    for (agent, distinct, span) in &per_agent {
+        let want = expected(agent);
+        assert_eq!(
+            (*distinct, *span),
+            (want, want),
+            "{agent}: contiguous, each once"
+        );
+    }
+}
+
 /// `weilan collector ARGS…`, which must succeed; its standard output.
 pub fn collector_cli(args: &[&str]) -> String {
     let out = Command::new(weilan_bin())
