@@ -20,7 +20,6 @@ mod common;
 mod bench_common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bench_common::{cpu_ticks, env_or};
@@ -115,26 +114,7 @@ fn collector_toml(root: &Path, name: &str, url: &str) -> std::path::PathBuf {
 /// and the ACL under `root`; then, beyond the two further collectors it names, one
 /// more certificate each and the ACL for them all.
 fn documented_pki_steps(root: &Path, pki_dir: &str, acl: &Path, names: &[String]) {
-    let documented = doc_block("docs/deployment.md", "<!-- cluster-test: pki -->");
-    let bin = weilan_bin().display().to_string();
-    let script = documented
-        .replace("weilan-collector pki", &format!("{bin} collector pki"))
-        .replace(
-            "weilan-collector broker-acl",
-            &format!("{bin} collector broker-acl"),
-        )
-        .replace("/etc/weilan/pki", pki_dir)
-        .replace("/etc/mosquitto/weilan.acl", &acl.display().to_string());
-    let out = Command::new("sh")
-        .args(["-ec", &script])
-        .current_dir(root)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{script}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_documented_pki_block("<!-- cluster-test: pki -->", pki_dir, acl, root);
     if names.len() > 3 {
         let mut acl_args = vec!["broker-acl".to_string()];
         for (i, name) in names.iter().enumerate().skip(1) {

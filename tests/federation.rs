@@ -53,24 +53,11 @@ fn pki_init(dir: &Path) -> PkiPaths {
 /// docs/deployment.md §12's commands on the province's CA host, as written, with
 /// the province's PKI and the ACL under `province`.
 fn documented_province_pki(province: &Path, acl: &Path) {
-    let documented = doc_block("docs/deployment.md", "<!-- federation-test: pki -->");
-    let bin = weilan_bin().display().to_string();
-    let script = documented
-        .replace("weilan-collector pki", &format!("{bin} collector pki"))
-        .replace(
-            "weilan-collector broker-acl",
-            &format!("{bin} collector broker-acl"),
-        )
-        .replace(
-            "/etc/weilan/pki",
-            &province.join("pki").display().to_string(),
-        )
-        .replace("/etc/mosquitto/weilan.acl", &acl.display().to_string());
-    let out = Command::new("sh").args(["-ec", &script]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{script}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_documented_pki_block(
+        "<!-- federation-test: pki -->",
+        &province.join("pki").display().to_string(),
+        acl,
+        province,
     );
 }
 

@@ -959,6 +959,33 @@ pub fn assert_each_event_once(
     }
 }
 
+/// The docs/deployment.md shell block after `marker`, as written, with
+/// `weilan-collector pki` and `broker-acl` run through this build, the CA host's
+/// PKI directory at `pki_dir` and the broker's ACL at `acl`; run with `sh -e` in
+/// `cwd`, which must succeed.
+pub fn run_documented_pki_block(marker: &str, pki_dir: &str, acl: &Path, cwd: &Path) {
+    let documented = doc_block("docs/deployment.md", marker);
+    let bin = weilan_bin().display().to_string();
+    let script = documented
+        .replace("weilan-collector pki", &format!("{bin} collector pki"))
+        .replace(
+            "weilan-collector broker-acl",
+            &format!("{bin} collector broker-acl"),
+        )
+        .replace("/etc/weilan/pki", pki_dir)
+        .replace("/etc/mosquitto/weilan.acl", &acl.display().to_string());
+    let out = Command::new("sh")
+        .args(["-ec", &script])
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `weilan collector ARGS…`, which must succeed; its standard output.
 pub fn collector_cli(args: &[&str]) -> String {
     let out = Command::new(weilan_bin())
