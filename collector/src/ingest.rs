@@ -955,6 +955,10 @@ impl Ingest {
         let result = self.store().in_transaction(|tx| {
             let raw = serde_json::to_string(&envelope).unwrap_or_default();
             let hash = record_hash(signed.body.as_bytes());
+            // The controller's turn, as an agent's: with several collectors the seq
+            // check and the insert must see each other's commits (the event key spans
+            // months on PostgreSQL and cannot refuse the second copy itself).
+            store::take_turns_for_agents(tx, [envelope.event_id.agent_id.as_str()], true)?;
             match store::insert_controller_event(tx, &envelope, &raw, &hash, now)? {
                 store::ControllerInsert::Inserted => {}
                 store::ControllerInsert::Duplicate => return Ok(Ok(None)),

@@ -28,6 +28,7 @@ pub mod import;
 pub mod ingest;
 pub mod integrity;
 pub mod leader;
+pub mod partitions;
 pub mod pki;
 /// The registry of issued certificates is part of the PKI (`pki/registry.rs`).
 pub use pki::registry;

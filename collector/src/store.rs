@@ -226,6 +226,10 @@ const MIGRATIONS: &[&str] = &[
         line       TEXT NOT NULL
      );
      CREATE UNIQUE INDEX registry_lines_by_text ON registry_lines(line);",
+    // 15: PostgreSQL partitions `events` by the month of `received_at`, so retention
+    // drops a month whole (partitions.rs). SQLite, the small sites' engine, keeps one
+    // table and deletes rows: this step changes nothing there (the index exists).
+    "CREATE INDEX IF NOT EXISTS events_by_received ON events(received_at);",
 ];
 
 /// PostgreSQL migrations after [`POSTGRES_BASELINE`], which is the schema at version
@@ -253,6 +257,57 @@ CREATE TABLE registry_lines (
     line       TEXT NOT NULL
 );
 CREATE UNIQUE INDEX registry_lines_by_text ON registry_lines(line);
+", "
+-- Events partitioned by the month of received_at (partitions.rs). The table so far
+-- becomes the first partition, holding everything before next month (or the month
+-- after its newest row); a database with no events yet drops it instead, and its
+-- first month gets a partition of its own. A row no monthly partition takes lands in
+-- events_default, from which partitions::maintain moves it into its month.
+-- Uniqueness must include the partition key: an event id is checked across months
+-- by ingest (store::insert_events), under the agent's turn.
+ALTER TABLE events RENAME TO events_before_partitions;
+ALTER INDEX events_pkey RENAME TO events_before_partitions_pkey;
+ALTER INDEX events_by_agent RENAME TO events_before_partitions_by_agent;
+ALTER INDEX events_by_kind RENAME TO events_before_partitions_by_kind;
+ALTER INDEX events_by_received RENAME TO events_before_partitions_by_received;
+CREATE TABLE events (
+    event_id    TEXT NOT NULL,
+    agent_id    TEXT NOT NULL,
+    epoch       BIGINT NOT NULL,
+    seq         BIGINT NOT NULL,
+    kind        TEXT NOT NULL,
+    agent_time  TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    host_role   TEXT NOT NULL,
+    envelope    TEXT NOT NULL,
+    hash        TEXT NOT NULL DEFAULT '',
+    prev_hash   TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (event_id, received_at)
+) PARTITION BY RANGE (received_at);
+CREATE INDEX events_by_agent ON events(agent_id, epoch, seq);
+CREATE INDEX events_by_kind ON events(kind, received_at);
+CREATE INDEX events_by_received ON events(received_at);
+CREATE TABLE events_default PARTITION OF events DEFAULT;
+DO $migration$
+DECLARE
+    newest TEXT;
+    upto TEXT;
+BEGIN
+    SELECT max(received_at) INTO newest FROM events_before_partitions;
+    IF newest IS NULL THEN
+        DROP TABLE events_before_partitions;
+    ELSE
+        upto := greatest(
+            to_char(date_trunc('month', now() AT TIME ZONE 'UTC') + interval '1 month', 'YYYY-MM-DD'),
+            to_char(date_trunc('month', left(newest, 10)::date) + interval '1 month', 'YYYY-MM-DD'));
+        -- A partition's key is the table's (the id alone would refuse nothing more:
+        -- ingest looks for an id in every month before storing it).
+        ALTER TABLE events_before_partitions DROP CONSTRAINT events_before_partitions_pkey,
+            ADD CONSTRAINT events_before_partitions_pkey PRIMARY KEY (event_id, received_at);
+        EXECUTE format('ALTER TABLE events ATTACH PARTITION events_before_partitions FOR VALUES FROM (MINVALUE) TO (%L)', upto);
+    END IF;
+END
+$migration$;
 "];
 
 /// The version [`POSTGRES_BASELINE`] creates.
@@ -801,7 +856,10 @@ impl Store {
         };
         match location.engine() {
             db::Engine::Sqlite => store.migrate_sqlite()?,
-            db::Engine::Postgres => store.migrate_postgres()?,
+            db::Engine::Postgres => {
+                store.migrate_postgres()?;
+                crate::partitions::maintain(&mut store.conn, jiff::Timestamp::now())?;
+            }
         }
         Ok(store)
     }
@@ -1383,15 +1441,26 @@ fn insert_events(
     let placeholders: Vec<String> = (0..rows.len())
         .map(|r| {
             let cols: Vec<String> = (1..=COLUMNS)
-                .map(|c| format!("?{}", r * COLUMNS + c))
+                .map(|c| match c {
+                    // epoch and seq: a VALUES list has no column types of its own.
+                    3 | 4 => format!("?{}::BIGINT", r * COLUMNS + c),
+                    _ => format!("?{}", r * COLUMNS + c),
+                })
                 .collect();
             format!("({})", cols.join(", "))
         })
         .collect();
+    // `events` is partitioned by month (partitions.rs), so its key includes
+    // `received_at` and cannot refuse an id stored in another month: an id already
+    // held anywhere is looked for first. The agent's turn (take_turns_for_agents)
+    // keeps another collector from storing the same id meanwhile.
     let sql = format!(
-        "INSERT INTO events
+        "WITH v (event_id, agent_id, epoch, seq, kind, agent_time, received_at, host_role, envelope, hash, prev_hash)
+           AS (VALUES {})
+         INSERT INTO events
          (event_id, agent_id, epoch, seq, kind, agent_time, received_at, host_role, envelope, hash, prev_hash)
-         VALUES {} ON CONFLICT DO NOTHING RETURNING event_id",
+         SELECT * FROM v WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = v.event_id)
+         ON CONFLICT DO NOTHING RETURNING event_id",
         placeholders.join(", ")
     );
     Ok(tx.query_map(&sql, &values, |r| r.get(0))?)
@@ -1547,7 +1616,9 @@ mod tests {
             .conn
             .query_map(
                 "SELECT table_name::text, column_name::text FROM information_schema.columns
-                 WHERE table_schema = current_schema() AND table_name <> 'weilan_schema'",
+                 WHERE table_schema = current_schema() AND table_name <> 'weilan_schema'
+                   AND table_name NOT IN (SELECT c.relname::text FROM pg_inherits i
+                                          JOIN pg_class c ON c.oid = i.inhrelid)",
                 params![],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
@@ -1566,7 +1637,10 @@ mod tests {
         assert_eq!(
             indexes(
                 &postgres,
-                "SELECT indexname::text FROM pg_indexes WHERE schemaname = current_schema() AND indexname NOT LIKE '%_pkey'"
+                // The indexes of `events` itself, not each monthly partition's copy.
+                "SELECT indexname::text FROM pg_indexes WHERE schemaname = current_schema() AND indexname NOT LIKE '%_pkey'
+                   AND tablename NOT IN (SELECT c.relname::text FROM pg_inherits i
+                                         JOIN pg_class c ON c.oid = i.inhrelid)"
             ),
             indexes(
                 &sqlite,
@@ -1581,6 +1655,14 @@ mod tests {
         let Some(pg) = crate::db::testing::TempDatabase::create("baseline migrated") else {
             return;
         };
+        // An event the baseline stored last month.
+        let raw = serde_json::json!({
+            "schema": weilan_config::event::SCHEMA_VERSION, "event_id": "ws-old:1:1",
+            "time": "2026-11-10T00:00:00Z", "host_role": "workstation",
+            "prev_hash": weilan_config::event::GENESIS_HASH,
+            "event": {"kind": "agent.stopping", "data": {"reason": "filler"}},
+        })
+        .to_string();
         {
             let mut client = postgres::Client::connect(pg.url(), postgres::NoTls).unwrap();
             client.batch_execute(POSTGRES_BASELINE).unwrap();
@@ -1591,8 +1673,55 @@ mod tests {
                      INSERT INTO policy_releases VALUES (7, 'x', 'kept', 't');"
                 ))
                 .unwrap();
+            client
+                .execute(
+                    "INSERT INTO events VALUES ('ws-old:1:1', 'ws-old', 1, 1, 'agent.stopping',
+                       '2026-11-10T00:00:00Z', '2026-11-10T00:00:01Z', 'workstation', $1, $2, $3)",
+                    &[
+                        &raw,
+                        &weilan_config::event::record_hash(raw.as_bytes()),
+                        &weilan_config::event::GENESIS_HASH,
+                    ],
+                )
+                .unwrap();
         }
-        let store = Store::open_at(&pg.location()).unwrap();
+        let mut store = Store::open_at(&pg.location()).unwrap();
+        // The old table is the first monthly partition: up to next month at least.
+        let partitions = crate::partitions::list(store.conn()).unwrap();
+        let next_month = jiff::Timestamp::now()
+            .to_zoned(jiff::tz::TimeZone::UTC)
+            .date()
+            .first_of_month()
+            .checked_add(jiff::Span::new().months(1))
+            .unwrap()
+            .to_string();
+        assert!(
+            partitions
+                .iter()
+                .any(|p| p.name == "events_before_partitions"
+                    && p.bounds
+                        == crate::partitions::Bounds::Range {
+                            from: None,
+                            to: Some(next_month.clone())
+                        }),
+            "{partitions:?}"
+        );
+        assert_eq!(store.count_events().unwrap(), 1);
+        // Sent again today, into another partition: a duplicate, not a second row.
+        let incoming = [Incoming::parse(&raw).unwrap()];
+        let (out, ()) = store
+            .in_transaction(|tx| {
+                crate::ingest::store_batch_in(
+                    tx,
+                    "ws-old",
+                    &incoming,
+                    jiff::Timestamp::now(),
+                    |_, _, _| Ok(()),
+                )
+            })
+            .unwrap();
+        assert_eq!((out.new.len(), out.duplicates), (0, 1));
+        assert_eq!(store.count_events().unwrap(), 1);
         let version: i64 = store
             .conn
             .query_row("SELECT version FROM weilan_schema", params![], |r| r.get(0))

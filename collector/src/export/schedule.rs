@@ -116,15 +116,27 @@ pub fn last_to(conn: &impl Sql, schedule: &str) -> Result<Option<jiff::Timestamp
     Ok(t.and_then(|t| t.parse().ok()))
 }
 
-/// Deletes exports beyond `keep` per schedule (newest kept) and events older than
-/// `events_keep_days` (rows and compacted heartbeats); returns (exports removed,
-/// events removed).
+/// What a retention run removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Removed {
+    /// Export directories beyond `keep`.
+    pub exports: usize,
+    /// Events (and compacted heartbeats) older than `events_keep_days`, in all.
+    pub events: u64,
+    /// Of them, the months dropped whole (PostgreSQL's partitions).
+    pub partitions: Vec<crate::partitions::Dropped>,
+}
+
+/// Removes export directories beyond `keep` per schedule and events older than
+/// `events_keep_days`: on PostgreSQL every month entirely before the cutoff is
+/// dropped as a partition (partitions.rs); the rest before it — the month that
+/// straddles it, and everything on SQLite — is deleted in slices.
 pub fn retention(
-    conn: &impl Sql,
+    conn: &mut Conn,
     settings: &ExportSettings,
     now: jiff::Timestamp,
-) -> Result<(usize, u64), crate::store::StoreError> {
-    let mut removed = 0;
+) -> Result<Removed, crate::store::StoreError> {
+    let mut removed = Removed::default();
     if settings.keep > 0 {
         for s in &settings.schedules {
             let old: Vec<String> = conn.query_map(
@@ -138,33 +150,38 @@ pub fn retention(
             for dir in old {
                 if std::path::Path::new(&dir).exists() {
                     match std::fs::remove_dir_all(&dir) {
-                        Ok(()) => removed += 1,
+                        Ok(()) => removed.exports += 1,
                         Err(e) => tracing::warn!(dir, error = %e, "old export not removed"),
                     }
                 }
             }
         }
     }
-    let mut events = 0;
     if settings.events_keep_days > 0 {
         let cutoff = (now
             - jiff::SignedDuration::from_hours(24 * settings.events_keep_days as i64))
         .to_string();
+        removed.partitions = crate::partitions::drop_older_than(conn, &cutoff)?;
+        removed.events = removed.partitions.iter().map(|p| p.events).sum();
         loop {
             // In slices, so ingest is never locked out for long.
             let n = conn.execute(
-                "DELETE FROM events WHERE event_id IN
-                   (SELECT event_id FROM events WHERE received_at < ?1 LIMIT 10000)",
+                conn.pick(
+                    "DELETE FROM events WHERE event_id IN
+                       (SELECT event_id FROM events WHERE received_at < ?1 LIMIT 10000)",
+                    "DELETE FROM events WHERE (event_id, received_at) IN
+                       (SELECT event_id, received_at FROM events WHERE received_at < ?1 LIMIT 10000)",
+                ),
                 params![cutoff],
             )?;
-            events += n;
+            removed.events += n;
             if n == 0 {
                 break;
             }
         }
-        events += crate::heartbeats::prune(conn, &cutoff)?;
+        removed.events += crate::heartbeats::prune(&*conn, &cutoff)?;
     }
-    Ok((removed, events))
+    Ok(removed)
 }
 
 /// Produces every export the schedules owe now and applies retention; returns the
@@ -185,11 +202,16 @@ pub fn run(
         event_ids: vec![],
         details: serde_json::json!({"error": error}),
     };
-    if ex.schedules.is_empty() && ex.events_keep_days == 0 && ex.heartbeats_compact_after.is_none()
+    let location = Location::of(settings);
+    // PostgreSQL's monthly partitions are made ahead on this tick whatever else is
+    // configured (partitions.rs).
+    if ex.schedules.is_empty()
+        && ex.events_keep_days == 0
+        && ex.heartbeats_compact_after.is_none()
+        && location.engine() == db::Engine::Sqlite
     {
         return found;
     }
-    let location = Location::of(settings);
     let mut conn = match Conn::open(&location) {
         Ok(c) => c,
         Err(e) => {
@@ -201,6 +223,9 @@ pub fn run(
     };
     if let Some(sqlite) = conn.sqlite() {
         let _ = sqlite.busy_timeout(std::time::Duration::from_secs(10));
+    }
+    if let Err(e) = crate::partitions::maintain(&mut conn, now) {
+        found.push(failed("creating monthly partitions".into(), e.to_string()));
     }
     let lang = super::Lang::parse(&ex.language).unwrap_or(super::Lang::Zh);
     for s in &ex.schedules {
@@ -262,9 +287,14 @@ pub fn run(
             }
         }
     }
-    match retention(&conn, ex, now) {
-        Ok((0, 0)) => {}
-        Ok((exports, events)) => tracing::info!(exports, events, "retention applied"),
+    match retention(&mut conn, ex, now) {
+        Ok(r) if r == Removed::default() => {}
+        Ok(r) => tracing::info!(
+            exports = r.exports,
+            events = r.events,
+            months_dropped = r.partitions.len(),
+            "retention applied"
+        ),
         Err(e) => found.push(failed("retention".into(), e.to_string())),
     }
     if let Some(age) = ex.heartbeats_compact_after {

@@ -575,6 +575,16 @@ fn retention_that_drops_a_month_leaves_every_later_monthly_export_verifiable() {
     };
     let september = in_month("09");
     assert!(september >= 80, "{september}");
+    // On PostgreSQL each month is a partition of its own (partitions.rs) from the
+    // first tick of the leader's schedule; on SQLite there are none.
+    let partitions = || -> Vec<String> {
+        crate::partitions::list(&Conn::open(&f.db.clone()).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|p| p.name)
+            .collect()
+    };
+    let postgres = f.db.engine() == crate::db::Engine::Postgres;
     // Each month exported on the 1st of the next (Shanghai), retention applied each time.
     for now in [
         "2026-09-30T17:00:30Z",
@@ -582,6 +592,23 @@ fn retention_that_drops_a_month_leaves_every_later_monthly_export_verifiable() {
         "2026-11-30T17:00:30Z",
     ] {
         super::schedule::run(&settings, &signer, &rules, now.parse().unwrap());
+        if postgres && now.starts_with("2026-09") {
+            let made = partitions();
+            assert!(
+                made.contains(&"events_y2026m09".to_string())
+                    && made.contains(&"events_y2026m10".to_string()),
+                "{made:?}"
+            );
+        }
+    }
+    // September went as a whole partition, not row by row.
+    if postgres {
+        let left = partitions();
+        assert!(
+            !left.contains(&"events_y2026m09".to_string())
+                && left.contains(&"events_y2026m11".to_string()),
+            "{left:?}"
+        );
     }
     let months = ["monthly-2026-09", "monthly-2026-10", "monthly-2026-11"];
     for m in months {
