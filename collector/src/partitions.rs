@@ -16,7 +16,15 @@
 //! last instant of the month before sorts before it. SQLite keeps one table.
 
 use crate::db::{self, params, Conn, Sql};
-use crate::store::StoreError;
+
+/// What went wrong keeping the partitions.
+#[derive(Debug, thiserror::Error)]
+pub enum PartitionError {
+    #[error("database: {0}")]
+    Sql(#[from] db::Error),
+    #[error("partition {name} of events: bounds not understood: {expr}")]
+    Bounds { name: String, expr: String },
+}
 
 /// Months after the current one that have a partition before any row needs it.
 pub const MONTHS_AHEAD: i8 = 2;
@@ -70,7 +78,7 @@ impl Bounds {
 }
 
 /// The partitions of `events` (none on SQLite, or before migration 15).
-pub fn list(conn: &impl Sql) -> Result<Vec<Partition>, StoreError> {
+pub fn list(conn: &impl Sql) -> Result<Vec<Partition>, PartitionError> {
     if conn.engine() != db::Engine::Postgres {
         return Ok(Vec::new());
     }
@@ -84,10 +92,7 @@ pub fn list(conn: &impl Sql) -> Result<Vec<Partition>, StoreError> {
     rows.into_iter()
         .map(|(name, expr)| match Bounds::parse(&expr) {
             Some(bounds) => Ok(Partition { name, bounds }),
-            None => Err(StoreError::Unusable {
-                location: format!("partition {name}"),
-                reason: format!("bounds not understood: {expr}"),
-            }),
+            None => Err(PartitionError::Bounds { name, expr }),
         })
         .collect()
 }
@@ -107,14 +112,14 @@ fn partition_name(month: jiff::civil::Date) -> String {
 /// Creates the missing partitions: this month's (UTC), the next [`MONTHS_AHEAD`], and
 /// one for each month that has rows waiting in `events_default`, moving those rows
 /// into it. One collector at a time (an advisory lock); returns the names created.
-pub fn maintain(conn: &mut Conn, now: jiff::Timestamp) -> Result<Vec<String>, StoreError> {
+pub fn maintain(conn: &mut Conn, now: jiff::Timestamp) -> Result<Vec<String>, PartitionError> {
     if conn.engine() != db::Engine::Postgres {
         return Ok(Vec::new());
     }
     let tx = conn.transaction()?;
     // A short lock wait: ingest holds the table only for a group's commit, and a
     // partition not created now is created on the next tick (rows wait in default).
-    tx.execute_batch("SELECT pg_advisory_xact_lock(7486420); SET LOCAL lock_timeout = '10s'")?;
+    tx.execute_batch("SELECT pg_advisory_xact_lock(7486425); SET LOCAL lock_timeout = '10s'")?;
     let existing = list(&tx)?;
     let has_default = existing.iter().any(|p| p.bounds == Bounds::Default);
     let today = now.to_zoned(jiff::tz::TimeZone::UTC).date();
@@ -175,7 +180,7 @@ pub struct Dropped {
 /// (its upper bound at or before it). Each in its own transaction with a short lock
 /// wait; one that cannot take its lock now is left for the next run (and the rows
 /// past the cutoff in it are deleted by the caller's slices meanwhile).
-pub fn drop_older_than(conn: &mut Conn, cutoff: &str) -> Result<Vec<Dropped>, StoreError> {
+pub fn drop_older_than(conn: &mut Conn, cutoff: &str) -> Result<Vec<Dropped>, PartitionError> {
     let mut dropped = Vec::new();
     for partition in list(&*conn)? {
         let Bounds::Range { to: Some(to), .. } = &partition.bounds else {

@@ -230,6 +230,20 @@ const MIGRATIONS: &[&str] = &[
     // drops a month whole (partitions.rs). SQLite, the small sites' engine, keeps one
     // table and deletes rows: this step changes nothing there (the index exists).
     "CREATE INDEX IF NOT EXISTS events_by_received ON events(received_at);",
+    // 16: correlation windows shared by collectors that share this database
+    // (rules/engine.rs, `slide_shared`): per rule, key and second, what the window
+    // counted (and, for `distinct`, the value), so that an agent whose batches the
+    // broker hands to several collectors is counted as one.
+    "CREATE TABLE window_entries (
+        rule_id     TEXT NOT NULL,
+        key         TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        at          INTEGER NOT NULL,
+        text        TEXT NOT NULL,
+        value       REAL NOT NULL,
+        event_id    TEXT,
+        PRIMARY KEY (rule_id, key, at, text, fingerprint)
+     ) WITHOUT ROWID;",
 ];
 
 /// PostgreSQL migrations after [`POSTGRES_BASELINE`], which is the schema at version
@@ -308,6 +322,17 @@ BEGIN
     END IF;
 END
 $migration$;
+", "
+CREATE TABLE window_entries (
+    rule_id     TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    at          BIGINT NOT NULL,
+    text        TEXT NOT NULL,
+    value       DOUBLE PRECISION NOT NULL,
+    event_id    TEXT,
+    PRIMARY KEY (rule_id, key, at, text, fingerprint)
+);
 "];
 
 /// The version [`POSTGRES_BASELINE`] creates.
@@ -567,6 +592,8 @@ pub enum StoreError {
     Open { path: String, source: db::Error },
     #[error("database: {0}")]
     Sql(#[from] db::Error),
+    #[error(transparent)]
+    Partitions(#[from] crate::partitions::PartitionError),
     #[error("database {location}: {reason}")]
     Unusable { location: String, reason: String },
     #[error("database schema version {found} is newer than this collector ({known})")]

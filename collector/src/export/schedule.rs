@@ -287,7 +287,23 @@ pub fn run(
             }
         }
     }
-    match retention(&mut conn, ex, now) {
+    found.extend(
+        keep_storage(&mut conn, ex, now)
+            .into_iter()
+            .map(|(what, error)| failed(what.into(), error)),
+    );
+    found
+}
+
+/// Retention, then heartbeat compaction, on the leader's tick; what failed, as
+/// (what, error), for the caller's findings.
+fn keep_storage(
+    conn: &mut Conn,
+    ex: &ExportSettings,
+    now: jiff::Timestamp,
+) -> Vec<(&'static str, String)> {
+    let mut failed = Vec::new();
+    match retention(conn, ex, now) {
         Ok(r) if r == Removed::default() => {}
         Ok(r) => tracing::info!(
             exports = r.exports,
@@ -295,11 +311,11 @@ pub fn run(
             months_dropped = r.partitions.len(),
             "retention applied"
         ),
-        Err(e) => found.push(failed("retention".into(), e.to_string())),
+        Err(e) => failed.push(("retention", e.to_string())),
     }
     if let Some(age) = ex.heartbeats_compact_after {
         let cutoff = (now - jiff::SignedDuration::try_from(age).unwrap_or_default()).to_string();
-        match crate::heartbeats::compact(&mut conn, &cutoff) {
+        match crate::heartbeats::compact(conn, &cutoff) {
             Ok(c) if c.heartbeats == 0 => {}
             Ok(c) => tracing::info!(
                 heartbeats = c.heartbeats,
@@ -307,10 +323,10 @@ pub fn run(
                 kept_as_rows = c.kept_as_rows,
                 "heartbeats compacted"
             ),
-            Err(e) => found.push(failed("heartbeat compaction".into(), e.to_string())),
+            Err(e) => failed.push(("heartbeat compaction", e.to_string())),
         }
     }
-    found
+    failed
 }
 
 #[cfg(test)]

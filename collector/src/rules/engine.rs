@@ -630,6 +630,9 @@ pub struct Engine {
     /// has no memory of is looked up among the stored alerts, so that suppression is
     /// fleet-wide, and event ids are merged with the row's rather than replacing them.
     pub shared_store: bool,
+    /// With `shared_store`: the windows of `count`, `sum` and `distinct` rules, kept
+    /// in the store (shared.rs).
+    shared_windows: super::shared::SharedWindows,
 }
 
 impl Engine {
@@ -648,6 +651,7 @@ impl Engine {
             unflushed: BTreeMap::new(),
             retired: Vec::new(),
             shared_store: false,
+            shared_windows: Default::default(),
             unreported_drops: 0,
             stats: EngineStats::default(),
             roster: crate::roster::Roster::default(),
@@ -756,6 +760,7 @@ impl Engine {
         let set = self.set.clone();
         let mut out = Outcome::default();
         let now_s = now.as_second();
+        self.shared_windows.clear();
         for fact in facts {
             self.stats.facts += 1;
             let candidates = set.candidates(&fact.kind);
@@ -862,6 +867,7 @@ impl Engine {
             }
         }
         self.flush_suppressed(tx)?;
+        self.shared_windows.flush(tx)?;
         Ok(out)
     }
 
@@ -1026,6 +1032,20 @@ impl Engine {
                 };
                 absent(tx, &rule.id, &looked_up, t, c.window_secs)?
             }
+            _ if self.shared_store => {
+                let (number, text) = number_and_text(&value);
+                let (number, text) = super::shared::contribution(c.aggregate, number, text);
+                let slide = super::shared::Slide {
+                    rule_id: &rule.id,
+                    key,
+                    agent: &fact.agent_id,
+                    t,
+                    number,
+                    text,
+                    event_id: fact.event_id.as_deref(),
+                };
+                self.shared_windows.slide(tx, c, slide)?
+            }
             _ => self.slide(rule, c, key, t, &value, fact.event_id.clone()),
         };
         let Some((reached, ids)) = fired else {
@@ -1177,12 +1197,7 @@ impl Engine {
             }
         }
         let w = state.groups.entry(key.to_string()).or_default();
-        let (number, text) = match value {
-            Value::Int(i) => (*i as f64, i.to_string()),
-            Value::UInt(u) => (*u as f64, u.to_string()),
-            Value::Float(f) => (*f, f.to_string()),
-            other => (0.0, render(other)),
-        };
+        let (number, text) = number_and_text(value);
         let text = (c.aggregate == Aggregate::Distinct).then(|| text.into_boxed_str());
         match w.entries.back_mut() {
             Some(back) if c.aggregate == Aggregate::Sum && back.0 == t => back.1 += number,
@@ -1298,14 +1313,43 @@ impl Engine {
                     )?;
                 }
                 Aggregate::Absent => keep_presence = keep_presence.max(c.window_secs),
-                _ => {}
+                // Shared windows (`slide_shared`): what has left the window.
+                Aggregate::Count | Aggregate::Sum | Aggregate::Distinct => {
+                    tx.execute(
+                        "DELETE FROM window_entries WHERE rule_id = ?1 AND (at <= ?2 OR fingerprint <> ?3)",
+                        params![r.id, now.as_second() - c.window_secs, c.fingerprint],
+                    )?;
+                }
             }
+        }
+        // And the windows of rules that are gone.
+        let kept: Vec<&str> = self.set.rules().map(|r| r.id.as_str()).collect();
+        let stored: Vec<String> = tx.query_map(
+            "SELECT DISTINCT rule_id FROM window_entries",
+            params![],
+            |r| r.get(0),
+        )?;
+        for gone in stored.iter().filter(|id| !kept.contains(&id.as_str())) {
+            tx.execute(
+                "DELETE FROM window_entries WHERE rule_id = ?1",
+                params![gone],
+            )?;
         }
         tx.execute(
             "DELETE FROM presence WHERE at < ?1",
             params![now.as_second() - keep_presence],
         )?;
         Ok(())
+    }
+}
+
+/// A correlation field's value as a number (for `sum`) and as text (for `distinct`).
+fn number_and_text(value: &Value) -> (f64, String) {
+    match value {
+        Value::Int(i) => (*i as f64, i.to_string()),
+        Value::UInt(u) => (*u as f64, u.to_string()),
+        Value::Float(f) => (*f, f.to_string()),
+        other => (0.0, render(other)),
     }
 }
 

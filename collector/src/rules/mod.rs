@@ -12,6 +12,7 @@
 pub mod engine;
 pub mod file;
 pub mod reads;
+pub mod shared;
 #[cfg(test)]
 mod tests;
 

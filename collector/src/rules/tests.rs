@@ -1165,6 +1165,119 @@ fn correlation_windows_are_bounded_per_group() {
     assert!(h.engine.take_overflow().is_none());
 }
 
+/// Two collectors sharing the store (`broker.shared_group`), each given every other
+/// batch of one agent by the broker: the windows count the agent once, whichever
+/// collector its events reach, and the alert is raised once for the fleet.
+#[test]
+fn collectors_sharing_the_store_count_one_agents_window_together() {
+    let mut h = Harness::with_rules(
+        r#"
+[[rule]]
+id = "site.distinct-sticks"
+title = "Many sticks"
+level = "yellow"
+on = ["usb.attached"]
+summary = "{agent.id} plugged many sticks"
+suppress = "30m"
+[rule.correlation]
+aggregate = "distinct"
+field = "event.data.serial"
+window = "10m"
+threshold = 3
+"#,
+    );
+    let rules_dir = h._dir.path().join("rules");
+    let mut other = Engine::new(true, Some(rules_dir)).unwrap();
+    h.engine.shared_store = true;
+    other.shared_store = true;
+    // 51 exports (the count rule's threshold), one per batch, alternating between
+    // the two collectors: 26 reach this one, 25 the other.
+    let (mut raised, mut fired_at) = (Vec::new(), Vec::new());
+    for i in 0..60 {
+        let at = format!("2026-11-23T02:00:{:02}Z", i % 60);
+        let fact = h.event(
+            "ws-1",
+            "workstation",
+            &at,
+            "file.exported",
+            exported(json!({})),
+        );
+        std::mem::swap(&mut h.engine, &mut other);
+        let alerts: Vec<Alert> = h
+            .feed(&at, vec![fact])
+            .into_iter()
+            .filter(|a| a.rule_id == "builtin.files.mass-export-count")
+            .collect();
+        if !alerts.is_empty() {
+            fired_at.push(i + 1);
+        }
+        raised.extend(alerts);
+    }
+    assert_eq!(
+        fired_at,
+        [51],
+        "raised at the 51st export, once for the fleet"
+    );
+    // Another agent's 30 exports in one batch on one collector, then 21 in one batch
+    // on the other: the window read once per batch, slid in memory, written back.
+    for (n, second) in [(30, "10"), (21, "11")] {
+        let at = format!("2026-11-23T02:01:{second}Z");
+        let facts: Vec<Fact> = (0..n)
+            .map(|_| {
+                h.event(
+                    "ws-3",
+                    "workstation",
+                    &at,
+                    "file.exported",
+                    exported(json!({})),
+                )
+            })
+            .collect();
+        std::mem::swap(&mut h.engine, &mut other);
+        let alerts = h.feed(&at, facts);
+        let count = alerts
+            .iter()
+            .filter(|a| a.rule_id == "builtin.files.mass-export-count" && a.agent_id == "ws-3")
+            .count();
+        assert_eq!(count, usize::from(n == 21), "batch of {n}");
+    }
+    assert!(raised[0].event_ids.len() >= 2, "{:?}", raised[0].event_ids);
+    // A distinct count: three sticks, the second on the other collector.
+    let mut fired = Vec::new();
+    for (i, serial) in ["A", "B", "A", "C"].iter().enumerate() {
+        let at = format!("2026-11-23T02:05:{i:02}Z");
+        let fact = h.event(
+            "ws-2",
+            "workstation",
+            &at,
+            "usb.attached",
+            usb(json!({"serial": serial})),
+        );
+        std::mem::swap(&mut h.engine, &mut other);
+        fired.push(
+            h.feed(&at, vec![fact])
+                .iter()
+                .any(|a| a.rule_id == "site.distinct-sticks"),
+        );
+    }
+    assert_eq!(fired, [false, false, false, true]);
+    // Pruned on the leader once out of the window.
+    let entries = |h: &mut Harness| -> i64 {
+        h.store
+            .conn()
+            .query_row("SELECT COUNT(*) FROM window_entries", params![], |r| {
+                r.get(0)
+            })
+            .unwrap()
+    };
+    assert!(entries(&mut h) > 0);
+    let (store, engine) = (&mut h.store, &h.engine);
+    store
+        .in_transaction(|tx| engine.prune_seen(tx, "2026-11-23T03:00:00Z".parse().unwrap()))
+        .unwrap();
+    assert_eq!(entries(&mut h), 0);
+}
+
 #[test]
 fn distinct_counts_values_per_key_and_groups_come_from_the_context() {
     let mut h = Harness::with_rules(
