@@ -61,9 +61,39 @@ fn documented_province_pki(province: &Path, acl: &Path) {
     );
 }
 
-/// A collector on its site's broker (127.0.0.1 of its namespace), SQLite, plus §12's
-/// block `marker` with `replacements`.
-fn collector_toml(site: &Path, marker: &str, replacements: &[(&str, String)]) -> PathBuf {
+/// A site's database: SQLite in its folder, or with `WEILAN_TEST_STORE=postgresql` a
+/// PostgreSQL database of its own (CI runs this test on both engines).
+struct SiteDb(Option<weilan_collector::db::testing::TempDatabase>);
+
+impl SiteDb {
+    fn new() -> SiteDb {
+        SiteDb(common::postgres_for_this_run())
+    }
+
+    /// The collector's `[store]` keys.
+    fn store_keys(&self) -> String {
+        match &self.0 {
+            Some(db) => format!("path = \"weilan.db\"\nurl = \"{}\"", db.url()),
+            None => "path = \"weilan.db\"".into(),
+        }
+    }
+
+    fn location(&self, site: &Path) -> Location {
+        match &self.0 {
+            Some(db) => db.location(),
+            None => Location::Sqlite(site.join("weilan.db")),
+        }
+    }
+}
+
+/// A collector on its site's broker (127.0.0.1 of its namespace) and database, plus
+/// §12's block `marker` with `replacements`.
+fn collector_toml(
+    site: &Path,
+    db: &SiteDb,
+    marker: &str,
+    replacements: &[(&str, String)],
+) -> PathBuf {
     let documented = doc_block("docs/deployment.md", marker);
     let mut block = documented.clone();
     for (from, to) in replacements {
@@ -77,8 +107,9 @@ fn collector_toml(site: &Path, marker: &str, replacements: &[(&str, String)]) ->
         "[broker]\nmode = \"external\"\nhost = \"127.0.0.1\"\nport = {BROKER_PORT}\n\n\
          [tls]\nca = \"pki/ca.pem\"\nserver_cert = \"pki/server.pem\"\nserver_key = \"pki/server-key.pem\"\n\
          client_cert = \"pki/collector.pem\"\nclient_key = \"pki/collector-key.pem\"\n\n\
-         [store]\npath = \"weilan.db\"\n[alerts]\npath = \"alerts.jsonl\"\n[policy]\npath = \"policy.toml\"\n\
-         [enroll]\nenabled = false\n\n{block}\n"
+         [store]\n{store}\n[alerts]\npath = \"alerts.jsonl\"\n[policy]\npath = \"policy.toml\"\n\
+         [enroll]\nenabled = false\n\n{block}\n",
+        store = db.store_keys()
     );
     std::fs::write(site.join("policy.toml"), "version = \"federation-1\"\n").unwrap();
     let p = site.join("collector.toml");
@@ -220,13 +251,16 @@ fn a_district_forwards_through_a_cut_link_and_the_province_stores_every_event_on
         &province_acl,
     );
     std::thread::sleep(Duration::from_millis(500));
+    let (province_site_db, district_site_db) = (SiteDb::new(), SiteDb::new());
     collector_toml(
         &province,
+        &province_site_db,
         "<!-- federation-test: province -->",
         &[("/etc/weilan/districts/", "districts/".into())],
     );
     collector_toml(
         &district,
+        &district_site_db,
         "<!-- federation-test: district -->",
         &[
             ("province.example.internal", PROVINCE_ADDR.into()),
@@ -270,8 +304,8 @@ fn a_district_forwards_through_a_cut_link_and_the_province_stores_every_event_on
         .collect();
     let began = Instant::now();
     let delivering = common::uplink::deliver_in(&district_ns, uplinks);
-    let province_db = Conn::open(&Location::Sqlite(province.join("weilan.db"))).unwrap();
-    let district_db = Conn::open(&Location::Sqlite(district.join("weilan.db"))).unwrap();
+    let province_db = Conn::open(&province_site_db.location(&province)).unwrap();
+    let district_db = Conn::open(&district_site_db.location(&district)).unwrap();
     let files = "SELECT COUNT(*) FROM events WHERE kind = 'file.exported'";
     let diag = |what: &str| {
         format!(
