@@ -53,25 +53,7 @@ fn fill(store: &mut Store, events: usize, agents: usize) {
 
 /// Retention as before the partitions: rows before the cutoff, 10 000 at a time.
 fn delete_rows(store: &mut Store) -> u64 {
-    let conn = store.conn();
-    let mut removed = 0;
-    loop {
-        let n = conn
-            .execute(
-                conn.pick(
-                    "DELETE FROM events WHERE event_id IN
-                       (SELECT event_id FROM events WHERE received_at < ?1 LIMIT 10000)",
-                    "DELETE FROM events WHERE (event_id, received_at) IN
-                       (SELECT event_id, received_at FROM events WHERE received_at < ?1 LIMIT 10000)",
-                ),
-                params![CUTOFF],
-            )
-            .unwrap();
-        removed += n;
-        if n == 0 {
-            return removed;
-        }
-    }
+    weilan_collector::export::schedule::delete_events_before(store.conn(), CUTOFF).unwrap()
 }
 
 /// Seconds to store one batch of 100 new events after retention (the table's

@@ -116,6 +116,27 @@ pub fn last_to(conn: &impl Sql, schedule: &str) -> Result<Option<jiff::Timestamp
     Ok(t.and_then(|t| t.parse().ok()))
 }
 
+/// Deletes the events received before `cutoff` row by row, 10 000 at a time, so
+/// that ingest is never locked out for long; returns how many.
+pub fn delete_events_before(conn: &Conn, cutoff: &str) -> Result<u64, crate::store::StoreError> {
+    let mut removed = 0;
+    loop {
+        let n = conn.execute(
+            conn.pick(
+                "DELETE FROM events WHERE event_id IN
+                   (SELECT event_id FROM events WHERE received_at < ?1 LIMIT 10000)",
+                "DELETE FROM events WHERE (event_id, received_at) IN
+                   (SELECT event_id, received_at FROM events WHERE received_at < ?1 LIMIT 10000)",
+            ),
+            params![cutoff],
+        )?;
+        removed += n;
+        if n == 0 {
+            return Ok(removed);
+        }
+    }
+}
+
 /// What a retention run removed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Removed {
@@ -163,22 +184,7 @@ pub fn retention(
         .to_string();
         removed.partitions = crate::partitions::drop_older_than(conn, &cutoff)?;
         removed.events = removed.partitions.iter().map(|p| p.events).sum();
-        loop {
-            // In slices, so ingest is never locked out for long.
-            let n = conn.execute(
-                conn.pick(
-                    "DELETE FROM events WHERE event_id IN
-                       (SELECT event_id FROM events WHERE received_at < ?1 LIMIT 10000)",
-                    "DELETE FROM events WHERE (event_id, received_at) IN
-                       (SELECT event_id, received_at FROM events WHERE received_at < ?1 LIMIT 10000)",
-                ),
-                params![cutoff],
-            )?;
-            removed.events += n;
-            if n == 0 {
-                break;
-            }
-        }
+        removed.events += delete_events_before(conn, &cutoff)?;
         removed.events += crate::heartbeats::prune(&*conn, &cutoff)?;
     }
     Ok(removed)
